@@ -1,0 +1,133 @@
+"""The one autograd function behind every layer: moments -> coefficients -> affine map.
+
+Forward: ``moments``, the layer's coefficient op, ``affine_apply`` (3 launches on a GPU).
+Backward: ``backward_sums``, the layer's coefficient backward op, ``backward_apply`` (3 launches).
+Only the input and O(N*C) statistics are saved.  The ops come from the backend in use
+(``normfuse.backends``); which layer runs is only which coefficient op is called.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import torch_backend
+from .backends import ops_for, resolve_backend
+from .torch_backend import acc_dtype
+
+# Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
+_BATCH_LAYERS = ("bin", "iebn")
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True when C is the innermost dense dimension (NHWC and its 1-d/3-d analogues)."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def kernel_layout(x: Tensor) -> Tensor:
+    """``x`` itself if the kernels can read it (contiguous or channels-last), else a copy."""
+    if x.is_contiguous() or is_channels_last(x):
+        return x
+    return x.contiguous()
+
+
+def like_layout(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (same shape as ``x``) in ``x``'s layout."""
+    if is_channels_last(x):
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.contiguous()
+
+
+def _coefficients(ops, layer, mean, m2, plane, params, running_mean, running_var, training,
+                  momentum, eps, num_groups):
+    if layer in _BATCH_LAYERS:
+        op = getattr(ops, f"{layer}_coefficients")
+        return op(mean, m2, plane, *params, running_mean, running_var, training, momentum, eps)
+    return ops.assoc_coefficients(mean, m2, plane, num_groups, *params, eps)
+
+
+def _coefficients_backward(ops, layer, g1, g2, mean, m2, plane, params, running_mean,
+                           running_var, training, eps, num_groups):
+    if layer in _BATCH_LAYERS:
+        op = getattr(ops, f"{layer}_coefficients_backward")
+        return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, training, eps)
+    return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, num_groups, *params, eps)
+
+
+class NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer: str, backend: str, x: Tensor, running_mean, running_var,
+                training: bool, momentum: float, eps: float, num_groups: int, *params):
+        ops = ops_for(backend)
+        plane = math.prod(x.shape[2:])
+        mean, m2 = ops.moments(x)
+        scale, shift = _coefficients(ops, layer, mean, m2, plane, params, running_mean,
+                                     running_var, training, momentum, eps, num_groups)
+        y = ops.affine_apply(x, mean, scale, shift)
+        # Running statistics matter to the backward only in eval mode, where they are constants.
+        keep_running = not training and running_mean is not None
+        ctx.save_for_backward(x, mean, m2, running_mean if keep_running else None,
+                              running_var if keep_running else None, *params)
+        ctx.config = (layer, backend, plane, training, eps, num_groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        layer, backend, plane, training, eps, num_groups = ctx.config
+        x, mean, m2, running_mean, running_var, *params = ctx.saved_tensors
+        dy = like_layout(grad_output, x)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
+            dx, grads = _differentiable_backward(ctx, layer, x, dy, params, running_mean,
+                                                 running_var, training, eps, num_groups)
+            return (None, None, dx) + (None,) * 6 + grads
+        ops = ops_for(backend)
+        g1, g2 = ops.backward_sums(dy, x, mean)
+        c_dy, c_x, c_0, *grads = _coefficients_backward(
+            ops, layer, g1, g2, mean, m2, plane, params, running_mean, running_var, training,
+            eps, num_groups)
+        dx = ops.backward_apply(dy, x, mean, c_dy, c_x, c_0) if ctx.needs_input_grad[2] else None
+        grads = [g if p is not None and need else None
+                 for g, p, need in zip(grads, params, ctx.needs_input_grad[9:])]
+        return (None, None, dx) + (None,) * 6 + tuple(grads)
+
+
+def _differentiable_backward(ctx, layer, x, dy, params, running_mean, running_var, training,
+                             eps, num_groups):
+    """First derivatives as a differentiable graph, so that second derivatives are correct.
+
+    Recomputes the layer from ``x`` with the "torch" backend's differentiable ops (running
+    statistics are never updated here) and differentiates it with ``create_graph=True``.
+    """
+    candidates = [x, *params]
+    needs = ctx.needs_input_grad[2:3] + ctx.needs_input_grad[9:]
+    wanted = [t for t, need in zip(candidates, needs) if t is not None and need]
+    with torch.enable_grad():
+        mean, m2 = torch_backend.moments(x)
+        scale, shift = _coefficients(torch_backend, layer, mean, m2, math.prod(x.shape[2:]),
+                                     params, running_mean, running_var, training, 0.0, eps,
+                                     num_groups)
+        y = torch_backend.affine_apply(x, mean, scale, shift)
+        found = torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True)
+    by_id = {id(t): g for t, g in zip(wanted, found)}
+    out = [by_id.get(id(t)) if t is not None and need else None
+           for t, need in zip(candidates, needs)]
+    return out[0], tuple(out[1:])
+
+
+def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bool,
+              momentum: float, eps: float, num_groups: int, params) -> Tensor:
+    """Validated inputs in, output out: picks the backend, layouts and dtypes, then runs."""
+    backend = resolve_backend(input)
+    acc = acc_dtype(input.dtype)
+    x = kernel_layout(input)
+    params = tuple(None if p is None else p.to(acc) for p in params)
+    rm = None if running_mean is None else running_mean.to(acc)
+    rv = None if running_var is None else running_var.to(acc)
+    y = NormFunction.apply(layer, backend, x, rm, rv, bool(training), float(momentum),
+                           float(eps), int(num_groups), *params)
+    if training and running_mean is not None and rm is not running_mean:
+        with torch.no_grad():  # buffers of another dtype: updated on a copy, written back
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+    return y

@@ -1,0 +1,157 @@
+"""Which implementation runs: the backend registry.
+
+Names: ``"auto"`` (default), ``"torch"`` (PyTorch ops, always there), ``"cpu"`` and ``"cuda"``
+(the compiled kernels of ``normfuse._C``), ``"triton"`` (``normfuse.triton_kernels``; CUDA tensors,
+or CPU tensors under ``TRITON_INTERPRET=1``).
+
+The choice comes from ``set_backend``, the ``use_backend`` context manager, or the environment
+variable ``NORMFUSE_BACKEND`` read at import.  A named backend that cannot run raises an error
+listing those that can: nothing falls back silently.  ``"auto"`` picks per input, in this order:
+CPU tensors -> ``cpu``, then ``torch``; CUDA tensors -> ``cuda``, then ``triton``, then ``torch``
+(float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  ``resolve_backend(x)``
+tells which one a call on ``x`` uses.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from types import SimpleNamespace
+
+import torch
+
+from . import torch_backend
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+_OP_NAMES = tuple(torch_backend.__all__)
+
+
+def _compiled():
+    """``normfuse._extension``: loads the C++ extension and says whether it could."""
+    from . import _extension  # noqa: PLC0415  (import the extension only when asked for)
+    return _extension
+
+
+def _triton():
+    try:
+        from . import triton_kernels  # noqa: F401, PLC0415
+    except Exception as exc:  # noqa: BLE001  (any import failure means "not available")
+        return None, f"normfuse.triton_kernels failed to import: {exc}"
+    return triton_kernels, ""
+
+
+_REASONS: dict = {}
+
+
+def _unavailable_reason(name: str) -> str | None:
+    """None if backend ``name`` can run on this machine, else why not (cached: it does not
+    change while the process runs, and the cache keeps torch.compile's tracing cheap)."""
+    if name not in _REASONS:
+        _REASONS[name] = _find_unavailable_reason(name)
+    return _REASONS[name]
+
+
+def _find_unavailable_reason(name: str) -> str | None:
+    if name == "torch":
+        return None
+    if name in ("cpu", "cuda"):
+        try:
+            ext = _compiled()
+        except Exception as exc:  # noqa: BLE001
+            return f"normfuse._C is not available: {exc}"
+        if name == "cpu":
+            return None if ext.HAS_CPU_KERNELS else ext.REASON or "normfuse._C was not built"
+        if not ext.HAS_CUDA_KERNELS:
+            return "normfuse._C was built without CUDA kernels"
+        return None if torch.cuda.is_available() else "no CUDA device is visible"
+    if name == "triton":
+        module, reason = _triton()
+        if module is None:
+            return reason
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "no CUDA device is visible (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    return f"unknown backend {name!r}"
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, in the order ``"auto"`` prefers them."""
+    return [name for name in ("cuda", "triton", "cpu", "torch") if _unavailable_reason(name) is None]
+
+
+def _check_name(name: str, source: str) -> str:
+    if name == "auto":
+        return name
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected 'auto' or one of "
+                         f"{list(BACKENDS)} (available here: {available_backends()})")
+    reason = _unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"{source}: backend {name!r} cannot run here ({reason}); "
+                           f"available backends: {available_backends()}")
+    return name
+
+
+_state = SimpleNamespace(name=os.environ.get("NORMFUSE_BACKEND", "auto").strip() or "auto",
+                         checked=False)
+
+
+def set_backend(name: str) -> None:
+    """Use backend ``name`` for every following call (``"auto"`` to let normfuse choose)."""
+    _state.name = _check_name(name, "set_backend")
+    _state.checked = True
+
+
+def get_backend() -> str:
+    """The backend setting (``"auto"`` or a name), not what ``"auto"`` resolves to."""
+    return _state.name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: ``with normfuse.use_backend("torch"): ...``."""
+    previous = (_state.name, _state.checked)
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.name, _state.checked = previous
+
+
+def _auto(x: torch.Tensor) -> str:
+    if x.device.type == "cpu":
+        return "cpu" if _unavailable_reason("cpu") is None else "torch"
+    if x.device.type == "cuda" and x.dtype != torch.float64:
+        for name in ("cuda", "triton"):
+            if _unavailable_reason(name) is None:
+                return name
+    return "torch"
+
+
+def resolve_backend(x: torch.Tensor) -> str:
+    """The backend that a normfuse call on input ``x`` uses under the current setting."""
+    if not _state.checked:
+        _state.name = _check_name(_state.name, "NORMFUSE_BACKEND")
+        _state.checked = True
+    name = _state.name
+    if name == "auto":
+        return _auto(x)
+    device_ok = {"torch": True, "cpu": x.device.type == "cpu",
+                 "cuda": x.device.type == "cuda" and x.dtype != torch.float64,
+                 "triton": x.device.type == "cuda" and x.dtype != torch.float64
+                 or x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"}[name]
+    if not device_ok:
+        raise RuntimeError(f"backend {name!r} cannot run on a {x.dtype} tensor on "
+                           f"{x.device.type!r}; use backend 'auto' or 'torch' for such inputs "
+                           f"(available backends: {available_backends()})")
+    return name
+
+
+def ops_for(name: str):
+    """The namespace holding the ten ops of docs/architecture.md for backend ``name``."""
+    if name == "torch":
+        return torch_backend
+    if name in ("cpu", "cuda"):
+        _compiled()
+        return torch.ops.normfuse
+    _triton()
+    return torch.ops.normfuse_triton

@@ -1,0 +1,71 @@
+"""Batch-Instance Normalization (Nam & Kim, 2018): the coefficient function and its backward.
+
+    y = gamma * (rho * xhat_B + (1 - rho) * xhat_I) + beta
+
+In the centred form of docs/architecture.md, ``y = scale * (x - m) + shift`` with
+
+    scale = gamma * (rho * r_B + (1 - rho) * r_I)
+    shift = beta + gamma * rho * r_B * (m - mu_B)
+
+(``r = (var + eps)^-1/2``; the instance part is centred on ``m`` itself, so it leaves no shift).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics, batch_statistics_backward,
+                     recompute_batch_statistics)
+
+
+def _affine(weight, bias, like: Tensor):
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    return (one if weight is None else weight), (one * 0 if bias is None else bias)
+
+
+def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, weight, bias,
+                     running_mean, running_var, training: bool, momentum: float, eps: float,
+                     merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
+    gamma, beta = _affine(weight, bias, mean)
+    _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
+                                    momentum, eps, merge)
+    r_i = torch.rsqrt(m2 / plane_size + eps)
+    scale = gamma * (gate * r_b + (1 - gate) * r_i)
+    shift = beta + gamma * gate * r_b * (mean - mu_b)
+    return scale, shift
+
+
+def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                              plane_size: int, gate: Tensor, weight, bias, running_mean,
+                              running_var, training: bool, eps: float,
+                              merge: BatchMerge = LOCAL_BATCH):
+    """Returns ``(c_dy, c_x, c_0, grad_gate, grad_weight, grad_bias)``.
+
+    ``sum_dy_xmu`` is the gradient w.r.t. ``scale``, ``sum_dy`` the one w.r.t. ``shift``.
+    """
+    gamma, _ = _affine(weight, bias, mean)
+    use_batch, mu_b, r_b = recompute_batch_statistics(mean, m2, plane_size, running_mean,
+                                                      running_var, training, eps, merge)
+    r_i = torch.rsqrt(m2 / plane_size + eps)
+    dev = mean - mu_b
+    g1, g2 = sum_dy, sum_dy_xmu
+    mix = gate * r_b + (1 - gate) * r_i
+    scale = gamma * mix
+    # d(scale)/d(...) * g2 + d(shift)/d(...) * g1, summed over samples for per-channel parameters
+    grad_bias = g1.sum(0)
+    grad_weight = (g2 * mix + g1 * gate * r_b * dev).sum(0)
+    grad_gate = (gamma * (g2 * (r_b - r_i) + g1 * r_b * dev)).sum(0)
+    # instance statistics: r_I = (q / L + eps)^-1/2
+    grad_r_i = g2 * gamma * (1 - gate)
+    grad_m2 = grad_r_i * (-0.5) * r_i ** 3 / plane_size
+    # explicit m: +gamma rho r_B g1 through shift, -scale g1 through (x - m)
+    grad_mean = -g1 * gamma * (1 - gate) * r_i
+    if use_batch:
+        grad_mu_b = -g1 * gamma * gate * r_b
+        grad_r_b = gamma * gate * (g2 + g1 * dev)
+        gm, gq = batch_statistics_backward(grad_mu_b, grad_r_b, r_b, dev, plane_size, merge)
+        grad_mean = grad_mean + gm
+        grad_m2 = grad_m2 + gq
+    c_x = 2 * grad_m2
+    c_0 = grad_mean / plane_size
+    return scale, c_x, c_0, grad_gate, grad_weight, grad_bias

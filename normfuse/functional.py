@@ -1,0 +1,82 @@
+"""Functional forms of the three layers (like ``torch.nn.functional.batch_norm``).
+
+``running_mean``/``running_var`` are updated in place when ``training`` is true and they are
+given; with ``training=False`` they supply the batch part (eval mode), and when they are None
+the batch statistics are used in either mode, as in ``nn.BatchNorm`` with
+``track_running_stats=False``.  ``momentum`` is the factor of the exponential average.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._autograd import run_layer
+from ._checks import (check_batch_values, check_input, check_number, check_running_stats,
+                      check_tensor)
+
+
+def _check_batch_layer(who, input, running_mean, running_var, named_params, training,
+                       momentum, eps):
+    check_input(input, who)
+    channels = input.shape[1]
+    for name, tensor, optional in named_params:
+        check_tensor(tensor, name, (channels,), input, who, optional=optional)
+    check_running_stats(running_mean, running_var, channels, input, who)
+    check_number(momentum, "momentum", who)
+    check_number(eps, "eps", who)
+    if training or running_mean is None:
+        check_batch_values(input, who)
+
+
+def batch_instance_norm(input: Tensor, running_mean, running_var, weight, bias, gate: Tensor,
+                        training: bool = False, momentum: float = 0.1,
+                        eps: float = 1e-5) -> Tensor:
+    """Batch-Instance Normalization: ``(gate * xhat_B + (1 - gate) * xhat_I) * weight + bias``.
+
+    ``weight``/``bias`` may be None (no affine); ``gate`` (rho) is required, shape ``(C,)``.
+    """
+    who = "batch_instance_norm"
+    _check_batch_layer(who, input, running_mean, running_var,
+                       [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
+                       training, momentum, eps)
+    return run_layer("bin", input, running_mean, running_var, training, momentum, eps, 0,
+                     (gate, weight, bias))
+
+
+def instance_enhancement_batch_norm(input: Tensor, running_mean, running_var, weight, bias,
+                                    gate_weight: Tensor, gate_bias: Tensor,
+                                    training: bool = False, momentum: float = 0.1,
+                                    eps: float = 1e-5) -> Tensor:
+    """IEBN: ``xhat_B * weight * sigmoid(mean_hw(x) * gate_weight + gate_bias) + bias``."""
+    who = "instance_enhancement_batch_norm"
+    _check_batch_layer(who, input, running_mean, running_var,
+                       [("gate_weight", gate_weight, False), ("gate_bias", gate_bias, False),
+                        ("weight", weight, True), ("bias", bias, True)],
+                       training, momentum, eps)
+    return run_layer("iebn", input, running_mean, running_var, training, momentum, eps, 0,
+                     (gate_weight, gate_bias, weight, bias))
+
+
+def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Tensor,
+               decoder_var: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """Associate Normalization: GroupNorm whose per-sample scale and shift come from an
+    auto-encoder of the group means and variances (see ``normfuse.AssocNorm``)."""
+    who = "assoc_norm"
+    check_input(input, who)
+    channels = input.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"{who}: num_groups must be a positive int, got {num_groups!r}")
+    if channels % num_groups:
+        raise ValueError(f"{who}: the input's channel count ({channels}) must be divisible by "
+                         f"num_groups ({num_groups})")
+    if not hasattr(encoder, "dim") or encoder.dim() != 2:
+        raise ValueError(f"{who}: encoder must be a 2-d tensor of shape (embed_dim, "
+                         f"num_groups={num_groups}), got {getattr(encoder, 'shape', encoder)}")
+    embed = encoder.shape[0]
+    check_tensor(encoder, "encoder", (embed, num_groups), input, who)
+    check_tensor(decoder_mean, "decoder_mean", (num_groups, embed), input, who)
+    check_tensor(decoder_var, "decoder_var", (num_groups, embed), input, who)
+    check_tensor(weight, "weight", (channels,), input, who)
+    check_tensor(bias, "bias", (channels,), input, who)
+    check_number(eps, "eps", who)
+    return run_layer("assoc", input, None, None, False, 0.0, eps, num_groups,
+                     (encoder, decoder_mean, decoder_var, weight, bias))

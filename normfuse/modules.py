@@ -1,0 +1,239 @@
+"""Drop-in modules: BIN and IEBN for ``nn.BatchNorm1d/2d/3d``, AssocNorm for ``nn.GroupNorm``."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional as F
+from ._checks import check_channels, check_input
+
+
+class _BatchStatsNorm(nn.Module):
+    """Buffers and train/eval semantics of ``nn.BatchNorm`` (``torch.nn.modules.batchnorm``)."""
+
+    _version = 2
+    _ranks: tuple = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def _check_input(self, input) -> None:
+        check_input(input, type(self).__name__, self._ranks)
+        check_channels(input, self.num_features, type(self).__name__)
+
+    def _batch_arguments(self):
+        """``(running_mean, running_var, use_batch_stats, factor)`` as ``nn.BatchNorm`` forms
+        them, without touching ``num_batches_tracked`` (it is counted after a successful call).
+        """
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.momentum is None:
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)  # cumulative average
+        use_batch = self.training or self.running_mean is None
+        tracked = not self.training or self.track_running_stats
+        return (self.running_mean if tracked else None, self.running_var if tracked else None,
+                use_batch, factor)
+
+    def _count_batch(self) -> None:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)  # as nn.BatchNorm does
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class _BatchInstanceNorm(_BatchStatsNorm):
+    """Batch-Instance Normalization (Nam & Kim, NeurIPS 2018).
+
+    ``y = (gate * xhat_batch + (1 - gate) * xhat_instance) * weight + bias``; ``gate`` (rho)
+    starts at 1 (plain batch norm) and should be kept in [0, 1] during training
+    (``normfuse.attach_gate_clipping``).  With ``affine=False`` the gate stays learnable.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.gate = nn.Parameter(torch.empty(num_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+        nn.init.ones_(self.gate)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", affine={self.affine}"
+
+    def forward(self, input):
+        self._check_input(input)
+        running_mean, running_var, use_batch, factor = self._batch_arguments()
+        out = F.batch_instance_norm(input, running_mean, running_var, self.weight, self.bias,
+                                    self.gate, use_batch, factor, self.eps)
+        self._count_batch()
+        return out
+
+
+class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
+    """Instance Enhancement Batch Normalization (Liang et al., AAAI 2020).
+
+    ``y = xhat_batch * weight * sigmoid(mean_hw(x) * gate_weight + gate_bias) + bias`` with
+    ``gate_weight`` starting at 0 and ``gate_bias`` at -1, as in the paper.  Checkpoints of the
+    authors' code (``weight_readjust``/``bias_readjust`` of shape ``(1, C, 1, 1)``) load.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        self.gate_weight = nn.Parameter(torch.empty(num_features, **factory))
+        self.gate_bias = nn.Parameter(torch.empty(num_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.gate_weight)
+        nn.init.constant_(self.gate_bias, -1.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for theirs, ours in (("weight_readjust", "gate_weight"), ("bias_readjust", "gate_bias")):
+            if prefix + theirs in state_dict and prefix + ours not in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + theirs).reshape(-1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, input):
+        self._check_input(input)
+        running_mean, running_var, use_batch, factor = self._batch_arguments()
+        out = F.instance_enhancement_batch_norm(input, running_mean, running_var, self.weight,
+                                                self.bias, self.gate_weight, self.gate_bias,
+                                                use_batch, factor, self.eps)
+        self._count_batch()
+        return out
+
+
+def _with_rank(base, name: str, ranks: tuple, shape: str):
+    cls = type(name, (base,), {"_ranks": ranks, "__module__": __name__})
+    cls.__doc__ = f"{base.__doc__}\n    Input: {shape}."
+    return cls
+
+
+BatchInstanceNorm1d = _with_rank(_BatchInstanceNorm, "BatchInstanceNorm1d", (2, 3),
+                                 "(N, C) or (N, C, L)")
+BatchInstanceNorm2d = _with_rank(_BatchInstanceNorm, "BatchInstanceNorm2d", (4,), "(N, C, H, W)")
+BatchInstanceNorm3d = _with_rank(_BatchInstanceNorm, "BatchInstanceNorm3d", (5,),
+                                 "(N, C, D, H, W)")
+InstanceEnhancementBatchNorm1d = _with_rank(_InstanceEnhancementBatchNorm,
+                                            "InstanceEnhancementBatchNorm1d", (2, 3),
+                                            "(N, C) or (N, C, L)")
+InstanceEnhancementBatchNorm2d = _with_rank(_InstanceEnhancementBatchNorm,
+                                            "InstanceEnhancementBatchNorm2d", (4,),
+                                            "(N, C, H, W)")
+InstanceEnhancementBatchNorm3d = _with_rank(_InstanceEnhancementBatchNorm,
+                                            "InstanceEnhancementBatchNorm3d", (5,),
+                                            "(N, C, D, H, W)")
+IEBN1d, IEBN2d, IEBN3d = (InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
+                          InstanceEnhancementBatchNorm3d)
+
+
+def default_embed_dim(num_groups: int) -> int:
+    """Bottleneck width M of AssocNorm's auto-encoder when not given: half the groups."""
+    return max(1, num_groups // 2)
+
+
+class AssocNorm(nn.Module):
+    """Associate Normalization: GroupNorm with per-sample scale and shift predicted from the
+    group means and variances by a small auto-encoder (shared encoder ``(M, G)``, decoders
+    ``(G, M)``), plus per-channel ``weight`` (B_omega, starts at 1) and ``bias`` (B_beta, 0).
+
+    Choices the paper leaves open (docs/layers.md): ``embed_dim`` M defaults to ``G // 2``
+    (at least 1), a 2x bottleneck; the encoder starts like ``nn.Linear(G, M)``'s weight
+    (Kaiming-uniform) and both decoders at zero, so a fresh layer is exactly
+    ``GroupNorm`` with weight ``0.5 + B_omega`` = 1.5 and the auto-encoder learns from there.
+    Input ``(N, C, *)`` like ``nn.GroupNorm``; train and eval behave the same.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, embed_dim: int | None = None,
+                 eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        if num_groups <= 0 or num_channels <= 0:
+            raise ValueError(f"num_groups and num_channels must be positive, got {num_groups} "
+                             f"and {num_channels}")
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
+                             f"({num_groups})")
+        embed_dim = default_embed_dim(num_groups) if embed_dim is None else embed_dim
+        if embed_dim <= 0:
+            raise ValueError(f"embed_dim must be positive, got {embed_dim}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_groups, self.num_channels, self.embed_dim, self.eps = (
+            num_groups, num_channels, embed_dim, eps)
+        self.encoder = nn.Parameter(torch.empty(embed_dim, num_groups, **factory))
+        self.decoder_mean = nn.Parameter(torch.empty(num_groups, embed_dim, **factory))
+        self.decoder_var = nn.Parameter(torch.empty(num_groups, embed_dim, **factory))
+        self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+        self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.encoder, a=math.sqrt(5))
+        nn.init.zeros_(self.decoder_mean)
+        nn.init.zeros_(self.decoder_var)
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, embed_dim={self.embed_dim}, "
+                f"eps={self.eps}")
+
+    def forward(self, input):
+        check_input(input, type(self).__name__)
+        check_channels(input, self.num_channels, type(self).__name__, "num_channels")
+        return F.assoc_norm(input, self.num_groups, self.encoder, self.decoder_mean,
+                            self.decoder_var, self.weight, self.bias, self.eps)

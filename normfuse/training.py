@@ -1,0 +1,42 @@
+"""Training helpers for BIN's gates, as the paper trains them: gates clipped to [0, 1] after
+every optimizer step, a 10x learning rate and no weight decay."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modules import _BatchInstanceNorm
+
+
+def _gates(module: nn.Module):
+    return [m.gate for m in module.modules() if isinstance(m, _BatchInstanceNorm)]
+
+
+def clip_gates_(module: nn.Module) -> nn.Module:
+    """Clamp every BIN gate in ``module`` to [0, 1], in place; returns ``module``."""
+    with torch.no_grad():
+        for gate in _gates(module):
+            gate.clamp_(0.0, 1.0)
+    return module
+
+
+def attach_gate_clipping(optimizer: torch.optim.Optimizer, module: nn.Module):
+    """Clip ``module``'s gates after every ``optimizer.step()``; returns the hook handle
+    (``handle.remove()`` detaches it)."""
+    return optimizer.register_step_post_hook(lambda *_: clip_gates_(module))
+
+
+def param_groups(module: nn.Module, lr: float, weight_decay: float = 0.0,
+                 gate_lr_scale: float = 10.0) -> list[dict]:
+    """Optimizer parameter groups: BIN gates at ``lr * gate_lr_scale`` with no weight decay,
+    every other parameter at ``lr`` with ``weight_decay``.  Each parameter appears once."""
+    gate_ids = {id(g) for g in _gates(module)}
+    gates, others = [], []
+    for p in module.parameters():  # parameters() yields each shared tensor once
+        (gates if id(p) in gate_ids else others).append(p)
+    groups = []
+    if others:
+        groups.append({"params": others, "lr": lr, "weight_decay": weight_decay})
+    if gates:
+        groups.append({"params": gates, "lr": lr * gate_lr_scale, "weight_decay": 0.0})
+    return groups
