@@ -143,9 +143,13 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
         nn.init.constant_(self.gate_bias, -1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for theirs, ours in (("weight_readjust", "gate_weight"), ("bias_readjust", "gate_bias")):
-            if prefix + theirs in state_dict and prefix + ours not in state_dict:
-                state_dict[prefix + ours] = state_dict.pop(prefix + theirs).reshape(-1)
+        # The authors store every per-channel parameter as (1, C, 1, 1).
+        for theirs, ours in (("weight_readjust", "gate_weight"), ("bias_readjust", "gate_bias"),
+                             ("weight", "weight"), ("bias", "bias")):
+            value = state_dict.get(prefix + theirs)
+            if value is not None and value.dim() == 4 and value.numel() == self.num_features:
+                del state_dict[prefix + theirs]
+                state_dict[prefix + ours] = value.reshape(-1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input):

@@ -18,6 +18,12 @@ from torch import Tensor
 from ._merge import group_merge, group_merge_backward
 
 
+def _group_invstd(var: Tensor, count: int, eps: float) -> Tensor:
+    """``r_G``, except 0 for one-element groups, where ``xhat_G`` is exactly 0 (as in BIN's
+    instance part: the factor 1/sqrt(eps) would only add cancellation error to dx)."""
+    return torch.zeros_like(var) if count == 1 else torch.rsqrt(var + eps)
+
+
 def _autoencoder(mu: Tensor, var: Tensor, encoder: Tensor, decoder_mean: Tensor,
                  decoder_var: Tensor):
     h_mu, h_var = mu @ encoder.t(), var @ encoder.t()
@@ -31,7 +37,7 @@ def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: in
                        bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     n, c = mean.shape
     mu, var, dev = group_merge(mean, m2, plane_size, num_groups)
-    r = torch.rsqrt(var + eps)
+    r = _group_invstd(var, mean.shape[1] // num_groups * plane_size, eps)
     *_, d_mu, d_var = _autoencoder(mu, var, encoder, decoder_mean, decoder_var)
     omega = d_mu.unsqueeze(2) + weight.reshape(num_groups, -1)
     scale = omega * r.unsqueeze(2)
@@ -48,7 +54,7 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
     n, c = mean.shape
     g = num_groups
     mu, var, dev = group_merge(mean, m2, plane_size, g)
-    r = torch.rsqrt(var + eps)
+    r = _group_invstd(var, mean.shape[1] // num_groups * plane_size, eps)
     h_mu, h_var, e_mu, e_var, d_mu, d_var = _autoencoder(mu, var, encoder, decoder_mean,
                                                          decoder_var)
     omega = d_mu.unsqueeze(2) + weight.reshape(g, -1)

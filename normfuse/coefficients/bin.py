@@ -18,6 +18,14 @@ from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics, batch_statistics
                      recompute_batch_statistics)
 
 
+def instance_invstd(m2: Tensor, plane_size: int, eps: float) -> Tensor:
+    """``r_I``, except 0 for one-element planes: there ``xhat_I = 0 / sqrt(eps)`` is exactly 0,
+    and a zero factor keeps its huge ``1/sqrt(eps)`` from entering (and cancelling in) dx."""
+    if plane_size == 1:
+        return torch.zeros_like(m2)
+    return torch.rsqrt(m2 / plane_size + eps)
+
+
 def _affine(weight, bias, like: Tensor):
     one = torch.ones((), dtype=like.dtype, device=like.device)
     return (one if weight is None else weight), (one * 0 if bias is None else bias)
@@ -29,7 +37,7 @@ def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, we
     gamma, beta = _affine(weight, bias, mean)
     _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
                                     momentum, eps, merge)
-    r_i = torch.rsqrt(m2 / plane_size + eps)
+    r_i = instance_invstd(m2, plane_size, eps)
     scale = gamma * (gate * r_b + (1 - gate) * r_i)
     shift = beta + gamma * gate * r_b * (mean - mu_b)
     return scale, shift
@@ -46,7 +54,7 @@ def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
     gamma, _ = _affine(weight, bias, mean)
     use_batch, mu_b, r_b = recompute_batch_statistics(mean, m2, plane_size, running_mean,
                                                       running_var, training, eps, merge)
-    r_i = torch.rsqrt(m2 / plane_size + eps)
+    r_i = instance_invstd(m2, plane_size, eps)
     dev = mean - mu_b
     g1, g2 = sum_dy, sum_dy_xmu
     mix = gate * r_b + (1 - gate) * r_i
