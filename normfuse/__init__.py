@@ -9,6 +9,8 @@ from . import functional
 from .backends import (available_backends, get_backend, resolve_backend, set_backend,
                        use_backend)
 from .convert import convert
+from .distributed import (SyncBatchInstanceNorm, SyncIEBN, SyncInstanceEnhancementBatchNorm,
+                          convert_sync)
 from .modules import (IEBN1d, IEBN2d, IEBN3d, AssocNorm, BatchInstanceNorm1d,
                       BatchInstanceNorm2d, BatchInstanceNorm3d, InstanceEnhancementBatchNorm1d,
                       InstanceEnhancementBatchNorm2d, InstanceEnhancementBatchNorm3d)
@@ -20,6 +22,7 @@ __all__ = [
     "AssocNorm", "BatchInstanceNorm1d", "BatchInstanceNorm2d", "BatchInstanceNorm3d",
     "IEBN1d", "IEBN2d", "IEBN3d", "InstanceEnhancementBatchNorm1d",
     "InstanceEnhancementBatchNorm2d", "InstanceEnhancementBatchNorm3d",
+    "SyncBatchInstanceNorm", "SyncIEBN", "SyncInstanceEnhancementBatchNorm", "convert_sync",
     "attach_gate_clipping", "available_backends", "clip_gates_", "convert", "functional",
     "get_backend", "param_groups", "resolve_backend", "set_backend", "use_backend",
 ]

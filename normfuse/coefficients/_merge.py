@@ -113,7 +113,8 @@ def batch_statistics_backward(grad_mu: Tensor, grad_invstd: Tensor, invstd: Tens
                               plane_size: int, merge: BatchMerge):
     """Per-plane ``(grad_mean, grad_m2)`` from the per-sample contributions ``(N, C)`` to the
     gradients of ``(mu_B, invstd_B)``; sums them over every sample (all processes) first."""
-    grad_mu = merge.reduce(grad_mu.sum(0))
-    grad_var = merge.reduce(grad_invstd.sum(0)) * (-0.5) * invstd ** 3
+    # one reduction for both sums: a single all-reduce when the merge spans processes
+    sums = merge.reduce(torch.stack((grad_mu.sum(0), grad_invstd.sum(0))))
+    grad_mu, grad_var = sums[0], sums[1] * (-0.5) * invstd ** 3
     count = merge.count(dev)
     return merge.backward(grad_mu, grad_var, dev, count, plane_size)

@@ -1,0 +1,437 @@
+"""Synchronized BIN and IEBN: batch statistics over every process of a ``torch.distributed`` group.
+
+``SyncBatchInstanceNorm`` and ``SyncInstanceEnhancementBatchNorm`` are the plain modules
+(``normfuse.modules``) whose *batch* statistics, in training, span all processes of a process group,
+like ``nn.SyncBatchNorm``; ``convert_sync`` swaps them into a model.  See docs/distributed.md.
+
+How it runs (design section 6): the full-size passes (``moments``, ``affine_apply``,
+``backward_sums``, ``backward_apply``) are the backend's own ops, exactly as in the plain layers;
+only the O(C) batch merge of the coefficient step (``normfuse.coefficients._merge``) is swapped for
+``SyncBatchMerge``, whose
+
+* forward all-gathers every rank's per-channel ``(element count, mean, centred sum of squares)``
+  and merges them (Chan's formula, same arithmetic on every rank: bit-identical results), and
+* ``reduce`` all-reduces the per-channel gradient sums of the batch statistics in the backward.
+
+Instance statistics (the per-sample part of BIN, IEBN's gate) stay local, and so do parameter
+gradients (``DistributedDataParallel`` averages them as usual).  Outside a process group, with a
+group of one process, or in eval mode, the modules run the plain modules' code unchanged.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ._autograd import kernel_layout, like_layout
+from ._checks import check_channels, check_input, check_number, check_running_stats, check_tensor
+from .backends import ops_for, resolve_backend
+from .coefficients import (bin_coefficients, bin_coefficients_backward, iebn_coefficients,
+                           iebn_coefficients_backward)
+from .coefficients._merge import BatchMerge
+from .modules import _BatchInstanceNorm, _InstanceEnhancementBatchNorm
+from .torch_backend import acc_dtype
+
+try:
+    import torch.distributed as dist
+except ImportError:  # pragma: no cover - builds without distributed support
+    dist = None
+
+__all__ = ["SyncBatchInstanceNorm", "SyncInstanceEnhancementBatchNorm", "SyncIEBN",
+           "SyncBatchMerge", "convert_sync"]
+
+# layer -> (coefficient function, its backward), and a code for the handshake.
+_LAYERS = {
+    "bin": (bin_coefficients, bin_coefficients_backward, 1),
+    "iebn": (iebn_coefficients, iebn_coefficients_backward, 2),
+}
+
+
+def _distributed_ready() -> bool:
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _all_gather_rows(row: Tensor, group, size: int) -> Tensor:
+    """``(size, *row.shape)``: every rank's ``row``, in the group's rank order."""
+    table = row.new_empty((size,) + tuple(row.shape))
+    dist.all_gather(list(table.unbind(0)), row.contiguous(), group=group)
+    return table
+
+
+class _ElementCount(float):
+    """The merged sample count as ``BatchMerge`` reports it: ``elements / plane_size``.
+
+    ``normfuse.coefficients._merge`` only ever uses it as ``count * plane_size`` (the number of
+    values per channel); ranks may hold planes of different sizes, so that product is returned
+    exactly (an int) instead of through a rounded quotient.
+    """
+
+    def __new__(cls, elements: int, plane_size: int):
+        self = super().__new__(cls, elements / plane_size)
+        self.elements, self.plane_size = int(elements), int(plane_size)
+        return self
+
+    def __mul__(self, other):
+        if isinstance(other, int) and other == self.plane_size:
+            return self.elements
+        return float(self) * other
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"_ElementCount(elements={self.elements}, plane_size={self.plane_size})"
+
+
+class SyncBatchMerge(BatchMerge):
+    """``BatchMerge`` whose merge over samples spans every process of ``group``.
+
+    One object serves one forward/backward pair: the first ``forward`` exchanges the statistics
+    (one all-gather of ``2 C + 1`` values per rank); later calls (the backward's recomputation)
+    return the same result without communicating.  ``reduce`` is one all-reduce per call.
+    Ranks with no samples take part with a count of 0.
+    """
+
+    def __init__(self, group, num_channels: int, who: str = "SyncBatchMerge"):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.num_channels = int(num_channels)
+        self.who = who
+        self._result = None
+        self._elements = None
+
+    # -- forward ------------------------------------------------------------------------
+    def _exchange(self, row: Tensor) -> Tensor:
+        return _all_gather_rows(row, self.group, self.size)
+
+    def abort(self, device) -> None:
+        """Take part in the exchange with a "failed" marker (a local check raised): the other
+        ranks then raise too instead of waiting for this one."""
+        row = torch.zeros(2 * self.num_channels + 1, dtype=torch.float64, device=device)
+        row[0] = -1
+        self._exchange(row)
+
+    def forward(self, mean: Tensor, m2: Tensor, plane_size: int):
+        if self._result is None:
+            self._result = self._merge(mean, m2, plane_size)
+        return self._result
+
+    def _merge(self, mean: Tensor, m2: Tensor, plane_size: int):
+        n, c = mean.shape
+        if c != self.num_channels:
+            raise ValueError(f"{self.who}: expected statistics of {self.num_channels} channels, "
+                             f"got {c}")
+        # This rank's merge, in float64 so that float32 statistics lose nothing in the exchange.
+        row = torch.zeros(2 * c + 1, dtype=torch.float64, device=mean.device)
+        if n:
+            m = mean.to(torch.float64)
+            mu = m.mean(0)
+            dev = m - mu
+            row[0] = n * plane_size
+            row[1:c + 1] = mu
+            row[c + 1:] = m2.to(torch.float64).sum(0) + plane_size * (dev * dev).sum(0)
+        table = self._exchange(row)
+        counts = [round(v) for v in table[:, 0].tolist()]  # one device-to-host copy
+        failed = [r for r, v in enumerate(counts) if v < 0]
+        if failed:
+            raise RuntimeError(
+                f"{self.who}: the synchronized batch statistics could not be formed: the input "
+                f"checks failed on rank(s) {failed} of the process group (see the error raised "
+                f"there)")
+        total = sum(counts)
+        if total <= 1:
+            raise ValueError(
+                f"{self.who}: expected more than 1 value per channel when using batch statistics "
+                f"(training), got {total} across the {self.size} processes of the process group "
+                f"(per-rank values per channel: {counts})")
+        # Chan's merge of the per-rank (count, mean, Q), the same float64 ops on every rank.
+        weights = table[:, :1]
+        means = table[:, 1:c + 1]
+        mu = (weights * means).sum(0) / total
+        spread = means - mu
+        q_total = table[:, c + 1:].sum(0) + (weights * spread * spread).sum(0)
+        self._elements = total
+        return mu.to(mean.dtype), q_total.to(mean.dtype), _ElementCount(total, plane_size)
+
+    def count(self, mean: Tensor):
+        return self._result[2]
+
+    # -- backward -----------------------------------------------------------------------
+    def reduce(self, per_channel: Tensor) -> Tensor:
+        summed = per_channel.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
+        return summed
+
+    def backward(self, grad_mu: Tensor, grad_var: Tensor, dev: Tensor, count,
+                 plane_size: int) -> tuple[Tensor, Tensor]:
+        # mu = sum_r sum_n L m[n] / T and Q = sum q + sum L (m - mu)^2 over all ranks' planes,
+        # var = Q / T with T the number of values per channel across every rank.
+        total = self._elements
+        grad_q = grad_var / total
+        grad_mean = grad_mu * (plane_size / total) + (2 * plane_size) * grad_q * dev
+        return grad_mean, grad_q.expand_as(dev)
+
+
+class _SyncNormFunction(torch.autograd.Function):
+    """``NormFunction`` (normfuse/_autograd.py) for training with synchronized batch statistics.
+
+    The backend's full-size ops run as in the plain layers; the coefficient step is the torch
+    reference (normfuse/coefficients) with a ``SyncBatchMerge``.  A rank with no samples skips
+    the full-size ops but takes part in every collective.
+    """
+
+    @staticmethod
+    def forward(ctx, layer: str, backend: str, merge: SyncBatchMerge, x: Tensor, running_mean,
+                running_var, momentum: float, eps: float, *params):
+        ops = ops_for(backend)
+        coefficients = _LAYERS[layer][0]
+        plane = math.prod(x.shape[2:])
+        if x.shape[0]:
+            mean, m2 = ops.moments(x)
+        else:
+            mean = m2 = x.new_zeros((0, x.shape[1]), dtype=acc_dtype(x.dtype))
+        scale, shift = coefficients(mean, m2, plane, *params, running_mean, running_var, True,
+                                    momentum, eps, merge=merge)
+        y = ops.affine_apply(x, mean, scale, shift) if x.shape[0] else torch.empty_like(x)
+        ctx.save_for_backward(x, mean, m2, *params)
+        ctx.merge = merge
+        ctx.config = (layer, backend, plane, eps)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError("normfuse synchronized layers do not support double backward "
+                               "(create_graph=True); use the plain modules for that")
+        layer, backend, plane, eps = ctx.config
+        x, mean, m2, *params = ctx.saved_tensors
+        ops = ops_for(backend)
+        n = x.shape[0]
+        dy = like_layout(grad_output, x)
+        if n:
+            g1, g2 = ops.backward_sums(dy, x, mean)
+        else:
+            g1, g2 = torch.zeros_like(mean), torch.zeros_like(mean)
+        # Always run, on every rank: it holds the all-reduce of the batch statistics' gradients.
+        c_dy, c_x, c_0, *grads = _LAYERS[layer][1](g1, g2, mean, m2, plane, *params, None, None,
+                                                   True, eps, merge=ctx.merge)
+        dx = None
+        if ctx.needs_input_grad[3]:
+            dx = ops.backward_apply(dy, x, mean, c_dy, c_x, c_0) if n else torch.zeros_like(x)
+        grads = [g if p is not None and need else None
+                 for g, p, need in zip(grads, params, ctx.needs_input_grad[8:])]
+        return (None, None, None, dx, None, None, None, None) + tuple(grads)
+
+
+def _sync_run(layer: str, backend: str, merge: SyncBatchMerge, input: Tensor, running_mean,
+              running_var, momentum: float, eps: float, params) -> Tensor:
+    """``normfuse._autograd.run_layer`` for training with synchronized batch statistics."""
+    acc = acc_dtype(input.dtype)
+    x = kernel_layout(input)
+    params = tuple(None if p is None else p.to(acc) for p in params)
+    rm = None if running_mean is None else running_mean.to(acc)
+    rv = None if running_var is None else running_var.to(acc)
+    y = _SyncNormFunction.apply(layer, backend, merge, x, rm, rv, float(momentum), float(eps),
+                                *params)
+    if running_mean is not None and rm is not running_mean:
+        with torch.no_grad():  # buffers of another dtype: updated on a copy, written back
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+    return y
+
+
+class _SyncMixin:
+    """What the synchronized modules add to the plain ones (which come after it in the MRO)."""
+
+    _ranks = (2, 3, 4, 5)  # higher ranks are flattened to (N, C, L) in ``forward``
+    _layer = ""
+
+    def _named_params(self):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.process_group is None else text + ", process_group=<given>"
+
+    def _sync_group(self):
+        """The process group to synchronize over, or None to run as the plain module."""
+        if not self.training:
+            return None  # running statistics (or local batch statistics), like nn.SyncBatchNorm
+        who = type(self).__name__
+        if not _distributed_ready():
+            if self.process_group is not None:
+                raise RuntimeError(
+                    f"{who}: a process_group was given but torch.distributed is not initialized "
+                    f"(was the process group destroyed?); call torch.distributed."
+                    f"init_process_group first, or use process_group=None to run unsynchronized")
+            world = os.environ.get("WORLD_SIZE", "1").strip()
+            if world.isdigit() and int(world) > 1:
+                raise RuntimeError(
+                    f"{who}: WORLD_SIZE={world} says this process is one of several, but "
+                    f"torch.distributed is not initialized, so the batch statistics would not be "
+                    f"synchronized; call torch.distributed.init_process_group before training "
+                    f"(or use the plain modules for independent training)")
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        size = dist.get_world_size(group)
+        if size < 0:
+            raise RuntimeError(f"{who}: this process (global rank {dist.get_rank()}) is not a "
+                               f"member of the process_group given to the layer")
+        return group if size > 1 else None
+
+    def _handshake(self, group, device) -> None:
+        """Once per module and group: every rank must hold the same layer with the same number
+        of channels (else the exchanged statistics would not line up)."""
+        key = (id(group), self.num_features)
+        if self.__dict__.get("_sync_checked") == key:
+            return
+        mine = torch.tensor([_LAYERS[self._layer][2], self.num_features], dtype=torch.int64,
+                            device=device)
+        table = _all_gather_rows(mine, group, dist.get_world_size(group)).tolist()
+        if any(row != table[0] for row in table):
+            names = {code: name for name, (_, _, code) in _LAYERS.items()}
+            seen = [f"{names.get(code, '?')}({channels})" for code, channels in table]
+            raise RuntimeError(
+                f"{type(self).__name__}: the processes of the process group disagree on the "
+                f"synchronized layer: layer(num_features) per rank = {seen}; every rank must "
+                f"build the same model (same num_features) and call its layers in the same order")
+        self.__dict__["_sync_checked"] = key
+
+    def _check_sync_input(self, input, running_mean, running_var, factor) -> None:
+        """The plain layers' checks, except that a rank may hold zero samples."""
+        who = type(self).__name__
+        if (isinstance(input, Tensor) and input.dim() >= 2 and input.shape[0] == 0
+                and math.prod(input.shape[2:]) > 0):
+            # A stand-in with one sample for the type/dtype/rank checks.
+            check_input(torch.empty((1,) + tuple(input.shape[1:]), dtype=input.dtype,
+                                    device="meta"), who, self._ranks)
+        else:
+            check_input(input, who, self._ranks)
+        check_channels(input, self.num_features, who)
+        for name, tensor, optional in self._named_params():
+            check_tensor(tensor, name, (self.num_features,), input, who, optional=optional)
+        check_running_stats(running_mean, running_var, self.num_features, input, who)
+        check_number(factor, "momentum", who)
+        check_number(self.eps, "eps", who)
+
+    def forward(self, input):
+        if isinstance(input, Tensor) and input.dim() > 5:  # any rank, as nn.SyncBatchNorm
+            flat = input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))
+            return self.forward(flat).reshape(input.shape)
+        group = self._sync_group()
+        if group is None:
+            return super().forward(input)  # the plain module, unchanged
+        device = next(self.parameters()).device
+        self._handshake(group, device)
+        merge = SyncBatchMerge(group, self.num_features, type(self).__name__)
+        running_mean, running_var, _, factor = self._batch_arguments()
+        try:
+            self._check_sync_input(input, running_mean, running_var, factor)
+            backend = resolve_backend(input)
+        except Exception:
+            merge.abort(device)
+            raise
+        params = tuple(tensor for _, tensor, _ in self._named_params())
+        out = _sync_run(self._layer, backend, merge, input, running_mean, running_var, factor,
+                        self.eps, params)
+        self._count_batch()
+        return out
+
+
+class SyncBatchInstanceNorm(_SyncMixin, _BatchInstanceNorm):
+    """Batch-Instance Normalization whose batch statistics span a process group in training.
+
+    Same arguments, parameters (``weight``, ``bias``, ``gate``), buffers and state dict as
+    ``normfuse.BatchInstanceNorm2d``, plus ``process_group`` (default: the whole world);
+    input ``(N, C, *)`` of any rank >= 2, like ``nn.SyncBatchNorm``.  Batch statistics are merged
+    across the group (ranks may hold different batch sizes, zero included); the instance part
+    stays per sample.  Outside a process group, with one process, or in eval mode it is exactly
+    the plain module.
+    """
+
+    _layer = "bin"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _named_params(self):
+        return (("gate", self.gate, False), ("weight", self.weight, True),
+                ("bias", self.bias, True))
+
+
+class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm):
+    """Instance Enhancement Batch Normalization whose batch statistics span a process group in
+    training.
+
+    Same arguments, parameters (``weight``, ``bias``, ``gate_weight``, ``gate_bias``), buffers
+    and state dict as ``normfuse.InstanceEnhancementBatchNorm2d``, plus ``process_group``;
+    input ``(N, C, *)`` of any rank >= 2.  The gate ``sigmoid(mean_hw(x) * gate_weight +
+    gate_bias)`` stays per sample.  Outside a process group, with one process, or in eval mode
+    it is exactly the plain module.
+    """
+
+    _layer = "iebn"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _named_params(self):
+        return (("gate_weight", self.gate_weight, False), ("gate_bias", self.gate_bias, False),
+                ("weight", self.weight, True), ("bias", self.bias, True))
+
+
+SyncIEBN = SyncInstanceEnhancementBatchNorm
+
+
+def _to_sync(module: nn.Module, process_group):
+    if isinstance(module, _SyncMixin):
+        return None
+    if isinstance(module, _BatchInstanceNorm):
+        new = SyncBatchInstanceNorm(module.num_features, module.eps, module.momentum,
+                                    module.affine, module.track_running_stats, process_group,
+                                    device="meta")
+    elif isinstance(module, _InstanceEnhancementBatchNorm):
+        new = SyncInstanceEnhancementBatchNorm(module.num_features, module.eps, module.momentum,
+                                               module.track_running_stats, process_group,
+                                               device="meta")
+    else:
+        return None
+    # The very same Parameter and buffer objects (optimizers keep working), as
+    # nn.SyncBatchNorm.convert_sync_batchnorm does; device and dtype come with them.
+    for name, _ in list(new.named_parameters(recurse=False)):
+        setattr(new, name, getattr(module, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[name] = module._buffers.get(name)
+    new.training = module.training
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return new
+
+
+def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every normfuse BIN and IEBN layer (1d/2d/3d) in ``module`` by its synchronized
+    version, in place, and return ``module`` (or the converted layer if ``module`` is one).
+
+    The new layers share the old ones' parameters and buffers (so an optimizer built before
+    the conversion keeps working), device, dtype and train/eval mode; ``process_group``
+    (default: the whole world) is what their batch statistics span.  AssocNorm has no batch
+    statistics and is left as it is.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_sync: module must be an nn.Module, got "
+                        f"{type(module).__name__}")
+    new = _to_sync(module, process_group)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        converted = _to_sync(child, process_group)
+        if converted is not None:
+            setattr(module, name, converted)
+        else:
+            convert_sync(child, process_group)
+    return module
