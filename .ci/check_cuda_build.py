@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Resource check of the CUDA kernels without a GPU.
+
+Compiles every csrc/cuda/*.cu with the flags setup.py uses, for sm_80 and sm_90, with
+`-Xptxas -v`, then checks:
+  1. each object holds sm_80 and sm_90 cubins (cuobjdump --list-elf; the toolkit's cuobjdump, or
+     the one bundled with triton), and so does the built extension normfuse/_C*.so when it has
+     CUDA code (--extension);
+  2. the bandwidth kernels (the generic contig/cl reduce/apply kernels) have no spill stores or
+     loads and no stack frame (local memory) on either arch;
+  3. their 16-byte-vector instantiations really use 128-bit global loads (LDG.E.128) in the SASS.
+Prints a table of registers / spills / stack per kernel and arch. Exit status 1 on a failure.
+
+    python .ci/check_cuda_build.py [--json out.json] [--extension]
+
+Objects are cached under build/cuda_check/<hash of sources, flags, nvcc version>/.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("80", "90")
+BANDWIDTH_KERNELS = re.compile(r"(contig|cl)_(reduce|apply)_kernel")
+VECTOR_INSTANCE = re.compile(r"Li(4|8)E")  # template VEC = 4 (float) or 8 (half/bf16)
+
+
+def find_cuda_home() -> Path | None:
+    for c in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if c and (Path(c) / "bin" / "nvcc").is_file():
+            return Path(c)
+    nvcc = shutil.which("nvcc")
+    return Path(nvcc).resolve().parent.parent if nvcc else None
+
+
+def find_cuobjdump(cuda_home: Path | None) -> Path | None:
+    if cuda_home and (cuda_home / "bin" / "cuobjdump").is_file():
+        return cuda_home / "bin" / "cuobjdump"
+    try:
+        import triton  # the wheel bundles cuobjdump / nvdisasm
+
+        p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return p if p.is_file() else None
+    except ImportError:
+        return None
+
+
+def nvcc_flags() -> list[str]:
+    # The flags torch's CUDAExtension and setup.py pass (see the build log), minus -Xptxas -v,
+    # which is added separately.
+    flags = [
+        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-O3", "-DNORMFUSE_WITH_CUDA", "-std=c++17",
+        "-I", str(ROOT / "csrc"), "-Xcompiler", "-fPIC",
+    ]
+    for a in ARCHS:
+        flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+    return flags
+
+
+def _hash_inputs(cu: Path, nvcc: Path, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    deps = [cu]
+    for d in ("kernels", "common", "cuda"):
+        deps += sorted(p for p in (ROOT / "csrc" / d).glob("*") if p.suffix in (".h", ".cuh"))
+    for p in deps:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout.encode())
+    return h.hexdigest()[:16]
+
+
+def compile_cu(cu: Path, nvcc: Path, cache: Path) -> tuple[Path, str]:
+    """Object file and ptxas log for one .cu (cached)."""
+    flags = nvcc_flags()
+    out_dir = cache / _hash_inputs(cu, nvcc, flags)
+    obj, log = out_dir / (cu.stem + ".o"), out_dir / (cu.stem + ".ptxas.txt")
+    if obj.exists() and log.exists():
+        return obj, log.read_text()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(nvcc), *flags, "-Xptxas", "-v", "-c", str(cu), "-o", str(obj) + ".tmp"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed for {cu}:\n{' '.join(cmd)}\n{res.stderr[-6000:]}")
+    log.write_text(res.stderr)
+    os.replace(str(obj) + ".tmp", obj)
+    return obj, res.stderr
+
+
+def parse_ptxas(log: str, source: str) -> list[dict]:
+    rows, cur = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
+        if m:
+            cur = {"kernel": m.group(1), "arch": m.group(2), "source": source, "registers": None,
+                   "stack": 0, "spill_stores": 0, "spill_loads": 0}
+            rows.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["stack"], cur["spill_stores"], cur["spill_loads"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+        m = re.search(r"(\d+) bytes lmem", line)
+        if m:
+            cur["stack"] = max(cur["stack"], int(m.group(1)))
+    return rows
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    short = {}
+    for n, d in zip(names, out):
+        d = re.sub(r"\(.*\)$", "", d).replace("nf::", "").replace("__nv_bfloat16", "bf16").replace("__half", "f16")
+        short[n] = d
+    return short
+
+
+def elf_archs(path: Path, cuobjdump: Path) -> set[str]:
+    res = subprocess.run([str(cuobjdump), "--list-elf", str(path)], capture_output=True, text=True)
+    return set(re.findall(r"sm_(\d+)", res.stdout))
+
+
+def sass_functions(obj: Path, cuobjdump: Path, arch: str) -> dict[str, str]:
+    res = subprocess.run([str(cuobjdump), "-sass", "-arch", f"sm_{arch}", str(obj)], capture_output=True, text=True)
+    funcs, cur, buf = {}, None, []
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            if cur:
+                funcs[cur] = "\n".join(buf)
+            cur, buf = m.group(1), []
+        elif cur:
+            buf.append(line)
+    if cur:
+        funcs[cur] = "\n".join(buf)
+    return funcs
+
+
+def built_extension() -> Path | None:
+    found = sorted((ROOT / "normfuse").glob("_C*.so"))
+    return found[0] if found else None
+
+
+def run(check_extension: bool = False, verbose: bool = True) -> dict:
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return {"skipped": "no CUDA toolkit (nvcc) found"}
+    nvcc = cuda_home / "bin" / "nvcc"
+    cuobjdump = find_cuobjdump(cuda_home)
+    cache = ROOT / "build" / "cuda_check"
+    failures, rows, objects = [], [], {}
+    vector_checked = 0
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        obj, log = compile_cu(cu, nvcc, cache)
+        objects[cu.name] = obj
+        rows += parse_ptxas(log, cu.name)
+    names = demangle(sorted({r["kernel"] for r in rows}))
+    for r in rows:
+        r["name"] = names[r["kernel"]]
+        r["bandwidth"] = bool(BANDWIDTH_KERNELS.search(r["kernel"]))
+        if r["bandwidth"] and (r["spill_stores"] or r["spill_loads"] or r["stack"]):
+            failures.append(f"{r['name']} sm_{r['arch']}: {r['spill_stores']} B spill stores, "
+                            f"{r['spill_loads']} B spill loads, {r['stack']} B stack")
+    archs_seen = {}
+    if cuobjdump is None:
+        failures.append("no cuobjdump (toolkit or triton) to inspect the cubins")
+    else:
+        for name, obj in objects.items():
+            archs_seen[name] = sorted(elf_archs(obj, cuobjdump))
+            missing = set(ARCHS) - set(archs_seen[name])
+            if missing:
+                failures.append(f"{name}: no cubin for sm_{', sm_'.join(sorted(missing))}")
+            for arch in ARCHS:
+                for fn, sass in sass_functions(obj, cuobjdump, arch).items():
+                    if not (BANDWIDTH_KERNELS.search(fn) and VECTOR_INSTANCE.search(fn)):
+                        continue
+                    vector_checked += 1
+                    if "LDG.E.128" not in sass:
+                        failures.append(f"{names.get(fn, fn)} sm_{arch}: no 128-bit global load (LDG.E.128)")
+        if check_extension:
+            ext = built_extension()
+            if ext is not None:
+                archs_seen[ext.name] = sorted(elf_archs(ext, cuobjdump))
+                if archs_seen[ext.name]:  # a CPU-only build has no cubins at all: nothing to check
+                    missing = set(ARCHS) - set(archs_seen[ext.name])
+                    if missing and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                        failures.append(f"{ext.name}: no cubin for sm_{', sm_'.join(sorted(missing))}")
+    summary = {"rows": rows, "archs": archs_seen, "failures": failures, "vector_kernels_checked": vector_checked}
+    if verbose:
+        print(f"{'kernel':<70} {'arch':>5} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6}")
+        for r in sorted(rows, key=lambda r: (not r["bandwidth"], r["name"], r["arch"])):
+            print(f"{r['name'][:70]:<70} {'sm_' + r['arch']:>5} {r['registers']:>5} {r['spill_stores']:>9} "
+                  f"{r['spill_loads']:>9} {r['stack']:>6}")
+        for name, a in archs_seen.items():
+            print(f"{name}: cubins for sm_{', sm_'.join(a) if a else '(none)'}")
+        bw = [r for r in rows if r["bandwidth"]]
+        if bw:
+            print(f"bandwidth kernels: {len(bw)} (kernel, arch) pairs, max {max(r['registers'] for r in bw)} registers, "
+                  f"{sum(r['spill_stores'] + r['spill_loads'] for r in bw)} B spilled, "
+                  f"{max(r['stack'] for r in bw)} B max stack")
+        print(f"128-bit loads checked in {vector_checked} vectorised (kernel, arch) SASS bodies")
+        print("FAIL:\n  " + "\n  ".join(failures) if failures else "OK")
+    return summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the summary here")
+    ap.add_argument("--extension", action="store_true", help="also check the built normfuse/_C*.so")
+    args = ap.parse_args()
+    summary = run(check_extension=args.extension)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    if "skipped" in summary:
+        print("skipped:", summary["skipped"])
+        return 0
+    return 1 if summary["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

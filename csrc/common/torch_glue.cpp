@@ -1,0 +1,87 @@
+#include "common/torch_glue.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+namespace nf_glue {
+
+at::ScalarType acc_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
+  const int64_t d = x.dim();
+  TORCH_CHECK(d >= 2 && d <= 5, "normfuse.", op, ": input must have rank 2..5 (N, C, *spatial), got ", d);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "normfuse.", op, ": input must be floating point, got ",
+              x.scalar_type());
+  nf::PlaneShape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.L = 1;
+  for (int64_t i = 2; i < d; ++i) s.L *= x.size(i);
+  if (x.is_contiguous()) {
+    s.layout = nf::Layout::Contiguous;
+    return s;
+  }
+  // Channels-last: the (N, *spatial, C) permutation is contiguous, i.e. element (n, c, l) sits at
+  // (n * L + l) * C + c. This covers channels_last, channels_last_3d and rank-3 (L*C, 1, C).
+  std::vector<int64_t> perm{0};
+  for (int64_t i = 2; i < d; ++i) perm.push_back(i);
+  perm.push_back(1);
+  TORCH_CHECK(x.permute(perm).is_contiguous(), "normfuse.", op,
+              ": input must be contiguous or channels-last (C innermost); got strides ", x.strides(),
+              " for sizes ", x.sizes(), ". Call .contiguous() first.");
+  s.layout = nf::Layout::ChannelsLast;
+  return s;
+}
+
+void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,
+                      const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "normfuse.", op, ": ", name, " must have the input's shape ", x.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "normfuse.", op, ": ", name, " must have the input's dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "normfuse.", op, ": ", name, " is on ", t.device(), ", input on ",
+              x.device());
+  const nf::PlaneShape ts = plane_shape(t, op);
+  // With C == 1 or L == 1 both layouts address memory identically.
+  TORCH_CHECK(ts.layout == s.layout || s.C == 1 || s.L == 1, "normfuse.", op, ": ", name,
+              " must be in the input's memory layout (both contiguous or both channels-last)");
+}
+
+void check_stats(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,
+                 const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.C, "normfuse.", op, ": ", name,
+              " must have shape (N, C) = (", s.N, ", ", s.C, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc_dtype(x.scalar_type()), "normfuse.", op, ": ", name, " must be ",
+              acc_dtype(x.scalar_type()), " for a ", x.scalar_type(), " input, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "normfuse.", op, ": ", name, " is on ", t.device(), ", input on ",
+              x.device());
+  TORCH_CHECK(t.is_contiguous(), "normfuse.", op, ": ", name, " must be contiguous");
+}
+
+at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s) {
+  return at::empty({s.N, s.C}, x.options().dtype(acc_dtype(x.scalar_type())));
+}
+
+at::Tensor empty_output(const at::Tensor& x) { return at::empty_like(x); }
+
+nf::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return nf::DType::f32;
+    case at::kHalf:
+      return nf::DType::f16;
+    case at::kBFloat16:
+      return nf::DType::bf16;
+    case at::kDouble:
+      return nf::DType::f64;
+    default:
+      TORCH_CHECK(false, "normfuse: unsupported dtype ", t);
+  }
+}
+
+}  // namespace nf_glue

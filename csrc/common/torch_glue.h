@@ -1,0 +1,34 @@
+// Helpers shared by the .cpp glue of every op (CPU and CUDA): shape/layout detection, argument
+// checks with clear messages, output allocation. Torch is fine here; never include this from a
+// .cu / .cuh file.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "common/generic_params.h"
+
+namespace nf_glue {
+
+// float64 for float64 inputs, float32 otherwise (docs/architecture.md "acc dtype").
+at::ScalarType acc_dtype(at::ScalarType input);
+
+// (N, C, L) and layout of `x` (rank 2..5, contiguous or channels-last as architecture.md
+// defines); raises a RuntimeError naming `op` otherwise.
+nf::PlaneShape plane_shape(const at::Tensor& x, const char* op);
+
+// `t` (e.g. dy) must have x's shape, dtype, device and addressing.
+void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,
+                      const char* name);
+
+// Statistics/coefficients: (N, C), contiguous, acc dtype, on x's device.
+void check_stats(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,
+                 const char* name);
+
+// (N, C) tensor in the acc dtype of x, on x's device.
+at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s);
+
+// Same sizes, strides, dtype and device as x (dense, so empty_like preserves the strides).
+at::Tensor empty_output(const at::Tensor& x);
+
+nf::DType kernel_dtype(at::ScalarType t);
+
+}  // namespace nf_glue

@@ -1,0 +1,149 @@
+// Torch glue of the generic CUDA kernels: checks, output/workspace allocation on the caching
+// allocator, device guard and current stream, dtype -> launcher. Compiled by the host compiler;
+// the kernels themselves are in csrc/kernels (via generic_launchers.cu).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "common/torch_glue.h"
+#include "cuda/generic_launchers.h"
+
+namespace {
+
+void check_cuda_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), "normfuse.", op, " (CUDA kernel): input is on ", x.device());
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "normfuse.", op,
+              ": float64 is not supported by the CUDA kernels (use float32, float16 or bfloat16 on the GPU, "
+              "or the CPU backend for float64)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "normfuse.", op, ": unsupported dtype ", x.scalar_type());
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// Zeroed workspace from the caching allocator (the kernels leave it zeroed again, but a fresh
+// block from the allocator is not, hence one memset).
+at::Tensor workspace(const at::Tensor& x, size_t bytes) {
+  return at::zeros({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
+  check_cuda_input(x, "moments");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "moments");
+  at::Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
+  if (sh.N * sh.C == 0) return {mean, m2};
+  if (sh.L == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    m2.zero_();
+    return {mean, m2};
+  }
+  nf::MomentsParams p;
+  p.x = x.const_data_ptr();
+  p.mean = mean.mutable_data_ptr<float>();
+  p.m2 = m2.mutable_data_ptr<float>();
+  p.shape = sh;
+  const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+  at::Tensor ws;
+  if (const size_t bytes = nf::cuda_moments_workspace_bytes(p, dt)) {
+    ws = workspace(x, bytes);
+    p.workspace = ws.mutable_data_ptr();
+  }
+  check_launch(nf::cuda_moments(p, dt, c10::cuda::getCurrentCUDAStream()), "moments");
+  return {mean, m2};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                      const at::Tensor& mean) {
+  check_cuda_input(x, "backward_sums");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_sums");
+  nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
+  nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
+  at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
+  if (sh.N * sh.C == 0) return {g1, g2};
+  if (sh.L == 0) {
+    g1.zero_();
+    g2.zero_();
+    return {g1, g2};
+  }
+  nf::BackwardSumsParams p;
+  p.dy = dy.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.mean = mean.const_data_ptr<float>();
+  p.sum_dy = g1.mutable_data_ptr<float>();
+  p.sum_dy_xmu = g2.mutable_data_ptr<float>();
+  p.shape = sh;
+  const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+  at::Tensor ws;
+  if (const size_t bytes = nf::cuda_backward_sums_workspace_bytes(p, dt)) {
+    ws = workspace(x, bytes);
+    p.workspace = ws.mutable_data_ptr();
+  }
+  check_launch(nf::cuda_backward_sums(p, dt, c10::cuda::getCurrentCUDAStream()), "backward_sums");
+  return {g1, g2};
+}
+
+at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                             const at::Tensor& shift) {
+  check_cuda_input(x, "affine_apply");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "affine_apply");
+  nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
+  nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
+  nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
+  at::Tensor y = nf_glue::empty_output(x);
+  if (x.numel() == 0) return y;
+  nf::AffineApplyParams p;
+  p.x = x.const_data_ptr();
+  p.mean = mean.const_data_ptr<float>();
+  p.scale = scale.const_data_ptr<float>();
+  p.shift = shift.const_data_ptr<float>();
+  p.y = y.mutable_data_ptr();
+  p.shape = sh;
+  check_launch(nf::cuda_affine_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+               "affine_apply");
+  return y;
+}
+
+at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                               const at::Tensor& c_dy, const at::Tensor& c_x, const at::Tensor& c_0) {
+  check_cuda_input(x, "backward_apply");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_apply");
+  nf_glue::check_like_input(dy, x, sh, "backward_apply", "grad_output");
+  nf_glue::check_stats(mean, x, sh, "backward_apply", "mean");
+  nf_glue::check_stats(c_dy, x, sh, "backward_apply", "c_dy");
+  nf_glue::check_stats(c_x, x, sh, "backward_apply", "c_x");
+  nf_glue::check_stats(c_0, x, sh, "backward_apply", "c_0");
+  at::Tensor dx = nf_glue::empty_output(x);
+  if (x.numel() == 0) return dx;
+  nf::BackwardApplyParams p;
+  p.dy = dy.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.mean = mean.const_data_ptr<float>();
+  p.c_dy = c_dy.const_data_ptr<float>();
+  p.c_x = c_x.const_data_ptr<float>();
+  p.c_0 = c_0.const_data_ptr<float>();
+  p.dx = dx.mutable_data_ptr();
+  p.shape = sh;
+  check_launch(
+      nf::cuda_backward_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+      "backward_apply");
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normfuse, CUDA, m) {
+  m.impl("moments", &moments_cuda);
+  m.impl("affine_apply", &affine_apply_cuda);
+  m.impl("backward_sums", &backward_sums_cuda);
+  m.impl("backward_apply", &backward_apply_cuda);
+}

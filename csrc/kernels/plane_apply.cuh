@@ -1,0 +1,146 @@
+// Per-plane affine maps over full tensors: affine_apply (y = scale*(x-mean)+shift) and
+// backward_apply (dx = c_dy*dy + c_x*(x-mean) + c_0). Same work decomposition as the reductions
+// (plane_plan.cuh): each thread loads its plane's / channels' coefficients once and streams
+// 16-byte vectors, so there is no per-element index division.
+#pragma once
+#include "kernels/cuda_compat.cuh"
+#include "kernels/numerics.cuh"
+#include "kernels/plane_plan.cuh"
+
+namespace nf {
+
+struct AffineOp {
+  struct Ctx {
+    float mean = 0.f, scale = 0.f, shift = 0.f;
+  };
+  static constexpr int kInputs = 1;
+  const float* mean;
+  const float* scale;
+  const float* shift;
+  NF_DEVICE Ctx context(int64_t i) const { return Ctx{mean[i], scale[i], shift[i]}; }
+  // Centred on the plane mean: x - mean is O(std) even for a 1e4 offset, shift is O(1).
+  NF_DEVICE static float apply(const Ctx& c, float x, float) { return fmaf(x - c.mean, c.scale, c.shift); }
+};
+
+struct BackwardApplyOp {
+  struct Ctx {
+    float mean = 0.f, c_dy = 0.f, c_x = 0.f, c_0 = 0.f;
+  };
+  static constexpr int kInputs = 2;  // in0 = dy, in1 = x
+  const float* mean;
+  const float* c_dy;
+  const float* c_x;
+  const float* c_0;
+  NF_DEVICE Ctx context(int64_t i) const { return Ctx{mean[i], c_dy[i], c_x[i], c_0[i]}; }
+  NF_DEVICE static float apply(const Ctx& c, float dy, float x) {
+    return fmaf(c.c_dy, dy, fmaf(c.c_x, x - c.mean, c.c_0));
+  }
+};
+
+template <typename T, int VEC, class Op>
+NF_DEVICE void apply_vec(const Op&, const typename Op::Ctx& c, const T* p0, const T* p1, T* q) {
+  float a[VEC], b[VEC], y[VEC];
+  load_floats<T, VEC>(p0, a);
+  if constexpr (Op::kInputs == 2) load_floats<T, VEC>(p1, b);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) y[k] = Op::apply(c, a[k], Op::kInputs == 2 ? b[k] : 0.f);
+  store_floats<T, VEC>(q, y);
+}
+
+template <typename T, int VEC, class Op>
+__global__ void __launch_bounds__(NF_MAX_THREADS)
+    contig_apply_kernel(Op op, ContigPlan pl, const T* __restrict__ in0, const T* __restrict__ in1,
+                        T* __restrict__ out) {
+  const int tid = threadIdx.x;
+  const int lane = tid & (pl.group - 1);
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (pl.threads / pl.group) + tid / pl.group;
+  const int64_t plane = item / pl.splits;
+  if (plane >= pl.planes) return;  // no barriers below
+  const int split = static_cast<int>(item - plane * pl.splits);
+  const typename Op::Ctx c = op.context(plane);
+  const int64_t base = plane * pl.L;
+  const T* p0 = in0 + base;
+  const T* p1 = Op::kInputs == 2 ? in1 + base : nullptr;
+  T* q = out + base;
+  const int begin = split * pl.seg;
+  const int end = min(pl.L, begin + pl.seg);
+  const int step = pl.group * VEC;
+  int i = begin + lane * VEC;
+  for (; i + step < end; i += 2 * step) {
+    apply_vec<T, VEC>(op, c, p0 + i, Op::kInputs == 2 ? p1 + i : nullptr, q + i);
+    apply_vec<T, VEC>(op, c, p0 + i + step, Op::kInputs == 2 ? p1 + i + step : nullptr, q + i + step);
+  }
+  if (i < end) apply_vec<T, VEC>(op, c, p0 + i, Op::kInputs == 2 ? p1 + i : nullptr, q + i);
+}
+
+template <typename T, int VEC, class Op>
+__global__ void __launch_bounds__(NF_MAX_THREADS)
+    cl_apply_kernel(Op op, ClPlan pl, const T* __restrict__ in0, const T* __restrict__ in1, T* __restrict__ out) {
+  const int tid = threadIdx.x;
+  const int tx = tid & (pl.lanes_c - 1);
+  const int ty = tid / pl.lanes_c;
+  const int64_t b = blockIdx.x;
+  const int64_t item = b / pl.splits;
+  const int split = static_cast<int>(b - item * pl.splits);
+  const int64_t n = item / pl.ctiles;
+  const int c0 = static_cast<int>(item - n * pl.ctiles) * pl.ctile + tx * VEC;
+  if (c0 >= pl.C) return;  // C % VEC == 0 when VEC > 1
+  typename Op::Ctx c[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) c[k] = op.context(n * pl.C + c0 + k);
+  const int r0 = split * pl.seg;
+  const int r1 = min(pl.L, r0 + pl.seg);
+  const int64_t stride = static_cast<int64_t>(pl.rows) * pl.C;
+  const int64_t off = n * pl.L * static_cast<int64_t>(pl.C) + c0 + static_cast<int64_t>(r0 + ty) * pl.C;
+  const T* p0 = in0 + off;
+  const T* p1 = Op::kInputs == 2 ? in1 + off : nullptr;
+  T* q = out + off;
+  for (int l = r0 + ty; l < r1; l += pl.rows) {
+    float a[VEC], bb[VEC], y[VEC];
+    load_floats<T, VEC>(p0, a);
+    if constexpr (Op::kInputs == 2) load_floats<T, VEC>(p1, bb);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) y[k] = Op::apply(c[k], a[k], Op::kInputs == 2 ? bb[k] : 0.f);
+    store_floats<T, VEC>(q, y);
+    p0 += stride;
+    if constexpr (Op::kInputs == 2) p1 += stride;
+    q += stride;
+  }
+}
+
+template <typename T, class Op>
+cudaError_t launch_apply(const Op& op, const PlaneShape& s, int threads_req, const T* in0, const T* in1, T* out,
+                         cudaStream_t stream) {
+  int threads;
+  if (!resolve_threads(threads_req, &threads)) return cudaErrorInvalidValue;
+  if (s.N * s.C * s.L == 0) return cudaSuccess;
+  if (s.L > INT32_MAX || s.C > INT32_MAX) return cudaErrorInvalidValue;
+  constexpr int V = kVec16<T>;
+  const int vec = choose_vec(s, sizeof(T), in0, in1, out);
+  if (s.layout == Layout::Contiguous) {
+    const ContigPlan pl = plan_contig(s.N * s.C, s.L, vec, threads);
+    if (pl.blocks > INT32_MAX) return cudaErrorInvalidValue;
+    auto kernel = vec == V ? &contig_apply_kernel<T, V, Op> : &contig_apply_kernel<T, 1, Op>;
+    NF_LAUNCH(kernel, dim3(static_cast<unsigned>(pl.blocks)), dim3(threads), 0, stream, op, pl, in0, in1, out);
+  } else {
+    const ClPlan pl = plan_cl(s.N, s.C, s.L, vec, threads);
+    if (pl.blocks > INT32_MAX) return cudaErrorInvalidValue;
+    auto kernel = vec == V ? &cl_apply_kernel<T, V, Op> : &cl_apply_kernel<T, 1, Op>;
+    NF_LAUNCH(kernel, dim3(static_cast<unsigned>(pl.blocks)), dim3(threads), 0, stream, op, pl, in0, in1, out);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_affine_apply(const AffineApplyParams& p, cudaStream_t stream) {
+  return launch_apply<T>(AffineOp{p.mean, p.scale, p.shift}, p.shape, p.threads, static_cast<const T*>(p.x),
+                         static_cast<const T*>(nullptr), static_cast<T*>(p.y), stream);
+}
+
+template <typename T>
+cudaError_t launch_backward_apply(const BackwardApplyParams& p, cudaStream_t stream) {
+  return launch_apply<T>(BackwardApplyOp{p.mean, p.c_dy, p.c_x, p.c_0}, p.shape, p.threads,
+                         static_cast<const T*>(p.dy), static_cast<const T*>(p.x), static_cast<T*>(p.dx), stream);
+}
+
+}  // namespace nf

@@ -1,0 +1,155 @@
+// Host-side launch planning shared by the four generic kernels. Pure functions of the shape,
+// the vector width and the block size -- never of the device or of timing -- so a given shape
+// always reduces in the same order (bitwise reproducible) on any GPU and under the CPU shim.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include "common/generic_params.h"
+#include "kernels/cuda_compat.cuh"
+
+namespace nf {
+
+constexpr int kDefaultThreads = 256;
+// Blocks we aim for when a tensor has few planes: ~8 resident 256-thread blocks on each of the
+// 132 SMs of an H100. Fewer work items than this => planes are split across blocks.
+constexpr int64_t kTargetBlocks = 1024;
+// A split must give each thread at least this many vectors, or the merge costs more than it saves.
+constexpr int64_t kMinVecsPerThread = 4;
+// Planes of at most this many vectors are handled by a sub-warp group instead of a whole block.
+constexpr int64_t kGroupModeMaxVecs = NF_WARP * 8;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// 0 -> default; otherwise must be a power of two in [32, NF_MAX_THREADS].
+inline bool resolve_threads(int requested, int* threads) {
+  const int t = requested == 0 ? kDefaultThreads : requested;
+  if (t < NF_WARP || t > NF_MAX_THREADS || (t & (t - 1)) != 0) return false;
+  *threads = t;
+  return true;
+}
+
+inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// 16-byte vectors are used when every plane (contiguous) / every row (channels-last) starts on a
+// 16-byte boundary: the innermost extent is a multiple of the vector and all pointers are aligned.
+inline int choose_vec(const PlaneShape& s, int elem_bytes, const void* a, const void* b = nullptr,
+                      const void* c = nullptr) {
+  const int v = 16 / elem_bytes;
+  const int64_t inner = s.layout == Layout::Contiguous ? s.L : s.C;
+  return (inner % v == 0 && aligned16(a) && aligned16(b) && aligned16(c)) ? v : 1;
+}
+
+// ---- contiguous: P = N*C planes of L contiguous elements ----------------------------------------
+// Work item = (plane, split). Small planes: `group` (1..32, power of two) lanes per plane, several
+// planes per block, merged by warp shuffles. Large planes: the whole block per item, and `splits`
+// blocks per plane when there are too few planes to fill the GPU.
+struct ContigPlan {
+  int64_t planes = 0;
+  int32_t L = 0;
+  int32_t vec = 1;
+  int32_t threads = 0;
+  int32_t group = 0;
+  int32_t splits = 1;
+  int32_t seg = 0;  // elements per split, a multiple of vec
+  int64_t blocks = 0;
+};
+
+inline ContigPlan plan_contig(int64_t P, int64_t L, int vec, int threads) {
+  ContigPlan pl;
+  pl.planes = P;
+  pl.L = static_cast<int32_t>(L);
+  pl.vec = vec;
+  pl.threads = threads;
+  const int64_t nvec = ceil_div(L, vec);
+  if (nvec <= kGroupModeMaxVecs) {
+    int g = next_pow2(ceil_div(nvec, kMinVecsPerThread));
+    pl.group = g < NF_WARP ? g : NF_WARP;
+    pl.seg = pl.L;
+    pl.blocks = ceil_div(P, threads / pl.group);
+  } else {
+    pl.group = threads;
+    const int64_t by_fill = ceil_div(kTargetBlocks, P);
+    const int64_t by_work = nvec / (threads * kMinVecsPerThread);
+    int64_t s = by_fill < by_work ? by_fill : by_work;
+    if (s < 1) s = 1;
+    const int64_t seg = ceil_div(nvec, s) * vec;
+    pl.seg = static_cast<int32_t>(seg);
+    pl.splits = static_cast<int32_t>(ceil_div(L, seg));
+    pl.blocks = P * pl.splits;
+  }
+  return pl;
+}
+
+// ---- channels-last: N samples of an (L, C) row-major matrix ---------------------------------------
+// A block covers a tile of `ctile` channels (lanes_c threads x vec channels, coalesced along C)
+// and `rows` = threads / lanes_c rows at a time; `splits` blocks share the L rows of a tile.
+struct ClPlan {
+  int64_t N = 0;
+  int32_t C = 0, L = 0;
+  int32_t vec = 1;
+  int32_t threads = 0;
+  int32_t lanes_c = 0;
+  int32_t rows = 0;
+  int32_t ctile = 0;   // channels per tile = lanes_c * vec
+  int32_t ctiles = 0;  // tiles per sample
+  int32_t splits = 1;
+  int32_t seg = 0;  // rows per split
+  int64_t blocks = 0;
+};
+
+inline ClPlan plan_cl(int64_t N, int64_t C, int64_t L, int vec, int threads) {
+  ClPlan pl;
+  pl.N = N;
+  pl.C = static_cast<int32_t>(C);
+  pl.L = static_cast<int32_t>(L);
+  pl.vec = vec;
+  pl.threads = threads;
+  const int lanes = next_pow2(ceil_div(C, vec));
+  pl.lanes_c = lanes < NF_WARP ? lanes : NF_WARP;
+  pl.rows = threads / pl.lanes_c;
+  pl.ctile = pl.lanes_c * vec;
+  pl.ctiles = static_cast<int32_t>(ceil_div(C, pl.ctile));
+  const int64_t items = N * pl.ctiles;
+  const int64_t by_fill = ceil_div(kTargetBlocks, items);
+  const int64_t by_work = L / (pl.rows * kMinVecsPerThread);
+  int64_t s = by_fill < by_work ? by_fill : by_work;
+  if (s < 1) s = 1;
+  const int64_t seg = ceil_div(L, s);
+  pl.seg = static_cast<int32_t>(seg);
+  pl.splits = static_cast<int32_t>(ceil_div(L, seg));
+  pl.blocks = items * pl.splits;
+  return pl;
+}
+
+// ---- workspace of the split reductions: [counters (uint32, one per item) | partial states] ------
+struct Workspace {
+  size_t counter_count = 0;
+  size_t partial_floats = 0;
+  size_t bytes() const { return counter_count == 0 ? 0 : partial_offset() + partial_floats * sizeof(float); }
+  size_t partial_offset() const { return (counter_count * sizeof(uint32_t) + 15) / 16 * 16; }
+};
+
+inline Workspace workspace_contig(const ContigPlan& pl, int state_floats) {
+  Workspace w;
+  if (pl.splits > 1) {
+    w.counter_count = static_cast<size_t>(pl.planes);
+    w.partial_floats = static_cast<size_t>(pl.planes) * pl.splits * state_floats;
+  }
+  return w;
+}
+
+inline Workspace workspace_cl(const ClPlan& pl, int state_floats) {
+  Workspace w;
+  if (pl.splits > 1) {
+    w.counter_count = static_cast<size_t>(pl.N) * pl.ctiles;
+    w.partial_floats = w.counter_count * pl.splits * pl.ctile * state_floats;
+  }
+  return w;
+}
+
+}  // namespace nf

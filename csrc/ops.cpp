@@ -1,0 +1,72 @@
+// The op schemas of docs/architecture.md, declared once for every backend of the `normfuse`
+// namespace, and the Python module `normfuse._C` (importing it runs the static registrations).
+// Implementations register elsewhere with TORCH_LIBRARY_IMPL(normfuse, CPU|CUDA, m); fake (meta)
+// implementations live in normfuse/_extension.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(normfuse, m) {
+  // Generic full-tensor kernels (csrc/cpu/generic_ops_cpu.cpp, csrc/cuda/generic_ops_cuda.cpp).
+  m.def("moments(Tensor input) -> (Tensor mean, Tensor m2)");
+  m.def("affine_apply(Tensor input, Tensor mean, Tensor scale, Tensor shift) -> Tensor");
+  m.def("backward_sums(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "backward_apply(Tensor grad_output, Tensor input, Tensor mean, Tensor c_dy, Tensor c_x, "
+      "Tensor c_0) -> Tensor");
+
+  // Per-layer coefficient functions (csrc/cpu/coefficients_*.cpp, csrc/cuda/coefficients*).
+  m.def(
+      "bin_coefficients(Tensor mean, Tensor m2, int plane_size, Tensor gate, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, "
+      "float momentum, float eps) -> (Tensor scale, Tensor shift)");
+  m.def(
+      "bin_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
+      "int plane_size, Tensor gate, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
+      "Tensor grad_gate, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "iebn_coefficients(Tensor mean, Tensor m2, int plane_size, Tensor gate_weight, "
+      "Tensor gate_bias, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps) "
+      "-> (Tensor scale, Tensor shift)");
+  m.def(
+      "iebn_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
+      "int plane_size, Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "
+      "Tensor? running_mean, Tensor? running_var, bool training, float eps) "
+      "-> (Tensor c_dy, Tensor c_x, Tensor c_0, Tensor grad_gate_weight, Tensor grad_gate_bias, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "assoc_coefficients(Tensor mean, Tensor m2, int plane_size, int num_groups, Tensor encoder, "
+      "Tensor decoder_mean, Tensor decoder_var, Tensor weight, Tensor bias, float eps) "
+      "-> (Tensor scale, Tensor shift)");
+  m.def(
+      "assoc_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
+      "int plane_size, int num_groups, Tensor encoder, Tensor decoder_mean, Tensor decoder_var, "
+      "Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
+      "Tensor grad_encoder, Tensor grad_decoder_mean, Tensor grad_decoder_var, "
+      "Tensor grad_weight, Tensor grad_bias)");
+}
+
+namespace {
+
+// Whether the CUDA kernels were compiled into this build (not whether a GPU is visible).
+PyObject* has_cuda(PyObject*, PyObject*) {
+#ifdef NORMFUSE_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"has_cuda", has_cuda, METH_NOARGS, "True if the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                          "normfuse C++/CUDA ops (registered as torch.ops.normfuse.*).", -1,
+                          methods};
+
+}  // namespace
+
+// Plain CPython module (no pybind11): it only needs one function, and it keeps this TU light.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

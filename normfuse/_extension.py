@@ -1,0 +1,129 @@
+"""Loads the compiled ops (``normfuse._C``, built from ``csrc/``) and registers fake (meta)
+implementations for every op of the ``normfuse`` namespace, so ``torch.compile`` / FakeTensor
+tracing sees shapes, dtypes and strides without running a kernel.
+
+``HAS_CPU_KERNELS``: ``torch.ops.normfuse.*`` have CPU kernels (the extension imported).
+``HAS_CUDA_KERNELS``: the CUDA kernels were compiled in (says nothing about a GPU being visible).
+``REASON``: why the extension is unusable ('' if it imported); ``CUDA_REASON`` likewise for CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+OP_NAMES = (
+    "moments",
+    "affine_apply",
+    "backward_sums",
+    "backward_apply",
+    "bin_coefficients",
+    "bin_coefficients_backward",
+    "iebn_coefficients",
+    "iebn_coefficients_backward",
+    "assoc_coefficients",
+    "assoc_coefficients_backward",
+)
+
+HAS_CPU_KERNELS = False
+HAS_CUDA_KERNELS = False
+REASON = ""
+CUDA_REASON = ""
+
+try:
+    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+except Exception as exc:  # noqa: BLE001  (ImportError, undefined symbols, ABI mismatch...)
+    _C = None
+    REASON = (
+        f"normfuse._C failed to import ({type(exc).__name__}: {exc}); build it with "
+        "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`"
+    )
+    CUDA_REASON = REASON
+else:
+    HAS_CPU_KERNELS = True
+    HAS_CUDA_KERNELS = bool(_C.has_cuda())
+    if not HAS_CUDA_KERNELS:
+        CUDA_REASON = "normfuse._C was built without CUDA kernels (no toolkit found, or NORMFUSE_CPU_ONLY=1)"
+
+
+# ---- fake implementations -------------------------------------------------------------------------
+# Shapes follow docs/architecture.md: statistics and coefficients are (N, C) in the dtype of the
+# statistics passed in (the acc dtype); full-size outputs copy the input's strides; parameter
+# gradients take the parameter's shape, (C,) when the parameter is None.
+
+
+def _stats_like(mean):
+    return mean.new_empty(mean.shape)
+
+
+def _param_grad(param, mean):
+    if param is None:
+        return mean.new_empty((mean.shape[1],))
+    return mean.new_empty(param.shape)
+
+
+def _moments_fake(x):
+    n, c = x.shape[0], x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
+
+
+def _affine_apply_fake(x, mean, scale, shift):
+    return torch.empty_like(x)
+
+
+def _backward_sums_fake(dy, x, mean):
+    return _stats_like(mean), _stats_like(mean)
+
+
+def _backward_apply_fake(dy, x, mean, c_dy, c_x, c_0):
+    return torch.empty_like(x)
+
+
+def _bin_fake(mean, m2, plane_size, gate, weight, bias, running_mean, running_var, training, momentum, eps):
+    return _stats_like(mean), _stats_like(mean)
+
+
+def _bin_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, weight, bias, running_mean, running_var,
+                       training, eps):
+    return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(gate, mean),
+            _param_grad(weight, mean), _param_grad(bias, mean))
+
+
+def _iebn_fake(mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean, running_var, training,
+               momentum, eps):
+    return _stats_like(mean), _stats_like(mean)
+
+
+def _iebn_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate_weight, gate_bias, weight, bias,
+                        running_mean, running_var, training, eps):
+    return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(gate_weight, mean),
+            _param_grad(gate_bias, mean), _param_grad(weight, mean), _param_grad(bias, mean))
+
+
+def _assoc_fake(mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps):
+    return _stats_like(mean), _stats_like(mean)
+
+
+def _assoc_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
+                         weight, bias, eps):
+    return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(encoder, mean),
+            _param_grad(decoder_mean, mean), _param_grad(decoder_var, mean), _param_grad(weight, mean),
+            _param_grad(bias, mean))
+
+
+FAKES = {
+    "moments": _moments_fake,
+    "affine_apply": _affine_apply_fake,
+    "backward_sums": _backward_sums_fake,
+    "backward_apply": _backward_apply_fake,
+    "bin_coefficients": _bin_fake,
+    "bin_coefficients_backward": _bin_backward_fake,
+    "iebn_coefficients": _iebn_fake,
+    "iebn_coefficients_backward": _iebn_backward_fake,
+    "assoc_coefficients": _assoc_fake,
+    "assoc_coefficients_backward": _assoc_backward_fake,
+}
+assert set(FAKES) == set(OP_NAMES)
+
+if HAS_CPU_KERNELS:
+    for _name, _fn in FAKES.items():
+        torch.library.register_fake(f"normfuse::{_name}", _fn)

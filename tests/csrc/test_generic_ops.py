@@ -1,0 +1,254 @@
+"""torch.ops.normfuse.{moments, affine_apply, backward_sums, backward_apply} (normfuse._C) against
+float64 references written from the formulas of docs/architecture.md: every CPU dtype, both
+layouts, awkward shapes; opcheck; the fake implementations of all ten ops; CUDA when present."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normfuse import _extension as ext
+
+pytestmark = pytest.mark.skipif(not ext.HAS_CPU_KERNELS, reason=ext.REASON or "normfuse._C not built")
+ops = torch.ops.normfuse
+
+CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [
+    (2, 3),              # rank 2: L = 1
+    (3, 5, 1),           # L = 1
+    (2, 3, 7),           # odd L
+    (1, 4, 33, 17),      # N = 1, odd L
+    (2, 1, 9, 9),        # C = 1
+    (2, 37, 5, 3),       # C not a multiple of any vector width
+    (3, 6, 2, 3, 5),     # rank 5
+    (2, 3, 40000),       # planes longer than a CPU segment (split + merge)
+    (1, 3, 130, 130),    # channels-last with more rows than a segment
+]
+TOL = {  # (rtol, atol-factor) for full-size outputs rounded to the dtype
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contig":
+        return x.contiguous()
+    if x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    # rank 2 and 3: C innermost, strides (L*C, 1, C)
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def planes(t: torch.Tensor) -> torch.Tensor:
+    return t.double().reshape(t.shape[0], t.shape[1], -1)
+
+
+def make(shape, dtype, layout, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[0], shape[1]
+    per_plane = torch.randn(n, c, *([1] * (len(shape) - 2)), generator=g, dtype=torch.float64) * 3
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + per_plane + offset
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stats = [torch.randn(n, c, generator=g, dtype=torch.float64).to(acc) for _ in range(4)]
+    return to_layout(x.to(dtype), layout), to_layout(dy.to(dtype), layout), stats
+
+
+def ref_moments(x):
+    p = planes(x)
+    mean = p.mean(-1)
+    return mean, ((p - mean[..., None]) ** 2).sum(-1)
+
+
+def check_moments(x, mean, m2):
+    rm, rq = ref_moments(x)
+    mag = planes(x).abs().amax(-1).max().item() + 1
+    tol = 1e-13 if x.dtype == torch.float64 else 2e-6
+    assert mean.dtype == m2.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert mean.shape == (x.shape[0], x.shape[1]) and mean.is_contiguous()
+    torch.testing.assert_close(mean.double(), rm, rtol=0, atol=tol * mag)
+    torch.testing.assert_close(m2.double(), rq, rtol=10 * tol, atol=tol * mag * mag)
+
+
+def check_full(out, ref, x):
+    assert out.dtype == x.dtype and out.shape == x.shape and out.stride() == x.stride()
+    tol = TOL[x.dtype]
+    torch.testing.assert_close(planes(out), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1))
+
+
+def run_all_ops(x, dy, stats):
+    mean, a, b, c = stats
+    m, q = ops.moments(x)
+    check_moments(x, m, q)
+    px, pdy = planes(x), planes(dy)
+    md = mean.double()[..., None]
+
+    g1, g2 = ops.backward_sums(dy, x, mean)
+    mag = (pdy.abs() * (px - md).abs()).sum(-1).max().item() + pdy.abs().sum(-1).max().item() + 1
+    tol = 1e-13 if x.dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(g1.double(), pdy.sum(-1), rtol=0, atol=tol * mag)
+    torch.testing.assert_close(g2.double(), (pdy * (px - md)).sum(-1), rtol=0, atol=tol * mag)
+
+    y = ops.affine_apply(x, mean, a, b)
+    check_full(y, (px - md) * a.double()[..., None] + b.double()[..., None], x)
+
+    dx = ops.backward_apply(dy, x, mean, a, b, c)
+    check_full(dx, a.double()[..., None] * pdy + b.double()[..., None] * (px - md) + c.double()[..., None], x)
+
+
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_ops_match_reference(shape, dtype, layout):
+    x, dy, stats = make(shape, dtype, layout)
+    if layout == "cl" and x.dim() > 2 and x.shape[1] > 1 and planes(x).shape[-1] > 1:
+        assert not x.is_contiguous()  # the channels-last path is really taken
+    run_all_ops(x, dy, stats)
+
+
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+def test_cpu_moments_large_offset_keeps_float32_accuracy(layout):
+    # 1e4 + N(0, 1): the mean must be within about half a float32 ulp of 1e4 (design.md sec. 2)
+    x, _, _ = make((2, 4, 50, 60), torch.float32, layout, seed=3, offset=1e4)
+    x = to_layout((1e4 + torch.randn(x.shape, generator=torch.Generator().manual_seed(5))).float(), layout)
+    mean, m2 = ops.moments(x)
+    rm, rq = ref_moments(x)
+    assert (mean.double() - rm).abs().max().item() <= 0.6 * 2.0 ** -10
+    assert ((m2.double() - rq) / rq).abs().max().item() < 1e-5
+
+
+def test_cpu_results_do_not_depend_on_thread_count():
+    x, dy, (mean, *_) = make((2, 3, 70001), torch.float32, "contig", seed=7)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        r1 = ops.moments(x) + ops.backward_sums(dy, x, mean)
+        torch.set_num_threads(max(2, old))
+        r2 = ops.moments(x) + ops.backward_sums(dy, x, mean)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(r1, r2):
+        assert torch.equal(a, b)
+
+
+def test_empty_planes():
+    x = torch.randn(2, 3, 0)
+    mean, m2 = ops.moments(x)
+    assert mean.shape == (2, 3) and torch.isnan(mean).all() and (m2 == 0).all()
+    g1, g2 = ops.backward_sums(x, x, torch.zeros(2, 3))
+    assert (g1 == 0).all() and (g2 == 0).all()
+    assert ops.affine_apply(x, mean, mean, mean).shape == x.shape
+    assert ops.moments(torch.randn(0, 3, 4))[0].shape == (0, 3)
+
+
+def test_clear_errors():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="contiguous or channels-last"):
+        ops.moments(x[:, :, ::2])
+    with pytest.raises(RuntimeError, match="rank 2..5"):
+        ops.moments(torch.randn(4))
+    with pytest.raises(RuntimeError, match="must be Float"):  # stats dtype must be the acc dtype
+        ops.affine_apply(x, *(torch.zeros(2, 3, dtype=torch.float64),) * 3)
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.affine_apply(x, *(torch.zeros(3, 2),) * 3)
+    with pytest.raises(RuntimeError, match="layout"):
+        ops.backward_sums(x.contiguous(memory_format=torch.channels_last), x, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+def test_opcheck(layout):
+    x, dy, (mean, a, b, c) = make((2, 3, 5, 4), torch.float32, layout, seed=11)
+    torch.library.opcheck(ops.moments.default, (x,))
+    torch.library.opcheck(ops.affine_apply.default, (x, mean, a, b))
+    torch.library.opcheck(ops.backward_sums.default, (dy, x, mean))
+    torch.library.opcheck(ops.backward_apply.default, (dy, x, mean, a, b, c))
+
+
+def test_fake_impls_of_all_ops():
+    """Every op (coefficient ones included) has a fake impl with the contract's shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n, c, g, m = 4, 6, 3, 2
+    with FakeTensorMode():
+        x = torch.empty(n, c, 5, 7).contiguous(memory_format=torch.channels_last)
+        st = torch.empty(n, c)
+        pc = torch.empty(c)
+        assert ops.affine_apply(x, st, st, st).stride() == x.stride()
+        assert ops.backward_apply(x, x, st, st, st, st).stride() == x.stride()
+        assert [t.shape for t in ops.moments(x)] == [(n, c)] * 2
+        assert ops.moments(x.double())[0].dtype == torch.float64
+        assert [t.shape for t in ops.backward_sums(x, x, st)] == [(n, c)] * 2
+        rm, rv = torch.empty(c), torch.empty(c)
+        assert [t.shape for t in ops.bin_coefficients(st, st, 35, pc, None, None, rm, rv, True, 0.1, 1e-5)] == [(n, c)] * 2
+        r = ops.bin_coefficients_backward(st, st, st, st, 35, pc, pc, None, rm, rv, True, 1e-5)
+        assert [t.shape for t in r] == [(n, c)] * 3 + [(c,)] * 3
+        assert [t.shape for t in ops.iebn_coefficients(st, st, 35, pc, pc, pc, pc, None, None, True, 0.1, 1e-5)] == [(n, c)] * 2
+        r = ops.iebn_coefficients_backward(st, st, st, st, 35, pc, pc, None, None, None, None, True, 1e-5)
+        assert [t.shape for t in r] == [(n, c)] * 3 + [(c,)] * 4
+        enc, dm, dv = torch.empty(m, g), torch.empty(g, m), torch.empty(g, m)
+        assert [t.shape for t in ops.assoc_coefficients(st, st, 35, g, enc, dm, dv, pc, pc, 1e-5)] == [(n, c)] * 2
+        r = ops.assoc_coefficients_backward(st, st, st, st, 35, g, enc, dm, dv, pc, pc, 1e-5)
+        assert [t.shape for t in r] == [(n, c)] * 3 + [(m, g), (g, m), (g, m), (c,), (c,)]
+
+
+# ---- CUDA (skipped without a GPU) ---------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(
+    not (ext.HAS_CUDA_KERNELS and torch.cuda.is_available()), reason="needs a GPU and the CUDA kernels"
+)
+GPU_SHAPES = SHAPES[:-2] + [(2, 3, 300000), (1, 1, 1 << 20), (2, 64, 28, 28), (4, 2048, 7, 7), (2, 3, 512, 512)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_cuda_ops_match_reference(shape, dtype, layout):
+    x, dy, stats = make(shape, dtype, layout)
+    m, q = ops.moments(x.cuda())
+    check_moments(x, m.cpu(), q.cpu())
+    mean, a, b, c = [s.cuda() for s in stats]
+    g1, g2 = ops.backward_sums(dy.cuda(), x.cuda(), mean)
+    px, pdy, md = planes(x), planes(dy), stats[0].double()[..., None]
+    mag = pdy.abs().sum(-1).max().item() * ((px - md).abs().max().item() + 1) + 1
+    torch.testing.assert_close(g1.cpu().double(), pdy.sum(-1), rtol=0, atol=2e-6 * mag)
+    torch.testing.assert_close(g2.cpu().double(), (pdy * (px - md)).sum(-1), rtol=0, atol=2e-6 * mag)
+    y = ops.affine_apply(x.cuda(), mean, a, b)
+    assert y.stride() == x.stride()
+    check_full(y.cpu(), (planes(x) - stats[0].double()[..., None]) * stats[1].double()[..., None]
+               + stats[2].double()[..., None], x)
+    dx = ops.backward_apply(dy.cuda(), x.cuda(), mean, a, b, c)
+    s = [t.double()[..., None] for t in stats]
+    check_full(dx.cpu(), s[1] * planes(dy) + s[2] * (planes(x) - s[0]) + s[3], x)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+def test_cuda_deterministic_and_offset_accurate(layout):
+    x = to_layout(1e4 + torch.randn(2, 3, 700, 900, generator=torch.Generator().manual_seed(2)), layout).float()
+    r1 = ops.moments(x.cuda())
+    r2 = ops.moments(x.cuda())
+    assert all(torch.equal(a, b) for a, b in zip(r1, r2))
+    rm, rq = ref_moments(x)
+    assert (r1[0].cpu().double() - rm).abs().max().item() <= 0.6 * 2.0 ** -10
+    assert ((r1[1].cpu().double() - rq) / rq).abs().max().item() < 1e-5
+
+
+@needs_gpu
+def test_cuda_rejects_float64():
+    with pytest.raises(RuntimeError, match="float64 is not supported"):
+        ops.moments(torch.randn(2, 3, 4, device="cuda", dtype=torch.float64))
+
+
+@needs_gpu
+def test_cuda_opcheck():
+    x, dy, stats = make((2, 3, 5, 4), torch.float32, "cl", seed=11)
+    x, dy = x.cuda(), dy.cuda()
+    mean, a, b, c = [s.cuda() for s in stats]
+    torch.library.opcheck(ops.moments.default, (x,))
+    torch.library.opcheck(ops.affine_apply.default, (x, mean, a, b))
+    torch.library.opcheck(ops.backward_sums.default, (dy, x, mean))
+    torch.library.opcheck(ops.backward_apply.default, (dy, x, mean, a, b, c))

@@ -1,0 +1,219 @@
+// CPU stand-ins for the CUDA built-ins, so the kernel headers in csrc/kernels compile with g++
+// and run under -fsanitize=thread (racecheck) or -fsanitize=address (memcheck).
+//
+// Model: a launch creates one std::thread per CUDA thread of a block and reuses them for every
+// block; blocks run one after another (a kernel relying on co-resident blocks would deadlock,
+// which is also a bug on a GPU). __syncthreads is a std::barrier over the block, warp shuffles
+// are a per-warp exchange between two barriers, atomics go through std::atomic_ref, and dynamic
+// shared memory is one exactly-sized heap buffer (so ASAN sees overruns; it is refilled with 0xCD
+// between blocks so stale data is not silently reused).
+//
+// Include this first, then the kernel headers (they see NF_CUDA_SHIM). Test-only code.
+#pragma once
+#define NF_CUDA_SHIM 1
+#define NF_CUDA_SHIM_INCLUDED 1
+
+#include <atomic>
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// Static __shared__ arrays become function statics: one instance shared by all threads, which is
+// per-block storage because blocks run one after another. Prefer NF_DYNAMIC_SMEM (exact size).
+#define __shared__ static
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "shim error"; }
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+// ---- half / bfloat16 (storage types with round-to-nearest-even conversions) ------------------------
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return static_cast<float>(f);
+}
+inline __half __float2half_rn(float v) {
+  const _Float16 f = static_cast<_Float16>(v);  // IEEE conversion, round to nearest even
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  __nv_bfloat16 b;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    b.bits = static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    b.bits = static_cast<uint16_t>(u >> 16);
+  }
+  return b;
+}
+
+// ---- math intrinsics ------------------------------------------------------------------------------
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.f / a; }
+inline float rsqrtf(float a) { return 1.f / std::sqrt(a); }
+inline float __expf(float a) { return std::exp(a); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
+
+namespace nf_shim {
+
+struct Warp {
+  explicit Warp(int n) : size(n), bar(n) {}
+  int size;
+  std::barrier<> bar;
+  uint64_t slot[32] = {};
+};
+
+struct Block {
+  explicit Block(int n) : bar(n) {}
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  unsigned char* smem = nullptr;
+};
+
+inline thread_local Block* tl_block = nullptr;
+inline thread_local int tl_lane = 0, tl_warp = 0;
+
+inline unsigned char* dynamic_smem() { return tl_block->smem; }
+
+// Every lane publishes its value, the warp meets, each lane reads its source, the warp meets
+// again so the next exchange cannot overwrite a slot before it has been read.
+template <typename T>
+T warp_exchange(T v, int src_lane) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type > 8 bytes");
+  Warp& w = *tl_block->warps[tl_warp];
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w.slot[tl_lane] = bits;
+  w.bar.arrive_and_wait();
+  const uint64_t r = (src_lane >= 0 && src_lane < w.size) ? w.slot[src_lane] : bits;
+  w.bar.arrive_and_wait();
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+// Runs kernel(args...) on every block of `grid`, one std::thread per thread of `block`.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "kernel argument count");
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  if (nthreads <= 0 || nthreads > 1024) {
+    std::fprintf(stderr, "nf_shim: bad block size %d\n", nthreads);
+    std::abort();
+  }
+  Block blk(nthreads);
+  for (int w = 0; w * 32 < nthreads; ++w) blk.warps.push_back(std::make_unique<Warp>(std::min(32, nthreads - w * 32)));
+  std::unique_ptr<unsigned char[]> smem(new unsigned char[smem_bytes ? smem_bytes : 1]);
+  std::memset(smem.get(), 0xCD, smem_bytes ? smem_bytes : 1);
+  blk.smem = smem.get();
+  const int64_t nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+
+  auto body = [&](int t) {
+    tl_block = &blk;
+    tl_lane = t % 32;
+    tl_warp = t / 32;
+    blockDim = block;
+    gridDim = grid;
+    threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    for (int64_t b = 0; b < nblocks; ++b) {
+      blockIdx = dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                      static_cast<unsigned>(b / (static_cast<int64_t>(grid.x) * grid.y)));
+      kernel(args...);
+      blk.bar.arrive_and_wait();  // block b is finished for everybody
+      if (t == 0) std::memset(blk.smem, 0xCD, smem_bytes ? smem_bytes : 1);
+      blk.bar.arrive_and_wait();
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(nthreads);
+  for (int t = 0; t < nthreads; ++t) pool.emplace_back(body, t);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace nf_shim
+
+inline void __syncthreads() { nf_shim::tl_block->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { nf_shim::tl_block->warps[nf_shim::tl_warp]->bar.arrive_and_wait(); }
+// seq_cst fence; TSAN does not model bare fences, but blocks are serialised here anyway and the
+// in-block ordering comes from the barriers.
+inline void __threadfence() {
+#ifndef __SANITIZE_THREAD__
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) { return nf_shim::warp_exchange(v, nf_shim::tl_lane ^ lane_mask); }
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
+  return nf_shim::warp_exchange(v, nf_shim::tl_lane + static_cast<int>(delta));
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta, int = 32) {
+  return nf_shim::warp_exchange(v, nf_shim::tl_lane - static_cast<int>(delta));
+}
+template <typename T>
+T __shfl_sync(unsigned, T v, int src, int = 32) { return nf_shim::warp_exchange(v, src); }
+
+template <typename T>
+T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+template <typename T>
+T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v); }
+template <typename T>
+T atomicMax(T* p, T v) {
+  std::atomic_ref<T> r(*p);
+  T old = r.load();
+  while (old < v && !r.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicCAS(T* p, T expected, T desired) {
+  std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
+  return expected;
+}

@@ -1,0 +1,144 @@
+// Shim driver for the four generic kernels (csrc/kernels/plane_{reduce,apply}.cuh).
+// Usage: generic_driver CASES_FILE
+// Each line of CASES_FILE: op dtype layout N C L threads misalign dir
+//   op: moments | backward_sums | affine_apply | backward_apply;  dtype: f32 | f16 | bf16
+//   layout: contig | cl;  misalign: 0/1 (offset every tensor by one element);  dir: where the
+//   inputs x.bin, dy.bin (raw dtype bits) and mean/scale/shift/c_dy/c_x/c_0.bin (float32) are and
+//   the outputs (out0.bin, out1.bin) go.
+// The same templated launchers as the real build run here (planning, vector width, splits).
+#include "cuda_shim.h"
+#include "driver_io.h"
+#include "kernels/plane_apply.cuh"
+#include "kernels/plane_reduce.cuh"
+
+#include <fstream>
+#include <sstream>
+
+using nf_io::Buffer;
+
+namespace {
+
+struct Case {
+  std::string op, dtype, layout, dir;
+  int64_t N, C, L;
+  int threads, misalign;
+};
+
+template <typename T>
+void run_case(const Case& cs) {
+  nf::PlaneShape s;
+  s.N = cs.N;
+  s.C = cs.C;
+  s.L = cs.L;
+  s.layout = cs.layout == "cl" ? nf::Layout::ChannelsLast : nf::Layout::Contiguous;
+  const size_t numel = static_cast<size_t>(cs.N * cs.C * cs.L);
+  const size_t stats = static_cast<size_t>(cs.N * cs.C);
+  const size_t off = cs.misalign ? sizeof(T) : 0;
+  auto in = [&](const char* name, size_t bytes, size_t o) { return nf_io::read_file(cs.dir + "/" + name, bytes, o); };
+  auto out = [&](const char* name, const Buffer& b) { nf_io::write_file(cs.dir + "/" + name, b.data(), b.bytes); };
+  cudaError_t err = cudaSuccess;
+
+  if (cs.op == "moments" || cs.op == "backward_sums") {
+    Buffer x = in("x.bin", numel * sizeof(T), off);
+    Buffer o0(stats * sizeof(float), 0), o1(stats * sizeof(float), 0);
+    Buffer dy, mean, ws;
+    size_t ws_bytes;
+    if (cs.op == "moments") {
+      nf::MomentsParams p;
+      p.x = x.data();
+      p.mean = o0.as<float>();
+      p.m2 = o1.as<float>();
+      p.shape = s;
+      p.threads = cs.threads;
+      ws_bytes = nf::moments_workspace_bytes<T>(p);
+      ws = Buffer(ws_bytes, 0);  // zeroed
+      p.workspace = ws_bytes ? ws.data() : nullptr;
+      err = nf::launch_moments<T>(p, nullptr);
+    } else {
+      dy = in("dy.bin", numel * sizeof(T), off);
+      mean = in("mean.bin", stats * sizeof(float), 0);
+      nf::BackwardSumsParams p;
+      p.dy = dy.data();
+      p.x = x.data();
+      p.mean = mean.as<float>();
+      p.sum_dy = o0.as<float>();
+      p.sum_dy_xmu = o1.as<float>();
+      p.shape = s;
+      p.threads = cs.threads;
+      ws_bytes = nf::backward_sums_workspace_bytes<T>(p);
+      ws = Buffer(ws_bytes, 0);
+      p.workspace = ws_bytes ? ws.data() : nullptr;
+      err = nf::launch_backward_sums<T>(p, nullptr);
+    }
+    // The kernels promise to leave the arrival counters (head of the workspace) zeroed.
+    const nf::Workspace w = cs.op == "moments"
+                                ? nf::reduce_workspace<T, nf::MomentsOp>(s, cs.threads, x.data(), nullptr)
+                                : nf::reduce_workspace<T, nf::BackwardSumsOp>(s, cs.threads, dy.data(), x.data());
+    if (w.bytes() != ws_bytes) nf_io::die("workspace size mismatch");
+    for (size_t i = 0; i < w.counter_count; ++i)
+      if (ws.as<uint32_t>()[i] != 0u) nf_io::die("arrival counter not reset in " + cs.dir);
+    out("out0.bin", o0);
+    out("out1.bin", o1);
+    std::printf("%s %s %s ws=%zu\n", cs.op.c_str(), cs.dtype.c_str(), cs.layout.c_str(), ws_bytes);
+  } else if (cs.op == "affine_apply" || cs.op == "backward_apply") {
+    Buffer x = in("x.bin", numel * sizeof(T), off);
+    Buffer mean = in("mean.bin", stats * sizeof(float), 0);
+    Buffer y(numel * sizeof(T), off);
+    if (cs.op == "affine_apply") {
+      Buffer scale = in("scale.bin", stats * sizeof(float), 0), shift = in("shift.bin", stats * sizeof(float), 0);
+      nf::AffineApplyParams p;
+      p.x = x.data();
+      p.mean = mean.as<float>();
+      p.scale = scale.as<float>();
+      p.shift = shift.as<float>();
+      p.y = y.data();
+      p.shape = s;
+      p.threads = cs.threads;
+      err = nf::launch_affine_apply<T>(p, nullptr);
+    } else {
+      Buffer dy = in("dy.bin", numel * sizeof(T), off);
+      Buffer cdy = in("c_dy.bin", stats * sizeof(float), 0), cx = in("c_x.bin", stats * sizeof(float), 0),
+             c0 = in("c_0.bin", stats * sizeof(float), 0);
+      nf::BackwardApplyParams p;
+      p.dy = dy.data();
+      p.x = x.data();
+      p.mean = mean.as<float>();
+      p.c_dy = cdy.as<float>();
+      p.c_x = cx.as<float>();
+      p.c_0 = c0.as<float>();
+      p.dx = y.data();
+      p.shape = s;
+      p.threads = cs.threads;
+      err = nf::launch_backward_apply<T>(p, nullptr);
+    }
+    out("out0.bin", y);
+    std::printf("%s %s %s\n", cs.op.c_str(), cs.dtype.c_str(), cs.layout.c_str());
+  } else {
+    nf_io::die("unknown op " + cs.op);
+  }
+  if (err != cudaSuccess) nf_io::die("launcher returned an error for " + cs.dir);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) nf_io::die("usage: generic_driver CASES_FILE");
+  std::ifstream f(argv[1]);
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty()) continue;
+    std::istringstream ss(line);
+    Case cs;
+    ss >> cs.op >> cs.dtype >> cs.layout >> cs.N >> cs.C >> cs.L >> cs.threads >> cs.misalign >> cs.dir;
+    if (!ss) nf_io::die("bad case line: " + line);
+    if (cs.dtype == "f32")
+      run_case<float>(cs);
+    else if (cs.dtype == "f16")
+      run_case<__half>(cs);
+    else if (cs.dtype == "bf16")
+      run_case<__nv_bfloat16>(cs);
+    else
+      nf_io::die("bad dtype " + cs.dtype);
+  }
+  return 0;
+}
