@@ -1,0 +1,1 @@
+"""normfuse benchmark suite: ``python -m bench --help``."""

@@ -1,0 +1,144 @@
+"""``python -m bench``: normfuse against the bandwidth floor, the native layers and the
+compositions.  Progress goes to stderr, the summary table to stdout, every number to --out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import e2e, layers, machine, report, shapes, suite
+
+PRESETS = {
+    # (device, preset): timing = (target_s, min_reps, max_reps, warmup) per contender;
+    # e2e: batch, (target_s, min_reps, max_reps), blocks per ResNet stage (3 = ResNet-20)
+    ("cpu", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1),
+    ("cpu", "quick"): dict(timing=(0.15, 5, 40, 2), batch=32, e2e=(0.6, 3, 8)),
+    ("cpu", "full"): dict(timing=(0.5, 10, 200, 3), batch=64, e2e=(2.0, 5, 20)),
+    ("cuda", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1),
+    ("cuda", "quick"): dict(timing=(0.05, 10, 100, 5), batch=128, e2e=(0.5, 10, 50)),
+    ("cuda", "full"): dict(timing=(0.2, 25, 1000, 10), batch=128, e2e=(2.0, 20, 200)),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (minutes)")
+    p.add_argument("--smoke", action="store_true", help="one tiny shape, seconds (for tests)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if a GPU is present, else cpu")
+    p.add_argument("--out", default=None, help="default: bench/results/<device name>/")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="normfuse backends (default: every available one for the device)")
+    p.add_argument("--layers", nargs="+", choices=layers.LAYERS, default=list(layers.LAYERS))
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
+                   help="default: float32 on the CPU; float32 float16 bfloat16 on a GPU")
+    p.add_argument("--formats", nargs="+", choices=list(suite.FORMATS),
+                   default=list(suite.FORMATS))
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="also time torch.compile of the compositions")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-e2e", action="store_true", help="skip the ResNet-20 training step")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads on the CPU (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible to torch")
+    device = torch.device(dev_type)
+    preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+    conf = PRESETS[(dev_type, preset)]
+    notes = []
+
+    backends = layers.backends_for(dev_type, args.backends)
+    if layers.normfuse() is None:
+        notes.append(f"normfuse not importable ({layers.NORMFUSE_ERROR}): baselines only")
+    dtypes = [DTYPES[d] for d in (args.dtypes or (
+        ["float32"] if dev_type == "cpu" else ["float32", "float16", "bfloat16"]))]
+    use_compile = args.compile
+    if use_compile is None:
+        use_compile = not (dev_type == "cpu" and preset != "full")
+        if not use_compile:
+            notes.append("torch.compile of the compositions skipped by default on the CPU with "
+                         f"--{preset} (each case compiles for 5-25 s); pass --compile to include")
+    compile_formats = list(args.formats)
+    if use_compile and args.compile is None:
+        compile_formats = ["contiguous"]
+        notes.append("torch.compile timed on contiguous inputs only (one static compilation "
+                     "per case); pass --compile to time it on every layout")
+
+    cfg = suite.Config(device=device, shapes=shapes.shapes_for(dev_type, preset), dtypes=dtypes,
+                       formats=list(args.formats), layers=list(args.layers), backends=backends,
+                       compile=use_compile, compile_formats=compile_formats)
+    cfg.target_s, cfg.min_reps, cfg.max_reps, cfg.warmup = conf["timing"]
+    info = machine.info(device)
+    load = info.get("load_average_1min")
+    if dev_type == "cpu" and load is not None and load > 1.5 * info["cpu_count"]:
+        notes.append(f"the machine was busy (load average {load:.1f} on {info['cpu_count']} "
+                     "cores): CPU timings are noisy, ratios measured in the same interleaved "
+                     "rounds are the numbers to read" + (
+                         "; --threads 1 suffers less from it" if torch.get_num_threads() > 1
+                         else ""))
+    out_dir = args.out or str(Path(__file__).resolve().parent / "results" / (
+        machine.slug(("cpu " if dev_type == "cpu" else "") + info["device_name"])))
+
+    e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends))
+    progress = suite.Progress(suite.count_cases(cfg) + e2e_vars)
+    print(f"bench: {info['device_name']} ({dev_type}), torch {info['torch']}, "
+          f"normfuse backends {backends or 'none'}, preset {preset}, "
+          f"compile {'on' if use_compile else 'off'}, {len(cfg.shapes)} shapes, "
+          f"{progress.total} steps -> {out_dir}", file=sys.stderr, flush=True)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+
+    results = suite.run_kernels(cfg, progress)
+    results["e2e"] = [] if args.no_e2e else e2e.run_e2e(
+        device, backends, conf["batch"], *conf["e2e"], progress, blocks=conf.get("blocks", 3))
+    report.derive(results["kernels"])
+    summary = report.summary_rows(results["kernels"], results["memory"])
+    tg = report.targets(results["kernels"], dev_type)
+    summary_md = report.summary_markdown(summary, tg, results["e2e"])
+    runtime = time.perf_counter() - t_start
+    data = dict(results, machine=info, notes=notes, summary=summary, targets=tg,
+                runtime_s=runtime, preset=preset,
+                command="python -m bench " + " ".join(shlex.quote(a) for a in argv),
+                config=dict(device=dev_type, shapes=[str(s) for s in cfg.shapes],
+                            dtypes=[suite.dtype_name(d) for d in dtypes], formats=cfg.formats,
+                            layers=cfg.layers, backends=backends, compile=use_compile,
+                            compile_formats=compile_formats, target_s=cfg.target_s,
+                            min_reps=cfg.min_reps, max_reps=cfg.max_reps))
+    paths = report.write_all(out_dir, data, summary_md)
+    _check_warnings(results["checks"])
+    print(f"\n## normfuse bench: {info['device_name']} ({dev_type}, torch {info['torch']}, "
+          f"{preset}, {runtime:.0f} s)\n")
+    print(summary_md)
+    for n in notes:
+        print(f"Note: {n}")
+    print(f"\nWritten to {out_dir}: " + ", ".join(os.path.basename(p) for p in paths))
+    return 0
+
+
+def _check_warnings(checks):
+    for c in checks:
+        bad = c.get("max_abs_diff") is None or c["max_abs_diff"] > 1e-3
+        if bad:
+            print(f"WARNING: {c['impl']} disagrees with the composition on {c['layer']} "
+                  f"{c['shape']}: {c.get('max_abs_diff', c.get('error'))}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

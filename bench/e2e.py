@@ -1,0 +1,149 @@
+"""End to end: one training step of a CIFAR ResNet-20 (He et al. 2016, 3 stages x 3 basic blocks,
+16/32/64 channels, 1x1-conv projection shortcuts) with each normalization.
+
+Share of the step spent in normalization (the method): the same network and step with every
+normalization layer replaced by ``nn.Identity`` is timed in the same run; the normalization's
+share is ``(t_step - t_identity) / t_step``.  This charges a layer everything it costs the step
+(its kernels, launches, allocator traffic, its backward), which a profiler's per-op sum would
+split across op names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers as L
+from . import timing
+from .shapes import num_groups_for
+
+NormFactory = Callable[[int], nn.Module]
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: NormFactory):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    def __init__(self, norm: NormFactory, num_classes: int = 10, blocks: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = norm(16)
+        layers, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1, norm))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _group_norm(c):
+    return nn.GroupNorm(num_groups_for(c), c)
+
+
+def variants(backends: List[str], blocks: int = 3) -> List[dict]:
+    """(name, layer, how the model is built, normfuse backend) for every step measured."""
+    def net(norm):
+        return lambda: ResNet20(norm, blocks=blocks)
+
+    out = [dict(name="nn.BatchNorm2d", layer="batchnorm", build=net(nn.BatchNorm2d)),
+           dict(name="nn.GroupNorm", layer="groupnorm", build=net(_group_norm)),
+           dict(name="identity (no norm)", layer="identity", build=net(lambda c: nn.Identity()))]
+    for layer in L.LAYERS:
+        out.append(dict(name=f"{L.LAYER_LABEL[layer]} composition", layer=layer,
+                        build=net(lambda c, lay=layer: L._composition(
+                            lay, c, num_groups_for(c)))))
+        for b in backends:
+            out.append(dict(name=f"{L.LAYER_LABEL[layer]} normfuse[{b}]", layer=layer,
+                            backend=b, build=lambda lay=layer: _converted(lay, blocks)))
+    return out
+
+
+def _converted(layer: str, blocks: int = 3) -> nn.Module:
+    """A ResNet-20 turned into ``layer`` by ``normfuse.convert`` (BatchNorm -> BIN/IEBN,
+    GroupNorm -> AssocNorm)."""
+    nf = L.normfuse()
+    base = ResNet20(_group_norm if layer == "assoc" else nn.BatchNorm2d, blocks=blocks)
+    return nf.convert(base, layer)
+
+
+def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: float,
+            min_reps: int, max_reps: int, progress, blocks: int = 3) -> List[dict]:
+    """Median step time of every variant, all variants interleaved round by round (so the
+    identity subtraction is not at the mercy of load changing between variants)."""
+    torch.manual_seed(0)
+    xs = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(4)]
+    ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(4)]
+    results, steps, contexts = [], [], []
+    for var in variants(backends, blocks):
+        rec = dict(name=var["name"], layer=var["layer"], backend=var.get("backend"),
+                   batch=batch, depth=6 * blocks + 2, ok=True, median_s=None)
+        try:
+            steps.append(_step(var["build"]().to(device).train(), xs, ys))
+            contexts.append(_context(var.get("backend")))
+        except Exception as exc:
+            rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
+        results.append(rec)
+        progress(f"e2e built {rec['name']}" + ("" if rec["ok"] else f": {rec['error']}"))
+    live = [r for r in results if r["ok"]]
+    timed = timing.measure_many(steps, device, contexts=contexts, flush=False,
+                                target_s=target_s, min_reps=min_reps, max_reps=max_reps,
+                                warmup=2, on_round=_round_printer(len(live)))
+    for rec, res, step, ctx in zip(live, timed, steps, contexts):
+        rec.update(res)
+        if rec["ok"]:
+            with ctx():
+                rec["peak_bytes"] = timing.peak_memory(lambda: step(0), device)
+    ident = next((r["median_s"] for r in results if r["layer"] == "identity" and r["ok"]), None)
+    for r in results:
+        if r["ok"] and ident is not None and r["layer"] != "identity":
+            r["norm_s"] = max(r["median_s"] - ident, 0.0)
+            r["norm_share"] = r["norm_s"] / r["median_s"]
+        print(f"  e2e {r['name']}: " + (f"{r['median_s'] * 1e3:.3g} ms/step" if r["ok"]
+                                       else r.get("error", "failed")), file=sys.stderr)
+    return results
+
+
+def _round_printer(n):
+    def show(r, rounds):
+        print(f"  e2e round {r}/{rounds} ({n} variants interleaved)", file=sys.stderr,
+              flush=True)
+    return show
+
+
+def _step(model: nn.Module, xs, ys):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xs[i % len(xs)]), ys[i % len(ys)]).backward()
+        opt.step()
+    return step
+
+
+def _context(backend):
+    if backend:
+        return lambda: L.normfuse().use_backend(backend)
+    return contextlib.nullcontext

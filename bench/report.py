@@ -1,0 +1,264 @@
+"""Derived numbers (bandwidth, ratios, targets) and the outputs: markdown, CSV, JSON, PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional
+
+from .layers import LAYER_LABEL, LAYERS, NATIVE_LABEL
+
+
+def _geomean(values: Iterable[float]) -> Optional[float]:
+    vals = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+
+def _case(r) -> tuple:
+    return (r["layer"], r["shape"], r["dtype"], r["format"], r["direction"])
+
+
+def derive(kernels: List[dict]) -> None:
+    """Adds bandwidth, copy fractions and ratios to every timed record (in place).
+    ratio_native = t / t_baseline (lower is better); speedup_* = t_other / t (higher is better)."""
+    by_case: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
+    for r in kernels:
+        if r["ok"]:
+            by_case[_case(r)][r["kind"]] = r
+    for r in kernels:
+        for k in ("bw_GBps", "frac_copy", "model_frac_copy", "ratio_native",
+                  "speedup_composition", "speedup_compiled"):
+            r.setdefault(k, None)
+        if not r["ok"]:
+            continue
+        t = r["median_s"]
+        r["bw_GBps"] = r["min_bytes"] / t / 1e9
+        r["frac_copy"] = r["bw_GBps"] / r["copy_GBps"]
+        r["model_frac_copy"] = r["model_bytes"] / t / 1e9 / r["copy_GBps"]
+        base = by_case[_case(r)]
+        if "native" in base:
+            r["ratio_native"] = t / base["native"]["median_s"]
+        if "composition" in base:
+            r["speedup_composition"] = base["composition"]["median_s"] / t
+        if "compiled" in base:
+            r["speedup_compiled"] = base["compiled"]["median_s"] / t
+
+
+# ----------------------------------------------------------------------------- summaries
+def _select(kernels, **match):
+    return [r for r in kernels if r["ok"] and all(r.get(k) == v for k, v in match.items())]
+
+
+def _saved_over_x(memory, layer, impl):
+    vals = [m["saved_over_x"] for m in memory
+            if m["layer"] == layer and m["impl"] == impl and "saved_over_x" in m]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary_rows(kernels: List[dict], memory: List[dict]) -> List[dict]:
+    """One row per layer x contender: geometric means over shapes, dtypes and layouts."""
+    rows = []
+    for layer in LAYERS:
+        names = []
+        for r in kernels:
+            if r["layer"] == layer and r["kind"] != "native" and r["impl"] not in names:
+                names.append(r["impl"])
+        for impl in names:
+            row = {"layer": LAYER_LABEL[layer], "impl": impl, "baseline": NATIVE_LABEL[layer]}
+            for d in ("fwd", "fwd+bwd"):
+                sel = _select(kernels, layer=layer, impl=impl, direction=d)
+                row[f"{d} time / baseline"] = _geomean(r["ratio_native"] for r in sel)
+                row[f"{d} model %copy"] = _pct(_geomean(r["model_frac_copy"] for r in sel))
+            sel = _select(kernels, layer=layer, impl=impl, direction="fwd+bwd")
+            row["fwd+bwd speedup vs composition"] = _geomean(
+                r["speedup_composition"] for r in sel)
+            row["fwd+bwd speedup vs compiled"] = _geomean(r["speedup_compiled"] for r in sel)
+            row["saved for bwd (x input)"] = _saved_over_x(memory, layer, impl)
+            rows.append(row)
+    return rows
+
+
+def _pct(v):
+    return None if v is None else 100 * v
+
+
+def fused_backend(kernels: List[dict], layer: str, device: str) -> Optional[str]:
+    """The backend the targets are judged on: the fastest compiled-kernel backend (not "torch")
+    by fwd+bwd geometric mean; "torch" only when there is no other."""
+    backends = sorted({r["backend"] for r in kernels if r["kind"] == "normfuse"
+                       and r["layer"] == layer and r["ok"]})
+    if not backends:
+        return None
+    fused = [b for b in backends if b != "torch"] or backends
+    return min(fused, key=lambda b: _geomean(
+        r["median_s"] for r in _select(kernels, layer=layer, backend=b,
+                                       direction="fwd+bwd")) or math.inf)
+
+
+def targets(kernels: List[dict], device: str) -> List[dict]:
+    """The targets of issue 5, measured on this run (reported, never asserted).
+    A ratio target is judged on the geometric mean over shapes, dtypes and layouts; the worst
+    case is shown next to it."""
+    out = []
+
+    def add(name, layer, values, limit, higher_is_better, fmt):
+        b = fused_backend(kernels, layer, device)
+        vals = [v for v in values(b) if v is not None] if b else []
+        g = _geomean(vals)
+        worst = (min(vals) if higher_is_better else max(vals)) if vals else None
+        met = None if g is None else (g >= limit if higher_is_better else g <= limit)
+        out.append({"target": name, "backend": b, "measured": g, "worst": worst,
+                    "cases": len(vals), "met": met, "fmt": fmt})
+
+    def sel(layer, d, key):
+        return lambda b: [r[key] for r in _select(kernels, layer=layer, backend=b, direction=d)]
+
+    if device == "cpu":
+        for layer in ("bin", "iebn", "assoc"):
+            add(f"{LAYER_LABEL[layer]} fwd+bwd within 1.5x of {NATIVE_LABEL[layer]}", layer,
+                sel(layer, "fwd+bwd", "ratio_native"), 1.5, False, "{:.2f}x")
+        add("BIN fwd+bwd at least 3x faster than the composition", "bin",
+            sel("bin", "fwd+bwd", "speedup_composition"), 3.0, True, "{:.2f}x")
+    else:
+        for layer in LAYERS:
+            for d, passes in (("fwd", "3-pass"), ("fwd+bwd", "3+5-pass")):
+                add(f"{LAYER_LABEL[layer]} {d} >= 85% of copy bandwidth ({passes} model)",
+                    layer, lambda b, lay=layer, dd=d: [
+                        r["model_frac_copy"] * 100 for r in
+                        _select(kernels, layer=lay, backend=b, direction=dd)],
+                    85.0, True, "{:.0f}%")
+        for layer in ("bin", "iebn"):
+            add(f"{LAYER_LABEL[layer]} fwd+bwd within 1.15x of cuDNN batch norm", layer,
+                sel(layer, "fwd+bwd", "ratio_native"), 1.15, False, "{:.2f}x")
+    return out
+
+
+# ----------------------------------------------------------------------------- markdown
+def _fmt(v, spec="{:.3g}"):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return spec.format(v)
+    return str(v)
+
+
+def md_table(rows: List[dict], columns: Optional[List[str]] = None, specs=None) -> str:
+    if not rows:
+        return "(none)\n"
+    columns = columns or list(rows[0])
+    specs = specs or {}
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c), specs.get(c, "{:.3g}"))
+                                       for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_table(tg: List[dict]) -> str:
+    rows = [{"target": t["target"], "judged on": f"normfuse[{t['backend']}]" if t["backend"]
+             else "n/a", "measured (geomean)": t["fmt"].format(t["measured"])
+             if t["measured"] is not None else "n/a",
+             "worst case": t["fmt"].format(t["worst"]) if t["worst"] is not None else "n/a",
+             "cases": t["cases"],
+             "met": {True: "met", False: "NOT met", None: "n/a"}[t["met"]]} for t in tg]
+    return md_table(rows)
+
+
+def e2e_rows(e2e: List[dict]) -> List[dict]:
+    bn = next((r["median_s"] for r in e2e if r["layer"] == "batchnorm" and r.get("ok")), None)
+    rows = []
+    for r in e2e:
+        ok = r.get("ok")
+        share = r.get("norm_share")
+        rows.append({"training step": r["name"],
+                     "ms/step": r["median_s"] * 1e3 if ok else None,
+                     "step / BatchNorm step": r["median_s"] / bn if ok and bn else None,
+                     "normalization share": "n/a" if share is None else f"{100 * share:.0f}%"})
+    return rows
+
+
+def summary_markdown(summary: List[dict], tg: List[dict], e2e: List[dict]) -> str:
+    text = ("Geometric means over shapes, dtypes and layouts. `time / baseline`: time "
+            "relative to the native baseline (lower is better); speedups: baseline time / "
+            "our time; `model %copy`: 3-pass forward / 5-pass backward bytes per second as a "
+            "share of the copy bandwidth measured at the same size.\n\n"
+            + md_table(summary) + "\nTargets (reported, not asserted):\n\n"
+            + targets_table(tg))
+    if e2e:
+        depth, batch = e2e[0].get("depth", 20), e2e[0].get("batch")
+        text += (f"\nOne training step of a CIFAR ResNet-{depth} (batch {batch}); "
+                 "normalization share = 1 - (step with nn.Identity instead) / step:\n\n"
+                 + md_table(e2e_rows(e2e)))
+    return text
+
+
+def full_markdown(data: dict, summary_md: str) -> str:
+    m = data["machine"]
+    machine = ", ".join(f"{k}: {v}" for k, v in m.items())
+    detail_cols = ["layer", "shape", "dtype", "format", "direction", "impl", "median_s",
+                   "bw_GBps", "frac_copy", "model_frac_copy", "ratio_native",
+                   "speedup_composition", "speedup_compiled", "note"]
+    mem_cols = ["layer", "shape", "impl", "saved_tensors", "saved_bytes", "saved_over_x",
+                "peak_bytes"]
+    e2e_cols = ["name", "batch", "median_s", "norm_s", "norm_share", "peak_bytes", "error"]
+    check_cols = ["layer", "shape", "impl", "max_abs_diff", "error"]
+    parts = [
+        "# normfuse benchmark\n",
+        f"Machine: {machine}\n",
+        f"Command: `{data['command']}` ({data['runtime_s']:.0f} s)\n",
+        "".join(f"Note: {n}\n\n" for n in data["notes"]),
+        "## Summary\n", summary_md,
+        f"\n## End to end: one training step of a CIFAR ResNet-"
+        f"{(data['e2e'] or [{}])[0].get('depth', 20)}\n",
+        "Normalization share = (step time - step time with every norm layer replaced by "
+        "`nn.Identity`) / step time, measured in the same run.\n\n",
+        md_table(data["e2e"], e2e_cols),
+        "\n## Memory saved for backward (unique storages packed by autograd)\n",
+        md_table(data["memory"], mem_cols, {"saved_bytes": "{:.0f}", "peak_bytes": "{:.0f}"}),
+        "\n## Agreement with the composition (same parameters, forward, float32)\n",
+        md_table(data["checks"], check_cols),
+        "\n## Copy bandwidth (x.copy_ into a preallocated tensor of the same size)\n",
+        md_table(data["copy"]),
+        "\n## Every measurement\n",
+        "Bytes: forward reads x and writes y (2 S), forward+backward adds reading x, dy and "
+        "writing dx (5 S); the model moves 3 S / 8 S.  `bw_GBps` uses the minimum bytes.\n\n",
+        md_table(data["kernels"], detail_cols),
+    ]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- files
+def write_csv(path: str, rows: List[dict]) -> None:
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                        for k, v in r.items()})
+
+
+def write_all(out_dir: str, data: dict, summary_md: str) -> List[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    paths.append(path)
+    for name in ("kernels", "copy", "memory", "e2e", "checks"):
+        path = os.path.join(out_dir, f"{name}.csv")
+        write_csv(path, data[name])
+        paths.append(path)
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write(full_markdown(data, summary_md))
+    paths.append(path)
+    from . import plots
+    paths += plots.bandwidth(out_dir, data["kernels"], data["copy"])
+    paths += plots.step_breakdown(out_dir, data["e2e"])
+    return paths

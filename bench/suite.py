@@ -1,0 +1,230 @@
+"""The per-layer measurements: time, bytes, bandwidth, memory saved for backward.
+
+Bytes each op must move at least (S = bytes of one activation tensor):
+  forward  2 S (read x, write y);   forward+backward 5 S (+ read x, dy, write dx).
+The copy bandwidth of a case is ``dst.copy_(x)`` on the same input pool (2 S per call), timed in
+the same interleaved rounds as the contenders.
+The 3-pass forward / 5-pass backward model of design section 3 (what a moments -> apply
+forward and sums -> apply backward moves): forward 3 S, forward+backward 8 S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Callable, Dict, List
+
+import torch
+
+from . import layers as L
+from . import timing
+from .shapes import Shape, num_groups_for
+
+DIRECTIONS = ("fwd", "fwd+bwd")
+MIN_PASSES = {"fwd": 2, "fwd+bwd": 5}
+MODEL_PASSES = {"fwd": 3, "fwd+bwd": 8}
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@dataclass
+class Config:
+    device: torch.device
+    shapes: List[Shape]
+    dtypes: List[torch.dtype]
+    formats: List[str]
+    layers: List[str]
+    backends: List[str]
+    compile: bool
+    compile_formats: List[str] = field(default_factory=lambda: list(FORMATS))
+    target_s: float = 0.2
+    min_reps: int = 5
+    max_reps: int = 200
+    warmup: int = 3
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class Progress:
+    """One line per measured case on stderr, with the elapsed time."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        print(f"[{self.done:>4}/{self.total} {elapsed:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def _inputs(shape: Shape, dtype, fmt: str, device, n: int, seed: int):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mf = FORMATS[fmt]
+
+    def make(offset):  # never all-zero; a small offset so the mean is not ~0
+        t = torch.randn(shape.dims, generator=gen) + offset
+        return t.to(device=device, dtype=dtype).contiguous(memory_format=mf)
+
+    return [make(0.5) for _ in range(n)], [make(0.0) for _ in range(n)]
+
+
+def _runner(mod, impl: L.Impl, direction: str, xs, dys) -> Callable[[int], object]:
+    n = len(xs)
+    params = [p for p in mod.parameters() if p.requires_grad]
+    if direction == "fwd":
+        def run(i):
+            with torch.no_grad():
+                return mod(xs[i % n])
+    else:
+        leaves = [x.detach().requires_grad_(True) for x in xs]
+
+        def run(i):
+            x = leaves[i % n]
+            y = mod(x)
+            return torch.autograd.grad(y, [x] + params, dys[i % n], allow_unused=True)
+    return run
+
+
+def _case_key(shape, dtype, fmt, layer):
+    return {"shape": shape.name, "dims": list(shape.dims), "numel": shape.numel,
+            "dtype": dtype_name(dtype), "format": fmt, "layer": layer}
+
+
+def count_cases(cfg: Config) -> int:
+    return len(cfg.shapes) * len(cfg.dtypes) * len(cfg.formats) * len(cfg.layers) * 2
+
+
+def run_kernels(cfg: Config, progress: Progress) -> Dict[str, list]:
+    """Returns {"kernels": [...], "copy": [...], "memory": [...], "checks": [...]}."""
+    out = {"kernels": [], "copy": [], "memory": [], "checks": []}
+    dev = cfg.device
+    kw = dict(target_s=cfg.target_s, min_reps=cfg.min_reps, max_reps=cfg.max_reps,
+              warmup=cfg.warmup)
+    for si, shape in enumerate(cfg.shapes):
+        c, g = shape.channels, num_groups_for(shape.channels)
+        for dtype in cfg.dtypes:
+            elem = torch.empty((), dtype=dtype).element_size()
+            nbytes = shape.numel * elem
+            npool = timing.pool_size(2 * nbytes, dev)
+            copies = []
+            for fmt in cfg.formats:
+                xs, dys = _inputs(shape, dtype, fmt, dev, npool, seed=si)
+                dst = torch.empty_like(xs[0])
+
+                def copy(i, xs=xs, dst=dst):
+                    return dst.copy_(xs[i % len(xs)])
+
+                for layer in cfg.layers:
+                    key = _case_key(shape, dtype, fmt, layer)
+                    source = L.reference(layer, c, g)
+                    impls = L.impls_for(cfg.backends, layer,
+                                        cfg.compile and fmt in cfg.compile_formats)
+                    mods, notes = {}, {}
+                    for impl in impls:
+                        try:
+                            mod = L.build(impl, layer, c, g, source, dev)
+                            mods[impl.name], notes[impl.name] = L.fit_dtype(mod, impl, xs[0])
+                        except Exception as exc:
+                            notes[impl.name] = _err(exc)
+                    if fmt == cfg.formats[0] and dtype == cfg.dtypes[0]:
+                        out["checks"] += _check(key, impls, mods, xs[0])
+                        out["memory"] += _memory(key, impls, mods, xs[0], dys[0], dev)
+                    for direction in DIRECTIONS:
+                        timed, cp = _time_all(impls, mods, direction, xs, dys, copy, dev,
+                                              npool * 2 * nbytes, kw)
+                        copies.append(cp["median_s"])
+                        copy_bw = 2 * nbytes / cp["median_s"]
+                        parts = [f"copy {copy_bw / 1e9:.3g} GB/s"]
+                        for impl, res in zip(impls, timed):
+                            rec = dict(key, impl=impl.name, kind=impl.kind,
+                                       backend=impl.backend, direction=direction,
+                                       bytes_tensor=nbytes,
+                                       min_bytes=MIN_PASSES[direction] * nbytes,
+                                       model_bytes=MODEL_PASSES[direction] * nbytes,
+                                       copy_GBps=copy_bw / 1e9, note=notes.get(impl.name, ""))
+                            rec.update(res)
+                            out["kernels"].append(rec)
+                            why = (rec.get("error") or rec["note"] or "").split(":")[0]
+                            parts.append(f"{impl.name} " + (
+                                f"{rec['median_s'] * 1e3:.3g}ms" if rec["ok"]
+                                else f"n/a ({why})"))
+                        progress(f"{L.LAYER_LABEL[layer]:9s} {direction:7s} {shape} "
+                                 f"{dtype_name(dtype)} {fmt}: " + " | ".join(parts))
+                del xs, dys, dst
+            t_copy = median(copies)
+            out["copy"].append({"shape": shape.name, "numel": shape.numel,
+                                "dtype": dtype_name(dtype), "bytes": nbytes,
+                                "median_s": t_copy, "copy_GBps": 2 * nbytes / t_copy / 1e9,
+                                "measurements": len(copies)})
+    return out
+
+
+def _err(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def _time_all(impls, mods, direction, xs, dys, copy, dev, pool_bytes, kw):
+    """Times every contender that was built and the copy, interleaved in the same rounds;
+    contenders that could not be built are reported n/a.  Returns (results, copy result)."""
+    live = [k for k, impl in enumerate(impls) if impl.name in mods]
+    fns = [_runner(mods[impls[k].name], impls[k], direction, xs, dys) for k in live] + [copy]
+    contexts = [impls[k].context for k in live] + [contextlib.nullcontext]
+    res = timing.measure_many(fns, dev, contexts=contexts, pool_bytes=pool_bytes, **kw)
+    if not res[-1]["ok"]:
+        raise RuntimeError(f"copy failed: {res[-1].get('error')}")
+    out = [{"ok": False, "median_s": None, "min_s": None, "reps": 0} for _ in impls]
+    for k, r in zip(live, res):
+        out[k] = r
+    return out, res[-1]
+
+
+def _check(key, impls, mods, x) -> List[dict]:
+    """Forward outputs of every contender against the composition (same parameter values).
+    A large difference means the contenders do not compute the same layer."""
+    ref_mod = mods.get("composition")
+    if ref_mod is None:
+        return []
+    res = []
+    with torch.no_grad():
+        ref = ref_mod(x).float()
+        for impl in impls:
+            if impl.kind not in ("normfuse", "compiled") or impl.name not in mods:
+                continue
+            try:
+                with impl.context():
+                    y = mods[impl.name](x).float()
+                err = (y - ref).abs().max().item()
+                res.append(dict(key, impl=impl.name, max_abs_diff=err))
+            except Exception as exc:
+                res.append(dict(key, impl=impl.name, max_abs_diff=None, error=_err(exc)))
+    return res
+
+
+def _memory(key, impls, mods, x, dy, dev) -> List[dict]:
+    """Bytes autograd saves for backward (and GPU peak memory of one fwd+bwd) per contender."""
+    res = []
+    x_bytes = x.numel() * x.element_size()
+    for impl in impls:
+        mod = mods.get(impl.name)
+        if mod is None or impl.kind == "compiled":
+            continue
+        leaf = x.detach().requires_grad_(True)
+        try:
+            with impl.context():
+                saved = timing.saved_bytes(lambda: mod(leaf))
+
+                def step():
+                    y = mod(leaf)
+                    torch.autograd.grad(y, [leaf], dy)
+
+                peak = timing.peak_memory(step, dev)
+            res.append(dict(key, impl=impl.name, kind=impl.kind, x_bytes=x_bytes,
+                            saved_over_x=saved["saved_bytes"] / x_bytes, peak_bytes=peak,
+                            **saved))
+        except Exception as exc:
+            res.append(dict(key, impl=impl.name, kind=impl.kind, error=_err(exc)))
+    return res

@@ -1,0 +1,78 @@
+"""The bench's comparisons as pytest-benchmark groups: ``pytest bench --benchmark-only``.
+
+One small real-network shape per device (CIFAR ResNet stage 1), every layer x direction x layout;
+in each group the contenders are the normfuse backends for the device, the native layer and the
+composition (and ``torch.compile`` of the composition when ``NORMFUSE_BENCH_COMPILE=1``), plus
+``floor``: plain copies that move exactly the minimum bytes (forward ``y.copy_(x)``; backward
+adds ``torch.add(x, dy, out=dx)``), the bandwidth floor as an op.
+Inputs rotate through a pool, as in ``python -m bench``; on a GPU every call synchronizes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from bench import layers as L
+from bench import suite, timing
+from bench.shapes import cifar, num_groups_for
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPE = cifar(128 if DEVICE == "cuda" else 32, stages=(1,))[0]
+IMPLS = {layer: L.impls_for(L.backends_for(DEVICE), layer,
+                            os.environ.get("NORMFUSE_BENCH_COMPILE") == "1")
+         for layer in L.LAYERS}
+CASES = [(layer, d, fmt, impl) for layer in L.LAYERS
+         for d, fmt in itertools.product(suite.DIRECTIONS, suite.FORMATS)
+         for impl in IMPLS[layer]]
+
+
+@pytest.mark.parametrize("layer,direction,fmt,impl", CASES,
+                         ids=[f"{lay}-{d}-{f}-{i.name}" for lay, d, f, i in CASES])
+def test_layer(benchmark, layer, direction, fmt, impl):
+    dev = torch.device(DEVICE)
+    c, g = SHAPE.channels, num_groups_for(SHAPE.channels)
+    nbytes = SHAPE.numel * 4
+    xs, dys = suite._inputs(SHAPE, torch.float32, fmt, dev, timing.pool_size(2 * nbytes, dev), 0)
+    try:
+        mod = L.build(impl, layer, c, g, L.reference(layer, c, g), dev)
+        mod, _ = L.fit_dtype(mod, impl, xs[0])
+    except Exception as exc:  # e.g. torch.compile not working here
+        pytest.skip(f"{impl.name} does not run: {type(exc).__name__}: {exc}")
+    run = suite._runner(mod, impl, direction, xs, dys)
+    counter = itertools.count()
+
+    def call():
+        run(next(counter))
+        timing.synchronize(dev)
+
+    benchmark.group = f"{L.LAYER_LABEL[layer]} {direction} {SHAPE} float32 {fmt}"
+    benchmark.extra_info.update(min_bytes=suite.MIN_PASSES[direction] * nbytes,
+                                model_bytes=suite.MODEL_PASSES[direction] * nbytes)
+    with impl.context():
+        benchmark(call)
+
+
+@pytest.mark.parametrize("layer,direction,fmt", [
+    (layer, d, fmt) for layer in L.LAYERS
+    for d, fmt in itertools.product(suite.DIRECTIONS, suite.FORMATS)])
+def test_floor(benchmark, layer, direction, fmt):
+    dev = torch.device(DEVICE)
+    nbytes = SHAPE.numel * 4
+    xs, dys = suite._inputs(SHAPE, torch.float32, fmt, dev, timing.pool_size(2 * nbytes, dev), 0)
+    y, dx = torch.empty_like(xs[0]), torch.empty_like(xs[0])
+    counter = itertools.count()
+
+    def call():
+        i = next(counter) % len(xs)
+        y.copy_(xs[i])
+        if direction != "fwd":
+            torch.add(xs[i], dys[i], out=dx)
+        timing.synchronize(dev)
+
+    benchmark.group = f"{L.LAYER_LABEL[layer]} {direction} {SHAPE} float32 {fmt}"
+    benchmark.extra_info.update(min_bytes=suite.MIN_PASSES[direction] * nbytes)
+    benchmark(call)

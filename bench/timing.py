@@ -1,0 +1,186 @@
+"""How time and memory are measured.
+
+* Time: the median over repetitions.  On a GPU each repetition sits between two CUDA events
+  recorded on the current stream (after warm-up, nothing synchronizes between repetitions, so a
+  launch-bound call is charged its launch gaps); on the CPU each repetition is timed with
+  ``time.perf_counter``.  The contenders of one case are interleaved (round-robin), so load
+  from other processes on a shared machine hits them alike.  Each callable gets a repetition
+  index and rotates its inputs through a pool big enough to not fit in the last-level cache
+  (``pool_size``); on a GPU, where the pool would still fit in L2, the L2 is flushed before
+  every repetition (outside the timed region).
+* Saved for backward: the unique storages that autograd packs during a forward, counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` (a tensor saved twice, or two views of one
+  storage, count once).
+* Peak memory (GPU only): ``torch.cuda.max_memory_allocated`` above what was allocated before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from statistics import median
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_bytes(device: torch.device) -> int:
+    """Size of the last-level cache that could flatter repeated reads."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    for index in (3, 2):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+            return int(text.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    return 32 << 20
+
+
+def pool_size(bytes_per_slot: int, device: torch.device, max_pool: int = 8,
+              max_bytes: int = 1 << 30) -> int:
+    """How many input sets to rotate through: enough to exceed twice the cache, within limits."""
+    want = math.ceil(2 * cache_bytes(device) / max(bytes_per_slot, 1))
+    cap = max(1, max_bytes // max(bytes_per_slot, 1))
+    return int(max(2, min(want, max_pool, cap)))
+
+
+class _L2Flusher:
+    def __init__(self, device: torch.device):
+        self.buf = torch.empty(2 * cache_bytes(device), dtype=torch.uint8, device=device)
+
+    def __call__(self):
+        self.buf.zero_()
+
+
+def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *,
+                 contexts: Optional[Sequence[Callable[[], ContextManager]]] = None,
+                 pool_bytes: int = 0, flush: Optional[bool] = None, target_s: float = 0.2,
+                 min_reps: int = 5, max_reps: int = 200, warmup: int = 3,
+                 on_round: Optional[Callable[[int, int], None]] = None) -> List[dict]:
+    """Median time of each ``fns[k](i)``, the contenders interleaved: every round runs each
+    one once, so a burst of load from other processes hits all of them alike and their ratios
+    stay meaningful on a shared machine.  ``contexts[k]()`` is entered around each call, outside
+    the timed region.  ``pool_bytes`` is the total size of the inputs the callables rotate
+    through: on a GPU the L2 is flushed before every call when that is under twice the L2 size,
+    unless ``flush`` says otherwise.  A callable that raises is reported with its error and left
+    out of the following rounds.  Rounds: enough for about ``target_s`` per contender;
+    ``on_round(r, rounds)`` is called after each (CPU only: on a GPU rounds are queued)."""
+    contexts = contexts or [contextlib.nullcontext] * len(fns)
+    results: List[dict] = [{"ok": True, "times": []} for _ in fns]
+
+    def call(k, i):
+        try:
+            with contexts[k]():
+                return fns[k](i)
+        except Exception as exc:
+            results[k].update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    estimate = 0.0
+    for k in range(len(fns)):
+        for i in range(warmup):
+            if results[k]["ok"]:
+                call(k, i)
+        synchronize(device)
+        t0 = time.perf_counter()
+        if results[k]["ok"]:
+            call(k, warmup)
+        synchronize(device)
+        if results[k]["ok"]:
+            estimate += time.perf_counter() - t0
+    live = [k for k, r in enumerate(results) if r["ok"]]
+    reps = int(min(max_reps, max(min_reps, target_s * len(live) / max(estimate, 1e-7))))
+    if device.type == "cuda":
+        if flush is None:
+            flush = pool_bytes < 2 * cache_bytes(device)
+        flusher = _L2Flusher(device) if flush else None
+        events = {k: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)] for k in live}
+        for r in range(reps):
+            for k in live:
+                if not results[k]["ok"]:
+                    continue
+                try:
+                    with contexts[k]():
+                        if flusher is not None:
+                            flusher()
+                        start, end = events[k][r]
+                        start.record()
+                        fns[k](r)
+                        end.record()
+                except Exception as exc:
+                    results[k].update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+        torch.cuda.synchronize(device)
+        for k in live:
+            if results[k]["ok"]:
+                results[k]["times"] = [s.elapsed_time(e) * 1e-3 for s, e in events[k]]
+    else:
+        for r in range(reps):
+            for k in live:
+                if not results[k]["ok"]:
+                    continue
+                try:
+                    with contexts[k]():
+                        t0 = time.perf_counter()
+                        fns[k](r)
+                        results[k]["times"].append(time.perf_counter() - t0)
+                except Exception as exc:
+                    results[k].update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+            if on_round is not None:
+                on_round(r + 1, reps)
+    out = []
+    for res in results:
+        times = res.pop("times")
+        if res["ok"] and times:
+            res.update(median_s=median(times), min_s=min(times), reps=len(times))
+        else:
+            res.update(ok=False, median_s=None, min_s=None, reps=0)
+        out.append(res)
+    return out
+
+
+def measure(fn: Callable[[int], object], device: torch.device, **kw) -> dict:
+    """``measure_many`` for one callable; raises what the callable raised."""
+    res = measure_many([fn], device, **kw)[0]
+    if not res["ok"]:
+        raise RuntimeError(res.get("error", "measurement failed"))
+    return res
+
+
+def saved_bytes(fn: Callable[[], object]) -> Dict[str, int]:
+    """Unique storages (count, bytes) autograd saves for backward while ``fn()`` runs."""
+    storages: Dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+            storages[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return {"saved_tensors": len(storages), "saved_bytes": int(sum(storages.values()))}
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated by ``fn()`` above the memory in use before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+

@@ -1,0 +1,82 @@
+"""The benchmark's main entry runs end to end on a tiny config and writes every output.
+
+Runs ``python -m bench --smoke --device cpu`` (one tiny shape, a few repetitions, a batch-4
+ResNet-8 step: seconds) in a subprocess from the repository root, then checks the files and
+that every number it reports is positive and finite.  Speed itself is never asserted here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ["results.json", "report.md", "kernels.csv", "copy.csv", "memory.csv", "e2e.csv",
+           "checks.csv", "bandwidth_float32.png", "step_breakdown.png"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # --threads 1: on a busy shared machine two OpenMP threads can be 10x slower than one
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--device", "cpu",
+                           "--threads", "1", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def _positive(v):
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_outputs_exist(run):
+    out, proc = run
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| layer |" in proc.stdout and "Targets" in proc.stdout  # the summary table
+    assert "[" in proc.stderr  # progress lines
+    assert "| target |" in (out / "report.md").read_text()
+
+
+def test_numbers_positive_and_finite(run):
+    out, _ = run
+    data = json.loads((out / "results.json").read_text())
+    assert data["machine"]["cpu"] and data["machine"]["torch"]
+    for c in data["copy"]:
+        assert _positive(c["median_s"]) and _positive(c["copy_GBps"])
+    kernels = data["kernels"]
+    kinds = {r["kind"] for r in kernels if r["ok"]}
+    assert {"native", "composition"} <= kinds
+    if "not importable" not in str(data["machine"].get("normfuse")):
+        assert "normfuse" in kinds
+    for r in kernels:
+        if r["ok"]:
+            for key in ("median_s", "bw_GBps", "frac_copy", "model_frac_copy", "min_bytes"):
+                assert _positive(r[key]), (key, r)
+        elif r["kind"] != "compiled":
+            pytest.fail(f"{r['impl']} failed: {r.get('error') or r.get('note')}")
+    for m in data["memory"]:
+        assert _positive(m.get("saved_bytes")), m
+    steps = data["e2e"]
+    assert steps and all(e["ok"] and _positive(e["median_s"]) for e in steps), steps
+    assert all(math.isfinite(e["norm_share"]) for e in steps if "norm_share" in e)
+    for c in data["checks"]:
+        assert c["max_abs_diff"] is not None and c["max_abs_diff"] < 1e-3, c
+
+
+def test_csv_matches_json(run):
+    out, _ = run
+    data = json.loads((out / "results.json").read_text())
+    with open(out / "kernels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["kernels"])
+    assert all(float(r["median_s"]) > 0 for r in rows if r["ok"] == "True")
