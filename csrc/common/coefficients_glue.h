@@ -1,0 +1,194 @@
+// Torch glue shared by the CPU and CUDA registrations of the coefficient ops: argument checks with
+// clear messages and the filling of the plain parameter structs (common/coefficients_params.h).
+// Torch is fine here; only .cpp files include this (never a .cu / .cuh).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/coefficients_params.h"
+
+namespace nf_coef {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// mean / m2 (and sum_dy / sum_dy_xmu in the backward): (N, C), contiguous, float32 or float64,
+// all alike. Returns {N, C}.
+inline std::pair<int64_t, int64_t> check_stats(const char* op, const Tensor& mean, const Tensor& m2) {
+  TORCH_CHECK(mean.dim() == 2, "normfuse.", op, ": mean must be (N, C), got shape ", mean.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, "normfuse.", op,
+              ": statistics must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(mean.is_contiguous(), "normfuse.", op, ": mean must be contiguous");
+  TORCH_CHECK(m2.sizes() == mean.sizes() && m2.scalar_type() == mean.scalar_type() && m2.device() == mean.device() &&
+                  m2.is_contiguous(),
+              "normfuse.", op, ": m2 must be a contiguous ", mean.scalar_type(), " tensor of shape ", mean.sizes(),
+              " on ", mean.device());
+  return {mean.size(0), mean.size(1)};
+}
+
+inline void check_like_stats(const char* op, const char* name, const Tensor& t, const Tensor& mean) {
+  TORCH_CHECK(t.sizes() == mean.sizes() && t.scalar_type() == mean.scalar_type() && t.device() == mean.device() &&
+                  t.is_contiguous(),
+              "normfuse.", op, ": ", name, " must be a contiguous ", mean.scalar_type(), " tensor of shape ",
+              mean.sizes(), " on ", mean.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+// A parameter of shape `shape` (contiguous, stats dtype, stats device).
+inline void check_param(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
+                        const Tensor& mean) {
+  TORCH_CHECK(t.sizes() == shape, "normfuse.", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == mean.scalar_type(), "normfuse.", op, ": ", name, " must be ", mean.scalar_type(),
+              " like the statistics, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == mean.device(), "normfuse.", op, ": ", name, " is on ", t.device(), ", statistics on ",
+              mean.device());
+  TORCH_CHECK(t.is_contiguous(), "normfuse.", op, ": ", name, " must be contiguous");
+}
+
+inline void check_opt_param(const char* op, const char* name, const OptTensor& t, int64_t C, const Tensor& mean) {
+  if (t.has_value()) check_param(op, name, *t, {C}, mean);
+}
+
+inline void check_plane_size(const char* op, int64_t plane_size) {
+  TORCH_CHECK(plane_size >= 1, "normfuse.", op, ": plane_size must be >= 1, got ", plane_size);
+}
+
+template <class S>
+const S* ptr_or_null(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<S>() : nullptr;
+}
+
+// Everything BIN / IEBN share; `gate_bias` is null for BIN. The running statistics are checked
+// (both or neither) and, in the backward, only passed where eval mode reads them.
+template <class S>
+nf::BatchCoefParams<S> batch_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
+                                    const Tensor& gate, const Tensor* gate_bias, const OptTensor& weight,
+                                    const OptTensor& bias, const OptTensor& running_mean,
+                                    const OptTensor& running_var, bool training, double momentum, double eps) {
+  const auto [N, C] = check_stats(op, mean, m2);
+  check_plane_size(op, plane_size);
+  check_param(op, gate_bias ? "gate_weight" : "gate", gate, {C}, mean);
+  if (gate_bias) check_param(op, "gate_bias", *gate_bias, {C}, mean);
+  check_opt_param(op, "weight", weight, C, mean);
+  check_opt_param(op, "bias", bias, C, mean);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "normfuse.", op,
+              ": running_mean and running_var must be given together");
+  check_opt_param(op, "running_mean", running_mean, C, mean);
+  check_opt_param(op, "running_var", running_var, C, mean);
+  nf::BatchCoefParams<S> p;
+  p.mean = mean.data_ptr<S>();
+  p.m2 = m2.data_ptr<S>();
+  p.gate = gate.data_ptr<S>();
+  p.gate_bias = gate_bias ? gate_bias->data_ptr<S>() : nullptr;
+  p.weight = ptr_or_null<S>(weight);
+  p.bias = ptr_or_null<S>(bias);
+  p.running_mean = running_mean.has_value() ? running_mean->data_ptr<S>() : nullptr;
+  p.running_var = running_var.has_value() ? running_var->data_ptr<S>() : nullptr;
+  p.N = N;
+  p.C = C;
+  p.L = plane_size;
+  p.training = training;
+  p.momentum = momentum;
+  p.eps = eps;
+  return p;
+}
+
+// Backward additions: the two gradient sums, and outputs. In training the running statistics
+// play no part (the reference recomputes batch statistics and never touches them).
+template <class S>
+void batch_backward_params(nf::BatchCoefParams<S>& p, const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                           const Tensor& mean) {
+  check_like_stats(op, "sum_dy", sum_dy, mean);
+  check_like_stats(op, "sum_dy_xmu", sum_dy_xmu, mean);
+  p.sum_dy = sum_dy.data_ptr<S>();
+  p.sum_dy_xmu = sum_dy_xmu.data_ptr<S>();
+  if (p.training) p.running_mean = p.running_var = nullptr;
+}
+
+template <class S>
+nf::AssocCoefParams<S> assoc_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
+                                    int64_t num_groups, const Tensor& encoder, const Tensor& decoder_mean,
+                                    const Tensor& decoder_var, const Tensor& weight, const Tensor& bias, double eps) {
+  const auto [N, C] = check_stats(op, mean, m2);
+  check_plane_size(op, plane_size);
+  TORCH_CHECK(num_groups >= 1 && C % num_groups == 0, "normfuse.", op, ": num_groups (", num_groups,
+              ") must be >= 1 and divide the number of channels (", C, ")");
+  TORCH_CHECK(encoder.dim() == 2 && encoder.size(1) == num_groups && encoder.size(0) >= 1, "normfuse.", op,
+              ": encoder must be (M, num_groups) = (M, ", num_groups, "), got ", encoder.sizes());
+  const int64_t M = encoder.size(0);
+  check_param(op, "encoder", encoder, {M, num_groups}, mean);
+  check_param(op, "decoder_mean", decoder_mean, {num_groups, M}, mean);
+  check_param(op, "decoder_var", decoder_var, {num_groups, M}, mean);
+  check_param(op, "weight", weight, {C}, mean);
+  check_param(op, "bias", bias, {C}, mean);
+  nf::AssocCoefParams<S> p;
+  p.mean = mean.data_ptr<S>();
+  p.m2 = m2.data_ptr<S>();
+  p.encoder = encoder.data_ptr<S>();
+  p.decoder_mean = decoder_mean.data_ptr<S>();
+  p.decoder_var = decoder_var.data_ptr<S>();
+  p.weight = weight.data_ptr<S>();
+  p.bias = bias.data_ptr<S>();
+  p.N = N;
+  p.C = C;
+  p.L = plane_size;
+  p.G = num_groups;
+  p.M = M;
+  p.eps = eps;
+  return p;
+}
+
+// Calls f(S{}) with S the C++ type of the statistics (checked float32 / float64 before).
+template <class F>
+void dispatch_stats(const Tensor& mean, F&& f) {
+  if (mean.scalar_type() == at::kDouble)
+    f(double{});
+  else
+    f(float{});
+}
+
+// Host scratch of `count` doubles for the CPU kernels: a buffer of the calling thread reused
+// across calls (no allocation once warm) up to kKeepBytes. Larger requests, and a second Scratch
+// alive in the same thread, get their own allocation: one huge shape does not pin its memory for
+// the life of the thread, and nested users never share the buffer.
+class Scratch {
+ public:
+  static constexpr int64_t kKeepBytes = int64_t(8) << 20;
+  explicit Scratch(int64_t count) {
+    thread_local std::vector<double> kept;
+    thread_local bool busy = false;
+    if (busy || count * static_cast<int64_t>(sizeof(double)) > kKeepBytes) {
+      own_.resize(count);
+      ptr_ = own_.data();
+      return;
+    }
+    if (static_cast<int64_t>(kept.size()) < count) kept.resize(count);
+    busy = true;
+    busy_ = &busy;
+    ptr_ = kept.data();
+  }
+  ~Scratch() {
+    if (busy_) *busy_ = false;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  double* data() const { return ptr_; }
+
+ private:
+  std::vector<double> own_;
+  double* ptr_ = nullptr;
+  bool* busy_ = nullptr;
+};
+
+inline Tensor empty_stats(const Tensor& mean) { return at::empty(mean.sizes(), mean.options()); }
+
+// Parameter gradients: zeros when there is no sample to sum over (N == 0: nothing runs).
+inline Tensor empty_grad(at::IntArrayRef shape, const Tensor& mean) {
+  return mean.size(0) == 0 ? at::zeros(shape, mean.options()) : at::empty(shape, mean.options());
+}
+
+}  // namespace nf_coef

@@ -1,0 +1,223 @@
+// BIN and IEBN coefficient kernels, forward and backward: one launch each.
+//
+// A block covers `cx` consecutive channels (threads x, coalesced along C) and `ny` rows of the
+// batch (threads y, striding over the N samples). The batch statistics of a channel are a Chan
+// merge over its column, the backward's per-channel sums a plain sum: both reduce in a fixed
+// shared-memory tree over y, so results never depend on scheduling (no float atomics). The
+// per-plane formulas are common/coefficients.h (BinMath / IebnMath), shared with the CPU ops.
+// Plain CUDA: no torch headers.
+#pragma once
+#include "common/coefficients.h"
+#include "kernels/cuda_compat.cuh"
+
+namespace nf {
+
+struct BatchCoefPlan {
+  int cx = 1, ny = 1;  // channels per block x rows per block, both powers of two
+  int64_t blocks = 0;
+  size_t smem_bytes = 0;
+  int threads() const { return cx * ny; }
+};
+
+inline int coef_pow2_at_least(int64_t v, int cap) {
+  int p = 1;
+  while (p < v && p < cap) p <<= 1;
+  return p;
+}
+
+// Requested threads: 0 = 256, else a power of two in [32, 256]. Returns false if invalid.
+inline bool coef_threads(int requested, int* threads) {
+  const int t = requested == 0 ? NF_MAX_THREADS : requested;
+  if (t < NF_WARP || t > NF_MAX_THREADS || (t & (t - 1)) != 0) return false;
+  *threads = t;
+  return true;
+}
+
+// Blocks wanted before narrowing the channel tile (about one per SM of an H100).
+constexpr int64_t kCoefTargetBlocks = 128;
+
+// Up to 32 channels per block (one coalesced 128-byte row per warp), the rest of the threads over
+// the batch. Tiles narrow down to 8 channels (still whole 32-byte sectors) while that gives more
+// blocks to a grid that would not fill the GPU; rows shrink to the batch so tiny problems do not
+// launch idle threads. A pure function of the shape: the same reduction order everywhere.
+template <class Math>
+inline bool plan_batch_coef(const BatchCoefParams<float>& p, BatchCoefPlan* pl) {
+  int threads = 0;
+  if (!coef_threads(p.threads, &threads)) return false;
+  pl->cx = coef_pow2_at_least(p.C, NF_WARP);
+  while (pl->cx > 8 && (p.C + pl->cx - 1) / pl->cx < kCoefTargetBlocks) pl->cx /= 2;
+  pl->ny = coef_pow2_at_least(p.N, threads / pl->cx);
+  pl->blocks = (p.C + pl->cx - 1) / pl->cx;
+  const int floats = Math::kSums > 3 ? Math::kSums : 3;  // Merge = 3 floats
+  pl->smem_bytes = sizeof(float) * floats * static_cast<size_t>(pl->threads());
+  return true;
+}
+
+// Where a thread sits in its block, and the column layout of the shared-memory trees:
+// value k of thread (x, y) is smem[k * threads + y * cx + x].
+struct ColumnTile {
+  int x, y, cx, ny;
+  int64_t c;
+  bool active;  // c < C; inactive threads still take part in every __syncthreads
+  NF_DEVICE int idx() const { return y * cx + x; }
+  NF_DEVICE int threads() const { return cx * ny; }
+};
+
+NF_DEVICE ColumnTile column_tile(int cx, int ny, int64_t C) {
+  ColumnTile t;
+  const int tid = static_cast<int>(threadIdx.x);
+  t.x = tid & (cx - 1);
+  t.y = tid / cx;
+  t.cx = cx;
+  t.ny = ny;
+  t.c = static_cast<int64_t>(blockIdx.x) * cx + t.x;
+  t.active = t.c < C;
+  return t;
+}
+
+// Sum of K values down each column; afterwards every thread holds its column's totals.
+// Pairing (y, y + h) for h = ny/2 .. 1 is fixed, so the result is reproducible.
+template <int K>
+NF_DEVICE void column_sum(float (&v)[K], float* smem, const ColumnTile& t) {
+  const int T = t.threads(), i = t.idx();
+#pragma unroll
+  for (int k = 0; k < K; ++k) smem[k * T + i] = v[k];
+  __syncthreads();
+  for (int h = t.ny / 2; h > 0; h >>= 1) {
+    if (t.y < h) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        v[k] += smem[k * T + i + h * t.cx];
+        smem[k * T + i] = v[k];
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = smem[k * T + t.x];
+  __syncthreads();  // smem is free again for the caller
+}
+
+// Chan merge of the moments of each column, same tree as column_sum.
+NF_DEVICE coef::Merge<float> column_merge(coef::Merge<float> a, float L, float* smem,
+                                          const ColumnTile& t) {
+  const int T = t.threads(), i = t.idx();
+  smem[i] = a.count;
+  smem[T + i] = a.mean;
+  smem[2 * T + i] = a.q;
+  __syncthreads();
+  for (int h = t.ny / 2; h > 0; h >>= 1) {
+    if (t.y < h) {
+      const int j = i + h * t.cx;
+      coef::merge(a, coef::Merge<float>{smem[j], smem[T + j], smem[2 * T + j]}, L);
+      smem[i] = a.count;
+      smem[T + i] = a.mean;
+      smem[2 * T + i] = a.q;
+    }
+    __syncthreads();
+  }
+  const coef::Merge<float> total{smem[t.x], smem[T + t.x], smem[2 * T + t.x]};
+  __syncthreads();
+  return total;
+}
+
+// mu_B / r_B of the thread's channel, from the batch (merged over the column, means taken
+// relative to the channel's first plane) or from the running statistics. With `update`, row 0
+// writes the running-statistics update (one writer per channel).
+NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float>& p,
+                                                     const ColumnTile& t, float* smem,
+                                                     bool update) {
+  const float L = static_cast<float>(p.L), eps = static_cast<float>(p.eps);
+  if (!p.use_batch()) {  // uniform over the grid: no barrier is skipped by only some threads
+    return t.active ? coef::running_stats(p.running_mean[t.c], p.running_var[t.c], eps)
+                    : coef::BatchStats<float>{0.f, 0.f, 1.f, false};
+  }
+  coef::Merge<float> acc = coef::merge_empty<float>();
+  float shift = 0.f;
+  if (t.active) {
+    shift = p.mean[t.c];
+    for (int64_t n = t.y; n < p.N; n += t.ny) {
+      const int64_t i = n * p.C + t.c;
+      coef::merge_add(acc, p.mean[i] - shift, p.m2[i], L);
+    }
+  }
+  const coef::Merge<float> tot = column_merge(acc, L, smem, t);
+  if (update && t.active && t.y == 0) {
+    coef::update_running(p.running_mean[t.c], p.running_var[t.c], shift, tot.mean, tot.q,
+                         tot.count, L, static_cast<float>(p.momentum));
+  }
+  return coef::batch_stats(shift, tot.mean, tot.q, tot.count, L, eps);
+}
+
+template <class Math>
+__global__ void __launch_bounds__(NF_MAX_THREADS)
+    batch_coef_forward_kernel(BatchCoefParams<float> p, int cx, int ny) {
+  NF_DYNAMIC_SMEM(float, smem);
+  const ColumnTile t = column_tile(cx, ny, p.C);
+  const coef::BatchStats<float> st = column_batch_stats(p, t, smem, p.update_running());
+  if (!t.active) return;
+  const typename Math::Channel ch = Math::load(p, t.c, st);
+  for (int64_t n = t.y; n < p.N; n += ny) {
+    const int64_t i = n * p.C + t.c;
+    const float m = p.mean[i];
+    float scale, shift;
+    Math::forward(ch, m, Math::plane(ch, m, p.m2[i]), scale, shift);
+    p.scale[i] = scale;
+    p.shift[i] = shift;
+  }
+}
+
+// Backward: batch statistics again (never updating the running ones), the per-channel sums over
+// the batch, then per plane c_dy, c_x, c_0. Parameter gradients are written by row 0.
+template <class Math>
+__global__ void __launch_bounds__(NF_MAX_THREADS)
+    batch_coef_backward_kernel(BatchCoefParams<float> p, int cx, int ny) {
+  NF_DYNAMIC_SMEM(float, smem);
+  const ColumnTile t = column_tile(cx, ny, p.C);
+  const coef::BatchStats<float> st = column_batch_stats(p, t, smem, false);
+  typename Math::Channel ch{};
+  float s[Math::kSums] = {};
+  if (t.active) {
+    ch = Math::load(p, t.c, st);
+    for (int64_t n = t.y; n < p.N; n += ny) {
+      const int64_t i = n * p.C + t.c;
+      const float m = p.mean[i];
+      Math::accumulate(ch, m, Math::plane(ch, m, p.m2[i]), p.sum_dy[i], p.sum_dy_xmu[i], s);
+    }
+  }
+  column_sum(s, smem, t);
+  if (!t.active) return;
+  if (t.y == 0) Math::store_grads(p, t.c, ch, s);
+  const typename Math::Final f = Math::finalize(ch, s, static_cast<float>(p.N));
+  for (int64_t n = t.y; n < p.N; n += ny) {
+    const int64_t i = n * p.C + t.c;
+    const float m = p.mean[i];
+    float c_dy, c_x, c_0;  // the plane value again: cheaper than keeping it (registers / memory)
+    Math::backward(ch, f, m, Math::plane(ch, m, p.m2[i]), p.sum_dy[i], p.sum_dy_xmu[i], c_dy, c_x, c_0);
+    p.c_dy[i] = c_dy;
+    p.c_x[i] = c_x;
+    p.c_0[i] = c_0;
+  }
+}
+
+template <class Math>
+cudaError_t launch_batch_coef_forward(const BatchCoefParams<float>& p, cudaStream_t stream) {
+  BatchCoefPlan pl;
+  if (!plan_batch_coef<Math>(p, &pl)) return cudaErrorInvalidValue;
+  if (p.N == 0 || p.C == 0) return cudaSuccess;
+  NF_LAUNCH(batch_coef_forward_kernel<Math>, dim3(static_cast<unsigned>(pl.blocks)),
+            dim3(static_cast<unsigned>(pl.threads())), pl.smem_bytes, stream, p, pl.cx, pl.ny);
+  return cudaGetLastError();
+}
+
+template <class Math>
+cudaError_t launch_batch_coef_backward(const BatchCoefParams<float>& p, cudaStream_t stream) {
+  BatchCoefPlan pl;
+  if (!plan_batch_coef<Math>(p, &pl)) return cudaErrorInvalidValue;
+  if (p.N == 0 || p.C == 0) return cudaSuccess;
+  NF_LAUNCH(batch_coef_backward_kernel<Math>, dim3(static_cast<unsigned>(pl.blocks)),
+            dim3(static_cast<unsigned>(pl.threads())), pl.smem_bytes, stream, p, pl.cx, pl.ny);
+  return cudaGetLastError();
+}
+
+}  // namespace nf

@@ -1,0 +1,223 @@
+"""The compiled coefficient ops (torch.ops.normfuse.{bin,iebn,assoc}_coefficients[_backward]) against
+the float64 reference (normfuse/coefficients/): CPU kernels with float64 and float32 statistics,
+training and eval, with and without running statistics and affine parameters; in-place running
+statistics; results independent of the thread count; torch.library.opcheck (schema incl. the
+declared mutation of the running statistics, fake impls, aot dispatch); argument errors. The CUDA kernels get
+the same comparisons when a GPU is visible (skipped otherwise).
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from test_coefficients_cases import OUTPUTS, assert_close, expected, make_inputs, op_args, op_name
+
+try:
+    from normfuse import _extension
+except Exception as exc:  # pragma: no cover
+    pytest.skip(f"normfuse does not import: {exc}", allow_module_level=True)
+
+if not _extension.HAS_CPU_KERNELS:
+    pytest.skip(_extension.REASON, allow_module_level=True)
+if not torch._C._dispatch_has_kernel_for_dispatch_key("normfuse::bin_coefficients", "CPU"):
+    pytest.skip("normfuse._C predates the coefficient kernels: rebuild it (csrc/README.md)",
+                allow_module_level=True)
+OPS = torch.ops.normfuse
+HAS_GPU = _extension.HAS_CUDA_KERNELS and torch.cuda.is_available()
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6}  # CPU: double arithmetic, one final rounding
+GPU_TOL = 2e-5                                      # CUDA: float32 arithmetic
+
+BATCH_SHAPES = [(4, 5, 7), (1, 3, 9), (6, 1, 1), (3, 37, 2)]  # N, C, L
+MODES = [(True, True, True), (True, False, True), (False, True, True), (False, False, False),
+         (True, True, False), (False, True, False)]  # training, running, affine
+ASSOC_SHAPES = [(1, 6, 5, 1, 1), (3, 8, 3, 8, 2), (5, 40, 7, 4, 3), (4, 70, 1, 2, 5), (2, 12, 9, 3, 1),
+                (3, 5, 1, 5, 2)]  # N, C, L, G, M; the last: one-element groups
+
+
+def _call(op, t, L, G, training, running, affine, device="cpu", dtype=torch.float64):
+    """Run the compiled op on copies of `t` in `dtype` on `device`; returns (outputs by name,
+    the running statistics after the call or None)."""
+    tt = {k: v.to(device=device, dtype=dtype).clone() for k, v in t.items()}
+    out = getattr(OPS, op_name(op))(*op_args(op, tt, L, G, training, running, affine))
+    res = dict(zip(OUTPUTS[op], out))
+    if not op.endswith("backward") and op != "assoc" and running:
+        res["running_mean"], res["running_var"] = tt["running_mean"], tt["running_var"]
+    return res
+
+
+def _compare(res, want, tol, what):
+    assert set(res) == set(want), what
+    for name, ref in want.items():
+        assert res[name].dtype == res["c_dy" if "c_dy" in res else "scale"].dtype
+        assert_close(res[name], ref, tol, f"{what} {name}")
+
+
+def _batch_params():
+    for layer in ("bin", "iebn"):
+        for shape in BATCH_SHAPES:
+            for mode in MODES:
+                if shape[0] == 1 and mode[0]:
+                    continue  # N = 1 in training: a variance over one plane (fine, but nn.BN refuses)
+                yield layer, shape, mode
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layer,shape,mode", list(_batch_params()))
+def test_batch_layers_cpu(layer, shape, mode, dtype):
+    N, C, L = shape
+    training, running, affine = mode
+    for op in (layer, layer + "_backward"):
+        t = make_inputs(op, N, C, L, seed=zlib.crc32(f"{op}{shape}".encode()) & 0xFFFF, dtype=dtype, zero_m2=(L == 1))
+        res = _call(op, t, L, 1, training, running, affine, dtype=dtype)
+        want = expected(op, t, L, 1, training, running, affine)
+        _compare(res, want, TOL[dtype], f"{op} {shape} {mode} {dtype}")
+        for v in res.values():
+            assert v.is_contiguous() and v.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", ASSOC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_assoc_cpu(shape, dtype):
+    N, C, L, G, M = shape
+    for op in ("assoc", "assoc_backward"):
+        t = make_inputs(op, N, C, L, G, M, seed=sum(shape), dtype=dtype)
+        res = _call(op, t, L, G, False, False, True, dtype=dtype)
+        _compare(res, expected(op, t, L, G), TOL[dtype], f"{op} {shape} {dtype}")
+
+
+def test_running_stats_in_place_and_large_offset():
+    """Training updates the given buffers themselves (no copy); eval leaves them alone; an input
+    offset of 1e4 costs float32 nothing (means are merged relative to the first plane's)."""
+    t = make_inputs("bin", 5, 4, 6, seed=3, offset=1e4, dtype=torch.float32)
+    rm, rv = t["running_mean"].float().clone(), t["running_var"].float().clone()
+    rm0, rv0 = rm.clone(), rv.clone()
+    f = {k: v.float() for k, v in t.items()}
+    OPS.bin_coefficients(f["mean"], f["m2"], 6, f["gate"], f["weight"], f["bias"], rm, rv, True, 0.1, 1e-5)
+    want = expected("bin", t, 6)
+    assert_close(rm, want["running_mean"], 1e-7, "running_mean")
+    assert_close(rv, want["running_var"], 1e-6, "running_var")
+    assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
+    rm1, rv1 = rm.clone(), rv.clone()
+    scale, shift = OPS.bin_coefficients(f["mean"], f["m2"], 6, f["gate"], f["weight"], f["bias"], rm, rv,
+                                        False, 0.1, 1e-5)
+    assert torch.equal(rm, rm1) and torch.equal(rv, rv1)
+    evaluated = dict(t, running_mean=rm.double(), running_var=rv.double())
+    want = expected("bin", evaluated, 6, training=False)
+    assert_close(scale, want["scale"], 1e-6, "scale at offset 1e4")
+    assert_close(shift, want["shift"], 1e-6, "shift at offset 1e4")
+
+
+def test_backward_ignores_running_stats_in_training():
+    t = make_inputs("iebn_backward", 3, 5, 4, seed=5)
+    a = _call("iebn_backward", t, 4, 1, True, True, True)
+    b = _call("iebn_backward", t, 4, 1, True, False, True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("op,shape", [("bin_backward", (64, 600, 3, 1, 1)), ("iebn", (64, 600, 3, 1, 1)),
+                                      ("assoc_backward", (700, 8, 3, 4, 3)), ("assoc", (700, 8, 3, 4, 3))])
+def test_independent_of_thread_count(op, shape):
+    """Big enough that at::parallel_for splits the work; 1 and 2 threads agree bit for bit."""
+    N, C, L, G, M = shape
+    t = make_inputs(op, N, C, L, G, M, seed=9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _call(op, t, L, G, True, True, True)
+        torch.set_num_threads(2)
+        two = _call(op, t, L, G, True, True, True)
+    finally:
+        torch.set_num_threads(threads)
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+
+
+def _opcheck_cases():
+    for op in ("bin", "bin_backward", "iebn", "iebn_backward"):
+        for training, running, affine in [(True, True, True), (False, True, False), (True, False, True)]:
+            yield op, (3, 4, 5, 1, 1), (training, running, affine)
+    for op in ("assoc", "assoc_backward"):
+        yield op, (2, 6, 5, 3, 2), (False, False, True)
+
+
+@pytest.mark.parametrize("op,shape,mode", list(_opcheck_cases()))
+def test_opcheck(op, shape, mode):
+    N, C, L, G, M = shape
+    t = make_inputs(op, N, C, L, G, M, seed=11, dtype=torch.float32)
+    tt = {k: v.float() for k, v in t.items()}
+    args = op_args(op, tt, L, G, *mode)
+    torch.library.opcheck(getattr(OPS, op_name(op)).default, tuple(args))
+
+
+def test_argument_errors():
+    t = {k: v.float() for k, v in make_inputs("assoc", 2, 6, 3, 3, 2).items()}
+    with pytest.raises(RuntimeError, match="num_groups"):
+        OPS.assoc_coefficients(t["mean"], t["m2"], 3, 4, t["encoder"], t["decoder_mean"], t["decoder_var"],
+                               t["weight"], t["bias"], 1e-5)
+    b = {k: v.float() for k, v in make_inputs("bin", 2, 6, 3).items()}
+    with pytest.raises(RuntimeError, match="running_mean and running_var"):
+        OPS.bin_coefficients(b["mean"], b["m2"], 3, b["gate"], None, None, b["running_mean"], None, True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        OPS.bin_coefficients(b["mean"].half(), b["m2"].half(), 3, b["gate"], None, None, None, None, True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="gate must have shape"):
+        OPS.bin_coefficients(b["mean"], b["m2"], 3, b["gate"][:5], None, None, None, None, True, 0.1, 1e-5)
+
+
+def test_empty_batch_gives_zero_parameter_gradients():
+    t = {k: v.float() for k, v in make_inputs("bin_backward", 3, 4, 2).items()}
+    e = {k: (v[:0] if v.dim() == 2 else v) for k, v in t.items()}
+    out = OPS.bin_coefficients_backward(e["sum_dy"], e["sum_dy_xmu"], e["mean"], e["m2"], 2, e["gate"], None, None,
+                                        None, None, True, 1e-5)
+    assert out[0].shape == (0, 4) and all(torch.equal(g, torch.zeros(4)) for g in out[3:])
+
+
+# ---- CUDA (skipped without a GPU) ----------------------------------------------------------------------
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and normfuse._C built with CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("layer,shape,mode", list(_batch_params()))
+def test_batch_layers_cuda(layer, shape, mode):
+    N, C, L = shape
+    for op in (layer, layer + "_backward"):
+        t = make_inputs(op, N, C, L, seed=7, dtype=torch.float32)
+        res = _call(op, t, L, 1, *mode, device="cuda", dtype=torch.float32)
+        _compare(res, expected(op, t, L, 1, *mode), GPU_TOL, f"cuda {op} {shape} {mode}")
+
+
+@gpu
+@pytest.mark.parametrize("shape", ASSOC_SHAPES + [(300, 64, 9, 8, 4), (3, 2048, 4, 2048, 8), (257, 96, 2, 1, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_assoc_cuda(shape):
+    """Includes a deep reduction tree (N = 300, 257) and G = C = 2048 (> 48 KiB shared memory)."""
+    N, C, L, G, M = shape
+    for op in ("assoc", "assoc_backward"):
+        t = make_inputs(op, N, C, L, G, M, seed=13, dtype=torch.float32)
+        res = _call(op, t, L, G, False, False, True, device="cuda", dtype=torch.float32)
+        _compare(res, expected(op, t, L, G), GPU_TOL, f"cuda {op} {shape}")
+        again = _call(op, t, L, G, False, False, True, device="cuda", dtype=torch.float32)
+        for k in res:
+            assert torch.equal(res[k], again[k]), f"{op} {k} not reproducible"
+
+
+@gpu
+def test_large_batch_cuda_reproducible():
+    t = make_inputs("bin_backward", 512, 300, 49, seed=17, dtype=torch.float32, offset=100.0)
+    res = _call("bin_backward", t, 49, 1, True, True, True, device="cuda", dtype=torch.float32)
+    again = _call("bin_backward", t, 49, 1, True, True, True, device="cuda", dtype=torch.float32)
+    _compare(res, expected("bin_backward", t, 49), 1e-4, "cuda bin_backward N=512")
+    for k in res:
+        assert torch.equal(res[k], again[k]), k
+
+
+@gpu
+@pytest.mark.parametrize("op,shape,mode", list(_opcheck_cases()))
+def test_opcheck_cuda(op, shape, mode):
+    N, C, L, G, M = shape
+    t = make_inputs(op, N, C, L, G, M, seed=11, dtype=torch.float32)
+    args = op_args(op, {k: v.float().cuda() for k, v in t.items()}, L, G, *mode)
+    torch.library.opcheck(getattr(OPS, op_name(op)).default, tuple(args))

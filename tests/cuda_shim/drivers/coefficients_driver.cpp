@@ -1,0 +1,184 @@
+// Shim driver for the coefficient kernels (csrc/kernels/coefficients_{batch,assoc}.cuh): runs the
+// same templated launchers as the CUDA build on the CPU shim, under TSAN / ASAN.
+// Usage: coefficients_driver CASES_FILE
+// Each line: op N C L G M threads training running affine dir
+//   op: bin | bin_backward | iebn | iebn_backward | assoc | assoc_backward
+//   G, M: AssocNorm only (ignored otherwise); training/running/affine: 0/1 (BIN/IEBN only: with
+//   running statistics; with weight and bias, else None).
+//   dir holds the float32 inputs (<name>.bin) and receives the outputs (out_<name>.bin).
+// assoc_backward runs twice on the same counters: the second run must find them zeroed and give
+// bitwise the same results (the reduction order depends only on N).
+#include "cuda_shim.h"
+#include "driver_io.h"
+#include "kernels/coefficients_assoc.cuh"
+#include "kernels/coefficients_batch.cuh"
+
+#include <fstream>
+#include <map>
+#include <sstream>
+
+using nf_io::Buffer;
+
+namespace {
+
+struct Case {
+  std::string op, dir;
+  int64_t N, C, L, G, M;
+  int threads, training, running, affine;
+};
+
+// Inputs and outputs of one case, by name, each an exactly-sized buffer (ASAN sees overruns).
+struct Arrays {
+  std::string dir;
+  std::map<std::string, Buffer> in, out;
+  const float* input(const std::string& name, int64_t count) {
+    in[name] = nf_io::read_file(dir + "/" + name + ".bin", sizeof(float) * count);
+    return in[name].as<float>();
+  }
+  float* output(const std::string& name, int64_t count) {
+    out[name] = Buffer(sizeof(float) * count, 0);
+    return out[name].as<float>();
+  }
+  // An input the kernel updates in place, written back as an output.
+  float* inout(const std::string& name, int64_t count) {
+    float* p = output(name, count);
+    Buffer b = nf_io::read_file(dir + "/" + name + ".bin", sizeof(float) * count);
+    std::memcpy(p, b.data(), sizeof(float) * count);
+    return p;
+  }
+  void write_all() {
+    for (auto& [name, b] : out) nf_io::write_file(dir + "/out_" + name + ".bin", b.data(), b.bytes);
+  }
+};
+
+void check(cudaError_t e, const Case& cs) {
+  if (e != cudaSuccess) nf_io::die("launcher returned an error for " + cs.dir);
+}
+
+void run_batch(const Case& cs, Arrays& a) {
+  const bool iebn = cs.op.rfind("iebn", 0) == 0, backward = cs.op.find("backward") != std::string::npos;
+  const int64_t NC = cs.N * cs.C, C = cs.C;
+  nf::BatchCoefParams<float> p;
+  p.N = cs.N;
+  p.C = cs.C;
+  p.L = cs.L;
+  p.training = cs.training != 0;
+  p.momentum = 0.1;
+  p.eps = 1e-5;
+  p.threads = cs.threads;
+  p.mean = a.input("mean", NC);
+  p.m2 = a.input("m2", NC);
+  p.gate = a.input("gate", C);
+  if (iebn) p.gate_bias = a.input("gate_bias", C);
+  if (cs.affine) {
+    p.weight = a.input("weight", C);
+    p.bias = a.input("bias", C);
+  }
+  // The backward never updates them; in training it does not even read them (glue convention).
+  if (cs.running && !(backward && p.training)) {
+    p.running_mean = backward ? const_cast<float*>(a.input("running_mean", C)) : a.inout("running_mean", C);
+    p.running_var = backward ? const_cast<float*>(a.input("running_var", C)) : a.inout("running_var", C);
+  }
+  if (!backward) {
+    p.scale = a.output("scale", NC);
+    p.shift = a.output("shift", NC);
+    check(iebn ? nf::launch_batch_coef_forward<nf::coef::IebnMath<float>>(p, nullptr)
+               : nf::launch_batch_coef_forward<nf::coef::BinMath<float>>(p, nullptr),
+          cs);
+    return;
+  }
+  p.sum_dy = a.input("sum_dy", NC);
+  p.sum_dy_xmu = a.input("sum_dy_xmu", NC);
+  p.c_dy = a.output("c_dy", NC);
+  p.c_x = a.output("c_x", NC);
+  p.c_0 = a.output("c_0", NC);
+  p.grad_gate = a.output("grad_gate", C);
+  if (iebn) p.grad_gate_bias = a.output("grad_gate_bias", C);
+  p.grad_weight = a.output("grad_weight", C);
+  p.grad_bias = a.output("grad_bias", C);
+  check(iebn ? nf::launch_batch_coef_backward<nf::coef::IebnMath<float>>(p, nullptr)
+             : nf::launch_batch_coef_backward<nf::coef::BinMath<float>>(p, nullptr),
+        cs);
+}
+
+void run_assoc(const Case& cs, Arrays& a) {
+  const bool backward = cs.op == "assoc_backward";
+  const int64_t NC = cs.N * cs.C, C = cs.C, MG = cs.M * cs.G;
+  nf::AssocCoefParams<float> p;
+  p.N = cs.N;
+  p.C = cs.C;
+  p.L = cs.L;
+  p.G = cs.G;
+  p.M = cs.M;
+  p.eps = 1e-5;
+  p.threads = cs.threads;
+  p.mean = a.input("mean", NC);
+  p.m2 = a.input("m2", NC);
+  p.encoder = a.input("encoder", MG);
+  p.decoder_mean = a.input("decoder_mean", MG);
+  p.decoder_var = a.input("decoder_var", MG);
+  p.weight = a.input("weight", C);
+  p.bias = a.input("bias", C);
+  if (!backward) {
+    p.scale = a.output("scale", NC);
+    p.shift = a.output("shift", NC);
+    check(nf::launch_assoc_coef_forward(p, nullptr), cs);
+    return;
+  }
+  p.sum_dy = a.input("sum_dy", NC);
+  p.sum_dy_xmu = a.input("sum_dy_xmu", NC);
+  const char* names[] = {"c_dy", "c_x", "c_0", "grad_encoder", "grad_decoder_mean", "grad_decoder_var",
+                         "grad_weight", "grad_bias"};
+  const int64_t sizes[] = {NC, NC, NC, MG, MG, MG, C, C};
+  Buffer ws(sizeof(float) * cs.N * p.partials_per_sample(), 0);
+  Buffer counters(sizeof(int) * cs.N, 0);  // zeroed
+  p.workspace = ws.as<float>();
+  p.counters = counters.as<int>();
+  for (int run = 0; run < 2; ++run) {
+    float* outs[8];
+    for (int k = 0; k < 8; ++k) outs[k] = a.output(std::string(names[k]) + (run ? "_again" : ""), sizes[k]);
+    p.c_dy = outs[0];
+    p.c_x = outs[1];
+    p.c_0 = outs[2];
+    p.grad_encoder = outs[3];
+    p.grad_decoder_mean = outs[4];
+    p.grad_decoder_var = outs[5];
+    p.grad_weight = outs[6];
+    p.grad_bias = outs[7];
+    check(nf::launch_assoc_coef_backward(p, nullptr), cs);
+    for (int64_t i = 0; i < cs.N; ++i)
+      if (counters.as<int>()[i] != 0) nf_io::die("arrival counter not reset in " + cs.dir);
+  }
+  for (int k = 0; k < 8; ++k) {
+    const Buffer& x = a.out[names[k]];
+    const Buffer& y = a.out[std::string(names[k]) + "_again"];
+    if (std::memcmp(x.data(), y.data(), x.bytes) != 0)
+      nf_io::die(std::string("second run differs in ") + names[k] + " for " + cs.dir);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) nf_io::die("usage: coefficients_driver CASES_FILE");
+  std::ifstream f(argv[1]);
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty()) continue;
+    std::istringstream ss(line);
+    Case cs;
+    ss >> cs.op >> cs.N >> cs.C >> cs.L >> cs.G >> cs.M >> cs.threads >> cs.training >> cs.running >> cs.affine >>
+        cs.dir;
+    if (!ss) nf_io::die("bad case line: " + line);
+    Arrays a;
+    a.dir = cs.dir;
+    if (cs.op.rfind("assoc", 0) == 0)
+      run_assoc(cs, a);
+    else
+      run_batch(cs, a);
+    a.write_all();
+    std::printf("%s N=%ld C=%ld L=%ld ok\n", cs.op.c_str(), static_cast<long>(cs.N), static_cast<long>(cs.C),
+                static_cast<long>(cs.L));
+  }
+  return 0;
+}
