@@ -1,0 +1,170 @@
+"""Backend selection: set_backend, use_backend, NORMFUSE_BACKEND, available_backends, auto."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import oracles
+from oracles import assert_close_dtype, device_for_backend, make_input
+
+KNOWN = ("torch", "cpu", "cuda", "triton")
+
+
+def _available():
+    try:
+        import normfuse
+        return [n for n in normfuse.available_backends() if n != "auto"]
+    except Exception:  # reported by the tests themselves
+        return ["torch"]
+
+
+BACKENDS = _available()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def restore_backend(nf):
+    getter = getattr(nf, "get_backend", None)
+    before = getter() if getter else None
+    yield
+    nf.set_backend(before if before is not None else "auto")
+
+
+def _current(nf):
+    getter = getattr(nf, "get_backend", None)
+    if getter is None:
+        pytest.skip("normfuse.get_backend does not exist")
+    return getter()
+
+
+def test_available_backends(nf):
+    names = nf.available_backends()
+    assert isinstance(names, (list, tuple))
+    assert "torch" in names
+    assert all(isinstance(n, str) for n in names)
+    assert set(names) <= set(KNOWN) | {"auto"}
+    assert len(set(names)) == len(names)
+
+
+def test_set_backend_and_resolve(nf, restore_backend):
+    x = torch.randn(2, 3, 4)
+    for name in BACKENDS:
+        nf.set_backend(name)
+        assert _current(nf) == name
+        if device_for_backend(name) == "cpu":
+            assert nf.resolve_backend(x) == name
+    nf.set_backend("auto")
+    assert _current(nf) == "auto"
+    picked = nf.resolve_backend(x)
+    assert picked in nf.available_backends() and picked != "auto"
+
+
+def test_use_backend_restores(nf, restore_backend):
+    nf.set_backend("auto")
+    with nf.use_backend("torch"):
+        assert _current(nf) == "torch"
+        assert nf.resolve_backend(torch.randn(2, 3)) == "torch"
+    assert _current(nf) == "auto"
+    with pytest.raises(KeyError):
+        with nf.use_backend("torch"):
+            raise KeyError("boom")
+    assert _current(nf) == "auto"
+    # nested
+    with nf.use_backend("torch"):
+        with nf.use_backend("auto"):
+            assert _current(nf) == "auto"
+        assert _current(nf) == "torch"
+
+
+@pytest.mark.parametrize("name", ["bogus", "TORCH ", "", "gpu"])
+def test_unknown_backend_lists_available(nf, restore_backend, name):
+    before = _current(nf)
+    for call in (lambda: nf.set_backend(name), lambda: nf.use_backend(name).__enter__()):
+        with pytest.raises((ValueError, RuntimeError)) as info:
+            call()
+        msg = str(info.value)
+        for avail in nf.available_backends():
+            assert avail in msg, f"error should list available backend {avail!r}: {msg!r}"
+        assert _current(nf) == before, "a failed set_backend must not change the setting"
+
+
+@pytest.mark.parametrize("name", [n for n in KNOWN])
+def test_unavailable_backend_raises(nf, restore_backend, name):
+    """A known backend that cannot run here is refused (no silent fallback)."""
+    if name in nf.available_backends():
+        pytest.skip(f"{name} is available here")
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        nf.set_backend(name)
+        # if setting is lazy, the first call must raise
+        nf.BatchInstanceNorm2d(3)(torch.randn(2, 3, 4, 4))
+    msg = str(info.value)
+    for avail in nf.available_backends():
+        assert avail in msg, msg
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_named_backend_refuses_foreign_device(nf, restore_backend, name):
+    """A backend asked for explicitly never hands the work to another one: a GPU backend on a
+    CPU tensor raises instead of falling back."""
+    if device_for_backend(name) == "cpu":
+        pytest.skip("backend runs on the CPU")
+    with nf.use_backend(name):
+        with pytest.raises(RuntimeError):
+            nf.BatchInstanceNorm2d(3)(torch.randn(2, 3, 4, 4))
+
+
+def test_auto_matches_resolved_backend(nf, restore_backend, seed):
+    x = make_input((3, 4, 5, 2), seed)
+    with nf.use_backend("auto"):
+        name = nf.resolve_backend(x)
+        m = nf.BatchInstanceNorm2d(4)
+        with torch.no_grad():
+            m.gate.uniform_(0, 1)
+        ya = m(x)
+    with nf.use_backend(name):
+        yb = m(x)
+    torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
+    exp = oracles.module_step(m, x)
+    assert_close_dtype(ya, exp.y, torch.float32, "auto output")
+
+
+def test_auto_float64_cpu_is_supported(nf, restore_backend, seed):
+    with nf.use_backend("auto"):
+        x = make_input((2, 3, 4), seed, torch.float64)
+        assert nf.resolve_backend(x) in nf.available_backends()
+        y = nf.BatchInstanceNorm1d(3).double()(x)
+        assert y.dtype == torch.float64
+
+
+def _run_py(code, env_value):
+    env = dict(os.environ)
+    if env_value is None:
+        env.pop("NORMFUSE_BACKEND", None)
+    else:
+        env["NORMFUSE_BACKEND"] = env_value
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+_CODE = ("import torch, normfuse as nf\n"
+         "y = nf.BatchInstanceNorm2d(3)(torch.randn(2, 3, 4, 4))\n"
+         "print('resolved=' + nf.resolve_backend(torch.randn(2, 3)))\n"
+         "print('setting=' + str(getattr(nf, 'get_backend', lambda: '?')()))\n")
+
+
+def test_env_variable_selects_backend():
+    r = _run_py(_CODE, "torch")
+    assert r.returncode == 0, r.stderr
+    assert "resolved=torch" in r.stdout and "setting=torch" in r.stdout
+
+
+def test_env_variable_unknown_backend_raises():
+    r = _run_py(_CODE, "no-such-backend")
+    assert r.returncode != 0, "an unknown NORMFUSE_BACKEND must not fall back silently"
+    err = r.stderr
+    assert "no-such-backend" in err and "NORMFUSE_BACKEND" in err, err[-2000:]
+    assert "torch" in err.splitlines()[-1] or "torch" in err, err[-2000:]

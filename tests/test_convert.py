@@ -1,0 +1,232 @@
+"""normfuse.convert(module, to): replaces BatchNorm (bin, iebn) / GroupNorm (assoc) layers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from oracles import assert_close_dtype, make_input, randn
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 3, 1)
+        self.bn3 = nn.BatchNorm3d(3, momentum=None)
+
+    def forward(self, x):
+        return self.bn3(self.conv(x))
+
+
+class Net(nn.Module):
+    """Nested modules and Sequentials, BatchNorm1d/2d/3d with various options."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Sequential(nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4, eps=1e-3, momentum=0.3)),
+        )
+        self.inner = Inner()
+        self.fc = nn.Linear(4, 5)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.bn1_seq = nn.BatchNorm1d(4, affine=False)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x, x3):
+        h = self.features(x)                       # (N, 4, H, W)
+        seq = self.bn1_seq(h.flatten(2))           # (N, 4, L)
+        v = self.fc(seq.mean(-1))                  # (N, 5)
+        v = self.bn1(v)
+        z = self.inner(x3)
+        return self.head(v).sum() * 0 + torch.cat([self.head(v).flatten(), z.flatten()])
+
+
+def _randomize_bn(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
+                if m.weight is not None:
+                    m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                    m.num_batches_tracked.fill_(7)
+    return model
+
+
+def _inputs(seed, device="cpu", dtype=torch.float32, n=4):
+    return (make_input((n, 3, 5, 4), seed, dtype, device), make_input((n, 2, 2, 3, 2), seed + 1,
+                                                                    dtype, device))
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn"])
+def test_convert_replaces_every_batchnorm(nf, to, seed):
+    model = _randomize_bn(Net(), seed)
+    model.train()
+    model.features[3][1].eval()  # mixed modes must be carried per module
+    orig = {n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    assert len(orig) == 5
+    out = nf.convert(model, to)
+    assert out is model, "convert returns the (same) module, like convert_sync_batchnorm"
+    mods = dict(out.named_modules())
+    left = [n for n, m in mods.items() if type(m) in BN_TYPES]
+    assert not left, f"BatchNorm layers left after convert: {left}"
+    prefix = "BatchInstanceNorm" if to == "bin" else "InstanceEnhancementBatchNorm"
+    for name, bn in orig.items():
+        new = mods[name]
+        d = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}[type(bn)]
+        assert type(new) is getattr(nf, f"{prefix}{d}d"), f"{name}: {type(new)}"
+        assert new.training == bn.training, f"{name}: train/eval mode not carried"
+        assert new.eps == bn.eps and new.momentum == bn.momentum, name
+        assert new.track_running_stats == bn.track_running_stats, name
+        if bn.affine:
+            assert torch.equal(new.weight.detach(), bn.weight.detach()), f"{name}: weight"
+            assert torch.equal(new.bias.detach(), bn.bias.detach()), f"{name}: bias"
+            assert isinstance(new.weight, nn.Parameter)
+        elif to == "bin":
+            assert new.weight is None and new.bias is None
+        assert torch.equal(new.running_mean, bn.running_mean), f"{name}: running_mean"
+        assert torch.equal(new.running_var, bn.running_var), f"{name}: running_var"
+        assert int(new.num_batches_tracked) == int(bn.num_batches_tracked), name
+        if to == "bin":
+            assert torch.all(new.gate == 1), "BIN gates start at 1"
+        else:
+            assert torch.all(new.gate_weight == 0) and torch.all(new.gate_bias == -1)
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn"])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_convert_bare_batchnorm_returns_replacement(nf, to, d):
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[d](5).eval()
+    out = nf.convert(bn, to)
+    prefix = "BatchInstanceNorm" if to == "bin" else "InstanceEnhancementBatchNorm"
+    assert type(out) is getattr(nf, f"{prefix}{d}d")
+    assert not out.training
+
+
+def test_convert_track_running_stats_false(nf):
+    model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
+    out = nf.convert(model, "bin")
+    assert out[0].track_running_stats is False and out[0].running_mean is None
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc"])
+def test_convert_dtype_and_device(nf, to, seed):
+    if to == "assoc":
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model = model.double()
+    out = nf.convert(model, to)
+    for n, p in out.named_parameters():
+        assert p.dtype == torch.float64, n
+    for n, b in out.named_buffers():
+        if not n.endswith("num_batches_tracked"):
+            assert b.dtype == torch.float64, n
+    meta = nf.convert(copy.deepcopy(model).to("meta"), to)
+    for n, p in meta.named_parameters():
+        assert p.device.type == "meta", n
+    for n, b in meta.named_buffers():
+        assert b.device.type == "meta", n
+
+
+def test_converted_bin_reproduces_batchnorm(nf, backend, device, seed):
+    """A BatchNorm model converted to BIN (gates at 1) gives the same outputs, gradients and
+    running statistics, in train and eval mode."""
+    ref = _randomize_bn(Net(), seed).to(device)
+    ours = nf.convert(copy.deepcopy(ref), "bin")
+    for step in range(3):
+        for training in (True, False):
+            ref.train(training), ours.train(training)
+            x, x3 = _inputs(seed + step, device)
+            yr, y = ref(x, x3), ours(x, x3)
+            assert_close_dtype(y, yr, torch.float32, f"step {step} training={training}")
+            dy = randn(y.shape, seed + 3, torch.float32, device)
+            gr = torch.autograd.grad(yr, list(ref.parameters()), dy)
+            params = [p for n, p in ours.named_parameters() if not n.endswith("gate")]
+            g = torch.autograd.grad(y, params, dy)
+            for a, b in zip(g, gr):
+                assert_close_dtype(a, b, torch.float32, "parameter gradient", factor=4)
+    for (n, b), (nr, br) in zip(ours.named_buffers(), ref.named_buffers()):
+        assert n == nr
+        assert_close_dtype(b.double(), br.double(), torch.float32, n)
+
+
+def test_convert_iebn_state_carried(nf, seed):
+    ref = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), seed).eval()
+    ours = nf.convert(copy.deepcopy(ref), "iebn")
+    with torch.no_grad():
+        ours[1].gate_bias.fill_(30.0)  # sigmoid(30) == 1: IEBN == BN
+    x = make_input((2, 3, 4, 4), seed)
+    assert_close_dtype(ours(x), ref(x), torch.float32, "eval output")
+
+
+def test_convert_assoc(nf, seed):
+    gn_model = nn.Sequential(
+        nn.Conv2d(3, 6, 1), nn.GroupNorm(3, 6, eps=1e-3),
+        nn.Sequential(nn.Conv2d(6, 8, 1), nn.GroupNorm(2, 8)),
+        nn.BatchNorm2d(8),
+    )
+    _randomize_bn(gn_model, seed)
+    gn_model[2].eval()
+    gns = {n: m for n, m in gn_model.named_modules() if isinstance(m, nn.GroupNorm)}
+    out = nf.convert(gn_model, "assoc")
+    assert out is gn_model
+    mods = dict(out.named_modules())
+    for name, gn in gns.items():
+        new = mods[name]
+        assert type(new) is nf.AssocNorm, name
+        assert new.num_groups == gn.num_groups and new.eps == gn.eps, name
+        assert new.weight.shape == (gn.num_channels,) and new.encoder.shape[1] == gn.num_groups
+        assert new.training == gn.training, name
+        assert new.weight.device == gn.weight.device and new.weight.dtype == gn.weight.dtype
+        # "carrying weights": either copied verbatim, or (as normfuse documents) chosen so that
+        # the converted layer computes the same function as the GroupNorm it replaces.
+        x = make_input((2, gn.num_channels, 3, 5), seed)
+        verbatim = torch.equal(new.weight.detach(), gn.weight.detach()) and \
+            torch.equal(new.bias.detach(), gn.bias.detach())
+        if not verbatim:
+            assert_close_dtype(new(x), gn(x), torch.float32, f"{name}: function carried")
+    assert type(mods["3"]) is nn.BatchNorm2d, "assoc converts GroupNorm only"
+    y = out(make_input((2, 3, 4, 4), seed))
+    assert torch.isfinite(y).all()
+
+
+def test_convert_assoc_affine_false(nf, seed):
+    gn = nn.GroupNorm(2, 4, affine=False)
+    new = nf.convert(nn.Sequential(gn), "assoc")[0]
+    assert type(new) is nf.AssocNorm
+    x = make_input((3, 4, 2, 5), seed)
+    if not (torch.all(new.weight == 1) and torch.all(new.bias == 0)):
+        assert_close_dtype(new(x), gn(x), torch.float32, "function carried")
+
+
+def test_convert_groupnorm_untouched_by_bin(nf):
+    model = nn.Sequential(nn.GroupNorm(2, 4), nn.BatchNorm2d(4))
+    out = nf.convert(model, "bin")
+    assert type(out[0]) is nn.GroupNorm and type(out[1]) is nf.BatchInstanceNorm2d
+
+
+def test_convert_bad_target(nf):
+    with pytest.raises((ValueError, KeyError)) as info:
+        nf.convert(nn.Sequential(nn.BatchNorm2d(3)), "batchnorm")
+    msg = str(info.value)
+    assert "bin" in msg and "iebn" in msg and "assoc" in msg
+
+
+def test_convert_then_train_step(nf, seed):
+    """The converted model trains: parameters receive gradients and change with an optimizer."""
+    model = nf.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), "bin")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = make_input((4, 3, 6, 6), seed)
+    gate_before = model[1].gate.detach().clone()
+    model(x).pow(2).mean().backward()
+    assert model[1].gate.grad is not None and torch.isfinite(model[1].gate.grad).all()
+    opt.step()
+    assert not torch.equal(model[1].gate.detach(), gate_before)

@@ -1,0 +1,554 @@
+"""The three layers as modules, against the float64 oracles (tests/oracles.py).
+
+Every test runs once per available backend (the ``backend`` fixture of conftest.py).
+Checked: forward, the input gradient and every parameter gradient, train and eval, running
+statistics and num_batches_tracked over several steps, dtypes, memory formats, awkward shapes
+and strided views.
+"""
+
+import pytest
+import torch
+
+import oracles
+from oracles import (assert_close_dtype, dtype_supported, layout_of, make_input, randn,
+                      randomize_parameters, to_layout)
+
+KINDS = ["bin", "iebn", "assoc"]
+REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _dim_of(rank):
+    return {2: 1, 3: 1, 4: 2, 5: 3}[rank]
+
+
+def assoc_groups(c):
+    """Largest proper divisor of c (>= 2 channels per group), or 1."""
+    for g in range(c - 1, 0, -1):
+        if c % g == 0 and g < c:
+            return g
+    return 1
+
+
+def make_layer(nf, kind, shape, groups=None, embed_dim=3, **kw):
+    c = shape[1]
+    d = _dim_of(len(shape))
+    if kind == "bin":
+        return getattr(nf, f"BatchInstanceNorm{d}d")(c, **kw)
+    if kind == "iebn":
+        return getattr(nf, f"InstanceEnhancementBatchNorm{d}d")(c, **kw)
+    if kind == "assoc":
+        g = assoc_groups(c) if groups is None else groups
+        return nf.AssocNorm(g, c, embed_dim=embed_dim, **kw)
+    raise ValueError(kind)
+
+
+def prepare(module, seed, device, training, param_dtype=torch.float32):
+    module = randomize_parameters(module, seed)
+    module = module.to(device=device, dtype=param_dtype)
+    module.train(training)
+    return module
+
+
+def run_and_check(module, x, dy, dtype, what, grad_wrt=None, expected_dx=None):
+    """Run module(x) and backward(dy); compare with oracles.module_step.
+
+    ``grad_wrt``: the leaf whose gradient is checked (default: ``x`` itself, made a leaf).
+    Returns (y, dx) for further layout checks.
+    """
+    exp = oracles.module_step(module, x, dy)
+    lp = oracles.module_step(module, x, dy, torch.float32) if dtype != torch.float64 else None
+    if grad_wrt is None:
+        leaf = x.detach().clone()  # clone keeps the strides of a dense tensor
+        leaf.requires_grad_(True)
+        xin = leaf
+    else:
+        leaf, xin = grad_wrt
+    params = [p for _, p in module.named_parameters()]
+    names = [n for n, _ in module.named_parameters()]
+    y = module(xin)
+    assert isinstance(y, torch.Tensor)
+    assert y.dtype == x.dtype, f"{what}: output dtype {y.dtype} != input dtype {x.dtype}"
+    assert y.device == x.device
+    assert tuple(y.shape) == tuple(x.shape)
+    grads = torch.autograd.grad(y, [leaf] + params, dy, allow_unused=True)
+    dx, pgrads = grads[0], grads[1:]
+    def low(v):
+        return None if lp is None else v(lp)
+
+    assert_close_dtype(y, exp.y, dtype, f"{what}: output", lowp=low(lambda r: r.y))
+    assert dx is not None and dx.dtype == x.dtype, f"{what}: dx dtype"
+    ex = (lambda g: g) if expected_dx is None else expected_dx
+    assert_close_dtype(dx, ex(exp.grads["input"]), dtype, f"{what}: dx",
+                       lowp=low(lambda r: ex(r.grads["input"])))
+    for n, g in zip(names, pgrads):
+        assert g is not None, f"{what}: no gradient for parameter {n}"
+        assert g.dtype == dict(module.named_parameters())[n].dtype
+        assert_close_dtype(g, exp.grads[n], dtype, f"{what}: grad {n}",
+                           lowp=low(lambda r: r.grads[n]))
+    # buffers
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if exp.running_mean is not None:
+        assert_close_dtype(module.running_mean, exp.running_mean, acc, f"{what}: running_mean")
+        assert_close_dtype(module.running_var, exp.running_var, acc, f"{what}: running_var")
+    if exp.num_batches_tracked is not None:
+        assert int(module.num_batches_tracked) == exp.num_batches_tracked, \
+            f"{what}: num_batches_tracked"
+    return y, dx
+
+
+# ------------------------------------------------------------------------------ defaults
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_bin_defaults(nf, d):
+    m = getattr(nf, f"BatchInstanceNorm{d}d")(7)
+    assert isinstance(m, torch.nn.Module)
+    for name, val in [("weight", 1.0), ("bias", 0.0), ("gate", 1.0)]:
+        p = getattr(m, name)
+        assert isinstance(p, torch.nn.Parameter) and p.requires_grad, name
+        assert p.shape == (7,) and p.dtype == torch.float32
+        assert torch.all(p == val), name
+    assert torch.all(m.running_mean == 0) and m.running_mean.shape == (7,)
+    assert torch.all(m.running_var == 1) and m.running_var.shape == (7,)
+    assert int(m.num_batches_tracked) == 0 and m.num_batches_tracked.dtype == torch.long
+    assert m.eps == 1e-5 and m.momentum == 0.1
+    assert set(dict(m.named_parameters())) == {"weight", "bias", "gate"}
+    assert {"running_mean", "running_var", "num_batches_tracked"} <= set(m.state_dict())
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_bin_affine_false_keeps_gate(nf, d):
+    m = getattr(nf, f"BatchInstanceNorm{d}d")(4, affine=False)
+    assert m.weight is None and m.bias is None
+    assert isinstance(m.gate, torch.nn.Parameter) and torch.all(m.gate == 1)
+    assert set(dict(m.named_parameters())) == {"gate"}
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_iebn_defaults_and_aliases(nf, d):
+    cls = getattr(nf, f"InstanceEnhancementBatchNorm{d}d")
+    assert getattr(nf, f"IEBN{d}d") is cls
+    m = cls(6)
+    for name, val in [("weight", 1.0), ("bias", 0.0), ("gate_weight", 0.0), ("gate_bias", -1.0)]:
+        p = getattr(m, name)
+        assert isinstance(p, torch.nn.Parameter) and p.shape == (6,), name
+        assert torch.all(p == val), name
+    assert set(dict(m.named_parameters())) == {"weight", "bias", "gate_weight", "gate_bias"}
+    assert torch.all(m.running_mean == 0) and torch.all(m.running_var == 1)
+    assert int(m.num_batches_tracked) == 0
+    assert m.eps == 1e-5 and m.momentum == 0.1
+
+
+def test_assoc_defaults(nf):
+    m = nf.AssocNorm(4, 12, embed_dim=5)
+    assert m.encoder.shape == (5, 4)
+    assert m.decoder_mean.shape == (4, 5)
+    assert m.decoder_var.shape == (4, 5)
+    assert m.weight.shape == (12,) and torch.all(m.weight == 1)
+    assert m.bias.shape == (12,) and torch.all(m.bias == 0)
+    assert set(dict(m.named_parameters())) == {"encoder", "decoder_mean", "decoder_var",
+                                                "weight", "bias"}
+    assert m.num_groups == 4 and m.eps == 1e-5
+    d = nf.AssocNorm(4, 12)  # default embed_dim: some M >= 1
+    mm = d.encoder.shape[0]
+    assert d.encoder.shape == (mm, 4) and d.decoder_mean.shape == (4, mm) and mm >= 1
+    assert torch.isfinite(d.encoder).all() and torch.isfinite(d.decoder_var).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_factory_kwargs(nf, kind):
+    m = make_layer(nf, kind, (2, 6, 3, 3), dtype=torch.float64)
+    for n, p in m.named_parameters():
+        assert p.dtype == torch.float64, n
+    for n, b in m.named_buffers():
+        if n.endswith("num_batches_tracked"):
+            assert b.dtype == torch.long
+        else:
+            assert b.dtype == torch.float64, n
+    m = make_layer(nf, kind, (2, 6, 3, 3), device="meta")
+    for n, p in m.named_parameters():
+        assert p.device.type == "meta", n
+
+
+# ------------------------------------------------------------------- forward / backward
+SHAPES = [
+    (5, 3), (4, 3, 7), (6, 5, 1), (3, 11, 2),               # 1d: (N, C), odd L, L = 1, C = 11
+    (3, 5, 4, 3), (2, 3, 1, 1), (1, 6, 3, 5), (4, 1, 3, 3),  # 2d: odd, L = 1, N = 1, C = 1
+    (2, 3, 3, 2, 5), (3, 2, 1, 1, 1),                        # 3d
+]
+EVAL_ONLY = [(1, 5), (1, 4, 1), (1, 3, 1, 1), (1, 2, 1, 1, 1)]  # one value per channel
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_backward_float32(nf, backend, device, seed, kind, shape, training):
+    m = prepare(make_layer(nf, kind, shape), seed, device, training)
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, f"{kind}{shape}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", EVAL_ONLY, ids=str)
+def test_eval_one_value_per_channel(nf, backend, device, seed, kind, shape):
+    """N = 1 and L = 1 is legal in eval mode (running statistics; instance part is 0)."""
+    groups = 1 if kind == "assoc" else None
+    m = prepare(make_layer(nf, kind, shape, groups=groups), seed, device, False)
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, f"{kind}{shape}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(2, 6, 4, 3), (1, 4, 5), (3, 5, 2, 2, 2)], ids=str)
+def test_instance_and_group_paths_allow_n1(nf, backend, device, seed, kind, shape):
+    """N = 1 in training (L > 1), and AssocNorm with one channel per group."""
+    groups = shape[1] if kind == "assoc" else None
+    xshape = (1,) + shape[1:]
+    m = prepare(make_layer(nf, kind, xshape, groups=groups), seed, device, True)
+    x = make_input(xshape, seed, torch.float32, device)
+    dy = randn(xshape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, f"{kind}{xshape}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (6, 5, 7), (4, 3)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dtypes(nf, backend, device, seed, kind, dtype, shape, training):
+    """Output (and dx) in the input's dtype; reduced types vs the oracle on the upcast input."""
+    if not dtype_supported(device, dtype):
+        pytest.skip(f"{dtype} not supported by the {backend} backend on {device}")
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    m = prepare(make_layer(nf, kind, shape), seed, device, training, param_dtype)
+    x = make_input(shape, seed, dtype, device)
+    dy = randn(shape, seed + 7, dtype, device)
+    run_and_check(m, x, dy, dtype, f"{kind}{shape}")
+    for n, p in m.named_parameters():
+        assert p.dtype == param_dtype, f"parameter {n} changed dtype"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_module(nf, backend, device, seed, kind, dtype):
+    """module.to(dtype) (parameters and buffers in half precision), like nn.BatchNorm allows."""
+    shape = (4, 6, 3, 3)
+    m = prepare(make_layer(nf, kind, shape), seed, device, True, dtype)
+    x = make_input(shape, seed, dtype, device)
+    dy = randn(shape, seed + 7, dtype, device)
+    exp = oracles.module_step(m, x, dy)
+    y = m(x)
+    assert y.dtype == dtype
+    assert_close_dtype(y, exp.y, dtype, "output", factor=2)
+    if exp.running_mean is not None:
+        assert m.running_mean.dtype == dtype
+        assert_close_dtype(m.running_mean, exp.running_mean, dtype, "running_mean", factor=2)
+        assert_close_dtype(m.running_var, exp.running_var, dtype, "running_var", factor=2)
+
+
+# ------------------------------------------------------------------------- memory formats
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (2, 3, 3, 2, 5), (4, 6, 5), (2, 4, 1, 3)],
+                         ids=str)
+@pytest.mark.parametrize("dtype,dy_layout", [(torch.float32, "same"), (torch.float32, "contiguous"),
+                                             (torch.float16, "same")], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last(nf, backend, device, seed, kind, shape, dtype, dy_layout, training):
+    """channels_last / channels_last_3d / (N, L, C)-permuted rank 3: output and dx keep it."""
+    m = prepare(make_layer(nf, kind, shape), seed, device, training)
+    x = make_input(shape, seed, dtype, device, layout="cl")
+    want = layout_of(x)
+    assert want in ("nlc", "channels_last", "channels_last_3d") or shape[2:] == (1, 3)
+    dy = randn(shape, seed + 7, dtype, device)
+    if dy_layout == "same":
+        dy = to_layout(dy, "cl")
+    y, dx = run_and_check(m, x, dy, dtype, f"{kind}{shape}")
+    assert y.stride() == x.stride(), f"output strides {y.stride()} != input {x.stride()}"
+    assert dx.stride() == x.stride(), f"dx strides {dx.stride()} != input {x.stride()}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (2, 3, 3, 2, 5), (4, 6, 5), (4, 6)], ids=str)
+def test_contiguous_output_is_contiguous(nf, backend, device, seed, kind, shape):
+    m = prepare(make_layer(nf, kind, shape), seed, device, True)
+    x = make_input(shape, seed, torch.float32, device).requires_grad_()
+    y = m(x)
+    assert y.is_contiguous()
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y) + randn(shape, seed, device=device))
+    assert dx.is_contiguous()
+
+
+# --------------------------------------------------------------------------- strided views
+def _views(rank, c, seed, device):
+    """(name, base leaf, function base -> view of shape (N, c, ...))"""
+    out = []
+    if rank == 2:
+        out.append(("chan_step", (5, 2 * c), lambda b: b[:, ::2]))
+        out.append(("transposed", (c, 5), lambda b: b.t()))
+    elif rank == 3:
+        out.append(("chan_step", (4, 2 * c, 5), lambda b: b[:, ::2]))
+        out.append(("transposed_sliced", (4, 7, c), lambda b: b.transpose(1, 2)[:, :, 1:]))
+        out.append(("last_step", (4, c, 9), lambda b: b[..., ::2]))
+    elif rank == 4:
+        out.append(("chan_step", (3, 2 * c, 4, 3), lambda b: b[:, ::2]))
+        out.append(("transposed_sliced", (3, 4, c, 5), lambda b: b.transpose(1, 2)[..., 1:]))
+        out.append(("spatial_step", (3, c, 4, 7), lambda b: b[:, :, 1:, ::2]))
+        out.append(("batch_step", (6, c, 3, 3), lambda b: b[::2]))
+    else:
+        out.append(("chan_step", (2, 2 * c, 3, 2, 3), lambda b: b[:, ::2]))
+        out.append(("transposed_sliced", (2, 3, c, 4, 2),
+                    lambda b: b.transpose(1, 2)[:, :, :, 1:]))
+    return out
+
+
+VIEW_CASES = [(rank, i) for rank, n in [(2, 2), (3, 3), (4, 4), (5, 2)] for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rank,view_index", VIEW_CASES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_views(nf, backend, device, seed, kind, rank, view_index, training):
+    c = 6
+    name, base_shape, fn = _views(rank, c, seed, device)[view_index]
+    base = make_input(base_shape, seed, torch.float32, device)
+    x = fn(base)
+    assert not x.is_contiguous(), name
+    shape = tuple(x.shape)
+    m = prepare(make_layer(nf, kind, shape), seed, device, training)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    leaf = base.detach().clone().requires_grad_()
+    xin = fn(leaf)
+
+    def expected_dx(gx):
+        full = torch.zeros(base_shape, dtype=torch.float64)
+        fn(full).copy_(gx)
+        return full
+
+    run_and_check(m, x, dy, torch.float32, f"{kind} {name}", grad_wrt=(leaf, xin),
+                  expected_dx=expected_dx)
+
+
+# ----------------------------------------------------------------------- running statistics
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_running_stats_several_steps(nf, backend, device, seed, kind, rank, momentum):
+    c = 5
+    shapes = {2: [(6, c), (4, c), (9, c), (2, c)],
+              3: [(4, c, 3), (2, c, 7), (5, c, 1), (3, c, 4)],
+              4: [(3, c, 4, 3), (2, c, 2, 5), (1, c, 3, 3), (4, c, 1, 2)],
+              5: [(2, c, 3, 2, 2), (3, c, 1, 2, 3), (1, c, 2, 2, 2), (2, c, 2, 1, 1)]}[rank]
+    m = make_layer(nf, kind, shapes[0], momentum=momentum)
+    with torch.no_grad():
+        randomize_parameters(m, seed)
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+    m = m.to(device).train()
+    params = {n: p for n, p in m.named_parameters()}
+    rm = torch.zeros(c, dtype=torch.float64)
+    rv = torch.ones(c, dtype=torch.float64)
+    for step, shape in enumerate(shapes):
+        x = make_input(shape, seed + 10 * step, torch.float32, device, scale=1 + step,
+                       offset=step - 1)
+        factor = momentum if momentum is not None else 1.0 / (step + 1)
+        exp = oracles.run(kind, x, params, running_mean=rm, running_var=rv, training=True,
+                          momentum=factor, eps=m.eps)
+        y = m(x)
+        assert_close_dtype(y, exp.y, torch.float32, f"step {step} output")
+        rm, rv = exp.running_mean, exp.running_var
+        assert_close_dtype(m.running_mean, rm, torch.float32, f"step {step} running_mean")
+        assert_close_dtype(m.running_var, rv, torch.float32, f"step {step} running_var")
+        assert int(m.num_batches_tracked) == step + 1
+    # eval uses the accumulated statistics and does not change them or the counter
+    m.eval()
+    before = (m.running_mean.clone(), m.running_var.clone())
+    x = make_input((3, c) + shapes[0][2:], seed + 99, torch.float32, device)
+    exp = oracles.run(kind, x, params, running_mean=rm, running_var=rv, training=False,
+                      eps=m.eps)
+    assert_close_dtype(m(x), exp.y, torch.float32, "eval output")
+    assert torch.equal(m.running_mean, before[0]) and torch.equal(m.running_var, before[1])
+    assert int(m.num_batches_tracked) == len(shapes)
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
+def test_running_stats_no_grad_and_inference_mode(nf, backend, device, seed, kind):
+    """Training-mode forward without autograd still updates the running statistics."""
+    shape = (4, 3, 5)
+    m = prepare(make_layer(nf, kind, shape), seed, device, True)
+    x = make_input(shape, seed, torch.float32, device)
+    exp = oracles.module_step(m, x)
+    with torch.no_grad():
+        y = m(x)
+    assert_close_dtype(y, exp.y, torch.float32, "no_grad output")
+    assert_close_dtype(m.running_mean, exp.running_mean, torch.float32, "running_mean")
+    assert int(m.num_batches_tracked) == exp.num_batches_tracked
+    exp = oracles.module_step(m, x)
+    with torch.inference_mode():
+        y = m(x)
+    assert_close_dtype(y, exp.y, torch.float32, "inference_mode output")
+    assert_close_dtype(m.running_var, exp.running_var, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("shape", [(4, 3), (3, 5, 4, 3), (1, 3, 4, 2)], ids=str)
+def test_track_running_stats_false(nf, backend, device, seed, kind, shape):
+    m = make_layer(nf, kind, shape, track_running_stats=False)
+    assert m.running_mean is None and m.running_var is None
+    assert getattr(m, "num_batches_tracked", None) is None
+    randomize_parameters(m, seed)
+    m = m.to(device)
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    for training in (True, False):
+        m.train(training)
+        # both modes normalize with the batch statistics
+        run_and_check(m, x, dy, torch.float32, f"{kind} track=False training={training}")
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bin_affine_false(nf, backend, device, seed, d, training):
+    shape = {1: (5, 4, 3), 2: (3, 4, 3, 2), 3: (2, 4, 2, 3, 2)}[d]
+    m = getattr(nf, f"BatchInstanceNorm{d}d")(4, affine=False)
+    m = prepare(m, seed, device, training)
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, "bin affine=False")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bin_1d_one_element_per_plane(nf, backend, device, seed, training):
+    """(N, C) input: the instance part has a zero numerator, so gate 0 gives exactly bias."""
+    m = prepare(nf.BatchInstanceNorm1d(4), seed, device, training)
+    with torch.no_grad():
+        m.gate.zero_()
+    x = make_input((6, 4), seed, torch.float32, device).requires_grad_()
+    y = m(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, m.bias.detach().expand(6, 4), atol=1e-6, rtol=0)
+    (dx, dg) = torch.autograd.grad(y, (x, m.gate), randn((6, 4), seed, device=device))
+    assert torch.isfinite(dx).all() and torch.isfinite(dg).all()
+
+
+def test_state_dict_round_trip(nf, backend, device, seed):
+    """state_dict round trip between two modules gives identical outputs."""
+    shape = (3, 4, 5, 2)
+    for kind in KINDS:
+        a = prepare(make_layer(nf, kind, shape), seed, device, False)
+        b = make_layer(nf, kind, shape).to(device).eval()
+        b.load_state_dict(a.state_dict())
+        x = make_input(shape, seed, torch.float32, device)
+        torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
+
+
+# -------------------------------------------------------------- authors' IEBN checkpoints
+class _AuthorsIEBN2d(torch.nn.BatchNorm2d):
+    """Re-creation of the IEBN authors' layer (their parameter names and (1, C, 1, 1) shapes):
+    weight, bias, weight_readjust, bias_readjust all (1, C, 1, 1); BN buffers as usual."""
+
+    def __init__(self, c):
+        super().__init__(c, affine=False)
+        self.weight = torch.nn.Parameter(torch.ones(1, c, 1, 1))
+        self.bias = torch.nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.weight_readjust = torch.nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.bias_readjust = torch.nn.Parameter(torch.full((1, c, 1, 1), -1.0))
+
+    def forward(self, x):
+        att = torch.sigmoid(x.mean((2, 3), keepdim=True) * self.weight_readjust
+                            + self.bias_readjust)
+        out = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, None, None,
+                                             self.training, self.momentum, self.eps)
+        return out * (self.weight * att) + self.bias
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_iebn_loads_authors_checkpoint(nf, backend, device, seed, nested):
+    c = 5
+    authors = _AuthorsIEBN2d(c)
+    with torch.no_grad():
+        for i, p in enumerate(authors.parameters()):
+            p.copy_(randn(p.shape, seed + i, scale=0.5, offset=0.5 if i == 0 else 0.0))
+        authors.running_mean.copy_(randn((c,), seed + 10, scale=0.3))
+        authors.running_var.copy_(0.5 + torch.rand(c))
+        authors.num_batches_tracked.fill_(11)
+    ours = nf.IEBN2d(c)
+    if nested:
+        src = torch.nn.Sequential(torch.nn.Identity(), authors)
+        dst = torch.nn.Sequential(torch.nn.Identity(), ours)
+    else:
+        src, dst = authors, ours
+    sd = src.state_dict()
+    assert any(k.endswith("weight_readjust") for k in sd)
+    assert sd[("1." if nested else "") + "bias_readjust"].shape == (1, c, 1, 1)
+    dst.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(ours.gate_weight.detach(), authors.weight_readjust.detach().flatten())
+    torch.testing.assert_close(ours.gate_bias.detach(), authors.bias_readjust.detach().flatten())
+    torch.testing.assert_close(ours.weight.detach(), authors.weight.detach().flatten())
+    torch.testing.assert_close(ours.bias.detach(), authors.bias.detach().flatten())
+    assert ours.gate_weight.shape == (c,) and isinstance(ours.gate_weight, torch.nn.Parameter)
+    assert int(ours.num_batches_tracked) == 11
+    ours = ours.to(device)
+    authors = authors.to(device)
+    x = make_input((3, c, 4, 5), seed, torch.float32, device)
+    for training in (False, True):
+        ours.train(training), authors.train(training)
+        assert_close_dtype(ours(x), authors(x), torch.float32, f"training={training}")
+    torch.testing.assert_close(ours.running_mean, authors.running_mean)
+    # our own state_dict uses our names and round-trips
+    fresh = nf.IEBN2d(c)
+    fresh.load_state_dict(ours.state_dict(), strict=True)
+    assert "gate_weight" in ours.state_dict()
+
+
+def test_iebn_loads_readjust_only_checkpoint(nf):
+    """weight/bias of shape (C,) with weight_readjust/bias_readjust of shape (1, C, 1, 1)."""
+    c = 3
+    sd = nf.IEBN2d(c).state_dict()
+    gw, gb = sd.pop("gate_weight"), sd.pop("gate_bias")
+    sd["weight_readjust"] = torch.arange(c, dtype=torch.float32).reshape(1, c, 1, 1)
+    sd["bias_readjust"] = -torch.arange(c, dtype=torch.float32).reshape(1, c, 1, 1)
+    m = nf.IEBN2d(c)
+    m.load_state_dict(sd, strict=True)
+    assert torch.equal(m.gate_weight.detach(), torch.arange(c, dtype=torch.float32))
+    assert torch.equal(m.gate_bias.detach(), -torch.arange(c, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (64, 16, 1), (8, 16, 1, 1)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bin_one_value_per_plane_dx_accuracy(nf, backend, device, seed, shape, training):
+    """With L = 1 the instance part is identically 0, so its gradient contributes nothing;
+    float32 dx must be as accurate as a plain float32 computation (the oracle's float32 run
+    is ~3e-7 off here), not amplified by the instance factor 1/sqrt(eps) ~ 316."""
+    m = prepare(make_layer(nf, "bin", shape), seed, device, training)
+    x = make_input(shape, seed, torch.float32, device).requires_grad_()
+    dy = randn(shape, seed + 7, torch.float32, device)
+    exp = oracles.module_step(m, x, dy)
+    (dx,) = torch.autograd.grad(m(x), x, dy)
+    ref = exp.grads["input"]
+    err = float((dx.double().cpu() - ref).abs().max())
+    assert err <= 1e-5 * max(1.0, float(ref.abs().max())), f"dx max error {err:.2e}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_two_forwards_then_backward(nf, backend, device, seed, kind, training):
+    """Two calls of the same module before one backward (siamese nets, gradient accumulation
+    over micro-batches in one graph) must work, like nn.BatchNorm: eval mode must not touch
+    the running statistics (not even their version counter), and training mode must not save
+    them for backward."""
+    shape = (3, 6, 4, 3)
+    m = prepare(make_layer(nf, kind, shape), seed, device, training)
+    x1 = make_input(shape, seed, torch.float32, device).requires_grad_()
+    x2 = make_input(shape, seed + 1, torch.float32, device).requires_grad_()
+    dy = randn(shape, seed + 2, torch.float32, device)
+    exp1 = oracles.module_step(m, x1, dy)
+    versions = [b._version for b in m.buffers()]
+    y1 = m(x1)
+    exp2 = oracles.module_step(m, x2, dy)
+    y2 = m(x2)
+    if not training:
+        assert [b._version for b in m.buffers()] == versions, \
+            "eval mode must not write the running statistics"
+    g1, g2 = torch.autograd.grad((y1 * dy).sum() + (y2 * dy).sum(), (x1, x2))
+    assert_close_dtype(g1, exp1.grads["input"], torch.float32, "dx1")
+    assert_close_dtype(g2, exp2.grads["input"], torch.float32, "dx2")
