@@ -1,0 +1,217 @@
+"""Associate Normalization coefficient kernels (forward and backward), one launch each.
+
+Formulas: ``normfuse/coefficients/assoc.py``.  One program per sample ``n``: it merges the plane
+moments of each group (Chan, shifted by the group's first plane mean), runs the auto-encoder
+(``W1: (M, G)``, ``W2, W3: (G, M)``; G, M <= 64: forward on zero-padded register tiles, backward
+in chunks of ``M_CHUNK`` hidden units to bound register use) and writes the per-plane
+``scale``/``shift`` (forward) or ``c_dy``/``c_x``/``c_0`` (backward).  ``r_G`` is 0 for
+one-element groups, as in normfuse.coefficients.assoc.  Channel tiles are
+``[BLOCK_G, BLOCK_CG]`` (group x channel within the group), looping over the group width.
+
+Backward parameter gradients are sums over samples.  Each program writes its sample's
+contributions as one row of ``ws`` (``[d weight (C) | d bias (C) | d W1 (M G) | d W2 (G M) |
+d W3 (G M)]``); the last program of each group of ``ROWS_PER_GROUP`` samples adds that group's
+rows in order into ``ws2``, and the last of those adds the ``ws2`` rows in order into the
+gradients: a deterministic two-level tree inside the same launch (``common.last_arrival``).
+"""
+import triton
+import triton.language as tl
+
+from .common import last_arrival, reset_counter, sigmoid, tanh, total, welford_combine
+
+ROWS_PER_GROUP = tl.constexpr(8)
+BLOCK_W = tl.constexpr(512)
+UNROLL = tl.constexpr(4)
+M_CHUNK = tl.constexpr(16)
+
+
+@triton.jit
+def group_tile(j0, g, gmask, Cg, BLOCK_CG: tl.constexpr):
+    """Channel index (within the sample) and mask of a ``[BLOCK_G, BLOCK_CG]`` tile."""
+    j = j0 + tl.arange(0, BLOCK_CG)
+    return g[:, None] * Cg + j[None, :], gmask[:, None] & (j < Cg)[None, :]
+
+
+@triton.jit
+def group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G: tl.constexpr,
+                  BLOCK_CG: tl.constexpr, ACC: tl.constexpr):
+    """``(ref, off, var)`` per group: mu_G = ref + off, var_G = Q_G / (Cg L)."""
+    ref = tl.load(mean_ptr + row + g * Cg, mask=gmask, other=0.0)
+    off = tl.full([BLOCK_G], 0.0, ACC)
+    dev2 = tl.full([BLOCK_G], 0.0, ACC)
+    cnt = tl.full([BLOCK_G], 0.0, ACC)
+    qsum = tl.full([BLOCK_G], 0.0, ACC)
+    for j0 in range(0, Cg, BLOCK_CG):
+        ch, mask = group_tile(j0, g, gmask, Cg, BLOCK_CG)
+        dm = tl.where(mask, tl.load(mean_ptr + row + ch, mask=mask, other=0.0) - ref[:, None],
+                      0.0)
+        qsum += total(tl.load(m2_ptr + row + ch, mask=mask, other=0.0), 1)
+        nb = tl.full([BLOCK_G], 0.0, ACC) + tl.minimum(Cg - j0, BLOCK_CG)
+        bmean = total(dm, 1) / nb
+        dev = tl.where(mask, dm - bmean[:, None], 0.0)
+        off, dev2, cnt = welford_combine(off, dev2, cnt, bmean, total(dev * dev, 1), nb)
+    return ref, off, (qsum + L * dev2) / ((Cg * 1.0) * L)
+
+
+@triton.jit
+def encoder_tile(enc_ptr, G, M, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``W1`` as a zero-padded ``[BLOCK_M, BLOCK_G]`` tile."""
+    g = tl.arange(0, BLOCK_G)
+    k = tl.arange(0, BLOCK_M)
+    return tl.load(enc_ptr + k[:, None] * G + g[None, :], mask=(k < M)[:, None] & (g < G)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def decoder_tile(dec_ptr, G, M, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``W2`` or ``W3`` as a zero-padded ``[BLOCK_G, BLOCK_M]`` tile."""
+    g = tl.arange(0, BLOCK_G)
+    k = tl.arange(0, BLOCK_M)
+    return tl.load(dec_ptr + g[:, None] * M + k[None, :], mask=(g < G)[:, None] & (k < M)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def autoencoder(enc_ptr, dmu_ptr, dvar_ptr, mu, var, G, M, BLOCK_G: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """Activations ``h = W1 x`` (length M, before the relu) for the group means and variances,
+    and the decoder outputs ``d_mu``, ``d_var`` (length G).  Weight tiles are loaded where they
+    are used (L2-resident) rather than kept live: they would cost ~100 registers a thread."""
+    w1 = encoder_tile(enc_ptr, G, M, BLOCK_G, BLOCK_M)
+    h_mu = total(w1 * mu[None, :], 1)
+    h_var = total(w1 * var[None, :], 1)
+    d_mu = sigmoid(total(decoder_tile(dmu_ptr, G, M, BLOCK_G, BLOCK_M)
+                         * tl.maximum(h_mu, 0.0)[None, :], 1))
+    d_var = tanh(total(decoder_tile(dvar_ptr, G, M, BLOCK_G, BLOCK_M)
+                       * tl.maximum(h_var, 0.0)[None, :], 1))
+    return h_mu, h_var, d_mu, d_var
+
+
+@triton.jit
+def assoc_forward_kernel(mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dvar_ptr, weight_ptr, bias_ptr,
+                         scale_ptr, shift_ptr, C, L, G, M, Cg, eps,
+                         BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CG: tl.constexpr):
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    row = tl.program_id(0) * C
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    ref, off, var = group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G, BLOCK_CG, ACC)
+    r = tl.where(Cg * L == 1, 0.0, tl.rsqrt(var + eps))[:, None]  # 0: one-element groups
+    _, _, d_mu, d_var = autoencoder(enc_ptr, dmu_ptr, dvar_ptr, ref + off, var, G, M, BLOCK_G,
+                                    BLOCK_M)
+    for j0 in range(0, Cg, BLOCK_CG):
+        ch, mask = group_tile(j0, g, gmask, Cg, BLOCK_CG)
+        m = tl.load(mean_ptr + row + ch, mask=mask, other=0.0)
+        scale = (d_mu[:, None] + tl.load(weight_ptr + ch, mask=mask, other=0.0)) * r
+        shift = (d_var[:, None] + tl.load(bias_ptr + ch, mask=mask, other=0.0)
+                 + scale * ((m - ref[:, None]) - off[:, None]))
+        tl.store(scale_ptr + row + ch, scale, mask=mask)
+        tl.store(shift_ptr + row + ch, shift, mask=mask)
+
+
+@triton.jit
+def sum_rows(src_ptr, row_stride, row0, nrows, dst_ptr, width):
+    """``dst[w] = sum_{r < nrows} src[(row0 + r) * row_stride + w]``, rows added in order."""
+    for w0 in range(0, width, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        wmask = w < width
+        acc = tl.full([BLOCK_W], 0.0, dst_ptr.dtype.element_ty)
+        for r0 in range(0, nrows, UNROLL):
+            for k in tl.static_range(UNROLL):
+                acc += tl.load(src_ptr + (row0 + r0 + k) * row_stride + w,
+                               mask=wmask & (r0 + k < nrows), other=0.0, cache_modifier=".cg")
+        tl.store(dst_ptr + w, acc, mask=wmask)
+
+
+@triton.jit
+def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dvar_ptr,
+                          weight_ptr, cdy_ptr, cx_ptr, c0_ptr, ws_ptr, ws2_ptr, counter_ptr,
+                          denc_ptr, ddmu_ptr, ddvar_ptr, dweight_ptr, dbias_ptr,
+                          N, C, L, G, M, Cg, eps,
+                          BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CG: tl.constexpr):
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    n = tl.program_id(0)
+    row = n * C
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    ref, off, var = group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G, BLOCK_CG, ACC)
+    r = tl.where(Cg * L == 1, 0.0, tl.rsqrt(var + eps))  # 0 for one-element groups (as BIN's r_I)
+    mu = ref + off
+    _, _, d_mu, d_var = autoencoder(enc_ptr, dmu_ptr, dvar_ptr, mu, var, G, M, BLOCK_G, BLOCK_M)
+    width = 2 * C + 3 * M * G
+    wrow = ws_ptr + n.to(tl.int64) * width
+
+    # pass 1: per-group sums; per-sample gradients of weight (h r) and bias (g1)
+    sum_h = tl.full([BLOCK_G], 0.0, ACC)       # sum h            -> d D_mu = r sum h
+    sum_hw = tl.full([BLOCK_G], 0.0, ACC)      # sum h omega      -> dL/dr
+    sum_sg1 = tl.full([BLOCK_G], 0.0, ACC)     # sum scale g1     -> -dL/dmu_G (explicit)
+    sum_g1 = tl.full([BLOCK_G], 0.0, ACC)      # sum g1           -> d D_var
+    for j0 in range(0, Cg, BLOCK_CG):
+        ch, mask = group_tile(j0, g, gmask, Cg, BLOCK_CG)
+        g1 = tl.load(g1_ptr + row + ch, mask=mask, other=0.0)
+        g2 = tl.load(g2_ptr + row + ch, mask=mask, other=0.0)
+        dev = (tl.load(mean_ptr + row + ch, mask=mask, other=0.0) - ref[:, None]) - off[:, None]
+        omega = d_mu[:, None] + tl.load(weight_ptr + ch, mask=mask, other=0.0)
+        h = g2 + g1 * dev
+        sum_h += total(h, 1)
+        sum_hw += total(h * omega, 1)
+        sum_sg1 += total(omega * r[:, None] * g1, 1)
+        sum_g1 += total(g1, 1)
+        tl.store(wrow + ch, h * r[:, None], mask=mask)
+        tl.store(wrow + C + ch, g1, mask=mask)
+
+    # auto-encoder backward (decoders, then the shared encoder), in chunks of M_CHUNK hidden
+    # units so that no [G, M] tile (nor its 64-bit address tile) is live whole; the encoder
+    # activations of a chunk are recomputed rather than kept live through pass 1
+    z_mu = r * sum_h * d_mu * (1.0 - d_mu)
+    z_var = sum_g1 * (1.0 - d_var * d_var)
+    grad_mu = -sum_sg1
+    grad_var = -0.5 * r * r * r * sum_hw
+    for k0 in range(0, M, M_CHUNK):
+        k = k0 + tl.arange(0, M_CHUNK)
+        kg_mask = (k < M)[:, None] & gmask[None, :]
+        gk_mask = gmask[:, None] & (k < M)[None, :]
+        w1 = tl.load(enc_ptr + k[:, None] * G + g[None, :], mask=kg_mask, other=0.0)
+        h_mu = total(w1 * mu[None, :], 1)
+        h_var = total(w1 * var[None, :], 1)
+        dec = g[:, None] * M + k[None, :]
+        tl.store(wrow + 2 * C + M * G + dec, z_mu[:, None] * tl.maximum(h_mu, 0.0)[None, :],
+                 mask=gk_mask)
+        tl.store(wrow + 2 * C + 2 * M * G + dec, z_var[:, None] * tl.maximum(h_var, 0.0)[None, :],
+                 mask=gk_mask)
+        gh_mu = tl.where(h_mu > 0, total(tl.load(dmu_ptr + dec, mask=gk_mask, other=0.0)
+                                         * z_mu[:, None], 0), 0.0)
+        gh_var = tl.where(h_var > 0, total(tl.load(dvar_ptr + dec, mask=gk_mask, other=0.0)
+                                           * z_var[:, None], 0), 0.0)
+        tl.store(wrow + 2 * C + k[:, None] * G + g[None, :],
+                 gh_mu[:, None] * mu[None, :] + gh_var[:, None] * var[None, :], mask=kg_mask)
+        grad_mu += total(w1 * gh_mu[:, None], 0)
+        grad_var += total(w1 * gh_var[:, None], 0)
+    d_q = (grad_var / ((Cg * 1.0) * L))[:, None]
+    d_m = (grad_mu / Cg)[:, None]
+
+    # pass 2: per-plane backward coefficients
+    for j0 in range(0, Cg, BLOCK_CG):
+        ch, mask = group_tile(j0, g, gmask, Cg, BLOCK_CG)
+        dev = (tl.load(mean_ptr + row + ch, mask=mask, other=0.0) - ref[:, None]) - off[:, None]
+        omega = d_mu[:, None] + tl.load(weight_ptr + ch, mask=mask, other=0.0)
+        tl.store(cdy_ptr + row + ch, omega * r[:, None], mask=mask)
+        tl.store(cx_ptr + row + ch, 2.0 * d_q + tl.full([BLOCK_G, BLOCK_CG], 0.0, ACC),
+                 mask=mask)
+        tl.store(c0_ptr + row + ch, (d_m + 2.0 * L * d_q * dev) / L, mask=mask)
+
+    # deterministic sum over samples: groups of ROWS_PER_GROUP rows, then the group rows
+    grp = n // ROWS_PER_GROUP
+    num_grps = (N + ROWS_PER_GROUP - 1) // ROWS_PER_GROUP
+    if last_arrival(counter_ptr + grp, tl.minimum(N - grp * ROWS_PER_GROUP, ROWS_PER_GROUP)):
+        sum_rows(ws_ptr, width, grp * ROWS_PER_GROUP, tl.minimum(N - grp * ROWS_PER_GROUP,
+                                                                  ROWS_PER_GROUP),
+                 ws2_ptr + grp.to(tl.int64) * width, width)
+        reset_counter(counter_ptr + grp)
+        if last_arrival(counter_ptr + num_grps, num_grps):
+            sum_rows(ws2_ptr, width, 0, num_grps, dweight_ptr, C)
+            sum_rows(ws2_ptr + C, width, 0, num_grps, dbias_ptr, C)
+            sum_rows(ws2_ptr + 2 * C, width, 0, num_grps, denc_ptr, M * G)
+            sum_rows(ws2_ptr + 2 * C + M * G, width, 0, num_grps, ddmu_ptr, M * G)
+            sum_rows(ws2_ptr + 2 * C + 2 * M * G, width, 0, num_grps, ddvar_ptr, M * G)
+            reset_counter(counter_ptr + num_grps)

@@ -1,0 +1,143 @@
+"""Launch heuristics of the Triton backend: every tile size, split and warp count comes from here.
+
+Streaming kernels (moments, backward_sums, affine_apply, backward_apply) work on 2-d tiles
+``[BLOCK_P, BLOCK_L]`` of ``TILE = 4096`` elements (16 per thread at 8 warps, i.e. two to four
+128-bit loads per thread and iteration):
+
+* contiguous layout ("rows"): ``BLOCK_P`` planes x ``BLOCK_L`` consecutive elements of each plane;
+  ``BLOCK_L`` is the largest of ``ROWS_BLOCK_L`` that keeps >= 75 % of the lanes busy for this
+  ``L`` (49 -> 16, 196 -> 128, 784 -> 1024, 3136 -> 4096), ``BLOCK_P = TILE // BLOCK_L``.
+* channels-last layout ("cols", and every input with ``L == 1``, where both layouts coincide):
+  ``BLOCK_P`` channels (the contiguous dimension) x ``BLOCK_L`` spatial rows, ``BLOCK_P`` from
+  ``COLS_BLOCK_C`` by the same 75 % rule on ``C``.
+
+Reductions (moments, backward_sums) give each program ``BLOCK_P`` planes and loop over ``L``.
+When that yields fewer than ``4 * num_sms`` programs, several programs share a plane ("splits",
+up to ``MAX_SPLITS``, each at least ``MIN_TILES_PER_SPLIT`` tiles long); the last program of a
+plane block to finish merges the partials in a fixed order (same launch, deterministic).  The
+split count and chunk length are runtime arguments, so they add no compiled variants.
+
+Coefficient kernels: BIN/IEBN use one program per ``block_c`` channels looping over ``N`` in
+``block_n`` rows (``COEFF_CONFIGS``, picked by ``N``); AssocNorm one program per sample with
+group/hidden tiles of 16 or 64 (so ``num_groups`` and the hidden size must be <= 64).
+
+``all_stream_configs``, ``all_coeff_configs`` and ``all_assoc_configs`` enumerate every
+configuration these functions can return; the AOT tests compile each of them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+TILE = 4096
+STREAM_WARPS = 8
+ROWS_BLOCK_L = (4096, 1024, 128, 16)
+COLS_BLOCK_C = (256, 64, 16)
+MIN_UTILIZATION = 0.75
+MAX_SPLITS = 64
+MIN_TILES_PER_SPLIT = 4
+PROGRAMS_PER_SM = 4
+INTERPRETER_NUM_SMS = 4  # CPU tensors under TRITON_INTERPRET (tests may change it)
+
+COEFF_CONFIGS = ((4, 64), (32, 32), (256, 8))  # (block_n, block_c), by increasing N
+COEFF_WARPS = 4
+ASSOC_BLOCKS = (16, 64)  # block sizes for the groups and the hidden layer
+ASSOC_TILE = 512
+ASSOC_WARPS = 8
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    channels_last: bool
+    block_p: int
+    block_l: int
+    num_warps: int = STREAM_WARPS
+
+
+@dataclass(frozen=True)
+class CoeffConfig:
+    block_n: int
+    block_c: int
+    num_warps: int = COEFF_WARPS
+
+
+@dataclass(frozen=True)
+class AssocConfig:
+    block_g: int
+    block_m: int
+    block_cg: int
+    num_warps: int = ASSOC_WARPS
+
+
+def _pick(extent: int, choices) -> int:
+    """Largest block (``choices`` descending) with enough busy lanes for ``extent`` elements."""
+    for block in choices:
+        used = extent / (-(-extent // block) * block)
+        if used >= MIN_UTILIZATION:
+            return block
+    return choices[-1]
+
+
+def stream_config(channels: int, plane_size: int, channels_last: bool) -> StreamConfig:
+    """Tile of the four streaming kernels for ``(N, C, L)`` in the given layout."""
+    if channels_last:
+        block_c = _pick(channels, COLS_BLOCK_C)
+        return StreamConfig(True, block_c, TILE // block_c)
+    block_l = _pick(plane_size, ROWS_BLOCK_L)
+    return StreamConfig(False, TILE // block_l, block_l)
+
+
+def split_plan(cfg: StreamConfig, keep_blocks: int, plane_size: int, num_sms: int):
+    """``(splits, chunk)``: programs per plane block and elements of L per program (a multiple
+    of ``cfg.block_l``) for the reductions."""
+    tiles = max(1, -(-plane_size // cfg.block_l))
+    want = -(-PROGRAMS_PER_SM * num_sms // max(1, keep_blocks))
+    splits = min(want, MAX_SPLITS, tiles // MIN_TILES_PER_SPLIT)
+    if splits <= 1:
+        return 1, tiles * cfg.block_l
+    chunk_tiles = -(-tiles // splits)
+    return -(-tiles // chunk_tiles), chunk_tiles * cfg.block_l
+
+
+def coeff_config(batch: int) -> CoeffConfig:
+    """BIN/IEBN coefficient kernels: one program per ``block_c`` channels, ``block_n`` samples
+    per loop step (a single step up to N = 256)."""
+    for block_n, block_c in COEFF_CONFIGS:
+        if batch <= block_n:
+            return CoeffConfig(block_n, block_c)
+    return CoeffConfig(*COEFF_CONFIGS[-1])
+
+
+def assoc_config(num_groups: int, hidden: int) -> AssocConfig:
+    if num_groups > ASSOC_BLOCKS[-1] or hidden > ASSOC_BLOCKS[-1]:
+        raise RuntimeError(f"normfuse_triton: AssocNorm kernels support num_groups and hidden "
+                           f"size <= {ASSOC_BLOCKS[-1]}, got {num_groups} and {hidden}")
+    block_g = next(b for b in ASSOC_BLOCKS if num_groups <= b)
+    block_m = next(b for b in ASSOC_BLOCKS if hidden <= b)
+    return AssocConfig(block_g, block_m, ASSOC_TILE // block_g)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_NUM_SMS
+
+
+def all_stream_configs():
+    return ([StreamConfig(False, TILE // b, b) for b in ROWS_BLOCK_L]
+            + [StreamConfig(True, b, TILE // b) for b in COLS_BLOCK_C])
+
+
+def all_coeff_configs():
+    return [CoeffConfig(n, c) for n, c in COEFF_CONFIGS]
+
+
+def all_assoc_configs():
+    return [AssocConfig(g, m, ASSOC_TILE // g) for g in ASSOC_BLOCKS for m in ASSOC_BLOCKS]

@@ -1,0 +1,216 @@
+"""The six coefficient ops against float64 references (formulas for the forward, autograd of a
+surrogate for the backward), training and eval, with and without affine parameters, running
+statistics updates; plus agreement with normfuse's own PyTorch coefficient functions."""
+from __future__ import annotations
+
+import pytest
+import tk_reference as ref
+import torch
+from tk_common import DEVICE
+
+ops = torch.ops.normfuse_triton
+ACCS = [torch.float32] + ([torch.float64] if DEVICE == "cpu" else [])
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+EPS, MOMENTUM = 1e-5, 0.1
+
+
+def _rand(shape, seed, dtype, low=None, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) + offset
+    if low is not None:
+        t = t.abs() + low
+    return t.to(dtype).to(DEVICE)
+
+
+def _stats(n, c, L, dtype, seed=0):
+    """Plane means around 3 (so batch deviations are small against them) and m2 of unit-ish
+    variance."""
+    return _rand((n, c), seed, dtype, offset=3.0), _rand((n, c), seed + 1, dtype, low=0.2) * L
+
+
+def _close(actual, expected, dtype):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+
+
+def _check_all(actual, expected, dtype):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        _close(a, e, dtype)
+
+
+NC = [(1, 1), (3, 5), (40, 70), (300, 3)]
+MODES = ["train", "train_no_running", "eval", "eval_no_running"]
+
+
+def _mode(mode, c, dtype):
+    training = mode.startswith("train")
+    if mode.endswith("no_running"):
+        return training, None, None
+    return training, _rand((c,), 7, dtype), _rand((c,), 8, dtype, low=0.5)
+
+
+@pytest.mark.parametrize("acc", ACCS, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n,c", NC, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_bin(n, c, mode, affine, acc):
+    L = 7
+    mean, m2 = _stats(n, c, L, acc)
+    gate = _rand((c,), 2, acc).sigmoid()
+    weight, bias = (_rand((c,), 3, acc), _rand((c,), 4, acc)) if affine else (None, None)
+    training, rm, rv = _mode(mode, c, acc)
+    rm0, rv0 = (None, None) if rm is None else (rm.clone(), rv.clone())
+    scale, shift = ops.bin_coefficients(mean, m2, L, gate, weight, bias, rm, rv, training,
+                                        MOMENTUM, EPS)
+    _check_all((scale, shift), ref.bin_coefficients(mean.double(), m2.double(), L, gate.double(),
+                                                    *(None if t is None else t.double() for t in
+                                                      (weight, bias, rm0, rv0)), training, EPS),
+               acc)
+    if rm is not None:
+        if training:
+            _check_all((rm, rv), ref.running_update(mean.double(), m2.double(), L, rm0.double(),
+                                                    rv0.double(), MOMENTUM), acc)
+        else:
+            assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+    g1, g2 = _rand((n, c), 5, acc), _rand((n, c), 6, acc)
+    out = ops.bin_coefficients_backward(g1, g2, mean, m2, L, gate, weight, bias, rm0, rv0,
+                                        training, EPS)
+    params = [gate, weight]
+
+    def forward(m, q, gate_, weight_):
+        return ref.bin_coefficients(m, q, L, gate_, weight_, None if bias is None else
+                                    bias.double(), *(None if t is None else t.double()
+                                                     for t in (rm0, rv0)), training, EPS)
+    expected = ref.coefficients_backward(forward, g1, g2, mean, m2, L, params)
+    c_dy, c_x, c_0, d_gate, *d_weight = expected
+    d_weight = d_weight[0] if affine else torch.zeros(c, dtype=torch.float64)
+    _check_all(out[:4], (c_dy, c_x, c_0, d_gate), acc)
+    if affine:
+        _close(out[4], d_weight, acc)
+    _close(out[5], g1.double().sum(0), acc)
+
+
+@pytest.mark.parametrize("acc", ACCS, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n,c", NC, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_iebn(n, c, mode, affine, acc):
+    L = 5
+    mean, m2 = _stats(n, c, L, acc, seed=10)
+    gw, gb = _rand((c,), 12, acc) * 0.3, _rand((c,), 13, acc) - 1
+    weight, bias = (_rand((c,), 14, acc), _rand((c,), 15, acc)) if affine else (None, None)
+    training, rm, rv = _mode(mode, c, acc)
+    rm0, rv0 = (None, None) if rm is None else (rm.clone(), rv.clone())
+    scale, shift = ops.iebn_coefficients(mean, m2, L, gw, gb, weight, bias, rm, rv, training,
+                                         MOMENTUM, EPS)
+    d = [None if t is None else t.double() for t in (weight, bias, rm0, rv0)]
+    _check_all((scale, shift), ref.iebn_coefficients(mean.double(), m2.double(), L, gw.double(),
+                                                     gb.double(), *d, training, EPS), acc)
+    if rm is not None and training:
+        _check_all((rm, rv), ref.running_update(mean.double(), m2.double(), L, rm0.double(),
+                                                rv0.double(), MOMENTUM), acc)
+
+    g1, g2 = _rand((n, c), 16, acc), _rand((n, c), 17, acc)
+    out = ops.iebn_coefficients_backward(g1, g2, mean, m2, L, gw, gb, weight, bias, rm0, rv0,
+                                         training, EPS)
+
+    def forward(m, q, gw_, gb_, weight_):
+        return ref.iebn_coefficients(m, q, L, gw_, gb_, weight_, d[1], d[2], d[3], training, EPS)
+    expected = ref.coefficients_backward(forward, g1, g2, mean, m2, L, [gw, gb, weight])
+    _check_all(out[:5], expected[:5], acc)
+    if affine:
+        _close(out[5], expected[5], acc)
+    _close(out[6], g1.double().sum(0), acc)
+
+
+@pytest.mark.parametrize("acc", ACCS, ids=str)
+@pytest.mark.parametrize("n,c,groups,hidden", [(1, 4, 1, 1), (3, 12, 4, 3), (10, 6, 3, 2),
+                                               (19, 260, 2, 5), (2, 660, 20, 17)], ids=str)
+def test_assoc(n, c, groups, hidden, acc):
+    L = 6
+    mean, m2 = _stats(n, c, L, acc, seed=20)
+    mean = mean - 3.0 + 0.1 * _rand((n, c), 29, acc)  # keep the encoder's relu inputs mixed
+    enc = _rand((hidden, groups), 21, acc)
+    dec_mu, dec_var = _rand((groups, hidden), 22, acc), _rand((groups, hidden), 23, acc)
+    weight, bias = _rand((c,), 24, acc) + 1, _rand((c,), 25, acc)
+    scale, shift = ops.assoc_coefficients(mean, m2, L, groups, enc, dec_mu, dec_var, weight,
+                                          bias, EPS)
+    params = [enc, dec_mu, dec_var, weight, bias]
+
+    def forward(m, q, *p):
+        return ref.assoc_coefficients(m, q, L, groups, *p, EPS)
+    _check_all((scale, shift), forward(mean.double(), m2.double(), *(p.double() for p in params)),
+               acc)
+    g1, g2 = _rand((n, c), 26, acc), _rand((n, c), 27, acc)
+    out = ops.assoc_coefficients_backward(g1, g2, mean, m2, L, groups, enc, dec_mu, dec_var,
+                                          weight, bias, EPS)
+    _check_all(out, ref.coefficients_backward(forward, g1, g2, mean, m2, L, params), acc)
+    again = ops.assoc_coefficients_backward(g1, g2, mean, m2, L, groups, enc, dec_mu, dec_var,
+                                            weight, bias, EPS)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))  # deterministic
+
+
+def test_matches_normfuse_reference():
+    """Same numbers as the PyTorch coefficient functions of normfuse.coefficients."""
+    coefficients = pytest.importorskip("normfuse.coefficients")
+    acc = ACCS[-1]
+    n, c, L = 4, 6, 9
+    mean, m2 = _stats(n, c, L, acc, seed=30)
+    g1, g2 = _rand((n, c), 31, acc), _rand((n, c), 32, acc)
+    gate, weight, bias = _rand((c,), 33, acc).sigmoid(), _rand((c,), 34, acc), _rand((c,), 35, acc)
+    rm, rv = _rand((c,), 36, acc), _rand((c,), 37, acc, low=0.5)
+    rm2, rv2 = rm.clone(), rv.clone()
+    _check_all(ops.bin_coefficients(mean, m2, L, gate, weight, bias, rm, rv, True, 0.1, EPS),
+               coefficients.bin_coefficients(mean, m2, L, gate, weight, bias, rm2, rv2, True,
+                                             0.1, EPS), acc)
+    _check_all((rm, rv), (rm2, rv2), acc)
+    _check_all(ops.bin_coefficients_backward(g1, g2, mean, m2, L, gate, weight, bias, rm, rv,
+                                             False, EPS),
+               coefficients.bin_coefficients_backward(g1, g2, mean, m2, L, gate, weight, bias,
+                                                      rm, rv, False, EPS), acc)
+    _check_all(ops.iebn_coefficients_backward(g1, g2, mean, m2, L, gate, weight, weight, bias,
+                                              None, None, True, EPS),
+               coefficients.iebn_coefficients_backward(g1, g2, mean, m2, L, gate, weight, weight,
+                                                       bias, None, None, True, EPS), acc)
+    enc, dec = _rand((2, 3), 38, acc), _rand((3, 2), 39, acc)
+    _check_all(ops.assoc_coefficients_backward(g1, g2, mean, m2, L, 3, enc, dec, dec, weight,
+                                               bias, EPS),
+               coefficients.assoc_coefficients_backward(g1, g2, mean, m2, L, 3, enc, dec, dec,
+                                                        weight, bias, EPS), acc)
+
+
+def test_assoc_limits():
+    mean = torch.zeros(2, 130, device=DEVICE)
+    with pytest.raises(RuntimeError, match="<= 64"):
+        ops.assoc_coefficients(mean, mean, 4, 65, torch.zeros(3, 65, device=DEVICE),
+                               torch.zeros(65, 3, device=DEVICE), torch.zeros(65, 3, device=DEVICE),
+                               mean[0], mean[0], EPS)
+    with pytest.raises(RuntimeError, match="groups"):
+        ops.assoc_coefficients(mean, mean, 4, 3, torch.zeros(3, 3, device=DEVICE),
+                               torch.zeros(3, 3, device=DEVICE), torch.zeros(3, 3, device=DEVICE),
+                               mean[0], mean[0], EPS)
+
+
+@pytest.mark.parametrize("acc", ACCS, ids=str)
+def test_single_element_planes(acc):
+    """L = 1 (BIN's instance part) and one-element groups (AssocNorm): the zero-factor
+    convention of normfuse.coefficients, checked against both references."""
+    coefficients = pytest.importorskip("normfuse.coefficients")
+    n, c = 6, 4
+    mean, m2 = _rand((n, c), 40, acc), torch.zeros(n, c, dtype=acc, device=DEVICE)
+    g1, g2 = _rand((n, c), 41, acc), torch.zeros(n, c, dtype=acc, device=DEVICE)
+    gate, weight, bias = _rand((c,), 42, acc).sigmoid(), _rand((c,), 43, acc), _rand((c,), 44, acc)
+    args = (gate, weight, bias, None, None, True)
+    out = ops.bin_coefficients_backward(g1, g2, mean, m2, 1, *args, EPS)
+    _check_all(out, coefficients.bin_coefficients_backward(g1, g2, mean, m2, 1, *args, EPS), acc)
+    _check_all(ops.bin_coefficients(mean, m2, 1, *args, 0.1, EPS),
+               ref.bin_coefficients(mean.double(), m2.double(), 1, *(t.double() for t in args[:3]),
+                                    None, None, True, EPS), acc)
+    enc, dec = _rand((2, 4), 45, acc), _rand((4, 2), 46, acc)
+    params = (enc, dec, dec, weight, bias)
+    _check_all(ops.assoc_coefficients(mean, m2, 1, 4, *params, EPS),
+               coefficients.assoc_coefficients(mean, m2, 1, 4, *params, EPS), acc)
+    _check_all(ops.assoc_coefficients_backward(g1, g2, mean, m2, 1, 4, *params, EPS),
+               coefficients.assoc_coefficients_backward(g1, g2, mean, m2, 1, 4, *params, EPS), acc)
