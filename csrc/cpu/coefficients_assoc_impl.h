@@ -1,0 +1,391 @@
+// Bodies of the AssocNorm coefficient kernels (coefficients_kernels.h), compiled once per build:
+// include after coefficients_batch_impl.h (it uses its Full / Part), with NF_CPU_NS defined.
+//
+// Formulas: common/coefficients.h (GroupStats, assoc_*), on at::vec vectors: the per-channel
+// work in the statistics' type, the per-group and auto-encoder work (O(G M) per sample) in double. Per sample (one at::parallel_for item each): the group merge (two passes per group,
+// means relative to the group's first channel), the auto-encoder as vectorised mat-vecs (the
+// small weight matrices are copied once per call, transposed and padded, so that every product
+// runs down contiguous rows in the order of the scalar formulas), then the per-channel
+// coefficients. The backward keeps per-sample vectors and the per-(n, c) grad_omega, and sums
+// the parameter gradients over n = 0..N-1 in order in two more parallel passes (over channel
+// tiles, and over auto-encoder rows): results do not depend on the number of threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/coefficients_params.h"
+#include "cpu/vec_io.h"
+
+namespace nf_cpu {
+namespace NF_CPU_NS {
+namespace assoc_detail {
+
+using batch_detail::Full;
+using batch_detail::Part;
+using batch_detail::Scal;
+
+template <class T>
+struct AssocKern {
+  using V = Vectorized<T>;  // per channel
+  using va = VA<T>;
+  using D = double;  // per group / auto-encoder
+  using VD = Vectorized<D>;
+  using P = nf::AssocCoefParams<T>;
+  static constexpr int64_t W = V::size(), WD = VD::size();
+
+  static int64_t pad(int64_t n) { return at::divup(n, WD) * WD; }
+  static VD sigmoid(const VD& z) { return VD(D(1)) / (VD(D(1)) + z.neg().exp()); }
+  static VD relu(const VD& z) { return VD::blendv(VD(D(0)), z, z > VD(D(0))); }
+
+  // body(c, io) over channels [c0, c0 + n): whole vectors (io: Full), then the rest one channel at
+  // a time (io: Scal) or, with kMasked, as one partial vector (io: Part).
+  template <bool kMasked = false, class F>
+  static inline void channels(int64_t c0, int64_t n, const F& body) {
+    int64_t c = c0;
+    for (; c + W <= c0 + n; c += W) body(c, Full<T>{});
+    if constexpr (kMasked) {
+      if (c < c0 + n) body(c, Part<T>{c0 + n - c});
+    } else {
+      for (; c < c0 + n; ++c) body(c, Scal<T>{});
+    }
+  }
+  // acc += x: into the vector accumulator, or the scalar one for a Scal channel
+  template <class X>
+  static inline void add(V& vacc, T& sacc, const X& x) {
+    if constexpr (std::is_same_v<X, V>)
+      vacc += x;
+    else
+      sacc += x;
+  }
+
+  // The weights, copied once per call (zero padding to whole vectors): rows of length Mp / Gp.
+  struct Weights {
+    int64_t G, M, Gp, Mp;
+    std::vector<D> w1t, w2, w3, w1, w2t, w3t;  // (G,Mp) (G,Mp) (G,Mp) (M,Gp) (M,Gp) (M,Gp)
+    explicit Weights(const P& p) : G(p.G), M(p.M), Gp(pad(p.G)), Mp(pad(p.M)) {
+      w1t.assign(G * Mp, D(0));
+      w2.assign(G * Mp, D(0));
+      w3.assign(G * Mp, D(0));
+      w1.assign(M * Gp, D(0));
+      w2t.assign(M * Gp, D(0));
+      w3t.assign(M * Gp, D(0));
+      for (int64_t j = 0; j < M; ++j)
+        for (int64_t g = 0; g < G; ++g) {
+          w1t[g * Mp + j] = w1[j * Gp + g] = p.encoder[j * G + g];
+          w2[g * Mp + j] = w2t[j * Gp + g] = p.decoder_mean[g * M + j];
+          w3[g * Mp + j] = w3t[j * Gp + g] = p.decoder_var[g * M + j];
+        }
+    }
+  };
+
+  // Per-sample vectors: over groups (Gp) shift, mean (relative to shift), var, r, d_mu, d_var;
+  // over the bottleneck (Mp) h_mu, h_var. The backward adds over groups s0..s3 and mu and over
+  // the bottleneck gh_mu, gh_var.
+  struct Sample {
+    D *shift, *mean, *var, *r, *dmu, *dvar, *hmu, *hvar;
+    D *s0, *s1, *s2, *s3, *mu, *ghmu, *ghvar;
+    static int64_t size(int64_t Gp, int64_t Mp) { return 11 * Gp + 4 * Mp; }
+    Sample(D* b, int64_t Gp, int64_t Mp) {
+      D** g_vecs[] = {&shift, &mean, &var, &r, &dmu, &dvar, &s0, &s1, &s2, &s3, &mu};
+      for (D** q : g_vecs) {
+        *q = b;
+        b += Gp;
+      }
+      D** m_vecs[] = {&hmu, &hvar, &ghmu, &ghvar};
+      for (D** q : m_vecs) {
+        *q = b;
+        b += Mp;
+      }
+    }
+  };
+
+  // Group statistics, auto-encoder, r_G of sample n.
+  static void sample_forward(const P& p, const Weights& wt, int64_t n, const Sample& w) {
+    const int64_t C = p.C, G = p.G, cpg = C / G, Gp = wt.Gp, Mp = wt.Mp;
+    const D L = static_cast<D>(p.L), eps = p.eps, inv_cl = D(1) / (static_cast<D>(cpg) * L);
+    const T inv_count = T(1) / static_cast<T>(cpg);  // multiplications, not a division per group
+    const T *m = p.mean + n * C, *q = p.m2 + n * C;
+    std::fill(w.shift, w.shift + 6 * Gp, D(0));  // shift, mean, var, r, dmu, dvar: padding lanes 0
+    std::fill(w.mu, w.mu + Gp, D(0));
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t c0 = g * cpg;
+      const T shift = m[c0];
+      T mean_rel, q_sum, dev2;
+      V acc(T(0));
+      T t = 0;
+      channels(c0, cpg, [&](int64_t c, auto io) {
+        using U = typename decltype(io)::U;
+        add(acc, t, io.ld(m + c) - U(shift));
+      });
+      mean_rel = (va::hsum(acc) + t) * inv_count;
+      V qa(T(0)), da(T(0));
+      T tq = 0, td = 0;
+      channels(c0, cpg, [&](int64_t c, auto io) {
+        using U = typename decltype(io)::U;
+        const U d = (io.ld(m + c) - U(shift)) - U(mean_rel);
+        add(qa, tq, io.ld(q + c));
+        add(da, td, d * d);
+      });
+      q_sum = va::hsum(qa) + tq;
+      dev2 = va::hsum(da) + td;
+      w.shift[g] = shift;
+      w.mean[g] = mean_rel;
+      w.var[g] = (static_cast<D>(q_sum) + L * static_cast<D>(dev2)) * inv_cl;
+      w.mu[g] = w.shift[g] + w.mean[g];
+    }
+    // r_G: 0 for one-element groups (see coef::invstd_or_zero)
+    const bool one = cpg * p.L == 1;
+    for (int64_t g = 0; g < Gp; g += WD) {
+      const VD r = VD(D(1)) / (VD::loadu(w.var + g) + VD(eps)).sqrt();
+      (one ? VD(D(0)) : r).store(w.r + g);
+    }
+    // encoder: h[j] = sum_g W1[j, g] x[g], vectorised over j (g in order for every j)
+    matvec2(wt.w1t.data(), wt.w1t.data(), Mp, G, w.mu, w.var, w.hmu, w.hvar, [](D v) { return v; });
+    // decoders: z[g] = sum_j W[g, j] relu(h[j]), vectorised over g (rows of the transposes)
+    D* zm = w.dmu;  // z, then d in place
+    D* zv = w.dvar;
+    matvec2(wt.w2t.data(), wt.w3t.data(), Gp, wt.M, w.hmu, w.hvar, zm, zv, [](D v) { return v > D(0) ? v : D(0); });
+    for (int64_t g = 0; g < Gp; g += WD) {
+      sigmoid(VD::loadu(zm + g)).store(w.dmu + g);
+      VD::loadu(zv + g).tanh().store(w.dvar + g);
+    }
+  }
+
+  // y1[0, len) = sum_k A1[k, :] f(x1[k]) and y2 = sum_k A2[k, :] f(x2[k]), k = 0..K-1 in order
+  // for every element (rows of `len`, a multiple of WD); up to 4 + 4 vectors of y at a time, so
+  // that the chains of additions are independent.
+  template <class Fn>
+  static void matvec2(const D* A1, const D* A2, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2,
+                      Fn f) {
+    for (int64_t j0 = 0; j0 < len; j0 += 4 * WD) {
+      const int64_t nv = std::min<int64_t>(4, (len - j0) / WD);
+      VD a[4], b[4];
+      for (int64_t v = 0; v < nv; ++v) a[v] = b[v] = VD(D(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const VD u(f(x1[k])), z(f(x2[k]));
+        for (int64_t v = 0; v < nv; ++v) {
+          a[v] += VD::loadu(A1 + k * len + j0 + v * WD) * u;
+          b[v] += VD::loadu(A2 + k * len + j0 + v * WD) * z;
+        }
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        a[v].store(y1 + j0 + v * WD);
+        b[v].store(y2 + j0 + v * WD);
+      }
+    }
+  }
+
+  // y1[0, len) += sum_k x1[k] A[k, :], y2 likewise with x2 (same A), k in order.
+  static void accumulate_rows(const D* A, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2) {
+    for (int64_t j0 = 0; j0 < len; j0 += 4 * WD) {
+      const int64_t nv = std::min<int64_t>(4, (len - j0) / WD);
+      VD a[4], b[4];
+      for (int64_t v = 0; v < nv; ++v) {
+        a[v] = VD::loadu(y1 + j0 + v * WD);
+        b[v] = VD::loadu(y2 + j0 + v * WD);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const VD u(x1[k]), z(x2[k]);
+        for (int64_t v = 0; v < nv; ++v) {
+          const VD wv = VD::loadu(A + k * len + j0 + v * WD);
+          a[v] += u * wv;
+          b[v] += z * wv;
+        }
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        a[v].store(y1 + j0 + v * WD);
+        b[v].store(y2 + j0 + v * WD);
+      }
+    }
+  }
+
+  // the first n lanes of a double vector into T
+  static void store_d(T* p, const VD& v, int64_t n) {
+    D t[WD];
+    v.store(t);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(t[k]);
+  }
+
+  static int64_t grain(const P& p) { return std::max<int64_t>(1, 8192 / (2 * p.C + 4 * p.M * p.G + 1)); }
+
+  static void forward(const P& p) {
+    const Weights wt(p);
+    at::parallel_for(0, p.N, grain(p), [&](int64_t n0, int64_t n1) {
+      const int64_t C = p.C, cpg = C / p.G;
+      const Scratch<D> buf(Sample::size(wt.Gp, wt.Mp));
+      const Sample w(buf.data(), wt.Gp, wt.Mp);
+      for (int64_t n = n0; n < n1; ++n) {
+        sample_forward(p, wt, n, w);
+        const T *m = p.mean + n * C, *weight = p.weight, *bias = p.bias;
+        T *scale = p.scale + n * C, *shift = p.shift + n * C;
+        for (int64_t g = 0; g < p.G; ++g) {
+          const T r = static_cast<T>(w.r[g]), dmu = static_cast<T>(w.dmu[g]), dvar = static_cast<T>(w.dvar[g]);
+          const T gs = static_cast<T>(w.shift[g]), gm = static_cast<T>(w.mean[g]);
+          channels(g * cpg, cpg, [&](int64_t c, auto io) {
+            using U = typename decltype(io)::U;
+            const U sc = (U(dmu) + io.ld(weight + c)) * U(r);
+            io.st(scale + c, sc);
+            io.st(shift + c, U(dvar) + io.ld(bias + c) + sc * ((io.ld(m + c) - U(gs)) - U(gm)));
+          });
+        }
+      }
+    });
+  }
+
+  static void backward(const P& p) {
+    const Weights wt(p);
+    const int64_t N = p.N, C = p.C, G = p.G, M = p.M, cpg = C / G, Gp = wt.Gp, Mp = wt.Mp;
+    const int64_t S = Sample::size(Gp, Mp);
+    const D L = static_cast<D>(p.L), inv_count = D(1) / static_cast<D>(cpg), inv_cl = inv_count / L;
+    // per-sample vectors and grad_omega (n, c), in scratch of the calling thread (shared by the tasks)
+    const Scratch<D> keep(N * S);
+    const Scratch<T> keep_go(N * C);
+    D* ws = keep.data();
+    T* gomega = keep_go.data();
+    at::parallel_for(0, N, grain(p), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const Sample w(ws + n * S, Gp, Mp);
+        sample_forward(p, wt, n, w);
+        const T *m = p.mean + n * C, *g1p = p.sum_dy + n * C, *g2p = p.sum_dy_xmu + n * C, *weight = p.weight;
+        T *c_dy = p.c_dy + n * C, *go = gomega + n * C;
+        std::fill(w.s0, w.s0 + 4 * Gp, D(0));
+        for (int64_t g = 0; g < G; ++g) {
+          // per channel: omega = d_mu + B_omega, scale = omega r, gs = g2 + g1 dev (scale reaches y
+          // directly and through the shift), grad_omega = gs r; group sums s0 = sum grad_omega,
+          // s1 = sum g1, s2 = sum g1 scale, s3 = sum gs omega
+          const T r = static_cast<T>(w.r[g]), dmu = static_cast<T>(w.dmu[g]);
+          const T gsh = static_cast<T>(w.shift[g]), gm = static_cast<T>(w.mean[g]);
+          V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+          T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+          channels(g * cpg, cpg, [&](int64_t c, auto io) {
+            using U = typename decltype(io)::U;
+            const U g1 = io.ld(g1p + c), omega = U(dmu) + io.ld(weight + c), scale = omega * U(r);
+            const U gs = io.ld(g2p + c) + g1 * ((io.ld(m + c) - U(gsh)) - U(gm)), gw = gs * U(r);
+            io.st(c_dy + c, scale);
+            io.st(go + c, gw);
+            add(a0, t0, gw);
+            add(a1, t1, g1);
+            add(a2, t2, g1 * scale);
+            add(a3, t3, gs * omega);
+          });
+          const D d = w.dmu[g], dv = w.dvar[g];
+          w.s0[g] = static_cast<D>(va::hsum(a0) + t0) * d * (D(1) - d);  // decoder pre-activation gradients
+          w.s1[g] = static_cast<D>(va::hsum(a1) + t1) * (D(1) - dv * dv);
+          w.s2[g] = static_cast<D>(va::hsum(a2) + t2);
+          w.s3[g] = static_cast<D>(va::hsum(a3) + t3);
+        }
+        // grad h: through the decoders (rows of W2 / W3 in order) and the relu
+        matvec2(wt.w2.data(), wt.w3.data(), Mp, G, w.s0, w.s1, w.ghmu, w.ghvar, [](D v) { return v; });
+        for (int64_t j = 0; j < Mp; j += WD) {
+          const VD zero(D(0));
+          VD::blendv(zero, VD::loadu(w.ghmu + j), VD::loadu(w.hmu + j) > zero).store(w.ghmu + j);
+          VD::blendv(zero, VD::loadu(w.ghvar + j), VD::loadu(w.hvar + j) > zero).store(w.ghvar + j);
+        }
+        // gradients of mu_G, var_G: the direct terms, then the encoder terms (rows of W1 in order)
+        for (int64_t g = 0; g < Gp; g += WD) {
+          const VD r = VD::loadu(w.r + g);
+          (VD(D(0)) - VD::loadu(w.s2 + g)).store(w.s2 + g);
+          (VD(D(0)) + VD::loadu(w.s3 + g) * VD(D(-0.5)) * r * r * r).store(w.s3 + g);
+        }
+        accumulate_rows(wt.w1.data(), Gp, M, w.ghmu, w.ghvar, w.s2, w.s3);
+        // group-merge backward: c_x = 2 grad_q, c_0 = (grad_mu / cpg + 2 L grad_q dev) / L
+        T *c_x = p.c_x + n * C, *c_0 = p.c_0 + n * C;
+        for (int64_t g = 0; g < G; ++g) {
+          const D grad_q = w.s3[g] * inv_cl;
+          const T a = static_cast<T>(w.s2[g] * inv_count), b = static_cast<T>(D(2) * L * grad_q),
+                  cx = static_cast<T>(D(2) * grad_q), gsh = static_cast<T>(w.shift[g]), gm = static_cast<T>(w.mean[g]);
+          const T inv_l = T(1) / static_cast<T>(p.L);
+          channels(g * cpg, cpg, [&](int64_t c, auto io) {
+            using U = typename decltype(io)::U;
+            io.st(c_x + c, U(cx));
+            io.st(c_0 + c, (U(a) + U(b) * ((io.ld(m + c) - U(gsh)) - U(gm))) * U(inv_l));
+          });
+        }
+      }
+    });
+    // grad_weight[c] = sum_n grad_omega, grad_bias[c] = sum_n g1: tiles of 256 channels, n in order
+    constexpr int64_t kTile = 32 * W;
+    at::parallel_for(0, at::divup(C, kTile), std::max<int64_t>(1, 16384 / (kTile * N)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * kTile, w = std::min(kTile, C - c0);
+        V aw[32], ab[32];
+        for (int64_t v = 0; v < 32; ++v) aw[v] = ab[v] = V(T(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const T *go = gomega + n * C, *g1 = p.sum_dy + n * C;
+          int64_t v = 0;
+          channels<true>(c0, w, [&](int64_t c, auto io) {
+            aw[v] += io.ld(go + c);
+            ab[v] += io.ld(g1 + c);
+            ++v;
+          });
+        }
+        int64_t v = 0;
+        channels<true>(c0, w, [&](int64_t c, auto io) {
+          io.st(p.grad_weight + c, aw[v]);
+          io.st(p.grad_bias + c, ab[v]);
+          ++v;
+        });
+      }
+    });
+    // decoder rows g: grad_W2[g, j] = sum_n gz_mu[g] relu(h_mu[j]) (and W3); encoder rows j:
+    // grad_W1[j, g] = sum_n gh_mu[j] mu[g] + gh_var[j] var[g]
+    const Sample w0(ws, Gp, Mp);  // offsets of the vectors of sample 0; sample n: + n S
+    at::parallel_for(0, G + M, std::max<int64_t>(1, 4096 / (N * std::max(Gp, Mp))), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        if (k < G) {
+          const int64_t g = k;
+          for (int64_t j0 = 0; j0 < M; j0 += 4 * WD) {  // up to 4 + 4 independent chains over n
+            const int64_t nv = std::min<int64_t>(4, at::divup(M - j0, WD));
+            VD dm[4], dv[4];
+            for (int64_t v = 0; v < nv; ++v) dm[v] = dv[v] = VD(D(0));
+            for (int64_t n = 0; n < N; ++n) {
+              const VD a(w0.s0[n * S + g]), b(w0.s1[n * S + g]);
+              for (int64_t v = 0; v < nv; ++v) {
+                dm[v] += a * relu(VD::loadu(w0.hmu + n * S + j0 + v * WD));
+                dv[v] += b * relu(VD::loadu(w0.hvar + n * S + j0 + v * WD));
+              }
+            }
+            for (int64_t v = 0; v < nv; ++v) {
+              const int64_t j = j0 + v * WD;
+              store_d(p.grad_decoder_mean + g * M + j, dm[v], std::min(WD, M - j));
+              store_d(p.grad_decoder_var + g * M + j, dv[v], std::min(WD, M - j));
+            }
+          }
+        } else {
+          const int64_t j = k - G;
+          for (int64_t g0 = 0; g0 < G; g0 += 8 * WD) {  // up to 8 independent chains over n
+            const int64_t nv = std::min<int64_t>(8, at::divup(G - g0, WD));
+            VD e[8];
+            for (int64_t v = 0; v < nv; ++v) e[v] = VD(D(0));
+            for (int64_t n = 0; n < N; ++n) {
+              const VD a(w0.ghmu[n * S + j]), b(w0.ghvar[n * S + j]);
+              for (int64_t v = 0; v < nv; ++v)
+                e[v] += a * VD::loadu(w0.mu + n * S + g0 + v * WD) + b * VD::loadu(w0.var + n * S + g0 + v * WD);
+            }
+            for (int64_t v = 0; v < nv; ++v) {
+              const int64_t g = g0 + v * WD;
+              store_d(p.grad_encoder + j * G + g, e[v], std::min(WD, G - g));
+            }
+          }
+        }
+      }
+    });
+  }
+};
+
+}  // namespace assoc_detail
+
+#define NF_CPU_DEFINE_ASSOC(S)                                                                          \
+  void assoc_forward(const nf::AssocCoefParams<S>& p) { assoc_detail::AssocKern<S>::forward(p); }   \
+  void assoc_backward(const nf::AssocCoefParams<S>& p) { assoc_detail::AssocKern<S>::backward(p); }
+
+NF_CPU_DEFINE_ASSOC(float)
+NF_CPU_DEFINE_ASSOC(double)
+#undef NF_CPU_DEFINE_ASSOC
+
+}  // namespace NF_CPU_NS
+}  // namespace nf_cpu

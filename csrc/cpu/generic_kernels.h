@@ -1,0 +1,49 @@
+// Raw-pointer entry points of the four generic CPU kernels (moments, affine_apply, backward_sums,
+// backward_apply). The kernel bodies (generic_kernels_impl.h) are compiled twice:
+//   generic_kernels_avx2.cpp     at::vec with CPU_CAPABILITY_AVX2 (AVX2 + FMA + F16C), x86-64 only
+//   generic_kernels_default.cpp  at::vec's portable implementation, for every other CPU
+// and generic_ops_cpu.cpp (the torch glue) picks one at run time from ATen's CPU capability
+// (so ATEN_CPU_CAPABILITY=default forces the portable one, as for ATen's own kernels).
+#pragma once
+#include <cstdint>
+
+#include "common/generic_params.h"
+
+namespace nf_cpu {
+
+// Statistics and coefficients are (N, C) contiguous arrays of the acc type (double for float64
+// input, float otherwise); x, dy, out are addressed as `shape.layout` says.
+struct GenericArgs {
+  nf::PlaneShape shape;
+  nf::DType dtype = nf::DType::f32;
+  const void* x = nullptr;
+  const void* dy = nullptr;     // backward_sums, backward_apply
+  const void* mean = nullptr;   // every op but moments
+  const void* k1 = nullptr;     // affine_apply: scale;  backward_apply: c_dy
+  const void* k2 = nullptr;     // affine_apply: shift;  backward_apply: c_x
+  const void* k0 = nullptr;     // backward_apply: c_0
+  void* out = nullptr;          // y / dx, same layout as x
+  void* s1 = nullptr;           // moments: mean;  backward_sums: sum_dy
+  void* s2 = nullptr;           // moments: m2;    backward_sums: sum_dy_xmu
+};
+
+#define NF_CPU_DECLARE_GENERIC(ns)                 \
+  namespace ns {                                   \
+  void moments(const GenericArgs& a);              \
+  void affine_apply(const GenericArgs& a);         \
+  void backward_sums(const GenericArgs& a);        \
+  void backward_apply(const GenericArgs& a);       \
+  }
+
+// True where the AVX2 builds run: the CPU has AVX2, FMA and F16C and ATen's own CPU capability
+// (ATEN_CPU_CAPABILITY) is AVX2 or more. Defined in generic_ops_cpu.cpp.
+bool use_avx2();
+
+NF_CPU_DECLARE_GENERIC(portable)
+// The AVX2 build needs `#pragma GCC target` (GCC; clang builds use the portable kernels only).
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define NF_CPU_HAVE_AVX2_KERNELS 1
+NF_CPU_DECLARE_GENERIC(avx2)
+#endif
+
+}  // namespace nf_cpu
