@@ -1,0 +1,322 @@
+"""Calls every ``torch.ops.normfuse.*`` CPU op on awkward shapes, dtypes and both layouts.
+
+Run by tests/test_cpu_asan.py in a subprocess, under
+``LD_PRELOAD="$(gcc -print-file-name=libasan.so) <libstdc++>" ASAN_OPTIONS=detect_leaks=0``,
+against the AddressSanitizer build of the CPU kernels:
+
+    python tests/asan_exercise.py MODE LIBRARY.so [LIBRARY.so ...]
+
+It loads each LIBRARY.so with ``torch.ops.load_library`` and must not import ``normfuse``
+(the library registers the same ``TORCH_LIBRARY(normfuse)`` namespace as ``normfuse._C``; two
+registrations of one namespace in a process are an error).  MODE:
+
+* ``ops``:       every op, valid arguments, results checked against float64 formulas here
+                 (so a kernel that reads the wrong element fails even where ASAN cannot see it);
+* ``rejects``:   invalid arguments the ops must refuse with a RuntimeError (no memory error);
+* ``degenerate``: zero-sized inputs and statistics (N == 0 or C == 0), which only direct op
+                 calls can make; ``assoc-c0``: the one such call known to crash (see the test);
+* ``planted``:   ``torch.ops.normfuse_asan_planted.read_past_end`` (tests/test_cpu_asan.py
+                 builds it from a planted off-by-one read), to prove the net holds.
+
+Prints ``ASAN-EXERCISE-OK <count>`` and exits 0 when every call returned.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+F64 = torch.float64
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+COUNT = 0
+
+
+def acc(dtype):
+    return F64 if dtype == F64 else torch.float32
+
+
+def make(shape, dtype, layout, seed, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=F64) + offset).to(dtype)
+    if layout == "cl" and len(shape) > 2:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x
+
+
+def ncl(x):
+    return x.detach().to(F64).reshape(x.shape[0], x.shape[1], -1)
+
+
+def close(a, b, what, tol):
+    a = a.detach().to(F64)
+    b = b.detach().to(F64)
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    err = float((a - b).abs().max()) if b.numel() else 0.0
+    if not err <= tol * scale:
+        raise AssertionError(f"{what}: max error {err:.3g} > {tol * scale:.3g}")
+
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+def generic_case(shape, dtype, layout, dy_layout, seed):
+    """moments, affine_apply, backward_sums, backward_apply on one tensor."""
+    global COUNT
+    ops = torch.ops.normfuse
+    x = make(shape, dtype, layout, seed, offset=3.0)
+    dy = make(shape, dtype, dy_layout, seed + 1)
+    x3, d3 = ncl(x), ncl(dy)
+    mean, m2 = ops.moments(x)
+    COUNT += 1
+    tol = TOL[dtype]
+    close(mean, x3.mean(2), f"moments.mean {shape} {dtype} {layout}", tol)
+    close(m2, ((x3 - x3.mean(2, keepdim=True)) ** 2).sum(2), f"moments.m2 {shape} {dtype}",
+          tol * max(1, x3.shape[2]))
+    a = acc(dtype)
+    g = torch.Generator().manual_seed(seed + 2)
+    n, c = shape[0], shape[1]
+    scale = torch.randn(n, c, generator=g, dtype=F64).to(a)
+    shift = torch.randn(n, c, generator=g, dtype=F64).to(a)
+    y = ops.affine_apply(x, mean, scale, shift)
+    COUNT += 1
+    assert y.shape == x.shape and y.stride() == x.stride(), "affine_apply layout"
+    m64 = mean.to(F64).unsqueeze(-1)
+    close(y.reshape(n, c, -1) if y.is_contiguous() else ncl(y),
+          (x3 - m64) * scale.to(F64).unsqueeze(-1) + shift.to(F64).unsqueeze(-1),
+          f"affine_apply {shape} {dtype} {layout}", tol * 4)
+    if dy.stride() != x.stride() and not (c == 1 or x3.shape[2] == 1):
+        dy = dy.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "cl" else dy.contiguous()
+    g1, g2 = ops.backward_sums(dy, x, mean)
+    COUNT += 1
+    close(g1, d3.sum(2), f"backward_sums.g1 {shape} {dtype}", tol * max(1, x3.shape[2]))
+    close(g2, (d3 * (x3 - m64)).sum(2), f"backward_sums.g2 {shape} {dtype}",
+          tol * max(1, x3.shape[2]) * 4)
+    k = [torch.randn(n, c, generator=g, dtype=F64).to(a) for _ in range(3)]
+    dx = ops.backward_apply(dy, x, mean, *k)
+    COUNT += 1
+    assert dx.shape == x.shape and dx.stride() == x.stride(), "backward_apply layout"
+    kk = [t.to(F64).unsqueeze(-1) for t in k]
+    close(ncl(dx), kk[0] * d3 + kk[1] * (x3 - m64) + kk[2],
+          f"backward_apply {shape} {dtype} {layout}", tol * 8)
+
+
+def stats(n, c, a, seed, plane):
+    g = torch.Generator().manual_seed(seed)
+    mean = (torch.randn(n, c, generator=g, dtype=F64) + 0.5).to(a)
+    m2 = (torch.rand(n, c, generator=g, dtype=F64) * plane).to(a)
+    s1 = torch.randn(n, c, generator=g, dtype=F64).to(a)
+    s2 = torch.randn(n, c, generator=g, dtype=F64).to(a)
+    return mean, m2, s1, s2
+
+
+def vec(c, a, seed, base=0.0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return (base + scale * torch.randn(c, generator=g, dtype=F64)).to(a)
+
+
+def batch_coefficients_case(n, c, plane, a, seed):
+    """bin / iebn coefficient ops, forward and backward, every combination of optional args."""
+    global COUNT
+    ops = torch.ops.normfuse
+    mean, m2, s1, s2 = stats(n, c, a, seed, plane)
+    for with_affine in (True, False):
+        w = vec(c, a, seed + 1, 1.0) if with_affine else None
+        b = vec(c, a, seed + 2) if with_affine else None
+        for with_running in (True, False):
+            for training in (True, False):
+                if training and n * plane <= 1 and with_running:
+                    continue  # the unbiased running variance needs two values (Python refuses)
+                rm = vec(c, a, seed + 3) if with_running else None
+                rv = vec(c, a, seed + 4, 1.0, 0.1).abs() if with_running else None
+                gate = vec(c, a, seed + 5, 0.5, 0.3)
+                scale, shift = ops.bin_coefficients(mean, m2, plane, gate, w, b, rm, rv, training,
+                                                    0.1, 1e-5)
+                out = ops.bin_coefficients_backward(s1, s2, mean, m2, plane, gate, w, b, rm, rv,
+                                                    training, 1e-5)
+                gw, gb = vec(c, a, seed + 6), vec(c, a, seed + 7, -1.0)
+                scale2, shift2 = ops.iebn_coefficients(mean, m2, plane, gw, gb, w, b, rm, rv,
+                                                       training, 0.1, 1e-5)
+                out2 = ops.iebn_coefficients_backward(s1, s2, mean, m2, plane, gw, gb, w, b, rm,
+                                                      rv, training, 1e-5)
+                COUNT += 4
+                for t in (scale, shift, scale2, shift2, *out, *out2):
+                    assert t.dtype == a, "coefficient dtype"
+                    if n * plane > 1 or not training:
+                        assert torch.isfinite(t).all(), "non-finite coefficient"
+
+
+def assoc_case(n, c, g, m, plane, a, seed):
+    global COUNT
+    ops = torch.ops.normfuse
+    mean, m2, s1, s2 = stats(n, c, a, seed, plane)
+    gen = torch.Generator().manual_seed(seed + 9)
+    enc = torch.randn(m, g, generator=gen, dtype=F64).to(a)
+    dm = torch.randn(g, m, generator=gen, dtype=F64).to(a)
+    dv = torch.randn(g, m, generator=gen, dtype=F64).to(a)
+    w, b = vec(c, a, seed + 1, 1.0), vec(c, a, seed + 2)
+    scale, shift = ops.assoc_coefficients(mean, m2, plane, g, enc, dm, dv, w, b, 1e-5)
+    out = ops.assoc_coefficients_backward(s1, s2, mean, m2, plane, g, enc, dm, dv, w, b, 1e-5)
+    COUNT += 2
+    for t in (scale, shift, *out):
+        assert torch.isfinite(t).all(), f"assoc non-finite n={n} c={c} g={g} m={m}"
+    assert out[3].shape == enc.shape and out[4].shape == dm.shape and out[6].shape == (c,)
+
+
+def mode_ops():
+    seed = 0
+    # ranks 2..5, N/C/L of 1, primes, sizes around the vector width (4/8/16), the 512-element
+    # chunk and the 32768-element segment of the CPU kernels; C around kTile (64).
+    shapes = [(1, 1), (2, 1), (1, 3), (5, 7), (3, 17, 1), (1, 1, 1), (2, 3, 13),
+              (2, 5, 1, 1), (1, 1, 7, 11), (3, 2, 3, 5), (2, 9, 4, 4), (1, 65, 3, 3),
+              (2, 3, 1, 2, 5), (1, 2, 3, 3, 3), (1, 1, 2, 2, 2),
+              (1, 2, 513), (1, 1, 32768 + 9), (1, 70, 1, 600), (1, 33, 1000),
+              (2, 4099, 3)]
+    for shape in shapes:
+        for dtype in DTYPES:
+            big = math.prod(shape) > 20000
+            if big and dtype in (torch.float64,):
+                continue
+            for layout in ("contiguous", "cl") if len(shape) > 2 else ("contiguous",):
+                for dy_layout in ("contiguous", "cl") if len(shape) > 2 else ("contiguous",):
+                    seed += 1
+                    generic_case(shape, dtype, layout, dy_layout, seed)
+    for a in (torch.float32, torch.float64):
+        for n, c, plane in [(1, 1, 1), (1, 1, 5), (2, 1, 1), (1, 7, 3), (3, 63, 2), (2, 64, 1),
+                            (5, 65, 7), (1, 130, 4), (17000, 2, 1), (4, 3, 32769)]:
+            seed += 1
+            batch_coefficients_case(n, c, plane, a, seed)
+        for n, c, g, m, plane in [(1, 1, 1, 1, 1), (1, 1, 1, 1, 4), (2, 4, 4, 1, 1),
+                                  (3, 6, 2, 1, 5), (2, 6, 3, 3, 2), (1, 130, 65, 70, 3),
+                                  (5, 12, 1, 2, 1), (2, 128, 32, 16, 9), (9000, 2, 1, 1, 2)]:
+            seed += 1
+            assoc_case(n, c, g, m, plane, a, seed)
+
+
+def expect_error(fn, what):
+    global COUNT
+    try:
+        fn()
+    except RuntimeError:
+        COUNT += 1
+        return
+    raise AssertionError(f"{what}: no error")
+
+
+def mode_rejects():
+    ops = torch.ops.normfuse
+    x = make((2, 3, 4, 5), torch.float32, "contiguous", 1)
+    mean, m2 = ops.moments(x)
+    st = torch.zeros(2, 3)
+    expect_error(lambda: ops.moments(torch.randn(3)), "rank 1")
+    expect_error(lambda: ops.moments(torch.randn(2, 3, 1, 1, 1, 2)), "rank 6")
+    expect_error(lambda: ops.moments(torch.ones(2, 3, dtype=torch.int32)), "int input")
+    expect_error(lambda: ops.moments(x.transpose(2, 3)), "strided input")
+    expect_error(lambda: ops.affine_apply(x, mean[:1], st, st), "short mean")
+    expect_error(lambda: ops.affine_apply(x, mean.double(), st, st), "f64 mean")
+    expect_error(lambda: ops.affine_apply(x, mean, torch.zeros(3, 2).t(), st), "strided scale")
+    expect_error(lambda: ops.backward_sums(x[:1], x, mean), "dy shape")
+    expect_error(lambda: ops.backward_sums(x.double(), x, mean), "dy dtype")
+    expect_error(lambda: ops.backward_sums(x.contiguous(memory_format=torch.channels_last), x,
+                                           mean), "dy layout")
+    expect_error(lambda: ops.backward_apply(x, x, mean, st, st, torch.zeros(2, 4)), "c_0 shape")
+    gate = torch.ones(3)
+    expect_error(lambda: ops.bin_coefficients(mean, m2, 0, gate, None, None, None, None, True,
+                                              0.1, 1e-5), "plane_size 0")
+    expect_error(lambda: ops.bin_coefficients(mean, m2, 20, torch.ones(4), None, None, None,
+                                              None, True, 0.1, 1e-5), "gate shape")
+    expect_error(lambda: ops.bin_coefficients(mean, m2, 20, gate, None, None, torch.zeros(3),
+                                              None, True, 0.1, 1e-5), "running_var missing")
+    expect_error(lambda: ops.bin_coefficients(mean, m2, 20, gate.double(), None, None, None,
+                                              None, True, 0.1, 1e-5), "gate dtype")
+    expect_error(lambda: ops.bin_coefficients(mean, m2[:, :2], 20, gate, None, None, None, None,
+                                              True, 0.1, 1e-5), "m2 shape")
+    expect_error(lambda: ops.bin_coefficients(mean.half(), m2.half(), 20, gate.half(), None,
+                                              None, None, None, True, 0.1, 1e-5), "f16 stats")
+    expect_error(lambda: ops.bin_coefficients_backward(st[:1], st, mean, m2, 20, gate, None,
+                                                       None, None, None, True, 1e-5), "sum_dy")
+    expect_error(lambda: ops.iebn_coefficients(mean, m2, 20, gate, torch.ones(2), None, None,
+                                               None, None, True, 0.1, 1e-5), "gate_bias shape")
+    enc, dec = torch.ones(1, 3), torch.zeros(3, 1)
+    w3, b3 = torch.ones(3), torch.zeros(3)
+    expect_error(lambda: ops.assoc_coefficients(mean, m2, 20, 2, torch.ones(1, 2), dec[:2],
+                                                dec[:2], w3, b3, 1e-5), "groups do not divide")
+    expect_error(lambda: ops.assoc_coefficients(mean, m2, 20, 0, enc, dec, dec, w3, b3, 1e-5),
+                 "zero groups")
+    expect_error(lambda: ops.assoc_coefficients(mean, m2, 20, 3, torch.ones(0, 3),
+                                                torch.zeros(3, 0), torch.zeros(3, 0), w3, b3,
+                                                1e-5), "M = 0")
+    expect_error(lambda: ops.assoc_coefficients(mean, m2, 20, 3, enc, torch.zeros(3, 2), dec,
+                                                w3, b3, 1e-5), "decoder shape")
+    expect_error(lambda: ops.assoc_coefficients_backward(st, st, mean, m2, 20, 3, enc, dec, dec,
+                                                         torch.ones(2), b3, 1e-5), "weight shape")
+
+
+def mode_degenerate():
+    """Zero-sized statistics.  The Python layer never makes them (it refuses empty input), but
+    the ops are public (torch.ops.normfuse.*): they must return, not read out of bounds."""
+    global COUNT
+    ops = torch.ops.normfuse
+    for dtype in DTYPES:
+        for shape in [(0, 3, 4), (2, 0, 4), (2, 3, 0), (0, 0), (2, 0), (0, 2, 2, 2)]:
+            x = torch.empty(shape, dtype=dtype)
+            mean, m2 = ops.moments(x)
+            y = ops.affine_apply(x, mean, mean, mean)
+            g1, g2 = ops.backward_sums(x, x, mean)
+            dx = ops.backward_apply(x, x, mean, g1, g1, g1)
+            COUNT += 4
+            assert y.shape == x.shape and dx.shape == x.shape
+    for a in (torch.float32, torch.float64):
+        for n, c in [(0, 3), (3, 0), (0, 0)]:
+            st = torch.zeros(n, c, dtype=a)
+            p = torch.ones(c, dtype=a)
+            ops.bin_coefficients(st, st, 4, p, p, p, p.clone(), p.clone(), True, 0.1, 1e-5)
+            ops.bin_coefficients_backward(st, st, st, st, 4, p, p, p, None, None, True, 1e-5)
+            ops.iebn_coefficients(st, st, 4, p, p, None, None, None, None, True, 0.1, 1e-5)
+            ops.iebn_coefficients_backward(st, st, st, st, 4, p, p, p, p, p, p, False, 1e-5)
+            enc, dec = torch.ones(1, 1, dtype=a), torch.zeros(1, 1, dtype=a)
+            ops.assoc_coefficients(st, st, 4, 1, enc, dec, dec, p, p, 1e-5)
+            COUNT += 5
+            if n > 0 and c == 0:
+                continue  # mode "assoc-c0" (a known crash)
+            out = ops.assoc_coefficients_backward(st, st, st, st, 4, 1, enc, dec, dec, p, p, 1e-5)
+            COUNT += 1
+            for t in out[3:]:
+                assert torch.equal(t, torch.zeros_like(t)), \
+                    f"assoc backward: parameter gradient of an empty batch must be 0 (n={n}, c={c})"
+
+
+def mode_assoc_c0():
+    """assoc_coefficients_backward on (N > 0, C = 0) statistics: zero parameter gradients."""
+    global COUNT
+    ops = torch.ops.normfuse
+    for a in (torch.float32, torch.float64):
+        st = torch.zeros(3, 0, dtype=a)
+        p = torch.ones(0, dtype=a)
+        enc, dec = torch.ones(1, 1, dtype=a), torch.zeros(1, 1, dtype=a)
+        out = ops.assoc_coefficients_backward(st, st, st, st, 4, 1, enc, dec, dec, p, p, 1e-5)
+        COUNT += 1
+        for t in out[3:]:
+            assert torch.equal(t, torch.zeros_like(t)), "parameter gradient of no channels != 0"
+
+
+def mode_planted():
+    global COUNT
+    x = torch.randn(1000)
+    torch.ops.normfuse_asan_planted.read_past_end(x)
+    COUNT += 1
+
+
+def main():
+    mode, libraries = sys.argv[1], sys.argv[2:]
+    assert "normfuse" not in sys.modules, "must not import normfuse (namespace registered twice)"
+    for library in libraries:
+        torch.ops.load_library(library)
+    {"ops": mode_ops, "rejects": mode_rejects, "degenerate": mode_degenerate,
+     "assoc-c0": mode_assoc_c0, "planted": mode_planted}[mode]()
+    assert "normfuse._C" not in sys.modules
+    print(f"ASAN-EXERCISE-OK {COUNT}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
