@@ -257,10 +257,6 @@ def test_zero_sized_statistics_under_asan(asan_library):
     _assert_clean(res, "degenerate")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: assoc_coefficients_backward with (N > 0, C = 0) "
-                   "statistics reads mean[0] of an empty tensor (SEGV at "
-                   "csrc/cpu/coefficients_assoc.cpp:62, sample_forward; the forward has a C > 0 "
-                   "guard, the backward none). Remove this mark once fixed.")
 def test_assoc_backward_zero_channels_under_asan(asan_library):
     res = run_under_asan([asan_library], "assoc-c0")
     _assert_clean(res, "assoc-c0")
