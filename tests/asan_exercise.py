@@ -14,7 +14,8 @@ registrations of one namespace in a process are an error).  MODE:
                  (so a kernel that reads the wrong element fails even where ASAN cannot see it);
 * ``rejects``:   invalid arguments the ops must refuse with a RuntimeError (no memory error);
 * ``degenerate``: zero-sized inputs and statistics (N == 0 or C == 0), which only direct op
-                 calls can make; ``assoc-c0``: the one such call known to crash (see the test);
+                 calls can make; ``assoc-c0``: assoc_coefficients_backward on (N > 0, 0)
+                 statistics (a SEGV until csrc/cpu/coefficients_assoc.cpp guarded C > 0);
 * ``planted``:   ``torch.ops.normfuse_asan_planted.read_past_end`` (tests/test_cpu_asan.py
                  builds it from a planted off-by-one read), to prove the net holds.
 
@@ -278,7 +279,7 @@ def mode_degenerate():
             ops.assoc_coefficients(st, st, 4, 1, enc, dec, dec, p, p, 1e-5)
             COUNT += 5
             if n > 0 and c == 0:
-                continue  # mode "assoc-c0" (a known crash)
+                continue  # mode "assoc-c0"
             out = ops.assoc_coefficients_backward(st, st, st, st, 4, 1, enc, dec, dec, p, p, 1e-5)
             COUNT += 1
             for t in out[3:]:

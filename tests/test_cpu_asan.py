@@ -3,8 +3,8 @@
 A CPU-only variant of the extension (csrc/ops.cpp, csrc/common/*.cpp, csrc/cpu/*.cpp) is compiled
 with ``-O1 -g -fsanitize=address -fno-omit-frame-pointer -fopenmp`` into
 ``build/asan/<hash>/normfuse_asan_C.so``; the hash covers every file under csrc/ that the CPU
-build reads, the flags, the compiler and torch versions, so the (one-off, ~2-4 min on 2 cores)
-build reruns only when those change.  Builds go to a temporary directory that is renamed into
+build reads, the flags, the compiler and torch versions, so the one-off build (2-7 min on 2
+shared cores, one g++ per core; MAX_JOBS caps it) reruns only when those change.  Builds go to a temporary directory that is renamed into
 place, so concurrent runs in one checkout do not trip over each other.
 
 ``tests/asan_exercise.py`` then runs in a subprocess under

@@ -2,13 +2,16 @@
 // include after coefficients_batch_impl.h (it uses its Full / Part), with NF_CPU_NS defined.
 //
 // Formulas: common/coefficients.h (GroupStats, assoc_*), on at::vec vectors: the per-channel
-// work in the statistics' type, the per-group and auto-encoder work (O(G M) per sample) in double. Per sample (one at::parallel_for item each): the group merge (two passes per group,
-// means relative to the group's first channel), the auto-encoder as vectorised mat-vecs (the
-// small weight matrices are copied once per call, transposed and padded, so that every product
-// runs down contiguous rows in the order of the scalar formulas), then the per-channel
-// coefficients. The backward keeps per-sample vectors and the per-(n, c) grad_omega, and sums
-// the parameter gradients over n = 0..N-1 in order in two more parallel passes (over channel
-// tiles, and over auto-encoder rows): results do not depend on the number of threads.
+// work in the statistics' type (whole vectors, then single channels for what is left of a group),
+// the per-group and auto-encoder work (O(G M) per sample) in double, except that for float32
+// statistics the sigmoid / tanh of the decoders run in float. Per sample (one at::parallel_for
+// item each): the group merge (two passes per group, means relative to the group's first
+// channel), the auto-encoder as vectorised mat-vecs (the small weight matrices are copied once
+// per call, transposed and padded, so that every product runs down contiguous rows with each
+// output summed in the order of the scalar formulas), then the per-channel coefficients. The
+// backward keeps per-sample vectors and the per-(n, c) grad_omega, and sums the parameter
+// gradients over n = 0..N-1 in order in two more parallel passes (over channel tiles, and over
+// auto-encoder rows): results do not depend on the number of threads.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -17,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/coefficients.h"
 #include "common/coefficients_params.h"
 #include "cpu/vec_io.h"
 
@@ -39,7 +43,7 @@ struct AssocKern {
 
   static int64_t pad(int64_t n) { return at::divup(n, WD) * WD; }
   static VD sigmoid(const VD& z) { return VD(D(1)) / (VD(D(1)) + z.neg().exp()); }
-  static VD relu(const VD& z) { return VD::blendv(VD(D(0)), z, z > VD(D(0))); }
+  static VD relu(const VD& z) { return VD::blendv(z, VD(D(0)), z <= VD(D(0))); }  // NaN stays NaN
 
   // body(c, io) over channels [c0, c0 + n): whole vectors (io: Full), then the rest one channel at
   // a time (io: Scal) or, with kMasked, as one partial vector (io: Part).
@@ -113,7 +117,7 @@ struct AssocKern {
     std::fill(w.mu, w.mu + Gp, D(0));
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * cpg;
-      const T shift = m[c0];
+      const T shift = nf::coef::finite_or_zero(m[c0]);
       T mean_rel, q_sum, dev2;
       V acc(T(0));
       T t = 0;
@@ -121,7 +125,7 @@ struct AssocKern {
         using U = typename decltype(io)::U;
         add(acc, t, io.ld(m + c) - U(shift));
       });
-      mean_rel = (va::hsum(acc) + t) * inv_count;
+      mean_rel = ((cpg >= W ? va::hsum(acc) : T(0)) + t) * inv_count;  // (no whole vector: no hsum)
       V qa(T(0)), da(T(0));
       T tq = 0, td = 0;
       channels(c0, cpg, [&](int64_t c, auto io) {
@@ -130,8 +134,8 @@ struct AssocKern {
         add(qa, tq, io.ld(q + c));
         add(da, td, d * d);
       });
-      q_sum = va::hsum(qa) + tq;
-      dev2 = va::hsum(da) + td;
+      q_sum = (cpg >= W ? va::hsum(qa) : T(0)) + tq;
+      dev2 = (cpg >= W ? va::hsum(da) : T(0)) + td;
       w.shift[g] = shift;
       w.mean[g] = mean_rel;
       w.var[g] = (static_cast<D>(q_sum) + L * static_cast<D>(dev2)) * inv_cl;
@@ -148,59 +152,83 @@ struct AssocKern {
     // decoders: z[g] = sum_j W[g, j] relu(h[j]), vectorised over g (rows of the transposes)
     D* zm = w.dmu;  // z, then d in place
     D* zv = w.dvar;
-    matvec2(wt.w2t.data(), wt.w3t.data(), Gp, wt.M, w.hmu, w.hvar, zm, zv, [](D v) { return v > D(0) ? v : D(0); });
-    for (int64_t g = 0; g < Gp; g += WD) {
-      sigmoid(VD::loadu(zm + g)).store(w.dmu + g);
-      VD::loadu(zv + g).tanh().store(w.dvar + g);
+    matvec2(wt.w2t.data(), wt.w3t.data(), Gp, wt.M, w.hmu, w.hvar, zm, zv, [](D v) { return nf::coef::relu(v); });
+    if constexpr (std::is_same_v<T, float>) {  // float statistics: the transcendentals in float
+      for (int64_t g = 0; g < Gp; g += W) {
+        const int64_t n = std::min(W, Gp - g);
+        float a[W] = {}, b[W] = {};
+        for (int64_t k = 0; k < n; ++k) {
+          a[k] = static_cast<float>(zm[g + k]);
+          b[k] = static_cast<float>(zv[g + k]);
+        }
+        (V(1.f) / (V(1.f) + V::loadu(a).neg().exp())).store(a);
+        V::loadu(b).tanh().store(b);
+        for (int64_t k = 0; k < n; ++k) {
+          w.dmu[g + k] = a[k];
+          w.dvar[g + k] = b[k];
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < Gp; g += WD) {
+        sigmoid(VD::loadu(zm + g)).store(w.dmu + g);
+        VD::loadu(zv + g).tanh().store(w.dvar + g);
+      }
     }
   }
 
   // y1[0, len) = sum_k A1[k, :] f(x1[k]) and y2 = sum_k A2[k, :] f(x2[k]), k = 0..K-1 in order
   // for every element (rows of `len`, a multiple of WD); up to 4 + 4 vectors of y at a time, so
   // that the chains of additions are independent.
+  template <int NV, class Fn>
+  static inline void matvec2_block(const D* A1, const D* A2, int64_t len, int64_t K, const D* x1, const D* x2,
+                                   D* y1, D* y2, Fn f) {
+    VD a[NV], b[NV];
+    for (int v = 0; v < NV; ++v) a[v] = b[v] = VD(D(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const VD u(f(x1[k])), z(f(x2[k]));
+      for (int v = 0; v < NV; ++v) {
+        a[v] += VD::loadu(A1 + k * len + v * WD) * u;
+        b[v] += VD::loadu(A2 + k * len + v * WD) * z;
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      a[v].store(y1 + v * WD);
+      b[v].store(y2 + v * WD);
+    }
+  }
   template <class Fn>
   static void matvec2(const D* A1, const D* A2, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2,
                       Fn f) {
-    for (int64_t j0 = 0; j0 < len; j0 += 4 * WD) {
-      const int64_t nv = std::min<int64_t>(4, (len - j0) / WD);
-      VD a[4], b[4];
-      for (int64_t v = 0; v < nv; ++v) a[v] = b[v] = VD(D(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const VD u(f(x1[k])), z(f(x2[k]));
-        for (int64_t v = 0; v < nv; ++v) {
-          a[v] += VD::loadu(A1 + k * len + j0 + v * WD) * u;
-          b[v] += VD::loadu(A2 + k * len + j0 + v * WD) * z;
-        }
-      }
-      for (int64_t v = 0; v < nv; ++v) {
-        a[v].store(y1 + j0 + v * WD);
-        b[v].store(y2 + j0 + v * WD);
-      }
-    }
+    int64_t j0 = 0;
+    for (; j0 + 4 * WD <= len; j0 += 4 * WD) matvec2_block<4>(A1 + j0, A2 + j0, len, K, x1, x2, y1 + j0, y2 + j0, f);
+    for (; j0 < len; j0 += WD) matvec2_block<1>(A1 + j0, A2 + j0, len, K, x1, x2, y1 + j0, y2 + j0, f);
   }
 
   // y1[0, len) += sum_k x1[k] A[k, :], y2 likewise with x2 (same A), k in order.
-  static void accumulate_rows(const D* A, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2) {
-    for (int64_t j0 = 0; j0 < len; j0 += 4 * WD) {
-      const int64_t nv = std::min<int64_t>(4, (len - j0) / WD);
-      VD a[4], b[4];
-      for (int64_t v = 0; v < nv; ++v) {
-        a[v] = VD::loadu(y1 + j0 + v * WD);
-        b[v] = VD::loadu(y2 + j0 + v * WD);
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const VD u(x1[k]), z(x2[k]);
-        for (int64_t v = 0; v < nv; ++v) {
-          const VD wv = VD::loadu(A + k * len + j0 + v * WD);
-          a[v] += u * wv;
-          b[v] += z * wv;
-        }
-      }
-      for (int64_t v = 0; v < nv; ++v) {
-        a[v].store(y1 + j0 + v * WD);
-        b[v].store(y2 + j0 + v * WD);
+  template <int NV>
+  static inline void accumulate_block(const D* A, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2) {
+    VD a[NV], b[NV];
+    for (int v = 0; v < NV; ++v) {
+      a[v] = VD::loadu(y1 + v * WD);
+      b[v] = VD::loadu(y2 + v * WD);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const VD u(x1[k]), z(x2[k]);
+      for (int v = 0; v < NV; ++v) {
+        const VD wv = VD::loadu(A + k * len + v * WD);
+        a[v] += u * wv;
+        b[v] += z * wv;
       }
     }
+    for (int v = 0; v < NV; ++v) {
+      a[v].store(y1 + v * WD);
+      b[v].store(y2 + v * WD);
+    }
+  }
+  static void accumulate_rows(const D* A, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2) {
+    int64_t j0 = 0;
+    for (; j0 + 4 * WD <= len; j0 += 4 * WD) accumulate_block<4>(A + j0, len, K, x1, x2, y1 + j0, y2 + j0);
+    for (; j0 < len; j0 += WD) accumulate_block<1>(A + j0, len, K, x1, x2, y1 + j0, y2 + j0);
   }
 
   // the first n lanes of a double vector into T
@@ -273,10 +301,16 @@ struct AssocKern {
             add(a3, t3, gs * omega);
           });
           const D d = w.dmu[g], dv = w.dvar[g];
-          w.s0[g] = static_cast<D>(va::hsum(a0) + t0) * d * (D(1) - d);  // decoder pre-activation gradients
-          w.s1[g] = static_cast<D>(va::hsum(a1) + t1) * (D(1) - dv * dv);
-          w.s2[g] = static_cast<D>(va::hsum(a2) + t2);
-          w.s3[g] = static_cast<D>(va::hsum(a3) + t3);
+          if (cpg >= W) {
+            t0 += va::hsum(a0);
+            t1 += va::hsum(a1);
+            t2 += va::hsum(a2);
+            t3 += va::hsum(a3);
+          }
+          w.s0[g] = static_cast<D>(t0) * d * (D(1) - d);  // decoder pre-activation gradients
+          w.s1[g] = static_cast<D>(t1) * (D(1) - dv * dv);
+          w.s2[g] = static_cast<D>(t2);
+          w.s3[g] = static_cast<D>(t3);
         }
         // grad h: through the decoders (rows of W2 / W3 in order) and the relu
         matvec2(wt.w2.data(), wt.w3.data(), Mp, G, w.s0, w.s1, w.ghmu, w.ghvar, [](D v) { return v; });
@@ -338,39 +372,46 @@ struct AssocKern {
       for (int64_t k = k0; k < k1; ++k) {
         if (k < G) {
           const int64_t g = k;
-          for (int64_t j0 = 0; j0 < M; j0 += 4 * WD) {  // up to 4 + 4 independent chains over n
-            const int64_t nv = std::min<int64_t>(4, at::divup(M - j0, WD));
-            VD dm[4], dv[4];
-            for (int64_t v = 0; v < nv; ++v) dm[v] = dv[v] = VD(D(0));
+          // up to 4 + 4 independent chains over n (fixed-size blocks: accumulators in registers)
+          auto block = [&](int64_t j0, auto nv_c) {
+            constexpr int NV = decltype(nv_c)::value;
+            VD dm[NV], dv[NV];
+            for (int v = 0; v < NV; ++v) dm[v] = dv[v] = VD(D(0));
             for (int64_t n = 0; n < N; ++n) {
               const VD a(w0.s0[n * S + g]), b(w0.s1[n * S + g]);
-              for (int64_t v = 0; v < nv; ++v) {
+              for (int v = 0; v < NV; ++v) {
                 dm[v] += a * relu(VD::loadu(w0.hmu + n * S + j0 + v * WD));
                 dv[v] += b * relu(VD::loadu(w0.hvar + n * S + j0 + v * WD));
               }
             }
-            for (int64_t v = 0; v < nv; ++v) {
+            for (int v = 0; v < NV; ++v) {
               const int64_t j = j0 + v * WD;
               store_d(p.grad_decoder_mean + g * M + j, dm[v], std::min(WD, M - j));
               store_d(p.grad_decoder_var + g * M + j, dv[v], std::min(WD, M - j));
             }
-          }
+          };
+          int64_t j0 = 0;
+          for (; j0 + 4 * WD <= M; j0 += 4 * WD) block(j0, std::integral_constant<int, 4>{});
+          for (; j0 < M; j0 += WD) block(j0, std::integral_constant<int, 1>{});
         } else {
           const int64_t j = k - G;
-          for (int64_t g0 = 0; g0 < G; g0 += 8 * WD) {  // up to 8 independent chains over n
-            const int64_t nv = std::min<int64_t>(8, at::divup(G - g0, WD));
-            VD e[8];
-            for (int64_t v = 0; v < nv; ++v) e[v] = VD(D(0));
+          auto block = [&](int64_t g0, auto nv_c) {  // independent chains over n
+            constexpr int NV = decltype(nv_c)::value;
+            VD e[NV];
+            for (int v = 0; v < NV; ++v) e[v] = VD(D(0));
             for (int64_t n = 0; n < N; ++n) {
               const VD a(w0.ghmu[n * S + j]), b(w0.ghvar[n * S + j]);
-              for (int64_t v = 0; v < nv; ++v)
+              for (int v = 0; v < NV; ++v)
                 e[v] += a * VD::loadu(w0.mu + n * S + g0 + v * WD) + b * VD::loadu(w0.var + n * S + g0 + v * WD);
             }
-            for (int64_t v = 0; v < nv; ++v) {
+            for (int v = 0; v < NV; ++v) {
               const int64_t g = g0 + v * WD;
               store_d(p.grad_encoder + j * G + g, e[v], std::min(WD, G - g));
             }
-          }
+          };
+          int64_t g0 = 0;
+          for (; g0 + 8 * WD <= G; g0 += 8 * WD) block(g0, std::integral_constant<int, 8>{});
+          for (; g0 < G; g0 += WD) block(g0, std::integral_constant<int, 1>{});
         }
       }
     });

@@ -5,10 +5,14 @@
 // same for any number of threads):
 // * contiguous: a plane of L <= kSeg elements is one unit of work (several planes per
 //   at::parallel_for task: grain kTask / L); a longer plane is cut into segments of kSeg elements
-//   whose partial results merge in index order. L == 1 is a flat elementwise pass.
+//   whose partial results merge in index order. L == 1 is a flat elementwise pass. Moments of
+//   short planes (L <= kSmall) go W planes at a time (fixed groups), sharing the horizontal sums.
 // * channels-last: a unit is a segment of rows (C elements each) of one sample; segments of a
-//   sample merge in index order. Inside a segment, chunks of R rows (R C ~ kRowChunk) are walked
-//   by column blocks of up to 4 vectors of channels, with the block's accumulators in registers.
+//   sample merge in index order. Inside a segment, chunks of R rows are walked by column blocks
+//   of up to 4 vectors of channels with the accumulators in registers (C < kWideC), or row by row
+//   with the accumulators in L1 arrays (C >= kWideC: memory is read sequentially).
+// * maps (affine_apply, backward_apply): a plane's / row's last partial vector is done as its
+//   last whole vector again (same inputs, same values), no masked store, when it has W elements.
 //
 // Numerics (csrc/README.md): every plane is shifted by its first element; moments are exact
 // two-pass mean / m2 over chunks that sit in L1 (a contiguous run of kChunk elements, or R
@@ -50,7 +54,7 @@ inline void chan_merge(Mom& a, const Mom& b) {
   a.n = n;
 }
 
-// Channels-last chunk rows: R C ~ kRowChunk, at least 8 rows (merges amortised), at most `cap`.
+// Channels-last chunk rows: R C ~ kRowChunk, at least `lo` rows (merges amortised), at most `cap`.
 inline int64_t chunk_rows(int64_t C, int64_t L, int64_t lo, int64_t cap) {
   return std::max<int64_t>(1, std::min({L, cap, std::max(lo, kRowChunk / C)}));
 }
@@ -295,8 +299,41 @@ struct Kern {
     }
   }
 
+  // Wide rows (C >= kWideC): the chunk is walked row by row (sequential memory), with the
+  // per-channel accumulators in padded L1 arrays instead of registers. Same sums per channel,
+  // rows in the same order as the column blocks (a channel's result is the same either way up
+  // to the association of the row sums; the choice depends only on C).
+  static constexpr int64_t kWideC = 64;
+  static inline void cl_rows_moments(const S* base, int64_t C, int64_t rows, const acc_t* shift, acc_t inv_r,
+                                     acc_t* cm, acc_t* q) {
+    const int64_t vC = C - C % W, tail = C % W;
+    std::fill(cm, cm + vC + (tail ? W : 0), acc_t(0));
+    std::fill(q, q + vC + (tail ? W : 0), acc_t(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* row = base + r * C;
+      int64_t c = 0;
+      for (; c < vC; c += W) (V::loadu(cm + c) + (io::load(row + c) - V::loadu(shift + c))).store(cm + c);
+      if (tail) (V::loadu(cm + c) + (io::load_n(row + c, tail) - V::loadu(shift + c))).store(cm + c);
+    }
+    const V vinv(inv_r);
+    for (int64_t c = 0; c < vC + (tail ? W : 0); c += W) (V::loadu(cm + c) * vinv).store(cm + c);
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* row = base + r * C;
+      int64_t c = 0;
+      for (; c < vC; c += W) {
+        const V d = (io::load(row + c) - V::loadu(shift + c)) - V::loadu(cm + c);
+        at::vec::fmadd(d, d, V::loadu(q + c)).store(q + c);
+      }
+      if (tail) {
+        const V d = (io::load_n(row + c, tail) - V::loadu(shift + c)) - V::loadu(cm + c);
+        at::vec::fmadd(d, d, V::loadu(q + c)).store(q + c);
+      }
+    }
+  }
+
   static void moments_cl(const S* x, int64_t N, int64_t C, int64_t L, acc_t* mean, acc_t* m2) {
-    const int64_t R = chunk_rows(C, L, 8, 256), SR = seg_rows(C, R), S_ = at::divup(L, SR);
+    // at least 16 rows a chunk: the Chan merge (per channel, in double) amortised over 16 rows
+    const int64_t R = chunk_rows(C, L, 16, 256), SR = seg_rows(C, R), S_ = at::divup(L, SR);
     const int64_t vC = C - C % W, tail = C % W, Cp = C + W;
     // partial moments per (sample, segment): counts implied by the segment, mean / m2 per channel
     std::vector<double> part(S_ > 1 ? N * S_ * 2 * C : 0);
@@ -314,10 +351,14 @@ struct Kern {
           const int64_t rows = std::min(R, r1 - a);
           const acc_t inv_r = acc_t(1) / static_cast<acc_t>(rows);
           const S* base = xs + a * C;
-          int64_t c = 0;
-          for (; c + 4 * W <= vC; c += 4 * W) cl_block_moments<4, false>(base + c, C, rows, shift + c, inv_r, 0, cm + c, q + c);
-          for (; c < vC; c += W) cl_block_moments<1, false>(base + c, C, rows, shift + c, inv_r, 0, cm + c, q + c);
-          if (tail) cl_block_moments<1, true>(base + c, C, rows, shift + c, inv_r, tail, cm + c, q + c);
+          if (C >= kWideC) {
+            cl_rows_moments(base, C, rows, shift, inv_r, cm, q);
+          } else {
+            int64_t c = 0;
+            for (; c + 4 * W <= vC; c += 4 * W) cl_block_moments<4, false>(base + c, C, rows, shift + c, inv_r, 0, cm + c, q + c);
+            for (; c < vC; c += W) cl_block_moments<1, false>(base + c, C, rows, shift + c, inv_r, 0, cm + c, q + c);
+            if (tail) cl_block_moments<1, true>(base + c, C, rows, shift + c, inv_r, tail, cm + c, q + c);
+          }
           if (count == 0) {
             for (int64_t k = 0; k < C; ++k) {
               md[k] = static_cast<double>(cm[k]);
@@ -490,9 +531,32 @@ struct Kern {
     }
   }
 
+  static inline void cl_rows_sums(const S* dyb, const S* xb, int64_t C, int64_t rows, const acc_t* m, acc_t* s1,
+                                  acc_t* s2) {
+    const int64_t vC = C - C % W, tail = C % W;
+    std::fill(s1, s1 + vC + (tail ? W : 0), acc_t(0));
+    std::fill(s2, s2 + vC + (tail ? W : 0), acc_t(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* d = dyb + r * C;
+      const S* xr = xb + r * C;
+      int64_t c = 0;
+      for (; c < vC; c += W) {
+        const V g = io::load(d + c);
+        (V::loadu(s1 + c) + g).store(s1 + c);
+        at::vec::fmadd(g, io::load(xr + c) - V::loadu(m + c), V::loadu(s2 + c)).store(s2 + c);
+      }
+      if (tail) {
+        const V g = io::load_n(d + c, tail);
+        (V::loadu(s1 + c) + g).store(s1 + c);
+        at::vec::fmadd(g, io::load_n(xr + c, tail) - V::loadu(m + c), V::loadu(s2 + c)).store(s2 + c);
+      }
+    }
+  }
+
   static void sums_cl(const S* dy, const S* x, const acc_t* mean, int64_t N, int64_t C, int64_t L, acc_t* o1,
                       acc_t* o2) {
-    const int64_t R = chunk_rows(C, L, 1, 32), SR = seg_rows(C, R), S_ = at::divup(L, SR);
+    // one pass: the chunk only bounds how many rows a float sum runs over
+    const int64_t R = std::min<int64_t>(L, 32), SR = seg_rows(C, R), S_ = at::divup(L, SR);
     const int64_t vC = C - C % W, tail = C % W, Cp = C + W;
     std::vector<double> part(S_ > 1 ? N * S_ * 2 * C : 0);
     at::parallel_for(0, N * S_, std::max<int64_t>(1, kTask / (std::min(L, SR) * C)), [&](int64_t tb, int64_t te) {
@@ -508,11 +572,15 @@ struct Kern {
         const S* xs = x + n * L * C;
         for (int64_t a = r0; a < r1; a += R) {
           const int64_t rows = std::min(R, r1 - a);
-          int64_t c = 0;
-          for (; c + 4 * W <= vC; c += 4 * W)
-            cl_block_sums<4, false>(dys + a * C + c, xs + a * C + c, C, rows, m + c, 0, s1 + c, s2 + c);
-          for (; c < vC; c += W) cl_block_sums<1, false>(dys + a * C + c, xs + a * C + c, C, rows, m + c, 0, s1 + c, s2 + c);
-          if (tail) cl_block_sums<1, true>(dys + a * C + c, xs + a * C + c, C, rows, m + c, tail, s1 + c, s2 + c);
+          if (C >= kWideC) {
+            cl_rows_sums(dys + a * C, xs + a * C, C, rows, m, s1, s2);
+          } else {
+            int64_t c = 0;
+            for (; c + 4 * W <= vC; c += 4 * W)
+              cl_block_sums<4, false>(dys + a * C + c, xs + a * C + c, C, rows, m + c, 0, s1 + c, s2 + c);
+            for (; c < vC; c += W) cl_block_sums<1, false>(dys + a * C + c, xs + a * C + c, C, rows, m + c, 0, s1 + c, s2 + c);
+            if (tail) cl_block_sums<1, true>(dys + a * C + c, xs + a * C + c, C, rows, m + c, tail, s1 + c, s2 + c);
+          }
           for (int64_t k = 0; k < C; ++k) {
             g1[k] += static_cast<double>(s1[k]);
             g2[k] += static_cast<double>(s2[k]);
