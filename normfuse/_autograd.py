@@ -121,13 +121,17 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
     backend = resolve_backend(input)
     acc = acc_dtype(input.dtype)
     x = kernel_layout(input)
-    params = tuple(None if p is None else p.to(acc) for p in params)
-    rm = None if running_mean is None else running_mean.to(acc)
-    rv = None if running_var is None else running_var.to(acc)
+    # The kernels read parameters and statistics as dense vectors in the acc dtype: a strided
+    # view or another dtype is converted (running statistics then get written back below).
+    params = tuple(None if p is None else p.to(acc).contiguous() for p in params)
+    rm = None if running_mean is None else running_mean.to(acc).contiguous()
+    rv = None if running_var is None else running_var.to(acc).contiguous()
     y = NormFunction.apply(layer, backend, x, rm, rv, bool(training), float(momentum),
                            float(eps), int(num_groups), *params)
-    if training and running_mean is not None and rm is not running_mean:
-        with torch.no_grad():  # buffers of another dtype: updated on a copy, written back
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
+    if training and running_mean is not None:
+        with torch.no_grad():  # buffers of another dtype or strided: updated on a copy
+            if rm is not running_mean:
+                running_mean.copy_(rm)
+            if rv is not running_var:
+                running_var.copy_(rv)
     return y

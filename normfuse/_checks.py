@@ -67,12 +67,13 @@ def check_running_stats(running_mean, running_var, channels: int, input: Tensor,
     check_tensor(running_var, "running_var", (channels,), input, who, optional=True)
 
 
-def check_batch_values(input: Tensor, who: str) -> None:
+def check_batch_values(input: Tensor, who: str, training: bool = True) -> None:
     """Batch statistics need more than one value per channel (as ``nn.BatchNorm`` says)."""
     per_channel = input.shape[0] * math.prod(input.shape[2:])
     if per_channel <= 1:
+        when = "training" if training else "eval mode without running statistics"
         raise ValueError(f"{who}: expected more than 1 value per channel when using batch "
-                         f"statistics (training), got input of shape {tuple(input.shape)}")
+                         f"statistics ({when}), got input of shape {tuple(input.shape)}")
 
 
 def check_number(value, name: str, who: str, low: float = 0.0, allow_none: bool = False):

@@ -24,7 +24,7 @@ def _check_batch_layer(who, input, running_mean, running_var, named_params, trai
     check_number(momentum, "momentum", who)
     check_number(eps, "eps", who)
     if training or running_mean is None:
-        check_batch_values(input, who)
+        check_batch_values(input, who, training)
 
 
 def batch_instance_norm(input: Tensor, running_mean, running_var, weight, bias, gate: Tensor,
@@ -72,6 +72,9 @@ def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Te
         raise ValueError(f"{who}: encoder must be a 2-d tensor of shape (embed_dim, "
                          f"num_groups={num_groups}), got {getattr(encoder, 'shape', encoder)}")
     embed = encoder.shape[0]
+    if embed == 0:
+        raise ValueError(f"{who}: encoder must have at least one row (embed_dim >= 1), got "
+                         f"shape {tuple(encoder.shape)}")
     check_tensor(encoder, "encoder", (embed, num_groups), input, who)
     check_tensor(decoder_mean, "decoder_mean", (num_groups, embed), input, who)
     check_tensor(decoder_var, "decoder_var", (num_groups, embed), input, who)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._checks import check_channels, check_input
+from ._checks import check_batch_values, check_channels, check_input
 
 
 class _BatchStatsNorm(nn.Module):
@@ -43,8 +43,11 @@ class _BatchStatsNorm(nn.Module):
             self.num_batches_tracked.zero_()
 
     def _check_input(self, input) -> None:
-        check_input(input, type(self).__name__, self._ranks)
-        check_channels(input, self.num_features, type(self).__name__)
+        who = type(self).__name__
+        check_input(input, who, self._ranks)
+        check_channels(input, self.num_features, who)
+        if self.training or self.running_mean is None:  # batch statistics: say which mode
+            check_batch_values(input, who, self.training)
 
     def _batch_arguments(self):
         """``(running_mean, running_var, use_batch_stats, factor)`` as ``nn.BatchNorm`` forms

@@ -1,6 +1,6 @@
-"""The error contract of docs/errors.md, row by row, on every available backend.
+"""The error contract of the README (section "Error contract"), row by row, on every backend.
 
-Each row of the table in docs/errors.md has an id; ``ROWS`` below holds, per id, the bad call
+Each row of that table has an id; ``ROWS`` below holds, per id, the bad call
 (built fresh for each test) and the key words its message must contain (the argument name
 first).  For every row and backend the test asserts:
 
@@ -10,8 +10,8 @@ first).  For every row and backend the test asserts:
 * nothing was computed: the autograd function that runs the kernels was never entered;
 * running_mean, running_var and num_batches_tracked are bitwise unchanged.
 
-Rows that depend on the backend (an input one backend refuses and another accepts) are listed
-in the table's second section and tested by ``test_backend_consistency`` below.
+Inputs that every backend must accept (or refuse) alike are listed in docs/errors.md, section 2,
+and tested by ``test_backend_consistency`` below.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from oracles import make_input, randomize_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "errors.md"
+DOC = ROOT / "README.md"  # the table of section "Error contract"
 C = 4
 SHAPE = (3, C, 2, 3)
 
@@ -179,6 +179,13 @@ def _row_encoder_rank(nf, device):
     return (lambda: _fassoc(nf, _x(device), 2, a)), a
 
 
+def _row_encoder_empty(nf, device):
+    a = _assoc_args(device, m=1)
+    a["encoder"] = torch.ones(0, 2, device=device)
+    a["decoder_mean"] = a["decoder_var"] = torch.ones(2, 0, device=device)
+    return (lambda: _fassoc(nf, _x(device), 2, a)), a
+
+
 def _row_running_mean_only(nf, device):
     a = _fargs(device)
     a["running_var"] = None
@@ -304,6 +311,7 @@ ROWS = {
     "param-none": (_row_param_none, ValueError, ["gate", "None"]),
     "param-type": (_row_param_not_tensor, TypeError, ["gate", "torch.Tensor", "list"]),
     "encoder-rank": (_row_encoder_rank, ValueError, ["encoder", "2-d"]),
+    "encoder-empty": (_row_encoder_empty, ValueError, ["encoder", "embed_dim >= 1"]),
     "running-pair": (_row_running_mean_only, ValueError, ["running_mean", "running_var"]),
     "single-value": (_row_single_value, ValueError, ["input", "more than 1 value per channel"]),
     "single-value-eval": (_row_single_value_untracked_eval, ValueError,
@@ -329,7 +337,7 @@ ROWS = {
 
 # ------------------------------------------------------------------------------ the doc table
 def doc_rows() -> dict:
-    """id -> (exception name, message template) from the table of docs/errors.md."""
+    """id -> (exception name, message template) from the error-contract table of the README."""
     rows = {}
     for line in DOC.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") \
@@ -350,7 +358,7 @@ def template_regex(template: str) -> str:
 
 def test_doc_table_lists_every_row():
     rows = doc_rows()
-    assert set(rows) == set(ROWS), (f"docs/errors.md and ROWS differ: only in the doc "
+    assert set(rows) == set(ROWS), (f"README table and ROWS differ: only in the doc "
                                     f"{set(rows) - set(ROWS)}, only here {set(ROWS) - set(rows)}")
     for rid, (exc, _) in rows.items():
         assert exc == ROWS[rid][1].__name__, f"{rid}: doc says {exc}, test {ROWS[rid][1]}"
@@ -401,7 +409,7 @@ def no_kernel_calls(nf, monkeypatch):
 def test_error_contract_row(nf, backend, device, rid, no_kernel_calls):
     build, exc_type, words = ROWS[rid]
     documented = doc_rows()
-    assert rid in documented, f"row {rid} missing from docs/errors.md"
+    assert rid in documented, f"row {rid} missing from the README table"
     setting = nf.get_backend()
     call, holder = build(nf, device)
     snap = _snapshot(_state(holder))
@@ -416,7 +424,7 @@ def test_error_contract_row(nf, backend, device, rid, no_kernel_calls):
     doc_exc, template = documented[rid]
     assert doc_exc == type(err).__name__
     assert re.fullmatch(template_regex(template), msg, re.S), \
-        f"{rid}: message differs from docs/errors.md\n  raised: {msg}\n  doc:    {template}"
+        f"{rid}: message differs from the README table\n  raised: {msg}\n  doc:    {template}"
     assert len(no_kernel_calls) == before_calls, f"{rid}: kernels ran before the error"
     _assert_unchanged(holder, snap, rid)
     assert nf.get_backend() == setting, f"{rid}: the backend setting changed"
@@ -477,20 +485,10 @@ CONSISTENCY = ["noncontig-weight", "noncontig-running", "noncontig-encoder", "as
 
 
 @pytest.mark.parametrize("case", CONSISTENCY)
-def test_backend_consistency(nf, backend, device, case, request):
+def test_backend_consistency(nf, backend, device, case):
     """Inputs that every backend must treat alike: a strided (non-contiguous) parameter or
     running statistic is a valid argument, and AssocNorm's functional form with an empty
     encoder (embed_dim 0) is refused, as the module refuses it.  docs/errors.md, section 2."""
-    if case == "assoc-embed-0":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=(RuntimeError, pytest.fail.Exception),
-            reason="BUG (docs/errors.md section 2): functional.assoc_norm does not refuse an "
-            "empty encoder; the cpu op raises a RuntimeError, the torch backend computes"))
-    elif backend == "cpu":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=RuntimeError,
-            reason="BUG (docs/errors.md section 2): the cpu backend refuses strided parameters "
-            "and running statistics ('must be contiguous'); fix in _autograd.run_layer"))
     x = _x(device)
     if case.startswith("noncontig") and case != "noncontig-encoder":
         a = _fargs(device)

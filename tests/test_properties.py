@@ -7,7 +7,7 @@ strided view: stepped, offset or transposed), train/eval, track_running_stats, m
 None), the parameter dtype and the layout of the incoming gradient.  The property:
 
 * an input with a single value per channel where batch statistics are needed raises the
-  documented ValueError (docs/errors.md ``single-value``) and changes no buffer;
+  documented ValueError (README error contract, ``single-value``) and changes no buffer;
 * otherwise the output, the input gradient, every parameter gradient, the running statistics
   and num_batches_tracked match ``oracles.module_step`` at the dtype's tolerance, the output has
   the input's dtype and shape, and its memory format is the input's (channels-last stays

@@ -37,9 +37,16 @@ template <class T>
 NF_COEF_HD T sigmoid(T z) {
   return T(1) / (T(1) + exp_(-z));  // exp overflow -> 1 / inf = 0, the right limit
 }
+// NaN stays NaN, as torch.relu: a poisoned group must not look like a silent zero.
 template <class T>
 NF_COEF_HD T relu(T z) {
-  return z > T(0) ? z : T(0);
+  return z <= T(0) ? T(0) : z;
+}
+// The shift of a merge (a plane mean): 0 when it is not finite, so that an Inf plane gives an
+// Inf mean (as nn.BatchNorm) instead of Inf - Inf = NaN in every relative mean.
+template <class T>
+NF_COEF_HD T finite_or_zero(T v) {
+  return v - v == T(0) ? v : T(0);
 }
 
 // ---- merging plane moments (Chan et al.) ---------------------------------------------------------

@@ -95,7 +95,7 @@ NF_DEVICE void assoc_group_stats(const AssocCoefParams<float>& p, const AssocDim
     coef::Merge<float> acc = coef::merge_empty<float>();
     float shift = 0.f;
     if (g < d.G) {
-      shift = m[g * d.cpg];  // means relative to the group's first channel
+      shift = coef::finite_or_zero(m[g * d.cpg]);  // relative to the group's first channel
       for (int j = lane; j < d.cpg; j += seg) coef::merge_add(acc, m[g * d.cpg + j] - shift, q[g * d.cpg + j], L);
     }
     for (int o = seg / 2; o > 0; o >>= 1) {

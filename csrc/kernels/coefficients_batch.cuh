@@ -135,7 +135,7 @@ NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float
   coef::Merge<float> acc = coef::merge_empty<float>();
   float shift = 0.f;
   if (t.active) {
-    shift = p.mean[t.c];
+    shift = coef::finite_or_zero(p.mean[t.c]);  // (Inf: 0, so the mean stays Inf, not NaN)
     for (int64_t n = t.y; n < p.N; n += t.ny) {
       const int64_t i = n * p.C + t.c;
       coef::merge_add(acc, p.mean[i] - shift, p.m2[i], L);

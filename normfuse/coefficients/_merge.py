@@ -20,13 +20,27 @@ import torch
 from torch import Tensor
 
 
+def _shifted_mean(mean: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``(mu, dev)``: the mean of ``mean`` over ``dim`` and every value's deviation from it.
+
+    Both are formed relative to the first value along ``dim`` (a constant shift, 0 where that
+    value is not finite): a plain float32 mean of plane means at an offset of 1e4 is off by an
+    ulp of their sum (~1e-3), which ``r`` multiplies into every output; ``m - shift`` is exact
+    and its mean is accurate.  ``dev`` never goes through the rounded ``mu``.  A non-finite
+    shift would turn an Inf plane into NaN (Inf - Inf) instead of an Inf mean."""
+    first = mean.narrow(dim, 0, 1).detach()
+    shift = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+    rel = mean - shift
+    mu_rel = rel.mean(dim, keepdim=True)
+    return (shift + mu_rel).squeeze(dim), rel - mu_rel
+
+
 class BatchMerge:
     """Merge over the sample dimension of ``(N, C)`` moments, within this process."""
 
     def forward(self, mean: Tensor, m2: Tensor, plane_size: int) -> tuple[Tensor, Tensor, Tensor]:
         """Returns ``(mu_B, Q_B, count)``: per-channel mean, centred sum of squares, samples."""
-        mu = mean.mean(0)
-        dev = mean - mu
+        mu, dev = _shifted_mean(mean, 0)
         q_total = m2.sum(0) + plane_size * (dev * dev).sum(0)
         return mu, q_total, mean.shape[0]
 
@@ -60,9 +74,7 @@ def group_merge(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int):
     """
     n, c = mean.shape
     per_group = c // num_groups
-    mean_g = mean.reshape(n, num_groups, per_group)
-    mu = mean_g.mean(2)
-    dev = mean_g - mu.unsqueeze(2)
+    mu, dev = _shifted_mean(mean.reshape(n, num_groups, per_group), 2)
     q_total = m2.reshape(n, num_groups, per_group).sum(2) + plane_size * (dev * dev).sum(2)
     return mu, q_total / (per_group * plane_size), dev
 

@@ -17,7 +17,8 @@ gradients: a deterministic two-level tree inside the same launch (``common.last_
 import triton
 import triton.language as tl
 
-from .common import last_arrival, reset_counter, sigmoid, tanh, total, welford_combine
+from .common import (finite_or_zero, last_arrival, relu, reset_counter, sigmoid, tanh, total,
+                     welford_combine)
 
 ROWS_PER_GROUP = tl.constexpr(8)
 BLOCK_W = tl.constexpr(512)
@@ -36,7 +37,7 @@ def group_tile(j0, g, gmask, Cg, BLOCK_CG: tl.constexpr):
 def group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G: tl.constexpr,
                   BLOCK_CG: tl.constexpr, ACC: tl.constexpr):
     """``(ref, off, var)`` per group: mu_G = ref + off, var_G = Q_G / (Cg L)."""
-    ref = tl.load(mean_ptr + row + g * Cg, mask=gmask, other=0.0)
+    ref = finite_or_zero(tl.load(mean_ptr + row + g * Cg, mask=gmask, other=0.0))
     off = tl.full([BLOCK_G], 0.0, ACC)
     dev2 = tl.full([BLOCK_G], 0.0, ACC)
     cnt = tl.full([BLOCK_G], 0.0, ACC)
@@ -81,9 +82,9 @@ def autoencoder(enc_ptr, dmu_ptr, dvar_ptr, mu, var, G, M, BLOCK_G: tl.constexpr
     h_mu = total(w1 * mu[None, :], 1)
     h_var = total(w1 * var[None, :], 1)
     d_mu = sigmoid(total(decoder_tile(dmu_ptr, G, M, BLOCK_G, BLOCK_M)
-                         * tl.maximum(h_mu, 0.0)[None, :], 1))
+                         * relu(h_mu)[None, :], 1))
     d_var = tanh(total(decoder_tile(dvar_ptr, G, M, BLOCK_G, BLOCK_M)
-                       * tl.maximum(h_var, 0.0)[None, :], 1))
+                       * relu(h_var)[None, :], 1))
     return h_mu, h_var, d_mu, d_var
 
 
@@ -175,9 +176,9 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
         h_mu = total(w1 * mu[None, :], 1)
         h_var = total(w1 * var[None, :], 1)
         dec = g[:, None] * M + k[None, :]
-        tl.store(wrow + 2 * C + M * G + dec, z_mu[:, None] * tl.maximum(h_mu, 0.0)[None, :],
+        tl.store(wrow + 2 * C + M * G + dec, z_mu[:, None] * relu(h_mu)[None, :],
                  mask=gk_mask)
-        tl.store(wrow + 2 * C + 2 * M * G + dec, z_var[:, None] * tl.maximum(h_var, 0.0)[None, :],
+        tl.store(wrow + 2 * C + 2 * M * G + dec, z_var[:, None] * relu(h_var)[None, :],
                  mask=gk_mask)
         gh_mu = tl.where(h_mu > 0, total(tl.load(dmu_ptr + dec, mask=gk_mask, other=0.0)
                                          * z_mu[:, None], 0), 0.0)

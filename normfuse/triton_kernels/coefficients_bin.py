@@ -16,7 +16,7 @@ batch merge is Chan's formula over blocks of samples.  In eval mode ``ref`` is t
 import triton
 import triton.language as tl
 
-from .common import total, welford_combine
+from .common import finite_or_zero, total, welford_combine
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def channel_tile(n0, c, cmask, N, C, BLOCK_N: tl.constexpr):
 def batch_moments(mean_ptr, m2_ptr, c, cmask, N, C, L, BLOCK_N: tl.constexpr,
                   BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """``(ref, off, q_total)`` per channel: mu_B = ref + off, Q_B = sum q + L sum (m - mu_B)^2."""
-    ref = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+    ref = finite_or_zero(tl.load(mean_ptr + c, mask=cmask, other=0.0))
     off = tl.full([BLOCK_C], 0.0, ACC)
     dev2 = tl.full([BLOCK_C], 0.0, ACC)
     cnt = tl.full([BLOCK_C], 0.0, ACC)

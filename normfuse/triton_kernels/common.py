@@ -58,6 +58,19 @@ def sigmoid(x):
 
 
 @triton.jit
+def relu(x):
+    """max(x, 0) that keeps NaN, as torch.relu (tl.maximum would turn NaN into 0)."""
+    return tl.where(x <= 0, 0.0, x)
+
+
+@triton.jit
+def finite_or_zero(x):
+    """The shift of a merge: 0 where ``x`` is not finite, so an Inf plane gives an Inf mean (as
+    nn.BatchNorm) instead of Inf - Inf = NaN in every relative mean."""
+    return tl.where(x - x == 0, x, 0.0)
+
+
+@triton.jit
 def total(x, axis: tl.constexpr):
     """``tl.sum`` without calling ``triton.language.standard.sum``: that ``@jit`` helper is
     compiled or interpreted for good when triton is first imported, while our kernels follow
