@@ -6,10 +6,17 @@ from torch import nn
 
 import normfuse
 
-# The C++ ops (fake implementations in normfuse/_extension.py). The "torch" backend also
-# compiles without graph breaks, but its IEBN bias gradient differed from eager beyond 1e-4
-# when this test was written: an open question, noted on the tracker.
-CPU_BACKENDS = [b for b in ("cpu",) if b in normfuse.available_backends()]
+# float32 gradients of this model are ill-conditioned (the last layers' backward sums dy that
+# nearly cancels): eager and compiled float32 both sit ~1e-4 from a float64 reference, in
+# different directions (inductor reorders the torch backend's reductions). So the torch backend
+# is compared in float64, where compiled and eager must agree to rounding; the C++ ops (fake
+# implementations in normfuse/_extension.py) run the same kernels either way and are compared
+# in both dtypes.
+CASES = [(b, d) for b, d in (("cpu", torch.float32), ("cpu", torch.float64),
+                             ("torch", torch.float64))
+         if b in normfuse.available_backends()]
+TOL = {torch.float32: dict(out=(1e-4, 1e-4), grad=(1e-3, 1e-4), buf=(1e-5, 1e-6)),
+       torch.float64: dict(out=(1e-10, 1e-10), grad=(1e-9, 1e-10), buf=(1e-12, 1e-12))}
 
 
 def _model():
@@ -18,16 +25,16 @@ def _model():
         nn.Conv2d(8, 8, 1), normfuse.IEBN2d(8), normfuse.AssocNorm(4, 8))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_compile_fullgraph_matches_eager(backend):
+@pytest.mark.parametrize("backend,dtype", CASES, ids=str)
+def test_compile_fullgraph_matches_eager(backend, dtype):
     torch.manual_seed(0)
-    eager = _model()
+    eager = _model().to(dtype)
     with torch.no_grad():
         eager[1].gate.uniform_(0, 1)
         eager[4].gate_weight.normal_()
-    compiled_model = _model()
+    compiled_model = _model().to(dtype)
     compiled_model.load_state_dict(eager.state_dict())
-    x = torch.randn(4, 3, 9, 7)
+    x = torch.randn(4, 3, 9, 7, dtype=dtype)
     torch._dynamo.reset()
     with normfuse.use_backend(backend):
         y_ref = eager(x)
@@ -35,8 +42,12 @@ def test_compile_fullgraph_matches_eager(backend):
         compiled = torch.compile(compiled_model, fullgraph=True)
         y = compiled(x)
         y.square().sum().backward()
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    tol = TOL[dtype]
+    rtol, atol = tol["out"]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    rtol, atol = tol["grad"]
     for (name, p), p_ref in zip(compiled_model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=atol, msg=name)
+    rtol, atol = tol["buf"]
     for b, b_ref in zip(compiled_model.buffers(), eager.buffers()):
-        torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, b_ref, rtol=rtol, atol=atol)
