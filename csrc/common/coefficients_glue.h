@@ -151,39 +151,6 @@ void dispatch_stats(const Tensor& mean, F&& f) {
     f(float{});
 }
 
-// Host scratch of `count` doubles for the CPU kernels: a buffer of the calling thread reused
-// across calls (no allocation once warm) up to kKeepBytes. Larger requests, and a second Scratch
-// alive in the same thread, get their own allocation: one huge shape does not pin its memory for
-// the life of the thread, and nested users never share the buffer.
-class Scratch {
- public:
-  static constexpr int64_t kKeepBytes = int64_t(8) << 20;
-  explicit Scratch(int64_t count) {
-    thread_local std::vector<double> kept;
-    thread_local bool busy = false;
-    if (busy || count * static_cast<int64_t>(sizeof(double)) > kKeepBytes) {
-      own_.resize(count);
-      ptr_ = own_.data();
-      return;
-    }
-    if (static_cast<int64_t>(kept.size()) < count) kept.resize(count);
-    busy = true;
-    busy_ = &busy;
-    ptr_ = kept.data();
-  }
-  ~Scratch() {
-    if (busy_) *busy_ = false;
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  double* data() const { return ptr_; }
-
- private:
-  std::vector<double> own_;
-  double* ptr_ = nullptr;
-  bool* busy_ = nullptr;
-};
-
 inline Tensor empty_stats(const Tensor& mean) { return at::empty(mean.sizes(), mean.options()); }
 
 // Parameter gradients: zeros when there is no sample to sum over (N == 0: nothing runs).
