@@ -1,9 +1,10 @@
 // Torch glue of the generic CUDA kernels: checks, output/workspace allocation on the caching
 // allocator, device guard and current stream, dtype -> launcher. Compiled by the host compiler;
-// the kernels themselves are in csrc/kernels (via generic_launchers.cu).
+// the kernels themselves are in csrc/kernels (via generic_launchers.cu). Each op is one kernel
+// launch: the split reductions' counters are persistent and need no memset per call
+// (cuda/persistent_counters.h), their partials come from at::empty.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -12,6 +13,7 @@
 
 #include "common/torch_glue.h"
 #include "cuda/generic_launchers.h"
+#include "cuda/persistent_counters.h"
 
 namespace {
 
@@ -28,9 +30,9 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// Scratch of a split reduction: zeroed counters (one memset; the kernel leaves them zeroed) and
-// partials from the caching allocator (any content will do). Returns the tensors to keep alive
-// until the launch is enqueued; sets nothing when the launch splits nothing.
+// Scratch of a split reduction: persistent zeroed counters (no launch; the kernel leaves them
+// zeroed) and partials from the caching allocator (no launch; any content will do). Returns the
+// tensors to keep alive until the launch is enqueued; sets nothing when the launch splits nothing.
 struct Scratch {
   at::Tensor counters, partials;
 };
@@ -39,7 +41,7 @@ template <class Params>
 Scratch scratch(const at::Tensor& x, const nf::Workspace& w, Params& p) {
   Scratch s;
   if (w.counter_count == 0) return s;
-  s.counters = at::zeros({static_cast<int64_t>(w.counter_count)}, x.options().dtype(at::kInt));
+  s.counters = nf_glue::zeroed_counters(x, static_cast<int64_t>(w.counter_count));
   s.partials = at::empty({static_cast<int64_t>(w.partial_floats)}, x.options().dtype(at::kFloat));
   p.counters = static_cast<unsigned*>(s.counters.mutable_data_ptr());
   p.partials = s.partials.mutable_data_ptr<float>();
