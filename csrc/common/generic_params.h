@@ -2,6 +2,7 @@
 // backward_apply). Torch-free and CUDA-free: the .cpp glue fills them, the .cu launchers and the
 // CPU-shim drivers read them. Pointers are raw; tensors are described as (N, C, L) planes.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace nf {
@@ -18,14 +19,28 @@ struct PlaneShape {
   Layout layout = Layout::Contiguous;
 };
 
+// Scratch of a split reduction (CUDA only; kernels/plane_reduce.cuh), as two buffers so that the
+// glue can keep the counters zeroed across calls and take the partials from the caching allocator
+// without a memset launch (see cuda/persistent_counters.h):
+//   counters: `counter_count` uint32 arrival counters, zero on entry, left zero by the kernel;
+//   partials: `partial_floats` floats of per-block partial states, any content on entry (the kernel
+//             reads only partials it wrote in the same launch).
+// Both counts are 0 when the launch splits no plane (then both pointers may be null).
+struct Workspace {
+  size_t counter_count = 0;
+  size_t partial_floats = 0;
+};
+
 // Statistics / coefficients are (N, C) contiguous float32 arrays on the CUDA side.
 struct MomentsParams {
   const void* x = nullptr;  // input, element type given by the dtype argument of the entry point
   float* mean = nullptr;    // out: plane mean
   float* m2 = nullptr;      // out: sum over the plane of (x - mean)^2
   PlaneShape shape;
-  int threads = 0;           // threads per block: 0 = default (256); else a power of two in [32, 256]
-  void* workspace = nullptr; // zero-initialised, size from moments_workspace_bytes(); left zeroed
+  int threads = 0;  // threads per block: 0 = default (256); else a power of two in [32, 256]
+  // Split reductions only, sizes from moments_workspace(): see Workspace above.
+  unsigned* counters = nullptr;  // zeroed on entry, left zeroed
+  float* partials = nullptr;     // any content
 };
 
 struct BackwardSumsParams {
@@ -36,7 +51,8 @@ struct BackwardSumsParams {
   float* sum_dy_xmu = nullptr;  // out: sum dy * (x - mean)
   PlaneShape shape;
   int threads = 0;
-  void* workspace = nullptr;
+  unsigned* counters = nullptr;  // as in MomentsParams, sizes from backward_sums_workspace()
+  float* partials = nullptr;
 };
 
 // y = scale * (x - mean) + shift, per plane.

@@ -3,19 +3,14 @@
 // cuda/coefficients.cu). Statistics are float32 on the GPU (docs/architecture.md).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <map>
-#include <mutex>
 #include <tuple>
-#include <utility>
 
 #include "common/coefficients_glue.h"
+#include "cuda/persistent_counters.h"
 #include "kernels/coefficients_launch.cuh"
 
 namespace {
@@ -32,25 +27,6 @@ void check_cuda_stats(const char* op, const Tensor& mean) {
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
-// Arrival counters of the assoc backward's reduction tree: zeroed once, left zeroed by every
-// launch, so each call needs no memset (one launch per op). One buffer per (device, stream):
-// launches on one stream are ordered, launches on different streams must not share counters.
-// Held for the life of the process (leaked on purpose: no CUDA frees during static destruction).
-int* assoc_counters(const Tensor& like, int64_t n, cudaStream_t stream) {
-  static std::mutex mu;
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Tensor>();
-  const std::lock_guard<std::mutex> lock(mu);
-  Tensor& buf = (*buffers)[{like.get_device(), stream}];
-  if (!buf.defined() || buf.numel() < n) {
-    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-                "normfuse.assoc_coefficients_backward: run it once with this batch size before CUDA graph "
-                "capture (it allocates its persistent counters on first use)");
-    const int64_t old = buf.defined() ? buf.numel() : 0;
-    buf = at::zeros({std::max<int64_t>({n, 2 * old, 64})}, like.options().dtype(at::kInt));
-  }
-  return buf.data_ptr<int>();
 }
 
 template <bool kIebn>
@@ -182,7 +158,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> assoc
   // Per-sample gradient partials (no initialisation needed) from the caching allocator.
   Tensor ws = at::empty({p.N * p.partials_per_sample()}, mean.options());
   p.workspace = ws.data_ptr<float>();
-  p.counters = assoc_counters(mean, p.N, stream);
+  // Arrival counters of the reduction tree over samples: zeroed, left zeroed by the kernel, so
+  // persistent (no memset launch: cuda/persistent_counters.h).
+  const Tensor counters = nf_glue::zeroed_counters(mean, p.N);
+  p.counters = counters.data_ptr<int>();
   check_launch(nf::launch_assoc_coefficients_backward(p, stream), op);
   return {c_dy, c_x, c_0, g_enc, g_dec_mean, g_dec_var, g_weight, g_bias};
 }

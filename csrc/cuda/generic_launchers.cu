@@ -7,9 +7,9 @@
 namespace nf {
 
 #define NF_INSTANTIATE(T)                                                                  \
-  template size_t moments_workspace_bytes<T>(const MomentsParams&);                      \
+  template Workspace moments_workspace<T>(const MomentsParams&);                         \
   template cudaError_t launch_moments<T>(const MomentsParams&, cudaStream_t);             \
-  template size_t backward_sums_workspace_bytes<T>(const BackwardSumsParams&);           \
+  template Workspace backward_sums_workspace<T>(const BackwardSumsParams&);              \
   template cudaError_t launch_backward_sums<T>(const BackwardSumsParams&, cudaStream_t);  \
   template cudaError_t launch_affine_apply<T>(const AffineApplyParams&, cudaStream_t);    \
   template cudaError_t launch_backward_apply<T>(const BackwardApplyParams&, cudaStream_t);
@@ -31,11 +31,11 @@ NF_INSTANTIATE(__nv_bfloat16)
       return fail;                            \
   }
 
-size_t cuda_moments_workspace_bytes(const MomentsParams& p, DType dtype) {
-  NF_DTYPE_SWITCH(dtype, size_t{0}, moments_workspace_bytes, p)
+Workspace cuda_moments_workspace(const MomentsParams& p, DType dtype) {
+  NF_DTYPE_SWITCH(dtype, Workspace{}, moments_workspace, p)
 }
-size_t cuda_backward_sums_workspace_bytes(const BackwardSumsParams& p, DType dtype) {
-  NF_DTYPE_SWITCH(dtype, size_t{0}, backward_sums_workspace_bytes, p)
+Workspace cuda_backward_sums_workspace(const BackwardSumsParams& p, DType dtype) {
+  NF_DTYPE_SWITCH(dtype, Workspace{}, backward_sums_workspace, p)
 }
 cudaError_t cuda_moments(const MomentsParams& p, DType dtype, cudaStream_t stream) {
   NF_DTYPE_SWITCH(dtype, cudaErrorInvalidValue, launch_moments, p, stream)

@@ -4,16 +4,15 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
-#include <cstddef>
-
 #include "common/generic_params.h"
 
 namespace nf {
 
-// Bytes of zero-initialised workspace the launch needs (0: none). Depends on the pointers'
-// alignment (vector width), so fill the params before asking.
-size_t cuda_moments_workspace_bytes(const MomentsParams& p, DType dtype);
-size_t cuda_backward_sums_workspace_bytes(const BackwardSumsParams& p, DType dtype);
+// Counters (zeroed) and partials (any content) the launch needs in p.counters / p.partials (both
+// counts 0: none; see nf::Workspace). Depends on the pointers' alignment (vector width), so fill
+// the data pointers of the params before asking.
+Workspace cuda_moments_workspace(const MomentsParams& p, DType dtype);
+Workspace cuda_backward_sums_workspace(const BackwardSumsParams& p, DType dtype);
 
 cudaError_t cuda_moments(const MomentsParams& p, DType dtype, cudaStream_t stream);
 cudaError_t cuda_backward_sums(const BackwardSumsParams& p, DType dtype, cudaStream_t stream);

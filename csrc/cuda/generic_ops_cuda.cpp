@@ -1,8 +1,10 @@
 // Torch glue of the generic CUDA kernels: checks, output/workspace allocation on the caching
 // allocator, device guard and current stream, dtype -> launcher. Compiled by the host compiler;
-// the kernels themselves are in csrc/kernels (via generic_launchers.cu).
+// the kernels themselves are in csrc/kernels (via generic_launchers.cu). Each op is one kernel
+// launch: the split reductions' counters are persistent and need no memset per call
+// (cuda/persistent_counters.h), their partials come from at::empty.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -11,6 +13,7 @@
 
 #include "common/torch_glue.h"
 #include "cuda/generic_launchers.h"
+#include "cuda/persistent_counters.h"
 
 namespace {
 
@@ -27,10 +30,22 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// Zeroed workspace from the caching allocator (the kernels leave it zeroed again, but a fresh
-// block from the allocator is not, hence one memset).
-at::Tensor workspace(const at::Tensor& x, size_t bytes) {
-  return at::zeros({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+// Scratch of a split reduction: persistent zeroed counters (no launch; the kernel leaves them
+// zeroed) and partials from the caching allocator (no launch; any content will do). Returns the
+// tensors to keep alive until the launch is enqueued; sets nothing when the launch splits nothing.
+struct Scratch {
+  at::Tensor counters, partials;
+};
+
+template <class Params>
+Scratch scratch(const at::Tensor& x, const nf::Workspace& w, Params& p) {
+  Scratch s;
+  if (w.counter_count == 0) return s;
+  s.counters = nf_glue::zeroed_counters(x, static_cast<int64_t>(w.counter_count));
+  s.partials = at::empty({static_cast<int64_t>(w.partial_floats)}, x.options().dtype(at::kFloat));
+  p.counters = static_cast<unsigned*>(s.counters.mutable_data_ptr());
+  p.partials = s.partials.mutable_data_ptr<float>();
+  return s;
 }
 
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
@@ -50,11 +65,7 @@ std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
   p.m2 = m2.mutable_data_ptr<float>();
   p.shape = sh;
   const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
-  at::Tensor ws;
-  if (const size_t bytes = nf::cuda_moments_workspace_bytes(p, dt)) {
-    ws = workspace(x, bytes);
-    p.workspace = ws.mutable_data_ptr();
-  }
+  const Scratch ws = scratch(x, nf::cuda_moments_workspace(p, dt), p);
   check_launch(nf::cuda_moments(p, dt, c10::cuda::getCurrentCUDAStream()), "moments");
   return {mean, m2};
 }
@@ -81,11 +92,7 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, cons
   p.sum_dy_xmu = g2.mutable_data_ptr<float>();
   p.shape = sh;
   const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
-  at::Tensor ws;
-  if (const size_t bytes = nf::cuda_backward_sums_workspace_bytes(p, dt)) {
-    ws = workspace(x, bytes);
-    p.workspace = ws.mutable_data_ptr();
-  }
+  const Scratch ws = scratch(x, nf::cuda_backward_sums_workspace(p, dt), p);
   check_launch(nf::cuda_backward_sums(p, dt, c10::cuda::getCurrentCUDAStream()), "backward_sums");
   return {g1, g2};
 }

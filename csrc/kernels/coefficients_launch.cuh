@@ -14,7 +14,7 @@ cudaError_t launch_iebn_coefficients(const BatchCoefParams<float>& p, cudaStream
 cudaError_t launch_iebn_coefficients_backward(const BatchCoefParams<float>& p, cudaStream_t stream);
 cudaError_t launch_assoc_coefficients(const AssocCoefParams<float>& p, cudaStream_t stream);
 // Needs p.workspace (N * p.partials_per_sample() floats, any content) and p.counters (N ints,
-// zero on entry, left zero): see assoc_counters() in the glue.
+// zero on entry, left zero): see cuda/persistent_counters.h.
 cudaError_t launch_assoc_coefficients_backward(const AssocCoefParams<float>& p, cudaStream_t stream);
 
 }  // namespace nf

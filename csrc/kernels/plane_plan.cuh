@@ -126,13 +126,8 @@ inline ClPlan plan_cl(int64_t N, int64_t C, int64_t L, int vec, int threads) {
   return pl;
 }
 
-// ---- workspace of the split reductions: [counters (uint32, one per item) | partial states] ------
-struct Workspace {
-  size_t counter_count = 0;
-  size_t partial_floats = 0;
-  size_t bytes() const { return counter_count == 0 ? 0 : partial_offset() + partial_floats * sizeof(float); }
-  size_t partial_offset() const { return (counter_count * sizeof(uint32_t) + 15) / 16 * 16; }
-};
+// ---- workspace of the split reductions (nf::Workspace, common/generic_params.h) ------------------
+// One uint32 arrival counter per split item, and `splits` partial states per item.
 
 inline Workspace workspace_contig(const ContigPlan& pl, int state_floats) {
   Workspace w;

@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
   acc = block_reduce<Op>(acc, smem);
   if (tid == 0) {
     op.write(plane, acc, ctx);
-    counters[plane] = 0u;  // leave the workspace zeroed for the next launch
+    counters[plane] = 0u;  // leave the counters zeroed for the next launch
   }
 }
 
@@ -362,11 +362,12 @@ Workspace reduce_workspace(const PlaneShape& s, int threads_req, const void* in0
              : workspace_cl(plan_cl(s.N, s.C, s.L, vec, threads), Op::kStateFloats);
 }
 
-// Requires L > 0 (the glue handles empty planes). `workspace` must be zeroed where the
-// Workspace reports counters; it is zeroed again on exit.
+// Requires L > 0 (the glue handles empty planes). Where reduce_workspace() reports counters,
+// `counters` (that many, zeroed; left zeroed on exit) and `partials` (that many floats, any
+// content) must be given.
 template <typename T, class Op>
 cudaError_t launch_reduce(const Op& op, const PlaneShape& s, int threads_req, const T* in0, const T* in1,
-                          void* workspace, cudaStream_t stream) {
+                          unsigned* counters, float* partials, cudaStream_t stream) {
   int threads;
   if (!resolve_threads(threads_req, &threads)) return cudaErrorInvalidValue;
   if (s.N * s.C * s.L == 0) return cudaSuccess;
@@ -374,22 +375,19 @@ cudaError_t launch_reduce(const Op& op, const PlaneShape& s, int threads_req, co
   constexpr int K = Op::kStateFloats;
   constexpr int V = kVec16<T>;
   const int vec = choose_vec(s, sizeof(T), in0, in1);
+  auto missing = [&](const Workspace& ws) {
+    return ws.counter_count != 0 && (counters == nullptr || partials == nullptr);
+  };
   if (s.layout == Layout::Contiguous) {
     const ContigPlan pl = plan_contig(s.N * s.C, s.L, vec, threads);
-    const Workspace ws = workspace_contig(pl, K);
-    if (pl.blocks > INT32_MAX || (ws.bytes() != 0 && workspace == nullptr)) return cudaErrorInvalidValue;
-    unsigned* counters = static_cast<unsigned*>(workspace);
-    float* partials = ws.bytes() ? reinterpret_cast<float*>(static_cast<char*>(workspace) + ws.partial_offset()) : nullptr;
+    if (pl.blocks > INT32_MAX || missing(workspace_contig(pl, K))) return cudaErrorInvalidValue;
     const size_t smem = (NF_WARP * K + 4) * sizeof(float);
     auto kernel = vec == V ? &contig_reduce_kernel<T, V, Op> : &contig_reduce_kernel<T, 1, Op>;
     NF_LAUNCH(kernel, dim3(static_cast<unsigned>(pl.blocks)), dim3(threads), smem, stream, op, pl, in0, in1,
               counters, partials);
   } else {
     const ClPlan pl = plan_cl(s.N, s.C, s.L, vec, threads);
-    const Workspace ws = workspace_cl(pl, K);
-    if (pl.blocks > INT32_MAX || (ws.bytes() != 0 && workspace == nullptr)) return cudaErrorInvalidValue;
-    unsigned* counters = static_cast<unsigned*>(workspace);
-    float* partials = ws.bytes() ? reinterpret_cast<float*>(static_cast<char*>(workspace) + ws.partial_offset()) : nullptr;
+    if (pl.blocks > INT32_MAX || missing(workspace_cl(pl, K))) return cudaErrorInvalidValue;
     const size_t smem = (static_cast<size_t>(threads) * vec * K + 4) * sizeof(float);
     auto kernel = vec == V ? &cl_reduce_kernel<T, V, Op> : &cl_reduce_kernel<T, 1, Op>;
     NF_LAUNCH(kernel, dim3(static_cast<unsigned>(pl.blocks)), dim3(threads), smem, stream, op, pl, in0, in1,
@@ -399,25 +397,25 @@ cudaError_t launch_reduce(const Op& op, const PlaneShape& s, int threads_req, co
 }
 
 template <typename T>
-size_t moments_workspace_bytes(const MomentsParams& p) {
-  return reduce_workspace<T, MomentsOp>(p.shape, p.threads, p.x, nullptr).bytes();
+Workspace moments_workspace(const MomentsParams& p) {
+  return reduce_workspace<T, MomentsOp>(p.shape, p.threads, p.x, nullptr);
 }
 
 template <typename T>
 cudaError_t launch_moments(const MomentsParams& p, cudaStream_t stream) {
   return launch_reduce<T>(MomentsOp{p.mean, p.m2}, p.shape, p.threads, static_cast<const T*>(p.x), nullptr,
-                          p.workspace, stream);
+                          p.counters, p.partials, stream);
 }
 
 template <typename T>
-size_t backward_sums_workspace_bytes(const BackwardSumsParams& p) {
-  return reduce_workspace<T, BackwardSumsOp>(p.shape, p.threads, p.dy, p.x).bytes();
+Workspace backward_sums_workspace(const BackwardSumsParams& p) {
+  return reduce_workspace<T, BackwardSumsOp>(p.shape, p.threads, p.dy, p.x);
 }
 
 template <typename T>
 cudaError_t launch_backward_sums(const BackwardSumsParams& p, cudaStream_t stream) {
   return launch_reduce<T>(BackwardSumsOp{p.mean, p.sum_dy, p.sum_dy_xmu}, p.shape, p.threads,
-                          static_cast<const T*>(p.dy), static_cast<const T*>(p.x), p.workspace, stream);
+                          static_cast<const T*>(p.dy), static_cast<const T*>(p.x), p.counters, p.partials, stream);
 }
 
 }  // namespace nf

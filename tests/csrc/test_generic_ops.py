@@ -3,9 +3,12 @@ float64 references written from the formulas of docs/architecture.md: every CPU 
 layouts, awkward shapes; opcheck; the fake implementations of all ten ops; CUDA when present."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+import normfuse
 from normfuse import _extension as ext
 
 pytestmark = pytest.mark.skipif(not ext.HAS_CPU_KERNELS, reason=ext.REASON or "normfuse._C not built")
@@ -252,3 +255,97 @@ def test_cuda_opcheck():
     torch.library.opcheck(ops.affine_apply.default, (x, mean, a, b))
     torch.library.opcheck(ops.backward_sums.default, (dy, x, mean))
     torch.library.opcheck(ops.backward_apply.default, (dy, x, mean, a, b, c))
+
+
+# ---- launch budget: a layer costs 3 GPU launches forward and 3 backward (GPU only) ----------------------
+# A shape whose reductions split their planes across blocks, with a last-block merge on arrival
+# counters: contiguous float16 is 8 planes of 65536 (8 blocks each), channels-last has C = 4 (one
+# tile per sample, 256 blocks each). The counters must not cost a memset/fill launch per call.
+LAUNCH_SHAPE = (2, 4, 256, 256)
+LAUNCH_LAYERS = ("bin", "bin_running", "iebn", "iebn_running", "assoc")
+# a normfuse CUDA kernel (namespace nf), by its bare name
+_OUR_KERNEL = re.compile(r"(?<![\w:])nf::(\w+_kernel)\b")
+
+
+def _gpu_activities(fn):
+    """Names of every GPU activity (kernel, memset, memcpy) that fn() causes."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _ours(names):
+    return sorted(m.group(1) for m in map(_OUR_KERNEL.search, names) if m)
+
+
+def _launch_layer(kind, c):
+    make_layer = {
+        "bin": lambda: normfuse.BatchInstanceNorm2d(c, track_running_stats=False),
+        "bin_running": lambda: normfuse.BatchInstanceNorm2d(c),
+        "iebn": lambda: normfuse.IEBN2d(c, track_running_stats=False),
+        "iebn_running": lambda: normfuse.IEBN2d(c),
+        "assoc": lambda: normfuse.AssocNorm(2, c),
+    }[kind]
+    return make_layer().cuda().train()
+
+
+def _coefficients_backward(kind, layer, g1, g2, mean, m2, plane):
+    """The layer's coefficient backward op, called as normfuse/_autograd.py does in training."""
+    if kind.startswith("bin"):
+        return ops.bin_coefficients_backward(g1, g2, mean, m2, plane, layer.gate, layer.weight, layer.bias,
+                                             None, None, True, layer.eps)
+    if kind.startswith("iebn"):
+        return ops.iebn_coefficients_backward(g1, g2, mean, m2, plane, layer.gate_weight, layer.gate_bias,
+                                              layer.weight, layer.bias, None, None, True, layer.eps)
+    return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, layer.num_groups, layer.encoder,
+                                           layer.decoder_mean, layer.decoder_var, layer.weight, layer.bias,
+                                           layer.eps)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("kind", LAUNCH_LAYERS)
+def test_cuda_layer_launch_counts(kind, layout):
+    x, dy, _ = make(LAUNCH_SHAPE, torch.float16, layout, seed=5)
+    x, dy = x.cuda().requires_grad_(), dy.cuda()
+    fmt = torch.contiguous_format if layout == "contig" else torch.channels_last
+    assert x.is_contiguous(memory_format=fmt) and dy.is_contiguous(memory_format=fmt)
+    layer = _launch_layer(kind, x.shape[1])
+    inputs = [x, *layer.parameters()]
+    part = "contig" if layout == "contig" else "cl"
+    coef = "assoc_coef" if kind == "assoc" else "batch_coef"
+    with normfuse.use_backend("cuda"):
+        torch.autograd.grad(layer(x), inputs, dy)  # warm-up: allocates the persistent counters
+
+        # forward: moments, coefficients, affine map, and nothing else (no memset, no fill)
+        names = _gpu_activities(lambda: layer(x))
+        assert _ours(names) == sorted([f"{part}_reduce_kernel", f"{coef}_forward_kernel",
+                                       f"{part}_apply_kernel"]), names
+        # besides: a module tracking running statistics counts the batch (num_batches_tracked += 1,
+        # one elementwise kernel, as nn.BatchNorm does); the running stats are updated in our kernel
+        extra = 1 if kind.endswith("_running") else 0
+        assert len(names) == 3 + extra, names
+        assert not any("memset" in n.lower() for n in names), names
+
+        # backward through autograd: our three kernels (autograd may add its own, not counted)
+        y = layer(x)
+        names = _gpu_activities(lambda: torch.autograd.grad(y, inputs, dy))
+        expected_backward = sorted([f"{part}_reduce_kernel", f"{coef}_backward_kernel", f"{part}_apply_kernel"])
+        assert _ours(names) == expected_backward, names
+
+    # backward, our three ops alone: exactly three GPU activities in all
+    with torch.no_grad():
+        xd = x.detach()
+        mean, m2 = ops.moments(xd)
+        plane = xd[0, 0].numel()
+
+        def backward():
+            g1, g2 = ops.backward_sums(dy, xd, mean)
+            c_dy, c_x, c_0, *_ = _coefficients_backward(kind, layer, g1, g2, mean, m2, plane)
+            ops.backward_apply(dy, xd, mean, c_dy, c_x, c_0)
+
+        backward()  # warm-up
+        names = _gpu_activities(backward)
+    assert len(names) == 3 and _ours(names) == expected_backward, names

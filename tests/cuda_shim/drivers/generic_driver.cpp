@@ -11,6 +11,7 @@
 #include "kernels/plane_apply.cuh"
 #include "kernels/plane_reduce.cuh"
 
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -41,45 +42,78 @@ void run_case(const Case& cs) {
   if (cs.op == "moments" || cs.op == "backward_sums") {
     Buffer x = in("x.bin", numel * sizeof(T), off);
     Buffer o0(stats * sizeof(float), 0), o1(stats * sizeof(float), 0);
-    Buffer dy, mean, ws;
-    size_t ws_bytes;
+    Buffer dy, mean, counters, partials;
+    nf::MomentsParams pm;
+    nf::BackwardSumsParams pb;
+    nf::Workspace w;
     if (cs.op == "moments") {
-      nf::MomentsParams p;
-      p.x = x.data();
-      p.mean = o0.as<float>();
-      p.m2 = o1.as<float>();
-      p.shape = s;
-      p.threads = cs.threads;
-      ws_bytes = nf::moments_workspace_bytes<T>(p);
-      ws = Buffer(ws_bytes, 0);  // zeroed
-      p.workspace = ws_bytes ? ws.data() : nullptr;
-      err = nf::launch_moments<T>(p, nullptr);
+      pm.x = x.data();
+      pm.mean = o0.as<float>();
+      pm.m2 = o1.as<float>();
+      pm.shape = s;
+      pm.threads = cs.threads;
+      w = nf::moments_workspace<T>(pm);
     } else {
       dy = in("dy.bin", numel * sizeof(T), off);
       mean = in("mean.bin", stats * sizeof(float), 0);
-      nf::BackwardSumsParams p;
-      p.dy = dy.data();
-      p.x = x.data();
-      p.mean = mean.as<float>();
-      p.sum_dy = o0.as<float>();
-      p.sum_dy_xmu = o1.as<float>();
-      p.shape = s;
-      p.threads = cs.threads;
-      ws_bytes = nf::backward_sums_workspace_bytes<T>(p);
-      ws = Buffer(ws_bytes, 0);
-      p.workspace = ws_bytes ? ws.data() : nullptr;
-      err = nf::launch_backward_sums<T>(p, nullptr);
+      pb.dy = dy.data();
+      pb.x = x.data();
+      pb.mean = mean.as<float>();
+      pb.sum_dy = o0.as<float>();
+      pb.sum_dy_xmu = o1.as<float>();
+      pb.shape = s;
+      pb.threads = cs.threads;
+      w = nf::backward_sums_workspace<T>(pb);
     }
-    // The kernels promise to leave the arrival counters (head of the workspace) zeroed.
-    const nf::Workspace w = cs.op == "moments"
-                                ? nf::reduce_workspace<T, nf::MomentsOp>(s, cs.threads, x.data(), nullptr)
-                                : nf::reduce_workspace<T, nf::BackwardSumsOp>(s, cs.threads, dy.data(), x.data());
-    if (w.bytes() != ws_bytes) nf_io::die("workspace size mismatch");
-    for (size_t i = 0; i < w.counter_count; ++i)
-      if (ws.as<uint32_t>()[i] != 0u) nf_io::die("arrival counter not reset in " + cs.dir);
+    // What the launcher plans must match what it reported (the glue allocates from the latter).
+    const nf::Workspace planned = cs.op == "moments"
+                                      ? nf::reduce_workspace<T, nf::MomentsOp>(s, cs.threads, x.data(), nullptr)
+                                      : nf::reduce_workspace<T, nf::BackwardSumsOp>(s, cs.threads, dy.data(), x.data());
+    if (planned.counter_count != w.counter_count || planned.partial_floats != w.partial_floats)
+      nf_io::die("workspace size mismatch in " + cs.dir);
+    if ((w.counter_count == 0) != (w.partial_floats == 0)) nf_io::die("counters without partials in " + cs.dir);
+    // Exactly sized (ASAN catches overruns). Counters zeroed, as the glue's persistent buffer is;
+    // partials filled with garbage, as from at::empty: a kernel that read a partial it did not
+    // write in this launch would turn the result into NaN (0xff bytes) and fail the check.
+    counters = Buffer(w.counter_count * sizeof(uint32_t), 0);
+    partials = Buffer(w.partial_floats * sizeof(float), 0);
+    auto launch = [&](unsigned char garbage) {
+      std::memset(partials.data(), garbage, partials.bytes);
+      unsigned* c = w.counter_count ? counters.as<unsigned>() : nullptr;
+      float* q = w.counter_count ? partials.as<float>() : nullptr;
+      if (cs.op == "moments") {
+        pm.counters = c;
+        pm.partials = q;
+        return nf::launch_moments<T>(pm, nullptr);
+      }
+      pb.counters = c;
+      pb.partials = q;
+      return nf::launch_backward_sums<T>(pb, nullptr);
+    };
+    auto counters_zero = [&] {
+      for (size_t i = 0; i < w.counter_count; ++i)
+        if (counters.as<uint32_t>()[i] != 0u) return false;
+      return true;
+    };
+    err = launch(0xff);
+    // The kernels promise to leave the arrival counters zeroed (the glue reuses them, unzeroed,
+    // for the next launch on the stream).
+    if (!counters_zero()) nf_io::die("arrival counter not reset in " + cs.dir);
+    if (w.counter_count != 0 && err == cudaSuccess) {
+      // ...and reusing them as they were left, with other garbage in the partials, gives
+      // bitwise the same result.
+      Buffer r0(o0.bytes, 0), r1(o1.bytes, 0);
+      std::memcpy(r0.data(), o0.data(), o0.bytes);
+      std::memcpy(r1.data(), o1.data(), o1.bytes);
+      err = launch(0x7f);
+      if (!counters_zero()) nf_io::die("arrival counter not reset (second launch) in " + cs.dir);
+      if (std::memcmp(r0.data(), o0.data(), o0.bytes) != 0 || std::memcmp(r1.data(), o1.data(), o1.bytes) != 0)
+        nf_io::die("second launch on reused counters differs in " + cs.dir);
+    }
     out("out0.bin", o0);
     out("out1.bin", o1);
-    std::printf("%s %s %s ws=%zu\n", cs.op.c_str(), cs.dtype.c_str(), cs.layout.c_str(), ws_bytes);
+    std::printf("%s %s %s counters=%zu partials=%zu\n", cs.op.c_str(), cs.dtype.c_str(), cs.layout.c_str(),
+                w.counter_count, w.partial_floats);
   } else if (cs.op == "affine_apply" || cs.op == "backward_apply") {
     Buffer x = in("x.bin", numel * sizeof(T), off);
     Buffer mean = in("mean.bin", stats * sizeof(float), 0);
