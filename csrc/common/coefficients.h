@@ -73,17 +73,32 @@ NF_COEF_HD void merge_add(Merge<T>& a, T m_rel, T q, T L) {
   a.q += q + L * delta * (m_rel - a.mean);
 }
 
-// Chan's formula: merge b into a (either may be empty). Not symmetric in rounding: callers merge
-// in a fixed order so that results do not depend on scheduling.
+// Chan et al.: merge the moments (nb, mb, qb) into (na, ma, qa), either may be empty. Means are
+// relative to a common shift, counts in units of L elements (planes of L elements here; single
+// elements, L = 1, in the generic kernels' moments: nf::chan_merge in kernels/numerics.cuh, Mom
+// in cpu/generic_kernels_impl.h). `div(nb, n)` is the weight's division (the GPU's generic
+// kernels pass a fast one). The one Chan merge of the project: every backend's C++ and CUDA
+// kernels call it. Not symmetric in rounding: callers merge in a fixed order so that results do
+// not depend on scheduling.
+struct PlainDiv {
+  template <class T>
+  NF_COEF_HD T operator()(T a, T b) const { return a / b; }
+};
+template <class T, class Div = PlainDiv>
+NF_COEF_HD void chan_merge(T& na, T& ma, T& qa, T nb, T mb, T qb, T L, Div div = Div{}) {
+  const T n = na + nb;
+  if (n == T(0)) return;
+  const T delta = mb - ma;
+  const T wb = div(nb, n);
+  ma += delta * wb;
+  qa += qb + L * delta * delta * na * wb;
+  na = n;
+}
+
+// Chan's formula on Merge: b into a.
 template <class T>
 NF_COEF_HD void merge(Merge<T>& a, const Merge<T>& b, T L) {
-  const T n = a.count + b.count;
-  if (n == T(0)) return;
-  const T delta = b.mean - a.mean;
-  const T wb = b.count / n;
-  a.mean += delta * wb;
-  a.q += b.q + L * delta * delta * a.count * wb;
-  a.count = n;
+  chan_merge(a.count, a.mean, a.q, b.count, b.mean, b.q, L);
 }
 
 // ---- batch statistics of BIN / IEBN ---------------------------------------------------------------

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/coefficients.h"  // nf::coef::chan_merge
 #include "cpu/generic_kernels.h"
 #include "cpu/vec_io.h"
 
@@ -44,15 +45,7 @@ struct Mom {
   double n = 0, mean = 0, m2 = 0;
 };
 
-inline void chan_merge(Mom& a, const Mom& b) {
-  const double n = a.n + b.n;
-  if (n == 0) return;
-  const double delta = b.mean - a.mean;
-  const double wb = b.n / n;
-  a.mean += delta * wb;
-  a.m2 += b.m2 + delta * delta * a.n * wb;
-  a.n = n;
-}
+inline void chan_merge(Mom& a, const Mom& b) { nf::coef::chan_merge(a.n, a.mean, a.m2, b.n, b.mean, b.m2, 1.0); }
 
 // Channels-last chunk rows: R C ~ kRowChunk, at least `lo` rows (merges amortised), at most `cap`.
 inline int64_t chunk_rows(int64_t C, int64_t L, int64_t lo, int64_t cap) {

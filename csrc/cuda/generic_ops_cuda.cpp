@@ -26,6 +26,17 @@ void check_cuda_input(const at::Tensor& x, const char* op) {
               "normfuse.", op, ": unsupported dtype ", x.scalar_type());
 }
 
+// The kernels index within a plane (and walk its splits) in 32-bit ints: begin + seg and the
+// loop steps stay below 2^31 when L <= 2^30 (a billion elements per (n, c) plane).
+nf::PlaneShape cuda_plane_shape(const at::Tensor& x, const char* op) {
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, op);
+  TORCH_CHECK(sh.L <= (int64_t(1) << 30), "normfuse.", op, ": the CUDA kernels support planes of at most 2^30 ",
+              "elements (prod of the spatial sizes), got ", sh.L);
+  TORCH_CHECK(sh.C <= std::numeric_limits<int32_t>::max(), "normfuse.", op, ": at most 2^31 - 1 channels, got ",
+              sh.C);
+  return sh;
+}
+
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
@@ -51,7 +62,7 @@ Scratch scratch(const at::Tensor& x, const nf::Workspace& w, Params& p) {
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
   check_cuda_input(x, "moments");
   const c10::cuda::CUDAGuard guard(x.device());
-  const nf::PlaneShape sh = nf_glue::plane_shape(x, "moments");
+  const nf::PlaneShape sh = cuda_plane_shape(x, "moments");
   at::Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {mean, m2};
   if (sh.L == 0) {
@@ -74,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, cons
                                                       const at::Tensor& mean) {
   check_cuda_input(x, "backward_sums");
   const c10::cuda::CUDAGuard guard(x.device());
-  const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_sums");
+  const nf::PlaneShape sh = cuda_plane_shape(x, "backward_sums");
   nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
@@ -101,7 +112,7 @@ at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const 
                              const at::Tensor& shift) {
   check_cuda_input(x, "affine_apply");
   const c10::cuda::CUDAGuard guard(x.device());
-  const nf::PlaneShape sh = nf_glue::plane_shape(x, "affine_apply");
+  const nf::PlaneShape sh = cuda_plane_shape(x, "affine_apply");
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
   nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
@@ -123,7 +134,7 @@ at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const 
                                const at::Tensor& c_dy, const at::Tensor& c_x, const at::Tensor& c_0) {
   check_cuda_input(x, "backward_apply");
   const c10::cuda::CUDAGuard guard(x.device());
-  const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_apply");
+  const nf::PlaneShape sh = cuda_plane_shape(x, "backward_apply");
   nf_glue::check_like_input(dy, x, sh, "backward_apply", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_apply", "mean");
   nf_glue::check_stats(c_dy, x, sh, "backward_apply", "c_dy");

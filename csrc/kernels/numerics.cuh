@@ -2,6 +2,7 @@
 // generic kernels (and usable by the coefficient kernels). Plain CUDA, no torch.
 #pragma once
 #include "kernels/cuda_compat.cuh"
+#include "common/coefficients.h"  // coef::chan_merge
 
 namespace nf {
 
@@ -70,14 +71,11 @@ struct Welford {
 
 // Chan et al.: merge b into a. Exact for the counts used here (floats hold integers < 2^24; above
 // that the weights are off by ~1e-7 relative, harmless).
+struct FastDiv {
+  NF_DEVICE float operator()(float a, float b) const { return fast_div(a, b); }
+};
 NF_DEVICE void chan_merge(Welford& a, const Welford& b) {
-  const float n = a.n + b.n;
-  if (n == 0.f) return;
-  const float delta = b.mean - a.mean;
-  const float wb = fast_div(b.n, n);
-  a.mean += delta * wb;
-  a.m2 += b.m2 + delta * delta * a.n * wb;
-  a.n = n;
+  coef::chan_merge(a.n, a.mean, a.m2, b.n, b.mean, b.m2, 1.f, FastDiv{});
 }
 
 // Add VEC values (already shifted) of one plane: exact two-pass over the small batch, then one
