@@ -12,13 +12,15 @@ accepted too (statistics float64), so gradcheck-style tests can use this backend
 
 Split reductions and the AssocNorm backward finish inside their launch with "last program"
 tickets (``common.last_arrival``).  The int32 ticket counters live in a zero-initialised buffer
-cached per (device, stream) that every kernel leaves zeroed again, so no memset launch is
-needed; while tracing (torch.compile) or capturing a CUDA graph, and in the CPU interpreter, a
-fresh ``torch.zeros`` buffer is used instead (one extra fill, only where a kernel needs tickets).
+cached per (device, stream) (in the CPU interpreter: per device and thread) that every kernel
+leaves zeroed again (the last arriving program resets its ticket), so no memset launch is
+needed; only while tracing (torch.compile) or capturing a CUDA graph is a fresh ``torch.zeros``
+buffer used instead (one extra fill, only where a kernel needs tickets).
 """
 from __future__ import annotations
 
 import math
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -125,21 +127,30 @@ def _tracing(t: Tensor) -> bool:
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-_COUNTERS: dict = {}
+_COUNTERS: dict = {}  # (device, stream) -> buffer, CUDA
+_CPU_COUNTERS = threading.local()  # .buffers: device -> buffer, the interpreter (per thread)
 
 
 def _counters(like: Tensor, n: int, needed: bool = True) -> Tensor:
-    """``n`` zeroed int32 ticket counters that the kernel leaves zeroed (see module doc)."""
+    """``n`` zeroed int32 ticket counters that the kernel leaves zeroed (see module doc).
+
+    Kernels on one CUDA stream run one after the other, so they can share the stream's buffer;
+    interpreted kernels run in the calling thread, so there the buffer is per thread."""
     if not needed:
         return torch.empty(1, dtype=torch.int32, device=like.device)
-    if like.device.type != "cuda" or _tracing(like):  # (the interpreter: fresh ones, cheap)
+    if _tracing(like):
         return torch.zeros(n, dtype=torch.int32, device=like.device)
     dev = like.device
-    key = (str(dev), torch.cuda.current_stream(dev).cuda_stream)
-    buf = _COUNTERS.get(key)
+    if dev.type == "cuda":
+        cache, key = _COUNTERS, (str(dev), torch.cuda.current_stream(dev).cuda_stream)
+    else:
+        if not hasattr(_CPU_COUNTERS, "buffers"):
+            _CPU_COUNTERS.buffers = {}
+        cache, key = _CPU_COUNTERS.buffers, str(dev)
+    buf = cache.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=dev)
-        _COUNTERS[key] = buf
+        cache[key] = buf
     return buf
 
 

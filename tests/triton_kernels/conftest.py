@@ -1,11 +1,12 @@
 """Test setup of the Triton backend.
 
 Without a GPU the kernels run in Triton's CPU interpreter, which is chosen when a kernel module
-is imported: this conftest sets ``TRITON_INTERPRET=1`` before that happens (normfuse.triton_kernels
-imports its kernel modules lazily, at the first op call, and the kernels avoid the ``@jit``
-helpers of ``triton.language.standard`` that would be fixed when triton itself is imported, e.g.
-by the root conftest registering the ops).  If the kernels were already imported compiled, every
-CPU test is skipped.  With a GPU the same tests run on CUDA tensors with compiled kernels.
+is imported: the root conftest (tests/conftest.py) sets ``TRITON_INTERPRET=1`` before that
+happens, and this one repeats the check, for runs that do not load the root one
+(normfuse.triton_kernels imports its kernel modules lazily, at the first op call, and the
+kernels avoid the ``@jit`` helpers of ``triton.language.standard`` that would be fixed when
+triton itself is imported).  If the kernels were already imported compiled, every CPU test is
+skipped.  With a GPU the same tests run on CUDA tensors with compiled kernels.
 """
 from __future__ import annotations
 

@@ -1,0 +1,201 @@
+"""Launch counts of whole layer steps through the public modules with backend "triton".
+
+docs/architecture.md: a layer forward is 3 kernel launches, its backward 3 (moments, the
+layer's coefficient kernel, affine_apply; backward_sums, the coefficient backward,
+backward_apply), also when the reductions split planes over several programs and finish with
+ticket counters.  Without a GPU this runs in the interpreter: every launch of a Triton kernel
+goes through ``KernelInterface.run`` (``kernel[grid](...)``), for interpreted and compiled
+kernels alike, and is counted there.  Torch-side work that would be a launch on a GPU (a fill,
+a copy, arithmetic) is caught with a dispatch mode that also looks inside the ``triton_op``s:
+outside the kernels only allocations and aliasing views may run, so the ticket counters must be
+a persistent buffer (no ``torch.zeros`` per call), which the kernels leave zeroed.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from tk_common import DEVICE
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normfuse
+import normfuse.triton_kernels as tk
+
+# Torch ops that allocate without initialising: no launch on a GPU.
+ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.new_empty.default",
+               "aten.empty_strided.default", "aten.new_empty_strided.default"}
+FORWARD = ("moments_kernel", "{}_forward_kernel", "affine_apply_kernel")
+BACKWARD = ("backward_sums_kernel", "{}_backward_kernel", "backward_apply_kernel")
+SHAPE = (2, 8, 15, 20)  # L = 300: with force_splits 3 (rows) / 2 (channels-last) splits
+
+
+@dataclass
+class Launch:
+    kernel: str
+    grid: tuple
+    args: dict
+
+
+@dataclass
+class Recorder:
+    launches: list = field(default_factory=list)
+    torch_ops: list = field(default_factory=list)  # (name, first tensor argument), non-alias
+    in_kernel: int = 0
+
+    def clear(self):
+        self.launches.clear()
+        self.torch_ops.clear()
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class TorchOps(TorchDispatchMode):
+    """Records every aten op outside the Triton kernels (also those the ``normfuse_triton`` ops
+    run inside their Python implementation) that neither allocates nor returns an alias of its
+    first input."""
+
+    def __init__(self, rec: Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == tk.NAMESPACE:  # run the op's implementation with the mode on
+            dev = _tensors(args)[0].device
+            key = torch._C.DispatchKey.CUDA if dev.type == "cuda" else torch._C.DispatchKey.CPU
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.rec.in_kernel:  # the interpreter's own host copies
+            return out
+        name = str(func)
+        inputs = _tensors(args)
+        aliases = inputs and all(
+            o.untyped_storage().data_ptr() == inputs[0].untyped_storage().data_ptr()
+            for o in _tensors(out)) and not func._schema.is_mutable
+        if name not in ALLOCATIONS and not aliases:
+            self.rec.torch_ops.append((name, inputs[0] if inputs else None))
+        return out
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Counts the launches of every Triton kernel class in use (interpreted or compiled)."""
+    rec = Recorder()
+    classes = {type(k) for k in vars(tk.kernels()).values() if hasattr(k, "run")}
+    for cls in classes:
+        real = cls.run
+
+        def run(self, *args, grid, warmup, _real=real, **kwargs):
+            if warmup:
+                return _real(self, *args, grid=grid, warmup=warmup, **kwargs)
+            names = list(self.arg_names)
+            rec.launches.append(Launch(getattr(self, "fn", self).__name__,
+                                       tuple(grid) if not callable(grid) else grid,
+                                       dict(zip(names, args)) | kwargs))
+            rec.in_kernel += 1
+            try:
+                return _real(self, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                rec.in_kernel -= 1
+
+        monkeypatch.setattr(cls, "run", run)
+    return rec
+
+
+def _layer(kind):
+    c = SHAPE[1]
+    if kind == "bin":
+        m = normfuse.BatchInstanceNorm2d(c)
+    elif kind == "iebn":
+        m = normfuse.IEBN2d(c)
+    else:
+        m = normfuse.AssocNorm(4, c)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        if kind == "bin":
+            m.gate.clamp_(0, 1)
+    return m.to(DEVICE)
+
+
+def _step(m, x, dy, rec, mode=True):
+    """One forward and one backward (input and every parameter), recorded separately."""
+    leaf = x.detach().clone().requires_grad_()
+    params = list(m.parameters())
+    rec.clear()
+    with TorchOps(rec) if mode else contextlib.nullcontext():
+        y = m(leaf)
+    forward = (list(rec.launches), list(rec.torch_ops))
+    rec.clear()
+    with TorchOps(rec) if mode else contextlib.nullcontext():
+        grads = torch.autograd.grad(y, [leaf, *params], dy)
+    backward = (list(rec.launches), list(rec.torch_ops))
+    return y, grads, forward, backward
+
+
+def _counter_buffers(launches):
+    """The ticket counters of the launches that use them (split reductions, AssocNorm's
+    backward)."""
+    return [la.args["counter_ptr"] for la in launches
+            if la.kernel == "assoc_backward_kernel"
+            or la.kernel in ("moments_kernel", "backward_sums_kernel") and la.grid[1] > 1]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc"])
+def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, training,
+                                                 channels_last):
+    m = _layer(kind).train(training)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(SHAPE, generator=g) * 2 + 0.5).to(DEVICE)
+    dy = torch.randn(SHAPE, generator=g).to(DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    with normfuse.use_backend("triton"):
+        _step(m, x, dy, recorder, mode=False)  # first use: kernels, counter buffer
+        y, grads, (f_launch, f_ops), (b_launch, b_ops) = _step(m, x, dy, recorder)
+        _, _, (f_again, _), (b_again, _) = _step(m, x, dy, recorder)
+
+    assert [la.kernel for la in f_launch] == [k.format(kind) for k in FORWARD]
+    assert [la.kernel for la in b_launch] == [k.format(kind) for k in BACKWARD]
+    moments, sums = f_launch[0], b_launch[0]
+    assert moments.grid[1] > 1 and sums.grid[1] > 1, "the shape must split the reductions"
+
+    # torch-side: nothing but allocations and views, except nn.BatchNorm's own counter
+    # increment in training (num_batches_tracked += 1, as nn.BatchNorm2d does)
+    expected = [("aten.add_.Tensor", m.num_batches_tracked)] if training and kind != "assoc" \
+        else []
+    assert [name for name, _ in f_ops] == [name for name, _ in expected], f_ops
+    assert all(t is e for (_, t), (_, e) in zip(f_ops, expected))
+    assert b_ops == [], b_ops
+
+    # ticket counters: one persistent buffer per device (and stream / thread), left zeroed
+    used = _counter_buffers(f_launch + b_launch)
+    again = _counter_buffers(f_again + b_again)
+    assert len(used) == (3 if kind == "assoc" else 2) == len(again)
+    assert len({t.data_ptr() for t in used + again}) == 1, "counters must be reused"
+    assert int(used[0].abs().sum()) == 0, "kernels must leave their counters zeroed"
+
+    # and the step computed the layer (the torch backend as reference)
+    with normfuse.use_backend("torch"):
+        ref = _layer(kind).train(training)
+        ref.load_state_dict(m.state_dict())
+        leaf = x.detach().clone().requires_grad_()
+        y_ref = ref(leaf)
+        g_ref = torch.autograd.grad(y_ref, [leaf, *ref.parameters()], dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    assert y.stride() == x.stride() and grads[0].stride() == x.stride()
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
