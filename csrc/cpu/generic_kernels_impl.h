@@ -9,8 +9,10 @@
 //   short planes (L <= kSmall) go W planes at a time (fixed groups), sharing the horizontal sums.
 // * channels-last: a unit is a segment of rows (C elements each) of one sample; segments of a
 //   sample merge in index order. Inside a segment, chunks of R rows are walked by column blocks
-//   of up to 4 vectors of channels with the accumulators in registers (C < kWideC), or row by row
-//   with the accumulators in L1 arrays (C >= kWideC: memory is read sequentially).
+//   of up to 4 vectors of channels with the accumulators in registers, or, for wide rows, row by
+//   row with the accumulators in L1 arrays (memory is read sequentially): moments from
+//   C >= kWideMoments, backward sums from C >= kWideC (the two-pass moments re-read a chunk that
+//   sits in L1, where register blocks win up to C ~ 512; the one-pass sums stream).
 // * maps (affine_apply, backward_apply): a plane's / row's last partial vector is done as its
 //   last whole vector again (same inputs, same values), no masked store, when it has W elements.
 //
@@ -292,11 +294,15 @@ struct Kern {
     }
   }
 
-  // Wide rows (C >= kWideC): the chunk is walked row by row (sequential memory), with the
-  // per-channel accumulators in padded L1 arrays instead of registers. Same sums per channel,
-  // rows in the same order as the column blocks (a channel's result is the same either way up
-  // to the association of the row sums; the choice depends only on C).
-  static constexpr int64_t kWideC = 64;
+  // Wide rows: the chunk is walked row by row (sequential memory), with the per-channel
+  // accumulators in padded L1 arrays instead of registers. Same sums per channel, rows in the
+  // same order as the column blocks (a channel's result is the same either way up to the
+  // association of the row sums; the choice depends only on C). Thresholds measured with
+  // `python -m bench.cpu_ops --layouts cl` (AMD EPYC, 1 thread): register blocks took the
+  // moments of C = 64..256 from 1.4-2.7x a copy to 0.8-1.2x, and lose from C ~ 1024; the
+  // backward sums gain nothing from them beyond C = 64.
+  static constexpr int64_t kWideC = 64;         // backward sums
+  static constexpr int64_t kWideMoments = 1024;  // moments
   static inline void cl_rows_moments(const S* base, int64_t C, int64_t rows, const acc_t* shift, acc_t inv_r,
                                      acc_t* cm, acc_t* q) {
     const int64_t vC = C - C % W, tail = C % W;
@@ -344,7 +350,7 @@ struct Kern {
           const int64_t rows = std::min(R, r1 - a);
           const acc_t inv_r = acc_t(1) / static_cast<acc_t>(rows);
           const S* base = xs + a * C;
-          if (C >= kWideC) {
+          if (C >= kWideMoments) {
             cl_rows_moments(base, C, rows, shift, inv_r, cm, q);
           } else {
             int64_t c = 0;
