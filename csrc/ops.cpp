@@ -15,10 +15,13 @@ TORCH_LIBRARY(normfuse, m) {
       "Tensor c_0) -> Tensor");
 
   // Per-layer coefficient functions (csrc/cpu/coefficients_*.cpp, csrc/cuda/coefficients*).
+  // The BIN / IEBN forwards also count the batch: given num_batches_tracked (a 0-dim int64
+  // tensor) and training, the kernel that updates the running statistics adds 1 to it, so a
+  // module's training forward needs no extra launch for nn.BatchNorm's counter.
   m.def(
       "bin_coefficients(Tensor mean, Tensor m2, int plane_size, Tensor gate, Tensor? weight, "
       "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, "
-      "float momentum, float eps) -> (Tensor scale, Tensor shift)");
+      "float momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)");
   m.def(
       "bin_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
       "int plane_size, Tensor gate, Tensor? weight, Tensor? bias, Tensor? running_mean, "
@@ -27,8 +30,8 @@ TORCH_LIBRARY(normfuse, m) {
   m.def(
       "iebn_coefficients(Tensor mean, Tensor m2, int plane_size, Tensor gate_weight, "
       "Tensor gate_bias, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, bool training, float momentum, float eps) "
-      "-> (Tensor scale, Tensor shift)");
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)");
   m.def(
       "iebn_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
       "int plane_size, Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "

@@ -40,10 +40,11 @@ def like_layout(t: Tensor, x: Tensor) -> Tensor:
 
 
 def _coefficients(ops, layer, mean, m2, plane, params, running_mean, running_var, training,
-                  momentum, eps, num_groups):
+                  momentum, eps, num_groups, num_batches_tracked=None):
     if layer in _BATCH_LAYERS:
         op = getattr(ops, f"{layer}_coefficients")
-        return op(mean, m2, plane, *params, running_mean, running_var, training, momentum, eps)
+        return op(mean, m2, plane, *params, running_mean, running_var, training, momentum, eps,
+                  num_batches_tracked)
     return ops.assoc_coefficients(mean, m2, plane, num_groups, *params, eps)
 
 
@@ -55,15 +56,26 @@ def _coefficients_backward(ops, layer, g1, g2, mean, m2, plane, params, running_
     return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, num_groups, *params, eps)
 
 
+# NormFunction.forward's arguments: layer, backend, x, then _NO_GRAD_ARGS arguments that get no
+# gradient (running_mean, running_var, num_batches_tracked, training, momentum, eps, num_groups),
+# then the parameters.
+_NO_GRAD_ARGS = 7
+_FIRST_PARAM = 3 + _NO_GRAD_ARGS
+
+
 class NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: str, backend: str, x: Tensor, running_mean, running_var,
-                training: bool, momentum: float, eps: float, num_groups: int, *params):
+                num_batches_tracked, training: bool, momentum: float, eps: float,
+                num_groups: int, *params):
         ops = ops_for(backend)
         plane = math.prod(x.shape[2:])
         mean, m2 = ops.moments(x)
+        # BIN / IEBN: the coefficient op also updates the running statistics and counts the
+        # batch (num_batches_tracked += 1) in training, in its one launch.
         scale, shift = _coefficients(ops, layer, mean, m2, plane, params, running_mean,
-                                     running_var, training, momentum, eps, num_groups)
+                                     running_var, training, momentum, eps, num_groups,
+                                     num_batches_tracked)
         y = ops.affine_apply(x, mean, scale, shift)
         # Running statistics matter to the backward only in eval mode, where they are constants.
         keep_running = not training and running_mean is not None
@@ -80,7 +92,7 @@ class NormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
             dx, grads = _differentiable_backward(ctx, layer, x, dy, params, running_mean,
                                                  running_var, training, eps, num_groups)
-            return (None, None, dx) + (None,) * 6 + grads
+            return (None, None, dx) + (None,) * _NO_GRAD_ARGS + grads
         ops = ops_for(backend)
         g1, g2 = ops.backward_sums(dy, x, mean)
         c_dy, c_x, c_0, *grads = _coefficients_backward(
@@ -88,8 +100,8 @@ class NormFunction(torch.autograd.Function):
             eps, num_groups)
         dx = ops.backward_apply(dy, x, mean, c_dy, c_x, c_0) if ctx.needs_input_grad[2] else None
         grads = [g if p is not None and need else None
-                 for g, p, need in zip(grads, params, ctx.needs_input_grad[9:])]
-        return (None, None, dx) + (None,) * 6 + tuple(grads)
+                 for g, p, need in zip(grads, params, ctx.needs_input_grad[_FIRST_PARAM:])]
+        return (None, None, dx) + (None,) * _NO_GRAD_ARGS + tuple(grads)
 
 
 def _differentiable_backward(ctx, layer, x, dy, params, running_mean, running_var, training,
@@ -97,10 +109,11 @@ def _differentiable_backward(ctx, layer, x, dy, params, running_mean, running_va
     """First derivatives as a differentiable graph, so that second derivatives are correct.
 
     Recomputes the layer from ``x`` with the "torch" backend's differentiable ops (running
-    statistics are never updated here) and differentiates it with ``create_graph=True``.
+    statistics and ``num_batches_tracked`` are never updated here) and differentiates it with
+    ``create_graph=True``.
     """
     candidates = [x, *params]
-    needs = ctx.needs_input_grad[2:3] + ctx.needs_input_grad[9:]
+    needs = ctx.needs_input_grad[2:3] + ctx.needs_input_grad[_FIRST_PARAM:]
     wanted = [t for t, need in zip(candidates, needs) if t is not None and need]
     with torch.enable_grad():
         mean, m2 = torch_backend.moments(x)
@@ -116,8 +129,12 @@ def _differentiable_backward(ctx, layer, x, dy, params, running_mean, running_va
 
 
 def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bool,
-              momentum: float, eps: float, num_groups: int, params) -> Tensor:
-    """Validated inputs in, output out: picks the backend, layouts and dtypes, then runs."""
+              momentum: float, eps: float, num_groups: int, params,
+              num_batches_tracked=None) -> Tensor:
+    """Validated inputs in, output out: picks the backend, layouts and dtypes, then runs.
+
+    ``num_batches_tracked`` (BIN / IEBN modules in training): incremented in place by the
+    layer's coefficient op, so the module's counter costs no launch of its own."""
     backend = resolve_backend(input)
     acc = acc_dtype(input.dtype)
     x = kernel_layout(input)
@@ -126,8 +143,8 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
     params = tuple(None if p is None else p.to(acc).contiguous() for p in params)
     rm = None if running_mean is None else running_mean.to(acc).contiguous()
     rv = None if running_var is None else running_var.to(acc).contiguous()
-    y = NormFunction.apply(layer, backend, x, rm, rv, bool(training), float(momentum),
-                           float(eps), int(num_groups), *params)
+    y = NormFunction.apply(layer, backend, x, rm, rv, num_batches_tracked, bool(training),
+                           float(momentum), float(eps), int(num_groups), *params)
     if training and running_mean is not None:
         with torch.no_grad():  # buffers of another dtype or strided: updated on a copy
             if rm is not running_mean:

@@ -83,3 +83,19 @@ def check_number(value, name: str, who: str, low: float = 0.0, allow_none: bool 
         raise ValueError(f"{who}: {name} must be a finite number, got {value!r}")
     if value < low:
         raise ValueError(f"{who}: {name} must be >= {low}, got {value!r}")
+
+
+def check_batch_counter(t, input: Tensor, who: str) -> None:
+    """A module's ``num_batches_tracked`` (None: not counted): the 0-dim int64 tensor that the
+    layer's coefficient op increments in place, on the input's device."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{who}: num_batches_tracked must be a torch.Tensor, got "
+                        f"{type(t).__name__}")
+    if t.dtype != torch.int64 or t.numel() != 1 or t.dim() > 1:
+        raise ValueError(f"{who}: num_batches_tracked must be a 0-dim int64 tensor, got "
+                         f"{t.dtype} of shape {tuple(t.shape)}")
+    if t.device != input.device:
+        raise ValueError(f"{who}: num_batches_tracked must be on the input's device "
+                         f"{input.device}, got {t.device}")

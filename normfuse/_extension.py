@@ -78,7 +78,10 @@ def _backward_apply_fake(dy, x, mean, c_dy, c_x, c_0):
     return torch.empty_like(x)
 
 
-def _bin_fake(mean, m2, plane_size, gate, weight, bias, running_mean, running_var, training, momentum, eps):
+# The forwards mutate running_mean / running_var / num_batches_tracked in place (declared in the
+# schemas): nothing to do for fake tensors.
+def _bin_fake(mean, m2, plane_size, gate, weight, bias, running_mean, running_var, training, momentum, eps,
+              num_batches_tracked=None):
     return _stats_like(mean), _stats_like(mean)
 
 
@@ -89,7 +92,7 @@ def _bin_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, weight, b
 
 
 def _iebn_fake(mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean, running_var, training,
-               momentum, eps):
+               momentum, eps, num_batches_tracked=None):
     return _stats_like(mean), _stats_like(mean)
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._autograd import run_layer
-from ._checks import (check_batch_values, check_input, check_number, check_running_stats,
-                      check_tensor)
+from ._checks import (check_batch_counter, check_batch_values, check_input, check_number,
+                      check_running_stats, check_tensor)
 
 
 def _check_batch_layer(who, input, running_mean, running_var, named_params, training,
-                       momentum, eps):
+                       momentum, eps, num_batches_tracked=None):
     check_input(input, who)
     channels = input.shape[1]
     for name, tensor, optional in named_params:
         check_tensor(tensor, name, (channels,), input, who, optional=optional)
     check_running_stats(running_mean, running_var, channels, input, who)
+    check_batch_counter(num_batches_tracked, input, who)
     check_number(momentum, "momentum", who)
     check_number(eps, "eps", who)
     if training or running_mean is None:
@@ -34,12 +35,20 @@ def batch_instance_norm(input: Tensor, running_mean, running_var, weight, bias, 
 
     ``weight``/``bias`` may be None (no affine); ``gate`` (rho) is required, shape ``(C,)``.
     """
+    return _batch_instance_norm(input, running_mean, running_var, weight, bias, gate, training,
+                                momentum, eps)
+
+
+def _batch_instance_norm(input, running_mean, running_var, weight, bias, gate, training,
+                         momentum, eps, num_batches_tracked=None):
+    """``batch_instance_norm``, plus the modules' ``num_batches_tracked``: incremented in place
+    in training by the layer's coefficient op (no launch of its own)."""
     who = "batch_instance_norm"
     _check_batch_layer(who, input, running_mean, running_var,
                        [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
-                       training, momentum, eps)
+                       training, momentum, eps, num_batches_tracked)
     return run_layer("bin", input, running_mean, running_var, training, momentum, eps, 0,
-                     (gate, weight, bias))
+                     (gate, weight, bias), num_batches_tracked)
 
 
 def instance_enhancement_batch_norm(input: Tensor, running_mean, running_var, weight, bias,
@@ -47,13 +56,22 @@ def instance_enhancement_batch_norm(input: Tensor, running_mean, running_var, we
                                     training: bool = False, momentum: float = 0.1,
                                     eps: float = 1e-5) -> Tensor:
     """IEBN: ``xhat_B * weight * sigmoid(mean_hw(x) * gate_weight + gate_bias) + bias``."""
+    return _instance_enhancement_batch_norm(input, running_mean, running_var, weight, bias,
+                                            gate_weight, gate_bias, training, momentum, eps)
+
+
+def _instance_enhancement_batch_norm(input, running_mean, running_var, weight, bias,
+                                     gate_weight, gate_bias, training, momentum, eps,
+                                     num_batches_tracked=None):
+    """``instance_enhancement_batch_norm`` plus the modules' ``num_batches_tracked`` (see
+    ``_batch_instance_norm``)."""
     who = "instance_enhancement_batch_norm"
     _check_batch_layer(who, input, running_mean, running_var,
                        [("gate_weight", gate_weight, False), ("gate_bias", gate_bias, False),
                         ("weight", weight, True), ("bias", bias, True)],
-                       training, momentum, eps)
+                       training, momentum, eps, num_batches_tracked)
     return run_layer("iebn", input, running_mean, running_var, training, momentum, eps, 0,
-                     (gate_weight, gate_bias, weight, bias))
+                     (gate_weight, gate_bias, weight, bias), num_batches_tracked)
 
 
 def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Tensor,

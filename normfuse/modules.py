@@ -51,7 +51,8 @@ class _BatchStatsNorm(nn.Module):
 
     def _batch_arguments(self):
         """``(running_mean, running_var, use_batch_stats, factor)`` as ``nn.BatchNorm`` forms
-        them, without touching ``num_batches_tracked`` (it is counted after a successful call).
+        them, without touching ``num_batches_tracked`` (the layer's coefficient op counts the
+        batch, after every check: see ``_counter``).
         """
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.momentum is None:
@@ -61,7 +62,17 @@ class _BatchStatsNorm(nn.Module):
         return (self.running_mean if tracked else None, self.running_var if tracked else None,
                 use_batch, factor)
 
+    def _counter(self):
+        """The ``num_batches_tracked`` buffer when this call counts a batch (training with
+        tracked statistics), else None.  The layer's coefficient op increments it in place, in
+        the kernel that updates the running statistics: no launch of its own."""
+        if self.training and self.track_running_stats:
+            return self.num_batches_tracked
+        return None
+
     def _count_batch(self) -> None:
+        """``num_batches_tracked += 1`` after a successful call, for the synchronized layers
+        (normfuse/distributed.py), whose coefficient step does not take the counter."""
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
 
@@ -114,10 +125,8 @@ class _BatchInstanceNorm(_BatchStatsNorm):
     def forward(self, input):
         self._check_input(input)
         running_mean, running_var, use_batch, factor = self._batch_arguments()
-        out = F.batch_instance_norm(input, running_mean, running_var, self.weight, self.bias,
-                                    self.gate, use_batch, factor, self.eps)
-        self._count_batch()
-        return out
+        return F._batch_instance_norm(input, running_mean, running_var, self.weight, self.bias,
+                                      self.gate, use_batch, factor, self.eps, self._counter())
 
 
 class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
@@ -158,11 +167,9 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
     def forward(self, input):
         self._check_input(input)
         running_mean, running_var, use_batch, factor = self._batch_arguments()
-        out = F.instance_enhancement_batch_norm(input, running_mean, running_var, self.weight,
-                                                self.bias, self.gate_weight, self.gate_bias,
-                                                use_batch, factor, self.eps)
-        self._count_batch()
-        return out
+        return F._instance_enhancement_batch_norm(input, running_mean, running_var, self.weight,
+                                                  self.bias, self.gate_weight, self.gate_bias,
+                                                  use_batch, factor, self.eps, self._counter())
 
 
 def _with_rank(base, name: str, ranks: tuple, shape: str):

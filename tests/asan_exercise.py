@@ -131,13 +131,15 @@ def batch_coefficients_case(n, c, plane, a, seed):
                 rm = vec(c, a, seed + 3) if with_running else None
                 rv = vec(c, a, seed + 4, 1.0, 0.1).abs() if with_running else None
                 gate = vec(c, a, seed + 5, 0.5, 0.3)
+                nbt = torch.tensor(0)
                 scale, shift = ops.bin_coefficients(mean, m2, plane, gate, w, b, rm, rv, training,
-                                                    0.1, 1e-5)
+                                                    0.1, 1e-5, nbt)
                 out = ops.bin_coefficients_backward(s1, s2, mean, m2, plane, gate, w, b, rm, rv,
                                                     training, 1e-5)
                 gw, gb = vec(c, a, seed + 6), vec(c, a, seed + 7, -1.0)
                 scale2, shift2 = ops.iebn_coefficients(mean, m2, plane, gw, gb, w, b, rm, rv,
-                                                       training, 0.1, 1e-5)
+                                                       training, 0.1, 1e-5, nbt)
+                assert int(nbt) == 2 * training, "num_batches_tracked"
                 out2 = ops.iebn_coefficients_backward(s1, s2, mean, m2, plane, gw, gb, w, b, rm,
                                                       rv, training, 1e-5)
                 COUNT += 4
@@ -234,6 +236,12 @@ def mode_rejects():
                                               True, 0.1, 1e-5), "m2 shape")
     expect_error(lambda: ops.bin_coefficients(mean.half(), m2.half(), 20, gate.half(), None,
                                               None, None, None, True, 0.1, 1e-5), "f16 stats")
+    expect_error(lambda: ops.bin_coefficients(mean, m2, 20, gate, None, None, None, None, True,
+                                              0.1, 1e-5, torch.zeros(2, dtype=torch.int64)),
+                 "counter shape")
+    expect_error(lambda: ops.iebn_coefficients(mean, m2, 20, gate, gate, None, None, None, None,
+                                               True, 0.1, 1e-5, torch.tensor(0.0)),
+                 "counter dtype")
     expect_error(lambda: ops.bin_coefficients_backward(st[:1], st, mean, m2, 20, gate, None,
                                                        None, None, None, True, 1e-5), "sum_dy")
     expect_error(lambda: ops.iebn_coefficients(mean, m2, 20, gate, torch.ones(2), None, None,
@@ -271,7 +279,8 @@ def mode_degenerate():
         for n, c in [(0, 3), (3, 0), (0, 0)]:
             st = torch.zeros(n, c, dtype=a)
             p = torch.ones(c, dtype=a)
-            ops.bin_coefficients(st, st, 4, p, p, p, p.clone(), p.clone(), True, 0.1, 1e-5)
+            ops.bin_coefficients(st, st, 4, p, p, p, p.clone(), p.clone(), True, 0.1, 1e-5,
+                                 torch.zeros(1, dtype=torch.int64))
             ops.bin_coefficients_backward(st, st, st, st, 4, p, p, p, None, None, True, 1e-5)
             ops.iebn_coefficients(st, st, 4, p, p, None, None, None, None, True, 0.1, 1e-5)
             ops.iebn_coefficients_backward(st, st, st, st, 4, p, p, p, p, p, p, False, 1e-5)

@@ -248,3 +248,22 @@ def test_failed_call_keeps_counter_with_momentum_none(nf, backend, device, seed,
         assert_buffers_equal(m, snap, "failed call")
     m(make_input((3, 4, 2, 2), seed + 1, device=device))
     assert int(m.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("how", ["float", "shape", "meta"])
+def test_module_bad_counter(nf, backend, device, seed, kind, how):
+    """The coefficient op increments num_batches_tracked in place, so a buffer it cannot take
+    (not a 0-dim int64 tensor on the input's device) is refused before anything runs."""
+    m = randomize_parameters(_bn_layer(nf, kind, 2, 4), seed).to(device).train()
+    bad = {"float": torch.tensor(2.0, device=device),
+           "shape": torch.zeros(2, dtype=torch.long, device=device),
+           "meta": torch.tensor(2, device="meta")}[how]
+    m.num_batches_tracked = bad
+    snap = {n: b for n, b in snapshot_buffers(m).items() if n != "num_batches_tracked"}
+    _expect_error(lambda: m(make_input((3, 4, 2, 3), seed, device=device)),
+                  "num_batches_tracked")
+    for n, b in snap.items():
+        assert torch.equal(dict(m.named_buffers())[n].cpu(), b.cpu()), f"buffer {n} changed"
+    if how != "meta":
+        assert torch.equal(m.num_batches_tracked.cpu(), bad.cpu())

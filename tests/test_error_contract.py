@@ -192,6 +192,12 @@ def _row_running_mean_only(nf, device):
     return (lambda: _fbin(nf, _x(device), a)), a
 
 
+def _row_counter_dtype(nf, device):
+    m = _bin(nf, device)
+    m.num_batches_tracked = torch.tensor(2.0, device=device)  # the op increments it in place
+    return (lambda: m(_x(device))), m
+
+
 def _row_single_value(nf, device):
     m = _bin(nf, device, momentum=None)
     m(_x(device))  # num_batches_tracked = 1: the failing call must not count
@@ -313,6 +319,8 @@ ROWS = {
     "encoder-rank": (_row_encoder_rank, ValueError, ["encoder", "2-d"]),
     "encoder-empty": (_row_encoder_empty, ValueError, ["encoder", "embed_dim >= 1"]),
     "running-pair": (_row_running_mean_only, ValueError, ["running_mean", "running_var"]),
+    "counter-dtype": (_row_counter_dtype, ValueError, ["num_batches_tracked", "0-dim int64",
+                                                       "float32"]),
     "single-value": (_row_single_value, ValueError, ["input", "more than 1 value per channel"]),
     "single-value-eval": (_row_single_value_untracked_eval, ValueError,
                           ["input", "more than 1 value per channel"]),

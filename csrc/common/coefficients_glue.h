@@ -97,6 +97,21 @@ nf::BatchCoefParams<S> batch_params(const char* op, const Tensor& mean, const Te
   return p;
 }
 
+// Forward addition: the batch counter (a module's num_batches_tracked), checked before anything
+// is computed or mutated. It is incremented (by the kernel on CUDA, by the op on the CPU) when
+// training, so it is left alone in eval mode even when given.
+template <class S>
+void set_batch_counter(nf::BatchCoefParams<S>& p, const char* op, const OptTensor& num_batches_tracked,
+                       const Tensor& mean) {
+  if (!num_batches_tracked.has_value()) return;
+  const Tensor& t = *num_batches_tracked;
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.dim() <= 1 && t.device() == mean.device(),
+              "normfuse.", op, ": num_batches_tracked must be a 0-dim (or 1-element) int64 tensor on ",
+              mean.device(), " like the statistics, got a ", t.scalar_type(), " tensor of shape ", t.sizes(),
+              " on ", t.device());
+  p.num_batches_tracked = t.data_ptr<int64_t>();
+}
+
 // Backward additions: the two gradient sums, and outputs. In training the running statistics
 // play no part (the reference recomputes batch statistics and never touches them).
 template <class S>

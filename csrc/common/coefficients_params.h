@@ -29,6 +29,9 @@ struct BatchCoefParams {
   const S* bias = nullptr;        // null means 0
   S* running_mean = nullptr;      // null, or updated in place by the forward when training
   S* running_var = nullptr;       // given iff running_mean is
+  // null, or a module's num_batches_tracked (one int64): the forward adds 1 when training,
+  // running statistics or not (CUDA: thread 0 of block 0; CPU: the op itself)
+  int64_t* num_batches_tracked = nullptr;
   // outputs, (N, C)
   S* scale = nullptr;  // forward
   S* shift = nullptr;
@@ -49,6 +52,7 @@ struct BatchCoefParams {
   // Batch statistics are used in training or when there are no running statistics.
   NF_COEF_HD bool use_batch() const { return training || running_mean == nullptr; }
   NF_COEF_HD bool update_running() const { return training && running_mean != nullptr; }
+  NF_COEF_HD bool count_batch() const { return training && num_batches_tracked != nullptr; }
 };
 
 // AssocNorm: G groups of C / G channels, auto-encoder with M hidden units.

@@ -38,16 +38,19 @@ void backward_cpu(Layer layer, const BatchCoefParams<S>& p) {
 std::tuple<Tensor, Tensor> forward_op(Layer layer, const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
                                       const Tensor& gate, const Tensor* gate_bias, const OptTensor& weight,
                                       const OptTensor& bias, const OptTensor& running_mean,
-                                      const OptTensor& running_var, bool training, double momentum, double eps) {
+                                      const OptTensor& running_var, bool training, double momentum, double eps,
+                                      const OptTensor& num_batches_tracked) {
   nf_coef::check_stats(op, mean, m2);  // before the dtype dispatch: a clear message for bad dtypes
   Tensor scale = nf_coef::empty_stats(mean), shift = nf_coef::empty_stats(mean);
   nf_coef::dispatch_stats(mean, [&](auto tag) {
     using scalar_t = decltype(tag);
     auto p = nf_coef::batch_params<scalar_t>(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
                                              running_var, training, momentum, eps);
+    nf_coef::set_batch_counter(p, op, num_batches_tracked, mean);
     p.scale = scale.data_ptr<scalar_t>();
     p.shift = shift.data_ptr<scalar_t>();
     if (p.N > 0) forward_cpu(layer, p);
+    if (p.count_batch()) *p.num_batches_tracked += 1;  // every check passed: the call succeeds
   });
   return {scale, shift};
 }
@@ -82,9 +85,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_op(
 std::tuple<Tensor, Tensor> bin_coefficients(const Tensor& mean, const Tensor& m2, int64_t plane_size,
                                             const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
                                             const OptTensor& running_mean, const OptTensor& running_var,
-                                            bool training, double momentum, double eps) {
+                                            bool training, double momentum, double eps,
+                                            const OptTensor& num_batches_tracked) {
   return forward_op(Layer::Bin, "bin_coefficients", mean, m2, plane_size, gate, nullptr, weight, bias,
-                                       running_mean, running_var, training, momentum, eps);
+                    running_mean, running_var, training, momentum, eps, num_batches_tracked);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bin_coefficients_backward(
@@ -101,9 +105,10 @@ std::tuple<Tensor, Tensor> iebn_coefficients(const Tensor& mean, const Tensor& m
                                              const Tensor& gate_weight, const Tensor& gate_bias,
                                              const OptTensor& weight, const OptTensor& bias,
                                              const OptTensor& running_mean, const OptTensor& running_var,
-                                             bool training, double momentum, double eps) {
+                                             bool training, double momentum, double eps,
+                                             const OptTensor& num_batches_tracked) {
   return forward_op(Layer::Iebn, "iebn_coefficients", mean, m2, plane_size, gate_weight, &gate_bias, weight,
-                                        bias, running_mean, running_var, training, momentum, eps);
+                    bias, running_mean, running_var, training, momentum, eps, num_batches_tracked);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> iebn_coefficients_backward(

@@ -33,15 +33,19 @@ template <bool kIebn>
 std::tuple<Tensor, Tensor> batch_forward(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
                                          const Tensor& gate, const Tensor* gate_bias, const OptTensor& weight,
                                          const OptTensor& bias, const OptTensor& running_mean,
-                                         const OptTensor& running_var, bool training, double momentum, double eps) {
+                                         const OptTensor& running_var, bool training, double momentum, double eps,
+                                         const OptTensor& num_batches_tracked) {
   check_cuda_stats(op, mean);
   const c10::cuda::CUDAGuard guard(mean.device());
   auto p = nf_coef::batch_params<float>(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
                                         running_var, training, momentum, eps);
+  nf_coef::set_batch_counter(p, op, num_batches_tracked, mean);
   Tensor scale = nf_coef::empty_stats(mean), shift = nf_coef::empty_stats(mean);
   p.scale = scale.data_ptr<float>();
   p.shift = shift.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // The kernel also counts the batch (num_batches_tracked += 1 in training): no extra launch.
+  // Empty statistics launch no kernel: a count-only one (launch_batch_coef_forward).
   check_launch(kIebn ? nf::launch_iebn_coefficients(p, stream) : nf::launch_bin_coefficients(p, stream), op);
   return {scale, shift};
 }
@@ -79,9 +83,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_backwar
 std::tuple<Tensor, Tensor> bin_coefficients(const Tensor& mean, const Tensor& m2, int64_t plane_size,
                                             const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
                                             const OptTensor& running_mean, const OptTensor& running_var,
-                                            bool training, double momentum, double eps) {
+                                            bool training, double momentum, double eps,
+                                            const OptTensor& num_batches_tracked) {
   return batch_forward<false>("bin_coefficients", mean, m2, plane_size, gate, nullptr, weight, bias, running_mean,
-                              running_var, training, momentum, eps);
+                              running_var, training, momentum, eps, num_batches_tracked);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bin_coefficients_backward(
@@ -98,9 +103,10 @@ std::tuple<Tensor, Tensor> iebn_coefficients(const Tensor& mean, const Tensor& m
                                              const Tensor& gate_weight, const Tensor& gate_bias,
                                              const OptTensor& weight, const OptTensor& bias,
                                              const OptTensor& running_mean, const OptTensor& running_var,
-                                             bool training, double momentum, double eps) {
+                                             bool training, double momentum, double eps,
+                                             const OptTensor& num_batches_tracked) {
   return batch_forward<true>("iebn_coefficients", mean, m2, plane_size, gate_weight, &gate_bias, weight, bias,
-                             running_mean, running_var, training, momentum, eps);
+                             running_mean, running_var, training, momentum, eps, num_batches_tracked);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> iebn_coefficients_backward(

@@ -149,10 +149,13 @@ NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float
   return coef::batch_stats(shift, tot.mean, tot.q, tot.count, L, eps);
 }
 
+// The forward also counts the batch (a module's num_batches_tracked += 1 in training): one
+// thread of one block, so a layer forward stays 3 launches. Nothing else reads the counter.
 template <class Math>
 __global__ void __launch_bounds__(NF_MAX_THREADS)
     batch_coef_forward_kernel(BatchCoefParams<float> p, int cx, int ny) {
   NF_DYNAMIC_SMEM(float, smem);
+  if (p.count_batch() && blockIdx.x == 0 && threadIdx.x == 0) *p.num_batches_tracked += 1;
   const ColumnTile t = column_tile(cx, ny, p.C);
   const coef::BatchStats<float> st = column_batch_stats(p, t, smem, p.update_running());
   if (!t.active) return;
@@ -204,7 +207,17 @@ template <class Math>
 cudaError_t launch_batch_coef_forward(const BatchCoefParams<float>& p, cudaStream_t stream) {
   BatchCoefPlan pl;
   if (!plan_batch_coef<Math>(p, &pl)) return cudaErrorInvalidValue;
-  if (p.N == 0 || p.C == 0) return cudaSuccess;
+  if (p.N == 0 || p.C == 0) {
+    if (!p.count_batch()) return cudaSuccess;
+    // Nothing to compute, but the batch still counts: one block whose threads are all inactive
+    // (C = 0: no statistic is read or written), thread 0 increments the counter.
+    BatchCoefParams<float> q = p;
+    q.N = q.C = 0;
+    if (!plan_batch_coef<Math>(q, &pl)) return cudaErrorInvalidValue;
+    NF_LAUNCH(batch_coef_forward_kernel<Math>, dim3(1), dim3(static_cast<unsigned>(pl.threads())),
+              pl.smem_bytes, stream, q, pl.cx, pl.ny);
+    return cudaGetLastError();
+  }
   NF_LAUNCH(batch_coef_forward_kernel<Math>, dim3(static_cast<unsigned>(pl.blocks)),
             dim3(static_cast<unsigned>(pl.threads())), pl.smem_bytes, stream, p, pl.cx, pl.ny);
   return cudaGetLastError();

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics, batch_statistics_backward,
-                     recompute_batch_statistics)
+                     check_batch_counter, count_batch, recompute_batch_statistics)
 
 
 def instance_invstd(m2: Tensor, plane_size: int, eps: float) -> Tensor:
@@ -33,13 +33,18 @@ def _affine(weight, bias, like: Tensor):
 
 def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, weight, bias,
                      running_mean, running_var, training: bool, momentum: float, eps: float,
+                     num_batches_tracked=None,
                      merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``; in training updates the running statistics and adds 1 to
+    ``num_batches_tracked`` (each where given)."""
+    check_batch_counter(num_batches_tracked, mean, "bin_coefficients")
     gamma, beta = _affine(weight, bias, mean)
     _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
                                     momentum, eps, merge)
     r_i = instance_invstd(m2, plane_size, eps)
     scale = gamma * (gate * r_b + (1 - gate) * r_i)
     shift = beta + gamma * gate * r_b * (mean - mu_b)
+    count_batch(num_batches_tracked, training)
     return scale, shift
 
 

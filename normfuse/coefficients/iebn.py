@@ -13,19 +13,23 @@ import torch
 from torch import Tensor
 
 from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics, batch_statistics_backward,
-                     recompute_batch_statistics)
+                     check_batch_counter, count_batch, recompute_batch_statistics)
 from .bin import _affine
 
 
 def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Tensor,
                       gate_bias: Tensor, weight, bias, running_mean, running_var, training: bool,
-                      momentum: float, eps: float,
+                      momentum: float, eps: float, num_batches_tracked=None,
                       merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``; in training updates the running statistics and adds 1 to
+    ``num_batches_tracked`` (each where given)."""
+    check_batch_counter(num_batches_tracked, mean, "iebn_coefficients")
     gamma, beta = _affine(weight, bias, mean)
     _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
                                     momentum, eps, merge)
     delta = torch.sigmoid(mean * gate_weight + gate_bias)
     scale = gamma * delta * r_b
+    count_batch(num_batches_tracked, training)
     return scale, beta + scale * (mean - mu_b)
 
 

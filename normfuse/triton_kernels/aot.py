@@ -73,6 +73,7 @@ def compile_one(name: str, dtype, constexprs: dict, num_warps: int, arch: int) -
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
             signature[arg] = ("*i32" if arg == "counter_ptr" else
+                              "*i64" if arg == "nbt_ptr" else  # num_batches_tracked
                               f"*{DTYPES[dtype]}" if arg in DATA_PTRS else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in FLOAT_ARGS:

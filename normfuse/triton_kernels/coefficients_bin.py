@@ -12,6 +12,9 @@ gradients are therefore plain in-program sums over N: deterministic, no atomics.
 ``mu_B = ref + off`` with ``ref`` the first sample's plane mean, so that the deviation of every
 plane mean, ``(m - ref) - off``, is formed from small numbers even with a 1e4 input offset.  The
 batch merge is Chan's formula over blocks of samples.  In eval mode ``ref`` is the running mean.
+
+The forward kernels also count the batch (``count_batch``): a module's ``num_batches_tracked``
+is incremented by program 0 in training, so a layer forward stays 3 launches.
 """
 import triton
 import triton.language as tl
@@ -70,6 +73,14 @@ def channel_statistics(mean_ptr, m2_ptr, rmean_ptr, rvar_ptr, c, cmask, N, C, L,
 
 
 @triton.jit
+def count_batch(nbt_ptr, count):
+    """``num_batches_tracked += 1`` (one int64) when ``count`` != 0, in program 0 only: a single
+    masked scalar atomic (one thread issues it), read by nothing else in the launch."""
+    first = (tl.program_id(0) == 0) & (count != 0)
+    tl.atomic_add(nbt_ptr, 1, mask=first, sem="relaxed")
+
+
+@triton.jit
 def instance_invstd(m2, L, eps):
     """``r_I``, but 0 for one-element planes (as normfuse.coefficients.bin): there ``x - m`` is
     exactly 0, and a zero factor keeps 1/sqrt(eps) out of c_dy and c_0, where it would only
@@ -85,11 +96,14 @@ def load_affine(weight_ptr, bias_ptr, c, cmask, has_weight, has_bias):
     return gamma, beta
 
 
-@triton.jit(do_not_specialize=["has_weight", "has_bias", "use_batch", "update_running"])
+@triton.jit(do_not_specialize=["has_weight", "has_bias", "use_batch", "update_running",
+                               "count"])
 def bin_forward_kernel(mean_ptr, m2_ptr, gate_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
-                       scale_ptr, shift_ptr, N, C, L, momentum, eps, has_weight, has_bias,
-                       use_batch, update_running, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                       scale_ptr, shift_ptr, nbt_ptr, N, C, L, momentum, eps, has_weight,
+                       has_bias, use_batch, update_running, count, BLOCK_N: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    count_batch(nbt_ptr, count)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     rho = tl.load(gate_ptr + c, mask=cmask, other=0.0)[None, :]

@@ -7,21 +7,23 @@ Formulas: ``normfuse/coefficients/iebn.py``::
 
 Same program layout as BIN (``coefficients_bin.py``): one program per ``BLOCK_C`` channels
 looping over N, batch statistics from ``channel_statistics``, parameter gradients summed over N
-inside the program (deterministic).
+inside the program (deterministic); program 0 counts the batch (``count_batch``).
 """
 import triton
 import triton.language as tl
 
-from .coefficients_bin import channel_statistics, channel_tile, load_affine
+from .coefficients_bin import channel_statistics, channel_tile, count_batch, load_affine
 from .common import sigmoid, total
 
 
-@triton.jit(do_not_specialize=["has_weight", "has_bias", "use_batch", "update_running"])
+@triton.jit(do_not_specialize=["has_weight", "has_bias", "use_batch", "update_running",
+                               "count"])
 def iebn_forward_kernel(mean_ptr, m2_ptr, gw_ptr, gb_ptr, weight_ptr, bias_ptr, rmean_ptr,
-                        rvar_ptr, scale_ptr, shift_ptr, N, C, L, momentum, eps, has_weight,
-                        has_bias, use_batch, update_running, BLOCK_N: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        rvar_ptr, scale_ptr, shift_ptr, nbt_ptr, N, C, L, momentum, eps,
+                        has_weight, has_bias, use_batch, update_running, count,
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    count_batch(nbt_ptr, count)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     gw = tl.load(gw_ptr + c, mask=cmask, other=0.0)[None, :]

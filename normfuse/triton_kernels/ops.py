@@ -290,6 +290,21 @@ def _running(running_mean, running_var, c, dtype):
     return running_mean.contiguous(), running_var.contiguous()
 
 
+def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str):
+    """``(pointer tensor, count)`` for the forward kernels' ``nbt_ptr`` / ``count``: the given
+    ``num_batches_tracked`` (a 0-dim or 1-element int64 tensor on the statistics' device,
+    checked before anything runs), or an unused int64 scalar (an allocation, not a launch) so
+    that the kernel is compiled for one pointer type."""
+    t = num_batches_tracked
+    if t is None:
+        return torch.empty((), dtype=torch.int64, device=mean.device), 0
+    if t.dtype != torch.int64 or t.numel() != 1 or t.dim() > 1 or t.device != mean.device:
+        raise RuntimeError(f"normfuse_triton.{op}: num_batches_tracked must be a 0-dim (or "
+                           f"1-element) int64 tensor on {mean.device} like the statistics, got a "
+                           f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}")
+    return t, int(bool(training))
+
+
 def _write_back(updated: bool, pairs) -> None:
     """Copy updated running statistics back where the kernel worked on a contiguous copy."""
     for original, used in pairs:
@@ -297,28 +312,35 @@ def _write_back(updated: bool, pairs) -> None:
             original.copy_(used)
 
 
-@triton_op(f"{NAMESPACE}::bin_coefficients", mutates_args=("running_mean", "running_var"),
+_MUTATED = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@triton_op(f"{NAMESPACE}::bin_coefficients", mutates_args=_MUTATED,
            schema="(Tensor mean, Tensor m2, int plane_size, Tensor gate, Tensor? weight, "
                   "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-                  "bool training, float momentum, float eps) -> (Tensor scale, Tensor shift)")
+                  "bool training, float momentum, float eps, "
+                  "Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)")
 def bin_coefficients(mean, m2, plane_size, gate, weight, bias, running_mean, running_var,
-                     training, momentum, eps):
+                     training, momentum, eps, num_batches_tracked=None):
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     gate = _param(gate, c, mean.dtype, "gate")
     weight, bias = _param(weight, c, mean.dtype, "weight"), _param(bias, c, mean.dtype, "bias")
     rm, rv = _running(running_mean, running_var, c, mean.dtype)
+    nbt, count = _batch_counter(num_batches_tracked, mean, training, "bin_coefficients")
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
+        if count:  # no kernel to count in (only direct op calls get here; layers refuse)
+            nbt.add_(1)
         return scale, shift
     meta, cfg = _coeff_meta(n)
     use_batch = training or rm is None
     update = training and rm is not None
     wrap_triton(kernels().bin_forward)[(_cdiv(c, cfg.block_c),)](
         mean, m2, gate, gate if weight is None else weight, gate if bias is None else bias,
-        scale if rm is None else rm, shift if rv is None else rv, scale, shift,
+        scale if rm is None else rm, shift if rv is None else rv, scale, shift, nbt,
         n, c, plane_size, momentum, eps, int(weight is not None), int(bias is not None),
-        int(use_batch), int(update), **meta)
+        int(use_batch), int(update), count, **meta)
     _write_back(update, ((running_mean, rm), (running_var, rv)))
     return scale, shift
 
@@ -352,21 +374,24 @@ def bin_coefficients_backward(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, we
     return c_dy, c_x, c_0, d_gate, d_weight, d_bias
 
 
-@triton_op(f"{NAMESPACE}::iebn_coefficients", mutates_args=("running_mean", "running_var"),
+@triton_op(f"{NAMESPACE}::iebn_coefficients", mutates_args=_MUTATED,
            schema="(Tensor mean, Tensor m2, int plane_size, Tensor gate_weight, "
                   "Tensor gate_bias, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-                  "Tensor(b!)? running_var, bool training, float momentum, float eps) -> "
-                  "(Tensor scale, Tensor shift)")
+                  "Tensor(b!)? running_var, bool training, float momentum, float eps, "
+                  "Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)")
 def iebn_coefficients(mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean,
-                      running_var, training, momentum, eps):
+                      running_var, training, momentum, eps, num_batches_tracked=None):
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     gate_weight = _param(gate_weight, c, mean.dtype, "gate_weight")
     gate_bias = _param(gate_bias, c, mean.dtype, "gate_bias")
     weight, bias = _param(weight, c, mean.dtype, "weight"), _param(bias, c, mean.dtype, "bias")
     rm, rv = _running(running_mean, running_var, c, mean.dtype)
+    nbt, count = _batch_counter(num_batches_tracked, mean, training, "iebn_coefficients")
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
+        if count:  # no kernel to count in (only direct op calls get here; layers refuse)
+            nbt.add_(1)
         return scale, shift
     meta, cfg = _coeff_meta(n)
     use_batch = training or rm is None
@@ -374,9 +399,9 @@ def iebn_coefficients(mean, m2, plane_size, gate_weight, gate_bias, weight, bias
     wrap_triton(kernels().iebn_forward)[(_cdiv(c, cfg.block_c),)](
         mean, m2, gate_weight, gate_bias, gate_weight if weight is None else weight,
         gate_weight if bias is None else bias,
-        scale if rm is None else rm, shift if rv is None else rv, scale, shift,
+        scale if rm is None else rm, shift if rv is None else rv, scale, shift, nbt,
         n, c, plane_size, momentum, eps, int(weight is not None), int(bias is not None),
-        int(use_batch), int(update), **meta)
+        int(use_batch), int(update), count, **meta)
     _write_back(update, ((running_mean, rm), (running_var, rv)))
     return scale, shift
 
@@ -483,21 +508,21 @@ def assoc_coefficients_backward(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_gr
 
 def _bump_running_versions_only_in_training(name: str) -> None:
     """A custom op bumps the version counter of every ``(a!)`` argument on every call, but these
-    ops write the running statistics only when ``training``; in eval mode autograd saves them for
-    the backward and must find them unchanged (as with the C++ ops, whose ADInplaceOrView kernel
-    is a fallthrough).  So replace the op's ADInplaceOrView kernel by one that bumps only when
-    the statistics are actually written."""
+    ops write the running statistics (and ``num_batches_tracked``) only when ``training``; in
+    eval mode autograd saves the statistics for the backward and must find them unchanged (as
+    with the C++ ops, whose ADInplaceOrView kernel is a fallthrough).  So replace the op's
+    ADInplaceOrView kernel by one that bumps only when they are actually written."""
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
     names = [a.name for a in op._schema.arguments]
-    i_training, mutated = names.index("training"), [names.index("running_mean"),
-                                                    names.index("running_var")]
+    i_training, mutated = names.index("training"), [(names.index(a), a) for a in _MUTATED]
     after = torch._C._after_ADInplaceOrView_keyset
 
     def adinplaceorview(keyset, *args, **kwargs):
         if args[i_training]:
-            for i in mutated:
-                if args[i] is not None:
-                    torch.autograd.graph.increment_version(args[i])
+            for i, arg in mutated:  # num_batches_tracked may be left out, or given by name
+                t = args[i] if i < len(args) else kwargs.get(arg)
+                if t is not None:
+                    torch.autograd.graph.increment_version(t)
         return op.redispatch(keyset & after, *args, **kwargs)
 
     _VERSION_LIB.impl(name, adinplaceorview, "ADInplaceOrView", with_keyset=True)

@@ -1,8 +1,9 @@
 """The compiled coefficient ops (torch.ops.normfuse.{bin,iebn,assoc}_coefficients[_backward]) against
 the float64 reference (normfuse/coefficients/): CPU kernels with float64 and float32 statistics,
 training and eval, with and without running statistics and affine parameters; in-place running
-statistics; results independent of the thread count; torch.library.opcheck (schema incl. the
-declared mutation of the running statistics, fake impls, aot dispatch); argument errors. The CUDA kernels get
+statistics and num_batches_tracked; results independent of the thread count; torch.library.opcheck
+(schema incl. the declared mutation of the running statistics and of the counter, fake impls, aot
+dispatch); argument errors. The CUDA kernels get
 the same comparisons when a GPU is visible (skipped otherwise).
 """
 from __future__ import annotations
@@ -153,6 +154,64 @@ def test_opcheck(op, shape, mode):
     torch.library.opcheck(getattr(OPS, op_name(op)).default, tuple(args))
 
 
+def _counter_opcheck_cases():
+    for op in ("bin", "iebn"):
+        for training, running in [(True, True), (True, False), (False, True)]:
+            yield op, training, running
+
+
+@pytest.mark.parametrize("op,training,running", list(_counter_opcheck_cases()))
+def test_opcheck_with_counter(op, training, running):
+    """The forwards with num_batches_tracked given (schema: mutated, Tensor(c!)?)."""
+    t = make_inputs(op, 3, 4, 5, seed=11, dtype=torch.float32)
+    args = op_args(op, {k: v.float() for k, v in t.items()}, 5, 1, training, running, True)
+    torch.library.opcheck(getattr(OPS, op_name(op)).default, (*args, torch.tensor(7)))
+
+
+def _check_counter(op, device):
+    """num_batches_tracked: +1 per training call (running statistics or not), untouched in eval;
+    the results are those of the call without it; an empty batch still counts; a bad counter
+    raises before anything is written."""
+    t = make_inputs(op, 4, 5, 3, seed=21, dtype=torch.float32)
+    f = {k: v.to(device=device, dtype=torch.float32) for k, v in t.items()}
+    fn = getattr(OPS, op_name(op))
+    for training, running in [(True, True), (True, False), (False, True), (False, False)]:
+        plain = {k: v.clone() for k, v in f.items()}
+        counted = {k: v.clone() for k, v in f.items()}
+        nbt = torch.tensor(3, device=device)
+        want = fn(*op_args(op, plain, 3, 1, training, running, True))
+        got = fn(*op_args(op, counted, 3, 1, training, running, True), num_batches_tracked=nbt)
+        assert int(nbt) == 3 + training, (op, training, running)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert torch.equal(plain["running_mean"], counted["running_mean"])
+        assert torch.equal(plain["running_var"], counted["running_var"])
+        # positional, a 1-element 1-d counter
+        nbt1 = torch.zeros(1, dtype=torch.int64, device=device)
+        fn(*op_args(op, {k: v.clone() for k, v in f.items()}, 3, 1, training, running, True), nbt1)
+        assert int(nbt1) == int(training)
+    empty = {k: (v[:0] if v.dim() == 2 else v) for k, v in f.items()}
+    nbt = torch.tensor(0, device=device)
+    fn(*op_args(op, empty, 3, 1, True, False, True), nbt)
+    assert int(nbt) == 1, "an empty batch counts too"
+    bad = [torch.tensor(1.0, device=device), torch.zeros(2, dtype=torch.int64, device=device),
+           torch.zeros(1, 1, dtype=torch.int64, device=device), torch.tensor(1, dtype=torch.int32, device=device)]
+    if device != "cpu":
+        bad.append(torch.tensor(1))
+    for counter in bad:
+        before = counter.clone()
+        rm, rv = f["running_mean"].clone(), f["running_var"].clone()
+        with pytest.raises(RuntimeError, match="num_batches_tracked must be a 0-dim"):
+            fn(*op_args(op, dict(f, running_mean=rm, running_var=rv), 3, 1, True, True, True), counter)
+        assert torch.equal(counter, before)
+        assert torch.equal(rm, f["running_mean"]) and torch.equal(rv, f["running_var"])
+
+
+@pytest.mark.parametrize("op", ["bin", "iebn"])
+def test_batch_counter_cpu(op):
+    _check_counter(op, "cpu")
+
+
 def test_argument_errors():
     t = {k: v.float() for k, v in make_inputs("assoc", 2, 6, 3, 3, 2).items()}
     with pytest.raises(RuntimeError, match="num_groups"):
@@ -221,3 +280,17 @@ def test_opcheck_cuda(op, shape, mode):
     t = make_inputs(op, N, C, L, G, M, seed=11, dtype=torch.float32)
     args = op_args(op, {k: v.float().cuda() for k, v in t.items()}, L, G, *mode)
     torch.library.opcheck(getattr(OPS, op_name(op)).default, tuple(args))
+
+
+@gpu
+@pytest.mark.parametrize("op", ["bin", "iebn"])
+def test_batch_counter_cuda(op):
+    _check_counter(op, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("op,training,running", list(_counter_opcheck_cases()))
+def test_opcheck_with_counter_cuda(op, training, running):
+    t = make_inputs(op, 3, 4, 5, seed=11, dtype=torch.float32)
+    args = op_args(op, {k: v.float().cuda() for k, v in t.items()}, 5, 1, training, running, True)
+    torch.library.opcheck(getattr(OPS, op_name(op)).default, (*args, torch.tensor(7, device="cuda")))

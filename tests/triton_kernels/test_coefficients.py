@@ -214,3 +214,41 @@ def test_single_element_planes(acc):
                coefficients.assoc_coefficients(mean, m2, 1, 4, *params, EPS), acc)
     _check_all(ops.assoc_coefficients_backward(g1, g2, mean, m2, 1, 4, *params, EPS),
                coefficients.assoc_coefficients_backward(g1, g2, mean, m2, 1, 4, *params, EPS), acc)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+@pytest.mark.parametrize("n,c", [(3, 70), (40, 5)], ids=str)
+def test_batch_counter(impl, layer, n, c):
+    """num_batches_tracked (the forwards' last argument): +1 per training call, by program 0 of
+    the one launch even when there are several programs, with or without running statistics;
+    untouched in eval; the results do not change; a bad counter raises before any write."""
+    coefficients = pytest.importorskip("normfuse.coefficients")
+    fn = getattr(ops if impl == "triton" else coefficients, f"{layer}_coefficients")
+    acc, L = ACCS[-1], 5
+    mean, m2 = _stats(n, c, L, acc, seed=50)
+    gates = [_rand((c,), 51, acc).sigmoid()] + ([_rand((c,), 52, acc)] if layer == "iebn" else [])
+    weight, bias = _rand((c,), 53, acc), _rand((c,), 54, acc)
+    for mode in MODES:
+        training, rm, rv = _mode(mode, c, acc)
+        run = [None if t is None else t.clone() for t in (rm, rv)]
+        nbt = torch.tensor(9, device=DEVICE)
+        version = nbt._version
+        got = fn(mean, m2, L, *gates, weight, bias, *run, training, MOMENTUM, EPS, nbt)
+        want = fn(mean, m2, L, *gates, weight, bias, rm, rv, training, MOMENTUM, EPS)
+        assert int(nbt) == 9 + training, mode
+        if impl == "triton":
+            assert (nbt._version > version) == training, "version bumped iff written"
+        _check_all(got, want, acc)
+        if rm is not None:
+            _check_all(run, (rm, rv), acc)
+    nbt = torch.zeros(1, dtype=torch.int64, device=DEVICE)  # 1-element 1-d: accepted
+    fn(mean, m2, L, *gates, None, None, None, None, True, MOMENTUM, EPS, num_batches_tracked=nbt)
+    assert int(nbt) == 1
+    for bad in (torch.tensor(1.0, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE),
+                torch.tensor(1, dtype=torch.int32, device=DEVICE)):
+        rm, rv = _rand((c,), 7, acc), _rand((c,), 8, acc, low=0.5)
+        rm0, rv0, bad0 = rm.clone(), rv.clone(), bad.clone()
+        with pytest.raises(RuntimeError, match="num_batches_tracked must be a 0-dim"):
+            fn(mean, m2, L, *gates, weight, bias, rm, rv, True, MOMENTUM, EPS, bad)
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0) and torch.equal(bad, bad0)

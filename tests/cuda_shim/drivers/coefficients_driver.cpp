@@ -6,6 +6,8 @@
 //   G, M: AssocNorm only (ignored otherwise); training/running/affine: 0/1 (BIN/IEBN only: with
 //   running statistics; with weight and bias, else None).
 //   dir holds the float32 inputs (<name>.bin) and receives the outputs (out_<name>.bin).
+// BIN / IEBN forwards also get a num_batches_tracked counter: it must be incremented once per launch
+// in training (also for empty statistics) and left alone in eval.
 // assoc_backward runs twice on the same counters: the second run must find them zeroed and give
 // bitwise the same results (the reduction order depends only on N).
 #include "cuda_shim.h"
@@ -82,9 +84,20 @@ void run_batch(const Case& cs, Arrays& a) {
   if (!backward) {
     p.scale = a.output("scale", NC);
     p.shift = a.output("shift", NC);
-    check(iebn ? nf::launch_batch_coef_forward<nf::coef::IebnMath<float>>(p, nullptr)
-               : nf::launch_batch_coef_forward<nf::coef::BinMath<float>>(p, nullptr),
-          cs);
+    // The forward counts the batch in training (one thread of one launch), also when the
+    // statistics are empty and no other work is done; eval leaves the counter alone.
+    int64_t count = 41;
+    p.num_batches_tracked = &count;
+    const auto forward = [&](const nf::BatchCoefParams<float>& q) {
+      check(iebn ? nf::launch_batch_coef_forward<nf::coef::IebnMath<float>>(q, nullptr)
+                 : nf::launch_batch_coef_forward<nf::coef::BinMath<float>>(q, nullptr),
+            cs);
+    };
+    forward(p);
+    nf::BatchCoefParams<float> empty = p;
+    empty.N = 0;
+    forward(empty);
+    if (count != (p.training ? 43 : 41)) nf_io::die("num_batches_tracked miscounted in " + cs.dir);
     return;
   }
   p.sum_dy = a.input("sum_dy", NC);
