@@ -3,6 +3,7 @@
 // read them. `S` is the storage type of every array (float; double on the CPU). All (N, C) arrays
 // are contiguous, all per-channel arrays are (C,).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 // Functions usable from host code and from CUDA device code (and from the CPU shim, which
@@ -93,5 +94,12 @@ struct AssocCoefParams {
   // Gradient partials of one sample: weight (C), bias (C), encoder (M G), two decoders (G M).
   NF_COEF_HD int64_t partials_per_sample() const { return 2 * C + 3 * M * G; }
 };
+
+// Shared memory (floats) of one sample's block in the CUDA AssocNorm kernels
+// (kernels/coefficients_assoc.cuh: assoc_smem lays it out); the glue checks it against the
+// device's limit before launching, for a clear error with large num_groups / embed_dim.
+NF_COEF_HD size_t assoc_smem_floats(int64_t G, int64_t M, bool backward) {
+  return static_cast<size_t>(5 * G + 2 * M + (backward ? 4 * G + 2 * M + 1 : 0));
+}
 
 }  // namespace nf

@@ -29,6 +29,18 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// One AssocNorm sample's statistics and auto-encoder live in shared memory: refuse, with the
+// sizes named, what the device cannot hold (else the launch fails with "invalid argument").
+void check_assoc_smem(const char* op, const nf::AssocCoefParams<float>& p, bool backward, const Tensor& mean) {
+  int limit = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, mean.get_device());
+  TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
+  const size_t bytes = sizeof(float) * nf::assoc_smem_floats(p.G, p.M, backward);
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "normfuse.", op, ": num_groups = ", p.G, " and embed_dim = ", p.M,
+              " need ", bytes, " bytes of shared memory per block, more than this GPU's ", limit,
+              "; use fewer groups or a smaller embed_dim, or the torch backend");
+}
+
 template <bool kIebn>
 std::tuple<Tensor, Tensor> batch_forward(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
                                          const Tensor& gate, const Tensor* gate_bias, const OptTensor& weight,
@@ -126,6 +138,7 @@ std::tuple<Tensor, Tensor> assoc_coefficients(const Tensor& mean, const Tensor& 
   const c10::cuda::CUDAGuard guard(mean.device());
   auto p = nf_coef::assoc_params<float>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
                                         weight, bias, eps);
+  check_assoc_smem(op, p, false, mean);
   Tensor scale = nf_coef::empty_stats(mean), shift = nf_coef::empty_stats(mean);
   p.scale = scale.data_ptr<float>();
   p.shift = shift.data_ptr<float>();
@@ -144,6 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> assoc
                                         weight, bias, eps);
   nf_coef::check_like_stats(op, "sum_dy", sum_dy, mean);
   nf_coef::check_like_stats(op, "sum_dy_xmu", sum_dy_xmu, mean);
+  check_assoc_smem(op, p, true, mean);
   Tensor c_dy = nf_coef::empty_stats(mean), c_x = nf_coef::empty_stats(mean), c_0 = nf_coef::empty_stats(mean);
   Tensor g_enc = nf_coef::empty_grad(encoder.sizes(), mean),
          g_dec_mean = nf_coef::empty_grad(decoder_mean.sizes(), mean),

@@ -34,10 +34,6 @@ struct AssocSmem {
   int* flag;
 };
 
-NF_HOST_DEVICE size_t assoc_smem_floats(int64_t G, int64_t M, bool backward) {
-  return static_cast<size_t>(5 * G + 2 * M + (backward ? 4 * G + 2 * M + 1 : 0));
-}
-
 NF_DEVICE AssocSmem assoc_smem(float* base, int64_t G, int64_t M, bool backward) {
   AssocSmem s;
   s.shift = base;

@@ -264,6 +264,18 @@ def test_assoc_cuda(shape):
 
 
 @gpu
+@pytest.mark.parametrize("op", ["assoc", "assoc_backward"])
+def test_assoc_cuda_too_large_for_shared_memory(op):
+    """G = C = 16384 needs 320 KiB of shared memory per block (5 G floats forward, 9 G
+    backward), more than any GPU has (227 KiB on sm_90): a clear error naming the sizes, not
+    'invalid argument' from the launch."""
+    N, C, L, G, M = 2, 16384, 1, 16384, 1
+    t = make_inputs(op, N, C, L, G, M, seed=3, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="num_groups = 16384 and embed_dim = 1 need .* shared memory"):
+        _call(op, t, L, G, False, False, True, device="cuda", dtype=torch.float32)
+
+
+@gpu
 def test_large_batch_cuda_reproducible():
     t = make_inputs("bin_backward", 512, 300, 49, seed=17, dtype=torch.float32, offset=100.0)
     res = _call("bin_backward", t, 49, 1, True, True, True, device="cuda", dtype=torch.float32)
