@@ -55,6 +55,7 @@ inline bool plan_assoc_coef(const AssocCoefParams<float>& p, bool backward, Asso
   if (!coef_threads(p.threads, &cap) || p.G <= 0 || p.M <= 0 || p.C % p.G != 0) return false;
   // 32-bit indices within a sample (AssocDims): the per-sample partials must fit an int.
   if (p.C > (1 << 28) || p.M * p.G > (1 << 28)) return false;
+  if (p.N > INT32_MAX) return false;  // one block per sample (grid x)
   // enough threads for one channel each, whole warps (the segment loops shuffle)
   pl->threads = coef_pow2_at_least(p.C, cap);
   if (pl->threads < NF_WARP) pl->threads = NF_WARP;

@@ -374,6 +374,9 @@ cudaError_t launch_reduce(const Op& op, const PlaneShape& s, int threads_req, co
   if (s.L > INT32_MAX || s.C > INT32_MAX) return cudaErrorInvalidValue;
   constexpr int K = Op::kStateFloats;
   constexpr int V = kVec16<T>;
+  // The channels-last kernel's dynamic shared memory (below) launches without an opt-in.
+  static_assert((static_cast<size_t>(NF_MAX_THREADS) * V * K + 4) * sizeof(float) <= 48 * 1024,
+                "cl_reduce_kernel would need more than 48 KiB of dynamic shared memory");
   const int vec = choose_vec(s, sizeof(T), in0, in1);
   auto missing = [&](const Workspace& ws) {
     return ws.counter_count != 0 && (counters == nullptr || partials == nullptr);
