@@ -96,10 +96,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mu: Tensor, 
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def check_batch_counter(num_batches_tracked, mean: Tensor, op: str) -> None:
+def check_batch_counter(num_batches_tracked, mean: Tensor, op: str,
+                        namespace: str = "normfuse") -> None:
     """The forwards' ``num_batches_tracked``: None, or a 0-dim (or 1-element) int64 tensor on
-    the statistics' device (the C++ ops' check, with the same message).  Runs before anything
-    is computed or mutated."""
+    the statistics' device (the C++ ops' check, with the same message; the Triton ops call it
+    with their namespace).  Runs before anything is computed or mutated."""
     t = num_batches_tracked
     if t is None:
         return
@@ -107,7 +108,7 @@ def check_batch_counter(num_batches_tracked, mean: Tensor, op: str) -> None:
             and t.device == mean.device):
         got = (f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}"
                if isinstance(t, Tensor) else f"{type(t).__name__}")
-        raise RuntimeError(f"normfuse.{op}: num_batches_tracked must be a 0-dim (or 1-element) "
+        raise RuntimeError(f"{namespace}.{op}: num_batches_tracked must be a 0-dim (or 1-element) "
                            f"int64 tensor on {mean.device} like the statistics, got {got}")
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..coefficients._merge import check_batch_counter
 from . import heuristics
 
 NAMESPACE = "normfuse_triton"
@@ -295,14 +296,10 @@ def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str):
     ``num_batches_tracked`` (a 0-dim or 1-element int64 tensor on the statistics' device,
     checked before anything runs), or an unused int64 scalar (an allocation, not a launch) so
     that the kernel is compiled for one pointer type."""
-    t = num_batches_tracked
-    if t is None:
+    if num_batches_tracked is None:
         return torch.empty((), dtype=torch.int64, device=mean.device), 0
-    if t.dtype != torch.int64 or t.numel() != 1 or t.dim() > 1 or t.device != mean.device:
-        raise RuntimeError(f"normfuse_triton.{op}: num_batches_tracked must be a 0-dim (or "
-                           f"1-element) int64 tensor on {mean.device} like the statistics, got a "
-                           f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}")
-    return t, int(bool(training))
+    check_batch_counter(num_batches_tracked, mean, op, NAMESPACE)
+    return num_batches_tracked, int(bool(training))
 
 
 def _write_back(updated: bool, pairs) -> None:
