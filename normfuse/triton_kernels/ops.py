@@ -10,6 +10,11 @@ rejected on the GPU (use the ``cuda`` or ``torch`` backend); CPU tensors run onl
 kernels are interpreted (``TRITON_INTERPRET=1`` set before the first call), and there float64 is
 accepted too (statistics float64), so gradcheck-style tests can use this backend.
 
+Schemas are inferred from the functions' type annotations (no ``schema=`` string): torch 2.11
+ignores ``triton_op(..., schema=...)`` and infers anyway, so the annotations are the one source
+on every supported torch.  They match the C++ ops' schemas in docs/architecture.md
+(``int`` is inferred as ``SymInt``; tests/triton_kernels/test_schemas.py checks the rest).
+
 Split reductions and the AssocNorm backward finish inside their launch with "last program"
 tickets (``common.last_arrival``).  The int32 ticket counters live in a zero-initialised buffer
 cached per (device, stream) (in the CPU interpreter: per device and thread) that every kernel
@@ -22,6 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,6 +38,7 @@ from . import heuristics
 
 NAMESPACE = "normfuse_triton"
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OptTensor = Optional[Tensor]
 
 _K = None
 
@@ -181,8 +188,7 @@ def _meta(cfg) -> dict:
 # the four full-size passes
 
 
-@triton_op(f"{NAMESPACE}::moments", mutates_args=(),
-           schema="(Tensor input) -> (Tensor mean, Tensor m2)")
+@triton_op(f"{NAMESPACE}::moments", mutates_args=())
 def moments(input: Tensor) -> tuple[Tensor, Tensor]:
     n, c, plane, cl = _check_input(input)
     acc = _acc(input.dtype)
@@ -199,8 +205,7 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor]:
     return mean, m2
 
 
-@triton_op(f"{NAMESPACE}::affine_apply", mutates_args=(),
-           schema="(Tensor input, Tensor mean, Tensor scale, Tensor shift) -> Tensor")
+@triton_op(f"{NAMESPACE}::affine_apply", mutates_args=())
 def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     n, c, plane, cl = _check_input(input)
     acc = _acc(input.dtype)
@@ -216,9 +221,7 @@ def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> T
     return out
 
 
-@triton_op(f"{NAMESPACE}::backward_sums", mutates_args=(),
-           schema="(Tensor grad_output, Tensor input, Tensor mean) -> "
-                  "(Tensor sum_dy, Tensor sum_dy_xmu)")
+@triton_op(f"{NAMESPACE}::backward_sums", mutates_args=())
 def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     n, c, plane, cl = _check_pair(grad_output, input)
     acc = _acc(input.dtype)
@@ -236,9 +239,7 @@ def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Ten
     return g1, g2
 
 
-@triton_op(f"{NAMESPACE}::backward_apply", mutates_args=(),
-           schema="(Tensor grad_output, Tensor input, Tensor mean, Tensor c_dy, Tensor c_x, "
-                  "Tensor c_0) -> Tensor")
+@triton_op(f"{NAMESPACE}::backward_apply", mutates_args=())
 def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tensor, c_x: Tensor,
                    c_0: Tensor) -> Tensor:
     n, c, plane, cl = _check_pair(grad_output, input)
@@ -312,13 +313,11 @@ def _write_back(updated: bool, pairs) -> None:
 _MUTATED = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@triton_op(f"{NAMESPACE}::bin_coefficients", mutates_args=_MUTATED,
-           schema="(Tensor mean, Tensor m2, int plane_size, Tensor gate, Tensor? weight, "
-                  "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-                  "bool training, float momentum, float eps, "
-                  "Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)")
-def bin_coefficients(mean, m2, plane_size, gate, weight, bias, running_mean, running_var,
-                     training, momentum, eps, num_batches_tracked=None):
+@triton_op(f"{NAMESPACE}::bin_coefficients", mutates_args=_MUTATED)
+def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, weight: OptTensor,
+                     bias: OptTensor, running_mean: OptTensor, running_var: OptTensor,
+                     training: bool, momentum: float, eps: float,
+                     num_batches_tracked: OptTensor = None) -> tuple[Tensor, Tensor]:
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     gate = _param(gate, c, mean.dtype, "gate")
@@ -342,13 +341,11 @@ def bin_coefficients(mean, m2, plane_size, gate, weight, bias, running_mean, run
     return scale, shift
 
 
-@triton_op(f"{NAMESPACE}::bin_coefficients_backward", mutates_args=(),
-           schema="(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, int plane_size, "
-                  "Tensor gate, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-                  "Tensor? running_var, bool training, float eps) -> (Tensor c_dy, Tensor c_x, "
-                  "Tensor c_0, Tensor grad_gate, Tensor grad_weight, Tensor grad_bias)")
-def bin_coefficients_backward(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, weight, bias,
-                              running_mean, running_var, training, eps):
+@triton_op(f"{NAMESPACE}::bin_coefficients_backward", mutates_args=())
+def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                              plane_size: int, gate: Tensor, weight: OptTensor, bias: OptTensor,
+                              running_mean: OptTensor, running_var: OptTensor, training: bool,
+                              eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     g1 = _stats(sum_dy, (n, c), mean.dtype, "sum_dy")
@@ -371,13 +368,12 @@ def bin_coefficients_backward(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, we
     return c_dy, c_x, c_0, d_gate, d_weight, d_bias
 
 
-@triton_op(f"{NAMESPACE}::iebn_coefficients", mutates_args=_MUTATED,
-           schema="(Tensor mean, Tensor m2, int plane_size, Tensor gate_weight, "
-                  "Tensor gate_bias, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-                  "Tensor(b!)? running_var, bool training, float momentum, float eps, "
-                  "Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)")
-def iebn_coefficients(mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean,
-                      running_var, training, momentum, eps, num_batches_tracked=None):
+@triton_op(f"{NAMESPACE}::iebn_coefficients", mutates_args=_MUTATED)
+def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Tensor,
+                      gate_bias: Tensor, weight: OptTensor, bias: OptTensor,
+                      running_mean: OptTensor, running_var: OptTensor, training: bool,
+                      momentum: float, eps: float,
+                      num_batches_tracked: OptTensor = None) -> tuple[Tensor, Tensor]:
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     gate_weight = _param(gate_weight, c, mean.dtype, "gate_weight")
@@ -403,14 +399,12 @@ def iebn_coefficients(mean, m2, plane_size, gate_weight, gate_bias, weight, bias
     return scale, shift
 
 
-@triton_op(f"{NAMESPACE}::iebn_coefficients_backward", mutates_args=(),
-           schema="(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, int plane_size, "
-                  "Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "
-                  "Tensor? running_mean, Tensor? running_var, bool training, float eps) -> "
-                  "(Tensor c_dy, Tensor c_x, Tensor c_0, Tensor grad_gate_weight, "
-                  "Tensor grad_gate_bias, Tensor grad_weight, Tensor grad_bias)")
-def iebn_coefficients_backward(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate_weight, gate_bias,
-                               weight, bias, running_mean, running_var, training, eps):
+@triton_op(f"{NAMESPACE}::iebn_coefficients_backward", mutates_args=())
+def iebn_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                               plane_size: int, gate_weight: Tensor, gate_bias: Tensor,
+                               weight: OptTensor, bias: OptTensor, running_mean: OptTensor,
+                               running_var: OptTensor, training: bool, eps: float
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     g1 = _stats(sum_dy, (n, c), mean.dtype, "sum_dy")
@@ -449,12 +443,10 @@ def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, 
             _param(bias, c, mean.dtype, "bias"), hidden, meta)
 
 
-@triton_op(f"{NAMESPACE}::assoc_coefficients", mutates_args=(),
-           schema="(Tensor mean, Tensor m2, int plane_size, int num_groups, Tensor encoder, "
-                  "Tensor decoder_mean, Tensor decoder_var, Tensor weight, Tensor bias, "
-                  "float eps) -> (Tensor scale, Tensor shift)")
-def assoc_coefficients(mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
-                       weight, bias, eps):
+@triton_op(f"{NAMESPACE}::assoc_coefficients", mutates_args=())
+def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
+                       encoder: Tensor, decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
+                       bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
@@ -468,14 +460,13 @@ def assoc_coefficients(mean, m2, plane_size, num_groups, encoder, decoder_mean, 
     return scale, shift
 
 
-@triton_op(f"{NAMESPACE}::assoc_coefficients_backward", mutates_args=(),
-           schema="(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, int plane_size, "
-                  "int num_groups, Tensor encoder, Tensor decoder_mean, Tensor decoder_var, "
-                  "Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, Tensor c_x, "
-                  "Tensor c_0, Tensor grad_encoder, Tensor grad_decoder_mean, "
-                  "Tensor grad_decoder_var, Tensor grad_weight, Tensor grad_bias)")
-def assoc_coefficients_backward(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, encoder,
-                                decoder_mean, decoder_var, weight, bias, eps):
+@triton_op(f"{NAMESPACE}::assoc_coefficients_backward", mutates_args=())
+def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                                plane_size: int, num_groups: int, encoder: Tensor,
+                                decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
+                                bias: Tensor, eps: float
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                           Tensor]:
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
     g1 = _stats(sum_dy, (n, c), mean.dtype, "sum_dy")
@@ -522,7 +513,10 @@ def _bump_running_versions_only_in_training(name: str) -> None:
                     torch.autograd.graph.increment_version(t)
         return op.redispatch(keyset & after, *args, **kwargs)
 
-    _VERSION_LIB.impl(name, adinplaceorview, "ADInplaceOrView", with_keyset=True)
+    # allow_override: torch 2.11 registers its own ADInplaceOrView kernel for mutable custom ops
+    # (bumping on every call) from Python, which Library.impl would otherwise refuse to replace.
+    _VERSION_LIB.impl(name, adinplaceorview, "ADInplaceOrView", with_keyset=True,
+                      allow_override=True)
 
 
 _VERSION_LIB = torch.library.Library(NAMESPACE, "IMPL")  # kept alive: owns the registrations
