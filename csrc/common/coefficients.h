@@ -64,12 +64,21 @@ NF_COEF_HD Merge<T> merge_empty() {
   return Merge<T>{T(0), T(0), T(0)};
 }
 
+// The mean of a merge, `ma + delta * wb` with delta = mb - ma, the weight wb = nb / (na + nb).
+// Where delta is not finite (a mean is +-Inf or NaN: a plane holding Inf), that form gives
+// Inf + (finite - Inf) * wb = NaN; the sum ma + mb gives what a plain sum over the elements
+// gives (Inf; NaN for Inf - Inf or a NaN), as nn.BatchNorm does. One select, no branch.
+template <class T>
+NF_COEF_HD T merged_mean(T ma, T mb, T delta, T wb) {
+  return delta - delta == T(0) ? ma + delta * wb : ma + mb;
+}
+
 // Welford step: add one plane (relative mean m_rel, centred sum of squares q).
 template <class T>
 NF_COEF_HD void merge_add(Merge<T>& a, T m_rel, T q, T L) {
   a.count += T(1);
   const T delta = m_rel - a.mean;
-  a.mean += delta / a.count;
+  a.mean = merged_mean(a.mean, m_rel, delta, T(1) / a.count);
   a.q += q + L * delta * (m_rel - a.mean);
 }
 
@@ -90,7 +99,7 @@ NF_COEF_HD void chan_merge(T& na, T& ma, T& qa, T nb, T mb, T qb, T L, Div div =
   if (n == T(0)) return;
   const T delta = mb - ma;
   const T wb = div(nb, n);
-  ma += delta * wb;
+  ma = merged_mean(ma, mb, delta, wb);
   qa += qb + L * delta * delta * na * wb;
   na = n;
 }

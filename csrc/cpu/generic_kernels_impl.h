@@ -67,6 +67,11 @@ struct Kern {
 
   // ---- moments -------------------------------------------------------------------------------
 
+  // The shift of plane moments: the plane's first element, 0 where it is +-Inf or NaN (a plane
+  // starting with -Inf would give x - shift = NaN for every element, and a NaN mean where
+  // nn.BatchNorm reports -Inf).
+  static inline acc_t plane_shift(const S* first) { return nf::coef::finite_or_zero(io::get(first)); }
+
   // Exact two-pass mean (relative to shift) and m2 of p[0, n), 1 <= n <= kChunk.
   static inline void two_pass(const S* p, int64_t n, acc_t shift, acc_t inv_n, acc_t& cm, acc_t& q) {
     const V vs(shift);
@@ -111,7 +116,7 @@ struct Kern {
   static inline void moments_w_planes(const S* x, int64_t L, acc_t inv_L, const V& tmask, acc_t* mean, acc_t* m2) {
     const int64_t nv = L - L % W, tail = L % W;
     acc_t sh[W];
-    for (int64_t j = 0; j < W; ++j) sh[j] = io::get(x + j * L);
+    for (int64_t j = 0; j < W; ++j) sh[j] = plane_shift(x + j * L);
     V a[W];
     for (int64_t j = 0; j < W; ++j) {
       const S* p = x + j * L;
@@ -201,7 +206,7 @@ struct Kern {
             }
             for (int64_t p = p0; p < P; ++p) {
               acc_t cm, q;
-              const acc_t shift = io::get(x + p * L);
+              const acc_t shift = plane_shift(x + p * L);
               two_pass(x + p * L, L, shift, inv_L, cm, q);
               mean[p] = static_cast<acc_t>(static_cast<double>(shift) + static_cast<double>(cm));
               m2[p] = q;
@@ -213,7 +218,7 @@ struct Kern {
       at::parallel_for(0, P, std::max<int64_t>(1, kTask / L), [&](int64_t b, int64_t e) {
         for (int64_t p = b; p < e; ++p) {
           const S* plane = x + p * L;
-          const acc_t shift = io::get(plane);
+          const acc_t shift = plane_shift(plane);
           if (L <= kChunk) {
             acc_t cm, q;
             two_pass(plane, L, shift, inv_L, cm, q);
@@ -233,14 +238,14 @@ struct Kern {
       for (int64_t t = b; t < e; ++t) {
         const int64_t p = t / S_, lo = (t % S_) * kSeg;
         const S* plane = x + p * L;
-        part[t] = run_moments(plane + lo, std::min(kSeg, L - lo), io::get(plane));
+        part[t] = run_moments(plane + lo, std::min(kSeg, L - lo), plane_shift(plane));
       }
     });
     at::parallel_for(0, P, 1024, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
         Mom m;
         for (int64_t s = 0; s < S_; ++s) chan_merge(m, part[p * S_ + s]);
-        mean[p] = static_cast<acc_t>(static_cast<double>(io::get(x + p * L)) + m.mean);
+        mean[p] = static_cast<acc_t>(static_cast<double>(plane_shift(x + p * L)) + m.mean);
         m2[p] = static_cast<acc_t>(m.m2);
       }
     });
@@ -344,7 +349,7 @@ struct Kern {
       for (int64_t t = tb; t < te; ++t) {
         const int64_t n = t / S_, s = t % S_, r0 = s * SR, r1 = std::min(L, r0 + SR);
         const S* xs = x + n * L * C;
-        for (int64_t c = 0; c < C; ++c) shift[c] = io::get(xs + c);
+        for (int64_t c = 0; c < C; ++c) shift[c] = plane_shift(xs + c);
         double count = 0;
         for (int64_t a = r0; a < r1; a += R) {
           const int64_t rows = std::min(R, r1 - a);
@@ -392,7 +397,7 @@ struct Kern {
             const double* ps = part.data() + (n * S_ + s) * 2 * C;
             chan_merge(m, Mom{static_cast<double>(std::min(L, (s + 1) * SR) - s * SR), ps[k], ps[C + k]});
           }
-          mean[n * C + k] = static_cast<acc_t>(static_cast<double>(io::get(x + n * L * C + k)) + m.mean);
+          mean[n * C + k] = static_cast<acc_t>(static_cast<double>(plane_shift(x + n * L * C + k)) + m.mean);
           m2[n * C + k] = static_cast<acc_t>(m.m2);
         }
       }

@@ -85,7 +85,7 @@ NF_DEVICE void welford_add(Welford& w, const float (&d)[VEC]) {
   if constexpr (VEC == 1) {
     w.n += 1.f;
     const float delta = d[0] - w.mean;
-    w.mean += fast_div(delta, w.n);
+    w.mean = coef::merged_mean(w.mean, d[0], delta, fast_div(1.f, w.n));  // Inf-safe
     w.m2 += delta * (d[0] - w.mean);
   } else {
     float s = 0.f;

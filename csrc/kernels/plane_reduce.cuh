@@ -24,11 +24,11 @@ struct MomentsOp {
   float* mean;
   float* m2;
 
-  // The shift is the plane's first element (design.md sec. 2): every split and every layout uses
-  // the same one, so partials are all relative to the same origin.
+  // The shift is the plane's first element (design.md sec. 2; 0 if that is not finite): every
+  // split and every layout uses the same one, so partials are all relative to the same origin.
   template <typename T>
   NF_DEVICE Ctx context(const T* plane_first, int64_t) const {
-    return Ctx{to_float(plane_first[0])};
+    return Ctx{coef::finite_or_zero(to_float(plane_first[0]))};  // -Inf first: -Inf mean, not NaN
   }
   template <int VEC>
   NF_DEVICE static void accumulate_run(State& s, const Ctx& c, const float (&a)[VEC], const float (&)[VEC]) {
@@ -47,7 +47,7 @@ struct MomentsOp {
     for (int k = 0; k < VEC; ++k) {
       const float d = a[k] - c[k].shift;
       const float delta = d - s[k].mean;
-      s[k].mean += delta * inv;
+      s[k].mean = coef::merged_mean(s[k].mean, d, delta, inv);  // Inf-safe
       s[k].m2 += delta * (d - s[k].mean);
       s[k].n = n;
     }

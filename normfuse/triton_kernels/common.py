@@ -13,12 +13,22 @@ import triton.language as tl
 
 
 @triton.jit
+def welford_mean(mean, v, delta, w):
+    """``mean + delta * w`` (delta = v - mean), or ``mean + v`` where delta is not finite: the
+    mean of values holding an Inf is Inf (NaN for Inf - Inf), never Inf + (v - Inf) * w = NaN
+    (C++: ``nf::coef::merged_mean``)."""
+    return tl.where(delta - delta == 0.0, mean + delta * w, mean + v)
+
+
+@triton.jit
 def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
-    """Chan's merge of two partial ``(mean, m2, count)`` triples; empty partials are fine."""
+    """Chan's merge of two partial ``(mean, m2, count)`` triples; empty partials are fine.
+
+    A mean of +-Inf / NaN merges as in ``welford_mean`` (Inf stays Inf, as nn.BatchNorm)."""
     n = n_a + n_b
     w_b = tl.where(n > 0, n_b / tl.where(n > 0, n, 1.0), 0.0)
     delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+    return welford_mean(mean_a, mean_b, delta, w_b), m2_a + m2_b + delta * delta * n_a * w_b, n
 
 
 @triton.jit

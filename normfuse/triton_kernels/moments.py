@@ -15,7 +15,8 @@ result, so a split reduction is still a single, deterministic launch.
 import triton
 import triton.language as tl
 
-from .common import last_arrival, reset_counter, total, welford_combine
+from .common import (finite_or_zero, last_arrival, reset_counter, total, welford_combine,
+                     welford_mean)
 
 
 @triton.jit
@@ -56,7 +57,8 @@ def moments_kernel(x_ptr, mean_ptr, m2_ptr, part_ptr, counter_ptr,
     start = split * chunk
     stop = tl.minimum(start + chunk, L)
     n_full = (stop - start) // BLOCK_L
-    shift = tl.load(x_ptr + base, mask=pmask, other=0.0).to(ACC)
+    # 0 where the first element is not finite: a plane starting with -Inf has mean -Inf, not NaN
+    shift = finite_or_zero(tl.load(x_ptr + base, mask=pmask, other=0.0).to(ACC))
     offs_l = start + tl.arange(0, BLOCK_L)
     ptrs = x_ptr + (base[:, None] + offs_l[None, :] * step)
 
@@ -66,7 +68,7 @@ def moments_kernel(x_ptr, mean_ptr, m2_ptr, part_ptr, counter_ptr,
     for i in range(n_full):
         v = tl.load(ptrs, mask=pmask[:, None], other=0.0).to(ACC) - shift[:, None]
         d = v - mean
-        mean += d * (1.0 / (i + 1.0))
+        mean = welford_mean(mean, v, d, 1.0 / (i + 1.0))
         m2 += d * (v - mean)
         ptrs += BLOCK_L * step
 
@@ -75,7 +77,8 @@ def moments_kernel(x_ptr, mean_ptr, m2_ptr, part_ptr, counter_ptr,
     v = tl.load(ptrs, mask=pmask[:, None] & lmask[None, :], other=0.0).to(ACC) - shift[:, None]
     cnt = tl.where(lmask, n_full + 1.0, n_full + 0.0).to(ACC)
     d = v - mean
-    mean = tl.where(lmask[None, :], mean + d / tl.maximum(cnt, 1.0)[None, :], mean)
+    mean = tl.where(lmask[None, :], welford_mean(mean, v, d, 1.0 / tl.maximum(cnt, 1.0)[None, :]),
+                    mean)
     m2 = tl.where(lmask[None, :], m2 + d * (v - mean), m2)
     # Chan's merge of all lanes at once: n = sum n_l, mean = sum n_l mean_l / n,
     # m2 = sum m2_l + sum n_l (mean_l - mean)^2 (plain sums: fast, and exact as a merge)

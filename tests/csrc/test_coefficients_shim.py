@@ -155,3 +155,37 @@ def test_planted_bug_is_caught(name, case_data):
     cases_file.write_text("\n".join(lines) + "\n")
     res = shim_build.run_driver(exe, [cases_file], sanitizer, expect_clean=False)
     assert res.returncode != 0 and marker in res.stderr, f"{name}: not caught (rc={res.returncode})\n{res.stderr[-3000:]}"
+
+
+# ---- NaN / Inf in the plane moments --------------------------------------------------------------------
+def _same_non_finite(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """NaN where the oracle has NaN, the same +-Inf where it has Inf, close elsewhere."""
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN pattern\n{got}\n{want}"
+    inf = torch.isinf(want)
+    assert torch.equal(got[inf], want[inf]), f"{what}: Inf values\n{got}\n{want}"
+    fin = torch.isfinite(want)
+    assert torch.isfinite(got[fin]).all(), f"{what}: non-finite where the oracle is finite"
+    assert_close(got[fin], want[fin], TOL, what)
+
+
+@pytest.mark.parametrize("op", ["bin", "iebn"])
+def test_batch_merge_keeps_inf(op, tmp_path):
+    """A plane whose mean is +-Inf (an Inf in the input) gives a +-Inf running_mean, as
+    nn.BatchNorm does, also when the Chan merge tree combines it with finite partials (it gave NaN
+    on the GPU: Inf + (finite - Inf) * w); a NaN plane gives NaN. Other channels are unaffected."""
+    N, C, L, threads = 9, 6, 5, 64
+    t = make_inputs(op, N, C, L, seed=77)
+    t["mean"][0, 1], t["m2"][0, 1] = float("inf"), float("nan")    # the first plane (the shift)
+    t["mean"][5, 3], t["m2"][5, 3] = float("-inf"), float("nan")   # a later plane
+    t["mean"][2, 4], t["m2"][2, 4] = float("nan"), float("nan")
+    d = tmp_path / "case"
+    d.mkdir()
+    for name, v in t.items():
+        _write(v, d / f"{name}.bin")
+    want = expected(op, t, L, 1, True, True, True)
+    assert torch.isinf(want["running_mean"][[1, 3]]).all() and torch.isnan(want["running_mean"][4])
+    cases_file = tmp_path / "cases.txt"
+    cases_file.write_text(f"{op} {N} {C} {L} 1 1 {threads} 1 1 1 {d}\n")
+    shim_build.run_driver(shim_build.build_driver([DRIVER], "address"), [cases_file], "address")
+    for name, ref in want.items():
+        _same_non_finite(_read(d / f"out_{name}.bin", ref.shape), ref, f"{op} {name}")

@@ -126,8 +126,22 @@ def _run_all(tmp_path, sanitizer):
         c.x = (1e4 + torch.randn(c.N, c.C, c.L, generator=gen, dtype=torch.float64)).float()
         _to_file(_storage(c.x, lay), c.dir / "x.bin")
         big.append(c)
+    # NaN / Inf: a plane holding Inf has mean Inf (NaN for Inf and -Inf, or a NaN), as a plain
+    # sum gives and nn.BatchNorm reports, never NaN from Inf - Inf inside a Welford / Chan merge;
+    # the other planes are untouched. Planes long enough to split, and the per-lane Welford path.
+    poisoned = []
+    for lay, shape in (("contig", (1, 2, 2400, 32, 0)), ("cl", (2, 64, 80, 64, 0)),
+                       ("contig", (2, 3, 17, 64, 0)), ("cl", (3, 37, 9, 64, 0))):
+        c = CaseData(len(cases) + len(big) + len(poisoned), "moments", "f32", lay, shape, tmp_path, gen)
+        c.x[0, 0, c.L // 2] = float("inf")                    # not the plane's first element
+        c.x[-1, -1, 0] = float("-inf")                        # the first element (the shift)
+        c.x[0, -1, 1], c.x[0, -1, c.L - 1] = float("inf"), float("-inf")  # Inf - Inf: NaN
+        if c.N * c.C > 3:
+            c.x[-1, 1, c.L - 1] = float("nan")
+        _to_file(_storage(c.x, lay), c.dir / "x.bin")
+        poisoned.append(c)
     case_file = tmp_path / "cases.txt"
-    case_file.write_text("".join(c.line() for c in cases + big))
+    case_file.write_text("".join(c.line() for c in cases + big + poisoned))
     exe = shim_build.build_driver([shim_build.DRIVERS / "generic_driver.cpp"], sanitizer)
     shim_build.run_driver(exe, [case_file], sanitizer, timeout=600)
     for c in cases:
@@ -142,6 +156,20 @@ def _run_all(tmp_path, sanitizer):
         # within ~half an ulp of 1e4: the mean is as good as a float32 can hold it
         assert (o0 - mean).abs().max().item() <= 0.6 * ulp, (c.layout, (o0 - mean).abs().max().item())
         assert ((o1 - m2) / m2).abs().max().item() < 1e-5, c.layout
+    for c in poisoned:
+        x = c.x.double()
+        o0 = _from_file(c.dir / "out0.bin", torch.float32, c.N * c.C).view(c.N, c.C).double()
+        o1 = _from_file(c.dir / "out1.bin", torch.float32, c.N * c.C).view(c.N, c.C).double()
+        mean = x.mean(-1)  # Inf, -Inf or NaN where poisoned
+        tag = f"poisoned {c.layout} N={c.N} C={c.C} L={c.L}"
+        assert torch.equal(torch.isnan(o0), torch.isnan(mean)), (tag, o0, mean)
+        assert torch.equal(o0[torch.isinf(mean)], mean[torch.isinf(mean)]), (tag, o0, mean)
+        ok = torch.isfinite(mean)
+        assert torch.isnan(o1[~ok]).all(), (tag, o1)  # sum of (x - Inf)^2 terms: NaN, as BN's var
+        if ok.any():
+            m2 = ((x - mean[..., None]) ** 2).sum(-1)
+            assert torch.allclose(o0[ok], mean[ok], rtol=0, atol=1e-5 * (x[ok].abs().max() + 1)), tag
+            assert torch.allclose(o1[ok], m2[ok], rtol=2e-5, atol=1e-4), tag
 
 
 @pytest.mark.parametrize("sanitizer", ["address", "thread"])
