@@ -5,8 +5,12 @@ tracing sees shapes, dtypes and strides without running a kernel.
 ``HAS_CPU_KERNELS``: ``torch.ops.normfuse.*`` have CPU kernels (the extension imported).
 ``HAS_CUDA_KERNELS``: the CUDA kernels were compiled in (says nothing about a GPU being visible).
 ``REASON``: why the extension is unusable ('' if it imported); ``CUDA_REASON`` likewise for CUDA.
+An extension built against another torch than the running one is not loaded (a RuntimeWarning
+and ``REASON`` say so).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -28,55 +32,69 @@ HAS_CUDA_KERNELS = False
 REASON = ""
 CUDA_REASON = ""
 
-try:
-    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
-except Exception as exc:  # noqa: BLE001  (ImportError, undefined symbols, ABI mismatch...)
+
+def _built_for_other_torch() -> str:
+    """Why ``_C`` must not be loaded because it was compiled against another torch, or ''.
+
+    A C++ extension works only with the torch it was compiled against; loaded under another it
+    fails with an undefined symbol at best.  setup.py records that torch in ``_build_info``."""
+    try:
+        from . import _build_info  # noqa: PLC0415
+    except ImportError:  # built before _build_info existed, or not built: let the import tell
+        return ""
+    if _build_info.TORCH_VERSION == torch.__version__:
+        return ""
+    return (f"normfuse._C was built against torch {_build_info.TORCH_VERSION} but torch "
+            f"{torch.__version__} is running; rebuild normfuse for this torch "
+            "(`pip install --no-build-isolation -e .`, or a wheel built against it)")
+
+REASON = _built_for_other_torch()
+if REASON:
     _C = None
-    REASON = (
-        f"normfuse._C failed to import ({type(exc).__name__}: {exc}); build it with "
-        "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`"
-    )
     CUDA_REASON = REASON
+    # The compiled backends are then unavailable: say so once, at import, rather than leave
+    # "auto" to pick the torch backend without a word (set_backend("cpu") raises with REASON).
+    warnings.warn(REASON, RuntimeWarning, stacklevel=2)
 else:
+    try:
+        from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    except Exception as exc:  # noqa: BLE001  (ImportError, undefined symbols, ABI mismatch...)
+        _C = None
+        REASON = (f"normfuse._C failed to import ({type(exc).__name__}: {exc}); build it with "
+                  "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
+        CUDA_REASON = REASON
+if _C is not None:
     HAS_CPU_KERNELS = True
     HAS_CUDA_KERNELS = bool(_C.has_cuda())
     if not HAS_CUDA_KERNELS:
         CUDA_REASON = "normfuse._C was built without CUDA kernels (no toolkit found, or NORMFUSE_CPU_ONLY=1)"
-
 
 # ---- fake implementations -------------------------------------------------------------------------
 # Shapes follow docs/architecture.md: statistics and coefficients are (N, C) in the dtype of the
 # statistics passed in (the acc dtype); full-size outputs copy the input's strides; parameter
 # gradients take the parameter's shape, (C,) when the parameter is None.
 
-
 def _stats_like(mean):
     return mean.new_empty(mean.shape)
-
 
 def _param_grad(param, mean):
     if param is None:
         return mean.new_empty((mean.shape[1],))
     return mean.new_empty(param.shape)
 
-
 def _moments_fake(x):
     n, c = x.shape[0], x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
 
-
 def _affine_apply_fake(x, mean, scale, shift):
     return torch.empty_like(x)
-
 
 def _backward_sums_fake(dy, x, mean):
     return _stats_like(mean), _stats_like(mean)
 
-
 def _backward_apply_fake(dy, x, mean, c_dy, c_x, c_0):
     return torch.empty_like(x)
-
 
 # The forwards mutate running_mean / running_var / num_batches_tracked in place (declared in the
 # schemas): nothing to do for fake tensors.
@@ -84,34 +102,28 @@ def _bin_fake(mean, m2, plane_size, gate, weight, bias, running_mean, running_va
               num_batches_tracked=None):
     return _stats_like(mean), _stats_like(mean)
 
-
 def _bin_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, weight, bias, running_mean, running_var,
                        training, eps):
     return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(gate, mean),
             _param_grad(weight, mean), _param_grad(bias, mean))
 
-
 def _iebn_fake(mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean, running_var, training,
                momentum, eps, num_batches_tracked=None):
     return _stats_like(mean), _stats_like(mean)
-
 
 def _iebn_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate_weight, gate_bias, weight, bias,
                         running_mean, running_var, training, eps):
     return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(gate_weight, mean),
             _param_grad(gate_bias, mean), _param_grad(weight, mean), _param_grad(bias, mean))
 
-
 def _assoc_fake(mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps):
     return _stats_like(mean), _stats_like(mean)
-
 
 def _assoc_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
                          weight, bias, eps):
     return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(encoder, mean),
             _param_grad(decoder_mean, mean), _param_grad(decoder_var, mean), _param_grad(weight, mean),
             _param_grad(bias, mean))
-
 
 FAKES = {
     "moments": _moments_fake,

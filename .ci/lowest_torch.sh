@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# CI, second environment: normfuse on the LOWEST torch we support (pyproject.toml,
+# [tool.normfuse] torch-range), on the CPU. GPU machines ship their own torch (the first GPU run
+# had torch 2.11, where the Triton ops did not register); this is how such a regression shows up
+# without a GPU. In it normfuse builds (CPU + CUDA glue) and imports, every backend that can run
+# here registers, opcheck passes on every op, and the module tests and the curated
+# Triton-interpreter tests pass.
+#
+# The environment is a venv layered over the main one (--system-site-packages): torch and triton
+# are installed into it with --no-deps, everything else (numpy, pytest, and the nvidia-* runtime
+# wheels that torch's CUDA build loads at import, same major versions) comes from the main
+# environment, so this costs one wheel download instead of ~3 GB. The tree is built in a copy, so
+# the main checkout's build (against the pinned torch) stays as it is.
+#
+#   bash .ci/lowest_torch.sh            (from the repository root; CI runs it after the main job)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+TORCH_VERSION=${NORMFUSE_LOWEST_TORCH:-2.11.0}
+TRITON_VERSION=${NORMFUSE_LOWEST_TRITON:-3.6.0}
+work=${NORMFUSE_LOWEST_DIR:-/tmp/normfuse-lowest-torch}
+venv="$work/venv"
+tree="$work/tree"
+start=$(date +%s)
+echo "== lowest torch: torch $TORCH_VERSION, triton $TRITON_VERSION in $work"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv --system-site-packages "$venv"
+fi
+py="$venv/bin/python"
+if ! "$py" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  "$py" -m pip install -q --no-deps "torch==$TORCH_VERSION" "triton==$TRITON_VERSION"
+fi
+"$py" -c "import torch, triton; print('   torch', torch.__version__, 'triton', triton.__version__)"
+
+# A copy of the tracked (and untracked, not ignored) files: no build outputs of the main tree.
+rm -rf "$tree"
+mkdir -p "$tree"
+git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$tree"
+cd "$tree"
+echo "== lowest torch: build ($(( $(date +%s) - start )) s)"
+"$py" setup.py -q build_ext --inplace > "$work/build.log" 2>&1 || { tail -50 "$work/build.log"; exit 1; }
+
+echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
+# What must hold there (see the header); the rest of the suite runs on the pinned torch.
+"$py" -m pytest -q -p no:cacheprovider \
+  tests/test_torch_support.py \
+  tests/triton_kernels/test_schemas.py \
+  tests/test_backends.py \
+  tests/test_modules.py \
+  tests/test_error_contract.py \
+  "tests/csrc/test_generic_ops.py::test_opcheck" \
+  "tests/csrc/test_coefficients_ops.py::test_opcheck" \
+  "tests/csrc/test_coefficients_ops.py::test_opcheck_with_counter" \
+  "tests/csrc/test_coefficients_ops.py::test_batch_counter_cpu" \
+  tests/triton_kernels/test_opcheck.py \
+  tests/triton_kernels/test_streaming.py \
+  tests/triton_kernels/test_coefficients.py
+echo "== lowest torch: done in $(( $(date +%s) - start )) s"
