@@ -30,9 +30,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 if ! "$py" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
-  "$py" -m pip install -q --no-deps "torch==$TORCH_VERSION" "triton==$TRITON_VERSION"
+  # numpy < 2.4 too: triton 3.6's interpreter converts 1-element arrays with int(), which numpy
+  # 2.4 refuses (its own release predates that numpy; compiled kernels on a GPU are unaffected).
+  "$py" -m pip install -q --no-deps "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "numpy<2.4"
 fi
-"$py" -c "import torch, triton; print('   torch', torch.__version__, 'triton', triton.__version__)"
+"$py" -c "import torch, triton, numpy; print('   torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 
 # A copy of the tracked (and untracked, not ignored) files: no build outputs of the main tree.
 rm -rf "$tree"

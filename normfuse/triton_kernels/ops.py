@@ -68,6 +68,13 @@ def interpreted() -> bool:
     return isinstance(kernels().moments, InterpretedFunction)
 
 
+def _launcher(kernel):
+    """``wrap_triton(kernel)`` (so torch.compile traces into it), or the kernel itself when it is
+    interpreted: torch 2.11's ``wrap_triton`` refuses the interpreter's ``InterpretedFunction``
+    (newer torch passes it through unchanged), and nothing traces an interpreted kernel."""
+    return kernel if interpreted() else wrap_triton(kernel)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -199,7 +206,7 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor]:
     cfg, c_blocks, keep, splits, chunk = _reduction_plan(n, c, plane, cl, input.device)
     part = mean.new_empty(2 * splits * n * c) if splits > 1 else mean
     counter = _counters(input, keep, splits > 1)
-    wrap_triton(kernels().moments)[(keep, splits)](
+    _launcher(kernels().moments)[(keep, splits)](
         input, mean, m2, part, counter, c, plane, n * c, c_blocks, chunk // cfg.block_l, splits,
         **_meta(cfg))
     return mean, m2
@@ -216,7 +223,7 @@ def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> T
         return out
     cfg = heuristics.stream_config(c, plane, cl)
     rows, l_blocks, grid = _stream_grid(n, c, plane, cfg)
-    wrap_triton(kernels().affine_apply)[grid](
+    _launcher(kernels().affine_apply)[grid](
         input, out, mean, scale, shift, c, plane, n * c, rows, l_blocks, **_meta(cfg))
     return out
 
@@ -233,7 +240,7 @@ def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Ten
     cfg, c_blocks, keep, splits, chunk = _reduction_plan(n, c, plane, cl, input.device)
     part = mean.new_empty(2 * splits * n * c) if splits > 1 else g1
     counter = _counters(input, keep, splits > 1)
-    wrap_triton(kernels().backward_sums)[(keep, splits)](
+    _launcher(kernels().backward_sums)[(keep, splits)](
         grad_output, input, mean, g1, g2, part, counter, c, plane, n * c, c_blocks,
         chunk // cfg.block_l, splits, **_meta(cfg))
     return g1, g2
@@ -251,7 +258,7 @@ def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tenso
         return out
     cfg = heuristics.stream_config(c, plane, cl)
     rows, l_blocks, grid = _stream_grid(n, c, plane, cfg)
-    wrap_triton(kernels().backward_apply)[grid](
+    _launcher(kernels().backward_apply)[grid](
         grad_output, input, out, mean, c_dy, c_x, c_0, c, plane, n * c, rows, l_blocks,
         **_meta(cfg))
     return out
@@ -332,7 +339,7 @@ def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, we
     meta, cfg = _coeff_meta(n)
     use_batch = training or rm is None
     update = training and rm is not None
-    wrap_triton(kernels().bin_forward)[(_cdiv(c, cfg.block_c),)](
+    _launcher(kernels().bin_forward)[(_cdiv(c, cfg.block_c),)](
         mean, m2, gate, gate if weight is None else weight, gate if bias is None else bias,
         scale if rm is None else rm, shift if rv is None else rv, scale, shift, nbt,
         n, c, plane_size, momentum, eps, int(weight is not None), int(bias is not None),
@@ -359,7 +366,7 @@ def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
         return c_dy, c_x, c_0, d_gate.zero_(), d_weight.zero_(), d_bias.zero_()
     meta, cfg = _coeff_meta(n)
     use_batch = training or running_mean is None
-    wrap_triton(kernels().bin_backward)[(_cdiv(c, cfg.block_c),)](
+    _launcher(kernels().bin_backward)[(_cdiv(c, cfg.block_c),)](
         g1, g2, mean, m2, gate, gate if weight is None else weight,
         mean if running_mean is None else running_mean,
         m2 if running_var is None else running_var,
@@ -389,7 +396,7 @@ def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Te
     meta, cfg = _coeff_meta(n)
     use_batch = training or rm is None
     update = training and rm is not None
-    wrap_triton(kernels().iebn_forward)[(_cdiv(c, cfg.block_c),)](
+    _launcher(kernels().iebn_forward)[(_cdiv(c, cfg.block_c),)](
         mean, m2, gate_weight, gate_bias, gate_weight if weight is None else weight,
         gate_weight if bias is None else bias,
         scale if rm is None else rm, shift if rv is None else rv, scale, shift, nbt,
@@ -419,7 +426,7 @@ def iebn_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor,
         return (c_dy, c_x, c_0, *(g.zero_() for g in grads))
     meta, cfg = _coeff_meta(n)
     use_batch = training or running_mean is None
-    wrap_triton(kernels().iebn_backward)[(_cdiv(c, cfg.block_c),)](
+    _launcher(kernels().iebn_backward)[(_cdiv(c, cfg.block_c),)](
         g1, g2, mean, m2, gate_weight, gate_bias, gate_weight if weight is None else weight,
         mean if running_mean is None else running_mean,
         m2 if running_var is None else running_var,
@@ -454,7 +461,7 @@ def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: in
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
         return scale, shift
-    wrap_triton(kernels().assoc_forward)[(n,)](
+    _launcher(kernels().assoc_forward)[(n,)](
         mean, m2, enc, dec_mu, dec_var, weight, bias, scale, shift,
         c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
     return scale, shift
@@ -484,7 +491,7 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
     ws = mean.new_empty(n * width)
     ws2 = mean.new_empty(groups * width)
     counter = _counters(mean, groups + 1)
-    wrap_triton(kernels().assoc_backward)[(n,)](
+    _launcher(kernels().assoc_backward)[(n,)](
         g1, g2, mean, m2, enc, dec_mu, dec_var, weight, c_dy, c_x, c_0, ws, ws2, counter,
         d_enc, d_dec_mu, d_dec_var, d_weight, d_bias,
         n, c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
