@@ -129,10 +129,12 @@ def _auto(x: torch.Tensor) -> str:
 
 def resolve_backend(x: torch.Tensor) -> str:
     """The backend that a normfuse call on input ``x`` uses under the current setting."""
-    if not _state.checked:
-        _state.name = _check_name(_state.name, "NORMFUSE_BACKEND")
-        _state.checked = True
     name = _state.name
+    if not _state.checked:
+        name = _check_name(name, "NORMFUSE_BACKEND")
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace the write (strict export
+            _state.name = name                 # or torch.compile as a process's first call)
+            _state.checked = True
     if name == "auto":
         return _auto(x)
     device_ok = {"torch": True, "cpu": x.device.type == "cpu",
