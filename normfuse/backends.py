@@ -8,8 +8,11 @@ The choice comes from ``set_backend``, the ``use_backend`` context manager, or t
 variable ``NORMFUSE_BACKEND`` read at import.  A named backend that cannot run raises an error
 listing those that can: nothing falls back silently.  ``"auto"`` picks per input, in this order:
 CPU tensors -> ``cpu``, then ``torch``; CUDA tensors -> ``cuda``, then ``triton``, then ``torch``
-(float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  ``resolve_backend(x)``
-tells which one a call on ``x`` uses.
+(float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  While
+``torch.export`` traces (``torch.compiler.is_exporting()``, also under ``torch.onnx.export``)
+``"auto"`` picks ``torch``: the exported program is then standard ATen ops, portable to ONNX and
+any runtime without normfuse (``normfuse/export.py``); ``torch.compile`` is not affected.
+``resolve_backend(x)`` tells which one a call on ``x`` uses.
 """
 from __future__ import annotations
 
@@ -118,6 +121,10 @@ def use_backend(name: str):
 
 
 def _auto(x: torch.Tensor) -> str:
+    if torch.compiler.is_exporting():
+        # torch.export (and torch.onnx.export, built on it): the PyTorch-ops backend, so the
+        # exported program holds standard ATen ops only (normfuse/export.py).
+        return "torch"
     if x.device.type == "cpu":
         return "cpu" if _unavailable_reason("cpu") is None else "torch"
     if x.device.type == "cuda" and x.dtype != torch.float64:
