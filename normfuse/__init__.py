@@ -5,7 +5,7 @@ Every layer is, per (sample, channel) plane, one affine map whose coefficients c
 plane's moments; one pass computes the moments, a small coefficient step turns them into the
 map, one pass applies it (docs/architecture.md).
 """
-from . import functional
+from . import export, functional
 from .backends import (available_backends, get_backend, resolve_backend, set_backend,
                        use_backend)
 from .convert import convert
@@ -23,6 +23,7 @@ __all__ = [
     "IEBN1d", "IEBN2d", "IEBN3d", "InstanceEnhancementBatchNorm1d",
     "InstanceEnhancementBatchNorm2d", "InstanceEnhancementBatchNorm3d",
     "SyncBatchInstanceNorm", "SyncIEBN", "SyncInstanceEnhancementBatchNorm", "convert_sync",
-    "attach_gate_clipping", "available_backends", "clip_gates_", "convert", "functional",
+    "attach_gate_clipping", "available_backends", "clip_gates_", "convert", "export",
+    "functional",
     "get_backend", "param_groups", "resolve_backend", "set_backend", "use_backend",
 ]

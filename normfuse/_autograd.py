@@ -56,6 +56,19 @@ def _coefficients_backward(ops, layer, g1, g2, mean, m2, plane, params, running_
     return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, num_groups, *params, eps)
 
 
+def _traced_forward(layer, x, running_mean, running_var, num_batches_tracked, training,
+                    momentum, eps, num_groups, params):
+    """``NormFunction``'s forward with the "torch" backend, outside the autograd.Function:
+    what ``torch.export`` traces (``run_layer``).  Its ops are differentiable, so the exported
+    program's gradients are autograd's; running statistics and ``num_batches_tracked`` are
+    updated in place as in eager training."""
+    mean, m2 = torch_backend.moments(x)
+    scale, shift = _coefficients(torch_backend, layer, mean, m2, math.prod(x.shape[2:]), params,
+                                 running_mean, running_var, training, momentum, eps, num_groups,
+                                 num_batches_tracked)
+    return torch_backend.affine_apply(x, mean, scale, shift)
+
+
 # NormFunction.forward's arguments: layer, backend, x, then _NO_GRAD_ARGS arguments that get no
 # gradient (running_mean, running_var, num_batches_tracked, training, momentum, eps, num_groups),
 # then the parameters.
@@ -150,8 +163,15 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
     # view or another dtype is converted (running statistics then get written back below).
     params = tuple(_dense(p, acc) for p in params)
     rm, rv = _dense(running_mean, acc), _dense(running_var, acc)
-    y = NormFunction.apply(layer, backend, x, rm, rv, num_batches_tracked, bool(training),
-                           float(momentum), float(eps), int(num_groups), *params)
+    if backend == "torch" and torch.compiler.is_exporting():
+        # torch.export records an autograd.Function's forward under no_grad and drops its
+        # backward: the program would have no gradients.  The "torch" backend's ops are
+        # differentiable, so trace them directly (normfuse/export.py).
+        y = _traced_forward(layer, x, rm, rv, num_batches_tracked, bool(training),
+                            float(momentum), float(eps), int(num_groups), params)
+    else:
+        y = NormFunction.apply(layer, backend, x, rm, rv, num_batches_tracked, bool(training),
+                               float(momentum), float(eps), int(num_groups), *params)
     if training and running_mean is not None:
         with torch.no_grad():  # buffers of another dtype or strided: updated on a copy
             if rm is not running_mean:

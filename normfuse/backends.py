@@ -8,8 +8,11 @@ The choice comes from ``set_backend``, the ``use_backend`` context manager, or t
 variable ``NORMFUSE_BACKEND`` read at import.  A named backend that cannot run raises an error
 listing those that can: nothing falls back silently.  ``"auto"`` picks per input, in this order:
 CPU tensors -> ``cpu``, then ``torch``; CUDA tensors -> ``cuda``, then ``triton``, then ``torch``
-(float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  ``resolve_backend(x)``
-tells which one a call on ``x`` uses.
+(float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  While
+``torch.export`` traces (``torch.compiler.is_exporting()``, also under ``torch.onnx.export``)
+``"auto"`` picks ``torch``: the exported program is then standard ATen ops, portable to ONNX and
+any runtime without normfuse (``normfuse/export.py``); ``torch.compile`` is not affected.
+``resolve_backend(x)`` tells which one a call on ``x`` uses.
 """
 from __future__ import annotations
 
@@ -118,6 +121,10 @@ def use_backend(name: str):
 
 
 def _auto(x: torch.Tensor) -> str:
+    if torch.compiler.is_exporting():
+        # torch.export (and torch.onnx.export, built on it): the PyTorch-ops backend, so the
+        # exported program holds standard ATen ops only (normfuse/export.py).
+        return "torch"
     if x.device.type == "cpu":
         return "cpu" if _unavailable_reason("cpu") is None else "torch"
     if x.device.type == "cuda" and x.dtype != torch.float64:
@@ -129,10 +136,12 @@ def _auto(x: torch.Tensor) -> str:
 
 def resolve_backend(x: torch.Tensor) -> str:
     """The backend that a normfuse call on input ``x`` uses under the current setting."""
-    if not _state.checked:
-        _state.name = _check_name(_state.name, "NORMFUSE_BACKEND")
-        _state.checked = True
     name = _state.name
+    if not _state.checked:
+        name = _check_name(name, "NORMFUSE_BACKEND")
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace the write (strict export
+            _state.name = name                 # or torch.compile as a process's first call)
+            _state.checked = True
     if name == "auto":
         return _auto(x)
     device_ok = {"torch": True, "cpu": x.device.type == "cpu",

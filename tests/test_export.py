@@ -1,0 +1,262 @@
+"""Portable export (README, "Export and deployment"): a model holding BIN, IEBN and AssocNorm
+exports to a program of standard ATen ops that computes what eager computes (outputs, running
+statistics, gradients), and to ONNX that onnxruntime runs.
+
+* ``torch.export.export`` under the default backend ("auto") traces the "torch" backend: no
+  normfuse op in the program at all;
+* a program exported under an explicit backend holds the normfuse ops;
+  ``normfuse.export.portable`` decomposes them (``torch.ops.normfuse.*`` and
+  ``torch.ops.normfuse_triton.*``) into the "torch" backend's implementation.
+"""
+import copy
+import importlib.util
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+import normfuse
+import normfuse.export as nfx
+from normfuse import torch_backend
+
+# Shapes: N = 3, C = 6 (AssocNorm: 3 groups of 2 channels), planes of 4 x 3 after the conv.
+SHAPE = (3, 3, 6, 5)
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+PORTABLE_NAMESPACES = ("aten", "prims")
+KERNEL_BACKENDS = [b for b in ("cpu", "torch") if b in normfuse.available_backends()]
+
+
+def _model(dtype=torch.float32, seed=0):
+    """Conv -> BIN -> ReLU -> IEBN -> AssocNorm, every parameter and running statistic random
+    (gates inside (0, 1), AssocNorm's decoders non-zero), so each coefficient path matters."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), normfuse.BatchInstanceNorm2d(6), nn.ReLU(),
+                          normfuse.IEBN2d(6), normfuse.AssocNorm(3, 6)).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g, dtype=dtype) if name.endswith("gate")
+                    else 0.5 * torch.randn(p.shape, generator=g, dtype=dtype) + 0.1)
+        for layer in (model[1], model[3]):
+            layer.running_mean.copy_(torch.randn(6, generator=g, dtype=dtype))
+            layer.running_var.copy_(torch.rand(6, generator=g, dtype=dtype) + 0.5)
+            layer.num_batches_tracked.fill_(3)
+    return model
+
+
+def _input(seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (1.5 * torch.randn(SHAPE, generator=g, dtype=dtype) + 0.3).requires_grad_()
+
+
+def _targets(ep):
+    """Every op a node of ``ep`` (or of a graph nested in it) calls, including ops passed to
+    higher-order ops such as ``auto_functionalized``."""
+    for module in ep.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.op == "call_function":
+                    yield node.target
+                    yield from (a for a in node.args if isinstance(a, torch._ops.OperatorBase))
+
+
+def _assert_portable(ep):
+    """Only ATen / prims ops (and tuple indexing): no normfuse op, no higher-order op."""
+    bad = {str(t) for t in _targets(ep)
+           if t is not operator.getitem
+           and not (isinstance(t, torch._ops.OpOverload) and t.namespace in PORTABLE_NAMESPACES)}
+    assert not bad, f"non-ATen ops left in the exported program: {sorted(bad)}"
+    assert nfx.normfuse_ops(ep) == []
+
+
+def _namespaces(ep):
+    return {t.namespace for t in _targets(ep) if isinstance(t, torch._ops.OpOverload)}
+
+
+def _run_steps(module, inputs):
+    """Forward + backward per input: outputs, input gradients, parameter gradients."""
+    outs = []
+    for x in inputs:
+        x = x.detach().clone().requires_grad_()
+        y = module(x)
+        y.backward(torch.cos(y.detach()))
+        outs.append((y.detach(), x.grad))
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    return outs, grads
+
+
+def _compare(exported, eager, inputs, dtype):
+    """Run ``inputs`` through both; outputs, dx, parameter gradients and buffers must match."""
+    tol = TOL[dtype]
+    got, got_grads = _run_steps(exported, inputs)
+    want, want_grads = _run_steps(eager, inputs)
+    for (y, dx), (y_ref, dx_ref) in zip(got, want):
+        torch.testing.assert_close(y, y_ref, **tol)
+        torch.testing.assert_close(dx, dx_ref, **tol)
+    for name, g_ref in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g_ref, **tol, msg=name)
+    return _assert_buffers_match(exported, eager, dtype)
+
+
+def _assert_buffers_match(module, eager, dtype):
+    """Running statistics close, ``num_batches_tracked`` equal; returns ``module``'s buffers."""
+    buffers = dict(module.named_buffers())
+    assert buffers.keys() == dict(eager.named_buffers()).keys()
+    for name, b_ref in eager.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(buffers[name], b_ref), name
+        else:
+            torch.testing.assert_close(buffers[name], b_ref, **TOL[dtype], msg=name)
+    return buffers
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_under_auto_has_no_normfuse_ops(training):
+    """The default backend: the program is portable as exported, and stays so through the
+    Core ATen decompositions.  Gradients flow through it (float64, tight tolerances)."""
+    dtype = torch.float64
+    model = _model(dtype).train(training)
+    eager, before = copy.deepcopy(model), copy.deepcopy(model)
+    ep = torch.export.export(model, (_input(1, dtype),))
+    assert not _namespaces(ep) & set(nfx.NAMESPACES)
+    _assert_portable(ep.run_decompositions())
+    # Eager under "auto" runs the fused kernels; the program, the "torch" backend's ops.
+    buffers = _compare(ep.module(), eager, [_input(2, dtype), _input(3, dtype)], dtype)
+    if training:  # two steps, each counted and folded into the running statistics
+        assert int(buffers["1.num_batches_tracked"]) == 5
+        assert not torch.equal(buffers["1.running_mean"], before[1].running_mean)
+    else:
+        for name, b in before.named_buffers():
+            assert torch.equal(buffers[name], b), name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_portable_matches_eager(backend, training):
+    """A program exported under an explicit backend, made portable: only ATen ops, same
+    outputs and running statistics as eager on that backend, over two steps."""
+    dtype = torch.float32
+    model = _model(dtype, seed=4).train(training)
+    eager = copy.deepcopy(model)
+    with normfuse.use_backend(backend):
+        ep = torch.export.export(model, (_input(5),))
+        if backend == "cpu":  # the program holds our ops: the decomposition has work to do
+            assert nfx.normfuse_ops(ep) == sorted(
+                f"normfuse::{n}" for n in ("moments", "affine_apply", "bin_coefficients",
+                                           "iebn_coefficients", "assoc_coefficients"))
+        portable = nfx.portable(ep)
+        _assert_portable(portable)
+        mutated = {s.target for s in portable.graph_signature.output_specs
+                   if s.kind == torch.export.graph_signature.OutputKind.BUFFER_MUTATION}
+        if training:
+            assert mutated == {f"{i}.{b}" for i in (1, 3)
+                               for b in ("running_mean", "running_var", "num_batches_tracked")}
+        else:
+            assert mutated == set()
+        inputs = [_input(6), _input(7)]
+        module = portable.module()
+        with torch.no_grad():
+            got = [module(x) for x in inputs]
+            want = [eager(x) for x in inputs]
+    for y, y_ref in zip(got, want):
+        torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    _assert_buffers_match(module, eager, dtype)
+
+
+def test_decompositions_are_the_torch_backend():
+    """Every registered normfuse op (both namespaces) maps to the "torch" backend's function
+    of the same name: the math is not written a second time."""
+    table = nfx.decompositions()
+    by_namespace = {}
+    for op, fn in table.items():
+        assert op.namespace in nfx.NAMESPACES
+        name = op.name().split("::")[1]
+        assert fn is getattr(torch_backend, name)
+        by_namespace.setdefault(op.namespace, set()).add(name)
+    expected = set(torch_backend.__all__)
+    if "cpu" in normfuse.available_backends():
+        assert by_namespace["normfuse"] == expected
+    if normfuse.backends._triton()[0] is not None:  # normfuse.triton_kernels imports here
+        assert by_namespace["normfuse_triton"] == expected
+
+
+@pytest.mark.skipif("cpu" not in normfuse.available_backends(),
+                    reason="needs normfuse._C to export a program holding normfuse ops")
+def test_portable_decomposes_triton_coefficient_ops():
+    """``torch.ops.normfuse_triton.*`` decompose too; here the two that mutate their arguments
+    (running statistics, ``num_batches_tracked``), which take another path than the table.
+
+    Exporting through the Triton kernels needs a GPU: without one they run in Triton's
+    interpreter, which cannot take the fake tensors of tracing.  So the coefficient ops of a
+    program exported with the "cpu" backend are swapped for their Triton twins (same
+    schemas); only the mutating ones, because retracing runs the fake implementation of a
+    functional op (for a Triton op: its kernels) before the table replaces it."""
+    module, reason = normfuse.backends._triton()
+    if module is None:
+        pytest.skip(reason)
+    model = _model(seed=8).train()
+    eager = copy.deepcopy(model)
+    with normfuse.use_backend("cpu"), torch.no_grad():
+        ep = torch.export.export(model, (_input(9),))
+        want = eager(_input(10))
+    swapped = ("bin_coefficients", "iebn_coefficients")
+    for node in ep.graph.nodes:
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "normfuse":
+            name = target.name().split("::")[1]
+            if name in swapped:
+                node.target = getattr(torch.ops.normfuse_triton, name).default
+    ep.graph_module.recompile()
+    assert {f"normfuse_triton::{n}" for n in swapped} <= set(nfx.normfuse_ops(ep))
+    portable = nfx.portable(ep, decomp_table={})
+    _assert_portable(portable)
+    module = portable.module()
+    with torch.no_grad():
+        got = module(_input(10))
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    _assert_buffers_match(module, eager, torch.float32)
+
+
+def test_strict_export_as_first_call(monkeypatch):
+    """Strict (Dynamo) export works even when it is the process's first normfuse call (the
+    backend setting is validated lazily, at the first call, and Dynamo must trace that)."""
+    monkeypatch.setattr(normfuse.backends._state, "checked", False)
+    model = _model(seed=11).eval()
+    x = _input(12)
+    ep = torch.export.export(model, (x,), strict=True)
+    _assert_portable(ep.run_decompositions())
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), **TOL[torch.float32])
+
+
+_ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime")
+                 if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(_ONNX_MISSING),
+                    reason=f"ONNX export needs {_ONNX_MISSING} (pip install -e '.[export]')")
+@pytest.mark.parametrize("route", ["model", "portable-program"])
+def test_onnx_round_trip(route, tmp_path):
+    """``torch.onnx.export(model, (x,), path, dynamo=True)`` in eval mode, run by onnxruntime
+    on the CPU, matches PyTorch within float32 tolerance.  "portable-program": a program
+    exported with the "cpu" backend, made portable first."""
+    import onnxruntime
+
+    model = _model(seed=13).eval()
+    x = _input(14).detach()
+    path = tmp_path / "model.onnx"
+    if route == "model":
+        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+    else:
+        if "cpu" not in normfuse.available_backends():
+            pytest.skip("needs normfuse._C to export a program holding normfuse ops")
+        with normfuse.use_backend("cpu"):
+            ep = nfx.portable(torch.export.export(model, (x,)))
+        torch.onnx.export(ep, (x,), str(path), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed in (15, 16):
+        x_new = _input(seed).detach()
+        (y,) = session.run(None, {session.get_inputs()[0].name: x_new.numpy()})
+        with torch.no_grad():
+            want = model(x_new)
+        torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-5)
