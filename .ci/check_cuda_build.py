@@ -136,6 +136,11 @@ def elf_archs(path: Path, cuobjdump: Path) -> set[str]:
     return set(re.findall(r"sm_(\d+)", res.stdout))
 
 
+def ptx_archs(path: Path, cuobjdump: Path) -> set[str]:
+    res = subprocess.run([str(cuobjdump), "--list-ptx", str(path)], capture_output=True, text=True)
+    return set(re.findall(r"sm_(\d+)", res.stdout)) | set(re.findall(r"compute_(\d+)", res.stdout))
+
+
 def sass_functions(obj: Path, cuobjdump: Path, arch: str) -> dict[str, str]:
     res = subprocess.run([str(cuobjdump), "-sass", "-arch", f"sm_{arch}", str(obj)], capture_output=True, text=True)
     funcs, cur, buf = {}, None, []
@@ -201,6 +206,12 @@ def run(check_extension: bool = False, verbose: bool = True) -> dict:
                     missing = set(ARCHS) - set(archs_seen[ext.name])
                     if missing and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
                         failures.append(f"{ext.name}: no cubin for sm_{', sm_'.join(sorted(missing))}")
+                    # setup.py's default also embeds PTX of the newest arch, which newer GPUs
+                    # (Blackwell) JIT-compile instead of failing with "no kernel image"
+                    ptx = ptx_archs(ext, cuobjdump)
+                    archs_seen[ext.name + " (ptx)"] = sorted(ptx)
+                    if ARCHS[-1] not in ptx and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                        failures.append(f"{ext.name}: no compute_{ARCHS[-1]} PTX for newer GPUs")
     summary = {"rows": rows, "archs": archs_seen, "failures": failures, "vector_kernels_checked": vector_checked}
     if verbose:
         print(f"{'kernel':<70} {'arch':>5} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6}")

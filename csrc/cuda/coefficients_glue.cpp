@@ -1,6 +1,12 @@
 // Torch glue of the CUDA coefficient kernels: checks, output allocation on the caching allocator,
 // device guard and current stream, then one kernel launch per op (kernels/coefficients_*.cuh via
 // cuda/coefficients.cu). Statistics are float32 on the GPU (docs/architecture.md).
+//
+// Every op checks all its arguments first, then takes the device guard, allocates and launches:
+// nothing is allocated, guarded or launched for a call that raises. (On the first GPU run, the
+// error paths that raised with a guard alive crashed the process; those that raised before it did
+// not. The order is right regardless; scripts/run_gpu_suite.sh's crash probe re-runs them with
+// C++ stack traces on fatal signals, should anything there still crash.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -48,10 +54,10 @@ std::tuple<Tensor, Tensor> batch_forward(const char* op, const Tensor& mean, con
                                          const OptTensor& running_var, bool training, double momentum, double eps,
                                          const OptTensor& num_batches_tracked) {
   check_cuda_stats(op, mean);
-  const c10::cuda::CUDAGuard guard(mean.device());
   auto p = nf_coef::batch_params<float>(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
                                         running_var, training, momentum, eps);
   nf_coef::set_batch_counter(p, op, num_batches_tracked, mean);
+  const c10::cuda::CUDAGuard guard(mean.device());  // after every check (see the file comment)
   Tensor scale = nf_coef::empty_stats(mean), shift = nf_coef::empty_stats(mean);
   p.scale = scale.data_ptr<float>();
   p.shift = shift.data_ptr<float>();
@@ -69,10 +75,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_backwar
     int64_t plane_size, const Tensor& gate, const Tensor* gate_bias, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps) {
   check_cuda_stats(op, mean);
-  const c10::cuda::CUDAGuard guard(mean.device());
   auto p = nf_coef::batch_params<float>(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
                                         running_var, training, 0.0, eps);
   nf_coef::batch_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
+  const c10::cuda::CUDAGuard guard(mean.device());
   const int64_t C = p.C;
   Tensor c_dy = nf_coef::empty_stats(mean), c_x = nf_coef::empty_stats(mean), c_0 = nf_coef::empty_stats(mean);
   Tensor g_gate = nf_coef::empty_grad({C}, mean), g_gate_bias, g_weight = nf_coef::empty_grad({C}, mean),
@@ -135,10 +141,10 @@ std::tuple<Tensor, Tensor> assoc_coefficients(const Tensor& mean, const Tensor& 
                                               double eps) {
   const char* op = "assoc_coefficients";
   check_cuda_stats(op, mean);
-  const c10::cuda::CUDAGuard guard(mean.device());
   auto p = nf_coef::assoc_params<float>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
                                         weight, bias, eps);
   check_assoc_smem(op, p, false, mean);
+  const c10::cuda::CUDAGuard guard(mean.device());
   Tensor scale = nf_coef::empty_stats(mean), shift = nf_coef::empty_stats(mean);
   p.scale = scale.data_ptr<float>();
   p.shift = shift.data_ptr<float>();
@@ -152,12 +158,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> assoc
     const Tensor& weight, const Tensor& bias, double eps) {
   const char* op = "assoc_coefficients_backward";
   check_cuda_stats(op, mean);
-  const c10::cuda::CUDAGuard guard(mean.device());
   auto p = nf_coef::assoc_params<float>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
                                         weight, bias, eps);
   nf_coef::check_like_stats(op, "sum_dy", sum_dy, mean);
   nf_coef::check_like_stats(op, "sum_dy_xmu", sum_dy_xmu, mean);
   check_assoc_smem(op, p, true, mean);
+  const c10::cuda::CUDAGuard guard(mean.device());
   Tensor c_dy = nf_coef::empty_stats(mean), c_x = nf_coef::empty_stats(mean), c_0 = nf_coef::empty_stats(mean);
   Tensor g_enc = nf_coef::empty_grad(encoder.sizes(), mean),
          g_dec_mean = nf_coef::empty_grad(decoder_mean.sizes(), mean),

@@ -61,8 +61,8 @@ Scratch scratch(const at::Tensor& x, const nf::Workspace& w, Params& p) {
 
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
   check_cuda_input(x, "moments");
-  const c10::cuda::CUDAGuard guard(x.device());
   const nf::PlaneShape sh = cuda_plane_shape(x, "moments");
+  const c10::cuda::CUDAGuard guard(x.device());  // after every check (coefficients_glue.cpp)
   at::Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {mean, m2};
   if (sh.L == 0) {
@@ -84,10 +84,10 @@ std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                       const at::Tensor& mean) {
   check_cuda_input(x, "backward_sums");
-  const c10::cuda::CUDAGuard guard(x.device());
   const nf::PlaneShape sh = cuda_plane_shape(x, "backward_sums");
   nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
+  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {g1, g2};
   if (sh.L == 0) {
@@ -111,11 +111,11 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, cons
 at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                              const at::Tensor& shift) {
   check_cuda_input(x, "affine_apply");
-  const c10::cuda::CUDAGuard guard(x.device());
   const nf::PlaneShape sh = cuda_plane_shape(x, "affine_apply");
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
   nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
+  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = nf_glue::empty_output(x);
   if (x.numel() == 0) return y;
   nf::AffineApplyParams p;
@@ -133,13 +133,13 @@ at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const 
 at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                                const at::Tensor& c_dy, const at::Tensor& c_x, const at::Tensor& c_0) {
   check_cuda_input(x, "backward_apply");
-  const c10::cuda::CUDAGuard guard(x.device());
   const nf::PlaneShape sh = cuda_plane_shape(x, "backward_apply");
   nf_glue::check_like_input(dy, x, sh, "backward_apply", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_apply", "mean");
   nf_glue::check_stats(c_dy, x, sh, "backward_apply", "c_dy");
   nf_glue::check_stats(c_x, x, sh, "backward_apply", "c_x");
   nf_glue::check_stats(c_0, x, sh, "backward_apply", "c_0");
+  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = nf_glue::empty_output(x);
   if (x.numel() == 0) return dx;
   nf::BackwardApplyParams p;
