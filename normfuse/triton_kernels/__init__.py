@@ -8,8 +8,10 @@ tensors when ``TRITON_INTERPRET=1`` was set before that.  Files:
   the generic full-size passes, contiguous and channels-last;
 * ``coefficients_{bin,iebn,assoc}.py``: one fused coefficient kernel per layer and direction;
 * ``heuristics.py``: every launch choice, and the enumeration of all of them;
-* ``ops.py``: validation, allocation, launches; ``aot.py``: compile every configuration for
-  sm_80/sm_90 without a GPU and report registers, spills and 128-bit loads.
+* ``ops.py``: registers the ten ops: ``streaming_ops.py`` and ``coefficient_ops.py`` (validation,
+  allocation, one launch each) over ``runtime.py`` (lazy kernel import, checks, counters, grids);
+  ``aot.py``: compile every configuration for sm_80/sm_90 without a GPU and report registers,
+  spills and 128-bit loads.
 """
 from . import heuristics, ops
 from .ops import NAMESPACE, interpreted, kernels

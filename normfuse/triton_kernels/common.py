@@ -5,8 +5,9 @@
   lets a split reduction merge its partials inside the same launch instead of a second one.
 * ``tanh`` without libdevice (the interpreter has no libdevice).
 
-This module is imported lazily by ``ops.py`` (together with every kernel module) so that the
-choice between compiled and interpreted kernels (``TRITON_INTERPRET``) is made at first use.
+This module is imported lazily by ``runtime.kernels()`` (together with every kernel module) so
+that the choice between compiled and interpreted kernels (``TRITON_INTERPRET``) is made at first
+use.
 """
 import triton
 import triton.language as tl

@@ -2,7 +2,7 @@
 every supported torch.
 
 The two are typed in two places (C++ schema strings in csrc/ops.cpp, Python annotations in
-normfuse/triton_kernels/ops.py, from which torch infers the schema), so they are compared here:
+normfuse/triton_kernels/streaming_ops.py and coefficient_ops.py, from which torch infers the schema), so they are compared here:
 argument names, order, types, defaults and which arguments are written; return count and types.
 ``int`` arguments are inferred as ``SymInt`` from annotations, and inferred returns carry no names
 nor do inferred alias sets carry the C++ letters: both are normalised away.

@@ -72,9 +72,9 @@ def test_streaming_ops(shape, dtype, channels_last):
 def test_split_reductions(force_splits, monkeypatch, shape, channels_last):
     """Planes shared by several programs, merged by the last one; a 1e4 offset on top.  The
     ticket counters must come back zeroed (they are reused across launches on a GPU)."""
-    from normfuse.triton_kernels import ops as tops
-    used, counters = [], tops._counters
-    monkeypatch.setattr(tops, "_counters", lambda *a: used.append(counters(*a)) or used[-1])
+    from normfuse.triton_kernels import runtime
+    used, counters = [], runtime.counters
+    monkeypatch.setattr(runtime, "counters", lambda *a: used.append(counters(*a)) or used[-1])
     x, dy = _inputs(shape, torch.float32, channels_last, offset=1e4)
     n, c = shape[:2]
     cfg = heuristics.stream_config(c, x[0, 0].numel(), channels_last)

@@ -1,0 +1,255 @@
+"""The per-layer coefficient steps as ``triton_op``s: ``torch.ops.normfuse_triton.
+{bin,iebn,assoc}_coefficients[_backward]`` (docs/architecture.md), each one launch of its fused
+kernel over O(N*C) statistics.  Schemas are inferred from the annotations (see ops.py)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from ..coefficients._merge import check_batch_counter
+from . import heuristics
+from . import runtime as rt
+from .runtime import NAMESPACE, OptTensor, check_device, kernels, launcher, stats_tensor
+
+def _moment_pair(mean: Tensor, m2: Tensor):
+    if mean.dim() != 2 or mean.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"normfuse_triton: mean must be (N, C) float32/float64, got "
+                           f"{tuple(mean.shape)} {mean.dtype}")
+    check_device(mean, "mean")
+    return mean.contiguous(), stats_tensor(m2, mean.shape, mean.dtype, "m2")
+
+
+def _param(t, c: int, dtype, what: str):
+    return None if t is None else stats_tensor(t.reshape(-1), (c,), dtype, what)
+
+
+def _coeff_meta(n: int):
+    cfg = heuristics.coeff_config(n)
+    return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps), cfg
+
+
+def _running(running_mean, running_var, c, dtype):
+    """Contiguous running statistics for the kernels (strided ones are copied, see
+    ``_write_back``)."""
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("normfuse_triton: give both running_mean and running_var, or neither")
+    if running_mean is None:
+        return None, None
+    for t, what in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if tuple(t.shape) != (c,) or t.dtype != dtype:
+            raise RuntimeError(f"normfuse_triton: {what} must be a ({c},) {dtype} tensor, got "
+                               f"{tuple(t.shape)} {t.dtype}")
+    return running_mean.contiguous(), running_var.contiguous()
+
+
+def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str):
+    """``(pointer tensor, count)`` for the forward kernels' ``nbt_ptr`` / ``count``: the given
+    ``num_batches_tracked`` (a 0-dim or 1-element int64 tensor on the statistics' device,
+    checked before anything runs), or an unused int64 scalar (an allocation, not a launch) so
+    that the kernel is compiled for one pointer type."""
+    if num_batches_tracked is None:
+        return torch.empty((), dtype=torch.int64, device=mean.device), 0
+    check_batch_counter(num_batches_tracked, mean, op, NAMESPACE)
+    return num_batches_tracked, int(bool(training))
+
+
+def _write_back(updated: bool, pairs) -> None:
+    """Copy updated running statistics back where the kernel worked on a contiguous copy."""
+    for original, used in pairs:
+        if updated and original is not None and used is not original:
+            original.copy_(used)
+
+
+_MUTATED = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, running_mean,
+                   running_var, training, momentum, eps, num_batches_tracked):
+    """BIN / IEBN forward; ``gates`` are the layer's per-channel gate parameters as (name,
+    tensor) pairs (BIN: gate; IEBN: gate_weight, gate_bias), passed to the kernel in order."""
+    mean, m2 = _moment_pair(mean, m2)
+    n, c = mean.shape
+    gates = [_param(t, c, mean.dtype, name) for name, t in gates]
+    weight, bias = _param(weight, c, mean.dtype, "weight"), _param(bias, c, mean.dtype, "bias")
+    rm, rv = _running(running_mean, running_var, c, mean.dtype)
+    nbt, count = _batch_counter(num_batches_tracked, mean, training, op)
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    if n * c == 0:
+        if count:  # no kernel to count in (only direct op calls get here; layers refuse)
+            nbt.add_(1)
+        return scale, shift
+    meta, cfg = _coeff_meta(n)
+    use_batch = training or rm is None
+    update = training and rm is not None
+    launcher(kernel)[(rt.cdiv(c, cfg.block_c),)](  # absent tensors: any pointer, never read
+        mean, m2, *gates, gates[0] if weight is None else weight,
+        gates[0] if bias is None else bias,
+        scale if rm is None else rm, shift if rv is None else rv, scale, shift, nbt,
+        n, c, plane_size, momentum, eps, int(weight is not None), int(bias is not None),
+        int(use_batch), int(update), count, **meta)
+    _write_back(update, ((running_mean, rm), (running_var, rv)))
+    return scale, shift
+
+
+def _batch_backward(kernel, sum_dy, sum_dy_xmu, mean, m2, plane_size, gates, weight,
+                    running_mean, running_var, training, eps):
+    """BIN / IEBN backward: (c_dy, c_x, c_0, one gradient per gate, grad_weight, grad_bias)."""
+    mean, m2 = _moment_pair(mean, m2)
+    n, c = mean.shape
+    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy")
+    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu")
+    gates = [_param(t, c, mean.dtype, name) for name, t in gates]
+    weight = _param(weight, c, mean.dtype, "weight")
+    running_mean, running_var = _running(running_mean, running_var, c, mean.dtype)
+    c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
+    grads = [mean.new_empty(c) for _ in range(len(gates) + 2)]
+    if n * c == 0:
+        return (c_dy, c_x, c_0, *(g.zero_() for g in grads))
+    meta, cfg = _coeff_meta(n)
+    use_batch = training or running_mean is None
+    launcher(kernel)[(rt.cdiv(c, cfg.block_c),)](
+        g1, g2, mean, m2, *gates, gates[0] if weight is None else weight,
+        mean if running_mean is None else running_mean,
+        m2 if running_var is None else running_var,
+        c_dy, c_x, c_0, *grads, n, c, plane_size, eps, int(weight is not None), int(use_batch),
+        **meta)
+    return (c_dy, c_x, c_0, *grads)
+
+
+@triton_op(f"{NAMESPACE}::bin_coefficients", mutates_args=_MUTATED)
+def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, weight: OptTensor,
+                     bias: OptTensor, running_mean: OptTensor, running_var: OptTensor,
+                     training: bool, momentum: float, eps: float,
+                     num_batches_tracked: OptTensor = None) -> tuple[Tensor, Tensor]:
+    return _batch_forward(kernels().bin_forward, "bin_coefficients", mean, m2, plane_size,
+                          [("gate", gate)], weight, bias, running_mean, running_var, training,
+                          momentum, eps, num_batches_tracked)
+
+
+@triton_op(f"{NAMESPACE}::bin_coefficients_backward", mutates_args=())
+def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                              plane_size: int, gate: Tensor, weight: OptTensor, bias: OptTensor,
+                              running_mean: OptTensor, running_var: OptTensor, training: bool,
+                              eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _batch_backward(kernels().bin_backward, sum_dy, sum_dy_xmu, mean, m2, plane_size,
+                           [("gate", gate)], weight, running_mean, running_var, training, eps)
+
+
+@triton_op(f"{NAMESPACE}::iebn_coefficients", mutates_args=_MUTATED)
+def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Tensor,
+                      gate_bias: Tensor, weight: OptTensor, bias: OptTensor,
+                      running_mean: OptTensor, running_var: OptTensor, training: bool,
+                      momentum: float, eps: float,
+                      num_batches_tracked: OptTensor = None) -> tuple[Tensor, Tensor]:
+    return _batch_forward(kernels().iebn_forward, "iebn_coefficients", mean, m2, plane_size,
+                          [("gate_weight", gate_weight), ("gate_bias", gate_bias)], weight, bias,
+                          running_mean, running_var, training, momentum, eps, num_batches_tracked)
+
+
+@triton_op(f"{NAMESPACE}::iebn_coefficients_backward", mutates_args=())
+def iebn_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                               plane_size: int, gate_weight: Tensor, gate_bias: Tensor,
+                               weight: OptTensor, bias: OptTensor, running_mean: OptTensor,
+                               running_var: OptTensor, training: bool, eps: float
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _batch_backward(kernels().iebn_backward, sum_dy, sum_dy_xmu, mean, m2, plane_size,
+                           [("gate_weight", gate_weight), ("gate_bias", gate_bias)], weight,
+                           running_mean, running_var, training, eps)
+
+
+def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias):
+    n, c = mean.shape
+    if num_groups <= 0 or c % num_groups:
+        raise RuntimeError(f"normfuse_triton: {c} channels do not split into {num_groups} groups")
+    hidden = encoder.shape[0]
+    enc = stats_tensor(encoder, (hidden, num_groups), mean.dtype, "encoder")
+    dec_mu = stats_tensor(decoder_mean, (num_groups, hidden), mean.dtype, "decoder_mean")
+    dec_var = stats_tensor(decoder_var, (num_groups, hidden), mean.dtype, "decoder_var")
+    cfg = heuristics.assoc_config(num_groups, hidden)
+    meta = dict(BLOCK_G=cfg.block_g, BLOCK_M=cfg.block_m, BLOCK_CG=cfg.block_cg,
+                num_warps=cfg.num_warps)
+    return (enc, dec_mu, dec_var, _param(weight, c, mean.dtype, "weight"),
+            _param(bias, c, mean.dtype, "bias"), hidden, meta)
+
+
+@triton_op(f"{NAMESPACE}::assoc_coefficients", mutates_args=())
+def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
+                       encoder: Tensor, decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
+                       bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    mean, m2 = _moment_pair(mean, m2)
+    n, c = mean.shape
+    enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
+        mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias)
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    if n * c == 0:
+        return scale, shift
+    launcher(kernels().assoc_forward)[(n,)](
+        mean, m2, enc, dec_mu, dec_var, weight, bias, scale, shift,
+        c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
+    return scale, shift
+
+
+@triton_op(f"{NAMESPACE}::assoc_coefficients_backward", mutates_args=())
+def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                                plane_size: int, num_groups: int, encoder: Tensor,
+                                decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
+                                bias: Tensor, eps: float
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                           Tensor]:
+    mean, m2 = _moment_pair(mean, m2)
+    n, c = mean.shape
+    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy")
+    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu")
+    enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
+        mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias)
+    c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
+    d_enc, d_dec_mu, d_dec_var = (torch.empty_like(t) for t in (enc, dec_mu, dec_var))
+    d_weight, d_bias = mean.new_empty(c), mean.new_empty(c)
+    if n * c == 0:
+        return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_mu.zero_(), d_dec_var.zero_(),
+                d_weight.zero_(), d_bias.zero_())
+    width = 2 * c + 3 * hidden * num_groups
+    groups = rt.cdiv(n, kernels().rows_per_group)
+    ws = mean.new_empty(n * width)
+    ws2 = mean.new_empty(groups * width)
+    counter = rt.counters(mean, groups + 1)
+    launcher(kernels().assoc_backward)[(n,)](
+        g1, g2, mean, m2, enc, dec_mu, dec_var, weight, c_dy, c_x, c_0, ws, ws2, counter,
+        d_enc, d_dec_mu, d_dec_var, d_weight, d_bias,
+        n, c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
+    return (c_dy, c_x, c_0, d_enc, d_dec_mu, d_dec_var, d_weight, d_bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# version counters of the running statistics
+
+def _bump_running_versions_only_in_training(name: str) -> None:
+    """A custom op bumps the version counter of every ``(a!)`` argument on every call, but these
+    ops write the running statistics (and ``num_batches_tracked``) only when ``training``; in
+    eval mode autograd saves the statistics for the backward and must find them unchanged (as
+    with the C++ ops, whose ADInplaceOrView kernel is a fallthrough).  So replace the op's
+    ADInplaceOrView kernel by one that bumps only when they are actually written."""
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    names = [a.name for a in op._schema.arguments]
+    i_training, mutated = names.index("training"), [(names.index(a), a) for a in _MUTATED]
+    after = torch._C._after_ADInplaceOrView_keyset
+
+    def adinplaceorview(keyset, *args, **kwargs):
+        if args[i_training]:
+            for i, arg in mutated:  # num_batches_tracked may be left out, or given by name
+                t = args[i] if i < len(args) else kwargs.get(arg)
+                if t is not None:
+                    torch.autograd.graph.increment_version(t)
+        return op.redispatch(keyset & after, *args, **kwargs)
+
+    # allow_override: torch 2.11 registers its own ADInplaceOrView kernel for mutable custom ops
+    # (bumping on every call) from Python, which Library.impl would otherwise refuse to replace.
+    _VERSION_LIB.impl(name, adinplaceorview, "ADInplaceOrView", with_keyset=True,
+                      allow_override=True)
+
+
+_VERSION_LIB = torch.library.Library(NAMESPACE, "IMPL")  # kept alive: owns the registrations
+for _name in ("bin_coefficients", "iebn_coefficients"):
+    _bump_running_versions_only_in_training(_name)
+

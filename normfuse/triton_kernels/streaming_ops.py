@@ -1,0 +1,83 @@
+"""The four full-size passes as ``triton_op``s: ``torch.ops.normfuse_triton.{moments,
+affine_apply, backward_sums, backward_apply}`` (docs/architecture.md).  Each op validates its
+inputs, allocates outputs (and O(N*C) workspaces), asks ``heuristics`` for a launch configuration
+and launches exactly one kernel through ``wrap_triton``, so that ``torch.compile`` traces into
+the kernels.  Schemas are inferred from the annotations (see ops.py)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from . import heuristics
+from . import runtime as rt
+from .runtime import NAMESPACE, acc_dtype, check_input, check_pair, kernels, launcher, stats_tensor
+
+@triton_op(f"{NAMESPACE}::moments", mutates_args=())
+def moments(input: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, plane, cl = check_input(input)
+    acc = acc_dtype(input.dtype)
+    mean = input.new_empty((n, c), dtype=acc)
+    m2 = input.new_empty((n, c), dtype=acc)
+    if n * c == 0 or plane == 0:
+        return mean.fill_(float("nan")), m2.zero_()
+    cfg, c_blocks, keep, splits, chunk = rt.reduction_plan(n, c, plane, cl, input.device)
+    part = mean.new_empty(2 * splits * n * c) if splits > 1 else mean
+    counter = rt.counters(input, keep, splits > 1)
+    launcher(kernels().moments)[(keep, splits)](
+        input, mean, m2, part, counter, c, plane, n * c, c_blocks, chunk // cfg.block_l, splits,
+        **rt.stream_meta(cfg))
+    return mean, m2
+
+
+@triton_op(f"{NAMESPACE}::affine_apply", mutates_args=())
+def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    n, c, plane, cl = check_input(input)
+    acc = acc_dtype(input.dtype)
+    mean, scale, shift = (stats_tensor(t, (n, c), acc, name) for t, name in
+                          ((mean, "mean"), (scale, "scale"), (shift, "shift")))
+    out = torch.empty_like(input)
+    if out.numel() == 0:
+        return out
+    cfg = heuristics.stream_config(c, plane, cl)
+    rows, l_blocks, grid = rt.stream_grid(n, c, plane, cfg)
+    launcher(kernels().affine_apply)[grid](
+        input, out, mean, scale, shift, c, plane, n * c, rows, l_blocks, **rt.stream_meta(cfg))
+    return out
+
+
+@triton_op(f"{NAMESPACE}::backward_sums", mutates_args=())
+def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, plane, cl = check_pair(grad_output, input)
+    acc = acc_dtype(input.dtype)
+    mean = stats_tensor(mean, (n, c), acc, "mean")
+    g1 = mean.new_empty((n, c))
+    g2 = mean.new_empty((n, c))
+    if n * c == 0 or plane == 0:
+        return g1.zero_(), g2.zero_()
+    cfg, c_blocks, keep, splits, chunk = rt.reduction_plan(n, c, plane, cl, input.device)
+    part = mean.new_empty(2 * splits * n * c) if splits > 1 else g1
+    counter = rt.counters(input, keep, splits > 1)
+    launcher(kernels().backward_sums)[(keep, splits)](
+        grad_output, input, mean, g1, g2, part, counter, c, plane, n * c, c_blocks,
+        chunk // cfg.block_l, splits, **rt.stream_meta(cfg))
+    return g1, g2
+
+
+@triton_op(f"{NAMESPACE}::backward_apply", mutates_args=())
+def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tensor, c_x: Tensor,
+                   c_0: Tensor) -> Tensor:
+    n, c, plane, cl = check_pair(grad_output, input)
+    acc = acc_dtype(input.dtype)
+    mean, c_dy, c_x, c_0 = (stats_tensor(t, (n, c), acc, name) for t, name in
+                            ((mean, "mean"), (c_dy, "c_dy"), (c_x, "c_x"), (c_0, "c_0")))
+    out = torch.empty_like(input)
+    if out.numel() == 0:
+        return out
+    cfg = heuristics.stream_config(c, plane, cl)
+    rows, l_blocks, grid = rt.stream_grid(n, c, plane, cfg)
+    launcher(kernels().backward_apply)[grid](
+        grad_output, input, out, mean, c_dy, c_x, c_0, c, plane, n * c, rows, l_blocks,
+        **rt.stream_meta(cfg))
+    return out
+
