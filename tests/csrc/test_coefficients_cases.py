@@ -117,3 +117,14 @@ def assert_close(actual: torch.Tensor, want: torch.Tensor, tol: float, what: str
         f"{what}: {int(bad.sum())} of {want.numel()} values off; worst |diff| "
         f"{float((a - want).abs().max()):.3e} (scale {scale:.3e}, tol {tol:.1e})\n"
         f"got  {a.flatten()[:8].tolist()}\nwant {want.flatten()[:8].tolist()}")
+
+
+def opcheck_cases():
+    """(op, (N, C, L, G, M), (training, running, affine)) for opcheck of the coefficient ops, the
+    C++ ones (tests/csrc/test_coefficients_ops.py) and the Triton ones
+    (tests/triton_kernels/test_opcheck.py)."""
+    for op in ("bin", "bin_backward", "iebn", "iebn_backward"):
+        for training, running, affine in [(True, True, True), (False, True, False), (True, False, True)]:
+            yield op, (3, 4, 5, 1, 1), (training, running, affine)
+    for op in ("assoc", "assoc_backward"):
+        yield op, (2, 6, 5, 3, 2), (False, False, True)

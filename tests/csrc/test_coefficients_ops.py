@@ -13,7 +13,8 @@ import zlib
 import pytest
 import torch
 
-from test_coefficients_cases import OUTPUTS, assert_close, expected, make_inputs, op_args, op_name
+from test_coefficients_cases import (OUTPUTS, assert_close, expected, make_inputs, op_args, op_name,
+                                     opcheck_cases)
 
 try:
     from normfuse import _extension
@@ -137,15 +138,7 @@ def test_independent_of_thread_count(op, shape):
         assert torch.equal(one[k], two[k]), k
 
 
-def _opcheck_cases():
-    for op in ("bin", "bin_backward", "iebn", "iebn_backward"):
-        for training, running, affine in [(True, True, True), (False, True, False), (True, False, True)]:
-            yield op, (3, 4, 5, 1, 1), (training, running, affine)
-    for op in ("assoc", "assoc_backward"):
-        yield op, (2, 6, 5, 3, 2), (False, False, True)
-
-
-@pytest.mark.parametrize("op,shape,mode", list(_opcheck_cases()))
+@pytest.mark.parametrize("op,shape,mode", list(opcheck_cases()))
 def test_opcheck(op, shape, mode):
     N, C, L, G, M = shape
     t = make_inputs(op, N, C, L, G, M, seed=11, dtype=torch.float32)
@@ -286,7 +279,7 @@ def test_large_batch_cuda_reproducible():
 
 
 @gpu
-@pytest.mark.parametrize("op,shape,mode", list(_opcheck_cases()))
+@pytest.mark.parametrize("op,shape,mode", list(opcheck_cases()))
 def test_opcheck_cuda(op, shape, mode):
     N, C, L, G, M = shape
     t = make_inputs(op, N, C, L, G, M, seed=11, dtype=torch.float32)

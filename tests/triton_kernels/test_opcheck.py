@@ -16,7 +16,7 @@ import torch
 from tk_common import DEVICE, HAS_CUDA
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
-from test_coefficients_cases import make_inputs, op_args, op_name  # noqa: E402
+from test_coefficients_cases import make_inputs, op_args, op_name, opcheck_cases  # noqa: E402
 
 UTILS = None if HAS_CUDA else ("test_schema", "test_autograd_registration")
 OPS = torch.ops.normfuse_triton
@@ -41,15 +41,7 @@ def test_streaming_ops(channels_last):
     _opcheck("backward_apply", (dy, x, mean, a, b, c))
 
 
-def _coefficient_cases():
-    for op in ("bin", "bin_backward", "iebn", "iebn_backward"):
-        for training, running, affine in [(True, True, True), (False, True, False), (True, False, True)]:
-            yield op, (3, 4, 5, 1, 1), (training, running, affine)
-    for op in ("assoc", "assoc_backward"):
-        yield op, (2, 6, 5, 3, 2), (False, False, True)
-
-
-@pytest.mark.parametrize("op,shape,mode", list(_coefficient_cases()))
+@pytest.mark.parametrize("op,shape,mode", list(opcheck_cases()))
 def test_coefficient_ops(op, shape, mode):
     N, C, L, G, M = shape
     t = make_inputs(op, N, C, L, G, M, seed=11, dtype=torch.float32)
