@@ -1,7 +1,11 @@
-// Scalar math of the per-layer coefficient ops, written once for the CPU ops (T = double) and the
-// CUDA kernels (T = float). The formulas are those of normfuse/coefficients/{_merge,bin,iebn,
-// assoc}.py in the centred form of docs/architecture.md; the loops around them (sequential on the
-// CPU, block trees on the GPU) live in cpu/coefficients_*.cpp and kernels/coefficients_*.cuh.
+// Scalar math of the per-layer coefficient ops (namespace nf::coef, torch-free and CUDA-free),
+// written once for the CUDA kernels (T = float, also run on the CPU through tests/cuda_shim) and
+// the CPU kernels (T = the statistics' dtype, float or double; their vectorised loops restate the
+// per-channel formulas with at::vec and call these for merges, shifts and scalar tails). The
+// formulas are those of normfuse/coefficients/{_merge,bin,iebn,assoc}.py in the centred form of
+// docs/architecture.md; the loops around them live in cpu/coefficients_{batch,assoc}_impl.h and
+// kernels/coefficients_{batch,assoc}.cuh. The torch glue of the ops is elsewhere
+// (common/coefficients_glue.h, namespace nf_coef_glue).
 //
 // Notation: per plane (n, c): m = mean, q = m2 (centred sum of squares), L = plane size,
 // g1 = sum_dy (gradient of shift), g2 = sum_dy_xmu (gradient of scale).

@@ -1,6 +1,9 @@
 // Torch glue shared by the CPU and CUDA registrations of the coefficient ops: argument checks with
-// clear messages and the filling of the plain parameter structs (common/coefficients_params.h).
-// Torch is fine here; only .cpp files include this (never a .cu / .cuh).
+// clear messages, the filling of the plain parameter structs (common/coefficients_params.h) and
+// the allocation of the outputs. The op entry points built from these are in
+// common/coefficient_ops.h. Namespace nf_coef_glue (torch glue), not nf::coef (the torch-free
+// math of common/coefficients.h). Torch is fine here; only .cpp files include this (never a .cu
+// / .cuh).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -8,11 +11,13 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/coefficients_params.h"
 
-namespace nf_coef {
+namespace nf_coef_glue {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -157,6 +162,16 @@ nf::AssocCoefParams<S> assoc_params(const char* op, const Tensor& mean, const Te
   return p;
 }
 
+// Assoc backward additions: the two gradient sums.
+template <class S>
+void assoc_backward_params(nf::AssocCoefParams<S>& p, const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                           const Tensor& mean) {
+  check_like_stats(op, "sum_dy", sum_dy, mean);
+  check_like_stats(op, "sum_dy_xmu", sum_dy_xmu, mean);
+  p.sum_dy = sum_dy.data_ptr<S>();
+  p.sum_dy_xmu = sum_dy_xmu.data_ptr<S>();
+}
+
 // Calls f(S{}) with S the C++ type of the statistics (checked float32 / float64 before).
 template <class F>
 void dispatch_stats(const Tensor& mean, F&& f) {
@@ -173,4 +188,66 @@ inline Tensor empty_grad(at::IntArrayRef shape, const Tensor& mean) {
   return mean.size(0) == 0 ? at::zeros(shape, mean.options()) : at::empty(shape, mean.options());
 }
 
-}  // namespace nf_coef
+// ---- outputs (allocated after every check; their pointers set in the params) --------------------
+
+struct ForwardOutputs {
+  Tensor scale, shift;
+};
+
+// `P`: BatchCoefParams<S> or AssocCoefParams<S>.
+template <class P>
+ForwardOutputs forward_outputs(P& p, const Tensor& mean) {
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(p.mean)>>;
+  ForwardOutputs o{empty_stats(mean), empty_stats(mean)};
+  p.scale = o.scale.template data_ptr<S>();
+  p.shift = o.shift.template data_ptr<S>();
+  return o;
+}
+
+// c_dy, c_x, c_0, then the parameter gradients in the op's schema order (BIN: gate, weight, bias;
+// IEBN: gate_weight, gate_bias, weight, bias; AssocNorm: encoder, decoder_mean, decoder_var,
+// weight, bias).
+struct BackwardOutputs {
+  Tensor c_dy, c_x, c_0;
+  std::vector<Tensor> grads;
+};
+
+template <class P>
+BackwardOutputs backward_outputs_common(P& p, const Tensor& mean) {
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(p.mean)>>;
+  BackwardOutputs o{empty_stats(mean), empty_stats(mean), empty_stats(mean), {}};
+  p.c_dy = o.c_dy.template data_ptr<S>();
+  p.c_x = o.c_x.template data_ptr<S>();
+  p.c_0 = o.c_0.template data_ptr<S>();
+  return o;
+}
+
+template <class S>
+BackwardOutputs backward_outputs(nf::BatchCoefParams<S>& p, const Tensor& mean) {
+  BackwardOutputs o = backward_outputs_common(p, mean);
+  S** slots[] = {&p.grad_gate, &p.grad_gate_bias, &p.grad_weight, &p.grad_bias};
+  for (S** slot : slots) {
+    if (slot == &p.grad_gate_bias && p.gate_bias == nullptr) continue;  // BIN has no second gate
+    o.grads.push_back(empty_grad({p.C}, mean));
+    *slot = o.grads.back().template data_ptr<S>();
+  }
+  return o;
+}
+
+template <class S>
+BackwardOutputs backward_outputs(nf::AssocCoefParams<S>& p, const Tensor& mean) {
+  BackwardOutputs o = backward_outputs_common(p, mean);
+  const std::pair<S**, std::vector<int64_t>> slots[] = {{&p.grad_encoder, {p.M, p.G}},
+                                                        {&p.grad_decoder_mean, {p.G, p.M}},
+                                                        {&p.grad_decoder_var, {p.G, p.M}},
+                                                        {&p.grad_weight, {p.C}},
+                                                        {&p.grad_bias, {p.C}}};
+  const bool nothing_to_sum = p.N == 0 || p.C == 0;  // no sample, or no channel: zero gradients
+  for (const auto& [slot, shape] : slots) {
+    o.grads.push_back(nothing_to_sum ? at::zeros(shape, mean.options()) : at::empty(shape, mean.options()));
+    *slot = o.grads.back().template data_ptr<S>();
+  }
+  return o;
+}
+
+}  // namespace nf_coef_glue

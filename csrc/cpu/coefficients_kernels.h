@@ -1,7 +1,7 @@
 // Raw-pointer entry points of the CPU coefficient kernels (BIN, IEBN, AssocNorm; forward and
 // backward), on the parameter structs of common/coefficients_params.h. Like the generic kernels
 // (generic_kernels.h) they are compiled twice, coefficients_kernels_{avx2,default}.cpp, and the
-// glue (coefficients_batch.cpp, coefficients_assoc.cpp) picks the build at run time
+// glue (coefficient_ops_cpu.cpp) picks the build at run time
 // (nf_cpu::use_avx2()).
 #pragma once
 
