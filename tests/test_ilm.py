@@ -570,3 +570,40 @@ def test_export_is_portable_and_matches_eager(nf, seed):
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any(o.startswith(("normfuse.", "normfuse_triton.")) for o in ops), ops
     torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def _onnx_missing():
+    import importlib.util
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(_onnx_missing()), reason="ONNX export needs onnx, onnxscript and "
+                                                   "onnxruntime (pip install -e '.[export]')")
+@pytest.mark.parametrize("route", ["model", "portable-program"])
+def test_onnx_round_trip(nf, seed, route, tmp_path):
+    """ONNX through onnxruntime matches eager: the model exported under "auto", and a program
+    exported with the "cpu" backend made portable (its normfuse ops decomposed)."""
+    import onnxruntime
+
+    from normfuse import export as nfx
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), make_ilm(nf, 8, 4, 2)).eval()
+    randomize_parameters(model[1], seed)
+    x = make_input((2, 3, 4, 5), seed, torch.float32)
+    path = tmp_path / "ilm.onnx"
+    if route == "model":
+        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+    else:
+        if "cpu" not in nf.available_backends():
+            pytest.skip("needs normfuse._C to export a program holding normfuse ops")
+        with nf.use_backend("cpu"):
+            ep = torch.export.export(model, (x,))
+        assert nfx.normfuse_ops(ep), "the cpu backend's kernels should be in the program"
+        ep = nfx.portable(ep)
+        assert not nfx.normfuse_ops(ep)
+        torch.onnx.export(ep, (x,), str(path), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x_new = make_input((2, 3, 4, 5), seed + 1, torch.float32)
+    (y,) = session.run(None, {session.get_inputs()[0].name: x_new.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), model(x_new), rtol=1e-4, atol=1e-5)
