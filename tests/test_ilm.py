@@ -8,6 +8,7 @@ is the PyTorch-ops reference ``normfuse.coefficients.ilm`` on all of them.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -388,6 +389,22 @@ def test_float32_large_offset(nf, backend, device, seed):
     assert rel(y, exp.y) < 1e-3 and rel(dx, exp.grads["input"]) < 1e-3
 
 
+@pytest.mark.parametrize("pattern", ["planes", "all"])
+def test_constant_input(nf, backend, device, seed, pattern):
+    """Constant planes (every m2 = 0) and a constant input (zero key-group and group
+    variances: the variance branch sees relu(encoder @ 0) = 0): finite output and gradients,
+    equal to the oracle's."""
+    shape = (3, 8, 3, 3)
+    m = prepare(make_ilm(nf, 8, 4, 2), seed, device)
+    if pattern == "all":
+        x = torch.full(shape, 0.7, device=device)
+    else:
+        x = randn(shape[:2] + (1, 1), seed, torch.float32, device).expand(shape).contiguous()
+    dy = randn(shape, seed + 7, torch.float32, device)
+    y, dx = run_and_check(m, x, dy, torch.float32, f"constant {pattern}")
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+
+
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_nan_inf_stays_in_its_sample(nf, backend, device, seed, poison):
     """No statistic crosses samples: a NaN/Inf in sample 1 leaves samples 0 and 2 exact."""
@@ -484,8 +501,11 @@ def test_convert_refuses_without_touching_the_model(nf):
         nf.convert(model, "assoc", key_group_size=8)
     with pytest.raises(ValueError, match="takes no option 'embed'"):
         nf.convert(model, "ilm", embed=8)
-    single = nf.convert(nn.GroupNorm(2, 16, bias=False), "ilm")
-    assert type(single) is nf.ILMNorm and torch.all(single.bias == 0)
+    single = nf.convert(nn.GroupNorm(2, 16, affine=False), "ilm")
+    assert type(single) is nf.ILMNorm and torch.all(single.weight == 0.5)
+    if "bias" in inspect.signature(nn.GroupNorm).parameters:  # GroupNorm(bias=False): newer torch
+        single = nf.convert(nn.GroupNorm(2, 16, bias=False), "ilm")
+        assert torch.all(single.bias == 0) and torch.all(single.weight == 0.5)
 
 
 # ------------------------------------------------------------------------------ bad input
