@@ -4,6 +4,10 @@ Forward: ``moments``, the layer's coefficient op, ``affine_apply`` (3 launches o
 Backward: ``backward_sums``, the layer's coefficient backward op, ``backward_apply`` (3 launches).
 Only the input and O(N*C) statistics are saved.  The ops come from the backend in use
 (``normfuse.backends``); which layer runs is only which coefficient op is called.
+
+ILM-Norm's coefficient step has no kernel yet on any backend: every backend runs the four
+generic kernels and, between them, the PyTorch-ops reference ``coefficients.ilm`` (forward and
+hand-written backward) on the O(N*C) statistics (docs/architecture.md, "ILM-Norm").
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from torch import Tensor
 
 from . import torch_backend
 from .backends import ops_for, resolve_backend
+from .coefficients.ilm import ilm_coefficients, ilm_coefficients_backward
 from .torch_backend import acc_dtype
 
 # Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
@@ -45,6 +50,8 @@ def _coefficients(ops, layer, mean, m2, plane, params, running_mean, running_var
         op = getattr(ops, f"{layer}_coefficients")
         return op(mean, m2, plane, *params, running_mean, running_var, training, momentum, eps,
                   num_batches_tracked)
+    if layer == "ilm":  # the PyTorch-ops reference on every backend (no kernel yet)
+        return ilm_coefficients(mean, m2, plane, num_groups, *params, eps)
     return ops.assoc_coefficients(mean, m2, plane, num_groups, *params, eps)
 
 
@@ -53,6 +60,8 @@ def _coefficients_backward(ops, layer, g1, g2, mean, m2, plane, params, running_
     if layer in _BATCH_LAYERS:
         op = getattr(ops, f"{layer}_coefficients_backward")
         return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, training, eps)
+    if layer == "ilm":
+        return ilm_coefficients_backward(g1, g2, mean, m2, plane, num_groups, *params, eps)
     return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, num_groups, *params, eps)
 
 

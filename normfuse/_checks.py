@@ -99,3 +99,15 @@ def check_batch_counter(t, input: Tensor, who: str) -> None:
     if t.device != input.device:
         raise ValueError(f"{who}: num_batches_tracked must be on the input's device "
                          f"{input.device}, got {t.device}")
+
+
+def check_group_values(input: Tensor, who: str, channels_per_group: int, group: str,
+                       setting: str) -> None:
+    """ILM-Norm's unbiased group variances need more than one value per group (the authors'
+    layer returns NaN there).  ``group``: "group" or "key group"; ``setting``: what fixed the
+    group's channel count, e.g. ``num_groups=4``."""
+    per_group = channels_per_group * math.prod(input.shape[2:])
+    if per_group <= 1:
+        raise ValueError(f"{who}: expected more than 1 value per {group} for the unbiased "
+                         f"variance, got input of shape {tuple(input.shape)} with {setting} "
+                         f"(1 channel per {group}, 1 value per channel)")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
-                      InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
+                      ILMNorm, InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
                       InstanceEnhancementBatchNorm3d)
 
 _BATCH_NORM_TARGETS = {
@@ -15,7 +15,9 @@ _BATCH_NORM_TARGETS = {
              nn.BatchNorm2d: InstanceEnhancementBatchNorm2d,
              nn.BatchNorm3d: InstanceEnhancementBatchNorm3d},
 }
-TARGETS = ("bin", "iebn", "assoc")
+TARGETS = ("bin", "iebn", "assoc", "ilm")
+# Keyword options of ``convert`` per target (passed to the new layers).
+_OPTIONS = {"ilm": ("key_group_size", "reduction")}
 
 
 def _factory(module: nn.Module) -> dict:
@@ -54,31 +56,75 @@ def _from_group_norm(gn: nn.GroupNorm) -> AssocNorm:
     return new
 
 
-def _replacement(child: nn.Module, to: str):
-    if to == "assoc":
-        return _from_group_norm(child) if type(child) is nn.GroupNorm else None
+def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict) -> ILMNorm:
+    try:
+        new = ILMNorm(gn.num_channels, gn.num_groups, eps=gn.eps, **options, **_factory(gn))
+    except ValueError as exc:
+        raise ValueError(f"convert: cannot convert {where} ({gn}) to ILMNorm: {exc}") from None
+    with torch.no_grad():
+        # Zero decoders give omega = sigmoid(0) + weight = 0.5 + weight and beta = bias: the
+        # GroupNorm's function, except that ILM-Norm standardises with the unbiased variance.
+        new.decoder_weight.zero_()
+        new.decoder_bias.zero_()
+        weight, bias = getattr(gn, "weight", None), getattr(gn, "bias", None)
+        new.weight.copy_(0.5 if weight is None else weight - 0.5)
+        new.bias.copy_(0.0 if bias is None else bias)
+    return new
+
+
+def _replacement(child: nn.Module, to: str, name: str, options: dict):
+    if to in ("assoc", "ilm"):
+        if type(child) is not nn.GroupNorm:
+            return None
+        if to == "assoc":
+            return _from_group_norm(child)
+        where = f"the GroupNorm at {name!r}" if name else "the GroupNorm"
+        return _ilm_from_group_norm(child, where, options)
     cls = _BATCH_NORM_TARGETS[to].get(type(child))
     return None if cls is None else _from_batch_norm(child, cls, to)
 
 
-def convert(module: nn.Module, to: str) -> nn.Module:
+def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list):
+    """Every (parent, attribute, new layer) below ``module``, built before any is installed, so
+    that a layer that cannot be converted leaves the model untouched."""
+    for child_name, child in module.named_children():
+        path = f"{name}.{child_name}" if name else child_name
+        new = _replacement(child, to, path, options)
+        if new is not None:
+            out.append((module, child_name, new.train(child.training)))
+        else:
+            _replacements(child, to, path, options, out)
+    return out
+
+
+def convert(module: nn.Module, to: str, **options) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` (``to="bin"`` or ``"iebn"``) or ``nn.GroupNorm``
-    (``to="assoc"``) in ``module`` by the normfuse layer, in place, and return ``module``.
+    (``to="assoc"`` or ``"ilm"``) in ``module`` by the normfuse layer, in place, and return
+    ``module``.
 
     Weights, running statistics, ``num_batches_tracked``, device, dtype and train/eval mode
     are carried over.  A converted BIN starts with gates at 1, so it computes exactly what the
     batch norm did; IEBN starts from the paper's gate initialisation (a scale of sigmoid(-1) on
     the batch-norm weight until trained); AssocNorm starts as the same GroupNorm function
-    (``B_omega = weight - 0.5`` with zero decoders).  A ``module`` that is itself a norm layer
-    is returned converted, like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+    (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight = gn.weight -
+    0.5``, ``bias = gn.bias``, zero decoders), except that ILM-Norm standardises with the
+    unbiased group variance (outputs smaller by about ``1 / (2 n)`` relative, for ``n`` values
+    per group).  ``to="ilm"`` takes ``key_group_size`` (default 16) and ``reduction`` (16) as
+    keyword options; a GroupNorm whose channel count ``key_group_size`` does not divide is an
+    error naming it.  A ``module`` that is itself a norm layer is returned converted, like
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``.
     """
     if to not in TARGETS:
         raise ValueError(f"convert: to must be one of {TARGETS}, got {to!r}")
+    unknown = sorted(set(options) - set(_OPTIONS.get(to, ())))
+    if unknown:
+        raise ValueError(f"convert: to={to!r} takes no option {unknown[0]!r} (options: "
+                         f"{list(_OPTIONS.get(to, ()))})")
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: module must be an nn.Module, got {type(module).__name__}")
-    new = _replacement(module, to)
+    new = _replacement(module, to, "", options)
     if new is not None:
         return new.train(module.training)
-    for name, child in module.named_children():
-        setattr(module, name, convert(child, to))
+    for parent, child_name, layer in _replacements(module, to, "", options, []):
+        setattr(parent, child_name, layer)
     return module

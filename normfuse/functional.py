@@ -1,4 +1,4 @@
-"""Functional forms of the three layers (like ``torch.nn.functional.batch_norm``).
+"""Functional forms of the layers (like ``torch.nn.functional.batch_norm``).
 
 ``running_mean``/``running_var`` are updated in place when ``training`` is true and they are
 given; with ``training=False`` they supply the batch part (eval mode), and when they are None
@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._autograd import run_layer
-from ._checks import (check_batch_counter, check_batch_values, check_input, check_number,
-                      check_running_stats, check_tensor)
+from ._checks import (check_batch_counter, check_batch_values, check_group_values, check_input,
+                      check_number, check_running_stats, check_tensor)
 
 
 def _check_batch_layer(who, input, running_mean, running_var, named_params, training,
@@ -101,3 +101,50 @@ def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Te
     check_number(eps, "eps", who)
     return run_layer("assoc", input, None, None, False, 0.0, eps, num_groups,
                      (encoder, decoder_mean, decoder_var, weight, bias))
+
+
+def _check_positive_int(value, name: str, who: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
+
+
+def ilm_norm(input: Tensor, num_groups: int, key_group_size: int, encoder: Tensor,
+             decoder_weight: Tensor, decoder_bias: Tensor, weight: Tensor, bias: Tensor,
+             eps: float = 1e-5) -> Tensor:
+    """Instance-Level Meta Normalization (see ``normfuse.ILMNorm``): GroupNorm with ``num_groups``
+    groups and unbiased variances, whose per-sample weight and bias come from a meta network of
+    the means and unbiased variances of key groups of ``key_group_size`` channels:
+    ``encoder (E, K)``, ``decoder_weight``, ``decoder_bias (K, E)`` with ``K = C //
+    key_group_size``; ``weight``, ``bias`` ``(C,)`` (the authors' ``weight_bias``,
+    ``bias_bias``)."""
+    who = "ilm_norm"
+    check_input(input, who)
+    channels = input.shape[1]
+    _check_positive_int(num_groups, "num_groups", who)
+    _check_positive_int(key_group_size, "key_group_size", who)
+    if channels % num_groups:
+        raise ValueError(f"{who}: the input's channel count ({channels}) must be divisible by "
+                         f"num_groups ({num_groups})")
+    if channels % key_group_size:
+        raise ValueError(f"{who}: the input's channel count ({channels}) must be divisible by "
+                         f"key_group_size ({key_group_size})")
+    check_group_values(input, who, channels // num_groups, "group", f"num_groups={num_groups}")
+    check_group_values(input, who, key_group_size, "key group",
+                       f"key_group_size={key_group_size}")
+    key_groups = channels // key_group_size
+    if not hasattr(encoder, "dim") or encoder.dim() != 2:
+        raise ValueError(f"{who}: encoder must be a 2-d tensor of shape (embed_size, "
+                         f"key_groups={key_groups}), got {getattr(encoder, 'shape', encoder)}")
+    embed = encoder.shape[0]
+    if embed == 0:
+        raise ValueError(f"{who}: encoder must have at least one row (embed_size >= 1), got "
+                         f"shape {tuple(encoder.shape)}")
+    check_tensor(encoder, "encoder", (embed, key_groups), input, who)
+    check_tensor(decoder_weight, "decoder_weight", (key_groups, embed), input, who)
+    check_tensor(decoder_bias, "decoder_bias", (key_groups, embed), input, who)
+    check_tensor(weight, "weight", (channels,), input, who)
+    check_tensor(bias, "bias", (channels,), input, who)
+    check_number(eps, "eps", who)
+    # The key-group count travels as the encoder's column count.
+    return run_layer("ilm", input, None, None, False, 0.0, eps, num_groups,
+                     (encoder, decoder_weight, decoder_bias, weight, bias))

@@ -1,4 +1,5 @@
-"""Drop-in modules: BIN and IEBN for ``nn.BatchNorm1d/2d/3d``, AssocNorm for ``nn.GroupNorm``."""
+"""Drop-in modules: BIN and IEBN for ``nn.BatchNorm1d/2d/3d``, AssocNorm and ILMNorm for
+``nn.GroupNorm``."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._checks import check_batch_values, check_channels, check_input
+from ._checks import check_batch_values, check_channels, check_group_values, check_input
 
 
 class _BatchStatsNorm(nn.Module):
@@ -251,3 +252,113 @@ class AssocNorm(nn.Module):
         check_channels(input, self.num_channels, type(self).__name__, "num_channels")
         return F.assoc_norm(input, self.num_groups, self.encoder, self.decoder_mean,
                             self.decoder_var, self.weight, self.bias, self.eps)
+
+
+def ilm_embed_size(key_groups: int, reduction: int) -> int:
+    """The authors' embedding size E of ILM-Norm's meta network (``ilm_gn``): ``K // reduction``
+    when there are at least ``reduction`` key groups, else 2."""
+    return key_groups // reduction if key_groups >= reduction else 2
+
+
+# The authors' state_dict keys (``ilm_gn``) -> ours.  Their shared embedding layer appears under
+# three names (it is a submodule of fc_weight and fc_bias too): all load into ``encoder``.
+_ILM_AUTHORS_KEYS = {
+    "weight_bias": "weight", "bias_bias": "bias",
+    "fc_embed.0.weight": "encoder", "fc_weight.0.0.weight": "encoder",
+    "fc_bias.0.0.weight": "encoder",
+    "fc_weight.1.weight": "decoder_weight", "fc_bias.1.weight": "decoder_bias",
+}
+
+
+class ILMNorm(nn.Module):
+    """Instance-Level Meta Normalization (Jia, Chen & Chen, CVPR 2019), the authors' ``ilm_gn``
+    layer: GroupNorm with ``num_groups`` groups and unbiased variances, whose per-sample weight
+    and bias are predicted by a meta network from the means and unbiased variances of
+    ``C // key_group_size`` key groups:
+
+        omega = sigmoid(decoder_weight @ relu(encoder @ key_var))[key(c)] + weight[c]
+        beta  = tanh(decoder_bias @ relu(encoder @ key_mean))[key(c)] + bias[c]
+        y = (x - mu_G) / sqrt(var_G + eps) * omega + beta
+
+    Arguments in the authors' order.  Parameters: ``encoder (E, K)`` (their ``fc_embed``,
+    shared), ``decoder_weight``, ``decoder_bias (K, E)`` (``fc_weight.1``, ``fc_bias.1``),
+    ``weight``, ``bias (C,)`` (``weight_bias``, ``bias_bias``), with ``K = C // key_group_size``
+    and ``E = K // reduction`` (2 when ``K < reduction``); initialised as the authors' layer
+    (``nn.Linear`` weights, ones, zeros), whose checkpoints load (``load_state_dict``).
+    Input ``(N, C, *)`` like ``nn.GroupNorm``; train and eval behave the same.  docs/layers.md
+    says how it differs from AssocNorm.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int = 32, key_group_size: int = 16,
+                 reduction: int = 16, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("num_channels", num_channels), ("num_groups", num_groups),
+                            ("key_group_size", key_group_size), ("reduction", reduction)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("num_groups", num_groups), ("key_group_size", key_group_size)):
+            if num_channels % value:
+                raise ValueError(f"num_channels ({num_channels}) must be divisible by {name} "
+                                 f"({value})")
+        factory = {"device": device, "dtype": dtype}
+        self.num_channels, self.num_groups, self.key_group_size, self.reduction, self.eps = (
+            num_channels, num_groups, key_group_size, reduction, eps)
+        self.key_groups = num_channels // key_group_size
+        self.embed_size = ilm_embed_size(self.key_groups, reduction)
+        k, e = self.key_groups, self.embed_size
+        self.encoder = nn.Parameter(torch.empty(e, k, **factory))
+        self.decoder_weight = nn.Parameter(torch.empty(k, e, **factory))
+        self.decoder_bias = nn.Parameter(torch.empty(k, e, **factory))
+        self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+        self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As the authors' layer: nn.Linear's initialisation, drawn in their order.
+        for p in (self.encoder, self.decoder_weight, self.decoder_bias):
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, num_groups={self.num_groups}, "
+                f"key_group_size={self.key_group_size}, reduction={self.reduction}, "
+                f"eps={self.eps}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The authors' checkpoints: their names, weight_bias / bias_bias of shape (1, C, 1, 1).
+        shared = {}
+        for theirs, ours in _ILM_AUTHORS_KEYS.items():
+            if prefix + theirs not in state_dict:
+                continue
+            value = state_dict.pop(prefix + theirs)
+            if ours in ("weight", "bias") and value.dim() == 4:
+                value = value.reshape(-1)
+            if ours == "encoder":
+                shared[theirs] = value
+            state_dict[prefix + ours] = value
+        if shared:
+            first_name, first = next(iter(shared.items()))
+            for name, value in shared.items():
+                if value.shape != first.shape or not torch.equal(value, first):
+                    error_msgs.append(
+                        f"{type(self).__name__}: the authors' shared embedding is stored as "
+                        f"{', '.join(prefix + n for n in shared)}, which must be equal; "
+                        f"{prefix + name} differs from {prefix + first_name}")
+                    return
+            state_dict[prefix + "encoder"] = first
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, input):
+        who = type(self).__name__
+        check_input(input, who)
+        check_channels(input, self.num_channels, who, "num_channels")
+        check_group_values(input, who, self.num_channels // self.num_groups, "group",
+                           f"num_groups={self.num_groups}")
+        check_group_values(input, who, self.key_group_size, "key group",
+                           f"key_group_size={self.key_group_size}")
+        return F.ilm_norm(input, self.num_groups, self.key_group_size, self.encoder,
+                          self.decoder_weight, self.decoder_bias, self.weight, self.bias,
+                          self.eps)

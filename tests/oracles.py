@@ -1,4 +1,4 @@
-"""Independent float64 oracles for BIN, IEBN and AssocNorm.
+"""Independent float64 oracles for BIN, IEBN, AssocNorm and ILM-Norm.
 
 Written straight from the papers' formulas (design.md section 1), as a composition of plain
 PyTorch ops on a float64 copy of the inputs, so that autograd on that graph gives the reference
@@ -149,11 +149,45 @@ def assoc_ref(x, num_groups, encoder, decoder_mean, decoder_var, weight, bias, e
     return y.reshape(shape)
 
 
+def ilm_ref(x, num_groups, key_group_size, encoder, decoder_weight, decoder_bias, weight, bias,
+            eps=1e-5):
+    """Instance-Level Meta Normalization (Jia, Chen & Chen, CVPR 2019), as the authors' layer
+    (github Gasoonjia/ILM-Norm, lib/nn/ilm_gn.py) computes it, for any rank.
+
+    Key groups: K = C / key_group_size groups of consecutive channels; per sample their mean and
+    *unbiased* variance (``torch.var``'s default, as theirs) feed the meta network, whose
+    embedding layer W_e (E, K) is shared by both branches:
+        weight[n, c] = sigmoid(W_w @ relu(W_e @ key_var))[key(c)] + weight_bias[c]
+        bias[n, c]   = tanh(W_b @ relu(W_e @ key_mean))[key(c)] + bias_bias[c]
+    Normalisation: G = num_groups groups, again with the unbiased variance:
+        y = (x - mean_G) / sqrt(var_G + eps) * weight + bias
+    Here W_e = ``encoder``, W_w = ``decoder_weight``, W_b = ``decoder_bias``, ``weight`` /
+    ``bias`` the (C,) weight_bias / bias_bias.
+    """
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    k = c // key_group_size
+    xk = x.reshape(n, k, -1)
+    key_mean = xk.mean(dim=2)                                  # (N, K)
+    key_var = xk.var(dim=2, unbiased=True)                     # (N, K)
+    w = torch.sigmoid(torch.relu(key_var @ encoder.t()) @ decoder_weight.t())   # (N, K)
+    b = torch.tanh(torch.relu(key_mean @ encoder.t()) @ decoder_bias.t())       # (N, K)
+    scale = w.repeat_interleave(key_group_size, dim=1) + weight.reshape(1, -1)  # (N, C)
+    shift = b.repeat_interleave(key_group_size, dim=1) + bias.reshape(1, -1)
+    xg = x.reshape(n, num_groups, -1)
+    mean = xg.mean(dim=2, keepdim=True)
+    var = xg.var(dim=2, unbiased=True, keepdim=True)
+    xhat = ((xg - mean) / torch.sqrt(var + eps)).reshape(n, c, -1)
+    y = xhat * scale.unsqueeze(-1) + shift.unsqueeze(-1)
+    return y.reshape(shape)
+
+
 # --------------------------------------------------------------------------- gradients
 PARAM_NAMES = {
     "bin": ("weight", "bias", "gate"),
     "iebn": ("weight", "bias", "gate_weight", "gate_bias"),
     "assoc": ("encoder", "decoder_mean", "decoder_var", "weight", "bias"),
+    "ilm": ("encoder", "decoder_weight", "decoder_bias", "weight", "bias"),
 }
 
 
@@ -167,8 +201,8 @@ class OracleResult:
 
 
 def run(kind, x, params, dy=None, *, running_mean=None, running_var=None, training=False,
-        momentum=0.1, eps=1e-5, num_groups=None, compute_dtype=F64):
-    """Evaluate the oracle of ``kind`` ("bin", "iebn", "assoc") in float64.
+        momentum=0.1, eps=1e-5, num_groups=None, key_group_size=None, compute_dtype=F64):
+    """Evaluate the oracle of ``kind`` ("bin", "iebn", "assoc", "ilm") in float64.
 
     ``x`` and ``params`` (name -> tensor or None) may have any dtype/device/layout: they are
     copied to contiguous float64 CPU tensors.  With ``dy`` the float64 graph is back-propagated
@@ -195,6 +229,10 @@ def run(kind, x, params, dy=None, *, running_mean=None, running_var=None, traini
         y = assoc_ref(xd, num_groups, pd["encoder"], pd["decoder_mean"], pd["decoder_var"],
                       pd["weight"], pd["bias"], eps)
         nrm = nrv = None
+    elif kind == "ilm":
+        y = ilm_ref(xd, num_groups, key_group_size, pd["encoder"], pd["decoder_weight"],
+                    pd["decoder_bias"], pd["weight"], pd["bias"], eps)
+        nrm = nrv = None
     else:
         raise ValueError(kind)
     grads = {}
@@ -214,6 +252,8 @@ def module_kind(module):
         return "iebn"
     if hasattr(module, "gate") or "gate" in names:
         return "bin"
+    if hasattr(module, "decoder_weight"):
+        return "ilm"
     if hasattr(module, "encoder"):
         return "assoc"
     raise TypeError(f"unknown module {type(module).__name__}")
@@ -231,6 +271,9 @@ def module_step(module, x, dy=None, compute_dtype=F64):
     if kind == "assoc":
         return run(kind, x, params, dy, eps=eps, num_groups=module.num_groups,
                    compute_dtype=compute_dtype)
+    if kind == "ilm":
+        return run(kind, x, params, dy, eps=eps, num_groups=module.num_groups,
+                   key_group_size=module.key_group_size, compute_dtype=compute_dtype)
 
     training = module.training
     track = getattr(module, "track_running_stats", True)

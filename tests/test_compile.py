@@ -22,7 +22,8 @@ TOL = {torch.float32: dict(out=(1e-4, 1e-4), grad=(1e-3, 1e-4), buf=(1e-5, 1e-6)
 def _model():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3), normfuse.BatchInstanceNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 1), normfuse.IEBN2d(8), normfuse.AssocNorm(4, 8))
+        nn.Conv2d(8, 8, 1), normfuse.IEBN2d(8), normfuse.AssocNorm(4, 8),
+        normfuse.ILMNorm(8, num_groups=4, key_group_size=2, reduction=2))
 
 
 @pytest.mark.parametrize("backend,dtype", CASES, ids=str)

@@ -45,6 +45,11 @@ def _assoc(nf, device):
     return randomize_parameters(nf.AssocNorm(2, C), 13).to(device).train()
 
 
+def _ilm(nf, device, groups=2, key_group_size=2):
+    m = nf.ILMNorm(C, num_groups=groups, key_group_size=key_group_size)
+    return randomize_parameters(m, 14).to(device).train()
+
+
 def _x(device, shape=SHAPE, dtype=torch.float32):
     return make_input(shape, 5, dtype, device)
 
@@ -72,6 +77,19 @@ def _assoc_args(device, c=C, g=2, m=1):
 def _fassoc(nf, x, g, a):
     return nf.functional.assoc_norm(x, g, a["encoder"], a["decoder_mean"], a["decoder_var"],
                                     a["weight"], a["bias"])
+
+
+def _ilm_args(device, c=C, key_groups=2, e=2):
+    f = dict(device=device)
+    return dict(encoder=torch.full((e, key_groups), 0.3, **f),
+                decoder_weight=torch.full((key_groups, e), 0.2, **f),
+                decoder_bias=torch.full((key_groups, e), -0.2, **f), weight=torch.ones(c, **f),
+                bias=torch.zeros(c, **f))
+
+
+def _film(nf, x, g, k, a):
+    return nf.functional.ilm_norm(x, g, k, a["encoder"], a["decoder_weight"], a["decoder_bias"],
+                                  a["weight"], a["bias"])
 
 
 def _replace_param(m, name, value):
@@ -119,6 +137,30 @@ def _row_groups_functional(nf, device):
 def _row_groups_not_int(nf, device):
     a = _assoc_args(device)
     return (lambda: _fassoc(nf, _x(device), 2.0, a)), a
+
+
+def _row_wrong_channels_ilm(nf, device):
+    m = _ilm(nf, device)
+    return (lambda: m(_x(device, (3, 6, 2, 3)))), m
+
+
+def _row_key_groups_module(nf, device):
+    return (lambda: nf.ILMNorm(C, num_groups=2, key_group_size=3)), None
+
+
+def _row_key_groups_functional(nf, device):
+    a = _ilm_args(device)
+    return (lambda: _film(nf, _x(device), 2, 3, a)), a
+
+
+def _row_group_values_ilm(nf, device):
+    m = _ilm(nf, device, groups=4)
+    return (lambda: m(_x(device, (3, C)))), m
+
+
+def _row_key_group_values_ilm(nf, device):
+    m = _ilm(nf, device, key_group_size=1)
+    return (lambda: m(_x(device, (3, C, 1)))), m
 
 
 def _row_param_meta(nf, device):
@@ -307,6 +349,15 @@ ROWS = {
                                                        "divisible"]),
     "groups-functional": (_row_groups_functional, ValueError, ["num_groups", "divisible"]),
     "groups-type": (_row_groups_not_int, ValueError, ["num_groups", "positive int"]),
+    "channels-ilm": (_row_wrong_channels_ilm, ValueError, ["num_channels", "channels"]),
+    "key-groups-module": (_row_key_groups_module, ValueError, ["key_group_size", "num_channels",
+                                                               "divisible"]),
+    "key-groups-functional": (_row_key_groups_functional, ValueError, ["key_group_size",
+                                                                       "divisible"]),
+    "group-values-ilm": (_row_group_values_ilm, ValueError, ["input", "more than 1 value per "
+                                                             "group", "num_groups"]),
+    "key-group-values-ilm": (_row_key_group_values_ilm, ValueError,
+                             ["input", "more than 1 value per key group", "key_group_size"]),
     "param-device": (_row_param_meta, ValueError, ["weight", "device", "meta"]),
     "buffer-device": (_row_buffer_meta, ValueError, ["running_var", "device", "meta"]),
     "assoc-param-device": (_row_assoc_param_meta, ValueError, ["encoder", "device", "meta"]),

@@ -1,0 +1,119 @@
+"""Instance-Level Meta Normalization (ILM-Norm; Jia, Chen & Chen, CVPR 2019): coefficients and
+backward, as the authors' ``ilm_gn`` layer computes them (docs/layers.md).
+
+Two groupings of the channels of a sample, both of consecutive channels:
+
+* K **key groups** of ``C / K`` channels (the module's ``key_group_size``) feed the meta network
+  with their mean ``kmu`` and their *unbiased* variance ``kvar`` (length K each):
+
+      D_w = sigmoid(W_w relu(W_e kvar))      D_b = tanh(W_b relu(W_e kmu))
+      W_e = encoder (E, K), shared;  W_w = decoder_weight, W_b = decoder_bias (K, E)
+      omega[c] = D_w[key(c)] + weight[c]       beta[c] = D_b[key(c)] + bias[c]
+
+  The weight is driven by the variances, the bias by the means.
+* G **normalisation groups** (``num_groups``) standardise, also with the *unbiased* variance:
+  ``y = (x - mu_G) / sqrt(var_G + eps) * omega + beta``.
+
+Centred form (docs/architecture.md): ``scale = omega * r_G`` with ``r_G = (var_G + eps)^-1/2``,
+``shift = beta + scale * (m - mu_G)``.  K is the encoder's column count.
+
+Unbiased variances need more than one value per group: groups of one value (``C / G * L == 1``
+or ``C / K * L == 1``) are refused here; the layers refuse such inputs first, with a message
+naming the layer (the authors' layer returns NaN there).
+
+This coefficient step is not yet a fused kernel on any backend: every backend runs these
+PyTorch ops on its (N, C) statistics (docs/architecture.md, "ILM-Norm").
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._merge import group_merge, group_merge_backward
+
+
+def _count(channels: int, groups: int, plane_size: int, what: str) -> int:
+    count = channels // groups * plane_size
+    if count <= 1:
+        raise ValueError(f"ilm_coefficients: the unbiased variance needs more than one value per "
+                         f"{what}, got {count}")
+    return count
+
+
+def _statistics(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int, key_groups: int):
+    """Key-group and normalisation-group means and unbiased variances, with the deviations of
+    the plane means from them (``(N, K, C / K)`` and ``(N, G, C / G)``), and the two Bessel
+    factors ``n / (n - 1)``."""
+    c = mean.shape[1]
+    n_k = _count(c, key_groups, plane_size, "key group")
+    n_g = _count(c, num_groups, plane_size, "group")
+    bessel_k, bessel_g = n_k / (n_k - 1), n_g / (n_g - 1)
+    kmu, kvar, kdev = group_merge(mean, m2, plane_size, key_groups)
+    mu, var, dev = group_merge(mean, m2, plane_size, num_groups)
+    return kmu, kvar * bessel_k, kdev, mu, var * bessel_g, dev, bessel_k, bessel_g
+
+
+def _meta(kmu: Tensor, kvar: Tensor, encoder: Tensor, decoder_weight: Tensor,
+          decoder_bias: Tensor):
+    """The meta network, per sample: the variances drive the weight, the means the bias."""
+    h_w, h_b = kvar @ encoder.t(), kmu @ encoder.t()
+    e_w, e_b = torch.relu(h_w), torch.relu(h_b)   # relu keeps NaN (docs/architecture.md)
+    return h_w, h_b, e_w, e_b, torch.sigmoid(e_w @ decoder_weight.t()), \
+        torch.tanh(e_b @ decoder_bias.t())
+
+
+def _per_channel(v: Tensor, channels: int) -> Tensor:
+    """``(N, K)`` per key group -> ``(N, C)``: each key group's value on its channels."""
+    n, k = v.shape
+    return v.unsqueeze(2).expand(n, k, channels // k).reshape(n, channels)
+
+
+def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
+                     encoder: Tensor, decoder_weight: Tensor, decoder_bias: Tensor,
+                     weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    n, c = mean.shape
+    g = num_groups
+    kmu, kvar, _, mu, var, dev, _, _ = _statistics(mean, m2, plane_size, g, encoder.shape[1])
+    *_, d_w, d_b = _meta(kmu, kvar, encoder, decoder_weight, decoder_bias)
+    omega = (_per_channel(d_w, c) + weight).reshape(n, g, -1)
+    beta = (_per_channel(d_b, c) + bias).reshape(n, g, -1)
+    scale = omega * torch.rsqrt(var + eps).unsqueeze(2)
+    shift = beta + scale * dev
+    return scale.reshape(n, c), shift.reshape(n, c)
+
+
+def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                              plane_size: int, num_groups: int, encoder: Tensor,
+                              decoder_weight: Tensor, decoder_bias: Tensor, weight: Tensor,
+                              bias: Tensor, eps: float):
+    """Returns ``(c_dy, c_x, c_0, grad_encoder, grad_decoder_weight, grad_decoder_bias,
+    grad_weight, grad_bias)`` (the op contract of docs/architecture.md)."""
+    n, c = mean.shape
+    g, k = num_groups, encoder.shape[1]
+    kmu, kvar, kdev, mu, var, dev, bessel_k, bessel_g = _statistics(mean, m2, plane_size, g, k)
+    h_w, h_b, e_w, e_b, d_w, d_b = _meta(kmu, kvar, encoder, decoder_weight, decoder_bias)
+    omega = (_per_channel(d_w, c) + weight).reshape(n, g, -1)
+    r = torch.rsqrt(var + eps)
+    scale = omega * r.unsqueeze(2)
+    g1 = sum_dy.reshape(n, g, -1)
+    grad_scale = sum_dy_xmu.reshape(n, g, -1) + g1 * dev   # direct + through the shift
+    grad_omega = grad_scale * r.unsqueeze(2)
+    grad_weight = grad_omega.sum(0).reshape(c)
+    grad_bias = sum_dy.sum(0)
+    # meta network, backwards: decoders, then the shared encoder
+    grad_z_w = grad_omega.reshape(n, k, -1).sum(2) * d_w * (1 - d_w)
+    grad_z_b = sum_dy.reshape(n, k, -1).sum(2) * (1 - d_b * d_b)
+    grad_decoder_weight = grad_z_w.t() @ e_w
+    grad_decoder_bias = grad_z_b.t() @ e_b
+    grad_h_w = (grad_z_w @ decoder_weight) * (h_w > 0)
+    grad_h_b = (grad_z_b @ decoder_bias) * (h_b > 0)
+    grad_encoder = grad_h_w.t() @ kvar + grad_h_b.t() @ kmu
+    # key-group statistics (d var_biased = d var_unbiased * n / (n - 1))
+    key_mean, key_m2 = group_merge_backward(grad_h_b @ encoder,
+                                            (grad_h_w @ encoder) * bessel_k, kdev, plane_size)
+    # normalisation-group statistics: the explicit m cancels between the shift and (x - m)
+    grad_mu = -(g1 * scale).sum(2)
+    grad_var = (grad_scale * omega).sum(2) * (-0.5 * bessel_g) * r ** 3
+    grp_mean, grp_m2 = group_merge_backward(grad_mu, grad_var, dev, plane_size)
+    return (scale.reshape(n, c), 2 * (key_m2 + grp_m2), (key_mean + grp_mean) / plane_size,
+            grad_encoder, grad_decoder_weight, grad_decoder_bias, grad_weight, grad_bias)
