@@ -51,6 +51,7 @@ echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
   tests/triton_kernels/test_schemas.py \
   tests/test_backends.py \
   tests/test_modules.py \
+  tests/test_ilm.py \
   tests/test_error_contract.py \
   "tests/csrc/test_generic_ops.py::test_opcheck" \
   "tests/csrc/test_coefficients_ops.py::test_opcheck" \
