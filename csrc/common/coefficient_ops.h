@@ -11,8 +11,9 @@
 //   assoc_backward(op, sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, encoder,
 //                  decoder_mean, decoder_var, weight, bias, eps) -> BackwardOutputs
 //
-// `gate_bias` is null for BIN (its one gate is `gate`) and IEBN's gate_bias otherwise: the
-// params struct's gate_bias pointer is what tells the two layers apart below this point.
+// `gate_bias` is null for BIN (its one gate is `gate`) and IEBN's gate_bias otherwise: that
+// Tensor pointer is what tells the two layers apart below this point (not the params struct's
+// gate_bias data pointer, which is null for IEBN too when C = 0).
 #pragma once
 #include <torch/library.h>
 

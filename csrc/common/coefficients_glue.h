@@ -222,12 +222,14 @@ BackwardOutputs backward_outputs_common(P& p, const Tensor& mean) {
   return o;
 }
 
+// `iebn`: the layer has a second gate (gate_bias). Told, not read off p.gate_bias: that pointer is
+// null for IEBN too when C = 0 (an empty tensor's data).
 template <class S>
-BackwardOutputs backward_outputs(nf::BatchCoefParams<S>& p, const Tensor& mean) {
+BackwardOutputs backward_outputs(nf::BatchCoefParams<S>& p, const Tensor& mean, bool iebn) {
   BackwardOutputs o = backward_outputs_common(p, mean);
   S** slots[] = {&p.grad_gate, &p.grad_gate_bias, &p.grad_weight, &p.grad_bias};
   for (S** slot : slots) {
-    if (slot == &p.grad_gate_bias && p.gate_bias == nullptr) continue;  // BIN has no second gate
+    if (slot == &p.grad_gate_bias && !iebn) continue;  // BIN has no second gate
     o.grads.push_back(empty_grad({p.C}, mean));
     *slot = o.grads.back().template data_ptr<S>();
   }

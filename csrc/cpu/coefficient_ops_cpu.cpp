@@ -30,7 +30,7 @@ struct Cpu {
       nf_coef_glue::set_batch_counter(p, op, num_batches_tracked, mean);
       o = nf_coef_glue::forward_outputs(p, mean);
       if (p.N > 0) {
-        if (p.gate_bias)
+        if (gate_bias)
           NF_CPU_CALL(iebn_forward, p);
         else
           NF_CPU_CALL(bin_forward, p);
@@ -52,9 +52,9 @@ struct Cpu {
       auto p = nf_coef_glue::batch_params<S>(op, mean, m2, plane_size, gate, gate_bias, weight, bias,
                                              running_mean, running_var, training, 0.0, eps);
       nf_coef_glue::batch_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
-      o = nf_coef_glue::backward_outputs(p, mean);
+      o = nf_coef_glue::backward_outputs(p, mean, gate_bias != nullptr);
       if (p.N == 0) return;  // the parameter gradients are zeros (empty_grad)
-      if (p.gate_bias)
+      if (gate_bias)
         NF_CPU_CALL(iebn_backward, p);
       else
         NF_CPU_CALL(bin_backward, p);

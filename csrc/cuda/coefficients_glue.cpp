@@ -65,7 +65,7 @@ struct Cuda {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     // The kernel also counts the batch (num_batches_tracked += 1 in training): no extra launch.
     // Empty statistics launch no kernel but a count-only one (launch_batch_coef_forward).
-    check_launch(p.gate_bias ? nf::launch_iebn_coefficients(p, stream) : nf::launch_bin_coefficients(p, stream), op);
+    check_launch(gate_bias ? nf::launch_iebn_coefficients(p, stream) : nf::launch_bin_coefficients(p, stream), op);
     return {o.scale, o.shift};
   }
 
@@ -79,9 +79,9 @@ struct Cuda {
                                                running_mean, running_var, training, 0.0, eps);
     nf_coef_glue::batch_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
     const c10::cuda::CUDAGuard guard(mean.device());
-    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean);
+    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean, gate_bias != nullptr);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    check_launch(p.gate_bias ? nf::launch_iebn_coefficients_backward(p, stream)
+    check_launch(gate_bias ? nf::launch_iebn_coefficients_backward(p, stream)
                              : nf::launch_bin_coefficients_backward(p, stream),
                  op);
     return o;
