@@ -166,3 +166,25 @@ def markdown(rows: List[dict]) -> str:
             "python_calls"]
     return md_table(rows, cols, {"us": "{:.1f}", "ratio_native": "{:.2f}x",
                                  "ratio_bn": "{:.2f}x"})
+
+
+def main(argv=None) -> int:
+    """``python -m bench.host``: the host-cost rows alone (seconds), as a markdown table."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n")[0])
+    p.add_argument("--backends", nargs="+", default=["cpu"])
+    p.add_argument("--target-s", type=float, default=1.0, help="timing per contender")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    rows = run_host(args.backends, target_s=args.target_s, threads=args.threads)
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
