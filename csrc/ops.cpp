@@ -48,6 +48,24 @@ TORCH_LIBRARY(normfuse, m) {
       "Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
       "Tensor grad_encoder, Tensor grad_decoder_mean, Tensor grad_decoder_var, "
       "Tensor grad_weight, Tensor grad_bias)");
+
+  // Whole layers, one op per direction (csrc/layer_autograd.cpp): moments -> coefficients ->
+  // affine_apply in one call, and an Autograd kernel whose C++ node runs backward_sums ->
+  // coefficients backward -> backward_apply. Same arguments and semantics as the coefficient
+  // ops (running statistics and num_batches_tracked updated in place in training); they save the
+  // host the Python autograd.Function of a layer step. Double backward goes through
+  // normfuse::_layer_backward_graph, defined and implemented in Python (normfuse/_autograd.py).
+  m.def(
+      "bin_layer(Tensor input, Tensor gate, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  m.def(
+      "iebn_layer(Tensor input, Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  m.def(
+      "assoc_layer(Tensor input, int num_groups, Tensor encoder, Tensor decoder_mean, "
+      "Tensor decoder_var, Tensor weight, Tensor bias, float eps) -> Tensor");
 }
 
 namespace {
