@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
 TORCH_LIBRARY(normfuse, m) {
   // Generic full-tensor kernels (csrc/cpu/generic_ops_cpu.cpp, csrc/cuda/generic_ops_cuda.cpp).
   m.def("moments(Tensor input) -> (Tensor mean, Tensor m2)");
@@ -68,6 +70,14 @@ TORCH_LIBRARY(normfuse, m) {
       "Tensor decoder_var, Tensor weight, Tensor bias, float eps) -> Tensor");
 }
 
+// Functions other translation units add to the module: csrc/python_checks.cpp registers
+// tensors_ok from a static initializer, which runs when the library is loaded, before PyInit__C.
+// A build without that file (the ASan variant of tests/test_cpu_asan.py) has only has_cuda.
+std::vector<PyMethodDef>& nf_module_methods() {
+  static std::vector<PyMethodDef> methods;
+  return methods;
+}
+
 namespace {
 
 // Whether the CUDA kernels were compiled into this build (not whether a GPU is visible).
@@ -79,15 +89,18 @@ PyObject* has_cuda(PyObject*, PyObject*) {
 #endif
 }
 
-PyMethodDef methods[] = {
-    {"has_cuda", has_cuda, METH_NOARGS, "True if the CUDA kernels were compiled in."},
-    {nullptr, nullptr, 0, nullptr}};
+std::vector<PyMethodDef> methods;
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                          "normfuse C++/CUDA ops (registered as torch.ops.normfuse.*).", -1,
-                          methods};
+                          "normfuse C++/CUDA ops (registered as torch.ops.normfuse.*).", -1, nullptr};
 
 }  // namespace
 
-// Plain CPython module (no pybind11): it only needs one function, and it keeps this TU light.
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+// Plain CPython module (no pybind11): it only needs a few functions, and it keeps this TU light.
+PyMODINIT_FUNC PyInit__C(void) {
+  methods = {{"has_cuda", has_cuda, METH_NOARGS, "True if the CUDA kernels were compiled in."}};
+  for (const PyMethodDef& m : nf_module_methods()) methods.push_back(m);
+  methods.push_back({nullptr, nullptr, 0, nullptr});
+  module_def.m_methods = methods.data();
+  return PyModule_Create(&module_def);
+}
