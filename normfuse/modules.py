@@ -87,15 +87,6 @@ class _BatchStatsNorm(nn.Module):
             return None, None, use_batch, momentum, None
         return running_mean, running_var, use_batch, momentum, None
 
-    def _fast_parameters(self, names):
-        """The parameters ``names`` straight from ``_parameters``; None when one of them is not
-        there (replaced by a plain attribute: the checked path reads it)."""
-        params = self._parameters
-        try:
-            return tuple(map(params.__getitem__, names))
-        except KeyError:
-            return None
-
     def _counter(self):
         """The ``num_batches_tracked`` buffer when this call counts a batch (training with
         tracked statistics), else None.  The layer's coefficient op increments it in place, in
@@ -158,8 +149,12 @@ class _BatchInstanceNorm(_BatchStatsNorm):
 
     def forward(self, input):
         fast = self._fast_arguments()
-        params = self._fast_parameters(("gate", "weight", "bias"))
-        if fast is not None and params is not None:  # the common path: one predicate
+        p = self._parameters
+        try:  # a parameter replaced by a plain attribute: the checked path reads it
+            params = p["gate"], p["weight"], p["bias"]
+        except KeyError:
+            fast = None
+        if fast is not None:  # the common path: one predicate (normfuse/_checks.py)
             running_mean, running_var, use_batch, factor, counter = fast
             if batch_layer_ok(input, self._ranks, self.num_features, use_batch, params[:1],
                               params[1:], running_mean, running_var, counter, factor,
@@ -209,8 +204,12 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
 
     def forward(self, input):
         fast = self._fast_arguments()
-        params = self._fast_parameters(("gate_weight", "gate_bias", "weight", "bias"))
-        if fast is not None and params is not None:  # the common path: one predicate
+        p = self._parameters
+        try:  # a parameter replaced by a plain attribute: the checked path reads it
+            params = p["gate_weight"], p["gate_bias"], p["weight"], p["bias"]
+        except KeyError:
+            fast = None
+        if fast is not None:  # the common path: one predicate (normfuse/_checks.py)
             running_mean, running_var, use_batch, factor, counter = fast
             if batch_layer_ok(input, self._ranks, self.num_features, use_batch, params[:2],
                               params[2:], running_mean, running_var, counter, factor,
