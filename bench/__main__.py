@@ -12,18 +12,25 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, layers, machine, report, shapes, suite
+from . import e2e, host, layers, machine, report, shapes, suite
 
 PRESETS = {
     # (device, preset): timing = (target_s, min_reps, max_reps, warmup) per contender;
     # e2e: batch, (target_s, min_reps, max_reps), blocks per ResNet stage (3 = ResNet-20)
-    ("cpu", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1),
-    ("cpu", "quick"): dict(timing=(0.15, 5, 40, 2), batch=32, e2e=(0.6, 3, 8)),
-    ("cpu", "full"): dict(timing=(0.5, 10, 200, 3), batch=64, e2e=(2.0, 5, 20)),
-    ("cuda", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1),
-    ("cuda", "quick"): dict(timing=(0.05, 10, 100, 5), batch=128, e2e=(0.5, 10, 50)),
-    ("cuda", "full"): dict(timing=(0.2, 25, 1000, 10), batch=128, e2e=(2.0, 20, 200)),
+    ("cpu", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1,
+                           host=(0.01, 2, 3)),
+    ("cpu", "quick"): dict(timing=(0.15, 5, 40, 2), batch=32, e2e=(0.6, 3, 8),
+                           host=(0.5, 10, 400)),
+    ("cpu", "full"): dict(timing=(0.5, 10, 200, 3), batch=64, e2e=(2.0, 5, 20),
+                          host=(2.0, 20, 2000)),
+    ("cuda", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1,
+                            host=(0.01, 2, 3)),
+    ("cuda", "quick"): dict(timing=(0.05, 10, 100, 5), batch=128, e2e=(0.5, 10, 50),
+                            host=(0.5, 10, 400)),
+    ("cuda", "full"): dict(timing=(0.2, 25, 1000, 10), batch=128, e2e=(2.0, 20, 200),
+                           host=(2.0, 20, 2000)),
 }
+# host=(target_s, min_reps, max_reps) of the host-cost rows (bench/host.py)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,6 +52,8 @@ def parse(argv):
                    help="also time torch.compile of the compositions")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet-20 training step")
+    p.add_argument("--no-host", action="store_true",
+                   help="skip the host-cost rows (a layer step on a tiny CPU input)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads on the CPU (default: torch's choice)")
     return p.parse_args(argv)
@@ -97,7 +106,11 @@ def main(argv=None) -> int:
         machine.slug(("cpu " if dev_type == "cpu" else "") + info["device_name"])))
 
     e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends))
-    progress = suite.Progress(suite.count_cases(cfg) + e2e_vars)
+    # Host cost is measured on every machine (CPU input, the compiled "cpu" ops when built).
+    host_backends = [b for b in ("cpu",) if layers.normfuse() is not None
+                     and b in layers.normfuse().available_backends()]
+    host_rows = 0 if args.no_host else len(host.contenders(host_backends))
+    progress = suite.Progress(suite.count_cases(cfg) + host_rows + e2e_vars)
     print(f"bench: {info['device_name']} ({dev_type}), torch {info['torch']}, "
           f"normfuse backends {backends or 'none'}, preset {preset}, "
           f"compile {'on' if use_compile else 'off'}, {len(cfg.shapes)} shapes, "
@@ -106,12 +119,14 @@ def main(argv=None) -> int:
         print(f"note: {n}", file=sys.stderr)
 
     results = suite.run_kernels(cfg, progress)
+    results["host"] = [] if args.no_host else host.run_host(
+        host_backends, *conf["host"], threads=1, progress=progress)
     results["e2e"] = [] if args.no_e2e else e2e.run_e2e(
         device, backends, conf["batch"], *conf["e2e"], progress, blocks=conf.get("blocks", 3))
     report.derive(results["kernels"])
     summary = report.summary_rows(results["kernels"], results["memory"])
     tg = report.targets(results["kernels"], dev_type)
-    summary_md = report.summary_markdown(summary, tg, results["e2e"])
+    summary_md = report.summary_markdown(summary, tg, results["e2e"], results["host"])
     runtime = time.perf_counter() - t_start
     data = dict(results, machine=info, notes=notes, summary=summary, targets=tg,
                 runtime_s=runtime, preset=preset,

@@ -180,7 +180,16 @@ def e2e_rows(e2e: List[dict]) -> List[dict]:
     return rows
 
 
-def summary_markdown(summary: List[dict], tg: List[dict], e2e: List[dict]) -> str:
+def host_markdown(host: List[dict]) -> str:
+    from .host import markdown
+    return ("\nHost cost of one layer step (forward + backward) on a tiny (2, 8, 4, 4) float32 "
+            "CPU input, one thread: microseconds per step (median), the ratio to the native "
+            "layer (nn.GroupNorm for AssocNorm) and to nn.BatchNorm2d, and the operator calls "
+            "the dispatcher ran (bench/host.py):\n\n" + markdown(host))
+
+
+def summary_markdown(summary: List[dict], tg: List[dict], e2e: List[dict],
+                     host: Optional[List[dict]] = None) -> str:
     text = ("Geometric means over shapes, dtypes and layouts. `time / baseline`: time "
             "relative to the native baseline (lower is better); speedups: baseline time / "
             "our time; `model %copy`: 3-pass forward / 5-pass backward bytes per second as a "
@@ -192,6 +201,8 @@ def summary_markdown(summary: List[dict], tg: List[dict], e2e: List[dict]) -> st
         text += (f"\nOne training step of a CIFAR ResNet-{depth} (batch {batch}); "
                  "normalization share = 1 - (step with nn.Identity instead) / step:\n\n"
                  + md_table(e2e_rows(e2e)))
+    if host:
+        text += host_markdown(host)
     return text
 
 
@@ -250,7 +261,9 @@ def write_all(out_dir: str, data: dict, summary_md: str) -> List[str]:
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
     paths.append(path)
-    for name in ("kernels", "copy", "memory", "e2e", "checks"):
+    for name in ("kernels", "copy", "memory", "e2e", "checks", "host"):
+        if name not in data:
+            continue
         path = os.path.join(out_dir, f"{name}.csv")
         write_csv(path, data[name])
         paths.append(path)

@@ -6,6 +6,10 @@ composition (and ``torch.compile`` of the composition when ``NORMFUSE_BENCH_COMP
 ``floor``: plain copies that move exactly the minimum bytes (forward ``y.copy_(x)``; backward
 adds ``torch.add(x, dy, out=dx)``), the bandwidth floor as an op.
 Inputs rotate through a pool, as in ``python -m bench``; on a GPU every call synchronizes.
+
+``test_host``: the host-cost group (``bench/host.py``) on every machine: one layer step
+(forward + backward) on a tiny (2, 8, 4, 4) float32 CPU input, one thread, for
+``nn.BatchNorm2d``, ``nn.GroupNorm`` and BIN, IEBN, AssocNorm on the ``cpu`` backend.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import pytest
 import torch
 
+from bench import host as H
 from bench import layers as L
 from bench import suite, timing
 from bench.shapes import cifar, num_groups_for
@@ -76,3 +81,23 @@ def test_floor(benchmark, layer, direction, fmt):
     benchmark.group = f"{L.LAYER_LABEL[layer]} {direction} {SHAPE} float32 {fmt}"
     benchmark.extra_info.update(min_bytes=suite.MIN_PASSES[direction] * nbytes)
     benchmark(call)
+
+
+HOST = H.contenders(["cpu"] if L.normfuse() is not None
+                    and "cpu" in L.normfuse().available_backends() else [])
+
+
+@pytest.mark.parametrize("spec", HOST, ids=[s["name"] for s in HOST])
+def test_host(benchmark, spec):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        step = H.make_step(spec["build"]().train())
+        benchmark.group = (f"host cost: layer step {'x'.join(map(str, H.SHAPE))} float32 cpu, "
+                           "1 thread")
+        benchmark.extra_info.update(H.count_ops(step, H.context(spec)))
+        with H.context(spec)():
+            benchmark(step)
+    finally:
+        torch.set_num_threads(previous)

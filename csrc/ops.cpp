@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
 TORCH_LIBRARY(normfuse, m) {
   // Generic full-tensor kernels (csrc/cpu/generic_ops_cpu.cpp, csrc/cuda/generic_ops_cuda.cpp).
   m.def("moments(Tensor input) -> (Tensor mean, Tensor m2)");
@@ -48,6 +50,32 @@ TORCH_LIBRARY(normfuse, m) {
       "Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
       "Tensor grad_encoder, Tensor grad_decoder_mean, Tensor grad_decoder_var, "
       "Tensor grad_weight, Tensor grad_bias)");
+
+  // Whole layers, one op per direction (csrc/layer_autograd.cpp): moments -> coefficients ->
+  // affine_apply in one call, and an Autograd kernel whose C++ node runs backward_sums ->
+  // coefficients backward -> backward_apply. Same arguments and semantics as the coefficient
+  // ops (running statistics and num_batches_tracked updated in place in training); they save the
+  // host the Python autograd.Function of a layer step. Double backward goes through
+  // normfuse::_layer_backward_graph, defined and implemented in Python (normfuse/_autograd.py).
+  m.def(
+      "bin_layer(Tensor input, Tensor gate, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  m.def(
+      "iebn_layer(Tensor input, Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  m.def(
+      "assoc_layer(Tensor input, int num_groups, Tensor encoder, Tensor decoder_mean, "
+      "Tensor decoder_var, Tensor weight, Tensor bias, float eps) -> Tensor");
+}
+
+// Functions other translation units add to the module: csrc/python_checks.cpp registers
+// tensors_ok from a static initializer, which runs when the library is loaded, before PyInit__C.
+// A build without that file (the ASan variant of tests/test_cpu_asan.py) has only has_cuda.
+std::vector<PyMethodDef>& nf_module_methods() {
+  static std::vector<PyMethodDef> methods;
+  return methods;
 }
 
 namespace {
@@ -61,15 +89,18 @@ PyObject* has_cuda(PyObject*, PyObject*) {
 #endif
 }
 
-PyMethodDef methods[] = {
-    {"has_cuda", has_cuda, METH_NOARGS, "True if the CUDA kernels were compiled in."},
-    {nullptr, nullptr, 0, nullptr}};
+std::vector<PyMethodDef> methods;
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                          "normfuse C++/CUDA ops (registered as torch.ops.normfuse.*).", -1,
-                          methods};
+                          "normfuse C++/CUDA ops (registered as torch.ops.normfuse.*).", -1, nullptr};
 
 }  // namespace
 
-// Plain CPython module (no pybind11): it only needs one function, and it keeps this TU light.
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+// Plain CPython module (no pybind11): it only needs a few functions, and it keeps this TU light.
+PyMODINIT_FUNC PyInit__C(void) {
+  methods = {{"has_cuda", has_cuda, METH_NOARGS, "True if the CUDA kernels were compiled in."}};
+  for (const PyMethodDef& m : nf_module_methods()) methods.push_back(m);
+  methods.push_back({nullptr, nullptr, 0, nullptr});
+  module_def.m_methods = methods.data();
+  return PyModule_Create(&module_def);
+}

@@ -111,3 +111,132 @@ def check_group_values(input: Tensor, who: str, channels_per_group: int, group: 
         raise ValueError(f"{who}: expected more than 1 value per {group} for the unbiased "
                          f"variance, got input of shape {tuple(input.shape)} with {setting} "
                          f"(1 channel per {group}, 1 value per channel)")
+
+
+# ---- the common path: one predicate instead of the checks above -------------------------------
+# A layer call checks its input, every parameter and buffer, momentum and eps: a dozen Python
+# function calls that cost several microseconds on every step, a visible share of a small
+# layer's host cost (issue 13).  The predicates below test the same conditions inline and return
+# True only when every check above would pass; when they return False the caller runs the
+# checks above, in their documented order, which raise the documented error (or pass, when the
+# predicate was merely conservative).  So they change no message and no order, only the cost.
+_FLOATING_SET = frozenset(FLOATING)
+_STRIDED = torch.strided
+_PARAMETER = torch.nn.Parameter
+_INF = math.inf
+
+
+def _vectors_ok(tensors, input, shape, optional: bool) -> bool:
+    """``check_tensor(t, ..., shape, input, ..., optional)`` would pass for every ``t``."""
+    if input.is_cpu:  # the same device as a CPU input <=> a CPU tensor (no device objects)
+        for t in tensors:
+            if t is None:
+                if optional:
+                    continue
+                return False
+            kind = type(t)  # isinstance is ~0.1 us for a Parameter; these compare in ns
+            if not ((kind is _PARAMETER or kind is Tensor or isinstance(t, Tensor)) and t.is_cpu
+                    and t.dtype in _FLOATING_SET and t.shape == shape):
+                return False
+        return True
+    device = input.device
+    for t in tensors:
+        if t is None:
+            if optional:
+                continue
+            return False
+        kind = type(t)
+        if not ((kind is _PARAMETER or kind is Tensor or isinstance(t, Tensor))
+                and t.dtype in _FLOATING_SET and t.shape == shape and t.device == device):
+            return False
+    return True
+
+
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_C_TENSORS_OK = None  # normfuse._C.tensors_ok (csrc/python_checks.cpp) once looked up, or False
+
+
+def _c_tensors_ok():
+    """``_vectors_ok`` of one shape for a tuple of required and one of optional tensors, as one
+    C call (~0.1 us instead of ~0.4 us a tensor), when normfuse._C has it; else False.  It
+    answers False for tensor subclasses (the Python checks then decide)."""
+    global _C_TENSORS_OK
+    if _C_TENSORS_OK is None:
+        try:
+            from . import _extension  # noqa: PLC0415
+            _C_TENSORS_OK = getattr(_extension._C, "tensors_ok", None) or False
+        except Exception:  # noqa: BLE001  (no extension: the Python predicate)
+            _C_TENSORS_OK = False
+    return _C_TENSORS_OK
+
+
+def _shaped_ok(input, shape, required, optional) -> bool:
+    """Every tensor of ``required`` (not None) and ``optional`` (None allowed) passes
+    ``check_tensor`` with ``shape``: in C on the eager path, in Python while torch.compile
+    traces (it cannot trace into the C function)."""
+    fast = _C_TENSORS_OK if _C_TENSORS_OK is not None else _c_tensors_ok()
+    if fast and not _dynamo_compiling():  # (tensors traced otherwise, e.g. by export, are
+        # fake subclasses, which the C function declines: the checks then decide)
+        return fast(input, shape, required, optional)
+    return (_vectors_ok(required, input, shape, False)
+            and _vectors_ok(optional, input, shape, True))
+
+
+def _input_ok(input, ranks) -> bool:
+    """``check_input`` would pass."""
+    return (isinstance(input, Tensor) and input.layout is _STRIDED
+            and input.dtype in _FLOATING_SET and input.dim() in ranks and input.numel() > 0)
+
+
+def _numbers_ok(*values) -> bool:
+    """``check_number(value, ..., low=0.0)`` would pass for every value."""
+    for value in values:
+        kind = type(value)
+        if not ((kind is float or kind is int) and 0.0 <= value < _INF):
+            return False
+    return True
+
+
+def batch_layer_ok(input, ranks, channels, use_batch, required, optional, running_mean,
+                   running_var, num_batches_tracked, momentum, eps) -> bool:
+    """BIN / IEBN: the module's checks (``channels`` given: ``num_features``) and the functional
+    form's (``check_input``, ``check_tensor`` of every parameter, ``check_running_stats``,
+    ``check_batch_counter``, ``check_number`` of momentum and eps, ``check_batch_values`` when
+    ``use_batch``) would all pass."""
+    if not _input_ok(input, ranks):
+        return False
+    c = input.shape[1]
+    if (channels is not None and c != channels) or (use_batch and input.numel() <= c):
+        return False  # wrong channel count; N * prod(spatial) <= 1 with batch statistics
+    shape = (c,)
+    if (running_mean is None) != (running_var is None):
+        return False
+    if not _shaped_ok(input, shape, required, (*optional, running_mean, running_var)):
+        return False
+    t = num_batches_tracked
+    if t is not None and not (isinstance(t, Tensor) and t.dtype is torch.int64
+                              and t.dim() <= 1 and t.numel() == 1
+                              and (t.is_cpu if input.is_cpu else t.device == input.device)):
+        return False
+    return _numbers_ok(momentum, eps)
+
+
+def assoc_layer_ok(input, channels, num_groups, encoder, decoder_mean, decoder_var, weight,
+                   bias, eps) -> bool:
+    """AssocNorm: the module's checks (``channels`` given: ``num_channels``) and
+    ``assoc_norm``'s would all pass."""
+    if not _input_ok(input, (2, 3, 4, 5)):
+        return False
+    c = input.shape[1]
+    if channels is not None and c != channels:
+        return False
+    if type(num_groups) is not int or num_groups <= 0 or c % num_groups:
+        return False
+    if not isinstance(encoder, Tensor) or encoder.dim() != 2:
+        return False
+    embed = encoder.shape[0]
+    if embed == 0:
+        return False
+    return (_shaped_ok(input, (embed, num_groups), (encoder,), ())
+            and _shaped_ok(input, (num_groups, embed), (decoder_mean, decoder_var), ())
+            and _shaped_ok(input, (c,), (weight, bias), ()) and _numbers_ok(eps))

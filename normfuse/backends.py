@@ -125,13 +125,25 @@ def _auto(x: torch.Tensor) -> str:
         # torch.export (and torch.onnx.export, built on it): the PyTorch-ops backend, so the
         # exported program holds standard ATen ops only (normfuse/export.py).
         return "torch"
-    if x.device.type == "cpu":
+    if x.is_cpu:
         return "cpu" if _unavailable_reason("cpu") is None else "torch"
-    if x.device.type == "cuda" and x.dtype != torch.float64:
+    if x.is_cuda and x.dtype != torch.float64:
         for name in ("cuda", "triton"):
             if _unavailable_reason(name) is None:
                 return name
     return "torch"
+
+
+def _runs_on(name: str, x: torch.Tensor) -> bool:
+    """Whether the (available) backend ``name`` can run on ``x``'s device and dtype."""
+    if name == "cpu":
+        return x.is_cpu
+    if name == "cuda":
+        return x.is_cuda and x.dtype != torch.float64
+    if name == "triton":
+        return (x.is_cuda and x.dtype != torch.float64
+                or x.is_cpu and os.environ.get("TRITON_INTERPRET") == "1")
+    return True  # "torch"
 
 
 def resolve_backend(x: torch.Tensor) -> str:
@@ -144,11 +156,9 @@ def resolve_backend(x: torch.Tensor) -> str:
             _state.checked = True
     if name == "auto":
         return _auto(x)
-    device_ok = {"torch": True, "cpu": x.device.type == "cpu",
-                 "cuda": x.device.type == "cuda" and x.dtype != torch.float64,
-                 "triton": x.device.type == "cuda" and x.dtype != torch.float64
-                 or x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"}[name]
-    if not device_ok:
+    if name == "cpu" and x.is_cpu:
+        return name
+    if not _runs_on(name, x):
         raise RuntimeError(f"backend {name!r} cannot run on a {x.dtype} tensor on "
                            f"{x.device.type!r}; use backend 'auto' or 'torch' for such inputs "
                            f"(available backends: {available_backends()})")

@@ -10,8 +10,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._autograd import run_layer
-from ._checks import (check_batch_counter, check_batch_values, check_group_values, check_input,
-                      check_number, check_running_stats, check_tensor)
+from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check_batch_values,
+                      check_group_values, check_input, check_number, check_running_stats,
+                      check_tensor)
+
+_RANKS = (2, 3, 4, 5)
 
 
 def _check_batch_layer(who, input, running_mean, running_var, named_params, training,
@@ -43,10 +46,12 @@ def _batch_instance_norm(input, running_mean, running_var, weight, bias, gate, t
                          momentum, eps, num_batches_tracked=None):
     """``batch_instance_norm``, plus the modules' ``num_batches_tracked``: incremented in place
     in training by the layer's coefficient op (no launch of its own)."""
-    who = "batch_instance_norm"
-    _check_batch_layer(who, input, running_mean, running_var,
-                       [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
-                       training, momentum, eps, num_batches_tracked)
+    if not batch_layer_ok(input, _RANKS, None, training or running_mean is None, (gate,),
+                          (weight, bias), running_mean, running_var, num_batches_tracked,
+                          momentum, eps):
+        _check_batch_layer("batch_instance_norm", input, running_mean, running_var,
+                           [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
+                           training, momentum, eps, num_batches_tracked)
     return run_layer("bin", input, running_mean, running_var, training, momentum, eps, 0,
                      (gate, weight, bias), num_batches_tracked)
 
@@ -65,11 +70,13 @@ def _instance_enhancement_batch_norm(input, running_mean, running_var, weight, b
                                      num_batches_tracked=None):
     """``instance_enhancement_batch_norm`` plus the modules' ``num_batches_tracked`` (see
     ``_batch_instance_norm``)."""
-    who = "instance_enhancement_batch_norm"
-    _check_batch_layer(who, input, running_mean, running_var,
-                       [("gate_weight", gate_weight, False), ("gate_bias", gate_bias, False),
-                        ("weight", weight, True), ("bias", bias, True)],
-                       training, momentum, eps, num_batches_tracked)
+    if not batch_layer_ok(input, _RANKS, None, training or running_mean is None,
+                          (gate_weight, gate_bias), (weight, bias), running_mean, running_var,
+                          num_batches_tracked, momentum, eps):
+        _check_batch_layer("instance_enhancement_batch_norm", input, running_mean, running_var,
+                           [("gate_weight", gate_weight, False), ("gate_bias", gate_bias, False),
+                            ("weight", weight, True), ("bias", bias, True)],
+                           training, momentum, eps, num_batches_tracked)
     return run_layer("iebn", input, running_mean, running_var, training, momentum, eps, 0,
                      (gate_weight, gate_bias, weight, bias), num_batches_tracked)
 
@@ -78,6 +85,14 @@ def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Te
                decoder_var: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """Associate Normalization: GroupNorm whose per-sample scale and shift come from an
     auto-encoder of the group means and variances (see ``normfuse.AssocNorm``)."""
+    if not assoc_layer_ok(input, None, num_groups, encoder, decoder_mean, decoder_var, weight,
+                          bias, eps):
+        _check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps)
+    return run_layer("assoc", input, None, None, False, 0.0, eps, num_groups,
+                     (encoder, decoder_mean, decoder_var, weight, bias))
+
+
+def _check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps):
     who = "assoc_norm"
     check_input(input, who)
     channels = input.shape[1]
@@ -99,8 +114,6 @@ def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Te
     check_tensor(weight, "weight", (channels,), input, who)
     check_tensor(bias, "bias", (channels,), input, who)
     check_number(eps, "eps", who)
-    return run_layer("assoc", input, None, None, False, 0.0, eps, num_groups,
-                     (encoder, decoder_mean, decoder_var, weight, bias))
 
 
 def _check_positive_int(value, name: str, who: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ["results.json", "report.md", "kernels.csv", "copy.csv", "memory.csv", "e2e.csv",
-           "checks.csv", "bandwidth_float32.png", "step_breakdown.png"]
+           "checks.csv", "host.csv", "bandwidth_float32.png", "step_breakdown.png"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,11 @@ def test_numbers_positive_and_finite(run):
     steps = data["e2e"]
     assert steps and all(e["ok"] and _positive(e["median_s"]) for e in steps), steps
     assert all(math.isfinite(e["norm_share"]) for e in steps if "norm_share" in e)
+    host = data["host"]
+    assert {"nn.BatchNorm2d", "nn.GroupNorm"} <= {h["name"] for h in host if h["ok"]}, host
+    for h in host:
+        assert h["ok"], h
+        assert _positive(h["us"]) and _positive(h["ratio_native"]) and h["op_calls"] > 0, h
     for c in data["checks"]:
         assert c["max_abs_diff"] is not None and c["max_abs_diff"] < 1e-3, c
 

@@ -465,17 +465,23 @@ def _assert_unchanged(holder, snap, rid):
 
 @pytest.fixture
 def no_kernel_calls(nf, monkeypatch):
-    """Counts entries into the autograd function that runs every backend's ops."""
+    """Counts entries into what runs the ops: the autograd function (every backend) and the
+    whole-layer ops of the compiled backends (normfuse._autograd.run_fused)."""
     from normfuse import _autograd
 
     calls = []
-    real = _autograd.NormFunction.apply
+    real, real_fused = _autograd.NormFunction.apply, _autograd.run_fused
 
     def spy(*args, **kwargs):
         calls.append(args[:2])
         return real(*args, **kwargs)
 
+    def spy_fused(*args, **kwargs):
+        calls.append(args[:2])
+        return real_fused(*args, **kwargs)
+
     monkeypatch.setattr(_autograd.NormFunction, "apply", spy)
+    monkeypatch.setattr(_autograd, "run_fused", spy_fused)
     return calls
 
 
