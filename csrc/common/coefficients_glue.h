@@ -117,15 +117,23 @@ void set_batch_counter(nf::BatchCoefParams<S>& p, const char* op, const OptTenso
   p.num_batches_tracked = t.data_ptr<int64_t>();
 }
 
-// Backward additions: the two gradient sums, and outputs. In training the running statistics
-// play no part (the reference recomputes batch statistics and never touches them).
+// Backward addition of every layer: the two gradient sums. `P`: BatchCoefParams<S> or
+// AssocCoefParams<S>.
+template <class P>
+void set_gradient_sums(P& p, const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& mean) {
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(p.mean)>>;
+  check_like_stats(op, "sum_dy", sum_dy, mean);
+  check_like_stats(op, "sum_dy_xmu", sum_dy_xmu, mean);
+  p.sum_dy = sum_dy.template data_ptr<S>();
+  p.sum_dy_xmu = sum_dy_xmu.template data_ptr<S>();
+}
+
+// BIN / IEBN backward additions: the gradient sums; in training the running statistics play no
+// part (the reference recomputes batch statistics and never touches them).
 template <class S>
 void batch_backward_params(nf::BatchCoefParams<S>& p, const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
                            const Tensor& mean) {
-  check_like_stats(op, "sum_dy", sum_dy, mean);
-  check_like_stats(op, "sum_dy_xmu", sum_dy_xmu, mean);
-  p.sum_dy = sum_dy.data_ptr<S>();
-  p.sum_dy_xmu = sum_dy_xmu.data_ptr<S>();
+  set_gradient_sums(p, op, sum_dy, sum_dy_xmu, mean);
   if (p.training) p.running_mean = p.running_var = nullptr;
 }
 
@@ -160,16 +168,6 @@ nf::AssocCoefParams<S> assoc_params(const char* op, const Tensor& mean, const Te
   p.M = M;
   p.eps = eps;
   return p;
-}
-
-// Assoc backward additions: the two gradient sums.
-template <class S>
-void assoc_backward_params(nf::AssocCoefParams<S>& p, const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
-                           const Tensor& mean) {
-  check_like_stats(op, "sum_dy", sum_dy, mean);
-  check_like_stats(op, "sum_dy_xmu", sum_dy_xmu, mean);
-  p.sum_dy = sum_dy.data_ptr<S>();
-  p.sum_dy_xmu = sum_dy_xmu.data_ptr<S>();
 }
 
 // Calls f(S{}) with S the C++ type of the statistics (checked float32 / float64 before).

@@ -88,7 +88,7 @@ struct Cpu {
       using S = decltype(tag);
       auto p = nf_coef_glue::assoc_params<S>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean,
                                              decoder_var, weight, bias, eps);
-      nf_coef_glue::assoc_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
+      nf_coef_glue::set_gradient_sums(p, op, sum_dy, sum_dy_xmu, mean);
       o = nf_coef_glue::backward_outputs(p, mean);
       if (p.N > 0 && p.C > 0) NF_CPU_CALL(assoc_backward, p);
     });

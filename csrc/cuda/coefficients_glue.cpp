@@ -108,7 +108,7 @@ struct Cuda {
     check_cuda_stats(op, mean);
     auto p = nf_coef_glue::assoc_params<float>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean,
                                                decoder_var, weight, bias, eps);
-    nf_coef_glue::assoc_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
+    nf_coef_glue::set_gradient_sums(p, op, sum_dy, sum_dy_xmu, mean);
     check_assoc_smem(op, p, true, mean);
     const c10::cuda::CUDAGuard guard(mean.device());
     BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean);
