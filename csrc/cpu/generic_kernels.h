@@ -1,5 +1,6 @@
 // Raw-pointer entry points of the four generic CPU kernels (moments, affine_apply, backward_sums,
-// backward_apply). The kernel bodies (generic_kernels_impl.h) are compiled twice:
+// backward_apply). The kernel bodies (generic_reduce_moments_impl.h, generic_reduce_sums_impl.h,
+// generic_apply_impl.h; shared parts in generic_plan_impl.h) are compiled twice:
 //   generic_kernels_avx2.cpp     at::vec with CPU_CAPABILITY_AVX2 (AVX2 + FMA + F16C), x86-64 only
 //   generic_kernels_default.cpp  at::vec's portable implementation, for every other CPU
 // and generic_ops_cpu.cpp (the torch glue) picks one at run time from ATen's CPU capability

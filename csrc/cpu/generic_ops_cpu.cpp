@@ -1,7 +1,8 @@
 // CPU implementations of the four generic ops (moments, affine_apply, backward_sums,
 // backward_apply) for float64/float32/bfloat16/float16, contiguous and channels-last: argument
 // checks, output allocation and the choice between the AVX2 and the portable build of the
-// kernels (generic_kernels.h; the kernels themselves are generic_kernels_impl.h).
+// kernels (generic_kernels.h; the kernels themselves are generic_reduce_*_impl.h and
+// generic_apply_impl.h).
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
