@@ -122,9 +122,9 @@ void run_map(const GenericArgs& g, const void* a, const void* b, const void* con
 
 }  // namespace
 
-void affine_apply(const GenericArgs& g) { run_map<false>(g, g.x, nullptr, {g.mean, g.k1, g.k2}); }
+void affine_apply(const GenericArgs& g) { run_map<false>(g, g.x, nullptr, {g.mean, g.scale, g.shift}); }
 
-void backward_apply(const GenericArgs& g) { run_map<true>(g, g.dy, g.x, {g.mean, g.k1, g.k2, g.k0}); }
+void backward_apply(const GenericArgs& g) { run_map<true>(g, g.dy, g.x, {g.mean, g.c_dy, g.c_x, g.c_0}); }
 
 }  // namespace NF_CPU_NS
 }  // namespace nf_cpu

@@ -352,8 +352,8 @@ void moments(const GenericArgs& g) {
     using acc_t = typename K::acc_t;
     const auto& sh = g.shape;
     const S* x = static_cast<const S*>(g.x);
-    acc_t* mean = static_cast<acc_t*>(g.s1);
-    acc_t* m2 = static_cast<acc_t*>(g.s2);
+    acc_t* mean = static_cast<acc_t*>(g.mean_out);
+    acc_t* m2 = static_cast<acc_t*>(g.m2_out);
     if (sh.layout == nf::Layout::Contiguous || sh.L == 1)
       K::moments_contig(x, sh.N * sh.C, sh.L, mean, m2);
     else

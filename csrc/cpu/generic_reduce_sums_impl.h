@@ -235,8 +235,8 @@ void backward_sums(const GenericArgs& g) {
     const S* dy = static_cast<const S*>(g.dy);
     const S* x = static_cast<const S*>(g.x);
     const acc_t* mean = static_cast<const acc_t*>(g.mean);
-    acc_t* o1 = static_cast<acc_t*>(g.s1);
-    acc_t* o2 = static_cast<acc_t*>(g.s2);
+    acc_t* o1 = static_cast<acc_t*>(g.sum_dy);
+    acc_t* o2 = static_cast<acc_t*>(g.sum_dy_xmu);
     if (sh.layout == nf::Layout::Contiguous || sh.L == 1)
       K::sums_contig(dy, x, mean, sh.N * sh.C, sh.L, o1, o2);
     else
