@@ -89,7 +89,7 @@ NF_COEF_HD void merge_add(Merge<T>& a, T m_rel, T q, T L) {
 // Chan et al.: merge the moments (nb, mb, qb) into (na, ma, qa), either may be empty. Means are
 // relative to a common shift, counts in units of L elements (planes of L elements here; single
 // elements, L = 1, in the generic kernels' moments: nf::chan_merge in kernels/numerics.cuh, Mom
-// in cpu/generic_kernels_impl.h). `div(nb, n)` is the weight's division (the GPU's generic
+// in cpu/generic_plan_impl.h). `div(nb, n)` is the weight's division (the GPU's generic
 // kernels pass a fast one). The one Chan merge of the project: every backend's C++ and CUDA
 // kernels call it. Not symmetric in rounding: callers merge in a fixed order so that results do
 // not depend on scheduling.

@@ -1,5 +1,6 @@
 // Raw-pointer entry points of the four generic CPU kernels (moments, affine_apply, backward_sums,
-// backward_apply). The kernel bodies (generic_kernels_impl.h) are compiled twice:
+// backward_apply). The kernel bodies (generic_reduce_moments_impl.h, generic_reduce_sums_impl.h,
+// generic_apply_impl.h; shared parts in generic_plan_impl.h) are compiled twice:
 //   generic_kernels_avx2.cpp     at::vec with CPU_CAPABILITY_AVX2 (AVX2 + FMA + F16C), x86-64 only
 //   generic_kernels_default.cpp  at::vec's portable implementation, for every other CPU
 // and generic_ops_cpu.cpp (the torch glue) picks one at run time from ATen's CPU capability
@@ -17,14 +18,22 @@ struct GenericArgs {
   nf::PlaneShape shape;
   nf::DType dtype = nf::DType::f32;
   const void* x = nullptr;
-  const void* dy = nullptr;     // backward_sums, backward_apply
-  const void* mean = nullptr;   // every op but moments
-  const void* k1 = nullptr;     // affine_apply: scale;  backward_apply: c_dy
-  const void* k2 = nullptr;     // affine_apply: shift;  backward_apply: c_x
-  const void* k0 = nullptr;     // backward_apply: c_0
-  void* out = nullptr;          // y / dx, same layout as x
-  void* s1 = nullptr;           // moments: mean;  backward_sums: sum_dy
-  void* s2 = nullptr;           // moments: m2;    backward_sums: sum_dy_xmu
+  const void* dy = nullptr;    // backward_sums, backward_apply
+  const void* mean = nullptr;  // input of every op but moments
+  // affine_apply: y = scale * (x - mean) + shift
+  const void* scale = nullptr;
+  const void* shift = nullptr;
+  // backward_apply: dx = c_dy * dy + c_x * (x - mean) + c_0
+  const void* c_dy = nullptr;
+  const void* c_x = nullptr;
+  const void* c_0 = nullptr;
+  void* out = nullptr;  // affine_apply: y;  backward_apply: dx.  Same layout as x
+  // moments outputs
+  void* mean_out = nullptr;  // plane mean
+  void* m2_out = nullptr;    // sum over the plane of (x - mean)^2
+  // backward_sums outputs
+  void* sum_dy = nullptr;      // sum dy
+  void* sum_dy_xmu = nullptr;  // sum dy * (x - mean)
 };
 
 #define NF_CPU_DECLARE_GENERIC(ns)                 \

@@ -12,7 +12,9 @@
 #include "cpu/avx2_prelude.h"
 
 #define NF_CPU_NS avx2
-#include "cpu/generic_kernels_impl.h"
+#include "cpu/generic_reduce_moments_impl.h"
+#include "cpu/generic_reduce_sums_impl.h"
+#include "cpu/generic_apply_impl.h"
 
 #include "cpu/avx2_epilogue.h"
 #endif

@@ -3,4 +3,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #define NF_CPU_NS portable
-#include "cpu/generic_kernels_impl.h"
+#include "cpu/generic_reduce_moments_impl.h"
+#include "cpu/generic_reduce_sums_impl.h"
+#include "cpu/generic_apply_impl.h"

@@ -1,7 +1,8 @@
 // CPU implementations of the four generic ops (moments, affine_apply, backward_sums,
 // backward_apply) for float64/float32/bfloat16/float16, contiguous and channels-last: argument
 // checks, output allocation and the choice between the AVX2 and the portable build of the
-// kernels (generic_kernels.h; the kernels themselves are generic_kernels_impl.h).
+// kernels (generic_kernels.h; the kernels themselves are generic_reduce_*_impl.h and
+// generic_apply_impl.h).
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -105,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x) {
     return {mean, m2};
   }
   nf_cpu::GenericArgs a = args_for(x, sh);
-  a.s1 = mean.mutable_data_ptr();
-  a.s2 = m2.mutable_data_ptr();
+  a.mean_out = mean.mutable_data_ptr();
+  a.m2_out = m2.mutable_data_ptr();
   run(NF_KERNELS(moments), a);
   return {mean, m2};
 }
@@ -126,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const
   nf_cpu::GenericArgs a = args_for(x, sh);
   a.dy = dy.const_data_ptr();
   a.mean = mean.const_data_ptr();
-  a.s1 = g1.mutable_data_ptr();
-  a.s2 = g2.mutable_data_ptr();
+  a.sum_dy = g1.mutable_data_ptr();
+  a.sum_dy_xmu = g2.mutable_data_ptr();
   run(NF_KERNELS(backward_sums), a);
   return {g1, g2};
 }
@@ -143,8 +144,8 @@ at::Tensor affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const a
   if (x.numel() == 0) return y;
   nf_cpu::GenericArgs a = args_for(x, sh);
   a.mean = mean.const_data_ptr();
-  a.k1 = scale.const_data_ptr();
-  a.k2 = shift.const_data_ptr();
+  a.scale = scale.const_data_ptr();
+  a.shift = shift.const_data_ptr();
   a.out = y.mutable_data_ptr();
   run(NF_KERNELS(affine_apply), a);
   return y;
@@ -164,9 +165,9 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const a
   nf_cpu::GenericArgs a = args_for(x, sh);
   a.dy = dy.const_data_ptr();
   a.mean = mean.const_data_ptr();
-  a.k1 = c_dy.const_data_ptr();
-  a.k2 = c_x.const_data_ptr();
-  a.k0 = c_0.const_data_ptr();
+  a.c_dy = c_dy.const_data_ptr();
+  a.c_x = c_x.const_data_ptr();
+  a.c_0 = c_0.const_data_ptr();
   a.out = dx.mutable_data_ptr();
   run(NF_KERNELS(backward_apply), a);
   return dx;

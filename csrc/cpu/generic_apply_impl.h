@@ -1,0 +1,130 @@
+// Elementwise maps of the generic CPU kernels: affine_apply and backward_apply (the CPU side of
+// kernels/plane_apply.cuh; work decomposition in generic_plan_impl.h).
+#pragma once
+
+#include <type_traits>
+
+#include "cpu/generic_plan_impl.h"
+
+namespace nf_cpu {
+namespace NF_CPU_NS {
+namespace {
+
+// The per-plane affine maps for element type S (affine_apply(), backward_apply() below).
+template <class S>
+struct MapKern : KernTypes<S> {
+  NF_CPU_KERN_TYPES(S);
+
+  // ---- elementwise maps ---------------------------------------------------------------------------
+  // out = Op(a, b, coefficients k[0..K)) with per-plane coefficients (k[0] is the mean).
+
+  struct AffineOp {  // y = (x - m) scale + shift
+    static constexpr int K = 3;
+    static V f(const V& xv, const V&, const V* k) { return at::vec::fmadd(xv - k[0], k[1], k[2]); }
+  };
+  struct BackwardOp {  // dx = c_dy dy + c_x (x - m) + c_0
+    static constexpr int K = 4;
+    static V f(const V& g, const V& xv, const V* k) {
+      return at::vec::fmadd(k[1], g, at::vec::fmadd(k[2], xv - k[0], k[3]));
+    }
+  };
+
+  template <class Op>
+  static void map(const S* a, const S* b, S* out, const acc_t* const* coef, const nf::PlaneShape& sh) {
+    constexpr int K = Op::K;
+    const int64_t N = sh.N, C = sh.C, L = sh.L;
+    auto ldb = [&](int64_t i) { return b ? io::load(b + i) : V(0); };
+    auto ldb_n = [&](int64_t i, int64_t n) { return b ? io::load_n(b + i, n) : V(0); };
+    if (L == 1 || sh.layout == nf::Layout::ChannelsLast) {
+      // Coefficient index = (n * C + c), contiguous along the innermost dimension: for L == 1 the
+      // whole tensor is one "row" of N C elements; for channels-last each row is C elements.
+      const int64_t rowlen = L == 1 ? N * C : C, nrows = L == 1 ? 1 : N * L;
+      auto do_row = [&](int64_t base, const acc_t* const* kp, int64_t c0, int64_t c1) {
+        int64_t c = c0;
+        V k[K];
+        auto full = [&](int64_t c) {
+          for (int j = 0; j < K; ++j) k[j] = V::loadu(kp[j] + c);
+          io::store(out + base + c, Op::f(io::load(a + base + c), ldb(base + c), k));
+        };
+        for (; c + W <= c1; c += W) full(c);
+        if (c < c1) {
+          if (c1 - c0 >= W) {  // the row's last W elements again: same inputs, same values
+            full(c1 - W);
+          } else {
+            const int64_t n = c1 - c;
+            for (int j = 0; j < K; ++j) k[j] = va::load_n(kp[j] + c, n);
+            io::store_n(out + base + c, Op::f(io::load_n(a + base + c, n), ldb_n(base + c, n), k), n);
+          }
+        }
+      };
+      if (L == 1) {
+        at::parallel_for(0, rowlen, kTask, [&](int64_t c0, int64_t c1) { do_row(0, coef, c0, c1); });
+      } else {
+        at::parallel_for(0, nrows, std::max<int64_t>(1, kTask / C), [&](int64_t r0, int64_t r1) {
+          int64_t n = r0 / L, l = r0 % L;  // row r = n L + l, advanced without divisions
+          const acc_t* kp[K];
+          for (int j = 0; j < K; ++j) kp[j] = coef[j] + n * C;
+          for (int64_t r = r0; r < r1; ++r) {
+            do_row(r * C, kp, 0, C);
+            if (++l == L) {
+              l = 0;
+              ++n;
+              for (int j = 0; j < K; ++j) kp[j] += C;
+            }
+          }
+        });
+      }
+      return;
+    }
+    // contiguous: coefficients broadcast per plane; planes longer than kSeg split in segments
+    const int64_t P = N * C, S_ = at::divup(L, kSeg), seg = std::min(L, kSeg);
+    at::parallel_for(0, P * S_, std::max<int64_t>(1, kTask / seg), [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t p = S_ == 1 ? t : t / S_, lo = S_ == 1 ? 0 : (t % S_) * kSeg, hi = std::min(L, lo + kSeg);
+        V k[K];
+        for (int j = 0; j < K; ++j) k[j] = V(coef[j][p]);
+        const int64_t base = p * L;
+        int64_t i = base + lo;
+        const int64_t end = base + hi;
+        for (; i + 2 * W <= end; i += 2 * W) {
+          const V y0 = Op::f(io::load(a + i), ldb(i), k);
+          const V y1 = Op::f(io::load(a + i + W), ldb(i + W), k);
+          io::store(out + i, y0);
+          io::store(out + i + W, y1);
+        }
+        if (i + W <= end) {
+          io::store(out + i, Op::f(io::load(a + i), ldb(i), k));
+          i += W;
+        }
+        if (i < end) {
+          if (hi - lo >= W)  // the segment's last W elements again: same inputs, same values
+            io::store(out + end - W, Op::f(io::load(a + end - W), ldb(end - W), k));
+          else
+            io::store_n(out + i, Op::f(io::load_n(a + i, end - i), ldb_n(i, end - i), k), end - i);
+        }
+      }
+    });
+  }
+};
+
+// MapKern<S>::map<Op> for g's element type: out = Op(a, b, coef), coef[0] the mean.
+template <bool kBackward, int K>
+void run_map(const GenericArgs& g, const void* a, const void* b, const void* const (&coef)[K]) {
+  dispatch(g.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    using MK = MapKern<S>;
+    using Op = std::conditional_t<kBackward, typename MK::BackwardOp, typename MK::AffineOp>;
+    const acc_type<S>* k[K];
+    for (int j = 0; j < K; ++j) k[j] = static_cast<const acc_type<S>*>(coef[j]);
+    MK::template map<Op>(static_cast<const S*>(a), static_cast<const S*>(b), static_cast<S*>(g.out), k, g.shape);
+  });
+}
+
+}  // namespace
+
+void affine_apply(const GenericArgs& g) { run_map<false>(g, g.x, nullptr, {g.mean, g.scale, g.shift}); }
+
+void backward_apply(const GenericArgs& g) { run_map<true>(g, g.dy, g.x, {g.mean, g.c_dy, g.c_x, g.c_0}); }
+
+}  // namespace NF_CPU_NS
+}  // namespace nf_cpu
