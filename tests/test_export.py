@@ -1,6 +1,6 @@
-"""Portable export (README, "Export and deployment"): a model holding BIN, IEBN and AssocNorm
-exports to a program of standard ATen ops that computes what eager computes (outputs, running
-statistics, gradients), and to ONNX that onnxruntime runs.
+"""Portable export (README, "Export and deployment"): a model holding BIN, IEBN, AssocNorm and
+ILMNorm exports to a program of standard ATen ops that computes what eager computes (outputs,
+running statistics, gradients), and to ONNX that onnxruntime runs.
 
 * ``torch.export.export`` under the default backend ("auto") traces the "torch" backend: no
   normfuse op in the program at all;
@@ -28,11 +28,14 @@ KERNEL_BACKENDS = [b for b in ("cpu", "torch") if b in normfuse.available_backen
 
 
 def _model(dtype=torch.float32, seed=0):
-    """Conv -> BIN -> ReLU -> IEBN -> AssocNorm, every parameter and running statistic random
-    (gates inside (0, 1), AssocNorm's decoders non-zero), so each coefficient path matters."""
+    """Conv -> BIN -> ReLU -> IEBN -> AssocNorm -> ILMNorm (every layer of the package), every
+    parameter and running statistic random (gates inside (0, 1), the AssocNorm and ILM decoders
+    non-zero), so each coefficient path matters."""
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), normfuse.BatchInstanceNorm2d(6), nn.ReLU(),
-                          normfuse.IEBN2d(6), normfuse.AssocNorm(3, 6)).to(dtype)
+                          normfuse.IEBN2d(6), normfuse.AssocNorm(3, 6),
+                          normfuse.ILMNorm(6, num_groups=3, key_group_size=2, reduction=2)
+                          ).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.rand(p.shape, generator=g, dtype=dtype) if name.endswith("gate")
