@@ -48,11 +48,10 @@ def _from_group_norm(gn: nn.GroupNorm) -> AssocNorm:
     new = AssocNorm(gn.num_groups, gn.num_channels, eps=gn.eps, **_factory(gn))
     with torch.no_grad():
         # A fresh AssocNorm's decoder gives omega = 0.5 + B_omega: start from the same function.
-        if gn.affine:
-            new.weight.copy_(gn.weight - 0.5)
-            new.bias.copy_(gn.bias)
-        else:
-            new.weight.fill_(0.5)
+        # No weight (affine=False) means 1, no bias (affine=False, or bias=False) means 0.
+        weight, bias = getattr(gn, "weight", None), getattr(gn, "bias", None)
+        new.weight.copy_(0.5 if weight is None else weight - 0.5)
+        new.bias.copy_(0.0 if bias is None else bias)
     return new
 
 

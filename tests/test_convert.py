@@ -207,6 +207,21 @@ def test_convert_assoc_affine_false(nf, seed):
         assert_close_dtype(new(x), gn(x), torch.float32, "function carried")
 
 
+def test_convert_assoc_groupnorm_without_bias(nf, seed):
+    """nn.GroupNorm(..., bias=False) (newer torch; 2.11 has no such argument): a weight but no
+    bias; the converted layer computes the same function (it crashed copying the missing bias)."""
+    try:
+        gn = nn.GroupNorm(2, 4, bias=False)
+    except TypeError:
+        pytest.skip("this torch's nn.GroupNorm has no bias argument")
+    with torch.no_grad():
+        gn.weight.copy_(1 + 0.3 * torch.randn(4, generator=torch.Generator().manual_seed(seed)))
+    new = nf.convert(nn.Sequential(gn), "assoc")[0]
+    assert type(new) is nf.AssocNorm and torch.all(new.bias == 0)
+    x = make_input((3, 4, 2, 5), seed)
+    assert_close_dtype(new(x), gn(x), torch.float32, "function carried")
+
+
 def test_convert_groupnorm_untouched_by_bin(nf):
     model = nn.Sequential(nn.GroupNorm(2, 4), nn.BatchNorm2d(4))
     out = nf.convert(model, "bin")
