@@ -167,6 +167,15 @@ def reduction_plan(n: int, c: int, plane: int, channels_last: bool, device):
     return cfg, c_blocks, keep, splits, chunk
 
 
+def split_reduction(x: Tensor, n: int, c: int, plane: int, channels_last: bool, out: Tensor):
+    """The launch plan of a reduction over the planes of ``x`` (moments, backward sums) and its
+    workspace: ``(cfg, c_blocks, keep, splits, chunk, partials, counters)``.  Split planes get
+    two partials per plane and split in ``out``'s dtype; unsplit ones pass ``out`` (unused)."""
+    cfg, c_blocks, keep, splits, chunk = reduction_plan(n, c, plane, channels_last, x.device)
+    part = out.new_empty(2 * splits * n * c) if splits > 1 else out
+    return cfg, c_blocks, keep, splits, chunk, part, counters(x, keep, splits > 1)
+
+
 def stream_grid(n: int, c: int, plane: int, cfg):
     if cfg.channels_last:
         rows = n * plane

@@ -21,9 +21,8 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor]:
     m2 = input.new_empty((n, c), dtype=acc)
     if n * c == 0 or plane == 0:
         return mean.fill_(float("nan")), m2.zero_()
-    cfg, c_blocks, keep, splits, chunk = rt.reduction_plan(n, c, plane, cl, input.device)
-    part = mean.new_empty(2 * splits * n * c) if splits > 1 else mean
-    counter = rt.counters(input, keep, splits > 1)
+    cfg, c_blocks, keep, splits, chunk, part, counter = rt.split_reduction(input, n, c, plane, cl,
+                                                                           mean)
     launcher(kernels().moments)[(keep, splits)](
         input, mean, m2, part, counter, c, plane, n * c, c_blocks, chunk // cfg.block_l, splits,
         **rt.stream_meta(cfg))
@@ -55,9 +54,8 @@ def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Ten
     g2 = mean.new_empty((n, c))
     if n * c == 0 or plane == 0:
         return g1.zero_(), g2.zero_()
-    cfg, c_blocks, keep, splits, chunk = rt.reduction_plan(n, c, plane, cl, input.device)
-    part = mean.new_empty(2 * splits * n * c) if splits > 1 else g1
-    counter = rt.counters(input, keep, splits > 1)
+    cfg, c_blocks, keep, splits, chunk, part, counter = rt.split_reduction(input, n, c, plane, cl,
+                                                                           g1)
     launcher(kernels().backward_sums)[(keep, splits)](
         grad_output, input, mean, g1, g2, part, counter, c, plane, n * c, c_blocks,
         chunk // cfg.block_l, splits, **rt.stream_meta(cfg))
