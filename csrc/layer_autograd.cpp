@@ -40,10 +40,11 @@ using Pair = std::tuple<Tensor, Tensor>;
 // at the first call instead of miscompiling).
 struct Ops {
   c10::TypedOperatorHandle<Pair(const Tensor&)> moments;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)> affine_apply;
-  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, const Tensor&)> backward_sums;
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)> affine_apply;
+  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>
+      backward_sums;
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const Tensor&)>
+                                  const Tensor&, const OptTensor&, const OptTensor&)>
       backward_apply;
   c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&,
                                 const OptTensor&, const OptTensor&, const OptTensor&, bool, double, double,
@@ -78,10 +79,11 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
 const Ops& ops() {
   static const Ops o{
       find<Pair(const Tensor&)>("normfuse::moments"),
-      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("normfuse::affine_apply"),
-      find<Pair(const Tensor&, const Tensor&, const Tensor&)>("normfuse::backward_sums"),
-      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-          "normfuse::backward_apply"),
+      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>("normfuse::affine_apply"),
+      find<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>(
+          "normfuse::backward_sums"),
+      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                  const OptTensor&, const OptTensor&)>("normfuse::backward_apply"),
       find<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&, const OptTensor&,
                 const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&)>(
           "normfuse::bin_coefficients"),
@@ -112,6 +114,7 @@ struct Config {
   double momentum;
   double eps;
   int64_t num_groups;
+  bool relu;  // fused ReLU: y = max(norm(x), 0), its mask recomputed in the backward
 };
 
 // Running statistics and the batch counter: handed to the autograd function wrapped in this struct,
@@ -130,8 +133,14 @@ int64_t plane_size(const Tensor& x) {
 
 const Tensor& req(const OptTensor& t) { return *t; }  // a parameter the schema says is a Tensor
 
-// moments -> coefficients -> affine_apply; (y, mean, m2).
-std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Params& p, const Buffers& b,
+// What the forward leaves for the backward besides x: the statistics, and the coefficients that
+// the fused ReLU's mask is recomputed from (used only when Config::relu).
+struct Forward {
+  Tensor y, mean, m2, scale, shift;
+};
+
+// moments -> coefficients -> affine_apply.
+Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b,
                                                 const Config& c) {
   const Ops& o = ops();
   auto [mean, m2] = o.moments.call(x);
@@ -151,18 +160,19 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Params& p
                                             req(p[3]), req(p[4]), c.eps);
       break;
   }
-  Tensor y = o.affine_apply.call(x, mean, scale, shift);
-  return {std::move(y), std::move(mean), std::move(m2)};
+  Tensor y = o.affine_apply.call(x, mean, scale, shift, c.relu);
+  return {std::move(y), std::move(mean), std::move(m2), std::move(scale), std::move(shift)};
 }
 
 // backward_sums -> coefficients backward -> backward_apply; (dx or undefined, parameter grads).
 std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy, const Tensor& x,
                                                                  const Tensor& mean, const Tensor& m2,
+                                                                 const OptTensor& scale, const OptTensor& shift,
                                                                  const Params& p, const OptTensor& rm,
                                                                  const OptTensor& rv, const Config& c,
                                                                  bool want_dx) {
   const Ops& o = ops();
-  auto [g1, g2] = o.backward_sums.call(dy, x, mean);
+  auto [g1, g2] = o.backward_sums.call(dy, x, mean, scale, shift);
   const int64_t plane = plane_size(x);
   Tensor c_dy, c_x, c_0;
   std::array<Tensor, kMaxParams> grads;
@@ -181,7 +191,7 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
                                 req(p[3]), req(p[4]), c.eps);
       break;
   }
-  Tensor dx = want_dx ? o.backward_apply.call(dy, x, mean, c_dy, c_x, c_0) : Tensor();
+  Tensor dx = want_dx ? o.backward_apply.call(dy, x, mean, c_dy, c_x, c_0, scale, shift) : Tensor();
   return {std::move(dx), std::move(grads)};
 }
 
@@ -197,8 +207,10 @@ Tensor like_layout(const Tensor& t, const Tensor& x) {
 
 Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
-// Saved: x, mean, m2, running_mean, running_var (eval mode only: constants there), the parameters.
+// Saved: x, mean, m2, running_mean, running_var (eval mode only: constants there), the parameters,
+// scale and shift (fused ReLU only: the mask's source).
 constexpr size_t kSavedParams = 5;
+constexpr size_t kSavedScale = 5 + kSavedParams;
 
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
   // Inputs, in the order CppNode counts them: x, p0..p4 (undefined ones are not variables), then
@@ -208,16 +220,17 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
                         const Config& c) {
     at::AutoDispatchBelowADInplaceOrView below;
     const Params p{p0, p1, p2, p3, p4};
-    auto [y, mean, m2] = forward_impl(x, p, b, c);
+    Forward f = forward_impl(x, p, b, c);
     const bool keep_running = !c.training && b.running_mean.has_value() && b.running_mean->defined();
-    ctx->save_for_backward({x, mean, m2, keep_running ? opt(b.running_mean) : Tensor(),
+    ctx->save_for_backward({x, f.mean, f.m2, keep_running ? opt(b.running_mean) : Tensor(),
                             keep_running ? opt(b.running_var) : Tensor(), opt(p0), opt(p1), opt(p2), opt(p3),
-                            opt(p4)});
-    // Two entries (each one a string-keyed map insert and lookup): layer, training and
+                            opt(p4), c.relu ? f.scale : Tensor(), c.relu ? f.shift : Tensor()});
+    // Two entries (each one a string-keyed map insert and lookup): layer, training, relu and
     // num_groups packed into one integer, and eps.
-    ctx->saved_data["config"] = static_cast<int64_t>(c.layer) | (c.training ? 4 : 0) | (c.num_groups << 3);
+    ctx->saved_data["config"] =
+        static_cast<int64_t>(c.layer) | (c.training ? 4 : 0) | (c.relu ? 8 : 0) | (c.num_groups << 4);
     ctx->saved_data["eps"] = c.eps;
-    return y;
+    return std::move(f.y);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -225,7 +238,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor& x = saved[0];
     const int64_t packed = ctx->saved_data["config"].toInt();
     const Config c{static_cast<Layer>(packed & 3), (packed & 4) != 0, 0.0, ctx->saved_data["eps"].toDouble(),
-                   packed >> 3};
+                   packed >> 4, (packed & 8) != 0};
     Params p;
     for (size_t i = 0; i < kSavedParams; ++i) {
       if (saved[5 + i].defined()) p[i] = saved[5 + i];
@@ -249,7 +262,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
               .findSchemaOrThrow("normfuse::_layer_backward_graph", "")
               .typed<std::vector<Tensor>(int64_t, const Tensor&, const Tensor&,
                                          const c10::List<std::optional<Tensor>>&, const OptTensor&,
-                                         const OptTensor&, bool, double, int64_t, int64_t)>();
+                                         const OptTensor&, bool, double, int64_t, bool, int64_t)>();
       const size_t count = c.layer == kAssoc ? 5 : c.layer == kIebn ? 4 : 3;
       c10::List<std::optional<Tensor>> plist;
       int64_t mask = 0;  // bit i: input i (x, then the parameters) wants a gradient
@@ -258,7 +271,8 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
         if (needs[i]) mask |= int64_t{1} << i;
       }
       const std::vector<Tensor> grads =
-          graph.call(static_cast<int64_t>(c.layer), x, dy, plist, rm, rv, c.training, c.eps, c.num_groups, mask);
+          graph.call(static_cast<int64_t>(c.layer), x, dy, plist, rm, rv, c.training, c.eps, c.num_groups, c.relu,
+                     mask);
       TORCH_CHECK(grads.size() == 1 + count, "normfuse::_layer_backward_graph returned ", grads.size(),
                   " gradients, expected ", 1 + count);
       for (size_t i = 0; i <= count; ++i) {
@@ -267,7 +281,9 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
       return result;
     }
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [dx, grads] = backward_impl(dy, x, saved[1], saved[2], p, rm, rv, c, needs[0]);
+    const OptTensor scale = c.relu ? OptTensor(saved[kSavedScale]) : std::nullopt;
+    const OptTensor shift = c.relu ? OptTensor(saved[kSavedScale + 1]) : std::nullopt;
+    auto [dx, grads] = backward_impl(dy, x, saved[1], saved[2], scale, shift, p, rm, rv, c, needs[0]);
     result[0] = std::move(dx);
     for (size_t i = 0; i < kMaxParams; ++i) {
       if (p[i].has_value() && needs[1 + i]) result[1 + i] = std::move(grads[i]);
@@ -288,7 +304,7 @@ bool any_requires_grad(const Tensor& x, const Params& p) {
 Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   if (!at::GradMode::is_enabled() || !any_requires_grad(x, p)) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return std::get<0>(forward_impl(x, p, b, c));
+    return forward_impl(x, p, b, c).y;
   }
   return LayerFunction::apply(x, p[0], p[1], p[2], p[3], p[4], b, c);
 }
@@ -296,44 +312,46 @@ Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) 
 // Below autograd (inference mode, or tensors without autograd): the forward only.
 Tensor bin_layer(const Tensor& x, const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
                  const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
-                 double eps, const OptTensor& num_batches_tracked) {
-  return std::get<0>(forward_impl(x, {gate, weight, bias, std::nullopt, std::nullopt},
+                 double eps, const OptTensor& num_batches_tracked, bool relu) {
+  return (forward_impl(x, {gate, weight, bias, std::nullopt, std::nullopt},
                                   {running_mean, running_var, num_batches_tracked},
-                                  {kBin, training, momentum, eps, 0}));
+                                  {kBin, training, momentum, eps, 0, relu}).y);
 }
 
 Tensor iebn_layer(const Tensor& x, const Tensor& gate_weight, const Tensor& gate_bias, const OptTensor& weight,
                   const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-                  bool training, double momentum, double eps, const OptTensor& num_batches_tracked) {
-  return std::get<0>(forward_impl(x, {gate_weight, gate_bias, weight, bias, std::nullopt},
+                  bool training, double momentum, double eps, const OptTensor& num_batches_tracked, bool relu) {
+  return (forward_impl(x, {gate_weight, gate_bias, weight, bias, std::nullopt},
                                   {running_mean, running_var, num_batches_tracked},
-                                  {kIebn, training, momentum, eps, 0}));
+                                  {kIebn, training, momentum, eps, 0, relu}).y);
 }
 
 Tensor assoc_layer(const Tensor& x, int64_t num_groups, const Tensor& encoder, const Tensor& decoder_mean,
-                   const Tensor& decoder_var, const Tensor& weight, const Tensor& bias, double eps) {
-  return std::get<0>(forward_impl(x, {encoder, decoder_mean, decoder_var, weight, bias}, {},
-                                  {kAssoc, false, 0.0, eps, num_groups}));
+                   const Tensor& decoder_var, const Tensor& weight, const Tensor& bias, double eps,
+                   bool relu) {
+  return (forward_impl(x, {encoder, decoder_mean, decoder_var, weight, bias}, {},
+                                  {kAssoc, false, 0.0, eps, num_groups, relu}).y);
 }
 
 Tensor bin_layer_autograd(const Tensor& x, const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
                           const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                          double momentum, double eps, const OptTensor& num_batches_tracked) {
+                          double momentum, double eps, const OptTensor& num_batches_tracked, bool relu) {
   return run(x, {gate, weight, bias, std::nullopt, std::nullopt}, {running_mean, running_var, num_batches_tracked},
-             {kBin, training, momentum, eps, 0});
+             {kBin, training, momentum, eps, 0, relu});
 }
 
 Tensor iebn_layer_autograd(const Tensor& x, const Tensor& gate_weight, const Tensor& gate_bias,
                            const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                            const OptTensor& running_var, bool training, double momentum, double eps,
-                           const OptTensor& num_batches_tracked) {
+                           const OptTensor& num_batches_tracked, bool relu) {
   return run(x, {gate_weight, gate_bias, weight, bias, std::nullopt},
-             {running_mean, running_var, num_batches_tracked}, {kIebn, training, momentum, eps, 0});
+             {running_mean, running_var, num_batches_tracked}, {kIebn, training, momentum, eps, 0, relu});
 }
 
 Tensor assoc_layer_autograd(const Tensor& x, int64_t num_groups, const Tensor& encoder, const Tensor& decoder_mean,
-                            const Tensor& decoder_var, const Tensor& weight, const Tensor& bias, double eps) {
-  return run(x, {encoder, decoder_mean, decoder_var, weight, bias}, {}, {kAssoc, false, 0.0, eps, num_groups});
+                            const Tensor& decoder_var, const Tensor& weight, const Tensor& bias, double eps,
+                   bool relu) {
+  return run(x, {encoder, decoder_mean, decoder_var, weight, bias}, {}, {kAssoc, false, 0.0, eps, num_groups, relu});
 }
 
 }  // namespace

@@ -10,11 +10,17 @@
 TORCH_LIBRARY(normfuse, m) {
   // Generic full-tensor kernels (csrc/cpu/generic_ops_cpu.cpp, csrc/cuda/generic_ops_cuda.cpp).
   m.def("moments(Tensor input) -> (Tensor mean, Tensor m2)");
-  m.def("affine_apply(Tensor input, Tensor mean, Tensor scale, Tensor shift) -> Tensor");
-  m.def("backward_sums(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  // Fused ReLU (docs/architecture.md, "Fused activation"): affine_apply(relu=True) writes
+  // max(v, 0) of the pre-activation v = (x - mean) * scale + shift; the backward passes, given
+  // the forward's scale and shift, recompute v with the forward's arithmetic and use dy only
+  // where v > 0 (ReLU's derivative at 0 is 0, as torch's). No mask is saved.
+  m.def("affine_apply(Tensor input, Tensor mean, Tensor scale, Tensor shift, bool relu=False) -> Tensor");
+  m.def(
+      "backward_sums(Tensor grad_output, Tensor input, Tensor mean, Tensor? scale=None, "
+      "Tensor? shift=None) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   m.def(
       "backward_apply(Tensor grad_output, Tensor input, Tensor mean, Tensor c_dy, Tensor c_x, "
-      "Tensor c_0) -> Tensor");
+      "Tensor c_0, Tensor? scale=None, Tensor? shift=None) -> Tensor");
 
   // Per-layer coefficient functions (csrc/cpu/coefficients_*.cpp, csrc/cuda/coefficients*).
   // The BIN / IEBN forwards also count the batch: given num_batches_tracked (a 0-dim int64
@@ -60,14 +66,14 @@ TORCH_LIBRARY(normfuse, m) {
   m.def(
       "bin_layer(Tensor input, Tensor gate, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, "
-      "Tensor(c!)? num_batches_tracked=None) -> Tensor");
+      "Tensor(c!)? num_batches_tracked=None, bool relu=False) -> Tensor");
   m.def(
       "iebn_layer(Tensor input, Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
-      "Tensor(c!)? num_batches_tracked=None) -> Tensor");
+      "Tensor(c!)? num_batches_tracked=None, bool relu=False) -> Tensor");
   m.def(
       "assoc_layer(Tensor input, int num_groups, Tensor encoder, Tensor decoder_mean, "
-      "Tensor decoder_var, Tensor weight, Tensor bias, float eps) -> Tensor");
+      "Tensor decoder_var, Tensor weight, Tensor bias, float eps, bool relu=False) -> Tensor");
 }
 
 // Functions other translation units add to the module: csrc/python_checks.cpp registers

@@ -87,13 +87,13 @@ def _moments_fake(x):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
 
-def _affine_apply_fake(x, mean, scale, shift):
+def _affine_apply_fake(x, mean, scale, shift, relu=False):
     return torch.empty_like(x)
 
-def _backward_sums_fake(dy, x, mean):
+def _backward_sums_fake(dy, x, mean, scale=None, shift=None):
     return _stats_like(mean), _stats_like(mean)
 
-def _backward_apply_fake(dy, x, mean, c_dy, c_x, c_0):
+def _backward_apply_fake(dy, x, mean, c_dy, c_x, c_0, scale=None, shift=None):
     return torch.empty_like(x)
 
 # The forwards mutate running_mean / running_var / num_batches_tracked in place (declared in the

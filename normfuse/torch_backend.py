@@ -41,14 +41,35 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor]:
     return (pivot + offset).reshape(x.shape[:2]), m2
 
 
-def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    x = input.to(mean.dtype)
-    y = (x - _planes(mean, x)) * _planes(scale, x) + _planes(shift, x)
+def _pre_activation(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(x - mean) * scale + shift`` in the statistics' dtype: the affine map, and the value
+    whose sign the fused ReLU's backward recomputes (the same expression, so the same bits)."""
+    return (x.to(mean.dtype) - _planes(mean, x)) * _planes(scale, x) + _planes(shift, x)
+
+
+def _relu_masked(dy: Tensor, input: Tensor, mean: Tensor, scale, shift) -> Tensor:
+    """``dy`` where the forward's pre-activation is > 0, else 0 (ReLU's derivative, 0 at 0 as
+    torch's); ``dy`` itself when ``scale``/``shift`` are None (no fused ReLU)."""
+    if scale is None and shift is None:
+        return dy
+    if scale is None or shift is None:
+        raise ValueError("backward: scale and shift (the forward's coefficients, for the fused "
+                         "ReLU's mask) must both be given or both be None")
+    v = _pre_activation(input, mean, scale, shift)
+    return torch.where(v > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+
+
+def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                 relu: bool = False) -> Tensor:
+    y = _pre_activation(input, mean, scale, shift)
+    if relu:
+        y = torch.relu(y)
     return y.to(input.dtype)
 
 
-def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    dy = grad_output.to(mean.dtype)
+def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor, scale=None,
+                  shift=None) -> tuple[Tensor, Tensor]:
+    dy = _relu_masked(grad_output.to(mean.dtype), input, mean, scale, shift)
     if dy.dim() == 2:
         return dy.clone(), dy * (input.to(mean.dtype) - mean)
     dims = tuple(range(2, dy.dim()))
@@ -57,8 +78,10 @@ def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Ten
 
 
 def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tensor, c_x: Tensor,
-                   c_0: Tensor) -> Tensor:
-    dy = grad_output.to(mean.dtype)
+                   c_0: Tensor, scale=None, shift=None) -> Tensor:
+    # Only the direct term is masked: c_x and c_0 carry the gradient through the statistics,
+    # which every element of the plane feeds, cut by the ReLU or not.
+    dy = _relu_masked(grad_output.to(mean.dtype), input, mean, scale, shift)
     centred = input.to(mean.dtype) - _planes(mean, dy)
     dx = _planes(c_dy, dy) * dy + _planes(c_x, dy) * centred + _planes(c_0, dy)
     return dx.to(input.dtype)

@@ -63,6 +63,19 @@ void check_stats(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape&
   TORCH_CHECK(t.is_contiguous(), "normfuse.", op, ": ", name, " must be contiguous");
 }
 
+bool relu_mask_given(const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                     const at::Tensor& x, const nf::PlaneShape& s, const char* op) {
+  const bool has_scale = scale.has_value() && scale->defined();
+  const bool has_shift = shift.has_value() && shift->defined();
+  TORCH_CHECK(has_scale == has_shift, "normfuse.", op, ": scale and shift (the forward's coefficients, ",
+              "for the fused ReLU's mask) must both be given or both be None, got ", has_scale ? "scale" : "shift",
+              " only");
+  if (!has_scale) return false;
+  check_stats(*scale, x, s, op, "scale");
+  check_stats(*shift, x, s, op, "shift");
+  return true;
+}
+
 at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s) {
   return at::empty({s.N, s.C}, x.options().dtype(acc_dtype(x.scalar_type())));
 }

@@ -3,6 +3,7 @@
 // .cu / .cuh file.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include "common/generic_params.h"
 
@@ -22,6 +23,11 @@ void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneS
 // Statistics/coefficients: (N, C), contiguous, acc dtype, on x's device.
 void check_stats(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,
                  const char* name);
+
+// The backward passes' ReLU mask (fused activation): true when the forward's scale and shift are
+// given (both: checked as statistics), false when neither is; one without the other raises.
+bool relu_mask_given(const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                     const at::Tensor& x, const nf::PlaneShape& s, const char* op);
 
 // (N, C) tensor in the acc dtype of x, on x's device.
 at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s);

@@ -112,11 +112,15 @@ std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x) {
   return {mean, m2};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean) {
+std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                                     const c10::optional<at::Tensor>& scale,
+                                                     const c10::optional<at::Tensor>& shift) {
   check_cpu(x, "backward_sums");
   const nf::PlaneShape sh = plane_shape(x, "backward_sums");
   check_like_input(dy, x, sh, "backward_sums", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
+  const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
+  TORCH_CHECK(!masked, "normfuse.backward_sums: the fused ReLU's mask is not implemented on CPU yet");  // TODO(issue 14)
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {g1, g2};
   if (sh.L == 0) {
@@ -134,12 +138,13 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const
 }
 
 at::Tensor affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-                            const at::Tensor& shift) {
+                            const at::Tensor& shift, bool relu) {
   check_cpu(x, "affine_apply");
   const nf::PlaneShape sh = plane_shape(x, "affine_apply");
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
   nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
+  TORCH_CHECK(!relu, "normfuse.affine_apply: relu=True is not implemented on CPU yet");  // TODO(issue 14)
   at::Tensor y = nf_glue::empty_output(x);
   if (x.numel() == 0) return y;
   nf_cpu::GenericArgs a = args_for(x, sh);
@@ -152,7 +157,8 @@ at::Tensor affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const a
 }
 
 at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& c_dy,
-                              const at::Tensor& c_x, const at::Tensor& c_0) {
+                              const at::Tensor& c_x, const at::Tensor& c_0, const c10::optional<at::Tensor>& scale,
+                              const c10::optional<at::Tensor>& shift) {
   check_cpu(x, "backward_apply");
   const nf::PlaneShape sh = plane_shape(x, "backward_apply");
   check_like_input(dy, x, sh, "backward_apply", "grad_output");
@@ -160,6 +166,8 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const a
   nf_glue::check_stats(c_dy, x, sh, "backward_apply", "c_dy");
   nf_glue::check_stats(c_x, x, sh, "backward_apply", "c_x");
   nf_glue::check_stats(c_0, x, sh, "backward_apply", "c_0");
+  const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_apply");
+  TORCH_CHECK(!masked, "normfuse.backward_apply: the fused ReLU's mask is not implemented on CPU yet");  // TODO(issue 14)
   at::Tensor dx = nf_glue::empty_output(x);
   if (x.numel() == 0) return dx;
   nf_cpu::GenericArgs a = args_for(x, sh);

@@ -82,11 +82,15 @@ std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, const at::Tensor& x,
-                                                      const at::Tensor& mean) {
+                                                      const at::Tensor& mean,
+                                                      const c10::optional<at::Tensor>& scale,
+                                                      const c10::optional<at::Tensor>& shift) {
   check_cuda_input(x, "backward_sums");
   const nf::PlaneShape sh = cuda_plane_shape(x, "backward_sums");
   nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
+  const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
+  TORCH_CHECK(!masked, "normfuse.backward_sums: the fused ReLU's mask is not implemented on CUDA yet");  // TODO(issue 14)
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {g1, g2};
@@ -109,12 +113,13 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, cons
 }
 
 at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-                             const at::Tensor& shift) {
+                             const at::Tensor& shift, bool relu) {
   check_cuda_input(x, "affine_apply");
   const nf::PlaneShape sh = cuda_plane_shape(x, "affine_apply");
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
   nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
+  TORCH_CHECK(!relu, "normfuse.affine_apply: relu=True is not implemented on CUDA yet");  // TODO(issue 14)
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = nf_glue::empty_output(x);
   if (x.numel() == 0) return y;
@@ -131,7 +136,8 @@ at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const 
 }
 
 at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                               const at::Tensor& c_dy, const at::Tensor& c_x, const at::Tensor& c_0) {
+                               const at::Tensor& c_dy, const at::Tensor& c_x, const at::Tensor& c_0, const c10::optional<at::Tensor>& scale,
+                              const c10::optional<at::Tensor>& shift) {
   check_cuda_input(x, "backward_apply");
   const nf::PlaneShape sh = cuda_plane_shape(x, "backward_apply");
   nf_glue::check_like_input(dy, x, sh, "backward_apply", "grad_output");
@@ -139,6 +145,8 @@ at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const 
   nf_glue::check_stats(c_dy, x, sh, "backward_apply", "c_dy");
   nf_glue::check_stats(c_x, x, sh, "backward_apply", "c_x");
   nf_glue::check_stats(c_0, x, sh, "backward_apply", "c_0");
+  const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_apply");
+  TORCH_CHECK(!masked, "normfuse.backward_apply: the fused ReLU's mask is not implemented on CUDA yet");  // TODO(issue 14)
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = nf_glue::empty_output(x);
   if (x.numel() == 0) return dx;

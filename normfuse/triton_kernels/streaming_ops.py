@@ -11,7 +11,8 @@ from torch.library import triton_op
 
 from . import heuristics
 from . import runtime as rt
-from .runtime import NAMESPACE, acc_dtype, check_input, check_pair, kernels, launcher, stats_tensor
+from .runtime import (NAMESPACE, OptTensor, acc_dtype, check_input, check_pair, kernels, launcher,
+                      stats_tensor)
 
 @triton_op(f"{NAMESPACE}::moments", mutates_args=())
 def moments(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -30,7 +31,10 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @triton_op(f"{NAMESPACE}::affine_apply", mutates_args=())
-def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                 relu: bool = False) -> Tensor:
+    if relu:  # TODO(issue 14)
+        raise NotImplementedError("normfuse_triton.affine_apply: relu=True is not implemented yet")
     n, c, plane, cl = check_input(input)
     acc = acc_dtype(input.dtype)
     mean, scale, shift = (stats_tensor(t, (n, c), acc, name) for t, name in
@@ -46,7 +50,11 @@ def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> T
 
 
 @triton_op(f"{NAMESPACE}::backward_sums", mutates_args=())
-def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor, scale: OptTensor = None,
+                  shift: OptTensor = None) -> tuple[Tensor, Tensor]:
+    if scale is not None or shift is not None:  # TODO(issue 14)
+        raise NotImplementedError("normfuse_triton.backward_sums: the fused ReLU's mask is not "
+                                  "implemented yet")
     n, c, plane, cl = check_pair(grad_output, input)
     acc = acc_dtype(input.dtype)
     mean = stats_tensor(mean, (n, c), acc, "mean")
@@ -64,7 +72,11 @@ def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor) -> tuple[Ten
 
 @triton_op(f"{NAMESPACE}::backward_apply", mutates_args=())
 def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tensor, c_x: Tensor,
-                   c_0: Tensor) -> Tensor:
+                   c_0: Tensor, scale: OptTensor = None,
+                   shift: OptTensor = None) -> Tensor:
+    if scale is not None or shift is not None:  # TODO(issue 14)
+        raise NotImplementedError("normfuse_triton.backward_apply: the fused ReLU's mask is not "
+                                  "implemented yet")
     n, c, plane, cl = check_pair(grad_output, input)
     acc = acc_dtype(input.dtype)
     mean, c_dy, c_x, c_0 = (stats_tensor(t, (n, c), acc, name) for t, name in
