@@ -18,6 +18,7 @@ one op call instead of a Python autograd.Function (issue 13, "host cost").
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -25,10 +26,15 @@ from torch import Tensor
 
 from . import torch_backend
 from .backends import ops_for, resolve_backend
+from .coefficients import (bin_coefficients, bin_coefficients_backward, iebn_coefficients,
+                           iebn_coefficients_backward)
 from .coefficients.ilm import ilm_coefficients, ilm_coefficients_backward
 
 # Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
 _BATCH_LAYERS = ("bin", "iebn")
+# Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
+_REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),
+              "iebn": (iebn_coefficients, iebn_coefficients_backward)}
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -50,91 +56,129 @@ def like_layout(t: Tensor, x: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _coefficients(ops, layer, mean, m2, plane, params, running_mean, running_var, training,
-                  momentum, eps, num_groups, num_batches_tracked=None):
+class LayerConfig(NamedTuple):
+    """Everything of a layer call that is not a tensor: ``NormFunction``'s one non-tensor
+    argument (a NamedTuple, so torch.compile traces it as constants)."""
+    layer: str             # "bin", "iebn", "assoc" or "ilm"
+    backend: str           # normfuse.backends name: whose ops run
+    training: bool         # BIN / IEBN: batch statistics (and running-statistics update)
+    momentum: float        # BIN / IEBN: factor of the running statistics' average
+    eps: float
+    num_groups: int = 0    # AssocNorm / ILM-Norm
+    relu: bool = False     # fused activation: y = relu(norm(x))
+    merge: Any = None      # synchronized BIN / IEBN: the SyncBatchMerge of this call
+
+
+def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_var,
+                  num_batches_tracked=None):
+    layer = config.layer
+    if config.merge is not None:  # synchronized: the reference with the all-gathering merge
+        op = _REFERENCE[layer][0]
+        return op(mean, m2, plane, *params, running_mean, running_var, config.training,
+                  config.momentum, config.eps, num_batches_tracked, merge=config.merge)
     if layer in _BATCH_LAYERS:
         op = getattr(ops, f"{layer}_coefficients")
-        return op(mean, m2, plane, *params, running_mean, running_var, training, momentum, eps,
-                  num_batches_tracked)
+        return op(mean, m2, plane, *params, running_mean, running_var, config.training,
+                  config.momentum, config.eps, num_batches_tracked)
     if layer == "ilm":  # the PyTorch-ops reference on every backend (no kernel yet)
-        return ilm_coefficients(mean, m2, plane, num_groups, *params, eps)
-    return ops.assoc_coefficients(mean, m2, plane, num_groups, *params, eps)
+        return ilm_coefficients(mean, m2, plane, config.num_groups, *params, config.eps)
+    return ops.assoc_coefficients(mean, m2, plane, config.num_groups, *params, config.eps)
 
 
-def _coefficients_backward(ops, layer, g1, g2, mean, m2, plane, params, running_mean,
-                           running_var, training, eps, num_groups):
+def _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params, running_mean,
+                           running_var):
+    layer = config.layer
+    if config.merge is not None:  # holds the all-reduce of the batch statistics' gradients
+        op = _REFERENCE[layer][1]
+        return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, config.training,
+                  config.eps, merge=config.merge)
     if layer in _BATCH_LAYERS:
         op = getattr(ops, f"{layer}_coefficients_backward")
-        return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, training, eps)
+        return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, config.training,
+                  config.eps)
     if layer == "ilm":
-        return ilm_coefficients_backward(g1, g2, mean, m2, plane, num_groups, *params, eps)
-    return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, num_groups, *params, eps)
+        return ilm_coefficients_backward(g1, g2, mean, m2, plane, config.num_groups, *params,
+                                         config.eps)
+    return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, config.num_groups, *params,
+                                           config.eps)
 
 
-def _traced_forward(layer, x, running_mean, running_var, num_batches_tracked, training,
-                    momentum, eps, num_groups, params):
+def _traced_forward(config, x, running_mean, running_var, num_batches_tracked, params):
     """``NormFunction``'s forward with the "torch" backend, outside the autograd.Function:
     what ``torch.export`` traces (``run_layer``).  Its ops are differentiable, so the exported
     program's gradients are autograd's; running statistics and ``num_batches_tracked`` are
     updated in place as in eager training."""
     mean, m2 = torch_backend.moments(x)
-    scale, shift = _coefficients(torch_backend, layer, mean, m2, math.prod(x.shape[2:]), params,
-                                 running_mean, running_var, training, momentum, eps, num_groups,
-                                 num_batches_tracked)
-    return torch_backend.affine_apply(x, mean, scale, shift)
-
-
-# NormFunction.forward's arguments: layer, backend, x, then _NO_GRAD_ARGS arguments that get no
-# gradient (running_mean, running_var, num_batches_tracked, training, momentum, eps, num_groups),
-# then the parameters.
-_NO_GRAD_ARGS = 7
-_FIRST_PARAM = 3 + _NO_GRAD_ARGS
+    scale, shift = _coefficients(torch_backend, config, mean, m2, math.prod(x.shape[2:]), params,
+                                 running_mean, running_var, num_batches_tracked)
+    return torch_backend.affine_apply(x, mean, scale, shift, config.relu)
 
 
 class NormFunction(torch.autograd.Function):
+    """Every layer on every backend: moments -> coefficients -> affine_apply, and back.
+
+    Arguments: ``config`` (``LayerConfig``), ``x``, the running statistics and
+    ``num_batches_tracked`` (updated in place, no gradient), then the layer's parameters."""
+
     @staticmethod
-    def forward(ctx, layer: str, backend: str, x: Tensor, running_mean, running_var,
-                num_batches_tracked, training: bool, momentum: float, eps: float,
-                num_groups: int, *params):
-        ops = ops_for(backend)
+    def forward(ctx, config: LayerConfig, x: Tensor, running_mean, running_var,
+                num_batches_tracked, *params):
+        ops = ops_for(config.backend)
         plane = math.prod(x.shape[2:])
-        mean, m2 = ops.moments(x)
+        samples = x.shape[0]  # 0 only on a synchronized rank without samples
+        if samples:
+            mean, m2 = ops.moments(x)
+        else:
+            mean = m2 = x.new_zeros((0, x.shape[1]), dtype=torch_backend.acc_dtype(x.dtype))
         # BIN / IEBN: the coefficient op also updates the running statistics and counts the
         # batch (num_batches_tracked += 1) in training, in its one launch.
-        scale, shift = _coefficients(ops, layer, mean, m2, plane, params, running_mean,
-                                     running_var, training, momentum, eps, num_groups,
-                                     num_batches_tracked)
-        y = ops.affine_apply(x, mean, scale, shift)
-        # Running statistics matter to the backward only in eval mode, where they are constants.
-        keep_running = not training and running_mean is not None
+        scale, shift = _coefficients(ops, config, mean, m2, plane, params, running_mean,
+                                     running_var, num_batches_tracked)
+        y = (ops.affine_apply(x, mean, scale, shift, config.relu) if samples
+             else torch.empty_like(x))
+        # Running statistics matter to the backward only in eval mode, where they are constants;
+        # scale and shift only to the fused ReLU, whose mask they recompute.
+        keep_running = not config.training and running_mean is not None
+        relu = config.relu
         ctx.save_for_backward(x, mean, m2, running_mean if keep_running else None,
-                              running_var if keep_running else None, *params)
-        ctx.config = (layer, backend, plane, training, eps, num_groups)
+                              running_var if keep_running else None, scale if relu else None,
+                              shift if relu else None, *params)
+        ctx.config = config
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        layer, backend, plane, training, eps, num_groups = ctx.config
-        x, mean, m2, running_mean, running_var, *params = ctx.saved_tensors
+        config = ctx.config
+        x, mean, m2, running_mean, running_var, scale, shift, *params = ctx.saved_tensors
+        _, needs_x, _, _, _, *needs_params = ctx.needs_input_grad  # forward's arguments
+        no_grads = (None, None, None)  # running_mean, running_var, num_batches_tracked
         dy = like_layout(grad_output, x)
         if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
-            needs = ctx.needs_input_grad[2:3] + ctx.needs_input_grad[_FIRST_PARAM:]
-            dx, *grads = graph_grads(layer, x, dy, params, running_mean, running_var, training,
-                                     eps, num_groups, needs)
-            return (None, None, dx) + (None,) * _NO_GRAD_ARGS + tuple(grads)
-        ops = ops_for(backend)
-        g1, g2 = ops.backward_sums(dy, x, mean)
-        c_dy, c_x, c_0, *grads = _coefficients_backward(
-            ops, layer, g1, g2, mean, m2, plane, params, running_mean, running_var, training,
-            eps, num_groups)
-        dx = ops.backward_apply(dy, x, mean, c_dy, c_x, c_0) if ctx.needs_input_grad[2] else None
+            if config.merge is not None:
+                raise RuntimeError("normfuse synchronized layers do not support double backward "
+                                   "(create_graph=True); use the plain modules for that")
+            dx, *grads = graph_grads(config, x, dy, params, running_mean, running_var,
+                                     [needs_x, *needs_params])
+            return (None, dx, *no_grads, *grads)
+        ops = ops_for(config.backend)
+        plane = math.prod(x.shape[2:])
+        samples = x.shape[0]
+        if samples:
+            g1, g2 = ops.backward_sums(dy, x, mean, scale, shift)
+        else:
+            g1, g2 = torch.zeros_like(mean), torch.zeros_like(mean)
+        c_dy, c_x, c_0, *grads = _coefficients_backward(ops, config, g1, g2, mean, m2, plane,
+                                                        params, running_mean, running_var)
+        dx = None
+        if needs_x:
+            dx = (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, scale, shift) if samples
+                  else torch.zeros_like(x))
         grads = [g if p is not None and need else None
-                 for g, p, need in zip(grads, params, ctx.needs_input_grad[_FIRST_PARAM:])]
-        return (None, None, dx) + (None,) * _NO_GRAD_ARGS + tuple(grads)
+                 for g, p, need in zip(grads, params, needs_params)]
+        return (None, dx, *no_grads, *grads)
 
 
-def graph_grads(layer, x, dy, params, running_mean, running_var, training, eps, num_groups,
-                needs):
+def graph_grads(config, x, dy, params, running_mean, running_var, needs):
     """First derivatives as a differentiable graph, so that second derivatives are correct.
 
     Recomputes the layer from ``x`` with the "torch" backend's differentiable ops (running
@@ -144,12 +188,12 @@ def graph_grads(layer, x, dy, params, running_mean, running_var, training, eps, 
     """
     candidates = [x, *params]
     wanted = [t for t, need in zip(candidates, needs) if t is not None and need]
+    local = config._replace(momentum=0.0, merge=None)
     with torch.enable_grad():
         mean, m2 = torch_backend.moments(x)
-        scale, shift = _coefficients(torch_backend, layer, mean, m2, math.prod(x.shape[2:]),
-                                     params, running_mean, running_var, training, 0.0, eps,
-                                     num_groups)
-        y = torch_backend.affine_apply(x, mean, scale, shift)
+        scale, shift = _coefficients(torch_backend, local, mean, m2, math.prod(x.shape[2:]),
+                                     params, running_mean, running_var)
+        y = torch_backend.affine_apply(x, mean, scale, shift, config.relu)
         found = torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True)
     by_id = {id(t): g for t, g in zip(wanted, found)}
     return [by_id.get(id(t)) if t is not None and need else None
@@ -172,14 +216,15 @@ _GRAPH_LIB = None
 
 
 def _layer_backward_graph(layer, input, grad_output, params, running_mean, running_var,
-                          training, eps, num_groups, needs):
+                          training, eps, num_groups, relu, needs):
     """``graph_grads`` for the C++ node's double backward.  ``needs``: bit i set when input i
     (``input``, then ``params``) wants a gradient.  A None gradient comes back as an empty (0,)
     tensor (a list of tensors holds no None; no real gradient is empty, since inputs and
     parameters never are), which the node turns back into None."""
     wants = [bool(needs >> i & 1) for i in range(1 + len(params))]
-    grads = graph_grads(_LAYER_CODES[layer], input, grad_output, list(params), running_mean,
-                        running_var, training, eps, num_groups, wants)
+    config = LayerConfig(_LAYER_CODES[layer], "torch", training, 0.0, eps, num_groups, relu)
+    grads = graph_grads(config, input, grad_output, list(params), running_mean, running_var,
+                        wants)
     return [g if g is not None else input.new_empty((0,)) for g in grads]
 
 
@@ -197,7 +242,7 @@ def _fused_ops() -> dict:
             lib = torch.library.Library("normfuse", "FRAGMENT")
             lib.define("_layer_backward_graph(int layer, Tensor input, Tensor grad_output, "
                        "Tensor?[] params, Tensor? running_mean, Tensor? running_var, "
-                       "bool training, float eps, int num_groups, int needs) -> Tensor[]")
+                       "bool training, float eps, int num_groups, bool relu, int needs) -> Tensor[]")
             lib.impl("_layer_backward_graph", _layer_backward_graph, "CompositeImplicitAutograd")
             _GRAPH_LIB = lib  # the registration lives as long as this object
             # The overload's C++ callable (OpOverload.__call__ is a Python frame around it).
@@ -217,11 +262,13 @@ def _dense(t, dtype):
 
 def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bool,
               momentum: float, eps: float, num_groups: int, params,
-              num_batches_tracked=None) -> Tensor:
+              num_batches_tracked=None, relu: bool = False, merge=None) -> Tensor:
     """Validated inputs in, output out: picks the backend, layouts and dtypes, then runs.
 
     ``num_batches_tracked`` (BIN / IEBN modules in training): incremented in place by the
-    layer's coefficient op, so the module's counter costs no launch of its own."""
+    layer's coefficient op, so the module's counter costs no launch of its own.  ``relu``: the
+    fused activation.  ``merge``: the synchronized layers' ``SyncBatchMerge`` (the batch
+    statistics then span a process group; ``NormFunction`` carries the call)."""
     backend = resolve_backend(input)
     acc = torch.float64 if input.dtype is torch.float64 else torch.float32
     x = input if input.is_contiguous() else kernel_layout(input)
@@ -236,19 +283,19 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
         # torch.export records an autograd.Function's forward under no_grad and drops its
         # backward: the program would have no gradients.  The "torch" backend's ops are
         # differentiable, so trace them directly (normfuse/export.py).
-        y = _traced_forward(layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
-                            num_groups, params)
+        config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu)
+        y = _traced_forward(config, x, rm, rv, num_batches_tracked, params)
     else:
         fused = _FUSED if _FUSED is not None else _fused_ops()
         op = fused.get(layer)  # None for ILM-Norm (no kernel for its coefficient step yet)
-        if (op is not None and (backend == "cpu" or backend == "cuda")
+        if (op is not None and merge is None and (backend == "cpu" or backend == "cuda")
                 and not torch.compiler.is_compiling() and _forward_ad._current_level < 0
                 and not _functorch_active()):
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
-                          num_groups, params)
+                          num_groups, params, relu)
         else:
-            y = NormFunction.apply(layer, backend, x, rm, rv, num_batches_tracked, training,
-                                   momentum, eps, num_groups, *params)
+            config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge)
+            y = NormFunction.apply(config, x, rm, rv, num_batches_tracked, *params)
     if training and running_mean is not None and (rm is not running_mean
                                                   or rv is not running_var):
         with torch.no_grad():  # buffers of another dtype or strided: updated on a copy
@@ -259,8 +306,8 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
     return y
 
 
-def run_fused(op, layer, x, rm, rv, nbt, training, momentum, eps, num_groups, params):
+def run_fused(op, layer, x, rm, rv, nbt, training, momentum, eps, num_groups, params, relu):
     """One call of the layer's whole-layer op (the coefficient op's arguments, plus ``x``)."""
     if layer == "assoc":
-        return op(x, num_groups, *params, eps)
-    return op(x, *params, rm, rv, training, momentum, eps, nbt)
+        return op(x, num_groups, *params, eps, relu)
+    return op(x, *params, rm, rv, training, momentum, eps, nbt, relu)

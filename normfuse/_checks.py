@@ -101,6 +101,35 @@ def check_batch_counter(t, input: Tensor, who: str) -> None:
                          f"{input.device}, got {t.device}")
 
 
+ACTIVATIONS = (None, "relu")
+
+
+def relu_flag(activation, who: str) -> bool:
+    """The fused activation: None (none) or "relu" (``y = relu(norm(x))``, one kernel)."""
+    if activation is None:
+        return False
+    if activation == "relu":
+        return True
+    raise ValueError(f"{who}: activation must be None or 'relu', got {activation!r}")
+
+
+def check_op_batch_counter(num_batches_tracked, mean: Tensor, op: str,
+                           namespace: str = "normfuse") -> None:
+    """The coefficient ops' ``num_batches_tracked`` (the op-side twin of
+    ``check_batch_counter``): None, or a 0-dim (or 1-element) int64 tensor on the statistics'
+    device.  The C++ ops' check, with the same message (the Triton ops call it with their
+    namespace); runs before anything is computed or mutated."""
+    t = num_batches_tracked
+    if t is None:
+        return
+    if not (isinstance(t, Tensor) and t.dtype == torch.int64 and t.numel() == 1 and t.dim() <= 1
+            and t.device == mean.device):
+        got = (f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}"
+               if isinstance(t, Tensor) else f"{type(t).__name__}")
+        raise RuntimeError(f"{namespace}.{op}: num_batches_tracked must be a 0-dim (or 1-element) "
+                           f"int64 tensor on {mean.device} like the statistics, got {got}")
+
+
 def check_group_values(input: Tensor, who: str, channels_per_group: int, group: str,
                        setting: str) -> None:
     """ILM-Norm's unbiased group variances need more than one value per group (the authors'

@@ -4,9 +4,10 @@
 (``normfuse.modules``) whose *batch* statistics, in training, span all processes of a process group,
 like ``nn.SyncBatchNorm``; ``convert_sync`` swaps them into a model.  See docs/distributed.md.
 
-How it runs (design section 6): the full-size passes (``moments``, ``affine_apply``,
-``backward_sums``, ``backward_apply``) are the backend's own ops, exactly as in the plain layers;
-only the O(C) batch merge of the coefficient step (``normfuse.coefficients._merge``) is swapped for
+How it runs (design section 6): through the plain layers' pipeline (``normfuse._autograd``,
+``NormFunction``): the full-size passes (``moments``, ``affine_apply``, ``backward_sums``,
+``backward_apply``) are the backend's own ops; only the O(C) batch merge of the coefficient step
+(``normfuse.coefficients._merge``, run as its PyTorch-ops reference) is swapped for
 ``SyncBatchMerge``, whose
 
 * forward all-gathers every rank's per-channel ``(element count, mean, centred sum of squares)``
@@ -25,14 +26,11 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ._autograd import kernel_layout, like_layout
+from ._autograd import run_layer
 from ._checks import check_channels, check_input, check_number, check_running_stats, check_tensor
-from .backends import ops_for, resolve_backend
-from .coefficients import (bin_coefficients, bin_coefficients_backward, iebn_coefficients,
-                           iebn_coefficients_backward)
+from .backends import resolve_backend
 from .coefficients._merge import BatchMerge
 from .modules import _BatchInstanceNorm, _InstanceEnhancementBatchNorm
-from .torch_backend import acc_dtype
 
 try:
     import torch.distributed as dist
@@ -42,11 +40,8 @@ except ImportError:  # pragma: no cover - builds without distributed support
 __all__ = ["SyncBatchInstanceNorm", "SyncInstanceEnhancementBatchNorm", "SyncIEBN",
            "SyncBatchMerge", "convert_sync"]
 
-# layer -> (coefficient function, its backward), and a code for the handshake.
-_LAYERS = {
-    "bin": (bin_coefficients, bin_coefficients_backward, 1),
-    "iebn": (iebn_coefficients, iebn_coefficients_backward, 2),
-}
+# layer -> its code in the handshake.
+_LAYER_CODES = {"bin": 1, "iebn": 2}
 
 
 def _distributed_ready() -> bool:
@@ -173,82 +168,11 @@ class SyncBatchMerge(BatchMerge):
         return grad_mean, grad_q.expand_as(dev)
 
 
-class _SyncNormFunction(torch.autograd.Function):
-    """``NormFunction`` (normfuse/_autograd.py) for training with synchronized batch statistics.
-
-    The backend's full-size ops run as in the plain layers; the coefficient step is the torch
-    reference (normfuse/coefficients) with a ``SyncBatchMerge``.  A rank with no samples skips
-    the full-size ops but takes part in every collective.
-    """
-
-    @staticmethod
-    def forward(ctx, layer: str, backend: str, merge: SyncBatchMerge, x: Tensor, running_mean,
-                running_var, momentum: float, eps: float, *params):
-        ops = ops_for(backend)
-        coefficients = _LAYERS[layer][0]
-        plane = math.prod(x.shape[2:])
-        if x.shape[0]:
-            mean, m2 = ops.moments(x)
-        else:
-            mean = m2 = x.new_zeros((0, x.shape[1]), dtype=acc_dtype(x.dtype))
-        scale, shift = coefficients(mean, m2, plane, *params, running_mean, running_var, True,
-                                    momentum, eps, merge=merge)
-        y = ops.affine_apply(x, mean, scale, shift) if x.shape[0] else torch.empty_like(x)
-        ctx.save_for_backward(x, mean, m2, *params)
-        ctx.merge = merge
-        ctx.config = (layer, backend, plane, eps)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            raise RuntimeError("normfuse synchronized layers do not support double backward "
-                               "(create_graph=True); use the plain modules for that")
-        layer, backend, plane, eps = ctx.config
-        x, mean, m2, *params = ctx.saved_tensors
-        ops = ops_for(backend)
-        n = x.shape[0]
-        dy = like_layout(grad_output, x)
-        if n:
-            g1, g2 = ops.backward_sums(dy, x, mean)
-        else:
-            g1, g2 = torch.zeros_like(mean), torch.zeros_like(mean)
-        # Always run, on every rank: it holds the all-reduce of the batch statistics' gradients.
-        c_dy, c_x, c_0, *grads = _LAYERS[layer][1](g1, g2, mean, m2, plane, *params, None, None,
-                                                   True, eps, merge=ctx.merge)
-        dx = None
-        if ctx.needs_input_grad[3]:
-            dx = ops.backward_apply(dy, x, mean, c_dy, c_x, c_0) if n else torch.zeros_like(x)
-        grads = [g if p is not None and need else None
-                 for g, p, need in zip(grads, params, ctx.needs_input_grad[8:])]
-        return (None, None, None, dx, None, None, None, None) + tuple(grads)
-
-
-def _sync_run(layer: str, backend: str, merge: SyncBatchMerge, input: Tensor, running_mean,
-              running_var, momentum: float, eps: float, params) -> Tensor:
-    """``normfuse._autograd.run_layer`` for training with synchronized batch statistics."""
-    acc = acc_dtype(input.dtype)
-    x = kernel_layout(input)
-    params = tuple(None if p is None else p.to(acc) for p in params)
-    rm = None if running_mean is None else running_mean.to(acc)
-    rv = None if running_var is None else running_var.to(acc)
-    y = _SyncNormFunction.apply(layer, backend, merge, x, rm, rv, float(momentum), float(eps),
-                                *params)
-    if running_mean is not None and rm is not running_mean:
-        with torch.no_grad():  # buffers of another dtype: updated on a copy, written back
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
-    return y
-
-
 class _SyncMixin:
     """What the synchronized modules add to the plain ones (which come after it in the MRO)."""
 
     _ranks = (2, 3, 4, 5)  # higher ranks are flattened to (N, C, L) in ``forward``
     _layer = ""
-
-    def _named_params(self):
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -286,11 +210,11 @@ class _SyncMixin:
         key = (id(group), self.num_features)
         if self.__dict__.get("_sync_checked") == key:
             return
-        mine = torch.tensor([_LAYERS[self._layer][2], self.num_features], dtype=torch.int64,
+        mine = torch.tensor([_LAYER_CODES[self._layer], self.num_features], dtype=torch.int64,
                             device=device)
         table = _all_gather_rows(mine, group, dist.get_world_size(group)).tolist()
         if any(row != table[0] for row in table):
-            names = {code: name for name, (_, _, code) in _LAYERS.items()}
+            names = {code: name for name, code in _LAYER_CODES.items()}
             seen = [f"{names.get(code, '?')}({channels})" for code, channels in table]
             raise RuntimeError(
                 f"{type(self).__name__}: the processes of the process group disagree on the "
@@ -333,10 +257,9 @@ class _SyncMixin:
             merge.abort(device)
             raise
         params = tuple(tensor for _, tensor, _ in self._named_params())
-        out = _sync_run(self._layer, backend, merge, input, running_mean, running_var, factor,
-                        self.eps, params)
-        self._count_batch()
-        return out
+        # The plain layers' pipeline (normfuse/_autograd.py, NormFunction) with this merge.
+        return run_layer(self._layer, input, running_mean, running_var, True, factor, self.eps,
+                         0, params, self._counter(), self._relu(), merge)
 
 
 class SyncBatchInstanceNorm(_SyncMixin, _BatchInstanceNorm):
@@ -353,13 +276,11 @@ class SyncBatchInstanceNorm(_SyncMixin, _BatchInstanceNorm):
     _layer = "bin"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None,
+                 *, activation: str | None = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         activation=activation)
         self.process_group = process_group
-
-    def _named_params(self):
-        return (("gate", self.gate, False), ("weight", self.weight, True),
-                ("bias", self.bias, True))
 
 
 class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm):
@@ -376,13 +297,11 @@ class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm
     _layer = "iebn"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None,
+                 *, activation: str | None = None):
+        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
+                         activation=activation)
         self.process_group = process_group
-
-    def _named_params(self):
-        return (("gate_weight", self.gate_weight, False), ("gate_bias", self.gate_bias, False),
-                ("weight", self.weight, True), ("bias", self.bias, True))
 
 
 SyncIEBN = SyncInstanceEnhancementBatchNorm
@@ -394,11 +313,11 @@ def _to_sync(module: nn.Module, process_group):
     if isinstance(module, _BatchInstanceNorm):
         new = SyncBatchInstanceNorm(module.num_features, module.eps, module.momentum,
                                     module.affine, module.track_running_stats, process_group,
-                                    device="meta")
+                                    device="meta", activation=module.activation)
     elif isinstance(module, _InstanceEnhancementBatchNorm):
         new = SyncInstanceEnhancementBatchNorm(module.num_features, module.eps, module.momentum,
                                                module.track_running_stats, process_group,
-                                               device="meta")
+                                               device="meta", activation=module.activation)
     else:
         return None
     # The very same Parameter and buffer objects (optimizers keep working), as

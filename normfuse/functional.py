@@ -11,15 +11,19 @@ from torch import Tensor
 
 from ._autograd import run_layer
 from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check_batch_values,
-                      check_group_values, check_input, check_number, check_running_stats,
-                      check_tensor)
+                      check_channels, check_group_values, check_input, check_number,
+                      check_running_stats, check_tensor, relu_flag)
 
 _RANKS = (2, 3, 4, 5)
 
 
-def _check_batch_layer(who, input, running_mean, running_var, named_params, training,
-                       momentum, eps, num_batches_tracked=None):
-    check_input(input, who)
+def check_batch_layer(who, input, running_mean, running_var, named_params, training,
+                      momentum, eps, num_batches_tracked=None, ranks=_RANKS, channels=None):
+    """Every check of a BIN / IEBN call, in the documented order (one pass: modules call it
+    with their ``ranks`` and ``channels`` instead of checking the input first themselves)."""
+    check_input(input, who, ranks)
+    if channels is not None:
+        check_channels(input, channels, who)
     channels = input.shape[1]
     for name, tensor, optional in named_params:
         check_tensor(tensor, name, (channels,), input, who, optional=optional)
@@ -32,69 +36,63 @@ def _check_batch_layer(who, input, running_mean, running_var, named_params, trai
 
 
 def batch_instance_norm(input: Tensor, running_mean, running_var, weight, bias, gate: Tensor,
-                        training: bool = False, momentum: float = 0.1,
-                        eps: float = 1e-5) -> Tensor:
+                        training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                        activation: str | None = None) -> Tensor:
     """Batch-Instance Normalization: ``(gate * xhat_B + (1 - gate) * xhat_I) * weight + bias``.
 
     ``weight``/``bias`` may be None (no affine); ``gate`` (rho) is required, shape ``(C,)``.
+    ``activation="relu"``: ``relu`` of that, in the same kernel (the fused activation).
     """
-    return _batch_instance_norm(input, running_mean, running_var, weight, bias, gate, training,
-                                momentum, eps)
-
-
-def _batch_instance_norm(input, running_mean, running_var, weight, bias, gate, training,
-                         momentum, eps, num_batches_tracked=None):
-    """``batch_instance_norm``, plus the modules' ``num_batches_tracked``: incremented in place
-    in training by the layer's coefficient op (no launch of its own)."""
+    who = "batch_instance_norm"
+    relu = relu_flag(activation, who)
     if not batch_layer_ok(input, _RANKS, None, training or running_mean is None, (gate,),
-                          (weight, bias), running_mean, running_var, num_batches_tracked,
-                          momentum, eps):
-        _check_batch_layer("batch_instance_norm", input, running_mean, running_var,
-                           [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
-                           training, momentum, eps, num_batches_tracked)
+                          (weight, bias), running_mean, running_var, None, momentum, eps):
+        check_batch_layer(who, input, running_mean, running_var,
+                          [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
+                          training, momentum, eps)
     return run_layer("bin", input, running_mean, running_var, training, momentum, eps, 0,
-                     (gate, weight, bias), num_batches_tracked)
+                     (gate, weight, bias), None, relu)
 
 
 def instance_enhancement_batch_norm(input: Tensor, running_mean, running_var, weight, bias,
                                     gate_weight: Tensor, gate_bias: Tensor,
                                     training: bool = False, momentum: float = 0.1,
-                                    eps: float = 1e-5) -> Tensor:
-    """IEBN: ``xhat_B * weight * sigmoid(mean_hw(x) * gate_weight + gate_bias) + bias``."""
-    return _instance_enhancement_batch_norm(input, running_mean, running_var, weight, bias,
-                                            gate_weight, gate_bias, training, momentum, eps)
-
-
-def _instance_enhancement_batch_norm(input, running_mean, running_var, weight, bias,
-                                     gate_weight, gate_bias, training, momentum, eps,
-                                     num_batches_tracked=None):
-    """``instance_enhancement_batch_norm`` plus the modules' ``num_batches_tracked`` (see
-    ``_batch_instance_norm``)."""
+                                    eps: float = 1e-5, activation: str | None = None) -> Tensor:
+    """IEBN: ``xhat_B * weight * sigmoid(mean_hw(x) * gate_weight + gate_bias) + bias``
+    (``activation="relu"``: its ``relu``, fused)."""
+    who = "instance_enhancement_batch_norm"
+    relu = relu_flag(activation, who)
     if not batch_layer_ok(input, _RANKS, None, training or running_mean is None,
                           (gate_weight, gate_bias), (weight, bias), running_mean, running_var,
-                          num_batches_tracked, momentum, eps):
-        _check_batch_layer("instance_enhancement_batch_norm", input, running_mean, running_var,
-                           [("gate_weight", gate_weight, False), ("gate_bias", gate_bias, False),
-                            ("weight", weight, True), ("bias", bias, True)],
-                           training, momentum, eps, num_batches_tracked)
+                          None, momentum, eps):
+        check_batch_layer(who, input, running_mean, running_var,
+                          [("gate_weight", gate_weight, False), ("gate_bias", gate_bias, False),
+                           ("weight", weight, True), ("bias", bias, True)],
+                          training, momentum, eps)
     return run_layer("iebn", input, running_mean, running_var, training, momentum, eps, 0,
-                     (gate_weight, gate_bias, weight, bias), num_batches_tracked)
+                     (gate_weight, gate_bias, weight, bias), None, relu)
 
 
 def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Tensor,
-               decoder_var: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+               decoder_var: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5,
+               activation: str | None = None) -> Tensor:
     """Associate Normalization: GroupNorm whose per-sample scale and shift come from an
-    auto-encoder of the group means and variances (see ``normfuse.AssocNorm``)."""
+    auto-encoder of the group means and variances (see ``normfuse.AssocNorm``);
+    ``activation="relu"``: its ``relu``, fused."""
+    relu = relu_flag(activation, "assoc_norm")
     if not assoc_layer_ok(input, None, num_groups, encoder, decoder_mean, decoder_var, weight,
                           bias, eps):
-        _check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps)
+        check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps)
     return run_layer("assoc", input, None, None, False, 0.0, eps, num_groups,
-                     (encoder, decoder_mean, decoder_var, weight, bias))
+                     (encoder, decoder_mean, decoder_var, weight, bias), None, relu)
 
 
-def _check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps):
-    who = "assoc_norm"
+def check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps,
+                who="assoc_norm", channels=None):
+    """Every check of an AssocNorm call (``channels``: the module's ``num_channels``)."""
     check_input(input, who)
+    if channels is not None:
+        check_channels(input, channels, who, "num_channels")
     channels = input.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"{who}: num_groups must be a positive int, got {num_groups!r}")
@@ -123,15 +121,27 @@ def _check_positive_int(value, name: str, who: str) -> None:
 
 def ilm_norm(input: Tensor, num_groups: int, key_group_size: int, encoder: Tensor,
              decoder_weight: Tensor, decoder_bias: Tensor, weight: Tensor, bias: Tensor,
-             eps: float = 1e-5) -> Tensor:
+             eps: float = 1e-5, activation: str | None = None) -> Tensor:
     """Instance-Level Meta Normalization (see ``normfuse.ILMNorm``): GroupNorm with ``num_groups``
     groups and unbiased variances, whose per-sample weight and bias come from a meta network of
     the means and unbiased variances of key groups of ``key_group_size`` channels:
     ``encoder (E, K)``, ``decoder_weight``, ``decoder_bias (K, E)`` with ``K = C //
     key_group_size``; ``weight``, ``bias`` ``(C,)`` (the authors' ``weight_bias``,
-    ``bias_bias``)."""
-    who = "ilm_norm"
+    ``bias_bias``).  ``activation="relu"``: its ``relu``, fused."""
+    relu = relu_flag(activation, "ilm_norm")
+    check_ilm(input, num_groups, key_group_size, encoder, decoder_weight, decoder_bias, weight,
+              bias, eps)
+    # The key-group count travels as the encoder's column count.
+    return run_layer("ilm", input, None, None, False, 0.0, eps, num_groups,
+                     (encoder, decoder_weight, decoder_bias, weight, bias), None, relu)
+
+
+def check_ilm(input, num_groups, key_group_size, encoder, decoder_weight, decoder_bias, weight,
+              bias, eps, who="ilm_norm", channels=None):
+    """Every check of an ILM-Norm call (``channels``: the module's ``num_channels``)."""
     check_input(input, who)
+    if channels is not None:
+        check_channels(input, channels, who, "num_channels")
     channels = input.shape[1]
     _check_positive_int(num_groups, "num_groups", who)
     _check_positive_int(key_group_size, "key_group_size", who)
@@ -158,6 +168,3 @@ def ilm_norm(input: Tensor, num_groups: int, key_group_size: int, encoder: Tenso
     check_tensor(weight, "weight", (channels,), input, who)
     check_tensor(bias, "bias", (channels,), input, who)
     check_number(eps, "eps", who)
-    # The key-group count travels as the encoder's column count.
-    return run_layer("ilm", input, None, None, False, 0.0, eps, num_groups,
-                     (encoder, decoder_weight, decoder_bias, weight, bias))

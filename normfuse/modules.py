@@ -9,19 +9,36 @@ from torch import nn
 
 from . import functional as F
 from ._autograd import run_layer
-from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_values, check_channels,
-                      check_group_values, check_input)
+from ._checks import assoc_layer_ok, batch_layer_ok, relu_flag
 
 
-class _BatchStatsNorm(nn.Module):
+class _Activation:
+    """The fused activation of every module: ``activation`` None or "relu" (``relu(norm(x))``
+    from the layer's own apply kernel, its mask recomputed in the backward: no extra pass, no
+    saved mask).  A plain attribute, not state: the state_dict is the unfused layer's."""
+
+    activation = None  # also the value of modules pickled before the attribute existed
+
+    def _relu(self) -> bool:
+        act = self.activation
+        return act is not None and relu_flag(act, type(self).__name__)
+
+    def _activation_repr(self) -> str:
+        return "" if self.activation is None else f", activation={self.activation!r}"
+
+
+class _BatchStatsNorm(_Activation, nn.Module):
     """Buffers and train/eval semantics of ``nn.BatchNorm`` (``torch.nn.modules.batchnorm``)."""
 
     _version = 2
     _ranks: tuple = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
-                 track_running_stats: bool = True, device=None, dtype=None):
+                 track_running_stats: bool = True, device=None, dtype=None, *,
+                 activation: str | None = None):
         super().__init__()
+        relu_flag(activation, type(self).__name__)
+        self.activation = activation
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         factory = {"device": device, "dtype": dtype}
@@ -44,13 +61,6 @@ class _BatchStatsNorm(nn.Module):
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
-
-    def _check_input(self, input) -> None:
-        who = type(self).__name__
-        check_input(input, who, self._ranks)
-        check_channels(input, self.num_features, who)
-        if self.training or self.running_mean is None:  # batch statistics: say which mode
-            check_batch_values(input, who, self.training)
 
     def _batch_arguments(self):
         """``(running_mean, running_var, use_batch_stats, factor)`` as ``nn.BatchNorm`` forms
@@ -87,6 +97,22 @@ class _BatchStatsNorm(nn.Module):
             return None, None, use_batch, momentum, None
         return running_mean, running_var, use_batch, momentum, None
 
+    def _named_params(self):
+        """``(name, tensor, optional)`` of the layer's parameters, in the op's order."""
+        raise NotImplementedError
+
+    def _checked_forward(self, layer: str, input, relu: bool):
+        """The path with every check (each once, in the documented order) and the buffers read
+        through ``nn.Module`` (the fast path's predicate declined)."""
+        running_mean, running_var, use_batch, factor = self._batch_arguments()
+        counter = self._counter()
+        F.check_batch_layer(type(self).__name__, input, running_mean, running_var,
+                            self._named_params(), self.training, factor, self.eps, counter,
+                            self._ranks, self.num_features)
+        params = tuple(tensor for _, tensor, _ in self._named_params())
+        return run_layer(layer, input, running_mean, running_var, use_batch, factor, self.eps, 0,
+                         params, counter, relu)
+
     def _counter(self):
         """The ``num_batches_tracked`` buffer when this call counts a batch (training with
         tracked statistics), else None.  The layer's coefficient op increments it in place, in
@@ -95,15 +121,9 @@ class _BatchStatsNorm(nn.Module):
             return self.num_batches_tracked
         return None
 
-    def _count_batch(self) -> None:
-        """``num_batches_tracked += 1`` after a successful call, for the synchronized layers
-        (normfuse/distributed.py), whose coefficient step does not take the counter."""
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}{self._activation_repr()}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -124,8 +144,10 @@ class _BatchInstanceNorm(_BatchStatsNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, device=None, dtype=None, *,
+                 activation: str | None = None):
+        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
+                         activation=activation)
         factory = {"device": device, "dtype": dtype}
         self.affine = affine
         if affine:
@@ -147,7 +169,12 @@ class _BatchInstanceNorm(_BatchStatsNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", affine={self.affine}"
 
+    def _named_params(self):
+        return (("gate", self.gate, False), ("weight", self.weight, True),
+                ("bias", self.bias, True))
+
     def forward(self, input):
+        relu = self._relu()
         fast = self._fast_arguments()
         p = self._parameters
         try:  # a parameter replaced by a plain attribute: the checked path reads it
@@ -160,11 +187,8 @@ class _BatchInstanceNorm(_BatchStatsNorm):
                               params[1:], running_mean, running_var, counter, factor,
                               self.eps):
                 return run_layer("bin", input, running_mean, running_var, use_batch, factor,
-                                 self.eps, 0, params, counter)
-        self._check_input(input)
-        running_mean, running_var, use_batch, factor = self._batch_arguments()
-        return F._batch_instance_norm(input, running_mean, running_var, self.weight, self.bias,
-                                      self.gate, use_batch, factor, self.eps, self._counter())
+                                 self.eps, 0, params, counter, relu)
+        return self._checked_forward("bin", input, relu)
 
 
 class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
@@ -176,8 +200,10 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
-                 track_running_stats: bool = True, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, device=None, dtype=None, *,
+                 activation: str | None = None):
+        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
+                         activation=activation)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -202,7 +228,12 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
                 state_dict[prefix + ours] = value.reshape(-1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _named_params(self):
+        return (("gate_weight", self.gate_weight, False), ("gate_bias", self.gate_bias, False),
+                ("weight", self.weight, True), ("bias", self.bias, True))
+
     def forward(self, input):
+        relu = self._relu()
         fast = self._fast_arguments()
         p = self._parameters
         try:  # a parameter replaced by a plain attribute: the checked path reads it
@@ -215,12 +246,8 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
                               params[2:], running_mean, running_var, counter, factor,
                               self.eps):
                 return run_layer("iebn", input, running_mean, running_var, use_batch, factor,
-                                 self.eps, 0, params, counter)
-        self._check_input(input)
-        running_mean, running_var, use_batch, factor = self._batch_arguments()
-        return F._instance_enhancement_batch_norm(input, running_mean, running_var, self.weight,
-                                                  self.bias, self.gate_weight, self.gate_bias,
-                                                  use_batch, factor, self.eps, self._counter())
+                                 self.eps, 0, params, counter, relu)
+        return self._checked_forward("iebn", input, relu)
 
 
 def _with_rank(base, name: str, ranks: tuple, shape: str):
@@ -252,7 +279,7 @@ def default_embed_dim(num_groups: int) -> int:
     return max(1, num_groups // 2)
 
 
-class AssocNorm(nn.Module):
+class AssocNorm(_Activation, nn.Module):
     """Associate Normalization: GroupNorm with per-sample scale and shift predicted from the
     group means and variances by a small auto-encoder (shared encoder ``(M, G)``, decoders
     ``(G, M)``), plus per-channel ``weight`` (B_omega, starts at 1) and ``bias`` (B_beta, 0).
@@ -265,8 +292,10 @@ class AssocNorm(nn.Module):
     """
 
     def __init__(self, num_groups: int, num_channels: int, embed_dim: int | None = None,
-                 eps: float = 1e-5, device=None, dtype=None):
+                 eps: float = 1e-5, device=None, dtype=None, *, activation: str | None = None):
         super().__init__()
+        relu_flag(activation, type(self).__name__)
+        self.activation = activation
         if num_groups <= 0 or num_channels <= 0:
             raise ValueError(f"num_groups and num_channels must be positive, got {num_groups} "
                              f"and {num_channels}")
@@ -295,9 +324,10 @@ class AssocNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, embed_dim={self.embed_dim}, "
-                f"eps={self.eps}")
+                f"eps={self.eps}{self._activation_repr()}")
 
     def forward(self, input):
+        relu = self._relu()
         params = self._parameters
         try:  # a parameter replaced by a plain attribute: the checked path reads it
             args = (params["encoder"], params["decoder_mean"], params["decoder_var"],
@@ -307,11 +337,12 @@ class AssocNorm(nn.Module):
         if args is not None and assoc_layer_ok(input, self.num_channels, self.num_groups, *args,
                                                self.eps):
             return run_layer("assoc", input, None, None, False, 0.0, self.eps, self.num_groups,
-                             args)
-        check_input(input, type(self).__name__)
-        check_channels(input, self.num_channels, type(self).__name__, "num_channels")
-        return F.assoc_norm(input, self.num_groups, self.encoder, self.decoder_mean,
-                            self.decoder_var, self.weight, self.bias, self.eps)
+                             args, None, relu)
+        args = (self.encoder, self.decoder_mean, self.decoder_var, self.weight, self.bias)
+        F.check_assoc(input, self.num_groups, *args, self.eps, type(self).__name__,
+                      self.num_channels)
+        return run_layer("assoc", input, None, None, False, 0.0, self.eps, self.num_groups, args,
+                         None, relu)
 
 
 def ilm_embed_size(key_groups: int, reduction: int) -> int:
@@ -330,7 +361,7 @@ _ILM_AUTHORS_KEYS = {
 }
 
 
-class ILMNorm(nn.Module):
+class ILMNorm(_Activation, nn.Module):
     """Instance-Level Meta Normalization (Jia, Chen & Chen, CVPR 2019), the authors' ``ilm_gn``
     layer: GroupNorm with ``num_groups`` groups and unbiased variances, whose per-sample weight
     and bias are predicted by a meta network from the means and unbiased variances of
@@ -350,8 +381,11 @@ class ILMNorm(nn.Module):
     """
 
     def __init__(self, num_channels: int, num_groups: int = 32, key_group_size: int = 16,
-                 reduction: int = 16, eps: float = 1e-5, device=None, dtype=None):
+                 reduction: int = 16, eps: float = 1e-5, device=None, dtype=None, *,
+                 activation: str | None = None):
         super().__init__()
+        relu_flag(activation, type(self).__name__)
+        self.activation = activation
         for name, value in (("num_channels", num_channels), ("num_groups", num_groups),
                             ("key_group_size", key_group_size), ("reduction", reduction)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -383,7 +417,7 @@ class ILMNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, num_groups={self.num_groups}, "
                 f"key_group_size={self.key_group_size}, reduction={self.reduction}, "
-                f"eps={self.eps}")
+                f"eps={self.eps}{self._activation_repr()}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -412,13 +446,9 @@ class ILMNorm(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def forward(self, input):
-        who = type(self).__name__
-        check_input(input, who)
-        check_channels(input, self.num_channels, who, "num_channels")
-        check_group_values(input, who, self.num_channels // self.num_groups, "group",
-                           f"num_groups={self.num_groups}")
-        check_group_values(input, who, self.key_group_size, "key group",
-                           f"key_group_size={self.key_group_size}")
-        return F.ilm_norm(input, self.num_groups, self.key_group_size, self.encoder,
-                          self.decoder_weight, self.decoder_bias, self.weight, self.bias,
-                          self.eps)
+        relu = self._relu()
+        args = (self.encoder, self.decoder_weight, self.decoder_bias, self.weight, self.bias)
+        F.check_ilm(input, self.num_groups, self.key_group_size, *args, self.eps,
+                    type(self).__name__, self.num_channels)
+        return run_layer("ilm", input, None, None, False, 0.0, self.eps, self.num_groups, args,
+                         None, relu)

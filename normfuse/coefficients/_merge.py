@@ -96,22 +96,6 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mu: Tensor, 
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def check_batch_counter(num_batches_tracked, mean: Tensor, op: str,
-                        namespace: str = "normfuse") -> None:
-    """The forwards' ``num_batches_tracked``: None, or a 0-dim (or 1-element) int64 tensor on
-    the statistics' device (the C++ ops' check, with the same message; the Triton ops call it
-    with their namespace).  Runs before anything is computed or mutated."""
-    t = num_batches_tracked
-    if t is None:
-        return
-    if not (isinstance(t, Tensor) and t.dtype == torch.int64 and t.numel() == 1 and t.dim() <= 1
-            and t.device == mean.device):
-        got = (f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}"
-               if isinstance(t, Tensor) else f"{type(t).__name__}")
-        raise RuntimeError(f"{namespace}.{op}: num_batches_tracked must be a 0-dim (or 1-element) "
-                           f"int64 tensor on {mean.device} like the statistics, got {got}")
-
-
 def count_batch(num_batches_tracked, training: bool) -> None:
     """``nn.BatchNorm``'s ``num_batches_tracked += 1``, done by the coefficient forward."""
     if training and num_batches_tracked is not None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_op_batch_counter
 from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics, batch_statistics_backward,
-                     check_batch_counter, count_batch, recompute_batch_statistics)
+                     count_batch, recompute_batch_statistics)
 
 
 def instance_invstd(m2: Tensor, plane_size: int, eps: float) -> Tensor:
@@ -37,7 +38,7 @@ def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, we
                      merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
     """``(scale, shift)``; in training updates the running statistics and adds 1 to
     ``num_batches_tracked`` (each where given)."""
-    check_batch_counter(num_batches_tracked, mean, "bin_coefficients")
+    check_op_batch_counter(num_batches_tracked, mean, "bin_coefficients")
     gamma, beta = _affine(weight, bias, mean)
     _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
                                     momentum, eps, merge)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ..coefficients._merge import check_batch_counter
+from .._checks import check_op_batch_counter
 from . import heuristics
 from . import runtime as rt
 from .runtime import NAMESPACE, OptTensor, check_device, kernels, launcher, stats_tensor
@@ -50,7 +50,7 @@ def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str):
     that the kernel is compiled for one pointer type."""
     if num_batches_tracked is None:
         return torch.empty((), dtype=torch.int64, device=mean.device), 0
-    check_batch_counter(num_batches_tracked, mean, op, NAMESPACE)
+    check_op_batch_counter(num_batches_tracked, mean, op, NAMESPACE)
     return num_batches_tracked, int(bool(training))
 
 
