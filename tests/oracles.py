@@ -201,7 +201,8 @@ class OracleResult:
 
 
 def run(kind, x, params, dy=None, *, running_mean=None, running_var=None, training=False,
-        momentum=0.1, eps=1e-5, num_groups=None, key_group_size=None, compute_dtype=F64):
+        momentum=0.1, eps=1e-5, num_groups=None, key_group_size=None, compute_dtype=F64,
+        activation=None):
     """Evaluate the oracle of ``kind`` ("bin", "iebn", "assoc", "ilm") in float64.
 
     ``x`` and ``params`` (name -> tensor or None) may have any dtype/device/layout: they are
@@ -211,6 +212,7 @@ def run(kind, x, params, dy=None, *, running_mean=None, running_var=None, traini
 
     ``compute_dtype`` (float64 by default) may be set to float32 to measure how well-conditioned
     a case is: the same formulas in float32 show the error any float32 computation must expect.
+    ``activation="relu"``: the layer followed by ``torch.relu`` (the fused activation's meaning).
     """
     cd = compute_dtype
     xd = _f64(x, cd).requires_grad_(dy is not None)
@@ -235,6 +237,10 @@ def run(kind, x, params, dy=None, *, running_mean=None, running_var=None, traini
         nrm = nrv = None
     else:
         raise ValueError(kind)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation is not None:
+        raise ValueError(activation)
     grads = {}
     if dy is not None:
         names = ["input"] + [k for k, v in pd.items() if v is not None]
@@ -268,12 +274,14 @@ def module_step(module, x, dy=None, compute_dtype=F64):
     kind = module_kind(module)
     params = {n: getattr(module, n, None) for n in PARAM_NAMES[kind]}
     eps = module.eps
+    act = getattr(module, "activation", None)
     if kind == "assoc":
         return run(kind, x, params, dy, eps=eps, num_groups=module.num_groups,
-                   compute_dtype=compute_dtype)
+                   compute_dtype=compute_dtype, activation=act)
     if kind == "ilm":
         return run(kind, x, params, dy, eps=eps, num_groups=module.num_groups,
-                   key_group_size=module.key_group_size, compute_dtype=compute_dtype)
+                   key_group_size=module.key_group_size, compute_dtype=compute_dtype,
+                   activation=act)
 
     training = module.training
     track = getattr(module, "track_running_stats", True)
@@ -293,7 +301,7 @@ def module_step(module, x, dy=None, compute_dtype=F64):
     # they are tracked, else batch statistics.
     res = run(kind, x, params, dy, running_mean=rm, running_var=rv,
               training=training or rm is None, momentum=factor, eps=eps,
-              compute_dtype=compute_dtype)
+              compute_dtype=compute_dtype, activation=act)
     if not training:
         # eval: running stats unchanged
         res.running_mean, res.running_var = _f64(rm, compute_dtype), _f64(rv, compute_dtype)

@@ -195,6 +195,9 @@ def concat_configs(world):
             ("iebn", (3, 6), [(2, 2)], "contiguous", F64, {"track_running_stats": False}),
             ("bin", (3, 4, 5), [(3, 5)], "contiguous", torch.float32, {}),
             ("iebn", (3, 4, 5), [(2, 1)], "cl", torch.float32, {}),
+            # the fused ReLU through the synchronized pipeline, a rank without samples included
+            ("bin", (3, 4, 5), [(3, 2), (4, 0)], "contiguous", F64, {"activation": "relu"}),
+            ("iebn", (2, 3, 2, 3), [(0, 3), (2, 2)], "cl", F64, {"activation": "relu"}),
         ]
     return [
         ("bin", (3, 4, 5), [(2, 0, 3), (1, 4, 2)], "contiguous", F64, {}),
