@@ -15,9 +15,13 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _RANK_SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
+def _require_tensor(value, name: str, who: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def check_input(input, who: str, ranks=(2, 3, 4, 5)) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{who}: input must be a torch.Tensor, got {type(input).__name__}")
+    _require_tensor(input, "input", who)
     if input.layout != torch.strided:
         raise ValueError(f"{who}: input must be a dense (strided) tensor, got layout "
                          f"{input.layout}")
@@ -45,8 +49,7 @@ def check_tensor(t, name: str, shape: tuple, input: Tensor, who: str,
         if optional:
             return
         raise ValueError(f"{who}: {name} must be a tensor of shape {shape}, got None")
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _require_tensor(t, name, who)
     if t.device != input.device:
         raise ValueError(f"{who}: {name} must be on the input's device {input.device}, got "
                          f"{t.device}")
@@ -90,9 +93,7 @@ def check_batch_counter(t, input: Tensor, who: str) -> None:
     layer's coefficient op increments in place, on the input's device."""
     if t is None:
         return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{who}: num_batches_tracked must be a torch.Tensor, got "
-                        f"{type(t).__name__}")
+    _require_tensor(t, "num_batches_tracked", who)
     if t.dtype != torch.int64 or t.numel() != 1 or t.dim() > 1:
         raise ValueError(f"{who}: num_batches_tracked must be a 0-dim int64 tensor, got "
                          f"{t.dtype} of shape {tuple(t.shape)}")

@@ -172,7 +172,6 @@ class _SyncMixin:
     """What the synchronized modules add to the plain ones (which come after it in the MRO)."""
 
     _ranks = (2, 3, 4, 5)  # higher ranks are flattened to (N, C, L) in ``forward``
-    _layer = ""
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -252,7 +251,7 @@ class _SyncMixin:
         running_mean, running_var, _, factor = self._batch_arguments()
         try:
             self._check_sync_input(input, running_mean, running_var, factor)
-            backend = resolve_backend(input)
+            resolve_backend(input)  # a requested backend that cannot run raises here, on time
         except Exception:
             merge.abort(device)
             raise
@@ -273,8 +272,6 @@ class SyncBatchInstanceNorm(_SyncMixin, _BatchInstanceNorm):
     the plain module.
     """
 
-    _layer = "bin"
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None,
                  *, activation: str | None = None):
@@ -293,8 +290,6 @@ class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm
     gate_bias)`` stays per sample.  Outside a process group, with one process, or in eval mode
     it is exactly the plain module.
     """
-
-    _layer = "iebn"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None,

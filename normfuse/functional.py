@@ -99,16 +99,26 @@ def check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, b
     if channels % num_groups:
         raise ValueError(f"{who}: the input's channel count ({channels}) must be divisible by "
                          f"num_groups ({num_groups})")
+    _check_meta_network(who, input, encoder, "embed_dim", ("num_groups", num_groups),
+                        (("decoder_mean", decoder_mean), ("decoder_var", decoder_var)), weight,
+                        bias, eps)
+
+
+def _check_meta_network(who, input, encoder, embed_name, columns, decoders, weight, bias, eps):
+    """The parameters of AssocNorm's and ILM-Norm's meta networks: ``encoder (E, K)`` with
+    ``columns = (name of K, K)``, each decoder ``(K, E)``, ``weight`` and ``bias (C,)``, eps."""
+    column_name, k = columns
     if not hasattr(encoder, "dim") or encoder.dim() != 2:
-        raise ValueError(f"{who}: encoder must be a 2-d tensor of shape (embed_dim, "
-                         f"num_groups={num_groups}), got {getattr(encoder, 'shape', encoder)}")
+        raise ValueError(f"{who}: encoder must be a 2-d tensor of shape ({embed_name}, "
+                         f"{column_name}={k}), got {getattr(encoder, 'shape', encoder)}")
     embed = encoder.shape[0]
     if embed == 0:
-        raise ValueError(f"{who}: encoder must have at least one row (embed_dim >= 1), got "
+        raise ValueError(f"{who}: encoder must have at least one row ({embed_name} >= 1), got "
                          f"shape {tuple(encoder.shape)}")
-    check_tensor(encoder, "encoder", (embed, num_groups), input, who)
-    check_tensor(decoder_mean, "decoder_mean", (num_groups, embed), input, who)
-    check_tensor(decoder_var, "decoder_var", (num_groups, embed), input, who)
+    check_tensor(encoder, "encoder", (embed, k), input, who)
+    for name, decoder in decoders:
+        check_tensor(decoder, name, (k, embed), input, who)
+    channels = input.shape[1]
     check_tensor(weight, "weight", (channels,), input, who)
     check_tensor(bias, "bias", (channels,), input, who)
     check_number(eps, "eps", who)
@@ -154,17 +164,7 @@ def check_ilm(input, num_groups, key_group_size, encoder, decoder_weight, decode
     check_group_values(input, who, channels // num_groups, "group", f"num_groups={num_groups}")
     check_group_values(input, who, key_group_size, "key group",
                        f"key_group_size={key_group_size}")
-    key_groups = channels // key_group_size
-    if not hasattr(encoder, "dim") or encoder.dim() != 2:
-        raise ValueError(f"{who}: encoder must be a 2-d tensor of shape (embed_size, "
-                         f"key_groups={key_groups}), got {getattr(encoder, 'shape', encoder)}")
-    embed = encoder.shape[0]
-    if embed == 0:
-        raise ValueError(f"{who}: encoder must have at least one row (embed_size >= 1), got "
-                         f"shape {tuple(encoder.shape)}")
-    check_tensor(encoder, "encoder", (embed, key_groups), input, who)
-    check_tensor(decoder_weight, "decoder_weight", (key_groups, embed), input, who)
-    check_tensor(decoder_bias, "decoder_bias", (key_groups, embed), input, who)
-    check_tensor(weight, "weight", (channels,), input, who)
-    check_tensor(bias, "bias", (channels,), input, who)
-    check_number(eps, "eps", who)
+    _check_meta_network(who, input, encoder, "embed_size",
+                        ("key_groups", channels // key_group_size),
+                        (("decoder_weight", decoder_weight), ("decoder_bias", decoder_bias)),
+                        weight, bias, eps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -97,21 +98,43 @@ class _BatchStatsNorm(_Activation, nn.Module):
             return None, None, use_batch, momentum, None
         return running_mean, running_var, use_batch, momentum, None
 
+    # Set by BIN / IEBN: the layer's name in run_layer, its parameters in the op's order (the
+    # first ``_required`` of them must be tensors, the others may be None), and their getter
+    # from ``_parameters`` (one C call).
+    _layer = ""
+    _param_names: tuple = ()
+    _required = 0
+    _get_params = None
+
     def _named_params(self):
         """``(name, tensor, optional)`` of the layer's parameters, in the op's order."""
-        raise NotImplementedError
+        return tuple((name, getattr(self, name), i >= self._required)
+                     for i, name in enumerate(self._param_names))
 
-    def _checked_forward(self, layer: str, input, relu: bool):
-        """The path with every check (each once, in the documented order) and the buffers read
-        through ``nn.Module`` (the fast path's predicate declined)."""
+    def forward(self, input):
+        relu = self._relu()
+        fast = self._fast_arguments()
+        try:  # a parameter replaced by a plain attribute: the checked path reads it
+            params = self._get_params(self._parameters)
+        except KeyError:
+            fast = None
+        if fast is not None:  # the common path: one predicate (normfuse/_checks.py)
+            running_mean, running_var, use_batch, factor, counter = fast
+            k = self._required
+            if batch_layer_ok(input, self._ranks, self.num_features, use_batch, params[:k],
+                              params[k:], running_mean, running_var, counter, factor,
+                              self.eps):
+                return run_layer(self._layer, input, running_mean, running_var, use_batch,
+                                 factor, self.eps, 0, params, counter, relu)
+        # Every check (each once, in the documented order), the buffers read through nn.Module.
         running_mean, running_var, use_batch, factor = self._batch_arguments()
         counter = self._counter()
-        F.check_batch_layer(type(self).__name__, input, running_mean, running_var,
-                            self._named_params(), self.training, factor, self.eps, counter,
-                            self._ranks, self.num_features)
-        params = tuple(tensor for _, tensor, _ in self._named_params())
-        return run_layer(layer, input, running_mean, running_var, use_batch, factor, self.eps, 0,
-                         params, counter, relu)
+        named = self._named_params()
+        F.check_batch_layer(type(self).__name__, input, running_mean, running_var, named,
+                            self.training, factor, self.eps, counter, self._ranks,
+                            self.num_features)
+        return run_layer(self._layer, input, running_mean, running_var, use_batch, factor,
+                         self.eps, 0, tuple(t for _, t, _ in named), counter, relu)
 
     def _counter(self):
         """The ``num_batches_tracked`` buffer when this call counts a batch (training with
@@ -169,26 +192,10 @@ class _BatchInstanceNorm(_BatchStatsNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", affine={self.affine}"
 
-    def _named_params(self):
-        return (("gate", self.gate, False), ("weight", self.weight, True),
-                ("bias", self.bias, True))
-
-    def forward(self, input):
-        relu = self._relu()
-        fast = self._fast_arguments()
-        p = self._parameters
-        try:  # a parameter replaced by a plain attribute: the checked path reads it
-            params = p["gate"], p["weight"], p["bias"]
-        except KeyError:
-            fast = None
-        if fast is not None:  # the common path: one predicate (normfuse/_checks.py)
-            running_mean, running_var, use_batch, factor, counter = fast
-            if batch_layer_ok(input, self._ranks, self.num_features, use_batch, params[:1],
-                              params[1:], running_mean, running_var, counter, factor,
-                              self.eps):
-                return run_layer("bin", input, running_mean, running_var, use_batch, factor,
-                                 self.eps, 0, params, counter, relu)
-        return self._checked_forward("bin", input, relu)
+    _layer = "bin"
+    _param_names = ("gate", "weight", "bias")
+    _required = 1
+    _get_params = operator.itemgetter(*_param_names)
 
 
 class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
@@ -228,26 +235,10 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
                 state_dict[prefix + ours] = value.reshape(-1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _named_params(self):
-        return (("gate_weight", self.gate_weight, False), ("gate_bias", self.gate_bias, False),
-                ("weight", self.weight, True), ("bias", self.bias, True))
-
-    def forward(self, input):
-        relu = self._relu()
-        fast = self._fast_arguments()
-        p = self._parameters
-        try:  # a parameter replaced by a plain attribute: the checked path reads it
-            params = p["gate_weight"], p["gate_bias"], p["weight"], p["bias"]
-        except KeyError:
-            fast = None
-        if fast is not None:  # the common path: one predicate (normfuse/_checks.py)
-            running_mean, running_var, use_batch, factor, counter = fast
-            if batch_layer_ok(input, self._ranks, self.num_features, use_batch, params[:2],
-                              params[2:], running_mean, running_var, counter, factor,
-                              self.eps):
-                return run_layer("iebn", input, running_mean, running_var, use_batch, factor,
-                                 self.eps, 0, params, counter, relu)
-        return self._checked_forward("iebn", input, relu)
+    _layer = "iebn"
+    _param_names = ("gate_weight", "gate_bias", "weight", "bias")
+    _required = 2
+    _get_params = operator.itemgetter(*_param_names)
 
 
 def _with_rank(base, name: str, ranks: tuple, shape: str):
@@ -272,6 +263,17 @@ InstanceEnhancementBatchNorm3d = _with_rank(_InstanceEnhancementBatchNorm,
                                             "(N, C, D, H, W)")
 IEBN1d, IEBN2d, IEBN3d = (InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
                           InstanceEnhancementBatchNorm3d)
+
+
+def _meta_network_parameters(module, decoders, columns, embed, channels, factory) -> None:
+    """AssocNorm's and ILMNorm's parameters, uninitialised, in this order (the state_dict's):
+    ``encoder (embed, columns)``, each of ``decoders`` ``(columns, embed)``, ``weight`` and
+    ``bias (channels,)``."""
+    module.encoder = nn.Parameter(torch.empty(embed, columns, **factory))
+    for name in decoders:
+        setattr(module, name, nn.Parameter(torch.empty(columns, embed, **factory)))
+    module.weight = nn.Parameter(torch.empty(channels, **factory))
+    module.bias = nn.Parameter(torch.empty(channels, **factory))
 
 
 def default_embed_dim(num_groups: int) -> int:
@@ -308,11 +310,8 @@ class AssocNorm(_Activation, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.num_groups, self.num_channels, self.embed_dim, self.eps = (
             num_groups, num_channels, embed_dim, eps)
-        self.encoder = nn.Parameter(torch.empty(embed_dim, num_groups, **factory))
-        self.decoder_mean = nn.Parameter(torch.empty(num_groups, embed_dim, **factory))
-        self.decoder_var = nn.Parameter(torch.empty(num_groups, embed_dim, **factory))
-        self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-        self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        _meta_network_parameters(self, ("decoder_mean", "decoder_var"), num_groups, embed_dim,
+                                 num_channels, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -400,11 +399,8 @@ class ILMNorm(_Activation, nn.Module):
         self.key_groups = num_channels // key_group_size
         self.embed_size = ilm_embed_size(self.key_groups, reduction)
         k, e = self.key_groups, self.embed_size
-        self.encoder = nn.Parameter(torch.empty(e, k, **factory))
-        self.decoder_weight = nn.Parameter(torch.empty(k, e, **factory))
-        self.decoder_bias = nn.Parameter(torch.empty(k, e, **factory))
-        self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-        self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        _meta_network_parameters(self, ("decoder_weight", "decoder_bias"), k, e, num_channels,
+                                 factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

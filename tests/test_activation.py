@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import oracles
-from oracles import assert_close_dtype, dtype_supported, make_input, randn, to_layout
+from oracles import dtype_supported, make_input, randn, to_layout
 from test_ilm import make_ilm
 from test_modules import KINDS, make_layer, prepare, run_and_check
 from test_numerics import _functional, _params
@@ -118,33 +118,13 @@ def test_gradcheck_float64(nf, backend, device, seed, kind, training):
     def fn(*args):
         return torch.relu(plain(*args))
 
-    def fused(*args):
-        return _functional_relu(nf, kind, training, rm, rv, 2)(*args)
+    fused = _functional(nf, kind, training, rm, rv, 2, activation="relu")
 
     inputs = (x, *params)
     assert torch.autograd.gradcheck(fused, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
     assert torch.autograd.gradgradcheck(fused, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
     # and the same numbers as relu after the unfused layer
     torch.testing.assert_close(fused(*inputs), fn(*inputs), rtol=0, atol=0)
-
-
-def _functional_relu(nf, kind, training, rm, rv, groups):
-    F = nf.functional
-    if kind == "bin":
-        def fn(x, w, b, gate):
-            return F.batch_instance_norm(x, None if rm is None else rm.clone(),
-                                         None if rv is None else rv.clone(), w, b, gate,
-                                         training=training, activation="relu")
-    elif kind == "iebn":
-        def fn(x, w, b, gw, gb):
-            return F.instance_enhancement_batch_norm(x, None if rm is None else rm.clone(),
-                                                     None if rv is None else rv.clone(), w, b,
-                                                     gw, gb, training=training,
-                                                     activation="relu")
-    else:
-        def fn(x, enc, dm, dv, w, b):
-            return F.assoc_norm(x, groups, enc, dm, dv, w, b, activation="relu")
-    return fn
 
 
 def test_ilm_functional(nf, backend, device, seed):

@@ -360,21 +360,22 @@ def test_bin_gate1_matches_batchnorm_with_nan_inf(nf, backend, device, seed, mom
 
 
 # ---------------------------------------------------------------------- second-order gradients
-def _functional(nf, kind, training, rm, rv, groups):
+def _functional(nf, kind, training, rm, rv, groups, activation=None):
     F = nf.functional
     if kind == "bin":
         def fn(x, w, b, gate):
             return F.batch_instance_norm(x, None if rm is None else rm.clone(),
                                          None if rv is None else rv.clone(), w, b, gate,
-                                         training=training)
+                                         training=training, activation=activation)
     elif kind == "iebn":
         def fn(x, w, b, gw, gb):
             return F.instance_enhancement_batch_norm(x, None if rm is None else rm.clone(),
                                                      None if rv is None else rv.clone(), w, b,
-                                                     gw, gb, training=training)
+                                                     gw, gb, training=training,
+                                                     activation=activation)
     else:
         def fn(x, enc, dm, dv, w, b):
-            return F.assoc_norm(x, groups, enc, dm, dv, w, b)
+            return F.assoc_norm(x, groups, enc, dm, dv, w, b, activation=activation)
     return fn
 
 

@@ -32,16 +32,27 @@ def _affine(weight, bias, like: Tensor):
     return (one if weight is None else weight), (one * 0 if bias is None else bias)
 
 
+def batch_prologue(op, mean, m2, plane_size, weight, bias, running_mean, running_var, training,
+                   momentum, eps, num_batches_tracked, merge):
+    """What the BIN and IEBN forwards share: the counter's check, the affine parameters
+    ``(gamma, beta)`` and the batch statistics ``(mu_b, r_b)`` (running statistics updated in
+    training); the caller counts the batch after its own step."""
+    check_op_batch_counter(num_batches_tracked, mean, op)
+    gamma, beta = _affine(weight, bias, mean)
+    _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
+                                    momentum, eps, merge)
+    return gamma, beta, mu_b, r_b
+
+
 def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, weight, bias,
                      running_mean, running_var, training: bool, momentum: float, eps: float,
                      num_batches_tracked=None,
                      merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
     """``(scale, shift)``; in training updates the running statistics and adds 1 to
     ``num_batches_tracked`` (each where given)."""
-    check_op_batch_counter(num_batches_tracked, mean, "bin_coefficients")
-    gamma, beta = _affine(weight, bias, mean)
-    _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
-                                    momentum, eps, merge)
+    gamma, beta, mu_b, r_b = batch_prologue("bin_coefficients", mean, m2, plane_size, weight,
+                                            bias, running_mean, running_var, training,
+                                            momentum, eps, num_batches_tracked, merge)
     r_i = instance_invstd(m2, plane_size, eps)
     scale = gamma * (gate * r_b + (1 - gate) * r_i)
     shift = beta + gamma * gate * r_b * (mean - mu_b)

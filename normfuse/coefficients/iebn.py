@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_op_batch_counter
-from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics, batch_statistics_backward,
-                     count_batch, recompute_batch_statistics)
-from .bin import _affine
+from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics_backward, count_batch,
+                     recompute_batch_statistics)
+from .bin import _affine, batch_prologue
 
 
 def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Tensor,
@@ -24,10 +23,9 @@ def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Te
                       merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
     """``(scale, shift)``; in training updates the running statistics and adds 1 to
     ``num_batches_tracked`` (each where given)."""
-    check_op_batch_counter(num_batches_tracked, mean, "iebn_coefficients")
-    gamma, beta = _affine(weight, bias, mean)
-    _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
-                                    momentum, eps, merge)
+    gamma, beta, mu_b, r_b = batch_prologue("iebn_coefficients", mean, m2, plane_size, weight,
+                                            bias, running_mean, running_var, training,
+                                            momentum, eps, num_batches_tracked, merge)
     delta = torch.sigmoid(mean * gate_weight + gate_bias)
     scale = gamma * delta * r_b
     count_batch(num_batches_tracked, training)
