@@ -29,11 +29,14 @@ STREAM_KERNELS = ("moments", "backward_sums", "affine_apply", "backward_apply")
 COEFF_KERNELS = ("bin_forward", "bin_backward", "iebn_forward", "iebn_backward")
 ASSOC_KERNELS = ("assoc_forward", "assoc_backward")
 LDG128_REQUIRED = ("affine_apply", "backward_apply")
+# constexpr flags of the fused ReLU (issue 14): both values of each are compiled
+FLAGS = {"affine_apply": "RELU", "backward_sums": "MASK", "backward_apply": "MASK"}
 
 
 def specs(quick: bool = False):
     """Every ``(kernel, dtype, constexprs, num_warps)`` to compile (dtype None: statistics only,
-    float32).  ``quick``: every kernel in every configuration, but the streaming kernels with
+    float32).  Every configuration includes both values of the kernel's fused-ReLU flag
+    (``FLAGS``).  ``quick``: every kernel in every configuration, but the streaming kernels with
     float32 data only, except the two apply kernels (all dtypes: their 128-bit accesses are
     checked per dtype)."""
     from . import heuristics as h  # noqa: PLC0415
@@ -41,10 +44,12 @@ def specs(quick: bool = False):
     for cfg in h.all_stream_configs():
         meta = dict(CHANNELS_LAST=cfg.channels_last, BLOCK_P=cfg.block_p, BLOCK_L=cfg.block_l)
         for name in STREAM_KERNELS:
+            flags = [{FLAGS[name]: f} for f in (False, True)] if name in FLAGS else [{}]
             for dtype in DTYPES:
                 if quick and dtype != "float32" and name not in LDG128_REQUIRED:
                     continue
-                out.append((name, dtype, meta, cfg.num_warps))
+                for flag in flags:
+                    out.append((name, dtype, {**flag, **meta}, cfg.num_warps))
     for cfg in h.all_coeff_configs():
         for name in COEFF_KERNELS:
             out.append((name, None, dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c), cfg.num_warps))

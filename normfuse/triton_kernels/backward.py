@@ -4,18 +4,23 @@ Reads ``dy`` and ``x`` once (same layout) and ``mean`` (``(N, C)``); writes the 
 sums in the acc dtype.  Same tiling, split plan and last-program merge as ``moments`` (plain
 sums here: ``x - mean`` is already centred, so no shift is needed).  Deterministic: lanes are
 reduced by a fixed tree, split partials in split order.
+
+``MASK`` (the fused ReLU's backward): every ``dy`` is first replaced by ``v > 0 ? dy : 0``, ``v``
+recomputed from ``x``, ``mean`` and the forward's per-plane ``scale``/``shift`` by apply.py's
+``pre_activation`` (the forward's very arithmetic, so the forward's sign bit for bit).
 """
 import triton
 import triton.language as tl
 
+from .apply import pre_activation, relu_mask
 from .common import last_arrival, reset_counter, total
 from .moments import plane_block
 
 
 @triton.jit(do_not_specialize=["chunk_tiles", "splits"])
-def backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, g1_ptr, g2_ptr, part_ptr, counter_ptr,
-                         C, L, num_planes, c_blocks, chunk_tiles, splits,
-                         CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr,
+def backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr, part_ptr,
+                         counter_ptr, C, L, num_planes, c_blocks, chunk_tiles, splits,
+                         MASK: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_L: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -31,6 +36,9 @@ def backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, g1_ptr, g2_ptr, part_ptr, coun
     stop = tl.minimum(start + chunk, L)
     n_full = (stop - start) // BLOCK_L
     mean = tl.load(mean_ptr + plane, mask=pmask, other=0.0)[:, None]
+    if MASK:
+        scale = tl.load(scale_ptr + plane, mask=pmask, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + plane, mask=pmask, other=0.0)[:, None]
     offs = base[:, None] + (start + tl.arange(0, BLOCK_L))[None, :] * step
     dy_ptrs = dy_ptr + offs
     x_ptrs = x_ptr + offs
@@ -40,6 +48,8 @@ def backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, g1_ptr, g2_ptr, part_ptr, coun
     for _ in range(n_full):
         dy = tl.load(dy_ptrs, mask=pmask[:, None], other=0.0).to(ACC)
         x = tl.load(x_ptrs, mask=pmask[:, None], other=0.0).to(ACC)
+        if MASK:
+            dy = relu_mask(dy, pre_activation(x, mean, scale, shift))
         s1 += dy
         s2 += dy * (x - mean)
         dy_ptrs += BLOCK_L * step
@@ -48,6 +58,8 @@ def backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, g1_ptr, g2_ptr, part_ptr, coun
     mask = pmask[:, None] & lmask[None, :]
     dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
+    if MASK:
+        dy = relu_mask(dy, pre_activation(x, mean, scale, shift))
     s1 += dy
     s2 += dy * (x - mean)
     p1 = total(s1, 1)

@@ -3,8 +3,9 @@ run in a subprocess without TRITON_INTERPRET): every kernel in every configurati
 heuristics can choose compiles, nothing spills to local memory, and the elementwise passes use
 128-bit global loads and stores for aligned float32/float16/bfloat16 data.
 
-Default: ``aot --quick`` (streaming kernels with float32 data, the two apply kernels in every
-dtype); ``NORMFUSE_AOT_FULL=1`` compiles every dtype of every streaming kernel too.  Triton's
+Every configuration is compiled with and without the fused ReLU (the ``RELU`` / ``MASK``
+constexprs of affine_apply, backward_sums and backward_apply).  Default: ``aot --quick``
+(streaming kernels with float32 data, the two apply kernels in every dtype); ``NORMFUSE_AOT_FULL=1`` compiles every dtype of every streaming kernel too.  Triton's
 compilation cache makes reruns take seconds; the first run takes minutes on two cores.
 """
 from __future__ import annotations

@@ -39,6 +39,10 @@ def test_streaming_ops(channels_last):
     _opcheck("affine_apply", (x, mean, a, b))
     _opcheck("backward_sums", (dy, x, mean))
     _opcheck("backward_apply", (dy, x, mean, a, b, c))
+    # the fused ReLU: relu=True and the backward ops' mask (scale, shift)
+    _opcheck("affine_apply", (x, mean, a, b, True))
+    _opcheck("backward_sums", (dy, x, mean, a, b))
+    _opcheck("backward_apply", (dy, x, mean, a, b, c, a, b))
 
 
 @pytest.mark.parametrize("op,shape,mode", list(opcheck_cases()))
