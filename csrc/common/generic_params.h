@@ -49,19 +49,25 @@ struct BackwardSumsParams {
   const float* mean = nullptr;
   float* sum_dy = nullptr;      // out: sum dy
   float* sum_dy_xmu = nullptr;  // out: sum dy * (x - mean)
+  // The fused ReLU's mask: the forward's scale and shift ((N, C), as AffineApplyParams'). Given,
+  // every dy is replaced by dy where (x - mean) * scale + shift > 0 (recomputed exactly as
+  // affine_apply computes it), else 0. Both null: no mask. One of them alone is an error.
+  const float* mask_scale = nullptr;
+  const float* mask_shift = nullptr;
   PlaneShape shape;
   int threads = 0;
   unsigned* counters = nullptr;  // as in MomentsParams, sizes from backward_sums_workspace()
   float* partials = nullptr;
 };
 
-// y = scale * (x - mean) + shift, per plane.
+// y = scale * (x - mean) + shift, per plane; with relu, max(y, 0) (NaN stays NaN).
 struct AffineApplyParams {
   const void* x = nullptr;
   const float* mean = nullptr;
   const float* scale = nullptr;
   const float* shift = nullptr;
   void* y = nullptr;  // same layout and dtype as x
+  bool relu = false;
   PlaneShape shape;
   int threads = 0;
 };
@@ -75,6 +81,10 @@ struct BackwardApplyParams {
   const float* c_x = nullptr;
   const float* c_0 = nullptr;
   void* dx = nullptr;
+  // The fused ReLU's mask, as in BackwardSumsParams. Only the c_dy * dy term is masked: c_x and
+  // c_0 carry the gradient through the statistics, which every element feeds.
+  const float* mask_scale = nullptr;
+  const float* mask_shift = nullptr;
   PlaneShape shape;
   int threads = 0;
 };

@@ -90,7 +90,6 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, cons
   nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
   const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
-  TORCH_CHECK(!masked, "normfuse.backward_sums: the fused ReLU's mask is not implemented on CUDA yet");  // TODO(issue 14)
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {g1, g2};
@@ -105,6 +104,10 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, cons
   p.mean = mean.const_data_ptr<float>();
   p.sum_dy = g1.mutable_data_ptr<float>();
   p.sum_dy_xmu = g2.mutable_data_ptr<float>();
+  if (masked) {
+    p.mask_scale = scale->const_data_ptr<float>();
+    p.mask_shift = shift->const_data_ptr<float>();
+  }
   p.shape = sh;
   const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
   const Scratch ws = scratch(x, nf::cuda_backward_sums_workspace(p, dt), p);
@@ -119,7 +122,6 @@ at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const 
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
   nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
-  TORCH_CHECK(!relu, "normfuse.affine_apply: relu=True is not implemented on CUDA yet");  // TODO(issue 14)
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = nf_glue::empty_output(x);
   if (x.numel() == 0) return y;
@@ -129,6 +131,7 @@ at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const 
   p.scale = scale.const_data_ptr<float>();
   p.shift = shift.const_data_ptr<float>();
   p.y = y.mutable_data_ptr();
+  p.relu = relu;
   p.shape = sh;
   check_launch(nf::cuda_affine_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
                "affine_apply");
@@ -146,7 +149,6 @@ at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const 
   nf_glue::check_stats(c_x, x, sh, "backward_apply", "c_x");
   nf_glue::check_stats(c_0, x, sh, "backward_apply", "c_0");
   const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_apply");
-  TORCH_CHECK(!masked, "normfuse.backward_apply: the fused ReLU's mask is not implemented on CUDA yet");  // TODO(issue 14)
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = nf_glue::empty_output(x);
   if (x.numel() == 0) return dx;
@@ -158,6 +160,10 @@ at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const 
   p.c_x = c_x.const_data_ptr<float>();
   p.c_0 = c_0.const_data_ptr<float>();
   p.dx = dx.mutable_data_ptr();
+  if (masked) {
+    p.mask_scale = scale->const_data_ptr<float>();
+    p.mask_shift = shift->const_data_ptr<float>();
+  }
   p.shape = sh;
   check_launch(
       nf::cuda_backward_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),

@@ -1,8 +1,10 @@
-// Per-plane affine maps over full tensors: affine_apply (y = scale*(x-mean)+shift) and
-// backward_apply (dx = c_dy*dy + c_x*(x-mean) + c_0). Same work decomposition as the reductions
+// Per-plane affine maps over full tensors: affine_apply (y = scale*(x-mean)+shift, or its ReLU)
+// and backward_apply (dx = c_dy*dy + c_x*(x-mean) + c_0, dy masked by the forward's ReLU when the
+// forward's scale and shift are given: affine_relu.cuh). Same work decomposition as the reductions
 // (plane_plan.cuh): each thread loads its plane's / channels' coefficients once and streams
 // 16-byte vectors, so there is no per-element index division.
 #pragma once
+#include "kernels/affine_relu.cuh"
 #include "kernels/cuda_compat.cuh"
 #include "kernels/numerics.cuh"
 #include "kernels/plane_plan.cuh"
@@ -18,8 +20,12 @@ struct AffineOp {
   const float* scale;
   const float* shift;
   NF_DEVICE Ctx context(int64_t i) const { return Ctx{mean[i], scale[i], shift[i]}; }
-  // Centred on the plane mean: x - mean is O(std) even for a 1e4 offset, shift is O(1).
-  NF_DEVICE static float apply(const Ctx& c, float x, float) { return fmaf(x - c.mean, c.scale, c.shift); }
+  NF_DEVICE static float apply(const Ctx& c, float x, float) { return affine_value(x, c.mean, c.scale, c.shift); }
+};
+
+// affine_apply(relu=True): relu(v) of the very v AffineOp computes.
+struct AffineReluOp : AffineOp {
+  NF_DEVICE static float apply(const Ctx& c, float x, float u) { return relu(AffineOp::apply(c, x, u)); }
 };
 
 struct BackwardApplyOp {
@@ -99,8 +105,12 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
     float a[VEC], bb[VEC], y[VEC];
     load_floats<T, VEC>(p0, a);
     if constexpr (Op::kInputs == 2) load_floats<T, VEC>(p1, bb);
+    if constexpr (is_relu_masked<Op>) {
+      op.template apply_channels<VEC>(c, a, bb, y, l);  // reloads per row
+    } else {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) y[k] = Op::apply(c[k], a[k], Op::kInputs == 2 ? bb[k] : 0.f);
+      for (int k = 0; k < VEC; ++k) y[k] = Op::apply(c[k], a[k], Op::kInputs == 2 ? bb[k] : 0.f);
+    }
     store_floats<T, VEC>(q, y);
     p0 += stride;
     if constexpr (Op::kInputs == 2) p1 += stride;
@@ -133,14 +143,24 @@ cudaError_t launch_apply(const Op& op, const PlaneShape& s, int threads_req, con
 
 template <typename T>
 cudaError_t launch_affine_apply(const AffineApplyParams& p, cudaStream_t stream) {
-  return launch_apply<T>(AffineOp{p.mean, p.scale, p.shift}, p.shape, p.threads, static_cast<const T*>(p.x),
-                         static_cast<const T*>(nullptr), static_cast<T*>(p.y), stream);
+  const AffineOp op{p.mean, p.scale, p.shift};
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  if (p.relu) return launch_apply<T>(AffineReluOp{op}, p.shape, p.threads, x, static_cast<const T*>(nullptr), y, stream);
+  return launch_apply<T>(op, p.shape, p.threads, x, static_cast<const T*>(nullptr), y, stream);
 }
 
 template <typename T>
 cudaError_t launch_backward_apply(const BackwardApplyParams& p, cudaStream_t stream) {
-  return launch_apply<T>(BackwardApplyOp{p.mean, p.c_dy, p.c_x, p.c_0}, p.shape, p.threads,
-                         static_cast<const T*>(p.dy), static_cast<const T*>(p.x), static_cast<T*>(p.dx), stream);
+  const BackwardApplyOp op{p.mean, p.c_dy, p.c_x, p.c_0};
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  T* dx = static_cast<T*>(p.dx);
+  if ((p.mask_scale == nullptr) != (p.mask_shift == nullptr)) return cudaErrorInvalidValue;
+  if (p.mask_scale != nullptr)
+    return launch_apply<T>(ReluMasked<BackwardApplyOp>{op, p.mask_scale, p.mask_shift}, p.shape, p.threads, dy, x,
+                           dx, stream);
+  return launch_apply<T>(op, p.shape, p.threads, dy, x, dx, stream);
 }
 
 }  // namespace nf

@@ -1,8 +1,10 @@
-// Per-plane reductions: moments (mean, m2) and backward_sums (sum dy, sum dy*(x-mean)).
+// Per-plane reductions: moments (mean, m2) and backward_sums (sum dy, sum dy*(x-mean); dy masked
+// by the forward's ReLU when the forward's scale and shift are given: affine_relu.cuh).
 // One kernel skeleton per layout, parametrised by an Op that says what is accumulated.
 // Every merge happens in a fixed order (shuffle butterflies, shared-memory trees, the last block
 // of a split plane merging the partials 0..S-1): no float atomics, results are reproducible.
 #pragma once
+#include "kernels/affine_relu.cuh"
 #include "kernels/cuda_compat.cuh"
 #include "kernels/numerics.cuh"
 #include "kernels/plane_plan.cuh"
@@ -314,7 +316,10 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
     for (int l = r0 + ty; l < r1; l += pl.rows) {
       load_floats<T, VEC>(p0, a);
       if constexpr (Op::kInputs == 2) load_floats<T, VEC>(p1, bb);
-      Op::template accumulate_channels<VEC>(st, ctx, a, bb);
+      if constexpr (is_relu_masked<Op>)
+        op.template accumulate_channels<VEC>(st, ctx, a, bb, l);  // reloads per row (affine_relu.cuh)
+      else
+        Op::template accumulate_channels<VEC>(st, ctx, a, bb);
       p0 += stride;
       if constexpr (Op::kInputs == 2) p1 += stride;
     }
@@ -415,10 +420,18 @@ Workspace backward_sums_workspace(const BackwardSumsParams& p) {
   return reduce_workspace<T, BackwardSumsOp>(p.shape, p.threads, p.dy, p.x);
 }
 
+// The mask changes neither the plan nor the partial state (ReluMasked<BackwardSumsOp> is a
+// BackwardSumsOp): backward_sums_workspace() holds for both.
 template <typename T>
 cudaError_t launch_backward_sums(const BackwardSumsParams& p, cudaStream_t stream) {
-  return launch_reduce<T>(BackwardSumsOp{p.mean, p.sum_dy, p.sum_dy_xmu}, p.shape, p.threads,
-                          static_cast<const T*>(p.dy), static_cast<const T*>(p.x), p.counters, p.partials, stream);
+  const BackwardSumsOp op{p.mean, p.sum_dy, p.sum_dy_xmu};
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  if ((p.mask_scale == nullptr) != (p.mask_shift == nullptr)) return cudaErrorInvalidValue;
+  if (p.mask_scale != nullptr)
+    return launch_reduce<T>(ReluMasked<BackwardSumsOp>{op, p.mask_scale, p.mask_shift}, p.shape, p.threads, dy, x,
+                            p.counters, p.partials, stream);
+  return launch_reduce<T>(op, p.shape, p.threads, dy, x, p.counters, p.partials, stream);
 }
 
 }  // namespace nf

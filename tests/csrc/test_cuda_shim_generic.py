@@ -175,3 +175,86 @@ def _run_all(tmp_path, sanitizer):
 @pytest.mark.parametrize("sanitizer", ["address", "thread"])
 def test_generic_kernels_under_sanitizer(tmp_path, sanitizer):
     _run_all(tmp_path, sanitizer)
+
+
+# ---- the fused ReLU (issue 14) --------------------------------------------------------------------
+# affine_apply(relu=True) and the backward ops' mask (dy where the forward's pre-activation
+# v = (x - mean) * scale + shift is > 0, else 0; in backward_apply only the c_dy * dy term). Same
+# driver, ops with the suffix _relu; the backward ops read the forward's scale/shift from
+# scale.bin/shift.bin. The data are made so that about half of the elements are masked (a missing
+# mask fails every check), and dy is 0 where |v| is so small that float32 and float64 may
+# disagree on its sign (those elements do not matter either way).
+RELU_OPS = ("affine_apply_relu", "backward_sums_relu", "backward_apply_relu")
+RELU_TSAN_SHAPES = REDUCED_SHAPES + [SHAPES[2]]  # + the scalar block-mode split plane
+
+
+def _relu_cases(sanitizer):
+    for dt in DTYPES if sanitizer == "address" else TSAN_DTYPES:
+        if sanitizer == "address":
+            shapes = SHAPES if dt == "f32" else REDUCED_SHAPES
+        else:
+            shapes = RELU_TSAN_SHAPES if dt == "f32" else REDUCED_SHAPES
+        for shape in shapes:
+            for layout in ("contig", "cl"):
+                for op in RELU_OPS:
+                    yield op, dt, layout, shape
+
+
+class ReluCase(CaseData):
+    def __init__(self, idx, op, dt, layout, shape, root, gen):
+        super().__init__(idx, op, dt, layout, shape, root, gen)
+        N, C = self.N, self.C
+        x = self.x.double()
+        # mean near the plane's (as moments gives it), shift ~ N(0, |scale| * std): v changes
+        # sign inside most planes and about half of all elements are masked
+        self.stats["mean"] = (x.mean(-1) + 0.1 * torch.randn(N, C, generator=gen, dtype=torch.float64)).float()
+        self.stats["shift"] = (self.stats["scale"].double() * 2 * torch.randn(N, C, generator=gen,
+                                                                             dtype=torch.float64)).float()
+        d = x - self.stats["mean"].double()[..., None]
+        scale = self.stats["scale"].double()[..., None]
+        self.v = d * scale + self.stats["shift"].double()[..., None]
+        # float32's v = fmaf(x - mean, scale, shift): x - mean is off by at most half an ulp of
+        # |x - mean|, the fma's own rounding keeps the sign; 1e-3 relative is ample
+        ambiguous = self.v.abs() <= 1e-3 * scale.abs() * (1 + d.abs())
+        self.dy = torch.where(ambiguous, torch.zeros((), dtype=self.dy.dtype), self.dy)
+        _to_file(_storage(self.dy, layout), self.dir / "dy.bin")
+        for k in ("mean", "shift"):
+            _to_file(self.stats[k], self.dir / f"{k}.bin")
+
+    def check(self):
+        N, C, L = self.N, self.C, self.L
+        x, s = self.x.double(), {k: v.double() for k, v in self.stats.items()}
+        dy = torch.where(self.v > 0, self.dy.double(), torch.zeros((), dtype=torch.float64))  # masked dy
+        xmu = x - s["mean"][..., None]
+        tag = f"{self.op} {self.dt} {self.layout} N={N} C={C} L={L} thr={self.threads} mis={self.misalign}"
+        if self.op == "backward_sums_relu":
+            o0 = _from_file(self.dir / "out0.bin", torch.float32, N * C).view(N, C).double()
+            o1 = _from_file(self.dir / "out1.bin", torch.float32, N * C).view(N, C).double()
+            mag = (self.dy.double().abs() * (xmu.abs() + 1)).sum(-1) + 1
+            assert torch.allclose(o0, dy.sum(-1), rtol=0, atol=1e-5 * mag.max().item()), tag
+            assert torch.allclose(o1, (dy * xmu).sum(-1), rtol=0, atol=1e-5 * mag.max().item()), tag
+            return
+        raw = _from_file(self.dir / "out0.bin", DTYPES[self.dt], N * C * L)
+        out = (raw.view(N, C, L) if self.layout == "contig" else raw.view(N, L, C).permute(0, 2, 1)).double()
+        if self.op == "affine_apply_relu":
+            ref = self.v.clamp_min(0)
+        else:  # only the dy term is masked
+            ref = s["c_dy"][..., None] * dy + s["c_x"][..., None] * xmu + s["c_0"][..., None]
+        eps = {"f32": 2e-6, "f16": 2e-3, "bf16": 1.6e-2}[self.dt]
+        assert torch.allclose(out, ref, rtol=eps, atol=eps * (ref.abs().max().item() + 1)), tag
+
+
+@pytest.mark.parametrize("sanitizer", ["address", "thread"])
+def test_fused_relu_kernels_under_sanitizer(tmp_path, sanitizer):
+    gen = torch.Generator().manual_seed(4321)
+    cases = [ReluCase(i, op, dt, lay, shape, tmp_path, gen)
+             for i, (op, dt, lay, shape) in enumerate(_relu_cases(sanitizer))]
+    # the data do what they are for: about half masked, not only in the planes of one element
+    masked = torch.cat([(c.v <= 0).flatten() for c in cases]).double().mean().item()
+    assert 0.3 < masked < 0.7, masked
+    case_file = tmp_path / "cases.txt"
+    case_file.write_text("".join(c.line() for c in cases))
+    exe = shim_build.build_driver([shim_build.DRIVERS / "generic_driver.cpp"], sanitizer)
+    shim_build.run_driver(exe, [case_file], sanitizer, timeout=600)
+    for c in cases:
+        c.check()

@@ -1,7 +1,9 @@
 // Shim driver for the four generic kernels (csrc/kernels/plane_{reduce,apply}.cuh).
 // Usage: generic_driver CASES_FILE
 // Each line of CASES_FILE: op dtype layout N C L threads misalign dir
-//   op: moments | backward_sums | affine_apply | backward_apply;  dtype: f32 | f16 | bf16
+//   op: moments | backward_sums | affine_apply | backward_apply, or one of the last three with
+//   the suffix _relu (the fused ReLU: affine_apply's relu, the backward ops' mask from the
+//   forward's scale.bin / shift.bin);  dtype: f32 | f16 | bf16
 //   layout: contig | cl;  misalign: 0/1 (offset every tensor by one element);  dir: where the
 //   inputs x.bin, dy.bin (raw dtype bits) and mean/scale/shift/c_dy/c_x/c_0.bin (float32) are and
 //   the outputs (out0.bin, out1.bin) go.
@@ -23,6 +25,7 @@ struct Case {
   std::string op, dtype, layout, dir;
   int64_t N, C, L;
   int threads, misalign;
+  bool relu = false;  // op had the _relu suffix (removed from op)
 };
 
 template <typename T>
@@ -38,6 +41,14 @@ void run_case(const Case& cs) {
   auto in = [&](const char* name, size_t bytes, size_t o) { return nf_io::read_file(cs.dir + "/" + name, bytes, o); };
   auto out = [&](const char* name, const Buffer& b) { nf_io::write_file(cs.dir + "/" + name, b.data(), b.bytes); };
   cudaError_t err = cudaSuccess;
+  // The forward's coefficients, for the backward ops' ReLU mask.
+  Buffer mask_scale, mask_shift;
+  if (cs.relu && cs.op != "affine_apply") {
+    mask_scale = in("scale.bin", stats * sizeof(float), 0);
+    mask_shift = in("shift.bin", stats * sizeof(float), 0);
+  }
+  const float* msc = cs.relu ? mask_scale.as<float>() : nullptr;
+  const float* msh = cs.relu ? mask_shift.as<float>() : nullptr;
 
   if (cs.op == "moments" || cs.op == "backward_sums") {
     Buffer x = in("x.bin", numel * sizeof(T), off);
@@ -61,14 +72,17 @@ void run_case(const Case& cs) {
       pb.mean = mean.as<float>();
       pb.sum_dy = o0.as<float>();
       pb.sum_dy_xmu = o1.as<float>();
+      pb.mask_scale = msc;
+      pb.mask_shift = msh;
       pb.shape = s;
       pb.threads = cs.threads;
       w = nf::backward_sums_workspace<T>(pb);
     }
     // What the launcher plans must match what it reported (the glue allocates from the latter).
-    const nf::Workspace planned = cs.op == "moments"
-                                      ? nf::reduce_workspace<T, nf::MomentsOp>(s, cs.threads, x.data(), nullptr)
-                                      : nf::reduce_workspace<T, nf::BackwardSumsOp>(s, cs.threads, dy.data(), x.data());
+    const nf::Workspace planned =
+        cs.op == "moments" ? nf::reduce_workspace<T, nf::MomentsOp>(s, cs.threads, x.data(), nullptr)
+        : cs.relu ? nf::reduce_workspace<T, nf::ReluMasked<nf::BackwardSumsOp>>(s, cs.threads, dy.data(), x.data())
+                  : nf::reduce_workspace<T, nf::BackwardSumsOp>(s, cs.threads, dy.data(), x.data());
     if (planned.counter_count != w.counter_count || planned.partial_floats != w.partial_floats)
       nf_io::die("workspace size mismatch in " + cs.dir);
     if ((w.counter_count == 0) != (w.partial_floats == 0)) nf_io::die("counters without partials in " + cs.dir);
@@ -95,6 +109,12 @@ void run_case(const Case& cs) {
         if (counters.as<uint32_t>()[i] != 0u) return false;
       return true;
     };
+    if (cs.relu) {  // one of the two alone is refused, before anything runs
+      pb.mask_scale = nullptr;
+      if (nf::launch_backward_sums<T>(pb, nullptr) != cudaErrorInvalidValue)
+        nf_io::die("backward_sums with mask_shift only was not refused in " + cs.dir);
+      pb.mask_scale = msc;
+    }
     err = launch(0xff);
     // The kernels promise to leave the arrival counters zeroed (the glue reuses them, unzeroed,
     // for the next launch on the stream).
@@ -126,6 +146,7 @@ void run_case(const Case& cs) {
       p.scale = scale.as<float>();
       p.shift = shift.as<float>();
       p.y = y.data();
+      p.relu = cs.relu;
       p.shape = s;
       p.threads = cs.threads;
       err = nf::launch_affine_apply<T>(p, nullptr);
@@ -143,6 +164,12 @@ void run_case(const Case& cs) {
       p.dx = y.data();
       p.shape = s;
       p.threads = cs.threads;
+      if (cs.relu) {  // one of the two alone is refused, before anything runs
+        p.mask_scale = msc;
+        if (nf::launch_backward_apply<T>(p, nullptr) != cudaErrorInvalidValue)
+          nf_io::die("backward_apply with mask_scale only was not refused in " + cs.dir);
+        p.mask_shift = msh;
+      }
       err = nf::launch_backward_apply<T>(p, nullptr);
     }
     out("out0.bin", y);
@@ -165,6 +192,12 @@ int main(int argc, char** argv) {
     Case cs;
     ss >> cs.op >> cs.dtype >> cs.layout >> cs.N >> cs.C >> cs.L >> cs.threads >> cs.misalign >> cs.dir;
     if (!ss) nf_io::die("bad case line: " + line);
+    const std::string suffix = "_relu";
+    if (cs.op.size() > suffix.size() && cs.op.compare(cs.op.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      cs.relu = true;
+      cs.op.resize(cs.op.size() - suffix.size());
+      if (cs.op == "moments") nf_io::die("moments has no _relu variant");
+    }
     if (cs.dtype == "f32")
       run_case<float>(cs);
     else if (cs.dtype == "f16")
