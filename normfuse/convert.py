@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fuse import fuse_relu as _fuse_relu
 from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
                       ILMNorm, InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
                       InstanceEnhancementBatchNorm3d)
@@ -96,10 +97,10 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
     return out
 
 
-def convert(module: nn.Module, to: str, **options) -> nn.Module:
+def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` (``to="bin"`` or ``"iebn"``) or ``nn.GroupNorm``
     (``to="assoc"`` or ``"ilm"``) in ``module`` by the normfuse layer, in place, and return
-    ``module``.
+    ``module`` (with ``fuse_relu=True``, the module to use: see below).
 
     Weights, running statistics, ``num_batches_tracked``, device, dtype and train/eval mode
     are carried over.  A converted BIN starts with gates at 1, so it computes exactly what the
@@ -112,6 +113,25 @@ def convert(module: nn.Module, to: str, **options) -> nn.Module:
     keyword options; a GroupNorm whose channel count ``key_group_size`` does not divide is an
     error naming it.  A ``module`` that is itself a norm layer is returned converted, like
     ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+    ``fuse_relu=True`` then fuses each normfuse norm whose output goes only into a ReLU
+    (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu``, ``Tensor.relu``/``relu_``, in place or
+    not): the model is traced with ``torch.fx`` (norms kept as leaves), the norm gets
+    ``activation="relu"`` and that ReLU call goes.  A norm whose output has another user (a
+    residual add, a second consumer), or any call site not followed by a ReLU, stays unfused;
+    the ReLU after a residual add stays.  The result is a ``torch.fx.GraphModule`` (a
+    ``normfuse.fuse.FusedGraphModule``: the input model's submodule objects, parameters and
+    buffers, so the same ``state_dict`` keys) that computes what the unfused conversion computes,
+    in train and eval mode: **use the returned module**.  The input model is modified in place
+    as well (converted, and its fused norms carry ``activation="relu"``); it still computes the
+    same function, since ReLU is idempotent, but runs the now redundant ReLU passes.  A module
+    whose forward cannot be traced (data-dependent control flow, or a forward that branches on
+    ``self.training``, which a graph would freeze) is kept as a leaf of the graph around it, its
+    children are fused where they trace (each replaced by its GraphModule), and one
+    ``UserWarning`` names such modules with the tracing error's first line; if the model itself
+    cannot be traced, the input model is returned with fused children.  The graph is fixed at
+    conversion, as ``torch.fx`` graphs are: forward hooks of traced (non-leaf) submodules do
+    not run, and Python-side state the forward reads is frozen.
     """
     if to not in TARGETS:
         raise ValueError(f"convert: to must be one of {TARGETS}, got {to!r}")
@@ -123,7 +143,9 @@ def convert(module: nn.Module, to: str, **options) -> nn.Module:
         raise TypeError(f"convert: module must be an nn.Module, got {type(module).__name__}")
     new = _replacement(module, to, "", options)
     if new is not None:
-        return new.train(module.training)
+        return new.train(module.training)  # a bare norm layer: no ReLU to fuse
     for parent, child_name, layer in _replacements(module, to, "", options, []):
         setattr(parent, child_name, layer)
+    if fuse_relu:
+        return _fuse_relu(module)
     return module

@@ -1,0 +1,295 @@
+"""``convert(..., fuse_relu=True)``: fuse each normfuse norm whose output goes only into a ReLU.
+
+The model is traced with ``torch.fx`` (normfuse norms kept as leaves).  In the graph, a norm
+call site whose only user is a ReLU (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu`` with or
+without ``inplace``, ``Tensor.relu``/``relu_``) is a pair; a norm module is fused when every one
+of its call sites is such a pair: its ``activation`` becomes ``"relu"`` and those ReLU nodes go
+(their users take the norm's output).  fx nodes are call sites, so one ``nn.ReLU`` module called
+after several norms and after a residual add (torchvision's blocks) is no obstacle: the fused
+call sites go, the others stay.
+
+Modules whose forward cannot be traced (data-dependent control flow, or a forward that differs
+between train and eval mode, which a graph would freeze) are kept as leaves of the graph around
+them, their children are fused on their own, and they are reported together in one warning.
+
+Relu is idempotent, so a fused norm followed by a ReLU that still runs (in an original
+``forward`` that is no longer called, say) computes what it computed before: the input model,
+whose norms are fused in place, still computes the same function; the returned GraphModule
+runs without the redundant ReLU passes.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .modules import AssocNorm, ILMNorm, _BatchStatsNorm
+
+# Every normfuse layer: BIN / IEBN 1d-3d and their Sync forms derive from _BatchStatsNorm.
+NORM_TYPES = (_BatchStatsNorm, AssocNorm, ILMNorm)
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)  # F.relu_ is torch.relu_
+_RELU_METHODS = ("relu", "relu_")
+
+
+class _Untraceable(Exception):
+    """Tracing a module failed.  ``candidates``: (submodule, its path) whose own forward may be
+    the cause, most likely first (none: the module's own forward); ``certain``: whether the
+    first one is (a trace error names it; a train/eval difference only narrows it down)."""
+
+    def __init__(self, reason: str, candidates=(), certain: bool = True):
+        super().__init__(reason)
+        self.reason, self.candidates, self.certain = reason, list(candidates), certain
+
+
+class _Tracer(fx.Tracer):
+    """Keeps normfuse norms (and the modules in ``opaque``, by id) as leaves; remembers the
+    innermost module whose forward raised."""
+
+    def __init__(self, opaque):
+        super().__init__()
+        self.opaque = opaque
+        self.failed = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (isinstance(m, NORM_TYPES) or id(m) in self.opaque
+                or super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:  # the innermost call catches it first
+                try:
+                    self.failed = (m, self.path_of_module(m))
+                except Exception:
+                    self.failed = False  # not a submodule: no culprit to keep as a leaf
+            raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _owner(node: fx.Node) -> str:
+    """Path of the module whose forward created ``node`` ("" for the traced module itself)."""
+    stack = [qualname for qualname, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module" and stack and stack[-1] == node.target:
+        stack = stack[:-1]
+    return stack[-1] if stack else ""
+
+
+def _common_path(a: str, b: str) -> str:
+    common = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _trace(module: nn.Module, opaque: dict):
+    """``module``'s graph, traced in train and in eval mode (which must agree: a graph freezes
+    the branches a forward takes on ``self.training``); raises ``_Untraceable``.  Returns the
+    graph and the tensor constants it reads (attributes of ``module`` the trace set; removed
+    from ``module`` again)."""
+    modes = [(m, m.training) for m in module.modules()]
+    before = set(vars(module))
+    graphs = []
+    try:
+        for training in (True, False):
+            for m, _ in modes:
+                m.training = training  # the attribute, not .train(): no overridden train() runs
+            constants = {name: vars(module)[name] for name in set(vars(module)) - before}
+            for name in constants:
+                delattr(module, name)
+            tracer = _Tracer(opaque)
+            try:
+                graphs.append(tracer.trace(module))
+            except Exception as exc:
+                raise _Untraceable(_first_line(exc), [tracer.failed] if tracer.failed else ())
+    finally:
+        for m, training in modes:
+            m.training = training
+        constants = {name: vars(module)[name] for name in set(vars(module)) - before}
+        for name in constants:
+            delattr(module, name)
+    for a, b in itertools.zip_longest(graphs[0].nodes, graphs[1].nodes):
+        if a is None or b is None or a.format_node() != b.format_node():
+            # The branch is in the forward of the module that created one of the two nodes.
+            paths = dict.fromkeys(_owner(n) for n in (a, b) if n is not None)
+            raise _Untraceable("its forward depends on train/eval mode (self.training)",
+                               [(module.get_submodule(p), p) for p in paths if p],
+                               certain=False)
+    return graphs[1], constants
+
+
+def _relu_input(node: fx.Node, module: nn.Module):
+    """The node ``node`` applies a ReLU to, if ``node`` is a ReLU of one input, else None."""
+    if node.op == "call_module":
+        if type(module.get_submodule(node.target)) is not nn.ReLU:  # a subclass may override
+            return None
+    elif node.op == "call_function":
+        if node.target not in _RELU_FUNCTIONS:
+            return None
+    elif node.op != "call_method" or node.target not in _RELU_METHODS:
+        return None
+    args = list(node.args) + [v for k, v in node.kwargs.items() if k not in ("input", "inplace")]
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    if any(isinstance(a, fx.Node) for a in args[1:]):
+        return None
+    return source if isinstance(source, fx.Node) else None
+
+
+def _under(path: str, prefix: str) -> bool:
+    return not prefix or path.startswith(prefix + ".")
+
+
+class _Context:
+    def __init__(self, root: nn.Module):
+        # Every path of every module object (a module may sit at several).
+        self.paths = {}
+        for name, m in root.named_modules(remove_duplicate=False):
+            self.paths.setdefault(id(m), []).append(name)
+        self.untraced = []  # (path, reason)
+        self.fused = []     # paths of the fused norms
+
+
+def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx) -> int:
+    """Fuse the pairs in ``graph`` (of ``module``, at ``path`` in the model); the count."""
+    sites = {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        norm = module.get_submodule(node.target)
+        if not isinstance(norm, NORM_TYPES):
+            continue
+        users = list(node.users)
+        relu = users[0] if len(users) == 1 and _relu_input(users[0], module) is node else None
+        sites.setdefault(id(norm), (norm, []))[1].append((node, relu))
+    fused = 0
+    for norm, calls in sites.values():
+        if getattr(norm, "activation", None) not in (None, "relu"):
+            continue
+        if any(relu is None for _, relu in calls):
+            continue  # a call site whose output has another user, or goes elsewhere
+        # Every place the norm sits must be in this graph's reach: under ``path`` and not
+        # inside a module kept as a leaf, whose forward may call it unseen.
+        norm_paths = ctx.paths.get(id(norm), [])
+        if not all(_under(p, path) and not any(_under(p, o) for o in opaque_paths)
+                   for p in norm_paths):
+            continue
+        norm.activation = "relu"
+        for node, relu in calls:
+            relu.replace_all_uses_with(node)
+            graph.erase_node(relu)
+        ctx.fused.extend(norm_paths)
+        fused += 1
+    graph.lint()
+    return fused
+
+
+def _fuse_children(module: nn.Module, path: str, ctx) -> None:
+    for name, child in list(module.named_children()):
+        new = _fuse_module(child, f"{path}.{name}" if path else name, ctx)
+        if new is not child:
+            setattr(module, name, new)
+
+
+def _fuse_module(module: nn.Module, path: str, ctx) -> nn.Module:
+    """``module`` with its pairs fused: a GraphModule when it traces and a pair was fused, else
+    ``module`` (its children fused where they trace)."""
+    if isinstance(module, NORM_TYPES) or not any(isinstance(m, NORM_TYPES)
+                                                 for m in module.modules()):
+        return module
+    opaque = {}  # id -> (submodule, path in module): kept as leaves
+    guessed = []  # the ones a train/eval difference pointed at, perhaps wrongly
+    while True:
+        try:
+            graph, constants = _trace(module, opaque)
+            break
+        except _Untraceable as exc:
+            fresh = [c for c in exc.candidates if c[0] is not module and id(c[0]) not in opaque]
+            if not fresh:
+                ctx.untraced.append((path, type(module).__name__, exc.reason))
+                _fuse_children(module, path, ctx)
+                return module
+            opaque[id(fresh[0][0])] = fresh[0]
+            if not exc.certain:
+                guessed.append(id(fresh[0][0]))
+    for key in guessed:  # keep as leaves only the guesses that are needed
+        trial = {k: v for k, v in opaque.items() if k != key}
+        try:
+            graph, constants = _trace(module, trial)
+        except _Untraceable:
+            continue
+        opaque = trial
+    opaque_paths = []
+    for sub, sub_path in opaque.values():
+        full = f"{path}.{sub_path}" if path else sub_path
+        opaque_paths.append(full)
+        new = _fuse_module(sub, full, ctx)
+        if new is not sub:
+            parent, _, name = sub_path.rpartition(".")
+            setattr(module.get_submodule(parent), name, new)
+    if not _fuse_graph(graph, module, path, opaque_paths, ctx):
+        return module
+    for name, value in constants.items():  # for the GraphModule to take
+        setattr(module, name, value)
+    try:
+        return FusedGraphModule(module, graph, type(module).__name__)
+    finally:
+        for name in constants:
+            delattr(module, name)
+
+
+def _adopt(gm: nn.Module, modules: dict, parameters: dict, buffers: dict, non_persistent) -> None:
+    """Give ``gm`` the traced module's whole tree, parameters and buffers (GraphModule keeps
+    only what its graph references, under placeholder parents): same state_dict keys, in the
+    same order, and the same submodule objects as the input model."""
+    constants = {k: v for k, v in gm._buffers.items() if k not in buffers}
+    gm.__dict__["_modules"] = dict(modules)
+    gm.__dict__["_parameters"] = dict(parameters)
+    gm.__dict__["_buffers"] = dict(buffers)
+    gm.__dict__["_non_persistent_buffers_set"] = set(non_persistent)
+    for name, value in constants.items():  # tensor constants of the trace: plain attributes
+        setattr(gm, name, value)
+
+
+class FusedGraphModule(fx.GraphModule):
+    """A ``torch.fx.GraphModule`` that keeps the traced module's whole module tree (the same
+    submodule objects, parameters and buffers, so the same ``state_dict`` keys), also through
+    ``copy.deepcopy``."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule"):
+        super().__init__(root, graph, class_name)
+        _adopt(self, root._modules, root._parameters, root._buffers,
+               root._non_persistent_buffers_set)
+        self.training = root.training
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)  # rebuilt from a deep copy of self.__dict__ ...
+        state = copy.deepcopy(self.__dict__, memo)  # ... which the memo holds: the same copies
+        _adopt(res, state["_modules"], state["_parameters"], state["_buffers"],
+               state["_non_persistent_buffers_set"])
+        res.training = self.training
+        return res
+
+
+def fuse_relu(model: nn.Module) -> nn.Module:
+    """Fuse the norm->ReLU pairs of ``model`` (see the module docstring); warns naming the
+    modules that could not be traced."""
+    ctx = _Context(model)
+    result = _fuse_module(model, "", ctx)
+    if ctx.untraced:
+        names = "; ".join(f"{path!r} ({reason})" if path else f"the model itself, {cls} ({reason})"
+                          for path, cls, reason in ctx.untraced)
+        warnings.warn(
+            f"convert(fuse_relu=True): could not trace {names}. Their forward's norm->ReLU "
+            "pairs are left unfused (plain conversions); what is inside them and traces was "
+            "fused.", UserWarning, stacklevel=3)
+    return result

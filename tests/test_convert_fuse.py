@@ -1,0 +1,540 @@
+"""normfuse.convert(model, to, fuse_relu=True): each norm whose output goes only into a ReLU gets
+activation="relu" and the ReLU call goes (torch.fx); the result computes what the unfused
+conversion computes (issue 14).
+
+The ResNets here are a faithful copy of torchvision's (torchvision/models/resnet.py, 0.29.1:
+BasicBlock, Bottleneck, ResNet, the same module names, one inplace ``self.relu`` per block
+called after bn1, bn2 and the residual add, the downsample branch).  torchvision itself is not
+a test dependency: its wheel for torch 2.14 requires torch>=2.14.0, outside the torch range the
+project supports (the lowest-torch CI runs 2.11); ``test_copy_matches_torchvision`` checks the
+copy against it where it is installed.
+
+Numbers: run under the "torch" backend (the reference), and under the default backend ("auto":
+the compiled kernels), which skips while its fused-ReLU kernels raise "not implemented".
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import normfuse
+from normfuse.fuse import NORM_TYPES
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------- torchvision's ResNet, copied
+def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
+                 dilation=1, norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
+                 dilation=1, norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, num_classes=1000, norm_layer=None):
+        super().__init__()
+        self._norm_layer = norm_layer = norm_layer or nn.BatchNorm2d
+        self.inplanes = 64
+        self.dilation = 1
+        self.groups = 1
+        self.base_width = 64
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        norm_layer = self._norm_layer
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
+                        self.dilation, norm_layer)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups,
+                                base_width=self.base_width, dilation=self.dilation,
+                                norm_layer=norm_layer))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+
+def resnet50(**kwargs):
+    return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
+
+
+def resnet18(**kwargs):
+    return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
+
+
+def resnet10(**kwargs):
+    """One BasicBlock a stage: the blocks' structure at a fraction of the cost."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
+def _group_norm(channels):
+    return nn.GroupNorm(32, channels)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _randomize(model, seed):
+    """Norm parameters and running statistics away from their defaults (biases of either sign:
+    the ReLUs clip some planes more than others)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) and m.affine:
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats:
+                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.num_batches_tracked.fill_(3)
+    return model
+
+
+def _pair(model, to, seed, dtype=F64):
+    """(unfused conversion, fused conversion) of one model, the same weights."""
+    model = _randomize(model, seed).to(dtype)
+    with torch.random.fork_rng():  # the same random parameters (AssocNorm's encoder) in both
+        torch.manual_seed(seed)
+        plain = normfuse.convert(copy.deepcopy(model), to)
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # these models trace: no warning
+            fused = normfuse.convert(model, to, fuse_relu=True)
+    return plain, fused
+
+
+def _fused_norms(model):
+    return sorted(n for n, m in model.named_modules()
+                  if isinstance(m, NORM_TYPES) and getattr(m, "activation", None) == "relu")
+
+
+def _relu_calls(gm):
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            n += type(gm.get_submodule(node.target)) is nn.ReLU
+        elif node.op == "call_function":
+            n += node.target in (torch.relu, torch.relu_, F.relu)
+        elif node.op == "call_method":
+            n += node.target in ("relu", "relu_")
+    return n
+
+
+def _step(model, inputs, seed):
+    """Output, input gradients and parameter gradients (by name) of one forward/backward."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    y = model(*inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(y, inputs + list(params.values()), dy)
+    return y.detach(), grads[:len(inputs)], dict(zip(params, grads[len(inputs):]))
+
+
+def _assert_same_step(fused, plain, inputs, seed, what):
+    y, dx, dp = _step(fused, inputs, seed)
+    yr, dxr, dpr = _step(plain, inputs, seed)
+    torch.testing.assert_close(y, yr, msg=lambda m: f"{what}: output: {m}")
+    for a, b in zip(dx, dxr):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{what}: input gradient: {m}")
+    assert dp.keys() == dpr.keys(), what
+    for name in dp:
+        torch.testing.assert_close(dp[name], dpr[name],
+                                   msg=lambda m: f"{what}: gradient of {name}: {m}")
+
+
+def _assert_same_state(fused, plain, what):
+    a, b = fused.state_dict(), plain.state_dict()
+    assert list(a) == list(b), f"{what}: state_dict keys"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"{what}: {k}: {m}")
+
+
+def _fused_relu_missing():
+    """Why the default backend cannot run a fused ReLU yet, or None when it can."""
+    x = torch.randn(2, 4, 3, 3, dtype=F64)
+    try:
+        for layer in (normfuse.BatchInstanceNorm2d(4), normfuse.AssocNorm(2, 4)):
+            layer.activation = "relu"
+            layer(x).sum().backward()
+    except Exception as exc:  # the kernels' "not implemented"
+        if "not implemented" in str(exc).lower():
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        raise
+    return None
+
+
+@pytest.fixture(params=["torch", "default"])
+def fuse_backend(request):
+    """The reference "torch" backend, and the default ("auto": the compiled kernels)."""
+    if request.param == "torch":
+        with normfuse.use_backend("torch"):
+            yield "torch"
+        return
+    reason = _fused_relu_missing()
+    if reason is not None:
+        pytest.skip(f"the default backend's fused ReLU has not landed ({reason})")
+    with normfuse.use_backend("auto"):
+        yield "auto"
+
+
+# --------------------------------------------------------------------------------- patterns
+class Patterns(nn.Module):
+    """Every ReLU form after a norm, and norms that must stay unfused."""
+
+    def __init__(self):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(14))
+        self.relu = nn.ReLU()
+        self.relu_ = nn.ReLU(inplace=True)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.shared = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        b = self.bns
+        ys = [self.relu(b[0](x)), self.relu_(b[1](x)), torch.relu(b[2](x)),
+              torch.relu_(b[3](x)), F.relu(b[4](x)), F.relu(b[5](x), inplace=True),
+              F.relu(b[6](x), True), b[7](x).relu(), b[8](x).relu_(), F.relu_(b[9](x)),
+              self.block(x)]
+        h = b[10](x)
+        ys.append(self.relu(h) + h)             # two users: unfused
+        ys.append(torch.sigmoid(b[11](x)))       # not a ReLU: unfused
+        h = b[12](x)
+        ys.append(self.relu_(h))                 # the ReLU is in place, but h is used after it
+        ys.append(h * 2)
+        ys.append(self.relu(self.shared(x)))     # one call site fusable, the other not
+        ys.append(self.shared(ys[-1]) - 1)
+        ys.append(b[13](x))                      # a model output
+        return torch.stack(ys)
+
+
+FUSED_IN_PATTERNS = sorted([f"bns.{i}" for i in range(10)] + ["block.1"])
+
+
+def test_fuses_every_relu_form(fuse_backend, seed):
+    plain, fused = _pair(Patterns(), "bin", seed)
+    assert isinstance(fused, fx.GraphModule)
+    assert _fused_norms(fused) == FUSED_IN_PATTERNS
+    assert _relu_calls(fused) == 3, fused.code   # bns.10's, bns.12's, shared's
+    assert not any(getattr(m, "activation", None) for m in plain.modules())
+    x = torch.randn(3, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    for training in (True, False, True):
+        fused.train(training), plain.train(training)
+        _assert_same_step(fused, plain, [x], seed, f"training={training}")
+        _assert_same_state(fused, plain, f"training={training}")
+
+
+def test_norm_with_another_user_stays_unfused(seed):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.relu(y), y.mean()
+
+    _, fused = _pair(Two(), "bin", seed)
+    assert _fused_norms(fused) == []
+    assert getattr(fused.bn, "activation", None) is None
+    assert not isinstance(fused, fx.GraphModule), "nothing fused: the model itself comes back"
+
+
+def test_convert_without_fuse_relu_fuses_nothing():
+    model = resnet18()
+    out = normfuse.convert(model, "bin")
+    assert out is model and _fused_norms(out) == []
+
+
+# ------------------------------------------------------------------------------- ResNets
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc"])
+def test_resnet50_every_pair_fused(fuse_backend, to, seed):
+    norm_layer = _group_norm if to == "assoc" else None
+    torch.manual_seed(seed)
+    plain, fused = _pair(resnet50(num_classes=10, norm_layer=norm_layer), to, seed)
+    names = _fused_norms(fused)
+    assert len(names) == 1 + 16 * 2, names  # the stem's bn1, and each block's bn1 and bn2
+    assert all(n == "bn1" or n.endswith((".bn1", ".bn2")) for n in names), names
+    assert _relu_calls(fused) == 16, "the ReLU after each residual add stays"
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    fused.train(), plain.train()
+    _assert_same_step(fused, plain, [x], seed, f"{to} train")
+    _assert_same_state(fused, plain, to)
+    fused.eval(), plain.eval()  # eval gradients: the smaller models below
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), msg=lambda m: f"{to} eval: {m}")
+
+
+def test_resnet18_basic_blocks(seed):
+    """Structure only (resnet10 below runs BasicBlocks)."""
+    plain, fused = _pair(resnet18(num_classes=10), "bin", seed)
+    assert len(_fused_norms(fused)) == 1 + 8 and _relu_calls(fused) == 8
+    # The shared self.relu module stays: its after-the-add call sites still use it.
+    assert type(fused.layer1[0].relu) is nn.ReLU
+    assert "layer1_0_relu" in fused.code
+
+
+def test_copy_matches_torchvision(seed):
+    tv = pytest.importorskip("torchvision")
+    for name, ours in (("resnet50", resnet50), ("resnet18", resnet18)):
+        theirs = getattr(tv.models, name)(num_classes=10).double().eval()
+        mine = ours(num_classes=10).double().eval()
+        assert {k: v.shape for k, v in mine.state_dict().items()} == \
+            {k: v.shape for k, v in theirs.state_dict().items()}, name
+        mine.load_state_dict(theirs.state_dict())
+        x = torch.randn(2, 3, 32, 32, dtype=F64)
+        torch.testing.assert_close(mine(x), theirs(x))
+        fused = normfuse.convert(theirs, "bin", fuse_relu=True)
+        assert len(_fused_norms(fused)) == {"resnet50": 33, "resnet18": 9}[name]
+
+
+# ---------------------------------------------------------------- untraceable submodules
+class DataDependent(nn.Module):
+    """Data-dependent control flow: fx cannot trace it.  Its own bn->relu stays unfused; its
+    traceable child is fused on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        y = F.relu(self.bn(x))
+        if y.sum() > 0:
+            y = y * 2
+        return self.inner(y)
+
+
+class ModeDependent(nn.Module):
+    """A forward that branches on self.training: one graph cannot stand for both modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(x))
+        return y * 0.5 if self.training else y
+
+
+class WithUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.bad = DataDependent()
+        self.mode = ModeDependent()
+        self.good = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        x = self.relu(self.bn(self.conv(x)))
+        return self.good(self.mode(self.bad(x)))
+
+
+def test_untraceable_submodule_left_plain_and_reported(fuse_backend, seed):
+    model = _randomize(WithUntraceable(), seed).double()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")  # BIN: no random parameters
+    with pytest.warns(UserWarning) as record:
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert len(record) == 1, [str(r.message) for r in record]
+    msg = str(record[0].message)
+    assert "'bad'" in msg and "control flow" in msg, msg
+    assert "'mode'" in msg and "train/eval" in msg, msg
+    assert "'good'" not in msg and "'bad.inner'" not in msg and "model itself" not in msg, msg
+    # The rest is fused: the root's bn, good.0, and bad.inner.1 (bad.inner traced on its own).
+    assert _fused_norms(fused) == ["bad.inner.1", "bn", "good.0"]
+    assert isinstance(fused, fx.GraphModule)
+    assert not isinstance(fused.bad, fx.GraphModule) and isinstance(fused.bad.inner,
+                                                                     fx.GraphModule)
+    assert type(fused.mode) is ModeDependent and getattr(fused.mode.bn, "activation", None) is None
+    x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    for training in (True, False, True):
+        fused.train(training), plain.train(training)
+        _assert_same_step(fused, plain, [x], seed, f"training={training}")
+        _assert_same_state(fused, plain, f"training={training}")
+
+
+def test_untraceable_model_returns_itself_with_fused_children(seed):
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return F.relu(self.bn(x)) if x.mean() > 0 else x
+
+    model = Root()
+    with pytest.warns(UserWarning, match="the model itself, Root"):
+        out = normfuse.convert(model, "bin", fuse_relu=True)
+    assert out is model and isinstance(out.stem, fx.GraphModule)
+    assert _fused_norms(out) == ["stem.1"]
+
+
+# ------------------------------------------------------- state, modes, copies, in-place contract
+def test_train_eval_running_statistics(fuse_backend, seed):
+    """Several steps, modes alternating: outputs, gradients and running statistics equal."""
+    plain, fused = _pair(resnet10(num_classes=10), "bin", seed)
+    g = torch.Generator().manual_seed(seed)
+    for step, training in enumerate((True, False, True, False)):
+        fused.train(training), plain.train(training)
+        x = torch.randn(2, 3, 16, 16, dtype=F64, generator=g)
+        _assert_same_step(fused, plain, [x], seed + step, f"step {step}")
+        _assert_same_state(fused, plain, f"step {step}")
+
+
+def test_state_dict_round_trip_and_copies(fuse_backend, seed):
+    plain, fused = _pair(Patterns(), "iebn", seed)
+    x = torch.randn(3, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    plain.train()
+    for _ in range(2):
+        plain(x)  # move the unfused model's running statistics on
+    # The unfused model's state_dict loads into the fused one (strict), through torch.save.
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)
+    buf.seek(0)
+    fused.load_state_dict(torch.load(buf))
+    _assert_same_state(fused, plain, "loaded")
+    _assert_same_step(fused.eval(), plain.eval(), [x], seed, "loaded, eval")
+    # deepcopy: the whole tree, the same keys and numbers, independent state.
+    twin = copy.deepcopy(fused)
+    assert type(twin) is not type(fused) and isinstance(twin, fx.GraphModule)
+    assert _fused_norms(twin) == FUSED_IN_PATTERNS
+    _assert_same_state(twin, fused, "deepcopy")
+    assert twin.bns[0].weight is not fused.bns[0].weight
+    _assert_same_step(twin.train(), plain.train(), [x], seed, "deepcopy, train")
+    _assert_same_state(twin, plain, "deepcopy after a train step")
+    # .to(): dtype changes with the model, and the numbers follow.
+    twin32, plain32 = twin.to(torch.float32), plain.to(torch.float32)
+    assert twin32 is twin and all(p.dtype == torch.float32 for p in twin.parameters())
+    torch.testing.assert_close(twin32.eval()(x.float()), plain32.eval()(x.float()))
+
+
+def test_in_place_contract(seed):
+    """The input model is converted and its norms fused in place; the returned GraphModule
+    holds the same submodules (parameters shared), and the input model still computes the
+    same function (ReLU is idempotent), with the extra ReLU passes."""
+    model = _randomize(resnet10(num_classes=10), seed).double()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert fused is not model
+    assert fused.layer1[0].bn1 is model.layer1[0].bn1 and fused.layer4 is model.layer4
+    assert [p for p in fused.parameters()] == [p for p in model.parameters()]
+    assert model.layer1[0].bn1.activation == "relu"
+    x = torch.randn(2, 3, 16, 16, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    with normfuse.use_backend("torch"):
+        for training in (True, False):
+            model.train(training), plain.train(training)
+            _assert_same_step(model, plain, [x], seed, f"input model, training={training}")
+
+
+def test_bare_norm_and_norm_free_models():
+    bn = normfuse.convert(nn.BatchNorm2d(3), "bin", fuse_relu=True)
+    assert type(bn) is normfuse.BatchInstanceNorm2d
+    mlp = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    assert normfuse.convert(mlp, "bin", fuse_relu=True) is mlp
