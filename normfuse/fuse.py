@@ -16,6 +16,11 @@ Relu is idempotent, so a fused norm followed by a ReLU that still runs (in an or
 ``forward`` that is no longer called, say) computes what it computed before: the input model,
 whose norms are fused in place, still computes the same function; the returned GraphModule
 runs without the redundant ReLU passes.
+
+A norm is fused only where every place it sits (a module may be registered under several
+names) is inside the traced graph and outside the modules kept as leaves, whose forward could
+call it unseen.  Not detected: an untraceable module's forward calling a norm of a traceable
+child directly (``self.block.bn(x)``, bypassing ``self.block``); that call would get the ReLU.
 """
 from __future__ import annotations
 
@@ -27,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import AssocNorm, ILMNorm, _BatchStatsNorm
+from .modules import _Activation
 
-# Every normfuse layer: BIN / IEBN 1d-3d and their Sync forms derive from _BatchStatsNorm.
-NORM_TYPES = (_BatchStatsNorm, AssocNorm, ILMNorm)
+# Every normfuse layer (BIN, IEBN 1d-3d and their Sync forms, AssocNorm, ILMNorm) carries the
+# ``activation`` attribute of _Activation.
+NORM_TYPES = (_Activation,)
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)  # F.relu_ is torch.relu_
 _RELU_METHODS = ("relu", "relu_")
 
@@ -49,7 +55,7 @@ class _Tracer(fx.Tracer):
     """Keeps normfuse norms (and the modules in ``opaque``, by id) as leaves; remembers the
     innermost module whose forward raised."""
 
-    def __init__(self, opaque):
+    def __init__(self, opaque=()):  # torch.load of a whole GraphModule retraces without one
         super().__init__()
         self.opaque = opaque
         self.failed = None
@@ -71,8 +77,8 @@ class _Tracer(fx.Tracer):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _owner(node: fx.Node) -> str:
@@ -155,8 +161,7 @@ class _Context:
         self.paths = {}
         for name, m in root.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(m), []).append(name)
-        self.untraced = []  # (path, reason)
-        self.fused = []     # paths of the fused norms
+        self.untraced = []  # (path, class name, reason)
 
 
 def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx) -> int:
@@ -187,7 +192,6 @@ def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx
         for node, relu in calls:
             relu.replace_all_uses_with(node)
             graph.erase_node(relu)
-        ctx.fused.extend(norm_paths)
         fused += 1
     graph.lint()
     return fused
