@@ -78,15 +78,20 @@ def variants(backends: List[str], blocks: int = 3) -> List[dict]:
         for b in backends:
             out.append(dict(name=f"{L.LAYER_LABEL[layer]} normfuse[{b}]", layer=layer,
                             backend=b, build=lambda lay=layer: _converted(lay, blocks)))
+            # The norm->ReLU pairs fused (convert(..., fuse_relu=True)): the stem's norm and
+            # every block's first (1 + 3 * blocks); a block's second norm feeds the residual add.
+            out.append(dict(name=f"{L.LAYER_LABEL[layer]} + ReLU fused normfuse[{b}]",
+                            layer=layer, backend=b, fused_relu=True,
+                            build=lambda lay=layer: _converted(lay, blocks, fuse_relu=True)))
     return out
 
 
-def _converted(layer: str, blocks: int = 3) -> nn.Module:
+def _converted(layer: str, blocks: int = 3, fuse_relu: bool = False) -> nn.Module:
     """A ResNet-20 turned into ``layer`` by ``normfuse.convert`` (BatchNorm -> BIN/IEBN,
-    GroupNorm -> AssocNorm)."""
+    GroupNorm -> AssocNorm), with its norm->ReLU pairs fused when ``fuse_relu``."""
     nf = L.normfuse()
     base = ResNet20(_group_norm if layer == "assoc" else nn.BatchNorm2d, blocks=blocks)
-    return nf.convert(base, layer)
+    return nf.convert(base, layer, fuse_relu=fuse_relu)
 
 
 def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: float,
@@ -99,6 +104,7 @@ def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: flo
     results, steps, contexts = [], [], []
     for var in variants(backends, blocks):
         rec = dict(name=var["name"], layer=var["layer"], backend=var.get("backend"),
+                   fused_relu=var.get("fused_relu", False),
                    batch=batch, depth=6 * blocks + 2, ok=True, median_s=None)
         try:
             steps.append(_step(var["build"]().to(device).train(), xs, ys))
