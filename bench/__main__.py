@@ -14,23 +14,20 @@ import torch
 
 from . import e2e, host, layers, machine, report, shapes, suite
 
+SMOKE = dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1)
 PRESETS = {
     # (device, preset): timing = (target_s, min_reps, max_reps, warmup) per contender;
     # e2e: batch, (target_s, min_reps, max_reps), blocks per ResNet stage (3 = ResNet-20)
-    ("cpu", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1,
-                           host=(0.01, 2, 3)),
-    ("cpu", "quick"): dict(timing=(0.15, 5, 40, 2), batch=32, e2e=(0.6, 3, 8),
-                           host=(0.5, 10, 400)),
-    ("cpu", "full"): dict(timing=(0.5, 10, 200, 3), batch=64, e2e=(2.0, 5, 20),
-                          host=(2.0, 20, 2000)),
-    ("cuda", "smoke"): dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1,
-                            host=(0.01, 2, 3)),
-    ("cuda", "quick"): dict(timing=(0.05, 10, 100, 5), batch=128, e2e=(0.5, 10, 50),
-                            host=(0.5, 10, 400)),
-    ("cuda", "full"): dict(timing=(0.2, 25, 1000, 10), batch=128, e2e=(2.0, 20, 200),
-                           host=(2.0, 20, 2000)),
+    ("cpu", "smoke"): SMOKE,
+    ("cpu", "quick"): dict(timing=(0.15, 5, 40, 2), batch=32, e2e=(0.6, 3, 8)),
+    ("cpu", "full"): dict(timing=(0.5, 10, 200, 3), batch=64, e2e=(2.0, 5, 20)),
+    ("cuda", "smoke"): SMOKE,
+    ("cuda", "quick"): dict(timing=(0.05, 10, 100, 5), batch=128, e2e=(0.5, 10, 50)),
+    ("cuda", "full"): dict(timing=(0.2, 25, 1000, 10), batch=128, e2e=(2.0, 20, 200)),
 }
-# host=(target_s, min_reps, max_reps) of the host-cost rows (bench/host.py)
+# (target_s, min_reps, max_reps) of the host-cost rows (bench/host.py), by preset alone: they
+# time a tiny CPU input whatever the device
+HOST_PRESETS = {"smoke": (0.01, 2, 3), "quick": (0.5, 10, 400), "full": (2.0, 20, 2000)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -120,7 +117,7 @@ def main(argv=None) -> int:
 
     results = suite.run_kernels(cfg, progress)
     results["host"] = [] if args.no_host else host.run_host(
-        host_backends, *conf["host"], threads=1, progress=progress)
+        host_backends, *HOST_PRESETS[preset], threads=1, progress=progress)
     results["e2e"] = [] if args.no_e2e else e2e.run_e2e(
         device, backends, conf["batch"], *conf["e2e"], progress, blocks=conf.get("blocks", 3))
     report.derive(results["kernels"])

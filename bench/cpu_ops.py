@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .timing import pool_size
+
 DEFAULT_SHAPES = ["32x64x16x16", "32x512x4x4", "256x1024", "128x16x32x32", "128x64x8x8",
                   "32x256x14x14", "32x512x7x7"]
 OPS = ["copy", "moments", "affine_apply", "backward_sums", "backward_apply", "bin_coef",
@@ -55,31 +57,17 @@ def num_groups_for(channels: int) -> int:
     return g
 
 
-def cache_bytes() -> int:
-    for index in (3, 2):
-        try:
-            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
-                text = f.read().strip().upper()
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-            return int(text.rstrip("KMG")) * scale
-        except (OSError, ValueError):
-            continue
-    return 32 << 20
-
-
 def pool_count(bytes_per_set: int, hot: bool) -> int:
-    if hot:
-        return 1
-    return int(max(2, min(8, math.ceil(2 * cache_bytes() / max(bytes_per_set, 1)))))
+    """Input sets to rotate through: one when ``hot``, else as the main bench (2 to 8 sets,
+    twice the last-level cache)."""
+    return 1 if hot else pool_size(bytes_per_set, torch.device("cpu"))
 
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "contig" or x.dim() == 2:
+    """``x`` contiguous ("contig") or with C innermost ("cl"): channels_last for rank 4,
+    channels_last_3d for rank 5, (N, L, C) for rank 3; rank 2 is both already."""
+    if layout == "contig":
         return x.contiguous()
-    if x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.contiguous(memory_format=torch.channels_last_3d)
     return x.movedim(1, -1).contiguous().movedim(-1, 1)
 
 

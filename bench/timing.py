@@ -77,22 +77,27 @@ def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *
     contexts = contexts or [contextlib.nullcontext] * len(fns)
     results: List[dict] = [{"ok": True, "times": []} for _ in fns]
 
-    def call(k, i):
+    def run(k, step, i):
+        """``step(k, i)`` in contender k's context, unless k has failed; an exception marks k
+        failed (with its message) and leaves it out of the rest."""
+        if not results[k]["ok"]:
+            return
         try:
             with contexts[k]():
-                return fns[k](i)
+                step(k, i)
         except Exception as exc:
             results[k].update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    def untimed(k, i):
+        fns[k](i)
 
     estimate = 0.0
     for k in range(len(fns)):
         for i in range(warmup):
-            if results[k]["ok"]:
-                call(k, i)
+            run(k, untimed, i)
         synchronize(device)
         t0 = time.perf_counter()
-        if results[k]["ok"]:
-            call(k, warmup)
+        run(k, untimed, warmup)
         synchronize(device)
         if results[k]["ok"]:
             estimate += time.perf_counter() - t0
@@ -104,38 +109,29 @@ def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *
         flusher = _L2Flusher(device) if flush else None
         events = {k: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)] for k in live}
-        for r in range(reps):
-            for k in live:
-                if not results[k]["ok"]:
-                    continue
-                try:
-                    with contexts[k]():
-                        if flusher is not None:
-                            flusher()
-                        start, end = events[k][r]
-                        start.record()
-                        fns[k](r)
-                        end.record()
-                except Exception as exc:
-                    results[k].update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+
+        def timed(k, r):  # queued: the events are read after the last round
+            if flusher is not None:
+                flusher()
+            start, end = events[k][r]
+            start.record()
+            fns[k](r)
+            end.record()
+    else:
+        def timed(k, r):
+            t0 = time.perf_counter()
+            fns[k](r)
+            results[k]["times"].append(time.perf_counter() - t0)
+    for r in range(reps):
+        for k in live:
+            run(k, timed, r)
+        if on_round is not None and device.type != "cuda":
+            on_round(r + 1, reps)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         for k in live:
             if results[k]["ok"]:
                 results[k]["times"] = [s.elapsed_time(e) * 1e-3 for s, e in events[k]]
-    else:
-        for r in range(reps):
-            for k in live:
-                if not results[k]["ok"]:
-                    continue
-                try:
-                    with contexts[k]():
-                        t0 = time.perf_counter()
-                        fns[k](r)
-                        results[k]["times"].append(time.perf_counter() - t0)
-                except Exception as exc:
-                    results[k].update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
-            if on_round is not None:
-                on_round(r + 1, reps)
     out = []
     for res in results:
         times = res.pop("times")

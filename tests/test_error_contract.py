@@ -92,6 +92,20 @@ def _film(nf, x, g, k, a):
                                   a["weight"], a["bias"])
 
 
+def _fbin_with(nf, device, **bad):
+    """The functional BIN call of ``_fargs`` with the row's bad argument(s) in place."""
+    a = {**_fargs(device), **bad}
+    return (lambda: _fbin(nf, _x(device), a)), a
+
+
+def _on_meta(m, name):
+    """``m`` with its parameter or buffer ``name`` moved to the meta device."""
+    t = getattr(m, name)
+    setattr(m, name, torch.nn.Parameter(t.detach().to("meta"))
+            if isinstance(t, torch.nn.Parameter) else t.to("meta"))
+    return m
+
+
 def _replace_param(m, name, value):
     """Put a plain tensor (e.g. an integer one, which cannot be a Parameter) in place of
     parameter ``name``."""
@@ -164,20 +178,17 @@ def _row_key_group_values_ilm(nf, device):
 
 
 def _row_param_meta(nf, device):
-    m = _bin(nf, device)
-    m.weight = torch.nn.Parameter(m.weight.detach().to("meta"))
+    m = _on_meta(_bin(nf, device), "weight")
     return (lambda: m(_x(device))), m
 
 
 def _row_buffer_meta(nf, device):
-    m = _iebn(nf, device)
-    m.running_var = m.running_var.to("meta")
+    m = _on_meta(_iebn(nf, device), "running_var")
     return (lambda: m(_x(device))), m
 
 
 def _row_assoc_param_meta(nf, device):
-    m = _assoc(nf, device)
-    m.encoder = torch.nn.Parameter(m.encoder.detach().to("meta"))
+    m = _on_meta(_assoc(nf, device), "encoder")
     return (lambda: m(_x(device))), m
 
 
@@ -192,27 +203,19 @@ def _row_param_int(nf, device):
 
 
 def _row_buffer_int(nf, device):
-    a = _fargs(device)
-    a["running_var"] = torch.ones(C, dtype=torch.int32, device=device)
-    return (lambda: _fbin(nf, _x(device), a)), a
+    return _fbin_with(nf, device, running_var=torch.ones(C, dtype=torch.int32, device=device))
 
 
 def _row_param_shape(nf, device):
-    a = _fargs(device)
-    a["bias"] = torch.zeros(1, C, 1, 1, device=device)
-    return (lambda: _fbin(nf, _x(device), a)), a
+    return _fbin_with(nf, device, bias=torch.zeros(1, C, 1, 1, device=device))
 
 
 def _row_param_none(nf, device):
-    a = _fargs(device)
-    a["gate"] = None
-    return (lambda: _fbin(nf, _x(device), a)), a
+    return _fbin_with(nf, device, gate=None)
 
 
 def _row_param_not_tensor(nf, device):
-    a = _fargs(device)
-    a["gate"] = [1.0] * C
-    return (lambda: _fbin(nf, _x(device), a)), a
+    return _fbin_with(nf, device, gate=[1.0] * C)
 
 
 def _row_encoder_rank(nf, device):
@@ -229,9 +232,7 @@ def _row_encoder_empty(nf, device):
 
 
 def _row_running_mean_only(nf, device):
-    a = _fargs(device)
-    a["running_var"] = None
-    return (lambda: _fbin(nf, _x(device), a)), a
+    return _fbin_with(nf, device, running_var=None)
 
 
 def _row_counter_dtype(nf, device):

@@ -232,34 +232,44 @@ def test_strict_export_as_first_call(monkeypatch):
         torch.testing.assert_close(ep.module()(x), model(x), **TOL[torch.float32])
 
 
-_ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime")
-                 if importlib.util.find_spec(m) is None]
+ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime")
+                if importlib.util.find_spec(m) is None]
+ONNX_ROUTES = ["model", "portable-program"]
 
 
-@pytest.mark.skipif(bool(_ONNX_MISSING),
-                    reason=f"ONNX export needs {_ONNX_MISSING} (pip install -e '.[export]')")
-@pytest.mark.parametrize("route", ["model", "portable-program"])
-def test_onnx_round_trip(route, tmp_path):
-    """``torch.onnx.export(model, (x,), path, dynamo=True)`` in eval mode, run by onnxruntime
-    on the CPU, matches PyTorch within float32 tolerance.  "portable-program": a program
-    exported with the "cpu" backend, made portable first."""
+def onnx_round_trip(model, x, new_inputs, route, path):
+    """Export the eval-mode ``model``, traced on ``x``, to ONNX at ``path`` and check that
+    onnxruntime on the CPU matches PyTorch on each of ``new_inputs`` within float32 tolerance.
+    ``route``: "model", the module itself; "portable-program", a program exported with the
+    "cpu" backend (it holds normfuse's kernels), made portable first.  Also for tests/test_ilm."""
+    if ONNX_MISSING:
+        pytest.skip(f"ONNX export needs {ONNX_MISSING} (pip install -e '.[export]')")
     import onnxruntime
 
-    model = _model(seed=13).eval()
-    x = _input(14).detach()
-    path = tmp_path / "model.onnx"
+    x = x.detach()
     if route == "model":
         torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
     else:
         if "cpu" not in normfuse.available_backends():
             pytest.skip("needs normfuse._C to export a program holding normfuse ops")
         with normfuse.use_backend("cpu"):
-            ep = nfx.portable(torch.export.export(model, (x,)))
+            ep = torch.export.export(model, (x,))
+        assert nfx.normfuse_ops(ep), "the cpu backend's kernels should be in the program"
+        ep = nfx.portable(ep)
+        _assert_portable(ep)
         torch.onnx.export(ep, (x,), str(path), dynamo=True, verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for seed in (15, 16):
-        x_new = _input(seed).detach()
+    for x_new in new_inputs:
+        x_new = x_new.detach()
         (y,) = session.run(None, {session.get_inputs()[0].name: x_new.numpy()})
         with torch.no_grad():
             want = model(x_new)
         torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ONNX_ROUTES)
+def test_onnx_round_trip(route, tmp_path):
+    """``torch.onnx.export(model, (x,), path, dynamo=True)`` of the model holding every layer
+    runs in onnxruntime and matches PyTorch, by both routes of ``onnx_round_trip``."""
+    onnx_round_trip(_model(seed=13).eval(), _input(14), [_input(15), _input(16)], route,
+                    tmp_path / "model.onnx")

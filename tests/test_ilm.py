@@ -18,6 +18,7 @@ from torch import nn
 import oracles
 from oracles import (assert_close_dtype, dtype_supported, layout_of, make_input, randn,
                      randomize_parameters, to_layout)
+from test_export import ONNX_ROUTES, onnx_round_trip
 from test_modules import run_and_check
 
 REDUCED = (torch.float16, torch.bfloat16)
@@ -592,38 +593,12 @@ def test_export_is_portable_and_matches_eager(nf, seed):
     torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
 
 
-def _onnx_missing():
-    import importlib.util
-    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-
-
-@pytest.mark.skipif(bool(_onnx_missing()), reason="ONNX export needs onnx, onnxscript and "
-                                                   "onnxruntime (pip install -e '.[export]')")
-@pytest.mark.parametrize("route", ["model", "portable-program"])
+@pytest.mark.parametrize("route", ONNX_ROUTES)
 def test_onnx_round_trip(nf, seed, route, tmp_path):
-    """ONNX through onnxruntime matches eager: the model exported under "auto", and a program
-    exported with the "cpu" backend made portable (its normfuse ops decomposed)."""
-    import onnxruntime
-
-    from normfuse import export as nfx
-
+    """ONNX through onnxruntime matches eager for an ILM model, by both routes of
+    ``test_export.onnx_round_trip``."""
     model = nn.Sequential(nn.Conv2d(3, 8, 1), make_ilm(nf, 8, 4, 2)).eval()
     randomize_parameters(model[1], seed)
-    x = make_input((2, 3, 4, 5), seed, torch.float32)
-    path = tmp_path / "ilm.onnx"
-    if route == "model":
-        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
-    else:
-        if "cpu" not in nf.available_backends():
-            pytest.skip("needs normfuse._C to export a program holding normfuse ops")
-        with nf.use_backend("cpu"):
-            ep = torch.export.export(model, (x,))
-        assert nfx.normfuse_ops(ep), "the cpu backend's kernels should be in the program"
-        ep = nfx.portable(ep)
-        assert not nfx.normfuse_ops(ep)
-        torch.onnx.export(ep, (x,), str(path), dynamo=True, verbose=False)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x_new = make_input((2, 3, 4, 5), seed + 1, torch.float32)
-    (y,) = session.run(None, {session.get_inputs()[0].name: x_new.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(y), model(x_new), rtol=1e-4, atol=1e-5)
+    onnx_round_trip(model, make_input((2, 3, 4, 5), seed, torch.float32),
+                    [make_input((2, 3, 4, 5), seed + 1, torch.float32)], route,
+                    tmp_path / "ilm.onnx")

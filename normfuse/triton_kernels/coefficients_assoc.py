@@ -55,21 +55,13 @@ def group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G: tl.constexpr,
 
 
 @triton.jit
-def encoder_tile(enc_ptr, G, M, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``W1`` as a zero-padded ``[BLOCK_M, BLOCK_G]`` tile."""
-    g = tl.arange(0, BLOCK_G)
-    k = tl.arange(0, BLOCK_M)
-    return tl.load(enc_ptr + k[:, None] * G + g[None, :], mask=(k < M)[:, None] & (g < G)[None, :],
-                   other=0.0)
-
-
-@triton.jit
-def decoder_tile(dec_ptr, G, M, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``W2`` or ``W3`` as a zero-padded ``[BLOCK_G, BLOCK_M]`` tile."""
-    g = tl.arange(0, BLOCK_G)
-    k = tl.arange(0, BLOCK_M)
-    return tl.load(dec_ptr + g[:, None] * M + k[None, :], mask=(g < G)[:, None] & (k < M)[None, :],
-                   other=0.0)
+def matrix_tile(ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """A row-major ``(rows, cols)`` matrix as a zero-padded ``[BLOCK_R, BLOCK_COLS]`` tile:
+    ``W1`` is ``(M, G)``, ``W2`` and ``W3`` are ``(G, M)``."""
+    i = tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_COLS)
+    return tl.load(ptr + i[:, None] * cols + j[None, :],
+                   mask=(i < rows)[:, None] & (j < cols)[None, :], other=0.0)
 
 
 @triton.jit
@@ -78,12 +70,12 @@ def autoencoder(enc_ptr, dmu_ptr, dvar_ptr, mu, var, G, M, BLOCK_G: tl.constexpr
     """Activations ``h = W1 x`` (length M, before the relu) for the group means and variances,
     and the decoder outputs ``d_mu``, ``d_var`` (length G).  Weight tiles are loaded where they
     are used (L2-resident) rather than kept live: they would cost ~100 registers a thread."""
-    w1 = encoder_tile(enc_ptr, G, M, BLOCK_G, BLOCK_M)
+    w1 = matrix_tile(enc_ptr, M, G, BLOCK_M, BLOCK_G)
     h_mu = total(w1 * mu[None, :], 1)
     h_var = total(w1 * var[None, :], 1)
-    d_mu = sigmoid(total(decoder_tile(dmu_ptr, G, M, BLOCK_G, BLOCK_M)
+    d_mu = sigmoid(total(matrix_tile(dmu_ptr, G, M, BLOCK_G, BLOCK_M)
                          * relu(h_mu)[None, :], 1))
-    d_var = tanh(total(decoder_tile(dvar_ptr, G, M, BLOCK_G, BLOCK_M)
+    d_var = tanh(total(matrix_tile(dvar_ptr, G, M, BLOCK_G, BLOCK_M)
                        * relu(h_var)[None, :], 1))
     return h_mu, h_var, d_mu, d_var
 

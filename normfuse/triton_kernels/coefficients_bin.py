@@ -89,6 +89,18 @@ def instance_invstd(m2, L, eps):
 
 
 @triton.jit
+def gradient_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, n0, c, cmask, N, C, BLOCK_N: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_C]`` tile of a backward pass (BIN and IEBN, both passes): plane
+    index and mask, ``g1``, ``g2``, the plane means ``m`` and their deviation ``m - mu_B`` (formed
+    from ``(ref, off)`` as in the forward)."""
+    idx, mask = channel_tile(n0, c, cmask, N, C, BLOCK_N)
+    g1 = tl.load(g1_ptr + idx, mask=mask, other=0.0)
+    g2 = tl.load(g2_ptr + idx, mask=mask, other=0.0)
+    m = tl.load(mean_ptr + idx, mask=mask, other=0.0)
+    return idx, mask, g1, g2, m, (m - ref[None, :]) - off[None, :]
+
+
+@triton.jit
 def load_affine(weight_ptr, bias_ptr, c, cmask, has_weight, has_bias):
     """gamma (1 where there is no weight) and beta (0 where there is no bias)."""
     gamma = tl.load(weight_ptr + c, mask=cmask & (has_weight != 0), other=1.0)
@@ -149,10 +161,8 @@ def bin_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gate_ptr, weight_ptr, 
     sum_g2ri = tl.full([BLOCK_C], 0.0, ACC)
     sum_g1 = tl.full([BLOCK_C], 0.0, ACC)
     for n0 in range(0, N, BLOCK_N):
-        idx, mask = channel_tile(n0, c, cmask, N, C, BLOCK_N)
-        g1 = tl.load(g1_ptr + idx, mask=mask, other=0.0)
-        g2 = tl.load(g2_ptr + idx, mask=mask, other=0.0)
-        dev = (tl.load(mean_ptr + idx, mask=mask, other=0.0) - ref[None, :]) - off[None, :]
+        idx, mask, g1, g2, _, dev = gradient_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, n0, c,
+                                                  cmask, N, C, BLOCK_N)
         r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=0.0), L, eps)
         sum_h += total(g2 + g1 * dev, 0)
         sum_g2ri += total(g2 * r_i, 0)
@@ -168,10 +178,8 @@ def bin_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gate_ptr, weight_ptr, 
     inst = (gamma * (1.0 - rho))[None, :]
     mix = (gamma * rho * r_b)[None, :]
     for n0 in range(0, N, BLOCK_N):
-        idx, mask = channel_tile(n0, c, cmask, N, C, BLOCK_N)
-        g1 = tl.load(g1_ptr + idx, mask=mask, other=0.0)
-        g2 = tl.load(g2_ptr + idx, mask=mask, other=0.0)
-        dev = (tl.load(mean_ptr + idx, mask=mask, other=0.0) - ref[None, :]) - off[None, :]
+        idx, mask, g1, g2, _, dev = gradient_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, n0, c,
+                                                  cmask, N, C, BLOCK_N)
         r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=0.0), L, eps)
         dq = d_q - 0.5 * inst * g2 * r_i * r_i * r_i / L
         dm = -inst * r_i * g1 + d_mu + 2.0 * L * d_q * dev

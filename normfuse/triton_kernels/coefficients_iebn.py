@@ -12,7 +12,8 @@ inside the program (deterministic); program 0 counts the batch (``count_batch``)
 import triton
 import triton.language as tl
 
-from .coefficients_bin import channel_statistics, channel_tile, count_batch, load_affine
+from .coefficients_bin import (channel_statistics, channel_tile, count_batch, gradient_tile,
+                               load_affine)
 from .common import sigmoid, total
 
 
@@ -42,6 +43,19 @@ def iebn_forward_kernel(mean_ptr, m2_ptr, gw_ptr, gb_ptr, weight_ptr, bias_ptr, 
                  mask=mask)
 
 
+@triton.jit
+def gate_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, gw, gb, gain, n0, c, cmask, N, C,
+              BLOCK_N: tl.constexpr):
+    """``gradient_tile`` and the gate terms of both backward passes (recomputed, not kept):
+    ``(idx, mask, g1, m, dev, h, delta, z)`` with ``h = g2 + g1 dev`` and ``z`` the gradient of
+    the gate logit."""
+    idx, mask, g1, g2, m, dev = gradient_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, n0, c, cmask,
+                                              N, C, BLOCK_N)
+    delta = sigmoid(m * gw + gb)
+    h = g2 + g1 * dev
+    return idx, mask, g1, m, dev, h, delta, h * gain * delta * (1.0 - delta)
+
+
 @triton.jit(do_not_specialize=["has_weight", "use_batch"])
 def iebn_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gw_ptr, gb_ptr, weight_ptr,
                          rmean_ptr, rvar_ptr, cdy_ptr, cx_ptr, c0_ptr, dgw_ptr, dgb_ptr,
@@ -58,7 +72,7 @@ def iebn_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gw_ptr, gb_ptr, weigh
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    gw = tl.load(gw_ptr + c, mask=cmask, other=0.0)
+    gw = tl.load(gw_ptr + c, mask=cmask, other=0.0)[None, :]
     gb = tl.load(gb_ptr + c, mask=cmask, other=0.0)[None, :]
     gamma = tl.load(weight_ptr + c, mask=cmask & (has_weight != 0), other=1.0)
     ref, off, r_b = channel_statistics(mean_ptr, m2_ptr, rmean_ptr, rvar_ptr, c, cmask, N, C, L,
@@ -70,13 +84,8 @@ def iebn_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gw_ptr, gb_ptr, weigh
     sum_z = tl.full([BLOCK_C], 0.0, ACC)
     sum_zm = tl.full([BLOCK_C], 0.0, ACC)
     for n0 in range(0, N, BLOCK_N):
-        idx, mask = channel_tile(n0, c, cmask, N, C, BLOCK_N)
-        g1 = tl.load(g1_ptr + idx, mask=mask, other=0.0)
-        g2 = tl.load(g2_ptr + idx, mask=mask, other=0.0)
-        m = tl.load(mean_ptr + idx, mask=mask, other=0.0)
-        delta = sigmoid(m * gw[None, :] + gb)
-        h = g2 + g1 * ((m - ref[None, :]) - off[None, :])
-        z = h * gain * delta * (1.0 - delta)
+        idx, mask, g1, m, _, h, delta, z = gate_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, gw, gb,
+                                                     gain, n0, c, cmask, N, C, BLOCK_N)
         sum_hd += total(h * delta, 0)
         sum_dg1 += total(delta * g1, 0)
         sum_g1 += total(g1, 0)
@@ -92,14 +101,9 @@ def iebn_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gw_ptr, gb_ptr, weigh
     d_mu = tl.where(batch, -gamma * r_b * sum_dg1 / N, 0.0)[None, :]
     d_q = tl.where(batch, gamma * sum_hd * (-0.5) * r_b * r_b * r_b / count, 0.0)[None, :]
     for n0 in range(0, N, BLOCK_N):
-        idx, mask = channel_tile(n0, c, cmask, N, C, BLOCK_N)
-        g1 = tl.load(g1_ptr + idx, mask=mask, other=0.0)
-        g2 = tl.load(g2_ptr + idx, mask=mask, other=0.0)
-        m = tl.load(mean_ptr + idx, mask=mask, other=0.0)
-        delta = sigmoid(m * gw[None, :] + gb)
-        dev = (m - ref[None, :]) - off[None, :]
-        z = (g2 + g1 * dev) * gain * delta * (1.0 - delta)
-        dm = z * gw[None, :] + d_mu + 2.0 * L * d_q * dev
+        idx, mask, _, _, dev, _, delta, z = gate_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, gw, gb,
+                                                      gain, n0, c, cmask, N, C, BLOCK_N)
+        dm = z * gw + d_mu + 2.0 * L * d_q * dev
         tl.store(cdy_ptr + idx, gain * delta, mask=mask)
         tl.store(cx_ptr + idx, 2.0 * d_q + tl.full([BLOCK_N, BLOCK_C], 0.0, ACC), mask=mask)
         tl.store(c0_ptr + idx, dm / L, mask=mask)

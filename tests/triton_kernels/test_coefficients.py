@@ -50,10 +50,18 @@ def _mode(mode, c, dtype):
     return training, _rand((c,), 7, dtype), _rand((c,), 8, dtype, low=0.5)
 
 
-@pytest.mark.parametrize("acc", ACCS, ids=str)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n,c", NC, ids=str)
-@pytest.mark.parametrize("affine", [True, False])
+def batch_grid(test):
+    """BIN's and IEBN's grid: every accumulator dtype, mode and (N, C), with and without the
+    affine parameters."""
+    for mark in (pytest.mark.parametrize("affine", [True, False]),
+                 pytest.mark.parametrize("n,c", NC, ids=str),
+                 pytest.mark.parametrize("mode", MODES),
+                 pytest.mark.parametrize("acc", ACCS, ids=str)):
+        test = mark(test)
+    return test
+
+
+@batch_grid
 def test_bin(n, c, mode, affine, acc):
     L = 7
     mean, m2 = _stats(n, c, L, acc)
@@ -92,10 +100,7 @@ def test_bin(n, c, mode, affine, acc):
     _close(out[5], g1.double().sum(0), acc)
 
 
-@pytest.mark.parametrize("acc", ACCS, ids=str)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n,c", NC, ids=str)
-@pytest.mark.parametrize("affine", [True, False])
+@batch_grid
 def test_iebn(n, c, mode, affine, acc):
     L = 5
     mean, m2 = _stats(n, c, L, acc, seed=10)
