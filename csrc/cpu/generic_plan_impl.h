@@ -28,6 +28,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/macros/Macros.h>  // C10_ALWAYS_INLINE
 
 #include <algorithm>
 #include <cstdint>

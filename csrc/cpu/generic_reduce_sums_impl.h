@@ -37,27 +37,22 @@ struct SumsKern : KernTypes<S> {
                                 acc_t& s2) {
     const int64_t nv = n - n % W, tail = n % W;
     V a0(0), a1(0), a2(0), a3(0), b0(0), b1(0), b2(0), b3(0);
+    // one vector at j into the accumulators a, b (each vector's temporaries die here: with four
+    // vectors' dy and x - mean alive at once, 8 accumulators spill on AVX2's 16 registers)
+    auto step = [&](int64_t j, V& a, V& b) {
+      const V d = io::load(x + j) - vm;
+      const V g = mdy(io::load(dy + j), d, vs, vb);
+      a += g;
+      b = at::vec::fmadd(g, d, b);
+    };
     int64_t i = 0;
     for (; i + 4 * W <= nv; i += 4 * W) {
-      const V d0 = io::load(x + i) - vm, d1 = io::load(x + i + W) - vm, d2 = io::load(x + i + 2 * W) - vm,
-              d3 = io::load(x + i + 3 * W) - vm;
-      const V g0 = mdy(io::load(dy + i), d0, vs, vb), g1 = mdy(io::load(dy + i + W), d1, vs, vb),
-              g2 = mdy(io::load(dy + i + 2 * W), d2, vs, vb), g3 = mdy(io::load(dy + i + 3 * W), d3, vs, vb);
-      a0 += g0;
-      a1 += g1;
-      a2 += g2;
-      a3 += g3;
-      b0 = at::vec::fmadd(g0, d0, b0);
-      b1 = at::vec::fmadd(g1, d1, b1);
-      b2 = at::vec::fmadd(g2, d2, b2);
-      b3 = at::vec::fmadd(g3, d3, b3);
+      step(i, a0, b0);
+      step(i + W, a1, b1);
+      step(i + 2 * W, a2, b2);
+      step(i + 3 * W, a3, b3);
     }
-    for (; i < nv; i += W) {
-      const V d = io::load(x + i) - vm;
-      const V g = mdy(io::load(dy + i), d, vs, vb);
-      a0 += g;
-      b0 = at::vec::fmadd(g, d, b0);
-    }
+    for (; i < nv; i += W) step(i, a0, b0);
     if (tail) {  // dy's zero lanes cancel x's
       const V d = io::load_n(x + i, tail) - vm;
       const V g = mdy(io::load_n(dy + i, tail), d, vs, vb);
@@ -140,9 +135,10 @@ struct SumsKern : KernTypes<S> {
     }
   }
 
-  // m, ms, mb: the channels' mean, scale, shift (ms, mb read with kMask only), padded to whole vectors
+  // m, ms, mb: the channels' mean, scale, shift (ms, mb read with kMask only), padded to whole vectors.
+  // Forced inline: next to the masked variants GCC no longer inlined the plain one into sums_cl.
   template <int B, bool Partial>
-  static inline void cl_block_sums(const S* dyb, const S* xb, int64_t C, int64_t rows, const acc_t* m, const acc_t* ms,
+  static C10_ALWAYS_INLINE void cl_block_sums(const S* dyb, const S* xb, int64_t C, int64_t rows, const acc_t* m, const acc_t* ms,
                                    const acc_t* mb, int64_t tail, acc_t* s1, acc_t* s2) {
     constexpr int U = B >= 4 ? 1 : 4 / B;  // rows at a time, separate accumulators
     auto ld = [&](const S* p) { return Partial ? io::load_n(p, tail) : io::load(p); };
