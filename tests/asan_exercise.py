@@ -10,7 +10,8 @@ It loads each LIBRARY.so with ``torch.ops.load_library`` and must not import ``n
 (the library registers the same ``TORCH_LIBRARY(normfuse)`` namespace as ``normfuse._C``; two
 registrations of one namespace in a process are an error).  MODE:
 
-* ``ops``:       every op, valid arguments, results checked against float64 formulas here
+* ``ops``:       every op, valid arguments (the fused ReLU's relu=True and masked backward ops
+                 included), results checked against float64 formulas here
                  (so a kernel that reads the wrong element fails even where ASAN cannot see it);
 * ``rejects``:   invalid arguments the ops must refuse with a RuntimeError (no memory error);
 * ``degenerate``: zero-sized inputs and statistics (N == 0 or C == 0), which only direct op
@@ -100,6 +101,36 @@ def generic_case(shape, dtype, layout, dy_layout, seed):
     kk = [t.to(F64).unsqueeze(-1) for t in k]
     close(ncl(dx), kk[0] * d3 + kk[1] * (x3 - m64) + kk[2],
           f"backward_apply {shape} {dtype} {layout}", tol * 8)
+    relu_case(x, dy, mean, scale, shift, k, f"{shape} {dtype} {layout}")
+
+
+def relu_case(x, dy, mean, scale, shift, k, what):
+    """The fused ReLU: affine_apply(relu=True), backward_sums / backward_apply with the mask. dy is
+    zeroed where the sign of v is ambiguous between the kernel and the float64 formula."""
+    global COUNT
+    ops = torch.ops.normfuse
+    tol = TOL[x.dtype]
+    x3, m64 = ncl(x), mean.to(F64).unsqueeze(-1)
+    s64, b64 = scale.to(F64).unsqueeze(-1), shift.to(F64).unsqueeze(-1)
+    v = (x3 - m64) * s64 + b64
+    y = ops.affine_apply(x, mean, scale, shift, True)
+    COUNT += 1
+    assert y.shape == x.shape and y.stride() == x.stride(), "affine_apply(relu) layout"
+    close(ncl(y), v.clamp_min(0), f"affine_apply(relu) {what}", tol * 4)
+    keep = (v.abs() > 1e-4 * ((x3 - m64).abs() * s64.abs() + b64.abs())).reshape(x.shape)
+    dz = torch.empty_like(dy).copy_(dy * keep)
+    d3 = ncl(dz) * (v > 0)
+    g1, g2 = ops.backward_sums(dz, x, mean, scale, shift)
+    COUNT += 1
+    plane = max(1, x3.shape[2])
+    close(g1, d3.sum(2), f"backward_sums(mask).g1 {what}", tol * plane)
+    close(g2, (d3 * (x3 - m64)).sum(2), f"backward_sums(mask).g2 {what}", tol * plane * 4)
+    dx = ops.backward_apply(dz, x, mean, *k, scale, shift)
+    COUNT += 1
+    assert dx.shape == x.shape and dx.stride() == x.stride(), "backward_apply(mask) layout"
+    kk = [t.to(F64).unsqueeze(-1) for t in k]
+    close(ncl(dx), kk[0] * d3 + kk[1] * (x3 - m64) + kk[2], f"backward_apply(mask) {what}",
+          tol * 8)
 
 
 def stats(n, c, a, seed, plane):
@@ -223,6 +254,11 @@ def mode_rejects():
     expect_error(lambda: ops.backward_sums(x.contiguous(memory_format=torch.channels_last), x,
                                            mean), "dy layout")
     expect_error(lambda: ops.backward_apply(x, x, mean, st, st, torch.zeros(2, 4)), "c_0 shape")
+    expect_error(lambda: ops.backward_sums(x, x, mean, st, None), "mask: scale only")
+    expect_error(lambda: ops.backward_apply(x, x, mean, st, st, st, None, st), "mask: shift only")
+    expect_error(lambda: ops.backward_sums(x, x, mean, st[:1], st[:1]), "mask: scale shape")
+    expect_error(lambda: ops.backward_apply(x, x, mean, st, st, st, st, st.double()),
+                 "mask: shift dtype")
     gate = torch.ones(3)
     expect_error(lambda: ops.bin_coefficients(mean, m2, 0, gate, None, None, None, None, True,
                                               0.1, 1e-5), "plane_size 0")
@@ -273,7 +309,11 @@ def mode_degenerate():
             y = ops.affine_apply(x, mean, mean, mean)
             g1, g2 = ops.backward_sums(x, x, mean)
             dx = ops.backward_apply(x, x, mean, g1, g1, g1)
-            COUNT += 4
+            yr = ops.affine_apply(x, mean, mean, mean, True)
+            ops.backward_sums(x, x, mean, mean, mean)
+            dxr = ops.backward_apply(x, x, mean, g1, g1, g1, mean, mean)
+            COUNT += 7
+            assert yr.shape == x.shape and dxr.shape == x.shape
             assert y.shape == x.shape and dx.shape == x.shape
     for a in (torch.float32, torch.float64):
         for n, c in [(0, 3), (3, 0), (0, 0)]:

@@ -219,8 +219,8 @@ def asan_library():
     return build_library(NAME, sources, depends)
 
 
-def run_under_asan(libraries: list[Path], mode: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_under_asan(libraries: list[Path], mode: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **extra_env)
     env["LD_PRELOAD"] = _preload()
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:exitcode=66"
     # The subprocess must not find normfuse._C through PYTHONPATH tricks; it imports torch only.
@@ -249,6 +249,13 @@ def test_cpu_ops_clean_under_asan(asan_library, mode):
     _assert_clean(res, mode)
     count = int(res.stdout.split("ASAN-EXERCISE-OK")[1].split()[0])
     assert count >= (1000 if mode == "ops" else 20), f"only {count} op calls ran"
+
+
+def test_portable_kernels_clean_under_asan(asan_library):
+    """``ops`` again with ATEN_CPU_CAPABILITY=default: the portable build of the kernels (the run
+    above takes the AVX2 build on a CPU that has it), the fused ReLU's variants included."""
+    res = run_under_asan([asan_library], "ops", ATEN_CPU_CAPABILITY="default")
+    _assert_clean(res, "ops (portable)")
 
 
 def test_zero_sized_statistics_under_asan(asan_library):

@@ -18,14 +18,27 @@ struct MapKern : KernTypes<S> {
   // ---- elementwise maps ---------------------------------------------------------------------------
   // out = Op(a, b, coefficients k[0..K)) with per-plane coefficients (k[0] is the mean).
 
-  struct AffineOp {  // y = (x - m) scale + shift
+  template <bool kRelu>
+  struct AffineOp {  // y = (x - m) scale + shift;  kRelu: then v > 0 ? v : 0
     static constexpr int K = 3;
-    static V f(const V& xv, const V&, const V* k) { return at::vec::fmadd(xv - k[0], k[1], k[2]); }
+    static V f(const V& xv, const V&, const V* k) {
+      const V v = affine(xv - k[0], k[1], k[2]);
+      if constexpr (kRelu)
+        return relu(v);
+      else
+        return v;
+    }
   };
-  struct BackwardOp {  // dx = c_dy dy + c_x (x - m) + c_0
-    static constexpr int K = 4;
+  template <bool kMask>
+  struct BackwardOp {  // dx = c_dy dy + c_x (x - m) + c_0;  kMask: dy -> v > 0 ? dy : 0 (k[4], k[5]: the
+                       // forward's scale and shift), the dy term only
+    static constexpr int K = kMask ? 6 : 4;
     static V f(const V& g, const V& xv, const V* k) {
-      return at::vec::fmadd(k[1], g, at::vec::fmadd(k[2], xv - k[0], k[3]));
+      const V xm = xv - k[0];
+      if constexpr (kMask)
+        return at::vec::fmadd(k[1], gate(g, affine(xm, k[4], k[5])), at::vec::fmadd(k[2], xm, k[3]));
+      else
+        return at::vec::fmadd(k[1], g, at::vec::fmadd(k[2], xm, k[3]));
     }
   };
 
@@ -107,13 +120,16 @@ struct MapKern : KernTypes<S> {
   }
 };
 
-// MapKern<S>::map<Op> for g's element type: out = Op(a, b, coef), coef[0] the mean.
-template <bool kBackward, int K>
+// MapKern<S>::map<Op> for g's element type: out = Op(a, b, coef), coef[0] the mean; Op is
+// BackwardOp<kVariant> (kVariant: the ReLU's mask) or AffineOp<kVariant> (kVariant: ReLU).
+template <bool kBackward, bool kVariant, int K>
 void run_map(const GenericArgs& g, const void* a, const void* b, const void* const (&coef)[K]) {
   dispatch(g.dtype, [&](auto tag) {
     using S = decltype(tag);
     using MK = MapKern<S>;
-    using Op = std::conditional_t<kBackward, typename MK::BackwardOp, typename MK::AffineOp>;
+    using Op = std::conditional_t<kBackward, typename MK::template BackwardOp<kVariant>,
+                                  typename MK::template AffineOp<kVariant>>;
+    static_assert(Op::K == K, "one coefficient pointer per coefficient of the op");
     const acc_type<S>* k[K];
     for (int j = 0; j < K; ++j) k[j] = static_cast<const acc_type<S>*>(coef[j]);
     MK::template map<Op>(static_cast<const S*>(a), static_cast<const S*>(b), static_cast<S*>(g.out), k, g.shape);
@@ -122,9 +138,21 @@ void run_map(const GenericArgs& g, const void* a, const void* b, const void* con
 
 }  // namespace
 
-void affine_apply(const GenericArgs& g) { run_map<false>(g, g.x, nullptr, {g.mean, g.scale, g.shift}); }
+// The ReLU / mask variants are separate instantiations, chosen once per call: the plain maps are
+// the same code as without them.
+void affine_apply(const GenericArgs& g) {
+  if (g.relu)
+    run_map<false, true>(g, g.x, nullptr, {g.mean, g.scale, g.shift});
+  else
+    run_map<false, false>(g, g.x, nullptr, {g.mean, g.scale, g.shift});
+}
 
-void backward_apply(const GenericArgs& g) { run_map<true>(g, g.dy, g.x, {g.mean, g.c_dy, g.c_x, g.c_0}); }
+void backward_apply(const GenericArgs& g) {
+  if (g.mask_scale)
+    run_map<true, true>(g, g.dy, g.x, {g.mean, g.c_dy, g.c_x, g.c_0, g.mask_scale, g.mask_shift});
+  else
+    run_map<true, false>(g, g.dy, g.x, {g.mean, g.c_dy, g.c_x, g.c_0});
+}
 
 }  // namespace NF_CPU_NS
 }  // namespace nf_cpu

@@ -20,9 +20,17 @@ struct GenericArgs {
   const void* x = nullptr;
   const void* dy = nullptr;    // backward_sums, backward_apply
   const void* mean = nullptr;  // input of every op but moments
-  // affine_apply: y = scale * (x - mean) + shift
+  // affine_apply: y = scale * (x - mean) + shift, or with relu: y = v > 0 ? v : 0 (NaN stays NaN)
+  // where v is that affine value in the acc type
   const void* scale = nullptr;
   const void* shift = nullptr;
+  bool relu = false;
+  // backward_sums, backward_apply: the fused ReLU's mask, both null (no mask) or both set (the
+  // forward's scale and shift): every dy is replaced by v > 0 ? dy : 0, v recomputed from x, mean,
+  // mask_scale, mask_shift with affine_apply's arithmetic (KernTypes::affine). backward_apply
+  // masks its dy term only.
+  const void* mask_scale = nullptr;
+  const void* mask_shift = nullptr;
   // backward_apply: dx = c_dy * dy + c_x * (x - mean) + c_0
   const void* c_dy = nullptr;
   const void* c_x = nullptr;

@@ -95,6 +95,15 @@ nf_cpu::GenericArgs args_for(const at::Tensor& x, const nf::PlaneShape& sh) {
   return a;
 }
 
+// The fused ReLU's mask for the backward ops: the forward's scale and shift (checked by
+// nf_glue::relu_mask_given) when given, else none.
+void set_mask(nf_cpu::GenericArgs& a, bool masked, const c10::optional<at::Tensor>& scale,
+              const c10::optional<at::Tensor>& shift) {
+  if (!masked) return;
+  a.mask_scale = scale->const_data_ptr();
+  a.mask_shift = shift->const_data_ptr();
+}
+
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x) {
   check_cpu(x, "moments");
   const nf::PlaneShape sh = plane_shape(x, "moments");
@@ -120,7 +129,6 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const
   check_like_input(dy, x, sh, "backward_sums", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
   const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
-  TORCH_CHECK(!masked, "normfuse.backward_sums: the fused ReLU's mask is not implemented on CPU yet");  // TODO(issue 14)
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {g1, g2};
   if (sh.L == 0) {
@@ -133,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const
   a.mean = mean.const_data_ptr();
   a.sum_dy = g1.mutable_data_ptr();
   a.sum_dy_xmu = g2.mutable_data_ptr();
+  set_mask(a, masked, scale, shift);
   run(NF_KERNELS(backward_sums), a);
   return {g1, g2};
 }
@@ -144,13 +153,13 @@ at::Tensor affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const a
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
   nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
-  TORCH_CHECK(!relu, "normfuse.affine_apply: relu=True is not implemented on CPU yet");  // TODO(issue 14)
   at::Tensor y = nf_glue::empty_output(x);
   if (x.numel() == 0) return y;
   nf_cpu::GenericArgs a = args_for(x, sh);
   a.mean = mean.const_data_ptr();
   a.scale = scale.const_data_ptr();
   a.shift = shift.const_data_ptr();
+  a.relu = relu;
   a.out = y.mutable_data_ptr();
   run(NF_KERNELS(affine_apply), a);
   return y;
@@ -167,7 +176,6 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const a
   nf_glue::check_stats(c_x, x, sh, "backward_apply", "c_x");
   nf_glue::check_stats(c_0, x, sh, "backward_apply", "c_0");
   const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_apply");
-  TORCH_CHECK(!masked, "normfuse.backward_apply: the fused ReLU's mask is not implemented on CPU yet");  // TODO(issue 14)
   at::Tensor dx = nf_glue::empty_output(x);
   if (x.numel() == 0) return dx;
   nf_cpu::GenericArgs a = args_for(x, sh);
@@ -177,6 +185,7 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const a
   a.c_x = c_x.const_data_ptr();
   a.c_0 = c_0.const_data_ptr();
   a.out = dx.mutable_data_ptr();
+  set_mask(a, masked, scale, shift);
   run(NF_KERNELS(backward_apply), a);
   return dx;
 }

@@ -28,6 +28,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/macros/Macros.h>  // C10_ALWAYS_INLINE
 
 #include <algorithm>
 #include <cstdint>
@@ -80,13 +81,22 @@ struct KernTypes {
   using V = Vectorized<acc_t>;
   using va = VA<acc_t>;
   static constexpr int64_t W = V::size();
+
+  // affine_apply's map from xm = x - mean: v = xm scale + shift. The fused ReLU's mask in the
+  // backward ops recomputes v with this very function, so it agrees with the forward's sign bit
+  // for bit (at::vec::fmadd: one fused multiply-add in the AVX2 build, a * b + c in the portable one).
+  static V affine(const V& xm, const V& s, const V& b) { return at::vec::fmadd(xm, s, b); }
+  // v > 0 ? v : 0 (+0 for v <= 0, NaN stays NaN): v with the bits of the lanes where v <= 0 cleared
+  static V relu(const V& v) { return v ^ (v & (v <= V(0))); }
+  // v > 0 ? g : 0 (0 for NaN v): the ReLU's derivative (0 at 0, as torch's) applied to g
+  static V gate(const V& g, const V& v) { return g & (v > V(0)); }
 };
 // KernTypes<S>'s names, in a kernel struct that derives from it (a base that depends on S does not
 // put its names in scope by itself).
 #define NF_CPU_KERN_TYPES(S)                                                         \
   using Base = KernTypes<S>;                                                         \
   using typename Base::io, typename Base::acc_t, typename Base::V, typename Base::va; \
-  using Base::W
+  using Base::W, Base::affine, Base::relu, Base::gate
 
 template <class F>
 void dispatch(nf::DType t, F&& f) {
