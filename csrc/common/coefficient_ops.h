@@ -1,19 +1,20 @@
-// The six coefficient ops' entry points (schemas in csrc/ops.cpp), written once for every device.
-// A device (cpu/coefficient_ops_cpu.cpp, cuda/coefficients_glue.cpp) supplies four steps, each
-// taking the op's name for messages and the arguments in schema order:
+// The six coefficient ops' entry points (schemas in csrc/ops.cpp), written once for every device:
+// the argument checks and the params struct (common/coefficients_glue.h) are called here, in one
+// order for every device. A device (cpu/coefficient_ops_cpu.cpp, cuda/coefficients_glue.cpp)
+// supplies five steps:
 //
-//   batch_forward(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
-//                 running_var, training, momentum, eps, num_batches_tracked) -> (scale, shift)
-//   batch_backward(op, sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, gate_bias, weight, bias,
-//                  running_mean, running_var, training, eps) -> BackwardOutputs
-//   assoc_forward(op, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
-//                 weight, bias, eps) -> (scale, shift)
-//   assoc_backward(op, sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, encoder,
-//                  decoder_mean, decoder_var, weight, bias, eps) -> BackwardOutputs
+//   dispatch(op, mean, m2, f)             its own checks of the statistics, then f(S{}) with S
+//                                         the C++ type of the params (CPU: float or double; CUDA:
+//                                         float only)
+//   batch_forward(op, p, mean, iebn)      -> ForwardOutputs   p: BatchCoefParams<S>, checked
+//   batch_backward(op, p, mean, iebn)     -> BackwardOutputs
+//   assoc_forward(op, p, mean)            -> ForwardOutputs   p: AssocCoefParams<S>, checked
+//   assoc_backward(op, p, mean)           -> BackwardOutputs
 //
-// `gate_bias` is null for BIN (its one gate is `gate`) and IEBN's gate_bias otherwise: that
-// Tensor pointer is what tells the two layers apart below this point (not the params struct's
-// gate_bias data pointer, which is null for IEBN too when C = 0).
+// A step gets the params with every argument checked and every input pointer set; it allocates the
+// outputs (forward_outputs / backward_outputs) and runs its kernel. `op` is the op's name, for
+// messages. `iebn` tells IEBN (two gates) from BIN: told, not read off p.gate_bias, which is null
+// for IEBN too when C = 0 (an empty tensor's data).
 #pragma once
 #include <torch/library.h>
 
@@ -34,8 +35,8 @@ struct CoefficientOps {
                                    const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                                    const OptTensor& running_var, bool training, double momentum, double eps,
                                    const OptTensor& num_batches_tracked) {
-    return Device::batch_forward("bin_coefficients", mean, m2, plane_size, gate, nullptr, weight, bias, running_mean,
-                                 running_var, training, momentum, eps, num_batches_tracked);
+    return batch_forward("bin_coefficients", mean, m2, plane_size, gate, nullptr, weight, bias, running_mean,
+                         running_var, training, momentum, eps, num_batches_tracked);
   }
 
   static Tensors6 bin_coefficients_backward(const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& mean,
@@ -43,9 +44,8 @@ struct CoefficientOps {
                                             const OptTensor& weight, const OptTensor& bias,
                                             const OptTensor& running_mean, const OptTensor& running_var,
                                             bool training, double eps) {
-    const BackwardOutputs o = Device::batch_backward("bin_coefficients_backward", sum_dy, sum_dy_xmu, mean, m2,
-                                                     plane_size, gate, nullptr, weight, bias, running_mean,
-                                                     running_var, training, eps);
+    const BackwardOutputs o = batch_backward("bin_coefficients_backward", sum_dy, sum_dy_xmu, mean, m2, plane_size,
+                                             gate, nullptr, weight, bias, running_mean, running_var, training, eps);
     return {o.c_dy, o.c_x, o.c_0, o.grads[0], o.grads[1], o.grads[2]};
   }
 
@@ -54,8 +54,8 @@ struct CoefficientOps {
                                     const OptTensor& bias, const OptTensor& running_mean,
                                     const OptTensor& running_var, bool training, double momentum, double eps,
                                     const OptTensor& num_batches_tracked) {
-    return Device::batch_forward("iebn_coefficients", mean, m2, plane_size, gate_weight, &gate_bias, weight, bias,
-                                 running_mean, running_var, training, momentum, eps, num_batches_tracked);
+    return batch_forward("iebn_coefficients", mean, m2, plane_size, gate_weight, &gate_bias, weight, bias,
+                         running_mean, running_var, training, momentum, eps, num_batches_tracked);
   }
 
   static Tensors7 iebn_coefficients_backward(const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& mean,
@@ -63,17 +63,23 @@ struct CoefficientOps {
                                              const Tensor& gate_bias, const OptTensor& weight,
                                              const OptTensor& bias, const OptTensor& running_mean,
                                              const OptTensor& running_var, bool training, double eps) {
-    const BackwardOutputs o = Device::batch_backward("iebn_coefficients_backward", sum_dy, sum_dy_xmu, mean, m2,
-                                                     plane_size, gate_weight, &gate_bias, weight, bias,
-                                                     running_mean, running_var, training, eps);
+    const BackwardOutputs o =
+        batch_backward("iebn_coefficients_backward", sum_dy, sum_dy_xmu, mean, m2, plane_size, gate_weight,
+                       &gate_bias, weight, bias, running_mean, running_var, training, eps);
     return {o.c_dy, o.c_x, o.c_0, o.grads[0], o.grads[1], o.grads[2], o.grads[3]};
   }
 
   static Tensors2 assoc_coefficients(const Tensor& mean, const Tensor& m2, int64_t plane_size, int64_t num_groups,
                                      const Tensor& encoder, const Tensor& decoder_mean, const Tensor& decoder_var,
                                      const Tensor& weight, const Tensor& bias, double eps) {
-    return Device::assoc_forward("assoc_coefficients", mean, m2, plane_size, num_groups, encoder, decoder_mean,
-                                 decoder_var, weight, bias, eps);
+    const char* op = "assoc_coefficients";
+    ForwardOutputs o;
+    Device::dispatch(op, mean, m2, [&](auto tag) {
+      auto p = assoc_params<decltype(tag)>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
+                                           weight, bias, eps);
+      o = Device::assoc_forward(op, p, mean);
+    });
+    return {o.scale, o.shift};
   }
 
   static Tensors8 assoc_coefficients_backward(const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& mean,
@@ -81,9 +87,14 @@ struct CoefficientOps {
                                               const Tensor& encoder, const Tensor& decoder_mean,
                                               const Tensor& decoder_var, const Tensor& weight, const Tensor& bias,
                                               double eps) {
-    const BackwardOutputs o =
-        Device::assoc_backward("assoc_coefficients_backward", sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups,
-                               encoder, decoder_mean, decoder_var, weight, bias, eps);
+    const char* op = "assoc_coefficients_backward";
+    BackwardOutputs o;
+    Device::dispatch(op, mean, m2, [&](auto tag) {
+      auto p = assoc_params<decltype(tag)>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
+                                           weight, bias, eps);
+      set_gradient_sums(p, op, sum_dy, sum_dy_xmu, mean);
+      o = Device::assoc_backward(op, p, mean);
+    });
     return {o.c_dy, o.c_x, o.c_0, o.grads[0], o.grads[1], o.grads[2], o.grads[3], o.grads[4]};
   }
 
@@ -94,6 +105,37 @@ struct CoefficientOps {
     m.impl("iebn_coefficients_backward", &iebn_coefficients_backward);
     m.impl("assoc_coefficients", &assoc_coefficients);
     m.impl("assoc_coefficients_backward", &assoc_coefficients_backward);
+  }
+
+ private:
+  // BIN and IEBN: `gate_bias` is null for BIN (its one gate is `gate`), IEBN's gate_bias otherwise.
+  static Tensors2 batch_forward(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
+                                const Tensor& gate, const Tensor* gate_bias, const OptTensor& weight,
+                                const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                                bool training, double momentum, double eps, const OptTensor& num_batches_tracked) {
+    ForwardOutputs o;
+    Device::dispatch(op, mean, m2, [&](auto tag) {
+      auto p = batch_params<decltype(tag)>(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
+                                           running_var, training, momentum, eps);
+      set_batch_counter(p, op, num_batches_tracked, mean);
+      o = Device::batch_forward(op, p, mean, gate_bias != nullptr);
+    });
+    return {o.scale, o.shift};
+  }
+
+  static BackwardOutputs batch_backward(const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                                        const Tensor& mean, const Tensor& m2, int64_t plane_size, const Tensor& gate,
+                                        const Tensor* gate_bias, const OptTensor& weight, const OptTensor& bias,
+                                        const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                                        double eps) {
+    BackwardOutputs o;
+    Device::dispatch(op, mean, m2, [&](auto tag) {
+      auto p = batch_params<decltype(tag)>(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
+                                           running_var, training, 0.0, eps);
+      batch_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
+      o = Device::batch_backward(op, p, mean, gate_bias != nullptr);
+    });
+    return o;
   }
 };
 

@@ -18,18 +18,13 @@ namespace nf {
 namespace coef {
 
 // ---- elementary functions, float and double, host and device ---------------------------------
-NF_COEF_HD float rsqrt_(float v) {
-#if defined(__CUDA_ARCH__)
-  return ::rsqrtf(v);
-#else
-  return 1.f / ::sqrtf(v);
-#endif
-}
-NF_COEF_HD double rsqrt_(double v) {
+// rsqrt_: the float overloads of the CUDA math API and of <cmath> (rsqrtf, sqrtf) for float.
+template <class T>
+NF_COEF_HD T rsqrt_(T v) {
 #if defined(__CUDA_ARCH__)
   return ::rsqrt(v);
 #else
-  return 1.0 / ::sqrt(v);
+  return T(1) / ::sqrt(v);
 #endif
 }
 NF_COEF_HD float exp_(float v) { return ::expf(v); }

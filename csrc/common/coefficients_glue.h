@@ -43,28 +43,41 @@ inline void check_like_stats(const char* op, const char* name, const Tensor& t, 
               mean.sizes(), " on ", mean.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
-// A parameter of shape `shape` (contiguous, stats dtype, stats device).
-inline void check_param(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
-                        const Tensor& mean) {
+// A parameter of shape `shape` (contiguous, stats dtype, stats device): checked, then its data.
+template <class S>
+S* param_ptr(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape, const Tensor& mean) {
   TORCH_CHECK(t.sizes() == shape, "normfuse.", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == mean.scalar_type(), "normfuse.", op, ": ", name, " must be ", mean.scalar_type(),
               " like the statistics, got ", t.scalar_type());
   TORCH_CHECK(t.device() == mean.device(), "normfuse.", op, ": ", name, " is on ", t.device(), ", statistics on ",
               mean.device());
   TORCH_CHECK(t.is_contiguous(), "normfuse.", op, ": ", name, " must be contiguous");
+  return t.data_ptr<S>();
 }
 
-inline void check_opt_param(const char* op, const char* name, const OptTensor& t, int64_t C, const Tensor& mean) {
-  if (t.has_value()) check_param(op, name, *t, {C}, mean);
+// An optional per-channel parameter: null when not given.
+template <class S>
+S* opt_param_ptr(const char* op, const char* name, const OptTensor& t, int64_t C, const Tensor& mean) {
+  return t.has_value() ? param_ptr<S>(op, name, *t, {C}, mean) : nullptr;
 }
 
 inline void check_plane_size(const char* op, int64_t plane_size) {
   TORCH_CHECK(plane_size >= 1, "normfuse.", op, ": plane_size must be >= 1, got ", plane_size);
 }
 
-template <class S>
-const S* ptr_or_null(const OptTensor& t) {
-  return t.has_value() ? t->data_ptr<S>() : nullptr;
+// What every layer's params hold first: the checked statistics (mean, m2: (N, C)) and plane size.
+// `P`: BatchCoefParams or AssocCoefParams.
+template <template <class> class P, class S>
+P<S> stats_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size) {
+  const auto [N, C] = check_stats(op, mean, m2);
+  check_plane_size(op, plane_size);
+  P<S> p;
+  p.mean = mean.data_ptr<S>();
+  p.m2 = m2.data_ptr<S>();
+  p.N = N;
+  p.C = C;
+  p.L = plane_size;
+  return p;
 }
 
 // Everything BIN / IEBN share; `gate_bias` is null for BIN. The running statistics are checked
@@ -74,28 +87,15 @@ nf::BatchCoefParams<S> batch_params(const char* op, const Tensor& mean, const Te
                                     const Tensor& gate, const Tensor* gate_bias, const OptTensor& weight,
                                     const OptTensor& bias, const OptTensor& running_mean,
                                     const OptTensor& running_var, bool training, double momentum, double eps) {
-  const auto [N, C] = check_stats(op, mean, m2);
-  check_plane_size(op, plane_size);
-  check_param(op, gate_bias ? "gate_weight" : "gate", gate, {C}, mean);
-  if (gate_bias) check_param(op, "gate_bias", *gate_bias, {C}, mean);
-  check_opt_param(op, "weight", weight, C, mean);
-  check_opt_param(op, "bias", bias, C, mean);
+  auto p = stats_params<nf::BatchCoefParams, S>(op, mean, m2, plane_size);
+  p.gate = param_ptr<S>(op, gate_bias ? "gate_weight" : "gate", gate, {p.C}, mean);
+  if (gate_bias) p.gate_bias = param_ptr<S>(op, "gate_bias", *gate_bias, {p.C}, mean);
+  p.weight = opt_param_ptr<S>(op, "weight", weight, p.C, mean);
+  p.bias = opt_param_ptr<S>(op, "bias", bias, p.C, mean);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "normfuse.", op,
               ": running_mean and running_var must be given together");
-  check_opt_param(op, "running_mean", running_mean, C, mean);
-  check_opt_param(op, "running_var", running_var, C, mean);
-  nf::BatchCoefParams<S> p;
-  p.mean = mean.data_ptr<S>();
-  p.m2 = m2.data_ptr<S>();
-  p.gate = gate.data_ptr<S>();
-  p.gate_bias = gate_bias ? gate_bias->data_ptr<S>() : nullptr;
-  p.weight = ptr_or_null<S>(weight);
-  p.bias = ptr_or_null<S>(bias);
-  p.running_mean = running_mean.has_value() ? running_mean->data_ptr<S>() : nullptr;
-  p.running_var = running_var.has_value() ? running_var->data_ptr<S>() : nullptr;
-  p.N = N;
-  p.C = C;
-  p.L = plane_size;
+  p.running_mean = opt_param_ptr<S>(op, "running_mean", running_mean, p.C, mean);
+  p.running_var = opt_param_ptr<S>(op, "running_var", running_var, p.C, mean);
   p.training = training;
   p.momentum = momentum;
   p.eps = eps;
@@ -141,42 +141,20 @@ template <class S>
 nf::AssocCoefParams<S> assoc_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
                                     int64_t num_groups, const Tensor& encoder, const Tensor& decoder_mean,
                                     const Tensor& decoder_var, const Tensor& weight, const Tensor& bias, double eps) {
-  const auto [N, C] = check_stats(op, mean, m2);
-  check_plane_size(op, plane_size);
-  TORCH_CHECK(num_groups >= 1 && C % num_groups == 0, "normfuse.", op, ": num_groups (", num_groups,
-              ") must be >= 1 and divide the number of channels (", C, ")");
+  auto p = stats_params<nf::AssocCoefParams, S>(op, mean, m2, plane_size);
+  TORCH_CHECK(num_groups >= 1 && p.C % num_groups == 0, "normfuse.", op, ": num_groups (", num_groups,
+              ") must be >= 1 and divide the number of channels (", p.C, ")");
   TORCH_CHECK(encoder.dim() == 2 && encoder.size(1) == num_groups && encoder.size(0) >= 1, "normfuse.", op,
               ": encoder must be (M, num_groups) = (M, ", num_groups, "), got ", encoder.sizes());
-  const int64_t M = encoder.size(0);
-  check_param(op, "encoder", encoder, {M, num_groups}, mean);
-  check_param(op, "decoder_mean", decoder_mean, {num_groups, M}, mean);
-  check_param(op, "decoder_var", decoder_var, {num_groups, M}, mean);
-  check_param(op, "weight", weight, {C}, mean);
-  check_param(op, "bias", bias, {C}, mean);
-  nf::AssocCoefParams<S> p;
-  p.mean = mean.data_ptr<S>();
-  p.m2 = m2.data_ptr<S>();
-  p.encoder = encoder.data_ptr<S>();
-  p.decoder_mean = decoder_mean.data_ptr<S>();
-  p.decoder_var = decoder_var.data_ptr<S>();
-  p.weight = weight.data_ptr<S>();
-  p.bias = bias.data_ptr<S>();
-  p.N = N;
-  p.C = C;
-  p.L = plane_size;
   p.G = num_groups;
-  p.M = M;
+  p.M = encoder.size(0);
+  p.encoder = param_ptr<S>(op, "encoder", encoder, {p.M, p.G}, mean);
+  p.decoder_mean = param_ptr<S>(op, "decoder_mean", decoder_mean, {p.G, p.M}, mean);
+  p.decoder_var = param_ptr<S>(op, "decoder_var", decoder_var, {p.G, p.M}, mean);
+  p.weight = param_ptr<S>(op, "weight", weight, {p.C}, mean);
+  p.bias = param_ptr<S>(op, "bias", bias, {p.C}, mean);
   p.eps = eps;
   return p;
-}
-
-// Calls f(S{}) with S the C++ type of the statistics (checked float32 / float64 before).
-template <class F>
-void dispatch_stats(const Tensor& mean, F&& f) {
-  if (mean.scalar_type() == at::kDouble)
-    f(double{});
-  else
-    f(float{});
 }
 
 inline Tensor empty_stats(const Tensor& mean) { return at::empty(mean.sizes(), mean.options()); }

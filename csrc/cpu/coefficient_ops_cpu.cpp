@@ -12,86 +12,54 @@ namespace {
 
 using at::Tensor;
 using nf_coef_glue::BackwardOutputs;
-using nf_coef_glue::OptTensor;
+using nf_coef_glue::ForwardOutputs;
 
+// The steps of common/coefficient_ops.h: float32 or float64 statistics, arithmetic in their type.
 struct Cpu {
-  static std::tuple<Tensor, Tensor> batch_forward(const char* op, const Tensor& mean, const Tensor& m2,
-                                                  int64_t plane_size, const Tensor& gate, const Tensor* gate_bias,
-                                                  const OptTensor& weight, const OptTensor& bias,
-                                                  const OptTensor& running_mean, const OptTensor& running_var,
-                                                  bool training, double momentum, double eps,
-                                                  const OptTensor& num_batches_tracked) {
+  template <class F>
+  static void dispatch(const char* op, const Tensor& mean, const Tensor& m2, F&& f) {
     nf_coef_glue::check_stats(op, mean, m2);  // before the dtype dispatch: a clear message for bad dtypes
-    nf_coef_glue::ForwardOutputs o;
-    nf_coef_glue::dispatch_stats(mean, [&](auto tag) {
-      using S = decltype(tag);
-      auto p = nf_coef_glue::batch_params<S>(op, mean, m2, plane_size, gate, gate_bias, weight, bias,
-                                             running_mean, running_var, training, momentum, eps);
-      nf_coef_glue::set_batch_counter(p, op, num_batches_tracked, mean);
-      o = nf_coef_glue::forward_outputs(p, mean);
-      if (p.N > 0) {
-        if (gate_bias)
-          NF_CPU_CALL(iebn_forward, p);
-        else
-          NF_CPU_CALL(bin_forward, p);
-      }
-      if (p.count_batch()) *p.num_batches_tracked += 1;  // every check passed: the call succeeds
-    });
-    return {o.scale, o.shift};
+    if (mean.scalar_type() == at::kDouble)
+      f(double{});
+    else
+      f(float{});
   }
 
-  static BackwardOutputs batch_backward(const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
-                                        const Tensor& mean, const Tensor& m2, int64_t plane_size, const Tensor& gate,
-                                        const Tensor* gate_bias, const OptTensor& weight, const OptTensor& bias,
-                                        const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                                        double eps) {
-    nf_coef_glue::check_stats(op, mean, m2);
-    BackwardOutputs o;
-    nf_coef_glue::dispatch_stats(mean, [&](auto tag) {
-      using S = decltype(tag);
-      auto p = nf_coef_glue::batch_params<S>(op, mean, m2, plane_size, gate, gate_bias, weight, bias,
-                                             running_mean, running_var, training, 0.0, eps);
-      nf_coef_glue::batch_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
-      o = nf_coef_glue::backward_outputs(p, mean, gate_bias != nullptr);
-      if (p.N == 0) return;  // the parameter gradients are zeros (empty_grad)
-      if (gate_bias)
-        NF_CPU_CALL(iebn_backward, p);
+  template <class S>
+  static ForwardOutputs batch_forward(const char*, nf::BatchCoefParams<S>& p, const Tensor& mean, bool iebn) {
+    const ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
+    if (p.N > 0) {
+      if (iebn)
+        NF_CPU_CALL(iebn_forward, p);
       else
-        NF_CPU_CALL(bin_backward, p);
-    });
+        NF_CPU_CALL(bin_forward, p);
+    }
+    if (p.count_batch()) *p.num_batches_tracked += 1;  // every check passed: the call succeeds
     return o;
   }
 
-  static std::tuple<Tensor, Tensor> assoc_forward(const char* op, const Tensor& mean, const Tensor& m2,
-                                                  int64_t plane_size, int64_t num_groups, const Tensor& encoder,
-                                                  const Tensor& decoder_mean, const Tensor& decoder_var,
-                                                  const Tensor& weight, const Tensor& bias, double eps) {
-    nf_coef_glue::check_stats(op, mean, m2);
-    nf_coef_glue::ForwardOutputs o;
-    nf_coef_glue::dispatch_stats(mean, [&](auto tag) {
-      using S = decltype(tag);
-      auto p = nf_coef_glue::assoc_params<S>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean,
-                                             decoder_var, weight, bias, eps);
-      o = nf_coef_glue::forward_outputs(p, mean);
-      if (p.N > 0 && p.C > 0) NF_CPU_CALL(assoc_forward, p);
-    });
-    return {o.scale, o.shift};
+  template <class S>
+  static BackwardOutputs batch_backward(const char*, nf::BatchCoefParams<S>& p, const Tensor& mean, bool iebn) {
+    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean, iebn);
+    if (p.N == 0) return o;  // the parameter gradients are zeros (empty_grad)
+    if (iebn)
+      NF_CPU_CALL(iebn_backward, p);
+    else
+      NF_CPU_CALL(bin_backward, p);
+    return o;
   }
 
-  static BackwardOutputs assoc_backward(const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
-                                        const Tensor& mean, const Tensor& m2, int64_t plane_size, int64_t num_groups,
-                                        const Tensor& encoder, const Tensor& decoder_mean, const Tensor& decoder_var,
-                                        const Tensor& weight, const Tensor& bias, double eps) {
-    nf_coef_glue::check_stats(op, mean, m2);
-    BackwardOutputs o;
-    nf_coef_glue::dispatch_stats(mean, [&](auto tag) {
-      using S = decltype(tag);
-      auto p = nf_coef_glue::assoc_params<S>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean,
-                                             decoder_var, weight, bias, eps);
-      nf_coef_glue::set_gradient_sums(p, op, sum_dy, sum_dy_xmu, mean);
-      o = nf_coef_glue::backward_outputs(p, mean);
-      if (p.N > 0 && p.C > 0) NF_CPU_CALL(assoc_backward, p);
-    });
+  template <class S>
+  static ForwardOutputs assoc_forward(const char*, nf::AssocCoefParams<S>& p, const Tensor& mean) {
+    const ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
+    if (p.N > 0 && p.C > 0) NF_CPU_CALL(assoc_forward, p);
+    return o;
+  }
+
+  template <class S>
+  static BackwardOutputs assoc_backward(const char*, nf::AssocCoefParams<S>& p, const Tensor& mean) {
+    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean);
+    if (p.N > 0 && p.C > 0) NF_CPU_CALL(assoc_backward, p);
     return o;
   }
 };

@@ -420,13 +420,5 @@ struct AssocKern {
 
 }  // namespace assoc_detail
 
-#define NF_CPU_DEFINE_ASSOC(S)                                                                          \
-  void assoc_forward(const nf::AssocCoefParams<S>& p) { assoc_detail::AssocKern<S>::forward(p); }   \
-  void assoc_backward(const nf::AssocCoefParams<S>& p) { assoc_detail::AssocKern<S>::backward(p); }
-
-NF_CPU_DEFINE_ASSOC(float)
-NF_CPU_DEFINE_ASSOC(double)
-#undef NF_CPU_DEFINE_ASSOC
-
 }  // namespace NF_CPU_NS
 }  // namespace nf_cpu

@@ -139,8 +139,10 @@ struct BatchKern {
   //   scale = gamma (rho r_B + (1 - rho) r_I)        shift = beta + gamma rho r_B (m - mu_B)
   // r_I = (q / L + eps)^-1/2, 0 for one-element planes (kL1: no square root at all).
 
+  static void bin_forward(const P& p) { p.L == 1 ? bin_forward_tiles<true>(p) : bin_forward_tiles<false>(p); }
+
   template <bool kL1>
-  static void bin_forward(const P& p) {
+  static void bin_forward_tiles(const P& p) {
     const T inv_L = T(1) / static_cast<T>(p.L), eps = static_cast<T>(p.eps);
     for_tiles(p.N, p.C, [&](int64_t c0, int64_t nfull, int64_t last) {
       const int64_t N = p.N, C = p.C;
@@ -178,8 +180,10 @@ struct BatchKern {
   //   s2 = sum g2 (r_B - r_I) + g1 r_B dev -> grad_gate / gamma
   //   s3 = sum g2 + g1 dev                 -> grad r_B / (gamma rho)
   // then per plane c_dy = scale, c_x = 2 grad_q, c_0 = grad_m / L.
+  static void bin_backward(const P& p) { p.L == 1 ? bin_backward_tiles<true>(p) : bin_backward_tiles<false>(p); }
+
   template <bool kL1>
-  static void bin_backward(const P& p) {
+  static void bin_backward_tiles(const P& p) {
     const T L = static_cast<T>(p.L), inv_L = T(1) / L, eps = static_cast<T>(p.eps), count = static_cast<T>(p.N);
     const bool batch = p.use_batch();
     for_tiles(p.N, p.C, [&](int64_t c0, int64_t nfull, int64_t last) {
@@ -367,28 +371,6 @@ struct BatchKern {
 };
 
 }  // namespace batch_detail
-
-#define NF_CPU_DEFINE_BATCH(S)                                                         \
-  void bin_forward(const nf::BatchCoefParams<S>& p) {                                  \
-    using K = batch_detail::BatchKern<S>;                                              \
-    if (p.L == 1)                                                                      \
-      K::bin_forward<true>(p);                                                         \
-    else                                                                               \
-      K::bin_forward<false>(p);                                                        \
-  }                                                                                    \
-  void bin_backward(const nf::BatchCoefParams<S>& p) {                                 \
-    using K = batch_detail::BatchKern<S>;                                              \
-    if (p.L == 1)                                                                      \
-      K::bin_backward<true>(p);                                                        \
-    else                                                                               \
-      K::bin_backward<false>(p);                                                       \
-  }                                                                                    \
-  void iebn_forward(const nf::BatchCoefParams<S>& p) { batch_detail::BatchKern<S>::iebn_forward(p); } \
-  void iebn_backward(const nf::BatchCoefParams<S>& p) { batch_detail::BatchKern<S>::iebn_backward(p); }
-
-NF_CPU_DEFINE_BATCH(float)
-NF_CPU_DEFINE_BATCH(double)
-#undef NF_CPU_DEFINE_BATCH
 
 }  // namespace NF_CPU_NS
 }  // namespace nf_cpu

@@ -1,8 +1,8 @@
 // Raw-pointer entry points of the CPU coefficient kernels (BIN, IEBN, AssocNorm; forward and
 // backward), on the parameter structs of common/coefficients_params.h. Like the generic kernels
-// (generic_kernels.h) they are compiled twice, coefficients_kernels_{avx2,default}.cpp, and the
-// glue (coefficient_ops_cpu.cpp) picks the build at run time
-// (nf_cpu::use_avx2()).
+// (generic_kernels.h) they are compiled twice, coefficients_kernels_{avx2,default}.cpp (each
+// through coefficients_kernels_impl.h), and the glue (coefficient_ops_cpu.cpp) picks the build at
+// run time (nf_cpu::use_avx2()).
 #pragma once
 
 #include "common/coefficients_params.h"
@@ -10,18 +10,22 @@
 
 namespace nf_cpu {
 
-#define NF_CPU_DECLARE_COEF_T(S)                              \
-  void bin_forward(const nf::BatchCoefParams<S>& p);          \
-  void bin_backward(const nf::BatchCoefParams<S>& p);         \
-  void iebn_forward(const nf::BatchCoefParams<S>& p);         \
-  void iebn_backward(const nf::BatchCoefParams<S>& p);        \
-  void assoc_forward(const nf::AssocCoefParams<S>& p);        \
-  void assoc_backward(const nf::AssocCoefParams<S>& p);
+// The entry points, one list for their declarations here and their definitions
+// (coefficients_kernels_impl.h): X(name, params type, the kernel that runs it).
+#define NF_CPU_COEF_ENTRY_POINTS(X, S)                                                \
+  X(bin_forward, nf::BatchCoefParams<S>, batch_detail::BatchKern<S>::bin_forward)     \
+  X(bin_backward, nf::BatchCoefParams<S>, batch_detail::BatchKern<S>::bin_backward)   \
+  X(iebn_forward, nf::BatchCoefParams<S>, batch_detail::BatchKern<S>::iebn_forward)   \
+  X(iebn_backward, nf::BatchCoefParams<S>, batch_detail::BatchKern<S>::iebn_backward) \
+  X(assoc_forward, nf::AssocCoefParams<S>, assoc_detail::AssocKern<S>::forward)       \
+  X(assoc_backward, nf::AssocCoefParams<S>, assoc_detail::AssocKern<S>::backward)
 
-#define NF_CPU_DECLARE_COEF(ns) \
-  namespace ns {                \
-  NF_CPU_DECLARE_COEF_T(float)  \
-  NF_CPU_DECLARE_COEF_T(double) \
+#define NF_CPU_DECLARE_COEF_ONE(name, Params, kernel) void name(const Params& p);
+
+#define NF_CPU_DECLARE_COEF(ns)                                  \
+  namespace ns {                                                 \
+  NF_CPU_COEF_ENTRY_POINTS(NF_CPU_DECLARE_COEF_ONE, float)       \
+  NF_CPU_COEF_ENTRY_POINTS(NF_CPU_DECLARE_COEF_ONE, double)      \
   }
 
 NF_CPU_DECLARE_COEF(portable)

@@ -6,8 +6,7 @@
 #include "cpu/avx2_prelude.h"
 
 #define NF_CPU_NS avx2
-#include "cpu/coefficients_batch_impl.h"
-#include "cpu/coefficients_assoc_impl.h"
+#include "cpu/coefficients_kernels_impl.h"
 
 #include "cpu/avx2_epilogue.h"
 #endif

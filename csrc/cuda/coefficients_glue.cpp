@@ -24,14 +24,7 @@ namespace {
 
 using at::Tensor;
 using nf_coef_glue::BackwardOutputs;
-using nf_coef_glue::OptTensor;
-
-void check_cuda_stats(const char* op, const Tensor& mean) {
-  TORCH_CHECK(mean.is_cuda(), "normfuse.", op, " (CUDA kernel): statistics are on ", mean.device());
-  TORCH_CHECK(mean.scalar_type() == at::kFloat, "normfuse.", op,
-              ": the CUDA kernels take float32 statistics, got ", mean.scalar_type(),
-              " (float64 runs on the CPU backend)");
-}
+using nf_coef_glue::ForwardOutputs;
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
@@ -49,66 +42,47 @@ void check_assoc_smem(const char* op, const nf::AssocCoefParams<float>& p, bool 
               "; use fewer groups or a smaller embed_dim, or the torch backend");
 }
 
+// The steps of common/coefficient_ops.h: float32 statistics only.
 struct Cuda {
-  static std::tuple<Tensor, Tensor> batch_forward(const char* op, const Tensor& mean, const Tensor& m2,
-                                                  int64_t plane_size, const Tensor& gate, const Tensor* gate_bias,
-                                                  const OptTensor& weight, const OptTensor& bias,
-                                                  const OptTensor& running_mean, const OptTensor& running_var,
-                                                  bool training, double momentum, double eps,
-                                                  const OptTensor& num_batches_tracked) {
-    check_cuda_stats(op, mean);
-    auto p = nf_coef_glue::batch_params<float>(op, mean, m2, plane_size, gate, gate_bias, weight, bias,
-                                               running_mean, running_var, training, momentum, eps);
-    nf_coef_glue::set_batch_counter(p, op, num_batches_tracked, mean);
+  template <class F>
+  static void dispatch(const char* op, const Tensor& mean, const Tensor&, F&& f) {
+    TORCH_CHECK(mean.is_cuda(), "normfuse.", op, " (CUDA kernel): statistics are on ", mean.device());
+    TORCH_CHECK(mean.scalar_type() == at::kFloat, "normfuse.", op,
+                ": the CUDA kernels take float32 statistics, got ", mean.scalar_type(),
+                " (float64 runs on the CPU backend)");
+    f(float{});
+  }
+
+  static ForwardOutputs batch_forward(const char* op, nf::BatchCoefParams<float>& p, const Tensor& mean, bool iebn) {
     const c10::cuda::CUDAGuard guard(mean.device());  // after every check (see the file comment)
-    const nf_coef_glue::ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
+    const ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     // The kernel also counts the batch (num_batches_tracked += 1 in training): no extra launch.
     // Empty statistics launch no kernel but a count-only one (launch_batch_coef_forward).
-    check_launch(gate_bias ? nf::launch_iebn_coefficients(p, stream) : nf::launch_bin_coefficients(p, stream), op);
-    return {o.scale, o.shift};
+    check_launch(iebn ? nf::launch_iebn_coefficients(p, stream) : nf::launch_bin_coefficients(p, stream), op);
+    return o;
   }
 
-  static BackwardOutputs batch_backward(const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
-                                        const Tensor& mean, const Tensor& m2, int64_t plane_size, const Tensor& gate,
-                                        const Tensor* gate_bias, const OptTensor& weight, const OptTensor& bias,
-                                        const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                                        double eps) {
-    check_cuda_stats(op, mean);
-    auto p = nf_coef_glue::batch_params<float>(op, mean, m2, plane_size, gate, gate_bias, weight, bias,
-                                               running_mean, running_var, training, 0.0, eps);
-    nf_coef_glue::batch_backward_params(p, op, sum_dy, sum_dy_xmu, mean);
+  static BackwardOutputs batch_backward(const char* op, nf::BatchCoefParams<float>& p, const Tensor& mean,
+                                        bool iebn) {
     const c10::cuda::CUDAGuard guard(mean.device());
-    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean, gate_bias != nullptr);
+    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean, iebn);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    check_launch(gate_bias ? nf::launch_iebn_coefficients_backward(p, stream)
-                             : nf::launch_bin_coefficients_backward(p, stream),
+    check_launch(iebn ? nf::launch_iebn_coefficients_backward(p, stream)
+                      : nf::launch_bin_coefficients_backward(p, stream),
                  op);
     return o;
   }
 
-  static std::tuple<Tensor, Tensor> assoc_forward(const char* op, const Tensor& mean, const Tensor& m2,
-                                                  int64_t plane_size, int64_t num_groups, const Tensor& encoder,
-                                                  const Tensor& decoder_mean, const Tensor& decoder_var,
-                                                  const Tensor& weight, const Tensor& bias, double eps) {
-    check_cuda_stats(op, mean);
-    auto p = nf_coef_glue::assoc_params<float>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean,
-                                               decoder_var, weight, bias, eps);
+  static ForwardOutputs assoc_forward(const char* op, nf::AssocCoefParams<float>& p, const Tensor& mean) {
     check_assoc_smem(op, p, false, mean);
     const c10::cuda::CUDAGuard guard(mean.device());
-    const nf_coef_glue::ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
+    const ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
     check_launch(nf::launch_assoc_coefficients(p, c10::cuda::getCurrentCUDAStream()), op);
-    return {o.scale, o.shift};
+    return o;
   }
 
-  static BackwardOutputs assoc_backward(const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
-                                        const Tensor& mean, const Tensor& m2, int64_t plane_size, int64_t num_groups,
-                                        const Tensor& encoder, const Tensor& decoder_mean, const Tensor& decoder_var,
-                                        const Tensor& weight, const Tensor& bias, double eps) {
-    check_cuda_stats(op, mean);
-    auto p = nf_coef_glue::assoc_params<float>(op, mean, m2, plane_size, num_groups, encoder, decoder_mean,
-                                               decoder_var, weight, bias, eps);
-    nf_coef_glue::set_gradient_sums(p, op, sum_dy, sum_dy_xmu, mean);
+  static BackwardOutputs assoc_backward(const char* op, nf::AssocCoefParams<float>& p, const Tensor& mean) {
     check_assoc_smem(op, p, true, mean);
     const c10::cuda::CUDAGuard guard(mean.device());
     BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean);

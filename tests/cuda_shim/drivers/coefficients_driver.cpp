@@ -18,6 +18,7 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <vector>
 
 using nf_io::Buffer;
 
@@ -57,19 +58,50 @@ void check(cudaError_t e, const Case& cs) {
   if (e != cudaSuccess) nf_io::die("launcher returned an error for " + cs.dir);
 }
 
-void run_batch(const Case& cs, Arrays& a) {
-  const bool iebn = cs.op.rfind("iebn", 0) == 0, backward = cs.op.find("backward") != std::string::npos;
-  const int64_t NC = cs.N * cs.C, C = cs.C;
-  nf::BatchCoefParams<float> p;
+// What every layer's params share: the shape, eps, threads, the statistics and, in the backward,
+// the gradient sums. `P`: BatchCoefParams<float> or AssocCoefParams<float>.
+template <class P>
+P stats_params(const Case& cs, Arrays& a, bool backward) {
+  const int64_t NC = cs.N * cs.C;
+  P p;
   p.N = cs.N;
   p.C = cs.C;
   p.L = cs.L;
-  p.training = cs.training != 0;
-  p.momentum = 0.1;
   p.eps = 1e-5;
   p.threads = cs.threads;
   p.mean = a.input("mean", NC);
   p.m2 = a.input("m2", NC);
+  if (backward) {
+    p.sum_dy = a.input("sum_dy", NC);
+    p.sum_dy_xmu = a.input("sum_dy_xmu", NC);
+  }
+  return p;
+}
+
+// A parameter gradient of the backward: its output name, its pointer in the params, its size.
+struct Grad {
+  std::string name;
+  float** slot;
+  int64_t count;
+};
+
+// The backward's outputs, named as the op's outputs (+ suffix): c_dy, c_x, c_0 ((N, C)), then the
+// parameter gradients.
+template <class P>
+void backward_outputs(P& p, Arrays& a, const std::vector<Grad>& grads, const std::string& suffix = "") {
+  const int64_t NC = p.N * p.C;
+  p.c_dy = a.output("c_dy" + suffix, NC);
+  p.c_x = a.output("c_x" + suffix, NC);
+  p.c_0 = a.output("c_0" + suffix, NC);
+  for (const Grad& g : grads) *g.slot = a.output(g.name + suffix, g.count);
+}
+
+void run_batch(const Case& cs, Arrays& a) {
+  const bool iebn = cs.op.rfind("iebn", 0) == 0, backward = cs.op.find("backward") != std::string::npos;
+  const int64_t NC = cs.N * cs.C, C = cs.C;
+  auto p = stats_params<nf::BatchCoefParams<float>>(cs, a, backward);
+  p.training = cs.training != 0;
+  p.momentum = 0.1;
   p.gate = a.input("gate", C);
   if (iebn) p.gate_bias = a.input("gate_bias", C);
   if (cs.affine) {
@@ -100,15 +132,10 @@ void run_batch(const Case& cs, Arrays& a) {
     if (count != (p.training ? 43 : 41)) nf_io::die("num_batches_tracked miscounted in " + cs.dir);
     return;
   }
-  p.sum_dy = a.input("sum_dy", NC);
-  p.sum_dy_xmu = a.input("sum_dy_xmu", NC);
-  p.c_dy = a.output("c_dy", NC);
-  p.c_x = a.output("c_x", NC);
-  p.c_0 = a.output("c_0", NC);
-  p.grad_gate = a.output("grad_gate", C);
-  if (iebn) p.grad_gate_bias = a.output("grad_gate_bias", C);
-  p.grad_weight = a.output("grad_weight", C);
-  p.grad_bias = a.output("grad_bias", C);
+  std::vector<Grad> grads = {{"grad_gate", &p.grad_gate, C}, {"grad_weight", &p.grad_weight, C},
+                             {"grad_bias", &p.grad_bias, C}};
+  if (iebn) grads.push_back({"grad_gate_bias", &p.grad_gate_bias, C});
+  backward_outputs(p, a, grads);
   check(iebn ? nf::launch_batch_coef_backward<nf::coef::IebnMath<float>>(p, nullptr)
              : nf::launch_batch_coef_backward<nf::coef::BinMath<float>>(p, nullptr),
         cs);
@@ -117,16 +144,9 @@ void run_batch(const Case& cs, Arrays& a) {
 void run_assoc(const Case& cs, Arrays& a) {
   const bool backward = cs.op == "assoc_backward";
   const int64_t NC = cs.N * cs.C, C = cs.C, MG = cs.M * cs.G;
-  nf::AssocCoefParams<float> p;
-  p.N = cs.N;
-  p.C = cs.C;
-  p.L = cs.L;
+  auto p = stats_params<nf::AssocCoefParams<float>>(cs, a, backward);
   p.G = cs.G;
   p.M = cs.M;
-  p.eps = 1e-5;
-  p.threads = cs.threads;
-  p.mean = a.input("mean", NC);
-  p.m2 = a.input("m2", NC);
   p.encoder = a.input("encoder", MG);
   p.decoder_mean = a.input("decoder_mean", MG);
   p.decoder_var = a.input("decoder_var", MG);
@@ -138,35 +158,28 @@ void run_assoc(const Case& cs, Arrays& a) {
     check(nf::launch_assoc_coef_forward(p, nullptr), cs);
     return;
   }
-  p.sum_dy = a.input("sum_dy", NC);
-  p.sum_dy_xmu = a.input("sum_dy_xmu", NC);
-  const char* names[] = {"c_dy", "c_x", "c_0", "grad_encoder", "grad_decoder_mean", "grad_decoder_var",
-                         "grad_weight", "grad_bias"};
-  const int64_t sizes[] = {NC, NC, NC, MG, MG, MG, C, C};
+  const std::vector<Grad> grads = {{"grad_encoder", &p.grad_encoder, MG},
+                                   {"grad_decoder_mean", &p.grad_decoder_mean, MG},
+                                   {"grad_decoder_var", &p.grad_decoder_var, MG},
+                                   {"grad_weight", &p.grad_weight, C},
+                                   {"grad_bias", &p.grad_bias, C}};
   Buffer ws(sizeof(float) * cs.N * p.partials_per_sample(), 0);
   Buffer counters(sizeof(int) * cs.N, 0);  // zeroed
   p.workspace = ws.as<float>();
   p.counters = counters.as<int>();
-  for (int run = 0; run < 2; ++run) {
-    float* outs[8];
-    for (int k = 0; k < 8; ++k) outs[k] = a.output(std::string(names[k]) + (run ? "_again" : ""), sizes[k]);
-    p.c_dy = outs[0];
-    p.c_x = outs[1];
-    p.c_0 = outs[2];
-    p.grad_encoder = outs[3];
-    p.grad_decoder_mean = outs[4];
-    p.grad_decoder_var = outs[5];
-    p.grad_weight = outs[6];
-    p.grad_bias = outs[7];
+  for (const char* suffix : {"", "_again"}) {
+    backward_outputs(p, a, grads, suffix);
     check(nf::launch_assoc_coef_backward(p, nullptr), cs);
     for (int64_t i = 0; i < cs.N; ++i)
       if (counters.as<int>()[i] != 0) nf_io::die("arrival counter not reset in " + cs.dir);
   }
-  for (int k = 0; k < 8; ++k) {
-    const Buffer& x = a.out[names[k]];
-    const Buffer& y = a.out[std::string(names[k]) + "_again"];
+  std::vector<std::string> names = {"c_dy", "c_x", "c_0"};
+  for (const Grad& g : grads) names.push_back(g.name);
+  for (const std::string& name : names) {
+    const Buffer& x = a.out[name];
+    const Buffer& y = a.out[name + "_again"];
     if (std::memcmp(x.data(), y.data(), x.bytes) != 0)
-      nf_io::die(std::string("second run differs in ") + names[k] + " for " + cs.dir);
+      nf_io::die("second run differs in " + name + " for " + cs.dir);
   }
 }
 
