@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from torch import nn
@@ -100,7 +99,7 @@ class _BatchStatsNorm(_Activation, nn.Module):
 
     # Set by BIN / IEBN: the layer's name in run_layer, its parameters in the op's order (the
     # first ``_required`` of them must be tensors, the others may be None), and their getter
-    # from ``_parameters`` (one C call).
+    # from ``_parameters`` (plain indexing: cheap, and torch.compile traces it).
     _layer = ""
     _param_names: tuple = ()
     _required = 0
@@ -195,7 +194,7 @@ class _BatchInstanceNorm(_BatchStatsNorm):
     _layer = "bin"
     _param_names = ("gate", "weight", "bias")
     _required = 1
-    _get_params = operator.itemgetter(*_param_names)
+    _get_params = staticmethod(lambda p: (p["gate"], p["weight"], p["bias"]))
 
 
 class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
@@ -238,7 +237,8 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
     _layer = "iebn"
     _param_names = ("gate_weight", "gate_bias", "weight", "bias")
     _required = 2
-    _get_params = operator.itemgetter(*_param_names)
+    _get_params = staticmethod(lambda p: (p["gate_weight"], p["gate_bias"], p["weight"],
+                                          p["bias"]))
 
 
 def _with_rank(base, name: str, ranks: tuple, shape: str):
