@@ -57,6 +57,11 @@ echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
   "tests/csrc/test_coefficients_ops.py::test_opcheck" \
   "tests/csrc/test_coefficients_ops.py::test_opcheck_with_counter" \
   "tests/csrc/test_coefficients_ops.py::test_batch_counter_cpu" \
+  "tests/csrc/test_relu_cpu.py::test_opcheck_relu" \
+  "tests/csrc/test_relu_cpu.py::test_relu_ops_equal_plain_ops_on_relu_output" \
+  tests/test_activation.py \
+  tests/test_convert_fuse.py \
+  tests/triton_kernels/test_relu.py \
   tests/triton_kernels/test_opcheck.py \
   tests/triton_kernels/test_streaming.py \
   tests/triton_kernels/test_coefficients.py

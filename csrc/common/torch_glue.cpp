@@ -4,13 +4,30 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
-#include <vector>
-
 namespace nf_glue {
 
 at::ScalarType acc_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+namespace {
+
+// (N, *spatial, C) dense, i.e. C innermost, then the spatial dims, then N, element (n, c, l) at
+// (n * L + l) * C + c: channels_last, channels_last_3d and rank-3 (L*C, 1, C). Read from the
+// strides (dimensions of size 1 may have any), as `x.permute(0, 2.., 1).is_contiguous()` would
+// say without building that view on every call.
+bool is_channels_last_dense(const at::Tensor& x) {
+  int64_t expected = 1;
+  bool ok = x.size(1) == 1 || x.stride(1) == expected;
+  expected *= x.size(1);
+  for (int64_t i = x.dim() - 1; ok && i >= 2; --i) {
+    ok = x.size(i) == 1 || x.stride(i) == expected;
+    expected *= x.size(i);
+  }
+  return ok && (x.size(0) == 1 || x.stride(0) == expected);
+}
+
+}  // namespace
 
 nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
   const int64_t d = x.dim();
@@ -26,12 +43,7 @@ nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
     s.layout = nf::Layout::Contiguous;
     return s;
   }
-  // Channels-last: the (N, *spatial, C) permutation is contiguous, i.e. element (n, c, l) sits at
-  // (n * L + l) * C + c. This covers channels_last, channels_last_3d and rank-3 (L*C, 1, C).
-  std::vector<int64_t> perm{0};
-  for (int64_t i = 2; i < d; ++i) perm.push_back(i);
-  perm.push_back(1);
-  TORCH_CHECK(x.permute(perm).is_contiguous(), "normfuse.", op,
+  TORCH_CHECK(is_channels_last_dense(x), "normfuse.", op,
               ": input must be contiguous or channels-last (C innermost); got strides ", x.strides(),
               " for sizes ", x.sizes(), ". Call .contiguous() first.");
   s.layout = nf::Layout::ChannelsLast;
@@ -40,6 +52,9 @@ nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
 
 void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,
                       const char* name) {
+  if (t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type() &&
+      t.device() == x.device())
+    return;  // the usual case: x's own sizes, strides, dtype and device
   TORCH_CHECK(t.sizes() == x.sizes(), "normfuse.", op, ": ", name, " must have the input's shape ", x.sizes(),
               ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "normfuse.", op, ": ", name, " must have the input's dtype ",

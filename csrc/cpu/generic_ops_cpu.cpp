@@ -48,45 +48,6 @@ void check_cpu(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "normfuse.", op, " (CPU kernel): input is on ", x.device());
 }
 
-// nf_glue::plane_shape without its permuted view (a tensor construction per call): the layout
-// from the strides. Anything unusual goes to nf_glue::plane_shape, for its error messages.
-nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
-  const int64_t d = x.dim();
-  if (d < 2 || d > 5 || !at::isFloatingType(x.scalar_type())) return nf_glue::plane_shape(x, op);
-  nf::PlaneShape s;
-  s.N = x.size(0);
-  s.C = x.size(1);
-  s.L = 1;
-  for (int64_t i = 2; i < d; ++i) s.L *= x.size(i);
-  if (x.is_contiguous()) {
-    s.layout = nf::Layout::Contiguous;
-    return s;
-  }
-  // channels-last: (N, *spatial, C) dense, i.e. C innermost, then the spatial dims, then N
-  // (dimensions of size 1 may have any stride), as `x.permute(0, 2.., 1).is_contiguous()`
-  int64_t expected = 1;
-  bool ok = x.size(1) == 1 || x.stride(1) == expected;
-  expected *= x.size(1);
-  for (int64_t i = d - 1; ok && i >= 2; --i) {
-    ok = x.size(i) == 1 || x.stride(i) == expected;
-    expected *= x.size(i);
-  }
-  ok = ok && (x.size(0) == 1 || x.stride(0) == expected);
-  if (!ok) return nf_glue::plane_shape(x, op);
-  s.layout = nf::Layout::ChannelsLast;
-  return s;
-}
-
-// nf_glue::check_like_input, with a fast path for the usual case: t has x's sizes, strides,
-// dtype and device.
-void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& sh, const char* op,
-                      const char* name) {
-  if (t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type() &&
-      t.device() == x.device())
-    return;
-  nf_glue::check_like_input(t, x, sh, op, name);
-}
-
 nf_cpu::GenericArgs args_for(const at::Tensor& x, const nf::PlaneShape& sh) {
   nf_cpu::GenericArgs a;
   a.shape = sh;
@@ -106,7 +67,7 @@ void set_mask(nf_cpu::GenericArgs& a, bool masked, const c10::optional<at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x) {
   check_cpu(x, "moments");
-  const nf::PlaneShape sh = plane_shape(x, "moments");
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "moments");
   at::Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
   if (sh.N * sh.C == 0) return {mean, m2};
   if (sh.L == 0) {  // mean of nothing is undefined, a sum of nothing is 0 (as torch.mean / sum)
@@ -125,8 +86,8 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const
                                                      const c10::optional<at::Tensor>& scale,
                                                      const c10::optional<at::Tensor>& shift) {
   check_cpu(x, "backward_sums");
-  const nf::PlaneShape sh = plane_shape(x, "backward_sums");
-  check_like_input(dy, x, sh, "backward_sums", "grad_output");
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_sums");
+  nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
   const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
@@ -149,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const
 at::Tensor affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                             const at::Tensor& shift, bool relu) {
   check_cpu(x, "affine_apply");
-  const nf::PlaneShape sh = plane_shape(x, "affine_apply");
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "affine_apply");
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
   nf_glue::check_stats(scale, x, sh, "affine_apply", "scale");
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
@@ -169,8 +130,8 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const a
                               const at::Tensor& c_x, const at::Tensor& c_0, const c10::optional<at::Tensor>& scale,
                               const c10::optional<at::Tensor>& shift) {
   check_cpu(x, "backward_apply");
-  const nf::PlaneShape sh = plane_shape(x, "backward_apply");
-  check_like_input(dy, x, sh, "backward_apply", "grad_output");
+  const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_apply");
+  nf_glue::check_like_input(dy, x, sh, "backward_apply", "grad_output");
   nf_glue::check_stats(mean, x, sh, "backward_apply", "mean");
   nf_glue::check_stats(c_dy, x, sh, "backward_apply", "c_dy");
   nf_glue::check_stats(c_x, x, sh, "backward_apply", "c_x");
