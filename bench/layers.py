@@ -5,7 +5,10 @@ For a layer ("bin", "iebn", "assoc") the contenders are:
 * ``normfuse[<backend>]`` for every normfuse backend that runs on the device;
 * the native baseline, ``nn.BatchNorm2d`` (BIN, IEBN) or ``nn.GroupNorm`` (AssocNorm);
 * ``composition``: the straightforward PyTorch version in ``bench/compositions.py``;
-* ``compiled``: ``torch.compile`` of that composition (where it compiles).
+* ``compiled``: ``torch.compile`` of that composition (where it compiles);
+* with the following ReLU (issue 14): ``normfuse[<backend>]+ReLU`` (``activation="relu"``, the
+  ReLU fused into the layer; compiled-kernel backends only, "torch" when it is the only one)
+  against ``<native>+ReLU`` (the native layer and an ``nn.ReLU``, as a ResNet block has them).
 
 All of them get the same parameter values (copied from a randomized normfuse module, or from a
 randomized composition when normfuse cannot be imported).
@@ -62,8 +65,9 @@ def backends_for(device: str, requested: Optional[List[str]] = None) -> List[str
 @dataclass(frozen=True)
 class Impl:
     name: str
-    kind: str  # "normfuse" | "native" | "composition" | "compiled"
+    kind: str  # "normfuse" | "native" | "composition" | "compiled" | "native_relu"
     backend: Optional[str] = None
+    relu: bool = False  # followed by a ReLU: fused (normfuse) or an nn.ReLU (native_relu)
 
     def context(self):
         if self.kind == "normfuse":
@@ -77,6 +81,9 @@ def impls_for(backends: List[str], layer: str, with_compile: bool) -> List[Impl]
     out.append(Impl("composition", "composition"))
     if with_compile:
         out.append(Impl("compiled", "compiled"))
+    fused = [b for b in backends if b != "torch"] or backends
+    out += [Impl(f"normfuse[{b}]+ReLU", "normfuse", b, relu=True) for b in fused]
+    out.append(Impl(f"{NATIVE_LABEL[layer]}+ReLU", "native_relu", relu=True))
     return out
 
 
@@ -121,11 +128,14 @@ def build(impl: Impl, layer: str, c: int, g: int, source: nn.Module,
     if impl.kind == "normfuse":
         mod = _normfuse_module(layer, c, g)
         mod.load_state_dict(source.state_dict())
-    elif impl.kind == "native":
+        mod.activation = "relu" if impl.relu else None
+    elif impl.kind in ("native", "native_relu"):
         mod = nn.BatchNorm2d(c) if layer != "assoc" else nn.GroupNorm(g, c)
         with torch.no_grad():
             mod.weight.copy_(source.weight)
             mod.bias.copy_(source.bias)
+        if impl.relu:
+            mod = nn.Sequential(mod, nn.ReLU())
     else:
         embed = source.encoder.shape[0] if layer == "assoc" else None
         mod = comp.load_params_from(_composition(layer, c, g, embed), source)

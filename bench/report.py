@@ -27,7 +27,8 @@ def derive(kernels: List[dict]) -> None:
     by_case: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
     for r in kernels:
         if r["ok"]:
-            by_case[_case(r)][r["kind"]] = r
+            by_case[_case(r)][r["kind"]] = r  # one record per kind and case, "native" and
+            # "native_relu" (the baseline of the +ReLU contenders) included
     for r in kernels:
         for k in ("bw_GBps", "frac_copy", "model_frac_copy", "ratio_native",
                   "speedup_composition", "speedup_compiled"):
@@ -39,8 +40,9 @@ def derive(kernels: List[dict]) -> None:
         r["frac_copy"] = r["bw_GBps"] / r["copy_GBps"]
         r["model_frac_copy"] = r["model_bytes"] / t / 1e9 / r["copy_GBps"]
         base = by_case[_case(r)]
-        if "native" in base:
-            r["ratio_native"] = t / base["native"]["median_s"]
+        native = "native_relu" if r.get("relu") else "native"
+        if native in base:
+            r["ratio_native"] = t / base[native]["median_s"]
         if "composition" in base:
             r["speedup_composition"] = base["composition"]["median_s"] / t
         if "compiled" in base:
@@ -49,7 +51,12 @@ def derive(kernels: List[dict]) -> None:
 
 # ----------------------------------------------------------------------------- summaries
 def _select(kernels, **match):
-    return [r for r in kernels if r["ok"] and all(r.get(k) == v for k, v in match.items())]
+    """The timed records matching ``match``; without a ``relu`` key, only those without the
+    following ReLU (the +ReLU contenders are selected explicitly)."""
+    match.setdefault("relu", False)
+    return [r for r in kernels
+            if r["ok"] and all(r.get(k, False if k == "relu" else None) == v
+                               for k, v in match.items())]
 
 
 def _saved_over_x(memory, layer, impl):
@@ -64,15 +71,17 @@ def summary_rows(kernels: List[dict], memory: List[dict]) -> List[dict]:
     for layer in LAYERS:
         names = []
         for r in kernels:
-            if r["layer"] == layer and r["kind"] != "native" and r["impl"] not in names:
-                names.append(r["impl"])
-        for impl in names:
-            row = {"layer": LAYER_LABEL[layer], "impl": impl, "baseline": NATIVE_LABEL[layer]}
+            if (r["layer"] == layer and r["kind"] not in ("native", "native_relu")
+                    and r["impl"] not in names):
+                names.append((r["impl"], bool(r.get("relu"))))
+        for impl, relu in names:
+            base = NATIVE_LABEL[layer] + ("+ReLU" if relu else "")
+            row = {"layer": LAYER_LABEL[layer], "impl": impl, "baseline": base}
             for d in ("fwd", "fwd+bwd"):
-                sel = _select(kernels, layer=layer, impl=impl, direction=d)
+                sel = _select(kernels, layer=layer, impl=impl, direction=d, relu=relu)
                 row[f"{d} time / baseline"] = _geomean(r["ratio_native"] for r in sel)
                 row[f"{d} model %copy"] = _pct(_geomean(r["model_frac_copy"] for r in sel))
-            sel = _select(kernels, layer=layer, impl=impl, direction="fwd+bwd")
+            sel = _select(kernels, layer=layer, impl=impl, direction="fwd+bwd", relu=relu)
             row["fwd+bwd speedup vs composition"] = _geomean(
                 r["speedup_composition"] for r in sel)
             row["fwd+bwd speedup vs compiled"] = _geomean(r["speedup_compiled"] for r in sel)
@@ -113,8 +122,20 @@ def targets(kernels: List[dict], device: str) -> List[dict]:
         out.append({"target": name, "backend": b, "measured": g, "worst": worst,
                     "cases": len(vals), "met": met, "fmt": fmt})
 
-    def sel(layer, d, key):
-        return lambda b: [r[key] for r in _select(kernels, layer=layer, backend=b, direction=d)]
+    def sel(layer, d, key, **match):
+        return lambda b: [r[key] for r in _select(kernels, layer=layer, backend=b, direction=d,
+                                                  **match)]
+
+    def add_relu(limit, min_bytes=0):
+        # Issue 14: the layer with its ReLU fused against the native layer + nn.ReLU (shapes
+        # of at least ``min_bytes`` per tensor: below that, launches and host time dominate).
+        for layer in LAYERS:
+            big = (f", tensors >= {min_bytes / 1e6:.0f} MB" if min_bytes else "")
+            add(f"{LAYER_LABEL[layer]} + ReLU fwd+bwd at most {limit}x {NATIVE_LABEL[layer]} "
+                f"+ nn.ReLU{big}", layer,
+                lambda b, lay=layer: [r["ratio_native"] for r in _select(
+                    kernels, layer=lay, backend=b, direction="fwd+bwd", relu=True)
+                    if r["bytes_tensor"] >= min_bytes], limit, False, "{:.2f}x")
 
     if device == "cpu":
         for layer in ("bin", "iebn", "assoc"):
@@ -122,6 +143,7 @@ def targets(kernels: List[dict], device: str) -> List[dict]:
                 sel(layer, "fwd+bwd", "ratio_native"), 1.5, False, "{:.2f}x")
         add("BIN fwd+bwd at least 3x faster than the composition", "bin",
             sel("bin", "fwd+bwd", "speedup_composition"), 3.0, True, "{:.2f}x")
+        add_relu(1.0)
     else:
         for layer in LAYERS:
             for d, passes in (("fwd", "3-pass"), ("fwd+bwd", "3+5-pass")):
@@ -133,6 +155,7 @@ def targets(kernels: List[dict], device: str) -> List[dict]:
         for layer in ("bin", "iebn"):
             add(f"{LAYER_LABEL[layer]} fwd+bwd within 1.15x of cuDNN batch norm", layer,
                 sel(layer, "fwd+bwd", "ratio_native"), 1.15, False, "{:.2f}x")
+        add_relu(0.75, 25e6)
     return out
 
 

@@ -25,6 +25,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import torch_backend
+from ._checks import is_channels_last
 from .backends import ops_for, resolve_backend
 from .coefficients import (bin_coefficients, bin_coefficients_backward, iebn_coefficients,
                            iebn_coefficients_backward)
@@ -35,11 +36,6 @@ _BATCH_LAYERS = ("bin", "iebn")
 # Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
 _REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),
               "iebn": (iebn_coefficients, iebn_coefficients_backward)}
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """True when C is the innermost dense dimension (NHWC and its 1-d/3-d analogues)."""
-    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
 def kernel_layout(x: Tensor) -> Tensor:

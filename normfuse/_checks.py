@@ -15,6 +15,12 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _RANK_SHAPES = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """True when C is the innermost dense dimension (NHWC and its 1-d/3-d analogues): the one
+    Python statement of the kernels' second layout (the C++ one is nf_glue::plane_shape)."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
 def _require_tensor(value, name: str, who: str) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(value).__name__}")

@@ -125,13 +125,15 @@ def _auto(x: torch.Tensor) -> str:
         # torch.export (and torch.onnx.export, built on it): the PyTorch-ops backend, so the
         # exported program holds standard ATen ops only (normfuse/export.py).
         return "torch"
-    if x.is_cpu:
-        return "cpu" if _unavailable_reason("cpu") is None else "torch"
-    if x.is_cuda and x.dtype != torch.float64:
-        for name in ("cuda", "triton"):
-            if _unavailable_reason(name) is None:
-                return name
+    # The preference order by device; which backend runs on which input is _runs_on's rule.
+    for name in _AUTO_ORDER_CPU if x.is_cpu else _AUTO_ORDER_GPU:
+        if _unavailable_reason(name) is None and _runs_on(name, x):
+            return name
     return "torch"
+
+
+_AUTO_ORDER_CPU = ("cpu",)  # not "triton": on a CPU tensor it is the (slow) interpreter
+_AUTO_ORDER_GPU = ("cuda", "triton")
 
 
 def _runs_on(name: str, x: torch.Tensor) -> bool:

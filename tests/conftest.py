@@ -119,11 +119,11 @@ TRITON_INTERPRETER_TESTS = {
     "test_ilm.py::test_contiguous_output_is_contiguous": None,
     "test_ilm.py::test_state_dict_round_trip": None,
     # the fused activation: every layer vs the oracles, reduced dtypes, channels-last, and the
-    # fused layer == the unfused one + torch.relu (~30 s)
+    # fused layer == the unfused one + torch.relu (~30 s; its gradcheck is left out: ~90 s in the
+    # interpreter, and the second derivative is the torch backend's recomputation on every backend)
     "test_activation.py::test_module_matches_oracle": lambda p: len(p["shape"]) == 4,
     "test_activation.py::test_dtypes_and_layouts": lambda p: p["dtype"] != torch.float64,
     "test_activation.py::test_same_backend_unfused_then_relu": None,
-    "test_activation.py::test_gradcheck_float64": lambda p: p["training"],
 }
 
 

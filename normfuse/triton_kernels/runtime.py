@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .._checks import is_channels_last
 from . import heuristics
 
 NAMESPACE = "normfuse_triton"
@@ -98,7 +99,7 @@ def check_input(x: Tensor, what: str = "input"):
     plane = math.prod(x.shape[2:])
     if x.is_contiguous():
         channels_last = plane == 1  # (N, C) planes of one element: both layouts coincide
-    elif x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+    elif is_channels_last(x):
         channels_last = True
     else:
         raise RuntimeError(f"normfuse_triton: {what} must be contiguous or channels-last, got "
