@@ -71,9 +71,10 @@ def summary_rows(kernels: List[dict], memory: List[dict]) -> List[dict]:
     for layer in LAYERS:
         names = []
         for r in kernels:
+            named = (r["impl"], bool(r.get("relu")))
             if (r["layer"] == layer and r["kind"] not in ("native", "native_relu")
-                    and r["impl"] not in names):
-                names.append((r["impl"], bool(r.get("relu"))))
+                    and named not in names):
+                names.append(named)
         for impl, relu in names:
             base = NATIVE_LABEL[layer] + ("+ReLU" if relu else "")
             row = {"layer": LAYER_LABEL[layer], "impl": impl, "baseline": base}
