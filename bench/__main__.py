@@ -12,18 +12,25 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, host, layers, machine, report, shapes, suite
+from . import e2e, host, layers, machine, report, shapes, step50, suite
 
-SMOKE = dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1)
+SMOKE = dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1,
+             step50=(2, 32, ("fp32",), (0.01, 1, 1)))
+# The ResNet-50 step (bench/step50.py) on a GPU: batch 64 at 224x224 as issue 13 specifies.
+_STEP50_GPU = (64, 224, step50.PRECISIONS)
 PRESETS = {
     # (device, preset): timing = (target_s, min_reps, max_reps, warmup) per contender;
-    # e2e: batch, (target_s, min_reps, max_reps), blocks per ResNet stage (3 = ResNet-20)
+    # e2e: batch, (target_s, min_reps, max_reps), blocks per ResNet stage (3 = ResNet-20);
+    # step50: batch, resolution, precisions, (target_s, min_reps, max_reps), or None (CPU:
+    # seconds a step; --step50 runs it anyway, at the smoke size)
     ("cpu", "smoke"): SMOKE,
-    ("cpu", "quick"): dict(timing=(0.15, 5, 40, 2), batch=32, e2e=(0.6, 3, 8)),
-    ("cpu", "full"): dict(timing=(0.5, 10, 200, 3), batch=64, e2e=(2.0, 5, 20)),
+    ("cpu", "quick"): dict(timing=(0.15, 5, 40, 2), batch=32, e2e=(0.6, 3, 8), step50=None),
+    ("cpu", "full"): dict(timing=(0.5, 10, 200, 3), batch=64, e2e=(2.0, 5, 20), step50=None),
     ("cuda", "smoke"): SMOKE,
-    ("cuda", "quick"): dict(timing=(0.05, 10, 100, 5), batch=128, e2e=(0.5, 10, 50)),
-    ("cuda", "full"): dict(timing=(0.2, 25, 1000, 10), batch=128, e2e=(2.0, 20, 200)),
+    ("cuda", "quick"): dict(timing=(0.05, 10, 100, 5), batch=128, e2e=(0.5, 10, 50),
+                            step50=_STEP50_GPU + ((0.5, 5, 20),)),
+    ("cuda", "full"): dict(timing=(0.2, 25, 1000, 10), batch=128, e2e=(2.0, 20, 200),
+                           step50=_STEP50_GPU + ((2.0, 10, 50),)),
 }
 # (target_s, min_reps, max_reps) of the host-cost rows (bench/host.py), by preset alone: they
 # time a tiny CPU input whatever the device
@@ -49,6 +56,10 @@ def parse(argv):
                    help="also time torch.compile of the compositions")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet-20 training step")
+    p.add_argument("--no-step50", action="store_true",
+                   help="skip the ResNet-50 training step (run by default on a GPU)")
+    p.add_argument("--step50", action="store_true",
+                   help="run the ResNet-50 training step on the CPU too (smoke size)")
     p.add_argument("--no-host", action="store_true",
                    help="skip the host-cost rows (a layer step on a tiny CPU input)")
     p.add_argument("--threads", type=int, default=None,
@@ -103,11 +114,19 @@ def main(argv=None) -> int:
         machine.slug(("cpu " if dev_type == "cpu" else "") + info["device_name"])))
 
     e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends))
+    step50_conf = None if args.no_step50 else (
+        conf["step50"] or (SMOKE["step50"] if args.step50 else None))
+    step50_backends = [b for b in backends if b != "torch"] or backends
+    step50_vars = 0 if step50_conf is None else len(step50_conf[2]) * len(
+        step50.variants(step50_backends))
+    if step50_conf is None and not args.no_step50:
+        notes.append("ResNet-50 training step skipped on the CPU (seconds a step); --step50 runs "
+                     "it at the smoke size")
     # Host cost is measured on every machine (CPU input, the compiled "cpu" ops when built).
     host_backends = [b for b in ("cpu",) if layers.normfuse() is not None
                      and b in layers.normfuse().available_backends()]
     host_rows = 0 if args.no_host else len(host.contenders(host_backends))
-    progress = suite.Progress(suite.count_cases(cfg) + host_rows + e2e_vars)
+    progress = suite.Progress(suite.count_cases(cfg) + host_rows + e2e_vars + step50_vars)
     print(f"bench: {info['device_name']} ({dev_type}), torch {info['torch']}, "
           f"normfuse backends {backends or 'none'}, preset {preset}, "
           f"compile {'on' if use_compile else 'off'}, {len(cfg.shapes)} shapes, "
@@ -120,10 +139,13 @@ def main(argv=None) -> int:
         host_backends, *HOST_PRESETS[preset], threads=1, progress=progress)
     results["e2e"] = [] if args.no_e2e else e2e.run_e2e(
         device, backends, conf["batch"], *conf["e2e"], progress, blocks=conf.get("blocks", 3))
+    results["step50"] = [] if step50_conf is None else step50.run_step50(
+        device, step50_backends, *step50_conf[:3], *step50_conf[3], progress)
     report.derive(results["kernels"])
     summary = report.summary_rows(results["kernels"], results["memory"])
-    tg = report.targets(results["kernels"], dev_type)
-    summary_md = report.summary_markdown(summary, tg, results["e2e"], results["host"])
+    tg = report.targets(results["kernels"], dev_type) + step50.targets(results["step50"])
+    summary_md = report.summary_markdown(summary, tg, results["e2e"], results["host"],
+                                         results["step50"])
     runtime = time.perf_counter() - t_start
     data = dict(results, machine=info, notes=notes, summary=summary, targets=tg,
                 runtime_s=runtime, preset=preset,

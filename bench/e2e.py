@@ -107,8 +107,8 @@ def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: flo
                    fused_relu=var.get("fused_relu", False),
                    batch=batch, depth=6 * blocks + 2, ok=True, median_s=None)
         try:
-            steps.append(_step(var["build"]().to(device).train(), xs, ys))
-            contexts.append(_context(var.get("backend")))
+            steps.append(training_step(var["build"]().to(device).train(), xs, ys))
+            contexts.append(backend_context(var.get("backend")))
         except Exception as exc:
             rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
         results.append(rec)
@@ -139,17 +139,21 @@ def _round_printer(n):
     return show
 
 
-def _step(model: nn.Module, xs, ys):
+def training_step(model: nn.Module, xs, ys, autocast=contextlib.nullcontext):
+    """``step(i)``: one SGD (momentum 0.9) step on the i-th input of the rotation, the forward
+    and loss inside ``autocast()`` (``bench/step50.py`` passes bfloat16 autocast)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step(i):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xs[i % len(xs)]), ys[i % len(ys)]).backward()
+        with autocast():
+            loss = F.cross_entropy(model(xs[i % len(xs)]), ys[i % len(ys)])
+        loss.backward()
         opt.step()
     return step
 
 
-def _context(backend):
+def backend_context(backend):
     if backend:
         return lambda: L.normfuse().use_backend(backend)
     return contextlib.nullcontext

@@ -213,7 +213,8 @@ def host_markdown(host: List[dict]) -> str:
 
 
 def summary_markdown(summary: List[dict], tg: List[dict], e2e: List[dict],
-                     host: Optional[List[dict]] = None) -> str:
+                     host: Optional[List[dict]] = None,
+                     step50: Optional[List[dict]] = None) -> str:
     text = ("Geometric means over shapes, dtypes and layouts. `time / baseline`: time "
             "relative to the native baseline (lower is better); speedups: baseline time / "
             "our time; `model %copy`: 3-pass forward / 5-pass backward bytes per second as a "
@@ -225,6 +226,14 @@ def summary_markdown(summary: List[dict], tg: List[dict], e2e: List[dict],
         text += (f"\nOne training step of a CIFAR ResNet-{depth} (batch {batch}); "
                  "normalization share = 1 - (step with nn.Identity instead) / step:\n\n"
                  + md_table(e2e_rows(e2e)))
+    if step50:
+        from .step50 import rows  # noqa: PLC0415
+        first = step50[0]
+        text += (f"\nOne training step of ResNet-50 (batch {first['batch']}, "
+                 f"{first['resolution']}x{first['resolution']}, SGD with momentum; bf16-cl: "
+                 "bfloat16 autocast, channels-last; fp32: float32, contiguous), against the "
+                 "native model's step in the same rounds (bench/step50.py):\n\n"
+                 + md_table(rows(step50)))
     if host:
         text += host_markdown(host)
     return text
@@ -285,7 +294,7 @@ def write_all(out_dir: str, data: dict, summary_md: str) -> List[str]:
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
     paths.append(path)
-    for name in ("kernels", "copy", "memory", "e2e", "checks", "host"):
+    for name in ("kernels", "copy", "memory", "e2e", "step50", "checks", "host"):
         if name not in data:
             continue
         path = os.path.join(out_dir, f"{name}.csv")
