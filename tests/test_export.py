@@ -28,12 +28,12 @@ KERNEL_BACKENDS = [b for b in ("cpu", "torch") if b in normfuse.available_backen
 
 
 def _model(dtype=torch.float32, seed=0):
-    """Conv -> BIN -> ReLU -> IEBN -> AssocNorm -> ILMNorm (every layer of the package), every
-    parameter and running statistic random (gates inside (0, 1), the AssocNorm and ILM decoders
-    non-zero), so each coefficient path matters."""
+    """Conv -> BIN -> ReLU -> IEBN -> AssocNorm with its ReLU fused -> ILMNorm (every layer of
+    the package, and the fused activation), every parameter and running statistic random (gates
+    inside (0, 1), the AssocNorm and ILM decoders non-zero), so each coefficient path matters."""
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), normfuse.BatchInstanceNorm2d(6), nn.ReLU(),
-                          normfuse.IEBN2d(6), normfuse.AssocNorm(3, 6),
+                          normfuse.IEBN2d(6), normfuse.AssocNorm(3, 6, activation="relu"),
                           normfuse.ILMNorm(6, num_groups=3, key_group_size=2, reduction=2)
                           ).to(dtype)
     with torch.no_grad():
