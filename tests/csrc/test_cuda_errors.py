@@ -39,6 +39,10 @@ CASES = {
     "backward_sums-dy-layout": ("ops.backward_sums(x.contiguous(memory_format=torch.channels_last), x, st)",
                                 "memory layout"),
     "backward_apply-stats-device": ("ops.backward_apply(x, x, st.cpu(), st, st, st)", "is on cpu"),
+    # the fused ReLU's mask: scale without shift, and a mask statistic on the wrong device
+    "backward_sums-mask-pair": ("ops.backward_sums(x, x, st, st, None)", "both be given"),
+    "backward_apply-mask-device": ("ops.backward_apply(x, x, st, st, st, st, st, st.cpu())",
+                                   "is on cpu"),
     "bin-counter-cpu": ("ops.bin_coefficients(st, m2, 15, pc, None, None, None, None, True, 0.1, 1e-5,"
                         " torch.tensor(1))", "num_batches_tracked must be a 0-dim"),
     "bin-counter-int32": ("ops.bin_coefficients(st, m2, 15, pc, None, None, None, None, True, 0.1, 1e-5,"
