@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) sees through every normfuse layer: no graph breaks, and the
-compiled model matches eager (outputs, gradients, running statistics) on each CPU backend."""
+compiled model matches eager (outputs, gradients, running statistics) on each CPU backend; the
+fused activation included."""
 import pytest
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ TOL = {torch.float32: dict(out=(1e-4, 1e-4), grad=(1e-3, 1e-4), buf=(1e-5, 1e-6)
 def _model():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3), normfuse.BatchInstanceNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 1), normfuse.IEBN2d(8), normfuse.AssocNorm(4, 8),
+        nn.Conv2d(8, 8, 1), normfuse.IEBN2d(8), normfuse.AssocNorm(4, 8, activation="relu"),
         normfuse.ILMNorm(8, num_groups=4, key_group_size=2, reduction=2))
 
 
