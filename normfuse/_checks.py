@@ -108,9 +108,6 @@ def check_batch_counter(t, input: Tensor, who: str) -> None:
                          f"{input.device}, got {t.device}")
 
 
-ACTIVATIONS = (None, "relu")
-
-
 def relu_flag(activation, who: str) -> bool:
     """The fused activation: None (none) or "relu" (``y = relu(norm(x))``, one kernel)."""
     if activation is None:

@@ -105,14 +105,19 @@ def _trace(module: nn.Module, opaque: dict):
     from ``module`` again)."""
     modes = [(m, m.training) for m in module.modules()]
     before = set(vars(module))
+
+    def take_constants():  # the attributes a trace set on ``module``, removed from it
+        taken = {name: vars(module)[name] for name in set(vars(module)) - before}
+        for name in taken:
+            delattr(module, name)
+        return taken
+
     graphs = []
     try:
         for training in (True, False):
             for m, _ in modes:
                 m.training = training  # the attribute, not .train(): no overridden train() runs
-            constants = {name: vars(module)[name] for name in set(vars(module)) - before}
-            for name in constants:
-                delattr(module, name)
+            take_constants()  # the previous mode's: each trace sets its own
             tracer = _Tracer(opaque)
             try:
                 graphs.append(tracer.trace(module))
@@ -121,9 +126,7 @@ def _trace(module: nn.Module, opaque: dict):
     finally:
         for m, training in modes:
             m.training = training
-        constants = {name: vars(module)[name] for name in set(vars(module)) - before}
-        for name in constants:
-            delattr(module, name)
+        constants = take_constants()
     for a, b in itertools.zip_longest(graphs[0].nodes, graphs[1].nodes):
         if a is None or b is None or a.format_node() != b.format_node():
             # The branch is in the forward of the module that created one of the two nodes.

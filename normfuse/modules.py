@@ -19,6 +19,10 @@ class _Activation:
 
     activation = None  # also the value of modules pickled before the attribute existed
 
+    def _set_activation(self, activation) -> None:
+        relu_flag(activation, type(self).__name__)  # refuses anything but None and "relu"
+        self.activation = activation
+
     def _relu(self) -> bool:
         act = self.activation
         return act is not None and relu_flag(act, type(self).__name__)
@@ -37,8 +41,7 @@ class _BatchStatsNorm(_Activation, nn.Module):
                  track_running_stats: bool = True, device=None, dtype=None, *,
                  activation: str | None = None):
         super().__init__()
-        relu_flag(activation, type(self).__name__)
-        self.activation = activation
+        self._set_activation(activation)
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         factory = {"device": device, "dtype": dtype}
@@ -296,8 +299,7 @@ class AssocNorm(_Activation, nn.Module):
     def __init__(self, num_groups: int, num_channels: int, embed_dim: int | None = None,
                  eps: float = 1e-5, device=None, dtype=None, *, activation: str | None = None):
         super().__init__()
-        relu_flag(activation, type(self).__name__)
-        self.activation = activation
+        self._set_activation(activation)
         if num_groups <= 0 or num_channels <= 0:
             raise ValueError(f"num_groups and num_channels must be positive, got {num_groups} "
                              f"and {num_channels}")
@@ -383,8 +385,7 @@ class ILMNorm(_Activation, nn.Module):
                  reduction: int = 16, eps: float = 1e-5, device=None, dtype=None, *,
                  activation: str | None = None):
         super().__init__()
-        relu_flag(activation, type(self).__name__)
-        self.activation = activation
+        self._set_activation(activation)
         for name, value in (("num_channels", num_channels), ("num_groups", num_groups),
                             ("key_group_size", key_group_size), ("reduction", reduction)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -10,7 +10,7 @@ project supports (the lowest-torch CI runs 2.11); ``test_copy_matches_torchvisio
 copy against it where it is installed.
 
 Numbers: run under the "torch" backend (the reference), and under the default backend ("auto":
-the compiled kernels), which skips while its fused-ReLU kernels raise "not implemented".
+the compiled kernels).
 """
 
 from __future__ import annotations
@@ -113,25 +113,19 @@ def _assert_same_step(fused, plain, inputs, seed, what):
                                    msg=lambda m: f"{what}: gradient of {name}: {m}")
 
 
+def _assert_same_in_train_and_eval(fused, plain, x, seed):
+    """Steps in training, eval and training again: same outputs, gradients and state."""
+    for training in (True, False, True):
+        fused.train(training), plain.train(training)
+        _assert_same_step(fused, plain, [x], seed, f"training={training}")
+        _assert_same_state(fused, plain, f"training={training}")
+
+
 def _assert_same_state(fused, plain, what):
     a, b = fused.state_dict(), plain.state_dict()
     assert list(a) == list(b), f"{what}: state_dict keys"
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=lambda m: f"{what}: {k}: {m}")
-
-
-def _fused_relu_missing():
-    """Why the default backend cannot run a fused ReLU yet, or None when it can."""
-    x = torch.randn(2, 4, 3, 3, dtype=F64)
-    try:
-        for layer in (normfuse.BatchInstanceNorm2d(4), normfuse.AssocNorm(2, 4)):
-            layer.activation = "relu"
-            layer(x).sum().backward()
-    except Exception as exc:  # the kernels' "not implemented"
-        if "not implemented" in str(exc).lower():
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-        raise
-    return None
 
 
 @pytest.fixture(params=["torch", "default"])
@@ -141,9 +135,6 @@ def fuse_backend(request):
         with normfuse.use_backend("torch"):
             yield "torch"
         return
-    reason = _fused_relu_missing()
-    if reason is not None:
-        pytest.skip(f"the default backend's fused ReLU has not landed ({reason})")
     with normfuse.use_backend("auto"):
         yield "auto"
 
@@ -188,10 +179,7 @@ def test_fuses_every_relu_form(fuse_backend, seed):
     assert _relu_calls(fused) == 3, fused.code   # bns.10's, bns.12's, shared's
     assert not any(getattr(m, "activation", None) for m in plain.modules())
     x = torch.randn(3, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
-    for training in (True, False, True):
-        fused.train(training), plain.train(training)
-        _assert_same_step(fused, plain, [x], seed, f"training={training}")
-        _assert_same_state(fused, plain, f"training={training}")
+    _assert_same_in_train_and_eval(fused, plain, x, seed)
 
 
 def test_norm_with_another_user_stays_unfused(seed):
@@ -327,10 +315,7 @@ def test_untraceable_submodule_left_plain_and_reported(fuse_backend, seed):
                                                                      fx.GraphModule)
     assert type(fused.mode) is ModeDependent and getattr(fused.mode.bn, "activation", None) is None
     x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
-    for training in (True, False, True):
-        fused.train(training), plain.train(training)
-        _assert_same_step(fused, plain, [x], seed, f"training={training}")
-        _assert_same_state(fused, plain, f"training={training}")
+    _assert_same_in_train_and_eval(fused, plain, x, seed)
 
 
 def test_untraceable_model_returns_itself_with_fused_children(seed):
