@@ -2,7 +2,9 @@
 //
 // Forward: moments -> <layer>_coefficients -> affine_apply; backward: backward_sums ->
 // <layer>_coefficients_backward -> backward_apply. The same ops, in the same order, with the
-// same arguments as normfuse/_autograd.py's NormFunction runs them; here the autograd node is
+// same arguments as normfuse/_autograd.py's NormFunction runs them (for BIN and IEBN the first two
+// of each direction are one layer-step op, layer_steps.cpp, which a device may run in one launch:
+// on every device without its own kernel they are the composition); here the autograd node is
 // C++ (registered at the Autograd key, as torchvision's roi_align does), so a layer step costs
 // the host one op call from Python and no Python autograd.Function (issue 13, host cost).
 // The inner ops dispatch on the input's device: these kernels serve the "cpu" and "cuda"
@@ -35,6 +37,7 @@ enum Layer : int64_t { kBin = 0, kIebn = 1, kAssoc = 2 };
 constexpr int kMaxParams = 5;  // AssocNorm: encoder, decoder_mean, decoder_var, weight, bias
 
 using Pair = std::tuple<Tensor, Tensor>;
+using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 // The component ops, looked up once (typed handles: a signature mismatch with ops.cpp throws
 // at the first call instead of miscompiling).
@@ -46,22 +49,6 @@ struct Ops {
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                   const Tensor&, const OptTensor&, const OptTensor&)>
       backward_apply;
-  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&,
-                                const OptTensor&, const OptTensor&, const OptTensor&, bool, double, double,
-                                const OptTensor&)>
-      bin;
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&,
-      const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>
-      bin_backward;
-  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
-                                const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-                                double, double, const OptTensor&)>
-      iebn;
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
-      const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>
-      iebn_backward;
   c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
                                 const Tensor&, const Tensor&, const Tensor&, double)>
       assoc;
@@ -69,6 +56,21 @@ struct Ops {
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
       const Tensor&, const Tensor&, const Tensor&, double)>
       assoc_backward;
+  // The BIN / IEBN layer steps (layer_steps.cpp): reduction and coefficient step as one op.
+  c10::TypedOperatorHandle<Quad(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                const OptTensor&, bool, double, double, const OptTensor&)>
+      bin_step;
+  c10::TypedOperatorHandle<Quad(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&)>
+      iebn_step;
+  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+      const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>
+      bin_step_backward;
+  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+      const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>
+      iebn_step_backward;
 };
 
 template <class Sig>
@@ -84,25 +86,24 @@ const Ops& ops() {
           "normfuse::backward_sums"),
       find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                   const OptTensor&, const OptTensor&)>("normfuse::backward_apply"),
-      find<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&, const OptTensor&,
-                const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&)>(
-          "normfuse::bin_coefficients"),
-      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&,
-          const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>("normfuse::bin_coefficients_backward"),
-      find<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const OptTensor&,
-                const OptTensor&, const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&)>(
-          "normfuse::iebn_coefficients"),
-      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
-          const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>(
-          "normfuse::iebn_coefficients_backward"),
       find<Pair(const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&, const Tensor&,
                 const Tensor&, const Tensor&, double)>("normfuse::assoc_coefficients"),
       find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
           "normfuse::assoc_coefficients_backward"),
+      find<Quad(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                bool, double, double, const OptTensor&)>("normfuse::bin_moments_coefficients"),
+      find<Quad(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                const OptTensor&, bool, double, double, const OptTensor&)>("normfuse::iebn_moments_coefficients"),
+      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+          const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>(
+          "normfuse::bin_sums_coefficients_backward"),
+      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+          const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&,
+          const OptTensor&)>("normfuse::iebn_sums_coefficients_backward"),
   };
   return o;
 }
@@ -139,32 +140,32 @@ struct Forward {
   Tensor y, mean, m2, scale, shift;
 };
 
-// moments -> coefficients -> affine_apply.
-Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b,
-                                                const Config& c) {
+// moments -> coefficients -> affine_apply (BIN / IEBN: the first two as one layer step, layer_steps.cpp).
+Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   const Ops& o = ops();
-  auto [mean, m2] = o.moments.call(x);
-  const int64_t plane = plane_size(x);
-  Tensor scale, shift;
+  Tensor mean, m2, scale, shift;
   switch (c.layer) {
     case kBin:
-      std::tie(scale, shift) = o.bin.call(mean, m2, plane, req(p[0]), p[1], p[2], b.running_mean, b.running_var,
-                                          c.training, c.momentum, c.eps, b.num_batches_tracked);
+      std::tie(mean, m2, scale, shift) = o.bin_step.call(x, req(p[0]), p[1], p[2], b.running_mean, b.running_var,
+                                                         c.training, c.momentum, c.eps, b.num_batches_tracked);
       break;
     case kIebn:
-      std::tie(scale, shift) = o.iebn.call(mean, m2, plane, req(p[0]), req(p[1]), p[2], p[3], b.running_mean,
-                                           b.running_var, c.training, c.momentum, c.eps, b.num_batches_tracked);
+      std::tie(mean, m2, scale, shift) =
+          o.iebn_step.call(x, req(p[0]), req(p[1]), p[2], p[3], b.running_mean, b.running_var, c.training,
+                           c.momentum, c.eps, b.num_batches_tracked);
       break;
     case kAssoc:
-      std::tie(scale, shift) = o.assoc.call(mean, m2, plane, c.num_groups, req(p[0]), req(p[1]), req(p[2]),
-                                            req(p[3]), req(p[4]), c.eps);
+      std::tie(mean, m2) = o.moments.call(x);
+      std::tie(scale, shift) = o.assoc.call(mean, m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]),
+                                            req(p[2]), req(p[3]), req(p[4]), c.eps);
       break;
   }
   Tensor y = o.affine_apply.call(x, mean, scale, shift, c.relu);
   return {std::move(y), std::move(mean), std::move(m2), std::move(scale), std::move(shift)};
 }
 
-// backward_sums -> coefficients backward -> backward_apply; (dx or undefined, parameter grads).
+// backward_sums -> coefficients backward -> backward_apply (BIN / IEBN: the first two as one layer step);
+// (dx or undefined, parameter grads).
 std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy, const Tensor& x,
                                                                  const Tensor& mean, const Tensor& m2,
                                                                  const OptTensor& scale, const OptTensor& shift,
@@ -172,24 +173,24 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
                                                                  const OptTensor& rv, const Config& c,
                                                                  bool want_dx) {
   const Ops& o = ops();
-  auto [g1, g2] = o.backward_sums.call(dy, x, mean, scale, shift);
-  const int64_t plane = plane_size(x);
   Tensor c_dy, c_x, c_0;
   std::array<Tensor, kMaxParams> grads;
   switch (c.layer) {
     case kBin:
-      std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2]) =
-          o.bin_backward.call(g1, g2, mean, m2, plane, req(p[0]), p[1], p[2], rm, rv, c.training, c.eps);
+      std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2]) = o.bin_step_backward.call(
+          dy, x, mean, m2, req(p[0]), p[1], p[2], rm, rv, c.training, c.eps, scale, shift);
       break;
     case kIebn:
-      std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3]) = o.iebn_backward.call(
-          g1, g2, mean, m2, plane, req(p[0]), req(p[1]), p[2], p[3], rm, rv, c.training, c.eps);
+      std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3]) = o.iebn_step_backward.call(
+          dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], rm, rv, c.training, c.eps, scale, shift);
       break;
-    case kAssoc:
+    case kAssoc: {
+      auto [g1, g2] = o.backward_sums.call(dy, x, mean, scale, shift);
       std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3], grads[4]) =
-          o.assoc_backward.call(g1, g2, mean, m2, plane, c.num_groups, req(p[0]), req(p[1]), req(p[2]),
+          o.assoc_backward.call(g1, g2, mean, m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]), req(p[2]),
                                 req(p[3]), req(p[4]), c.eps);
       break;
+    }
   }
   Tensor dx = want_dx ? o.backward_apply.call(dy, x, mean, c_dy, c_x, c_0, scale, shift) : Tensor();
   return {std::move(dx), std::move(grads)};

@@ -57,6 +57,35 @@ TORCH_LIBRARY(normfuse, m) {
       "Tensor grad_encoder, Tensor grad_decoder_mean, Tensor grad_decoder_var, "
       "Tensor grad_weight, Tensor grad_bias)");
 
+  // A BIN / IEBN layer's reduction and coefficient step as one op per direction (what the whole-layer
+  // ops call): moments then <layer>_coefficients, and backward_sums then
+  // <layer>_coefficients_backward, with the same arguments and results (running statistics and
+  // num_batches_tracked updated in place in training). One op, so a device can run the coefficient
+  // step in the reduction's own launch: on CUDA, for a small layer, the last block of the
+  // reduction computes the coefficients (csrc/cuda/layer_steps_cuda.cpp), which takes a kernel
+  // launch and its fixed latency off every layer step (issue 13). Elsewhere the composition
+  // (csrc/layer_steps.cpp). plane_size is the input's.
+  m.def(
+      "bin_moments_coefficients(Tensor input, Tensor gate, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None) -> (Tensor mean, Tensor m2, Tensor scale, Tensor shift)");
+  m.def(
+      "iebn_moments_coefficients(Tensor input, Tensor gate_weight, Tensor gate_bias, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps, Tensor(c!)? num_batches_tracked=None) "
+      "-> (Tensor mean, Tensor m2, Tensor scale, Tensor shift)");
+  m.def(
+      "bin_sums_coefficients_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor m2, "
+      "Tensor gate, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "bool training, float eps, Tensor? scale=None, Tensor? shift=None) -> (Tensor c_dy, Tensor c_x, "
+      "Tensor c_0, Tensor grad_gate, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "iebn_sums_coefficients_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor m2, "
+      "Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, Tensor? scale=None, Tensor? shift=None) "
+      "-> (Tensor c_dy, Tensor c_x, Tensor c_0, Tensor grad_gate_weight, Tensor grad_gate_bias, "
+      "Tensor grad_weight, Tensor grad_bias)");
+
   // Whole layers, one op per direction (csrc/layer_autograd.cpp): moments -> coefficients ->
   // affine_apply in one call, and an Autograd kernel whose C++ node runs backward_sums ->
   // coefficients backward -> backward_apply. Same arguments and semantics as the coefficient

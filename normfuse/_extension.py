@@ -25,6 +25,11 @@ OP_NAMES = (
     "iebn_coefficients_backward",
     "assoc_coefficients",
     "assoc_coefficients_backward",
+    # the BIN / IEBN layer steps the whole-layer ops call (csrc/layer_steps.cpp)
+    "bin_moments_coefficients",
+    "iebn_moments_coefficients",
+    "bin_sums_coefficients_backward",
+    "iebn_sums_coefficients_backward",
 )
 
 HAS_CPU_KERNELS = False
@@ -125,6 +130,23 @@ def _assoc_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, e
             _param_grad(decoder_mean, mean), _param_grad(decoder_var, mean), _param_grad(weight, mean),
             _param_grad(bias, mean))
 
+def _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps,
+                   num_batches_tracked=None):
+    return (*_moments_fake(x), *_moments_fake(x))  # mean, m2, scale, shift
+
+def _iebn_step_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum, eps,
+                    num_batches_tracked=None):
+    return (*_moments_fake(x), *_moments_fake(x))  # mean, m2, scale, shift
+
+def _bin_step_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean, running_var, training, eps,
+                            scale=None, shift=None):
+    return _bin_backward_fake(mean, mean, mean, m2, 1, gate, weight, bias, running_mean, running_var, training, eps)
+
+def _iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias, running_mean, running_var,
+                             training, eps, scale=None, shift=None):
+    return _iebn_backward_fake(mean, mean, mean, m2, 1, gate_weight, gate_bias, weight, bias, running_mean,
+                               running_var, training, eps)
+
 FAKES = {
     "moments": _moments_fake,
     "affine_apply": _affine_apply_fake,
@@ -136,6 +158,10 @@ FAKES = {
     "iebn_coefficients_backward": _iebn_backward_fake,
     "assoc_coefficients": _assoc_fake,
     "assoc_coefficients_backward": _assoc_backward_fake,
+    "bin_moments_coefficients": _bin_step_fake,
+    "iebn_moments_coefficients": _iebn_step_fake,
+    "bin_sums_coefficients_backward": _bin_step_backward_fake,
+    "iebn_sums_coefficients_backward": _iebn_step_backward_fake,
 }
 assert set(FAKES) == set(OP_NAMES)
 
