@@ -17,11 +17,15 @@ def _moment_pair(mean: Tensor, m2: Tensor):
         raise RuntimeError(f"normfuse_triton: mean must be (N, C) float32/float64, got "
                            f"{tuple(mean.shape)} {mean.dtype}")
     check_device(mean, "mean")
-    return mean.contiguous(), stats_tensor(m2, mean.shape, mean.dtype, "m2")
+    return mean.contiguous(), stats_tensor(m2, mean.shape, mean.dtype, "m2", mean.device)
 
 
-def _param(t, c: int, dtype, what: str):
-    return None if t is None else stats_tensor(t.reshape(-1), (c,), dtype, what)
+def _param(t, mean: Tensor, what: str):
+    """A parameter: None, or a (C,) tensor of the statistics' dtype on their device."""
+    c = mean.shape[1]
+    if t is None:
+        return None
+    return stats_tensor(t.reshape(-1), (c,), mean.dtype, what, mean.device)
 
 
 def _coeff_meta(n: int):
@@ -29,17 +33,20 @@ def _coeff_meta(n: int):
     return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps), cfg
 
 
-def _running(running_mean, running_var, c, dtype):
+def _running(running_mean, running_var, mean: Tensor):
     """Contiguous running statistics for the kernels (strided ones are copied, see
     ``_write_back``)."""
     if (running_mean is None) != (running_var is None):
         raise RuntimeError("normfuse_triton: give both running_mean and running_var, or neither")
     if running_mean is None:
         return None, None
+    c, dtype, device = mean.shape[1], mean.dtype, mean.device
     for t, what in ((running_mean, "running_mean"), (running_var, "running_var")):
         if tuple(t.shape) != (c,) or t.dtype != dtype:
             raise RuntimeError(f"normfuse_triton: {what} must be a ({c},) {dtype} tensor, got "
                                f"{tuple(t.shape)} {t.dtype}")
+        if t.device != device:
+            raise RuntimeError(f"normfuse_triton: {what} is on {t.device}, expected {device}")
     return running_mean.contiguous(), running_var.contiguous()
 
 
@@ -70,9 +77,9 @@ def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, r
     tensor) pairs (BIN: gate; IEBN: gate_weight, gate_bias), passed to the kernel in order."""
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
-    gates = [_param(t, c, mean.dtype, name) for name, t in gates]
-    weight, bias = _param(weight, c, mean.dtype, "weight"), _param(bias, c, mean.dtype, "bias")
-    rm, rv = _running(running_mean, running_var, c, mean.dtype)
+    gates = [_param(t, mean, name) for name, t in gates]
+    weight, bias = _param(weight, mean, "weight"), _param(bias, mean, "bias")
+    rm, rv = _running(running_mean, running_var, mean)
     nbt, count = _batch_counter(num_batches_tracked, mean, training, op)
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
@@ -97,11 +104,11 @@ def _batch_backward(kernel, sum_dy, sum_dy_xmu, mean, m2, plane_size, gates, wei
     """BIN / IEBN backward: (c_dy, c_x, c_0, one gradient per gate, grad_weight, grad_bias)."""
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy")
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu")
-    gates = [_param(t, c, mean.dtype, name) for name, t in gates]
-    weight = _param(weight, c, mean.dtype, "weight")
-    running_mean, running_var = _running(running_mean, running_var, c, mean.dtype)
+    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
+    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)
+    gates = [_param(t, mean, name) for name, t in gates]
+    weight = _param(weight, mean, "weight")
+    running_mean, running_var = _running(running_mean, running_var, mean)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
     grads = [mean.new_empty(c) for _ in range(len(gates) + 2)]
     if n * c == 0:
@@ -163,14 +170,15 @@ def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, 
     if num_groups <= 0 or c % num_groups:
         raise RuntimeError(f"normfuse_triton: {c} channels do not split into {num_groups} groups")
     hidden = encoder.shape[0]
-    enc = stats_tensor(encoder, (hidden, num_groups), mean.dtype, "encoder")
-    dec_mu = stats_tensor(decoder_mean, (num_groups, hidden), mean.dtype, "decoder_mean")
-    dec_var = stats_tensor(decoder_var, (num_groups, hidden), mean.dtype, "decoder_var")
+    acc, dev = mean.dtype, mean.device
+    enc = stats_tensor(encoder, (hidden, num_groups), acc, "encoder", dev)
+    dec_mu = stats_tensor(decoder_mean, (num_groups, hidden), acc, "decoder_mean", dev)
+    dec_var = stats_tensor(decoder_var, (num_groups, hidden), acc, "decoder_var", dev)
     cfg = heuristics.assoc_config(num_groups, hidden)
     meta = dict(BLOCK_G=cfg.block_g, BLOCK_M=cfg.block_m, BLOCK_CG=cfg.block_cg,
                 num_warps=cfg.num_warps)
-    return (enc, dec_mu, dec_var, _param(weight, c, mean.dtype, "weight"),
-            _param(bias, c, mean.dtype, "bias"), hidden, meta)
+    return (enc, dec_mu, dec_var, _param(weight, mean, "weight"),
+            _param(bias, mean, "bias"), hidden, meta)
 
 
 @triton_op(f"{NAMESPACE}::assoc_coefficients", mutates_args=())
@@ -199,8 +207,8 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
                                            Tensor]:
     mean, m2 = _moment_pair(mean, m2)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy")
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu")
+    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
+    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)
     enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
         mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))

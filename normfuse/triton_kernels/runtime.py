@@ -119,10 +119,14 @@ def check_pair(dy: Tensor, x: Tensor):
     return layout
 
 
-def stats_tensor(t: Tensor, shape, dtype, what: str) -> Tensor:
+def stats_tensor(t: Tensor, shape, dtype, what: str, device: torch.device) -> Tensor:
+    """``t`` (statistics, coefficients or a parameter) checked to be a ``shape`` ``dtype`` tensor
+    on ``device`` (the input's or the statistics'), contiguous."""
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         raise RuntimeError(f"normfuse_triton: {what} must be {tuple(shape)} {dtype}, got "
                            f"{tuple(t.shape)} {t.dtype}")
+    if t.device != device:
+        raise RuntimeError(f"normfuse_triton: {what} is on {t.device}, expected {device}")
     return t.contiguous()
 
 

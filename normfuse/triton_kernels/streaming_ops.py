@@ -30,8 +30,8 @@ def _relu_coefficients(op: str, scale: OptTensor, shift: OptTensor, input: Tenso
         if t.device != input.device:
             raise RuntimeError(f"normfuse_triton.{op}: {name} is on {t.device}, input on "
                                f"{input.device}")
-    return (True, stats_tensor(scale, shape, acc, "scale"),
-            stats_tensor(shift, shape, acc, "shift"))
+    return (True, stats_tensor(scale, shape, acc, "scale", input.device),
+            stats_tensor(shift, shape, acc, "shift", input.device))
 
 
 @triton_op(f"{NAMESPACE}::moments", mutates_args=())
@@ -55,7 +55,7 @@ def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
                  relu: bool = False) -> Tensor:
     n, c, plane, cl = check_input(input)
     acc = acc_dtype(input.dtype)
-    mean, scale, shift = (stats_tensor(t, (n, c), acc, name) for t, name in
+    mean, scale, shift = (stats_tensor(t, (n, c), acc, name, input.device) for t, name in
                           ((mean, "mean"), (scale, "scale"), (shift, "shift")))
     out = torch.empty_like(input)
     if out.numel() == 0:
@@ -73,7 +73,7 @@ def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor, scale: OptTe
                   shift: OptTensor = None) -> tuple[Tensor, Tensor]:
     n, c, plane, cl = check_pair(grad_output, input)
     acc = acc_dtype(input.dtype)
-    mean = stats_tensor(mean, (n, c), acc, "mean")
+    mean = stats_tensor(mean, (n, c), acc, "mean", input.device)
     mask, scale, shift = _relu_coefficients("backward_sums", scale, shift, input, (n, c), acc,
                                             mean)
     g1 = mean.new_empty((n, c))
@@ -94,7 +94,7 @@ def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tenso
                    shift: OptTensor = None) -> Tensor:
     n, c, plane, cl = check_pair(grad_output, input)
     acc = acc_dtype(input.dtype)
-    mean, c_dy, c_x, c_0 = (stats_tensor(t, (n, c), acc, name) for t, name in
+    mean, c_dy, c_x, c_0 = (stats_tensor(t, (n, c), acc, name, input.device) for t, name in
                             ((mean, "mean"), (c_dy, "c_dy"), (c_x, "c_x"), (c_0, "c_0")))
     mask, scale, shift = _relu_coefficients("backward_apply", scale, shift, input, (n, c), acc,
                                             mean)

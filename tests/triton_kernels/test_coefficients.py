@@ -257,3 +257,19 @@ def test_batch_counter(impl, layer, n, c):
         with pytest.raises(RuntimeError, match="num_batches_tracked must be a 0-dim"):
             fn(mean, m2, L, *gates, weight, bias, rm, rv, True, MOMENTUM, EPS, bad)
         assert torch.equal(rm, rm0) and torch.equal(rv, rv0) and torch.equal(bad, bad0)
+
+
+def test_statistics_on_another_device_are_refused():
+    """Every statistic, coefficient and parameter is checked to be on the statistics' (or the
+    input's) device before a launch.  Through the ops a tensor on another device only shows on a
+    GPU (test_gpu.py); here the checks themselves, with a meta tensor as the stranger."""
+    from normfuse.triton_kernels import coefficient_ops, runtime
+    mean = torch.zeros(2, 3, device=DEVICE)
+    stranger = torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match="weight is on meta, expected"):
+        coefficient_ops._param(stranger, mean, "weight")
+    with pytest.raises(RuntimeError, match="running_var is on meta, expected"):
+        coefficient_ops._running(torch.zeros(3, device=DEVICE), stranger, mean)
+    with pytest.raises(RuntimeError, match="m2 is on meta, expected"):
+        runtime.stats_tensor(torch.zeros(2, 3, device="meta"), (2, 3), mean.dtype, "m2",
+                             mean.device)

@@ -100,3 +100,30 @@ def test_torch_compile_fullgraph():
 def test_float64_rejected():
     with pytest.raises(RuntimeError, match="float64"):
         ops.moments(torch.randn(2, 3, 4, device="cuda", dtype=torch.float64))
+
+
+@pytest.mark.parametrize("stranger", ["weight", "running_mean", "sum_dy", "scale"])
+def test_tensor_on_another_device_raises(stranger):
+    """A statistic, coefficient or parameter on the CPU with CUDA statistics: a clear error
+    naming it, before any launch, running statistics untouched."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = "cuda"
+    n, c = 4, 6
+    mean, m2 = torch.randn(n, c, device=dev), torch.rand(n, c, device=dev) + 1
+    gate, weight, bias = (torch.rand(c, device=dev) for _ in range(3))
+    rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
+    before = (rm.clone(), rv.clone())
+    args = dict(weight=weight, running_mean=rm, sum_dy=mean.clone(), scale=mean.clone())
+    args[stranger] = args[stranger].cpu()
+    with pytest.raises(RuntimeError, match=f"{stranger} is on cpu"):
+        if stranger == "sum_dy":
+            ops.bin_coefficients_backward(args["sum_dy"], mean, mean, m2, 4, gate, weight, bias,
+                                          None, None, True, 1e-5)
+        elif stranger == "scale":
+            x = torch.randn(n, c, 2, 2, device=dev)
+            ops.affine_apply(x, mean, args["scale"], mean.clone())
+        else:
+            ops.bin_coefficients(mean, m2, 4, gate, args["weight"], bias, args["running_mean"],
+                                 rv, True, 0.1, 1e-5)
+    torch.testing.assert_close((rm, rv), before)
