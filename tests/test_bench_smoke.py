@@ -85,3 +85,16 @@ def test_csv_matches_json(run):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(data["kernels"])
     assert all(float(r["median_s"]) > 0 for r in rows if r["ok"] == "True")
+
+
+def test_l2probe_smoke(tmp_path):
+    """bench/l2probe.py (a GPU probe for the single-read decision, issue 14) runs its code path
+    on the CPU and writes one finite row per case and direction."""
+    from bench import l2probe
+    assert l2probe.main(["--smoke", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "l2probe.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(l2probe.CASES)
+    for r in rows:
+        for key in ("cold_ms", "warm_ms", "pair_ms", "floor_ms", "l2_gain", "pair_vs_floor"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0, r

@@ -1,0 +1,168 @@
+"""Does the second pass of a layer already read its activation from L2?  (issue 14, single read)
+
+A layer reads x twice forward (``moments``, then ``affine_apply``) and x and dy twice backward
+(``backward_sums``, then ``backward_apply``).  A path that reads them once ("single read") keeps
+them on chip in between: in the registers and shared memory of a cooperative persistent kernel,
+or in the L2 between two ordinary launches.  On an H200 (60 MB of L2) the second may come free:
+this probe measures, before anyone writes the first, how much of the second read L2 already
+serves, for activations from a few MB to a few times the L2.
+
+For each size (N=64, C=128, square planes; float32 contiguous and bfloat16 channels-last), with
+the ``cuda`` backend's ops and CUDA events, medians over repetitions:
+
+* ``cold_ms``: the second pass alone after the L2 was flushed (a 2x-L2 buffer rewritten);
+* ``warm_ms``: the second pass right after the first on the same tensors (no flush): x (and dy)
+  as the first pass left them in L2;
+* ``pair_ms``: first + second pass from a flushed L2, what a layer direction costs now;
+* ``floor_ms``: the single-read floor of the direction (forward: read x once, write y; backward:
+  read x and dy once, write dx), at the copy bandwidth measured on the same tensor;
+* ``l2_gain`` = cold / warm: 1 means L2 serves nothing of the second read; ``pair_vs_floor`` =
+  pair / floor: what a single-read path could at most win.
+
+Read it so: where ``l2_gain`` is well above 1 and ``pair_vs_floor`` near 1, L2 residency already
+gives the single read and a persistent kernel has nothing to win; where the tensor is above the
+L2 both stay high, and only a kernel that keeps the data in registers/shared memory (bounded by
+the SMs' on-chip memory, which is below the L2 size) or a different blocking could help.
+``python -m bench.l2probe [--out DIR]`` (a GPU; ``--smoke`` on the CPU checks the code path only).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from statistics import median
+from typing import Callable, List
+
+import torch
+
+SIZES_MB = (4, 8, 16, 24, 32, 48, 64, 96, 160)
+CASES = (("float32", torch.float32, False), ("bfloat16-cl", torch.bfloat16, True))
+COLUMNS = ("case", "direction", "mb", "shape", "cold_ms", "warm_ms", "pair_ms", "floor_ms",
+           "copy_gbs", "l2_gain", "pair_vs_floor")
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds of one call: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        def cuda_time(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return cuda_time
+
+    def cpu_time(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return cpu_time
+
+
+def _tensor(shape, dtype, channels_last, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g) * 1.5 + 0.3).to(dtype)  # never all-zero
+    t = t.to(device)
+    return t.to(memory_format=torch.channels_last) if channels_last else t
+
+
+def probe_case(ops, name, dtype, channels_last, mb, device, reps, flush_bytes) -> List[dict]:
+    n, c = 64, 128
+    side = max(1, round((mb * 2**20 / (n * c * torch.finfo(dtype).bits // 8)) ** 0.5))
+    shape = (n, c, side, side)
+    x = _tensor(shape, dtype, channels_last, device, 0)
+    dy = _tensor(shape, dtype, channels_last, device, 1)
+    mean, m2 = ops.moments(x)
+    scale = torch.rand_like(mean) + 0.5
+    shift = torch.randn_like(mean)
+    c_dy, c_x, c_0 = scale, torch.randn_like(mean) * 1e-3, torch.randn_like(mean) * 1e-3
+    out = torch.empty_like(x)
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device=device)
+    timer = _timer(device)
+    nbytes = x.numel() * x.element_size()
+
+    def flushed():
+        flush.add_(1)
+
+    directions = {
+        "forward": (lambda: ops.moments(x), lambda: ops.affine_apply(x, mean, scale, shift), 2),
+        "backward": (lambda: ops.backward_sums(dy, x, mean),
+                     lambda: ops.backward_apply(dy, x, mean, c_dy, c_x, c_0), 3),
+    }
+    copy_ms = []
+    for _ in range(reps):
+        flushed()
+        copy_ms.append(timer(lambda: out.copy_(x)))
+    copy_gbs = 2 * nbytes / (median(copy_ms) * 1e-3) / 1e9
+    rows = []
+    for direction, (first, second, passes) in directions.items():
+        cold, warm, pair = [], [], []
+        for _ in range(reps):  # interleaved, so drifting clocks hit all three alike
+            first()
+            flushed()
+            cold.append(timer(second))
+            flushed()
+            first()
+            warm.append(timer(second))
+            flushed()
+            pair.append(timer(lambda: (first(), second())))
+        floor = passes * nbytes / (copy_gbs * 1e9) * 1e3
+        row = dict(case=name, direction=direction, mb=round(nbytes / 2**20, 1),
+                   shape="x".join(map(str, shape)), cold_ms=median(cold), warm_ms=median(warm),
+                   pair_ms=median(pair), floor_ms=floor, copy_gbs=copy_gbs)
+        row["l2_gain"] = row["cold_ms"] / row["warm_ms"]
+        row["pair_vs_floor"] = row["pair_ms"] / floor
+        rows.append(row)
+    return rows
+
+
+def run(device: torch.device, sizes=SIZES_MB, reps: int = 15, progress=print) -> List[dict]:
+    from normfuse import _extension  # loads normfuse._C, whose ops are probed
+    if not _extension.HAS_CPU_KERNELS:
+        raise RuntimeError(f"bench.l2probe: normfuse._C is not usable: {_extension.REASON}")
+    ops = torch.ops.normfuse
+    l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+          if device.type == "cuda" else 32 << 20)
+    rows = []
+    for name, dtype, cl in CASES:
+        for mb in sizes:
+            for row in probe_case(ops, name, dtype, cl, mb, device, reps, 2 * l2):
+                rows.append(row)
+                progress(f"l2probe {row['case']:12s} {row['direction']:8s} {row['mb']:6.1f} MB  "
+                         f"cold {row['cold_ms']:.3f} warm {row['warm_ms']:.3f} ms  "
+                         f"L2 gain {row['l2_gain']:.2f}x  pair/floor {row['pair_vs_floor']:.2f}")
+    return rows
+
+
+def write(rows: List[dict], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "l2probe.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.l2probe", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="write l2probe.csv there")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the code path only")
+    args = p.parse_args(argv)
+    if args.smoke:
+        rows = run(torch.device("cpu"), sizes=(1,), reps=2)
+    elif not torch.cuda.is_available():
+        print("bench.l2probe: needs a GPU (use --smoke to check the code path on the CPU)")
+        return 2
+    else:
+        rows = run(torch.device("cuda"), reps=args.reps)
+    if args.out:
+        write(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
