@@ -224,6 +224,28 @@ def _layer_backward_graph(layer, input, grad_output, params, running_mean, runni
     return [g if g is not None else input.new_empty((0,)) for g in grads]
 
 
+_STEPS = None  # (batch_layer_step, assoc_layer_step) of normfuse._C, or (None, None)
+_exporting_or_compiling = torch.compiler.is_compiling
+
+
+def one_call_step(kind: int):
+    """``normfuse._C.batch_layer_step`` (``kind`` 0) or ``assoc_layer_step`` (1), from
+    csrc/python_layer_step.cpp: a module call's common path on the compiled backends as one C
+    call, which returns the output or NotImplemented (then the module runs its Python path).
+    None where it must not run, tested as ``run_layer`` tests it before the whole-layer op:
+    while torch.compile / torch.export trace (Dynamo cannot trace a C function; they get
+    NormFunction), under a forward-mode AD level or a functorch transform; or when the
+    extension lacks it."""
+    global _STEPS
+    if _exporting_or_compiling() or _forward_ad._current_level >= 0 or _functorch_active():
+        return None
+    if _STEPS is None:
+        from . import _extension  # noqa: PLC0415
+        c = _extension._C if _extension.HAS_CPU_KERNELS and _fused_ops() else None
+        _STEPS = (getattr(c, "batch_layer_step", None), getattr(c, "assoc_layer_step", None))
+    return _STEPS[kind]
+
+
 def _callable(overload):
     return getattr(overload, "_op", overload)
 

@@ -95,13 +95,14 @@ def _check_name(name: str, source: str) -> str:
 
 
 _state = SimpleNamespace(name=os.environ.get("NORMFUSE_BACKEND", "auto").strip() or "auto",
-                         checked=False)
+                         checked=False, devices=None)
 
 
 def set_backend(name: str) -> None:
     """Use backend ``name`` for every following call (``"auto"`` to let normfuse choose)."""
     _state.name = _check_name(name, "set_backend")
     _state.checked = True
+    _state.devices = None
 
 
 def get_backend() -> str:
@@ -118,6 +119,7 @@ def use_backend(name: str):
         yield
     finally:
         _state.name, _state.checked = previous
+        _state.devices = None
 
 
 def _auto(x: torch.Tensor) -> str:
@@ -165,6 +167,25 @@ def resolve_backend(x: torch.Tensor) -> str:
                            f"{x.device.type!r}; use backend 'auto' or 'torch' for such inputs "
                            f"(available backends: {available_backends()})")
     return name
+
+
+def compiled_devices() -> int:
+    """On which devices a call runs the compiled ops (``"cpu"`` / ``"cuda"``) under the current
+    setting, as bits: 1 CPU inputs, 2 CUDA inputs (float64 ones excepted: "auto" sends them to
+    ``torch``, a named "cuda" refuses them).  The modules' one-C-call common path
+    (``normfuse._C.batch_layer_step``) runs only there; everything else takes the Python path.
+    Cached until the setting changes.  Not for tracing: callers test ``is_compiling`` first."""
+    devices = _state.devices
+    if devices is None:
+        name = _state.name if _state.checked else _check_name(_state.name, "NORMFUSE_BACKEND")
+        cpu = _unavailable_reason("cpu") is None
+        cuda = _unavailable_reason("cuda") is None
+        if name == "auto":
+            devices = (1 if cpu else 0) | (2 if cuda else 0)
+        else:
+            devices = {"cpu": 1 if cpu else 0, "cuda": 2 if cuda else 0}.get(name, 0)
+        _state.devices = devices
+    return devices
 
 
 def ops_for(name: str):

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._autograd import run_layer
+from ._autograd import one_call_step, run_layer
 from ._checks import assoc_layer_ok, batch_layer_ok, relu_flag
+from .backends import compiled_devices
 
 
 class _Activation:
@@ -104,6 +105,7 @@ class _BatchStatsNorm(_Activation, nn.Module):
     # first ``_required`` of them must be tensors, the others may be None), and their getter
     # from ``_parameters`` (plain indexing: cheap, and torch.compile traces it).
     _layer = ""
+    _layer_code = -1  # normfuse._C.batch_layer_step's layer: 0 BIN, 1 IEBN
     _param_names: tuple = ()
     _required = 0
     _get_params = None
@@ -114,6 +116,13 @@ class _BatchStatsNorm(_Activation, nn.Module):
                      for i, name in enumerate(self._param_names))
 
     def forward(self, input):
+        step = one_call_step(0)
+        if step is not None:  # the common path as one C call (csrc/python_layer_step.cpp)
+            y = step(self._layer_code, input, self._parameters, self._buffers, self.training,
+                     self.track_running_stats, self.momentum, self.eps, self.num_features,
+                     self.activation, self._ranks, compiled_devices())
+            if y is not NotImplemented:
+                return y
         relu = self._relu()
         fast = self._fast_arguments()
         try:  # a parameter replaced by a plain attribute: the checked path reads it
@@ -195,6 +204,7 @@ class _BatchInstanceNorm(_BatchStatsNorm):
         return super().extra_repr() + f", affine={self.affine}"
 
     _layer = "bin"
+    _layer_code = 0
     _param_names = ("gate", "weight", "bias")
     _required = 1
     _get_params = staticmethod(lambda p: (p["gate"], p["weight"], p["bias"]))
@@ -238,6 +248,7 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     _layer = "iebn"
+    _layer_code = 1
     _param_names = ("gate_weight", "gate_bias", "weight", "bias")
     _required = 2
     _get_params = staticmethod(lambda p: (p["gate_weight"], p["gate_bias"], p["weight"],
@@ -328,6 +339,12 @@ class AssocNorm(_Activation, nn.Module):
                 f"eps={self.eps}{self._activation_repr()}")
 
     def forward(self, input):
+        step = one_call_step(1)
+        if step is not None:  # the common path as one C call (csrc/python_layer_step.cpp)
+            y = step(input, self._parameters, self.num_channels, self.num_groups, self.eps,
+                     self.activation, compiled_devices())
+            if y is not NotImplemented:
+                return y
         relu = self._relu()
         params = self._parameters
         try:  # a parameter replaced by a plain attribute: the checked path reads it

@@ -1,0 +1,343 @@
+// normfuse._C.batch_layer_step / assoc_layer_step: a module call's common path as one C call.
+//
+// A BIN / IEBN / AssocNorm module call on the compiled backends used to be, in Python: read the
+// parameters and buffers, a predicate over every check (normfuse/_checks.py), the backend choice,
+// dtype and layout handling (normfuse/_autograd.py: run_layer), then the whole-layer op through
+// torch's generic custom-op binding (arguments boxed one by one against the schema). About 8 us
+// of host time a call on a 2-core CI machine: half the forward of a small layer (issue 13, host
+// cost). Here the same conditions are tested in C and the op is called unboxed.
+//
+// Contract: the function either returns the layer's output, computed exactly as the Python
+// common path computes it (same op, same arguments), or returns NotImplemented, and then the
+// caller runs its Python path, which checks everything in the documented order, raises the
+// documented error or converts what needs converting. It declines (NotImplemented) whenever it is
+// not sure: a tensor subclass, a parameter or buffer that is not a dense contiguous tensor of the
+// accumulation dtype (float32, float64 for float64 input), an input neither contiguous nor
+// channels-last, momentum=None, an activation other than None / "relu", a device the current
+// backend setting does not run on the compiled ops (`devices`: bit 0 CPU, bit 1 CUDA, from
+// normfuse.backends.compiled_devices()), a torch-function mode. The caller tests what only Python
+// knows (torch.compile tracing, forward-mode AD levels, functorch transforms) before calling.
+// Nothing is mutated before the op runs, and the op checks again what it relies on.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---- argument reading: every function answers "not sure" (false / nullopt) rather than raise ----
+
+// A plain tensor (Tensor or Parameter, no subclass), else nullptr.
+const Tensor* plain_tensor(PyObject* o) {
+  if (o == nullptr || !THPVariable_CheckExact(o)) return nullptr;
+  const Tensor& t = THPVariable_Unpack(o);
+  if (!t.defined() || t.layout() != at::kStrided || t.is_nested() ||
+      t.unsafeGetTensorImpl()->has_symbolic_sizes_strides())
+    return nullptr;
+  return &t;
+}
+
+// A parameter or statistic the kernels read as is: (size,) dense, acc dtype, on the input's device.
+bool vector_ok(const Tensor& t, const Tensor& input, at::ScalarType acc, int64_t size) {
+  return t.dim() == 1 && t.size(0) == size && t.scalar_type() == acc && t.device() == input.device() &&
+         t.is_contiguous();
+}
+
+bool matrix_ok(const Tensor& t, const Tensor& input, at::ScalarType acc, int64_t rows, int64_t cols) {
+  return t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == acc &&
+         t.device() == input.device() && t.is_contiguous();
+}
+
+// A finite number >= 0 (int or float, not bool), as normfuse._checks.check_number wants.
+std::optional<double> number(PyObject* o) {
+  double v = 0.0;
+  if (PyFloat_CheckExact(o)) {
+    v = PyFloat_AS_DOUBLE(o);
+  } else if (PyLong_CheckExact(o)) {
+    v = PyLong_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return std::nullopt;
+    }
+  } else {
+    return std::nullopt;
+  }
+  if (!std::isfinite(v) || v < 0.0) return std::nullopt;
+  return v;
+}
+
+std::optional<int64_t> integer(PyObject* o) {
+  if (!PyLong_CheckExact(o)) return std::nullopt;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  return static_cast<int64_t>(v);
+}
+
+// Py_True / Py_False only.
+std::optional<bool> flag(PyObject* o) {
+  if (o == Py_True) return true;
+  if (o == Py_False) return false;
+  return std::nullopt;
+}
+
+// The fused activation: None -> false, "relu" -> true, anything else -> not sure.
+std::optional<bool> relu_flag(PyObject* o) {
+  if (o == Py_None) return false;
+  if (PyUnicode_CheckExact(o) && PyUnicode_CompareWithASCIIString(o, "relu") == 0) return true;
+  return std::nullopt;
+}
+
+// The input: a plain floating tensor of one of `ranks` (a tuple of ints), not empty, contiguous or
+// channels-last (C innermost), on a device the compiled backend runs under the current setting.
+const Tensor* input_ok(PyObject* o, PyObject* ranks, int64_t devices) {
+  const Tensor* x = plain_tensor(o);
+  if (x == nullptr) return nullptr;
+  const at::ScalarType dt = x->scalar_type();
+  if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return nullptr;
+  if (x->is_cpu()) {
+    if (!(devices & 1)) return nullptr;
+  } else if (x->is_cuda()) {
+    if (!(devices & 2) || dt == at::kDouble) return nullptr;  // "auto": float64 on a GPU -> torch
+  } else {
+    return nullptr;
+  }
+  const int64_t dim = x->dim();
+  bool rank_ok = false;
+  if (!PyTuple_Check(ranks)) return nullptr;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ranks); ++i) {
+    const auto r = integer(PyTuple_GET_ITEM(ranks, i));
+    if (r && *r == dim) rank_ok = true;
+  }
+  if (!rank_ok || x->numel() == 0) return nullptr;
+  if (x->is_contiguous()) return x;
+  // channels-last: strides of (N, spatial..., C) contiguous, dims of size 1 free (as movedim +
+  // is_contiguous decides in normfuse._checks.is_channels_last)
+  int64_t expected = 1;
+  const auto sizes = x->sizes();
+  const auto strides = x->strides();
+  std::array<int64_t, 5> order{};  // C, then the spatial dims innermost first, then N
+  int64_t k = 0;
+  order[k++] = 1;
+  for (int64_t d = dim - 1; d >= 2; --d) order[k++] = d;
+  order[k++] = 0;
+  for (int64_t i = 0; i < dim; ++i) {
+    const int64_t d = order[i];
+    if (sizes[d] != 1 && strides[d] != expected) return nullptr;
+    expected *= sizes[d];
+  }
+  return x;
+}
+
+// A value of a module's _parameters / _buffers dict (borrowed): nullptr when missing (the caller
+// declines). Keys are interned once: a lookup then hashes nothing and compares pointers.
+PyObject* entry(PyObject* dict, const char* name) {
+  if (!PyDict_CheckExact(dict)) return nullptr;
+  static std::vector<std::pair<const char*, PyObject*>> keys;  // a handful of names; GIL held
+  PyObject* key = nullptr;
+  for (const auto& [n, k] : keys) {
+    if (n == name) key = k;  // the same string literal: compare the pointers
+  }
+  if (key == nullptr) {
+    key = PyUnicode_InternFromString(name);
+    if (key == nullptr) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    keys.emplace_back(name, key);
+  }
+  PyObject* v = PyDict_GetItemWithError(dict, key);
+  if (v == nullptr) PyErr_Clear();
+  return v;
+}
+
+// A parameter: nullopt when absent (None, allowed only when `optional`); *ok false when not sure.
+OptTensor parameter(PyObject* params, const char* name, bool optional, const Tensor& x, at::ScalarType acc,
+                    int64_t size, bool* ok) {
+  PyObject* o = entry(params, name);
+  if (o == nullptr || (o == Py_None && !optional)) {
+    *ok = false;
+    return std::nullopt;
+  }
+  if (o == Py_None) return std::nullopt;
+  const Tensor* t = plain_tensor(o);
+  if (t == nullptr || !vector_ok(*t, x, acc, size)) {
+    *ok = false;
+    return std::nullopt;
+  }
+  return *t;
+}
+
+// The op call without the GIL, as torch's own bindings do; errors become Python exceptions there.
+struct ReleasedGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleasedGil() { PyEval_RestoreThread(state); }
+};
+
+using BatchOp = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                       const OptTensor&, bool, double, double, const OptTensor&, bool);
+using IebnOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                      const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&, bool);
+using AssocOp = Tensor(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                       const Tensor&, double, bool);
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> find(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// batch_layer_step(layer, input, parameters, buffers, training, track_running_stats, momentum,
+//                  eps, num_features, activation, ranks, devices)
+// layer: 0 BIN (gate, weight?, bias?), 1 IEBN (gate_weight, gate_bias, weight?, bias?); the
+// module's _parameters and _buffers dicts; the rest its attributes (ranks: its _ranks tuple).
+// Running statistics and the batch counter as nn.BatchNorm uses them (see
+// normfuse/modules.py, _BatchStatsNorm._fast_arguments, whose rules this mirrors).
+PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 12) {
+    PyErr_SetString(PyExc_TypeError, "batch_layer_step takes 12 arguments");
+    return nullptr;
+  }
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  const auto layer = integer(args[0]);
+  const auto devices = integer(args[11]);
+  if (!layer || (*layer != 0 && *layer != 1) || !devices) Py_RETURN_NOTIMPLEMENTED;
+  const Tensor* xp = input_ok(args[1], args[10], *devices);
+  const auto training = flag(args[4]);
+  const auto track = flag(args[5]);
+  const auto momentum = number(args[6]);
+  const auto eps = number(args[7]);
+  const auto channels = integer(args[8]);
+  const auto relu = relu_flag(args[9]);
+  if (!xp || !training || !track || !momentum || !eps || !channels || !relu) Py_RETURN_NOTIMPLEMENTED;
+  const Tensor& x = *xp;
+  const int64_t C = x.size(1);
+  if (C != *channels) Py_RETURN_NOTIMPLEMENTED;
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  // nn.BatchNorm's rules: batch statistics in training or without running statistics; the running
+  // ones updated (and the batch counted) in training with tracking; read in eval.
+  PyObject* buffers = args[3];
+  PyObject* rm_obj = entry(buffers, "running_mean");
+  PyObject* rv_obj = entry(buffers, "running_var");
+  PyObject* nbt_obj = entry(buffers, "num_batches_tracked");
+  if (rm_obj == nullptr || rv_obj == nullptr || nbt_obj == nullptr) Py_RETURN_NOTIMPLEMENTED;
+  OptTensor rm, rv, nbt;
+  const bool use_stats = !*training || *track;  // running statistics passed to the op
+  if (use_stats && rm_obj != Py_None) {
+    const Tensor* m = plain_tensor(rm_obj);
+    const Tensor* v = plain_tensor(rv_obj);
+    if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C))
+      Py_RETURN_NOTIMPLEMENTED;
+    rm = *m;
+    rv = *v;
+  } else if (use_stats && rv_obj != Py_None) {
+    Py_RETURN_NOTIMPLEMENTED;  // one of the two: the checked path says so
+  }
+  const bool use_batch = *training || !rm.has_value();
+  if (*training && *track) {
+    const Tensor* n = plain_tensor(nbt_obj);
+    if (n == nullptr || n->scalar_type() != at::kLong || n->dim() > 1 || n->numel() != 1 ||
+        n->device() != x.device())
+      Py_RETURN_NOTIMPLEMENTED;
+    nbt = *n;
+  }
+  if (use_batch && x.numel() <= C) Py_RETURN_NOTIMPLEMENTED;  // one value per channel
+
+  PyObject* params = args[2];
+  bool ok = true;
+  Tensor y;
+  if (*layer == 0) {
+    const OptTensor gate = parameter(params, "gate", false, x, acc, C, &ok);
+    const OptTensor weight = parameter(params, "weight", true, x, acc, C, &ok);
+    const OptTensor bias = parameter(params, "bias", true, x, acc, C, &ok);
+    if (!ok) Py_RETURN_NOTIMPLEMENTED;
+    static const auto op = find<BatchOp>("normfuse::bin_layer");
+    ReleasedGil released;
+    y = op.call(x, *gate, weight, bias, rm, rv, use_batch, *momentum, *eps, nbt, *relu);
+  } else {
+    const OptTensor gate_weight = parameter(params, "gate_weight", false, x, acc, C, &ok);
+    const OptTensor gate_bias = parameter(params, "gate_bias", false, x, acc, C, &ok);
+    const OptTensor weight = parameter(params, "weight", true, x, acc, C, &ok);
+    const OptTensor bias = parameter(params, "bias", true, x, acc, C, &ok);
+    if (!ok) Py_RETURN_NOTIMPLEMENTED;
+    static const auto op = find<IebnOp>("normfuse::iebn_layer");
+    ReleasedGil released;
+    y = op.call(x, *gate_weight, *gate_bias, weight, bias, rm, rv, use_batch, *momentum, *eps, nbt, *relu);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// assoc_layer_step(input, parameters, num_channels, num_groups, eps, activation, devices): AssocNorm
+// (encoder (M, G), decoder_mean and decoder_var (G, M), weight and bias (C,)).
+PyObject* assoc_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7) {
+    PyErr_SetString(PyExc_TypeError, "assoc_layer_step takes 7 arguments");
+    return nullptr;
+  }
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  static PyObject* const all_ranks = Py_BuildValue("(iiii)", 2, 3, 4, 5);
+  const auto devices = integer(args[6]);
+  const Tensor* xp = devices ? input_ok(args[0], all_ranks, *devices) : nullptr;
+  const auto channels = integer(args[2]);
+  const auto groups = integer(args[3]);
+  const auto eps = number(args[4]);
+  const auto relu = relu_flag(args[5]);
+  if (!xp || !channels || !groups || !eps || !relu) Py_RETURN_NOTIMPLEMENTED;
+  const Tensor& x = *xp;
+  const int64_t C = x.size(1), G = *groups;
+  if (C != *channels || G <= 0 || C % G != 0) Py_RETURN_NOTIMPLEMENTED;
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  PyObject* params = args[1];
+  const Tensor* enc = plain_tensor(entry(params, "encoder"));
+  const Tensor* dec_mean = plain_tensor(entry(params, "decoder_mean"));
+  const Tensor* dec_var = plain_tensor(entry(params, "decoder_var"));
+  if (!enc || !dec_mean || !dec_var || enc->dim() != 2 || enc->size(0) == 0) Py_RETURN_NOTIMPLEMENTED;
+  const int64_t M = enc->size(0);
+  if (!matrix_ok(*enc, x, acc, M, G) || !matrix_ok(*dec_mean, x, acc, G, M) || !matrix_ok(*dec_var, x, acc, G, M))
+    Py_RETURN_NOTIMPLEMENTED;
+  bool ok = true;
+  const OptTensor weight = parameter(params, "weight", false, x, acc, C, &ok);
+  const OptTensor bias = parameter(params, "bias", false, x, acc, C, &ok);
+  if (!ok) Py_RETURN_NOTIMPLEMENTED;
+  static const auto op = find<AssocOp>("normfuse::assoc_layer");
+  Tensor y;
+  {
+    ReleasedGil released;
+    y = op.call(x, G, *enc, *dec_mean, *dec_var, *weight, *bias, *eps, *relu);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace
+
+std::vector<PyMethodDef>& nf_module_methods();  // csrc/ops.cpp
+
+namespace {
+
+const bool registered = [] {
+  nf_module_methods().push_back(
+      {"batch_layer_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batch_layer_step)),
+       METH_FASTCALL, "BIN / IEBN module call's common path (csrc/python_layer_step.cpp)."});
+  nf_module_methods().push_back(
+      {"assoc_layer_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(assoc_layer_step)),
+       METH_FASTCALL, "AssocNorm module call's common path (csrc/python_layer_step.cpp)."});
+  return true;
+}();
+
+}  // namespace

@@ -1,0 +1,202 @@
+"""A module call's common path as one C call (normfuse._C.batch_layer_step / assoc_layer_step,
+csrc/python_layer_step.cpp; issue 13, host cost).
+
+* It is taken: on the common path (plain tensors, parameters in the accumulation dtype, the
+  compiled backend) the C function returns the output, not NotImplemented, so a predicate that
+  silently declines everything fails here rather than only in the host-cost bench.
+* It changes nothing: outputs, input and parameter gradients, running statistics and
+  num_batches_tracked are bitwise those of the Python path (the same op with the same
+  arguments), over layers, ranks, layouts, train / eval, tracking, affine, fused ReLU.
+* It declines whenever it is not sure, and the Python path then decides (converting, or raising
+  the documented error: tests/test_error_contract.py).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import normfuse
+from normfuse import _autograd, _extension
+
+pytestmark = pytest.mark.skipif(not _extension.HAS_CPU_KERNELS, reason="needs normfuse._C")
+C = 6
+
+
+def _c():
+    return _extension._C
+
+
+def _batch_args(m, x, devices=1):
+    return (m._layer_code, x, m._parameters, m._buffers, m.training, m.track_running_stats,
+            m.momentum, m.eps, m.num_features, m.activation, m._ranks, devices)
+
+
+def _assoc_args(m, x, devices=1):
+    return (x, m._parameters, m.num_channels, m.num_groups, m.eps, m.activation, devices)
+
+
+def _input(shape, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 1.7 + 0.4
+    x = x.float()
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x
+
+
+def _perturb(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _run(m, x, dy):
+    x = x.detach().requires_grad_(True)
+    y = m(x)
+    grads = torch.autograd.grad(y, [x] + list(m.parameters()), dy)
+    return y.detach(), grads
+
+
+def _same(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+    assert torch.equal(a, b), (a - b).abs().max()
+
+
+CASES = [
+    (normfuse.BatchInstanceNorm2d, (3, C, 5, 4), {}),
+    (normfuse.BatchInstanceNorm1d, (4, C, 7), {}),
+    (normfuse.BatchInstanceNorm1d, (5, C), {}),
+    (normfuse.BatchInstanceNorm3d, (2, C, 3, 2, 3), {"affine": False}),
+    (normfuse.InstanceEnhancementBatchNorm2d, (3, C, 4, 5), {}),
+    (normfuse.InstanceEnhancementBatchNorm1d, (4, C, 9), {"track_running_stats": False}),
+    (normfuse.BatchInstanceNorm2d, (3, C, 5, 4), {"momentum": 0}),
+    (normfuse.AssocNorm, (3, C, 5, 4), {}),
+    (normfuse.AssocNorm, (2, C, 11), {}),
+]
+
+
+@pytest.mark.parametrize("cls,shape,kw", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu", [None, "relu"])
+def test_bitwise_the_python_path(cls, shape, kw, channels_last, relu, monkeypatch):
+    if channels_last and len(shape) < 3:
+        pytest.skip("(N, C) has one layout")
+    args = (3, C) if cls is normfuse.AssocNorm else (C,)
+    torch.manual_seed(0)
+    fast = cls(*args, **kw, activation=relu)
+    _perturb(fast, 1)
+    slow = copy.deepcopy(fast)
+    for mode, seed in (("train", 2), ("train", 3), ("eval", 4)):
+        x = _input(shape, channels_last, seed)
+        dy = _input(shape, channels_last, seed + 100)
+        fast.train(mode == "train")
+        slow.train(mode == "train")
+        # the one-C-call path is taken for this call ...
+        with torch.no_grad():
+            probe = (_c().assoc_layer_step(*_assoc_args(copy.deepcopy(fast), x))
+                     if cls is normfuse.AssocNorm
+                     else _c().batch_layer_step(*_batch_args(copy.deepcopy(fast), x)))
+        assert probe is not NotImplemented
+        with normfuse.use_backend("cpu"):
+            y_fast, g_fast = _run(fast, x, dy)
+            monkeypatch.setattr(_autograd, "_STEPS", (None, None))  # ... and not for this one
+            y_slow, g_slow = _run(slow, x, dy)
+            monkeypatch.undo()
+        _same(y_fast, y_slow)
+        for a, b in zip(g_fast, g_slow):
+            _same(a, b)
+        for (name, a), b in zip(fast.named_buffers(), slow.buffers()):
+            _same(a, b)
+
+
+def _bin(**kw):
+    torch.manual_seed(0)
+    return normfuse.BatchInstanceNorm2d(C, **kw)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _declines(m, x, devices=1):
+    return _c().batch_layer_step(*_batch_args(m, x, devices)) is NotImplemented
+
+
+def test_declines_when_not_sure():
+    x = _input((2, C, 3, 3), False, 0)
+    m = _bin()
+    assert not _declines(m, x)  # the baseline call is taken
+    assert _declines(m, x, devices=0)  # backend setting without the compiled CPU ops
+    assert _declines(m, x.as_subclass(_Sub))  # subclasses decide in Python
+    assert _declines(m, x.transpose(2, 3))  # neither contiguous nor channels-last
+    assert _declines(m, x[:, :4])  # wrong channel count
+    assert _declines(m, x[:1, :, :1, :1])  # one value per channel in training
+    assert not _declines(m, x.half())  # float16 input with float32 parameters: taken ...
+    m16 = _bin().half()
+    assert _declines(m16, x.half())  # ... float16 parameters are converted by the Python path
+    assert _declines(_bin(momentum=None), x)  # cumulative average: read on the host
+    bad = _bin()
+    bad.activation = "gelu"
+    assert _declines(bad, x)
+    one = _bin()
+    one.running_var = None
+    assert _declines(one, x)  # one running statistic of two: the checked path raises
+    counter = _bin()
+    counter.num_batches_tracked = torch.tensor(0.0)
+    assert _declines(counter, x)
+    assert _declines(m, x[0])  # rank 3 for a 2d layer
+    shared = _bin()
+    shared.weight = torch.nn.Parameter(torch.ones(C + 1))
+    assert _declines(shared, x)
+    meta = _bin()
+    meta.gate = torch.nn.Parameter(torch.ones(C, device="meta"))
+    assert _declines(meta, x)
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert _declines(m, x)
+
+
+def test_half_input_float32_parameters_is_taken():
+    """Autocast's common case, bf16 / fp16 activations with float32 parameters: no conversion
+    needed, so the one-call path runs it."""
+    x = _input((2, C, 3, 3), False, 0)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert _c().batch_layer_step(*_batch_args(_bin(), x.to(dtype))) is not NotImplemented
+
+
+def test_assoc_declines_when_not_sure():
+    x = _input((2, C, 3, 3), False, 0)
+    torch.manual_seed(0)
+    m = normfuse.AssocNorm(3, C)
+    assert _c().assoc_layer_step(*_assoc_args(m, x)) is not NotImplemented
+    assert _c().assoc_layer_step(*_assoc_args(m, x, devices=0)) is NotImplemented
+    assert _c().assoc_layer_step(*_assoc_args(m, x[:, :3])) is NotImplemented
+    odd = normfuse.AssocNorm(3, C)
+    odd.num_groups = 4  # C % G != 0: the checked path raises
+    assert _c().assoc_layer_step(*_assoc_args(odd, x)) is NotImplemented
+    wrong = normfuse.AssocNorm(3, C)
+    wrong.decoder_var = torch.nn.Parameter(torch.zeros(2, 3))
+    assert _c().assoc_layer_step(*_assoc_args(wrong, x)) is NotImplemented
+
+
+def test_backend_setting_is_followed():
+    """Under set_backend("torch") the module must not run the compiled ops (the C path is given
+    no device), and its results are the torch backend's."""
+    x = _input((2, C, 3, 3), False, 0)
+    assert normfuse.backends.compiled_devices() & 1
+    with normfuse.use_backend("torch"):
+        assert normfuse.backends.compiled_devices() == 0
+        m = _bin()
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m(x)
+        names = {e.name for e in prof.events()}
+        assert not any(n.startswith("normfuse::") for n in names), names
+    assert normfuse.backends.compiled_devices() & 1
