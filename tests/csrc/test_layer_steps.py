@@ -217,3 +217,29 @@ def test_cuda_float64_refused():
     with pytest.raises(RuntimeError, match="float64 is not supported by the CUDA kernels"):
         ops.bin_moments_coefficients(x, *fwd_tail(t, True, True, True))
     assert t["nbt"].item() == 5
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU with normfuse CUDA kernels")
+@pytest.mark.parametrize("shape", [(4, 8, (5, 5)), (2, 3, (64, 64)), (6, 64, (4, 4))], ids=str)
+def test_cuda_launches_per_step(shape):
+    """One GPU activity per step for a small layer (fused), two otherwise (issue 13)."""
+    N, C, spatial = shape
+    env = os.environ.get("NORMFUSE_FUSED_STEPS", "auto")
+    fused = env == "1" or (env != "0" and C <= 32)  # kFusedStepMaxTiles = 4 tiles of 8 channels
+    t = make("bin", N, C, spatial, torch.float32, "cuda", "contig")
+    mode = (True, True, True)
+
+    def activities(fn):
+        fn()  # warm-up: the persistent counters
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    names = activities(lambda: step_forward("bin", t, mode))
+    assert len(names) == (1 if fused else 2), names
+    stats = step_forward("bin", t, mode)
+    names = activities(lambda: step_backward("bin", t, mode, stats, True))
+    assert len(names) == (1 if fused else 2), names
+    assert any("step_kernel" in n for n in names) == fused, names
