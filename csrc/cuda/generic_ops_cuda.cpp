@@ -12,10 +12,11 @@
 #include <limits>
 
 #include "common/torch_glue.h"
+#include "cuda/generic_glue.h"
 #include "cuda/generic_launchers.h"
 #include "cuda/persistent_counters.h"
 
-namespace {
+namespace nf_cuda_glue {
 
 void check_cuda_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.is_cuda(), "normfuse.", op, " (CUDA kernel): input is on ", x.device());
@@ -41,43 +42,75 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// Scratch of a split reduction: persistent zeroed counters (no launch; the kernel leaves them
-// zeroed) and partials from the caching allocator (no launch; any content will do). Returns the
-// tensors to keep alive until the launch is enqueued; sets nothing when the launch splits nothing.
-struct Scratch {
-  at::Tensor counters, partials;
-};
-
-template <class Params>
-Scratch scratch(const at::Tensor& x, const nf::Workspace& w, Params& p) {
-  Scratch s;
-  if (w.counter_count == 0) return s;
-  s.counters = nf_glue::zeroed_counters(x, static_cast<int64_t>(w.counter_count));
-  s.partials = at::empty({static_cast<int64_t>(w.partial_floats)}, x.options().dtype(at::kFloat));
-  p.counters = static_cast<unsigned*>(s.counters.mutable_data_ptr());
-  p.partials = s.partials.mutable_data_ptr<float>();
-  return s;
+nf::MomentsParams moments_params(const at::Tensor& x, const nf::PlaneShape& sh, at::Tensor& mean, at::Tensor& m2) {
+  nf::MomentsParams p;
+  p.x = x.const_data_ptr();
+  p.mean = mean.mutable_data_ptr<float>();
+  p.m2 = m2.mutable_data_ptr<float>();
+  p.shape = sh;
+  return p;
 }
+
+void run_moments(const at::Tensor& x, const nf::PlaneShape& sh, at::Tensor& mean, at::Tensor& m2) {
+  if (sh.N * sh.C == 0) return;
+  if (sh.L == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    m2.zero_();
+    return;
+  }
+  nf::MomentsParams p = moments_params(x, sh, mean, m2);
+  const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+  const Scratch ws = scratch(x, nf::cuda_moments_workspace(p, dt), p);
+  check_launch(nf::cuda_moments(p, dt, c10::cuda::getCurrentCUDAStream()), "moments");
+}
+
+nf::BackwardSumsParams backward_sums_params(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                            const std::optional<at::Tensor>& scale,
+                                            const std::optional<at::Tensor>& shift, bool masked,
+                                            const nf::PlaneShape& sh, at::Tensor& g1, at::Tensor& g2) {
+  nf::BackwardSumsParams p;
+  p.dy = dy.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.mean = mean.const_data_ptr<float>();
+  p.sum_dy = g1.mutable_data_ptr<float>();
+  p.sum_dy_xmu = g2.mutable_data_ptr<float>();
+  if (masked) {
+    p.mask_scale = scale->const_data_ptr<float>();
+    p.mask_shift = shift->const_data_ptr<float>();
+  }
+  p.shape = sh;
+  return p;
+}
+
+void run_backward_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                       const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool masked,
+                       const nf::PlaneShape& sh, at::Tensor& g1, at::Tensor& g2) {
+  if (sh.N * sh.C == 0) return;
+  if (sh.L == 0) {
+    g1.zero_();
+    g2.zero_();
+    return;
+  }
+  nf::BackwardSumsParams p = backward_sums_params(dy, x, mean, scale, shift, masked, sh, g1, g2);
+  const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+  const Scratch ws = scratch(x, nf::cuda_backward_sums_workspace(p, dt), p);
+  check_launch(nf::cuda_backward_sums(p, dt, c10::cuda::getCurrentCUDAStream()), "backward_sums");
+}
+
+}  // namespace nf_cuda_glue
+
+namespace {
+
+using nf_cuda_glue::check_cuda_input;
+using nf_cuda_glue::check_launch;
+using nf_cuda_glue::cuda_plane_shape;
 
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x) {
   check_cuda_input(x, "moments");
   const nf::PlaneShape sh = cuda_plane_shape(x, "moments");
   const c10::cuda::CUDAGuard guard(x.device());  // after every check (coefficients_glue.cpp)
   at::Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
-  if (sh.N * sh.C == 0) return {mean, m2};
-  if (sh.L == 0) {
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    m2.zero_();
-    return {mean, m2};
-  }
-  nf::MomentsParams p;
-  p.x = x.const_data_ptr();
-  p.mean = mean.mutable_data_ptr<float>();
-  p.m2 = m2.mutable_data_ptr<float>();
-  p.shape = sh;
-  const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
-  const Scratch ws = scratch(x, nf::cuda_moments_workspace(p, dt), p);
-  check_launch(nf::cuda_moments(p, dt, c10::cuda::getCurrentCUDAStream()), "moments");
+  nf_cuda_glue::run_moments(x, sh, mean, m2);
   return {mean, m2};
 }
 
@@ -92,26 +125,7 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cuda(const at::Tensor& dy, cons
   const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
-  if (sh.N * sh.C == 0) return {g1, g2};
-  if (sh.L == 0) {
-    g1.zero_();
-    g2.zero_();
-    return {g1, g2};
-  }
-  nf::BackwardSumsParams p;
-  p.dy = dy.const_data_ptr();
-  p.x = x.const_data_ptr();
-  p.mean = mean.const_data_ptr<float>();
-  p.sum_dy = g1.mutable_data_ptr<float>();
-  p.sum_dy_xmu = g2.mutable_data_ptr<float>();
-  if (masked) {
-    p.mask_scale = scale->const_data_ptr<float>();
-    p.mask_shift = shift->const_data_ptr<float>();
-  }
-  p.shape = sh;
-  const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
-  const Scratch ws = scratch(x, nf::cuda_backward_sums_workspace(p, dt), p);
-  check_launch(nf::cuda_backward_sums(p, dt, c10::cuda::getCurrentCUDAStream()), "backward_sums");
+  nf_cuda_glue::run_backward_sums(dy, x, mean, scale, shift, masked, sh, g1, g2);
   return {g1, g2};
 }
 

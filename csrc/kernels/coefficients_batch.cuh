@@ -53,26 +53,38 @@ inline bool plan_batch_coef(const BatchCoefParams<float>& p, BatchCoefPlan* pl) 
   return true;
 }
 
-// Where a thread sits in its block, and the column layout of the shared-memory trees:
-// value k of thread (x, y) is smem[k * threads + y * cx + x].
+// Where a thread sits in its tile (channels tile * cx ...), and the column layout of the
+// shared-memory trees: value k of thread (x, y) is smem[k * threads + y * cx + x].
+// A block may have more threads than the tile (the fused layer steps run the tiles in the
+// reduction kernel's block, kernels/layer_steps.cuh): those have y >= ny, are inactive and only
+// take part in the barriers.
 struct ColumnTile {
   int x, y, cx, ny;
   int64_t c;
-  bool active;  // c < C; inactive threads still take part in every __syncthreads
+  bool active;  // in the tile and c < C; inactive threads still take part in every __syncthreads
+  NF_DEVICE bool member() const { return y < ny; }
   NF_DEVICE int idx() const { return y * cx + x; }
   NF_DEVICE int threads() const { return cx * ny; }
 };
 
-NF_DEVICE ColumnTile column_tile(int cx, int ny, int64_t C) {
+NF_DEVICE ColumnTile column_tile(int cx, int ny, int64_t C, int64_t tile) {
   ColumnTile t;
   const int tid = static_cast<int>(threadIdx.x);
   t.x = tid & (cx - 1);
   t.y = tid / cx;
   t.cx = cx;
   t.ny = ny;
-  t.c = static_cast<int64_t>(blockIdx.x) * cx + t.x;
-  t.active = t.c < C;
+  t.c = tile * cx + t.x;
+  t.active = t.member() && t.c < C;
   return t;
+}
+
+// Loads of the (N, C) statistics / gradient sums: plain in the standalone kernels; L2 (__ldcg) in
+// the fused layer steps, which read what other blocks of the same launch wrote.
+template <bool kCg>
+NF_DEVICE float load_stat(const float* p) {
+  if constexpr (kCg) return __ldcg(p);
+  return *p;
 }
 
 // Sum of K values down each column; afterwards every thread holds its column's totals.
@@ -80,8 +92,10 @@ NF_DEVICE ColumnTile column_tile(int cx, int ny, int64_t C) {
 template <int K>
 NF_DEVICE void column_sum(float (&v)[K], float* smem, const ColumnTile& t) {
   const int T = t.threads(), i = t.idx();
+  if (t.member()) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) smem[k * T + i] = v[k];
+    for (int k = 0; k < K; ++k) smem[k * T + i] = v[k];
+  }
   __syncthreads();
   for (int h = t.ny / 2; h > 0; h >>= 1) {
     if (t.y < h) {
@@ -102,9 +116,11 @@ NF_DEVICE void column_sum(float (&v)[K], float* smem, const ColumnTile& t) {
 NF_DEVICE coef::Merge<float> column_merge(coef::Merge<float> a, float L, float* smem,
                                           const ColumnTile& t) {
   const int T = t.threads(), i = t.idx();
-  smem[i] = a.count;
-  smem[T + i] = a.mean;
-  smem[2 * T + i] = a.q;
+  if (t.member()) {
+    smem[i] = a.count;
+    smem[T + i] = a.mean;
+    smem[2 * T + i] = a.q;
+  }
   __syncthreads();
   for (int h = t.ny / 2; h > 0; h >>= 1) {
     if (t.y < h) {
@@ -124,6 +140,7 @@ NF_DEVICE coef::Merge<float> column_merge(coef::Merge<float> a, float L, float* 
 // mu_B / r_B of the thread's channel, from the batch (merged over the column, means taken
 // relative to the channel's first plane) or from the running statistics. With `update`, row 0
 // writes the running-statistics update (one writer per channel).
+template <bool kCg>
 NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float>& p,
                                                      const ColumnTile& t, float* smem,
                                                      bool update) {
@@ -135,10 +152,10 @@ NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float
   coef::Merge<float> acc = coef::merge_empty<float>();
   float shift = 0.f;
   if (t.active) {
-    shift = coef::finite_or_zero(p.mean[t.c]);  // (Inf: 0, so the mean stays Inf, not NaN)
+    shift = coef::finite_or_zero(load_stat<kCg>(p.mean + t.c));  // (Inf: 0, so the mean stays Inf, not NaN)
     for (int64_t n = t.y; n < p.N; n += t.ny) {
       const int64_t i = n * p.C + t.c;
-      coef::merge_add(acc, p.mean[i] - shift, p.m2[i], L);
+      coef::merge_add(acc, load_stat<kCg>(p.mean + i) - shift, load_stat<kCg>(p.m2 + i), L);
     }
   }
   const coef::Merge<float> tot = column_merge(acc, L, smem, t);
@@ -149,43 +166,50 @@ NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float
   return coef::batch_stats(shift, tot.mean, tot.q, tot.count, L, eps);
 }
 
-// The forward also counts the batch (a module's num_batches_tracked += 1 in training): one
-// thread of one block, so a layer forward stays 3 launches. Nothing else reads the counter.
-template <class Math>
-__global__ void __launch_bounds__(NF_MAX_THREADS)
-    batch_coef_forward_kernel(BatchCoefParams<float> p, int cx, int ny) {
-  NF_DYNAMIC_SMEM(float, smem);
-  if (p.count_batch() && blockIdx.x == 0 && threadIdx.x == 0) *p.num_batches_tracked += 1;
-  const ColumnTile t = column_tile(cx, ny, p.C);
-  const coef::BatchStats<float> st = column_batch_stats(p, t, smem, p.update_running());
+// One channel tile of the forward (the block body of batch_coef_forward_kernel, and of the fused
+// layer step's epilogue, which loops it over all tiles). It also counts the batch (a module's
+// num_batches_tracked += 1 in training): one thread of tile 0, so a layer forward stays 3
+// launches. Nothing else reads the counter. `smem`: plan_batch_coef's smem_bytes.
+template <class Math, bool kCg>
+NF_DEVICE void batch_coef_forward_tile(const BatchCoefParams<float>& p, int cx, int ny, int64_t tile, float* smem) {
+  if (p.count_batch() && tile == 0 && threadIdx.x == 0) *p.num_batches_tracked += 1;
+  const ColumnTile t = column_tile(cx, ny, p.C, tile);
+  const coef::BatchStats<float> st = column_batch_stats<kCg>(p, t, smem, p.update_running());
   if (!t.active) return;
   const typename Math::Channel ch = Math::load(p, t.c, st);
   for (int64_t n = t.y; n < p.N; n += ny) {
     const int64_t i = n * p.C + t.c;
-    const float m = p.mean[i];
+    const float m = load_stat<kCg>(p.mean + i);
     float scale, shift;
-    Math::forward(ch, m, Math::plane(ch, m, p.m2[i]), scale, shift);
+    Math::forward(ch, m, Math::plane(ch, m, load_stat<kCg>(p.m2 + i)), scale, shift);
     p.scale[i] = scale;
     p.shift[i] = shift;
   }
 }
 
-// Backward: batch statistics again (never updating the running ones), the per-channel sums over
-// the batch, then per plane c_dy, c_x, c_0. Parameter gradients are written by row 0.
 template <class Math>
 __global__ void __launch_bounds__(NF_MAX_THREADS)
-    batch_coef_backward_kernel(BatchCoefParams<float> p, int cx, int ny) {
+    batch_coef_forward_kernel(BatchCoefParams<float> p, int cx, int ny) {
   NF_DYNAMIC_SMEM(float, smem);
-  const ColumnTile t = column_tile(cx, ny, p.C);
-  const coef::BatchStats<float> st = column_batch_stats(p, t, smem, false);
+  batch_coef_forward_tile<Math, false>(p, cx, ny, blockIdx.x, smem);
+}
+
+// Backward, one channel tile: batch statistics again (never updating the running ones), the
+// per-channel sums over the batch, then per plane c_dy, c_x, c_0. Parameter gradients are written
+// by row 0. The block body of batch_coef_backward_kernel and of the fused step's epilogue.
+template <class Math, bool kCg>
+NF_DEVICE void batch_coef_backward_tile(const BatchCoefParams<float>& p, int cx, int ny, int64_t tile, float* smem) {
+  const ColumnTile t = column_tile(cx, ny, p.C, tile);
+  const coef::BatchStats<float> st = column_batch_stats<kCg>(p, t, smem, false);
   typename Math::Channel ch{};
   float s[Math::kSums] = {};
   if (t.active) {
     ch = Math::load(p, t.c, st);
     for (int64_t n = t.y; n < p.N; n += ny) {
       const int64_t i = n * p.C + t.c;
-      const float m = p.mean[i];
-      Math::accumulate(ch, m, Math::plane(ch, m, p.m2[i]), p.sum_dy[i], p.sum_dy_xmu[i], s);
+      const float m = load_stat<kCg>(p.mean + i);
+      Math::accumulate(ch, m, Math::plane(ch, m, load_stat<kCg>(p.m2 + i)), load_stat<kCg>(p.sum_dy + i),
+                       load_stat<kCg>(p.sum_dy_xmu + i), s);
     }
   }
   column_sum(s, smem, t);
@@ -194,13 +218,21 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
   const typename Math::Final f = Math::finalize(ch, s, static_cast<float>(p.N));
   for (int64_t n = t.y; n < p.N; n += ny) {
     const int64_t i = n * p.C + t.c;
-    const float m = p.mean[i];
+    const float m = load_stat<kCg>(p.mean + i);
     float c_dy, c_x, c_0;  // the plane value again: cheaper than keeping it (registers / memory)
-    Math::backward(ch, f, m, Math::plane(ch, m, p.m2[i]), p.sum_dy[i], p.sum_dy_xmu[i], c_dy, c_x, c_0);
+    Math::backward(ch, f, m, Math::plane(ch, m, load_stat<kCg>(p.m2 + i)), load_stat<kCg>(p.sum_dy + i),
+                   load_stat<kCg>(p.sum_dy_xmu + i), c_dy, c_x, c_0);
     p.c_dy[i] = c_dy;
     p.c_x[i] = c_x;
     p.c_0[i] = c_0;
   }
+}
+
+template <class Math>
+__global__ void __launch_bounds__(NF_MAX_THREADS)
+    batch_coef_backward_kernel(BatchCoefParams<float> p, int cx, int ny) {
+  NF_DYNAMIC_SMEM(float, smem);
+  batch_coef_backward_tile<Math, false>(p, cx, ny, blockIdx.x, smem);
 }
 
 template <class Math>

@@ -211,15 +211,17 @@ NF_DEVICE bool arrive_last(unsigned* counter, unsigned splits, unsigned* flag_sm
 }
 
 // ---- kernels ---------------------------------------------------------------------------------------------
+// Each kernel is a block body (a device function, so that the fused layer steps of
+// kernels/layer_steps.cuh can run more after it in the same block) and a thin __global__ wrapper.
+// A body returns uniformly per block.
 
 template <typename T, int VEC, class Op>
-__global__ void __launch_bounds__(NF_MAX_THREADS)
-    contig_reduce_kernel(Op op, ContigPlan pl, const T* __restrict__ in0, const T* __restrict__ in1,
-                         unsigned* counters, float* partials) {
+NF_DEVICE void contig_reduce_block(const Op& op, const ContigPlan& pl, const T* __restrict__ in0,
+                                   const T* __restrict__ in1, unsigned* counters, float* partials,
+                                   float* smem /* [NF_WARP * K] + flag */) {
   using State = typename Op::State;
   using Ctx = typename Op::Ctx;
   constexpr int K = Op::kStateFloats;
-  NF_DYNAMIC_SMEM(float, smem);  // [NF_WARP * K] + flag
   const int tid = threadIdx.x;
   const int lane = tid & (pl.group - 1);
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (pl.threads / pl.group) + tid / pl.group;
@@ -283,12 +285,19 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
 
 template <typename T, int VEC, class Op>
 __global__ void __launch_bounds__(NF_MAX_THREADS)
-    cl_reduce_kernel(Op op, ClPlan pl, const T* __restrict__ in0, const T* __restrict__ in1,
-                     unsigned* counters, float* partials) {
+    contig_reduce_kernel(Op op, ContigPlan pl, const T* __restrict__ in0, const T* __restrict__ in1,
+                         unsigned* counters, float* partials) {
+  NF_DYNAMIC_SMEM(float, smem);
+  contig_reduce_block<T, VEC, Op>(op, pl, in0, in1, counters, partials, smem);
+}
+
+template <typename T, int VEC, class Op>
+NF_DEVICE void cl_reduce_block(const Op& op, const ClPlan& pl, const T* __restrict__ in0, const T* __restrict__ in1,
+                               unsigned* counters, float* partials,
+                               float* smem /* [threads * VEC * K] + flag */) {
   using State = typename Op::State;
   using Ctx = typename Op::Ctx;
   constexpr int K = Op::kStateFloats;
-  NF_DYNAMIC_SMEM(float, smem);  // [threads * VEC * K] + flag
   const int tid = threadIdx.x;
   const int tx = tid & (pl.lanes_c - 1);
   const int ty = tid / pl.lanes_c;
@@ -353,6 +362,14 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
     for (int k = 0; k < VEC; ++k) op.write(stat0 + k, acc[k], ctx[k]);
   }
   if (tid == 0) counters[item] = 0u;
+}
+
+template <typename T, int VEC, class Op>
+__global__ void __launch_bounds__(NF_MAX_THREADS)
+    cl_reduce_kernel(Op op, ClPlan pl, const T* __restrict__ in0, const T* __restrict__ in1,
+                     unsigned* counters, float* partials) {
+  NF_DYNAMIC_SMEM(float, smem);
+  cl_reduce_block<T, VEC, Op>(op, pl, in0, in1, counters, partials, smem);
 }
 
 // ---- host launchers ------------------------------------------------------------------------------------

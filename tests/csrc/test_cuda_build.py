@@ -31,7 +31,14 @@ def test_sm80_sm90_cubins_no_spills_vector_loads():
     # <= 64 registers keeps 4 blocks of 256 threads resident per SM (half the H100's thread slots)
     assert all(r["registers"] <= 64 for r in bw)
     assert summary["vector_kernels_checked"] == len(bw) // 2
+    # the fused layer steps (kernels/layer_steps.cuh): 2 layouts x (moments + backward_sums and its
+    # masked variant) x (BIN, IEBN), each x 2 vector widths x 3 dtypes, for both archs; the
+    # reduction they carry is a bandwidth kernel, so the same budget
+    st = [r for r in summary["rows"] if r["step"]]
+    assert {r["arch"] for r in st} == {"80", "90"} and len(st) == 2 * 3 * 2 * 2 * 3 * 2
+    assert all(r["registers"] <= 64 for r in st)
+    assert summary["step_vector_kernels_checked"] == len(st) // 2
     objects = {k: v for k, v in summary["archs"].items() if k.endswith(".cu")}
-    assert "generic_launchers.cu" in objects
+    assert "generic_launchers.cu" in objects and "layer_steps_forward.cu" in objects
     for name, archs in objects.items():
         assert {"80", "90"} <= set(archs), name

@@ -1,0 +1,175 @@
+// CUDA kernels of the four BIN / IEBN layer steps (schemas in ops.cpp; the composition every other
+// device runs is layer_steps.cpp, which this overrides for CUDA tensors):
+//   <layer>_moments_coefficients        = moments -> <layer>_coefficients
+//   <layer>_sums_coefficients_backward  = backward_sums -> <layer>_coefficients_backward
+// A small layer (kernels/layer_steps.cuh: kFusedStepMaxTiles, kFusedStepMaxPlanes) runs as ONE
+// launch, the reduction whose grid-wide last block computes the coefficients; any other layer as
+// the two component launches. Either way the results are bitwise the component ops' (same
+// reduction order: the epilogue runs the coefficient kernel's tiles with its plan).
+//
+// Checks: the component ops' own, in the composition's order and with their op names (so the
+// same errors): moments / backward_sums (cuda/generic_glue.h), then bin/iebn_coefficients[_backward]
+// (common/coefficients_glue.h). All of them run before the device guard and before anything is
+// launched or mutated: a failing call leaves the running statistics and the batch counter alone.
+//
+// NORMFUSE_FUSED_STEPS (read once): "auto" or unset = the threshold, "1" = fuse every non-empty
+// layer, "0" = never fuse (tests and the bench compare the two paths).
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "common/coefficients_glue.h"
+#include "common/torch_glue.h"
+#include "cuda/generic_glue.h"
+#include "cuda/layer_steps_launchers.h"
+#include "kernels/coefficients_launch.cuh"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Four = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Six = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Seven = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+enum class Fuse { Never, Always, Auto };
+
+Fuse fuse_mode() {
+  static const Fuse mode = [] {
+    const char* e = std::getenv("NORMFUSE_FUSED_STEPS");
+    if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return Fuse::Auto;
+    if (std::strcmp(e, "0") == 0) return Fuse::Never;
+    if (std::strcmp(e, "1") == 0) return Fuse::Always;
+    TORCH_WARN("normfuse: NORMFUSE_FUSED_STEPS must be 0, 1 or auto, got '", e, "'; using auto");
+    return Fuse::Auto;
+  }();
+  return mode;
+}
+
+bool fuse(const nf::PlaneShape& sh) {
+  if (sh.N * sh.C * sh.L == 0) return false;  // empty: the component ops' special cases
+  switch (fuse_mode()) {
+    case Fuse::Never:
+      return false;
+    case Fuse::Always:
+      return true;
+    default:
+      return nf::cuda_step_small(sh, 0);
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+Four moments_coefficients(const char* coef_op, const Tensor& x, const Tensor& gate, const Tensor* gate_bias,
+                          const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                          const OptTensor& running_var, bool training, double momentum, double eps,
+                          const OptTensor& num_batches_tracked) {
+  nf_cuda_glue::check_cuda_input(x, "moments");
+  const nf::PlaneShape sh = nf_cuda_glue::cuda_plane_shape(x, "moments");
+  // The statistics first (the coefficient checks compare against them); allocating is no side effect.
+  Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
+  auto p = nf_coef_glue::batch_params<float>(coef_op, mean, m2, sh.L, gate, gate_bias, weight, bias, running_mean,
+                                             running_var, training, momentum, eps);
+  nf_coef_glue::set_batch_counter(p, coef_op, num_batches_tracked, mean);
+  const bool iebn = gate_bias != nullptr;
+
+  const c10::cuda::CUDAGuard guard(x.device());  // after every check (coefficients_glue.cpp)
+  const nf_coef_glue::ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (fuse(sh)) {
+    nf::MomentsParams m = nf_cuda_glue::moments_params(x, sh, mean, m2);
+    const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+    const nf_cuda_glue::Scratch ws = nf_cuda_glue::scratch(x, nf::cuda_moments_step_workspace(m, dt), m);
+    nf_cuda_glue::check_launch(nf::cuda_moments_step(m, p, iebn, dt, stream), coef_op);
+  } else {
+    nf_cuda_glue::run_moments(x, sh, mean, m2);
+    nf_cuda_glue::check_launch(iebn ? nf::launch_iebn_coefficients(p, stream) : nf::launch_bin_coefficients(p, stream),
+                               coef_op);
+  }
+  return {mean, m2, o.scale, o.shift};
+}
+
+Four bin_moments_coefficients(const Tensor& x, const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
+                              const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                              double momentum, double eps, const OptTensor& num_batches_tracked) {
+  return moments_coefficients("bin_coefficients", x, gate, nullptr, weight, bias, running_mean, running_var, training,
+                              momentum, eps, num_batches_tracked);
+}
+
+Four iebn_moments_coefficients(const Tensor& x, const Tensor& gate_weight, const Tensor& gate_bias,
+                               const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                               const OptTensor& running_var, bool training, double momentum, double eps,
+                               const OptTensor& num_batches_tracked) {
+  return moments_coefficients("iebn_coefficients", x, gate_weight, &gate_bias, weight, bias, running_mean,
+                              running_var, training, momentum, eps, num_batches_tracked);
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+nf_coef_glue::BackwardOutputs sums_coefficients_backward(const char* coef_op, const Tensor& dy, const Tensor& x,
+                                                         const Tensor& mean, const Tensor& m2, const Tensor& gate,
+                                                         const Tensor* gate_bias, const OptTensor& weight,
+                                                         const OptTensor& bias, const OptTensor& running_mean,
+                                                         const OptTensor& running_var, bool training, double eps,
+                                                         const OptTensor& scale, const OptTensor& shift) {
+  nf_cuda_glue::check_cuda_input(x, "backward_sums");
+  const nf::PlaneShape sh = nf_cuda_glue::cuda_plane_shape(x, "backward_sums");
+  nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
+  nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
+  const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
+  Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
+  auto p = nf_coef_glue::batch_params<float>(coef_op, mean, m2, sh.L, gate, gate_bias, weight, bias, running_mean,
+                                             running_var, training, 0.0, eps);
+  nf_coef_glue::batch_backward_params(p, coef_op, g1, g2, mean);
+  const bool iebn = gate_bias != nullptr;
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  nf_coef_glue::BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean, iebn);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (fuse(sh)) {
+    nf::BackwardSumsParams b = nf_cuda_glue::backward_sums_params(dy, x, mean, scale, shift, masked, sh, g1, g2);
+    const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+    const nf_cuda_glue::Scratch ws = nf_cuda_glue::scratch(x, nf::cuda_sums_step_workspace(b, dt), b);
+    nf_cuda_glue::check_launch(nf::cuda_sums_step(b, p, iebn, dt, stream), coef_op);
+  } else {
+    nf_cuda_glue::run_backward_sums(dy, x, mean, scale, shift, masked, sh, g1, g2);
+    nf_cuda_glue::check_launch(iebn ? nf::launch_iebn_coefficients_backward(p, stream)
+                                    : nf::launch_bin_coefficients_backward(p, stream),
+                               coef_op);
+  }
+  return o;
+}
+
+Six bin_sums_coefficients_backward(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& m2,
+                                   const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
+                                   const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                                   double eps, const OptTensor& scale, const OptTensor& shift) {
+  const auto o = sums_coefficients_backward("bin_coefficients_backward", dy, x, mean, m2, gate, nullptr, weight, bias,
+                                            running_mean, running_var, training, eps, scale, shift);
+  return {o.c_dy, o.c_x, o.c_0, o.grads[0], o.grads[1], o.grads[2]};
+}
+
+Seven iebn_sums_coefficients_backward(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& m2,
+                                      const Tensor& gate_weight, const Tensor& gate_bias, const OptTensor& weight,
+                                      const OptTensor& bias, const OptTensor& running_mean,
+                                      const OptTensor& running_var, bool training, double eps,
+                                      const OptTensor& scale, const OptTensor& shift) {
+  const auto o = sums_coefficients_backward("iebn_coefficients_backward", dy, x, mean, m2, gate_weight, &gate_bias,
+                                            weight, bias, running_mean, running_var, training, eps, scale, shift);
+  return {o.c_dy, o.c_x, o.c_0, o.grads[0], o.grads[1], o.grads[2], o.grads[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normfuse, CUDA, m) {
+  m.impl("bin_moments_coefficients", &bin_moments_coefficients);
+  m.impl("iebn_moments_coefficients", &iebn_moments_coefficients);
+  m.impl("bin_sums_coefficients_backward", &bin_sums_coefficients_backward);
+  m.impl("iebn_sums_coefficients_backward", &iebn_sums_coefficients_backward);
+}

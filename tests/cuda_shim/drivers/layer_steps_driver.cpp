@@ -1,0 +1,291 @@
+// Shim driver for the fused BIN / IEBN layer steps (csrc/kernels/layer_steps.cuh): for each case
+// it runs the two separate launches (moments then the coefficient forward; backward_sums then the
+// coefficient backward) and the fused one on the same inputs, with the same templated launchers
+// as the CUDA build, and requires bitwise equal results (the epilogue runs the standalone
+// kernel's tiles with its plan: same reduction order), equal running statistics and batch
+// counter, and every arrival counter left zero. The fused launches run twice on the same counters
+// (the second must find them zeroed). Inputs are generated here (a fixed LCG per case).
+// Usage: layer_steps_driver CASES_FILE
+// Each line: layer dtype layout N C L threads training running affine masked misalign
+//   layer: bin | iebn;  dtype: f32 | f16 | bf16;  layout: contig | cl;  the rest 0/1 (masked:
+//   the backward's ReLU mask from the forward's scale / shift; misalign: inputs one element off
+//   16-byte alignment, so the scalar kernels run).
+// Prints one line per case: "ok <line> grid=<blocks> splits=<per item> tiles=<coefficient tiles>".
+#include "cuda_shim.h"
+#include "driver_io.h"
+#include "kernels/layer_steps.cuh"
+
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+using nf_io::Buffer;
+
+namespace {
+
+struct Case {
+  std::string line, layer, dtype, layout;
+  int64_t N, C, L;
+  int threads, training, running, affine, masked, misalign;
+};
+
+struct Rng {
+  uint64_t s;
+  float uniform() {  // [-1, 1)
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<float>((s >> 40) & 0xffffff) / 8388608.f - 1.f;
+  }
+};
+
+Buffer floats(size_t n) { return Buffer(n * sizeof(float), 0); }
+
+bool same_bits(const Buffer& a, const Buffer& b) { return a.bytes == b.bytes && std::memcmp(a.data(), b.data(), a.bytes) == 0; }
+
+bool all_zero(const Buffer& b) {
+  for (size_t i = 0; i < b.bytes; ++i)
+    if (b.base[b.offset + i] != 0) return false;
+  return true;
+}
+
+void require(bool ok, const Case& cs, const std::string& what) {
+  if (!ok) nf_io::die(what + " in case: " + cs.line);
+}
+
+// The per-channel parameters and running statistics (read-only copies; the coefficient forward
+// updates its own copy of the running statistics).
+struct Channels {
+  Buffer gate, gate_bias, weight, bias, rmean, rvar;
+};
+
+// Coefficient params over (mean, m2) for the case's mode; the outputs are set by the caller.
+nf::BatchCoefParams<float> coef_params(const Case& cs, const Channels& ch, const float* mean, const float* m2,
+                                       float* rmean, float* rvar, bool backward) {
+  nf::BatchCoefParams<float> c;
+  c.mean = mean;
+  c.m2 = m2;
+  c.gate = ch.gate.as<float>();
+  if (cs.layer == "iebn") c.gate_bias = ch.gate_bias.as<float>();
+  if (cs.affine) {
+    c.weight = ch.weight.as<float>();
+    c.bias = ch.bias.as<float>();
+  }
+  if (cs.running && !(backward && cs.training)) {  // glue convention: the training backward never sees them
+    c.running_mean = rmean;
+    c.running_var = rvar;
+  }
+  c.N = cs.N;
+  c.C = cs.C;
+  c.L = cs.L;
+  c.training = cs.training != 0;
+  c.momentum = 0.1;
+  c.eps = 1e-5;
+  c.threads = cs.threads;
+  return c;
+}
+
+template <typename T, class Math>
+void run_case(const Case& cs) {
+  nf::PlaneShape s;
+  s.N = cs.N;
+  s.C = cs.C;
+  s.L = cs.L;
+  s.layout = cs.layout == "cl" ? nf::Layout::ChannelsLast : nf::Layout::Contiguous;
+  const size_t numel = static_cast<size_t>(cs.N * cs.C * cs.L), NC = static_cast<size_t>(cs.N * cs.C);
+  const size_t C = static_cast<size_t>(cs.C);
+  const size_t off = cs.misalign ? sizeof(T) : 0;
+  Rng rng{static_cast<uint64_t>(cs.N * 1000003 + cs.C * 1009 + cs.L)};
+  Buffer x(numel * sizeof(T), off), dy(numel * sizeof(T), off);
+  for (size_t i = 0; i < numel; ++i) {
+    const int64_t c = s.layout == nf::Layout::Contiguous ? (i / cs.L) % cs.C : i % cs.C;
+    x.as<T>()[i] = nf::from_float<T>(0.5f * c + 2.f * rng.uniform());  // per-channel offsets
+    dy.as<T>()[i] = nf::from_float<T>(rng.uniform());
+  }
+  Channels ch{floats(C), floats(C), floats(C), floats(C), floats(C), floats(C)};
+  for (size_t c = 0; c < C; ++c) {
+    ch.gate.as<float>()[c] = 0.5f + 0.5f * rng.uniform();  // BIN's rho in [0, 1]
+    ch.gate_bias.as<float>()[c] = rng.uniform();
+    ch.weight.as<float>()[c] = 1.f + 0.5f * rng.uniform();
+    ch.bias.as<float>()[c] = rng.uniform();
+    ch.rmean.as<float>()[c] = rng.uniform();
+    ch.rvar.as<float>()[c] = 1.5f + rng.uniform();
+  }
+  const std::string ctx = "(" + cs.line + ")";
+
+  // ---- forward: moments + coefficients, separately -------------------------------------------------
+  Buffer mean_u = floats(NC), m2_u = floats(NC), scale_u = floats(NC), shift_u = floats(NC);
+  Buffer rm_u = floats(C), rv_u = floats(C);
+  std::memcpy(rm_u.data(), ch.rmean.data(), C * 4);
+  std::memcpy(rv_u.data(), ch.rvar.data(), C * 4);
+  int64_t nbt_u = 41;
+  {
+    nf::MomentsParams p;
+    p.x = x.data();
+    p.mean = mean_u.as<float>();
+    p.m2 = m2_u.as<float>();
+    p.shape = s;
+    p.threads = cs.threads;
+    const nf::Workspace w = nf::moments_workspace<T>(p);
+    Buffer counters(w.counter_count * 4, 0), partials(w.partial_floats * 4, 0);
+    std::memset(partials.data(), 0xff, partials.bytes);
+    p.counters = w.counter_count ? counters.as<unsigned>() : nullptr;
+    p.partials = w.counter_count ? partials.as<float>() : nullptr;
+    require(nf::launch_moments<T>(p, nullptr) == cudaSuccess, cs, "moments launch");
+    auto c = coef_params(cs, ch, p.mean, p.m2, rm_u.as<float>(), rv_u.as<float>(), false);
+    c.num_batches_tracked = &nbt_u;
+    c.scale = scale_u.as<float>();
+    c.shift = shift_u.as<float>();
+    require(nf::launch_batch_coef_forward<Math>(c, nullptr) == cudaSuccess, cs, "coefficient launch");
+  }
+
+  // ---- forward, fused (twice on the same counters) ---------------------------------------------------
+  nf::MomentsParams pf;
+  Buffer mean_f = floats(NC), m2_f = floats(NC);
+  pf.x = x.data();
+  pf.mean = mean_f.as<float>();
+  pf.m2 = m2_f.as<float>();
+  pf.shape = s;
+  pf.threads = cs.threads;
+  const nf::Workspace wf = nf::moments_step_workspace<T>(pf);
+  const nf::Workspace wr = nf::moments_workspace<T>(pf);
+  require(wf.counter_count == wr.counter_count + 1 && wf.partial_floats == wr.partial_floats, cs,
+          "step workspace is not the reduction's plus one counter");
+  Buffer counters_f(wf.counter_count * 4, 0), partials_f(wf.partial_floats * 4, 0);
+  for (int run = 0; run < 2; ++run) {
+    Buffer scale_f = floats(NC), shift_f = floats(NC), rm_f = floats(C), rv_f = floats(C);
+    std::memset(mean_f.data(), 0xff, mean_f.bytes);  // NaN until written
+    std::memset(m2_f.data(), 0xff, m2_f.bytes);
+    std::memset(partials_f.data(), 0xff, partials_f.bytes);
+    std::memcpy(rm_f.data(), ch.rmean.data(), C * 4);
+    std::memcpy(rv_f.data(), ch.rvar.data(), C * 4);
+    int64_t nbt_f = 41;
+    pf.counters = counters_f.as<unsigned>();
+    pf.partials = wf.partial_floats ? partials_f.as<float>() : nullptr;
+    auto c = coef_params(cs, ch, pf.mean, pf.m2, rm_f.as<float>(), rv_f.as<float>(), false);
+    c.num_batches_tracked = &nbt_f;
+    c.scale = scale_f.as<float>();
+    c.shift = shift_f.as<float>();
+    require(nf::launch_moments_step<T, Math>(pf, c, nullptr) == cudaSuccess, cs, "fused forward launch");
+    require(all_zero(counters_f), cs, "fused forward left a counter set");
+    require(same_bits(mean_f, mean_u) && same_bits(m2_f, m2_u), cs, "fused moments differ");
+    require(same_bits(scale_f, scale_u) && same_bits(shift_f, shift_u), cs, "fused scale/shift differ");
+    require(same_bits(rm_f, rm_u) && same_bits(rv_f, rv_u), cs, "fused running statistics differ");
+    require(nbt_f == nbt_u && nbt_u == (cs.training ? 42 : 41), cs, "num_batches_tracked differs");
+  }
+
+  // ---- backward: backward_sums + coefficient backward, separately, then fused ----------------------------
+  const bool iebn = cs.layer == "iebn";
+  auto grads = [&](nf::BatchCoefParams<float>& c, std::vector<Buffer>& out) {
+    for (int k = 0; k < 3 + 4; ++k) out.push_back(floats(k < 3 ? NC : C));
+    c.c_dy = out[0].as<float>();
+    c.c_x = out[1].as<float>();
+    c.c_0 = out[2].as<float>();
+    c.grad_gate = out[3].as<float>();
+    c.grad_weight = out[4].as<float>();
+    c.grad_bias = out[5].as<float>();
+    if (iebn) c.grad_gate_bias = out[6].as<float>();
+  };
+  auto sums_params = [&](Buffer& g1, Buffer& g2) {
+    nf::BackwardSumsParams b;
+    b.dy = dy.data();
+    b.x = x.data();
+    b.mean = mean_u.as<float>();
+    b.sum_dy = g1.as<float>();
+    b.sum_dy_xmu = g2.as<float>();
+    if (cs.masked) {
+      b.mask_scale = scale_u.as<float>();
+      b.mask_shift = shift_u.as<float>();
+    }
+    b.shape = s;
+    b.threads = cs.threads;
+    return b;
+  };
+  Buffer g1_u = floats(NC), g2_u = floats(NC);
+  std::vector<Buffer> out_u;
+  {
+    nf::BackwardSumsParams b = sums_params(g1_u, g2_u);
+    const nf::Workspace w = nf::backward_sums_workspace<T>(b);
+    Buffer counters(w.counter_count * 4, 0), partials(w.partial_floats * 4, 0);
+    std::memset(partials.data(), 0xff, partials.bytes);
+    b.counters = w.counter_count ? counters.as<unsigned>() : nullptr;
+    b.partials = w.counter_count ? partials.as<float>() : nullptr;
+    require(nf::launch_backward_sums<T>(b, nullptr) == cudaSuccess, cs, "backward_sums launch");
+    auto c = coef_params(cs, ch, mean_u.as<float>(), m2_u.as<float>(), ch.rmean.as<float>(), ch.rvar.as<float>(), true);
+    c.sum_dy = b.sum_dy;
+    c.sum_dy_xmu = b.sum_dy_xmu;
+    grads(c, out_u);
+    require(nf::launch_batch_coef_backward<Math>(c, nullptr) == cudaSuccess, cs, "coefficient backward launch");
+  }
+  Buffer g1_f = floats(NC), g2_f = floats(NC);
+  nf::BackwardSumsParams bf = sums_params(g1_f, g2_f);
+  const nf::Workspace wb = nf::sums_step_workspace<T>(bf);
+  Buffer counters_b(wb.counter_count * 4, 0), partials_b(wb.partial_floats * 4, 0);
+  for (int run = 0; run < 2; ++run) {
+    std::vector<Buffer> out_f;
+    std::memset(g1_f.data(), 0xff, g1_f.bytes);
+    std::memset(g2_f.data(), 0xff, g2_f.bytes);
+    std::memset(partials_b.data(), 0xff, partials_b.bytes);
+    bf.counters = counters_b.as<unsigned>();
+    bf.partials = wb.partial_floats ? partials_b.as<float>() : nullptr;
+    auto c = coef_params(cs, ch, mean_u.as<float>(), m2_u.as<float>(), ch.rmean.as<float>(), ch.rvar.as<float>(), true);
+    c.sum_dy = bf.sum_dy;
+    c.sum_dy_xmu = bf.sum_dy_xmu;
+    grads(c, out_f);
+    require(nf::launch_sums_step<T, Math>(bf, c, nullptr) == cudaSuccess, cs, "fused backward launch");
+    require(all_zero(counters_b), cs, "fused backward left a counter set");
+    require(same_bits(g1_f, g1_u) && same_bits(g2_f, g2_u), cs, "fused gradient sums differ");
+    static const char* names[] = {"c_dy", "c_x", "c_0", "grad_gate", "grad_weight", "grad_bias", "grad_gate_bias"};
+    for (int k = 0; k < (iebn ? 7 : 6); ++k) require(same_bits(out_f[k], out_u[k]), cs, std::string("fused ") + names[k] + " differs");
+  }
+
+  // What the launch looked like (the test checks that the grids vary, so the last block varies).
+  const int vec = nf::choose_vec(s, sizeof(T), x.data(), nullptr);
+  int64_t blocks, splits;
+  if (s.layout == nf::Layout::Contiguous) {
+    const nf::ContigPlan pl = nf::plan_contig(s.N * s.C, s.L, vec, cs.threads);
+    blocks = pl.blocks;
+    splits = pl.splits;
+  } else {
+    const nf::ClPlan pl = nf::plan_cl(s.N, s.C, s.L, vec, cs.threads);
+    blocks = pl.blocks;
+    splits = pl.splits;
+  }
+  nf::BatchCoefPlan cp;
+  auto q = coef_params(cs, ch, nullptr, nullptr, nullptr, nullptr, false);
+  require(nf::plan_step_coef<Math>(q, cs.threads, &cp), cs, "coefficient plan");
+  std::printf("ok %s grid=%lld splits=%lld tiles=%lld\n", cs.line.c_str(), static_cast<long long>(blocks),
+              static_cast<long long>(splits), static_cast<long long>(cp.blocks));
+}
+
+template <typename T>
+void run_layer(const Case& cs) {
+  if (cs.layer == "iebn")
+    run_case<T, nf::coef::IebnMath<float>>(cs);
+  else
+    run_case<T, nf::coef::BinMath<float>>(cs);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) nf_io::die("usage: layer_steps_driver CASES_FILE");
+  std::ifstream f(argv[1]);
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    Case cs;
+    cs.line = line;
+    std::istringstream ss(line);
+    ss >> cs.layer >> cs.dtype >> cs.layout >> cs.N >> cs.C >> cs.L >> cs.threads >> cs.training >> cs.running >>
+        cs.affine >> cs.masked >> cs.misalign;
+    if (!ss) nf_io::die("bad case line: " + line);
+    if (cs.dtype == "f32")
+      run_layer<float>(cs);
+    else if (cs.dtype == "f16")
+      run_layer<__half>(cs);
+    else if (cs.dtype == "bf16")
+      run_layer<__nv_bfloat16>(cs);
+    else
+      nf_io::die("bad dtype: " + line);
+  }
+  return 0;
+}
