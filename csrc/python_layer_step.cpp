@@ -324,6 +324,37 @@ PyObject* assoc_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+#ifdef NORMFUSE_WITH_CUDA
+}  // namespace
+namespace nf_glue {  // csrc/cuda/layer_steps_cuda.cpp
+const char* fused_steps();
+bool set_fused_steps(const char* mode);
+}  // namespace nf_glue
+namespace {
+
+// fused_steps(mode=None) -> the previous mode: whether a CUDA BIN / IEBN layer step computes its
+// coefficients in the reduction's launch ("auto": the small ones, "1": always, "0": never), for
+// the bench that validates the threshold (bench/steps_probe.py). CUDA builds only.
+PyObject* fused_steps(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* previous = nf_glue::fused_steps();
+  if (nargs > 1 || (nargs == 1 && args[0] != Py_None && !PyUnicode_Check(args[0]))) {
+    PyErr_SetString(PyExc_TypeError, "fused_steps(mode=None): mode is '0', '1', 'auto' or None");
+    return nullptr;
+  }
+  if (nargs == 1 && args[0] != Py_None) {
+    const char* mode = PyUnicode_AsUTF8(args[0]);
+    if (mode == nullptr) return nullptr;
+    if (!nf_glue::set_fused_steps(mode)) {
+      PyErr_Format(PyExc_ValueError, "fused_steps: mode must be '0', '1' or 'auto', got '%s'", mode);
+      return nullptr;
+    }
+  }
+  return PyUnicode_FromString(previous);
+  END_HANDLE_TH_ERRORS
+}
+#endif
+
 }  // namespace
 
 std::vector<PyMethodDef>& nf_module_methods();  // csrc/ops.cpp
@@ -337,6 +368,10 @@ const bool registered = [] {
   nf_module_methods().push_back(
       {"assoc_layer_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(assoc_layer_step)),
        METH_FASTCALL, "AssocNorm module call's common path (csrc/python_layer_step.cpp)."});
+#ifdef NORMFUSE_WITH_CUDA
+  nf_module_methods().push_back({"fused_steps", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_steps)),
+                                 METH_FASTCALL, "fused_steps(mode=None): CUDA layer steps' fusion mode (bench)."});
+#endif
   return true;
 }();
 

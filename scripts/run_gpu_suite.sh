@@ -72,6 +72,8 @@ fi
 step bench 420 "$OUT/bench.log" "$PYTHON" -m bench --device cuda --out "$OUT" ${BENCH_ARGS---quick}
 # Issue 14's single-read question: how much of a layer's second pass L2 already serves.
 step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
+# Issue 13's fused layer steps: where computing the coefficients in the reduction's launch pays.
+step steps_probe 120 "$OUT/steps_probe.log" "$PYTHON" -m bench.steps_probe --out "$OUT"
 echo "status $status" >> "$OUT/steps.txt"
 if [ -n "${RESULTS_TAR:-}" ]; then
     tar -czf "$RESULTS_TAR" "$OUT"

@@ -98,3 +98,18 @@ def test_l2probe_smoke(tmp_path):
     for r in rows:
         for key in ("cold_ms", "warm_ms", "pair_ms", "floor_ms", "l2_gain", "pair_vs_floor"):
             assert math.isfinite(float(r[key])) and float(r[key]) > 0, r
+
+
+def test_steps_probe_smoke(tmp_path):
+    """bench/steps_probe.py (a GPU probe for the fused layer steps' threshold, issue 13) runs
+    its code path on the CPU (both modes are the composition there) and writes its row."""
+    from normfuse import _extension
+    if _extension._C is None or not hasattr(_extension._C, "fused_steps"):
+        pytest.skip("normfuse._C built without CUDA: no fused_steps switch")
+    from bench import steps_probe
+    assert steps_probe.main(["--smoke", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "steps_probe.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(steps_probe.DTYPES)
+    for r in rows:
+        assert float(r["unfused_us"]) > 0 and float(r["fused_us"]) > 0, r

@@ -12,13 +12,15 @@
 // (common/coefficients_glue.h). All of them run before the device guard and before anything is
 // launched or mutated: a failing call leaves the running statistics and the batch counter alone.
 //
-// NORMFUSE_FUSED_STEPS (read once): "auto" or unset = the threshold, "1" = fuse every non-empty
-// layer, "0" = never fuse (tests and the bench compare the two paths).
+// NORMFUSE_FUSED_STEPS (read at the first call): "auto" or unset = the threshold, "1" = fuse every
+// non-empty layer, "0" = never fuse (tests and the bench compare the two paths); at run time
+// normfuse._C.fused_steps(mode) sets it (bench/steps_probe.py interleaves both).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -40,16 +42,22 @@ using Seven = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
 
 enum class Fuse { Never, Always, Auto };
 
+// -1: not read yet; else a Fuse. Settable at run time (nf_glue::set_fused_steps) so that the
+// bench can interleave both paths in one process.
+std::atomic<int> g_fuse_mode{-1};
+
 Fuse fuse_mode() {
-  static const Fuse mode = [] {
+  int mode = g_fuse_mode.load(std::memory_order_relaxed);
+  if (mode < 0) {
     const char* e = std::getenv("NORMFUSE_FUSED_STEPS");
-    if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return Fuse::Auto;
-    if (std::strcmp(e, "0") == 0) return Fuse::Never;
-    if (std::strcmp(e, "1") == 0) return Fuse::Always;
-    TORCH_WARN("normfuse: NORMFUSE_FUSED_STEPS must be 0, 1 or auto, got '", e, "'; using auto");
-    return Fuse::Auto;
-  }();
-  return mode;
+    mode = static_cast<int>(Fuse::Auto);
+    if (e != nullptr && std::strcmp(e, "0") == 0) mode = static_cast<int>(Fuse::Never);
+    else if (e != nullptr && std::strcmp(e, "1") == 0) mode = static_cast<int>(Fuse::Always);
+    else if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0)
+      TORCH_WARN("normfuse: NORMFUSE_FUSED_STEPS must be 0, 1 or auto, got '", e, "'; using auto");
+    g_fuse_mode.store(mode, std::memory_order_relaxed);
+  }
+  return static_cast<Fuse>(mode);
 }
 
 bool fuse(const nf::PlaneShape& sh) {
@@ -166,6 +174,32 @@ Seven iebn_sums_coefficients_backward(const Tensor& dy, const Tensor& x, const T
 }
 
 }  // namespace
+
+namespace nf_glue {
+
+// normfuse._C.fused_steps (csrc/python_layer_step.cpp): the mode ("0", "1", "auto"), and set it.
+const char* fused_steps() {
+  switch (fuse_mode()) {
+    case Fuse::Never:
+      return "0";
+    case Fuse::Always:
+      return "1";
+    default:
+      return "auto";
+  }
+}
+
+bool set_fused_steps(const char* mode) {
+  Fuse f;
+  if (std::strcmp(mode, "0") == 0) f = Fuse::Never;
+  else if (std::strcmp(mode, "1") == 0) f = Fuse::Always;
+  else if (std::strcmp(mode, "auto") == 0) f = Fuse::Auto;
+  else return false;
+  g_fuse_mode.store(static_cast<int>(f), std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace nf_glue
 
 TORCH_LIBRARY_IMPL(normfuse, CUDA, m) {
   m.impl("bin_moments_coefficients", &bin_moments_coefficients);
