@@ -28,7 +28,6 @@ the SMs' on-chip memory, which is below the L2 size) or a different blocking cou
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -39,8 +38,6 @@ import torch
 
 SIZES_MB = (4, 8, 16, 24, 32, 48, 64, 96, 160)
 CASES = (("float32", torch.float32, False), ("bfloat16-cl", torch.bfloat16, True))
-COLUMNS = ("case", "direction", "mb", "shape", "cold_ms", "warm_ms", "pair_ms", "floor_ms",
-           "copy_gbs", "l2_gain", "pair_vs_floor")
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -138,12 +135,9 @@ def run(device: torch.device, sizes=SIZES_MB, reps: int = 15, progress=print) ->
 
 
 def write(rows: List[dict], out: str) -> None:
+    from .report import write_csv
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "l2probe.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_csv(os.path.join(out, "l2probe.csv"), rows)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import sys
 from typing import List
@@ -28,8 +27,6 @@ CHANNELS = (8, 16, 32, 64, 128, 256)
 BATCHES = (8, 64)
 SIDES = (7, 28)
 DTYPES = (("float32", torch.float32, False), ("bfloat16-cl", torch.bfloat16, True))
-COLUMNS = ("layer", "case", "shape", "unfused_us", "fused_us", "fused_vs_unfused", "auto_fuses",
-           "auto_us")
 
 
 def _mode(c, mode):
@@ -102,12 +99,9 @@ def run(device: torch.device, channels=CHANNELS, batches=BATCHES, sides=SIDES, t
 
 
 def write(rows: List[dict], out: str) -> None:
+    from .report import write_csv
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "steps_probe.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_csv(os.path.join(out, "steps_probe.csv"), rows)
 
 
 def main(argv=None) -> int:
