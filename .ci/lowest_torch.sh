@@ -51,6 +51,8 @@ echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
   tests/triton_kernels/test_schemas.py \
   tests/test_backends.py \
   tests/test_modules.py \
+  tests/test_one_call_step.py \
+  tests/csrc/test_layer_steps.py \
   tests/test_ilm.py \
   tests/test_error_contract.py \
   "tests/csrc/test_generic_ops.py::test_opcheck" \

@@ -18,7 +18,9 @@ BIN and IEBN, ``nn.GroupNorm`` for AssocNorm); ``ratio_bn``: time / ``nn.BatchNo
 Dispatcher calls per step (``count_ops``), from ``torch.profiler`` (CPU activity) around one
 step: ``op_calls`` counts every operator the dispatcher ran, nested calls included
 (``aten::batch_norm`` -> ``aten::_batch_norm_impl_index`` -> ``aten::native_batch_norm`` are
-three), allocations (``aten::empty*``) left out and counted in ``allocations``; and
+three), allocations (``aten::empty*``) left out and counted in ``allocations`` (only those
+made through the dispatcher: normfuse's compiled CPU ops allocate straight from the allocator,
+``nf_glue::empty_dense``, so they count 0 there although they allocate); and
 ``python_calls``, the Python functions entered during one step (``sys.setprofile``), the
 other half of the host cost.
 """

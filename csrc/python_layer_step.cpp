@@ -369,8 +369,9 @@ const bool registered = [] {
       {"assoc_layer_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(assoc_layer_step)),
        METH_FASTCALL, "AssocNorm module call's common path (csrc/python_layer_step.cpp)."});
 #ifdef NORMFUSE_WITH_CUDA
-  nf_module_methods().push_back({"fused_steps", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_steps)),
-                                 METH_FASTCALL, "fused_steps(mode=None): CUDA layer steps' fusion mode (bench)."});
+  nf_module_methods().push_back(
+      {"fused_steps", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_steps)), METH_FASTCALL,
+       "fused_steps(mode=None): CUDA layer steps' fusion mode (bench)."});
 #endif
   return true;
 }();

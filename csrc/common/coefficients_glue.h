@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/coefficients_params.h"
+#include "common/torch_glue.h"
 
 namespace nf_coef_glue {
 
@@ -157,11 +158,11 @@ nf::AssocCoefParams<S> assoc_params(const char* op, const Tensor& mean, const Te
   return p;
 }
 
-inline Tensor empty_stats(const Tensor& mean) { return at::empty(mean.sizes(), mean.options()); }
+inline Tensor empty_stats(const Tensor& mean) { return nf_glue::empty_dense(mean.sizes(), mean.scalar_type(), mean); }
 
 // Parameter gradients: zeros when there is no sample to sum over (N == 0: nothing runs).
 inline Tensor empty_grad(at::IntArrayRef shape, const Tensor& mean) {
-  return mean.size(0) == 0 ? at::zeros(shape, mean.options()) : at::empty(shape, mean.options());
+  return mean.size(0) == 0 ? at::zeros(shape, mean.options()) : nf_glue::empty_dense(shape, mean.scalar_type(), mean);
 }
 
 // ---- outputs (allocated after every check; their pointers set in the params) --------------------
@@ -222,7 +223,8 @@ BackwardOutputs backward_outputs(nf::AssocCoefParams<S>& p, const Tensor& mean) 
                                                         {&p.grad_bias, {p.C}}};
   const bool nothing_to_sum = p.N == 0 || p.C == 0;  // no sample, or no channel: zero gradients
   for (const auto& [slot, shape] : slots) {
-    o.grads.push_back(nothing_to_sum ? at::zeros(shape, mean.options()) : at::empty(shape, mean.options()));
+    o.grads.push_back(nothing_to_sum ? at::zeros(shape, mean.options())
+                                     : nf_glue::empty_dense(shape, mean.scalar_type(), mean));
     *slot = o.grads.back().template data_ptr<S>();
   }
   return o;

@@ -1,5 +1,6 @@
 #include "common/torch_glue.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -91,11 +92,19 @@ bool relu_mask_given(const c10::optional<at::Tensor>& scale, const c10::optional
   return true;
 }
 
-at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s) {
-  return at::empty({s.N, s.C}, x.options().dtype(acc_dtype(x.scalar_type())));
+at::Tensor empty_dense(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {
+  if (like.is_cpu()) return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
+  return at::empty(sizes, like.options().dtype(dtype));
 }
 
-at::Tensor empty_output(const at::Tensor& x) { return at::empty_like(x); }
+at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s) {
+  return empty_dense({s.N, s.C}, acc_dtype(x.scalar_type()), x);
+}
+
+at::Tensor empty_output(const at::Tensor& x) {
+  if (x.is_cpu()) return at::detail::empty_strided_cpu(x.sizes(), x.strides(), x.scalar_type());
+  return at::empty_like(x);
+}
 
 nf::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
