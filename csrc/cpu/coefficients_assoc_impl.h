@@ -69,14 +69,16 @@ struct AssocKern {
   // The weights, copied once per call (zero padding to whole vectors): rows of length Mp / Gp.
   struct Weights {
     int64_t G, M, Gp, Mp;
-    std::vector<D> w1t, w2, w3, w1, w2t, w3t;  // (G,Mp) (G,Mp) (G,Mp) (M,Gp) (M,Gp) (M,Gp)
+    std::vector<D> storage;  // the six matrices below in one allocation (a step makes two Weights)
+    D *w1t, *w2, *w3, *w1, *w2t, *w3t;  // (G,Mp) (G,Mp) (G,Mp) (M,Gp) (M,Gp) (M,Gp)
     explicit Weights(const P& p) : G(p.G), M(p.M), Gp(pad(p.G)), Mp(pad(p.M)) {
-      w1t.assign(G * Mp, D(0));
-      w2.assign(G * Mp, D(0));
-      w3.assign(G * Mp, D(0));
-      w1.assign(M * Gp, D(0));
-      w2t.assign(M * Gp, D(0));
-      w3t.assign(M * Gp, D(0));
+      storage.assign(3 * G * Mp + 3 * M * Gp, D(0));
+      w1t = storage.data();
+      w2 = w1t + G * Mp;
+      w3 = w2 + G * Mp;
+      w1 = w3 + G * Mp;
+      w2t = w1 + M * Gp;
+      w3t = w2t + M * Gp;
       for (int64_t j = 0; j < M; ++j)
         for (int64_t g = 0; g < G; ++g) {
           w1t[g * Mp + j] = w1[j * Gp + g] = p.encoder[j * G + g];
@@ -84,6 +86,8 @@ struct AssocKern {
           w3[g * Mp + j] = w3t[j * Gp + g] = p.decoder_var[g * M + j];
         }
     }
+    Weights(const Weights&) = delete;  // the pointers point into storage
+    Weights& operator=(const Weights&) = delete;
   };
 
   // Per-sample vectors: over groups (Gp) shift, mean (relative to shift), var, r, d_mu, d_var;
@@ -148,11 +152,11 @@ struct AssocKern {
       (one ? VD(D(0)) : r).store(w.r + g);
     }
     // encoder: h[j] = sum_g W1[j, g] x[g], vectorised over j (g in order for every j)
-    matvec2(wt.w1t.data(), wt.w1t.data(), Mp, G, w.mu, w.var, w.hmu, w.hvar, [](D v) { return v; });
+    matvec2(wt.w1t, wt.w1t, Mp, G, w.mu, w.var, w.hmu, w.hvar, [](D v) { return v; });
     // decoders: z[g] = sum_j W[g, j] relu(h[j]), vectorised over g (rows of the transposes)
     D* zm = w.dmu;  // z, then d in place
     D* zv = w.dvar;
-    matvec2(wt.w2t.data(), wt.w3t.data(), Gp, wt.M, w.hmu, w.hvar, zm, zv, [](D v) { return nf::coef::relu(v); });
+    matvec2(wt.w2t, wt.w3t, Gp, wt.M, w.hmu, w.hvar, zm, zv, [](D v) { return nf::coef::relu(v); });
     if constexpr (std::is_same_v<T, float>) {  // float statistics: the transcendentals in float
       for (int64_t g = 0; g < Gp; g += W) {
         const int64_t n = std::min(W, Gp - g);
@@ -313,7 +317,7 @@ struct AssocKern {
           w.s3[g] = static_cast<D>(t3);
         }
         // grad h: through the decoders (rows of W2 / W3 in order) and the relu
-        matvec2(wt.w2.data(), wt.w3.data(), Mp, G, w.s0, w.s1, w.ghmu, w.ghvar, [](D v) { return v; });
+        matvec2(wt.w2, wt.w3, Mp, G, w.s0, w.s1, w.ghmu, w.ghvar, [](D v) { return v; });
         for (int64_t j = 0; j < Mp; j += WD) {
           const VD zero(D(0));
           VD::blendv(zero, VD::loadu(w.ghmu + j), VD::loadu(w.hmu + j) > zero).store(w.ghmu + j);
@@ -325,7 +329,7 @@ struct AssocKern {
           (VD(D(0)) - VD::loadu(w.s2 + g)).store(w.s2 + g);
           (VD(D(0)) + VD::loadu(w.s3 + g) * VD(D(-0.5)) * r * r * r).store(w.s3 + g);
         }
-        accumulate_rows(wt.w1.data(), Gp, M, w.ghmu, w.ghvar, w.s2, w.s3);
+        accumulate_rows(wt.w1, Gp, M, w.ghmu, w.ghvar, w.s2, w.s3);
         // group-merge backward: c_x = 2 grad_q, c_0 = (grad_mu / cpg + 2 L grad_q dev) / L
         T *c_x = p.c_x + n * C, *c_0 = p.c_0 + n * C;
         for (int64_t g = 0; g < G; ++g) {
