@@ -1,6 +1,9 @@
 #include "common/torch_glue.h"
 
 #include <ATen/EmptyTensor.h>
+#ifdef NORMFUSE_WITH_CUDA
+#include <ATen/cuda/EmptyTensor.h>
+#endif
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -94,6 +97,9 @@ bool relu_mask_given(const c10::optional<at::Tensor>& scale, const c10::optional
 
 at::Tensor empty_dense(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {
   if (like.is_cpu()) return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
+#ifdef NORMFUSE_WITH_CUDA
+  if (like.is_cuda()) return at::detail::empty_cuda(sizes, dtype, like.device(), std::nullopt);
+#endif
   return at::empty(sizes, like.options().dtype(dtype));
 }
 
@@ -103,6 +109,9 @@ at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s) {
 
 at::Tensor empty_output(const at::Tensor& x) {
   if (x.is_cpu()) return at::detail::empty_strided_cpu(x.sizes(), x.strides(), x.scalar_type());
+#ifdef NORMFUSE_WITH_CUDA
+  if (x.is_cuda()) return at::detail::empty_strided_cuda(x.sizes(), x.strides(), x.scalar_type(), x.device());
+#endif
   return at::empty_like(x);
 }
 
