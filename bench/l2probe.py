@@ -3,7 +3,8 @@
 A layer reads x twice forward (``moments``, then ``affine_apply``) and x and dy twice backward
 (``backward_sums``, then ``backward_apply``).  A path that reads them once ("single read") keeps
 them on chip in between: in the registers and shared memory of a cooperative persistent kernel,
-or in the L2 between two ordinary launches.  On an H200 (60 MB of L2) the second may come free:
+or in the L2 between two ordinary launches.  On an H200 (a 50-60 MB L2: the probe reads the
+device's ``L2_cache_size``) the second may come free:
 this probe measures, before anyone writes the first, how much of the second read L2 already
 serves, for activations from a few MB to a few times the L2.
 
@@ -81,8 +82,8 @@ def probe_case(ops, name, dtype, channels_last, mb, device, reps, flush_bytes) -
     timer = _timer(device)
     nbytes = x.numel() * x.element_size()
 
-    def flushed():
-        flush.add_(1)
+    def flushed():  # evict by reading: the lines left behind are clean, so no timed pass pays
+        flush.sum()   # for writing back the flush's own dirty lines
 
     directions = {
         "forward": (lambda: ops.moments(x), lambda: ops.affine_apply(x, mean, scale, shift), 2),

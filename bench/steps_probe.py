@@ -24,7 +24,7 @@ import torch
 from . import timing
 
 CHANNELS = (8, 16, 32, 64, 128, 256)
-BATCHES = (8, 64)
+BATCHES = (8, 64, 256)  # 256 x C = 32 crosses kFusedStepMaxPlanes (4096): both limits decide
 SIDES = (7, 28)
 DTYPES = (("float32", torch.float32, False), ("bfloat16-cl", torch.bfloat16, True))
 

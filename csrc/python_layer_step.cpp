@@ -291,6 +291,10 @@ PyObject* assoc_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   }
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
   static PyObject* const all_ranks = Py_BuildValue("(iiii)", 2, 3, 4, 5);
+  if (all_ranks == nullptr) {  // out of memory at the first call: not sure of anything
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
   const auto devices = integer(args[6]);
   const Tensor* xp = devices ? input_ok(args[0], all_ranks, *devices) : nullptr;
   const auto channels = integer(args[2]);
@@ -332,14 +336,14 @@ bool set_fused_steps(const char* mode);
 }  // namespace nf_glue
 namespace {
 
-// fused_steps(mode=None) -> the previous mode: whether a CUDA BIN / IEBN layer step computes its
+// fused_steps([mode]) -> the previous mode (positional only): whether a CUDA BIN / IEBN layer step computes its
 // coefficients in the reduction's launch ("auto": the small ones, "1": always, "0": never), for
 // the bench that validates the threshold (bench/steps_probe.py). CUDA builds only.
 PyObject* fused_steps(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   const char* previous = nf_glue::fused_steps();
   if (nargs > 1 || (nargs == 1 && args[0] != Py_None && !PyUnicode_Check(args[0]))) {
-    PyErr_SetString(PyExc_TypeError, "fused_steps(mode=None): mode is '0', '1', 'auto' or None");
+    PyErr_SetString(PyExc_TypeError, "fused_steps([mode]): mode is '0', '1', 'auto' or None");
     return nullptr;
   }
   if (nargs == 1 && args[0] != Py_None) {
@@ -371,7 +375,7 @@ const bool registered = [] {
 #ifdef NORMFUSE_WITH_CUDA
   nf_module_methods().push_back(
       {"fused_steps", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_steps)), METH_FASTCALL,
-       "fused_steps(mode=None): CUDA layer steps' fusion mode (bench)."});
+       "fused_steps([mode]): CUDA layer steps' fusion mode (bench)."});
 #endif
   return true;
 }();

@@ -174,17 +174,26 @@ def compiled_devices() -> int:
     setting, as bits: 1 CPU inputs, 2 CUDA inputs (float64 ones excepted: "auto" sends them to
     ``torch``, a named "cuda" refuses them).  The modules' one-C-call common path
     (``normfuse._C.batch_layer_step``) runs only there; everything else takes the Python path.
-    Cached until the setting changes.  Not for tracing: callers test ``is_compiling`` first."""
-    devices = _state.devices
-    if devices is None:
-        name = _state.name if _state.checked else _check_name(_state.name, "NORMFUSE_BACKEND")
-        cpu = _unavailable_reason("cpu") is None
-        cuda = _unavailable_reason("cuda") is None
-        if name == "auto":
-            devices = (1 if cpu else 0) | (2 if cuda else 0)
-        else:
-            devices = {"cpu": 1 if cpu else 0, "cuda": 2 if cuda else 0}.get(name, 0)
-        _state.devices = devices
+    0 while the setting is an invalid ``NORMFUSE_BACKEND``: the Python path then raises, after
+    the input checks, as it always did.  Cached with the setting it was computed for, so a
+    concurrent ``set_backend`` can never leave a stale answer behind.  Not for tracing: callers
+    test ``is_compiling`` first."""
+    name = _state.name
+    cached = _state.devices
+    if cached is not None and cached[0] == name:
+        return cached[1]
+    if not _state.checked:
+        try:
+            _check_name(name, "NORMFUSE_BACKEND")
+        except (ValueError, RuntimeError):
+            return 0
+    cpu = _unavailable_reason("cpu") is None
+    cuda = _unavailable_reason("cuda") is None
+    if name == "auto":
+        devices = (1 if cpu else 0) | (2 if cuda else 0)
+    else:
+        devices = {"cpu": 1 if cpu else 0, "cuda": 2 if cuda else 0}.get(name, 0)
+    _state.devices = (name, devices)  # one assignment: a reader sees a consistent pair
     return devices
 
 

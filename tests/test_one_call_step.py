@@ -13,12 +13,16 @@ csrc/python_layer_step.cpp; issue 13, host cost).
 from __future__ import annotations
 
 import copy
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import normfuse
-from normfuse import _autograd, _extension
+from normfuse import _autograd, _extension, backends
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_CPU_KERNELS, reason="needs normfuse._C")
 C = 6
@@ -200,3 +204,58 @@ def test_backend_setting_is_followed():
         names = {e.name for e in prof.events()}
         assert not any(n.startswith("normfuse::") for n in names), names
     assert normfuse.backends.compiled_devices() & 1
+
+
+def test_compiled_devices_cache_not_left_stale_by_a_concurrent_set_backend(monkeypatch):
+    """compiled_devices() reads _state.name, computes, then stores _state.devices. A
+    set_backend() from another thread in between clears the cache *before* the stale store, so
+    the stale value survives: the modules keep running the compiled CPU ops under
+    set_backend("torch") until the setting changes again. The interleaving is forced here by
+    running set_backend where the GIL could switch threads (inside _unavailable_reason)."""
+    backends.set_backend("auto")
+    real = backends._unavailable_reason
+    fired = []
+
+    def racing(name):
+        if not fired:
+            fired.append(True)
+            backends.set_backend("torch")  # "another thread"
+        return real(name)
+
+    monkeypatch.setattr(backends, "_unavailable_reason", racing)
+    try:
+        backends.compiled_devices()
+        monkeypatch.setattr(backends, "_unavailable_reason", real)
+        assert backends.get_backend() == "torch"
+        m = normfuse.BatchInstanceNorm2d(4)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m(torch.randn(2, 4, 3, 3))
+        ran = {e.name for e in prof.events() if e.name.startswith("normfuse::")}
+        assert not ran, f"backend 'torch' set, yet the compiled ops ran: {sorted(ran)}"
+        assert backends.compiled_devices() == 0, "stale cache: compiled ops allowed under 'torch'"
+    finally:
+        backends.set_backend("auto")
+
+
+def test_invalid_env_backend_does_not_preempt_the_input_checks():
+    """Before the one-C-call path an invalid NORMFUSE_BACKEND was reported by resolve_backend,
+    after the module's input checks (a wrong channel count -> ValueError naming the channels,
+    a non-tensor -> TypeError). compiled_devices() is now evaluated as an argument of the C
+    call, before any check, so the backend error pre-empts them (and a TypeError becomes a
+    ValueError)."""
+    code = ("import torch, normfuse\n"
+            "m = normfuse.BatchInstanceNorm1d(3)\n"
+            "for bad in (torch.randn(4, 5), [1.0]):\n"
+            "    try:\n"
+            "        m(bad)\n"
+            "    except Exception as e:\n"
+            "        print('ERR', type(e).__name__, e)\n")
+    ROOT = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NORMFUSE_BACKEND="fused", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=str(ROOT))
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ERR")]
+    assert len(lines) == 2, res.stdout + res.stderr[-2000:]
+    assert "expected input with 3 channels" in lines[0], lines[0]
+    assert lines[1].startswith("ERR TypeError"), lines[1]

@@ -1,5 +1,6 @@
 #include "common/torch_glue.h"
 
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
 #ifdef NORMFUSE_WITH_CUDA
 #include <ATen/cuda/EmptyTensor.h>
@@ -95,7 +96,15 @@ bool relu_mask_given(const c10::optional<at::Tensor>& scale, const c10::optional
   return true;
 }
 
+// torch.use_deterministic_algorithms(True) with fill_uninitialized_memory: at::empty fills new
+// tensors with NaN (so a kernel that misses an element shows); keep that, through at::empty.
+static bool deterministic_fill() {
+  const auto& ctx = at::globalContext();
+  return ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory();
+}
+
 at::Tensor empty_dense(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {
+  if (deterministic_fill()) return at::empty(sizes, like.options().dtype(dtype));
   if (like.is_cpu()) return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
 #ifdef NORMFUSE_WITH_CUDA
   if (like.is_cuda()) return at::detail::empty_cuda(sizes, dtype, like.device(), std::nullopt);
@@ -108,6 +117,7 @@ at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s) {
 }
 
 at::Tensor empty_output(const at::Tensor& x) {
+  if (deterministic_fill()) return at::empty_like(x);
   if (x.is_cpu()) return at::detail::empty_strided_cpu(x.sizes(), x.strides(), x.scalar_type());
 #ifdef NORMFUSE_WITH_CUDA
   if (x.is_cuda()) return at::detail::empty_strided_cuda(x.sizes(), x.strides(), x.scalar_type(), x.device());

@@ -33,7 +33,7 @@ namespace nf {
 // round trips and two or three shared-memory trees of <= 8 levels per tile) against the launch
 // and the serial chain it saves (10-14 us per coefficient kernel at C = 64, issue 13).
 // UNMEASURED: these two numbers are a guess and must be validated on a GPU with the bench
-// (fused vs unfused over C = 8..256, N = 1..256, forward and backward; NORMFUSE_FUSED_STEPS=0/1
+// (bench/steps_probe.py: fused vs unfused over C = 8..256, N = 8..256, forward + backward; NORMFUSE_FUSED_STEPS=0/1
 // forces either path, docs/architecture.md).
 constexpr int64_t kFusedStepMaxTiles = 4;
 constexpr int64_t kFusedStepMaxPlanes = 4096;
