@@ -26,7 +26,13 @@
 #include <tuple>
 #include <vector>
 
+#include "common/op_handles.h"
+#include "common/torch_glue.h"
+
 namespace {
+
+using nf_ops::find;
+using nf_ops::plane_size;
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -72,11 +78,6 @@ struct Ops {
       const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>
       iebn_step_backward;
 };
-
-template <class Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 const Ops& ops() {
   static const Ops o{
@@ -125,12 +126,6 @@ struct Buffers {
 };
 
 using Params = std::array<OptTensor, kMaxParams>;
-
-int64_t plane_size(const Tensor& x) {
-  int64_t plane = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) plane *= x.size(d);
-  return plane;
-}
 
 const Tensor& req(const OptTensor& t) { return *t; }  // a parameter the schema says is a Tensor
 
@@ -198,7 +193,7 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
 
 // As normfuse/_autograd.py: C innermost and dense (NHWC and its 1-d / 3-d analogues).
 bool is_channels_last(const Tensor& x) {
-  return x.dim() > 2 && !x.is_contiguous() && x.movedim(1, -1).is_contiguous();
+  return x.dim() > 2 && !x.is_contiguous() && nf_glue::is_channels_last_dense(x);
 }
 
 Tensor like_layout(const Tensor& t, const Tensor& x) {

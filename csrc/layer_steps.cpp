@@ -12,7 +12,12 @@
 #include <optional>
 #include <tuple>
 
+#include "common/op_handles.h"
+
 namespace {
+
+using nf_ops::find;
+using nf_ops::plane_size;
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -20,17 +25,6 @@ using Pair = std::tuple<Tensor, Tensor>;
 using Four = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Six = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Seven = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-template <class Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-int64_t plane_size(const Tensor& x) {
-  int64_t plane = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) plane *= x.size(d);
-  return plane;
-}
 
 Pair moments(const Tensor& x) {
   static const auto op = find<Pair(const Tensor&)>("normfuse::moments");

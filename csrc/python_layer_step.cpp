@@ -29,7 +29,12 @@
 #include <utility>
 #include <vector>
 
+#include "common/op_handles.h"
+#include "common/torch_glue.h"
+
 namespace {
+
+using nf_ops::find;
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -122,23 +127,8 @@ const Tensor* input_ok(PyObject* o, PyObject* ranks, int64_t devices) {
     if (r && *r == dim) rank_ok = true;
   }
   if (!rank_ok || x->numel() == 0) return nullptr;
-  if (x->is_contiguous()) return x;
-  // channels-last: strides of (N, spatial..., C) contiguous, dims of size 1 free (as movedim +
-  // is_contiguous decides in normfuse._checks.is_channels_last)
-  int64_t expected = 1;
-  const auto sizes = x->sizes();
-  const auto strides = x->strides();
-  std::array<int64_t, 5> order{};  // C, then the spatial dims innermost first, then N
-  int64_t k = 0;
-  order[k++] = 1;
-  for (int64_t d = dim - 1; d >= 2; --d) order[k++] = d;
-  order[k++] = 0;
-  for (int64_t i = 0; i < dim; ++i) {
-    const int64_t d = order[i];
-    if (sizes[d] != 1 && strides[d] != expected) return nullptr;
-    expected *= sizes[d];
-  }
-  return x;
+  if (x->is_contiguous() || nf_glue::is_channels_last_dense(*x)) return x;
+  return nullptr;
 }
 
 // A value of a module's _parameters / _buffers dict (borrowed): nullptr when missing (the caller
@@ -192,11 +182,6 @@ using IebnOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTens
                       const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&, bool);
 using AssocOp = Tensor(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                        const Tensor&, double, bool);
-
-template <class Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 // batch_layer_step(layer, input, parameters, buffers, training, track_running_stats, momentum,
 //                  eps, num_features, activation, ranks, devices)

@@ -15,8 +15,6 @@ at::ScalarType acc_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-namespace {
-
 // (N, *spatial, C) dense, i.e. C innermost, then the spatial dims, then N, element (n, c, l) at
 // (n * L + l) * C + c: channels_last, channels_last_3d and rank-3 (L*C, 1, C). Read from the
 // strides (dimensions of size 1 may have any), as `x.permute(0, 2.., 1).is_contiguous()` would
@@ -31,8 +29,6 @@ bool is_channels_last_dense(const at::Tensor& x) {
   }
   return ok && (x.size(0) == 1 || x.stride(0) == expected);
 }
-
-}  // namespace
 
 nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
   const int64_t d = x.dim();

@@ -35,6 +35,11 @@ bool relu_mask_given(const c10::optional<at::Tensor>& scale, const c10::optional
 // times in a small layer's step (issue 13, host cost).
 at::Tensor empty_dense(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like);
 
+// x is (N, *spatial, C) dense (channels_last, channels_last_3d, rank-3 (L*C, 1, C)), read from the
+// strides, dims of size 1 free: what normfuse/_checks.py's is_channels_last says, without a view.
+// (A contiguous tensor with C or every spatial dim of size 1 is both.)
+bool is_channels_last_dense(const at::Tensor& x);
+
 // (N, C) tensor in the acc dtype of x, on x's device.
 at::Tensor empty_stats(const at::Tensor& x, const nf::PlaneShape& s);
 
