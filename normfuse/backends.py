@@ -95,14 +95,14 @@ def _check_name(name: str, source: str) -> str:
 
 
 _state = SimpleNamespace(name=os.environ.get("NORMFUSE_BACKEND", "auto").strip() or "auto",
-                         checked=False, devices=None)
+                         checked=False,
+                         devices=None)  # compiled_devices(): (setting, answer) of the last call
 
 
 def set_backend(name: str) -> None:
     """Use backend ``name`` for every following call (``"auto"`` to let normfuse choose)."""
     _state.name = _check_name(name, "set_backend")
     _state.checked = True
-    _state.devices = None
 
 
 def get_backend() -> str:
@@ -119,7 +119,6 @@ def use_backend(name: str):
         yield
     finally:
         _state.name, _state.checked = previous
-        _state.devices = None
 
 
 def _auto(x: torch.Tensor) -> str:

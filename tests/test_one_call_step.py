@@ -223,6 +223,7 @@ def test_compiled_devices_cache_not_left_stale_by_a_concurrent_set_backend(monke
         return real(name)
 
     monkeypatch.setattr(backends, "_unavailable_reason", racing)
+    monkeypatch.setattr(backends._state, "devices", None)  # a cache miss: the window is reached
     try:
         backends.compiled_devices()
         monkeypatch.setattr(backends, "_unavailable_reason", real)
