@@ -11,6 +11,10 @@
 #define NF_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
   ((void)(stream), ::nf_shim::launch(kernel, grid, block, smem_bytes, __VA_ARGS__))
 #define NF_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::nf_shim::dynamic_smem())
+// Cooperative launch (all blocks resident at once) and its grid-wide barrier.
+#define NF_LAUNCH_COOPERATIVE(kernel, grid, block, smem_bytes, stream, ...) \
+  ((void)(stream), ::nf_shim::launch_cooperative(kernel, grid, block, smem_bytes, __VA_ARGS__), cudaSuccess)
+#define NF_GRID_SYNC() ::nf_shim::grid_sync()
 #else
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -22,6 +26,26 @@
 #define NF_DYNAMIC_SMEM(type, name)    \
   extern __shared__ float4 nf_smem_[]; \
   type* name = reinterpret_cast<type*>(nf_smem_)
+#include <cooperative_groups.h>
+#include <tuple>
+// cudaLaunchCooperativeKernel fails (cudaErrorCooperativeLaunchTooLarge) instead of launching a
+// grid whose blocks cannot all be resident: a grid-wide barrier never deadlocks.
+namespace nf_detail {
+template <typename... KArgs, typename... Args>
+cudaError_t launch_cooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               Args&&... args) {
+  std::tuple<KArgs...> values(std::forward<Args>(args)...);
+  return std::apply(
+      [&](auto&... v) {
+        void* ptrs[] = {static_cast<void*>(&v)...};
+        return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs, smem, stream);
+      },
+      values);
+}
+}  // namespace nf_detail
+#define NF_LAUNCH_COOPERATIVE(kernel, grid, block, smem_bytes, stream, ...) \
+  ::nf_detail::launch_cooperative(kernel, grid, block, smem_bytes, stream, __VA_ARGS__)
+#define NF_GRID_SYNC() ::cooperative_groups::this_grid().sync()
 #endif
 
 #define NF_DEVICE __device__ __forceinline__

@@ -3,7 +3,8 @@
 //
 // Model: a launch creates one std::thread per CUDA thread of a block and reuses them for every
 // block; blocks run one after another (a kernel relying on co-resident blocks would deadlock,
-// which is also a bug on a GPU). __syncthreads is a std::barrier over the block, warp shuffles
+// which is also a bug on a GPU). A cooperative launch (launch_cooperative) runs all blocks at
+// once instead, for kernels with grid-wide barriers. __syncthreads is a std::barrier over the block, warp shuffles
 // are a per-warp exchange between two barriers, atomics go through std::atomic_ref, and dynamic
 // shared memory is one exactly-sized heap buffer (so ASAN sees overruns; it is refilled with 0xCD
 // between blocks so stale data is not silently reused).
@@ -41,7 +42,12 @@ struct dim3 {
 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorCooperativeLaunchTooLarge = 720
+};
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "shim error"; }
 
@@ -173,6 +179,63 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   pool.reserve(nthreads);
   for (int t = 0; t < nthreads; ++t) pool.emplace_back(body, t);
   for (auto& th : pool) th.join();
+}
+
+// Cooperative launch (cudaLaunchCooperativeKernel): every block at once, one std::thread per
+// CUDA thread of the whole grid, so that a kernel can wait at grid-wide barriers (NF_GRID_SYNC,
+// a std::barrier over all of them: TSAN sees it as the synchronisation it is). Each block has its
+// own dynamic shared memory; static __shared__ arrays (function statics here) would be shared by
+// all blocks, so kernels launched this way use dynamic shared memory only. A thread that leaves
+// the kernel before a grid barrier the others wait at hangs the launch, as it would on a GPU.
+inline thread_local std::barrier<>* tl_grid = nullptr;
+
+template <typename... KArgs, typename... Args>
+void launch_cooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "kernel argument count");
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  const int64_t nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  if (nthreads <= 0 || nthreads > 1024 || nblocks <= 0 || nblocks * nthreads > 4096) {
+    std::fprintf(stderr, "nf_shim: cooperative launch of %lld blocks x %d threads is too large for the shim\n",
+                 static_cast<long long>(nblocks), nthreads);
+    std::abort();
+  }
+  std::vector<std::unique_ptr<Block>> blocks;
+  std::vector<std::unique_ptr<unsigned char[]>> smems;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    blocks.push_back(std::make_unique<Block>(nthreads));
+    for (int w = 0; w * 32 < nthreads; ++w)
+      blocks.back()->warps.push_back(std::make_unique<Warp>(std::min(32, nthreads - w * 32)));
+    smems.emplace_back(new unsigned char[smem_bytes ? smem_bytes : 1]);
+    std::memset(smems.back().get(), 0xCD, smem_bytes ? smem_bytes : 1);
+    blocks.back()->smem = smems.back().get();
+  }
+  std::barrier<> grid_bar(static_cast<std::ptrdiff_t>(nblocks * nthreads));
+  auto body = [&](int64_t b, int t) {
+    tl_block = blocks[b].get();
+    tl_grid = &grid_bar;
+    tl_lane = t % 32;
+    tl_warp = t / 32;
+    blockDim = block;
+    gridDim = grid;
+    threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    blockIdx = dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                    static_cast<unsigned>(b / (static_cast<int64_t>(grid.x) * grid.y)));
+    kernel(args...);
+    tl_grid = nullptr;
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(nblocks * nthreads));
+  for (int64_t b = 0; b < nblocks; ++b)
+    for (int t = 0; t < nthreads; ++t) pool.emplace_back(body, b, t);
+  for (auto& th : pool) th.join();
+}
+
+inline void grid_sync() {
+  if (tl_grid == nullptr) {
+    std::fprintf(stderr, "nf_shim: grid-wide barrier outside a cooperative launch\n");
+    std::abort();
+  }
+  tl_grid->arrive_and_wait();
 }
 
 }  // namespace nf_shim

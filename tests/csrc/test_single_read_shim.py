@@ -1,0 +1,96 @@
+"""The single-read layer directions (csrc/kernels/single_read.cuh, issue 14) on the CPU through
+the shim's cooperative launch (all blocks at once, grid-wide barriers as a std::barrier), under
+ThreadSanitizer and AddressSanitizer.
+
+The driver (tests/cuda_shim/drivers/single_read_driver.cpp) runs, per case, the generic launches
+(moments, coefficient forward, affine_apply; backward_sums, coefficient backward, backward_apply)
+and the one cooperative launch of each direction on the same inputs and compares every output:
+statistics, scale / shift, running statistics, y, the gradient sums, c_dy / c_x / c_0, the
+parameter gradients and dx, to rounding (the single-read plan splits planes by its register
+budget, so it sums in another order), and num_batches_tracked exactly. Outputs and partials start
+as NaN, so anything left unwritten shows. Cases: BIN and IEBN, float32 / float16 / bfloat16,
+train / eval with and without running statistics, fused ReLU (forward relu and masked backward),
+split planes (up to 19 blocks per plane), channels-last tiles with idle lanes (C = 72 in a
+128-channel tile), several channel tiles, fewer blocks than coefficient tiles (each block then
+runs several), N = 1 with L = 1. Inputs the kernels do not take (contiguous, misaligned, C not a
+multiple of the vector) must be refused by the planner, which sends them to the generic kernels.
+
+Under the shim a grid-wide barrier really waits for every thread of every block, so dropping
+one is a data race TSAN reports (two are planted below, each caught on the line that reads too
+early). Not detectable here: a plain load where __ldcg is needed (the shim has no L1), which the
+GPU tests cover.
+"""
+from __future__ import annotations
+
+import pytest
+
+shim_build = pytest.importorskip("shim_build")
+
+pytestmark = pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim")
+
+DRIVER = shim_build.DRIVERS / "single_read_driver.cpp"
+KERNEL = shim_build.ROOT / "csrc" / "kernels" / "single_read.cuh"
+
+# layer dtype layout N C L threads training running affine masked misalign
+CASES = [
+    "bin f32 cl 4 40 300 32 1 1 1 1 0",    # 10 / 19 splits per plane, 5 coefficient tiles, ReLU
+    "iebn bf16 cl 3 40 50 64 1 1 1 0 0",   # 3 blocks run 5 tiles
+    "bin f16 cl 2 16 1000 32 1 0 1 1 0",   # splits, no running statistics, ReLU
+    "iebn f32 cl 5 12 7 32 0 1 1 0 0",     # eval on running statistics
+    "bin bf16 cl 1 8 1 32 0 0 1 0 0",      # eval without running statistics, N = 1, L = 1
+    "bin f32 cl 6 72 20 64 1 1 0 1 0",     # idle lanes in the channel tile, no affine, ReLU
+    "iebn f32 cl 2 136 9 64 1 1 1 1 0",    # two channel tiles per sample, 17 coefficient tiles
+    "iebn f16 cl 3 24 130 32 1 1 1 1 0",   # f16 splits, ReLU
+]
+REFUSED = [
+    "bin f32 cl 4 40 300 32 1 1 1 1 1",    # misaligned
+    "bin f32 contig 4 8 30 32 1 1 1 1 0",  # contiguous
+    "bin f32 cl 4 6 30 32 1 1 1 1 0",      # C % 4 != 0: no 16-byte vectors
+]
+
+
+@pytest.fixture(scope="module")
+def cases_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("single_read") / "cases.txt"
+    path.write_text("\n".join(CASES + REFUSED) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_single_read_matches_generic_launches(sanitizer, cases_file):
+    exe = shim_build.build_driver([DRIVER], sanitizer)
+    res = shim_build.run_driver(exe, [cases_file], sanitizer)
+    ok = [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")]
+    refused = [ln[len("refused "):] for ln in res.stdout.splitlines() if ln.startswith("refused ")]
+    assert len(ok) == len(CASES) and refused == REFUSED, res.stdout + res.stderr
+    plans = [dict(kv.split("=") for kv in ln.split()[-5:]) for ln in ok]
+    assert max(int(p["bwd_splits"]) for p in plans) > 8 and min(int(p["fwd_splits"]) for p in plans) == 1
+    assert any(int(p["tiles"]) > int(p["fwd_grid"]) for p in plans)  # blocks looping over tiles
+
+
+# Each planted bug removes one grid-wide barrier; TSAN must report a race on the read it unguards.
+PLANTS = {
+    "apply_before_coefficients": (
+        "    batch_coef_forward_tile<Math, true>(c, cx, ny, tile, smem);\n  NF_GRID_SYNC();",
+        "    batch_coef_forward_tile<Math, true>(c, cx, ny, tile, smem);\n",
+        "single_read_forward_kernel",
+    ),
+    "merge_before_partials": (
+        "    merge_splits<Op, VEC>(op, pl, t, ctx, partials, smem);\n    NF_GRID_SYNC();",
+        "    merge_splits<Op, VEC>(op, pl, t, ctx, partials, smem);\n",
+        "merge_splits",
+    ),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_missing_grid_barrier_is_reported(plant, tmp_path, cases_file):
+    good, bad, where = PLANTS[plant]
+    src = KERNEL.read_text()
+    assert src.count(good) == 1, "the planted edit no longer matches single_read.cuh"
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "single_read.cuh").write_text(src.replace(good, bad))
+    exe = shim_build.build_driver([DRIVER], "thread", extra_flags=["-I", str(tmp_path)], name=f"single_read_{plant}")
+    res = shim_build.run_driver(exe, [cases_file], "thread", expect_clean=False)
+    assert res.returncode != 0 and "WARNING: ThreadSanitizer: data race" in res.stderr, res.stderr[-3000:]
+    assert where in res.stderr, res.stderr[-3000:]

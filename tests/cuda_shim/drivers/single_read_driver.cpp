@@ -1,0 +1,344 @@
+// Shim driver for the single-read layer directions (csrc/kernels/single_read.cuh): for each case
+// it runs the generic launches (moments, coefficient forward, affine_apply; backward_sums,
+// coefficient backward, backward_apply) and the single cooperative launch of each direction on the
+// same inputs, with the same templated launchers as the CUDA build, and compares every output.
+// The single-read plan splits planes by its register budget, so the reduction order differs from
+// the generic kernels': results must agree to rounding (tolerances below), not bitwise; the batch
+// counter and which elements are written must agree exactly. Outputs, statistics and partials
+// start as NaN (0xff bytes), so an element or a partial left unwritten shows. The backward of both
+// paths takes the same mask (the forward's scale and shift of the generic path), so its ReLU
+// mask is the same bit for bit.
+// Usage: single_read_driver CASES_FILE
+// Each line: layer dtype layout N C L threads training running affine masked misalign
+//   (as layer_steps_driver). Layouts or alignments the kernels do not take must be refused by the
+//   planner: those lines print "refused <line>" (and the test says which must be).
+// Prints "ok <line> fwd_grid=<blocks> fwd_splits=<s> bwd_grid=<blocks> bwd_splits=<s> tiles=<t>".
+#include "cuda_shim.h"
+#include "driver_io.h"
+#include "kernels/single_read.cuh"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+using nf_io::Buffer;
+
+namespace {
+
+struct Case {
+  std::string line, layer, dtype, layout;
+  int64_t N, C, L;
+  int threads, training, running, affine, masked, misalign;
+};
+
+struct Rng {
+  uint64_t s;
+  float uniform() {  // [-1, 1)
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<float>((s >> 40) & 0xffffff) / 8388608.f - 1.f;
+  }
+};
+
+Buffer floats(size_t n) {
+  Buffer b(n * sizeof(float), 0);
+  std::memset(b.data(), 0xff, b.bytes);  // NaN until written
+  return b;
+}
+
+void require(bool ok, const Case& cs, const std::string& what) {
+  if (!ok) nf_io::die(what + " in case: " + cs.line);
+}
+
+// |a - b| <= rtol * (|b| + max|b over the array|) elementwise, NaN only where b is NaN.
+template <typename T>
+void require_close(const T* a, const T* b, size_t n, double rtol, const Case& cs, const std::string& what) {
+  double scale = 0;
+  for (size_t i = 0; i < n; ++i) scale = std::fmax(scale, std::fabs(static_cast<double>(nf::to_float(b[i]))));
+  for (size_t i = 0; i < n; ++i) {
+    const double x = nf::to_float(a[i]), y = nf::to_float(b[i]);
+    if (std::isnan(x) || std::isnan(y)) {
+      if (std::isnan(x) != std::isnan(y))
+        nf_io::die(what + ": element " + std::to_string(i) + " NaN in one path only (" + std::to_string(x) + " vs " +
+                   std::to_string(y) + ") in case: " + cs.line);
+      continue;
+    }
+    if (std::fabs(x - y) > rtol * (std::fabs(y) + scale))
+      nf_io::die(what + ": element " + std::to_string(i) + " is " + std::to_string(x) + ", generic path " +
+                 std::to_string(y) + " in case: " + cs.line);
+  }
+}
+
+void require_close(const Buffer& a, const Buffer& b, double rtol, const Case& cs, const std::string& what) {
+  require(a.bytes == b.bytes, cs, what + ": sizes differ");
+  require_close(a.as<float>(), b.as<float>(), a.bytes / sizeof(float), rtol, cs, what);
+}
+
+template <typename T>
+constexpr double out_rtol() {
+  if constexpr (std::is_same_v<T, float>) return 1e-4;
+  if constexpr (std::is_same_v<T, __half>) return 2e-3;
+  return 1.6e-2;  // bfloat16: one rounding flip of an 8-bit mantissa
+}
+constexpr double kStatRtol = 1e-4;  // float32 statistics summed in another order
+
+struct Channels {
+  Buffer gate, gate_bias, weight, bias, rmean, rvar;
+};
+
+nf::BatchCoefParams<float> coef_params(const Case& cs, const Channels& ch, const float* mean, const float* m2,
+                                       float* rmean, float* rvar, bool backward) {
+  nf::BatchCoefParams<float> c;
+  c.mean = mean;
+  c.m2 = m2;
+  c.gate = ch.gate.as<float>();
+  if (cs.layer == "iebn") c.gate_bias = ch.gate_bias.as<float>();
+  if (cs.affine) {
+    c.weight = ch.weight.as<float>();
+    c.bias = ch.bias.as<float>();
+  }
+  if (cs.running && !(backward && cs.training)) {  // glue convention: the training backward never sees them
+    c.running_mean = rmean;
+    c.running_var = rvar;
+  }
+  c.N = cs.N;
+  c.C = cs.C;
+  c.L = cs.L;
+  c.training = cs.training != 0;
+  c.momentum = 0.1;
+  c.eps = 1e-5;
+  c.threads = cs.threads;
+  return c;
+}
+
+// The forward's results of one path.
+struct Fwd {
+  Buffer mean, m2, scale, shift, rm, rv, y;
+  int64_t nbt = 41;
+};
+
+// The backward's results of one path: c_dy, c_x, c_0, grad_gate, grad_weight, grad_bias,
+// grad_gate_bias, and dx.
+struct Bwd {
+  Buffer g1, g2;
+  std::vector<Buffer> out;
+  Buffer dx;
+};
+
+template <typename T, class Math>
+void run_case(const Case& cs) {
+  nf::PlaneShape s;
+  s.N = cs.N;
+  s.C = cs.C;
+  s.L = cs.L;
+  s.layout = cs.layout == "cl" ? nf::Layout::ChannelsLast : nf::Layout::Contiguous;
+  const size_t numel = static_cast<size_t>(cs.N * cs.C * cs.L), NC = static_cast<size_t>(cs.N * cs.C);
+  const size_t C = static_cast<size_t>(cs.C);
+  const size_t off = cs.misalign ? sizeof(T) : 0;
+  Rng rng{static_cast<uint64_t>(cs.N * 1000003 + cs.C * 1009 + cs.L)};
+  Buffer x(numel * sizeof(T), off), dy(numel * sizeof(T), off);
+  for (size_t i = 0; i < numel; ++i) {
+    const int64_t c = s.layout == nf::Layout::Contiguous ? (i / cs.L) % cs.C : i % cs.C;
+    x.as<T>()[i] = nf::from_float<T>(0.5f * c + 2.f * rng.uniform());  // per-channel offsets
+    dy.as<T>()[i] = nf::from_float<T>(rng.uniform());
+  }
+  Channels ch{floats(C), floats(C), floats(C), floats(C), floats(C), floats(C)};
+  for (size_t c = 0; c < C; ++c) {
+    ch.gate.as<float>()[c] = 0.5f + 0.5f * rng.uniform();
+    ch.gate_bias.as<float>()[c] = rng.uniform();
+    ch.weight.as<float>()[c] = 1.f + 0.5f * rng.uniform();
+    ch.bias.as<float>()[c] = rng.uniform();
+    ch.rmean.as<float>()[c] = rng.uniform();
+    ch.rvar.as<float>()[c] = 1.5f + rng.uniform();
+  }
+  const bool iebn = cs.layer == "iebn";
+  auto fresh_fwd = [&] {
+    Fwd f{floats(NC), floats(NC), floats(NC), floats(NC), floats(C), floats(C), Buffer(numel * sizeof(T), off)};
+    std::memcpy(f.rm.data(), ch.rmean.data(), C * 4);
+    std::memcpy(f.rv.data(), ch.rvar.data(), C * 4);
+    std::memset(f.y.data(), 0xff, f.y.bytes);
+    return f;
+  };
+  auto moments_params = [&](Fwd& f) {
+    nf::MomentsParams p;
+    p.x = x.data();
+    p.mean = f.mean.as<float>();
+    p.m2 = f.m2.as<float>();
+    p.shape = s;
+    p.threads = cs.threads;
+    return p;
+  };
+  auto fwd_coef = [&](Fwd& f) {
+    auto c = coef_params(cs, ch, f.mean.as<float>(), f.m2.as<float>(), f.rm.as<float>(), f.rv.as<float>(), false);
+    c.num_batches_tracked = &f.nbt;
+    c.scale = f.scale.as<float>();
+    c.shift = f.shift.as<float>();
+    return c;
+  };
+
+  // ---- single-read planning: refused where it must be ---------------------------------------------
+  Fwd fs = fresh_fwd();
+  nf::MomentsParams ps = moments_params(fs);
+  nf::SingleReadLaunch Lf;
+  const auto cf = fwd_coef(fs);
+  if (!nf::plan_single_read_forward<T, Math>(ps, fs.y.data(), cf, &Lf)) {
+    std::printf("refused %s\n", cs.line.c_str());
+    return;
+  }
+
+  // ---- forward: generic launches ---------------------------------------------------------------------
+  Fwd fg = fresh_fwd();
+  {
+    nf::MomentsParams p = moments_params(fg);
+    const nf::Workspace w = nf::moments_workspace<T>(p);
+    Buffer counters(w.counter_count * 4, 0), partials(w.partial_floats * 4, 0);
+    p.counters = w.counter_count ? counters.as<unsigned>() : nullptr;
+    p.partials = w.counter_count ? partials.as<float>() : nullptr;
+    require(nf::launch_moments<T>(p, nullptr) == cudaSuccess, cs, "moments launch");
+    const auto c = fwd_coef(fg);
+    require(nf::launch_batch_coef_forward<Math>(c, nullptr) == cudaSuccess, cs, "coefficient launch");
+    nf::AffineApplyParams a;
+    a.x = x.data();
+    a.mean = fg.mean.as<float>();
+    a.scale = fg.scale.as<float>();
+    a.shift = fg.shift.as<float>();
+    a.y = fg.y.data();
+    a.relu = cs.masked != 0;
+    a.shape = s;
+    a.threads = cs.threads;
+    require(nf::launch_affine_apply<T>(a, nullptr) == cudaSuccess, cs, "affine_apply launch");
+  }
+
+  // ---- forward: one cooperative launch ---------------------------------------------------------------
+  {
+    Buffer partials(Lf.partial_floats * 4, 0);
+    std::memset(partials.data(), 0xff, partials.bytes);
+    ps.partials = Lf.partial_floats ? partials.as<float>() : nullptr;
+    require(nf::launch_single_read_forward<T, Math>(Lf, ps, fs.y.data(), cs.masked != 0, cf, nullptr) == cudaSuccess,
+            cs, "single-read forward launch");
+  }
+  require_close(fs.mean, fg.mean, kStatRtol, cs, "mean");
+  require_close(fs.m2, fg.m2, kStatRtol, cs, "m2");
+  require_close(fs.scale, fg.scale, kStatRtol, cs, "scale");
+  require_close(fs.shift, fg.shift, kStatRtol, cs, "shift");
+  require_close(fs.rm, fg.rm, kStatRtol, cs, "running_mean");
+  require_close(fs.rv, fg.rv, kStatRtol, cs, "running_var");
+  require(fs.nbt == fg.nbt && fg.nbt == (cs.training ? 42 : 41), cs, "num_batches_tracked");
+  require_close(fs.y.as<T>(), fg.y.as<T>(), numel, out_rtol<T>(), cs, "y");
+
+  // ---- backward: both paths from the generic forward's statistics (and mask) ----------------------------
+  auto fresh_bwd = [&] {
+    Bwd b{floats(NC), floats(NC), {}, Buffer(numel * sizeof(T), off)};
+    for (int k = 0; k < 7; ++k) b.out.push_back(floats(k < 3 ? NC : C));
+    std::memset(b.dx.data(), 0xff, b.dx.bytes);
+    return b;
+  };
+  auto sums_params = [&](Bwd& b) {
+    nf::BackwardSumsParams p;
+    p.dy = dy.data();
+    p.x = x.data();
+    p.mean = fg.mean.as<float>();
+    p.sum_dy = b.g1.as<float>();
+    p.sum_dy_xmu = b.g2.as<float>();
+    if (cs.masked) {
+      p.mask_scale = fg.scale.as<float>();
+      p.mask_shift = fg.shift.as<float>();
+    }
+    p.shape = s;
+    p.threads = cs.threads;
+    return p;
+  };
+  auto bwd_coef = [&](Bwd& b) {
+    auto c = coef_params(cs, ch, fg.mean.as<float>(), fg.m2.as<float>(), ch.rmean.as<float>(), ch.rvar.as<float>(),
+                         true);
+    c.sum_dy = b.g1.as<float>();
+    c.sum_dy_xmu = b.g2.as<float>();
+    c.c_dy = b.out[0].as<float>();
+    c.c_x = b.out[1].as<float>();
+    c.c_0 = b.out[2].as<float>();
+    c.grad_gate = b.out[3].as<float>();
+    c.grad_weight = b.out[4].as<float>();
+    c.grad_bias = b.out[5].as<float>();
+    if (iebn) c.grad_gate_bias = b.out[6].as<float>();
+    return c;
+  };
+  Bwd bg = fresh_bwd();
+  {
+    nf::BackwardSumsParams p = sums_params(bg);
+    const nf::Workspace w = nf::backward_sums_workspace<T>(p);
+    Buffer counters(w.counter_count * 4, 0), partials(w.partial_floats * 4, 0);
+    p.counters = w.counter_count ? counters.as<unsigned>() : nullptr;
+    p.partials = w.counter_count ? partials.as<float>() : nullptr;
+    require(nf::launch_backward_sums<T>(p, nullptr) == cudaSuccess, cs, "backward_sums launch");
+    const auto c = bwd_coef(bg);
+    require(nf::launch_batch_coef_backward<Math>(c, nullptr) == cudaSuccess, cs, "coefficient backward launch");
+    nf::BackwardApplyParams a;
+    a.dy = dy.data();
+    a.x = x.data();
+    a.mean = fg.mean.as<float>();
+    a.c_dy = c.c_dy;
+    a.c_x = c.c_x;
+    a.c_0 = c.c_0;
+    a.dx = bg.dx.data();
+    a.mask_scale = p.mask_scale;
+    a.mask_shift = p.mask_shift;
+    a.shape = s;
+    a.threads = cs.threads;
+    require(nf::launch_backward_apply<T>(a, nullptr) == cudaSuccess, cs, "backward_apply launch");
+  }
+  Bwd bs = fresh_bwd();
+  nf::SingleReadLaunch Lb;
+  {
+    nf::BackwardSumsParams p = sums_params(bs);
+    const auto c = bwd_coef(bs);
+    require(nf::plan_single_read_backward<T, Math>(p, bs.dx.data(), c, &Lb), cs, "backward refused, forward taken");
+    Buffer partials(Lb.partial_floats * 4, 0);
+    std::memset(partials.data(), 0xff, partials.bytes);
+    p.partials = Lb.partial_floats ? partials.as<float>() : nullptr;
+    require(nf::launch_single_read_backward<T, Math>(Lb, p, bs.dx.data(), c, nullptr) == cudaSuccess, cs,
+            "single-read backward launch");
+  }
+  require_close(bs.g1, bg.g1, kStatRtol, cs, "sum_dy");
+  require_close(bs.g2, bg.g2, kStatRtol, cs, "sum_dy_xmu");
+  static const char* names[] = {"c_dy", "c_x", "c_0", "grad_gate", "grad_weight", "grad_bias", "grad_gate_bias"};
+  for (int k = 0; k < (iebn ? 7 : 6); ++k) require_close(bs.out[k], bg.out[k], kStatRtol, cs, names[k]);
+  require_close(bs.dx.as<T>(), bg.dx.as<T>(), numel, out_rtol<T>(), cs, "dx");
+
+  std::printf("ok %s fwd_grid=%lld fwd_splits=%d bwd_grid=%lld bwd_splits=%d tiles=%lld\n", cs.line.c_str(),
+              static_cast<long long>(Lf.pl.blocks), Lf.pl.splits, static_cast<long long>(Lb.pl.blocks), Lb.pl.splits,
+              static_cast<long long>(Lf.cp.blocks));
+}
+
+template <typename T>
+void run_layer(const Case& cs) {
+  if (cs.layer == "iebn")
+    run_case<T, nf::coef::IebnMath<float>>(cs);
+  else
+    run_case<T, nf::coef::BinMath<float>>(cs);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) nf_io::die("usage: single_read_driver CASES_FILE");
+  std::ifstream f(argv[1]);
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    Case cs;
+    cs.line = line;
+    std::istringstream ss(line);
+    ss >> cs.layer >> cs.dtype >> cs.layout >> cs.N >> cs.C >> cs.L >> cs.threads >> cs.training >> cs.running >>
+        cs.affine >> cs.masked >> cs.misalign;
+    if (!ss) nf_io::die("bad case line: " + line);
+    if (cs.dtype == "f32")
+      run_layer<float>(cs);
+    else if (cs.dtype == "f16")
+      run_layer<__half>(cs);
+    else if (cs.dtype == "bf16")
+      run_layer<__nv_bfloat16>(cs);
+    else
+      nf_io::die("bad dtype: " + line);
+  }
+  return 0;
+}
