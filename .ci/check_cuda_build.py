@@ -11,7 +11,9 @@ Compiles every csrc/cuda/*.cu with the flags setup.py uses, for sm_80 and sm_90,
      (contig/cl_step_kernel: a reduction with the coefficient epilogue) at most STEP_SPILL_BYTES
      (on sm_80 ptxas keeps two or three values of a few instantiations in local memory across the
      streaming loop: one store before it and one load after it per thread, none inside);
-  3. their 16-byte-vector instantiations really use 128-bit global loads (LDG.E.128) in the SASS.
+  3. their 16-byte-vector instantiations really use 128-bit global loads (LDG.E.128) in the SASS;
+  4. the single-read kernels (kernels/single_read.cuh, all 16-byte vectors) keep within 128
+     registers without any spill or stack (their tile lives in registers), and load with LDG.E.128.
 Prints a table of registers / spills / stack per kernel and arch. Exit status 1 on a failure.
 
     python .ci/check_cuda_build.py [--json out.json] [--extension]
@@ -35,6 +37,10 @@ ARCHS = ("80", "90")
 BANDWIDTH_KERNELS = re.compile(r"(contig|cl)_(reduce|apply)_kernel")
 STEP_KERNELS = re.compile(r"(contig|cl)_step_kernel")  # kernels/layer_steps.cuh
 STEP_SPILL_BYTES = 16  # per kind: spill stores, spill loads, stack (see 2. above)
+# kernels/single_read.cuh: hold their tile in registers across grid barriers; a spill would put it
+# in local memory, so none at all, within the 128 registers of two resident 256-thread blocks.
+SINGLE_READ_KERNELS = re.compile(r"single_read_(forward|backward)_kernel")
+SINGLE_READ_MAX_REGISTERS = 128
 VECTOR_INSTANCE = re.compile(r"Li(4|8)E")  # template VEC = 4 (float) or 8 (half/bf16)
 
 
@@ -175,7 +181,7 @@ def run(check_extension: bool = False, verbose: bool = True) -> dict:
     cuobjdump = find_cuobjdump(cuda_home)
     cache = ROOT / "build" / "cuda_check"
     failures, rows, objects = [], [], {}
-    vector_checked = step_vector_checked = 0
+    vector_checked = step_vector_checked = single_read_checked = 0
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         obj, log = compile_cu(cu, nvcc, cache)
         objects[cu.name] = obj
@@ -185,8 +191,12 @@ def run(check_extension: bool = False, verbose: bool = True) -> dict:
         r["name"] = names[r["kernel"]]
         r["bandwidth"] = bool(BANDWIDTH_KERNELS.search(r["kernel"]))
         r["step"] = bool(STEP_KERNELS.search(r["kernel"]))
+        r["single_read"] = bool(SINGLE_READ_KERNELS.search(r["kernel"]))
+        if r["single_read"] and r["registers"] > SINGLE_READ_MAX_REGISTERS:
+            failures.append(f"{r['name']} sm_{r['arch']}: {r['registers']} registers > {SINGLE_READ_MAX_REGISTERS}")
         limit = STEP_SPILL_BYTES if r["step"] else 0
-        if (r["bandwidth"] or r["step"]) and max(r["spill_stores"], r["spill_loads"], r["stack"]) > limit:
+        checked = r["bandwidth"] or r["step"] or r["single_read"]
+        if checked and max(r["spill_stores"], r["spill_loads"], r["stack"]) > limit:
             failures.append(f"{r['name']} sm_{r['arch']}: {r['spill_stores']} B spill stores, "
                             f"{r['spill_loads']} B spill loads, {r['stack']} B stack")
     archs_seen = {}
@@ -201,9 +211,12 @@ def run(check_extension: bool = False, verbose: bool = True) -> dict:
             for arch in ARCHS:
                 for fn, sass in sass_functions(obj, cuobjdump, arch).items():
                     step = bool(STEP_KERNELS.search(fn))
-                    if not ((BANDWIDTH_KERNELS.search(fn) or step) and VECTOR_INSTANCE.search(fn)):
+                    single = bool(SINGLE_READ_KERNELS.search(fn))
+                    if not ((BANDWIDTH_KERNELS.search(fn) or step or single) and VECTOR_INSTANCE.search(fn)):
                         continue
-                    if step:
+                    if single:
+                        single_read_checked += 1
+                    elif step:
                         step_vector_checked += 1
                     else:
                         vector_checked += 1
@@ -224,7 +237,8 @@ def run(check_extension: bool = False, verbose: bool = True) -> dict:
                     if ARCHS[-1] not in ptx and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
                         failures.append(f"{ext.name}: no compute_{ARCHS[-1]} PTX for newer GPUs")
     summary = {"rows": rows, "archs": archs_seen, "failures": failures, "vector_kernels_checked": vector_checked,
-               "step_vector_kernels_checked": step_vector_checked}
+               "step_vector_kernels_checked": step_vector_checked,
+               "single_read_kernels_checked": single_read_checked}
     if verbose:
         print(f"{'kernel':<70} {'arch':>5} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6}")
         for r in sorted(rows, key=lambda r: (not r["bandwidth"], r["name"], r["arch"])):

@@ -34,14 +34,16 @@
 
 namespace nf {
 
-// Rows a thread keeps in registers: one 16-byte vector each, x forward, dy and x backward (so the
-// same 64 registers of data either way). With the kernel's other state this is budgeted for two
-// resident 256-thread blocks per SM (__launch_bounds__ below): 2 * 256 * 16 * 16 B = 128 KiB of
-// x per SM in the forward, ~17 MB on a 132-SM GPU (half that backward). UNMEASURED: the GPU bench
-// (bench/steps_probe.py --single-read) decides whether this pays against L2-resident 3 + 3
-// launches, and where.
-constexpr int kSingleReadRowsFwd = 16;
-constexpr int kSingleReadRowsBwd = 8;
+// Rows a thread keeps in registers: one 16-byte vector each, of x forward, of dy and x backward.
+// Budgeted for two resident 256-thread blocks per SM (__launch_bounds__ below: <= 128 registers)
+// without spills on sm_80 and sm_90 (.ci/check_cuda_build.py checks): float32 16 rows forward, 7
+// backward; 16-bit types, whose 8 channels per thread carry 8 running states, 12 and 6. On a
+// 132-SM GPU that holds 2 * 256 * 16 * 16 B * 132 = 17 MB of float32 x forward, 13 MB of bf16
+// (backward, dy and x together: 15 MB and 13 MB).
+// UNMEASURED: whether this pays against L2-resident 3 + 3 launches, and where, is for the GPU
+// bench (bench/steps_probe.py times both); the path is off by default until then.
+template <typename T, bool kBackward>
+constexpr int kSingleReadRows = sizeof(T) == 4 ? (kBackward ? 7 : 16) : (kBackward ? 6 : 12);
 constexpr int kSingleReadBlocksPerSM = 2;
 
 // The channels-last reduction plan with one split per `rows * R` rows at most, so a thread holds
@@ -88,8 +90,20 @@ NF_DEVICE ClThread cl_thread(const ClPlan& pl) {
   return t;
 }
 
+// The registers hold raw 16-byte words (uint4: 4 registers), converted only where used: held as
+// Pack<__nv_bfloat16, 8>, nvcc may keep each 16-bit element in a register of its own, which
+// doubled the data registers and spilled on sm_90.
 template <typename T, int VEC>
-NF_DEVICE void unpack(const Pack<T, VEC>& pk, float (&out)[VEC]) {
+NF_DEVICE uint4 load_raw(const T* p) {
+  static_assert(sizeof(T) * VEC == sizeof(uint4), "16-byte vectors only");
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <typename T, int VEC>
+NF_DEVICE void unpack(const uint4& raw, float (&out)[VEC]) {
+  Pack<T, VEC> pk;
+  static_assert(sizeof(pk) == sizeof(raw), "16-byte vectors only");
+  memcpy(&pk, &raw, sizeof(raw));
 #pragma unroll
   for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
 }
@@ -138,7 +152,7 @@ NF_DEVICE void merge_splits(const Op& op, const ClPlan& pl, const ClThread& t, c
 // Op::kInputs == 2).
 template <typename T, int VEC, int R, class Op>
 NF_DEVICE void load_and_reduce(const Op& op, const ClPlan& pl, const ClThread& t, const T* __restrict__ in0,
-                               const T* __restrict__ in1, Pack<T, VEC> (&reg0)[R], Pack<T, VEC> (&reg1)[R],
+                               const T* __restrict__ in1, uint4 (&reg0)[R], uint4 (&reg1)[R],
                                float* partials, float* smem) {
   typename Op::State st[VEC] = {};
   typename Op::Ctx ctx[VEC] = {};
@@ -152,11 +166,11 @@ NF_DEVICE void load_and_reduce(const Op& op, const ClPlan& pl, const ClThread& t
       if (l < r1) {
         const int64_t off = t.sample + static_cast<int64_t>(l) * pl.C;
         float a[VEC], b[VEC];
-        reg0[j] = *reinterpret_cast<const Pack<T, VEC>*>(in0 + off);
-        unpack(reg0[j], a);
+        reg0[j] = load_raw<T, VEC>(in0 + off);
+        unpack<T, VEC>(reg0[j], a);
         if constexpr (Op::kInputs == 2) {
-          reg1[j] = *reinterpret_cast<const Pack<T, VEC>*>(in1 + off);
-          unpack(reg1[j], b);
+          reg1[j] = load_raw<T, VEC>(in1 + off);
+          unpack<T, VEC>(reg1[j], b);
         } else {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) b[k] = 0.f;
@@ -183,10 +197,10 @@ template <typename T, int VEC, class Math, bool kRelu>
 __global__ void __launch_bounds__(NF_MAX_THREADS, kSingleReadBlocksPerSM)
     single_read_forward_kernel(MomentsOp op, ClPlan pl, const T* __restrict__ x, T* __restrict__ y,
                                BatchCoefParams<float> c, int cx, int ny, int64_t tiles, float* partials) {
-  constexpr int R = kSingleReadRowsFwd;
+  constexpr int R = kSingleReadRows<T, false>;
   NF_DYNAMIC_SMEM(float, smem);
   const ClThread t = cl_thread<VEC>(pl);
-  Pack<T, VEC> xr[R];
+  uint4 xr[R];
   load_and_reduce<T, VEC, R>(op, pl, t, x, static_cast<const T*>(nullptr), xr, xr, partials, smem);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)  // each tile leaves smem free
     batch_coef_forward_tile<Math, true>(c, cx, ny, tile, smem);
@@ -205,7 +219,7 @@ __global__ void __launch_bounds__(NF_MAX_THREADS, kSingleReadBlocksPerSM)
     const int l = r0 + t.ty + j * pl.rows;
     if (l < r1) {
       float a[VEC], out[VEC];
-      unpack(xr[j], a);
+      unpack<T, VEC>(xr[j], a);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float v = affine_value(a[k], mean[k], scale[k], shift[k]);  // affine_apply's arithmetic
@@ -225,11 +239,11 @@ __global__ void __launch_bounds__(NF_MAX_THREADS, kSingleReadBlocksPerSM)
     single_read_backward_kernel(Op op, ClPlan pl, const T* __restrict__ dy, const T* __restrict__ x,
                                 T* __restrict__ dx, BatchCoefParams<float> c, int cx, int ny, int64_t tiles,
                                 float* partials) {
-  constexpr int R = kSingleReadRowsBwd;
+  constexpr int R = kSingleReadRows<T, true>;
   constexpr bool kRelu = is_relu_masked<Op>;
   NF_DYNAMIC_SMEM(float, smem);
   const ClThread t = cl_thread<VEC>(pl);
-  Pack<T, VEC> dyr[R], xr[R];
+  uint4 dyr[R], xr[R];
   load_and_reduce<T, VEC, R>(op, pl, t, dy, x, dyr, xr, partials, smem);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)
     batch_coef_backward_tile<Math, true>(c, cx, ny, tile, smem);
@@ -258,8 +272,8 @@ __global__ void __launch_bounds__(NF_MAX_THREADS, kSingleReadBlocksPerSM)
     const int l = r0 + t.ty + j * pl.rows;
     if (l < r1) {
       float g[VEC], a[VEC], out[VEC];
-      unpack(dyr[j], g);
-      unpack(xr[j], a);
+      unpack<T, VEC>(dyr[j], g);
+      unpack<T, VEC>(xr[j], a);
       if constexpr (kRelu) {
         aop.template apply_channels<VEC>(ctx, g, a, out, l);  // backward_apply's masked arithmetic
       } else {
@@ -285,7 +299,7 @@ struct SingleReadLaunch {
 
 // False when the single-read kernels do not take this input at all: not channels-last, empty,
 // no 16-byte vectors (C % (16 / sizeof(T)) != 0 or a misaligned pointer), or c does not match.
-// Whether the blocks fit on the device is a separate question (single_read_capacity).
+// Whether the blocks fit on the device is a separate question (cuda/single_read_capacity.cuh).
 template <typename T, class Math, class Op>
 inline bool plan_single_read_launch(const PlaneShape& s, int threads_req, int R, const BatchCoefParams<float>& c,
                                     const void* in0, const void* in1, const void* out, SingleReadLaunch* L) {
@@ -307,13 +321,13 @@ inline bool plan_single_read_launch(const PlaneShape& s, int threads_req, int R,
 template <typename T, class Math>
 inline bool plan_single_read_forward(const MomentsParams& p, const void* y, const BatchCoefParams<float>& c,
                                      SingleReadLaunch* L) {
-  return plan_single_read_launch<T, Math, MomentsOp>(p.shape, p.threads, kSingleReadRowsFwd, c, p.x, nullptr, y, L);
+  return plan_single_read_launch<T, Math, MomentsOp>(p.shape, p.threads, kSingleReadRows<T, false>, c, p.x, nullptr, y, L);
 }
 
 template <typename T, class Math>
 inline bool plan_single_read_backward(const BackwardSumsParams& p, const void* dx, const BatchCoefParams<float>& c,
                                       SingleReadLaunch* L) {
-  return plan_single_read_launch<T, Math, BackwardSumsOp>(p.shape, p.threads, kSingleReadRowsBwd, c, p.dy, p.x, dx,
+  return plan_single_read_launch<T, Math, BackwardSumsOp>(p.shape, p.threads, kSingleReadRows<T, true>, c, p.dy, p.x, dx,
                                                           L);
 }
 
@@ -331,37 +345,6 @@ auto single_read_backward_kernel_for(bool masked) {
   return std::make_pair(&single_read_backward_kernel<T, V, Math, BackwardSumsOp>,
                         &single_read_backward_kernel<T, V, Math, Masked>);
 }
-
-#ifndef NF_CUDA_SHIM
-// Blocks of `kernel` that can be resident at once on the current device (0 if it cannot take a
-// cooperative launch at all).
-template <class Kernel>
-inline int64_t cooperative_capacity(Kernel kernel, int threads, size_t smem_bytes) {
-  int dev = 0, coop = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess || coop == 0) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky; clear it
-    return 0;
-  }
-  return static_cast<int64_t>(per_sm) * sms;
-}
-
-// Whether the planned grid fits on the current device (all blocks resident at once).
-template <typename T, class Math>
-inline bool single_read_forward_fits(const SingleReadLaunch& L, bool relu) {
-  return L.pl.blocks <= cooperative_capacity(single_read_forward_kernel_for<T, Math>(relu), L.threads, L.smem_bytes);
-}
-
-template <typename T, class Math>
-inline bool single_read_backward_fits(const SingleReadLaunch& L, bool masked) {
-  const auto k = single_read_backward_kernel_for<T, Math>(masked);
-  const int64_t cap = masked ? cooperative_capacity(k.second, L.threads, L.smem_bytes)
-                             : cooperative_capacity(k.first, L.threads, L.smem_bytes);
-  return L.pl.blocks <= cap;
-}
-#endif
 
 // One cooperative launch of a planned forward: p as for launch_moments (p.partials: L.partial_floats
 // floats when non-zero; counters unused), y: the output (x's layout and dtype), c: the coefficient

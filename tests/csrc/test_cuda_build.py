@@ -38,7 +38,15 @@ def test_sm80_sm90_cubins_no_spills_vector_loads():
     assert {r["arch"] for r in st} == {"80", "90"} and len(st) == 2 * 3 * 2 * 2 * 3 * 2
     assert all(r["registers"] <= 64 for r in st)
     assert summary["step_vector_kernels_checked"] == len(st) // 2
+    # the single-read directions (kernels/single_read.cuh): (forward x ReLU + backward x mask) x
+    # (BIN, IEBN) x 3 dtypes, 16-byte vectors only, for both archs; registers and spills checked by
+    # the script (<= 128, none)
+    sr = [r for r in summary["rows"] if r["single_read"]]
+    assert {r["arch"] for r in sr} == {"80", "90"} and len(sr) == 2 * 2 * 2 * 3 * 2
+    assert all(r["registers"] <= 128 and r["spill_stores"] == r["spill_loads"] == r["stack"] == 0 for r in sr)
+    assert summary["single_read_kernels_checked"] == len(sr)
     objects = {k: v for k, v in summary["archs"].items() if k.endswith(".cu")}
     assert "generic_launchers.cu" in objects and "layer_steps_forward.cu" in objects
+    assert "single_read_forward.cu" in objects and "single_read_backward.cu" in objects
     for name, archs in objects.items():
         assert {"80", "90"} <= set(archs), name

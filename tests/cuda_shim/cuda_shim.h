@@ -40,6 +40,9 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 enum cudaError_t {
