@@ -8,8 +8,17 @@ layer's forward + backward both ways, interleaved, over small and mid-sized laye
 each whether the threshold fused it (``auto_fuses``) and what fusing gains (``fused / unfused``
 below 1: fusing pays).  ``normfuse._C.fused_steps(mode)`` switches the path at run time.
 
-``python -m bench.steps_probe [--out DIR]`` on a GPU (``--smoke``: the code path on the CPU,
-where both paths are the same composition).
+The same probe, ``--single-read``, asks issue 14's question: where does a layer direction as ONE
+cooperative launch that keeps its tile in registers (csrc/kernels/single_read.cuh, off by
+default) beat the generic launches, whose second read L2 may already serve? It times a
+channels-last layer + fused ReLU, forward + backward, with ``normfuse._C.single_read("0")`` and
+``("auto")`` interleaved over ResNet-50's shapes at batch 16-64, says whether the single read
+was taken (``normfuse._C.single_read_launches()``) and gives both against the 2 + 3 pass floor
+at the measured copy bandwidth (``single_vs_floor``: 1.0 is the floor). Output:
+single_read_probe.csv.
+
+``python -m bench.steps_probe [--single-read] [--out DIR]`` on a GPU (``--smoke``: the code path
+on the CPU, where both paths are the same composition).
 """
 from __future__ import annotations
 
@@ -98,27 +107,105 @@ def run(device: torch.device, channels=CHANNELS, batches=BATCHES, sides=SIDES, t
     return rows
 
 
-def write(rows: List[dict], out: str) -> None:
+# (N, C, side): ResNet-50's normalized activations at 224x224 (stages 1-4, inner and outer widths)
+SINGLE_READ_SHAPES = tuple((n, c, side) for n in (16, 32, 64)
+                           for c, side in ((64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14),
+                                           (512, 7), (2048, 7)))
+SINGLE_READ_DTYPES = (("bfloat16-cl", torch.bfloat16), ("float32-cl", torch.float32))
+
+
+def _single_read(c, mode):
+    @contextlib.contextmanager
+    def ctx():
+        previous = c.single_read(mode)
+        try:
+            yield
+        finally:
+            c.single_read(previous)
+    return ctx
+
+
+def _copy_gbs(nbytes: int, device: torch.device) -> float:
+    """Copy bandwidth (read + write) on a buffer of this size, GB/s."""
+    src = torch.randn(max(nbytes // 4, 1), device=device)
+    dst = torch.empty_like(src)
+    res = timing.measure_many([lambda i: dst.copy_(src)], device, flush=False, target_s=0.02, min_reps=5,
+                              max_reps=100)[0]
+    return 2 * src.numel() * 4 / res["median_s"] / 1e9
+
+
+def run_single_read(device: torch.device, shapes=SINGLE_READ_SHAPES, dtypes=SINGLE_READ_DTYPES, target_s=0.05,
+                    progress=print) -> List[dict]:
+    import normfuse
+    from normfuse import _extension
+    c = _extension._C
+    if c is None or not hasattr(c, "single_read"):
+        raise RuntimeError("bench.steps_probe: normfuse._C has no CUDA single-read switch "
+                           f"({_extension.CUDA_REASON or _extension.REASON})")
+    backend = "cuda" if device.type == "cuda" else "cpu"
+    rows = []
+    for name, dtype in dtypes:
+        for n, ch, side in shapes:
+            torch.manual_seed(0)
+            layer = normfuse.BatchInstanceNorm2d(ch, activation="relu").to(device)
+            x = (torch.randn(n, ch, side, side, device=device) * 1.3 + 0.2).to(dtype)
+            x = x.to(memory_format=torch.channels_last).requires_grad_(True)
+            dy = torch.randn_like(x)
+            wrt = [x] + list(layer.parameters())
+
+            def step(i, layer=layer, x=x, dy=dy, wrt=wrt):
+                return torch.autograd.grad(layer(x), wrt, dy)
+
+            with normfuse.use_backend(backend):
+                before = c.single_read_launches()
+                with _single_read(c, "auto")():
+                    step(0)
+                taken = c.single_read_launches() - before  # 2: both directions, 1: forward only
+                res = timing.measure_many([step, step], device,
+                                          contexts=[_single_read(c, "0"), _single_read(c, "auto")],
+                                          flush=False, target_s=target_s, min_reps=10, max_reps=200)
+            if not all(r["ok"] for r in res):
+                raise RuntimeError(f"steps_probe: {[r.get('error') for r in res]}")
+            generic, single = (r["median_s"] * 1e6 for r in res)
+            nbytes = x.numel() * x.element_size()
+            floor_us = 5 * nbytes / (_copy_gbs(nbytes, device) * 1e9) * 1e6  # read x, write y; read dy, x, write dx
+            row = dict(layer="bin+relu", case=name, shape=f"{n}x{ch}x{side}x{side}", mbytes=nbytes / 1e6,
+                       taken=taken, generic_us=generic, single_us=single, single_vs_generic=single / generic,
+                       floor_us=floor_us, single_vs_floor=single / floor_us, generic_vs_floor=generic / floor_us)
+            rows.append(row)
+            progress(f"single_read {name:12s} {row['shape']:14s} {row['mbytes']:7.1f} MB taken {taken}  generic "
+                     f"{generic:8.1f} us  single {single:8.1f} us ({row['single_vs_generic']:.2f}x)  "
+                     f"floor {floor_us:7.1f} us")
+    return rows
+
+
+def write(rows: List[dict], out: str, name: str = "steps_probe.csv") -> None:
     from .report import write_csv
     os.makedirs(out, exist_ok=True)
-    write_csv(os.path.join(out, "steps_probe.csv"), rows)
+    write_csv(os.path.join(out, name), rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.steps_probe",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="write steps_probe.csv there")
+    p.add_argument("--single-read", action="store_true",
+                   help="the single-read probe (issue 14) instead: single_read_probe.csv")
     p.add_argument("--smoke", action="store_true", help="one tiny case on the CPU: code path only")
     args = p.parse_args(argv)
+    if args.single_read:
+        probe, name, smoke = run_single_read, "single_read_probe.csv", dict(shapes=((2, 8, 3),))
+    else:
+        probe, name, smoke = run, "steps_probe.csv", dict(channels=(8,), batches=(2,), sides=(3,))
     if args.smoke:
-        rows = run(torch.device("cpu"), channels=(8,), batches=(2,), sides=(3,), target_s=0.01)
+        rows = probe(torch.device("cpu"), target_s=0.01, **smoke)
     elif not torch.cuda.is_available():
         print("bench.steps_probe: needs a GPU (use --smoke to check the code path on the CPU)")
         return 2
     else:
-        rows = run(torch.device("cuda"))
+        rows = probe(torch.device("cuda"))
     if args.out:
-        write(rows, args.out)
+        write(rows, args.out, name)
     return 0
 
 

@@ -315,32 +315,54 @@ PyObject* assoc_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
 
 #ifdef NORMFUSE_WITH_CUDA
 }  // namespace
-namespace nf_glue {  // csrc/cuda/layer_steps_cuda.cpp
+namespace nf_glue {  // csrc/cuda/layer_steps_cuda.cpp, csrc/cuda/layer_directions_cuda.cpp
 const char* fused_steps();
 bool set_fused_steps(const char* mode);
+const char* single_read();
+bool set_single_read(const char* mode);
+int64_t single_read_launches();
 }  // namespace nf_glue
 namespace {
 
-// fused_steps([mode]) -> the previous mode (positional only): whether a CUDA BIN / IEBN layer step computes its
-// coefficients in the reduction's launch ("auto": the small ones, "1": always, "0": never), for
-// the bench that validates the threshold (bench/steps_probe.py). CUDA builds only.
-PyObject* fused_steps(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+// A run-time switch of the CUDA kernels' paths, for the bench that validates them: returns the
+// previous mode, and sets `mode` when one is given (positional, a str; None leaves it).
+PyObject* mode_switch(PyObject* const* args, Py_ssize_t nargs, const char* (*get)(), bool (*set)(const char*),
+                      const char* usage) {
   HANDLE_TH_ERRORS
-  const char* previous = nf_glue::fused_steps();
+  const char* previous = get();
   if (nargs > 1 || (nargs == 1 && args[0] != Py_None && !PyUnicode_Check(args[0]))) {
-    PyErr_SetString(PyExc_TypeError, "fused_steps([mode]): mode is '0', '1', 'auto' or None");
+    PyErr_Format(PyExc_TypeError, "%s", usage);
     return nullptr;
   }
   if (nargs == 1 && args[0] != Py_None) {
     const char* mode = PyUnicode_AsUTF8(args[0]);
     if (mode == nullptr) return nullptr;
-    if (!nf_glue::set_fused_steps(mode)) {
-      PyErr_Format(PyExc_ValueError, "fused_steps: mode must be '0', '1' or 'auto', got '%s'", mode);
+    if (!set(mode)) {
+      PyErr_Format(PyExc_ValueError, "%s, got '%s'", usage, mode);
       return nullptr;
     }
   }
   return PyUnicode_FromString(previous);
   END_HANDLE_TH_ERRORS
+}
+
+// fused_steps([mode]): whether a CUDA BIN / IEBN layer step computes its coefficients in the
+// reduction's launch ("auto": the small ones, "1": always, "0": never; bench/steps_probe.py).
+PyObject* fused_steps(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  return mode_switch(args, nargs, nf_glue::fused_steps, nf_glue::set_fused_steps,
+                     "fused_steps([mode]): mode must be '0', '1', 'auto' or None");
+}
+
+// single_read([mode]): whether a CUDA BIN / IEBN layer direction runs as one cooperative launch
+// when it fits on the GPU ("auto") or never ("0", the default; kernels/single_read.cuh).
+PyObject* single_read(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  return mode_switch(args, nargs, nf_glue::single_read, nf_glue::set_single_read,
+                     "single_read([mode]): mode must be '0', 'auto' or None");
+}
+
+// single_read_launches(): how many single-read launches this process has made (which path ran).
+PyObject* single_read_launches(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(static_cast<long long>(nf_glue::single_read_launches()));
 }
 #endif
 
@@ -361,6 +383,11 @@ const bool registered = [] {
   nf_module_methods().push_back(
       {"fused_steps", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_steps)), METH_FASTCALL,
        "fused_steps([mode]): CUDA layer steps' fusion mode (bench)."});
+  nf_module_methods().push_back(
+      {"single_read", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(single_read)), METH_FASTCALL,
+       "single_read([mode]): CUDA layer directions' single-read mode, '0' or 'auto' (bench)."});
+  nf_module_methods().push_back({"single_read_launches", single_read_launches, METH_NOARGS,
+                                 "single_read_launches(): single-read launches made by this process."});
 #endif
   return true;
 }();

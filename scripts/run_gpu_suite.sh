@@ -74,6 +74,8 @@ step bench 420 "$OUT/bench.log" "$PYTHON" -m bench --device cuda --out "$OUT" ${
 step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
 # Issue 13's fused layer steps: where computing the coefficients in the reduction's launch pays.
 step steps_probe 120 "$OUT/steps_probe.log" "$PYTHON" -m bench.steps_probe --out "$OUT"
+# Issue 14's single read: one cooperative launch per direction vs the generic launches.
+step single_read_probe 120 "$OUT/single_read_probe.log" "$PYTHON" -m bench.steps_probe --single-read --out "$OUT"
 echo "status $status" >> "$OUT/steps.txt"
 if [ -n "${RESULTS_TAR:-}" ]; then
     tar -czf "$RESULTS_TAR" "$OUT"

@@ -113,3 +113,20 @@ def test_steps_probe_smoke(tmp_path):
     assert len(rows) == len(steps_probe.DTYPES)
     for r in rows:
         assert float(r["unfused_us"]) > 0 and float(r["fused_us"]) > 0, r
+
+
+def test_single_read_probe_smoke(tmp_path):
+    """bench/steps_probe.py --single-read (issue 14: one cooperative launch per direction vs the
+    generic launches) runs its code path on the CPU, where both modes are the composition and the
+    single read is never taken, and writes its row."""
+    from normfuse import _extension
+    if _extension._C is None or not hasattr(_extension._C, "single_read"):
+        pytest.skip("normfuse._C built without CUDA: no single_read switch")
+    from bench import steps_probe
+    assert steps_probe.main(["--single-read", "--smoke", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "single_read_probe.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(steps_probe.SINGLE_READ_DTYPES)
+    for r in rows:
+        assert int(r["taken"]) == 0 and float(r["generic_us"]) > 0 and float(r["single_us"]) > 0, r
+        assert float(r["floor_us"]) > 0, r

@@ -29,6 +29,7 @@
 #include "common/coefficients_glue.h"
 #include "common/torch_glue.h"
 #include "cuda/generic_glue.h"
+#include "cuda/layer_steps_glue.h"
 #include "cuda/layer_steps_launchers.h"
 #include "kernels/coefficients_launch.cuh"
 
@@ -74,33 +75,56 @@ bool fuse(const nf::PlaneShape& sh) {
 
 // ---- forward ------------------------------------------------------------------------------------
 
+}  // namespace
+
+namespace nf_cuda_glue {
+
+ForwardStep check_forward_step(const char* coef_op, const Tensor& x, const Tensor& gate, const Tensor* gate_bias,
+                               const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                               const OptTensor& running_var, bool training, double momentum, double eps,
+                               const OptTensor& num_batches_tracked) {
+  check_cuda_input(x, "moments");
+  ForwardStep s;
+  s.coef_op = coef_op;
+  s.sh = cuda_plane_shape(x, "moments");
+  // The statistics first (the coefficient checks compare against them); allocating is no side effect.
+  s.mean = nf_glue::empty_stats(x, s.sh);
+  s.m2 = nf_glue::empty_stats(x, s.sh);
+  s.p = nf_coef_glue::batch_params<float>(coef_op, s.mean, s.m2, s.sh.L, gate, gate_bias, weight, bias, running_mean,
+                                          running_var, training, momentum, eps);
+  nf_coef_glue::set_batch_counter(s.p, coef_op, num_batches_tracked, s.mean);
+  s.iebn = gate_bias != nullptr;
+  return s;
+}
+
+void run_forward_step(ForwardStep& s, const Tensor& x, cudaStream_t stream) {
+  if (fuse(s.sh)) {
+    nf::MomentsParams m = moments_params(x, s.sh, s.mean, s.m2);
+    const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+    const Scratch ws = scratch(x, nf::cuda_moments_step_workspace(m, dt), m);
+    check_launch(nf::cuda_moments_step(m, s.p, s.iebn, dt, stream), s.coef_op);
+  } else {
+    run_moments(x, s.sh, s.mean, s.m2);
+    check_launch(s.iebn ? nf::launch_iebn_coefficients(s.p, stream) : nf::launch_bin_coefficients(s.p, stream),
+                 s.coef_op);
+  }
+}
+
+}  // namespace nf_cuda_glue
+
+namespace {
+
 Four moments_coefficients(const char* coef_op, const Tensor& x, const Tensor& gate, const Tensor* gate_bias,
                           const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                           const OptTensor& running_var, bool training, double momentum, double eps,
                           const OptTensor& num_batches_tracked) {
-  nf_cuda_glue::check_cuda_input(x, "moments");
-  const nf::PlaneShape sh = nf_cuda_glue::cuda_plane_shape(x, "moments");
-  // The statistics first (the coefficient checks compare against them); allocating is no side effect.
-  Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
-  auto p = nf_coef_glue::batch_params<float>(coef_op, mean, m2, sh.L, gate, gate_bias, weight, bias, running_mean,
-                                             running_var, training, momentum, eps);
-  nf_coef_glue::set_batch_counter(p, coef_op, num_batches_tracked, mean);
-  const bool iebn = gate_bias != nullptr;
-
+  nf_cuda_glue::ForwardStep s = nf_cuda_glue::check_forward_step(
+      coef_op, x, gate, gate_bias, weight, bias, running_mean, running_var, training, momentum, eps,
+      num_batches_tracked);
   const c10::cuda::CUDAGuard guard(x.device());  // after every check (coefficients_glue.cpp)
-  const nf_coef_glue::ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (fuse(sh)) {
-    nf::MomentsParams m = nf_cuda_glue::moments_params(x, sh, mean, m2);
-    const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
-    const nf_cuda_glue::Scratch ws = nf_cuda_glue::scratch(x, nf::cuda_moments_step_workspace(m, dt), m);
-    nf_cuda_glue::check_launch(nf::cuda_moments_step(m, p, iebn, dt, stream), coef_op);
-  } else {
-    nf_cuda_glue::run_moments(x, sh, mean, m2);
-    nf_cuda_glue::check_launch(iebn ? nf::launch_iebn_coefficients(p, stream) : nf::launch_bin_coefficients(p, stream),
-                               coef_op);
-  }
-  return {mean, m2, o.scale, o.shift};
+  const nf_coef_glue::ForwardOutputs o = nf_coef_glue::forward_outputs(s.p, s.mean);
+  nf_cuda_glue::run_forward_step(s, x, c10::cuda::getCurrentCUDAStream());
+  return {s.mean, s.m2, o.scale, o.shift};
 }
 
 Four bin_moments_coefficients(const Tensor& x, const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
@@ -120,37 +144,61 @@ Four iebn_moments_coefficients(const Tensor& x, const Tensor& gate_weight, const
 
 // ---- backward -----------------------------------------------------------------------------------
 
+}  // namespace
+
+namespace nf_cuda_glue {
+
+BackwardStep check_backward_step(const char* coef_op, const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                 const Tensor& m2, const Tensor& gate, const Tensor* gate_bias,
+                                 const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                                 const OptTensor& running_var, bool training, double eps, const OptTensor& scale,
+                                 const OptTensor& shift) {
+  check_cuda_input(x, "backward_sums");
+  BackwardStep s;
+  s.coef_op = coef_op;
+  s.sh = cuda_plane_shape(x, "backward_sums");
+  nf_glue::check_like_input(dy, x, s.sh, "backward_sums", "grad_output");
+  nf_glue::check_stats(mean, x, s.sh, "backward_sums", "mean");
+  s.masked = nf_glue::relu_mask_given(scale, shift, x, s.sh, "backward_sums");
+  s.g1 = nf_glue::empty_stats(x, s.sh);
+  s.g2 = nf_glue::empty_stats(x, s.sh);
+  s.p = nf_coef_glue::batch_params<float>(coef_op, mean, m2, s.sh.L, gate, gate_bias, weight, bias, running_mean,
+                                          running_var, training, 0.0, eps);
+  nf_coef_glue::batch_backward_params(s.p, coef_op, s.g1, s.g2, mean);
+  s.iebn = gate_bias != nullptr;
+  return s;
+}
+
+void run_backward_step(BackwardStep& s, const Tensor& dy, const Tensor& x, const Tensor& mean, const OptTensor& scale,
+                       const OptTensor& shift, cudaStream_t stream) {
+  if (fuse(s.sh)) {
+    nf::BackwardSumsParams b = backward_sums_params(dy, x, mean, scale, shift, s.masked, s.sh, s.g1, s.g2);
+    const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
+    const Scratch ws = scratch(x, nf::cuda_sums_step_workspace(b, dt), b);
+    check_launch(nf::cuda_sums_step(b, s.p, s.iebn, dt, stream), s.coef_op);
+  } else {
+    run_backward_sums(dy, x, mean, scale, shift, s.masked, s.sh, s.g1, s.g2);
+    check_launch(s.iebn ? nf::launch_iebn_coefficients_backward(s.p, stream)
+                        : nf::launch_bin_coefficients_backward(s.p, stream),
+                 s.coef_op);
+  }
+}
+
+}  // namespace nf_cuda_glue
+
+namespace {
+
 nf_coef_glue::BackwardOutputs sums_coefficients_backward(const char* coef_op, const Tensor& dy, const Tensor& x,
                                                          const Tensor& mean, const Tensor& m2, const Tensor& gate,
                                                          const Tensor* gate_bias, const OptTensor& weight,
                                                          const OptTensor& bias, const OptTensor& running_mean,
                                                          const OptTensor& running_var, bool training, double eps,
                                                          const OptTensor& scale, const OptTensor& shift) {
-  nf_cuda_glue::check_cuda_input(x, "backward_sums");
-  const nf::PlaneShape sh = nf_cuda_glue::cuda_plane_shape(x, "backward_sums");
-  nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
-  nf_glue::check_stats(mean, x, sh, "backward_sums", "mean");
-  const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_sums");
-  Tensor g1 = nf_glue::empty_stats(x, sh), g2 = nf_glue::empty_stats(x, sh);
-  auto p = nf_coef_glue::batch_params<float>(coef_op, mean, m2, sh.L, gate, gate_bias, weight, bias, running_mean,
-                                             running_var, training, 0.0, eps);
-  nf_coef_glue::batch_backward_params(p, coef_op, g1, g2, mean);
-  const bool iebn = gate_bias != nullptr;
-
+  nf_cuda_glue::BackwardStep s = nf_cuda_glue::check_backward_step(
+      coef_op, dy, x, mean, m2, gate, gate_bias, weight, bias, running_mean, running_var, training, eps, scale, shift);
   const c10::cuda::CUDAGuard guard(x.device());
-  nf_coef_glue::BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean, iebn);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (fuse(sh)) {
-    nf::BackwardSumsParams b = nf_cuda_glue::backward_sums_params(dy, x, mean, scale, shift, masked, sh, g1, g2);
-    const nf::DType dt = nf_glue::kernel_dtype(x.scalar_type());
-    const nf_cuda_glue::Scratch ws = nf_cuda_glue::scratch(x, nf::cuda_sums_step_workspace(b, dt), b);
-    nf_cuda_glue::check_launch(nf::cuda_sums_step(b, p, iebn, dt, stream), coef_op);
-  } else {
-    nf_cuda_glue::run_backward_sums(dy, x, mean, scale, shift, masked, sh, g1, g2);
-    nf_cuda_glue::check_launch(iebn ? nf::launch_iebn_coefficients_backward(p, stream)
-                                    : nf::launch_bin_coefficients_backward(p, stream),
-                               coef_op);
-  }
+  nf_coef_glue::BackwardOutputs o = nf_coef_glue::backward_outputs(s.p, mean, s.iebn);
+  nf_cuda_glue::run_backward_step(s, dy, x, mean, scale, shift, c10::cuda::getCurrentCUDAStream());
   return o;
 }
 

@@ -1,0 +1,146 @@
+"""The single-read layer directions (issue 14; csrc/kernels/single_read.cuh, glue in
+csrc/cuda/layer_directions_cuda.cpp): a channels-last BIN / IEBN layer's forward and backward each
+as ONE cooperative launch when its blocks fit on the GPU, switched by NORMFUSE_SINGLE_READ /
+normfuse._C.single_read ("0", the default, or "auto").
+
+On a GPU: whole modules (train and eval, ReLU fused or not, float32 / bfloat16 / float16) give
+the same outputs, input and parameter gradients, running statistics and batch counter with the
+single read as without (to rounding: it sums in another order), and the launch counter shows it
+was taken for both directions; an input it does not take (contiguous, or too large to fit) runs
+the generic launches; a step runs without host-device synchronisation, and replays in a CUDA
+graph with eager's results. Without a GPU only the mode switch is tested here; the kernels
+themselves run on the CPU through the shim (tests/csrc/test_single_read_shim.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normfuse
+from normfuse import _extension as ext
+
+pytestmark = pytest.mark.skipif(not ext.HAS_CUDA_KERNELS, reason="normfuse._C built without CUDA kernels")
+C_ = ext._C
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def test_mode_switch():
+    previous = C_.single_read()
+    try:
+        assert C_.single_read("auto") == previous
+        assert C_.single_read() == "auto" and C_.single_read(None) == "auto"
+        assert C_.single_read("0") == "auto" and C_.single_read() == "0"
+        with pytest.raises(ValueError, match="'0', 'auto'"):
+            C_.single_read("1")
+        with pytest.raises(TypeError):
+            C_.single_read(1)
+        assert C_.single_read() == "0"  # a refused mode changes nothing
+        assert isinstance(C_.single_read_launches(), int)
+    finally:
+        C_.single_read(previous)
+
+
+def _module(kind, C, relu, device):
+    torch.manual_seed(0)
+    cls = normfuse.BatchInstanceNorm2d if kind == "bin" else normfuse.IEBN2d
+    m = cls(C, activation="relu" if relu else None).to(device)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+def _step(m, x, dy, train):
+    m.train(train)
+    x = x.detach().requires_grad_(True)
+    with normfuse.use_backend("cuda"):
+        y = m(x)
+        grads = torch.autograd.grad(y, [x] + list(m.parameters()), dy)
+    return y.detach(), grads
+
+
+def _with_mode(mode, fn):
+    previous = C_.single_read(mode)
+    try:
+        return fn()
+    finally:
+        C_.single_read(previous)
+
+
+@GPU
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(8, 64, 14, 14), (3, 40, 9, 11), (2, 16, 96, 96)])
+def test_single_read_equals_generic(kind, dtype, relu, train, shape):
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g) * 1.5 + torch.arange(C).view(1, C, 1, 1) * 0.1).to("cuda", dtype)
+    x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g).to("cuda", dtype).to(memory_format=torch.channels_last)
+    ref_m, sr_m = _module(kind, C, relu, "cuda"), _module(kind, C, relu, "cuda")
+    ref = _with_mode("0", lambda: _step(ref_m, x, dy, train))
+    before = C_.single_read_launches()
+    got = _with_mode("auto", lambda: _step(sr_m, x, dy, train))
+    torch.cuda.synchronize()
+    assert C_.single_read_launches() - before == 2, "the single read was not taken for both directions"
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=tol, atol=tol)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    torch.testing.assert_close(sr_m.running_mean, ref_m.running_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sr_m.running_var, ref_m.running_var, rtol=1e-4, atol=1e-5)
+    assert int(sr_m.num_batches_tracked) == int(ref_m.num_batches_tracked) == (1 if train else 0)
+
+
+@GPU
+def test_not_taken_where_it_does_not_apply():
+    m = _module("bin", 64, True, "cuda")
+    contiguous = torch.randn(4, 64, 8, 8, device="cuda")
+    too_large = torch.randn(64, 256, 56, 56, device="cuda").to(memory_format=torch.channels_last)  # 205 MB
+    for x in (contiguous, too_large):
+        before = C_.single_read_launches()
+        _with_mode("auto", lambda: _step(m, x, torch.randn_like(x), True))
+        torch.cuda.synchronize()
+        assert C_.single_read_launches() == before
+
+
+@GPU
+def test_no_sync_and_cuda_graph_replay():
+    m = _module("iebn", 32, True, "cuda")
+    x = torch.randn(8, 32, 16, 16, device="cuda").to(memory_format=torch.channels_last).requires_grad_(True)
+    dy = torch.randn_like(x)
+    params = [x] + list(m.parameters())
+
+    def step():
+        with normfuse.use_backend("cuda"):
+            return torch.autograd.grad(m(x), params, dy)
+
+    previous = C_.single_read("auto")
+    try:
+        step()  # warm: kernels loaded, occupancy cached
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        m.eval()  # no running-statistics update, so replays are comparable
+        eager = step()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        before = C_.single_read_launches()
+        with torch.cuda.graph(graph):
+            captured = step()
+        assert C_.single_read_launches() - before == 2
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(captured, eager):
+            torch.testing.assert_close(a, b)
+    finally:
+        C_.single_read(previous)
