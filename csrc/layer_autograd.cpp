@@ -2,9 +2,11 @@
 //
 // Forward: moments -> <layer>_coefficients -> affine_apply; backward: backward_sums ->
 // <layer>_coefficients_backward -> backward_apply. The same ops, in the same order, with the
-// same arguments as normfuse/_autograd.py's NormFunction runs them (for BIN and IEBN the first two
-// of each direction are one layer-step op, layer_steps.cpp, which a device may run in one launch:
-// on every device without its own kernel they are the composition); here the autograd node is
+// same arguments as normfuse/_autograd.py's NormFunction runs them (for BIN and IEBN each
+// direction is one op, <layer>_layer_forward / <layer>_layer_backward, layer_steps.cpp, which a
+// device may run in one launch: on every device without its own kernel they are the composition,
+// whose first two ops are the layer-step op; a backward that wants no dx calls that step op
+// alone, as it needs no backward_apply); here the autograd node is
 // C++ (registered at the Autograd key, as torchvision's roi_align does), so a layer step costs
 // the host one op call from Python and no Python autograd.Function (issue 13, host cost).
 // The inner ops dispatch on the input's device: these kernels serve the "cpu" and "cuda"
@@ -44,6 +46,7 @@ constexpr int kMaxParams = 5;  // AssocNorm: encoder, decoder_mean, decoder_var,
 
 using Pair = std::tuple<Tensor, Tensor>;
 using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Five = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The component ops, looked up once (typed handles: a signature mismatch with ops.cpp throws
 // at the first call instead of miscompiling).
@@ -62,13 +65,23 @@ struct Ops {
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
       const Tensor&, const Tensor&, const Tensor&, double)>
       assoc_backward;
-  // The BIN / IEBN layer steps (layer_steps.cpp): reduction and coefficient step as one op.
-  c10::TypedOperatorHandle<Quad(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                const OptTensor&, bool, double, double, const OptTensor&)>
-      bin_step;
-  c10::TypedOperatorHandle<Quad(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&)>
-      iebn_step;
+  // The BIN / IEBN layer directions (layer_steps.cpp): a whole direction as one op.
+  c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                const OptTensor&, bool, double, double, const OptTensor&, bool)>
+      bin_forward;
+  c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&, bool)>
+      iebn_forward;
+  c10::TypedOperatorHandle<Quad(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double,
+                                const OptTensor&, const OptTensor&)>
+      bin_backward;
+  c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                bool, double, const OptTensor&, const OptTensor&)>
+      iebn_backward;
+  // The BIN / IEBN backward layer steps (layer_steps.cpp): reduction and coefficient step as one op,
+  // for a backward that wants no dx.
   c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>
@@ -93,10 +106,16 @@ const Ops& ops() {
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
           "normfuse::assoc_coefficients_backward"),
-      find<Quad(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                bool, double, double, const OptTensor&)>("normfuse::bin_moments_coefficients"),
-      find<Quad(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                const OptTensor&, bool, double, double, const OptTensor&)>("normfuse::iebn_moments_coefficients"),
+      find<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                bool, double, double, const OptTensor&, bool)>("normfuse::bin_layer_forward"),
+      find<Five(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                const OptTensor&, bool, double, double, const OptTensor&, bool)>("normfuse::iebn_layer_forward"),
+      find<Quad(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&,
+                const OptTensor&)>("normfuse::bin_layer_backward"),
+      find<Five(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&,
+                const OptTensor&)>("normfuse::iebn_layer_backward"),
       find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
           const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>(
@@ -135,32 +154,33 @@ struct Forward {
   Tensor y, mean, m2, scale, shift;
 };
 
-// moments -> coefficients -> affine_apply (BIN / IEBN: the first two as one layer step, layer_steps.cpp).
+// moments -> coefficients -> affine_apply (BIN / IEBN: one layer-direction op, layer_steps.cpp).
 Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   const Ops& o = ops();
-  Tensor mean, m2, scale, shift;
+  Forward f;
   switch (c.layer) {
     case kBin:
-      std::tie(mean, m2, scale, shift) = o.bin_step.call(x, req(p[0]), p[1], p[2], b.running_mean, b.running_var,
-                                                         c.training, c.momentum, c.eps, b.num_batches_tracked);
+      std::tie(f.y, f.mean, f.m2, f.scale, f.shift) =
+          o.bin_forward.call(x, req(p[0]), p[1], p[2], b.running_mean, b.running_var, c.training, c.momentum,
+                             c.eps, b.num_batches_tracked, c.relu);
       break;
     case kIebn:
-      std::tie(mean, m2, scale, shift) =
-          o.iebn_step.call(x, req(p[0]), req(p[1]), p[2], p[3], b.running_mean, b.running_var, c.training,
-                           c.momentum, c.eps, b.num_batches_tracked);
+      std::tie(f.y, f.mean, f.m2, f.scale, f.shift) =
+          o.iebn_forward.call(x, req(p[0]), req(p[1]), p[2], p[3], b.running_mean, b.running_var, c.training,
+                              c.momentum, c.eps, b.num_batches_tracked, c.relu);
       break;
     case kAssoc:
-      std::tie(mean, m2) = o.moments.call(x);
-      std::tie(scale, shift) = o.assoc.call(mean, m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]),
-                                            req(p[2]), req(p[3]), req(p[4]), c.eps);
+      std::tie(f.mean, f.m2) = o.moments.call(x);
+      std::tie(f.scale, f.shift) = o.assoc.call(f.mean, f.m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]),
+                                                req(p[2]), req(p[3]), req(p[4]), c.eps);
+      f.y = o.affine_apply.call(x, f.mean, f.scale, f.shift, c.relu);
       break;
   }
-  Tensor y = o.affine_apply.call(x, mean, scale, shift, c.relu);
-  return {std::move(y), std::move(mean), std::move(m2), std::move(scale), std::move(shift)};
+  return f;
 }
 
-// backward_sums -> coefficients backward -> backward_apply (BIN / IEBN: the first two as one layer step);
-// (dx or undefined, parameter grads).
+// backward_sums -> coefficients backward -> backward_apply (BIN / IEBN: one layer-direction op, or
+// without dx the layer step alone); (dx or undefined, parameter grads).
 std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy, const Tensor& x,
                                                                  const Tensor& mean, const Tensor& m2,
                                                                  const OptTensor& scale, const OptTensor& shift,
@@ -168,26 +188,36 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
                                                                  const OptTensor& rv, const Config& c,
                                                                  bool want_dx) {
   const Ops& o = ops();
-  Tensor c_dy, c_x, c_0;
+  Tensor dx, c_dy, c_x, c_0;
   std::array<Tensor, kMaxParams> grads;
   switch (c.layer) {
     case kBin:
-      std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2]) = o.bin_step_backward.call(
-          dy, x, mean, m2, req(p[0]), p[1], p[2], rm, rv, c.training, c.eps, scale, shift);
+      if (want_dx) {
+        std::tie(dx, grads[0], grads[1], grads[2]) = o.bin_backward.call(
+            dy, x, mean, m2, req(p[0]), p[1], p[2], rm, rv, c.training, c.eps, scale, shift);
+      } else {
+        std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2]) = o.bin_step_backward.call(
+            dy, x, mean, m2, req(p[0]), p[1], p[2], rm, rv, c.training, c.eps, scale, shift);
+      }
       break;
     case kIebn:
-      std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3]) = o.iebn_step_backward.call(
-          dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], rm, rv, c.training, c.eps, scale, shift);
+      if (want_dx) {
+        std::tie(dx, grads[0], grads[1], grads[2], grads[3]) = o.iebn_backward.call(
+            dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], rm, rv, c.training, c.eps, scale, shift);
+      } else {
+        std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3]) = o.iebn_step_backward.call(
+            dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], rm, rv, c.training, c.eps, scale, shift);
+      }
       break;
     case kAssoc: {
       auto [g1, g2] = o.backward_sums.call(dy, x, mean, scale, shift);
       std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3], grads[4]) =
           o.assoc_backward.call(g1, g2, mean, m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]), req(p[2]),
                                 req(p[3]), req(p[4]), c.eps);
+      if (want_dx) dx = o.backward_apply.call(dy, x, mean, c_dy, c_x, c_0, scale, shift);
       break;
     }
   }
-  Tensor dx = want_dx ? o.backward_apply.call(dy, x, mean, c_dy, c_x, c_0, scale, shift) : Tensor();
   return {std::move(dx), std::move(grads)};
 }
 

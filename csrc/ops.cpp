@@ -86,6 +86,36 @@ TORCH_LIBRARY(normfuse, m) {
       "-> (Tensor c_dy, Tensor c_x, Tensor c_0, Tensor grad_gate_weight, Tensor grad_gate_bias, "
       "Tensor grad_weight, Tensor grad_bias)");
 
+  // A BIN / IEBN layer's whole direction as one op (what the whole-layer ops call): the layer step
+  // then affine_apply(input, mean, scale, shift, relu), and the backward layer step then
+  // backward_apply(grad_output, input, mean, c_dy, c_x, c_0, scale, shift), with the same arguments
+  // and results (running statistics and num_batches_tracked updated in place in training). One op,
+  // so a device can run a whole direction in one launch: on CUDA, when the activation fits on chip,
+  // one cooperative launch that reads x (and dy) once (issue 14). Elsewhere the composition
+  // (csrc/layer_steps.cpp). The statistics and coefficients are returned for the backward (scale
+  // and shift: the fused ReLU's mask).
+  m.def(
+      "bin_layer_forward(Tensor input, Tensor gate, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None, bool relu=False) "
+      "-> (Tensor output, Tensor mean, Tensor m2, Tensor scale, Tensor shift)");
+  m.def(
+      "iebn_layer_forward(Tensor input, Tensor gate_weight, Tensor gate_bias, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps, Tensor(c!)? num_batches_tracked=None, bool relu=False) "
+      "-> (Tensor output, Tensor mean, Tensor m2, Tensor scale, Tensor shift)");
+  m.def(
+      "bin_layer_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor m2, Tensor gate, "
+      "Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, bool training, "
+      "float eps, Tensor? scale=None, Tensor? shift=None) "
+      "-> (Tensor grad_input, Tensor grad_gate, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "iebn_layer_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor m2, Tensor gate_weight, "
+      "Tensor gate_bias, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "bool training, float eps, Tensor? scale=None, Tensor? shift=None) "
+      "-> (Tensor grad_input, Tensor grad_gate_weight, Tensor grad_gate_bias, Tensor grad_weight, "
+      "Tensor grad_bias)");
+
   // Whole layers, one op per direction (csrc/layer_autograd.cpp): moments -> coefficients ->
   // affine_apply in one call, and an Autograd kernel whose C++ node runs backward_sums ->
   // coefficients backward -> backward_apply. Same arguments and semantics as the coefficient

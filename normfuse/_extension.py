@@ -30,6 +30,11 @@ OP_NAMES = (
     "iebn_moments_coefficients",
     "bin_sums_coefficients_backward",
     "iebn_sums_coefficients_backward",
+    # a BIN / IEBN layer's whole direction: the layer step then the full-size op (csrc/layer_steps.cpp)
+    "bin_layer_forward",
+    "iebn_layer_forward",
+    "bin_layer_backward",
+    "iebn_layer_backward",
 )
 
 HAS_CPU_KERNELS = False
@@ -147,6 +152,25 @@ def _iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bi
     return _iebn_backward_fake(mean, mean, mean, m2, 1, gate_weight, gate_bias, weight, bias, running_mean,
                                running_var, training, eps)
 
+def _bin_layer_forward_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps,
+                            num_batches_tracked=None, relu=False):
+    return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
+
+def _iebn_layer_forward_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum,
+                             eps, num_batches_tracked=None, relu=False):
+    return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
+
+def _bin_layer_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean, running_var, training, eps,
+                             scale=None, shift=None):
+    # grad_input, then the step's parameter gradients (its c_dy, c_x, c_0 stay inside the op)
+    return (torch.empty_like(x), *_bin_step_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean,
+                                                          running_var, training, eps)[3:])
+
+def _iebn_layer_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias, running_mean, running_var,
+                              training, eps, scale=None, shift=None):
+    return (torch.empty_like(x), *_iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias,
+                                                           running_mean, running_var, training, eps)[3:])
+
 FAKES = {
     "moments": _moments_fake,
     "affine_apply": _affine_apply_fake,
@@ -162,6 +186,10 @@ FAKES = {
     "iebn_moments_coefficients": _iebn_step_fake,
     "bin_sums_coefficients_backward": _bin_step_backward_fake,
     "iebn_sums_coefficients_backward": _iebn_step_backward_fake,
+    "bin_layer_forward": _bin_layer_forward_fake,
+    "iebn_layer_forward": _iebn_layer_forward_fake,
+    "bin_layer_backward": _bin_layer_backward_fake,
+    "iebn_layer_backward": _iebn_layer_backward_fake,
 }
 assert set(FAKES) == set(OP_NAMES)
 
