@@ -38,15 +38,21 @@ SIDES = (7, 28)
 DTYPES = (("float32", torch.float32, False), ("bfloat16-cl", torch.bfloat16, True))
 
 
-def _mode(c, mode):
+def _switch(setter, mode):
+    """A context (factory) that sets one of normfuse._C's path switches (``fused_steps``,
+    ``single_read``) to ``mode`` and restores the previous mode."""
     @contextlib.contextmanager
     def ctx():
-        previous = c.fused_steps(mode)
+        previous = setter(mode)
         try:
             yield
         finally:
-            c.fused_steps(previous)
+            setter(previous)
     return ctx
+
+
+def _mode(c, mode):
+    return _switch(c.fused_steps, mode)
 
 
 def _fuses(c, step, device) -> bool:
@@ -115,14 +121,7 @@ SINGLE_READ_DTYPES = (("bfloat16-cl", torch.bfloat16), ("float32-cl", torch.floa
 
 
 def _single_read(c, mode):
-    @contextlib.contextmanager
-    def ctx():
-        previous = c.single_read(mode)
-        try:
-            yield
-        finally:
-            c.single_read(previous)
-    return ctx
+    return _switch(c.single_read, mode)
 
 
 def _copy_gbs(nbytes: int, device: torch.device) -> float:
