@@ -41,6 +41,7 @@ CASES = [
     "bin f32 cl 6 72 20 64 1 1 0 1 0",     # idle lanes in the channel tile, no affine, ReLU
     "iebn f32 cl 2 136 9 64 1 1 1 1 0",    # two channel tiles per sample, 17 coefficient tiles
     "iebn f16 cl 3 24 130 32 1 1 1 1 0",   # f16 splits, ReLU
+    "bin bf16 cl 2 64 200 256 1 1 1 1 0",  # the GPU's block size (256 threads: 32 rows of 8 lanes)
 ]
 REFUSED = [
     "bin f32 cl 4 40 300 32 1 1 1 1 1",    # misaligned
