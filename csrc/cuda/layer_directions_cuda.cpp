@@ -47,13 +47,29 @@ bool single_read_on() {
   int mode = g_single_read.load(std::memory_order_relaxed);
   if (mode < 0) {
     const char* e = std::getenv("NORMFUSE_SINGLE_READ");
-    mode = 0;
-    if (e != nullptr && std::strcmp(e, "auto") == 0) mode = 1;
+    int from_env = 0;
+    if (e != nullptr && std::strcmp(e, "auto") == 0) from_env = 1;
     else if (e != nullptr && *e != '\0' && std::strcmp(e, "0") != 0)
       TORCH_WARN("normfuse: NORMFUSE_SINGLE_READ must be 0 or auto, got '", e, "'; using 0");
-    g_single_read.store(mode, std::memory_order_relaxed);
+    // Only if still unread: a concurrent set_single_read wins over the environment.
+    g_single_read.compare_exchange_strong(mode, from_env, std::memory_order_relaxed);
+    mode = g_single_read.load(std::memory_order_relaxed);
   }
   return mode == 1;
+}
+
+// A single-read launch's error. Nothing has been launched or written when it fails, so a grid
+// the device turns down after all (the cached capacity is the occupancy API's; MPS or a green
+// context can hold fewer blocks) falls back to the generic launches; anything else is an error.
+bool single_read_launched(cudaError_t err, const char* op) {
+  if (err == cudaSuccess) {
+    g_single_read_launches.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  (void)cudaGetLastError();  // this launch's error: not left for the next launch check to report
+  if (err == cudaErrorCooperativeLaunchTooLarge) return false;
+  nf_cuda_glue::check_launch(err, op);
+  return false;  // not reached: check_launch throws
 }
 
 Tensor empty_partials(const Tensor& x, int64_t floats) {
@@ -73,10 +89,8 @@ bool single_read_forward(nf_cuda_glue::ForwardStep& s, const Tensor& x, Tensor& 
   if (floats < 0) return false;
   Tensor partials = empty_partials(x, floats);
   m.partials = data_or_null(partials);
-  nf_cuda_glue::check_launch(nf::cuda_single_read_forward(m, y.mutable_data_ptr(), relu, s.p, s.iebn, dt, stream),
-                             s.coef_op);
-  g_single_read_launches.fetch_add(1, std::memory_order_relaxed);
-  return true;
+  return single_read_launched(nf::cuda_single_read_forward(m, y.mutable_data_ptr(), relu, s.p, s.iebn, dt, stream),
+                              s.iebn ? "iebn_layer_forward (single read)" : "bin_layer_forward (single read)");
 }
 
 Five layer_forward(const char* coef_op, const Tensor& x, const Tensor& gate, const Tensor* gate_bias,
@@ -133,10 +147,8 @@ bool single_read_backward(nf_cuda_glue::BackwardStep& s, const Tensor& dy, const
   if (floats < 0) return false;
   Tensor partials = empty_partials(x, floats);
   b.partials = data_or_null(partials);
-  nf_cuda_glue::check_launch(nf::cuda_single_read_backward(b, dx.mutable_data_ptr(), s.p, s.iebn, dt, stream),
-                             s.coef_op);
-  g_single_read_launches.fetch_add(1, std::memory_order_relaxed);
-  return true;
+  return single_read_launched(nf::cuda_single_read_backward(b, dx.mutable_data_ptr(), s.p, s.iebn, dt, stream),
+                              s.iebn ? "iebn_layer_backward (single read)" : "bin_layer_backward (single read)");
 }
 
 // (dx, parameter gradients: BIN's gate, weight, bias; IEBN's gate weight, gate bias, weight, bias)

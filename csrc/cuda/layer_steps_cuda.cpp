@@ -56,7 +56,8 @@ Fuse fuse_mode() {
     else if (e != nullptr && std::strcmp(e, "1") == 0) mode = static_cast<int>(Fuse::Always);
     else if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0)
       TORCH_WARN("normfuse: NORMFUSE_FUSED_STEPS must be 0, 1 or auto, got '", e, "'; using auto");
-    g_fuse_mode.store(mode, std::memory_order_relaxed);
+    int unread = -1;  // only if still unread: a concurrent set_fused_steps wins over the environment
+    if (!g_fuse_mode.compare_exchange_strong(unread, mode, std::memory_order_relaxed)) mode = unread;
   }
   return static_cast<Fuse>(mode);
 }

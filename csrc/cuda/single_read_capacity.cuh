@@ -12,7 +12,7 @@
 
 namespace nf {
 
-// 0 when the device cannot launch cooperatively at all.
+// 0 when the device cannot launch cooperatively at all (cached), or the query failed (not cached).
 template <class Kernel>
 int64_t cooperative_capacity(Kernel kernel, int threads, size_t smem_bytes) {
   int dev = 0;
@@ -27,12 +27,13 @@ int64_t cooperative_capacity(Kernel kernel, int threads, size_t smem_bytes) {
     if (it != cache.end()) return it->second;
   }
   int coop = 0, sms = 0, per_sm = 0;
-  int64_t cap = 0;
-  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) == cudaSuccess && coop != 0 &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) == cudaSuccess)
-    cap = static_cast<int64_t>(per_sm) * sms;
-  (void)cudaGetLastError();  // a failed query is not sticky; leave no error for the next launch check
+  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      (coop != 0 && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess)) {
+    (void)cudaGetLastError();  // our failed query's error (not sticky): not left for the next launch check
+    return 0;                  // not cached: asked again next time
+  }
+  const int64_t cap = coop != 0 ? static_cast<int64_t>(per_sm) * sms : 0;  // a definite answer: cached
   const std::lock_guard<std::mutex> lock(mu);
   cache.emplace(key, cap);
   return cap;

@@ -97,10 +97,10 @@ def test_single_read_equals_generic(kind, dtype, relu, train, shape):
 
 @GPU
 def test_not_taken_where_it_does_not_apply():
-    m = _module("bin", 64, True, "cuda")
     contiguous = torch.randn(4, 64, 8, 8, device="cuda")
     too_large = torch.randn(64, 256, 56, 56, device="cuda").to(memory_format=torch.channels_last)  # 205 MB
     for x in (contiguous, too_large):
+        m = _module("bin", x.shape[1], True, "cuda")
         before = C_.single_read_launches()
         _with_mode("auto", lambda: _step(m, x, torch.randn_like(x), True))
         torch.cuda.synchronize()
@@ -144,3 +144,24 @@ def test_no_sync_and_cuda_graph_replay():
             torch.testing.assert_close(a, b)
     finally:
         C_.single_read(previous)
+
+
+@GPU
+def test_forward_single_read_generic_backward():
+    """ResNet-50's 64x256x14x14 in bf16: the forward fits (192 blocks on a 132-SM GPU), the
+    backward, holding dy and x, does not (320): the generic backward takes the forward's
+    coefficients and its ReLU mask from the single-read forward."""
+    shape = (64, 256, 14, 14)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g).to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g).to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
+    ref_m, sr_m = _module("iebn", 256, True, "cuda"), _module("iebn", 256, True, "cuda")
+    ref = _with_mode("0", lambda: _step(ref_m, x, dy, True))
+    before = C_.single_read_launches()
+    got = _with_mode("auto", lambda: _step(sr_m, x, dy, True))
+    torch.cuda.synchronize()
+    taken = C_.single_read_launches() - before
+    assert taken >= 1, "the forward did not take the single read"
+    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * max(1.0, b.abs().max().item()))
