@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from layer_inputs import clones, make  # tests/csrc/layer_inputs.py
 from normfuse import _extension as ext
 
 pytestmark = pytest.mark.skipif(not ext.HAS_CPU_KERNELS, reason=ext.REASON or "normfuse._C not built")
@@ -36,29 +37,6 @@ SHAPES = [
     (6, 64, (4, 4)),    # 8 tiles: not fused under auto
 ]
 MODES = [(True, True, True), (True, False, False), (False, True, True)]  # training, running, affine
-
-
-def make(layer, N, C, spatial, dtype, device, layout, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, C, *spatial, generator=g) * 2 + torch.arange(C).view(1, C, *[1] * len(spatial)) * 0.25
-    dy = torch.randn(x.shape, generator=g)
-    x, dy = x.to(device, dtype), dy.to(device, dtype)
-    if layout == "cl":
-        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    c = lambda t: t.to(device, acc)  # noqa: E731
-    t = {"x": x, "dy": dy, "weight": c(1 + 0.3 * torch.randn(C, generator=g)), "bias": c(torch.randn(C, generator=g)),
-         "rm": c(torch.randn(C, generator=g)), "rv": c(1 + torch.rand(C, generator=g)),
-         "nbt": torch.tensor(5, device=device)}
-    if layer == "bin":
-        t["gates"] = [c(torch.rand(C, generator=g))]
-    else:
-        t["gates"] = [c(torch.randn(C, generator=g)), c(torch.randn(C, generator=g))]
-    return t
-
-
-def clones(t):
-    return {k: (v.clone() if k in ("rm", "rv", "nbt") else v) for k, v in t.items()}
 
 
 def fwd_tail(t, training, running, affine):

@@ -9,36 +9,25 @@
 // paths takes the same mask (the forward's scale and shift of the generic path), so its ReLU
 // mask is the same bit for bit.
 // Usage: single_read_driver CASES_FILE
-// Each line: layer dtype layout N C L threads training running affine masked misalign
-//   (as layer_steps_driver). Layouts or alignments the kernels do not take must be refused by the
+// Each line: a case of batch_case.h. Layouts or alignments the kernels do not take must be refused by the
 //   planner: those lines print "refused <line>" (and the test says which must be).
 // Prints "ok <line> fwd_grid=<blocks> fwd_splits=<s> bwd_grid=<blocks> bwd_splits=<s> tiles=<t>".
 #include "cuda_shim.h"
+#include "batch_case.h"
 #include "driver_io.h"
 #include "kernels/single_read.cuh"
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 #include <vector>
 
+using nf_case::Case;
+using nf_case::Channels;
+using nf_case::coef_params;
+using nf_case::Inputs;
+using nf_case::make_inputs;
 using nf_io::Buffer;
 
 namespace {
-
-struct Case {
-  std::string line, layer, dtype, layout;
-  int64_t N, C, L;
-  int threads, training, running, affine, masked, misalign;
-};
-
-struct Rng {
-  uint64_t s;
-  float uniform() {  // [-1, 1)
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    return static_cast<float>((s >> 40) & 0xffffff) / 8388608.f - 1.f;
-  }
-};
 
 Buffer floats(size_t n) {
   Buffer b(n * sizeof(float), 0);
@@ -82,34 +71,6 @@ constexpr double out_rtol() {
 }
 constexpr double kStatRtol = 1e-4;  // float32 statistics summed in another order
 
-struct Channels {
-  Buffer gate, gate_bias, weight, bias, rmean, rvar;
-};
-
-nf::BatchCoefParams<float> coef_params(const Case& cs, const Channels& ch, const float* mean, const float* m2,
-                                       float* rmean, float* rvar, bool backward) {
-  nf::BatchCoefParams<float> c;
-  c.mean = mean;
-  c.m2 = m2;
-  c.gate = ch.gate.as<float>();
-  if (cs.layer == "iebn") c.gate_bias = ch.gate_bias.as<float>();
-  if (cs.affine) {
-    c.weight = ch.weight.as<float>();
-    c.bias = ch.bias.as<float>();
-  }
-  if (cs.running && !(backward && cs.training)) {  // glue convention: the training backward never sees them
-    c.running_mean = rmean;
-    c.running_var = rvar;
-  }
-  c.N = cs.N;
-  c.C = cs.C;
-  c.L = cs.L;
-  c.training = cs.training != 0;
-  c.momentum = 0.1;
-  c.eps = 1e-5;
-  c.threads = cs.threads;
-  return c;
-}
 
 // The forward's results of one path.
 struct Fwd {
@@ -127,30 +88,11 @@ struct Bwd {
 
 template <typename T, class Math>
 void run_case(const Case& cs) {
-  nf::PlaneShape s;
-  s.N = cs.N;
-  s.C = cs.C;
-  s.L = cs.L;
-  s.layout = cs.layout == "cl" ? nf::Layout::ChannelsLast : nf::Layout::Contiguous;
-  const size_t numel = static_cast<size_t>(cs.N * cs.C * cs.L), NC = static_cast<size_t>(cs.N * cs.C);
-  const size_t C = static_cast<size_t>(cs.C);
-  const size_t off = cs.misalign ? sizeof(T) : 0;
-  Rng rng{static_cast<uint64_t>(cs.N * 1000003 + cs.C * 1009 + cs.L)};
-  Buffer x(numel * sizeof(T), off), dy(numel * sizeof(T), off);
-  for (size_t i = 0; i < numel; ++i) {
-    const int64_t c = s.layout == nf::Layout::Contiguous ? (i / cs.L) % cs.C : i % cs.C;
-    x.as<T>()[i] = nf::from_float<T>(0.5f * c + 2.f * rng.uniform());  // per-channel offsets
-    dy.as<T>()[i] = nf::from_float<T>(rng.uniform());
-  }
-  Channels ch{floats(C), floats(C), floats(C), floats(C), floats(C), floats(C)};
-  for (size_t c = 0; c < C; ++c) {
-    ch.gate.as<float>()[c] = 0.5f + 0.5f * rng.uniform();
-    ch.gate_bias.as<float>()[c] = rng.uniform();
-    ch.weight.as<float>()[c] = 1.f + 0.5f * rng.uniform();
-    ch.bias.as<float>()[c] = rng.uniform();
-    ch.rmean.as<float>()[c] = rng.uniform();
-    ch.rvar.as<float>()[c] = 1.5f + rng.uniform();
-  }
+  Inputs in = make_inputs<T>(cs);
+  const nf::PlaneShape& s = in.s;
+  const size_t numel = in.numel, NC = in.NC, C = in.C, off = in.off;
+  const Buffer &x = in.x, &dy = in.dy;
+  const Channels& ch = in.ch;
   const bool iebn = cs.layer == "iebn";
   auto fresh_fwd = [&] {
     Fwd f{floats(NC), floats(NC), floats(NC), floats(NC), floats(C), floats(C), Buffer(numel * sizeof(T), off)};
@@ -309,36 +251,13 @@ void run_case(const Case& cs) {
               static_cast<long long>(Lf.cp.blocks));
 }
 
-template <typename T>
-void run_layer(const Case& cs) {
-  if (cs.layer == "iebn")
-    run_case<T, nf::coef::IebnMath<float>>(cs);
-  else
-    run_case<T, nf::coef::BinMath<float>>(cs);
-}
+struct Run {
+  template <typename T, class Math>
+  void operator()(const Case& cs) const {
+    run_case<T, Math>(cs);
+  }
+};
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (argc != 2) nf_io::die("usage: single_read_driver CASES_FILE");
-  std::ifstream f(argv[1]);
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.empty() || line[0] == '#') continue;
-    Case cs;
-    cs.line = line;
-    std::istringstream ss(line);
-    ss >> cs.layer >> cs.dtype >> cs.layout >> cs.N >> cs.C >> cs.L >> cs.threads >> cs.training >> cs.running >>
-        cs.affine >> cs.masked >> cs.misalign;
-    if (!ss) nf_io::die("bad case line: " + line);
-    if (cs.dtype == "f32")
-      run_layer<float>(cs);
-    else if (cs.dtype == "f16")
-      run_layer<__half>(cs);
-    else if (cs.dtype == "bf16")
-      run_layer<__nv_bfloat16>(cs);
-    else
-      nf_io::die("bad dtype: " + line);
-  }
-  return 0;
-}
+int main(int argc, char** argv) { return nf_case::run_case_file(argc, argv, "usage: single_read_driver CASES_FILE", Run{}); }
