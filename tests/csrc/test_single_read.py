@@ -73,7 +73,7 @@ def _with_mode(mode, fn):
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("shape", [(8, 64, 14, 14), (3, 40, 9, 11), (2, 16, 96, 96)])
-def test_single_read_equals_generic(kind, dtype, relu, train, shape):
+def test_cuda_single_read_equals_generic(kind, dtype, relu, train, shape):
     N, C, H, W = shape
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=g) * 1.5 + torch.arange(C).view(1, C, 1, 1) * 0.1).to("cuda", dtype)
@@ -96,7 +96,7 @@ def test_single_read_equals_generic(kind, dtype, relu, train, shape):
 
 
 @GPU
-def test_not_taken_where_it_does_not_apply():
+def test_cuda_not_taken_where_it_does_not_apply():
     contiguous = torch.randn(4, 64, 8, 8, device="cuda")
     too_large = torch.randn(64, 256, 56, 56, device="cuda").to(memory_format=torch.channels_last)  # 205 MB
     for x in (contiguous, too_large):
@@ -108,7 +108,7 @@ def test_not_taken_where_it_does_not_apply():
 
 
 @GPU
-def test_no_sync_and_cuda_graph_replay():
+def test_cuda_no_sync_and_graph_replay():
     m = _module("iebn", 32, True, "cuda")
     x = torch.randn(8, 32, 16, 16, device="cuda").to(memory_format=torch.channels_last).requires_grad_(True)
     dy = torch.randn_like(x)
@@ -147,7 +147,7 @@ def test_no_sync_and_cuda_graph_replay():
 
 
 @GPU
-def test_forward_single_read_generic_backward():
+def test_cuda_forward_single_read_generic_backward():
     """ResNet-50's 64x256x14x14 in bf16: the forward fits (192 blocks on a 132-SM GPU), the
     backward, holding dy and x, does not (320): the generic backward takes the forward's
     coefficients and its ReLU mask from the single-read forward."""
