@@ -1,7 +1,8 @@
 // The generic CUDA ops' torch glue that other CUDA glue reuses (defined in
 // cuda/generic_ops_cuda.cpp): the input checks (same messages), the params of the two reductions
-// and their scratch, so the fused layer steps (cuda/layer_steps_cuda.cpp) check and launch
-// exactly as moments / backward_sums do. Torch glue only (.cpp): never include from a .cu / .cuh.
+// and their scratch, and the four ops' launches after their checks, so the fused layer steps and
+// the layer directions (cuda/layer_steps_cuda.cpp, cuda/layer_directions_cuda.cpp) check and
+// launch exactly as the generic ops do. Torch glue only (.cpp): never include from a .cu / .cuh.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,6 +27,14 @@ nf::BackwardSumsParams backward_sums_params(const at::Tensor& dy, const at::Tens
                                             const std::optional<at::Tensor>& scale,
                                             const std::optional<at::Tensor>& shift, bool masked,
                                             const nf::PlaneShape& sh, at::Tensor& g1, at::Tensor& g2);
+// The two maps after their checks (under the device guard): write `y` / `dx` (x's layout and
+// dtype), one launch (none for empty shapes). `masked`: the forward's scale / shift are given.
+void run_affine_apply(const at::Tensor& x, const nf::PlaneShape& sh, const at::Tensor& mean, const at::Tensor& scale,
+                      const at::Tensor& shift, bool relu, at::Tensor& y);
+void run_backward_apply(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& c_dy,
+                        const at::Tensor& c_x, const at::Tensor& c_0, const std::optional<at::Tensor>& scale,
+                        const std::optional<at::Tensor>& shift, bool masked, const nf::PlaneShape& sh,
+                        at::Tensor& dx);
 
 // The reductions after their checks (under the device guard): fill `mean`, `m2` / `g1`, `g2`
 // ((N, C) float32), one launch (none for empty shapes).

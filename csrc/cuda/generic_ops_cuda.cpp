@@ -97,6 +97,43 @@ void run_backward_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_launch(nf::cuda_backward_sums(p, dt, c10::cuda::getCurrentCUDAStream()), "backward_sums");
 }
 
+void run_affine_apply(const at::Tensor& x, const nf::PlaneShape& sh, const at::Tensor& mean, const at::Tensor& scale,
+                      const at::Tensor& shift, bool relu, at::Tensor& y) {
+  if (x.numel() == 0) return;
+  nf::AffineApplyParams p;
+  p.x = x.const_data_ptr();
+  p.mean = mean.const_data_ptr<float>();
+  p.scale = scale.const_data_ptr<float>();
+  p.shift = shift.const_data_ptr<float>();
+  p.y = y.mutable_data_ptr();
+  p.relu = relu;
+  p.shape = sh;
+  check_launch(nf::cuda_affine_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+               "affine_apply");
+}
+
+void run_backward_apply(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& c_dy,
+                        const at::Tensor& c_x, const at::Tensor& c_0, const std::optional<at::Tensor>& scale,
+                        const std::optional<at::Tensor>& shift, bool masked, const nf::PlaneShape& sh,
+                        at::Tensor& dx) {
+  if (x.numel() == 0) return;
+  nf::BackwardApplyParams p;
+  p.dy = dy.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.mean = mean.const_data_ptr<float>();
+  p.c_dy = c_dy.const_data_ptr<float>();
+  p.c_x = c_x.const_data_ptr<float>();
+  p.c_0 = c_0.const_data_ptr<float>();
+  p.dx = dx.mutable_data_ptr();
+  if (masked) {
+    p.mask_scale = scale->const_data_ptr<float>();
+    p.mask_shift = shift->const_data_ptr<float>();
+  }
+  p.shape = sh;
+  check_launch(nf::cuda_backward_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+               "backward_apply");
+}
+
 }  // namespace nf_cuda_glue
 
 namespace {
@@ -138,17 +175,7 @@ at::Tensor affine_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const 
   nf_glue::check_stats(shift, x, sh, "affine_apply", "shift");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = nf_glue::empty_output(x);
-  if (x.numel() == 0) return y;
-  nf::AffineApplyParams p;
-  p.x = x.const_data_ptr();
-  p.mean = mean.const_data_ptr<float>();
-  p.scale = scale.const_data_ptr<float>();
-  p.shift = shift.const_data_ptr<float>();
-  p.y = y.mutable_data_ptr();
-  p.relu = relu;
-  p.shape = sh;
-  check_launch(nf::cuda_affine_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
-               "affine_apply");
+  nf_cuda_glue::run_affine_apply(x, sh, mean, scale, shift, relu, y);
   return y;
 }
 
@@ -165,23 +192,7 @@ at::Tensor backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const 
   const bool masked = nf_glue::relu_mask_given(scale, shift, x, sh, "backward_apply");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = nf_glue::empty_output(x);
-  if (x.numel() == 0) return dx;
-  nf::BackwardApplyParams p;
-  p.dy = dy.const_data_ptr();
-  p.x = x.const_data_ptr();
-  p.mean = mean.const_data_ptr<float>();
-  p.c_dy = c_dy.const_data_ptr<float>();
-  p.c_x = c_x.const_data_ptr<float>();
-  p.c_0 = c_0.const_data_ptr<float>();
-  p.dx = dx.mutable_data_ptr();
-  if (masked) {
-    p.mask_scale = scale->const_data_ptr<float>();
-    p.mask_shift = shift->const_data_ptr<float>();
-  }
-  p.shape = sh;
-  check_launch(
-      nf::cuda_backward_apply(p, nf_glue::kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
-      "backward_apply");
+  nf_cuda_glue::run_backward_apply(dy, x, mean, c_dy, c_x, c_0, scale, shift, masked, sh, dx);
   return dx;
 }
 

@@ -27,7 +27,6 @@
 #include "common/coefficients_glue.h"
 #include "common/torch_glue.h"
 #include "cuda/generic_glue.h"
-#include "cuda/generic_launchers.h"
 #include "cuda/layer_steps_glue.h"
 #include "cuda/single_read_launchers.h"
 
@@ -106,18 +105,7 @@ Five layer_forward(const char* coef_op, const Tensor& x, const Tensor& gate, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (!single_read_forward(s, x, y, relu, stream)) {
     nf_cuda_glue::run_forward_step(s, x, stream);
-    if (x.numel() != 0) {
-      nf::AffineApplyParams a;
-      a.x = x.const_data_ptr();
-      a.mean = s.mean.const_data_ptr<float>();
-      a.scale = o.scale.const_data_ptr<float>();
-      a.shift = o.shift.const_data_ptr<float>();
-      a.y = y.mutable_data_ptr();
-      a.relu = relu;
-      a.shape = s.sh;
-      nf_cuda_glue::check_launch(nf::cuda_affine_apply(a, nf_glue::kernel_dtype(x.scalar_type()), stream),
-                                 "affine_apply");
-    }
+    nf_cuda_glue::run_affine_apply(x, s.sh, s.mean, o.scale, o.shift, relu, y);
   }
   return {y, s.mean, s.m2, o.scale, o.shift};
 }
@@ -164,23 +152,7 @@ std::pair<Tensor, nf_coef_glue::BackwardOutputs> layer_backward(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (!single_read_backward(s, dy, x, mean, scale, shift, dx, stream)) {
     nf_cuda_glue::run_backward_step(s, dy, x, mean, scale, shift, stream);
-    if (x.numel() != 0) {
-      nf::BackwardApplyParams a;
-      a.dy = dy.const_data_ptr();
-      a.x = x.const_data_ptr();
-      a.mean = mean.const_data_ptr<float>();
-      a.c_dy = o.c_dy.const_data_ptr<float>();
-      a.c_x = o.c_x.const_data_ptr<float>();
-      a.c_0 = o.c_0.const_data_ptr<float>();
-      a.dx = dx.mutable_data_ptr();
-      if (s.masked) {
-        a.mask_scale = scale->const_data_ptr<float>();
-        a.mask_shift = shift->const_data_ptr<float>();
-      }
-      a.shape = s.sh;
-      nf_cuda_glue::check_launch(nf::cuda_backward_apply(a, nf_glue::kernel_dtype(x.scalar_type()), stream),
-                                 "backward_apply");
-    }
+    nf_cuda_glue::run_backward_apply(dy, x, mean, o.c_dy, o.c_x, o.c_0, scale, shift, s.masked, s.sh, dx);
   }
   return {dx, std::move(o)};
 }
