@@ -67,32 +67,44 @@ def _fuses(c, step, device) -> bool:
     return any("step_kernel" in e.name for e in prof.events())
 
 
+def _switches(name: str):
+    """normfuse._C, which must have the CUDA path switch `name` (a CUDA build)."""
+    from normfuse import _extension
+    c = _extension._C
+    if c is None or not hasattr(c, name):
+        raise RuntimeError(f"bench.steps_probe: normfuse._C has no CUDA switch {name} "
+                           f"({_extension.CUDA_REASON or _extension.REASON})")
+    return c
+
+
+def _layer_step(n, ch, side, dtype, channels_last, device, activation=None):
+    """A BIN layer's forward + backward on a fresh random (n, ch, side, side) input: step(i) and x."""
+    import normfuse
+    torch.manual_seed(0)
+    layer = normfuse.BatchInstanceNorm2d(ch, activation=activation).to(device)
+    x = (torch.randn(n, ch, side, side, device=device) * 1.3 + 0.2).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    dy = torch.randn_like(x)
+    wrt = [x] + list(layer.parameters())
+
+    def step(i):
+        return torch.autograd.grad(layer(x), wrt, dy)
+    return step, x
+
+
 def run(device: torch.device, channels=CHANNELS, batches=BATCHES, sides=SIDES, target_s=0.05,
         progress=print) -> List[dict]:
     import normfuse
-    from normfuse import _extension
-    c = _extension._C
-    if c is None or not hasattr(c, "fused_steps"):
-        raise RuntimeError("bench.steps_probe: normfuse._C has no CUDA layer steps "
-                           f"({_extension.CUDA_REASON or _extension.REASON})")
+    c = _switches("fused_steps")
     backend = "cuda" if device.type == "cuda" else "cpu"
     rows = []
     for name, dtype, cl in DTYPES:
         for n in batches:
             for ch in channels:
                 for side in sides:
-                    torch.manual_seed(0)
-                    layer = normfuse.BatchInstanceNorm2d(ch).to(device)
-                    x = (torch.randn(n, ch, side, side, device=device) * 1.3 + 0.2).to(dtype)
-                    if cl:
-                        x = x.to(memory_format=torch.channels_last)
-                    x.requires_grad_(True)
-                    dy = torch.randn_like(x)
-                    wrt = [x] + list(layer.parameters())
-
-                    def step(i, layer=layer, x=x, dy=dy, wrt=wrt):
-                        return torch.autograd.grad(layer(x), wrt, dy)
-
+                    step, _ = _layer_step(n, ch, side, dtype, cl, device)
                     with normfuse.use_backend(backend):
                         res = timing.measure_many(
                             [step, step, step], device,
@@ -136,25 +148,12 @@ def _copy_gbs(nbytes: int, device: torch.device) -> float:
 def run_single_read(device: torch.device, shapes=SINGLE_READ_SHAPES, dtypes=SINGLE_READ_DTYPES, target_s=0.05,
                     progress=print) -> List[dict]:
     import normfuse
-    from normfuse import _extension
-    c = _extension._C
-    if c is None or not hasattr(c, "single_read"):
-        raise RuntimeError("bench.steps_probe: normfuse._C has no CUDA single-read switch "
-                           f"({_extension.CUDA_REASON or _extension.REASON})")
+    c = _switches("single_read")
     backend = "cuda" if device.type == "cuda" else "cpu"
     rows = []
     for name, dtype in dtypes:
         for n, ch, side in shapes:
-            torch.manual_seed(0)
-            layer = normfuse.BatchInstanceNorm2d(ch, activation="relu").to(device)
-            x = (torch.randn(n, ch, side, side, device=device) * 1.3 + 0.2).to(dtype)
-            x = x.to(memory_format=torch.channels_last).requires_grad_(True)
-            dy = torch.randn_like(x)
-            wrt = [x] + list(layer.parameters())
-
-            def step(i, layer=layer, x=x, dy=dy, wrt=wrt):
-                return torch.autograd.grad(layer(x), wrt, dy)
-
+            step, x = _layer_step(n, ch, side, dtype, True, device, activation="relu")
             with normfuse.use_backend(backend):
                 before = c.single_read_launches()
                 with _single_read(c, "auto")():
