@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common/coefficients.h"
 #include "common/coefficients_params.h"
@@ -108,6 +109,21 @@ inline nf::BatchCoefParams<float> coef_params(const Case& cs, const Channels& ch
   c.eps = 1e-5;
   c.threads = cs.threads;
   return c;
+}
+
+// The coefficient backward's outputs, in this order: c_dy, c_x, c_0 ((N, C) each), then the
+// parameter gradients ((C,) each; grad_gate_bias IEBN's only).
+inline constexpr const char* kBackwardOutputs[] = {"c_dy", "c_x", "c_0", "grad_gate", "grad_weight", "grad_bias",
+                                                   "grad_gate_bias"};
+
+inline void set_backward_outputs(nf::BatchCoefParams<float>& c, const std::vector<Buffer>& out, bool iebn) {
+  c.c_dy = out[0].as<float>();
+  c.c_x = out[1].as<float>();
+  c.c_0 = out[2].as<float>();
+  c.grad_gate = out[3].as<float>();
+  c.grad_weight = out[4].as<float>();
+  c.grad_bias = out[5].as<float>();
+  if (iebn) c.grad_gate_bias = out[6].as<float>();
 }
 
 // Reads the case file and calls run.template operator()<T, Math>(case) for each line, with the

@@ -112,13 +112,7 @@ void run_case(const Case& cs) {
   const bool iebn = cs.layer == "iebn";
   auto grads = [&](nf::BatchCoefParams<float>& c, std::vector<Buffer>& out) {
     for (int k = 0; k < 3 + 4; ++k) out.push_back(floats(k < 3 ? NC : C));
-    c.c_dy = out[0].as<float>();
-    c.c_x = out[1].as<float>();
-    c.c_0 = out[2].as<float>();
-    c.grad_gate = out[3].as<float>();
-    c.grad_weight = out[4].as<float>();
-    c.grad_bias = out[5].as<float>();
-    if (iebn) c.grad_gate_bias = out[6].as<float>();
+    nf_case::set_backward_outputs(c, out, iebn);
   };
   auto sums_params = [&](Buffer& g1, Buffer& g2) {
     nf::BackwardSumsParams b;
@@ -169,8 +163,8 @@ void run_case(const Case& cs) {
     require(nf::launch_sums_step<T, Math>(bf, c, nullptr) == cudaSuccess, cs, "fused backward launch");
     require(all_zero(counters_b), cs, "fused backward left a counter set");
     require(same_bits(g1_f, g1_u) && same_bits(g2_f, g2_u), cs, "fused gradient sums differ");
-    static const char* names[] = {"c_dy", "c_x", "c_0", "grad_gate", "grad_weight", "grad_bias", "grad_gate_bias"};
-    for (int k = 0; k < (iebn ? 7 : 6); ++k) require(same_bits(out_f[k], out_u[k]), cs, std::string("fused ") + names[k] + " differs");
+    for (int k = 0; k < (iebn ? 7 : 6); ++k)
+      require(same_bits(out_f[k], out_u[k]), cs, std::string("fused ") + nf_case::kBackwardOutputs[k] + " differs");
   }
 
   // What the launch looked like (the test checks that the grids vary, so the last block varies).

@@ -195,13 +195,7 @@ void run_case(const Case& cs) {
                          true);
     c.sum_dy = b.g1.as<float>();
     c.sum_dy_xmu = b.g2.as<float>();
-    c.c_dy = b.out[0].as<float>();
-    c.c_x = b.out[1].as<float>();
-    c.c_0 = b.out[2].as<float>();
-    c.grad_gate = b.out[3].as<float>();
-    c.grad_weight = b.out[4].as<float>();
-    c.grad_bias = b.out[5].as<float>();
-    if (iebn) c.grad_gate_bias = b.out[6].as<float>();
+    nf_case::set_backward_outputs(c, b.out, iebn);
     return c;
   };
   Bwd bg = fresh_bwd();
@@ -242,8 +236,7 @@ void run_case(const Case& cs) {
   }
   require_close(bs.g1, bg.g1, kStatRtol, cs, "sum_dy");
   require_close(bs.g2, bg.g2, kStatRtol, cs, "sum_dy_xmu");
-  static const char* names[] = {"c_dy", "c_x", "c_0", "grad_gate", "grad_weight", "grad_bias", "grad_gate_bias"};
-  for (int k = 0; k < (iebn ? 7 : 6); ++k) require_close(bs.out[k], bg.out[k], kStatRtol, cs, names[k]);
+  for (int k = 0; k < (iebn ? 7 : 6); ++k) require_close(bs.out[k], bg.out[k], kStatRtol, cs, nf_case::kBackwardOutputs[k]);
   require_close(bs.dx.as<T>(), bg.dx.as<T>(), numel, out_rtol<T>(), cs, "dx");
 
   std::printf("ok %s fwd_grid=%lld fwd_splits=%d bwd_grid=%lld bwd_splits=%d tiles=%lld\n", cs.line.c_str(),
