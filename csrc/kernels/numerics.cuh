@@ -53,6 +53,24 @@ NF_DEVICE void store_floats(T* p, const float (&in)[VEC]) {
   }
 }
 
+// As load_floats, through L2 (ld.global.cg) instead of the read-only path (ld.global.nc), for a
+// loop that wants two loads in flight before its stores: ptxas sank the second of two read-only
+// loads below the first row's store in cl_apply_kernel (16-bit types: one load in flight at a
+// time), but keeps an ordinary load above a store that follows it in the source.
+template <typename T, int VEC>
+NF_DEVICE void load_floats_cg(const T* p, float (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    load_floats<T, VEC>(p, out);
+  } else {
+    static_assert(sizeof(T) * VEC == sizeof(uint4), "16-byte vectors only");
+    const uint4 word = __ldcg(reinterpret_cast<const uint4*>(p));
+    Pack<T, VEC> pk;
+    memcpy(&pk, &word, sizeof(pk));
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
+  }
+}
+
 // Same as load_floats for float arrays written earlier in the same launch by another block:
 // __ldcg reads through L2, skipping the (non-coherent) L1.
 NF_DEVICE float load_cg(const float* p) { return __ldcg(p); }

@@ -101,7 +101,27 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
   const T* p0 = in0 + off;
   const T* p1 = Op::kInputs == 2 ? in1 + off : nullptr;
   T* q = out + off;
-  for (int l = r0 + ty; l < r1; l += pl.rows) {
+  int l = r0 + ty;
+  if constexpr (Op::kInputs == 1) {
+    // One input (affine_apply): two rows per iteration, two independent loads in flight per
+    // thread (see cl_reduce_block); load_floats_cg keeps ptxas from sinking the second load
+    // below the first store.
+    for (; l + pl.rows < r1; l += 2 * pl.rows) {
+      float a0[VEC], a1[VEC], y0[VEC], y1[VEC];
+      load_floats_cg<T, VEC>(p0, a0);
+      load_floats_cg<T, VEC>(p0 + stride, a1);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        y0[k] = Op::apply(c[k], a0[k], 0.f);
+        y1[k] = Op::apply(c[k], a1[k], 0.f);
+      }
+      store_floats<T, VEC>(q, y0);
+      store_floats<T, VEC>(q + stride, y1);
+      p0 += 2 * stride;
+      q += 2 * stride;
+    }
+  }
+  for (; l < r1; l += pl.rows) {  // two inputs; the last row of one
     float a[VEC], bb[VEC], y[VEC];
     load_floats<T, VEC>(p0, a);
     if constexpr (Op::kInputs == 2) load_floats<T, VEC>(p1, bb);
