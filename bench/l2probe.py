@@ -18,7 +18,11 @@ the ``cuda`` backend's ops and CUDA events, medians over repetitions:
 * ``floor_ms``: the single-read floor of the direction (forward: read x once, write y; backward:
   read x and dy once, write dx), at the copy bandwidth measured on the same tensor;
 * ``l2_gain`` = cold / warm: 1 means L2 serves nothing of the second read; ``pair_vs_floor`` =
-  pair / floor: what a single-read path could at most win.
+  pair / floor: what a single-read path could at most win;
+* ``first_cold_ms``: the first pass alone (``moments``, ``backward_sums``) after a flush, and
+  ``first_frac_copy`` / ``second_frac_copy``: each pass's own bandwidth (the bytes it reads and
+  writes over its cold time) as a fraction of the copy's: issue 13's "reductions at copy speed"
+  (bf16 channels-last reductions at >= 0.8 of a copy from 25 MB on).
 
 Read it so: where ``l2_gain`` is well above 1 and ``pair_vs_floor`` near 1, L2 residency already
 gives the single read and a persistent kernel has nothing to win; where the tensor is above the
@@ -90,6 +94,8 @@ def probe_case(ops, name, dtype, channels_last, mb, device, reps, flush_bytes) -
         "backward": (lambda: ops.backward_sums(dy, x, mean),
                      lambda: ops.backward_apply(dy, x, mean, c_dy, c_x, c_0), 3),
     }
+    # Tensor passes of each op: (first, second) per direction (reads + writes of x-sized tensors).
+    op_passes = {"forward": (1, 2), "backward": (2, 3)}
     copy_ms = []
     for _ in range(reps):
         flushed()
@@ -97,9 +103,10 @@ def probe_case(ops, name, dtype, channels_last, mb, device, reps, flush_bytes) -
     copy_gbs = 2 * nbytes / (median(copy_ms) * 1e-3) / 1e9
     rows = []
     for direction, (first, second, passes) in directions.items():
-        cold, warm, pair = [], [], []
-        for _ in range(reps):  # interleaved, so drifting clocks hit all three alike
-            first()
+        cold, warm, pair, first_cold = [], [], [], []
+        for _ in range(reps):  # interleaved, so drifting clocks hit all four alike
+            flushed()
+            first_cold.append(timer(first))
             flushed()
             cold.append(timer(second))
             flushed()
@@ -113,6 +120,10 @@ def probe_case(ops, name, dtype, channels_last, mb, device, reps, flush_bytes) -
                    pair_ms=median(pair), floor_ms=floor, copy_gbs=copy_gbs)
         row["l2_gain"] = row["cold_ms"] / row["warm_ms"]
         row["pair_vs_floor"] = row["pair_ms"] / floor
+        row["first_cold_ms"] = median(first_cold)
+        p1, p2 = op_passes[direction]
+        row["first_frac_copy"] = p1 * nbytes / (row["first_cold_ms"] * 1e-3) / 1e9 / copy_gbs
+        row["second_frac_copy"] = p2 * nbytes / (row["cold_ms"] * 1e-3) / 1e9 / copy_gbs
         rows.append(row)
     return rows
 
@@ -131,7 +142,8 @@ def run(device: torch.device, sizes=SIZES_MB, reps: int = 15, progress=print) ->
                 rows.append(row)
                 progress(f"l2probe {row['case']:12s} {row['direction']:8s} {row['mb']:6.1f} MB  "
                          f"cold {row['cold_ms']:.3f} warm {row['warm_ms']:.3f} ms  "
-                         f"L2 gain {row['l2_gain']:.2f}x  pair/floor {row['pair_vs_floor']:.2f}")
+                         f"L2 gain {row['l2_gain']:.2f}x  pair/floor {row['pair_vs_floor']:.2f}  "
+                         f"copy fraction {row['first_frac_copy']:.2f} / {row['second_frac_copy']:.2f}")
     return rows
 
 

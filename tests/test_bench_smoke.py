@@ -96,7 +96,8 @@ def test_l2probe_smoke(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * len(l2probe.CASES)
     for r in rows:
-        for key in ("cold_ms", "warm_ms", "pair_ms", "floor_ms", "l2_gain", "pair_vs_floor"):
+        for key in ("cold_ms", "warm_ms", "pair_ms", "floor_ms", "l2_gain", "pair_vs_floor",
+                    "first_cold_ms", "first_frac_copy", "second_frac_copy"):
             assert math.isfinite(float(r[key])) and float(r[key]) > 0, r
 
 
