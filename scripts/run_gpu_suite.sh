@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine: build normfuse for the visible GPU with every core, run the GPU-relevant tests
 # in parallel, then the benchmark; everything lands in bench/results/<gpu name>/ (report.md,
-# CSV/JSON, plots, logs). Budget: 8 minutes on an H200 with 16 cores (build ~35 s, tests ~1-2
-# min, quick bench ~1-3 min); each step has its own time limit so a hang cannot eat the rest.
+# CSV/JSON, plots, logs), then the GPU probes (l2probe, steps_probe, single read) and an ncu
+# profile of the four generic kernels. Budget: 8 minutes on an H200 with 16 cores (build ~35 s,
+# tests ~1-2 min, quick bench ~1-3 min, probes and ncu ~1 min each); each step has its own time
+# limit so a hang cannot eat the rest.
 #
 #   scripts/run_gpu_suite.sh                 # build + GPU tests + quick benchmark
 #   SKIP_BUILD=1 scripts/run_gpu_suite.sh    # normfuse._C already built for this torch
@@ -76,6 +78,17 @@ step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
 step steps_probe 120 "$OUT/steps_probe.log" "$PYTHON" -m bench.steps_probe --out "$OUT"
 # Issue 14's single read: one cooperative launch per direction vs the generic launches.
 step single_read_probe 120 "$OUT/single_read_probe.log" "$PYTHON" -m bench.steps_probe --single-read --out "$OUT"
+# Issue 13's reductions at copy speed: why a pass runs below a copy (DRAM share of peak,
+# occupancy, warp stall reasons) for the four generic kernels, one launch each (ncu.csv).
+NCU=${NCU:-$(command -v ncu || echo "$CUDA_HOME/bin/ncu")}
+if [ -x "$NCU" ]; then
+    step ncu 150 "$OUT/ncu.log" "$NCU" --clock-control none \
+        --kernel-name regex:'(cl|contig)_(reduce|apply)_kernel' --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --csv --page details --log-file "$OUT/ncu.csv" \
+        "$PYTHON" -m bench.ncu_target
+else
+    echo "ncu not found ($NCU): no kernel profile" | tee "$OUT/ncu.log"
+fi
 echo "status $status" >> "$OUT/steps.txt"
 if [ -n "${RESULTS_TAR:-}" ]; then
     tar -czf "$RESULTS_TAR" "$OUT"

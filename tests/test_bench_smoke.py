@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ["results.json", "report.md", "kernels.csv", "copy.csv", "memory.csv", "e2e.csv",
@@ -131,3 +132,10 @@ def test_single_read_probe_smoke(tmp_path):
     for r in rows:
         assert int(r["taken"]) == 0 and float(r["generic_us"]) > 0 and float(r["single_us"]) > 0, r
         assert float(r["floor_us"]) > 0, r
+
+
+def test_ncu_target_smoke():
+    """bench/ncu_target.py (the kernels the GPU script profiles with ncu, issue 13) runs its
+    code path on the CPU: every generic op of both cases once."""
+    from bench import ncu_target
+    assert ncu_target.run(torch.device("cpu"), shape=(2, 8, 4, 4)) == 4 * len(ncu_target.CASES)
