@@ -5,7 +5,7 @@ Every layer is, per (sample, channel) plane, one affine map whose coefficients c
 plane's moments; one pass computes the moments, a small coefficient step turns them into the
 map, one pass applies it (docs/architecture.md).
 """
-from . import export, functional
+from . import export, functional, info
 from .backends import (available_backends, get_backend, resolve_backend, set_backend,
                        use_backend)
 from .convert import convert
@@ -25,6 +25,6 @@ __all__ = [
     "InstanceEnhancementBatchNorm2d", "InstanceEnhancementBatchNorm3d",
     "SyncBatchInstanceNorm", "SyncIEBN", "SyncInstanceEnhancementBatchNorm", "convert_sync",
     "attach_gate_clipping", "available_backends", "clip_gates_", "convert", "export",
-    "functional",
+    "functional", "info",
     "get_backend", "param_groups", "resolve_backend", "set_backend", "use_backend",
 ]

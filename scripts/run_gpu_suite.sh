@@ -52,6 +52,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 "$PYTHON" -c "import normfuse; print('normfuse backends:', normfuse.available_backends())" \
     2>&1 | tee "$OUT/backends.txt"
+"$PYTHON" -m normfuse >> "$OUT/machine.txt" 2>&1  # versions, build, GPUs, backends and why not
 for b in cuda triton; do
     grep -q "'$b'" "$OUT/backends.txt" || { echo "backend $b is not available" | tee -a "$OUT/backends.txt"; status=1; }
 done
