@@ -92,7 +92,7 @@ XDIST=()
 # CUDA call it waits in) is ended by pytest-timeout's thread method: its worker exits, xdist names
 # the test and starts another worker, and the run goes on instead of losing the whole step.
 TIMEOUT=()
-"$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 150 -o timeout_method=thread)
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 200 -o timeout_method=thread)
 step tests 300 "$OUT/tests.log" "$PYTHON" -m pytest tests -q -rfEs -p no:cacheprovider \
     "${XDIST[@]}" "${TIMEOUT[@]}" "${SELECT[@]}" --junitxml="$OUT/tests.xml"
 if grep -qiE "worker '?gw[0-9]+'? crashed|node down|Segmentation fault|[+]+ Timeout [+]+" "$OUT/tests.log"; then
