@@ -118,9 +118,9 @@ if [ -x "$NCU" ]; then
 else
     echo "ncu not found ($NCU): no kernel profile" | tee "$OUT/ncu.log"
 fi
-# The benchmark gets what is left. Without torch.compile by default: its 27 cold Inductor
-# compiles (3 shapes x 3 dtypes x 3 layers, forward and backward) take minutes, which the budget
-# does not hold, and a benchmark stopped by its limit writes nothing.
+# The benchmark gets what is left (stopped at its limit, it writes what it measured so far).
+# Without torch.compile by default: its 27 cold Inductor compiles (3 shapes x 3 dtypes x 3
+# layers, forward and backward) take minutes, which the budget does not hold.
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 step bench 420 "$OUT/bench.log" "$PYTHON" -m bench --device cuda --out "$OUT" ${BENCH_ARGS---quick --no-compile}
 echo "status $status" >> "$OUT/steps.txt"
