@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -134,13 +136,29 @@ def main(argv=None) -> int:
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
 
-    results = suite.run_kernels(cfg, progress)
-    results["host"] = [] if args.no_host else host.run_host(
-        host_backends, *HOST_PRESETS[preset], threads=1, progress=progress)
-    results["e2e"] = [] if args.no_e2e else e2e.run_e2e(
-        device, backends, conf["batch"], *conf["e2e"], progress, blocks=conf.get("blocks", 3))
-    results["step50"] = [] if step50_conf is None else step50.run_step50(
-        device, step50_backends, *step50_conf[:3], *step50_conf[3], progress)
+    # SIGTERM (the GPU script's per-step time limit) ends the measuring, not the run: what was
+    # measured so far is still derived and written, with a note, before the limit's SIGKILL.
+    results = {k: [] for k in ("kernels", "copy", "memory", "checks", "host", "e2e", "step50")}
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _stop) if main_thread else None
+    try:
+        suite.run_kernels(cfg, progress, out=results)
+        if not args.no_host:
+            results["host"] = host.run_host(host_backends, *HOST_PRESETS[preset], threads=1,
+                                            progress=progress)
+        if not args.no_e2e:
+            results["e2e"] = e2e.run_e2e(device, backends, conf["batch"], *conf["e2e"],
+                                         progress, blocks=conf.get("blocks", 3))
+        if step50_conf is not None:
+            results["step50"] = step50.run_step50(device, step50_backends, *step50_conf[:3],
+                                                  *step50_conf[3], progress)
+    except _Stopped:
+        notes.append(f"stopped by SIGTERM after {progress.done} of {progress.total} steps: "
+                     "the results hold what was measured before")
+        print(f"note: {notes[-1]}", file=sys.stderr, flush=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
     report.derive(results["kernels"])
     summary = report.summary_rows(results["kernels"], results["memory"])
     tg = report.targets(results["kernels"], dev_type) + step50.targets(results["step50"])
@@ -164,6 +182,15 @@ def main(argv=None) -> int:
         print(f"Note: {n}")
     print(f"\nWritten to {out_dir}: " + ", ".join(os.path.basename(p) for p in paths))
     return 0
+
+
+class _Stopped(BaseException):
+    """Raised by SIGTERM; a BaseException, so that the measuring's ``except Exception``
+    (a contender that fails) does not take it for a failed contender."""
+
+
+def _stop(signum, frame):
+    raise _Stopped()
 
 
 def _check_warnings(checks):

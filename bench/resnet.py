@@ -153,6 +153,6 @@ def torchvision_or_copy(depth: int = 50, **kwargs) -> tuple[nn.Module, str]:
     else this module's copy (same modules, keys and forward)."""
     try:
         import torchvision.models as tvm  # noqa: PLC0415
-        return getattr(tvm, f"resnet{depth}")(weights=None, **kwargs), "torchvision"
-    except ImportError:
+    except Exception:  # absent (ImportError), or built for another torch (RuntimeError, OSError)
         return {18: resnet18, 50: resnet50}[depth](**kwargs), "bench/resnet.py"
+    return getattr(tvm, f"resnet{depth}")(weights=None, **kwargs), "torchvision"

@@ -14,7 +14,9 @@ default) beat the generic launches, whose second read L2 may already serve? It t
 channels-last layer + fused ReLU, forward + backward, with ``normfuse._C.single_read("0")`` and
 ``("auto")`` interleaved over ResNet-50's shapes at batch 16-64, says whether the single read
 was taken (``normfuse._C.single_read_launches()``) and gives both against the 2 + 3 pass floor
-at the measured copy bandwidth (``single_vs_floor``: 1.0 is the floor). Output:
+at the measured copy bandwidth (``single_vs_floor``: 1.0 is the floor). The same pair is timed
+again with the L2 flushed before every step (``*_cold_us``, ``single_vs_generic_cold``): without
+the flush, a layer that fits in L2 finds x and dy there from the previous repetition. Output:
 single_read_probe.csv.
 
 ``python -m bench.steps_probe [--single-read] [--out DIR]`` on a GPU (``--smoke``: the code path
@@ -159,21 +161,29 @@ def run_single_read(device: torch.device, shapes=SINGLE_READ_SHAPES, dtypes=SING
                 with _single_read(c, "auto")():
                     step(0)
                 taken = c.single_read_launches() - before  # 2: both directions, 1: forward only
-                res = timing.measure_many([step, step], device,
-                                          contexts=[_single_read(c, "0"), _single_read(c, "auto")],
-                                          flush=False, target_s=target_s, min_reps=10, max_reps=200)
-            if not all(r["ok"] for r in res):
-                raise RuntimeError(f"steps_probe: {[r.get('error') for r in res]}")
+                modes = [_single_read(c, "0"), _single_read(c, "auto")]
+                res = timing.measure_many([step, step], device, contexts=modes, flush=False,
+                                          target_s=target_s, min_reps=10, max_reps=200)
+                # The same with the L2 flushed before every step: above, x and dy stay in L2
+                # from one repetition to the next wherever they fit, so both paths read them
+                # from L2; in a network the backward's x comes from DRAM.
+                cold = timing.measure_many([step, step], device, contexts=modes, flush=True,
+                                           target_s=target_s, min_reps=10, max_reps=200)
+            if not all(r["ok"] for r in res + cold):
+                raise RuntimeError(f"steps_probe: {[r.get('error') for r in res + cold]}")
             generic, single = (r["median_s"] * 1e6 for r in res)
+            generic_cold, single_cold = (r["median_s"] * 1e6 for r in cold)
             nbytes = x.numel() * x.element_size()
             floor_us = 5 * nbytes / (_copy_gbs(nbytes, device) * 1e9) * 1e6  # read x, write y; read dy, x, write dx
             row = dict(layer="bin+relu", case=name, shape=f"{n}x{ch}x{side}x{side}", mbytes=nbytes / 1e6,
                        taken=taken, generic_us=generic, single_us=single, single_vs_generic=single / generic,
-                       floor_us=floor_us, single_vs_floor=single / floor_us, generic_vs_floor=generic / floor_us)
+                       floor_us=floor_us, single_vs_floor=single / floor_us, generic_vs_floor=generic / floor_us,
+                       generic_cold_us=generic_cold, single_cold_us=single_cold,
+                       single_vs_generic_cold=single_cold / generic_cold)
             rows.append(row)
             progress(f"single_read {name:12s} {row['shape']:14s} {row['mbytes']:7.1f} MB taken {taken}  generic "
                      f"{generic:8.1f} us  single {single:8.1f} us ({row['single_vs_generic']:.2f}x)  "
-                     f"floor {floor_us:7.1f} us")
+                     f"floor {floor_us:7.1f} us  L2 flushed: {row['single_vs_generic_cold']:.2f}x")
     return rows
 
 

@@ -98,9 +98,12 @@ def count_cases(cfg: Config) -> int:
     return len(cfg.shapes) * len(cfg.dtypes) * len(cfg.formats) * len(cfg.layers) * 2
 
 
-def run_kernels(cfg: Config, progress: Progress) -> Dict[str, list]:
-    """Returns {"kernels": [...], "copy": [...], "memory": [...], "checks": [...]}."""
-    out = {"kernels": [], "copy": [], "memory": [], "checks": []}
+def run_kernels(cfg: Config, progress: Progress, out=None) -> Dict[str, list]:
+    """Returns {"kernels": [...], "copy": [...], "memory": [...], "checks": [...]}: ``out``
+    filled as the cases are measured, when given (so a run stopped midway keeps what it has)."""
+    out = {} if out is None else out
+    for key in ("kernels", "copy", "memory", "checks"):
+        out.setdefault(key, [])
     dev = cfg.device
     kw = dict(target_s=cfg.target_s, min_reps=cfg.min_reps, max_reps=cfg.max_reps,
               warmup=cfg.warmup)
