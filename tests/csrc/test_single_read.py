@@ -136,11 +136,12 @@ def test_cuda_no_sync_and_graph_replay():
     previous = C_.single_read("auto")
     try:
         step()  # warm: kernels loaded, occupancy cached
+        sync_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
             step()
         finally:
-            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.set_sync_debug_mode(sync_mode)
         m.eval()  # no running-statistics update, so replays are comparable
         eager = step()
         s = torch.cuda.Stream()
