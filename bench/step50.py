@@ -6,6 +6,11 @@ definition copied), SGD with momentum, cross-entropy, in two precisions:
 * ``bf16-cl``: channels-last inputs and model, ``torch.autocast(dtype=torch.bfloat16)`` (GPU);
 * ``fp32``: float32, contiguous.
 
+On a GPU each row also has ``host_s``: how long the host takes to queue one step (a step run
+right after a synchronisation, timed until its Python call returns): where it comes near
+``median_s`` the GPU waits for the host, and the step is host-bound (the first GPU run found half
+of a mid-sized layer step to be host time: docs/performance.md).
+
 Per precision, every variant is timed interleaved round by round (``timing.measure_many``):
 ``nn.BatchNorm2d``; ``nn.GroupNorm(32)``; and per normfuse backend BIN, IEBN (``convert`` of the
 BatchNorm model) and AssocNorm (``convert`` of the GroupNorm model), each also with its
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import List
 
 import torch
@@ -103,6 +109,9 @@ def _run_precision(device, backends, batch, resolution, precision, target_s, min
                                 warmup=2)
     for rec, res in zip(live, timed):
         rec.update(res)
+    live_steps = [(rec, st, ctx) for rec, st, ctx in zip(live, steps, contexts) if rec["ok"]]
+    for rec, step, ctx in live_steps:
+        rec["host_s"] = host_time(step, ctx, device)
     base = {r["layer"]: r["median_s"] for r in recs if r["baseline"] is None and r["ok"]}
     for r in recs:
         b = base.get(r["baseline"] or r["layer"])
@@ -113,10 +122,28 @@ def _run_precision(device, backends, batch, resolution, precision, target_s, min
     return recs
 
 
+def host_time(step, context, device: torch.device, reps: int = 5):
+    """Median seconds the host spends queuing one ``step`` on a GPU (None on the CPU, where
+    the host runs the whole step): each step starts on an idle GPU, so it never waits for the
+    queue to drain, and the clock stops when its Python call returns."""
+    if device.type != "cuda":
+        return None
+    times = []
+    with context():
+        for i in range(reps):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize(device)
+    return sorted(times)[len(times) // 2]
+
+
 def rows(step50: List[dict]) -> List[dict]:
     """The report's table: one row per precision and variant."""
     return [{"precision": r["precision"], "training step": r["name"],
              "ms/step": r["median_s"] * 1e3 if r["ok"] else None,
+             "host ms/step": r["host_s"] * 1e3 if r.get("host_s") is not None else None,
              "step / native step": r["ratio_baseline"],
              "vs": {"batchnorm": "nn.BatchNorm2d", "groupnorm": "nn.GroupNorm(32)"}.get(
                  r["baseline"], "")} for r in step50]
