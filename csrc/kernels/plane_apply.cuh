@@ -82,26 +82,19 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
 template <typename T, int VEC, class Op>
 __global__ void __launch_bounds__(NF_MAX_THREADS)
     cl_apply_kernel(Op op, ClPlan pl, const T* __restrict__ in0, const T* __restrict__ in1, T* __restrict__ out) {
-  const int tid = threadIdx.x;
-  const int tx = tid & (pl.lanes_c - 1);
-  const int ty = tid / pl.lanes_c;
-  const int64_t b = blockIdx.x;
-  const int64_t item = b / pl.splits;
-  const int split = static_cast<int>(b - item * pl.splits);
-  const int64_t n = item / pl.ctiles;
-  const int c0 = static_cast<int>(item - n * pl.ctiles) * pl.ctile + tx * VEC;
-  if (c0 >= pl.C) return;  // C % VEC == 0 when VEC > 1
+  const ClThread t = cl_thread<VEC>(pl);
+  if (!t.active) return;  // no barriers below
   typename Op::Ctx c[VEC];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) c[k] = op.context(n * pl.C + c0 + k);
-  const int r0 = split * pl.seg;
+  for (int k = 0; k < VEC; ++k) c[k] = op.context(t.stat0 + k);
+  const int r0 = t.split * pl.seg;
   const int r1 = min(pl.L, r0 + pl.seg);
   const int64_t stride = static_cast<int64_t>(pl.rows) * pl.C;
-  const int64_t off = n * pl.L * static_cast<int64_t>(pl.C) + c0 + static_cast<int64_t>(r0 + ty) * pl.C;
+  const int64_t off = t.sample + static_cast<int64_t>(r0 + t.ty) * pl.C;
   const T* p0 = in0 + off;
   const T* p1 = Op::kInputs == 2 ? in1 + off : nullptr;
   T* q = out + off;
-  int l = r0 + ty;
+  int l = r0 + t.ty;
   if constexpr (Op::kInputs == 1) {
     // One input (affine_apply): two rows per iteration, two independent loads in flight per
     // thread (see cl_reduce_block); load_floats_cg keeps ptxas from sinking the second load

@@ -126,6 +126,34 @@ inline ClPlan plan_cl(int64_t N, int64_t C, int64_t L, int vec, int threads) {
   return pl;
 }
 
+// ---- device side: where a thread of a channels-last block sits in its plan ----------------------
+// Block b is split `b % splits` of item `b / splits` (sample n, channel tile); a thread holds VEC
+// consecutive channels from c0 (lane tx) and walks rows ty, ty + rows, ... of its split. Read by
+// every channels-last kernel (cl_reduce_block, cl_apply_kernel, the single-read kernels).
+struct ClThread {
+  int tx, ty, cl, c0, split;
+  int64_t item, n, stat0, sample;  // sample: element offset of (n, row 0, channel c0)
+  bool active;
+};
+
+template <int VEC>
+NF_DEVICE ClThread cl_thread(const ClPlan& pl) {
+  ClThread t;
+  const int tid = threadIdx.x;
+  t.tx = tid & (pl.lanes_c - 1);
+  t.ty = tid / pl.lanes_c;
+  const int64_t b = blockIdx.x;
+  t.item = b / pl.splits;
+  t.split = static_cast<int>(b - t.item * pl.splits);
+  t.n = t.item / pl.ctiles;
+  t.cl = t.tx * VEC;
+  t.c0 = static_cast<int>(t.item - t.n * pl.ctiles) * pl.ctile + t.cl;
+  t.active = t.c0 < pl.C;  // C % VEC == 0: the whole vector is in range
+  t.stat0 = t.n * pl.C + t.c0;
+  t.sample = t.n * pl.L * static_cast<int64_t>(pl.C) + t.c0;
+  return t;
+}
+
 // ---- workspace of the split reductions (nf::Workspace, common/generic_params.h) ------------------
 // One uint32 arrival counter per split item, and `splits` partial states per item.
 

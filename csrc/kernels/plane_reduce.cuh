@@ -298,22 +298,14 @@ NF_DEVICE void cl_reduce_block(const Op& op, const ClPlan& pl, const T* __restri
   using State = typename Op::State;
   using Ctx = typename Op::Ctx;
   constexpr int K = Op::kStateFloats;
-  const int tid = threadIdx.x;
-  const int tx = tid & (pl.lanes_c - 1);
-  const int ty = tid / pl.lanes_c;
-  const int64_t b = blockIdx.x;
-  const int64_t item = b / pl.splits;
-  const int split = static_cast<int>(b - item * pl.splits);
-  const int64_t n = item / pl.ctiles;
-  const int cl = tx * VEC;                                     // channel within the tile
-  const int c0 = static_cast<int>(item - n * pl.ctiles) * pl.ctile + cl;  // first channel of this thread
-  const bool active = c0 < pl.C;  // C % VEC == 0 when VEC > 1: the whole vector is in range
-  const int64_t stat0 = n * pl.C + c0;
+  const ClThread t = cl_thread<VEC>(pl);
+  const int ty = t.ty, split = t.split, cl = t.cl;  // cl: the thread's first channel in the tile
+  const int64_t item = t.item, stat0 = t.stat0, sample = t.sample;
+  const bool active = t.active;
 
   State st[VEC] = {};
   Ctx ctx[VEC] = {};
   if (active) {
-    const int64_t sample = n * pl.L * static_cast<int64_t>(pl.C) + c0;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) ctx[k] = op.context(in0 + sample + k, stat0 + k);
     const int r0 = split * pl.seg;
@@ -375,7 +367,7 @@ NF_DEVICE void cl_reduce_block(const Op& op, const ClPlan& pl, const T* __restri
 #pragma unroll
     for (int k = 0; k < VEC; ++k) op.write(stat0 + k, acc[k], ctx[k]);
   }
-  if (tid == 0) counters[item] = 0u;
+  if (threadIdx.x == 0) counters[item] = 0u;
 }
 
 template <typename T, int VEC, class Op>

@@ -65,31 +65,6 @@ inline size_t single_read_partial_floats(const ClPlan& pl, int state_floats) {
   return pl.splits > 1 ? static_cast<size_t>(pl.N) * pl.ctiles * pl.splits * pl.ctile * state_floats : 0;
 }
 
-// Where a thread of a channels-last block sits (as in cl_reduce_block).
-struct ClThread {
-  int tx, ty, cl, c0, split;
-  int64_t item, n, stat0, sample;  // sample: element offset of (n, row 0, channel c0)
-  bool active;
-};
-
-template <int VEC>
-NF_DEVICE ClThread cl_thread(const ClPlan& pl) {
-  ClThread t;
-  const int tid = threadIdx.x;
-  t.tx = tid & (pl.lanes_c - 1);
-  t.ty = tid / pl.lanes_c;
-  const int64_t b = blockIdx.x;
-  t.item = b / pl.splits;
-  t.split = static_cast<int>(b - t.item * pl.splits);
-  t.n = t.item / pl.ctiles;
-  t.cl = t.tx * VEC;
-  t.c0 = static_cast<int>(t.item - t.n * pl.ctiles) * pl.ctile + t.cl;
-  t.active = t.c0 < pl.C;  // C % VEC == 0: the whole vector is in range
-  t.stat0 = t.n * pl.C + t.c0;
-  t.sample = t.n * pl.L * static_cast<int64_t>(pl.C) + t.c0;
-  return t;
-}
-
 // The registers hold raw 16-byte words (uint4: 4 registers), converted only where used: held as
 // Pack<__nv_bfloat16, 8>, nvcc may keep each 16-bit element in a register of its own, which
 // doubled the data registers and spilled on sm_90.
