@@ -11,7 +11,8 @@ Compiles every csrc/cuda/*.cu with the flags setup.py uses, for sm_80 and sm_90,
      (contig/cl_step_kernel: a reduction with the coefficient epilogue) at most STEP_SPILL_BYTES
      (on sm_80 ptxas keeps two or three 64-bit values of a few instantiations in local memory
      around the coefficient epilogue, after the streaming loop: a store or two and a load or
-     three per thread, none inside the loop);
+     three per thread, none inside the loop; the SASS check below fails on any STL / LDL inside a
+     16-byte streaming loop, so the byte allowance cannot hide a spill moving into the loop);
   3. their 16-byte-vector instantiations really use 128-bit global loads (LDG.E.128) in the SASS;
   4. the single-read kernels (kernels/single_read.cuh, all 16-byte vectors) keep within 128
      registers without any spill or stack (their tile lives in registers), and load with LDG.E.128.
@@ -174,6 +175,26 @@ def built_extension() -> Path | None:
     return found[0] if found else None
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def local_memory_in_loops(sass: str) -> list[str]:
+    """The local-memory accesses (STL / LDL: spills) inside a streaming loop of a SASS body: the
+    span from a backward branch's target to the branch that holds a 16-byte global load (LDG.E.128)
+    and no barrier (which leaves out the block reductions and the out-of-line BRA.DIV paths that
+    branch back). The step kernels may spill a few epilogue values (STEP_SPILL_BYTES), never there."""
+    ins = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if any("LDG.E.128" in t for t in body) and not any("BAR." in t for t in body):
+                loops.append((int(m.group(1), 16), addr))
+    return [f"{text.strip()} at {addr:#x}" for addr, text in ins
+            if re.search(r"\b(STL|LDL)\b", text) and any(t <= addr <= b for t, b in loops)]
+
+
 def run(check_extension: bool = False, verbose: bool = True) -> dict:
     cuda_home = find_cuda_home()
     if cuda_home is None:
@@ -213,6 +234,11 @@ def run(check_extension: bool = False, verbose: bool = True) -> dict:
                 for fn, sass in sass_functions(obj, cuobjdump, arch).items():
                     step = bool(STEP_KERNELS.search(fn))
                     single = bool(SINGLE_READ_KERNELS.search(fn))
+                    if step:
+                        inside = local_memory_in_loops(sass)
+                        if inside:
+                            failures.append(f"{names.get(fn, fn)} sm_{arch}: local memory in the streaming loop "
+                                            f"({'; '.join(inside[:3])})")
                     if not ((BANDWIDTH_KERNELS.search(fn) or step or single) and VECTOR_INSTANCE.search(fn)):
                         continue
                     if single:

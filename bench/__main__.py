@@ -150,8 +150,8 @@ def main(argv=None) -> int:
             results["e2e"] = e2e.run_e2e(device, backends, conf["batch"], *conf["e2e"],
                                          progress, blocks=conf.get("blocks", 3))
         if step50_conf is not None:
-            results["step50"] = step50.run_step50(device, step50_backends, *step50_conf[:3],
-                                                  *step50_conf[3], progress)
+            step50.run_step50(device, step50_backends, *step50_conf[:3], *step50_conf[3],
+                              progress, out=results["step50"])
     except _Stopped:
         notes.append(f"stopped by SIGTERM after {progress.done} of {progress.total} steps: "
                      "the results hold what was measured before")

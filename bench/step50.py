@@ -69,9 +69,11 @@ def variants(backends: List[str]) -> List[dict]:
 
 def run_step50(device: torch.device, backends: List[str], batch: int, resolution: int,
                precisions, target_s: float, min_reps: int, max_reps: int,
-               progress) -> List[dict]:
-    """Median step time of every variant in every precision (rows of ``results["step50"]``)."""
-    results = []
+               progress, out=None) -> List[dict]:
+    """Median step time of every variant in every precision (rows of ``results["step50"]``):
+    ``out`` extended as each precision completes, when given (so a run stopped midway keeps the
+    precisions it finished)."""
+    results = [] if out is None else out
     for precision in precisions:
         results += _run_precision(device, backends, batch, resolution, precision, target_s,
                                   min_reps, max_reps, progress)
@@ -111,7 +113,10 @@ def _run_precision(device, backends, batch, resolution, precision, target_s, min
         rec.update(res)
     live_steps = [(rec, st, ctx) for rec, st, ctx in zip(live, steps, contexts) if rec["ok"]]
     for rec, step, ctx in live_steps:
-        rec["host_s"] = host_time(step, ctx, device)
+        try:  # a failure here (e.g. out of memory) costs this column, not the precision's rows
+            rec["host_s"] = host_time(step, ctx, device)
+        except Exception as exc:  # noqa: BLE001
+            rec["host_s"], rec["host_error"] = None, f"{type(exc).__name__}: {exc}"[:200]
     base = {r["layer"]: r["median_s"] for r in recs if r["baseline"] is None and r["ok"]}
     for r in recs:
         b = base.get(r["baseline"] or r["layer"])

@@ -63,8 +63,8 @@ def _find_unavailable_reason(name: str) -> str | None:
             return f"normfuse._C is not available: {exc}"
         if name == "cpu":
             return None if ext.HAS_CPU_KERNELS else ext.REASON or "normfuse._C was not built"
-        if not ext.HAS_CUDA_KERNELS:
-            return "normfuse._C was built without CUDA kernels"
+        if not ext.HAS_CUDA_KERNELS:  # not built with them, or _C unusable (e.g. another torch)
+            return ext.CUDA_REASON or "normfuse._C was built without CUDA kernels"
         return None if torch.cuda.is_available() else "no CUDA device is visible"
     if name == "triton":
         module, reason = _triton()

@@ -31,8 +31,10 @@ def _build() -> dict:
         from . import _build_info
     except ImportError:
         return {"built": False}
-    return {"built": True, "torch": _build_info.TORCH_VERSION, "with_cuda": _build_info.WITH_CUDA,
-            "cuda_arch_list": _build_info.CUDA_ARCH_LIST}
+    # getattr: a _build_info.py from an older setup.py may lack a field
+    return {"built": True, "torch": str(getattr(_build_info, "TORCH_VERSION", "unknown")),
+            "with_cuda": bool(getattr(_build_info, "WITH_CUDA", False)),
+            "cuda_arch_list": getattr(_build_info, "CUDA_ARCH_LIST", None)}
 
 
 def _gpus() -> list:
@@ -40,7 +42,11 @@ def _gpus() -> list:
         return []
     out = []
     for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
+        try:
+            p = torch.cuda.get_device_properties(i)
+        except Exception as exc:  # noqa: BLE001  (a visible GPU that does not initialise)
+            out.append({"index": i, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         out.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
                     "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count})
     return out
@@ -50,9 +56,8 @@ def _resolved() -> dict:
     picks = {}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        x = torch.empty(0, device=device)
-        try:
-            picks[device] = backends.resolve_backend(x)
+        try:  # torch.empty too: a GPU torch sees may still fail to initialise
+            picks[device] = backends.resolve_backend(torch.empty(0, device=device))
         except (RuntimeError, ValueError) as exc:  # e.g. an invalid NORMFUSE_BACKEND
             picks[device] = f"error: {exc}"
     return picks
@@ -61,9 +66,8 @@ def _resolved() -> dict:
 def _cuda_paths() -> dict:
     from . import _extension
     c = _extension._C
-    if c is None or not hasattr(c, "fused_steps"):
-        return {}
-    return {"fused_steps": c.fused_steps(), "single_read": c.single_read()}
+    return {name: getattr(c, name)() for name in ("fused_steps", "single_read")
+            if c is not None and hasattr(c, name)}
 
 
 def info() -> dict:
@@ -95,11 +99,13 @@ def report(data: dict | None = None) -> str:
         f"normfuse {d['normfuse']}  python {d['python']}  torch {d['torch']} (CUDA {d['torch_cuda']})"
         f"  triton {d['triton'] or 'not installed'}",
         ("normfuse._C: built against torch " + b["torch"]
-         + (f", CUDA kernels for {b['cuda_arch_list']}" if b["with_cuda"] else ", CPU kernels only"))
+         + (f", CUDA kernels for {b['cuda_arch_list'] or 'the build machine GPU (TORCH_CUDA_ARCH_LIST unset)'}"
+            if b["with_cuda"] else ", CPU kernels only"))
         if b["built"] else "normfuse._C: not built (python setup.py build_ext --inplace, or pip install -e .)",
         f"  extension: {d['extension']}",
         f"  CUDA kernels: {d['cuda_kernels']}",
-        "GPUs: " + ("; ".join(f"{g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, "
+        "GPUs: " + ("; ".join(f"{g['index']}: {g['error']}" if "error" in g else
+                              f"{g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, "
                               f"{g['memory_gib']} GiB, {g['sms']} SMs)" for g in d["gpus"])
                     or "none visible"),
         "backends:",

@@ -53,3 +53,20 @@ def test_python_m_normfuse_reports_a_bad_setting_instead_of_failing():
     res = _run({"NORMFUSE_BACKEND": "fused"})
     assert res.returncode == 0, res.stderr
     assert "backend setting 'fused'" in res.stdout and "unknown backend 'fused'" in res.stdout
+
+
+def test_python_m_normfuse_with_an_extension_built_for_another_torch():
+    """_C built against another torch (_extension.REASON set, _C None): it still prints, and the
+    cuda backend gives that reason, not 'built without CUDA kernels'."""
+    code = ("import runpy, sys, types\n"
+            "m = types.ModuleType('normfuse._build_info')\n"
+            "m.TORCH_VERSION, m.WITH_CUDA, m.CUDA_ARCH_LIST = '1.0.0', True, None\n"
+            "sys.modules['normfuse._build_info'] = m\n"
+            "runpy.run_module('normfuse', run_name='__main__')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "built against torch 1.0.0" in out and "TORCH_CUDA_ARCH_LIST unset" in out
+    cuda_line = next(line for line in out.splitlines() if line.startswith("  cuda "))
+    assert "built against torch 1.0.0" in cuda_line, out
