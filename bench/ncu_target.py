@@ -12,7 +12,8 @@ timings (``l2probe.csv``: ``first_frac_copy``, ``second_frac_copy``) say only *t
 Shapes: ResNet-50's first stage at batch 256 (256x64x56x56) in bf16 channels-last (103 MB, the
 training layout) and float32 contiguous (206 MB), the first GPU run's ncu case
 (docs/performance.md). Every op runs once per shape: ncu replays each launch for its metrics, so
-no warm-up is needed. Random inputs, never all-zero.
+no warm-up is needed. Random inputs, never all-zero. ``ncu.csv`` also holds ncu's own ``==PROF==``
+lines (skip lines starting with ``==`` when reading it); ``ncu.ncu-rep`` is the full report.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def run(device: torch.device, shape=SHAPE) -> int:
     from normfuse import _extension
     if not _extension.HAS_CPU_KERNELS:
         raise RuntimeError(f"bench.ncu_target: normfuse._C is not usable: {_extension.REASON}")
+    if device.type == "cuda" and not _extension.HAS_CUDA_KERNELS:
+        raise RuntimeError(f"bench.ncu_target: no CUDA kernels: {_extension.CUDA_REASON}")
     ops = torch.ops.normfuse
     launches = 0
     for name, dtype, channels_last in CASES:

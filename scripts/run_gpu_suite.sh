@@ -37,6 +37,11 @@ BUDGET_S=${SUITE_BUDGET_S:-540}
 PARTS=" ${PARTS:-build tests bench probes ncu} "
 [ "${SKIP_BUILD:-0}" = 1 ] && PARTS=${PARTS/ build / }
 want() { [[ "$PARTS" == *" $1 "* ]]; }
+for part in $PARTS; do  # a mistyped part would silently run nothing
+    case $part in build|tests|bench|probes|ncu) ;;
+        *) echo "run_gpu_suite.sh: unknown part '$part' in PARTS (build tests bench probes ncu)" >&2; exit 2;;
+    esac
+done
 
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "run_gpu_suite.sh: torch sees no GPU; nothing to do" >&2
@@ -71,7 +76,7 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...: run with a time limit, tee the log
     [ "$rc" -eq 0 ] || status=1
     pack
 }
-: > "$OUT/steps.txt"
+echo "# PARTS=${PARTS# } at $(date -u +%FT%TZ), budget ${BUDGET_S}s" >> "$OUT/steps.txt"  # appended: calls add up
 
 { nvidia-smi; "$PYTHON" -c "import torch, triton, sys; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'triton', triton.__version__, 'arch', '$ARCH', 'cores', $CORES)"; } \
@@ -82,7 +87,7 @@ if want build; then
 fi
 "$PYTHON" -c "import normfuse; print('normfuse backends:', normfuse.available_backends())" \
     2>&1 | tee "$OUT/backends.txt"
-"$PYTHON" -m normfuse >> "$OUT/machine.txt" 2>&1  # versions, build, GPUs, backends and why not
+timeout 60 "$PYTHON" -m normfuse >> "$OUT/machine.txt" 2>&1  # versions, build, GPUs, backends, why not
 for b in cuda triton; do
     grep -q "'$b'" "$OUT/backends.txt" || { echo "backend $b is not available" | tee -a "$OUT/backends.txt"; status=1; }
 done
@@ -119,13 +124,14 @@ fi
 
 # The probes: the thresholds and decisions the next change waits for (their CSVs), ~2 min.
 if want probes; then
+    # Issue 13's reductions at copy speed (each pass alone against a copy: tests the loads-in-flight
+    # prediction of docs/performance.md), and issue 14's single-read question (how much of a
+    # layer's second pass L2 already serves).
+    step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
     # Issue 13's fused layer steps: where computing the coefficients in the reduction's launch pays.
     step steps_probe 120 "$OUT/steps_probe.log" "$PYTHON" -m bench.steps_probe --out "$OUT"
     # Issue 14's single read: one cooperative launch per direction vs the generic launches.
     step single_read_probe 120 "$OUT/single_read_probe.log" "$PYTHON" -m bench.steps_probe --single-read --out "$OUT"
-    # Issue 14's single-read question (how much of a layer's second pass L2 already serves), and
-    # issue 13's reductions at copy speed (each pass alone against a copy).
-    step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
 fi
 # Issue 13's reductions at copy speed: why a pass runs below a copy (DRAM share of peak,
 # occupancy, warp stall reasons) for the four generic kernels, one launch each (ncu.csv).
@@ -135,7 +141,8 @@ if ! want ncu; then
 elif [ -x "$NCU" ]; then
     step ncu 150 "$OUT/ncu.log" "$NCU" --clock-control none \
         --kernel-name regex:'(cl|contig)_(reduce|apply)_kernel' --section SpeedOfLight \
-        --section Occupancy --section WarpStateStats --csv --page details --log-file "$OUT/ncu.csv" \
+        --section Occupancy --section WarpStateStats --print-units base --export "$OUT/ncu" \
+        --csv --page details --log-file "$OUT/ncu.csv" \
         "$PYTHON" -m bench.ncu_target
 else
     echo "ncu not found ($NCU): no kernel profile" | tee "$OUT/ncu.log"

@@ -27,7 +27,7 @@ SHAPES = [
     (1, 1, 4099, 32, 0),   # N = C = 1, odd long plane: block mode, 32 splits, scalar loads
     (1, 2, 2400, 32, 0),   # few planes, long L: split planes with 16-byte vectors (contig)
     (3, 37, 9, 64, 0),     # C = 37: not a multiple of the vector (channels-last scalar)
-    (2, 64, 80, 64, 0),    # channels-last 16-byte vectors over C, split rows
+    (2, 64, 84, 64, 0),    # channels-last 16-byte vectors over C, split rows (odd and even rows per thread)
     (2, 8, 64, 32, 1),     # misaligned base pointers: scalar fallback
 ]
 # TSAN is ~10x slower: races are structural, so it runs f32 on every shape and f16 on the paths
