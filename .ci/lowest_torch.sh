@@ -4,7 +4,8 @@
 # had torch 2.11, where the Triton ops did not register); this is how such a regression shows up
 # without a GPU. In it normfuse builds (CPU + CUDA glue) and imports, every backend that can run
 # here registers, opcheck passes on every op, and the module tests and the curated
-# Triton-interpreter tests pass.
+# Triton-interpreter tests pass, as do python -m normfuse and the benchmark's and GPU probes'
+# smoke runs (the GPU machines run the benchmark on this torch).
 #
 # The environment is a venv layered over the main one (--system-site-packages): torch and triton
 # are installed into it with --no-deps, everything else (numpy, pytest, and the nvidia-* runtime
@@ -66,5 +67,7 @@ echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
   tests/triton_kernels/test_relu.py \
   tests/triton_kernels/test_opcheck.py \
   tests/triton_kernels/test_streaming.py \
-  tests/triton_kernels/test_coefficients.py
+  tests/triton_kernels/test_coefficients.py \
+  tests/test_info.py \
+  tests/test_bench_smoke.py
 echo "== lowest torch: done in $(( $(date +%s) - start )) s"
