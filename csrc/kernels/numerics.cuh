@@ -53,6 +53,17 @@ NF_DEVICE void store_floats(T* p, const float (&in)[VEC]) {
   }
 }
 
+// A 16-byte word (uint4, as loaded raw) as VEC floats: the single-read kernels keep their tile
+// in such words and convert where used; load_floats_cg converts its L2 load with it.
+template <typename T, int VEC>
+NF_DEVICE void unpack(const uint4& raw, float (&out)[VEC]) {
+  Pack<T, VEC> pk;
+  static_assert(sizeof(pk) == sizeof(raw), "16-byte vectors only");
+  memcpy(&pk, &raw, sizeof(raw));
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
+}
+
 // As load_floats, through L2 (ld.global.cg) instead of the read-only path (ld.global.nc), for a
 // loop that wants two loads in flight before its stores: ptxas sank the second of two read-only
 // loads below the first row's store in cl_apply_kernel (16-bit types: one load in flight at a
@@ -62,12 +73,7 @@ NF_DEVICE void load_floats_cg(const T* p, float (&out)[VEC]) {
   if constexpr (VEC == 1) {
     load_floats<T, VEC>(p, out);
   } else {
-    static_assert(sizeof(T) * VEC == sizeof(uint4), "16-byte vectors only");
-    const uint4 word = __ldcg(reinterpret_cast<const uint4*>(p));
-    Pack<T, VEC> pk;
-    memcpy(&pk, &word, sizeof(pk));
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
+    unpack<T, VEC>(__ldcg(reinterpret_cast<const uint4*>(p)), out);
   }
 }
 

@@ -67,20 +67,11 @@ inline size_t single_read_partial_floats(const ClPlan& pl, int state_floats) {
 
 // The registers hold raw 16-byte words (uint4: 4 registers), converted only where used: held as
 // Pack<__nv_bfloat16, 8>, nvcc may keep each 16-bit element in a register of its own, which
-// doubled the data registers and spilled on sm_90.
+// doubled the data registers and spilled on sm_90. unpack (numerics.cuh) converts them.
 template <typename T, int VEC>
 NF_DEVICE uint4 load_raw(const T* p) {
   static_assert(sizeof(T) * VEC == sizeof(uint4), "16-byte vectors only");
   return *reinterpret_cast<const uint4*>(p);
-}
-
-template <typename T, int VEC>
-NF_DEVICE void unpack(const uint4& raw, float (&out)[VEC]) {
-  Pack<T, VEC> pk;
-  static_assert(sizeof(pk) == sizeof(raw), "16-byte vectors only");
-  memcpy(&pk, &raw, sizeof(raw));
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
 }
 
 // Phase 1's end: the block's per-channel states merged over its rows; written as the plane's
