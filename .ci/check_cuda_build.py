@@ -25,6 +25,7 @@ Objects are cached under build/cuda_check/<hash of sources, flags, nvcc version>
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import os
@@ -184,13 +185,15 @@ def local_memory_in_loops(sass: str) -> list[str]:
     and no barrier (which leaves out the block reductions and the out-of-line BRA.DIV paths that
     branch back). The step kernels may spill a few epilogue values (STEP_SPILL_BYTES), never there."""
     ins = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    addrs = [a for a, _ in ins]  # ascending: the body of a loop is a slice, found by bisection
     loops = []
-    for addr, text in ins:
+    for i, (addr, text) in enumerate(ins):
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
-            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            target = int(m.group(1), 16)
+            body = [t for _, t in ins[bisect.bisect_left(addrs, target):i + 1]]
             if any("LDG.E.128" in t for t in body) and not any("BAR." in t for t in body):
-                loops.append((int(m.group(1), 16), addr))
+                loops.append((target, addr))
     return [f"{text.strip()} at {addr:#x}" for addr, text in ins
             if re.search(r"\b(STL|LDL)\b", text) and any(t <= addr <= b for t, b in loops)]
 
