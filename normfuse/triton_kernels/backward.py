@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .apply import pre_activation, relu_mask
 from .common import last_arrival, reset_counter, total
-from .moments import plane_block
+from .moments import plane_block, split_slice
 
 
 @triton.jit(do_not_specialize=["chunk_tiles", "splits"])
@@ -25,16 +25,8 @@ def backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, g1_ptr, 
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    plane, pmask, base = plane_block(pid, C, L, num_planes, c_blocks, CHANNELS_LAST, BLOCK_P)
-    if CHANNELS_LAST:
-        step = C
-    else:
-        step = 1
-
-    chunk = chunk_tiles * BLOCK_L  # a multiple of BLOCK_L: keeps the tiles 16-byte aligned
-    start = split * chunk
-    stop = tl.minimum(start + chunk, L)
-    n_full = (stop - start) // BLOCK_L
+    plane, pmask, base, step = plane_block(pid, C, L, num_planes, c_blocks, CHANNELS_LAST, BLOCK_P)
+    start, stop, n_full = split_slice(split, chunk_tiles, L, BLOCK_L)
     mean = tl.load(mean_ptr + plane, mask=pmask, other=0.0)[:, None]
     if MASK:
         scale = tl.load(scale_ptr + plane, mask=pmask, other=0.0)[:, None]

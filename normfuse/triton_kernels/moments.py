@@ -22,10 +22,11 @@ from .common import (finite_or_zero, last_arrival, reset_counter, total, welford
 @triton.jit
 def plane_block(pid, C, L, num_planes, c_blocks, CHANNELS_LAST: tl.constexpr,
                 BLOCK_P: tl.constexpr):
-    """Planes of program ``pid`` (``BLOCK_P`` of them) and the offset of their first element.
+    """Planes of program ``pid`` (``BLOCK_P`` of them), the offset of their first element, and
+    the distance between two consecutive elements of a plane.
 
-    Contiguous: consecutive planes ``pid * BLOCK_P + i``.  Channels-last: ``BLOCK_P`` consecutive
-    channels of one sample, ``pid = n * c_blocks + channel block``.
+    Contiguous: consecutive planes ``pid * BLOCK_P + i``, step 1.  Channels-last: ``BLOCK_P``
+    consecutive channels of one sample, ``pid = n * c_blocks + channel block``, step ``C``.
     """
     if CHANNELS_LAST:
         n = pid // c_blocks
@@ -33,11 +34,25 @@ def plane_block(pid, C, L, num_planes, c_blocks, CHANNELS_LAST: tl.constexpr,
         pmask = c < C
         plane = n * C + c
         base = n.to(tl.int64) * L * C + c
+        step = C
     else:
         plane = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = plane < num_planes
         base = plane.to(tl.int64) * L
-    return plane, pmask, base
+        step = 1
+    return plane, pmask, base, step
+
+
+@triton.jit
+def split_slice(split, chunk_tiles, L, BLOCK_L: tl.constexpr):
+    """Split ``split``'s slice ``[start, stop)`` of its planes and its number of full tiles.
+
+    The chunk is a whole number of tiles, which keeps every tile 16-byte aligned.
+    """
+    chunk = chunk_tiles * BLOCK_L
+    start = split * chunk
+    stop = tl.minimum(start + chunk, L)
+    return start, stop, (stop - start) // BLOCK_L
 
 
 @triton.jit(do_not_specialize=["chunk_tiles", "splits"])
@@ -47,16 +62,8 @@ def moments_kernel(x_ptr, mean_ptr, m2_ptr, part_ptr, counter_ptr,
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    plane, pmask, base = plane_block(pid, C, L, num_planes, c_blocks, CHANNELS_LAST, BLOCK_P)
-    if CHANNELS_LAST:
-        step = C
-    else:
-        step = 1
-
-    chunk = chunk_tiles * BLOCK_L  # a multiple of BLOCK_L: keeps the tiles 16-byte aligned
-    start = split * chunk
-    stop = tl.minimum(start + chunk, L)
-    n_full = (stop - start) // BLOCK_L
+    plane, pmask, base, step = plane_block(pid, C, L, num_planes, c_blocks, CHANNELS_LAST, BLOCK_P)
+    start, stop, n_full = split_slice(split, chunk_tiles, L, BLOCK_L)
     # 0 where the first element is not finite: a plane starting with -Inf has mean -Inf, not NaN
     shift = finite_or_zero(tl.load(x_ptr + base, mask=pmask, other=0.0).to(ACC))
     offs_l = start + tl.arange(0, BLOCK_L)
@@ -103,7 +110,8 @@ def moments_kernel(x_ptr, mean_ptr, m2_ptr, part_ptr, counter_ptr,
                                  cache_modifier=".cg")
                 s_m2 = tl.load(part + (splits + s) * num_planes, mask=pmask, other=0.0,
                                cache_modifier=".cg")
-                s_n = tl.full([BLOCK_P], 0.0, ACC) + tl.minimum(chunk, L - s * chunk)
+                s_start, s_stop, _ = split_slice(s, chunk_tiles, L, BLOCK_L)
+                s_n = tl.full([BLOCK_P], 0.0, ACC) + (s_stop - s_start)
                 acc_mean, acc_m2, acc_n = welford_combine(acc_mean, acc_m2, acc_n,
                                                           s_mean, s_m2, s_n)
             tl.store(mean_ptr + plane, shift + acc_mean, mask=pmask)
