@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # On a GPU machine: build normfuse for the visible GPU with every core, run the GPU-relevant tests
 # in parallel, the benchmark (its ResNet-50 step is the figure issues 13 and 14 are judged by),
-# the GPU probes (steps_probe, single read, l2probe) and an ncu profile of the four generic
+# the GPU probes (l2probe, kernel_times, steps_probe, single read) and an ncu profile of the four generic
 # kernels; everything lands in bench/results/<gpu name>/ (report.md, CSV/JSON, plots, logs,
 # steps.txt). Budget: the whole script stays within SUITE_BUDGET_S seconds (default 540: a device
 # call may run 600 s, and the 15-minute device session also pays the machine's start). Each step
 # has its own time limit, cut to what is left of the budget, so a hang or a slow step cannot eat
 # the rest; a step with under 20 s left is not started (recorded as failed, "budget"). Expected on
-# an H200 with 16 cores: build ~35 s, tests ~2-3 min, quick benchmark ~3 min, the three probes
-# ~2 min, ncu ~1 min: more than one device call holds, so on a device tool run it as two calls
+# an H200 with 16 cores: build ~35 s, tests ~2-3 min, quick benchmark ~3 min, the four probes
+# ~3 min, ncu ~1 min: more than one device call holds, so on a device tool run it as two calls
 # back to back (the machine stays warm ~30 s and keeps the build):
 #   PARTS="build tests bench" RESULTS_TAR=$OUT/results.tgz bash scripts/run_gpu_suite.sh
 #   PARTS="probes ncu" RESULTS_TAR=$OUT/results.tgz bash scripts/run_gpu_suite.sh
@@ -128,6 +128,9 @@ if want probes; then
     # prediction of docs/performance.md), and issue 14's single-read question (how much of a
     # layer's second pass L2 already serves).
     step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
+    # Issue 13's step: where each layer of the ResNet-50 step spends its time (kernels by name,
+    # host, launches; 9 shapes x 5 layers, bf16 channels-last), ~1 min.
+    step kernel_times 120 "$OUT/kernel_times.log" "$PYTHON" -m bench.kernel_times --out "$OUT"
     # Issue 13's fused layer steps: where computing the coefficients in the reduction's launch pays.
     step steps_probe 120 "$OUT/steps_probe.log" "$PYTHON" -m bench.steps_probe --out "$OUT"
     # Issue 14's single read: one cooperative launch per direction vs the generic launches.

@@ -102,6 +102,28 @@ def test_l2probe_smoke(tmp_path):
             assert math.isfinite(float(r[key])) and float(r[key]) > 0, r
 
 
+def test_kernel_times_smoke(tmp_path):
+    """bench/kernel_times.py (where a layer's share of the ResNet-50 step goes on a GPU, issue 13)
+    runs its code path on the CPU: a row per layer with its ratio to the native layer, and a
+    breakdown row per operator it ran."""
+    from bench import kernel_times
+    assert kernel_times.main(["--smoke", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "kernel_times.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["layer"] for r in rows] == list(kernel_times.LAYERS)
+    for r in rows:
+        assert float(r["step_us"]) > 0 and float(r["kernels_us"]) > 0, r
+        assert float(r["launches"]) >= 1 and r["top"], r
+        assert (r["step_vs_native"] == "") == (r["layer"] not in kernel_times.NATIVE), r
+    with open(tmp_path / "kernel_breakdown.csv") as f:
+        kernels = list(csv.DictReader(f))
+    names = {(k["layer"], k["kernel"]) for k in kernels}
+    assert ("batchnorm", "aten::native_batch_norm") in names, names
+    import normfuse
+    if "cpu" in normfuse.available_backends():  # the compiled ops (else the torch backend's)
+        assert ("bin", "normfuse::bin_layer") in names and ("assoc", "normfuse::assoc_layer") in names
+
+
 def test_steps_probe_smoke(tmp_path):
     """bench/steps_probe.py (a GPU probe for the fused layer steps' threshold, issue 13) runs
     its code path on the CPU (both modes are the composition there) and writes its row."""
