@@ -4,9 +4,9 @@ On CUDA a BIN / IEBN layer step either runs the reduction (``moments`` / ``backw
 the coefficient kernel as two launches, or, for a small layer, one launch whose last block
 computes the coefficients (csrc/kernels/layer_steps.cuh).  The threshold that chooses
 (``kFusedStepMaxTiles``, ``kFusedStepMaxPlanes``) was set without a GPU; this probe times a
-layer's forward + backward both ways, interleaved, over small and mid-sized layers, and says for
-each whether the threshold fused it (``auto_fuses``) and what fusing gains (``fused / unfused``
-below 1: fusing pays).  ``normfuse._C.fused_steps(mode)`` switches the path at run time.
+layer's forward + backward both ways, interleaved, over small and mid-sized layers and the
+layers of the ResNet-50 step (``set`` = ``rn50``), and says for each whether the threshold fused
+it (``auto_fuses``) and what fusing gains (``fused / unfused`` below 1: fusing pays).  ``normfuse._C.fused_steps(mode)`` switches the path at run time.
 
 The same probe, ``--single-read``, asks issue 14's question: where does a layer direction as ONE
 cooperative launch that keeps its tile in registers (csrc/kernels/single_read.cuh, off by
@@ -37,6 +37,10 @@ from . import timing
 CHANNELS = (8, 16, 32, 64, 128, 256)
 BATCHES = (8, 64, 256)  # 256 x C = 32 crosses kFusedStepMaxPlanes (4096): both limits decide
 SIDES = (7, 28)
+# ...and the layers of the step that counts (ResNet-50 at batch 64: C = 64..2048, planes 7x7 to
+# 112x112), none of which the current threshold fuses
+STEP_LAYERS = ((64, 64, 112), (64, 64, 56), (64, 256, 56), (64, 128, 28), (64, 512, 28),
+               (64, 256, 14), (64, 1024, 14), (64, 512, 7), (64, 2048, 7))
 DTYPES = (("float32", torch.float32, False), ("bfloat16-cl", torch.bfloat16, True))
 
 
@@ -96,34 +100,34 @@ def _layer_step(n, ch, side, dtype, channels_last, device, activation=None):
     return step, x
 
 
-def run(device: torch.device, channels=CHANNELS, batches=BATCHES, sides=SIDES, target_s=0.05,
-        progress=print) -> List[dict]:
+def run(device: torch.device, channels=CHANNELS, batches=BATCHES, sides=SIDES,
+        step_layers=STEP_LAYERS, target_s=0.05, progress=print) -> List[dict]:
     import normfuse
     c = _switches("fused_steps")
     backend = "cuda" if device.type == "cuda" else "cpu"
+    grid = [(n, ch, side) for n in batches for ch in channels for side in sides]
+    cases = [("grid", s) for s in grid] + [("rn50", s) for s in step_layers if s not in grid]
     rows = []
     for name, dtype, cl in DTYPES:
-        for n in batches:
-            for ch in channels:
-                for side in sides:
-                    step, _ = _layer_step(n, ch, side, dtype, cl, device)
-                    with normfuse.use_backend(backend):
-                        res = timing.measure_many(
-                            [step, step, step], device,
-                            contexts=[_mode(c, "0"), _mode(c, "1"), _mode(c, "auto")],
-                            flush=False, target_s=target_s, min_reps=10, max_reps=200)
-                        auto_fuses = _fuses(c, step, device)
-                    if not all(r["ok"] for r in res):
-                        raise RuntimeError(f"steps_probe: {[r.get('error') for r in res]}")
-                    unfused, fused, auto = (r["median_s"] * 1e6 for r in res)
-                    row = dict(layer="bin", case=name, shape=f"{n}x{ch}x{side}x{side}",
-                               unfused_us=unfused, fused_us=fused,
-                               fused_vs_unfused=fused / unfused, auto_fuses=auto_fuses,
-                               auto_us=auto)
-                    rows.append(row)
-                    progress(f"steps_probe {name:12s} {row['shape']:14s} unfused "
-                             f"{unfused:8.1f} us  fused {fused:8.1f} us  "
-                             f"({row['fused_vs_unfused']:.2f}x)  auto fuses: {row['auto_fuses']}")
+        for group, (n, ch, side) in cases:
+            step, _ = _layer_step(n, ch, side, dtype, cl, device)
+            with normfuse.use_backend(backend):
+                res = timing.measure_many(
+                    [step, step, step], device,
+                    contexts=[_mode(c, "0"), _mode(c, "1"), _mode(c, "auto")],
+                    flush=False, target_s=target_s, min_reps=10, max_reps=200)
+                auto_fuses = _fuses(c, step, device)
+            if not all(r["ok"] for r in res):
+                raise RuntimeError(f"steps_probe: {[r.get('error') for r in res]}")
+            unfused, fused, auto = (r["median_s"] * 1e6 for r in res)
+            row = dict(layer="bin", case=name, set=group, shape=f"{n}x{ch}x{side}x{side}",
+                       unfused_us=unfused, fused_us=fused,
+                       fused_vs_unfused=fused / unfused, auto_fuses=auto_fuses,
+                       auto_us=auto)
+            rows.append(row)
+            progress(f"steps_probe {name:12s} {row['shape']:14s} unfused "
+                     f"{unfused:8.1f} us  fused {fused:8.1f} us  "
+                     f"({row['fused_vs_unfused']:.2f}x)  auto fuses: {row['auto_fuses']}")
     return rows
 
 
@@ -204,7 +208,8 @@ def main(argv=None) -> int:
     if args.single_read:
         probe, name, smoke = run_single_read, "single_read_probe.csv", dict(shapes=((2, 8, 3),))
     else:
-        probe, name, smoke = run, "steps_probe.csv", dict(channels=(8,), batches=(2,), sides=(3,))
+        probe, name, smoke = run, "steps_probe.csv", dict(channels=(8,), batches=(2,), sides=(3,),
+                                                  step_layers=((2, 16, 2),))
     if args.smoke:
         rows = probe(torch.device("cpu"), target_s=0.01, **smoke)
     elif not torch.cuda.is_available():

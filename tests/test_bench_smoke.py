@@ -134,7 +134,8 @@ def test_steps_probe_smoke(tmp_path):
     assert steps_probe.main(["--smoke", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "steps_probe.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(steps_probe.DTYPES)
+    assert len(rows) == 2 * len(steps_probe.DTYPES)  # one grid case, one ResNet-50-step case
+    assert sorted(r["set"] for r in rows) == sorted(["grid", "rn50"] * len(steps_probe.DTYPES))
     for r in rows:
         assert float(r["unfused_us"]) > 0 and float(r["fused_us"]) > 0, r
 
