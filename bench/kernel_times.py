@@ -87,20 +87,21 @@ def layer_step(layer: str, shape: Shape, precision: str, device: torch.device
 
 def _device_events(prof, device: torch.device) -> Dict[str, Tuple[int, float]]:
     """name -> (calls, total microseconds) of what ran on the device (on the CPU: the operators
-    the layer called, by self time, so the smoke run has something to count)."""
-    out = {}
-    for evt in prof.key_averages():
+    the layer called, by self time, so the smoke run has something to count).  A kernel's time
+    is its own interval: the profiler's device-time properties answer 0 for events it counts
+    as asynchronous, which a kernel may be."""
+    out: Dict[str, Tuple[int, float]] = {}
+    for evt in prof.events():
         if device.type == "cuda":
             if evt.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            us = getattr(evt, "self_device_time_total", None)
-            if us is None:
-                us = evt.self_cuda_time_total
+            us = float(evt.time_range.elapsed_us())
         else:
-            if not (evt.key.startswith("aten::") or evt.key.startswith("normfuse::")):
+            if not (evt.name.startswith("aten::") or evt.name.startswith("normfuse::")):
                 continue
-            us = evt.self_cpu_time_total
-        out[evt.key] = (evt.count, float(us))
+            us = float(evt.self_cpu_time_total)
+        calls, total = out.get(evt.name, (0, 0.0))
+        out[evt.name] = (calls + 1, total + us)
     return out
 
 
