@@ -137,13 +137,14 @@ if want probes; then
     step single_read_probe 120 "$OUT/single_read_probe.log" "$PYTHON" -m bench.steps_probe --single-read --out "$OUT"
 fi
 # Issue 13's reductions at copy speed: why a pass runs below a copy (DRAM share of peak,
-# occupancy, warp stall reasons) for the four generic kernels, one launch each (ncu.csv).
+# occupancy, warp stall reasons) for the four generic kernels and BIN's coefficient kernels, one
+# launch each (ncu.csv).
 NCU=${NCU:-$(command -v ncu || echo "$CUDA_HOME/bin/ncu")}
 if ! want ncu; then
     :
 elif [ -x "$NCU" ]; then
     step ncu 150 "$OUT/ncu.log" "$NCU" --clock-control none \
-        --kernel-name regex:'(cl|contig)_(reduce|apply)_kernel' --section SpeedOfLight \
+        --kernel-name regex:'(cl|contig)_(reduce|apply)_kernel|batch_coef_' --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --print-units base --export "$OUT/ncu" \
         --csv --page details --log-file "$OUT/ncu.csv" \
         "$PYTHON" -m bench.ncu_target

@@ -159,6 +159,7 @@ def test_single_read_probe_smoke(tmp_path):
 
 def test_ncu_target_smoke():
     """bench/ncu_target.py (the kernels the GPU script profiles with ncu, issue 13) runs its
-    code path on the CPU: every generic op of both cases once."""
+    code path on the CPU: every generic op of both cases once, and BIN's coefficient ops."""
     from bench import ncu_target
-    assert ncu_target.run(torch.device("cpu"), shape=(2, 8, 4, 4)) == 4 * len(ncu_target.CASES)
+    assert ncu_target.run(torch.device("cpu"), shape=(2, 8, 4, 4)) == (
+        4 * len(ncu_target.CASES) + 2 * len(ncu_target.COEF_CASES))

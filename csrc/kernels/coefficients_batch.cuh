@@ -87,6 +87,39 @@ NF_DEVICE float load_stat(const float* p) {
   return *p;
 }
 
+// The rows n = t.y, t.y + ny, ... < N of a thread's column, kRowBatch rows at a time: `load(n, v)`
+// fills V floats of row n, and every load of a batch is issued before `use(n, v)` runs on its
+// first row. Why: the row bodies are chains of dependent arithmetic (merges, divisions), and ptxas
+// does not lift the next row's loads above them, so a row-at-a-time loop waits one L2 round trip
+// per row (at N = 256, C = 64: 8 rows per thread and pass, 2-3 passes per kernel: the 10-14 us the
+// first GPU run measured for these 8-block kernels). Rows are still used one by one, in order:
+// the results are bitwise those of the plain loop.
+// R = 1 is the plain loop: kernels that cannot spare the registers (the single-read kernels hold
+// their tile in 128 of them) take that.
+constexpr int kRowBatch = 4;
+
+template <int R, int V, class Load, class Use>
+NF_DEVICE void for_column_rows(const ColumnTile& t, int64_t N, Load load, Use use) {
+  for (int64_t n0 = t.y; n0 < N; n0 += int64_t{R} * t.ny) {
+    float v[R][V];
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int64_t n = n0 + int64_t{k} * t.ny;
+      if (n < N) {
+        load(n, v[k]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[k][j] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const int64_t n = n0 + int64_t{k} * t.ny;
+      if (n < N) use(n, v[k]);
+    }
+  }
+}
+
 // Sum of K values down each column; afterwards every thread holds its column's totals.
 // Pairing (y, y + h) for h = ny/2 .. 1 is fixed, so the result is reproducible.
 template <int K>
@@ -137,10 +170,30 @@ NF_DEVICE coef::Merge<float> column_merge(coef::Merge<float> a, float L, float* 
   return total;
 }
 
+// Row loaders for for_column_rows: (mean, m2) of plane (n, c), and those plus the two gradient sums.
+template <bool kCg>
+NF_DEVICE auto plane_moments(const BatchCoefParams<float>& p, int64_t c) {
+  return [&p, c](int64_t n, float(&v)[2]) {
+    const int64_t i = n * p.C + c;
+    v[0] = load_stat<kCg>(p.mean + i);
+    v[1] = load_stat<kCg>(p.m2 + i);
+  };
+}
+template <bool kCg>
+NF_DEVICE auto plane_moments_and_sums(const BatchCoefParams<float>& p, int64_t c) {
+  return [&p, c](int64_t n, float(&v)[4]) {
+    const int64_t i = n * p.C + c;
+    v[0] = load_stat<kCg>(p.mean + i);
+    v[1] = load_stat<kCg>(p.m2 + i);
+    v[2] = load_stat<kCg>(p.sum_dy + i);
+    v[3] = load_stat<kCg>(p.sum_dy_xmu + i);
+  };
+}
+
 // mu_B / r_B of the thread's channel, from the batch (merged over the column, means taken
 // relative to the channel's first plane) or from the running statistics. With `update`, row 0
 // writes the running-statistics update (one writer per channel).
-template <bool kCg>
+template <bool kCg, int R>
 NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float>& p,
                                                      const ColumnTile& t, float* smem,
                                                      bool update) {
@@ -153,10 +206,8 @@ NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float
   float shift = 0.f;
   if (t.active) {
     shift = coef::finite_or_zero(load_stat<kCg>(p.mean + t.c));  // (Inf: 0, so the mean stays Inf, not NaN)
-    for (int64_t n = t.y; n < p.N; n += t.ny) {
-      const int64_t i = n * p.C + t.c;
-      coef::merge_add(acc, load_stat<kCg>(p.mean + i) - shift, load_stat<kCg>(p.m2 + i), L);
-    }
+    for_column_rows<R, 2>(t, p.N, plane_moments<kCg>(p, t.c),
+                       [&](int64_t, const float(&v)[2]) { coef::merge_add(acc, v[0] - shift, v[1], L); });
   }
   const coef::Merge<float> tot = column_merge(acc, L, smem, t);
   if (update && t.active && t.y == 0) {
@@ -170,21 +221,20 @@ NF_DEVICE coef::BatchStats<float> column_batch_stats(const BatchCoefParams<float
 // layer step's epilogue, which loops it over all tiles). It also counts the batch (a module's
 // num_batches_tracked += 1 in training): one thread of tile 0, so a layer forward stays 3
 // launches. Nothing else reads the counter. `smem`: plan_batch_coef's smem_bytes.
-template <class Math, bool kCg>
+template <class Math, bool kCg, int R = kRowBatch>
 NF_DEVICE void batch_coef_forward_tile(const BatchCoefParams<float>& p, int cx, int ny, int64_t tile, float* smem) {
   if (p.count_batch() && tile == 0 && threadIdx.x == 0) *p.num_batches_tracked += 1;
   const ColumnTile t = column_tile(cx, ny, p.C, tile);
-  const coef::BatchStats<float> st = column_batch_stats<kCg>(p, t, smem, p.update_running());
+  const coef::BatchStats<float> st = column_batch_stats<kCg, R>(p, t, smem, p.update_running());
   if (!t.active) return;
   const typename Math::Channel ch = Math::load(p, t.c, st);
-  for (int64_t n = t.y; n < p.N; n += ny) {
+  for_column_rows<R, 2>(t, p.N, plane_moments<kCg>(p, t.c), [&](int64_t n, const float(&v)[2]) {
     const int64_t i = n * p.C + t.c;
-    const float m = load_stat<kCg>(p.mean + i);
     float scale, shift;
-    Math::forward(ch, m, Math::plane(ch, m, load_stat<kCg>(p.m2 + i)), scale, shift);
+    Math::forward(ch, v[0], Math::plane(ch, v[0], v[1]), scale, shift);
     p.scale[i] = scale;
     p.shift[i] = shift;
-  }
+  });
 }
 
 template <class Math>
@@ -197,35 +247,31 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
 // Backward, one channel tile: batch statistics again (never updating the running ones), the
 // per-channel sums over the batch, then per plane c_dy, c_x, c_0. Parameter gradients are written
 // by row 0. The block body of batch_coef_backward_kernel and of the fused step's epilogue.
-template <class Math, bool kCg>
+template <class Math, bool kCg, int R = kRowBatch>
 NF_DEVICE void batch_coef_backward_tile(const BatchCoefParams<float>& p, int cx, int ny, int64_t tile, float* smem) {
   const ColumnTile t = column_tile(cx, ny, p.C, tile);
-  const coef::BatchStats<float> st = column_batch_stats<kCg>(p, t, smem, false);
+  const coef::BatchStats<float> st = column_batch_stats<kCg, R>(p, t, smem, false);
   typename Math::Channel ch{};
   float s[Math::kSums] = {};
   if (t.active) {
     ch = Math::load(p, t.c, st);
-    for (int64_t n = t.y; n < p.N; n += ny) {
-      const int64_t i = n * p.C + t.c;
-      const float m = load_stat<kCg>(p.mean + i);
-      Math::accumulate(ch, m, Math::plane(ch, m, load_stat<kCg>(p.m2 + i)), load_stat<kCg>(p.sum_dy + i),
-                       load_stat<kCg>(p.sum_dy_xmu + i), s);
-    }
+    for_column_rows<R, 4>(t, p.N, plane_moments_and_sums<kCg>(p, t.c), [&](int64_t, const float(&v)[4]) {
+      Math::accumulate(ch, v[0], Math::plane(ch, v[0], v[1]), v[2], v[3], s);
+    });
   }
   column_sum(s, smem, t);
   if (!t.active) return;
   if (t.y == 0) Math::store_grads(p, t.c, ch, s);
   const typename Math::Final f = Math::finalize(ch, s, static_cast<float>(p.N));
-  for (int64_t n = t.y; n < p.N; n += ny) {
+  // the plane values again: cheaper than keeping them (registers / memory)
+  for_column_rows<R, 4>(t, p.N, plane_moments_and_sums<kCg>(p, t.c), [&](int64_t n, const float(&v)[4]) {
     const int64_t i = n * p.C + t.c;
-    const float m = load_stat<kCg>(p.mean + i);
-    float c_dy, c_x, c_0;  // the plane value again: cheaper than keeping it (registers / memory)
-    Math::backward(ch, f, m, Math::plane(ch, m, load_stat<kCg>(p.m2 + i)), load_stat<kCg>(p.sum_dy + i),
-                   load_stat<kCg>(p.sum_dy_xmu + i), c_dy, c_x, c_0);
+    float c_dy, c_x, c_0;
+    Math::backward(ch, f, v[0], Math::plane(ch, v[0], v[1]), v[2], v[3], c_dy, c_x, c_0);
     p.c_dy[i] = c_dy;
     p.c_x[i] = c_x;
     p.c_0[i] = c_0;
-  }
+  });
 }
 
 template <class Math>

@@ -40,6 +40,13 @@ constexpr int64_t kFusedStepMaxPlanes = 4096;
 
 // ---- the epilogue ----------------------------------------------------------------------------------
 
+// Rows each thread has in flight in the epilogue's row loops (for_column_rows): 1, the plain loop,
+// not the standalone kernels' 4. The step kernel's register count is the maximum over the
+// reduction and the epilogue, and the reduction's occupancy pays for it: 2 rows took most
+// instantiations from 40-48 to 60-64 registers (6 -> 4 resident 256-thread blocks per SM), 4 rows
+// up to 75. Whether the shorter epilogue is worth that is for bench/steps_probe.py to say.
+constexpr int kEpilogueRows = 1;
+
 // All tiles of the coefficient forward (kBackward = false) or backward, in one block.
 template <class Math, bool kBackward>
 struct CoefEpilogue {
@@ -49,9 +56,9 @@ struct CoefEpilogue {
   NF_DEVICE void run(float* smem) const {
     for (int64_t tile = 0; tile < tiles; ++tile) {  // each tile ends with its smem free again
       if constexpr (kBackward)
-        batch_coef_backward_tile<Math, true>(p, cx, ny, tile, smem);
+        batch_coef_backward_tile<Math, true, kEpilogueRows>(p, cx, ny, tile, smem);
       else
-        batch_coef_forward_tile<Math, true>(p, cx, ny, tile, smem);
+        batch_coef_forward_tile<Math, true, kEpilogueRows>(p, cx, ny, tile, smem);
     }
   }
 };

@@ -45,6 +45,10 @@ namespace nf {
 template <typename T, bool kBackward>
 constexpr int kSingleReadRows = sizeof(T) == 4 ? (kBackward ? 7 : 16) : (kBackward ? 6 : 12);
 constexpr int kSingleReadBlocksPerSM = 2;
+// Rows of the (N, C) statistics each thread has in flight in the coefficient tiles (for_column_rows,
+// kernels/coefficients_batch.cuh): 1, the plain loop. More would spill these kernels past their
+// 128 registers (4 rows: up to 32 B of stack on sm_90).
+constexpr int kCoefRows = 1;
 
 // The channels-last reduction plan with one split per `rows * R` rows at most, so a thread holds
 // its share of a split in R registers vectors.
@@ -169,7 +173,7 @@ __global__ void __launch_bounds__(NF_MAX_THREADS, kSingleReadBlocksPerSM)
   uint4 xr[R];
   load_and_reduce<T, VEC, R>(op, pl, t, x, static_cast<const T*>(nullptr), xr, xr, partials, smem);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)  // each tile leaves smem free
-    batch_coef_forward_tile<Math, true>(c, cx, ny, tile, smem);
+    batch_coef_forward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);
   NF_GRID_SYNC();
   if (!t.active) return;
   float mean[VEC], scale[VEC], shift[VEC];
@@ -212,7 +216,7 @@ __global__ void __launch_bounds__(NF_MAX_THREADS, kSingleReadBlocksPerSM)
   uint4 dyr[R], xr[R];
   load_and_reduce<T, VEC, R>(op, pl, t, dy, x, dyr, xr, partials, smem);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)
-    batch_coef_backward_tile<Math, true>(c, cx, ny, tile, smem);
+    batch_coef_backward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);
   NF_GRID_SYNC();
   if (!t.active) return;
   using ApplyOp = std::conditional_t<kRelu, ReluMasked<BackwardApplyOp>, BackwardApplyOp>;

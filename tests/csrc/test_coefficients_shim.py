@@ -33,6 +33,7 @@ BATCH_SHAPES = [
     (1, 3, 9, 32),     # N = 1
     (6, 1, 1, 32),     # C = 1, L = 1
     (9, 37, 3, 64),    # C = 37: 8-channel tiles, the last with 5; N > rows per block (loops)
+    (70, 10, 2, 32),   # 4 rows per block: 18 rows per thread, batches of kRowBatch, the last ragged
 ]
 MODES = [  # training, running, affine
     (True, True, True),

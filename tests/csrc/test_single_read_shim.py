@@ -75,13 +75,13 @@ def test_single_read_matches_generic_launches(sanitizer, cases_file):
 # None: any failure will do).
 PLANTS = {
     "apply_before_coefficients": (
-        "    batch_coef_forward_tile<Math, true>(c, cx, ny, tile, smem);\n  NF_GRID_SYNC();",
-        "    batch_coef_forward_tile<Math, true>(c, cx, ny, tile, smem);\n",
+        "    batch_coef_forward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n  NF_GRID_SYNC();",
+        "    batch_coef_forward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n",
         "single_read_forward_kernel",
     ),
     "backward_apply_before_coefficients": (
-        "    batch_coef_backward_tile<Math, true>(c, cx, ny, tile, smem);\n  NF_GRID_SYNC();",
-        "    batch_coef_backward_tile<Math, true>(c, cx, ny, tile, smem);\n",
+        "    batch_coef_backward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n  NF_GRID_SYNC();",
+        "    batch_coef_backward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n",
         "single_read_backward_kernel",
     ),
     "coefficients_before_merge": (
