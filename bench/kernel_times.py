@@ -18,7 +18,7 @@ contiguous), on the ``cuda`` backend:
 * ``top``: the kernels with the most device time, with their microseconds per step.
 
 Layers: ``nn.BatchNorm2d``, BIN, IEBN against it, ``nn.GroupNorm(32)`` and AssocNorm(32) against
-it.  ``kernel_times.csv`` holds the rows, ``kernel_breakdown.csv`` every kernel of every row
+it, and (issue 14) ``nn.BatchNorm2d`` + ``nn.ReLU(inplace=True)`` against BIN with the ReLU fused.  ``kernel_times.csv`` holds the rows, ``kernel_breakdown.csv`` every kernel of every row
 (calls and microseconds per step).  Read the pair so: where a normfuse layer's ``step_us`` is
 above the native layer's, ``busy`` says whether the host or the GPU pays, and the breakdown
 names the kernel.  ``python -m bench.kernel_times [--out DIR] [--float32]`` on a GPU; ``--smoke``
@@ -39,8 +39,9 @@ from .shapes import Shape, resnet50
 
 GROUPS = 32  # the GroupNorm ResNet-50 of the step (bench/step50.py)
 TOP = 3
-LAYERS = ("batchnorm", "bin", "iebn", "groupnorm", "assoc")
-NATIVE = {"bin": "batchnorm", "iebn": "batchnorm", "assoc": "groupnorm"}
+LAYERS = ("batchnorm", "bin", "iebn", "groupnorm", "assoc", "batchnorm+relu", "bin-relu")
+NATIVE = {"bin": "batchnorm", "iebn": "batchnorm", "assoc": "groupnorm",
+          "bin-relu": "batchnorm+relu"}
 
 
 def build(layer: str, channels: int) -> nn.Module:
@@ -51,7 +52,10 @@ def build(layer: str, channels: int) -> nn.Module:
            "groupnorm": lambda: nn.GroupNorm(GROUPS, channels),
            "bin": lambda: normfuse.BatchInstanceNorm2d(channels),
            "iebn": lambda: normfuse.InstanceEnhancementBatchNorm2d(channels),
-           "assoc": lambda: normfuse.AssocNorm(GROUPS, channels)}[layer]()
+           "assoc": lambda: normfuse.AssocNorm(GROUPS, channels),
+           # issue 14: the norm and its ReLU as the step runs them, and BIN with the ReLU fused
+           "batchnorm+relu": lambda: nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)),
+           "bin-relu": lambda: normfuse.BatchInstanceNorm2d(channels, activation="relu")}[layer]()
     with torch.no_grad():  # away from the initial values, where some coefficients vanish
         for p in mod.parameters():
             p.add_(torch.rand_like(p) * 0.2)

@@ -129,7 +129,7 @@ if want probes; then
     # layer's second pass L2 already serves).
     step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
     # Issue 13's step: where each layer of the ResNet-50 step spends its time (kernels by name,
-    # host, launches; 9 shapes x 5 layers, bf16 channels-last), ~1 min.
+    # host, launches; 9 shapes x 7 layers, bf16 channels-last), ~1 min.
     step kernel_times 120 "$OUT/kernel_times.log" "$PYTHON" -m bench.kernel_times --out "$OUT"
     # Issue 13's fused layer steps: where computing the coefficients in the reduction's launch pays.
     step steps_probe 120 "$OUT/steps_probe.log" "$PYTHON" -m bench.steps_probe --out "$OUT"
