@@ -84,16 +84,28 @@ def _replacement(child: nn.Module, to: str, name: str, options: dict):
     return None if cls is None else _from_batch_norm(child, cls, to)
 
 
-def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list):
+def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
+                  memo: dict | None = None):
     """Every (parent, attribute, new layer) below ``module``, built before any is installed, so
-    that a layer that cannot be converted leaves the model untouched."""
-    for child_name, child in module.named_children():
+    that a layer that cannot be converted leaves the model untouched.  A norm registered at
+    several places (one module object used twice) gets one replacement, installed at each of
+    them, so it stays shared; ``_modules`` rather than ``named_children()``, which skips a
+    module's second name within one parent."""
+    memo = {} if memo is None else memo  # id(child) -> its replacement, or None: none needed
+    for child_name, child in module._modules.items():
+        if child is None:
+            continue
         path = f"{name}.{child_name}" if name else child_name
+        if id(child) in memo:
+            if memo[id(child)] is not None:
+                out.append((module, child_name, memo[id(child)]))
+            continue
         new = _replacement(child, to, path, options)
+        memo[id(child)] = new
         if new is not None:
             out.append((module, child_name, new.train(child.training)))
         else:
-            _replacements(child, to, path, options, out)
+            _replacements(child, to, path, options, out, memo)
     return out
 
 

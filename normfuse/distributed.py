@@ -342,10 +342,20 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     new = _to_sync(module, process_group)
     if new is not None:
         return new
-    for name, child in module.named_children():
-        converted = _to_sync(child, process_group)
-        if converted is not None:
-            setattr(module, name, converted)
-        else:
-            convert_sync(child, process_group)
+    _convert_children_sync(module, process_group, {})
     return module
+
+
+def _convert_children_sync(module: nn.Module, process_group, memo: dict) -> None:
+    # ``_modules``, not ``named_children()`` (which skips a module's second name within one
+    # parent); ``memo`` (id -> replacement or None) gives a layer registered at several places
+    # one synchronized replacement, installed at each, so it stays one module.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        if id(child) not in memo:
+            memo[id(child)] = _to_sync(child, process_group)
+            if memo[id(child)] is None:
+                _convert_children_sync(child, process_group, memo)
+        if memo[id(child)] is not None:
+            setattr(module, name, memo[id(child)])

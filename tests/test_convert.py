@@ -110,6 +110,24 @@ def test_convert_bare_batchnorm_returns_replacement(nf, to, d):
     assert not out.training
 
 
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc"])
+def test_convert_shared_norm_stays_shared(nf, to):
+    """One norm object registered at several places (twice in one Sequential, and inside a
+    child) is replaced by one new layer at each place: every place is converted (the second name
+    within a parent too) and they stay one module, as in the input model."""
+    norm = nn.GroupNorm(2, 4) if to == "assoc" else nn.BatchNorm2d(4)
+    model = nn.Sequential(norm, nn.Conv2d(4, 4, 1), norm, nn.Sequential(norm))
+    ref = copy.deepcopy(model)
+    nf.convert(model, to)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.modules())
+    assert model[2] is model[0] and model[3][0] is model[0]
+    if to == "bin":  # one module: its running statistics count both calls, as the input's do
+        x = randn((3, 4, 2, 2), 0)
+        torch.testing.assert_close(model(x), ref(x))
+        assert int(model[0].num_batches_tracked) == int(ref[0].num_batches_tracked) == 3
+        assert torch.allclose(model[0].running_mean, ref[0].running_mean, atol=1e-6)
+
+
 def test_convert_track_running_stats_false(nf):
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
     out = nf.convert(model, "bin")

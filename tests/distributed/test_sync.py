@@ -205,6 +205,16 @@ def test_convert_sync():
         convert_sync("not a module")
 
 
+def test_convert_sync_shared_layer_stays_one_module():
+    """A layer registered at several places (twice in one parent, and in a child) becomes one
+    synchronized layer at each of them: none is left unsynchronized, none is unshared."""
+    bin_ = normfuse.BatchInstanceNorm2d(3)
+    model = nn.Sequential(bin_, nn.Conv2d(3, 3, 1), bin_, nn.Sequential(bin_))
+    convert_sync(model)
+    assert type(model[0]) is SyncBatchInstanceNorm
+    assert model[2] is model[0] and model[3][0] is model[0]
+
+
 def test_constructor_matches_plain():
     plain = normfuse.BatchInstanceNorm2d(6, eps=1e-3, momentum=0.3, affine=False,
                                          dtype=torch.float64)
