@@ -28,6 +28,15 @@ def _factory(module: nn.Module) -> dict:
     return {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
 
 
+def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
+    """A frozen ``weight`` / ``bias`` (``requires_grad=False``, e.g. a fine-tuned backbone's
+    norms) stays frozen; the new layer's own parameters (gates, meta network) stay trainable."""
+    for name in ("weight", "bias"):
+        theirs, ours = getattr(old, name, None), getattr(new, name, None)
+        if isinstance(theirs, torch.Tensor) and isinstance(ours, nn.Parameter):
+            ours.requires_grad_(theirs.requires_grad)
+
+
 def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Module:
     kwargs = dict(eps=bn.eps, momentum=bn.momentum, track_running_stats=bn.track_running_stats,
                   **_factory(bn))
@@ -42,6 +51,7 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
             new.running_mean.copy_(bn.running_mean)
             new.running_var.copy_(bn.running_var)
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    _carry_requires_grad(bn, new)
     return new
 
 
@@ -53,6 +63,7 @@ def _from_group_norm(gn: nn.GroupNorm) -> AssocNorm:
         weight, bias = getattr(gn, "weight", None), getattr(gn, "bias", None)
         new.weight.copy_(0.5 if weight is None else weight - 0.5)
         new.bias.copy_(0.0 if bias is None else bias)
+    _carry_requires_grad(gn, new)
     return new
 
 
@@ -69,6 +80,7 @@ def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict) -> ILMNorm
         weight, bias = getattr(gn, "weight", None), getattr(gn, "bias", None)
         new.weight.copy_(0.5 if weight is None else weight - 0.5)
         new.bias.copy_(0.0 if bias is None else bias)
+    _carry_requires_grad(gn, new)
     return new
 
 
@@ -114,8 +126,8 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     (``to="assoc"`` or ``"ilm"``) in ``module`` by the normfuse layer, in place, and return
     ``module`` (with ``fuse_relu=True``, the module to use: see below).
 
-    Weights, running statistics, ``num_batches_tracked``, device, dtype and train/eval mode
-    are carried over.  A converted BIN starts with gates at 1, so it computes exactly what the
+    Weights (and whether they are frozen: ``requires_grad``), running statistics,
+    ``num_batches_tracked``, device, dtype and train/eval mode are carried over.  A converted BIN starts with gates at 1, so it computes exactly what the
     batch norm did; IEBN starts from the paper's gate initialisation (a scale of sigmoid(-1) on
     the batch-norm weight until trained); AssocNorm starts as the same GroupNorm function
     (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight = gn.weight -

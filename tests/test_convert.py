@@ -128,6 +128,22 @@ def test_convert_shared_norm_stays_shared(nf, to):
         assert torch.allclose(model[0].running_mean, ref[0].running_mean, atol=1e-6)
 
 
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc", "ilm"])
+def test_convert_keeps_frozen_weights_frozen(nf, to):
+    """A norm whose weight and bias were frozen (fine-tuning) stays frozen after convert;
+    the new layer's own parameters (gate, meta network) are trainable."""
+    norm = nn.GroupNorm(2, 4) if to in ("assoc", "ilm") else nn.BatchNorm2d(4)
+    norm.weight.requires_grad_(False)
+    norm.bias.requires_grad_(False)
+    opts = {"key_group_size": 2} if to == "ilm" else {}
+    new = nf.convert(nn.Sequential(norm, nn.BatchNorm2d(4), nn.GroupNorm(2, 4)), to, **opts)
+    assert not new[0].weight.requires_grad and not new[0].bias.requires_grad
+    assert all(p.requires_grad for p in new[1].parameters())  # not frozen: trainable
+    assert all(p.requires_grad for p in new[2].parameters())
+    own = [p for n, p in new[0].named_parameters() if n not in ("weight", "bias")]
+    assert own and all(p.requires_grad for p in own)
+
+
 def test_convert_track_running_stats_false(nf):
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
     out = nf.convert(model, "bin")
