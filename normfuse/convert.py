@@ -1,6 +1,8 @@
 """``normfuse.convert``: swap the normalization layers of an existing model for ours."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -84,7 +86,24 @@ def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict) -> ILMNorm
     return new
 
 
-def _replacement(child: nn.Module, to: str, name: str, options: dict):
+def _model_factory(model: nn.Module) -> dict:
+    """Device and dtype of ``model``'s first floating-point tensor ({} if none): for a norm
+    with no tensors of its own (``GroupNorm(affine=False)``, ``BatchNorm(affine=False,
+    track_running_stats=False)``), whose replacement does have parameters."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+def _replacement(child: nn.Module, to: str, name: str, options: dict, fallback: dict):
+    new = _replacement_of(child, to, name, options)
+    if new is not None and fallback and not _factory(child):
+        new.to(**fallback)  # else its parameters would sit on the default device and dtype
+    return new
+
+
+def _replacement_of(child: nn.Module, to: str, name: str, options: dict):
     if to in ("assoc", "ilm"):
         if type(child) is not nn.GroupNorm:
             return None
@@ -97,7 +116,7 @@ def _replacement(child: nn.Module, to: str, name: str, options: dict):
 
 
 def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
-                  memo: dict | None = None):
+                  memo: dict | None = None, fallback: dict | None = None):
     """Every (parent, attribute, new layer) below ``module``, built before any is installed, so
     that a layer that cannot be converted leaves the model untouched.  A norm registered at
     several places (one module object used twice) gets one replacement, installed at each of
@@ -112,12 +131,12 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
             if memo[id(child)] is not None:
                 out.append((module, child_name, memo[id(child)]))
             continue
-        new = _replacement(child, to, path, options)
+        new = _replacement(child, to, path, options, fallback)
         memo[id(child)] = new
         if new is not None:
             out.append((module, child_name, new.train(child.training)))
         else:
-            _replacements(child, to, path, options, out, memo)
+            _replacements(child, to, path, options, out, memo, fallback)
     return out
 
 
@@ -127,7 +146,8 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     ``module`` (with ``fuse_relu=True``, the module to use: see below).
 
     Weights (and whether they are frozen: ``requires_grad``), running statistics,
-    ``num_batches_tracked``, device, dtype and train/eval mode are carried over.  A converted BIN starts with gates at 1, so it computes exactly what the
+    ``num_batches_tracked``, device, dtype and train/eval mode are carried over (a norm with
+    no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the model's device and dtype).  A converted BIN starts with gates at 1, so it computes exactly what the
     batch norm did; IEBN starts from the paper's gate initialisation (a scale of sigmoid(-1) on
     the batch-norm weight until trained); AssocNorm starts as the same GroupNorm function
     (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight = gn.weight -
@@ -165,10 +185,11 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
                          f"{list(_OPTIONS.get(to, ()))})")
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: module must be an nn.Module, got {type(module).__name__}")
-    new = _replacement(module, to, "", options)
+    fallback = _model_factory(module)
+    new = _replacement(module, to, "", options, fallback)
     if new is not None:
         return new.train(module.training)  # a bare norm layer: no ReLU to fuse
-    for parent, child_name, layer in _replacements(module, to, "", options, []):
+    for parent, child_name, layer in _replacements(module, to, "", options, [], None, fallback):
         setattr(parent, child_name, layer)
     if fuse_relu:
         return _fuse_relu(module)

@@ -144,6 +144,25 @@ def test_convert_keeps_frozen_weights_frozen(nf, to):
     assert own and all(p.requires_grad for p in own)
 
 
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc", "ilm"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_convert_tensorless_norm_takes_model_device_and_dtype(nf, to, device):
+    """A norm with no parameters or buffers (GroupNorm(affine=False), BatchNorm(affine=False,
+    track_running_stats=False)) gives no device or dtype of its own; its replacement has
+    parameters, which must follow the model (meta stands in for a GPU: parameters left on the
+    CPU would make the forward raise)."""
+    norm = (nn.GroupNorm(2, 4, affine=False) if to in ("assoc", "ilm")
+            else nn.BatchNorm2d(4, affine=False, track_running_stats=False))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm).to(device=device, dtype=torch.float64)
+    opts = {"key_group_size": 2} if to == "ilm" else {}
+    new = nf.convert(model, to, **opts)
+    assert {(p.device.type, p.dtype) for p in new[1].parameters()} == {(device, torch.float64)}
+    y = new(torch.randn(2, 3, 2, 2, device=device, dtype=torch.float64))
+    assert y.dtype == torch.float64 and y.device.type == device
+    bare = nf.convert(norm, to, **opts)  # nothing to take them from: the defaults
+    assert {p.dtype for p in bare.parameters()} == {torch.get_default_dtype()}
+
+
 def test_convert_track_running_stats_false(nf):
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
     out = nf.convert(model, "bin")
