@@ -6,6 +6,7 @@ import itertools
 import torch
 from torch import nn
 
+from .distributed import SyncBatchInstanceNorm, SyncInstanceEnhancementBatchNorm
 from .fuse import fuse_relu as _fuse_relu
 from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
                       ILMNorm, InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
@@ -13,10 +14,11 @@ from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, Batch
 
 _BATCH_NORM_TARGETS = {
     "bin": {nn.BatchNorm1d: BatchInstanceNorm1d, nn.BatchNorm2d: BatchInstanceNorm2d,
-            nn.BatchNorm3d: BatchInstanceNorm3d},
+            nn.BatchNorm3d: BatchInstanceNorm3d, nn.SyncBatchNorm: SyncBatchInstanceNorm},
     "iebn": {nn.BatchNorm1d: InstanceEnhancementBatchNorm1d,
              nn.BatchNorm2d: InstanceEnhancementBatchNorm2d,
-             nn.BatchNorm3d: InstanceEnhancementBatchNorm3d},
+             nn.BatchNorm3d: InstanceEnhancementBatchNorm3d,
+             nn.SyncBatchNorm: SyncInstanceEnhancementBatchNorm},
 }
 TARGETS = ("bin", "iebn", "assoc", "ilm")
 # Keyword options of ``convert`` per target (passed to the new layers).
@@ -44,6 +46,8 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
                   **_factory(bn))
     if to == "bin":
         kwargs["affine"] = bn.affine
+    if isinstance(bn, nn.SyncBatchNorm):  # -> the synchronized layer, over the same group
+        kwargs["process_group"] = bn.process_group
     new = cls(bn.num_features, **kwargs)
     with torch.no_grad():
         if bn.affine:
@@ -141,7 +145,8 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
 
 
 def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` (``to="bin"`` or ``"iebn"``) or ``nn.GroupNorm``
+    """Replace every ``nn.BatchNorm1d/2d/3d`` (``to="bin"`` or ``"iebn"``; ``nn.SyncBatchNorm``
+    by ``SyncBatchInstanceNorm`` / ``SyncIEBN`` over its process group) or ``nn.GroupNorm``
     (``to="assoc"`` or ``"ilm"``) in ``module`` by the normfuse layer, in place, and return
     ``module`` (with ``fuse_relu=True``, the module to use: see below).
 
