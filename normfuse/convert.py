@@ -42,10 +42,8 @@ def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
 
 
 def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Module:
-    kwargs = dict(eps=bn.eps, momentum=bn.momentum, track_running_stats=bn.track_running_stats,
-                  **_factory(bn))
-    if to == "bin":
-        kwargs["affine"] = bn.affine
+    kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  track_running_stats=bn.track_running_stats, **_factory(bn))
     if isinstance(bn, nn.SyncBatchNorm):  # -> the synchronized layer, over the same group
         kwargs["process_group"] = bn.process_group
     new = cls(bn.num_features, **kwargs)

@@ -89,8 +89,8 @@ def test_convert_replaces_every_batchnorm(nf, to, seed):
             assert torch.equal(new.weight.detach(), bn.weight.detach()), f"{name}: weight"
             assert torch.equal(new.bias.detach(), bn.bias.detach()), f"{name}: bias"
             assert isinstance(new.weight, nn.Parameter)
-        elif to == "bin":
-            assert new.weight is None and new.bias is None
+        else:
+            assert new.weight is None and new.bias is None and not new.affine
         assert torch.equal(new.running_mean, bn.running_mean), f"{name}: running_mean"
         assert torch.equal(new.running_var, bn.running_var), f"{name}: running_var"
         assert int(new.num_batches_tracked) == int(bn.num_batches_tracked), name
