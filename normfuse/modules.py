@@ -331,6 +331,10 @@ class AssocNorm(_Activation, nn.Module):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")
         embed_dim = default_embed_dim(num_groups) if embed_dim is None else embed_dim
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int):
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r} (AssocNorm's "
+                             "third argument is embed_dim, where nn.GroupNorm has eps: pass "
+                             "eps=... by keyword)")
         if embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         factory = {"device": device, "dtype": dtype}

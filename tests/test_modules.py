@@ -179,6 +179,14 @@ def test_iebn_affine_false_is_weight_one_bias_zero(nf, backend, device):
     assert "affine=False" in repr(plain)
 
 
+def test_assoc_groupnorm_style_positional_eps_is_a_clear_error(nf):
+    """nn.GroupNorm(G, C, eps): AssocNorm's third argument is embed_dim; a float there is
+    refused naming it (it used to fail inside torch.empty with an unrelated message)."""
+    with pytest.raises(ValueError, match=r"embed_dim must be a positive int, got 0\.001 .*eps="):
+        nf.AssocNorm(2, 4, 1e-3)
+    assert nf.AssocNorm(2, 4, 3).embed_dim == 3
+
+
 def test_assoc_defaults(nf):
     m = nf.AssocNorm(4, 12, embed_dim=5)
     assert m.encoder.shape == (5, 4)
