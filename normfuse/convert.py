@@ -50,7 +50,8 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight)
-            new.bias.copy_(bn.bias)
+            # BatchNorm(bias=False) has no bias: 0 (as for GroupNorm(bias=False) below).
+            new.bias.copy_(0.0 if bn.bias is None else bn.bias)
         if bn.track_running_stats:
             new.running_mean.copy_(bn.running_mean)
             new.running_var.copy_(bn.running_var)

@@ -163,6 +163,25 @@ def test_convert_tensorless_norm_takes_model_device_and_dtype(nf, to, device):
     assert {p.dtype for p in bare.parameters()} == {torch.get_default_dtype()}
 
 
+@pytest.mark.parametrize("to", ["bin", "iebn"])
+def test_convert_batchnorm_without_bias(nf, to):
+    """nn.BatchNorm2d(bias=False) (weight, no bias) converts with bias 0; it used to fail in
+    convert with copy_() of None."""
+    try:
+        bn = nn.BatchNorm2d(4, bias=False)
+    except TypeError:
+        pytest.skip("this torch's BatchNorm has no bias argument")
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
+    ref = copy.deepcopy(bn)
+    new = nf.convert(nn.Sequential(bn), to)[0]
+    assert torch.equal(new.weight.detach(), ref.weight.detach())
+    assert torch.all(new.bias == 0)
+    if to == "bin":
+        x = randn((3, 4, 2, 2), 1)
+        torch.testing.assert_close(new(x), ref(x))
+
+
 def test_convert_track_running_stats_false(nf):
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
     out = nf.convert(model, "bin")
