@@ -151,7 +151,8 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
 
     Weights (and whether they are frozen: ``requires_grad``), running statistics,
     ``num_batches_tracked``, device, dtype and train/eval mode are carried over (a norm with
-    no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the model's device and dtype).  A converted BIN starts with gates at 1, so it computes exactly what the
+    no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the model's device and
+    dtype).  A converted BIN starts with gates at 1, so it computes exactly what the
     batch norm did; IEBN starts from the paper's gate initialisation (a scale of sigmoid(-1) on
     the batch-norm weight until trained); AssocNorm starts as the same GroupNorm function
     (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight = gn.weight -
