@@ -291,11 +291,11 @@ class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm
     it is exactly the plain module.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None,
-                 *, activation: str | None = None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype, activation=activation)
+                 *, affine: bool = True, activation: str | None = None):
+        super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
+                         affine=affine, activation=activation)
         self.process_group = process_group
 
 
@@ -311,8 +311,8 @@ def _to_sync(module: nn.Module, process_group):
                                     device="meta", activation=module.activation)
     elif isinstance(module, _InstanceEnhancementBatchNorm):
         new = SyncInstanceEnhancementBatchNorm(module.num_features, module.eps, module.momentum,
-                                               module.affine, module.track_running_stats,
-                                               process_group, device="meta",
+                                               module.track_running_stats, process_group,
+                                               device="meta", affine=module.affine,
                                                activation=module.activation)
     else:
         return None

@@ -216,15 +216,16 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
     ``y = xhat_batch * weight * sigmoid(mean_hw(x) * gate_weight + gate_bias) + bias`` with
     ``gate_weight`` starting at 0 and ``gate_bias`` at -1, as in the paper.  Checkpoints of the
     authors' code (``weight_readjust``/``bias_readjust`` of shape ``(1, C, 1, 1)``) load.
-    Arguments in ``nn.BatchNorm``'s order; with ``affine=False`` there is no weight/bias (1 and
-    0), but the gates stay learnable (they are what makes the layer IEBN).
+    ``affine`` (keyword only: the positional order, without it, is the public signature): with
+    ``affine=False`` there is no weight/bias (1 and 0), but the gates stay learnable (they are
+    what makes the layer IEBN).
     """
 
     affine = True  # also the value of modules pickled before the argument existed
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
                  track_running_stats: bool = True, device=None, dtype=None, *,
-                 activation: str | None = None):
+                 affine: bool = True, activation: str | None = None):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
                          activation=activation)
         factory = {"device": device, "dtype": dtype}

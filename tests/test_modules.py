@@ -141,11 +141,13 @@ def test_iebn_defaults_and_aliases(nf, d):
                                   "SyncIEBN"])
 def test_batch_norm_arguments_drop_in(nf, name):
     """README: the modules take nn.BatchNorm2d's arguments (nn.SyncBatchNorm's for the Sync
-    forms), positionally in its order and by keyword; IEBN used to lack ``affine``, so
-    ``IEBN2d(4, 1e-5, 0.1, False)`` silently meant track_running_stats=False."""
+    forms) by keyword, BIN positionally too; IEBN used to lack ``affine``
+    (``IEBN2d(c, affine=False)`` raised TypeError).  IEBN's positional order is its pinned
+    public signature (tests/test_functional.py), without ``affine``."""
     cls = getattr(nf, name)
     ref_cls = torch.nn.SyncBatchNorm if name.startswith("Sync") else torch.nn.BatchNorm2d
-    for args, kwargs in [((4, 1e-3, 0.3, False, True), {}), ((4, 1e-3, 0.3, True, False), {}),
+    positional = [((4, 1e-3, 0.3, False, True), {}), ((4, 1e-3, 0.3, True, False), {})]
+    for args, kwargs in (positional if "IEBN" not in name else []) + [
                          ((4,), {"affine": False, "track_running_stats": True}),
                          ((4,), {"eps": 1e-3, "momentum": None, "affine": True,
                                  "track_running_stats": False, "dtype": torch.float64})]:
