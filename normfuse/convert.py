@@ -1,9 +1,12 @@
 """``normfuse.convert``: swap the normalization layers of an existing model for ours."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
+from .distributed import SyncBatchInstanceNorm, SyncInstanceEnhancementBatchNorm
 from .fuse import fuse_relu as _fuse_relu
 from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
                       ILMNorm, InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
@@ -11,10 +14,11 @@ from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, Batch
 
 _BATCH_NORM_TARGETS = {
     "bin": {nn.BatchNorm1d: BatchInstanceNorm1d, nn.BatchNorm2d: BatchInstanceNorm2d,
-            nn.BatchNorm3d: BatchInstanceNorm3d},
+            nn.BatchNorm3d: BatchInstanceNorm3d, nn.SyncBatchNorm: SyncBatchInstanceNorm},
     "iebn": {nn.BatchNorm1d: InstanceEnhancementBatchNorm1d,
              nn.BatchNorm2d: InstanceEnhancementBatchNorm2d,
-             nn.BatchNorm3d: InstanceEnhancementBatchNorm3d},
+             nn.BatchNorm3d: InstanceEnhancementBatchNorm3d,
+             nn.SyncBatchNorm: SyncInstanceEnhancementBatchNorm},
 }
 TARGETS = ("bin", "iebn", "assoc", "ilm")
 # Keyword options of ``convert`` per target (passed to the new layers).
@@ -28,20 +32,31 @@ def _factory(module: nn.Module) -> dict:
     return {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
 
 
+def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
+    """A frozen ``weight`` / ``bias`` (``requires_grad=False``, e.g. a fine-tuned backbone's
+    norms) stays frozen; the new layer's own parameters (gates, meta network) stay trainable."""
+    for name in ("weight", "bias"):
+        theirs, ours = getattr(old, name, None), getattr(new, name, None)
+        if isinstance(theirs, torch.Tensor) and isinstance(ours, nn.Parameter):
+            ours.requires_grad_(theirs.requires_grad)
+
+
 def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Module:
-    kwargs = dict(eps=bn.eps, momentum=bn.momentum, track_running_stats=bn.track_running_stats,
-                  **_factory(bn))
-    if to == "bin":
-        kwargs["affine"] = bn.affine
+    kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  track_running_stats=bn.track_running_stats, **_factory(bn))
+    if isinstance(bn, nn.SyncBatchNorm):  # -> the synchronized layer, over the same group
+        kwargs["process_group"] = bn.process_group
     new = cls(bn.num_features, **kwargs)
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight)
-            new.bias.copy_(bn.bias)
+            # BatchNorm(bias=False) has no bias: 0 (as for GroupNorm(bias=False) below).
+            new.bias.copy_(0.0 if bn.bias is None else bn.bias)
         if bn.track_running_stats:
             new.running_mean.copy_(bn.running_mean)
             new.running_var.copy_(bn.running_var)
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    _carry_requires_grad(bn, new)
     return new
 
 
@@ -53,6 +68,7 @@ def _from_group_norm(gn: nn.GroupNorm) -> AssocNorm:
         weight, bias = getattr(gn, "weight", None), getattr(gn, "bias", None)
         new.weight.copy_(0.5 if weight is None else weight - 0.5)
         new.bias.copy_(0.0 if bias is None else bias)
+    _carry_requires_grad(gn, new)
     return new
 
 
@@ -69,10 +85,28 @@ def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict) -> ILMNorm
         weight, bias = getattr(gn, "weight", None), getattr(gn, "bias", None)
         new.weight.copy_(0.5 if weight is None else weight - 0.5)
         new.bias.copy_(0.0 if bias is None else bias)
+    _carry_requires_grad(gn, new)
     return new
 
 
-def _replacement(child: nn.Module, to: str, name: str, options: dict):
+def _model_factory(model: nn.Module) -> dict:
+    """Device and dtype of ``model``'s first floating-point tensor ({} if none): for a norm
+    with no tensors of its own (``GroupNorm(affine=False)``, ``BatchNorm(affine=False,
+    track_running_stats=False)``), whose replacement does have parameters."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+def _replacement(child: nn.Module, to: str, name: str, options: dict, fallback: dict):
+    new = _replacement_of(child, to, name, options)
+    if new is not None and fallback and not _factory(child):
+        new.to(**fallback)  # else its parameters would sit on the default device and dtype
+    return new
+
+
+def _replacement_of(child: nn.Module, to: str, name: str, options: dict):
     if to in ("assoc", "ilm"):
         if type(child) is not nn.GroupNorm:
             return None
@@ -84,26 +118,41 @@ def _replacement(child: nn.Module, to: str, name: str, options: dict):
     return None if cls is None else _from_batch_norm(child, cls, to)
 
 
-def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list):
+def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
+                  memo: dict | None = None, fallback: dict | None = None):
     """Every (parent, attribute, new layer) below ``module``, built before any is installed, so
-    that a layer that cannot be converted leaves the model untouched."""
-    for child_name, child in module.named_children():
+    that a layer that cannot be converted leaves the model untouched.  A norm registered at
+    several places (one module object used twice) gets one replacement, installed at each of
+    them, so it stays shared; ``_modules`` rather than ``named_children()``, which skips a
+    module's second name within one parent."""
+    memo = {} if memo is None else memo  # id(child) -> its replacement, or None: none needed
+    for child_name, child in module._modules.items():
+        if child is None:
+            continue
         path = f"{name}.{child_name}" if name else child_name
-        new = _replacement(child, to, path, options)
+        if id(child) in memo:
+            if memo[id(child)] is not None:
+                out.append((module, child_name, memo[id(child)]))
+            continue
+        new = _replacement(child, to, path, options, fallback)
+        memo[id(child)] = new
         if new is not None:
             out.append((module, child_name, new.train(child.training)))
         else:
-            _replacements(child, to, path, options, out)
+            _replacements(child, to, path, options, out, memo, fallback)
     return out
 
 
 def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` (``to="bin"`` or ``"iebn"``) or ``nn.GroupNorm``
+    """Replace every ``nn.BatchNorm1d/2d/3d`` (``to="bin"`` or ``"iebn"``; ``nn.SyncBatchNorm``
+    by ``SyncBatchInstanceNorm`` / ``SyncIEBN`` over its process group) or ``nn.GroupNorm``
     (``to="assoc"`` or ``"ilm"``) in ``module`` by the normfuse layer, in place, and return
     ``module`` (with ``fuse_relu=True``, the module to use: see below).
 
-    Weights, running statistics, ``num_batches_tracked``, device, dtype and train/eval mode
-    are carried over.  A converted BIN starts with gates at 1, so it computes exactly what the
+    Weights (and whether they are frozen: ``requires_grad``), running statistics,
+    ``num_batches_tracked``, device, dtype and train/eval mode are carried over (a norm with
+    no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the model's device and
+    dtype).  A converted BIN starts with gates at 1, so it computes exactly what the
     batch norm did; IEBN starts from the paper's gate initialisation (a scale of sigmoid(-1) on
     the batch-norm weight until trained); AssocNorm starts as the same GroupNorm function
     (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight = gn.weight -
@@ -141,10 +190,11 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
                          f"{list(_OPTIONS.get(to, ()))})")
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: module must be an nn.Module, got {type(module).__name__}")
-    new = _replacement(module, to, "", options)
+    fallback = _model_factory(module)
+    new = _replacement(module, to, "", options, fallback)
     if new is not None:
         return new.train(module.training)  # a bare norm layer: no ReLU to fuse
-    for parent, child_name, layer in _replacements(module, to, "", options, []):
+    for parent, child_name, layer in _replacements(module, to, "", options, [], None, fallback):
         setattr(parent, child_name, layer)
     if fuse_relu:
         return _fuse_relu(module)

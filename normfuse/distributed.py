@@ -293,9 +293,9 @@ class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None,
-                 *, activation: str | None = None):
+                 *, affine: bool = True, activation: str | None = None):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
-                         activation=activation)
+                         affine=affine, activation=activation)
         self.process_group = process_group
 
 
@@ -312,7 +312,8 @@ def _to_sync(module: nn.Module, process_group):
     elif isinstance(module, _InstanceEnhancementBatchNorm):
         new = SyncInstanceEnhancementBatchNorm(module.num_features, module.eps, module.momentum,
                                                module.track_running_stats, process_group,
-                                               device="meta", activation=module.activation)
+                                               device="meta", affine=module.affine,
+                                               activation=module.activation)
     else:
         return None
     # The very same Parameter and buffer objects (optimizers keep working), as
@@ -342,10 +343,20 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     new = _to_sync(module, process_group)
     if new is not None:
         return new
-    for name, child in module.named_children():
-        converted = _to_sync(child, process_group)
-        if converted is not None:
-            setattr(module, name, converted)
-        else:
-            convert_sync(child, process_group)
+    _convert_children_sync(module, process_group, {})
     return module
+
+
+def _convert_children_sync(module: nn.Module, process_group, memo: dict) -> None:
+    # ``_modules``, not ``named_children()`` (which skips a module's second name within one
+    # parent); ``memo`` (id -> replacement or None) gives a layer registered at several places
+    # one synchronized replacement, installed at each, so it stays one module.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        if id(child) not in memo:
+            memo[id(child)] = _to_sync(child, process_group)
+            if memo[id(child)] is None:
+                _convert_children_sync(child, process_group, memo)
+        if memo[id(child)] is not None:
+            setattr(module, name, memo[id(child)])

@@ -101,7 +101,12 @@ def report(data: dict | None = None) -> str:
         ("normfuse._C: built against torch " + b["torch"]
          + (f", CUDA kernels for {b['cuda_arch_list'] or 'the build machine GPU (TORCH_CUDA_ARCH_LIST unset)'}"
             if b["with_cuda"] else ", CPU kernels only"))
-        if b["built"] else "normfuse._C: not built (python setup.py build_ext --inplace, or pip install -e .)",
+        if b["built"] else
+        ("normfuse._C: loaded, without its build record (normfuse/_build_info.py, written by "
+         "setup.py; the extension was copied without it?): the torch and CUDA architectures it "
+         "was built for are unknown")
+        if d["extension"] == "ok" else
+        "normfuse._C: not built (python setup.py build_ext --inplace, or pip install -e .)",
         f"  extension: {d['extension']}",
         f"  CUDA kernels: {d['cuda_kernels']}",
         "GPUs: " + ("; ".join(f"{g['index']}: {g['error']}" if "error" in g else

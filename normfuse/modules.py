@@ -216,26 +216,40 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
     ``y = xhat_batch * weight * sigmoid(mean_hw(x) * gate_weight + gate_bias) + bias`` with
     ``gate_weight`` starting at 0 and ``gate_bias`` at -1, as in the paper.  Checkpoints of the
     authors' code (``weight_readjust``/``bias_readjust`` of shape ``(1, C, 1, 1)``) load.
+    ``affine`` (keyword only: the positional order, without it, is the public signature): with
+    ``affine=False`` there is no weight/bias (1 and 0), but the gates stay learnable (they are
+    what makes the layer IEBN).
     """
+
+    affine = True  # also the value of modules pickled before the argument existed
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
                  track_running_stats: bool = True, device=None, dtype=None, *,
-                 activation: str | None = None):
+                 affine: bool = True, activation: str | None = None):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
                          activation=activation)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
         self.gate_weight = nn.Parameter(torch.empty(num_features, **factory))
         self.gate_bias = nn.Parameter(torch.empty(num_features, **factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
         nn.init.zeros_(self.gate_weight)
         nn.init.constant_(self.gate_bias, -1.0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.affine else ", affine=False")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The authors store every per-channel parameter as (1, C, 1, 1).
@@ -318,6 +332,10 @@ class AssocNorm(_Activation, nn.Module):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")
         embed_dim = default_embed_dim(num_groups) if embed_dim is None else embed_dim
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int):
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r} (AssocNorm's "
+                             "third argument is embed_dim, where nn.GroupNorm has eps: pass "
+                             "eps=... by keyword)")
         if embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         factory = {"device": device, "dtype": dtype}

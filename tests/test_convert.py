@@ -89,8 +89,8 @@ def test_convert_replaces_every_batchnorm(nf, to, seed):
             assert torch.equal(new.weight.detach(), bn.weight.detach()), f"{name}: weight"
             assert torch.equal(new.bias.detach(), bn.bias.detach()), f"{name}: bias"
             assert isinstance(new.weight, nn.Parameter)
-        elif to == "bin":
-            assert new.weight is None and new.bias is None
+        else:
+            assert new.weight is None and new.bias is None and not new.affine
         assert torch.equal(new.running_mean, bn.running_mean), f"{name}: running_mean"
         assert torch.equal(new.running_var, bn.running_var), f"{name}: running_var"
         assert int(new.num_batches_tracked) == int(bn.num_batches_tracked), name
@@ -108,6 +108,78 @@ def test_convert_bare_batchnorm_returns_replacement(nf, to, d):
     prefix = "BatchInstanceNorm" if to == "bin" else "InstanceEnhancementBatchNorm"
     assert type(out) is getattr(nf, f"{prefix}{d}d")
     assert not out.training
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc"])
+def test_convert_shared_norm_stays_shared(nf, to):
+    """One norm object registered at several places (twice in one Sequential, and inside a
+    child) is replaced by one new layer at each place: every place is converted (the second name
+    within a parent too) and they stay one module, as in the input model."""
+    norm = nn.GroupNorm(2, 4) if to == "assoc" else nn.BatchNorm2d(4)
+    model = nn.Sequential(norm, nn.Conv2d(4, 4, 1), norm, nn.Sequential(norm))
+    ref = copy.deepcopy(model)
+    nf.convert(model, to)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.modules())
+    assert model[2] is model[0] and model[3][0] is model[0]
+    if to == "bin":  # one module: its running statistics count both calls, as the input's do
+        x = randn((3, 4, 2, 2), 0)
+        torch.testing.assert_close(model(x), ref(x))
+        assert int(model[0].num_batches_tracked) == int(ref[0].num_batches_tracked) == 3
+        assert torch.allclose(model[0].running_mean, ref[0].running_mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc", "ilm"])
+def test_convert_keeps_frozen_weights_frozen(nf, to):
+    """A norm whose weight and bias were frozen (fine-tuning) stays frozen after convert;
+    the new layer's own parameters (gate, meta network) are trainable."""
+    norm = nn.GroupNorm(2, 4) if to in ("assoc", "ilm") else nn.BatchNorm2d(4)
+    norm.weight.requires_grad_(False)
+    norm.bias.requires_grad_(False)
+    opts = {"key_group_size": 2} if to == "ilm" else {}
+    new = nf.convert(nn.Sequential(norm, nn.BatchNorm2d(4), nn.GroupNorm(2, 4)), to, **opts)
+    assert not new[0].weight.requires_grad and not new[0].bias.requires_grad
+    assert all(p.requires_grad for p in new[1].parameters())  # not frozen: trainable
+    assert all(p.requires_grad for p in new[2].parameters())
+    own = [p for n, p in new[0].named_parameters() if n not in ("weight", "bias")]
+    assert own and all(p.requires_grad for p in own)
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc", "ilm"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_convert_tensorless_norm_takes_model_device_and_dtype(nf, to, device):
+    """A norm with no parameters or buffers (GroupNorm(affine=False), BatchNorm(affine=False,
+    track_running_stats=False)) gives no device or dtype of its own; its replacement has
+    parameters, which must follow the model (meta stands in for a GPU: parameters left on the
+    CPU would make the forward raise)."""
+    norm = (nn.GroupNorm(2, 4, affine=False) if to in ("assoc", "ilm")
+            else nn.BatchNorm2d(4, affine=False, track_running_stats=False))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm).to(device=device, dtype=torch.float64)
+    opts = {"key_group_size": 2} if to == "ilm" else {}
+    new = nf.convert(model, to, **opts)
+    assert {(p.device.type, p.dtype) for p in new[1].parameters()} == {(device, torch.float64)}
+    y = new(torch.randn(2, 3, 2, 2, device=device, dtype=torch.float64))
+    assert y.dtype == torch.float64 and y.device.type == device
+    bare = nf.convert(norm, to, **opts)  # nothing to take them from: the defaults
+    assert {p.dtype for p in bare.parameters()} == {torch.get_default_dtype()}
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn"])
+def test_convert_batchnorm_without_bias(nf, to):
+    """nn.BatchNorm2d(bias=False) (weight, no bias) converts with bias 0; it used to fail in
+    convert with copy_() of None."""
+    try:
+        bn = nn.BatchNorm2d(4, bias=False)
+    except TypeError:
+        pytest.skip("this torch's BatchNorm has no bias argument")
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
+    ref = copy.deepcopy(bn)
+    new = nf.convert(nn.Sequential(bn), to)[0]
+    assert torch.equal(new.weight.detach(), ref.weight.detach())
+    assert torch.all(new.bias == 0)
+    if to == "bin":
+        x = randn((3, 4, 2, 2), 1)
+        torch.testing.assert_close(new(x), ref(x))
 
 
 def test_convert_track_running_stats_false(nf):

@@ -72,3 +72,20 @@ def test_python_m_normfuse_with_an_extension_built_for_another_torch():
     assert "built against torch 1.0.0" in out and "TORCH_CUDA_ARCH_LIST unset" in out
     cuda_line = next(line for line in out.splitlines() if line.startswith("  cuda "))
     assert "built against torch 1.0.0" in cuda_line, out
+
+
+def test_python_m_normfuse_with_an_extension_but_no_build_record():
+    """_C loads but normfuse/_build_info.py is missing (the .so copied alone): the report says
+    so instead of 'not built', which the 'extension: ok' line below it contradicted."""
+    code = ("import runpy, sys\n"
+            "sys.modules['normfuse._build_info'] = None\n"  # its import raises ImportError
+            "runpy.run_module('normfuse', run_name='__main__')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    from normfuse import _extension
+    if _extension.HAS_CPU_KERNELS:
+        assert "normfuse._C: loaded, without its build record" in res.stdout, res.stdout
+        assert "not built" not in res.stdout
+    else:
+        assert "normfuse._C: not built" in res.stdout, res.stdout

@@ -137,6 +137,58 @@ def test_iebn_defaults_and_aliases(nf, d):
     assert m.eps == 1e-5 and m.momentum == 0.1
 
 
+@pytest.mark.parametrize("name", ["BatchInstanceNorm2d", "IEBN2d", "SyncBatchInstanceNorm",
+                                  "SyncIEBN"])
+def test_batch_norm_arguments_drop_in(nf, name):
+    """README: the modules take nn.BatchNorm2d's arguments (nn.SyncBatchNorm's for the Sync
+    forms) by keyword, BIN positionally too; IEBN used to lack ``affine``
+    (``IEBN2d(c, affine=False)`` raised TypeError).  IEBN's positional order is its pinned
+    public signature (tests/test_functional.py), without ``affine``."""
+    cls = getattr(nf, name)
+    ref_cls = torch.nn.SyncBatchNorm if name.startswith("Sync") else torch.nn.BatchNorm2d
+    positional = [((4, 1e-3, 0.3, False, True), {}), ((4, 1e-3, 0.3, True, False), {})]
+    for args, kwargs in (positional if "IEBN" not in name else []) + [
+                         ((4,), {"affine": False, "track_running_stats": True}),
+                         ((4,), {"eps": 1e-3, "momentum": None, "affine": True,
+                                 "track_running_stats": False, "dtype": torch.float64})]:
+        ref, m = ref_cls(*args, **kwargs), cls(*args, **kwargs)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            assert getattr(m, attr) == getattr(ref, attr), (args, kwargs, attr)
+        assert (m.weight is None) == (ref.weight is None)
+        assert (m.running_mean is None) == (ref.running_mean is None)
+        for key, value in ref.state_dict().items():
+            assert m.state_dict()[key].dtype == value.dtype, key
+
+
+def test_iebn_affine_false_is_weight_one_bias_zero(nf, backend, device):
+    """IEBN(affine=False): no weight/bias parameters, the layer with weight 1 and bias 0; the
+    gates stay learnable; train and eval."""
+    x = randn((3, 4, 2, 3), 0, device=device).requires_grad_()
+    plain = nf.IEBN2d(4, affine=False, device=device)
+    full = nf.IEBN2d(4, device=device)
+    assert set(dict(plain.named_parameters())) == {"gate_weight", "gate_bias"}
+    with torch.no_grad():
+        for m in (plain, full):
+            m.gate_weight.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    for mode in ("train", "eval"):
+        getattr(plain, mode)(), getattr(full, mode)()
+        y, y_ref = plain(x), full(x)  # one call each: the same running statistics
+        torch.testing.assert_close(y, y_ref)
+        g, = torch.autograd.grad(y.square().sum(), plain.gate_weight)
+        g_ref, = torch.autograd.grad(y_ref.square().sum(), full.gate_weight)
+        torch.testing.assert_close(g, g_ref)
+    torch.testing.assert_close(plain.running_var, full.running_var)
+    assert "affine=False" in repr(plain)
+
+
+def test_assoc_groupnorm_style_positional_eps_is_a_clear_error(nf):
+    """nn.GroupNorm(G, C, eps): AssocNorm's third argument is embed_dim; a float there is
+    refused naming it (it used to fail inside torch.empty with an unrelated message)."""
+    with pytest.raises(ValueError, match=r"embed_dim must be a positive int, got 0\.001 .*eps="):
+        nf.AssocNorm(2, 4, 1e-3)
+    assert nf.AssocNorm(2, 4, 3).embed_dim == 3
+
+
 def test_assoc_defaults(nf):
     m = nf.AssocNorm(4, 12, embed_dim=5)
     assert m.encoder.shape == (5, 4)

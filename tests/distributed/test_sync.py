@@ -205,6 +205,33 @@ def test_convert_sync():
         convert_sync("not a module")
 
 
+def test_convert_sync_shared_layer_stays_one_module():
+    """A layer registered at several places (twice in one parent, and in a child) becomes one
+    synchronized layer at each of them: none is left unsynchronized, none is unshared."""
+    bin_ = normfuse.BatchInstanceNorm2d(3)
+    model = nn.Sequential(bin_, nn.Conv2d(3, 3, 1), bin_, nn.Sequential(bin_))
+    convert_sync(model)
+    assert type(model[0]) is SyncBatchInstanceNorm
+    assert model[2] is model[0] and model[3][0] is model[0]
+
+
+@pytest.mark.parametrize("to,sync_cls", [("bin", SyncBatchInstanceNorm),
+                                         ("iebn", SyncInstanceEnhancementBatchNorm)])
+def test_convert_syncbatchnorm(to, sync_cls):
+    """A model that already uses nn.SyncBatchNorm (convert_sync_batchnorm) is converted, to the
+    synchronized layer over the same process group, with its state, instead of left as it is."""
+    group = object()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, momentum=0.3,
+                                                               process_group=group))
+    sync_workers.randomize(model, 5)
+    state = copy.deepcopy(model.state_dict())
+    normfuse.convert(model, to)
+    assert type(model[1]) is sync_cls and model[1].process_group is group
+    assert model[1].momentum == 0.3
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_constructor_matches_plain():
     plain = normfuse.BatchInstanceNorm2d(6, eps=1e-3, momentum=0.3, affine=False,
                                          dtype=torch.float64)
