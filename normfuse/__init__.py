@@ -15,7 +15,7 @@ from .modules import (IEBN1d, IEBN2d, IEBN3d, AssocNorm, BatchInstanceNorm1d,
                       BatchInstanceNorm2d, BatchInstanceNorm3d, ILMNorm,
                       InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
                       InstanceEnhancementBatchNorm3d)
-from .training import attach_gate_clipping, clip_gates_, param_groups
+from .training import attach_gate_clipping, clip_gates_, param_groups, update_bn
 
 __version__ = "0.1.0"
 
@@ -26,5 +26,5 @@ __all__ = [
     "SyncBatchInstanceNorm", "SyncIEBN", "SyncInstanceEnhancementBatchNorm", "convert_sync",
     "attach_gate_clipping", "available_backends", "clip_gates_", "convert", "export",
     "functional", "info",
-    "get_backend", "param_groups", "resolve_backend", "set_backend", "use_backend",
+    "get_backend", "param_groups", "resolve_backend", "set_backend", "update_bn", "use_backend",
 ]

@@ -40,3 +40,41 @@ def param_groups(module: nn.Module, lr: float, weight_decay: float = 0.0,
     if gates:
         groups.append({"params": gates, "lr": lr * gate_lr_scale, "weight_decay": 0.0})
     return groups
+
+
+@torch.no_grad()
+def update_bn(loader, model: nn.Module, device=None) -> None:
+    """``torch.optim.swa_utils.update_bn`` for models with normfuse layers: one pass over
+    ``loader`` that recomputes the running statistics of every BIN / IEBN layer (their Sync
+    forms included) and every ``nn.BatchNorm``, as the cumulative average over the batches
+    (``momentum=None`` during the pass).  torch's own ``update_bn`` only sees subclasses of
+    ``nn.modules.batchnorm._BatchNorm``, which normfuse's layers are not (so that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` and BatchNorm-only code leave them alone): it
+    would leave their statistics as they were, silently.  Batches as torch's: a tensor, or a
+    list / tuple whose first element is the input; moved to ``device`` when given.  The model's
+    train / eval mode and every layer's momentum are restored."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from .modules import _BatchStatsNorm
+    momenta = {}
+    for module in model.modules():
+        if isinstance(module, (_BatchNorm, _BatchStatsNorm)) and module.track_running_stats:
+            module.reset_running_stats()
+            momenta[module] = module.momentum
+    if not momenta:
+        return
+    was_training = model.training
+    model.train()
+    try:
+        for module in momenta:
+            module.momentum = None
+        for batch in loader:
+            if isinstance(batch, (list, tuple)):
+                batch = batch[0]
+            if device is not None:
+                batch = batch.to(device)
+            model(batch)
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        model.train(was_training)

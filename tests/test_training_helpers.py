@@ -143,3 +143,60 @@ def test_param_groups_without_bin(nf):
     groups = list(nf.param_groups(model, lr=0.1))
     assert sorted(_ids(groups)) == sorted(id(p) for p in model.parameters())
     torch.optim.SGD([g for g in groups if g["params"]], lr=0.1)
+
+
+# ---- update_bn: torch.optim.swa_utils.update_bn for normfuse's batch-statistics layers ----------
+@pytest.mark.parametrize("layer", ["BatchInstanceNorm2d", "IEBN2d", "SyncBatchInstanceNorm"])
+def test_update_bn_is_the_cumulative_average_of_batch_statistics(nf, layer):
+    """One pass over a loader of unequal batches: running_mean / running_var are the plain
+    averages over the batches of each batch's channel mean and unbiased variance (float64
+    oracle), num_batches_tracked counts them; momentum and the module's mode are restored.
+    torch's own update_bn leaves the layer as it was (it only sees _BatchNorm subclasses)."""
+    torch.manual_seed(3)
+    m = getattr(nf, layer)(5, momentum=0.3).eval()
+    with torch.no_grad():
+        m.running_mean.fill_(7.0)
+    batches = [make_input((n, 5, 3, 4), seed) for seed, n in enumerate((4, 2, 7))]
+    loader = [(b, torch.zeros(len(b))) for b in batches]  # (input, target) pairs, as torch's
+    torch.optim.swa_utils.update_bn(loader, m)
+    assert torch.equal(m.running_mean, torch.full((5,), 7.0))
+    nf.update_bn(loader, m)
+    x64 = [b.double() for b in batches]
+    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in x64]).mean(0)
+    var = torch.stack([b.var(dim=(0, 2, 3)) for b in x64]).mean(0)
+    torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert int(m.num_batches_tracked) == 3
+    assert m.momentum == 0.3 and not m.training
+
+
+def test_update_bn_on_a_converted_model_matches_torchs_on_the_original(nf):
+    """A BatchNorm model converted to BIN (gates at 1: the same function) gets, layer by layer,
+    the statistics torch's update_bn gives the original; plain nn.BatchNorm layers left in a
+    model are updated too."""
+    torch.manual_seed(5)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.BatchNorm2d(6))
+    import copy
+    converted = copy.deepcopy(original)
+    converted[1] = nf.convert(converted[1], "bin")
+    converted[4] = nf.convert(converted[4], "bin")  # converted[6] stays an nn.BatchNorm2d
+    loader = [make_input((n, 3, 5, 5), 10 + n) for n in (3, 6)]
+    torch.optim.swa_utils.update_bn(loader, original)
+    nf.update_bn(loader, converted.train())
+    assert converted.training
+    for i in (1, 4, 6):
+        torch.testing.assert_close(converted[i].running_mean, original[i].running_mean)
+        torch.testing.assert_close(converted[i].running_var, original[i].running_var)
+        assert int(converted[i].num_batches_tracked) == 2
+
+
+def test_update_bn_without_batch_statistics_is_a_no_op(nf):
+    """No layer with running statistics: the loader is not even read, the mode is kept."""
+    class Unread:
+        def __iter__(self):
+            raise AssertionError("update_bn read the loader of a model without running stats")
+
+    m = nn.Sequential(nf.AssocNorm(2, 4), nf.BatchInstanceNorm2d(4, track_running_stats=False))
+    nf.update_bn(Unread(), m.eval())
+    assert not m.training
