@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 from torch import nn
@@ -118,14 +119,24 @@ def _replacement_of(child: nn.Module, to: str, name: str, options: dict):
     return None if cls is None else _from_batch_norm(child, cls, to)
 
 
+def _left_as_is(module: nn.Module, to: str) -> bool:
+    """A norm of the kind ``to`` replaces that ``convert`` does not take: a subclass (it may
+    compute something else, which the replacement would silently drop) or a lazy norm not
+    initialised yet (nothing to carry over)."""
+    kinds = nn.GroupNorm if to in ("assoc", "ilm") else nn.modules.batchnorm._BatchNorm
+    return isinstance(module, kinds)
+
+
 def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
-                  memo: dict | None = None, fallback: dict | None = None):
+                  memo: dict | None = None, fallback: dict | None = None,
+                  skipped: list | None = None):
     """Every (parent, attribute, new layer) below ``module``, built before any is installed, so
     that a layer that cannot be converted leaves the model untouched.  A norm registered at
     several places (one module object used twice) gets one replacement, installed at each of
     them, so it stays shared; ``_modules`` rather than ``named_children()``, which skips a
     module's second name within one parent."""
     memo = {} if memo is None else memo  # id(child) -> its replacement, or None: none needed
+    skipped = [] if skipped is None else skipped  # "path (type)" of the norms left as they are
     for child_name, child in module._modules.items():
         if child is None:
             continue
@@ -139,7 +150,9 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
         if new is not None:
             out.append((module, child_name, new.train(child.training)))
         else:
-            _replacements(child, to, path, options, out, memo, fallback)
+            if _left_as_is(child, to):
+                skipped.append(f"{path} ({type(child).__name__})")
+            _replacements(child, to, path, options, out, memo, fallback, skipped)
     return out
 
 
@@ -194,8 +207,17 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     new = _replacement(module, to, "", options, fallback)
     if new is not None:
         return new.train(module.training)  # a bare norm layer: no ReLU to fuse
-    for parent, child_name, layer in _replacements(module, to, "", options, [], None, fallback):
+    skipped = [f"the module itself ({type(module).__name__})"] if _left_as_is(module, to) else []
+    for parent, child_name, layer in _replacements(module, to, "", options, [], None, fallback,
+                                                   skipped):
         setattr(parent, child_name, layer)
+    if skipped:
+        wanted = ("nn.GroupNorm" if to in ("assoc", "ilm")
+                  else "nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm")
+        warnings.warn(f"convert(..., {to!r}) left {len(skipped)} normalization layer(s) as they "
+                      f"are: {', '.join(skipped)}. Only exact {wanted} are converted: a subclass "
+                      "may compute something else, and a lazy norm has no parameters yet "
+                      "(run one forward first).", stacklevel=2)
     if fuse_relu:
         return _fuse_relu(module)
     return module

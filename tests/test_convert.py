@@ -317,3 +317,29 @@ def test_convert_then_train_step(nf, seed):
     assert model[1].gate.grad is not None and torch.isfinite(model[1].gate.grad).all()
     opt.step()
     assert not torch.equal(model[1].gate.detach(), gate_before)
+
+
+def test_norms_convert_does_not_take_are_reported(nf):
+    """A subclass of a norm (it may compute something else) and a lazy norm (no parameters yet)
+    are left as they are, and convert says so in one warning naming each; exact types convert
+    without a warning."""
+    class ScaledBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(ScaledBN(3)), nn.LazyBatchNorm2d())
+    with pytest.warns(UserWarning, match=r"left 2 normalization layer\(s\) as they are: "
+                                         r"1\.0 \(ScaledBN\), 2 \(LazyBatchNorm2d\)"):
+        nf.convert(model, "bin")
+    assert isinstance(model[0], nf.BatchInstanceNorm2d)
+    assert type(model[1][0]) is ScaledBN and isinstance(model[2], nn.LazyBatchNorm2d)
+
+    class MyGN(nn.GroupNorm):
+        pass
+
+    with pytest.warns(UserWarning, match=r"the module itself \(MyGN\).*exact nn\.GroupNorm"):
+        nf.convert(MyGN(2, 4), "assoc")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nf.convert(nn.Sequential(nn.BatchNorm2d(3), nn.GroupNorm(1, 3)), "iebn")  # GN: not its kind
