@@ -79,10 +79,14 @@ def layer_step(layer: str, shape: Shape, precision: str, device: torch.device
         context = contextlib.nullcontext
     x.requires_grad_(True)
     params = list(mod.parameters())
+    with context():  # dy in the output's dtype and layout (nn.GroupNorm runs in float32 under
+        y = mod(x)   # autocast), made once: a cast per step would be charged to the layer
+    dy = torch.empty_like(y).copy_(dy)
+    del y
 
     def step(i: int):
         y = mod(x)
-        y.backward(dy.to(y.dtype))
+        y.backward(dy)
         for p in params:  # zero_grad(set_to_none=True): every step starts without gradients
             p.grad = None
         x.grad = None
