@@ -18,6 +18,7 @@
 // normfuse.backends.compiled_devices()), a torch-function mode. The caller tests what only Python
 // knows (torch.compile tracing, forward-mode AD levels, functorch transforms) before calling.
 // Nothing is mutated before the op runs, and the op checks again what it relies on.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
@@ -60,6 +61,13 @@ bool vector_ok(const Tensor& t, const Tensor& input, at::ScalarType acc, int64_t
 bool matrix_ok(const Tensor& t, const Tensor& input, at::ScalarType acc, int64_t rows, int64_t cols) {
   return t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == acc &&
          t.device() == input.device() && t.is_contiguous();
+}
+
+// Whether `a` and `b` share memory (the training update of a running statistic would then write
+// what the call reads: normfuse._checks.check_running_writable refuses it).
+bool overlap(const Tensor& a, const Tensor& b) {
+  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
+  return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial;
 }
 
 // A finite number >= 0 (int or float, not bool), as normfuse._checks.check_number wants.
@@ -170,6 +178,16 @@ OptTensor parameter(PyObject* params, const char* name, bool optional, const Ten
   return *t;
 }
 
+// A running statistic (updated in training) sharing memory with a parameter: not sure (the checked
+// path says so).
+bool shares_with_running(const OptTensor& rm, const OptTensor& rv, std::initializer_list<const Tensor*> params) {
+  if (!rm.has_value()) return false;
+  for (const Tensor* p : params) {
+    if (p != nullptr && (overlap(*rm, *p) || overlap(*rv, *p))) return true;
+  }
+  return false;
+}
+
 // The op call without the GIL, as torch's own bindings do; errors become Python exceptions there.
 struct ReleasedGil {
   PyThreadState* state = PyEval_SaveThread();
@@ -224,7 +242,8 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   if (use_stats && rm_obj != Py_None) {
     const Tensor* m = plain_tensor(rm_obj);
     const Tensor* v = plain_tensor(rv_obj);
-    if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C))
+    if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C) ||
+        (*training && overlap(*m, *v)))
       Py_RETURN_NOTIMPLEMENTED;
     rm = *m;
     rv = *v;
@@ -248,7 +267,8 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     const OptTensor gate = parameter(params, "gate", false, x, acc, C, &ok);
     const OptTensor weight = parameter(params, "weight", true, x, acc, C, &ok);
     const OptTensor bias = parameter(params, "bias", true, x, acc, C, &ok);
-    if (!ok) Py_RETURN_NOTIMPLEMENTED;
+    if (!ok || (use_batch && shares_with_running(rm, rv, {&*gate, weight ? &*weight : nullptr, bias ? &*bias : nullptr})))
+      Py_RETURN_NOTIMPLEMENTED;
     static const auto op = find<BatchOp>("normfuse::bin_layer");
     ReleasedGil released;
     y = op.call(x, *gate, weight, bias, rm, rv, use_batch, *momentum, *eps, nbt, *relu);
@@ -257,7 +277,10 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     const OptTensor gate_bias = parameter(params, "gate_bias", false, x, acc, C, &ok);
     const OptTensor weight = parameter(params, "weight", true, x, acc, C, &ok);
     const OptTensor bias = parameter(params, "bias", true, x, acc, C, &ok);
-    if (!ok) Py_RETURN_NOTIMPLEMENTED;
+    if (!ok || (use_batch && shares_with_running(rm, rv, {gate_weight ? &*gate_weight : nullptr,
+                                                          gate_bias ? &*gate_bias : nullptr,
+                                                          weight ? &*weight : nullptr, bias ? &*bias : nullptr})))
+      Py_RETURN_NOTIMPLEMENTED;
     static const auto op = find<IebnOp>("normfuse::iebn_layer");
     ReleasedGil released;
     y = op.call(x, *gate_weight, *gate_bias, weight, bias, rm, rv, use_batch, *momentum, *eps, nbt, *relu);

@@ -76,6 +76,52 @@ def check_running_stats(running_mean, running_var, channels: int, input: Tensor,
     check_tensor(running_var, "running_var", (channels,), input, who, optional=True)
 
 
+def shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether the elements of ``a`` and ``b`` may overlap: the same storage and intersecting
+    byte ranges (exact for the dense vectors the layers take, conservative for strided views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except (RuntimeError, NotImplementedError):  # no data pointer (a fake tensor): not sure
+        return False
+
+    def extent(t):
+        lo = t.data_ptr()
+        span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return lo, lo + (span + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_running_writable(running_mean, running_var, named_params, who: str) -> None:
+    """Running statistics that a training call updates in place (checked after
+    ``check_running_stats``): no element stored twice (an expanded tensor: the update could not
+    be written back, after the other statistic was), and no memory shared with each other or
+    with a parameter (the update would overwrite what the call reads)."""
+    if running_mean is None or running_mean.device.type == "meta" or _dynamo_compiling():
+        return
+    try:  # fake (export) or functorch-wrapped tensors have no data pointers: nothing to check
+        running_mean.untyped_storage().data_ptr()
+        running_var.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{who}: {name} must not have overlapping elements (it is updated "
+                             f"in place), got strides {tuple(t.stride())}")
+    others = (("running_var", running_var),) + tuple((n, p) for n, p, _ in named_params)
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        for other_name, other in others:
+            if other is not None and isinstance(other, Tensor) \
+                    and shares_memory(t, other):
+                raise ValueError(f"{who}: {name} must not share memory with {other_name} "
+                                 f"({name} is updated in place)")
+        others = others[1:] if name == "running_mean" else others
+
+
 def check_batch_values(input: Tensor, who: str, training: bool = True) -> None:
     """Batch statistics need more than one value per channel (as ``nn.BatchNorm`` says)."""
     per_channel = input.shape[0] * math.prod(input.shape[2:])
@@ -230,6 +276,24 @@ def _numbers_ok(*values) -> bool:
     return True
 
 
+def _running_separate(running_mean, running_var, c, required, optional) -> bool:
+    """``check_running_writable`` would pass for these (C,) running statistics: dense, not a
+    parameter, and not overlapping each other (two dense (C,) vectors overlap iff their start
+    addresses are closer than C items; one data pointer each, no storage objects)."""
+    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        return False
+    for p in (*required, *optional):
+        if running_mean is p or running_var is p:
+            return False
+    if _dynamo_compiling():
+        return True  # (traced: no data pointers; as before these checks)
+    try:
+        apart = abs(running_mean.data_ptr() - running_var.data_ptr())
+    except RuntimeError:  # fake or functorch-wrapped tensors have no data pointer
+        return True
+    return apart >= c * max(running_mean.element_size(), running_var.element_size())
+
+
 def batch_layer_ok(input, ranks, channels, use_batch, required, optional, running_mean,
                    running_var, num_batches_tracked, momentum, eps) -> bool:
     """BIN / IEBN: the module's checks (``channels`` given: ``num_features``) and the functional
@@ -246,6 +310,9 @@ def batch_layer_ok(input, ranks, channels, use_batch, required, optional, runnin
         return False
     if not _shaped_ok(input, shape, required, (*optional, running_mean, running_var)):
         return False
+    if running_mean is not None and use_batch and not _running_separate(
+            running_mean, running_var, c, required, optional):
+        return False  # updated in place: the checks look for overlaps (check_running_writable)
     t = num_batches_tracked
     if t is not None and not (isinstance(t, Tensor) and t.dtype is torch.int64
                               and t.dim() <= 1 and t.numel() == 1

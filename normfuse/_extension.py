@@ -84,6 +84,18 @@ if _C is not None:
 # statistics passed in (the acc dtype); full-size outputs copy the input's strides; parameter
 # gradients take the parameter's shape, (C,) when the parameter is None.
 
+def _same_device(op, first, **tensors):
+    """The compiled kernels' device checks, for the fake kernels: every tensor argument on the
+    device of ``first`` (the input, or the statistics).  Without this a single meta tensor among
+    CPU tensors dispatches the whole call here (Meta outranks CPU), which returned uninitialised
+    CPU tensors and left the running statistics and num_batches_tracked alone, where the CPU
+    kernel raises."""
+    (first_name, first_tensor), = first.items()
+    for name, t in tensors.items():
+        if t is not None and t.device != first_tensor.device:
+            raise RuntimeError(f"normfuse.{op}: {name} is on {t.device}, {first_name} on "
+                               f"{first_tensor.device}")
+
 def _stats_like(mean):
     return mean.new_empty(mean.shape)
 
@@ -98,66 +110,97 @@ def _moments_fake(x):
     return x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
 
 def _affine_apply_fake(x, mean, scale, shift, relu=False):
+    _same_device("affine_apply", {"input": x}, mean=mean, scale=scale, shift=shift)
     return torch.empty_like(x)
 
 def _backward_sums_fake(dy, x, mean, scale=None, shift=None):
+    _same_device("backward_sums", {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
     return _stats_like(mean), _stats_like(mean)
 
 def _backward_apply_fake(dy, x, mean, c_dy, c_x, c_0, scale=None, shift=None):
+    _same_device("backward_apply", {"input": x}, grad_output=dy, mean=mean, c_dy=c_dy, c_x=c_x, c_0=c_0,
+                 scale=scale, shift=shift)
     return torch.empty_like(x)
 
 # The forwards mutate running_mean / running_var / num_batches_tracked in place (declared in the
 # schemas): nothing to do for fake tensors.
 def _bin_fake(mean, m2, plane_size, gate, weight, bias, running_mean, running_var, training, momentum, eps,
               num_batches_tracked=None):
+    _same_device("bin_coefficients", {"mean": mean}, m2=m2, gate=gate, weight=weight, bias=bias,
+                 running_mean=running_mean, running_var=running_var,
+                 num_batches_tracked=num_batches_tracked)
     return _stats_like(mean), _stats_like(mean)
 
 def _bin_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate, weight, bias, running_mean, running_var,
                        training, eps):
+    _same_device("bin_coefficients_backward", {"mean": mean}, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, m2=m2,
+                 gate=gate, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(gate, mean),
             _param_grad(weight, mean), _param_grad(bias, mean))
 
 def _iebn_fake(mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean, running_var, training,
                momentum, eps, num_batches_tracked=None):
+    _same_device("iebn_coefficients", {"mean": mean}, m2=m2, gate_weight=gate_weight, gate_bias=gate_bias,
+                 weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                 num_batches_tracked=num_batches_tracked)
     return _stats_like(mean), _stats_like(mean)
 
 def _iebn_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, gate_weight, gate_bias, weight, bias,
                         running_mean, running_var, training, eps):
+    _same_device("iebn_coefficients_backward", {"mean": mean}, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, m2=m2,
+                 gate_weight=gate_weight, gate_bias=gate_bias, weight=weight, bias=bias,
+                 running_mean=running_mean, running_var=running_var)
     return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(gate_weight, mean),
             _param_grad(gate_bias, mean), _param_grad(weight, mean), _param_grad(bias, mean))
 
 def _assoc_fake(mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps):
+    _same_device("assoc_coefficients", {"mean": mean}, m2=m2, encoder=encoder, decoder_mean=decoder_mean,
+                 decoder_var=decoder_var, weight=weight, bias=bias)
     return _stats_like(mean), _stats_like(mean)
 
 def _assoc_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
                          weight, bias, eps):
+    _same_device("assoc_coefficients_backward", {"mean": mean}, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, m2=m2,
+                 encoder=encoder, decoder_mean=decoder_mean, decoder_var=decoder_var, weight=weight,
+                 bias=bias)
     return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(encoder, mean),
             _param_grad(decoder_mean, mean), _param_grad(decoder_var, mean), _param_grad(weight, mean),
             _param_grad(bias, mean))
 
 def _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps,
                    num_batches_tracked=None):
+    _same_device("bin_coefficients", {"input": x}, gate=gate, weight=weight, bias=bias,
+                 running_mean=running_mean, running_var=running_var,
+                 num_batches_tracked=num_batches_tracked)
     return (*_moments_fake(x), *_moments_fake(x))  # mean, m2, scale, shift
 
 def _iebn_step_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum, eps,
                     num_batches_tracked=None):
+    _same_device("iebn_coefficients", {"input": x}, gate_weight=gate_weight, gate_bias=gate_bias, weight=weight,
+                 bias=bias, running_mean=running_mean, running_var=running_var,
+                 num_batches_tracked=num_batches_tracked)
     return (*_moments_fake(x), *_moments_fake(x))  # mean, m2, scale, shift
 
 def _bin_step_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean, running_var, training, eps,
                             scale=None, shift=None):
+    _same_device("backward_sums", {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
     return _bin_backward_fake(mean, mean, mean, m2, 1, gate, weight, bias, running_mean, running_var, training, eps)
 
 def _iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias, running_mean, running_var,
                              training, eps, scale=None, shift=None):
+    _same_device("backward_sums", {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
     return _iebn_backward_fake(mean, mean, mean, m2, 1, gate_weight, gate_bias, weight, bias, running_mean,
                                running_var, training, eps)
 
 def _bin_layer_forward_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps,
                             num_batches_tracked=None, relu=False):
+    _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked)
     return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
 
 def _iebn_layer_forward_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum,
                              eps, num_batches_tracked=None, relu=False):
+    _iebn_step_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum, eps,
+                    num_batches_tracked)
     return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
 
 def _bin_layer_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean, running_var, training, eps,

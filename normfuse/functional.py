@@ -12,7 +12,7 @@ from torch import Tensor
 from ._autograd import run_layer
 from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check_batch_values,
                       check_channels, check_group_values, check_input, check_number,
-                      check_running_stats, check_tensor, relu_flag)
+                      check_running_stats, check_running_writable, check_tensor, relu_flag)
 
 _RANKS = (2, 3, 4, 5)
 
@@ -28,6 +28,8 @@ def check_batch_layer(who, input, running_mean, running_var, named_params, train
     for name, tensor, optional in named_params:
         check_tensor(tensor, name, (channels,), input, who, optional=optional)
     check_running_stats(running_mean, running_var, channels, input, who)
+    if training:
+        check_running_writable(running_mean, running_var, named_params, who)
     check_batch_counter(num_batches_tracked, input, who)
     check_number(momentum, "momentum", who)
     check_number(eps, "eps", who)

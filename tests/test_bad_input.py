@@ -174,6 +174,43 @@ def test_functional_bad_parameter(nf, backend, device, seed, kind, arg, how, tra
         assert torch.equal(a[k], v), f"{k} changed by a call that raised"
 
 
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("how", ["expanded-mean", "expanded-var", "same", "overlapping-views",
+                                 "mean-is-weight", "var-is-bias"])
+def test_functional_running_stats_updated_in_place(nf, backend, device, seed, kind, how):
+    """Found by fuzzing: in training the running statistics are written in place, so an expanded
+    one failed in the write-back after the other was updated (state changed by a call that
+    raised), and running statistics sharing memory with each other or with a parameter gave
+    silently wrong results on every backend. Now a ValueError naming them, nothing written; in
+    eval mode (read only) the same tensors are accepted."""
+    c = 4
+    a = _functional_args(kind, c, device)
+    if how.startswith("expanded"):
+        key = "running_mean" if how == "expanded-mean" else "running_var"
+        a[key] = torch.ones(1, device=device).expand(c)
+        words = (key,)
+    elif how == "same":
+        a["running_var"] = a["running_mean"]
+        words = ("running_mean",)
+    elif how == "overlapping-views":  # partial overlap: passes the common path's predicate
+        buf = torch.ones(c + 2, device=device)
+        a["running_mean"], a["running_var"] = buf[:c], buf[2:]
+        words = ("running_mean",)
+    elif how == "mean-is-weight":
+        a["running_mean"] = a["weight"]
+        words = ("running_mean",)
+    else:
+        a["running_var"] = a["bias"]
+        words = ("running_var",)
+    keep = {k: v.clone() for k, v in a.items()}
+    x = make_input((3, c, 2, 3), seed, device=device)
+    msg = _expect_error(lambda: _call(nf, kind, x, a, True), *words)
+    assert "overlapping" in msg or "share memory" in msg, msg
+    for k, v in keep.items():
+        assert torch.equal(a[k], v), f"{k} changed by a call that raised"
+    _call(nf, kind, x, a, False)  # eval mode reads them only
+
+
 @pytest.mark.parametrize("kind", ["bin", "iebn", "assoc"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
 def test_functional_bad_input_dtype(nf, backend, device, seed, kind, dtype):

@@ -235,6 +235,16 @@ def _row_running_mean_only(nf, device):
     return _fbin_with(nf, device, running_var=None)
 
 
+def _row_running_expanded(nf, device):
+    return _fbin_with(nf, device, running_mean=torch.zeros(1, device=device).expand(C))
+
+
+def _row_running_alias(nf, device):
+    a = _fargs(device)
+    a["running_var"] = a["running_mean"]
+    return (lambda: _fbin(nf, _x(device), a)), a
+
+
 def _row_counter_dtype(nf, device):
     m = _bin(nf, device)
     m.num_batches_tracked = torch.tensor(2.0, device=device)  # the op increments it in place
@@ -371,6 +381,9 @@ ROWS = {
     "encoder-rank": (_row_encoder_rank, ValueError, ["encoder", "2-d"]),
     "encoder-empty": (_row_encoder_empty, ValueError, ["encoder", "embed_dim >= 1"]),
     "running-pair": (_row_running_mean_only, ValueError, ["running_mean", "running_var"]),
+    "running-overlap": (_row_running_expanded, ValueError, ["running_mean", "overlapping"]),
+    "running-alias": (_row_running_alias, ValueError, ["running_mean", "running_var",
+                                                       "share memory"]),
     "counter-dtype": (_row_counter_dtype, ValueError, ["num_batches_tracked", "0-dim int64",
                                                        "float32"]),
     "single-value": (_row_single_value, ValueError, ["input", "more than 1 value per channel"]),

@@ -5,6 +5,7 @@
 // math of common/coefficients.h). Torch is fine here; only .cpp files include this (never a .cu
 // / .cuh).
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -30,12 +31,13 @@ using OptTensor = std::optional<Tensor>;
 inline std::pair<int64_t, int64_t> check_stats(const char* op, const Tensor& mean, const Tensor& m2) {
   TORCH_CHECK(mean.dim() == 2, "normfuse.", op, ": mean must be (N, C), got shape ", mean.sizes());
   TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, "normfuse.", op,
-              ": statistics must be float32 or float64, got ", mean.scalar_type());
+              ": mean (the statistics) must be float32 or float64, got ", mean.scalar_type());
   TORCH_CHECK(mean.is_contiguous(), "normfuse.", op, ": mean must be contiguous");
   TORCH_CHECK(m2.sizes() == mean.sizes() && m2.scalar_type() == mean.scalar_type() && m2.device() == mean.device() &&
                   m2.is_contiguous(),
               "normfuse.", op, ": m2 must be a contiguous ", mean.scalar_type(), " tensor of shape ", mean.sizes(),
-              " on ", mean.device());
+              " on ", mean.device(), " like mean, got ", m2.scalar_type(), " ", m2.sizes(), " on ", m2.device(),
+              m2.is_contiguous() ? "" : " (not contiguous)");
   return {mean.size(0), mean.size(1)};
 }
 
@@ -83,6 +85,15 @@ P<S> stats_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t 
   return p;
 }
 
+// `written` (updated in place) must not share memory with `other` (read or written by the same call).
+inline void check_no_overlap(const char* op, const char* written_name, const Tensor& written, const char* other_name,
+                             const Tensor& other) {
+  const at::MemOverlapStatus s = at::get_overlap_status(written, other);
+  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "normfuse.", op, ": ",
+              written_name, " must not share memory with ", other_name, " (", written_name,
+              " is updated in place); pass separate tensors");
+}
+
 // Everything BIN / IEBN share; `gate_bias` is null for BIN. The running statistics are checked
 // (both or neither) and, in the backward, only passed where eval mode reads them.
 template <class S>
@@ -99,6 +110,19 @@ nf::BatchCoefParams<S> batch_params(const char* op, const Tensor& mean, const Te
               ": running_mean and running_var must be given together");
   p.running_mean = opt_param_ptr<S>(op, "running_mean", running_mean, p.C, mean);
   p.running_var = opt_param_ptr<S>(op, "running_var", running_var, p.C, mean);
+  if (training && running_mean.has_value()) {
+    // Written in place while the other arguments are read: sharing memory would give
+    // silently wrong statistics (and, aliasing an input, wrong coefficients).
+    const std::pair<const char*, const Tensor*> read[] = {
+        {"mean", &mean}, {"m2", &m2}, {gate_bias ? "gate_weight" : "gate", &gate}, {"gate_bias", gate_bias},
+        {"weight", weight ? &*weight : nullptr}, {"bias", bias ? &*bias : nullptr}};
+    check_no_overlap(op, "running_mean", *running_mean, "running_var", *running_var);
+    for (const auto& [name, t] : read) {
+      if (t == nullptr) continue;
+      check_no_overlap(op, "running_mean", *running_mean, name, *t);
+      check_no_overlap(op, "running_var", *running_var, name, *t);
+    }
+  }
   p.training = training;
   p.momentum = momentum;
   p.eps = eps;

@@ -30,11 +30,13 @@ bool is_channels_last_dense(const at::Tensor& x) {
   return ok && (x.size(0) == 1 || x.stride(0) == expected);
 }
 
-nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
+nf::PlaneShape plane_shape(const at::Tensor& x, const char* op, const char* name) {
   const int64_t d = x.dim();
-  TORCH_CHECK(d >= 2 && d <= 5, "normfuse.", op, ": input must have rank 2..5 (N, C, *spatial), got ", d);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "normfuse.", op, ": input must be floating point, got ",
-              x.scalar_type());
+  TORCH_CHECK(d >= 2 && d <= 5, "normfuse.", op, ": ", name, " must have rank 2..5 (N, C, *spatial), got ", d);
+  const at::ScalarType t = x.scalar_type();
+  // Not at::isFloatingType: that takes the float8 types too, which no kernel reads.
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "normfuse.", op, ": ",
+              name, " must be float64, float32, float16 or bfloat16, got ", t);
   nf::PlaneShape s;
   s.N = x.size(0);
   s.C = x.size(1);
@@ -44,8 +46,8 @@ nf::PlaneShape plane_shape(const at::Tensor& x, const char* op) {
     s.layout = nf::Layout::Contiguous;
     return s;
   }
-  TORCH_CHECK(is_channels_last_dense(x), "normfuse.", op,
-              ": input must be contiguous or channels-last (C innermost); got strides ", x.strides(),
+  TORCH_CHECK(is_channels_last_dense(x), "normfuse.", op, ": ", name,
+              " must be contiguous or channels-last (C innermost); got strides ", x.strides(),
               " for sizes ", x.sizes(), ". Call .contiguous() first.");
   s.layout = nf::Layout::ChannelsLast;
   return s;
@@ -62,7 +64,7 @@ void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneS
               x.scalar_type(), ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == x.device(), "normfuse.", op, ": ", name, " is on ", t.device(), ", input on ",
               x.device());
-  const nf::PlaneShape ts = plane_shape(t, op);
+  const nf::PlaneShape ts = plane_shape(t, op, name);
   // With C == 1 or L == 1 both layouts address memory identically.
   TORCH_CHECK(ts.layout == s.layout || s.C == 1 || s.L == 1, "normfuse.", op, ": ", name,
               " must be in the input's memory layout (both contiguous or both channels-last)");

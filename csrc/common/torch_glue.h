@@ -12,9 +12,9 @@ namespace nf_glue {
 // float64 for float64 inputs, float32 otherwise (docs/architecture.md "acc dtype").
 at::ScalarType acc_dtype(at::ScalarType input);
 
-// (N, C, L) and layout of `x` (rank 2..5, contiguous or channels-last as architecture.md
-// defines); raises a RuntimeError naming `op` otherwise.
-nf::PlaneShape plane_shape(const at::Tensor& x, const char* op);
+// (N, C, L) and layout of `x` (rank 2..5, float64/32/16 or bfloat16, contiguous or channels-last
+// as architecture.md defines); raises a RuntimeError naming `op` and the argument `name` otherwise.
+nf::PlaneShape plane_shape(const at::Tensor& x, const char* op, const char* name = "input");
 
 // `t` (e.g. dy) must have x's shape, dtype, device and addressing.
 void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,

@@ -12,7 +12,10 @@ from . import heuristics
 from . import runtime as rt
 from .runtime import NAMESPACE, OptTensor, check_device, kernels, launcher, stats_tensor
 
-def _moment_pair(mean: Tensor, m2: Tensor):
+def _moment_pair(mean: Tensor, m2: Tensor, plane_size: int):
+    rt.require_tensor(mean, "mean")
+    if plane_size < 1:  # as the C++ ops: a count of 0 or less gives NaN or garbage, no error
+        raise RuntimeError(f"normfuse_triton: plane_size must be >= 1, got {plane_size}")
     if mean.dim() != 2 or mean.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"normfuse_triton: mean must be (N, C) float32/float64, got "
                            f"{tuple(mean.shape)} {mean.dtype}")
@@ -20,12 +23,14 @@ def _moment_pair(mean: Tensor, m2: Tensor):
     return mean.contiguous(), stats_tensor(m2, mean.shape, mean.dtype, "m2", mean.device)
 
 
-def _param(t, mean: Tensor, what: str):
-    """A parameter: None, or a (C,) tensor of the statistics' dtype on their device."""
+def _param(t, mean: Tensor, what: str, optional: bool = True):
+    """A parameter: None (where ``optional``), or a (C,) tensor of the statistics' dtype on their
+    device (exactly (C,), as the C++ ops: a (2, C/2) or (C, 1) tensor is refused, not
+    flattened)."""
     c = mean.shape[1]
-    if t is None:
+    if t is None and optional:
         return None
-    return stats_tensor(t.reshape(-1), (c,), mean.dtype, what, mean.device)
+    return stats_tensor(t, (c,), mean.dtype, what, mean.device)
 
 
 def _coeff_meta(n: int):
@@ -33,21 +38,53 @@ def _coeff_meta(n: int):
     return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps), cfg
 
 
-def _running(running_mean, running_var, mean: Tensor):
+def _running(running_mean, running_var, mean: Tensor, written: bool = False, read=()):
     """Contiguous running statistics for the kernels (strided ones are copied, see
-    ``_write_back``)."""
+    ``_write_back``).  ``written`` (a training forward): they are updated in place, so they
+    must not overlap themselves (an expanded tensor: the write-back would fail after the
+    kernel ran, with the other statistic and the counter already updated), each other, or any
+    tensor of ``read`` ((name, tensor) pairs the kernel reads), as the C++ ops check."""
     if (running_mean is None) != (running_var is None):
         raise RuntimeError("normfuse_triton: give both running_mean and running_var, or neither")
     if running_mean is None:
         return None, None
     c, dtype, device = mean.shape[1], mean.dtype, mean.device
     for t, what in ((running_mean, "running_mean"), (running_var, "running_var")):
+        rt.require_tensor(t, what)
         if tuple(t.shape) != (c,) or t.dtype != dtype:
             raise RuntimeError(f"normfuse_triton: {what} must be a ({c},) {dtype} tensor, got "
                                f"{tuple(t.shape)} {t.dtype}")
         if t.device != device:
             raise RuntimeError(f"normfuse_triton: {what} is on {t.device}, expected {device}")
+        if written and not rt.tracing(t) and torch._debug_has_internal_overlap(t) == 1:
+            raise RuntimeError(f"normfuse_triton: {what} must not have overlapping elements (it is "
+                               f"updated in place), got strides {t.stride()}")
+    if written and not rt.tracing(running_mean):  # (fake tensors have no data pointers)
+        for t, what in ((running_mean, "running_mean"), (running_var, "running_var")):
+            others = [("running_var", running_var)] if what == "running_mean" else []
+            for name, other in (*others, *read):
+                if other is not None and _shares_memory(t, other):
+                    raise RuntimeError(f"normfuse_triton: {what} must not share memory with "
+                                       f"{name} ({what} is updated in place); pass separate "
+                                       f"tensors")
     return running_mean.contiguous(), running_var.contiguous()
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether the elements of ``a`` and ``b`` may overlap (same storage, intersecting byte
+    ranges): conservative for strided views, exact for the dense vectors the ops take."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def extent(t):
+        lo = t.data_ptr()
+        span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return lo, lo + (span + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
 
 
 def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str):
@@ -75,11 +112,12 @@ def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, r
                    running_var, training, momentum, eps, num_batches_tracked):
     """BIN / IEBN forward; ``gates`` are the layer's per-channel gate parameters as (name,
     tensor) pairs (BIN: gate; IEBN: gate_weight, gate_bias), passed to the kernel in order."""
-    mean, m2 = _moment_pair(mean, m2)
+    read = [("mean", mean), ("m2", m2), *gates, ("weight", weight), ("bias", bias)]
+    mean, m2 = _moment_pair(mean, m2, plane_size)
     n, c = mean.shape
-    gates = [_param(t, mean, name) for name, t in gates]
+    gates = [_param(t, mean, name, optional=False) for name, t in gates]
     weight, bias = _param(weight, mean, "weight"), _param(bias, mean, "bias")
-    rm, rv = _running(running_mean, running_var, mean)
+    rm, rv = _running(running_mean, running_var, mean, written=bool(training), read=read)
     nbt, count = _batch_counter(num_batches_tracked, mean, training, op)
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
@@ -99,15 +137,17 @@ def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, r
     return scale, shift
 
 
-def _batch_backward(kernel, sum_dy, sum_dy_xmu, mean, m2, plane_size, gates, weight,
+def _batch_backward(kernel, sum_dy, sum_dy_xmu, mean, m2, plane_size, gates, weight, bias,
                     running_mean, running_var, training, eps):
-    """BIN / IEBN backward: (c_dy, c_x, c_0, one gradient per gate, grad_weight, grad_bias)."""
-    mean, m2 = _moment_pair(mean, m2)
+    """BIN / IEBN backward: (c_dy, c_x, c_0, one gradient per gate, grad_weight, grad_bias).
+    ``bias`` is not read (the gradients do not depend on it) but checked, as the C++ ops do."""
+    mean, m2 = _moment_pair(mean, m2, plane_size)
     n, c = mean.shape
     g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
     g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)
-    gates = [_param(t, mean, name) for name, t in gates]
+    gates = [_param(t, mean, name, optional=False) for name, t in gates]
     weight = _param(weight, mean, "weight")
+    _param(bias, mean, "bias")
     running_mean, running_var = _running(running_mean, running_var, mean)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
     grads = [mean.new_empty(c) for _ in range(len(gates) + 2)]
@@ -140,7 +180,7 @@ def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
                               running_mean: OptTensor, running_var: OptTensor, training: bool,
                               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _batch_backward(kernels().bin_backward, sum_dy, sum_dy_xmu, mean, m2, plane_size,
-                           [("gate", gate)], weight, running_mean, running_var, training, eps)
+                           [("gate", gate)], weight, bias, running_mean, running_var, training, eps)
 
 
 @triton_op(f"{NAMESPACE}::iebn_coefficients", mutates_args=_MUTATED)
@@ -162,13 +202,18 @@ def iebn_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor,
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _batch_backward(kernels().iebn_backward, sum_dy, sum_dy_xmu, mean, m2, plane_size,
                            [("gate_weight", gate_weight), ("gate_bias", gate_bias)], weight,
-                           running_mean, running_var, training, eps)
+                           bias, running_mean, running_var, training, eps)
 
 
 def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias):
     n, c = mean.shape
     if num_groups <= 0 or c % num_groups:
-        raise RuntimeError(f"normfuse_triton: {c} channels do not split into {num_groups} groups")
+        raise RuntimeError(f"normfuse_triton: num_groups ({num_groups}) must be >= 1 and divide "
+                           f"the number of channels ({c})")
+    rt.require_tensor(encoder, "encoder")
+    if encoder.dim() != 2 or encoder.shape[0] < 1:
+        raise RuntimeError(f"normfuse_triton: encoder must be (M, num_groups) = (M, {num_groups}) "
+                           f"with M >= 1, got {tuple(encoder.shape)}")
     hidden = encoder.shape[0]
     acc, dev = mean.dtype, mean.device
     enc = stats_tensor(encoder, (hidden, num_groups), acc, "encoder", dev)
@@ -177,15 +222,15 @@ def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, 
     cfg = heuristics.assoc_config(num_groups, hidden)
     meta = dict(BLOCK_G=cfg.block_g, BLOCK_M=cfg.block_m, BLOCK_CG=cfg.block_cg,
                 num_warps=cfg.num_warps)
-    return (enc, dec_mu, dec_var, _param(weight, mean, "weight"),
-            _param(bias, mean, "bias"), hidden, meta)
+    return (enc, dec_mu, dec_var, _param(weight, mean, "weight", optional=False),
+            _param(bias, mean, "bias", optional=False), hidden, meta)
 
 
 @triton_op(f"{NAMESPACE}::assoc_coefficients", mutates_args=())
 def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                        encoder: Tensor, decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
                        bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    mean, m2 = _moment_pair(mean, m2)
+    mean, m2 = _moment_pair(mean, m2, plane_size)
     n, c = mean.shape
     enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
         mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias)
@@ -205,7 +250,7 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
                                 bias: Tensor, eps: float
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                            Tensor]:
-    mean, m2 = _moment_pair(mean, m2)
+    mean, m2 = _moment_pair(mean, m2, plane_size)
     n, c = mean.shape
     g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
     g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)

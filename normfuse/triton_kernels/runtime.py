@@ -74,6 +74,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def require_tensor(t, what: str) -> None:
+    """A Tensor argument given as something else (None, a list): a clear error, before any
+    attribute access fails with an AttributeError that names nothing."""
+    if not isinstance(t, Tensor):
+        raise RuntimeError(f"normfuse_triton: {what} must be a Tensor, got {type(t).__name__}")
+
+
 def check_device(t: Tensor, what: str) -> None:
     if t.device.type == "cuda":
         if t.dtype == torch.float64:
@@ -85,11 +92,12 @@ def check_device(t: Tensor, what: str) -> None:
             raise RuntimeError("normfuse_triton: CPU tensors need the Triton interpreter "
                                "(set TRITON_INTERPRET=1 before the first normfuse_triton call)")
     else:
-        raise RuntimeError(f"normfuse_triton: unsupported device {t.device}")
+        raise RuntimeError(f"normfuse_triton: {what} is on unsupported device {t.device}")
 
 
 def check_input(x: Tensor, what: str = "input"):
     """``(N, C, L, channels_last)`` of a layer input (or gradient) the kernels can read."""
+    require_tensor(x, what)
     if not 2 <= x.dim() <= 5:
         raise RuntimeError(f"normfuse_triton: {what} must have 2 to 5 dimensions, got {x.dim()}")
     if x.dtype not in GPU_DTYPES + (torch.float64,):
@@ -111,6 +119,7 @@ def check_input(x: Tensor, what: str = "input"):
 
 def check_pair(dy: Tensor, x: Tensor):
     layout = check_input(x)
+    require_tensor(dy, "grad_output")
     if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
         raise RuntimeError(f"normfuse_triton: grad_output {tuple(dy.shape)} {dy.dtype} does not "
                            f"match input {tuple(x.shape)} {x.dtype}")
@@ -122,6 +131,7 @@ def check_pair(dy: Tensor, x: Tensor):
 def stats_tensor(t: Tensor, shape, dtype, what: str, device: torch.device) -> Tensor:
     """``t`` (statistics, coefficients or a parameter) checked to be a ``shape`` ``dtype`` tensor
     on ``device`` (the input's or the statistics'), contiguous."""
+    require_tensor(t, what)
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         raise RuntimeError(f"normfuse_triton: {what} must be {tuple(shape)} {dtype}, got "
                            f"{tuple(t.shape)} {t.dtype}")

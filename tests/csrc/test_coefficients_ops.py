@@ -219,6 +219,33 @@ def test_argument_errors():
         OPS.bin_coefficients(b["mean"], b["m2"], 3, b["gate"][:5], None, None, None, None, True, 0.1, 1e-5)
 
 
+def test_running_statistics_must_not_share_memory():
+    """Found by fuzzing: in training the running statistics are written while the other
+    arguments are read, so running_mean is running_var (or a view of mean, or the gate) gave
+    silently wrong statistics or coefficients. Refused before anything is written; eval mode
+    only reads them, and there sharing is fine."""
+    b = {k: v.float() for k, v in make_inputs("bin", 2, 6, 3).items()}
+    rv = b["running_var"].clone()
+    cases = [("running_mean must not share memory with running_var", dict(running_mean=rv, running_var=rv)),
+             ("running_mean must not share memory with gate", dict(running_mean=b["gate"])),
+             ("running_var must not share memory with mean", dict(running_var=b["mean"][1])),
+             ("running_mean must not share memory with bias", dict(running_mean=b["bias"]))]
+    for match, bad in cases:
+        a = {**b, "running_mean": b["running_mean"].clone(), "running_var": rv.clone(), **bad}
+        before = [a[k].clone() for k in ("running_mean", "running_var", "gate", "mean")]
+        nbt = torch.tensor(5)
+        with pytest.raises(RuntimeError, match=f"normfuse.bin_coefficients: {match}"):
+            OPS.bin_coefficients(a["mean"], a["m2"], 3, a["gate"], a["weight"], a["bias"], a["running_mean"],
+                                 a["running_var"], True, 0.1, 1e-5, nbt)
+        assert int(nbt) == 5
+        assert all(torch.equal(x, a[k]) for x, k in zip(before, ("running_mean", "running_var", "gate", "mean")))
+    with pytest.raises(RuntimeError, match="normfuse.iebn_coefficients: running_mean must not share memory with "
+                                           "gate_bias"):
+        OPS.iebn_coefficients(b["mean"], b["m2"], 3, b["gate"], b["bias"], None, None, b["bias"], rv, True, 0.1,
+                              1e-5)
+    OPS.bin_coefficients(b["mean"], b["m2"], 3, b["gate"], None, None, rv, rv, False, 0.1, 1e-5)  # eval: read only
+
+
 def test_empty_batch_gives_zero_parameter_gradients():
     t = {k: v.float() for k, v in make_inputs("bin_backward", 3, 4, 2).items()}
     e = {k: (v[:0] if v.dim() == 2 else v) for k, v in t.items()}

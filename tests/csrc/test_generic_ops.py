@@ -161,6 +161,16 @@ def test_clear_errors():
         ops.affine_apply(x, *(torch.zeros(3, 2),) * 3)
     with pytest.raises(RuntimeError, match="layout"):
         ops.backward_sums(x.contiguous(memory_format=torch.channels_last), x, torch.zeros(2, 3))
+    # found by fuzzing: a strided grad_output was reported as "input", and a float8 input
+    # (at::isFloatingType) reached the dtype switch: "normfuse: unsupported dtype Float8_e4m3fn"
+    with pytest.raises(RuntimeError, match=r"backward_sums: grad_output must be contiguous or channels-last"):
+        ops.backward_sums(x.transpose(2, 3), x, torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match=r"backward_apply: grad_output must be contiguous or channels-last"):
+        ops.backward_apply(x.transpose(2, 3), x, *(torch.zeros(2, 3),) * 4)
+    for op, args in (("moments", ()), ("affine_apply", (torch.zeros(2, 3),) * 3)):
+        with pytest.raises(RuntimeError, match=rf"normfuse.{op}: input must be float64, float32, float16 or "
+                                               "bfloat16, got Float8_e4m3fn"):
+            getattr(ops, op)(x.to(torch.float8_e4m3fn), *args)
 
 
 @pytest.mark.parametrize("layout", ["contig", "cl"])
@@ -200,6 +210,41 @@ def test_fake_impls_of_all_ops():
         assert [t.shape for t in ops.assoc_coefficients(st, st, 35, g, enc, dm, dv, pc, pc, 1e-5)] == [(n, c)] * 2
         r = ops.assoc_coefficients_backward(st, st, st, st, 35, g, enc, dm, dv, pc, pc, 1e-5)
         assert [t.shape for t in r] == [(n, c)] * 3 + [(m, g), (g, m), (g, m), (c,), (c,)]
+
+
+def test_fake_impls_check_devices():
+    """One meta tensor among CPU tensors dispatches the whole call to the fake (Meta outranks
+    CPU). Found by fuzzing: the fakes returned uninitialised CPU tensors there, with the running
+    statistics and num_batches_tracked left alone, where the CPU kernel raises; now they raise
+    the kernels' device error. All-meta calls (and FakeTensorMode) still work."""
+    n, c, L = 3, 4, 6
+    st, m2, pc = torch.randn(n, c), torch.rand(n, c) + 1, torch.rand(c)
+    rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.tensor(0)
+    x = torch.randn(n, c, 2, 3)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    calls = [
+        ("running_mean is on meta, mean on cpu",
+         lambda: ops.bin_coefficients(st, m2, L, pc, None, None, meta(rm), rv, True, 0.1, 1e-5, nbt)),
+        ("gate_bias is on meta, mean on cpu",
+         lambda: ops.iebn_coefficients(st, m2, L, pc, meta(pc), None, None, rm, rv, True, 0.1, 1e-5, nbt)),
+        ("weight is on meta, mean on cpu",
+         lambda: ops.bin_coefficients_backward(st, st, st, m2, L, pc, meta(pc), None, None, None, True, 1e-5)),
+        ("encoder is on meta, mean on cpu",
+         lambda: ops.assoc_coefficients(st, m2, L, 2, meta(torch.ones(1, 2)), torch.ones(2, 1),
+                                        torch.ones(2, 1), pc, pc, 1e-5)),
+        ("mean is on meta, input on cpu", lambda: ops.affine_apply(x, meta(st), st, st)),
+        ("grad_output is on meta, input on cpu", lambda: ops.backward_sums(meta(x), x, st)),
+        ("gate is on meta, input on cpu",
+         lambda: ops.bin_layer(x, meta(pc), None, None, rm, rv, True, 0.1, 1e-5, nbt)),
+        ("gate is on cpu, input on meta",
+         lambda: ops.bin_layer_forward(meta(x), pc, None, None, rm, rv, True, 0.1, 1e-5, nbt)),
+    ]
+    for match, call in calls:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        assert torch.equal(rm, torch.zeros(c)) and torch.equal(rv, torch.ones(c)) and int(nbt) == 0
+    out = ops.bin_layer(meta(x), meta(pc), None, None, meta(rm), meta(rv), True, 0.1, 1e-5, meta(nbt))
+    assert out.device.type == "meta" and out.shape == x.shape
 
 
 # ---- CUDA (skipped without a GPU) ---------------------------------------------------------------------

@@ -273,3 +273,57 @@ def test_statistics_on_another_device_are_refused():
     with pytest.raises(RuntimeError, match="m2 is on meta, expected"):
         runtime.stats_tensor(torch.zeros(2, 3, device="meta"), (2, 3), mean.dtype, "m2",
                              mean.device)
+
+
+def test_malformed_arguments_are_refused_before_any_write():
+    """Arguments the C++ ops refuse (tests/csrc/test_coefficients_ops.py), refused here too with
+    a message naming the argument, before the kernel runs: running statistics and the counter
+    untouched.  Found by fuzzing the ops: a plane_size of 0 or less gave NaN or garbage, a
+    missing gate failed inside the kernel after num_batches_tracked was incremented, (2, C/2) or
+    (C, 1) parameters were flattened, an expanded running statistic failed in the write-back
+    after the other one was updated, and running statistics sharing memory with each other or
+    with an input gave wrong statistics or coefficients."""
+    n, c, L, acc = 3, 4, 5, ACCS[-1]
+    mean, m2 = _stats(n, c, L, acc, seed=60)
+    gate, weight, bias = _rand((c,), 61, acc).sigmoid(), _rand((c,), 62, acc), _rand((c,), 63, acc)
+
+    def fresh():
+        return _rand((c,), 64, acc), _rand((c,), 65, acc, low=0.5), torch.tensor(2, device=DEVICE)
+
+    expanded = _rand((1,), 66, acc).expand(c)
+    cases = [  # (what to replace, by what, message)
+        ({"L": 0}, "plane_size must be >= 1, got 0"),
+        ({"L": -1}, "plane_size must be >= 1, got -1"),
+        ({"gate": None}, "gate must be a Tensor, got NoneType"),
+        ({"weight": weight.reshape(2, c // 2)}, r"weight must be \(4,\)"),
+        ({"bias": bias.reshape(c, 1)}, r"bias must be \(4,\)"),
+        ({"rm": expanded}, "running_mean must not have overlapping elements"),
+        ({"rv": expanded}, "running_var must not have overlapping elements"),
+        ({"rv": "rm"}, "running_mean must not share memory with running_var"),
+        ({"rm": gate}, "running_mean must not share memory with gate"),
+        ({"rv": mean[1]}, "running_var must not share memory with mean"),
+    ]
+    for change, match in cases:
+        rm, rv, nbt = fresh()
+        a = dict(L=L, gate=gate, weight=weight, bias=bias, rm=rm, rv=rv)
+        a.update(change)
+        if a["rv"] == "rm":
+            a["rv"] = a["rm"]
+        state = [t.clone() for t in (a["rm"], a["rv"], nbt, gate, mean)]
+        with pytest.raises(RuntimeError, match=match):
+            ops.bin_coefficients(mean, m2, a["L"], a["gate"], a["weight"], a["bias"], a["rm"],
+                                 a["rv"], True, MOMENTUM, EPS, nbt)
+        after = (a["rm"], a["rv"], nbt, gate, mean)
+        assert all(torch.equal(x, y) for x, y in zip(state, after)), change
+    # eval mode only reads the running statistics: sharing memory there is fine
+    ops.bin_coefficients(mean, m2, L, gate, weight, bias, gate, gate, False, MOMENTUM, EPS)
+    with pytest.raises(RuntimeError, match=r"bias must be \(4,\)"):  # checked, though not read
+        ops.bin_coefficients_backward(mean, m2, mean, m2, L, gate, weight, bias[:2], None, None,
+                                      True, EPS)
+    enc, dec = _rand((1, 2), 67, acc), _rand((2, 1), 68, acc)
+    with pytest.raises(RuntimeError, match=r"num_groups \(0\) must be >= 1 and divide"):
+        ops.assoc_coefficients(mean, m2, L, 0, enc, dec, dec, weight, bias, EPS)
+    with pytest.raises(RuntimeError, match=r"encoder must be \(M, num_groups\)"):
+        ops.assoc_coefficients(mean, m2, L, 2, enc[0, 0], dec, dec, weight, bias, EPS)
+    with pytest.raises(RuntimeError, match="mean must be a Tensor, got NoneType"):
+        ops.affine_apply(torch.zeros(n, c, 2, device=DEVICE), None, mean, mean)
