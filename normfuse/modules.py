@@ -60,6 +60,13 @@ class _BatchStatsNorm(_Activation, nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
 
+    def _affine_parameters(self, affine: bool, factory: dict) -> None:
+        """``weight`` and ``bias`` as ``nn.BatchNorm`` has them: (C,) parameters, or None."""
+        self.affine = affine
+        for name in ("weight", "bias"):
+            param = nn.Parameter(torch.empty(self.num_features, **factory)) if affine else None
+            self.register_parameter(name, param)
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()
@@ -183,13 +190,7 @@ class _BatchInstanceNorm(_BatchStatsNorm):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
                          activation=activation)
         factory = {"device": device, "dtype": dtype}
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._affine_parameters(affine, factory)
         self.gate = nn.Parameter(torch.empty(num_features, **factory))
         self.reset_parameters()
 
@@ -229,13 +230,7 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
                          activation=activation)
         factory = {"device": device, "dtype": dtype}
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._affine_parameters(affine, factory)
         self.gate_weight = nn.Parameter(torch.empty(num_features, **factory))
         self.gate_bias = nn.Parameter(torch.empty(num_features, **factory))
         self.reset_parameters()

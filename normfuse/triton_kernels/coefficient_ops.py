@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from .._checks import check_op_batch_counter
+from .._checks import check_op_batch_counter, shares_memory
 from . import heuristics
 from . import runtime as rt
 from .runtime import NAMESPACE, OptTensor, check_device, kernels, launcher, stats_tensor
@@ -63,28 +63,11 @@ def _running(running_mean, running_var, mean: Tensor, written: bool = False, rea
         for t, what in ((running_mean, "running_mean"), (running_var, "running_var")):
             others = [("running_var", running_var)] if what == "running_mean" else []
             for name, other in (*others, *read):
-                if other is not None and _shares_memory(t, other):
+                if other is not None and shares_memory(t, other):
                     raise RuntimeError(f"normfuse_triton: {what} must not share memory with "
                                        f"{name} ({what} is updated in place); pass separate "
                                        f"tensors")
     return running_mean.contiguous(), running_var.contiguous()
-
-
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
-    """Whether the elements of ``a`` and ``b`` may overlap (same storage, intersecting byte
-    ranges): conservative for strided views, exact for the dense vectors the ops take."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-
-    def extent(t):
-        lo = t.data_ptr()
-        span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-        return lo, lo + (span + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = extent(a), extent(b)
-    return a0 < b1 and b0 < a1
 
 
 def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str):
