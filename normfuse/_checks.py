@@ -76,10 +76,24 @@ def check_running_stats(running_mean, running_var, channels: int, input: Tensor,
     check_tensor(running_var, "running_var", (channels,), input, who, optional=True)
 
 
+def _addressless(t: Tensor) -> bool:
+    """A tensor without real addresses: meta, or fake (FakeTensorMode, export, AOT tracing),
+    whose ``data_ptr()`` and storage ``data_ptr()`` answer 0 (with a deprecation warning), not
+    an error, so that any two of them would seem to share memory."""
+    if t.device.type == "meta":
+        return True
+    if type(t) is Tensor or type(t) is torch.nn.Parameter:  # the common case, no import
+        return False
+    from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
+    return is_fake(t)
+
+
 def shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether the elements of ``a`` and ``b`` may overlap: the same storage and intersecting
     byte ranges (exact for the dense vectors the layers take, conservative for strided views)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if _addressless(a) or _addressless(b):  # not sure: nothing to compare
         return False
     try:
         if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
@@ -101,7 +115,8 @@ def check_running_writable(running_mean, running_var, named_params, who: str) ->
     ``check_running_stats``): no element stored twice (an expanded tensor: the update could not
     be written back, after the other statistic was), and no memory shared with each other or
     with a parameter (the update would overwrite what the call reads)."""
-    if running_mean is None or running_mean.device.type == "meta" or _dynamo_compiling():
+    if running_mean is None or _dynamo_compiling() or _addressless(running_mean) \
+            or _addressless(running_var):
         return
     try:  # fake (export) or functorch-wrapped tensors have no data pointers: nothing to check
         running_mean.untyped_storage().data_ptr()
@@ -277,21 +292,33 @@ def _numbers_ok(*values) -> bool:
 
 
 def _running_separate(running_mean, running_var, c, required, optional) -> bool:
-    """``check_running_writable`` would pass for these (C,) running statistics: dense, not a
-    parameter, and not overlapping each other (two dense (C,) vectors overlap iff their start
-    addresses are closer than C items; one data pointer each, no storage objects)."""
+    """``check_running_writable`` would pass for these (C,) running statistics: dense, and
+    overlapping neither each other nor a parameter (dense (C,) vectors: byte ranges from one data
+    pointer each, no storage objects; a parameter that is not dense: the checks decide)."""
     if not (running_mean.is_contiguous() and running_var.is_contiguous()):
         return False
-    for p in (*required, *optional):
-        if running_mean is p or running_var is p:
-            return False
     if _dynamo_compiling():
-        return True  # (traced: no data pointers; as before these checks)
+        return running_mean is not running_var and all(  # (traced: no data pointers)
+            running_mean is not p and running_var is not p for p in (*required, *optional))
+    if _addressless(running_mean) or _addressless(running_var):
+        return True  # fake: no data pointers; as before these checks
     try:
-        apart = abs(running_mean.data_ptr() - running_var.data_ptr())
-    except RuntimeError:  # fake or functorch-wrapped tensors have no data pointer
+        m, v = running_mean.data_ptr(), running_var.data_ptr()
+        m1, v1 = m + c * running_mean.element_size(), v + c * running_var.element_size()
+        if m < v1 and v < m1:
+            return False
+        for p in (*required, *optional):  # also a view of a parameter, not only the object
+            if p is None:
+                continue
+            if not p.is_contiguous():
+                return False  # (the checks decide)
+            q = p.data_ptr()
+            q1 = q + c * p.element_size()
+            if q < m1 and m < q1 or q < v1 and v < q1:
+                return False
+    except RuntimeError:  # functorch-wrapped tensors have no data pointer
         return True
-    return apart >= c * max(running_mean.element_size(), running_var.element_size())
+    return True
 
 
 def batch_layer_ok(input, ranks, channels, use_batch, required, optional, running_mean,
