@@ -129,6 +129,8 @@ def measure_case(layer: str, shape: Shape, precision: str, device: torch.device,
             step(i)
         timing.synchronize(device)
     events = _device_events(prof, device)
+    if not events:  # (CUPTI can come back empty): an error row, not a 0 us "measurement"
+        raise RuntimeError("torch.profiler recorded no kernels for the step")
     kernels_us = sum(us for _, us in events.values()) / profiled
     step_us = res["median_s"] * 1e6
     row = dict(shape=str(shape), stage=shape.name, precision=precision, layer=layer,

@@ -168,51 +168,54 @@ def _assoc_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, e
             _param_grad(bias, mean))
 
 def _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps,
-                   num_batches_tracked=None):
-    _same_device("bin_coefficients", {"input": x}, gate=gate, weight=weight, bias=bias,
+                   num_batches_tracked=None, op="bin_moments_coefficients"):
+    _same_device(op, {"input": x}, gate=gate, weight=weight, bias=bias,
                  running_mean=running_mean, running_var=running_var,
                  num_batches_tracked=num_batches_tracked)
     return (*_moments_fake(x), *_moments_fake(x))  # mean, m2, scale, shift
 
 def _iebn_step_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum, eps,
-                    num_batches_tracked=None):
-    _same_device("iebn_coefficients", {"input": x}, gate_weight=gate_weight, gate_bias=gate_bias, weight=weight,
+                    num_batches_tracked=None, op="iebn_moments_coefficients"):
+    _same_device(op, {"input": x}, gate_weight=gate_weight, gate_bias=gate_bias, weight=weight,
                  bias=bias, running_mean=running_mean, running_var=running_var,
                  num_batches_tracked=num_batches_tracked)
     return (*_moments_fake(x), *_moments_fake(x))  # mean, m2, scale, shift
 
 def _bin_step_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean, running_var, training, eps,
-                            scale=None, shift=None):
-    _same_device("backward_sums", {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
+                            scale=None, shift=None, op="bin_sums_coefficients_backward"):
+    _same_device(op, {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
     return _bin_backward_fake(mean, mean, mean, m2, 1, gate, weight, bias, running_mean, running_var, training, eps)
 
 def _iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias, running_mean, running_var,
-                             training, eps, scale=None, shift=None):
-    _same_device("backward_sums", {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
+                             training, eps, scale=None, shift=None, op="iebn_sums_coefficients_backward"):
+    _same_device(op, {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
     return _iebn_backward_fake(mean, mean, mean, m2, 1, gate_weight, gate_bias, weight, bias, running_mean,
                                running_var, training, eps)
 
 def _bin_layer_forward_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps,
                             num_batches_tracked=None, relu=False):
-    _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked)
+    _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked,
+                   op="bin_layer_forward")
     return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
 
 def _iebn_layer_forward_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum,
                              eps, num_batches_tracked=None, relu=False):
     _iebn_step_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum, eps,
-                    num_batches_tracked)
+                    num_batches_tracked, op="iebn_layer_forward")
     return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
 
 def _bin_layer_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean, running_var, training, eps,
                              scale=None, shift=None):
     # grad_input, then the step's parameter gradients (its c_dy, c_x, c_0 stay inside the op)
     return (torch.empty_like(x), *_bin_step_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean,
-                                                          running_var, training, eps)[3:])
+                                                          running_var, training, eps, scale, shift,
+                                                          op="bin_layer_backward")[3:])
 
 def _iebn_layer_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias, running_mean, running_var,
                               training, eps, scale=None, shift=None):
     return (torch.empty_like(x), *_iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias,
-                                                           running_mean, running_var, training, eps)[3:])
+                                                           running_mean, running_var, training, eps, scale,
+                                                           shift, op="iebn_layer_backward")[3:])
 
 FAKES = {
     "moments": _moments_fake,

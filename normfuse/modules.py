@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -327,10 +328,14 @@ class AssocNorm(_Activation, nn.Module):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")
         embed_dim = default_embed_dim(num_groups) if embed_dim is None else embed_dim
-        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int):
+        try:  # an int or int-like (numpy integers), not a bool or a float
+            if isinstance(embed_dim, bool):
+                raise TypeError
+            embed_dim = operator.index(embed_dim)
+        except TypeError:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r} (AssocNorm's "
                              "third argument is embed_dim, where nn.GroupNorm has eps: pass "
-                             "eps=... by keyword)")
+                             "eps=... by keyword)") from None
         if embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         factory = {"device": device, "dtype": dtype}

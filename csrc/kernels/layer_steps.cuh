@@ -44,7 +44,8 @@ constexpr int64_t kFusedStepMaxPlanes = 4096;
 // not the standalone kernels' 4. The step kernel's register count is the maximum over the
 // reduction and the epilogue, and the reduction's occupancy pays for it: 2 rows took most
 // instantiations from 40-48 to 60-64 registers (6 -> 4 resident 256-thread blocks per SM), 4 rows
-// up to 75. Whether the shorter epilogue is worth that is for bench/steps_probe.py to say.
+// up to 75. Whether a shorter epilogue is worth that is not measured: steps_probe compares fused
+// with unfused (whose standalone kernels keep 4 rows), not row counts.
 constexpr int kEpilogueRows = 1;
 
 // All tiles of the coefficient forward (kBackward = false) or backward, in one block.
