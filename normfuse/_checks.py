@@ -110,11 +110,30 @@ def shares_memory(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def running_update_conflict(running_mean: Tensor, running_var: Tensor, read,
+                            share_advice: str = "") -> str | None:
+    """Why a call cannot update these running statistics in place, or None: one stores an
+    element twice (an expanded tensor: its write-back would fail after the other statistic was
+    updated), or shares memory with the other statistic or a tensor of ``read`` ((name, tensor)
+    pairs the call reads), which the update would overwrite (``share_advice`` is appended to
+    that message).  Tensors with real addresses (callers skip fake ones)."""
+    stats = (("running_mean", running_mean), ("running_var", running_var))
+    for name, t in stats:
+        if torch._debug_has_internal_overlap(t) == 1:
+            return (f"{name} must not have overlapping elements (it is updated in place), got "
+                    f"strides {tuple(t.stride())}")
+    for i, (name, t) in enumerate(stats):
+        for other_name, other in (*stats[i + 1:], *read):
+            if isinstance(other, Tensor) and shares_memory(t, other):
+                return (f"{name} must not share memory with {other_name} ({name} is updated "
+                        f"in place){share_advice}")
+    return None
+
+
 def check_running_writable(running_mean, running_var, named_params, who: str) -> None:
     """Running statistics that a training call updates in place (checked after
-    ``check_running_stats``): no element stored twice (an expanded tensor: the update could not
-    be written back, after the other statistic was), and no memory shared with each other or
-    with a parameter (the update would overwrite what the call reads)."""
+    ``check_running_stats``): ``running_update_conflict`` against each other and the
+    parameters, as a ValueError."""
     if running_mean is None or _dynamo_compiling() or _addressless(running_mean) \
             or _addressless(running_var):
         return
@@ -123,18 +142,9 @@ def check_running_writable(running_mean, running_var, named_params, who: str) ->
         running_var.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        if torch._debug_has_internal_overlap(t) == 1:
-            raise ValueError(f"{who}: {name} must not have overlapping elements (it is updated "
-                             f"in place), got strides {tuple(t.stride())}")
-    others = (("running_var", running_var),) + tuple((n, p) for n, p, _ in named_params)
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        for other_name, other in others:
-            if other is not None and isinstance(other, Tensor) \
-                    and shares_memory(t, other):
-                raise ValueError(f"{who}: {name} must not share memory with {other_name} "
-                                 f"({name} is updated in place)")
-        others = others[1:] if name == "running_mean" else others
+    why = running_update_conflict(running_mean, running_var, [(n, p) for n, p, _ in named_params])
+    if why is not None:
+        raise ValueError(f"{who}: {why}")
 
 
 def check_batch_values(input: Tensor, who: str, training: bool = True) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from .._checks import check_op_batch_counter, shares_memory
+from .._checks import check_op_batch_counter, running_update_conflict
 from . import heuristics
 from . import runtime as rt
 from .runtime import NAMESPACE, OptTensor, check_device, kernels, launcher, stats_tensor
@@ -56,17 +56,11 @@ def _running(running_mean, running_var, mean: Tensor, written: bool = False, rea
                                f"{tuple(t.shape)} {t.dtype}")
         if t.device != device:
             raise RuntimeError(f"normfuse_triton: {what} is on {t.device}, expected {device}")
-        if written and not rt.tracing(t) and torch._debug_has_internal_overlap(t) == 1:
-            raise RuntimeError(f"normfuse_triton: {what} must not have overlapping elements (it is "
-                               f"updated in place), got strides {t.stride()}")
     if written and not rt.tracing(running_mean):  # (fake tensors have no data pointers)
-        for t, what in ((running_mean, "running_mean"), (running_var, "running_var")):
-            others = [("running_var", running_var)] if what == "running_mean" else []
-            for name, other in (*others, *read):
-                if other is not None and shares_memory(t, other):
-                    raise RuntimeError(f"normfuse_triton: {what} must not share memory with "
-                                       f"{name} ({what} is updated in place); pass separate "
-                                       f"tensors")
+        why = running_update_conflict(running_mean, running_var, read,
+                                      share_advice="; pass separate tensors")
+        if why is not None:
+            raise RuntimeError(f"normfuse_triton: {why}")
     return running_mean.contiguous(), running_var.contiguous()
 
 
