@@ -27,10 +27,14 @@ _OPTIONS = {"ilm": ("key_group_size", "reduction")}
 
 
 def _factory(module: nn.Module) -> dict:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()), None)
-    return {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
+    """Device and dtype of ``module``'s first floating-point tensor, parameters before buffers
+    ({} if none): a norm's own (its weight, else its running_mean), or, for a norm with no
+    tensors of its own (``GroupNorm(affine=False)``, ``BatchNorm(affine=False,
+    track_running_stats=False)``), the whole model's, which its replacement takes."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
 
 
 def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
@@ -88,16 +92,6 @@ def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict) -> ILMNorm
         new.bias.copy_(0.0 if bias is None else bias)
     _carry_requires_grad(gn, new)
     return new
-
-
-def _model_factory(model: nn.Module) -> dict:
-    """Device and dtype of ``model``'s first floating-point tensor ({} if none): for a norm
-    with no tensors of its own (``GroupNorm(affine=False)``, ``BatchNorm(affine=False,
-    track_running_stats=False)``), whose replacement does have parameters."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point():
-            return {"device": tensor.device, "dtype": tensor.dtype}
-    return {}
 
 
 def _replacement(child: nn.Module, to: str, name: str, options: dict, fallback: dict):
@@ -203,7 +197,7 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
                          f"{list(_OPTIONS.get(to, ()))})")
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: module must be an nn.Module, got {type(module).__name__}")
-    fallback = _model_factory(module)
+    fallback = _factory(module)
     new = _replacement(module, to, "", options, fallback)
     if new is not None:
         return new.train(module.training)  # a bare norm layer: no ReLU to fuse
