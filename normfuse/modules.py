@@ -328,14 +328,12 @@ class AssocNorm(_Activation, nn.Module):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")
         embed_dim = default_embed_dim(num_groups) if embed_dim is None else embed_dim
-        try:  # an int or int-like (numpy integers), not a bool or a float
-            if isinstance(embed_dim, bool):
-                raise TypeError
-            embed_dim = operator.index(embed_dim)
-        except TypeError:
+        # an int or int-like (numpy integers), not a bool or a float
+        if isinstance(embed_dim, bool) or not hasattr(type(embed_dim), "__index__"):
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r} (AssocNorm's "
                              "third argument is embed_dim, where nn.GroupNorm has eps: pass "
-                             "eps=... by keyword)") from None
+                             "eps=... by keyword)")
+        embed_dim = operator.index(embed_dim)
         if embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         factory = {"device": device, "dtype": dtype}
