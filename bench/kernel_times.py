@@ -18,7 +18,8 @@ contiguous), on the ``cuda`` backend:
 * ``top``: the kernels with the most device time, with their microseconds per step.
 
 Layers: ``nn.BatchNorm2d``, BIN, IEBN against it, ``nn.GroupNorm(32)`` and AssocNorm(32) against
-it, and (issue 14) ``nn.BatchNorm2d`` + ``nn.ReLU(inplace=True)`` against BIN with the ReLU fused.  ``kernel_times.csv`` holds the rows, ``kernel_breakdown.csv`` every kernel of every row
+it, and (issue 14) ``nn.BatchNorm2d`` + ``nn.ReLU(inplace=True)`` against BIN with the ReLU
+fused.  ``kernel_times.csv`` holds the rows, ``kernel_breakdown.csv`` every kernel of every row
 (calls and microseconds per step).  Read the pair so: where a normfuse layer's ``step_us`` is
 above the native layer's, ``busy`` says whether the host or the GPU pays, and the breakdown
 names the kernel.  ``python -m bench.kernel_times [--out DIR] [--float32]`` on a GPU; ``--smoke``
@@ -35,6 +36,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
+from .layers import randomize_
 from .shapes import Shape, resnet50
 
 GROUPS = 32  # the GroupNorm ResNet-50 of the step (bench/step50.py)
@@ -47,7 +49,6 @@ NATIVE = {"bin": "batchnorm", "iebn": "batchnorm", "assoc": "groupnorm",
 def build(layer: str, channels: int) -> nn.Module:
     """The layer as the converted network holds it (float32 parameters, training mode)."""
     import normfuse
-    torch.manual_seed(channels)
     mod = {"batchnorm": lambda: nn.BatchNorm2d(channels),
            "groupnorm": lambda: nn.GroupNorm(GROUPS, channels),
            "bin": lambda: normfuse.BatchInstanceNorm2d(channels),
@@ -56,10 +57,7 @@ def build(layer: str, channels: int) -> nn.Module:
            # issue 14: the norm and its ReLU as the step runs them, and BIN with the ReLU fused
            "batchnorm+relu": lambda: nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)),
            "bin-relu": lambda: normfuse.BatchInstanceNorm2d(channels, activation="relu")}[layer]()
-    with torch.no_grad():  # away from the initial values, where some coefficients vanish
-        for p in mod.parameters():
-            p.add_(torch.rand_like(p) * 0.2)
-    return mod.train()
+    return randomize_(mod, seed=channels).train()  # away from the initial values
 
 
 def layer_step(layer: str, shape: Shape, precision: str, device: torch.device
