@@ -18,7 +18,6 @@
 // normfuse.backends.compiled_devices()), a torch-function mode. The caller tests what only Python
 // knows (torch.compile tracing, forward-mode AD levels, functorch transforms) before calling.
 // Nothing is mutated before the op runs, and the op checks again what it relies on.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
@@ -61,13 +60,6 @@ bool vector_ok(const Tensor& t, const Tensor& input, at::ScalarType acc, int64_t
 bool matrix_ok(const Tensor& t, const Tensor& input, at::ScalarType acc, int64_t rows, int64_t cols) {
   return t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == acc &&
          t.device() == input.device() && t.is_contiguous();
-}
-
-// Whether `a` and `b` share memory (the training update of a running statistic would then write
-// what the call reads: normfuse._checks.check_running_writable refuses it).
-bool overlap(const Tensor& a, const Tensor& b) {
-  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
-  return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial;
 }
 
 // A finite number >= 0 (int or float, not bool), as normfuse._checks.check_number wants.
@@ -183,7 +175,7 @@ OptTensor parameter(PyObject* params, const char* name, bool optional, const Ten
 bool shares_with_running(const OptTensor& rm, const OptTensor& rv, std::initializer_list<const Tensor*> params) {
   if (!rm.has_value()) return false;
   for (const Tensor* p : params) {
-    if (p != nullptr && (overlap(*rm, *p) || overlap(*rv, *p))) return true;
+    if (p != nullptr && (nf_glue::shares_memory(*rm, *p) || nf_glue::shares_memory(*rv, *p))) return true;
   }
   return false;
 }
@@ -243,7 +235,7 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     const Tensor* m = plain_tensor(rm_obj);
     const Tensor* v = plain_tensor(rv_obj);
     if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C) ||
-        (*training && overlap(*m, *v)))
+        (*training && nf_glue::shares_memory(*m, *v)))
       Py_RETURN_NOTIMPLEMENTED;
     rm = *m;
     rv = *v;

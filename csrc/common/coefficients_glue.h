@@ -5,7 +5,6 @@
 // math of common/coefficients.h). Torch is fine here; only .cpp files include this (never a .cu
 // / .cuh).
 #pragma once
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -88,9 +87,8 @@ P<S> stats_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t 
 // `written` (updated in place) must not share memory with `other` (read or written by the same call).
 inline void check_no_overlap(const char* op, const char* written_name, const Tensor& written, const char* other_name,
                              const Tensor& other) {
-  const at::MemOverlapStatus s = at::get_overlap_status(written, other);
-  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "normfuse.", op, ": ",
-              written_name, " must not share memory with ", other_name, " (", written_name,
+  TORCH_CHECK(!nf_glue::shares_memory(written, other), "normfuse.", op, ": ", written_name,
+              " must not share memory with ", other_name, " (", written_name,
               " is updated in place); pass separate tensors");
 }
 

@@ -2,6 +2,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/MemoryOverlap.h>
 #ifdef NORMFUSE_WITH_CUDA
 #include <ATen/cuda/EmptyTensor.h>
 #endif
@@ -28,6 +29,11 @@ bool is_channels_last_dense(const at::Tensor& x) {
     expected *= x.size(i);
   }
   return ok && (x.size(0) == 1 || x.stride(0) == expected);
+}
+
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus s = at::get_overlap_status(a, b);
+  return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial;
 }
 
 nf::PlaneShape plane_shape(const at::Tensor& x, const char* op, const char* name) {

@@ -16,6 +16,10 @@ at::ScalarType acc_dtype(at::ScalarType input);
 // as architecture.md defines); raises a RuntimeError naming `op` and the argument `name` otherwise.
 nf::PlaneShape plane_shape(const at::Tensor& x, const char* op, const char* name = "input");
 
+// Whether `a` and `b` share memory (at::get_overlap_status: fully or partly). Tensors that are
+// not dense ("too hard" to tell) count as not sharing: the ops take dense ones.
+bool shares_memory(const at::Tensor& a, const at::Tensor& b);
+
 // `t` (e.g. dy) must have x's shape, dtype, device and addressing.
 void check_like_input(const at::Tensor& t, const at::Tensor& x, const nf::PlaneShape& s, const char* op,
                       const char* name);
