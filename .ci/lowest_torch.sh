@@ -54,6 +54,7 @@ echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
   tests/test_modules.py \
   tests/test_one_call_step.py \
   tests/csrc/test_layer_steps.py \
+  tests/csrc/test_layer_autograd.py \
   tests/test_ilm.py \
   tests/test_error_contract.py \
   "tests/csrc/test_generic_ops.py::test_opcheck" \

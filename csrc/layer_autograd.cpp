@@ -7,8 +7,9 @@
 // device may run in one launch: on every device without its own kernel they are the composition,
 // whose first two ops are the layer-step op; a backward that wants no dx calls that step op
 // alone, as it needs no backward_apply); here the autograd node is
-// C++ (registered at the Autograd key, as torchvision's roi_align does), so a layer step costs
-// the host one op call from Python and no Python autograd.Function (issue 13, host cost).
+// C++ (the ops' Autograd kernels build it, as PyTorch's generated kernels build theirs), so a
+// layer step costs the host one op call from Python and no Python autograd.Function (issue 13,
+// host cost).
 // The inner ops dispatch on the input's device: these kernels serve the "cpu" and "cuda"
 // backends alike.
 //
@@ -20,10 +21,18 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/autograd.h>
+#include <ATen/FuncTorchTLS.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -38,7 +47,6 @@ using nf_ops::plane_size;
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 enum Layer : int64_t { kBin = 0, kIebn = 1, kAssoc = 2 };
@@ -233,90 +241,158 @@ Tensor like_layout(const Tensor& t, const Tensor& x) {
 
 Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
-// Saved: x, mean, m2, running_mean, running_var (eval mode only: constants there), the parameters,
-// scale and shift (fused ReLU only: the mask's source).
-constexpr size_t kSavedParams = 5;
-constexpr size_t kSavedScale = 5 + kSavedParams;
+// The backward node, written as PyTorch's generated nodes are (torch/csrc/autograd/generated/
+// Functions.h): saved tensors and the config as plain members. torch::autograd::Function's CppNode
+// cost the host ~6 us more per layer step (per-input metadata, a string-keyed map for the config,
+// boxed saved lists; bench.host: issue 13, host cost).
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using NodePtr = decltype(torch::autograd::Edge::function);  // shared_ptr (older torch) or intrusive_ptr
+using Needs = std::array<bool, 1 + kMaxParams>;  // edge i wants a gradient: 0 is x, 1 + i parameter slot i
 
-struct LayerFunction : public torch::autograd::Function<LayerFunction> {
-  // Inputs, in the order CppNode counts them: x, p0..p4 (undefined ones are not variables), then
-  // the non-tensor arguments.
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& p0, const OptTensor& p1,
-                        const OptTensor& p2, const OptTensor& p3, const OptTensor& p4, const Buffers& b,
-                        const Config& c) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    const Params p{p0, p1, p2, p3, p4};
-    Forward f = forward_impl(x, p, b, c);
-    const bool keep_running = !c.training && b.running_mean.has_value() && b.running_mean->defined();
-    ctx->save_for_backward({x, f.mean, f.m2, keep_running ? opt(b.running_mean) : Tensor(),
-                            keep_running ? opt(b.running_var) : Tensor(), opt(p0), opt(p1), opt(p2), opt(p3),
-                            opt(p4), c.relu ? f.scale : Tensor(), c.relu ? f.shift : Tensor()});
-    // Two entries (each one a string-keyed map insert and lookup): layer, training, relu and
-    // num_groups packed into one integer, and eps.
-    ctx->saved_data["config"] =
-        static_cast<int64_t>(c.layer) | (c.training ? 4 : 0) | (c.relu ? 8 : 0) | (c.num_groups << 4);
-    ctx->saved_data["eps"] = c.eps;
-    return std::move(f.y);
-  }
+// What the backward reads, in this order (a slot a layer call has no tensor for stays undefined):
+// x, the moments, the running statistics (eval mode only: constants there), scale and shift (fused
+// ReLU only: the mask's source), the five parameter slots.
+enum Saved : size_t { kX, kMean, kM2, kRunningMean, kRunningVar, kScale, kShift, kParam0, kNumSaved = kParam0 + kMaxParams };
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const int64_t packed = ctx->saved_data["config"].toInt();
-    const Config c{static_cast<Layer>(packed & 3), (packed & 4) != 0, 0.0, ctx->saved_data["eps"].toDouble(),
-                   packed >> 4, (packed & 8) != 0};
-    Params p;
-    for (size_t i = 0; i < kSavedParams; ++i) {
-      if (saved[5 + i].defined()) p[i] = saved[5 + i];
-    }
-    const OptTensor rm = saved[3].defined() ? OptTensor(saved[3]) : std::nullopt;
-    const OptTensor rv = saved[4].defined() ? OptTensor(saved[4]) : std::nullopt;
-    // Which inputs want a gradient: edge 0 is x, then one edge per given parameter.
-    std::array<bool, 1 + kMaxParams> needs{};
-    needs[0] = ctx->needs_input_grad(0);
-    size_t edge = 1;
-    for (size_t i = 0; i < kMaxParams; ++i) {
-      if (p[i].has_value()) needs[1 + i] = ctx->needs_input_grad(edge++);
-    }
-    const Tensor dy = like_layout(grad_outputs[0], x);
+OptTensor maybe(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-    // forward's arguments: x, p0..p4, buffers, config.
-    variable_list result(1 + kMaxParams + 2);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable recomputation
-      static const auto graph =
-          c10::Dispatcher::singleton()
-              .findSchemaOrThrow("normfuse::_layer_backward_graph", "")
-              .typed<std::vector<Tensor>(int64_t, const Tensor&, const Tensor&,
-                                         const c10::List<std::optional<Tensor>>&, const OptTensor&,
-                                         const OptTensor&, bool, double, int64_t, bool, int64_t)>();
-      const size_t count = c.layer == kAssoc ? 5 : c.layer == kIebn ? 4 : 3;
-      c10::List<std::optional<Tensor>> plist;
-      int64_t mask = 0;  // bit i: input i (x, then the parameters) wants a gradient
-      for (size_t i = 0; i <= count; ++i) {
-        if (i > 0) plist.push_back(p[i - 1]);
-        if (needs[i]) mask |= int64_t{1} << i;
-      }
-      const std::vector<Tensor> grads =
-          graph.call(static_cast<int64_t>(c.layer), x, dy, plist, rm, rv, c.training, c.eps, c.num_groups, c.relu,
-                     mask);
-      TORCH_CHECK(grads.size() == 1 + count, "normfuse::_layer_backward_graph returned ", grads.size(),
-                  " gradients, expected ", 1 + count);
-      for (size_t i = 0; i <= count; ++i) {
-        if (needs[i]) result[i] = grads[i];
-      }
-      return result;
+// The backward from plain values: LayerBackward::apply and, under compiled autograd, the function
+// it hands the compiler.
+variable_list layer_backward(const Tensor& grad, const variable_list& s, const Config& c, const Needs& needs) {
+  variable_list result(1 + kMaxParams);
+  if (!grad.defined()) return result;  // no gradient flows in: none flows out
+  const Tensor& x = s[kX];
+  Params p;
+  for (size_t i = 0; i < kMaxParams; ++i) p[i] = maybe(s[kParam0 + i]);
+  const OptTensor rm = maybe(s[kRunningMean]), rv = maybe(s[kRunningVar]);
+  const Tensor dy = like_layout(grad, x);
+  if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable recomputation
+    static const auto graph =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("normfuse::_layer_backward_graph", "")
+            .typed<std::vector<Tensor>(int64_t, const Tensor&, const Tensor&, const c10::List<std::optional<Tensor>>&,
+                                       const OptTensor&, const OptTensor&, bool, double, int64_t, bool, int64_t)>();
+    const size_t count = c.layer == kAssoc ? 5 : c.layer == kIebn ? 4 : 3;
+    c10::List<std::optional<Tensor>> plist;
+    int64_t mask = 0;  // bit i: input i (x, then the parameters) wants a gradient
+    for (size_t i = 0; i <= count; ++i) {
+      if (i > 0) plist.push_back(p[i - 1]);
+      if (needs[i]) mask |= int64_t{1} << i;
     }
-    at::AutoDispatchBelowADInplaceOrView below;
-    const OptTensor scale = c.relu ? OptTensor(saved[kSavedScale]) : std::nullopt;
-    const OptTensor shift = c.relu ? OptTensor(saved[kSavedScale + 1]) : std::nullopt;
-    auto [dx, grads] = backward_impl(dy, x, saved[1], saved[2], scale, shift, p, rm, rv, c, needs[0]);
-    result[0] = std::move(dx);
-    for (size_t i = 0; i < kMaxParams; ++i) {
-      if (p[i].has_value() && needs[1 + i]) result[1 + i] = std::move(grads[i]);
+    const std::vector<Tensor> g =
+        graph.call(static_cast<int64_t>(c.layer), x, dy, plist, rm, rv, c.training, c.eps, c.num_groups, c.relu, mask);
+    TORCH_CHECK(g.size() == 1 + count, "normfuse::_layer_backward_graph returned ", g.size(), " gradients, expected ",
+                1 + count);
+    for (size_t i = 0; i <= count; ++i) {
+      if (needs[i]) result[i] = g[i];
     }
     return result;
   }
+  at::AutoDispatchBelowADInplaceOrView below;
+  auto [dx, g] = backward_impl(dy, x, s[kMean], s[kM2], maybe(s[kScale]), maybe(s[kShift]), p, rm, rv, c, needs[0]);
+  result[0] = std::move(dx);
+  for (size_t i = 0; i < kMaxParams; ++i) {
+    if (needs[1 + i]) result[1 + i] = std::move(g[i]);
+  }
+  return result;
+}
+
+// Compiled autograd (torch._dynamo.compiled_autograd) calls the backward as an opaque function, as it
+// calls a torch::autograd::Function's: the config and the saved tensors packed in this order.
+namespace ca = torch::dynamo::autograd;
+
+variable_list layer_backward_packed(const variable_list& inputs, const std::vector<c10::IValue>& args) {
+  ca::PackedArgs packed(args);
+  Config c{};
+  c.layer = static_cast<Layer>(packed.unpack<int64_t>());
+  c.training = packed.unpack<bool>();
+  c.eps = packed.unpack<double>();
+  c.num_groups = packed.unpack<int64_t>();
+  c.relu = packed.unpack<bool>();
+  const variable_list saved = packed.unpack<variable_list>();
+  const std::vector<bool> wanted = packed.unpack<std::vector<bool>>();
+  Needs needs{};
+  for (size_t i = 0; i < needs.size(); ++i) needs[i] = wanted[i];
+  return layer_backward(inputs[0], saved, c, needs);
+}
+
+// Edges: 0 is x, 1 + i is parameter slot i (an empty edge where the layer has no such parameter).
+struct LayerBackward : public Node {
+  Config c{};
+  std::array<SavedVariable, kNumSaved> saved;
+
+  std::string name() const override {
+    switch (c.layer) {
+      case kBin: return "NormfuseBinLayerBackward";
+      case kIebn: return "NormfuseIebnLayerBackward";
+      default: return "NormfuseAssocLayerBackward";
+    }
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& v : saved) v.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list s(kNumSaved);
+    for (size_t i = 0; i < kNumSaved; ++i) s[i] = saved[i].unpack();  // also: "backward through the graph a second time"
+    Needs needs{};
+    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
+    return layer_backward(grads[0], s, c, needs);
+  }
+
+  void compiled_args(ca::CompiledNodeArgs& args) const override {
+    args.collect(static_cast<int64_t>(c.layer));
+    args.collect(c.training);
+    args.collect(c.eps);
+    args.collect(c.num_groups);
+    args.collect(c.relu);
+    for (const auto& v : saved) args.collect(v, false);
+  }
+
+  variable_list apply_with_saved(const variable_list& inputs, ca::SwapSavedVariables& swap) override {
+    for (auto& v : saved) swap.before(v);
+    ca::PackedArgs packed;
+    packed.pack(static_cast<int64_t>(c.layer));
+    packed.pack(c.training);
+    packed.pack(c.eps);
+    packed.pack(c.num_groups);
+    packed.pack(c.relu);
+    variable_list s(kNumSaved);
+    for (size_t i = 0; i < kNumSaved; ++i) s[i] = saved[i].unpack();
+    packed.pack(s);
+    std::vector<bool> needs(1 + kMaxParams);
+    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
+    packed.pack(needs);
+    const std::vector<c10::IValue> args = packed.vec();
+    std::vector<at::TypePtr> schema;
+    schema.reserve(args.size());
+    for (const auto& value : args) schema.emplace_back(value.isTensor() ? at::TensorType::get() : value.type());
+    const auto output_metadata = ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+        ca::get_input_metadata(next_edges()));
+    const auto& compiler = ca::getPyCompilerInterface();
+    const std::string fn = compiler->bind_function(swap.get_py_compiler(), name(), layer_backward_packed, schema,
+                                                   /*is_custom_function=*/true, /*is_traceable=*/false);
+    variable_list results =
+        compiler->call_function(swap.get_py_compiler(), "apply_functional", fn, inputs, args, output_metadata);
+    for (auto& v : saved) swap.after(v);
+    return results;
+  }
 };
+
+// A node owned as the autograd engine owns nodes in this torch (the type of Edge::function).
+template <class N>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
+    N* raw = new N();
+    return std::shared_ptr<N>(raw, [](N* n) { deleteNode(n); });  // ADL: torch::autograd::deleteNode
+  } else {
+    return c10::make_intrusive<N>();
+  }
+}
 
 bool any_requires_grad(const Tensor& x, const Params& p) {
   if (x.requires_grad()) return true;
@@ -326,13 +402,55 @@ bool any_requires_grad(const Tensor& x, const Params& p) {
   return false;
 }
 
-// The Autograd kernel: a C++ autograd node when a gradient can flow, else the plain forward.
+const char* op_name(Layer layer) {
+  return layer == kBin ? "normfuse::bin_layer" : layer == kIebn ? "normfuse::iebn_layer" : "normfuse::assoc_layer";
+}
+
+// Forward-mode AD: the node has no jvp, so a dual input is refused rather than its tangent dropped
+// (the modules send such calls to NormFunction, which refuses them too).
+void check_no_tangents(const Tensor& x, const Params& p, Layer layer) {
+  bool dual = torch::autograd::isFwGradDefined(x);
+  for (const auto& t : p) dual = dual || torch::autograd::isFwGradDefined(t);
+  TORCH_CHECK_NOT_IMPLEMENTED(!dual, op_name(layer), ": forward-mode AD is not supported (the input or a ",
+                              "parameter is a dual tensor)");
+}
+
+// The Autograd kernel: the forward below autograd, and a backward node when a gradient can flow.
 Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
+  check_no_tangents(x, p, c.layer);
   if (!at::GradMode::is_enabled() || !any_requires_grad(x, p)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_impl(x, p, b, c).y;
   }
-  return LayerFunction::apply(x, p[0], p[1], p[2], p[3], p[4], b, c);
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function: not under functorch
+  }
+  Forward f;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    f = forward_impl(x, p, b, c);
+  }
+  NodePtr node = make_node<LayerBackward>();
+  auto* n = static_cast<LayerBackward*>(node.get());
+  n->set_next_edges(torch::autograd::collect_next_edges(x, p[0], p[1], p[2], p[3], p[4]));
+  n->c = c;
+  auto& s = n->saved;
+  s[kX] = SavedVariable(x, false);
+  s[kMean] = SavedVariable(f.mean, false);
+  s[kM2] = SavedVariable(f.m2, false);
+  if (!c.training && b.running_mean.has_value() && b.running_mean->defined()) {  // eval: constants
+    s[kRunningMean] = SavedVariable(*b.running_mean, false);
+    s[kRunningVar] = SavedVariable(opt(b.running_var), false);
+  }
+  if (c.relu) {
+    s[kScale] = SavedVariable(f.scale, false);
+    s[kShift] = SavedVariable(f.shift, false);
+  }
+  for (size_t i = 0; i < kMaxParams; ++i) {
+    if (p[i].has_value() && p[i]->defined()) s[kParam0 + i] = SavedVariable(*p[i], false);
+  }
+  torch::autograd::set_history(f.y, node);
+  return std::move(f.y);
 }
 
 // Below autograd (inference mode, or tensors without autograd): the forward only.

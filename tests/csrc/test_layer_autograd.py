@@ -1,0 +1,219 @@
+"""The whole-layer ops' backward node (csrc/layer_autograd.cpp, ``LayerBackward``): a C++ autograd
+node written as PyTorch's generated ones are, so it must keep what torch's autograd promises for
+any node, beyond the gradients' values (tests/test_numerics.py checks those against the oracles):
+
+* gradients w.r.t. any subset of inputs equal the full backward's, and only what is asked for is
+  computed (``autograd.grad`` trims edges; the node reads ``task_should_compute_output``);
+* a second backward without ``retain_graph`` is refused, with it gives the same gradients;
+* an input modified in place after the forward is refused (saved-tensor version check);
+* ``saved_tensors_hooks`` see every saved tensor, and what they unpack is what is used;
+* compiled autograd (``torch._dynamo.compiled_autograd``) runs the node, as an opaque call, and
+  gets the eager gradients;
+* the node's name says which layer it is (profiler traces, ``grad_fn``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normfuse
+from normfuse import _extension
+
+pytestmark = pytest.mark.skipif(not _extension.HAS_CPU_KERNELS, reason="needs normfuse._C")
+C = 6
+
+LAYERS = [
+    ("bin", lambda: normfuse.BatchInstanceNorm2d(C), "NormfuseBinLayerBackward"),
+    ("iebn", lambda: normfuse.InstanceEnhancementBatchNorm2d(C), "NormfuseIebnLayerBackward"),
+    ("assoc", lambda: normfuse.AssocNorm(3, C), "NormfuseAssocLayerBackward"),
+]
+IDS = [name for name, _, _ in LAYERS]
+
+
+def _layer(build, seed=0, relu=False, eval_mode=False):
+    torch.manual_seed(seed)
+    m = build()
+    if relu:
+        m.activation = "relu"
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # parameters away from their initial values (zeros, ones, 0.5 gates)
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        for name in ("running_mean", "running_var"):
+            if getattr(m, name, None) is not None:
+                getattr(m, name).uniform_(0.5, 1.5)
+    return m.eval() if eval_mode else m.train()
+
+
+def _data(seed=0, shape=(3, C, 5, 4)):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 1.3 + 0.2).requires_grad_(True)
+    dy = torch.randn(shape, generator=g)
+    return x, dy
+
+
+def _grads(m, x, dy, **kw):
+    with normfuse.use_backend("cpu"):
+        y = m(x)
+    return torch.autograd.grad(y, [x] + list(m.parameters()), dy, **kw)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_node_is_ours_and_named(name, build, node):
+    m = _layer(build)
+    x, _ = _data()
+    with normfuse.use_backend("cpu"):
+        y = m(x)
+    assert y.grad_fn.name() == node
+    # one edge per input slot: x and five parameter slots (empty where the layer has fewer)
+    edges = y.grad_fn.next_functions
+    assert len(edges) == 6
+    assert sum(fn is not None for fn, _ in edges) == 1 + len(list(m.parameters()))
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_subsets_of_inputs_get_the_full_backwards_gradients(name, build, node, relu):
+    m = _layer(build, seed=3, relu=relu)
+    x, dy = _data(seed=4)
+    full = _grads(m, x, dy)
+    inputs = [x] + list(m.parameters())
+    for i, t in enumerate(inputs):
+        with normfuse.use_backend("cpu"):
+            y = m(x)
+        (only,) = torch.autograd.grad(y, [t], dy)
+        torch.testing.assert_close(only, full[i], rtol=0, atol=0)
+    # and .backward() accumulates the same values into .grad
+    for t in inputs:
+        t.grad = None
+    with normfuse.use_backend("cpu"):
+        m(x).backward(dy)
+    for t, g in zip(inputs, full):
+        torch.testing.assert_close(t.grad, g, rtol=0, atol=0)
+
+
+def _ops_run(m, x, dy, wrt):
+    from torch.profiler import ProfilerActivity, profile
+    with normfuse.use_backend("cpu"):
+        y = m(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(y, wrt, dy)
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_input_gradient_computed_only_when_asked_for(name, build, node):
+    m = _layer(build, seed=13)
+    x, dy = _data(seed=14)
+    params = list(m.parameters())
+    assert "normfuse::backward_apply" in _ops_run(m, x, dy, [x])
+    assert "normfuse::backward_apply" not in _ops_run(m, x, dy, params)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_second_backward_needs_retain_graph(name, build, node):
+    m = _layer(build, seed=5)
+    x, dy = _data(seed=6)
+    with normfuse.use_backend("cpu"):
+        y = m(x)
+    first = torch.autograd.grad(y, [x] + list(m.parameters()), dy, retain_graph=True)
+    second = torch.autograd.grad(y, [x] + list(m.parameters()), dy)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(y, x, dy)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_input_modified_in_place_after_forward_is_refused(name, build, node):
+    m = _layer(build, seed=7)
+    x, dy = _data(seed=8)
+    h = x * 1.0  # a non-leaf, so it can be modified in place
+    with normfuse.use_backend("cpu"):
+        y = m(h)
+    with torch.no_grad():
+        h.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, x, dy)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_saved_tensors_hooks_see_what_is_saved(name, build, node):
+    m = _layer(build, seed=9)
+    x, dy = _data(seed=10)
+    expected = _grads(m, x, dy)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()  # the backward must use what unpack returns, not the original
+
+    def unpack(t):
+        unpacked.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        got = _grads(m, x, dy)
+    # x, the two moments and every parameter, at least
+    assert len(packed) >= 3 + len(list(m.parameters())) and tuple(x.shape) in packed
+    assert len(unpacked) == len(packed)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _compiled_autograd():
+    try:
+        from torch._dynamo import compiled_autograd
+    except Exception as exc:  # pragma: no cover - torch without dynamo
+        pytest.skip(f"compiled autograd unavailable: {exc}")
+    return compiled_autograd
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+@pytest.mark.parametrize("relu,eval_mode", [(False, False), (True, False), (False, True)])
+def test_compiled_autograd_gets_the_eager_gradients(name, build, node, relu, eval_mode):
+    if eval_mode and name == "assoc":
+        pytest.skip("AssocNorm behaves the same in train and eval")
+    compiled_autograd = _compiled_autograd()
+    m = _layer(build, seed=11, relu=relu, eval_mode=eval_mode)
+    x, dy = _data(seed=12)
+    inputs = [x] + list(m.parameters())
+    expected = _grads(m, x, dy)
+    for t in inputs:
+        t.grad = None
+    with normfuse.use_backend("cpu"):
+        y = m(x)
+    with compiled_autograd._enable(lambda gm: gm):  # the graph as traced, run as is
+        y.backward(dy)
+    for t, g in zip(inputs, expected):
+        torch.testing.assert_close(t.grad, g, rtol=0, atol=0)
+
+
+def _op_call(name, m, x):
+    """The whole-layer op called directly (the modules route dual tensors to NormFunction)."""
+    ops = torch.ops.normfuse
+    if name == "bin":
+        return ops.bin_layer(x, m.gate, m.weight, m.bias, m.running_mean, m.running_var, True, 0.1,
+                             m.eps, m.num_batches_tracked, False)
+    if name == "iebn":
+        return ops.iebn_layer(x, m.gate_weight, m.gate_bias, m.weight, m.bias, m.running_mean,
+                              m.running_var, True, 0.1, m.eps, m.num_batches_tracked, False)
+    return ops.assoc_layer(x, m.num_groups, m.encoder, m.decoder_mean, m.decoder_var, m.weight,
+                           m.bias, m.eps, False)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mode_ad_is_refused_not_dropped(name, build, node, requires_grad):
+    import torch.autograd.forward_ad as fwAD
+    m = _layer(build, seed=15)
+    x, _ = _data(seed=16)
+    x = x.detach().requires_grad_(requires_grad)
+    assert _op_call(name, m, x).shape == x.shape  # the direct call itself is right
+    counter = m.num_batches_tracked.clone() if hasattr(m, "num_batches_tracked") else None
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match=f"normfuse::{name}_layer: forward-mode AD"):
+            _op_call(name, m, dual)
+    if counter is not None:  # refused before anything ran
+        assert torch.equal(m.num_batches_tracked, counter)
