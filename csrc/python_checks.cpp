@@ -4,7 +4,7 @@
 // tensors_ok(input, shape, required, optional) -> bool: True when `input` and every tensor of
 // the tuples `required` and `optional` (where None is allowed) are plain tensors (Tensor or
 // Parameter, no subclass: a subclass may answer .device / .dtype / .shape differently from its
-// TensorImpl), and every such tensor is on the input's device, of a floating dtype (float16,
+// TensorImpl), and every such tensor is strided (dense), on the input's device, of a floating dtype (float16,
 // bfloat16, float32, float64) and of exactly `shape`. It is a conservative predicate: False means
 // only "not sure", and the caller then runs the Python checks, which raise the documented error
 // (or pass). It never raises for bad arguments of the checked call. Issue 13: the same checks
@@ -33,8 +33,11 @@ bool tensors_ok(PyObject* seq, bool optional, const at::Device& device, c10::Int
     }
     if (!THPVariable_CheckExact(o)) return false;
     const at::Tensor& t = THPVariable_Unpack(o);
-    // Nested or symbolic-size tensors have no plain sizes(): leave them to the Python checks.
-    if (!t.defined() || t.is_nested() || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+    // Nested or symbolic-size tensors have no plain sizes(), and the checks refuse sparse and
+    // other non-strided layouts: leave them all to the Python checks.
+    if (!t.defined() || t.layout() != at::kStrided || t.is_nested() ||
+        t.unsafeGetTensorImpl()->has_symbolic_sizes_strides())
+      return false;
     if (t.device() != device || !floating(t.scalar_type()) || t.sizes() != shape) return false;
   }
   return true;

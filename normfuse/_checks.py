@@ -56,6 +56,8 @@ def check_tensor(t, name: str, shape: tuple, input: Tensor, who: str,
             return
         raise ValueError(f"{who}: {name} must be a tensor of shape {shape}, got None")
     _require_tensor(t, name, who)
+    if t.layout != torch.strided:
+        raise ValueError(f"{who}: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.device != input.device:
         raise ValueError(f"{who}: {name} must be on the input's device {input.device}, got "
                          f"{t.device}")
@@ -240,7 +242,7 @@ def _vectors_ok(tensors, input, shape, optional: bool) -> bool:
                 return False
             kind = type(t)  # isinstance is ~0.1 us for a Parameter; these compare in ns
             if not ((kind is _PARAMETER or kind is Tensor or isinstance(t, Tensor)) and t.is_cpu
-                    and t.dtype in _FLOATING_SET and t.shape == shape):
+                    and t.layout is _STRIDED and t.dtype in _FLOATING_SET and t.shape == shape):
                 return False
         return True
     device = input.device
@@ -251,7 +253,8 @@ def _vectors_ok(tensors, input, shape, optional: bool) -> bool:
             return False
         kind = type(t)
         if not ((kind is _PARAMETER or kind is Tensor or isinstance(t, Tensor))
-                and t.dtype in _FLOATING_SET and t.shape == shape and t.device == device):
+                and t.layout is _STRIDED and t.dtype in _FLOATING_SET and t.shape == shape
+                and t.device == device):
             return False
     return True
 

@@ -202,6 +202,11 @@ def _row_param_int(nf, device):
     return (lambda: m(_x(device))), m
 
 
+def _row_param_sparse(nf, device):
+    m = _replace_param(_bin(nf, device), "gate", torch.ones(C, device=device).to_sparse())
+    return (lambda: m(_x(device))), m
+
+
 def _row_buffer_int(nf, device):
     return _fbin_with(nf, device, running_var=torch.ones(C, dtype=torch.int32, device=device))
 
@@ -375,6 +380,7 @@ ROWS = {
     "input-device": (_row_input_meta, ValueError, ["gate", "device", "meta"]),
     "param-dtype": (_row_param_int, ValueError, ["gate", "floating-point", "int64"]),
     "buffer-dtype": (_row_buffer_int, ValueError, ["running_var", "floating-point", "int32"]),
+    "param-layout": (_row_param_sparse, ValueError, ["gate", "dense", "sparse_coo"]),
     "param-shape": (_row_param_shape, ValueError, ["bias", "shape"]),
     "param-none": (_row_param_none, ValueError, ["gate", "None"]),
     "param-type": (_row_param_not_tensor, TypeError, ["gate", "torch.Tensor", "list"]),
