@@ -26,6 +26,14 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
+
+// torch.autograd.graph.node_creation_hook (torch >= 2.12 or so): nodes built outside Function::apply
+// and the generated code fire it themselves.
+#if __has_include(<torch/csrc/autograd/node_creation_hook.h>)
+#define NF_NODE_CREATION_HOOKS 1
+#else
+#define NF_NODE_CREATION_HOOKS 0
+#endif
 #include <torch/library.h>
 
 #include <array>
@@ -261,12 +269,13 @@ OptTensor maybe(const Tensor& t) { return t.defined() ? OptTensor(t) : std::null
 // it hands the compiler.
 variable_list layer_backward(const Tensor& grad, const variable_list& s, const Config& c, const Needs& needs) {
   variable_list result(1 + kMaxParams);
-  if (!grad.defined()) return result;  // no gradient flows in: none flows out
   const Tensor& x = s[kX];
   Params p;
   for (size_t i = 0; i < kMaxParams; ++i) p[i] = maybe(s[kParam0 + i]);
   const OptTensor rm = maybe(s[kRunningMean]), rv = maybe(s[kRunningVar]);
-  const Tensor dy = like_layout(grad, x);
+  // An undefined incoming gradient is zero (y has x's shape, dtype and layout): the inputs get zero
+  // gradients, not none, as torch::autograd::Function (materialize_grads) and NormFunction give.
+  const Tensor dy = grad.defined() ? like_layout(grad, x) : at::zeros_like(x);
   if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable recomputation
     static const auto graph =
         c10::Dispatcher::singleton()
@@ -321,6 +330,7 @@ variable_list layer_backward_packed(const variable_list& inputs, const std::vect
 struct LayerBackward : public Node {
   Config c{};
   std::array<SavedVariable, kNumSaved> saved;
+  int64_t present = 0;  // bit i: saved[i] holds a tensor (which slots are filled changes the backward)
 
   std::string name() const override {
     switch (c.layer) {
@@ -350,6 +360,9 @@ struct LayerBackward : public Node {
     args.collect(c.eps);
     args.collect(c.num_groups);
     args.collect(c.relu);
+    // A saved tensor with saved_tensors_hooks adds nothing to the cache key, an empty slot adds a
+    // 0: without the mask two calls with different slots filled could share one compiled graph.
+    args.collect(present);
     for (const auto& v : saved) args.collect(v, false);
   }
 
@@ -415,12 +428,28 @@ void check_no_tangents(const Tensor& x, const Params& p, Layer layer) {
                               "parameter is a dual tensor)");
 }
 
+// The running statistics and the batch counter, written in place by a training forward below the
+// ADInplaceOrView key, get the version bump that key would give them: a graph that saved them (an
+// eval-mode step) then refuses a backward after they changed instead of silently reading the new
+// values. (Inference tensors have no version counter.)
+void bump_written_versions(const Buffers& b, const Config& c) {
+  if (!c.training) return;
+  for (const OptTensor* t : {&b.running_mean, &b.running_var, &b.num_batches_tracked}) {
+    if (t->has_value() && (*t)->defined() && !(*t)->is_inference()) torch::autograd::impl::bump_version(**t);
+  }
+}
+
 // The Autograd kernel: the forward below autograd, and a backward node when a gradient can flow.
 Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   check_no_tangents(x, p, c.layer);
   if (!at::GradMode::is_enabled() || !any_requires_grad(x, p)) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return forward_impl(x, p, b, c).y;
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      y = forward_impl(x, p, b, c).y;
+    }
+    bump_written_versions(b, c);
+    return y;
   }
   if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
     functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function: not under functorch
@@ -430,26 +459,33 @@ Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) 
     at::AutoDispatchBelowADInplaceOrView below;
     f = forward_impl(x, p, b, c);
   }
+  bump_written_versions(b, c);
   NodePtr node = make_node<LayerBackward>();
   auto* n = static_cast<LayerBackward*>(node.get());
   n->set_next_edges(torch::autograd::collect_next_edges(x, p[0], p[1], p[2], p[3], p[4]));
   n->c = c;
-  auto& s = n->saved;
-  s[kX] = SavedVariable(x, false);
-  s[kMean] = SavedVariable(f.mean, false);
-  s[kM2] = SavedVariable(f.m2, false);
+  auto save = [n](size_t slot, const Tensor& t) {
+    n->saved[slot] = SavedVariable(t, false);
+    n->present |= int64_t{1} << slot;
+  };
+  save(kX, x);
+  save(kMean, f.mean);
+  save(kM2, f.m2);
   if (!c.training && b.running_mean.has_value() && b.running_mean->defined()) {  // eval: constants
-    s[kRunningMean] = SavedVariable(*b.running_mean, false);
-    s[kRunningVar] = SavedVariable(opt(b.running_var), false);
+    save(kRunningMean, *b.running_mean);
+    save(kRunningVar, opt(b.running_var));
   }
   if (c.relu) {
-    s[kScale] = SavedVariable(f.scale, false);
-    s[kShift] = SavedVariable(f.shift, false);
+    save(kScale, f.scale);
+    save(kShift, f.shift);
   }
   for (size_t i = 0; i < kMaxParams; ++i) {
-    if (p[i].has_value() && p[i]->defined()) s[kParam0 + i] = SavedVariable(*p[i], false);
+    if (p[i].has_value() && p[i]->defined()) save(kParam0 + i, *p[i]);
   }
   torch::autograd::set_history(f.y, node);
+#if NF_NODE_CREATION_HOOKS
+  torch::autograd::fire_node_creation_hooks(node);  // torch.autograd.graph.node_creation_hook
+#endif
   return std::move(f.y);
 }
 

@@ -217,3 +217,123 @@ def test_forward_mode_ad_is_refused_not_dropped(name, build, node, requires_grad
             _op_call(name, m, dual)
     if counter is not None:  # refused before anything ran
         assert torch.equal(m.num_batches_tracked, counter)
+
+
+def test_compiled_autograd_cache_key_tells_filled_slots_apart():
+    """Two BIN calls with the same edges but different saved slots (running statistics and no
+    affine parameters, or frozen affine parameters and no running statistics), under
+    saved_tensors_hooks, where a saved tensor adds nothing to compiled autograd's cache key: the
+    second must not reuse the first's compiled graph (it read the gate as running_mean)."""
+    compiled_autograd = _compiled_autograd()
+    from normfuse import functional as F
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(3, C, 5, 4, generator=g).requires_grad_(True)
+    dy = torch.randn(3, C, 5, 4, generator=g)
+    gate = torch.rand(C, generator=g).requires_grad_(True)
+    weight, bias = torch.randn(C, generator=g) * 0.3 + 1, torch.randn(C, generator=g) * 0.3
+    rm, rv = torch.randn(C, generator=g) * 0.2, torch.rand(C, generator=g) + 0.5
+    calls = [lambda: F.batch_instance_norm(x, rm, rv, None, None, gate),
+             lambda: F.batch_instance_norm(x, None, None, weight, bias, gate)]
+    for call in calls:
+        with normfuse.use_backend("cpu"):
+            expected = torch.autograd.grad(call(), [x, gate], dy)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                y = call()
+        x.grad = gate.grad = None
+        with compiled_autograd._enable(lambda gm: gm):
+            y.backward(dy)
+        torch.testing.assert_close(x.grad, expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(gate.grad, expected[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_node_creation_hooks_see_the_node(name, build, node):
+    hook = getattr(torch.autograd.graph, "node_creation_hook", None)
+    if hook is None:
+        pytest.skip("this torch has no torch.autograd.graph.node_creation_hook")
+    m = _layer(build, seed=18)
+    x, _ = _data(seed=19)
+    seen = []
+    with hook(lambda n: seen.append(n.name())):
+        with normfuse.use_backend("cpu"):
+            m(x)
+    assert seen.count(node) == 1, seen
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity whose backward gives no gradient (None) to its input."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_undefined_incoming_gradient_gives_zero_gradients(name, build, node):
+    """As torch::autograd::Function (materialize_grads) and the torch backend's NormFunction:
+    the inputs get zero gradients, not None (an optimizer skips a parameter whose grad is None,
+    and so its momentum and weight decay)."""
+    m = _layer(build, seed=20)
+    x, dy = _data(seed=21)
+    inputs = [x] + list(m.parameters())
+    for backend in ("cpu", "torch"):
+        for t in inputs:
+            t.grad = None
+        with normfuse.use_backend(backend):
+            _NoGradient.apply(m(x)).backward(dy)
+        for t in inputs:
+            assert t.grad is not None and t.grad.shape == t.shape, backend
+            assert not t.grad.any(), backend
+
+
+def _running(m):
+    return [m.running_mean, m.running_var, m.num_batches_tracked]
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS[:2], ids=IDS[:2])
+@pytest.mark.parametrize("path", ["module", "NormFunction"])
+def test_running_statistics_written_in_training_bump_their_versions(name, build, node, path,
+                                                                    monkeypatch):
+    """Written in place below autograd, they get the version bump that nn.BatchNorm's get: a
+    graph that saved them (eval mode) refuses a backward after a training step changed them,
+    instead of silently reading the new values; eval mode itself bumps nothing."""
+    from normfuse import _autograd
+    if path == "NormFunction":  # the compiled backend's ops one by one (tracing, old builds)
+        monkeypatch.setattr(_autograd, "_FUSED", {})
+        monkeypatch.setattr(_autograd, "_STEPS", (None, None))
+    m = _layer(build, seed=22, eval_mode=True)
+    x, dy = _data(seed=23)
+    expected = [t._version for t in _running(m)]
+    with normfuse.use_backend("cpu"):
+        y = m(x)
+        torch.autograd.grad(m(x), x, dy)  # an eval graph's own backward is fine
+        assert [t._version for t in _running(m)] == expected  # eval: read only
+        assert y.grad_fn.name() == (node if path == "module" else "NormFunctionBackward")
+        m.train()
+        m(x.detach() * 3 + 1)
+        m.eval()
+    assert all(t._version > v for t, v in zip(_running(m), expected))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, x, dy)
+
+
+@pytest.mark.parametrize("op", ["bin_coefficients", "iebn_coefficients"])
+def test_coefficient_ops_bump_written_arguments_only_in_training(op):
+    m = _layer(LAYERS[0 if op.startswith("bin") else 1][1], seed=24)
+    x, _ = _data(seed=25)
+    with normfuse.use_backend("cpu"):
+        m(x)  # loads the ops
+    mean, m2 = torch.ops.normfuse.moments(x.detach())
+    gates = [m.gate] if op.startswith("bin") else [m.gate_weight, m.gate_bias]
+    for training in (False, True):
+        before = [t._version for t in _running(m)]
+        with torch.no_grad():
+            getattr(torch.ops.normfuse, op)(mean, m2, 20, *gates, m.weight, m.bias,
+                                            m.running_mean, m.running_var, training, 0.1, 1e-5,
+                                            m.num_batches_tracked)
+        after = [t._version for t in _running(m)]
+        assert after == [v + training for v in before], (training, before, after)
