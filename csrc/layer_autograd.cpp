@@ -170,8 +170,16 @@ struct Forward {
   Tensor y, mean, m2, scale, shift;
 };
 
+const char* op_name(Layer layer) {
+  return layer == kBin ? "normfuse::bin_layer" : layer == kIebn ? "normfuse::iebn_layer" : "normfuse::assoc_layer";
+}
+
 // moments -> coefficients -> affine_apply (BIN / IEBN: one layer-direction op, layer_steps.cpp).
 Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
+  // (An empty batch, N = 0, gives an empty output, as torch's batch_norm does; an empty plane would
+  // reach the coefficient ops as plane_size 0, an argument the caller never passed.)
+  TORCH_CHECK(x.dim() < 3 || plane_size(x) >= 1, op_name(c.layer), ": input must not have an empty spatial ",
+              "extent, got shape ", x.sizes());
   const Ops& o = ops();
   Forward f;
   switch (c.layer) {
@@ -413,10 +421,6 @@ bool any_requires_grad(const Tensor& x, const Params& p) {
     if (t.has_value() && t->defined() && t->requires_grad()) return true;
   }
   return false;
-}
-
-const char* op_name(Layer layer) {
-  return layer == kBin ? "normfuse::bin_layer" : layer == kIebn ? "normfuse::iebn_layer" : "normfuse::assoc_layer";
 }
 
 // Forward-mode AD: the node has no jvp, so a dual input is refused rather than its tangent dropped

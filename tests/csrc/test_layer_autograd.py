@@ -337,3 +337,17 @@ def test_coefficient_ops_bump_written_arguments_only_in_training(op):
                                             m.num_batches_tracked)
         after = [t._version for t in _running(m)]
         assert after == [v + training for v in before], (training, before, after)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_empty_plane_is_refused_by_the_layer_op_by_name(name, build, node):
+    m = _layer(build, seed=26)
+    x, _ = _data(seed=27)
+    with normfuse.use_backend("cpu"):
+        m(x)  # loads the ops
+    counter = m.num_batches_tracked.clone() if hasattr(m, "num_batches_tracked") else None
+    with pytest.raises(RuntimeError, match=f"normfuse::{name}_layer: input must not have an "
+                                           r"empty spatial extent, got shape \[3, 6, 0\]"):
+        _op_call(name, m, torch.randn(3, C, 0))
+    if counter is not None:
+        assert torch.equal(m.num_batches_tracked, counter)
