@@ -10,6 +10,9 @@ any node, beyond the gradients' values (tests/test_numerics.py checks those agai
 * compiled autograd (``torch._dynamo.compiled_autograd``) runs the node, as an opaque call, and
   gets the eager gradients;
 * the node's name says which layer it is (profiler traces, ``grad_fn``).
+
+Every test runs on the CPU ("cpu" backend) and, where a GPU and the CUDA kernels are present, on
+CUDA ("cuda" backend): the node is device-generic, the ops it calls are not.
 """
 from __future__ import annotations
 
@@ -21,6 +24,22 @@ from normfuse import _extension
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_CPU_KERNELS, reason="needs normfuse._C")
 C = 6
+_DEV = "cpu"  # the device of the current test (the autouse fixture below), and its backend
+
+
+@pytest.fixture(autouse=True, params=["cpu", "cuda"])
+def _device(request):
+    global _DEV
+    if request.param == "cuda" and not (torch.cuda.is_available() and _extension.HAS_CUDA_KERNELS):
+        pytest.skip("needs a GPU and normfuse's CUDA kernels")
+    _DEV = request.param
+    yield
+    _DEV = "cpu"
+
+
+def _compiled():
+    """The compiled backend of the test's device."""
+    return normfuse.use_backend(_DEV)
 
 LAYERS = [
     ("bin", lambda: normfuse.BatchInstanceNorm2d(C), "NormfuseBinLayerBackward"),
@@ -32,13 +51,13 @@ IDS = [name for name, _, _ in LAYERS]
 
 def _layer(build, seed=0, relu=False, eval_mode=False):
     torch.manual_seed(seed)
-    m = build()
+    m = build().to(_DEV)
     if relu:
         m.activation = "relu"
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # parameters away from their initial values (zeros, ones, 0.5 gates)
         for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            p.add_(torch.randn(p.shape, generator=g).to(_DEV) * 0.3)
         for name in ("running_mean", "running_var"):
             if getattr(m, name, None) is not None:
                 getattr(m, name).uniform_(0.5, 1.5)
@@ -47,13 +66,13 @@ def _layer(build, seed=0, relu=False, eval_mode=False):
 
 def _data(seed=0, shape=(3, C, 5, 4)):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 1.3 + 0.2).requires_grad_(True)
-    dy = torch.randn(shape, generator=g)
+    x = (torch.randn(shape, generator=g) * 1.3 + 0.2).to(_DEV).requires_grad_(True)
+    dy = torch.randn(shape, generator=g).to(_DEV)
     return x, dy
 
 
 def _grads(m, x, dy, **kw):
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         y = m(x)
     return torch.autograd.grad(y, [x] + list(m.parameters()), dy, **kw)
 
@@ -62,7 +81,7 @@ def _grads(m, x, dy, **kw):
 def test_node_is_ours_and_named(name, build, node):
     m = _layer(build)
     x, _ = _data()
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         y = m(x)
     assert y.grad_fn.name() == node
     # one edge per input slot: x and five parameter slots (empty where the layer has fewer)
@@ -79,14 +98,14 @@ def test_subsets_of_inputs_get_the_full_backwards_gradients(name, build, node, r
     full = _grads(m, x, dy)
     inputs = [x] + list(m.parameters())
     for i, t in enumerate(inputs):
-        with normfuse.use_backend("cpu"):
+        with _compiled():
             y = m(x)
         (only,) = torch.autograd.grad(y, [t], dy)
         torch.testing.assert_close(only, full[i], rtol=0, atol=0)
     # and .backward() accumulates the same values into .grad
     for t in inputs:
         t.grad = None
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         m(x).backward(dy)
     for t, g in zip(inputs, full):
         torch.testing.assert_close(t.grad, g, rtol=0, atol=0)
@@ -94,7 +113,7 @@ def test_subsets_of_inputs_get_the_full_backwards_gradients(name, build, node, r
 
 def _ops_run(m, x, dy, wrt):
     from torch.profiler import ProfilerActivity, profile
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         y = m(x)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.autograd.grad(y, wrt, dy)
@@ -106,15 +125,18 @@ def test_input_gradient_computed_only_when_asked_for(name, build, node):
     m = _layer(build, seed=13)
     x, dy = _data(seed=14)
     params = list(m.parameters())
-    assert "normfuse::backward_apply" in _ops_run(m, x, dy, [x])
-    assert "normfuse::backward_apply" not in _ops_run(m, x, dy, params)
+    # the ops that produce dx (BIN / IEBN: a whole backward direction, which may be one kernel)
+    dx_ops = {"normfuse::backward_apply", "normfuse::bin_layer_backward",
+              "normfuse::iebn_layer_backward"}
+    assert dx_ops & _ops_run(m, x, dy, [x])
+    assert not dx_ops & _ops_run(m, x, dy, params)
 
 
 @pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
 def test_second_backward_needs_retain_graph(name, build, node):
     m = _layer(build, seed=5)
     x, dy = _data(seed=6)
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         y = m(x)
     first = torch.autograd.grad(y, [x] + list(m.parameters()), dy, retain_graph=True)
     second = torch.autograd.grad(y, [x] + list(m.parameters()), dy)
@@ -129,7 +151,7 @@ def test_input_modified_in_place_after_forward_is_refused(name, build, node):
     m = _layer(build, seed=7)
     x, dy = _data(seed=8)
     h = x * 1.0  # a non-leaf, so it can be modified in place
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         y = m(h)
     with torch.no_grad():
         h.mul_(2.0)
@@ -181,7 +203,7 @@ def test_compiled_autograd_gets_the_eager_gradients(name, build, node, relu, eva
     expected = _grads(m, x, dy)
     for t in inputs:
         t.grad = None
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         y = m(x)
     with compiled_autograd._enable(lambda gm: gm):  # the graph as traced, run as is
         y.backward(dy)
@@ -227,15 +249,16 @@ def test_compiled_autograd_cache_key_tells_filled_slots_apart():
     compiled_autograd = _compiled_autograd()
     from normfuse import functional as F
     g = torch.Generator().manual_seed(17)
-    x = torch.randn(3, C, 5, 4, generator=g).requires_grad_(True)
-    dy = torch.randn(3, C, 5, 4, generator=g)
-    gate = torch.rand(C, generator=g).requires_grad_(True)
-    weight, bias = torch.randn(C, generator=g) * 0.3 + 1, torch.randn(C, generator=g) * 0.3
-    rm, rv = torch.randn(C, generator=g) * 0.2, torch.rand(C, generator=g) + 0.5
+    x = torch.randn(3, C, 5, 4, generator=g).to(_DEV).requires_grad_(True)
+    dy = torch.randn(3, C, 5, 4, generator=g).to(_DEV)
+    gate = torch.rand(C, generator=g).to(_DEV).requires_grad_(True)
+    weight = (torch.randn(C, generator=g) * 0.3 + 1).to(_DEV)
+    bias = (torch.randn(C, generator=g) * 0.3).to(_DEV)
+    rm, rv = (torch.randn(C, generator=g) * 0.2).to(_DEV), (torch.rand(C, generator=g) + 0.5).to(_DEV)
     calls = [lambda: F.batch_instance_norm(x, rm, rv, None, None, gate),
              lambda: F.batch_instance_norm(x, None, None, weight, bias, gate)]
     for call in calls:
-        with normfuse.use_backend("cpu"):
+        with _compiled():
             expected = torch.autograd.grad(call(), [x, gate], dy)
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 y = call()
@@ -255,7 +278,7 @@ def test_node_creation_hooks_see_the_node(name, build, node):
     x, _ = _data(seed=19)
     seen = []
     with hook(lambda n: seen.append(n.name())):
-        with normfuse.use_backend("cpu"):
+        with _compiled():
             m(x)
     assert seen.count(node) == 1, seen
 
@@ -280,7 +303,7 @@ def test_undefined_incoming_gradient_gives_zero_gradients(name, build, node):
     m = _layer(build, seed=20)
     x, dy = _data(seed=21)
     inputs = [x] + list(m.parameters())
-    for backend in ("cpu", "torch"):
+    for backend in (_DEV, "torch"):
         for t in inputs:
             t.grad = None
         with normfuse.use_backend(backend):
@@ -308,7 +331,7 @@ def test_running_statistics_written_in_training_bump_their_versions(name, build,
     m = _layer(build, seed=22, eval_mode=True)
     x, dy = _data(seed=23)
     expected = [t._version for t in _running(m)]
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         y = m(x)
         torch.autograd.grad(m(x), x, dy)  # an eval graph's own backward is fine
         assert [t._version for t in _running(m)] == expected  # eval: read only
@@ -325,7 +348,7 @@ def test_running_statistics_written_in_training_bump_their_versions(name, build,
 def test_coefficient_ops_bump_written_arguments_only_in_training(op):
     m = _layer(LAYERS[0 if op.startswith("bin") else 1][1], seed=24)
     x, _ = _data(seed=25)
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         m(x)  # loads the ops
     mean, m2 = torch.ops.normfuse.moments(x.detach())
     gates = [m.gate] if op.startswith("bin") else [m.gate_weight, m.gate_bias]
@@ -343,11 +366,11 @@ def test_coefficient_ops_bump_written_arguments_only_in_training(op):
 def test_empty_plane_is_refused_by_the_layer_op_by_name(name, build, node):
     m = _layer(build, seed=26)
     x, _ = _data(seed=27)
-    with normfuse.use_backend("cpu"):
+    with _compiled():
         m(x)  # loads the ops
     counter = m.num_batches_tracked.clone() if hasattr(m, "num_batches_tracked") else None
     with pytest.raises(RuntimeError, match=f"normfuse::{name}_layer: input must not have an "
                                            r"empty spatial extent, got shape \[3, 6, 0\]"):
-        _op_call(name, m, torch.randn(3, C, 0))
+        _op_call(name, m, torch.randn(3, C, 0, device=_DEV))
     if counter is not None:
         assert torch.equal(m.num_batches_tracked, counter)
