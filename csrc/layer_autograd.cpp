@@ -27,8 +27,8 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 
-// torch.autograd.graph.node_creation_hook, where torch has it (2.14 does, 2.11 does not): nodes built outside Function::apply
-// and the generated code fire it themselves.
+// torch.autograd.graph.node_creation_hook, where torch has it (2.14 does, 2.11 does not): nodes
+// built outside Function::apply and the generated code fire it themselves.
 #if __has_include(<torch/csrc/autograd/node_creation_hook.h>)
 #define NF_NODE_CREATION_HOOKS 1
 #else
