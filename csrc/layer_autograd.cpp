@@ -18,14 +18,27 @@
 // differentiable ops and differentiates it, exactly as NormFunction.backward does.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <ATen/FuncTorchTLS.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/op_handles.h"
+#include "common/torch_glue.h"
 
 // torch.autograd.graph.node_creation_hook, where torch has it (2.14 does, 2.11 does not): nodes
 // built outside Function::apply and the generated code fire it themselves.
@@ -34,19 +47,6 @@
 #else
 #define NF_NODE_CREATION_HOOKS 0
 #endif
-#include <torch/library.h>
-
-#include <array>
-#include <memory>
-#include <mutex>
-#include <string>
-#include <type_traits>
-#include <optional>
-#include <tuple>
-#include <vector>
-
-#include "common/op_handles.h"
-#include "common/torch_glue.h"
 
 namespace {
 
@@ -178,7 +178,7 @@ const char* op_name(Layer layer) {
 Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   // (An empty batch, N = 0, gives an empty output, as torch's batch_norm does; an empty plane would
   // reach the coefficient ops as plane_size 0, an argument the caller never passed.)
-  TORCH_CHECK(x.dim() < 3 || plane_size(x) >= 1, op_name(c.layer), ": input must not have an empty spatial ",
+  TORCH_CHECK(plane_size(x) >= 1, op_name(c.layer), ": input must not have an empty spatial ",
               "extent, got shape ", x.sizes());
   const Ops& o = ops();
   Forward f;
@@ -269,7 +269,9 @@ using Needs = std::array<bool, 1 + kMaxParams>;  // edge i wants a gradient: 0 i
 // What the backward reads, in this order (a slot a layer call has no tensor for stays undefined):
 // x, the moments, the running statistics (eval mode only: constants there), scale and shift (fused
 // ReLU only: the mask's source), the five parameter slots.
-enum Saved : size_t { kX, kMean, kM2, kRunningMean, kRunningVar, kScale, kShift, kParam0, kNumSaved = kParam0 + kMaxParams };
+enum Saved : size_t {
+  kX, kMean, kM2, kRunningMean, kRunningVar, kScale, kShift, kParam0, kNumSaved = kParam0 + kMaxParams
+};
 
 OptTensor maybe(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
@@ -353,13 +355,22 @@ struct LayerBackward : public Node {
     for (auto& v : saved) v.reset_data();
   }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  // The saved tensors, in slot order (unpack also refuses "backward through the graph a second time").
+  variable_list unpack_saved() const {
     variable_list s(kNumSaved);
-    for (size_t i = 0; i < kNumSaved; ++i) s[i] = saved[i].unpack();  // also: "backward through the graph a second time"
+    for (size_t i = 0; i < kNumSaved; ++i) s[i] = saved[i].unpack();
+    return s;
+  }
+
+  Needs wanted() const {
     Needs needs{};
     for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
-    return layer_backward(grads[0], s, c, needs);
+    return needs;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return layer_backward(grads[0], unpack_saved(), c, wanted());
   }
 
   void compiled_args(ca::CompiledNodeArgs& args) const override {
@@ -382,12 +393,9 @@ struct LayerBackward : public Node {
     packed.pack(c.eps);
     packed.pack(c.num_groups);
     packed.pack(c.relu);
-    variable_list s(kNumSaved);
-    for (size_t i = 0; i < kNumSaved; ++i) s[i] = saved[i].unpack();
-    packed.pack(s);
-    std::vector<bool> needs(1 + kMaxParams);
-    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
-    packed.pack(needs);
+    packed.pack(unpack_saved());
+    const Needs needs = wanted();
+    packed.pack(std::vector<bool>(needs.begin(), needs.end()));
     const std::vector<c10::IValue> args = packed.vec();
     std::vector<at::TypePtr> schema;
     schema.reserve(args.size());
@@ -446,17 +454,11 @@ void bump_written_versions(const Buffers& b, const Config& c) {
 // The Autograd kernel: the forward below autograd, and a backward node when a gradient can flow.
 Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   check_no_tangents(x, p, c.layer);
-  if (!at::GradMode::is_enabled() || !any_requires_grad(x, p)) {
-    Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      y = forward_impl(x, p, b, c).y;
+  const bool differentiable = at::GradMode::is_enabled() && any_requires_grad(x, p);
+  if (differentiable) {
+    if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+      functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function: not under functorch
     }
-    bump_written_versions(b, c);
-    return y;
-  }
-  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
-    functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function: not under functorch
   }
   Forward f;
   {
@@ -464,6 +466,7 @@ Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) 
     f = forward_impl(x, p, b, c);
   }
   bump_written_versions(b, c);
+  if (!differentiable) return std::move(f.y);
   NodePtr node = make_node<LayerBackward>();
   auto* n = static_cast<LayerBackward*>(node.get());
   n->set_next_edges(torch::autograd::collect_next_edges(x, p[0], p[1], p[2], p[3], p[4]));

@@ -8,7 +8,10 @@ any node, beyond the gradients' values (tests/test_numerics.py checks those agai
 * an input modified in place after the forward is refused (saved-tensor version check);
 * ``saved_tensors_hooks`` see every saved tensor, and what they unpack is what is used;
 * compiled autograd (``torch._dynamo.compiled_autograd``) runs the node, as an opaque call, and
-  gets the eager gradients;
+  gets the eager gradients, also where only the filled saved slots tell two calls apart;
+* ``node_creation_hook``s see the node; an undefined incoming gradient gives zero gradients;
+* dual tensors (forward-mode AD) and an empty plane are refused before anything runs;
+* the running statistics written in training get version bumps (eval mode: none);
 * the node's name says which layer it is (profiler traces, ``grad_fn``).
 
 Every test runs on the CPU ("cpu" backend) and, where a GPU and the CUDA kernels are present, on
@@ -40,6 +43,7 @@ def _device(request):
 def _compiled():
     """The compiled backend of the test's device."""
     return normfuse.use_backend(_DEV)
+
 
 LAYERS = [
     ("bin", lambda: normfuse.BatchInstanceNorm2d(C), "NormfuseBinLayerBackward"),
