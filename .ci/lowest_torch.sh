@@ -47,7 +47,7 @@ echo "== lowest torch: build ($(( $(date +%s) - start )) s)"
 
 echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
 # What must hold there (see the header); the rest of the suite runs on the pinned torch.
-"$py" -m pytest -q -p no:cacheprovider \
+"$py" -m pytest -q -p no:cacheprovider -n auto --dist loadgroup \
   tests/test_torch_support.py \
   tests/triton_kernels/test_schemas.py \
   tests/test_backends.py \

@@ -55,6 +55,15 @@ except Exception as exc:  # pragma: no cover - reported by every test that needs
     _IMPORT_ERROR = exc
 
 
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``-n auto`` (the README's test command): one per core this process may use, at
+    most 8 (each worker imports torch; past that, start-up and memory cost more than they save).
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still overrides (xdist's own hook reads it)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: expensive combination (deselect with -m 'not slow')")
 

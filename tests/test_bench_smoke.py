@@ -22,6 +22,12 @@ OUTPUTS = ["results.json", "report.md", "kernels.csv", "copy.csv", "memory.csv",
            "checks.csv", "host.csv", "bandwidth_float32.png", "step_breakdown.png"]
 
 
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share one smoke run of the benchmark, which a second worker
+# would redo.
+pytestmark = pytest.mark.xdist_group("test_bench_smoke")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")

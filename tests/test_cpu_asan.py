@@ -94,7 +94,13 @@ def _skip_reason() -> str | None:
 
 
 SKIP = _skip_reason()
-pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share the ASan build of the extension, which a second worker
+# would redo.
+pytestmark = [
+    pytest.mark.skipif(SKIP is not None, reason=SKIP or ""),
+    pytest.mark.xdist_group("test_cpu_asan"),
+]
 
 
 def _compile_flags(name: str) -> list[str]:

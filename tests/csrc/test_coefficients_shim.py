@@ -22,7 +22,13 @@ from test_coefficients_cases import OUTPUTS, assert_close, expected, make_inputs
 
 shim_build = pytest.importorskip("shim_build")
 
-pytestmark = pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim")
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share their driver's sanitizer builds, which a second worker
+# would redo.
+pytestmark = [
+    pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim"),
+    pytest.mark.xdist_group("test_coefficients_shim"),
+]
 
 DRIVER = shim_build.DRIVERS / "coefficients_driver.cpp"
 TOL = 2e-5  # float32 kernels vs the float64 oracle

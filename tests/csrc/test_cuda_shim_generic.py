@@ -15,7 +15,13 @@ import torch
 
 shim_build = pytest.importorskip("shim_build")
 
-pytestmark = pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim")
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share their driver's sanitizer builds, which a second worker
+# would redo.
+pytestmark = [
+    pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim"),
+    pytest.mark.xdist_group("test_cuda_shim_generic"),
+]
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("moments", "backward_sums", "affine_apply", "backward_apply")

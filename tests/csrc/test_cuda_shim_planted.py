@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 
 shim_build = pytest.importorskip("shim_build")
-pytestmark = pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim")
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share their driver's sanitizer builds, which a second worker
+# would redo.
+pytestmark = [
+    pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim"),
+    pytest.mark.xdist_group("test_cuda_shim_planted"),
+]
 
 DRIVER = shim_build.DRIVERS / "planted_driver.cpp"
 KERNELS = shim_build.SHIM_DIR / "planted" / "planted_kernels.cuh"

@@ -26,7 +26,13 @@ import pytest
 
 shim_build = pytest.importorskip("shim_build")
 
-pytestmark = pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim")
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share their driver's sanitizer builds, which a second worker
+# would redo.
+pytestmark = [
+    pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim"),
+    pytest.mark.xdist_group("test_single_read_shim"),
+]
 
 DRIVER = shim_build.DRIVERS / "single_read_driver.cpp"
 KERNEL = shim_build.ROOT / "csrc" / "kernels" / "single_read.cuh"

@@ -17,7 +17,13 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.aot
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share one AOT compile of every configuration, which a second
+# worker would redo.
+pytestmark = [
+    pytest.mark.aot,
+    pytest.mark.xdist_group("test_aot"),
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL = os.environ.get("NORMFUSE_AOT_FULL") == "1"
 ARCHS = (80, 90)
