@@ -304,11 +304,15 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
         config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu)
         y = _traced_forward(config, x, rm, rv, num_batches_tracked, params)
     else:
-        fused = _FUSED if _FUSED is not None else _fused_ops()
-        op = fused.get(layer)  # None for ILM-Norm (no kernel for its coefficient step yet)
-        if (op is not None and merge is None and (backend == "cpu" or backend == "cuda")
+        op = None
+        # is_compiling() first: _fused_ops() registers a torch.library fragment at its first
+        # call, which Dynamo refuses to trace (torch.compile before any eager call).
+        if (merge is None and (backend == "cpu" or backend == "cuda")
                 and not torch.compiler.is_compiling() and _forward_ad._current_level < 0
                 and not _functorch_active()):
+            fused = _FUSED if _FUSED is not None else _fused_ops()
+            op = fused.get(layer)  # None for ILM-Norm (no kernel for its coefficient step yet)
+        if op is not None:
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)
         else:

@@ -53,3 +53,36 @@ def test_compile_fullgraph_matches_eager(backend, dtype):
     rtol, atol = tol["buf"]
     for b, b_ref in zip(compiled_model.buffers(), eager.buffers()):
         torch.testing.assert_close(b, b_ref, rtol=rtol, atol=atol)
+
+
+COLD_SCRIPT = """
+import torch, normfuse
+from test_compile import _model
+torch.manual_seed(0)
+compiled_model, eager = _model().double(), _model().double()
+eager.load_state_dict(compiled_model.state_dict())
+x = torch.randn(4, 3, 9, 7, dtype=torch.float64)
+y = torch.compile(compiled_model, fullgraph=True)(x)  # before any eager normfuse call
+y.square().sum().backward()
+y_ref = eager(x)
+y_ref.square().sum().backward()
+torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+for p, p_ref in zip(compiled_model.parameters(), eager.parameters()):
+    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-10)
+print("ok")
+"""
+
+
+def test_compile_before_any_eager_call():
+    """A fresh process whose first normfuse call is torch.compile(fullgraph=True): the lazy
+    set-up of the eager path (a torch.library registration, which Dynamo cannot trace) must stay
+    out of the compiled frame. The test above runs eager first and would not see it."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", COLD_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
