@@ -80,7 +80,8 @@ class _BatchStatsNorm(_Activation, nn.Module):
         batch, after every check: see ``_counter``).
         """
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.momentum is None:
+        if (self.training and self.track_running_stats and self.momentum is None
+                and self.num_batches_tracked is not None):  # None: factor 0, as nn.BatchNorm
             factor = 1.0 / (float(self.num_batches_tracked) + 1.0)  # cumulative average
         use_batch = self.training or self.running_mean is None
         tracked = not self.training or self.track_running_stats

@@ -423,6 +423,25 @@ def test_running_stats_several_steps(nf, backend, device, seed, kind, rank, mome
 
 
 @pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_stats_without_a_counter(nf, backend, device, seed, kind, momentum):
+    """``num_batches_tracked`` set to None, which nn.BatchNorm accepts: momentum is the factor,
+    and with momentum=None the factor is 0 (nn.BatchNorm's rule), so the statistics stay."""
+    shape = (4, 3, 5)
+    m = prepare(make_layer(nf, kind, shape, momentum=momentum), seed, device, True)
+    m.num_batches_tracked = None
+    params = {n: p for n, p in m.named_parameters()}
+    rm, rv = m.running_mean.double().cpu(), m.running_var.double().cpu()
+    x = make_input(shape, seed, torch.float32, device)
+    exp = oracles.run(kind, x, params, running_mean=rm, running_var=rv, training=True,
+                      momentum=0.0 if momentum is None else momentum, eps=m.eps)
+    assert_close_dtype(m(x), exp.y, torch.float32, "output")
+    assert_close_dtype(m.running_mean, exp.running_mean, torch.float32, "running_mean")
+    assert_close_dtype(m.running_var, exp.running_var, torch.float32, "running_var")
+    assert m.num_batches_tracked is None
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
 def test_running_stats_no_grad_and_inference_mode(nf, backend, device, seed, kind):
     """Training-mode forward without autograd still updates the running statistics."""
     shape = (4, 3, 5)
