@@ -1,5 +1,6 @@
 """normfuse.functional against the float64 oracles; gradcheck and second-order gradients."""
 
+import copy
 import re
 
 import pytest
@@ -288,3 +289,33 @@ def test_autocast_cpu_bfloat16(nf, backend, device, seed, kind):
     y.float().sum().backward()
     for n, prm in layer.named_parameters():
         assert prm.grad is not None and prm.grad.dtype == torch.float32, n
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc", "ilm"])
+def test_autocast_leaves_a_float32_layer_in_float32(nf, backend, device, seed, kind):
+    """A float32 input under autocast(bfloat16): the layer is no autocast op, so its statistics
+    and coefficients stay float32 (docs/layers.md, Precision), forward and backward. AssocNorm's
+    and ILM-Norm's meta networks are matmuls, which autocast would run in bfloat16 (~1e-3 off)."""
+    c = 8
+    layer = {"bin": lambda: nf.BatchInstanceNorm2d(c), "iebn": lambda: nf.IEBN2d(c),
+             "assoc": lambda: nf.AssocNorm(4, c, embed_dim=3),
+             "ilm": lambda: nf.ILMNorm(c, num_groups=4, key_group_size=2, reduction=2)}[kind]()
+    torch.manual_seed(seed)
+    with torch.no_grad():  # decoders start at zero: random ones make the meta network count
+        for p in layer.parameters():
+            p.normal_(0.3, 0.5)
+    layer = layer.to(device)
+    x = make_input((4, c, 5, 3), seed, torch.float32, device, scale=3.0, offset=1.0)
+    dy = randn(x.shape, seed + 1, torch.float32, device)
+    results = []
+    for autocast in (False, True):
+        m = copy.deepcopy(layer).train()
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            y = m(xi)
+            grads = torch.autograd.grad(y, [xi, *m.parameters()], dy)
+        assert y.dtype == torch.float32
+        results.append((y, *grads))
+    for name, got, want in zip(["output", "dx", *[n for n, _ in layer.named_parameters()]],
+                               results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"{kind} {name}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autocast import autocast_off
 from ._merge import group_merge, group_merge_backward
 
 
@@ -32,6 +33,7 @@ def _autoencoder(mu: Tensor, var: Tensor, encoder: Tensor, decoder_mean: Tensor,
         torch.tanh(e_var @ decoder_var.t())
 
 
+@autocast_off
 def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                        encoder: Tensor, decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
                        bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -45,6 +47,7 @@ def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: in
     return scale.reshape(n, c), shift.reshape(n, c)
 
 
+@autocast_off
 def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
                                 plane_size: int, num_groups: int, encoder: Tensor,
                                 decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autocast import autocast_off
 from ._merge import group_merge, group_merge_backward
 
 
@@ -68,6 +69,7 @@ def _per_channel(v: Tensor, channels: int) -> Tensor:
     return v.unsqueeze(2).expand(n, k, channels // k).reshape(n, channels)
 
 
+@autocast_off
 def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                      encoder: Tensor, decoder_weight: Tensor, decoder_bias: Tensor,
                      weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -82,6 +84,7 @@ def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
     return scale.reshape(n, c), shift.reshape(n, c)
 
 
+@autocast_off
 def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
                               plane_size: int, num_groups: int, encoder: Tensor,
                               decoder_weight: Tensor, decoder_bias: Tensor, weight: Tensor,
