@@ -3,8 +3,8 @@
 # [tool.normfuse] torch-range), on the CPU. GPU machines ship their own torch (the first GPU run
 # had torch 2.11, where the Triton ops did not register); this is how such a regression shows up
 # without a GPU. In it normfuse builds (CPU + CUDA glue) and imports, every backend that can run
-# here registers, opcheck passes on every op, and the module tests and the curated
-# Triton-interpreter tests pass, as do python -m normfuse and the benchmark's and GPU probes'
+# here registers, opcheck passes on every op, and the module, torch.compile and autocast tests
+# and the curated Triton-interpreter tests pass, as do python -m normfuse and the benchmark's and GPU probes'
 # smoke runs (the GPU machines run the benchmark on this torch).
 #
 # The environment is a venv layered over the main one (--system-site-packages): torch and triton
@@ -63,6 +63,8 @@ echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
   "tests/csrc/test_coefficients_ops.py::test_batch_counter_cpu" \
   "tests/csrc/test_relu_cpu.py::test_opcheck_relu" \
   "tests/csrc/test_relu_cpu.py::test_relu_ops_equal_plain_ops_on_relu_output" \
+  tests/test_compile.py \
+  "tests/test_functional.py::test_autocast_leaves_a_float32_layer_in_float32" \
   tests/test_activation.py \
   tests/test_convert_fuse.py \
   tests/triton_kernels/test_relu.py \

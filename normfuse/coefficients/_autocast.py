@@ -20,7 +20,9 @@ def autocast_off(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = args[0].device.type
-        if not torch.amp.is_autocast_available(device_type):
+        # is_compiling() first: Dynamo (torch 2.11) cannot trace is_autocast_available, and a
+        # compiled region's tensors are on a real device.
+        if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
             return fn(*args, **kwargs)
         with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
