@@ -35,6 +35,8 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor]:
     pivot = x
     for d in dims:
         pivot = pivot.narrow(d, 0, 1)
+    # 0 where that element is not finite: an Inf pivot would make an Inf plane NaN (Inf - Inf)
+    pivot = torch.where(torch.isfinite(pivot), pivot, torch.zeros_like(pivot))
     shifted = x - pivot
     offset = shifted.mean(dims, keepdim=True)
     m2 = (shifted - offset).square().sum(dims)

@@ -228,6 +228,8 @@ def poisoned(kind_of_poison, shape, seed, dtype, device, layout):
         x[1, 2, 1, 3] = float("nan")
     elif kind_of_poison == "inf":
         x[0, 1, 2, 0] = float("inf")
+    elif kind_of_poison == "inf_first":  # a plane's first element: the torch backend's pivot
+        x[0, 1, 0, 0] = float("inf")
     elif kind_of_poison == "-inf":
         x[2, 3, 0, 0] = float("-inf")
         x[2, 3, 0, 1] = float("inf")
@@ -307,7 +309,7 @@ class NanInfKindMismatch(AssertionError):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("poison", ["nan", "inf"])
+@pytest.mark.parametrize("poison", ["nan", "inf", "inf_first"])
 @pytest.mark.parametrize("layout", ["contiguous", "cl"])
 def test_bin_gate1_matches_batchnorm_with_nan_inf(nf, backend, device, seed, momentum, poison,
                                                  layout):
