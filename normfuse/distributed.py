@@ -235,7 +235,7 @@ class _SyncMixin:
         for name, tensor, optional in self._named_params():
             check_tensor(tensor, name, (self.num_features,), input, who, optional=optional)
         check_running_stats(running_mean, running_var, self.num_features, input, who)
-        check_number(factor, "momentum", who)
+        check_number(factor, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
         check_number(self.eps, "eps", who)
 
     def forward(self, input):

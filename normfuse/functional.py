@@ -7,6 +7,8 @@ the batch statistics are used in either mode, as in ``nn.BatchNorm`` with
 """
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from ._autograd import run_layer
@@ -31,7 +33,7 @@ def check_batch_layer(who, input, running_mean, running_var, named_params, train
     if training:
         check_running_writable(running_mean, running_var, named_params, who)
     check_batch_counter(num_batches_tracked, input, who)
-    check_number(momentum, "momentum", who)
+    check_number(momentum, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
     check_number(eps, "eps", who)
     if training or running_mean is None:
         check_batch_values(input, who, training)

@@ -423,6 +423,24 @@ def test_running_stats_several_steps(nf, backend, device, seed, kind, rank, mome
 
 
 @pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("momentum", [-0.5, 1.5])
+def test_momentum_outside_the_unit_interval(nf, backend, device, seed, kind, momentum):
+    """Legal and computed as given, as in nn.BatchNorm (docs/errors.md, "Accepted")."""
+    shape = (4, 3, 5)
+    m = prepare(make_layer(nf, kind, shape, momentum=momentum), seed, device, True)
+    params = {n: p for n, p in m.named_parameters()}
+    rm, rv = m.running_mean.double().cpu(), m.running_var.double().cpu()
+    for step in range(2):
+        x = make_input(shape, seed + step, torch.float32, device)
+        exp = oracles.run(kind, x, params, running_mean=rm, running_var=rv, training=True,
+                          momentum=momentum, eps=m.eps)
+        assert_close_dtype(m(x), exp.y, torch.float32, f"step {step} output")
+        rm, rv = exp.running_mean, exp.running_var
+        assert_close_dtype(m.running_mean, rm, torch.float32, f"step {step} running_mean")
+        assert_close_dtype(m.running_var, rv, torch.float32, f"step {step} running_var")
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_running_stats_without_a_counter(nf, backend, device, seed, kind, momentum):
     """``num_batches_tracked`` set to None, which nn.BatchNorm accepts: momentum is the factor,
