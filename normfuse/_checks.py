@@ -28,6 +28,8 @@ def _require_tensor(value, name: str, who: str) -> None:
 
 def check_input(input, who: str, ranks=(2, 3, 4, 5)) -> None:
     _require_tensor(input, "input", who)
+    if input.is_nested:  # its layout reads torch.strided, but it has no sizes to check
+        raise ValueError(f"{who}: input must be a dense (strided) tensor, got a nested tensor")
     if input.layout != torch.strided:
         raise ValueError(f"{who}: input must be a dense (strided) tensor, got layout "
                          f"{input.layout}")
@@ -291,7 +293,7 @@ def _shaped_ok(input, shape, required, optional) -> bool:
 
 def _input_ok(input, ranks) -> bool:
     """``check_input`` would pass."""
-    return (isinstance(input, Tensor) and input.layout is _STRIDED
+    return (isinstance(input, Tensor) and input.layout is _STRIDED and not input.is_nested
             and input.dtype in _FLOATING_SET and input.dim() in ranks and input.numel() > 0)
 
 

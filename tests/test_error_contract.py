@@ -289,6 +289,12 @@ def _row_mkldnn(nf, device):
     return (lambda: m(_x(device).to_mkldnn())), m
 
 
+def _row_nested(nf, device):
+    m = _bin(nf, device)
+    x = torch.nested.nested_tensor([torch.randn(C, 3, 4), torch.randn(C, 3, 5)], device=device)
+    return (lambda: m(x)), m
+
+
 def _row_int_input(nf, device):
     m = _iebn(nf, device)
     return (lambda: m((_x(device) * 4).to(torch.int64))), m
@@ -399,6 +405,7 @@ ROWS = {
     "empty-spatial": (_row_empty_spatial, ValueError, ["input", "empty"]),
     "sparse": (_row_sparse, ValueError, ["input", "dense", "sparse_coo"]),
     "mkldnn": (_row_mkldnn, ValueError, ["input", "dense", "mkldnn"]),
+    "nested": (_row_nested, ValueError, ["input", "dense", "nested"]),
     "input-dtype": (_row_int_input, ValueError, ["input", "int64"]),
     "input-complex": (_row_complex_input, ValueError, ["input", "complex64"]),
     "input-type": (_row_not_a_tensor, TypeError, ["input", "torch.Tensor", "list"]),
