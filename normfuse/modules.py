@@ -322,9 +322,12 @@ class AssocNorm(_Activation, nn.Module):
                  eps: float = 1e-5, device=None, dtype=None, *, activation: str | None = None):
         super().__init__()
         self._set_activation(activation)
-        if num_groups <= 0 or num_channels <= 0:
-            raise ValueError(f"num_groups and num_channels must be positive, got {num_groups} "
-                             f"and {num_channels}")
+        for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
+            # an int or int-like (numpy integers), not a bool or a float
+            if (isinstance(value, bool) or not hasattr(type(value), "__index__")
+                    or operator.index(value) <= 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        num_groups, num_channels = operator.index(num_groups), operator.index(num_channels)
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")

@@ -6,6 +6,7 @@ statistics and num_batches_tracked over several steps, dtypes, memory formats, a
 and strided views.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,6 +188,18 @@ def test_assoc_groupnorm_style_positional_eps_is_a_clear_error(nf):
     with pytest.raises(ValueError, match=r"embed_dim must be a positive int, got 0\.001 .*eps="):
         nf.AssocNorm(2, 4, 1e-3)
     assert nf.AssocNorm(2, 4, 3).embed_dim == 3
+
+
+@pytest.mark.parametrize("args,name", [((2.0, 4), "num_groups"), ((4.0, 8), "num_groups"),
+                                       ((True, 4), "num_groups"), ((0, 4), "num_groups"),
+                                       ((2, -4), "num_channels"), ((2, 4.0), "num_channels")])
+def test_assoc_group_and_channel_counts_are_positive_ints(nf, args, name):
+    """A float count is refused naming it (was: torch.empty's message, or, for a float
+    num_groups, a complaint about embed_dim, whose default it feeds); numpy integers pass."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a positive int, got "):
+        nf.AssocNorm(*args)
+    m = nf.AssocNorm(np.int64(2), np.int32(4))
+    assert (m.num_groups, m.num_channels) == (2, 4) and type(m.num_groups) is int
 
 
 def test_assoc_defaults(nf):
