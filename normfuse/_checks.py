@@ -92,9 +92,18 @@ def _addressless(t: Tensor) -> bool:
     return is_fake(t)
 
 
+def _byte_addresses(v: Tensor) -> Tensor:
+    """Every byte address a 1-d tensor with a non-zero stride covers (int64, on the CPU)."""
+    size = v.element_size()
+    starts = v.data_ptr() + torch.arange(v.numel(), dtype=torch.int64) * (v.stride(0) * size)
+    return (starts[:, None] + torch.arange(size, dtype=torch.int64)).flatten()
+
+
 def shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether the elements of ``a`` and ``b`` may overlap: the same storage and intersecting
-    byte ranges (exact for the dense vectors the layers take, conservative for strided views)."""
+    byte ranges, then, for two strided vectors (the layers' statistics and parameters), whether
+    they share a byte (so interleaved views ``buf[0::2]``, ``buf[1::2]`` do not conflict);
+    conservative for other strided views."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     if _addressless(a) or _addressless(b):  # not sure: nothing to compare
@@ -111,7 +120,11 @@ def shares_memory(a: Tensor, b: Tensor) -> bool:
         return lo, lo + (span + 1) * t.element_size()
 
     (a0, a1), (b0, b1) = extent(a), extent(b)
-    return a0 < b1 and b0 < a1
+    if not (a0 < b1 and b0 < a1):
+        return False
+    if a.dim() == 1 and b.dim() == 1 and a.stride(0) != 0 and b.stride(0) != 0:
+        return bool(torch.isin(_byte_addresses(a), _byte_addresses(b)).any())
+    return True
 
 
 def running_update_conflict(running_mean: Tensor, running_var: Tensor, read,

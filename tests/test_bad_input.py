@@ -218,6 +218,23 @@ def test_functional_running_stats_updated_in_place(nf, backend, device, seed, ki
     _call(nf, kind, x, a, False)  # eval mode reads them only
 
 
+def test_interleaved_running_statistics_are_accepted(nf, backend, device, seed):
+    """running_mean / running_var as interleaved views of one buffer share no element: legal
+    (docs/errors.md: strided statistics are accepted and updated), as F.batch_norm takes them;
+    BIN with gate 1 updates them exactly as it does."""
+    c = 4
+    x = make_input((3, c, 2, 3), seed, device=device)
+    ours, ref = (torch.rand(2 * c, device=device) + 0.5 for _ in range(2))
+    ref.copy_(ours)
+    before = ours.clone()
+    y = nf.functional.batch_instance_norm(x, ours[0::2], ours[1::2], None, None,
+                                          torch.ones(c, device=device), training=True)
+    y_ref = torch.nn.functional.batch_norm(x, ref[0::2], ref[1::2], training=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ours, before)  # updated, both halves
+
+
 @pytest.mark.parametrize("cls", ["BatchInstanceNorm2d", "IEBN2d"])
 def test_training_forward_under_fake_tensor_mode(cls):
     """Fake tensors answer data_ptr() with 0 rather than an error: the running statistics'
