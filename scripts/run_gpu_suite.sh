@@ -98,7 +98,7 @@ if [ "${TESTS:-gpu}" = all ]; then SELECT=(); else
     SELECT=(-k "(cuda or triton or gpu) and not shim and not planted and not asan and not aot and not build")
 fi
 XDIST=()
-"$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n "$CORES")
+"$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n "$CORES" --dist loadgroup)
 # A test that hangs (a kernel that never finishes: a pytest "signal" timeout cannot interrupt the
 # CUDA call it waits in) is ended by pytest-timeout's thread method: its worker exits, xdist names
 # the test and starts another worker, and the run goes on instead of losing the whole step.

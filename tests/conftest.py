@@ -55,6 +55,7 @@ except Exception as exc:  # pragma: no cover - reported by every test that needs
     _IMPORT_ERROR = exc
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist nobody calls it
 def pytest_xdist_auto_num_workers(config):
     """Workers for ``-n auto`` (the README's test command): one per core this process may use, at
     most 8 (each worker imports torch; past that, start-up and memory cost more than they save).

@@ -27,7 +27,13 @@ from normfuse.distributed import (  # noqa: E402
     SyncBatchInstanceNorm, SyncInstanceEnhancementBatchNorm, convert_sync)
 
 dist = torch.distributed
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+# The README's test command spreads the tests over the cores (-n auto --dist loadgroup): this
+# module's stay on one worker, as they share the multi-process runs cached in _RUNS, which a
+# second worker would start again.
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
+    pytest.mark.xdist_group("test_sync"),
+]
 
 # float64 on the CPU: the backends that run there (a GPU's gloo group would need a GPU each).
 # "torch" first: the spawned runs stop at their first failure (see sync_workers._worker).
@@ -136,6 +142,19 @@ def test_any_rank(cpu_backend, monkeypatch):
     assert torch.equal(sync.running_var, plain.running_var)
     with pytest.raises(ValueError, match="rank"):
         sync(torch.zeros(3, dtype=torch.float64))
+
+
+def test_nested_input_is_refused_by_name(monkeypatch):
+    """A nested tensor gets the plain layers' error, also one of rank > 5 (which the any-rank
+    reshape would otherwise take) and on the checks a group's call runs."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    m = SyncBatchInstanceNorm(4)
+    wide = torch.nested.nested_tensor([torch.randn(4, 2, 2, 2, 2), torch.randn(4, 2, 2, 2, 3)])
+    small = torch.nested.nested_tensor([torch.randn(4, 3), torch.randn(4, 5)])
+    for call in (lambda: m(wide), lambda: m._check_sync_input(small, m.running_mean,
+                                                              m.running_var, 0.1)):
+        with pytest.raises(ValueError, match="input must be a dense .* got a nested tensor"):
+            call()
 
 
 def test_world_size_without_group_raises(cpu_backend, monkeypatch):
