@@ -319,3 +319,20 @@ def test_autocast_leaves_a_float32_layer_in_float32(nf, backend, device, seed, k
     for name, got, want in zip(["output", "dx", *[n for n, _ in layer.named_parameters()]],
                                results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_export_of_the_meta_networks_holds_no_autocast_region(device):
+    """Outside autocast the coefficient step enters no autocast context: an exported program
+    stays plain ATen ops (no wrap_with_autocast region), also with meta tensors, where
+    torch.autocast itself is refused."""
+    import normfuse
+    m = torch.nn.Sequential(
+        normfuse.AssocNorm(2, 4, embed_dim=3),
+        normfuse.ILMNorm(4, num_groups=2, key_group_size=2, reduction=2)).to(device)
+    x = torch.randn(2, 4, 5, 3, device=device)
+    for training in (False, True):
+        ep = torch.export.export(m.train(training), (x,))
+        regions = [str(n.target) for n in ep.graph.nodes
+                   if n.op == "call_function" and "autocast" in str(n.target)]
+        assert not regions, regions
