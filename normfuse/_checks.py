@@ -92,18 +92,23 @@ def _addressless(t: Tensor) -> bool:
     return is_fake(t)
 
 
-def _byte_addresses(v: Tensor) -> Tensor:
-    """Every byte address a 1-d tensor with a non-zero stride covers (int64, on the CPU)."""
-    size = v.element_size()
-    starts = v.data_ptr() + torch.arange(v.numel(), dtype=torch.int64) * (v.stride(0) * size)
-    return (starts[:, None] + torch.arange(size, dtype=torch.int64)).flatten()
+def _vectors_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two 1-d tensors with the same element size and the same non-zero stride share a
+    byte, in O(1): element i of ``a`` and j of ``b`` overlap iff |d - k s| < e, with d the
+    distance of their first bytes, s the byte stride, e the element size and k = j - i, so
+    only the two k nearest d / s (within the index range) need checking."""
+    e, s = a.element_size(), a.stride(0) * a.element_size()
+    d = a.data_ptr() - b.data_ptr()
+    lo, hi = -(a.numel() - 1), b.numel() - 1
+    k = d // s
+    return any(abs(d - min(max(c, lo), hi) * s) < e for c in (k, k + 1))
 
 
 def shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether the elements of ``a`` and ``b`` may overlap: the same storage and intersecting
-    byte ranges, then, for two strided vectors (the layers' statistics and parameters), whether
-    they share a byte (so interleaved views ``buf[0::2]``, ``buf[1::2]`` do not conflict);
-    conservative for other strided views."""
+    byte ranges, then, for two vectors of one dtype and stride (the layers' statistics and
+    parameters), whether they share a byte (so interleaved views ``buf[0::2]``, ``buf[1::2]``
+    do not conflict); conservative for other strided views."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     if _addressless(a) or _addressless(b):  # not sure: nothing to compare
@@ -122,8 +127,9 @@ def shares_memory(a: Tensor, b: Tensor) -> bool:
     (a0, a1), (b0, b1) = extent(a), extent(b)
     if not (a0 < b1 and b0 < a1):
         return False
-    if a.dim() == 1 and b.dim() == 1 and a.stride(0) != 0 and b.stride(0) != 0:
-        return bool(torch.isin(_byte_addresses(a), _byte_addresses(b)).any())
+    if (a.dim() == 1 and b.dim() == 1 and a.element_size() == b.element_size()
+            and a.stride(0) == b.stride(0) > 0):
+        return _vectors_overlap(a, b)
     return True
 
 

@@ -224,7 +224,8 @@ class _SyncMixin:
     def _check_sync_input(self, input, running_mean, running_var, factor) -> None:
         """The plain layers' checks, except that a rank may hold zero samples."""
         who = type(self).__name__
-        if (isinstance(input, Tensor) and input.dim() >= 2 and input.shape[0] == 0
+        if (isinstance(input, Tensor) and not input.is_nested and input.dim() >= 2
+                and input.shape[0] == 0
                 and math.prod(input.shape[2:]) > 0):
             # A stand-in with one sample for the type/dtype/rank checks.
             check_input(torch.empty((1,) + tuple(input.shape[1:]), dtype=input.dtype,
@@ -239,7 +240,8 @@ class _SyncMixin:
         check_number(self.eps, "eps", who)
 
     def forward(self, input):
-        if isinstance(input, Tensor) and input.dim() > 5:  # any rank, as nn.SyncBatchNorm
+        # any rank, as nn.SyncBatchNorm (a nested tensor goes on to the checks, which refuse it)
+        if isinstance(input, Tensor) and input.dim() > 5 and not input.is_nested:
             flat = input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))
             return self.forward(flat).reshape(input.shape)
         group = self._sync_group()

@@ -233,6 +233,13 @@ def test_interleaved_running_statistics_are_accepted(nf, backend, device, seed):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
     assert not torch.equal(ours, before)  # updated, both halves
+    # strided views that do share elements are still refused, before any write
+    buf = torch.rand(2 * c + 2, device=device) + 0.5
+    before = buf.clone()
+    with pytest.raises(ValueError, match="running_mean must not share memory with running_var"):
+        nf.functional.batch_instance_norm(x, buf[0:2 * c:2], buf[2:2 * c + 2:2], None, None,
+                                          torch.ones(c, device=device), training=True)
+    assert torch.equal(buf, before)
 
 
 @pytest.mark.parametrize("cls", ["BatchInstanceNorm2d", "IEBN2d"])
