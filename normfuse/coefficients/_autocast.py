@@ -16,7 +16,7 @@ import torch
 
 def autocast_off(fn):
     """``fn`` with autocast disabled on the device of its first argument (a tensor), entered
-    only where autocast is on: outside autocast (most calls) the context would cost ~4 us and
+    only where autocast is on: outside autocast (most calls) the context would cost 1-4 us and
     put an autocast region into every exported program. "meta" has no autocast (torch.autocast
     refuses it); is_autocast_enabled(device_type) traces under Dynamo on torch 2.11 and 2.14,
     where is_autocast_available does not on 2.11."""
