@@ -301,6 +301,14 @@ def _meta_network_parameters(module, decoders, columns, embed, channels, factory
     module.bias = nn.Parameter(torch.empty(channels, **factory))
 
 
+def _index(name: str, value, hint: str = "") -> int:
+    """``value`` as an int: an int or int-like (numpy integers), not a bool or a float, else a
+    ValueError naming ``name`` (``hint`` appended)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise ValueError(f"{name} must be a positive int, got {value!r}{hint}")
+    return operator.index(value)
+
+
 def default_embed_dim(num_groups: int) -> int:
     """Bottleneck width M of AssocNorm's auto-encoder when not given: half the groups."""
     return max(1, num_groups // 2)
@@ -323,21 +331,15 @@ class AssocNorm(_Activation, nn.Module):
         super().__init__()
         self._set_activation(activation)
         for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
-            # an int or int-like (numpy integers), not a bool or a float
-            if (isinstance(value, bool) or not hasattr(type(value), "__index__")
-                    or operator.index(value) <= 0):
+            if _index(name, value) <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         num_groups, num_channels = operator.index(num_groups), operator.index(num_channels)
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")
         embed_dim = default_embed_dim(num_groups) if embed_dim is None else embed_dim
-        # an int or int-like (numpy integers), not a bool or a float
-        if isinstance(embed_dim, bool) or not hasattr(type(embed_dim), "__index__"):
-            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r} (AssocNorm's "
-                             "third argument is embed_dim, where nn.GroupNorm has eps: pass "
-                             "eps=... by keyword)")
-        embed_dim = operator.index(embed_dim)
+        embed_dim = _index("embed_dim", embed_dim, " (AssocNorm's third argument is embed_dim, "
+                           "where nn.GroupNorm has eps: pass eps=... by keyword)")
         if embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         factory = {"device": device, "dtype": dtype}
