@@ -4,8 +4,8 @@
 # had torch 2.11, where the Triton ops did not register); this is how such a regression shows up
 # without a GPU. In it normfuse builds (CPU + CUDA glue) and imports, every backend that can run
 # here registers, opcheck passes on every op, and the module, torch.compile and autocast tests
-# and the curated Triton-interpreter tests pass, as do python -m normfuse and the benchmark's and GPU probes'
-# smoke runs (the GPU machines run the benchmark on this torch).
+# and the curated Triton-interpreter tests pass, as do python -m normfuse and the benchmark's and
+# GPU probes' smoke runs (the GPU machines run the benchmark on this torch).
 #
 # The environment is a venv layered over the main one (--system-site-packages): torch and triton
 # are installed into it with --no-deps, everything else (numpy, pytest, and the nvidia-* runtime
