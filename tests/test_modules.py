@@ -435,22 +435,28 @@ def test_running_stats_several_steps(nf, backend, device, seed, kind, rank, mome
     assert int(m.num_batches_tracked) == len(shapes)
 
 
+def _training_steps_against_oracle(m, kind, shape, seed, device, factor, steps):
+    """``steps`` training calls of ``m`` on fresh inputs: output and running statistics against
+    the oracle's, with ``factor`` as its momentum."""
+    params = {n: p for n, p in m.named_parameters()}
+    rm, rv = m.running_mean.double().cpu(), m.running_var.double().cpu()
+    for step in range(steps):
+        x = make_input(shape, seed + step, torch.float32, device)
+        exp = oracles.run(kind, x, params, running_mean=rm, running_var=rv, training=True,
+                          momentum=factor, eps=m.eps)
+        assert_close_dtype(m(x), exp.y, torch.float32, f"step {step} output")
+        rm, rv = exp.running_mean, exp.running_var
+        assert_close_dtype(m.running_mean, rm, torch.float32, f"step {step} running_mean")
+        assert_close_dtype(m.running_var, rv, torch.float32, f"step {step} running_var")
+
+
 @pytest.mark.parametrize("kind", ["bin", "iebn"])
 @pytest.mark.parametrize("momentum", [-0.5, 1.5])
 def test_momentum_outside_the_unit_interval(nf, backend, device, seed, kind, momentum):
     """Legal and computed as given, as in nn.BatchNorm (docs/errors.md, "Accepted")."""
     shape = (4, 3, 5)
     m = prepare(make_layer(nf, kind, shape, momentum=momentum), seed, device, True)
-    params = {n: p for n, p in m.named_parameters()}
-    rm, rv = m.running_mean.double().cpu(), m.running_var.double().cpu()
-    for step in range(2):
-        x = make_input(shape, seed + step, torch.float32, device)
-        exp = oracles.run(kind, x, params, running_mean=rm, running_var=rv, training=True,
-                          momentum=momentum, eps=m.eps)
-        assert_close_dtype(m(x), exp.y, torch.float32, f"step {step} output")
-        rm, rv = exp.running_mean, exp.running_var
-        assert_close_dtype(m.running_mean, rm, torch.float32, f"step {step} running_mean")
-        assert_close_dtype(m.running_var, rv, torch.float32, f"step {step} running_var")
+    _training_steps_against_oracle(m, kind, shape, seed, device, momentum, steps=2)
 
 
 @pytest.mark.parametrize("kind", ["bin", "iebn"])
@@ -461,14 +467,8 @@ def test_running_stats_without_a_counter(nf, backend, device, seed, kind, moment
     shape = (4, 3, 5)
     m = prepare(make_layer(nf, kind, shape, momentum=momentum), seed, device, True)
     m.num_batches_tracked = None
-    params = {n: p for n, p in m.named_parameters()}
-    rm, rv = m.running_mean.double().cpu(), m.running_var.double().cpu()
-    x = make_input(shape, seed, torch.float32, device)
-    exp = oracles.run(kind, x, params, running_mean=rm, running_var=rv, training=True,
-                      momentum=0.0 if momentum is None else momentum, eps=m.eps)
-    assert_close_dtype(m(x), exp.y, torch.float32, "output")
-    assert_close_dtype(m.running_mean, exp.running_mean, torch.float32, "running_mean")
-    assert_close_dtype(m.running_var, exp.running_var, torch.float32, "running_var")
+    _training_steps_against_oracle(m, kind, shape, seed, device,
+                                   0.0 if momentum is None else momentum, steps=1)
     assert m.num_batches_tracked is None
 
 
