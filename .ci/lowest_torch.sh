@@ -5,7 +5,9 @@
 # without a GPU. In it normfuse builds (CPU + CUDA glue) and imports, every backend that can run
 # here registers, opcheck passes on every op, and the module, torch.compile and autocast tests
 # and the curated Triton-interpreter tests pass, as do python -m normfuse and the benchmark's and
-# GPU probes' smoke runs (the GPU machines run the benchmark on this torch).
+# GPU probes' smoke runs (the GPU machines run the benchmark on this torch), and every Triton
+# kernel configuration compiles for sm_80 / sm_90 with this torch's Triton without spilling
+# (test_aot.py: Triton 3.6 spilled a kernel that Triton 3.8 did not).
 #
 # The environment is a venv layered over the main one (--system-site-packages): torch and triton
 # are installed into it with --no-deps, everything else (numpy, pytest, and the nvidia-* runtime
@@ -72,5 +74,6 @@ echo "== lowest torch: tests ($(( $(date +%s) - start )) s)"
   tests/triton_kernels/test_streaming.py \
   tests/triton_kernels/test_coefficients.py \
   tests/test_info.py \
-  tests/test_bench_smoke.py
+  tests/test_bench_smoke.py \
+  tests/triton_kernels/test_aot.py
 echo "== lowest torch: done in $(( $(date +%s) - start )) s"

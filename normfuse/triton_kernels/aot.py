@@ -55,8 +55,8 @@ def specs(quick: bool = False):
             out.append((name, None, dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c), cfg.num_warps))
     for cfg in h.all_assoc_configs():
         for name in ASSOC_KERNELS:
-            out.append((name, None, dict(BLOCK_G=cfg.block_g, BLOCK_M=cfg.block_m,
-                                         BLOCK_CG=cfg.block_cg), cfg.num_warps))
+            out.append((name, None, dict(BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg),
+                        cfg.num_warps))
     return out
 
 

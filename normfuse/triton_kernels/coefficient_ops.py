@@ -196,9 +196,8 @@ def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, 
     enc = stats_tensor(encoder, (hidden, num_groups), acc, "encoder", dev)
     dec_mu = stats_tensor(decoder_mean, (num_groups, hidden), acc, "decoder_mean", dev)
     dec_var = stats_tensor(decoder_var, (num_groups, hidden), acc, "decoder_var", dev)
-    cfg = heuristics.assoc_config(num_groups, hidden)
-    meta = dict(BLOCK_G=cfg.block_g, BLOCK_M=cfg.block_m, BLOCK_CG=cfg.block_cg,
-                num_warps=cfg.num_warps)
+    cfg = heuristics.assoc_config(num_groups)
+    meta = dict(BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, num_warps=cfg.num_warps)
     return (enc, dec_mu, dec_var, _param(weight, mean, "weight", optional=False),
             _param(bias, mean, "bias", optional=False), hidden, meta)
 

@@ -2,8 +2,8 @@
 
 Formulas: ``normfuse/coefficients/assoc.py``.  One program per sample ``n``: it merges the plane
 moments of each group (Chan, shifted by the group's first plane mean), runs the auto-encoder
-(``W1: (M, G)``, ``W2, W3: (G, M)``; G, M <= 64: forward on zero-padded register tiles, backward
-in chunks of ``M_CHUNK`` hidden units to bound register use) and writes the per-plane
+(``W1: (M, G)``, ``W2, W3: (G, M)``; G <= 64, any M: both directions in chunks of ``M_CHUNK``
+hidden units to bound register use) and writes the per-plane
 ``scale``/``shift`` (forward) or ``c_dy``/``c_x``/``c_0`` (backward).  ``r_G`` is 0 for
 one-element groups, as in normfuse.coefficients.assoc.  Channel tiles are
 ``[BLOCK_G, BLOCK_CG]`` (group x channel within the group), looping over the group width.
@@ -23,7 +23,10 @@ from .common import (finite_or_zero, last_arrival, relu, reset_counter, sigmoid,
 ROWS_PER_GROUP = tl.constexpr(8)
 BLOCK_W = tl.constexpr(512)
 UNROLL = tl.constexpr(4)
-M_CHUNK = tl.constexpr(16)
+# Hidden units per step of the auto-encoder loops: at 16 the backward at G = 64 sat at 128
+# registers a thread and spilled on sm_90 under Triton 3.6 (the GPU image's); at 8 it takes 64-80
+# under Triton 3.6 and 3.8 (tests/triton_kernels/test_aot.py fails on any spill).
+M_CHUNK = tl.constexpr(8)
 
 
 @triton.jit
@@ -55,43 +58,38 @@ def group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G: tl.constexpr,
 
 
 @triton.jit
-def matrix_tile(ptr, rows, cols, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """A row-major ``(rows, cols)`` matrix as a zero-padded ``[BLOCK_R, BLOCK_COLS]`` tile:
-    ``W1`` is ``(M, G)``, ``W2`` and ``W3`` are ``(G, M)``."""
-    i = tl.arange(0, BLOCK_R)
-    j = tl.arange(0, BLOCK_COLS)
-    return tl.load(ptr + i[:, None] * cols + j[None, :],
-                   mask=(i < rows)[:, None] & (j < cols)[None, :], other=0.0)
-
-
-@triton.jit
-def autoencoder(enc_ptr, dmu_ptr, dvar_ptr, mu, var, G, M, BLOCK_G: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """Activations ``h = W1 x`` (length M, before the relu) for the group means and variances,
-    and the decoder outputs ``d_mu``, ``d_var`` (length G).  Weight tiles are loaded where they
-    are used (L2-resident) rather than kept live: they would cost ~100 registers a thread."""
-    w1 = matrix_tile(enc_ptr, M, G, BLOCK_M, BLOCK_G)
-    h_mu = total(w1 * mu[None, :], 1)
-    h_var = total(w1 * var[None, :], 1)
-    d_mu = sigmoid(total(matrix_tile(dmu_ptr, G, M, BLOCK_G, BLOCK_M)
-                         * relu(h_mu)[None, :], 1))
-    d_var = tanh(total(matrix_tile(dvar_ptr, G, M, BLOCK_G, BLOCK_M)
-                       * relu(h_var)[None, :], 1))
-    return h_mu, h_var, d_mu, d_var
+def decoder_outputs(enc_ptr, dmu_ptr, dvar_ptr, mu, var, g, gmask, G, M):
+    """The decoder outputs ``d_mu = sigmoid(W2 relu(W1 mu))`` and ``d_var = tanh(W3 relu(W1
+    var))`` (length G) for the group means and variances.  The hidden units are summed in chunks
+    of ``M_CHUNK``: one ``[M_CHUNK, BLOCK_G]`` tile of each matrix (``W2``, ``W3`` read
+    transposed, so every tile and the hidden vectors share one layout) is live at a time, not a
+    whole ``[M, G]`` one (at G = M = 64 that spilled registers on sm_90 with Triton 3.6), and M
+    needs no tile of its own.  The tiles are read where they are used (L2-resident)."""
+    acc_mu = tl.zeros_like(mu)
+    acc_var = tl.zeros_like(var)
+    for k0 in range(0, M, M_CHUNK):
+        k = k0 + tl.arange(0, M_CHUNK)
+        kg_mask = (k < M)[:, None] & gmask[None, :]
+        w1 = tl.load(enc_ptr + k[:, None] * G + g[None, :], mask=kg_mask, other=0.0)
+        dec = g[None, :] * M + k[:, None]  # W2 / W3 [g, k] at tile position [k, g]
+        acc_mu += total(tl.load(dmu_ptr + dec, mask=kg_mask, other=0.0)
+                        * relu(total(w1 * mu[None, :], 1))[:, None], 0)
+        acc_var += total(tl.load(dvar_ptr + dec, mask=kg_mask, other=0.0)
+                         * relu(total(w1 * var[None, :], 1))[:, None], 0)
+    return sigmoid(acc_mu), tanh(acc_var)
 
 
 @triton.jit
 def assoc_forward_kernel(mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dvar_ptr, weight_ptr, bias_ptr,
                          scale_ptr, shift_ptr, C, L, G, M, Cg, eps,
-                         BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CG: tl.constexpr):
+                         BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     row = tl.program_id(0) * C
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     ref, off, var = group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G, BLOCK_CG, ACC)
     r = tl.where(Cg * L == 1, 0.0, tl.rsqrt(var + eps))[:, None]  # 0: one-element groups
-    _, _, d_mu, d_var = autoencoder(enc_ptr, dmu_ptr, dvar_ptr, ref + off, var, G, M, BLOCK_G,
-                                    BLOCK_M)
+    d_mu, d_var = decoder_outputs(enc_ptr, dmu_ptr, dvar_ptr, ref + off, var, g, gmask, G, M)
     for j0 in range(0, Cg, BLOCK_CG):
         ch, mask = group_tile(j0, g, gmask, Cg, BLOCK_CG)
         m = tl.load(mean_ptr + row + ch, mask=mask, other=0.0)
@@ -121,7 +119,7 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
                           weight_ptr, cdy_ptr, cx_ptr, c0_ptr, ws_ptr, ws2_ptr, counter_ptr,
                           denc_ptr, ddmu_ptr, ddvar_ptr, dweight_ptr, dbias_ptr,
                           N, C, L, G, M, Cg, eps,
-                          BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CG: tl.constexpr):
+                          BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     n = tl.program_id(0)
     row = n * C
@@ -130,7 +128,7 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
     ref, off, var = group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G, BLOCK_CG, ACC)
     r = tl.where(Cg * L == 1, 0.0, tl.rsqrt(var + eps))  # 0 for one-element groups (as BIN's r_I)
     mu = ref + off
-    _, _, d_mu, d_var = autoencoder(enc_ptr, dmu_ptr, dvar_ptr, mu, var, G, M, BLOCK_G, BLOCK_M)
+    d_mu, d_var = decoder_outputs(enc_ptr, dmu_ptr, dvar_ptr, mu, var, g, gmask, G, M)
     width = 2 * C + 3 * M * G
     wrow = ws_ptr + n.to(tl.int64) * width
 

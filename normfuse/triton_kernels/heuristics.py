@@ -19,7 +19,8 @@ split count and chunk length are runtime arguments, so they add no compiled vari
 
 Coefficient kernels: BIN/IEBN use one program per ``block_c`` channels looping over ``N`` in
 ``block_n`` rows (``COEFF_CONFIGS``, picked by ``N``); AssocNorm one program per sample with
-group/hidden tiles of 16 or 64 (so ``num_groups`` and the hidden size must be <= 64).
+a group tile of 16 or 64 (so ``num_groups`` must be <= 64); the kernels walk the hidden units in
+chunks, so the hidden size adds no compiled variant and has no limit.
 
 ``all_stream_configs``, ``all_coeff_configs`` and ``all_assoc_configs`` enumerate every
 configuration these functions can return; the AOT tests compile each of them.
@@ -43,7 +44,7 @@ INTERPRETER_NUM_SMS = 4  # CPU tensors under TRITON_INTERPRET (tests may change 
 
 COEFF_CONFIGS = ((4, 64), (32, 32), (256, 8))  # (block_n, block_c), by increasing N
 COEFF_WARPS = 4
-ASSOC_BLOCKS = (16, 64)  # block sizes for the groups and the hidden layer
+ASSOC_BLOCKS = (16, 64)  # block sizes for the groups
 ASSOC_TILE = 512
 ASSOC_WARPS = 8
 
@@ -66,7 +67,6 @@ class CoeffConfig:
 @dataclass(frozen=True)
 class AssocConfig:
     block_g: int
-    block_m: int
     block_cg: int
     num_warps: int = ASSOC_WARPS
 
@@ -110,13 +110,12 @@ def coeff_config(batch: int) -> CoeffConfig:
     return CoeffConfig(*COEFF_CONFIGS[-1])
 
 
-def assoc_config(num_groups: int, hidden: int) -> AssocConfig:
-    if num_groups > ASSOC_BLOCKS[-1] or hidden > ASSOC_BLOCKS[-1]:
-        raise RuntimeError(f"normfuse_triton: AssocNorm kernels support num_groups and hidden "
-                           f"size <= {ASSOC_BLOCKS[-1]}, got {num_groups} and {hidden}")
+def assoc_config(num_groups: int) -> AssocConfig:
+    if num_groups > ASSOC_BLOCKS[-1]:
+        raise RuntimeError(f"normfuse_triton: AssocNorm kernels support num_groups <= "
+                           f"{ASSOC_BLOCKS[-1]}, got {num_groups}")
     block_g = next(b for b in ASSOC_BLOCKS if num_groups <= b)
-    block_m = next(b for b in ASSOC_BLOCKS if hidden <= b)
-    return AssocConfig(block_g, block_m, ASSOC_TILE // block_g)
+    return AssocConfig(block_g, ASSOC_TILE // block_g)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,4 +139,4 @@ def all_coeff_configs():
 
 
 def all_assoc_configs():
-    return [AssocConfig(g, m, ASSOC_TILE // g) for g in ASSOC_BLOCKS for m in ASSOC_BLOCKS]
+    return [AssocConfig(g, ASSOC_TILE // g) for g in ASSOC_BLOCKS]

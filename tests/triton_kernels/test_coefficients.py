@@ -132,7 +132,8 @@ def test_iebn(n, c, mode, affine, acc):
 
 @pytest.mark.parametrize("acc", ACCS, ids=str)
 @pytest.mark.parametrize("n,c,groups,hidden", [(1, 4, 1, 1), (3, 12, 4, 3), (10, 6, 3, 2),
-                                               (19, 260, 2, 5), (2, 660, 20, 17)], ids=str)
+                                               (19, 260, 2, 5), (2, 660, 20, 17),
+                                               (3, 128, 64, 70)], ids=str)
 def test_assoc(n, c, groups, hidden, acc):
     L = 6
     mean, m2 = _stats(n, c, L, acc, seed=20)
