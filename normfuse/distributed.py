@@ -25,12 +25,13 @@ import os
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from ._autograd import run_layer
 from ._checks import check_channels, check_input, check_number, check_running_stats, check_tensor
 from .backends import resolve_backend
 from .coefficients._merge import BatchMerge
-from .modules import _BatchInstanceNorm, _InstanceEnhancementBatchNorm
+from .modules import _BatchInstanceNorm, _fx_leaf, _InstanceEnhancementBatchNorm
 
 try:
     import torch.distributed as dist
@@ -240,6 +241,8 @@ class _SyncMixin:
         check_number(self.eps, "eps", who)
 
     def forward(self, input):
+        if isinstance(input, Proxy):  # torch.fx tracing: a leaf, with or without a process group
+            return _fx_leaf(self, input)
         # any rank, as nn.SyncBatchNorm (a nested tensor goes on to the checks, which refuse it)
         if isinstance(input, Tensor) and input.dim() > 5 and not input.is_nested:
             flat = input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))

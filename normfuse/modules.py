@@ -7,11 +7,22 @@ import operator
 
 import torch
 from torch import nn
+from torch.fx import Proxy
 
 from . import functional as F
 from ._autograd import one_call_step, run_layer
 from ._checks import assoc_layer_ok, batch_layer_ok, relu_flag
 from .backends import compiled_devices
+
+
+def _fx_leaf(module: nn.Module, input: Proxy) -> Proxy:
+    """Under ``torch.fx.symbolic_trace`` (the input is a Proxy): the layer as one ``call_module``
+    node, which is how fx records torch.nn's own norm layers (its default tracer keeps only
+    torch.nn modules as leaves). Tracing into the layer would fail: its checks and op calls need
+    real tensors. fx tools (create_feature_extractor, FX quantization) then see a normfuse layer
+    where they saw nn.BatchNorm2d."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 class _Activation:
@@ -132,6 +143,8 @@ class _BatchStatsNorm(_Activation, nn.Module):
                      self.activation, self._ranks, compiled_devices())
             if y is not NotImplemented:
                 return y
+        if isinstance(input, Proxy):
+            return _fx_leaf(self, input)
         relu = self._relu()
         fast = self._fast_arguments()
         try:  # a parameter replaced by a plain attribute: the checked path reads it
@@ -367,6 +380,8 @@ class AssocNorm(_Activation, nn.Module):
                      self.activation, compiled_devices())
             if y is not NotImplemented:
                 return y
+        if isinstance(input, Proxy):
+            return _fx_leaf(self, input)
         relu = self._relu()
         params = self._parameters
         try:  # a parameter replaced by a plain attribute: the checked path reads it
@@ -482,6 +497,8 @@ class ILMNorm(_Activation, nn.Module):
                                       unexpected_keys, error_msgs)
 
     def forward(self, input):
+        if isinstance(input, Proxy):
+            return _fx_leaf(self, input)
         relu = self._relu()
         args = (self.encoder, self.decoder_weight, self.decoder_bias, self.weight, self.bias)
         F.check_ilm(input, self.num_groups, self.key_group_size, *args, self.eps,

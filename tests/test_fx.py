@@ -1,0 +1,89 @@
+"""torch.fx symbolic tracing of models that hold normfuse layers (issue: drop-in for
+nn.BatchNorm2d / nn.GroupNorm, which fx's default tracer keeps as leaves).
+
+Every module (BIN, IEBN 1d/2d/3d, AssocNorm, ILMNorm, the Sync variants, with and without the
+fused ReLU) traces as one ``call_module`` node; tracing runs nothing (running statistics and
+``num_batches_tracked`` untouched); the traced GraphModule computes what the model computes,
+forward and backward, in training (running statistics updated alike) and eval.  fx tools built
+on the tracer (torchvision's create_feature_extractor, FX quantization) rely on exactly this.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+SHAPES = {1: (4, 6, 5), 2: (3, 6, 5, 4), 3: (2, 6, 3, 4, 2)}
+
+
+def _layers(nf):
+    out = []
+    for d in (1, 2, 3):
+        out += [(d, getattr(nf, f"BatchInstanceNorm{d}d")(6)),
+                (d, getattr(nf, f"InstanceEnhancementBatchNorm{d}d")(6, activation="relu"))]
+    out += [(2, nf.AssocNorm(3, 6)), (2, nf.AssocNorm(2, 6, activation="relu")),
+            (2, nf.ILMNorm(6, num_groups=3, key_group_size=2)),
+            (2, nf.SyncBatchInstanceNorm(6)), (3, nf.SyncInstanceEnhancementBatchNorm(6))]
+    return out
+
+
+def _model(d, norm, seed):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[d]
+    torch.manual_seed(seed)
+    model = nn.Sequential(conv(6, 6, 1), norm, nn.ReLU(), conv(6, 6, 1))
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_symbolic_trace_keeps_the_layer_a_leaf(nf, seed, index, training):
+    layers = _layers(nf)
+    assert len(layers) == 11
+    d, norm = layers[index]
+    model = _model(d, norm, seed).train(training)
+    before = _state(model)
+    gm = torch.fx.symbolic_trace(model)
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # tracing ran nothing
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert [n.target for n in calls] == ["0", "1", "2", "3"]
+    assert gm.get_submodule("1") is norm
+
+    reference = copy.deepcopy(model)
+    x = torch.randn(SHAPES[d], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = gm(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *gm.parameters()], dy)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *reference.parameters()], dy)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    state, state_ref = gm.state_dict(), reference.state_dict()
+    assert state.keys() == state_ref.keys()
+    for k in state:
+        torch.testing.assert_close(state[k], state_ref[k], rtol=0, atol=0)
+    if training and hasattr(norm, "running_mean"):
+        assert not torch.equal(norm.running_mean, before["1.running_mean"])  # it did train
+
+
+def test_a_tracer_that_traces_into_leaves_still_sees_one_node(nf):
+    """A custom Tracer (as torchvision's feature extractor) that asks is_leaf_module gets the
+    same graph: the layer decides for itself, whatever the tracer's leaf rule."""
+    class Everything(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return False
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nf.BatchInstanceNorm2d(6))
+    graph = Everything().trace(model)
+    targets = [n.target for n in graph.nodes if n.op == "call_module"]
+    assert "1" in targets
