@@ -19,6 +19,7 @@
 // knows (torch.compile tracing, forward-mode AD levels, functorch transforms) before calling.
 // Nothing is mutated before the op runs, and the op checks again what it relies on.
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/GradMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -234,8 +235,10 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   if (use_stats && rm_obj != Py_None) {
     const Tensor* m = plain_tensor(rm_obj);
     const Tensor* v = plain_tensor(rv_obj);
+    // (one requiring grad with grad mode on: the checked path refuses it, as nn.BatchNorm does)
     if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C) ||
-        (*training && nf_glue::shares_memory(*m, *v)))
+        (*training && nf_glue::shares_memory(*m, *v)) ||
+        ((m->requires_grad() || v->requires_grad()) && c10::GradMode::is_enabled()))
       Py_RETURN_NOTIMPLEMENTED;
     rm = *m;
     rv = *v;

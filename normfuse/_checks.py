@@ -78,6 +78,11 @@ def check_running_stats(running_mean, running_var, channels: int, input: Tensor,
                          f"None")
     check_tensor(running_mean, "running_mean", (channels,), input, who, optional=True)
     check_tensor(running_var, "running_var", (channels,), input, who, optional=True)
+    if running_mean is not None and torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t.requires_grad:  # nn.BatchNorm refuses it too; a gradient would never reach it
+                raise ValueError(f"{who}: {name} must not require grad (the layer is not "
+                                 f"differentiable with respect to its running statistics)")
 
 
 def _addressless(t: Tensor) -> bool:
@@ -370,6 +375,9 @@ def batch_layer_ok(input, ranks, channels, use_batch, required, optional, runnin
     if (running_mean is None) != (running_var is None):
         return False
     if not _shaped_ok(input, shape, required, (*optional, running_mean, running_var)):
+        return False
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) \
+            and torch.is_grad_enabled():
         return False
     if running_mean is not None and use_batch and not _running_separate(
             running_mean, running_var, c, required, optional):

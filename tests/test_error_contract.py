@@ -250,6 +250,10 @@ def _row_running_alias(nf, device):
     return (lambda: _fbin(nf, _x(device), a)), a
 
 
+def _row_running_grad(nf, device):
+    return _fbin_with(nf, device, running_mean=torch.zeros(C, device=device).requires_grad_())
+
+
 def _row_counter_dtype(nf, device):
     m = _bin(nf, device)
     m.num_batches_tracked = torch.tensor(2.0, device=device)  # the op increments it in place
@@ -396,6 +400,7 @@ ROWS = {
     "running-overlap": (_row_running_expanded, ValueError, ["running_mean", "overlapping"]),
     "running-alias": (_row_running_alias, ValueError, ["running_mean", "running_var",
                                                        "share memory"]),
+    "running-grad": (_row_running_grad, ValueError, ["running_mean", "require grad"]),
     "counter-dtype": (_row_counter_dtype, ValueError, ["num_batches_tracked", "0-dim int64",
                                                        "float32"]),
     "single-value": (_row_single_value, ValueError, ["input", "more than 1 value per channel"]),
