@@ -307,10 +307,12 @@ def _shaped_ok(input, shape, required, optional) -> bool:
     """Every tensor of ``required`` (not None) and ``optional`` (None allowed) passes
     ``check_tensor`` with ``shape``: in C on the eager path, in Python while torch.compile
     traces (it cannot trace into the C function)."""
-    fast = _C_TENSORS_OK if _C_TENSORS_OK is not None else _c_tensors_ok()
-    if fast and not _dynamo_compiling():  # (tensors traced otherwise, e.g. by export, are
-        # fake subclasses, which the C function declines: the checks then decide)
-        return fast(input, shape, required, optional)
+    if not _dynamo_compiling():  # first: a trace that read the lazily set global would guard
+        # on it and recompile once it is set. (Tensors traced otherwise, e.g. by export, are fake
+        # subclasses, which the C function declines: the checks then decide.)
+        fast = _C_TENSORS_OK if _C_TENSORS_OK is not None else _c_tensors_ok()
+        if fast:
+            return fast(input, shape, required, optional)
     return (_vectors_ok(required, input, shape, False)
             and _vectors_ok(optional, input, shape, True))
 

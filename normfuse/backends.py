@@ -4,8 +4,9 @@ Names: ``"auto"`` (default), ``"torch"`` (PyTorch ops, always there), ``"cpu"`` 
 (the compiled kernels of ``normfuse._C``), ``"triton"`` (``normfuse.triton_kernels``; CUDA tensors,
 or CPU tensors under ``TRITON_INTERPRET=1``).
 
-The choice comes from ``set_backend``, the ``use_backend`` context manager, or the environment
-variable ``NORMFUSE_BACKEND`` read at import.  A named backend that cannot run raises an error
+The choice comes from ``set_backend`` (process-wide), the ``use_backend`` context manager (the
+calling thread only, inside its block, as ``torch.no_grad``), or the environment variable
+``NORMFUSE_BACKEND`` read at import (the process-wide default).  A named backend that cannot run raises an error
 listing those that can: nothing falls back silently.  ``"auto"`` picks per input, in this order:
 CPU tensors -> ``cpu``, then ``torch``; CUDA tensors -> ``cuda``, then ``triton``, then ``torch``
 (float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  While
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -47,7 +49,11 @@ _REASONS: dict = {}
 
 def _unavailable_reason(name: str) -> str | None:
     """None if backend ``name`` can run on this machine, else why not (cached: it does not
-    change while the process runs, and the cache keeps torch.compile's tracing cheap)."""
+    change while the process runs).  Not cached while torch.compile traces: a trace that read
+    the cache would guard on its contents, and the next call, finding it filled, would compile
+    the whole model again."""
+    if torch.compiler.is_compiling():
+        return _find_unavailable_reason(name)
     if name not in _REASONS:
         _REASONS[name] = _find_unavailable_reason(name)
     return _REASONS[name]
@@ -99,26 +105,47 @@ _state = SimpleNamespace(name=os.environ.get("NORMFUSE_BACKEND", "auto").strip()
                          devices=None)  # compiled_devices(): (setting, answer) of the last call
 
 
+class _Scoped(threading.local):
+    """use_backend's setting, per thread: ``name`` (a checked name) inside a block, None
+    outside. Thread-local, so a block in one thread never changes another's backend, and
+    overlapping blocks in two threads each restore their own; torch.compile guards on it (read
+    in the calling thread). Set in ``__init__`` (run once per thread), not as a class default or
+    a getattr default: a missing attribute costs ~0.4 us a read, raised and caught."""
+
+    def __init__(self):
+        self.name = None
+
+
+_scoped = _Scoped()
+
+
 def set_backend(name: str) -> None:
-    """Use backend ``name`` for every following call (``"auto"`` to let normfuse choose)."""
+    """Use backend ``name`` for every following call, in every thread (``"auto"`` to let
+    normfuse choose).  Inside a ``use_backend`` block it also replaces that block's setting
+    until the block ends."""
     _state.name = _check_name(name, "set_backend")
     _state.checked = True
+    _scoped.name = None
 
 
 def get_backend() -> str:
-    """The backend setting (``"auto"`` or a name), not what ``"auto"`` resolves to."""
-    return _state.name
+    """The backend setting in this thread (``"auto"`` or a name), not what ``"auto"`` resolves
+    to."""
+    return _scoped.name or _state.name
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: ``with normfuse.use_backend("torch"): ...``."""
-    previous = (_state.name, _state.checked)
-    set_backend(name)
+    """Context manager: ``with normfuse.use_backend("torch"): ...``.  The setting holds in the
+    calling thread only, like ``torch.no_grad`` (threads started inside the block, nn.DataParallel's
+    replicas among them, keep the process-wide one: use ``set_backend`` for those)."""
+    checked = _check_name(name, "set_backend")
+    previous = _scoped.name
+    _scoped.name = checked
     try:
         yield
     finally:
-        _state.name, _state.checked = previous
+        _scoped.name = previous
 
 
 def _auto(x: torch.Tensor) -> str:
@@ -151,11 +178,16 @@ def _runs_on(name: str, x: torch.Tensor) -> bool:
 
 def resolve_backend(x: torch.Tensor) -> str:
     """The backend that a normfuse call on input ``x`` uses under the current setting."""
-    name = _state.name
-    if not _state.checked:
-        name = _check_name(name, "NORMFUSE_BACKEND")
-        if not torch.compiler.is_compiling():  # Dynamo cannot trace the write (strict export
-            _state.name = name                 # or torch.compile as a process's first call)
+    name = _scoped.name  # a use_backend block's name is checked on entry
+    if name is None:
+        name = _state.name
+        if torch.compiler.is_compiling():
+            # Checked in every trace, the flag not read: a trace that read it would guard on it
+            # and recompile once an eager call sets it (and Dynamo cannot trace the write under
+            # strict export).
+            _check_name(name, "NORMFUSE_BACKEND")
+        elif not _state.checked:
+            _check_name(name, "NORMFUSE_BACKEND")
             _state.checked = True
     if name == "auto":
         return _auto(x)
@@ -177,11 +209,14 @@ def compiled_devices() -> int:
     the input checks, as it always did.  Cached with the setting it was computed for, so a
     concurrent ``set_backend`` can never leave a stale answer behind.  Not for tracing: callers
     test ``is_compiling`` first."""
-    name = _state.name
+    name = _scoped.name
+    scoped = name is not None
+    if not scoped:
+        name = _state.name
     cached = _state.devices
     if cached is not None and cached[0] == name:
         return cached[1]
-    if not _state.checked:
+    if not scoped and not _state.checked:
         try:
             _check_name(name, "NORMFUSE_BACKEND")
         except (ValueError, RuntimeError):

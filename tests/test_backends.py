@@ -79,6 +79,91 @@ def test_use_backend_restores(nf, restore_backend):
         assert _current(nf) == "torch"
 
 
+def test_use_backend_holds_in_its_own_thread_only(nf, restore_backend):
+    """Like torch.no_grad: a block in one thread does not change another thread's backend, and
+    two overlapping blocks in two threads each restore their own setting (the process-wide one
+    stays what set_backend made it)."""
+    import threading
+    nf.set_backend("auto")
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = {}, []
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001  (reported below)
+                errors.append(exc)
+                a_inside.set(), b_inside.set(), a_done.set()
+        return run
+
+    @guarded
+    def thread_a():
+        with nf.use_backend("torch"):
+            a_inside.set()
+            assert b_inside.wait(30)
+            seen["a"] = _current(nf)
+        a_done.set()
+        seen["a after"] = _current(nf)
+
+    @guarded
+    def thread_b():
+        assert a_inside.wait(30)
+        seen["b before"] = _current(nf)
+        with nf.use_backend("cpu" if "cpu" in BACKENDS else "auto"):
+            b_inside.set()
+            assert a_done.wait(30)
+            seen["b"] = _current(nf)
+        seen["b after"] = _current(nf)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert seen == {"b before": "auto", "a": "torch", "a after": "auto",
+                    "b": "cpu" if "cpu" in BACKENDS else "auto", "b after": "auto"}
+    assert _current(nf) == "auto"
+
+
+def test_set_backend_inside_a_block_takes_effect_and_stays(nf, restore_backend):
+    nf.set_backend("auto")
+    with nf.use_backend("torch"):
+        nf.set_backend(BACKENDS[-1])
+        assert _current(nf) == BACKENDS[-1]
+    assert _current(nf) == BACKENDS[-1]
+
+
+def test_compiled_code_follows_use_backend(nf, restore_backend):
+    """torch.compile guards on the thread's setting: a compiled module called under another
+    use_backend block recompiles and runs that backend (its ops are in the graph)."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled cpu backend")
+    nf.set_backend("auto")
+    torch._dynamo.reset()
+    graphs = EagerAndRecordGraphs()
+    m = nf.BatchInstanceNorm2d(4)
+    f = torch.compile(m, backend=graphs, fullgraph=True)
+    x = torch.randn(2, 4, 3, 3)
+    m(x)  # eager once: lazily set module globals (guarded on too) settle before compiling
+
+    def normfuse_ops(graph):  # the layer's ops sit in autograd_function_apply's subgraphs
+        return any("normfuse" in str(n.target) for sub in graph.modules()
+                   if isinstance(sub, torch.fx.GraphModule) for n in sub.graph.nodes)
+
+    with nf.use_backend("torch"):
+        y_torch = f(x)
+    with nf.use_backend("cpu"):
+        y_cpu = f(x)
+    with nf.use_backend("torch"):
+        f(x)
+    assert [normfuse_ops(g) for g in graphs.graphs] == [False, True]  # the third reused the first
+    torch.testing.assert_close(y_cpu, y_torch)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ["bogus", "TORCH ", "", "gpu"])
 def test_unknown_backend_lists_available(nf, restore_backend, name):
     before = _current(nf)

@@ -62,13 +62,19 @@ torch.manual_seed(0)
 compiled_model, eager = _model().double(), _model().double()
 eager.load_state_dict(compiled_model.state_dict())
 x = torch.randn(4, 3, 9, 7, dtype=torch.float64)
-y = torch.compile(compiled_model, fullgraph=True)(x)  # before any eager normfuse call
+compiled = torch.compile(compiled_model, fullgraph=True)
+y = compiled(x)  # before any eager normfuse call
 y.square().sum().backward()
 y_ref = eager(x)
 y_ref.square().sum().backward()
 torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
 for p, p_ref in zip(compiled_model.parameters(), eager.parameters()):
     torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-10)
+# Later steps reuse that compile: no lazily filled normfuse global may be guarded on (the trace
+# of the first call once filled a cache and so compiled the model twice).
+torch._dynamo.config.error_on_recompile = True
+for _ in range(2):
+    compiled(x).square().sum().backward()
 print("ok")
 """
 
@@ -76,7 +82,8 @@ print("ok")
 def test_compile_before_any_eager_call():
     """A fresh process whose first normfuse call is torch.compile(fullgraph=True): the lazy
     set-up of the eager path (a torch.library registration, which Dynamo cannot trace) must stay
-    out of the compiled frame. The test above runs eager first and would not see it."""
+    out of the compiled frame, and later steps must not recompile. The test above runs eager
+    first and would not see either."""
     import os
     import subprocess
     import sys
