@@ -6,8 +6,8 @@ or CPU tensors under ``TRITON_INTERPRET=1``).
 
 The choice comes from ``set_backend`` (process-wide), the ``use_backend`` context manager (the
 calling thread only, inside its block, as ``torch.no_grad``), or the environment variable
-``NORMFUSE_BACKEND`` read at import (the process-wide default).  A named backend that cannot run raises an error
-listing those that can: nothing falls back silently.  ``"auto"`` picks per input, in this order:
+``NORMFUSE_BACKEND`` read at import (the process-wide default).  A named backend that cannot
+run raises an error listing those that can: nothing falls back silently.  ``"auto"`` picks per input, in this order:
 CPU tensors -> ``cpu``, then ``torch``; CUDA tensors -> ``cuda``, then ``triton``, then ``torch``
 (float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  While
 ``torch.export`` traces (``torch.compiler.is_exporting()``, also under ``torch.onnx.export``)
