@@ -4,12 +4,12 @@ Names: ``"auto"`` (default), ``"torch"`` (PyTorch ops, always there), ``"cpu"`` 
 (the compiled kernels of ``normfuse._C``), ``"triton"`` (``normfuse.triton_kernels``; CUDA tensors,
 or CPU tensors under ``TRITON_INTERPRET=1``).
 
-The choice comes from ``set_backend`` (process-wide), the ``use_backend`` context manager (the
-calling thread only, inside its block, as ``torch.no_grad``), or the environment variable
-``NORMFUSE_BACKEND`` read at import (the process-wide default).  A named backend that cannot
-run raises an error listing those that can: nothing falls back silently.  ``"auto"`` picks per input, in this order:
-CPU tensors -> ``cpu``, then ``torch``; CUDA tensors -> ``cuda``, then ``triton``, then ``torch``
-(float64 on a GPU -> ``torch``, the GPU kernels are float32/16/bf16).  While
+The choice comes from ``set_backend``, the ``use_backend`` context manager, or the environment
+variable ``NORMFUSE_BACKEND`` read at import; all three are process-wide.  A named backend that
+cannot run raises an error listing those that can: nothing falls back silently.  ``"auto"``
+picks per input, in this order: CPU tensors -> ``cpu``, then ``torch``; CUDA tensors ->
+``cuda``, then ``triton``, then ``torch`` (float64 on a GPU -> ``torch``, the GPU kernels are
+float32/16/bf16).  While
 ``torch.export`` traces (``torch.compiler.is_exporting()``, also under ``torch.onnx.export``)
 ``"auto"`` picks ``torch``: the exported program is then standard ATen ops, portable to ONNX and
 any runtime without normfuse (``normfuse/export.py``); ``torch.compile`` is not affected.
@@ -102,50 +102,53 @@ def _check_name(name: str, source: str) -> str:
 
 _state = SimpleNamespace(name=os.environ.get("NORMFUSE_BACKEND", "auto").strip() or "auto",
                          checked=False,
+                         blocks=(),  # the names of the active use_backend blocks, oldest first
                          devices=None)  # compiled_devices(): (setting, answer) of the last call
+# One token per active block, in the order of _state.blocks (separate: torch.compile guards on
+# the names it reads, and a token read there would make every new block recompile).
+_block_tokens: list = []
+_blocks_lock = threading.Lock()
 
 
-class _Scoped(threading.local):
-    """use_backend's setting, per thread: ``name`` (a checked name) inside a block, None
-    outside. Thread-local, so a block in one thread never changes another's backend, and
-    overlapping blocks in two threads each restore their own; torch.compile guards on it (read
-    in the calling thread). Set in ``__init__`` (run once per thread), not as a class default or
-    a getattr default: a missing attribute costs ~0.4 us a read, raised and caught."""
-
-    def __init__(self):
-        self.name = None
-
-
-_scoped = _Scoped()
+def _setting() -> str | None:
+    """The newest active use_backend block's name (checked on entry), else None."""
+    blocks = _state.blocks  # one read: another thread may replace the tuple meanwhile
+    return blocks[-1] if blocks else None
 
 
 def set_backend(name: str) -> None:
-    """Use backend ``name`` for every following call, in every thread (``"auto"`` to let
-    normfuse choose).  Inside a ``use_backend`` block it also replaces that block's setting
-    until the block ends."""
+    """Use backend ``name`` for every following call (``"auto"`` to let normfuse choose),
+    process-wide.  Active ``use_backend`` blocks still override it until they end."""
     _state.name = _check_name(name, "set_backend")
     _state.checked = True
-    _scoped.name = None
 
 
 def get_backend() -> str:
-    """The backend setting in this thread (``"auto"`` or a name), not what ``"auto"`` resolves
-    to."""
-    return _scoped.name or _state.name
+    """The backend setting (``"auto"`` or a name), not what ``"auto"`` resolves to."""
+    return _setting() or _state.name
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: ``with normfuse.use_backend("torch"): ...``.  The setting holds in the
-    calling thread only, like ``torch.no_grad`` (threads started inside the block, nn.DataParallel's
-    replicas among them, keep the process-wide one: use ``set_backend`` for those)."""
+    """Context manager: ``with normfuse.use_backend("torch"): ...``.  Process-wide while the
+    block runs, as torch's own backend switches (``torch.nn.attention.sdpa_kernel``,
+    ``torch.backends.cudnn.flags``) are, so autograd's device threads (a checkpointed forward
+    recomputed in the backward) and threads the block starts use it too.  It overrides
+    ``set_backend``'s choice until it ends.  Blocks entered from several threads at once: the
+    newest applies, and each removes only its own setting when it ends, so once all have ended
+    the setting is what ``set_backend`` made it."""
     checked = _check_name(name, "set_backend")
-    previous = _scoped.name
-    _scoped.name = checked
+    token = object()
+    with _blocks_lock:
+        _block_tokens.append(token)
+        _state.blocks = _state.blocks + (checked,)
     try:
         yield
     finally:
-        _scoped.name = previous
+        with _blocks_lock:
+            i = _block_tokens.index(token)
+            del _block_tokens[i]
+            _state.blocks = _state.blocks[:i] + _state.blocks[i + 1:]
 
 
 def _auto(x: torch.Tensor) -> str:
@@ -178,7 +181,7 @@ def _runs_on(name: str, x: torch.Tensor) -> bool:
 
 def resolve_backend(x: torch.Tensor) -> str:
     """The backend that a normfuse call on input ``x`` uses under the current setting."""
-    name = _scoped.name  # a use_backend block's name is checked on entry
+    name = _setting()
     if name is None:
         name = _state.name
         if torch.compiler.is_compiling():
@@ -209,14 +212,12 @@ def compiled_devices() -> int:
     the input checks, as it always did.  Cached with the setting it was computed for, so a
     concurrent ``set_backend`` can never leave a stale answer behind.  Not for tracing: callers
     test ``is_compiling`` first."""
-    name = _scoped.name
-    scoped = name is not None
-    if not scoped:
-        name = _state.name
+    blocks = _state.blocks  # _setting(), inline: this runs at every module call
+    name = blocks[-1] if blocks else _state.name
     cached = _state.devices
     if cached is not None and cached[0] == name:
         return cached[1]
-    if not scoped and not _state.checked:
+    if not blocks and not _state.checked:
         try:
             _check_name(name, "NORMFUSE_BACKEND")
         except (ValueError, RuntimeError):

@@ -22,6 +22,11 @@ def _fx_leaf(module: nn.Module, input: Proxy) -> Proxy:
     real tensors. fx tools (create_feature_extractor, FX quantization) then see a normfuse layer
     where they saw nn.BatchNorm2d."""
     tracer = input.tracer
+    if module is getattr(tracer, "root", None):  # a call_module node needs a submodule
+        raise torch.fx.proxy.TraceError(
+            f"{type(module).__name__}: torch.fx cannot trace a normfuse layer as the root module "
+            f"(its ops need real tensors); trace a module that holds it, e.g. "
+            f"nn.Sequential(layer), where it is recorded as one call_module node")
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 

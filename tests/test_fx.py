@@ -87,3 +87,12 @@ def test_a_tracer_that_traces_into_leaves_still_sees_one_node(nf):
     graph = Everything().trace(model)
     targets = [n.target for n in graph.nodes if n.op == "call_module"]
     assert "1" in targets
+
+
+def test_the_layer_itself_as_root_is_a_clear_error(nf):
+    for layer in (nf.BatchInstanceNorm2d(4), nf.AssocNorm(2, 4),
+                  nf.ILMNorm(4, num_groups=2, key_group_size=2), nf.SyncBatchInstanceNorm(4)):
+        with pytest.raises(torch.fx.proxy.TraceError,
+                           match=rf"{type(layer).__name__}: torch.fx cannot trace a normfuse "
+                                 r"layer as the root module .* nn.Sequential\(layer\)"):
+            torch.fx.symbolic_trace(layer)

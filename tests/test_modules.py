@@ -473,6 +473,27 @@ def test_running_stats_without_a_counter(nf, backend, device, seed, kind, moment
 
 
 @pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("stat", ["running_mean", "running_var"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_running_stat_requiring_grad_is_refused_unless_no_grad(nf, backend, device, seed, kind,
+                                                                stat, training):
+    """As nn.BatchNorm: refused with grad mode on (no gradient would ever reach it), nothing
+    changed; accepted under torch.no_grad."""
+    m = prepare(make_layer(nf, kind, (3, 4, 2, 3)), seed, device, training)
+    getattr(m, stat).requires_grad_()
+    x = make_input((3, 4, 2, 3), seed, torch.float32, device)
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^{type(m).__name__}: {stat} must not require grad"):
+        m(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        y = m(x)
+    assert torch.isfinite(y).all()
+    assert torch.equal(m.num_batches_tracked, before["num_batches_tracked"] + int(training))
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
 def test_running_stats_no_grad_and_inference_mode(nf, backend, device, seed, kind):
     """Training-mode forward without autograd still updates the running statistics."""
     shape = (4, 3, 5)

@@ -151,6 +151,13 @@ def test_declines_when_not_sure():
     counter = _bin()
     counter.num_batches_tracked = torch.tensor(0.0)
     assert _declines(counter, x)
+    for stat in ("running_mean", "running_var"):  # requires grad: the checked path refuses it
+        for training in (True, False):
+            graded = _bin().train(training)
+            getattr(graded, stat).requires_grad_()
+            assert _declines(graded, x), (stat, training)
+            with torch.no_grad():
+                assert not _declines(graded, x), (stat, training)  # accepted, as nn.BatchNorm
     assert _declines(m, x[0])  # rank 3 for a 2d layer
     shared = _bin()
     shared.weight = torch.nn.Parameter(torch.ones(C + 1))

@@ -23,9 +23,10 @@ from .common import (finite_or_zero, last_arrival, relu, reset_counter, sigmoid,
 ROWS_PER_GROUP = tl.constexpr(8)
 BLOCK_W = tl.constexpr(512)
 UNROLL = tl.constexpr(4)
-# Hidden units per step of the auto-encoder loops: at 16 the backward at G = 64 sat at 128
-# registers a thread and spilled on sm_90 under Triton 3.6 (the GPU image's); at 8 it takes 64-80
-# under Triton 3.6 and 3.8 (tests/triton_kernels/test_aot.py fails on any spill).
+# Hidden units per step of the auto-encoder loops. At 16 the backward at G = 64 needs 128
+# registers a thread (no headroom: the whole-tile version before it, at the same count, spilled
+# on sm_90 under Triton 3.6, the GPU image's); at 8 it takes 64-80 under Triton 3.6 and 3.8.
+# tests/triton_kernels/test_aot.py fails on any spill.
 M_CHUNK = tl.constexpr(8)
 
 
