@@ -47,8 +47,12 @@ def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
 
 
 def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Module:
-    kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                  track_running_stats=bn.track_running_stats, **_factory(bn))
+    # nn.BatchNorm reads its running statistics in eval whenever the buffers exist, and updates
+    # them in training only when track_running_stats says so; the flag is often changed after
+    # construction (True with the buffers set to None, or False with trained buffers kept), so
+    # the buffers are carried as they are and the flag set afterwards.
+    kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=True,
+                  **_factory(bn))
     if isinstance(bn, nn.SyncBatchNorm):  # -> the synchronized layer, over the same group
         kwargs["process_group"] = bn.process_group
     new = cls(bn.num_features, **kwargs)
@@ -57,10 +61,13 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
             new.weight.copy_(bn.weight)
             # BatchNorm(bias=False) has no bias: 0 (as for GroupNorm(bias=False) below).
             new.bias.copy_(0.0 if bn.bias is None else bn.bias)
-        if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean)
-            new.running_var.copy_(bn.running_var)
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            theirs = getattr(bn, name)
+            if theirs is None:
+                setattr(new, name, None)
+            else:
+                getattr(new, name).copy_(theirs)
+    new.track_running_stats = bn.track_running_stats
     _carry_requires_grad(bn, new)
     return new
 
@@ -115,10 +122,14 @@ def _replacement_of(child: nn.Module, to: str, name: str, options: dict):
 
 def _left_as_is(module: nn.Module, to: str) -> bool:
     """A norm of the kind ``to`` replaces that ``convert`` does not take: a subclass (it may
-    compute something else, which the replacement would silently drop) or a lazy norm not
-    initialised yet (nothing to carry over)."""
-    kinds = nn.GroupNorm if to in ("assoc", "ilm") else nn.modules.batchnorm._BatchNorm
-    return isinstance(module, kinds)
+    compute something else, which the replacement would silently drop), a lazy norm not
+    initialised yet (nothing to carry over), or torchvision's ``FrozenBatchNorm2d`` (a fixed
+    affine map by design, as in detection backbones; not an nn.BatchNorm, so named here by its
+    class, without importing torchvision)."""
+    if to in ("assoc", "ilm"):
+        return isinstance(module, nn.GroupNorm)
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            or type(module).__name__ == "FrozenBatchNorm2d")
 
 
 def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
@@ -157,9 +168,11 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     ``module`` (with ``fuse_relu=True``, the module to use: see below).
 
     Weights (and whether they are frozen: ``requires_grad``), running statistics,
-    ``num_batches_tracked``, device, dtype and train/eval mode are carried over (a norm with
-    no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the model's device and
-    dtype).  A converted BIN starts with gates at 1, so it computes exactly what the
+    ``num_batches_tracked``, ``track_running_stats``, device, dtype and train/eval mode are
+    carried over (a norm with no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the
+    model's device and dtype), into new parameters: build the optimizer after converting, and
+    parameters tied between two norms are no longer tied.  Hooks registered on a norm are not
+    carried (as ``nn.SyncBatchNorm.convert_sync_batchnorm``).  A converted BIN starts with gates at 1, so it computes exactly what the
     batch norm did; IEBN starts from the paper's gate initialisation (a scale of sigmoid(-1) on
     the batch-norm weight until trained); AssocNorm starts as the same GroupNorm function
     (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight = gn.weight -
@@ -175,7 +188,8 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     not): the model is traced with ``torch.fx`` (norms kept as leaves), the norm gets
     ``activation="relu"`` and that ReLU call goes.  A norm whose output has another user (a
     residual add, a second consumer), or any call site not followed by a ReLU, stays unfused;
-    the ReLU after a residual add stays.  The result is a ``torch.fx.GraphModule`` (a
+    the ReLU after a residual add stays, and so does an ``nn.ReLU`` module with hooks (they
+    would no longer run).  The result is a ``torch.fx.GraphModule`` (a
     ``normfuse.fuse.FusedGraphModule``: the input model's submodule objects, parameters and
     buffers, so the same ``state_dict`` keys) that computes what the unfused conversion computes,
     in train and eval mode: **use the returned module**.  The input model is modified in place
@@ -210,8 +224,9 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
                   else "nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm")
         warnings.warn(f"convert(..., {to!r}) left {len(skipped)} normalization layer(s) as they "
                       f"are: {', '.join(skipped)}. Only exact {wanted} are converted: a subclass "
-                      "may compute something else, and a lazy norm has no parameters yet "
-                      "(run one forward first).", stacklevel=2)
+                      "may compute something else, a lazy norm has no parameters yet (run one "
+                      "forward first), and a FrozenBatchNorm2d is frozen by design.",
+                      stacklevel=2)
     if fuse_relu:
         return _fuse_relu(module)
     return module

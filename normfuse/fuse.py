@@ -137,11 +137,17 @@ def _trace(module: nn.Module, opaque: dict):
     return graphs[1], constants
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def _relu_input(node: fx.Node, module: nn.Module):
     """The node ``node`` applies a ReLU to, if ``node`` is a ReLU of one input, else None."""
     if node.op == "call_module":
-        if type(module.get_submodule(node.target)) is not nn.ReLU:  # a subclass may override
-            return None
+        relu = module.get_submodule(node.target)
+        if type(relu) is not nn.ReLU or _has_hooks(relu):  # a subclass may override forward;
+            return None                                    # hooks would no longer run
     elif node.op == "call_function":
         if node.target not in _RELU_FUNCTIONS:
             return None

@@ -188,6 +188,34 @@ def test_convert_track_running_stats_false(nf):
     assert out[0].track_running_stats is False and out[0].running_mean is None
 
 
+@pytest.mark.parametrize("case", ["flag-off-stats-kept", "flag-on-no-stats"])
+def test_convert_follows_the_buffers_not_only_the_flag(nf, seed, case):
+    """nn.BatchNorm reads its running statistics in eval whenever they exist, and updates them
+    in training only when track_running_stats says so; both are often changed after
+    construction (test-time adaptation, frozen statistics). The converted BIN (gates at 1) keeps
+    the buffers and the flag as they are, so it computes what the batch norm computes."""
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.copy_(randn((4,), seed, torch.float32))
+        bn.running_var.copy_(randn((4,), seed + 1, torch.float32).abs() + 0.5)
+        bn.num_batches_tracked.fill_(7)
+    if case == "flag-off-stats-kept":
+        bn.track_running_stats = False
+    else:
+        bn.running_mean = bn.running_var = None
+    ours = nf.convert(copy.deepcopy(bn), "bin")
+    assert ours.track_running_stats is bn.track_running_stats
+    for training in (False, True, False):
+        bn.train(training), ours.train(training)
+        x = make_input((3, 4, 5, 2), seed, torch.float32, "cpu")
+        assert_close_dtype(ours(x), bn(x), torch.float32, f"{case} training={training}")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            theirs, mine = getattr(bn, name), getattr(ours, name)
+            assert (theirs is None) == (mine is None), name
+            if theirs is not None:
+                assert_close_dtype(mine.double(), theirs.double(), torch.float32, name)
+
+
 @pytest.mark.parametrize("to", ["bin", "iebn", "assoc"])
 def test_convert_dtype_and_device(nf, to, seed):
     if to == "assoc":
@@ -343,3 +371,18 @@ def test_norms_convert_does_not_take_are_reported(nf):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nf.convert(nn.Sequential(nn.BatchNorm2d(3), nn.GroupNorm(1, 3)), "iebn")  # GN: not its kind
+
+    class FrozenBatchNorm2d(nn.Module):  # torchvision.ops.FrozenBatchNorm2d's name and buffers
+        def __init__(self, n):
+            super().__init__()
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                self.register_buffer(name, torch.ones(n))
+
+        def forward(self, x):
+            return x
+
+    backbone = nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm2d(3))
+    with pytest.warns(UserWarning, match=r"left 1 normalization layer\(s\) as they are: "
+                                         r"1 \(FrozenBatchNorm2d\).*frozen by design"):
+        nf.convert(backbone, "bin")
+    assert type(backbone[1]) is FrozenBatchNorm2d

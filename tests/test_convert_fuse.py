@@ -200,6 +200,20 @@ def test_norm_with_another_user_stays_unfused(seed):
     assert not isinstance(fused, fx.GraphModule), "nothing fused: the model itself comes back"
 
 
+def test_relu_module_with_hooks_stays_unfused(seed):
+    """Fusing would drop the ReLU call, and with it the hooks registered on it."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    calls = []
+    model[2].register_forward_hook(lambda m, i, o: calls.append(1))
+    plain, fused = _pair(model, "bin", seed)
+    assert _fused_norms(fused) == ["4"]
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    calls.clear()
+    torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+    assert len(calls) == 2  # once per model: the hook still runs in the fused one
+
+
 def test_convert_without_fuse_relu_fuses_nothing():
     model = resnet18()
     out = normfuse.convert(model, "bin")
