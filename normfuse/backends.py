@@ -9,10 +9,10 @@ variable ``NORMFUSE_BACKEND`` read at import; all three are process-wide.  A nam
 cannot run raises an error listing those that can: nothing falls back silently.  ``"auto"``
 picks per input, in this order: CPU tensors -> ``cpu``, then ``torch``; CUDA tensors ->
 ``cuda``, then ``triton``, then ``torch`` (float64 on a GPU -> ``torch``, the GPU kernels are
-float32/16/bf16).  While
-``torch.export`` traces (``torch.compiler.is_exporting()``, also under ``torch.onnx.export``)
-``"auto"`` picks ``torch``: the exported program is then standard ATen ops, portable to ONNX and
-any runtime without normfuse (``normfuse/export.py``); ``torch.compile`` is not affected.
+float32/16/bf16).  While ``torch.export`` traces (``torch.compiler.is_exporting()``, also under
+``torch.onnx.export``) ``"auto"`` picks ``torch``: the exported program is then standard ATen
+ops, portable to ONNX and any runtime without normfuse (``normfuse/export.py``);
+``torch.compile`` is not affected.
 ``resolve_backend(x)`` tells which one a call on ``x`` uses.
 """
 from __future__ import annotations

@@ -168,19 +168,19 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     ``module`` (with ``fuse_relu=True``, the module to use: see below).
 
     Weights (and whether they are frozen: ``requires_grad``), running statistics,
-    ``num_batches_tracked``, ``track_running_stats``, device, dtype and train/eval mode are
-    carried over (a norm with no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the
-    model's device and dtype), into new parameters: build the optimizer after converting, and
-    parameters tied between two norms are no longer tied.  Hooks registered on a norm are not
-    carried (as ``nn.SyncBatchNorm.convert_sync_batchnorm``).  A converted BIN starts with gates at 1, so it computes exactly what the
-    batch norm did; IEBN starts from the paper's gate initialisation (a scale of sigmoid(-1) on
-    the batch-norm weight until trained); AssocNorm starts as the same GroupNorm function
-    (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight = gn.weight -
-    0.5``, ``bias = gn.bias``, zero decoders), except that ILM-Norm standardises with the
-    unbiased group variance (outputs smaller by about ``1 / (2 n)`` relative, for ``n`` values
-    per group).  ``to="ilm"`` takes ``key_group_size`` (default 16) and ``reduction`` (16) as
-    keyword options; a GroupNorm whose channel count ``key_group_size`` does not divide is an
-    error naming it.  A ``module`` that is itself a norm layer is returned converted, like
+    ``num_batches_tracked``, ``track_running_stats``, device, dtype and train/eval mode are carried
+    over (a norm with no tensors of its own, e.g. ``GroupNorm(affine=False)``, takes the model's
+    device and dtype), into new parameters: build the optimizer after converting, and parameters
+    tied between two norms are no longer tied. Hooks registered on a norm are not carried (as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``). A converted BIN starts with gates at 1, so it
+    computes exactly what the batch norm did; IEBN starts from the paper's gate initialisation (a
+    scale of sigmoid(-1) on the batch-norm weight until trained); AssocNorm starts as the same
+    GroupNorm function (``B_omega = weight - 0.5`` with zero decoders); ILMNorm likewise (``weight =
+    gn.weight - 0.5``, ``bias = gn.bias``, zero decoders), except that ILM-Norm standardises with
+    the unbiased group variance (outputs smaller by about ``1 / (2 n)`` relative, for ``n`` values
+    per group). ``to="ilm"`` takes ``key_group_size`` (default 16) and ``reduction`` (16) as keyword
+    options; a GroupNorm whose channel count ``key_group_size`` does not divide is an error naming
+    it. A ``module`` that is itself a norm layer is returned converted, like
     ``nn.SyncBatchNorm.convert_sync_batchnorm``.
 
     ``fuse_relu=True`` then fuses each normfuse norm whose output goes only into a ReLU
