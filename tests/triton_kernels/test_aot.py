@@ -26,7 +26,9 @@ pytestmark = [
 ]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL = os.environ.get("NORMFUSE_AOT_FULL") == "1"
-ARCHS = (80, 90)
+# NORMFUSE_AOT_ARCHS: the lowest-torch CI job checks sm_90 only (the GPU machines that ship that
+# torch are H100 / H200), half the compiles; the README's test command checks both.
+ARCHS = tuple(int(a) for a in os.environ.get("NORMFUSE_AOT_ARCHS", "80 90").split())
 
 
 @pytest.fixture(scope="module")
