@@ -59,6 +59,16 @@ def group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G: tl.constexpr,
 
 
 @triton.jit
+def encoder_chunk(enc_ptr, mu, var, k0, g, gmask, G, M):
+    """Hidden units ``k = k0 .. k0 + M_CHUNK``: ``k``, the ``[M_CHUNK, BLOCK_G]`` mask and tile of
+    ``W1`` (zero-padded), and the encoder activations ``W1 mu``, ``W1 var`` before the relu."""
+    k = k0 + tl.arange(0, M_CHUNK)
+    kg_mask = (k < M)[:, None] & gmask[None, :]
+    w1 = tl.load(enc_ptr + k[:, None] * G + g[None, :], mask=kg_mask, other=0.0)
+    return k, kg_mask, w1, total(w1 * mu[None, :], 1), total(w1 * var[None, :], 1)
+
+
+@triton.jit
 def decoder_outputs(enc_ptr, dmu_ptr, dvar_ptr, mu, var, g, gmask, G, M):
     """The decoder outputs ``d_mu = sigmoid(W2 relu(W1 mu))`` and ``d_var = tanh(W3 relu(W1
     var))`` (length G) for the group means and variances.  The hidden units are summed in chunks
@@ -69,14 +79,11 @@ def decoder_outputs(enc_ptr, dmu_ptr, dvar_ptr, mu, var, g, gmask, G, M):
     acc_mu = tl.zeros_like(mu)
     acc_var = tl.zeros_like(var)
     for k0 in range(0, M, M_CHUNK):
-        k = k0 + tl.arange(0, M_CHUNK)
-        kg_mask = (k < M)[:, None] & gmask[None, :]
-        w1 = tl.load(enc_ptr + k[:, None] * G + g[None, :], mask=kg_mask, other=0.0)
+        k, kg_mask, _, h_mu, h_var = encoder_chunk(enc_ptr, mu, var, k0, g, gmask, G, M)
         dec = g[None, :] * M + k[:, None]  # W2 / W3 [g, k] at tile position [k, g]
-        acc_mu += total(tl.load(dmu_ptr + dec, mask=kg_mask, other=0.0)
-                        * relu(total(w1 * mu[None, :], 1))[:, None], 0)
-        acc_var += total(tl.load(dvar_ptr + dec, mask=kg_mask, other=0.0)
-                         * relu(total(w1 * var[None, :], 1))[:, None], 0)
+        acc_mu += total(tl.load(dmu_ptr + dec, mask=kg_mask, other=0.0) * relu(h_mu)[:, None], 0)
+        acc_var += total(tl.load(dvar_ptr + dec, mask=kg_mask, other=0.0) * relu(h_var)[:, None],
+                         0)
     return sigmoid(acc_mu), tanh(acc_var)
 
 
@@ -160,12 +167,8 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
     grad_mu = -sum_sg1
     grad_var = -0.5 * r * r * r * sum_hw
     for k0 in range(0, M, M_CHUNK):
-        k = k0 + tl.arange(0, M_CHUNK)
-        kg_mask = (k < M)[:, None] & gmask[None, :]
+        k, kg_mask, w1, h_mu, h_var = encoder_chunk(enc_ptr, mu, var, k0, g, gmask, G, M)
         gk_mask = gmask[:, None] & (k < M)[None, :]
-        w1 = tl.load(enc_ptr + k[:, None] * G + g[None, :], mask=kg_mask, other=0.0)
-        h_mu = total(w1 * mu[None, :], 1)
-        h_var = total(w1 * var[None, :], 1)
         dec = g[:, None] * M + k[None, :]
         tl.store(wrow + 2 * C + M * G + dec, z_mu[:, None] * relu(h_mu)[None, :],
                  mask=gk_mask)
