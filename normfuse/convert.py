@@ -11,7 +11,8 @@ from .distributed import SyncBatchInstanceNorm, SyncInstanceEnhancementBatchNorm
 from .fuse import fuse_relu as _fuse_relu
 from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
                       ILMNorm, InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
-                      InstanceEnhancementBatchNorm3d)
+                      InstanceEnhancementBatchNorm3d, _BatchInstanceNorm,
+                      _InstanceEnhancementBatchNorm)
 
 _BATCH_NORM_TARGETS = {
     "bin": {nn.BatchNorm1d: BatchInstanceNorm1d, nn.BatchNorm2d: BatchInstanceNorm2d,
@@ -22,6 +23,12 @@ _BATCH_NORM_TARGETS = {
              nn.SyncBatchNorm: SyncInstanceEnhancementBatchNorm},
 }
 TARGETS = ("bin", "iebn", "assoc", "ilm")
+# The kind of each normfuse layer (subclasses included) and the kinds that replace the same torch
+# norm, for convert's warning about a model already converted to another kind.
+_KIND_OF = ((_BatchInstanceNorm, "bin"), (_InstanceEnhancementBatchNorm, "iebn"),
+            (AssocNorm, "assoc"), (ILMNorm, "ilm"))
+_SAME_SOURCE = {"bin": ("bin", "iebn"), "iebn": ("bin", "iebn"), "assoc": ("assoc", "ilm"),
+                "ilm": ("assoc", "ilm")}
 # Keyword options of ``convert`` per target (passed to the new layers).
 _OPTIONS = {"ilm": ("key_group_size", "reduction")}
 
@@ -132,6 +139,18 @@ def _left_as_is(module: nn.Module, to: str) -> bool:
             or type(module).__name__ == "FrozenBatchNorm2d")
 
 
+def _other_kinds(module: nn.Module, to: str) -> list:
+    """"path (type)" of the normfuse layers in ``module`` (itself included) that replaced the
+    norm ``to`` replaces, but are of another kind (a BIN model converted to "iebn"): convert
+    takes only torch's norms, so they stay as they are."""
+    found = []
+    for path, sub in module.named_modules():
+        kind = next((k for cls, k in _KIND_OF if isinstance(sub, cls)), None)
+        if kind is not None and kind != to and kind in _SAME_SOURCE[to]:
+            found.append(f"{path or 'the module itself'} ({type(sub).__name__})")
+    return found
+
+
 def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
                   memo: dict | None = None, fallback: dict | None = None,
                   skipped: list | None = None):
@@ -211,6 +230,11 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
                          f"{list(_OPTIONS.get(to, ()))})")
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: module must be an nn.Module, got {type(module).__name__}")
+    if isinstance(module, torch.jit.ScriptModule):  # its submodules are compiled: none is replaced
+        raise TypeError("convert: module is a TorchScript module; convert the eager model, then "
+                        "script or export it")
+    if not isinstance(fuse_relu, bool):
+        raise TypeError(f"convert: fuse_relu must be True or False, got {fuse_relu!r}")
     fallback = _factory(module)
     new = _replacement(module, to, "", options, fallback)
     if new is not None:
@@ -226,6 +250,12 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
                       f"are: {', '.join(skipped)}. Only exact {wanted} are converted: a subclass "
                       "may compute something else, a lazy norm has no parameters yet (run one "
                       "forward first), and a FrozenBatchNorm2d is frozen by design.",
+                      stacklevel=2)
+    others = _other_kinds(module, to)
+    if others:
+        warnings.warn(f"convert(..., {to!r}) left {len(others)} normfuse layer(s) of another kind "
+                      f"as they are: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}. "
+                      "convert replaces torch's norms only: convert the original model instead.",
                       stacklevel=2)
     if fuse_relu:
         return _fuse_relu(module)

@@ -386,3 +386,35 @@ def test_norms_convert_does_not_take_are_reported(nf):
                                          r"1 \(FrozenBatchNorm2d\).*frozen by design"):
         nf.convert(backbone, "bin")
     assert type(backbone[1]) is FrozenBatchNorm2d
+
+
+def test_layers_of_another_kind_are_reported(nf):
+    """Converting a converted model to another kind replaces nothing (convert takes torch's norms
+    only) and says so, naming the layers; converting to the same kind again (e.g. to fuse the ReLUs
+    afterwards) is silent."""
+    import warnings
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.GroupNorm(2, 4))
+    nf.convert(model, "bin")
+    with pytest.warns(UserWarning, match=r"left 1 normfuse layer\(s\) of another kind as they are: "
+                                         r"1 \(BatchInstanceNorm2d\)"):
+        nf.convert(model, "iebn")
+    assert type(model[1]) is nf.BatchInstanceNorm2d
+    with pytest.warns(UserWarning, match=r"the module itself \(BatchInstanceNorm2d\)"):
+        assert nf.convert(model[1], "iebn") is model[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nf.convert(model, "bin")
+        nf.convert(model, "assoc")  # the GroupNorm; a BIN does not replace a GroupNorm
+    with pytest.warns(UserWarning, match=r"left 1 normfuse layer\(s\) of another kind as they "
+                                         r"are: 3 \(AssocNorm\)"):
+        nf.convert(model, "ilm")
+
+
+def test_convert_refuses_what_it_cannot_convert(nf):
+    """A TorchScript module (its submodules are compiled, none could be replaced) and a non-bool
+    fuse_relu are clear errors, not silent no-ops."""
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    with pytest.raises(TypeError, match="TorchScript module; convert the eager model"):
+        nf.convert(scripted, "bin")
+    with pytest.raises(TypeError, match="fuse_relu must be True or False, got 'yes'"):
+        nf.convert(nn.BatchNorm2d(3), "bin", fuse_relu="yes")
