@@ -221,12 +221,15 @@ def test_convert_without_fuse_relu_fuses_nothing():
 
 
 # ------------------------------------------------------------------------------- ResNets
+@pytest.mark.parametrize("fuse_backend", ["default"], indirect=True)
 @pytest.mark.parametrize("to", ["bin", "iebn", "assoc"])
 def test_resnet50_every_pair_fused(fuse_backend, to, seed):
     """ResNet-50 (BatchNorm for "bin"/"iebn", GroupNorm(32) for "assoc"): the 33 norms followed
     by a ReLU are fused, the 16 bn3 (into the residual add) and 4 downsample norms are not;
     outputs and gradients equal the unfused conversion's.  float32: float64 convolutions take
-    ~1 s a ResNet-50 forward here (no oneDNN); the small models below are float64."""
+    ~1 s a ResNet-50 forward here (no oneDNN); the small models below are float64, and run on
+    the torch backend too (which fuses the same pairs: fusing is the graph's business; ~15 s a
+    ResNet-50 case)."""
     norm_layer = _group_norm if to == "assoc" else None
     torch.manual_seed(seed)
     plain, fused = _pair(resnet50(num_classes=10, norm_layer=norm_layer), to, seed,

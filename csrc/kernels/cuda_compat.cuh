@@ -14,7 +14,7 @@
 // Cooperative launch (all blocks resident at once) and its grid-wide barrier.
 #define NF_LAUNCH_COOPERATIVE(kernel, grid, block, smem_bytes, stream, ...) \
   ((void)(stream), ::nf_shim::launch_cooperative(kernel, grid, block, smem_bytes, __VA_ARGS__), cudaSuccess)
-#define NF_GRID_SYNC() ::nf_shim::grid_sync()
+#define NF_GRID_SYNC() ::nf_shim::grid_sync(__FILE__, __LINE__)
 #else
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>

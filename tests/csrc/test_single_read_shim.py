@@ -17,8 +17,8 @@ multiple of the vector) must be refused by the planner, which sends them to the 
 
 Under the shim a grid-wide barrier really waits for every thread of every block, so dropping
 one is a data race TSAN reports, or a read of a partial never written (planted below: each of
-the forward's three barriers, and the backward's last). Not detectable here: a plain load where __ldcg is needed (the shim has no L1), which the
-GPU tests cover.
+the four barriers, dropped at run time by the shim). Not detectable here: a plain load where
+__ldcg is needed (the shim has no L1), which the GPU tests cover.
 """
 from __future__ import annotations
 
@@ -75,45 +75,66 @@ def test_single_read_matches_generic_launches(sanitizer, cases_file):
     assert any(int(p["tiles"]) > int(p["fwd_grid"]) for p in plans)  # blocks looping over tiles
 
 
-# Each planted bug removes one grid-wide barrier. TSAN reports a race where the unguarded read
-# meets the write (named by `where`); where the write of a partial and its read may not
-# overlap in time, the reader finds the partials' NaN fill instead and the driver fails (where
-# None: any failure will do).
+# Each planted bug removes one grid-wide barrier: the shim's NF_SHIM_DROP_GRID_SYNC="file:line"
+# skips the NF_GRID_SYNC() at that line, as if it were deleted, in the same ThreadSanitizer build
+# the test above uses (one build for all plants: a build per plant cost ~1 min each). TSAN reports
+# a race where the unguarded read meets the write (named by `where`); where the write of a partial
+# and its read may not overlap in time, the reader finds the partials' NaN fill instead and the
+# driver fails (where None: any failure will do). Each plant is (the text that holds the barrier,
+# ending with it, the function TSAN names).
 PLANTS = {
     "apply_before_coefficients": (
         "    batch_coef_forward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n  NF_GRID_SYNC();",
-        "    batch_coef_forward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n",
         "single_read_forward_kernel",
     ),
     "backward_apply_before_coefficients": (
         "    batch_coef_backward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n  NF_GRID_SYNC();",
-        "    batch_coef_backward_tile<Math, true, kCoefRows>(c, cx, ny, tile, smem);\n",
         "single_read_backward_kernel",
     ),
     "coefficients_before_merge": (
         "    merge_splits<Op, VEC>(op, pl, t, ctx, partials, smem);\n    NF_GRID_SYNC();",
-        "    merge_splits<Op, VEC>(op, pl, t, ctx, partials, smem);\n",
         "merge_splits",
     ),
     "merge_before_partials": (
         "  publish_partial<Op, VEC>(op, pl, t, st, ctx, partials, smem);\n  NF_GRID_SYNC();",
-        "  publish_partial<Op, VEC>(op, pl, t, st, ctx, partials, smem);\n",
         None,
     ),
 }
+
+
+def barrier_line(text: str) -> int:
+    """The line of single_read.cuh holding the NF_GRID_SYNC() that ends ``text``."""
+    src = KERNEL.read_text()
+    assert src.count(text) == 1, "the planted barrier no longer matches single_read.cuh"
+    return src[:src.index(text) + len(text)].count("\n") + 1
+
+
+def test_planted_barriers_are_the_kernels_barriers():
+    """Every grid-wide barrier of single_read.cuh has a plant: a new one gets one too."""
+    src = KERNEL.read_text().splitlines()
+    lines = {i + 1 for i, ln in enumerate(src) if ln.strip() == "NF_GRID_SYNC();"}
+    assert lines == {barrier_line(text) for text, _ in PLANTS.values()}
 
 
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_missing_grid_barrier_is_reported(plant, tmp_path):
     cases_file = tmp_path / "cases.txt"
     cases_file.write_text(CASES[0] + "\n")  # split planes, several coefficient tiles, both directions
-    good, bad, where = PLANTS[plant]
-    src = KERNEL.read_text()
-    assert src.count(good) == 1, "the planted edit no longer matches single_read.cuh"
-    (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / "single_read.cuh").write_text(src.replace(good, bad))
-    exe = shim_build.build_driver([DRIVER], "thread", extra_flags=["-I", str(tmp_path)], name=f"single_read_{plant}")
-    res = shim_build.run_driver(exe, [cases_file], "thread", expect_clean=False)
+    text, where = PLANTS[plant]
+    exe = shim_build.build_driver([DRIVER], "thread")
+    drop = {"NF_SHIM_DROP_GRID_SYNC": f"single_read.cuh:{barrier_line(text)}"}
+    res = shim_build.run_driver(exe, [cases_file], "thread", expect_clean=False, env=drop)
     assert res.returncode != 0, res.stdout[-2000:]
     if where is not None:
         assert "WARNING: ThreadSanitizer: data race" in res.stderr and where in res.stderr, res.stderr[-3000:]
+
+
+def test_dropping_a_line_without_a_barrier_changes_nothing(tmp_path):
+    """The control for the plants: the drop only acts on the barrier at its line."""
+    cases_file = tmp_path / "cases.txt"
+    cases_file.write_text(CASES[0] + "\n")
+    exe = shim_build.build_driver([DRIVER], "thread")
+    other = barrier_line(PLANTS["apply_before_coefficients"][0]) - 1
+    res = shim_build.run_driver(exe, [cases_file], "thread",
+                                env={"NF_SHIM_DROP_GRID_SYNC": f"single_read.cuh:{other}"})
+    assert res.stdout.startswith("ok "), res.stdout

@@ -233,11 +233,24 @@ void launch_cooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t 
   for (auto& th : pool) th.join();
 }
 
-inline void grid_sync() {
+// A planted bug for the tests, without a build per plant: NF_SHIM_DROP_GRID_SYNC="file.cuh:line"
+// makes the NF_GRID_SYNC() at that line a no-op for every thread (as if the line were deleted;
+// the barrier's phases stay aligned since all threads skip it). Unset: every barrier waits.
+inline bool grid_sync_dropped(const char* file, int line) {
+  static const char* const spec = std::getenv("NF_SHIM_DROP_GRID_SYNC");
+  if (spec == nullptr) return false;
+  const char* colon = std::strrchr(spec, ':');
+  if (colon == nullptr || std::atoi(colon + 1) != line) return false;
+  const size_t name_len = static_cast<size_t>(colon - spec), file_len = std::strlen(file);
+  return file_len >= name_len && std::strncmp(file + file_len - name_len, spec, name_len) == 0;
+}
+
+inline void grid_sync(const char* file, int line) {
   if (tl_grid == nullptr) {
     std::fprintf(stderr, "nf_shim: grid-wide barrier outside a cooperative launch\n");
     std::abort();
   }
+  if (grid_sync_dropped(file, line)) return;
   tl_grid->arrive_and_wait();
 }
 

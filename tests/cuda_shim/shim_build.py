@@ -90,10 +90,11 @@ def build_driver(sources, sanitizer: str = "address", extra_flags=(), name: str 
     return exe
 
 
-def run_driver(exe: Path, args, sanitizer: str, expect_clean: bool = True, timeout: float = 300):
-    """Run a driver; with expect_clean, raise AssertionError on a non-zero exit or any sanitizer report."""
-    env = dict(os.environ)
-    env.update(SANITIZER_ENV[sanitizer])
+def run_driver(exe: Path, args, sanitizer: str, expect_clean: bool = True, timeout: float = 300,
+               env: dict | None = None):
+    """Run a driver (``env``: extra environment variables); with expect_clean, raise AssertionError
+    on a non-zero exit or any sanitizer report."""
+    env = {**os.environ, **SANITIZER_ENV[sanitizer], **(env or {})}
     res = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
     if expect_clean:
         reports = [m for m in REPORT_MARKERS if m in res.stderr]
