@@ -200,7 +200,9 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     per group). ``to="ilm"`` takes ``key_group_size`` (default 16) and ``reduction`` (16) as keyword
     options; a GroupNorm whose channel count ``key_group_size`` does not divide is an error naming
     it. A ``module`` that is itself a norm layer is returned converted, like
-    ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``. Norms ``convert`` does not take (subclasses,
+    lazy norms, ``FrozenBatchNorm2d``, normfuse layers of another kind) are left as they are and
+    named in one warning each; a TorchScript module is a ``TypeError`` (convert, then script).
 
     ``fuse_relu=True`` then fuses each normfuse norm whose output goes only into a ReLU
     (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu``, ``Tensor.relu``/``relu_``, in place or
