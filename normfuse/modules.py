@@ -327,6 +327,14 @@ def _index(name: str, value, hint: str = "") -> int:
     return operator.index(value)
 
 
+def _positive_index(name: str, value) -> int:
+    """``_index(name, value)``, and a ValueError naming ``name`` unless it is positive."""
+    index = _index(name, value)
+    if index <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return index
+
+
 def default_embed_dim(num_groups: int) -> int:
     """Bottleneck width M of AssocNorm's auto-encoder when not given: half the groups."""
     return max(1, num_groups // 2)
@@ -348,10 +356,8 @@ class AssocNorm(_Activation, nn.Module):
                  eps: float = 1e-5, device=None, dtype=None, *, activation: str | None = None):
         super().__init__()
         self._set_activation(activation)
-        for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
-            if _index(name, value) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        num_groups, num_channels = operator.index(num_groups), operator.index(num_channels)
+        num_groups, num_channels = (_positive_index("num_groups", num_groups),
+                                    _positive_index("num_channels", num_channels))
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups "
                              f"({num_groups})")
@@ -445,10 +451,10 @@ class ILMNorm(_Activation, nn.Module):
                  activation: str | None = None):
         super().__init__()
         self._set_activation(activation)
-        for name, value in (("num_channels", num_channels), ("num_groups", num_groups),
-                            ("key_group_size", key_group_size), ("reduction", reduction)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        num_channels, num_groups, key_group_size, reduction = (
+            _positive_index(name, value) for name, value in (
+                ("num_channels", num_channels), ("num_groups", num_groups),
+                ("key_group_size", key_group_size), ("reduction", reduction)))
         for name, value in (("num_groups", num_groups), ("key_group_size", key_group_size)):
             if num_channels % value:
                 raise ValueError(f"num_channels ({num_channels}) must be divisible by {name} "

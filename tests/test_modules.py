@@ -202,6 +202,17 @@ def test_assoc_group_and_channel_counts_are_positive_ints(nf, args, name):
     assert (m.num_groups, m.num_channels) == (2, 4) and type(m.num_groups) is int
 
 
+def test_ilm_counts_take_numpy_integers_as_assoc_does(nf):
+    """ILMNorm's four counts follow AssocNorm's rule: ints and numpy integers, stored as int."""
+    m = nf.ILMNorm(np.int64(32), np.int32(8), np.int16(16), np.int64(4))
+    assert (m.num_channels, m.num_groups, m.key_group_size, m.reduction) == (32, 8, 16, 4)
+    assert all(type(v) is int for v in (m.num_channels, m.num_groups, m.key_group_size,
+                                        m.reduction))
+    for bad in (True, 4.0, 0):
+        with pytest.raises(ValueError, match=r"^reduction must be a positive int, got "):
+            nf.ILMNorm(32, 8, 16, bad)
+
+
 def test_assoc_defaults(nf):
     m = nf.AssocNorm(4, 12, embed_dim=5)
     assert m.encoder.shape == (5, 4)
