@@ -23,12 +23,10 @@ _BATCH_NORM_TARGETS = {
              nn.SyncBatchNorm: SyncInstanceEnhancementBatchNorm},
 }
 TARGETS = ("bin", "iebn", "assoc", "ilm")
-# The kind of each normfuse layer (subclasses included) and the kinds that replace the same torch
-# norm, for convert's warning about a model already converted to another kind.
+# The kind of each normfuse layer (subclasses included), for convert's warning about a model
+# already converted to another kind.
 _KIND_OF = ((_BatchInstanceNorm, "bin"), (_InstanceEnhancementBatchNorm, "iebn"),
             (AssocNorm, "assoc"), (ILMNorm, "ilm"))
-_SAME_SOURCE = {"bin": ("bin", "iebn"), "iebn": ("bin", "iebn"), "assoc": ("assoc", "ilm"),
-                "ilm": ("assoc", "ilm")}
 # Keyword options of ``convert`` per target (passed to the new layers).
 _OPTIONS = {"ilm": ("key_group_size", "reduction")}
 
@@ -146,7 +144,9 @@ def _other_kinds(module: nn.Module, to: str) -> list:
     found = []
     for path, sub in module.named_modules():
         kind = next((k for cls, k in _KIND_OF if isinstance(sub, cls)), None)
-        if kind is not None and kind != to and kind in _SAME_SOURCE[to]:
+        # another kind that replaces the same torch norm (BatchNorm's targets, or GroupNorm's)
+        if (kind is not None and kind != to
+                and (kind in _BATCH_NORM_TARGETS) == (to in _BATCH_NORM_TARGETS)):
             found.append(f"{path or 'the module itself'} ({type(sub).__name__})")
     return found
 
