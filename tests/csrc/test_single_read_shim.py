@@ -116,25 +116,29 @@ def test_planted_barriers_are_the_kernels_barriers():
     assert lines == {barrier_line(text) for text, _ in PLANTS.values()}
 
 
+@pytest.fixture
+def first_case(tmp_path):
+    """CASES[0] alone: split planes, several coefficient tiles, both directions."""
+    path = tmp_path / "cases.txt"
+    path.write_text(CASES[0] + "\n")
+    return path
+
+
 @pytest.mark.parametrize("plant", sorted(PLANTS))
-def test_missing_grid_barrier_is_reported(plant, tmp_path):
-    cases_file = tmp_path / "cases.txt"
-    cases_file.write_text(CASES[0] + "\n")  # split planes, several coefficient tiles, both directions
+def test_missing_grid_barrier_is_reported(plant, first_case):
     text, where = PLANTS[plant]
     exe = shim_build.build_driver([DRIVER], "thread")
     drop = {"NF_SHIM_DROP_GRID_SYNC": f"single_read.cuh:{barrier_line(text)}"}
-    res = shim_build.run_driver(exe, [cases_file], "thread", expect_clean=False, env=drop)
+    res = shim_build.run_driver(exe, [first_case], "thread", expect_clean=False, env=drop)
     assert res.returncode != 0, res.stdout[-2000:]
     if where is not None:
         assert "WARNING: ThreadSanitizer: data race" in res.stderr and where in res.stderr, res.stderr[-3000:]
 
 
-def test_dropping_a_line_without_a_barrier_changes_nothing(tmp_path):
+def test_dropping_a_line_without_a_barrier_changes_nothing(first_case):
     """The control for the plants: the drop only acts on the barrier at its line."""
-    cases_file = tmp_path / "cases.txt"
-    cases_file.write_text(CASES[0] + "\n")
     exe = shim_build.build_driver([DRIVER], "thread")
     other = barrier_line(PLANTS["apply_before_coefficients"][0]) - 1
-    res = shim_build.run_driver(exe, [cases_file], "thread",
+    res = shim_build.run_driver(exe, [first_case], "thread",
                                 env={"NF_SHIM_DROP_GRID_SYNC": f"single_read.cuh:{other}"})
     assert res.stdout.startswith("ok "), res.stdout
