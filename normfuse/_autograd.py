@@ -287,7 +287,9 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
     layer's coefficient op, so the module's counter costs no launch of its own.  ``relu``: the
     fused activation.  ``merge``: the synchronized layers' ``SyncBatchMerge`` (the batch
     statistics then span a process group; ``NormFunction`` carries the call)."""
-    backend = resolve_backend(input)
+    backend = resolve_backend(input)  # first: a backend that cannot run raises for any input
+    if merge is None and input.numel() == 0:
+        return _empty_output(input, params, num_batches_tracked)
     acc = torch.float64 if input.dtype is torch.float64 else torch.float32
     x = input if input.is_contiguous() else kernel_layout(input)
     # The kernels read parameters and statistics as dense vectors in the acc dtype: a strided
@@ -325,6 +327,22 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                 running_mean.copy_(rm)
             if rv is not running_var:
                 running_var.copy_(rv)
+    return y
+
+
+def _empty_output(input: Tensor, params, num_batches_tracked) -> Tensor:
+    """The output for an input without elements, as ``nn.BatchNorm`` / ``nn.GroupNorm`` give it
+    (an empty batch reaches a detection model's heads): an empty tensor like ``input``, in the
+    autograd graph of the input and of every parameter (whose gradients are then zeros, not
+    None: DistributedDataParallel expects one for every parameter).  The running statistics
+    are left alone, and a counting module counts the batch, as ``nn.BatchNorm`` does."""
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+    y = input.clone()
+    for p in params:
+        if p is not None:
+            y = y + p.reshape(-1)[:0].sum()  # a 0-dim zero: keeps y's dtype, shape and layout
     return y
 
 

@@ -26,7 +26,11 @@ def _require_tensor(value, name: str, who: str) -> None:
         raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def check_input(input, who: str, ranks=(2, 3, 4, 5)) -> None:
+def check_input(input, who: str, ranks=(2, 3, 4, 5), empty: str = "none") -> None:
+    """A floating dense input of one of ``ranks``.  ``empty``: which inputs without elements
+    pass (``run_layer`` gives them an empty output): ``"any"`` as ``nn.BatchNorm`` (an empty
+    batch or spatial extent), ``"batch"`` as ``nn.GroupNorm`` (zero samples, each of which
+    would have elements), ``"none"``."""
     _require_tensor(input, "input", who)
     if input.is_nested:  # its layout reads torch.strided, but it has no sizes to check
         raise ValueError(f"{who}: input must be a dense (strided) tensor, got a nested tensor")
@@ -40,8 +44,12 @@ def check_input(input, who: str, ranks=(2, 3, 4, 5)) -> None:
         expected = " or ".join(f"{r}-d {_RANK_SHAPES[r]}" for r in ranks)
         raise ValueError(f"{who}: expected input of rank {expected}, got a {input.dim()}-d "
                          f"input of shape {tuple(input.shape)}")
-    if input.numel() == 0:
-        raise ValueError(f"{who}: input must not be empty, got shape {tuple(input.shape)}")
+    if input.numel() == 0 and empty != "any":
+        if empty == "batch" and math.prod(input.shape[1:]) > 0:
+            return
+        what = ("have at least one element per sample (as nn.GroupNorm)" if empty == "batch"
+                else "not be empty")
+        raise ValueError(f"{who}: input must {what}, got shape {tuple(input.shape)}")
 
 
 def check_channels(input: Tensor, expected: int, who: str, what: str = "num_features") -> None:
@@ -176,9 +184,10 @@ def check_running_writable(running_mean, running_var, named_params, who: str) ->
 
 
 def check_batch_values(input: Tensor, who: str, training: bool = True) -> None:
-    """Batch statistics need more than one value per channel (as ``nn.BatchNorm`` says)."""
+    """Batch statistics need more than one value per channel (as ``nn.BatchNorm`` says; none,
+    an empty input, is no statistic at all: it gets an empty output)."""
     per_channel = input.shape[0] * math.prod(input.shape[2:])
-    if per_channel <= 1:
+    if per_channel == 1:
         when = "training" if training else "eval mode without running statistics"
         raise ValueError(f"{who}: expected more than 1 value per channel when using batch "
                          f"statistics ({when}), got input of shape {tuple(input.shape)}")

@@ -22,8 +22,9 @@ _RANKS = (2, 3, 4, 5)
 def check_batch_layer(who, input, running_mean, running_var, named_params, training,
                       momentum, eps, num_batches_tracked=None, ranks=_RANKS, channels=None):
     """Every check of a BIN / IEBN call, in the documented order (one pass: modules call it
-    with their ``ranks`` and ``channels`` instead of checking the input first themselves)."""
-    check_input(input, who, ranks)
+    with their ``ranks`` and ``channels`` instead of checking the input first themselves).
+    An empty input passes, as in ``nn.BatchNorm``: ``run_layer`` gives it an empty output."""
+    check_input(input, who, ranks, empty="any")
     if channels is not None:
         check_channels(input, channels, who)
     channels = input.shape[1]
@@ -93,8 +94,9 @@ def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Te
 
 def check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps,
                 who="assoc_norm", channels=None):
-    """Every check of an AssocNorm call (``channels``: the module's ``num_channels``)."""
-    check_input(input, who)
+    """Every check of an AssocNorm call (``channels``: the module's ``num_channels``); zero
+    samples pass, as in ``nn.GroupNorm``."""
+    check_input(input, who, empty="batch")
     if channels is not None:
         check_channels(input, channels, who, "num_channels")
     channels = input.shape[1]
@@ -152,8 +154,9 @@ def ilm_norm(input: Tensor, num_groups: int, key_group_size: int, encoder: Tenso
 
 def check_ilm(input, num_groups, key_group_size, encoder, decoder_weight, decoder_bias, weight,
               bias, eps, who="ilm_norm", channels=None):
-    """Every check of an ILM-Norm call (``channels``: the module's ``num_channels``)."""
-    check_input(input, who)
+    """Every check of an ILM-Norm call (``channels``: the module's ``num_channels``); zero
+    samples pass, as in ``nn.GroupNorm``."""
+    check_input(input, who, empty="batch")
     if channels is not None:
         check_channels(input, channels, who, "num_channels")
     channels = input.shape[1]
