@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from torch import Tensor
+from torch.fx import Proxy
 
 from ._autograd import run_layer
 from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check_batch_values,
@@ -17,6 +18,17 @@ from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check
                       check_running_stats, check_running_writable, check_tensor, relu_flag)
 
 _RANKS = (2, 3, 4, 5)
+
+
+def _fx_node(fn, args: tuple, kwargs: dict):
+    """Under ``torch.fx.symbolic_trace`` (an argument is a Proxy): ``fn`` as one
+    ``call_function`` node, which the GraphModule calls with real tensors; None when no argument
+    is a Proxy.  Tracing into it would fail: its checks and ops need real tensors.  Called only
+    off the common path (a Proxy fails the fast predicates), so it costs eager calls nothing."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Proxy):
+            return value.tracer.create_proxy("call_function", fn, args, kwargs)
+    return None
 
 
 def check_batch_layer(who, input, running_mean, running_var, named_params, training,
@@ -52,6 +64,12 @@ def batch_instance_norm(input: Tensor, running_mean, running_var, weight, bias, 
     relu = relu_flag(activation, who)
     if not batch_layer_ok(input, _RANKS, None, training or running_mean is None, (gate,),
                           (weight, bias), running_mean, running_var, None, momentum, eps):
+        node = _fx_node(batch_instance_norm, (input, running_mean, running_var, weight, bias,
+                                              gate),
+                        dict(training=training, momentum=momentum, eps=eps,
+                             activation=activation))
+        if node is not None:
+            return node
         check_batch_layer(who, input, running_mean, running_var,
                           [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
                           training, momentum, eps)
@@ -70,6 +88,12 @@ def instance_enhancement_batch_norm(input: Tensor, running_mean, running_var, we
     if not batch_layer_ok(input, _RANKS, None, training or running_mean is None,
                           (gate_weight, gate_bias), (weight, bias), running_mean, running_var,
                           None, momentum, eps):
+        node = _fx_node(instance_enhancement_batch_norm,
+                        (input, running_mean, running_var, weight, bias, gate_weight, gate_bias),
+                        dict(training=training, momentum=momentum, eps=eps,
+                             activation=activation))
+        if node is not None:
+            return node
         check_batch_layer(who, input, running_mean, running_var,
                           [("gate_weight", gate_weight, False), ("gate_bias", gate_bias, False),
                            ("weight", weight, True), ("bias", bias, True)],
@@ -87,6 +111,10 @@ def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Te
     relu = relu_flag(activation, "assoc_norm")
     if not assoc_layer_ok(input, None, num_groups, encoder, decoder_mean, decoder_var, weight,
                           bias, eps):
+        node = _fx_node(assoc_norm, (input, num_groups, encoder, decoder_mean, decoder_var,
+                                     weight, bias), dict(eps=eps, activation=activation))
+        if node is not None:
+            return node
         check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps)
     return run_layer("assoc", input, None, None, False, 0.0, eps, num_groups,
                      (encoder, decoder_mean, decoder_var, weight, bias), None, relu)
@@ -145,6 +173,10 @@ def ilm_norm(input: Tensor, num_groups: int, key_group_size: int, encoder: Tenso
     key_group_size``; ``weight``, ``bias`` ``(C,)`` (the authors' ``weight_bias``,
     ``bias_bias``).  ``activation="relu"``: its ``relu``, fused."""
     relu = relu_flag(activation, "ilm_norm")
+    node = _fx_node(ilm_norm, (input, num_groups, key_group_size, encoder, decoder_weight,
+                               decoder_bias, weight, bias), dict(eps=eps, activation=activation))
+    if node is not None:
+        return node
     check_ilm(input, num_groups, key_group_size, encoder, decoder_weight, decoder_bias, weight,
               bias, eps)
     # The key-group count travels as the encoder's column count.

@@ -96,3 +96,60 @@ def test_the_layer_itself_as_root_is_a_clear_error(nf):
                            match=rf"{type(layer).__name__}: torch.fx cannot trace a normfuse "
                                  r"layer as the root module .* nn.Sequential\(layer\)"):
             torch.fx.symbolic_trace(layer)
+
+
+class _Functional(nn.Module):
+    """A model that calls every functional form (parameters and buffers of its own), one of
+    them through a from-import (which fx.wrap could not have patched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 1)
+        for name in ("weight", "bias", "gate", "gate_weight", "gate_bias"):
+            self.register_parameter(name, nn.Parameter(torch.randn(6) * 0.5 + 0.5))
+        self.encoder = nn.Parameter(torch.randn(2, 3))
+        self.decoder_a = nn.Parameter(torch.randn(3, 2) * 0.3)
+        self.decoder_b = nn.Parameter(torch.randn(3, 2) * 0.3)
+        self.register_buffer("running_mean", torch.zeros(6))
+        self.register_buffer("running_var", torch.ones(6))
+
+    def forward(self, x):
+        import normfuse.functional as F
+        from normfuse.functional import instance_enhancement_batch_norm as iebn
+        x = self.conv(x)
+        x = F.batch_instance_norm(x, self.running_mean, self.running_var, self.weight,
+                                  self.bias, self.gate, training=self.training)
+        x = iebn(x, None, None, self.weight, None, self.gate_weight, self.gate_bias,
+                 training=True, activation="relu")
+        x = F.assoc_norm(x, 3, self.encoder, self.decoder_a, self.decoder_b, self.weight,
+                         self.bias)
+        return F.ilm_norm(x, 2, 2, self.encoder, self.decoder_a, self.decoder_b, self.weight,
+                          self.bias, eps=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_forms_trace_as_one_call_function_node_each(nf, seed, training):
+    """A model calling the functional forms traces: each call is one call_function node (the
+    function itself), tracing runs nothing, and the GraphModule computes what the model does:
+    outputs, gradients and running statistics bitwise."""
+    model = _Functional().train(training)
+    before = _state(model)
+    gm = torch.fx.symbolic_trace(model)
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    F = nf.functional
+    called = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert called == [F.batch_instance_norm, F.instance_enhancement_batch_norm, F.assoc_norm,
+                      F.ilm_norm]
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 6, 5, 4, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = gm(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *gm.parameters()], dy)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *reference.parameters()], dy)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(gm, name), getattr(reference, name), rtol=0, atol=0)
+    assert torch.equal(gm.running_mean, before["running_mean"]) != training  # it did train
