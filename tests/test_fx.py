@@ -39,6 +39,20 @@ def _model(d, norm, seed):
     return model
 
 
+def _assert_same_step(gm, reference, shape):
+    """``gm`` and ``reference`` on the same random input: outputs and the gradients of the input
+    and of every parameter bitwise equal."""
+    x = torch.randn(shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = gm(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *gm.parameters()], dy)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *reference.parameters()], dy)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -59,15 +73,7 @@ def test_symbolic_trace_keeps_the_layer_a_leaf(nf, seed, index, training):
     assert gm.get_submodule("1") is norm
 
     reference = copy.deepcopy(model)
-    x = torch.randn(SHAPES[d], requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, y_ref = gm(x), reference(x_ref)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *gm.parameters()], dy)
-    grads_ref = torch.autograd.grad(y_ref, [x_ref, *reference.parameters()], dy)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    _assert_same_step(gm, reference, SHAPES[d])
     state, state_ref = gm.state_dict(), reference.state_dict()
     assert state.keys() == state_ref.keys()
     for k in state:
@@ -141,15 +147,7 @@ def test_functional_forms_trace_as_one_call_function_node_each(nf, seed, trainin
     assert called == [F.batch_instance_norm, F.instance_enhancement_batch_norm, F.assoc_norm,
                       F.ilm_norm]
     reference = copy.deepcopy(model)
-    x = torch.randn(3, 6, 5, 4, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, y_ref = gm(x), reference(x_ref)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *gm.parameters()], dy)
-    grads_ref = torch.autograd.grad(y_ref, [x_ref, *reference.parameters()], dy)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    _assert_same_step(gm, reference, (3, 6, 5, 4))
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(gm, name), getattr(reference, name), rtol=0, atol=0)
     assert torch.equal(gm.running_mean, before["running_mean"]) != training  # it did train
