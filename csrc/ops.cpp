@@ -27,32 +27,32 @@ TORCH_LIBRARY(normfuse, m) {
   // tensor) and training, the kernel that updates the running statistics adds 1 to it, so a
   // module's training forward needs no extra launch for nn.BatchNorm's counter.
   m.def(
-      "bin_coefficients(Tensor mean, Tensor m2, int plane_size, Tensor gate, Tensor? weight, "
+      "bin_coefficients(Tensor mean, Tensor m2, SymInt plane_size, Tensor gate, Tensor? weight, "
       "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, "
       "float momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)");
   m.def(
       "bin_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
-      "int plane_size, Tensor gate, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "SymInt plane_size, Tensor gate, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
       "Tensor grad_gate, Tensor grad_weight, Tensor grad_bias)");
   m.def(
-      "iebn_coefficients(Tensor mean, Tensor m2, int plane_size, Tensor gate_weight, "
+      "iebn_coefficients(Tensor mean, Tensor m2, SymInt plane_size, Tensor gate_weight, "
       "Tensor gate_bias, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, "
       "Tensor(c!)? num_batches_tracked=None) -> (Tensor scale, Tensor shift)");
   m.def(
       "iebn_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
-      "int plane_size, Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "
+      "SymInt plane_size, Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, "
       "Tensor? running_mean, Tensor? running_var, bool training, float eps) "
       "-> (Tensor c_dy, Tensor c_x, Tensor c_0, Tensor grad_gate_weight, Tensor grad_gate_bias, "
       "Tensor grad_weight, Tensor grad_bias)");
   m.def(
-      "assoc_coefficients(Tensor mean, Tensor m2, int plane_size, int num_groups, Tensor encoder, "
+      "assoc_coefficients(Tensor mean, Tensor m2, SymInt plane_size, int num_groups, Tensor encoder, "
       "Tensor decoder_mean, Tensor decoder_var, Tensor weight, Tensor bias, float eps) "
       "-> (Tensor scale, Tensor shift)");
   m.def(
       "assoc_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
-      "int plane_size, int num_groups, Tensor encoder, Tensor decoder_mean, Tensor decoder_var, "
+      "SymInt plane_size, int num_groups, Tensor encoder, Tensor decoder_mean, Tensor decoder_var, "
       "Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
       "Tensor grad_encoder, Tensor grad_decoder_mean, Tensor grad_decoder_var, "
       "Tensor grad_weight, Tensor grad_bias)");

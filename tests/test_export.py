@@ -15,6 +15,7 @@ import operator
 import pytest
 import torch
 from torch import nn
+from torch.export import Dim
 
 import normfuse
 import normfuse.export as nfx
@@ -273,3 +274,54 @@ def test_onnx_round_trip(route, tmp_path):
     runs in onnxruntime and matches PyTorch, by both routes of ``onnx_round_trip``."""
     onnx_round_trip(_model(seed=13).eval(), _input(14), [_input(15), _input(16)], route,
                     tmp_path / "model.onnx")
+
+
+def _sized_input(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    return 1.5 * torch.randn(shape, generator=g) + 0.3
+
+
+# Batch, height and width all dynamic; the other sizes differ in each (and in H * W, the
+# coefficient ops' plane_size: an `int` in their schemas pinned it to the traced 6 x 5).
+DYNAMIC = {"input": {0: Dim("batch", min=2, max=64), 2: Dim("h", min=4, max=64),
+                     3: Dim("w", min=4, max=64)}}
+OTHER_SIZES = [(5, 3, 4, 7), (2, 3, 9, 9)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", ["auto", *KERNEL_BACKENDS])
+def test_dynamic_shapes(backend, training):
+    """Exported with a dynamic batch, height and width, the program (made portable) computes
+    what eager computes at other sizes, running statistics included."""
+    model = _model(seed=20).train(training)
+    eager = copy.deepcopy(model)
+    with normfuse.use_backend(backend):
+        ep = torch.export.export(model, (_input(21).detach(),), dynamic_shapes=DYNAMIC)
+    module = nfx.portable(ep).module()
+    inputs = [_sized_input(22 + i, shape) for i, shape in enumerate(OTHER_SIZES)]
+    with torch.no_grad():
+        for x in inputs:
+            torch.testing.assert_close(module(x), eager(x), **TOL[torch.float32])
+    _assert_buffers_match(module, eager, torch.float32)
+
+
+def test_onnx_dynamic_shapes(tmp_path):
+    """A portable program with dynamic batch, height and width, through ONNX: onnxruntime
+    matches PyTorch at other sizes."""
+    if ONNX_MISSING:
+        pytest.skip(f"ONNX export needs {ONNX_MISSING} (pip install -e '.[export]')")
+    if "cpu" not in normfuse.available_backends():
+        pytest.skip("needs normfuse._C to export a program holding normfuse ops")
+    import onnxruntime
+
+    model = _model(seed=23).eval()
+    with normfuse.use_backend("cpu"):
+        ep = torch.export.export(model, (_input(24).detach(),), dynamic_shapes=DYNAMIC)
+    path = str(tmp_path / "dynamic.onnx")
+    torch.onnx.export(nfx.portable(ep), dynamo=True, verbose=False, f=path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for i, shape in enumerate(OTHER_SIZES):
+        x = _sized_input(25 + i, shape)
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-5)
