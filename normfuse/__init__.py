@@ -5,7 +5,9 @@ Every layer is, per (sample, channel) plane, one affine map whose coefficients c
 plane's moments; one pass computes the moments, a small coefficient step turns them into the
 map, one pass applies it (docs/architecture.md).
 """
+from . import _extension  # noqa: F401  (see below)
 from . import export, functional, info
+from ._autograd import _fused_ops
 from .backends import (available_backends, get_backend, resolve_backend, set_backend,
                        use_backend)
 from .convert import convert
@@ -18,6 +20,13 @@ from .modules import (IEBN1d, IEBN2d, IEBN3d, AssocNorm, BatchInstanceNorm1d,
 from .training import attach_gate_clipping, clip_gates_, param_groups, update_bn
 
 __version__ = "0.1.0"
+
+# The compiled ops (torch.ops.normfuse.*, and the op the whole-layer ops' double backward calls)
+# register with the dispatcher at import, not at the first layer call: a saved program or trace
+# that calls them (torch.export.load, torch.jit.load, an AOTInductor package) then loads after
+# `import normfuse`.  ~35 ms; the Triton ops (normfuse_triton.*) register when
+# normfuse.triton_kernels is imported (Triton itself takes seconds to import).
+_fused_ops()
 
 __all__ = [
     "AssocNorm", "BatchInstanceNorm1d", "BatchInstanceNorm2d", "BatchInstanceNorm3d",

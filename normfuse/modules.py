@@ -30,6 +30,18 @@ def _fx_leaf(module: nn.Module, input: Proxy) -> Proxy:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
+class _NotScriptable:
+    """``torch.jit.script`` cannot compile a normfuse layer (its forward dispatches between
+    backends in Python); TorchScript asks ``__prepare_scriptable__`` first, so say so there,
+    instead of the compiler's complaint about some line of the forward."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script cannot compile normfuse layers; use "
+            f"torch.export or torch.compile, or torch.jit.trace (BIN, IEBN and AssocNorm on the "
+            f"cpu and cuda backends trace as one op; README, 'Export and deployment')")
+
+
 class _Activation:
     """The fused activation of every module: ``activation`` None or "relu" (``relu(norm(x))``
     from the layer's own apply kernel, its mask recomputed in the backward: no extra pass, no
@@ -49,7 +61,7 @@ class _Activation:
         return "" if self.activation is None else f", activation={self.activation!r}"
 
 
-class _BatchStatsNorm(_Activation, nn.Module):
+class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
     """Buffers and train/eval semantics of ``nn.BatchNorm`` (``torch.nn.modules.batchnorm``)."""
 
     _version = 2
@@ -340,7 +352,7 @@ def default_embed_dim(num_groups: int) -> int:
     return max(1, num_groups // 2)
 
 
-class AssocNorm(_Activation, nn.Module):
+class AssocNorm(_NotScriptable, _Activation, nn.Module):
     """Associate Normalization: GroupNorm with per-sample scale and shift predicted from the
     group means and variances by a small auto-encoder (shared encoder ``(M, G)``, decoders
     ``(G, M)``), plus per-channel ``weight`` (B_omega, starts at 1) and ``bias`` (B_beta, 0).
@@ -427,7 +439,7 @@ _ILM_AUTHORS_KEYS = {
 }
 
 
-class ILMNorm(_Activation, nn.Module):
+class ILMNorm(_NotScriptable, _Activation, nn.Module):
     """Instance-Level Meta Normalization (Jia, Chen & Chen, CVPR 2019), the authors' ``ilm_gn``
     layer: GroupNorm with ``num_groups`` groups and unbiased variances, whose per-sample weight
     and bias are predicted by a meta network from the means and unbiased variances of

@@ -11,6 +11,10 @@ running statistics, gradients), and to ONNX that onnxruntime runs.
 import copy
 import importlib.util
 import operator
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ import normfuse
 import normfuse.export as nfx
 from normfuse import torch_backend
 
+ROOT = Path(__file__).resolve().parent.parent
 # Shapes: N = 3, C = 6 (AssocNorm: 3 groups of 2 channels), planes of 4 x 3 after the conv.
 SHAPE = (3, 3, 6, 5)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
@@ -325,3 +330,48 @@ def test_onnx_dynamic_shapes(tmp_path):
         (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in normfuse.available_backends(),
+                    reason="needs normfuse._C to export a program holding normfuse ops")
+def test_saved_programs_load_in_a_fresh_process_after_import_normfuse(tmp_path):
+    """README: a program holding normfuse ops "runs forward where normfuse is installed".  A
+    fresh process that imports normfuse (and calls nothing of it) loads a saved program
+    (torch.export.load) and a TorchScript trace (torch.jit.load) and gets the same outputs:
+    the ops register at import, not at the first layer call."""
+    model = _model(seed=30).eval()
+    traceable = model[:5]  # ILMNorm's trace records a Python autograd.Function (not saved)
+    x = _input(31).detach()
+    with normfuse.use_backend("cpu"), torch.no_grad():
+        ep = torch.export.export(model, (x,))
+        traced = torch.jit.trace(traceable, x)
+        want, want_traced = model(x), traceable(x)
+    assert nfx.normfuse_ops(ep)
+    assert "normfuse::" in str(traced.inlined_graph)
+    torch.export.save(ep, str(tmp_path / "program.pt2"))
+    traced.save(str(tmp_path / "traced.pt"))
+    torch.save({"x": x, "want": want, "want_traced": want_traced}, str(tmp_path / "ref.pt"))
+    code = (
+        "import sys, torch, normfuse\n"
+        "d = sys.argv[1]\n"
+        "ref = torch.load(d + '/ref.pt')\n"
+        "with torch.no_grad():\n"
+        "    y = torch.export.load(d + '/program.pt2').module()(ref['x'])\n"
+        "    y_traced = torch.jit.load(d + '/traced.pt')(ref['x'])\n"
+        "assert torch.equal(y, ref['want']), (y - ref['want']).abs().max()\n"
+        "assert torch.equal(y_traced, ref['want_traced'])\n"
+        "print('LOADED')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "LOADED" in res.stdout, res.stderr[-3000:]
+
+
+def test_torchscript_script_is_refused_with_a_clear_error():
+    """torch.jit.script cannot compile the layers' Python dispatch; TorchScript asks
+    __prepare_scriptable__ first, which names the layer and the alternatives."""
+    for layer in (normfuse.BatchInstanceNorm2d(4), normfuse.IEBN2d(4), normfuse.AssocNorm(2, 4),
+                  normfuse.ILMNorm(4, num_groups=2, key_group_size=2), normfuse.SyncIEBN(4)):
+        with pytest.raises(RuntimeError, match=rf"{type(layer).__name__}: torch.jit.script "
+                                               r"cannot compile normfuse layers; use torch.export"):
+            torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), layer))
