@@ -8,6 +8,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST     target archs; default "8.0;9.0+PTX" when no GPU is visible (SASS for
                            sm_80 and sm_90, plus compute_90 PTX that newer GPUs JIT-compile),
                            else torch's default (the visible GPUs' archs)
+  NORMFUSE_ALLOW_BUILD_ISOLATION=1  build in pip's isolated build environment even though the
+                           torch pip downloaded there differs from the installed one (the
+                           install then replaces the installed torch)
   NORMFUSE_ALLOW_ANY_TORCH=1  build against a torch outside the supported range
                            (pyproject.toml, [tool.normfuse] torch) instead of failing
   NORMFUSE_PTXAS_VERBOSE=1 pass -Xptxas -v (registers, spills, stack per kernel in the build log)
@@ -26,6 +29,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,6 +121,39 @@ if with_cuda:
     os.environ["CUDA_HOME"] = cuda_home
 
 import torch  # noqa: E402
+
+
+def installed_torch_version() -> str | None:
+    """The torch version of the environment pip installs into, asked from inside pip's isolated
+    build environment (this interpreter in a subprocess, without the PYTHONPATH and
+    sitecustomize through which pip hides that environment's packages); None without torch."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    code = "import importlib.metadata as m; print(m.version('torch'))"
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True,
+                         text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def check_build_isolation() -> None:
+    """A build-isolated ``pip install`` builds against a torch pip downloaded (the newest in
+    range) and the package then requires exactly it: with another torch installed, pip would
+    replace the user's torch. Refuse that, naming both (a fresh environment without torch, or
+    the same torch, is fine)."""
+    if "pip-build-env-" not in torch.__file__ or env_flag("NORMFUSE_ALLOW_BUILD_ISOLATION"):
+        return
+    from importlib.metadata import version  # noqa: PLC0415
+    built, installed = version("torch"), installed_torch_version()
+    if installed is None or installed == built:
+        return
+    sys.exit(f"normfuse: pip's isolated build environment downloaded torch {built} to build "
+             f"against, but torch {installed} is installed: the built normfuse would require "
+             f"torch=={built.split('+')[0]} and pip would replace your torch. Build against your "
+             "torch instead: `pip install --no-build-isolation <normfuse>` (it needs setuptools, "
+             "wheel and ninja installed), or set NORMFUSE_ALLOW_BUILD_ISOLATION=1 to replace it.")
+
+
+check_build_isolation()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
