@@ -43,13 +43,16 @@ def env_flag(name: str) -> bool:
 
 
 def find_cuda_home() -> str | None:
-    """CUDA_HOME / CUDA_PATH, else /usr/local/cuda, else the nvcc on PATH: the first with bin/nvcc."""
+    """CUDA_HOME / CUDA_PATH, else /usr/local/cuda, else the nvcc on PATH: the first that is a
+    toolkit (bin/nvcc and include/cuda_runtime.h: an nvcc wrapper script in /usr/local/bin does
+    not make /usr/local one)."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
     for c in candidates:
-        if c and (Path(c) / "bin" / "nvcc").is_file():
+        if c and (Path(c) / "bin" / "nvcc").is_file() and \
+                (Path(c) / "include" / "cuda_runtime.h").is_file():
             return c
     return None
 
