@@ -77,7 +77,11 @@ if _C is not None:
     HAS_CPU_KERNELS = True
     HAS_CUDA_KERNELS = bool(_C.has_cuda())
     if not HAS_CUDA_KERNELS:
-        CUDA_REASON = "normfuse._C was built without CUDA kernels (no toolkit found, or NORMFUSE_CPU_ONLY=1)"
+        try:  # the build says why (builds before it said nothing)
+            from ._build_info import WITHOUT_CUDA_WHY as _without_cuda_why  # noqa: PLC0415
+        except ImportError:
+            _without_cuda_why = "no toolkit found, or NORMFUSE_CPU_ONLY=1"
+        CUDA_REASON = f"normfuse._C was built without CUDA kernels ({_without_cuda_why})"
 
 # ---- fake implementations -------------------------------------------------------------------------
 # Shapes follow docs/architecture.md: statistics and coefficients are (N, C) in the dtype of the
