@@ -248,7 +248,7 @@ def full_markdown(data: dict, summary_md: str) -> str:
     mem_cols = ["layer", "shape", "impl", "saved_tensors", "saved_bytes", "saved_over_x",
                 "peak_bytes"]
     e2e_cols = ["name", "batch", "median_s", "norm_s", "norm_share", "peak_bytes", "error"]
-    check_cols = ["layer", "shape", "impl", "max_abs_diff", "error"]
+    check_cols = ["layer", "shape", "dtype", "impl", "max_abs_diff", "tol", "error"]
     parts = [
         "# normfuse benchmark\n",
         f"Machine: {machine}\n",
@@ -262,7 +262,8 @@ def full_markdown(data: dict, summary_md: str) -> str:
         md_table(data["e2e"], e2e_cols),
         "\n## Memory saved for backward (unique storages packed by autograd)\n",
         md_table(data["memory"], mem_cols, {"saved_bytes": "{:.0f}", "peak_bytes": "{:.0f}"}),
-        "\n## Agreement with the composition (same parameters, forward, float32)\n",
+        "\n## Agreement with the composition (same parameters, forward, the first dtype; "
+        "tol: the largest difference allowed, bench/suite.py check_tolerance)\n",
         md_table(data["checks"], check_cols),
         "\n## Copy bandwidth (x.copy_ into a preallocated tensor of the same size)\n",
         md_table(data["copy"]),

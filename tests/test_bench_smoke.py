@@ -82,7 +82,7 @@ def test_numbers_positive_and_finite(run):
         assert h["ok"], h
         assert _positive(h["us"]) and _positive(h["ratio_native"]) and h["op_calls"] > 0, h
     for c in data["checks"]:
-        assert c["max_abs_diff"] is not None and c["max_abs_diff"] < 1e-3, c
+        assert c["max_abs_diff"] is not None and c["max_abs_diff"] < c["tol"] == 1e-3, c
 
 
 def test_csv_matches_json(run):
