@@ -195,7 +195,7 @@ def _stop(signum, frame):
 
 def _check_warnings(checks):
     for c in checks:
-        bad = c.get("max_abs_diff") is None or c["max_abs_diff"] > 1e-3
+        bad = c.get("max_abs_diff") is None or c["max_abs_diff"] > c.get("tol", 1e-3)
         if bad:
             print(f"WARNING: {c['impl']} disagrees with the composition on {c['layer']} "
                   f"{c['shape']}: {c.get('max_abs_diff', c.get('error'))}", file=sys.stderr)

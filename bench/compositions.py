@@ -1,17 +1,21 @@
-"""The baselines a user would write: BIN, IEBN and AssocNorm as plain PyTorch compositions.
+"""The baselines a user would write: BIN, IEBN, AssocNorm and ILM-Norm as plain PyTorch
+compositions.
 
 These follow the papers' formulas (``../shared/design.md`` section 1) op by op, the way the
 authors' published code does it (BIN: Nam & Kim's ``_BatchInstanceNorm``, a batch-norm call plus
 an instance norm done as ``batch_norm`` on an ``(1, N*C, H, W)`` view; IEBN: Liang et al.'s
 ``IEBN`` module, batch norm plus a sigmoid gate computed from the average pool; AssocNorm has no
-published code, so it is written the obvious way from the paper's text).  They are what normfuse
-is measured against, so they are deliberately *not* optimized: every intermediate is a separate
-tensor and autograd saves what it saves.
+published code, so it is written the obvious way from the paper's text; ILM-Norm: Jia et al.'s
+``ilm_gn`` module, a meta network of ``nn.Sequential`` blocks on key-group statistics, then a
+GroupNorm written out with ``mean`` / ``var``).  They are what normfuse is measured against, so
+they are deliberately *not* optimized: every intermediate is a separate tensor and autograd saves
+what it saves.
 
 Parameter and buffer names match the normfuse modules where the API allows it (BIN, AssocNorm);
-IEBN keeps the authors' ``weight_readjust`` / ``bias_readjust`` of shape ``(1, C, 1, 1)``.
-``load_params_from`` copies the values of a normfuse module into a composition so both compute
-the same function on the same tensors.
+IEBN keeps the authors' ``weight_readjust`` / ``bias_readjust`` of shape ``(1, C, 1, 1)``, and
+ILM-Norm the authors' submodules and names (``fc_embed``, ``fc_weight``, ``fc_bias``,
+``weight_bias``, ``bias_bias``).  ``load_params_from`` copies the values of a normfuse module into
+a composition so both compute the same function on the same tensors.
 """
 
 from __future__ import annotations
@@ -113,7 +117,60 @@ class AssocNormComposition(nn.Module):
         return xhat * omega.view(shape) + beta.view(shape)
 
 
-# normfuse name -> composition name, where they differ
+class ILMNormComposition(nn.Module):
+    """ILM-Norm as in the authors' ``ilm_gn`` (Gasoonjia/ILM-Norm, ``lib/nn/ilm_gn.py``): their
+    submodules and parameters (one embedding layer shared by the weight and bias branches,
+    ``nn.Linear`` without bias, ``weight_bias`` / ``bias_bias`` of shape ``(1, C, 1, 1)``) and
+    their forward: mean and unbiased variance (``torch.var``'s default) of each key group of
+    ``key_group_size`` channels into the meta network, its outputs repeated over the key group's
+    channels, then GroupNorm written out with the unbiased variance.  ``reshape`` where theirs
+    has ``view``, so that channels-last inputs run (theirs raises on them)."""
+
+    # normfuse.ILMNorm's parameter names -> these (load_params_from)
+    RENAMES = {"encoder": "fc_embed.0.weight", "decoder_weight": "fc_weight.1.weight",
+               "decoder_bias": "fc_bias.1.weight", "weight": "weight_bias",
+               "bias": "bias_bias"}
+
+    def __init__(self, num_channels, num_groups=32, key_group_size=16, reduction=16, eps=1e-5):
+        super().__init__()
+        if num_channels % num_groups or num_channels % key_group_size:
+            raise ValueError("num_channels must be divisible by num_groups and key_group_size")
+        self.num_groups, self.key_group_size, self.eps = num_groups, key_group_size, eps
+        self.key_groups = keys = num_channels // key_group_size
+        embed = keys // reduction if keys >= reduction else 2  # the authors' rule
+        self.fc_embed = nn.Sequential(nn.Linear(keys, embed, bias=False), nn.ReLU(inplace=True))
+        self.fc_weight = nn.Sequential(self.fc_embed, nn.Linear(embed, keys, bias=False),
+                                       nn.Sigmoid())
+        self.weight_bias = nn.Parameter(torch.ones(1, num_channels, 1, 1))
+        self.fc_bias = nn.Sequential(self.fc_embed, nn.Linear(embed, keys, bias=False),
+                                     nn.Tanh())
+        self.bias_bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+
+    def forward(self, input):
+        n, c = input.shape[:2]
+        k = self.key_groups
+        shape = (n, c) + (1,) * (input.dim() - 2)
+        # the meta network on the key groups' statistics: weight from the variances (sigmoid),
+        # bias from the means (tanh), each repeated over its key group's channels
+        xk = input.reshape(n, k, 1, -1)
+        key_mean = xk.mean(-1, keepdim=True)
+        key_var = xk.var(-1, keepdim=True)
+        weight = self.fc_weight(key_var.view(n, k)).view(n, k, 1)
+        weight = weight.repeat(1, 1, self.key_group_size).view(shape)
+        weight = weight + self.weight_bias.view(1, c, *shape[2:])
+        bias = self.fc_bias(key_mean.view(n, k)).view(n, k, 1)
+        bias = bias.repeat(1, 1, self.key_group_size).view(shape)
+        bias = bias + self.bias_bias.view(1, c, *shape[2:])
+        # GroupNorm with the unbiased variance
+        xg = input.reshape(n, self.num_groups, 1, -1)
+        mean = xg.mean(-1, keepdim=True)
+        var = xg.var(-1, keepdim=True)
+        xhat = ((xg - mean) / (var + self.eps).sqrt()).view(input.shape)
+        return xhat * weight + bias
+
+
+# normfuse name -> composition name, where they differ (a composition's own RENAMES, if it has
+# one, replaces these)
 _RENAMES = {"gate_weight": "weight_readjust", "gate_bias": "bias_readjust"}
 
 
@@ -122,8 +179,9 @@ def load_params_from(composition: nn.Module, source: nn.Module) -> nn.Module:
     """Copy the parameters and buffers of a normfuse module (``source``) into ``composition``."""
     src = dict(source.state_dict())
     dst = composition.state_dict()
+    renames = getattr(composition, "RENAMES", _RENAMES)
     for name, value in src.items():
-        target = dst.get(_RENAMES.get(name, name))
+        target = dst.get(renames.get(name, name))
         if target is None:
             continue
         if target.numel() != value.numel():

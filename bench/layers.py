@@ -1,9 +1,9 @@
 """The implementations compared for each layer, and how each is built on the same tensors.
 
-For a layer ("bin", "iebn", "assoc") the contenders are:
+For a layer ("bin", "iebn", "assoc", "ilm") the contenders are:
 
 * ``normfuse[<backend>]`` for every normfuse backend that runs on the device;
-* the native baseline, ``nn.BatchNorm2d`` (BIN, IEBN) or ``nn.GroupNorm`` (AssocNorm);
+* the native baseline, ``nn.BatchNorm2d`` (BIN, IEBN) or ``nn.GroupNorm`` (AssocNorm, ILM-Norm);
 * ``composition``: the straightforward PyTorch version in ``bench/compositions.py``;
 * ``compiled``: ``torch.compile`` of that composition (where it compiles);
 * with the following ReLU (issue 14): ``normfuse[<backend>]+ReLU`` (``activation="relu"``, the
@@ -11,7 +11,8 @@ For a layer ("bin", "iebn", "assoc") the contenders are:
   against ``<native>+ReLU`` (the native layer and an ``nn.ReLU``, as a ResNet block has them).
 
 All of them get the same parameter values (copied from a randomized normfuse module, or from a
-randomized composition when normfuse cannot be imported).
+randomized composition when normfuse cannot be imported).  ILMNorm's arguments on a shape:
+``num_groups`` as AssocNorm's, ``shapes.ilm_key_group_size_for(C)`` and ``shapes.ILM_REDUCTION``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import torch
 from torch import nn
 
 from . import compositions as comp
+from .shapes import ILM_REDUCTION, ilm_key_group_size_for
 
-LAYERS = ("bin", "iebn", "assoc")
-LAYER_LABEL = {"bin": "BIN", "iebn": "IEBN", "assoc": "AssocNorm"}
-NATIVE_LABEL = {"bin": "nn.BatchNorm2d", "iebn": "nn.BatchNorm2d", "assoc": "nn.GroupNorm"}
+LAYERS = ("bin", "iebn", "assoc", "ilm")
+LAYER_LABEL = {"bin": "BIN", "iebn": "IEBN", "assoc": "AssocNorm", "ilm": "ILMNorm"}
+NATIVE_LABEL = {"bin": "nn.BatchNorm2d", "iebn": "nn.BatchNorm2d", "assoc": "nn.GroupNorm",
+                "ilm": "nn.GroupNorm"}
+GROUP_LAYERS = ("assoc", "ilm")  # nn.GroupNorm's successors (the rest: nn.BatchNorm2d's)
 DEVICE_BACKENDS = {"cpu": ("torch", "cpu"), "cuda": ("torch", "cuda", "triton")}
 
 _NORMFUSE = None
@@ -93,6 +97,8 @@ def _normfuse_module(layer: str, c: int, g: int) -> nn.Module:
         return nf.BatchInstanceNorm2d(c)
     if layer == "iebn":
         return nf.InstanceEnhancementBatchNorm2d(c)
+    if layer == "ilm":
+        return nf.ILMNorm(c, g, ilm_key_group_size_for(c), ILM_REDUCTION)
     return nf.AssocNorm(g, c)
 
 
@@ -101,6 +107,8 @@ def _composition(layer: str, c: int, g: int, embed_dim: Optional[int] = None) ->
         return comp.BatchInstanceNormComposition(c)
     if layer == "iebn":
         return comp.InstanceEnhancementBatchNormComposition(c)
+    if layer == "ilm":
+        return comp.ILMNormComposition(c, g, ilm_key_group_size_for(c), ILM_REDUCTION)
     return comp.AssocNormComposition(g, c, embed_dim)
 
 
@@ -130,10 +138,15 @@ def build(impl: Impl, layer: str, c: int, g: int, source: nn.Module,
         mod.load_state_dict(source.state_dict())
         mod.activation = "relu" if impl.relu else None
     elif impl.kind in ("native", "native_relu"):
-        mod = nn.BatchNorm2d(c) if layer != "assoc" else nn.GroupNorm(g, c)
+        mod = nn.GroupNorm(g, c) if layer in GROUP_LAYERS else nn.BatchNorm2d(c)
         with torch.no_grad():
-            mod.weight.copy_(source.weight)
-            mod.bias.copy_(source.bias)
+            # an ILM composition (the source when normfuse does not import) has the authors'
+            # (1, C, 1, 1) weight_bias / bias_bias
+            for name in ("weight", "bias"):
+                value = getattr(source, name, None)
+                if value is None:
+                    value = getattr(source, f"{name}_bias")
+                getattr(mod, name).copy_(value.reshape(-1))
         if impl.relu:
             mod = nn.Sequential(mod, nn.ReLU())
     else:

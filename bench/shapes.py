@@ -72,3 +72,20 @@ def num_groups_for(channels: int) -> int:
     while g > 1 and (channels % g or g > channels // 2):
         g //= 2
     return g
+
+
+# ILM-Norm (normfuse.ILMNorm, the authors' ilm_gn) on the bench shapes: num_groups as AssocNorm's
+# (num_groups_for), reduction the authors' default 16 (always valid: the meta network's hidden
+# size is K // 16 key groups, or 2 when K < 16, i.e. 2 for C <= 256, 4 at C = 1024, 8 at 2048).
+ILM_REDUCTION = 16
+
+
+def ilm_key_group_size_for(channels: int) -> int:
+    """Channels per ILM-Norm key group: the authors' default 16 wherever 16 divides C (every
+    ResNet shape, C = 16 included: one key group, as ilm_gn(16) has; what ``normfuse.convert(...,
+    "ilm")`` builds by default), else the largest power of two that divides C (the smoke shape's
+    C = 8: one key group of 8 channels)."""
+    k = 16
+    while k > 1 and channels % k:
+        k //= 2
+    return k
