@@ -49,7 +49,9 @@ def parse(argv):
     p.add_argument("--out", default=None, help="default: bench/results/<device name>/")
     p.add_argument("--backends", nargs="+", default=None,
                    help="normfuse backends (default: every available one for the device)")
-    p.add_argument("--layers", nargs="+", choices=layers.LAYERS, default=list(layers.LAYERS))
+    p.add_argument("--layers", nargs="+", choices=layers.LAYERS, default=list(layers.LAYERS),
+                   help="layers measured: their rows and their ResNet-20 steps (the ResNet-50 "
+                        "step has BIN, IEBN and AssocNorm)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
                    help="default: float32 on the CPU; float32 float16 bfloat16 on a GPU")
     p.add_argument("--formats", nargs="+", choices=list(suite.FORMATS),
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     out_dir = args.out or str(Path(__file__).resolve().parent / "results" / (
         machine.slug(("cpu " if dev_type == "cpu" else "") + info["device_name"])))
 
-    e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends))
+    e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends, layers=args.layers))
     step50_conf = None if args.no_step50 else (
         conf["step50"] or (SMOKE["step50"] if args.step50 else None))
     step50_backends = [b for b in backends if b != "torch"] or backends
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
                                             progress=progress)
         if not args.no_e2e:
             results["e2e"] = e2e.run_e2e(device, backends, conf["batch"], *conf["e2e"],
-                                         progress, blocks=conf.get("blocks", 3))
+                                         progress, blocks=conf.get("blocks", 3),
+                                         layers=args.layers)
         if step50_conf is not None:
             step50.run_step50(device, step50_backends, *step50_conf[:3], *step50_conf[3],
                               progress, out=results["step50"])

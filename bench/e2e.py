@@ -63,15 +63,16 @@ def _group_norm(c):
     return nn.GroupNorm(num_groups_for(c), c)
 
 
-def variants(backends: List[str], blocks: int = 3) -> List[dict]:
-    """(name, layer, how the model is built, normfuse backend) for every step measured."""
+def variants(backends: List[str], blocks: int = 3, layers=L.LAYERS) -> List[dict]:
+    """(name, layer, how the model is built, normfuse backend) for every step measured: the
+    baselines, and each of ``layers`` (``python -m bench --layers``)."""
     def net(norm):
         return lambda: ResNet20(norm, blocks=blocks)
 
     out = [dict(name="nn.BatchNorm2d", layer="batchnorm", build=net(nn.BatchNorm2d)),
            dict(name="nn.GroupNorm", layer="groupnorm", build=net(_group_norm)),
            dict(name="identity (no norm)", layer="identity", build=net(lambda c: nn.Identity()))]
-    for layer in L.LAYERS:
+    for layer in layers:
         out.append(dict(name=f"{L.LAYER_LABEL[layer]} composition", layer=layer,
                         build=net(lambda c, lay=layer: L._composition(
                             lay, c, num_groups_for(c)))))
@@ -101,14 +102,15 @@ def _converted(layer: str, blocks: int = 3, fuse_relu: bool = False) -> nn.Modul
 
 
 def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: float,
-            min_reps: int, max_reps: int, progress, blocks: int = 3) -> List[dict]:
+            min_reps: int, max_reps: int, progress, blocks: int = 3,
+            layers=L.LAYERS) -> List[dict]:
     """Median step time of every variant, all variants interleaved round by round (so the
     identity subtraction is not at the mercy of load changing between variants)."""
     torch.manual_seed(0)
     xs = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(4)]
     ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(4)]
     results, steps, contexts = [], [], []
-    for var in variants(backends, blocks):
+    for var in variants(backends, blocks, layers):
         rec = dict(name=var["name"], layer=var["layer"], backend=var.get("backend"),
                    fused_relu=var.get("fused_relu", False),
                    batch=batch, depth=6 * blocks + 2, ok=True, median_s=None)
