@@ -121,7 +121,7 @@ class NormFunction(torch.autograd.Function):
                 num_batches_tracked, *params):
         ops = ops_for(config.backend)
         plane = math.prod(x.shape[2:])
-        samples = x.shape[0]  # 0 only on a synchronized rank without samples
+        samples = x.numel() > 0  # False only on a synchronized rank without values
         if samples:
             mean, m2 = ops.moments(x)
         else:
@@ -158,7 +158,7 @@ class NormFunction(torch.autograd.Function):
             return (None, dx, *no_grads, *grads)
         ops = ops_for(config.backend)
         plane = math.prod(x.shape[2:])
-        samples = x.shape[0]
+        samples = x.numel() > 0
         if samples:
             g1, g2 = ops.backward_sums(dy, x, mean, scale, shift)
         else:

@@ -65,7 +65,8 @@ class _ElementCount(float):
     """
 
     def __new__(cls, elements: int, plane_size: int):
-        self = super().__new__(cls, elements / plane_size)
+        # (a rank whose samples have no values has plane_size 0: its quotient is never used)
+        self = super().__new__(cls, elements / plane_size if plane_size else 0.0)
         self.elements, self.plane_size = int(elements), int(plane_size)
         return self
 
@@ -223,16 +224,10 @@ class _SyncMixin:
         self.__dict__["_sync_checked"] = key
 
     def _check_sync_input(self, input, running_mean, running_var, factor) -> None:
-        """The plain layers' checks, except that a rank may hold zero samples."""
+        """The plain layers' checks (a rank's input may be empty, as the plain layers' and
+        nn.SyncBatchNorm's: no samples, or samples without values, contribute nothing)."""
         who = type(self).__name__
-        if (isinstance(input, Tensor) and not input.is_nested and input.dim() >= 2
-                and input.shape[0] == 0
-                and math.prod(input.shape[2:]) > 0):
-            # A stand-in with one sample for the type/dtype/rank checks.
-            check_input(torch.empty((1,) + tuple(input.shape[1:]), dtype=input.dtype,
-                                    device="meta"), who, self._ranks)
-        else:
-            check_input(input, who, self._ranks)
+        check_input(input, who, self._ranks, empty="any")
         check_channels(input, self.num_features, who)
         for name, tensor, optional in self._named_params():
             check_tensor(tensor, name, (self.num_features,), input, who, optional=optional)

@@ -217,6 +217,9 @@ def formula(layer, xs, params, eps=1e-5):
     var_b = flat.var(1, unbiased=False)
     ys = []
     for x in xs:
+        if x.numel() == 0:  # no values: an empty output, nothing to any gradient (the formulas'
+            ys.append(x * 0)  # per-sample means of no values would put 0 * NaN into them)
+            continue
         x3 = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
         xb = (x3 - mu_b[:, None]) / torch.sqrt(var_b[:, None] + eps)
         if layer == "bin":
@@ -232,11 +235,14 @@ def formula(layer, xs, params, eps=1e-5):
     return ys, mu_b, flat.var(1, unbiased=True)
 
 
-def check_plane_sizes(rank, world, layer):
-    """Ranks with different spatial sizes (as detection models feed SyncBatchNorm)."""
+def check_plane_sizes(rank, world, layer, empty_planes=False):
+    """Ranks with different spatial sizes (as detection models feed SyncBatchNorm); with
+    ``empty_planes``, the last rank's samples have no values (a spatial size 0)."""
     sizes = [(2, (3, 4)), (3, (2, 5)), (1, (7, 1))][:world]
     if world == 3:
         sizes[1] = (0, (2, 5))
+    if empty_planes:
+        sizes[-1] = (2, (0, 3))
     c = 3
     xs = [data((n, c) + s, 300 + r) for r, (n, s) in enumerate(sizes)]
     ws = [data((n, c) + s, 400 + r) for r, (n, s) in enumerate(sizes)]
@@ -383,6 +389,8 @@ def build_checks(world):
     checks += [
         ("plane_sizes_bin", lambda r, w: check_plane_sizes(r, w, "bin")),
         ("plane_sizes_iebn", lambda r, w: check_plane_sizes(r, w, "iebn")),
+        ("empty_planes_bin", lambda r, w: check_plane_sizes(r, w, "bin", empty_planes=True)),
+        ("empty_planes_iebn", lambda r, w: check_plane_sizes(r, w, "iebn", empty_planes=True)),
     ]
     if world == 2:  # building a DDP imports torch._dynamo: seconds per process, so only once
         checks.append(("ddp", lambda r, w: check_ddp(r, w, [(3, 5), (2, 0)])))
