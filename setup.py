@@ -120,7 +120,8 @@ if cpu_only and force_cuda:
     sys.exit("NORMFUSE_CPU_ONLY and NORMFUSE_FORCE_CUDA are both set")
 cuda_home = None if cpu_only else find_cuda_home()
 if force_cuda and cuda_home is None:
-    sys.exit("NORMFUSE_FORCE_CUDA=1 but no CUDA toolkit (bin/nvcc) found; set CUDA_HOME")
+    sys.exit("NORMFUSE_FORCE_CUDA=1 but no CUDA toolkit (bin/nvcc and include/cuda_runtime.h) "
+             "found; set CUDA_HOME")
 with_cuda = cuda_home is not None
 if with_cuda:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported; without it torch guesses.
@@ -130,12 +131,15 @@ import torch  # noqa: E402
 
 
 def installed_torch_version() -> str | None:
-    """The torch version of the environment pip installs into, asked from inside pip's isolated
-    build environment (this interpreter in a subprocess, without the PYTHONPATH and
-    sitecustomize through which pip hides that environment's packages); None without torch."""
+    """``torch.__version__`` of the environment pip installs into, asked from inside pip's
+    isolated build environment (this interpreter in a subprocess, without the PYTHONPATH and
+    sitecustomize through which pip hides that environment's packages; torch/version.py read,
+    not imported); None without torch."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
-    code = "import importlib.metadata as m; print(m.version('torch'))"
+    code = ("import importlib.metadata as m, re\n"
+            "path = m.distribution('torch').locate_file('torch/version.py')\n"
+            "print(re.search(r\"__version__ = '([^']+)'\", open(path).read()).group(1))\n")
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True,
                          text=True)
     return res.stdout.strip() if res.returncode == 0 else None
@@ -143,20 +147,26 @@ def installed_torch_version() -> str | None:
 
 def check_build_isolation() -> None:
     """A build-isolated ``pip install`` builds against a torch pip downloaded (the newest in
-    range) and the package then requires exactly it: with another torch installed, pip would
-    replace the user's torch. Refuse that, naming both (a fresh environment without torch, or
-    the same torch, is fine)."""
+    range), and the extension then fits exactly that torch: with another torch installed, pip
+    would replace it, or (the same release, another build: +cpu, +cu126...) leave an extension
+    that does not load. Stop in both cases, naming both torches; a fresh environment without
+    torch, or the very same torch, goes ahead. Only pip's isolation is recognised (uv builds
+    where the installed torch cannot be seen)."""
     if "pip-build-env-" not in torch.__file__ or env_flag("NORMFUSE_ALLOW_BUILD_ISOLATION"):
         return
-    from importlib.metadata import version  # noqa: PLC0415
-    built, installed = version("torch"), installed_torch_version()
+    built, installed = torch.__version__, installed_torch_version()
     if installed is None or installed == built:
         return
+    release = built.split("+")[0]
+    why = (f"the extension would not load under your torch {installed} (same release, another "
+           f"build)" if installed.split("+")[0] == release else
+           f"the install would require torch=={release} and pip would replace your torch "
+           f"{installed} with it")
     sys.exit(f"normfuse: pip's isolated build environment downloaded torch {built} to build "
-             f"against, but torch {installed} is installed: the built normfuse would require "
-             f"torch=={built.split('+')[0]} and pip would replace your torch. Build against your "
-             "torch instead: `pip install --no-build-isolation <normfuse>` (it needs setuptools, "
-             "wheel and ninja installed), or set NORMFUSE_ALLOW_BUILD_ISOLATION=1 to replace it.")
+             f"against: {why}. Build against your torch instead: `pip install "
+             "--no-build-isolation <normfuse>` (with setuptools, wheel and ninja installed); "
+             "or set NORMFUSE_ALLOW_BUILD_ISOLATION=1 to go ahead (e.g. `pip wheel` for "
+             "another machine).")
 
 
 check_build_isolation()
