@@ -10,6 +10,7 @@ and ``REASON`` say so).
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -66,9 +67,16 @@ if REASON:
     # "auto" to pick the torch backend without a word (set_backend("cpu") raises with REASON).
     warnings.warn(REASON, RuntimeWarning, stacklevel=2)
 else:
-    try:
-        from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
-    except Exception as exc:  # noqa: BLE001  (ImportError, undefined symbols, ABI mismatch...)
+    try:  # importing runs the TORCH_LIBRARY registrations. (import_module: during `import
+        # normfuse` a missing _C would read "cannot import name '_C' from partially initialized
+        # module 'normfuse' (most likely due to a circular import)" through `from . import`.)
+        _C = importlib.import_module("normfuse._C")
+    except ModuleNotFoundError as exc:
+        _C = None
+        REASON = (f"normfuse._C is not built ({exc}); build it with "
+                  "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
+        CUDA_REASON = REASON
+    except Exception as exc:  # noqa: BLE001  (undefined symbols, ABI mismatch...)
         _C = None
         REASON = (f"normfuse._C failed to import ({type(exc).__name__}: {exc}); build it with "
                   "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")

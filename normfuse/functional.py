@@ -23,8 +23,9 @@ _RANKS = (2, 3, 4, 5)
 def _fx_node(fn, args: tuple, kwargs: dict):
     """Under ``torch.fx.symbolic_trace`` (an argument is a Proxy): ``fn`` as one
     ``call_function`` node, which the GraphModule calls with real tensors; None when no argument
-    is a Proxy.  Tracing into it would fail: its checks and ops need real tensors.  Called only
-    off the common path (a Proxy fails the fast predicates), so it costs eager calls nothing."""
+    is a Proxy.  Tracing into it would fail: its checks and ops need real tensors.  BIN, IEBN
+    and AssocNorm call it only off the common path (a Proxy fails the fast predicates);
+    ``ilm_norm``, which has no fast path, on every call (~0.5 us of a slow layer's step)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, Proxy):
             return value.tracer.create_proxy("call_function", fn, args, kwargs)
