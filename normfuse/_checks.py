@@ -47,8 +47,8 @@ def check_input(input, who: str, ranks=(2, 3, 4, 5), empty: str = "none") -> Non
     if input.numel() == 0 and empty != "any":
         if empty == "batch" and math.prod(input.shape[1:]) > 0:
             return
-        what = ("have at least one element per sample (as nn.GroupNorm)" if empty == "batch"
-                else "not be empty")
+        what = ("have at least one element per sample (its group statistics need values)"
+                if empty == "batch" else "not be empty")
         raise ValueError(f"{who}: input must {what}, got shape {tuple(input.shape)}")
 
 

@@ -91,10 +91,9 @@ def test_group_layers_take_an_empty_batch_like_group_norm(nf, backend, kind, sha
                 layer.zero_grad()
 
 
-def test_group_layers_refuse_an_empty_sample_like_group_norm(nf):
-    """A sample without elements has no group statistics: nn.GroupNorm refuses it too."""
-    with pytest.raises(RuntimeError):
-        nn.GroupNorm(2, 4)(torch.randn(2, 4, 0))
+def test_group_layers_refuse_an_empty_sample(nf):
+    """A sample without elements has no group statistics: refused (as nn.GroupNorm refuses it
+    on the pinned torch; torch 2.11's returned an empty output)."""
     for layer in (nf.AssocNorm(2, 4), nf.ILMNorm(4, num_groups=2, key_group_size=2)):
         with pytest.raises(ValueError, match=f"{type(layer).__name__}: input must have at least "
                                              r"one element per sample .* \(2, 4, 0\)"):
