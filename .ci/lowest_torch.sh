@@ -5,7 +5,8 @@
 # without a GPU. In it normfuse builds (CPU + CUDA glue) and imports, every backend that can run
 # here registers, opcheck passes on every op, and the module, torch.compile and autocast tests
 # and the curated Triton-interpreter tests pass, as do python -m normfuse and the benchmark's and
-# GPU probes' smoke runs (the GPU machines run the benchmark on this torch), and every Triton
+# GPU probes' smoke runs (the GPU machines run the benchmark on this torch), export (dynamic
+# shapes, ONNX, a saved program loaded in a fresh process: users export there), and every Triton
 # kernel configuration compiles for sm_90 (the GPU machines with this torch are H100 / H200) with
 # this torch's Triton without spilling (test_aot.py: Triton 3.6 spilled a kernel that Triton 3.8
 # did not).
@@ -81,6 +82,7 @@ NORMFUSE_AOT_ARCHS=90 "$py" -m pytest -q -p no:cacheprovider -n auto --dist load
   tests/test_empty_input.py \
   tests/test_saved_for_backward.py \
   tests/test_fx.py \
+  tests/test_export.py \
   tests/test_bench_smoke.py \
   tests/triton_kernels/test_aot.py
 echo "== lowest torch: done in $(( $(date +%s) - start )) s"
