@@ -23,8 +23,8 @@ def _batch_layer(nf, kind: str, rank: int, **kwargs):
     return getattr(nf, names[kind] + dims)(4, **kwargs)
 
 
-def _input(shape, dtype, channels_last: bool) -> torch.Tensor:
-    x = torch.randn(shape, dtype=dtype)
+def _input(shape, dtype, channels_last: bool, device) -> torch.Tensor:
+    x = torch.randn(shape, dtype=dtype, device=device)
     if channels_last and x.dim() == 4:
         x = x.to(memory_format=torch.channels_last)
     if channels_last and x.dim() == 5:
@@ -62,32 +62,35 @@ def _check_like_torch(layer, torch_norm, x, dtype):
 @pytest.mark.parametrize("kind", ["bin", "iebn"])
 @pytest.mark.parametrize("shape", BATCH_SHAPES, ids=str)
 @pytest.mark.parametrize("mode", ["train", "eval", "untracked", "relu"])
-def test_batch_layers_take_an_empty_input_like_batch_norm(nf, backend, kind, shape, mode):
+def test_batch_layers_take_an_empty_input_like_batch_norm(nf, backend, device, kind, shape,
+                                                          mode):
     rank = len(shape)
     kwargs = {"track_running_stats": mode != "untracked"}
     layer = _batch_layer(nf, kind, rank, activation="relu" if mode == "relu" else None,
-                         **kwargs)
-    torch_norm = BATCH_NORMS[rank](4, **kwargs)
+                         **kwargs).to(device)
+    torch_norm = BATCH_NORMS[rank](4, **kwargs).to(device)
     if mode == "eval":
         layer.eval(), torch_norm.eval()
     for dtype in (torch.float32, torch.bfloat16):
         for channels_last in ((False, True) if rank >= 4 else (False,)):
-            x = _input(shape, dtype, channels_last)
+            x = _input(shape, dtype, channels_last, device)
             _check_like_torch(layer.to(dtype), torch_norm.to(dtype), x, dtype)
             layer.zero_grad(), torch_norm.zero_grad()
 
 
 @pytest.mark.parametrize("kind", ["assoc", "ilm"])
 @pytest.mark.parametrize("shape", GROUP_SHAPES, ids=str)
-def test_group_layers_take_an_empty_batch_like_group_norm(nf, backend, kind, shape):
+def test_group_layers_take_an_empty_batch_like_group_norm(nf, backend, device, kind, shape):
     for relu in (False, True):
         activation = "relu" if relu else None
         layer = (nf.AssocNorm(2, 4, activation=activation) if kind == "assoc"
-                 else nf.ILMNorm(4, num_groups=2, key_group_size=2, activation=activation))
+                 else nf.ILMNorm(4, num_groups=2, key_group_size=2, activation=activation)
+                 ).to(device)
         for dtype in (torch.float32, torch.float64):
             for channels_last in ((False, True) if len(shape) >= 4 else (False,)):
-                x = _input(shape, dtype, channels_last)
-                _check_like_torch(layer.to(dtype), nn.GroupNorm(2, 4).to(dtype), x, dtype)
+                x = _input(shape, dtype, channels_last, device)
+                _check_like_torch(layer.to(dtype), nn.GroupNorm(2, 4).to(device, dtype), x,
+                                  dtype)
                 layer.zero_grad()
 
 
@@ -100,23 +103,23 @@ def test_group_layers_refuse_an_empty_sample(nf):
             layer(torch.randn(2, 4, 0))
 
 
-def test_functional_forms_take_an_empty_input(nf, backend):
+def test_functional_forms_take_an_empty_input(nf, backend, device):
     """The functional forms: an empty output, the running statistics untouched in training."""
     F = nf.functional
-    x = torch.randn(0, 4, 3, 2, requires_grad=True)
-    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    x = torch.randn(0, 4, 3, 2, device=device, requires_grad=True)
+    rm, rv = torch.randn(4, device=device), torch.rand(4, device=device) + 0.5
     want = (rm.clone(), rv.clone())
-    params = [torch.randn(4, requires_grad=True) for _ in range(4)]
+    params = [torch.randn(4, device=device, requires_grad=True) for _ in range(4)]
     outs = [F.batch_instance_norm(x, rm, rv, params[0], params[1], params[2], training=True),
             F.instance_enhancement_batch_norm(x, rm, rv, *params, training=True),
-            F.assoc_norm(x, 2, torch.randn(1, 2), torch.randn(2, 1), torch.randn(2, 1),
-                         params[0], params[1])]
+            F.assoc_norm(x, 2, *(torch.randn(shape, device=device)
+                                 for shape in ((1, 2), (2, 1), (2, 1))), params[0], params[1])]
     for y in outs:
         assert y.shape == x.shape and y.dtype == x.dtype
     sum(y.sum() for y in outs).backward()
     assert torch.equal(rm, want[0]) and torch.equal(rv, want[1])
     for p in params:
-        assert torch.equal(p.grad, torch.zeros(4))
+        assert torch.equal(p.grad, torch.zeros(4, device=device))
 
 
 def test_empty_input_with_an_unusable_backend_still_raises(nf):
