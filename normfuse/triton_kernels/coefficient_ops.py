@@ -20,6 +20,10 @@ def _moment_pair(mean: Tensor, m2: Tensor, plane_size: int):
         raise RuntimeError(f"normfuse_triton: mean must be (N, C) float32/float64, got "
                            f"{tuple(mean.shape)} {mean.dtype}")
     check_device(mean, "mean")
+    if mean.numel() >= 2**31:  # the kernels index (n, c) in int32 (runtime.check_input)
+        raise RuntimeError(f"normfuse_triton: mean of shape {tuple(mean.shape)} is past the "
+                           f"Triton kernels' 32-bit indexing (N*C < 2**31); use the cuda or "
+                           f"torch backend")
     return mean.contiguous(), stats_tensor(m2, mean.shape, mean.dtype, "m2", mean.device)
 
 
@@ -239,6 +243,10 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
         return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_mu.zero_(), d_dec_var.zero_(),
                 d_weight.zero_(), d_bias.zero_())
     width = 2 * c + 3 * hidden * num_groups
+    if n * width >= 2**31:  # the kernel's workspace rows are indexed in int32
+        raise RuntimeError(f"normfuse_triton: assoc_coefficients_backward needs N * (2C + 3 * "
+                           f"embed_dim * num_groups) < 2**31, got {n} * {width}; use the cuda "
+                           f"or torch backend")
     groups = rt.cdiv(n, kernels().rows_per_group)
     ws = mean.new_empty(n * width)
     ws2 = mean.new_empty(groups * width)

@@ -112,8 +112,15 @@ def check_input(x: Tensor, what: str = "input"):
     else:
         raise RuntimeError(f"normfuse_triton: {what} must be contiguous or channels-last, got "
                            f"strides {x.stride()} for shape {tuple(x.shape)}")
-    if channels_last and plane * c >= 2**31:
-        raise RuntimeError(f"normfuse_triton: one sample of {what} has >= 2**31 elements")
+    # The kernels index planes (n * C + c), channels-last rows (n * L + l) and the elements of a
+    # sample (channels-last) or of a plane's split in int32: refuse what would wrap (and read or
+    # write out of bounds) with the sizes that allow it; the CUDA ops' limit on L is 2**30 too.
+    if (n * c >= 2**31 or plane > 2**30
+            or (channels_last and (plane * c >= 2**31 or n * plane >= 2**31))):
+        raise RuntimeError(
+            f"normfuse_triton: {what} of shape {tuple(x.shape)} is past the Triton kernels' "
+            f"32-bit indexing (they need N*C < 2**31 and H*W <= 2**30, and channels-last "
+            f"C*H*W < 2**31 and N*H*W < 2**31); use the cuda or torch backend")
     return n, c, plane, channels_last
 
 

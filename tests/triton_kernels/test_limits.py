@@ -34,3 +34,26 @@ def test_assoc_supported_sizes(groups, channels, embed_dim):
 def test_assoc_more_than_64_groups_are_refused():
     with pytest.raises(RuntimeError, match=r"num_groups <= 64, got 65"):
         _run(65, 130, 8)
+
+
+@pytest.mark.parametrize("shape,channels_last", [
+    ((2**21 + 16, 1024), False),             # N*C >= 2**31 (2M tokens x 1024 features)
+    ((2, 3, 2**15 + 1, 2**15), False),       # H*W > 2**30
+    ((2**15 + 1, 4, 256, 256), True),        # channels-last N*H*W >= 2**31
+    ((1, 2**16, 2**8, 2**7), True),          # channels-last C*H*W >= 2**31
+])
+def test_sizes_past_32_bit_indexing_are_refused(monkeypatch, shape, channels_last):
+    """The Triton kernels index in int32: inputs whose indices would wrap are refused with the
+    sizes, before any launch (meta tensors: nothing allocated; the device check is the only
+    one they would fail)."""
+    from normfuse.triton_kernels import runtime
+
+    monkeypatch.setattr(runtime, "check_device", lambda t, what: None)
+    x = torch.empty(shape, dtype=torch.float16, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"past the Triton kernels' 32-bit indexing .* use the "
+                                           r"cuda or torch backend"):
+        runtime.check_input(x)
+    smaller = torch.empty((2, 4, 8, 8), dtype=torch.float16, device="meta")
+    assert runtime.check_input(smaller) == (2, 4, 64, False)
