@@ -18,6 +18,7 @@ ops, portable to ONNX and any runtime without normfuse (``normfuse/export.py``);
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from types import SimpleNamespace
@@ -158,9 +159,23 @@ def _auto(x: torch.Tensor) -> str:
         return "torch"
     # The preference order by device; which backend runs on which input is _runs_on's rule.
     for name in _AUTO_ORDER_CPU if x.is_cpu else _AUTO_ORDER_GPU:
-        if _unavailable_reason(name) is None and _runs_on(name, x):
+        if _unavailable_reason(name) is None and _runs_on(name, x) and (
+                name != "triton" or _triton_indexable(x)):
             return name
     return "torch"
+
+
+def _triton_indexable(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels' int32 indexing covers ``x`` (else ``auto`` passes them by,
+    where an explicit "triton" raises naming the limits); a numel test first, so an input of
+    a billion elements or fewer costs nothing more."""
+    if x.numel() <= 2**30 or x.dim() < 2:
+        return True
+    from ._checks import is_channels_last  # noqa: PLC0415
+    from .triton_kernels.runtime import int32_indexable  # noqa: PLC0415  (imported already:
+    # "triton" is available, so its package was imported to say so)
+    plane = math.prod(x.shape[2:])
+    return int32_indexable(x.shape[0], x.shape[1], plane, plane == 1 or is_channels_last(x))
 
 
 _AUTO_ORDER_CPU = ("cpu",)  # not "triton": on a CPU tensor it is the (slow) interpreter

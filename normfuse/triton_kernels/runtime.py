@@ -95,6 +95,15 @@ def check_device(t: Tensor, what: str) -> None:
         raise RuntimeError(f"normfuse_triton: {what} is on unsupported device {t.device}")
 
 
+def int32_indexable(n: int, c: int, plane: int, channels_last: bool) -> bool:
+    """Whether the kernels' int32 index arithmetic covers an (N, C, plane) input: they index
+    planes (n * C + c), channels-last rows (n * L + l) and the elements of a sample
+    (channels-last) or of a plane's split in int32; past these sizes the indices would wrap and
+    read and write out of bounds.  (The CUDA ops' limit on the plane, 2**30, is the same.)"""
+    return (n * c < 2**31 and plane <= 2**30
+            and not (channels_last and (plane * c >= 2**31 or n * plane >= 2**31)))
+
+
 def check_input(x: Tensor, what: str = "input"):
     """``(N, C, L, channels_last)`` of a layer input (or gradient) the kernels can read."""
     require_tensor(x, what)
@@ -112,11 +121,7 @@ def check_input(x: Tensor, what: str = "input"):
     else:
         raise RuntimeError(f"normfuse_triton: {what} must be contiguous or channels-last, got "
                            f"strides {x.stride()} for shape {tuple(x.shape)}")
-    # The kernels index planes (n * C + c), channels-last rows (n * L + l) and the elements of a
-    # sample (channels-last) or of a plane's split in int32: refuse what would wrap (and read or
-    # write out of bounds) with the sizes that allow it; the CUDA ops' limit on L is 2**30 too.
-    if (n * c >= 2**31 or plane > 2**30
-            or (channels_last and (plane * c >= 2**31 or n * plane >= 2**31))):
+    if not int32_indexable(n, c, plane, channels_last):
         raise RuntimeError(
             f"normfuse_triton: {what} of shape {tuple(x.shape)} is past the Triton kernels' "
             f"32-bit indexing (they need N*C < 2**31 and H*W <= 2**30, and channels-last "

@@ -57,3 +57,19 @@ def test_sizes_past_32_bit_indexing_are_refused(monkeypatch, shape, channels_las
         runtime.check_input(x)
     smaller = torch.empty((2, 4, 8, 8), dtype=torch.float16, device="meta")
     assert runtime.check_input(smaller) == (2, 4, 64, False)
+
+
+def test_auto_passes_triton_by_for_inputs_past_its_indexing(monkeypatch):
+    """``auto`` choosing among the GPU backends, with Triton the one available (no compiled
+    CUDA ops): an input past the Triton kernels' int32 indexing goes to ``torch`` (which
+    resolve_backend reports), a smaller one to ``triton``.  Played on the CPU: the CPU order
+    set to Triton's (the interpreter); the big input is allocated but never touched."""
+    from normfuse import backends
+
+    if "triton" not in normfuse.available_backends():
+        pytest.skip("the triton backend is not available here")
+    monkeypatch.setattr(backends, "_AUTO_ORDER_CPU", ("triton",))
+    big = torch.empty((2**21 + 16, 1024), dtype=torch.float16)  # N*C >= 2**31
+    with normfuse.use_backend("auto"):
+        assert normfuse.resolve_backend(big) == "torch"
+        assert normfuse.resolve_backend(big[:1024]) == "triton"
