@@ -71,14 +71,11 @@ else:
         # normfuse` a missing _C would read "cannot import name '_C' from partially initialized
         # module 'normfuse' (most likely due to a circular import)" through `from . import`.)
         _C = importlib.import_module("normfuse._C")
-    except ModuleNotFoundError as exc:
+    except Exception as exc:  # noqa: BLE001  (not built, undefined symbols, ABI mismatch...)
         _C = None
-        REASON = (f"normfuse._C is not built ({exc}); build it with "
-                  "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
-        CUDA_REASON = REASON
-    except Exception as exc:  # noqa: BLE001  (undefined symbols, ABI mismatch...)
-        _C = None
-        REASON = (f"normfuse._C failed to import ({type(exc).__name__}: {exc}); build it with "
+        what = (f"is not built ({exc})" if isinstance(exc, ModuleNotFoundError)
+                else f"failed to import ({type(exc).__name__}: {exc})")
+        REASON = (f"normfuse._C {what}; build it with "
                   "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
         CUDA_REASON = REASON
 if _C is not None:

@@ -53,9 +53,9 @@ def _model(dtype=torch.float32, seed=0):
     return model
 
 
-def _input(seed, dtype=torch.float32):
+def _input(seed, dtype=torch.float32, shape=SHAPE):
     g = torch.Generator().manual_seed(seed)
-    return (1.5 * torch.randn(SHAPE, generator=g, dtype=dtype) + 0.3).requires_grad_()
+    return (1.5 * torch.randn(shape, generator=g, dtype=dtype) + 0.3).requires_grad_()
 
 
 def _targets(ep):
@@ -281,11 +281,6 @@ def test_onnx_round_trip(route, tmp_path):
                     tmp_path / "model.onnx")
 
 
-def _sized_input(seed, shape):
-    g = torch.Generator().manual_seed(seed)
-    return 1.5 * torch.randn(shape, generator=g) + 0.3
-
-
 # Batch, height and width all dynamic; the other sizes differ in each (and in H * W, the
 # coefficient ops' plane_size: an `int` in their schemas pinned it to the traced 6 x 5).
 DYNAMIC = {"input": {0: Dim("batch", min=2, max=64), 2: Dim("h", min=4, max=64),
@@ -303,7 +298,7 @@ def test_dynamic_shapes(backend, training):
     with normfuse.use_backend(backend):
         ep = torch.export.export(model, (_input(21).detach(),), dynamic_shapes=DYNAMIC)
     module = nfx.portable(ep).module()
-    inputs = [_sized_input(22 + i, shape) for i, shape in enumerate(OTHER_SIZES)]
+    inputs = [_input(22 + i, shape=shape) for i, shape in enumerate(OTHER_SIZES)]
     with torch.no_grad():
         for x in inputs:
             torch.testing.assert_close(module(x), eager(x), **TOL[torch.float32])
@@ -312,7 +307,9 @@ def test_dynamic_shapes(backend, training):
 
 def test_onnx_dynamic_shapes(tmp_path):
     """A portable program with dynamic batch, height and width, through ONNX: onnxruntime
-    matches PyTorch at other sizes."""
+    matches PyTorch at other sizes.  (Not through onnx_round_trip: a dynamic program also holds
+    the size arithmetic of its symbolic shapes, which _assert_portable rightly counts as
+    non-ATen.)"""
     if ONNX_MISSING:
         pytest.skip(f"ONNX export needs {ONNX_MISSING} (pip install -e '.[export]')")
     if "cpu" not in normfuse.available_backends():
@@ -326,7 +323,7 @@ def test_onnx_dynamic_shapes(tmp_path):
     torch.onnx.export(nfx.portable(ep), dynamo=True, verbose=False, f=path)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     for i, shape in enumerate(OTHER_SIZES):
-        x = _sized_input(25 + i, shape)
+        x = _input(25 + i, shape=shape).detach()
         (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-5)

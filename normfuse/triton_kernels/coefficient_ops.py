@@ -20,7 +20,7 @@ def _moment_pair(mean: Tensor, m2: Tensor, plane_size: int):
         raise RuntimeError(f"normfuse_triton: mean must be (N, C) float32/float64, got "
                            f"{tuple(mean.shape)} {mean.dtype}")
     check_device(mean, "mean")
-    if mean.numel() >= 2**31:  # the kernels index (n, c) in int32 (runtime.check_input)
+    if not rt.int32_indexable(*mean.shape, plane=1, channels_last=False):  # (n, c) in int32
         raise RuntimeError(f"normfuse_triton: mean of shape {tuple(mean.shape)} is past the "
                            f"Triton kernels' 32-bit indexing (N*C < 2**31); use the cuda or "
                            f"torch backend")
