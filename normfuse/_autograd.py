@@ -159,6 +159,10 @@ class NormFunction(torch.autograd.Function):
         ops = ops_for(config.backend)
         plane = math.prod(x.shape[2:])
         samples = x.numel() > 0
+        if samples and scale is not None and ops is torch_backend:
+            # The torch backend's ops have no fused mask: each would recompute it (five passes
+            # over x), so mask dy once here and hand both ops the masked gradient.
+            dy, scale, shift = torch_backend.relu_masked(dy, x, mean, scale, shift), None, None
         if samples:
             g1, g2 = ops.backward_sums(dy, x, mean, scale, shift)
         else:

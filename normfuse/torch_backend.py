@@ -49,7 +49,7 @@ def _pre_activation(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Te
     return (x.to(mean.dtype) - _planes(mean, x)) * _planes(scale, x) + _planes(shift, x)
 
 
-def _relu_masked(dy: Tensor, input: Tensor, mean: Tensor, scale, shift) -> Tensor:
+def relu_masked(dy: Tensor, input: Tensor, mean: Tensor, scale, shift) -> Tensor:
     """``dy`` where the forward's pre-activation is > 0, else 0 (ReLU's derivative, 0 at 0 as
     torch's); ``dy`` itself when ``scale``/``shift`` are None (no fused ReLU)."""
     if scale is None and shift is None:
@@ -71,7 +71,7 @@ def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
 
 def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor, scale=None,
                   shift=None) -> tuple[Tensor, Tensor]:
-    dy = _relu_masked(grad_output.to(mean.dtype), input, mean, scale, shift)
+    dy = relu_masked(grad_output.to(mean.dtype), input, mean, scale, shift)
     if dy.dim() == 2:
         return dy.clone(), dy * (input.to(mean.dtype) - mean)
     dims = tuple(range(2, dy.dim()))
@@ -83,7 +83,7 @@ def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tenso
                    c_0: Tensor, scale=None, shift=None) -> Tensor:
     # Only the direct term is masked: c_x and c_0 carry the gradient through the statistics,
     # which every element of the plane feeds, cut by the ReLU or not.
-    dy = _relu_masked(grad_output.to(mean.dtype), input, mean, scale, shift)
+    dy = relu_masked(grad_output.to(mean.dtype), input, mean, scale, shift)
     centred = input.to(mean.dtype) - _planes(mean, dy)
     dx = _planes(c_dy, dy) * dy + _planes(c_x, dy) * centred + _planes(c_0, dy)
     return dx.to(input.dtype)
