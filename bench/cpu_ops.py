@@ -28,6 +28,7 @@ sets larger than twice the last-level cache (at most 8 sets).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -76,22 +77,26 @@ CLOCK = time.thread_time
 
 def measure(fns: Dict[str, Callable[[int], object]], target_s: float, min_reps: int,
             max_reps: int, warmup: int = 3) -> Dict[str, float]:
-    """Median seconds (CLOCK) of each fns[k](i), interleaved round by round."""
+    """Median seconds (CLOCK) of each fns[k](i), interleaved round by round.  ``i`` counts
+    every call, so consecutive calls read consecutive pool slots (bench/timing.py: a shared
+    index per round let every contender but the first find its inputs in cache)."""
     names = list(fns)
-    for i in range(warmup):
+    calls = itertools.count()
+    for _ in range(warmup):
         for k in names:
-            fns[k](i)
+            fns[k](next(calls))
     # rounds: enough for about target_s for the slowest contender
     t0 = time.perf_counter()
     for k in names:
-        fns[k](0)
+        fns[k](next(calls))
     per_round = max(time.perf_counter() - t0, 1e-7)
     reps = int(max(min_reps, min(max_reps, target_s * len(names) / per_round)))
     times: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(reps):
+    for _ in range(reps):
         for k in names:
+            i = next(calls)
             a = CLOCK()
-            fns[k](r)
+            fns[k](i)
             times[k].append(CLOCK() - a)
     return {k: median(v) for k, v in times.items()}
 

@@ -4,10 +4,16 @@
   recorded on the current stream (after warm-up, nothing synchronizes between repetitions, so a
   launch-bound call is charged its launch gaps); on the CPU each repetition is timed with
   ``time.perf_counter``.  The contenders of one case are interleaved (round-robin), so load
-  from other processes on a shared machine hits them alike.  Each callable gets a repetition
-  index and rotates its inputs through a pool big enough to not fit in the last-level cache
-  (``pool_size``); on a GPU, where the pool would still fit in L2, the L2 is flushed before
-  every repetition (outside the timed region).
+  from other processes on a shared machine hits them alike.  Each callable gets an index and
+  rotates its inputs through a pool (``pool_size``: sized to exceed twice the last-level cache,
+  within limits); the index counts every call of the round-robin, so each call reads the slot
+  the call ``pool`` calls before it read, whichever contender it is.  (Handing every contender
+  of a round the same slot let all but the first find their inputs in cache, left by the one
+  before: the first contender was charged the cold reads, up to 1.46x on the CPU.)  On a GPU,
+  where a pool may still fit in L2, the L2 is flushed before every call (outside the timed
+  region), by reading a buffer twice its size, so that no timed call pays for writing back the
+  flush's lines; the host then waits for the flush, so that the call's own launch gaps are
+  timed rather than hidden behind the flush kernel.
 * Saved for backward: the unique storages that autograd packs during a forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` (a tensor saved twice, or two views of one
   storage, count once).
@@ -17,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from statistics import median
@@ -58,7 +65,8 @@ class _L2Flusher:
         self.buf = torch.empty(2 * cache_bytes(device), dtype=torch.uint8, device=device)
 
     def __call__(self):
-        self.buf.zero_()
+        self.buf.sum()  # read, not write: the lines it leaves in L2 are clean
+        torch.cuda.synchronize(self.buf.device)
 
 
 def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *,
@@ -73,22 +81,27 @@ def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *
     through: on a GPU the L2 is flushed before every call when that is under twice the L2 size,
     unless ``flush`` says otherwise.  A callable that raises is reported with its error and left
     out of the following rounds.  Rounds: enough for about ``target_s`` per contender;
-    ``on_round(r, rounds)`` is called after each (CPU only: on a GPU rounds are queued)."""
+    ``on_round(r, rounds)`` is called after each (CPU only: on a GPU rounds are queued).
+    The index a callable gets counts every call made here (warm-up included), not the round:
+    consecutive calls, of whichever contenders, read consecutive pool slots, so every call
+    finds its inputs as long unused as every other (module docstring)."""
     contexts = contexts or [contextlib.nullcontext] * len(fns)
     results: List[dict] = [{"ok": True, "times": []} for _ in fns]
 
-    def run(k, step, i):
-        """``step(k, i)`` in contender k's context, unless k has failed; an exception marks k
+    calls = itertools.count()  # the index handed to the callables (see the docstring)
+
+    def run(k, step, r):
+        """``step(k, r, i)`` in contender k's context, unless k has failed; an exception marks k
         failed (with its message) and leaves it out of the rest."""
         if not results[k]["ok"]:
             return
         try:
             with contexts[k]():
-                step(k, i)
+                step(k, r, next(calls))
         except Exception as exc:
             results[k].update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
 
-    def untimed(k, i):
+    def untimed(k, r, i):
         fns[k](i)
 
     estimate = 0.0
@@ -110,17 +123,17 @@ def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *
         events = {k: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(reps)] for k in live}
 
-        def timed(k, r):  # queued: the events are read after the last round
+        def timed(k, r, i):  # queued: the events are read after the last round
             if flusher is not None:
                 flusher()
             start, end = events[k][r]
             start.record()
-            fns[k](r)
+            fns[k](i)
             end.record()
     else:
-        def timed(k, r):
+        def timed(k, r, i):
             t0 = time.perf_counter()
-            fns[k](r)
+            fns[k](i)
             results[k]["times"].append(time.perf_counter() - t0)
     for r in range(reps):
         for k in live:
