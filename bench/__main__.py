@@ -164,9 +164,10 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous_term)
     report.derive(results["kernels"])
     summary = report.summary_rows(results["kernels"], results["memory"])
-    tg = report.targets(results["kernels"], dev_type) + step50.targets(results["step50"])
+    tg = (report.targets(results["kernels"], dev_type, results["checks"], results["host"])
+          + step50.targets(results["step50"]))
     summary_md = report.summary_markdown(summary, tg, results["e2e"], results["host"],
-                                         results["step50"])
+                                         results["step50"], results["checks"])
     runtime = time.perf_counter() - t_start
     data = dict(results, machine=info, notes=notes, summary=summary, targets=tg,
                 runtime_s=runtime, preset=preset,
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
     for n in notes:
         print(f"Note: {n}")
     print(f"\nWritten to {out_dir}: " + ", ".join(os.path.basename(p) for p in paths))
-    return 0
+    # A contender that computes something else makes the run a failure, not a footnote.
+    return 1 if report.failed_checks(results["checks"]) else 0
 
 
 class _Stopped(BaseException):
@@ -197,11 +199,11 @@ def _stop(signum, frame):
 
 
 def _check_warnings(checks):
-    for c in checks:
-        bad = c.get("max_abs_diff") is None or c["max_abs_diff"] > c.get("tol", 1e-3)
-        if bad:
-            print(f"WARNING: {c['impl']} disagrees with the composition on {c['layer']} "
-                  f"{c['shape']}: {c.get('max_abs_diff', c.get('error'))}", file=sys.stderr)
+    for c in report.failed_checks(checks):
+        print(f"CHECK FAILED: {c['impl']} disagrees with the composition on {c['layer']} "
+              f"{c['shape']} {c['dtype']} {c['format']} ({c['check']}): "
+              f"{c.get('max_abs_diff') if c.get('error') is None else c['error']} "
+              f"(tol {c['tol']:.3g})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def run_kernels(cfg: Config, progress: Progress, out=None) -> Dict[str, list]:
                             mods[impl.name], notes[impl.name] = L.fit_dtype(mod, impl, xs[0])
                         except Exception as exc:
                             notes[impl.name] = _err(exc)
+                    out["checks"] += _check(key, impls, mods, xs[0], dys[0])
                     if fmt == cfg.formats[0] and dtype == cfg.dtypes[0]:
-                        out["checks"] += _check(key, impls, mods, xs[0])
                         out["memory"] += _memory(key, impls, mods, xs[0], dys[0], dev)
                     for direction in DIRECTIONS:
                         timed, cp = _time_all(impls, mods, direction, xs, dys, copy, dev,
@@ -199,30 +199,50 @@ def check_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
     return max(1e-3, 8 * torch.finfo(dtype).eps * scale)
 
 
-def _check(key, impls, mods, x) -> List[dict]:
-    """Forward outputs of every contender against the composition (same parameter values).
-    A difference above ``check_tolerance`` (``tol``) means the contenders do not compute the
-    same layer."""
+def _check(key, impls, mods, x, dy) -> List[dict]:
+    """Every contender against the composition (same parameter values), in every dtype and
+    layout measured: the forward output, and in float32 / float64 also the input gradient for
+    ``dy`` (in float16 / bfloat16 the composition's own backward rounds too coarsely for
+    ``check_tolerance`` to separate a wrong gradient from rounding).  ``agrees``: the difference
+    is within ``tol``; a contender that does not agree does not compute the same layer, and
+    the report says so next to its timings (``report.failed_checks``)."""
     ref_mod = mods.get("composition")
     if ref_mod is None:
         return []
+    ours = [impl for impl in impls if impl.kind in ("normfuse", "compiled") and impl.name in mods]
+    backward = x.dtype in (torch.float32, torch.float64)
     res = []
-    with torch.no_grad():
-        ref = ref_mod(x).float()
-        tol = check_tolerance(x.dtype, ref)
-        for impl in impls:
-            if impl.kind not in ("normfuse", "compiled") or impl.name not in mods:
-                continue
-            try:
-                with impl.context():
-                    y = mods[impl.name](x).float()
-                # a fused layer against the composition followed by a ReLU
-                expected = torch.relu(ref) if impl.relu else ref
-                err = (y - expected).abs().max().item()
-                res.append(dict(key, impl=impl.name, max_abs_diff=err, tol=tol))
-            except Exception as exc:
-                res.append(dict(key, impl=impl.name, max_abs_diff=None, tol=tol,
-                                error=_err(exc)))
+    ref_x = x.detach().requires_grad_(backward)
+    with torch.enable_grad():
+        ref = ref_mod(ref_x)
+    ref_dx = torch.autograd.grad(ref, ref_x, dy)[0].float() if backward else None
+    ref = ref.detach().float()
+    relu_ref = torch.relu(ref)  # a fused layer against the composition followed by a ReLU
+    relu_dx = None
+    if backward and any(impl.relu for impl in ours):
+        with torch.enable_grad():
+            relu_dx = torch.autograd.grad(torch.relu(ref_mod(ref_x)), ref_x, dy)[0].float()
+    for impl in ours:
+        leaf = x.detach().requires_grad_(backward and impl.kind == "normfuse")
+        expected = relu_ref if impl.relu else ref
+        checks = [("fwd", expected, check_tolerance(x.dtype, expected))]
+        if leaf.requires_grad:
+            want = relu_dx if impl.relu else ref_dx
+            checks.append(("bwd dx", want, check_tolerance(x.dtype, want)))
+        try:
+            with impl.context(), torch.set_grad_enabled(leaf.requires_grad):
+                y = mods[impl.name](leaf)
+                got = {"fwd": y.detach().float()}
+                if leaf.requires_grad:
+                    got["bwd dx"] = torch.autograd.grad(y, leaf, dy)[0].float()
+            for what, want, tol in checks:
+                err = (got[what] - want).abs().max().item()
+                res.append(dict(key, impl=impl.name, check=what, max_abs_diff=err, tol=tol,
+                                agrees=bool(err <= tol)))
+        except Exception as exc:
+            for what, _, tol in checks:
+                res.append(dict(key, impl=impl.name, check=what, max_abs_diff=None, tol=tol,
+                                agrees=False, error=_err(exc)))
     return res
 
 
