@@ -33,6 +33,10 @@ from .coefficients.ilm import ilm_coefficients, ilm_coefficients_backward
 
 # Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
 _BATCH_LAYERS = ("bin", "iebn")
+# The backends whose op namespace holds ILM-Norm's coefficient ops: "torch" (the reference itself)
+# and "cpu" (the C++ kernels). "triton" has no ILM kernel yet, nor has "cuda" (its namespace,
+# torch.ops.normfuse, has the ops with only a CPU kernel): both call the reference directly.
+_ILM_OPS = ("torch", "cpu")
 # Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
 _REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),
               "iebn": (iebn_coefficients, iebn_coefficients_backward)}
@@ -76,8 +80,9 @@ def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_va
         op = getattr(ops, f"{layer}_coefficients")
         return op(mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.momentum, config.eps, num_batches_tracked)
-    if layer == "ilm":  # the PyTorch-ops reference on every backend (no kernel yet)
-        return ilm_coefficients(mean, m2, plane, config.num_groups, *params, config.eps)
+    if layer == "ilm":
+        op = ops.ilm_coefficients if config.backend in _ILM_OPS else ilm_coefficients
+        return op(mean, m2, plane, config.num_groups, *params, config.eps)
     return ops.assoc_coefficients(mean, m2, plane, config.num_groups, *params, config.eps)
 
 
@@ -93,8 +98,9 @@ def _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params, running
         return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.eps)
     if layer == "ilm":
-        return ilm_coefficients_backward(g1, g2, mean, m2, plane, config.num_groups, *params,
-                                         config.eps)
+        op = (ops.ilm_coefficients_backward if config.backend in _ILM_OPS
+              else ilm_coefficients_backward)
+        return op(g1, g2, mean, m2, plane, config.num_groups, *params, config.eps)
     return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, config.num_groups, *params,
                                            config.eps)
 

@@ -1,9 +1,9 @@
 // CPU coefficient ops (docs/architecture.md; entry points in common/coefficient_ops.h): checks and
-// outputs from common/coefficients_glue.h, then the kernels (coefficients_{batch,assoc,ilm}_impl.h,
-// vectorised over channels (ILM-Norm: scalar loops in double), AVX2 or portable build:
-// coefficients_kernels.h). The formulas are
-// those of common/coefficients.h, shared with the CUDA kernels. Arithmetic in the statistics'
-// dtype (float32 or float64).
+// outputs from common/coefficients_glue.h, then the kernels (coefficients_{batch,assoc,ilm}_impl.h;
+// AVX2 or portable build: coefficients_kernels.h). The formulas are those of
+// common/coefficients{,_ilm}.h, shared with the CUDA kernels. BIN, IEBN and AssocNorm: vectorised
+// over channels, arithmetic in the statistics' dtype (float32 or float64); ILM-Norm: scalar loops
+// in double per sample.
 #include <torch/library.h>
 
 #include "common/coefficient_ops.h"
