@@ -5,9 +5,10 @@ Backward: ``backward_sums``, the layer's coefficient backward op, ``backward_app
 Only the input and O(N*C) statistics are saved.  The ops come from the backend in use
 (``normfuse.backends``); which layer runs is only which coefficient op is called.
 
-ILM-Norm's coefficient step has no kernel yet on any backend: every backend runs the four
-generic kernels and, between them, the PyTorch-ops reference ``coefficients.ilm`` (forward and
-hand-written backward) on the O(N*C) statistics (docs/architecture.md, "ILM-Norm").
+ILM-Norm's coefficient step is a kernel on the "cpu" backend only
+(``torch.ops.normfuse.ilm_coefficients[_backward]``); the "cuda" and "triton" backends run their
+four generic kernels and, between them, the PyTorch-ops reference ``coefficients.ilm`` (forward
+and hand-written backward) on the O(N*C) statistics (docs/architecture.md, "ILM-Norm").
 
 Two carriers of that pipeline, with the same ops in the same order: ``NormFunction``, one
 ``torch.autograd.Function`` for every layer and backend; and, for BIN, IEBN and AssocNorm on the
@@ -323,7 +324,7 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                 and not torch.compiler.is_compiling() and _forward_ad._current_level < 0
                 and not _functorch_active()):
             fused = _FUSED if _FUSED is not None else _fused_ops()
-            op = fused.get(layer)  # None for ILM-Norm (no kernel for its coefficient step yet)
+            op = fused.get(layer)  # None for ILM-Norm (no whole-layer op)
         if op is not None:
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)
