@@ -34,9 +34,10 @@ from .coefficients.ilm import ilm_coefficients, ilm_coefficients_backward
 
 # Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
 _BATCH_LAYERS = ("bin", "iebn")
-# The backends whose op namespace holds ILM-Norm's coefficient ops: "torch" (the reference itself)
-# and "cpu" (the C++ kernels). "triton" has no ILM kernel yet, nor has "cuda" (its namespace,
-# torch.ops.normfuse, has the ops with only a CPU kernel): both call the reference directly.
+# The backends whose ILM-Norm coefficient ops the layers call: "torch" (the reference itself) and
+# "cpu" (the C++ kernels). "triton" has no ILM kernel yet and calls the reference directly; so
+# does "cuda" until its kernels (kernels/coefficients_ilm.cuh, tested on the CPU shim only so
+# far) pass tests/csrc/test_ilm_coefficients.py's GPU tests: then add "cuda" here.
 _ILM_OPS = ("torch", "cpu")
 # Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
 _REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),

@@ -138,8 +138,8 @@ struct CoefficientOps {
     m.impl("assoc_coefficients_backward", &assoc_coefficients_backward);
   }
 
-  // The ILM-Norm ops, for the devices that have their kernels (the CPU so far; CUDA calls the
-  // PyTorch-ops reference, normfuse/_autograd.py).
+  // The ILM-Norm ops (CPU and CUDA kernels; apart from register_all so that a device can have
+  // the other layers' kernels without these).
   static void register_ilm(torch::Library& m) {
     m.impl("ilm_coefficients", &ilm_coefficients);
     m.impl("ilm_coefficients_backward", &ilm_coefficients_backward);

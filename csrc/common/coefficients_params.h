@@ -126,9 +126,24 @@ struct IlmCoefParams {
   double eps = 1e-5;
   int threads = 0;
 
+  // CUDA backward only, as AssocCoefParams: N * partials_per_sample() floats of per-sample
+  // parameter-gradient partials, and N arrival counters, zero on entry and left zero
+  // (kernels/coefficients_ilm.cuh).
+  S* workspace = nullptr;
+  int* counters = nullptr;
+
   NF_COEF_HD int64_t per_group() const { return C / G; }
   NF_COEF_HD int64_t per_key() const { return C / K; }
+  // Gradient partials of one sample: weight (C), bias (C), encoder (E K), two decoders (K E).
+  NF_COEF_HD int64_t partials_per_sample() const { return 2 * C + 3 * E * K; }
 };
+
+// Shared memory (floats) of one sample's block in the CUDA ILM-Norm kernels
+// (kernels/coefficients_ilm.cuh: ilm_smem lays it out); the glue checks it against the device's
+// limit before launching.
+NF_COEF_HD size_t ilm_smem_floats(int64_t G, int64_t K, int64_t E, bool backward) {
+  return static_cast<size_t>(6 * K + 3 * G + 2 * E + (backward ? 4 * K + 2 * G + 2 * E + 1 : 0));
+}
 
 // Shared memory (floats) of one sample's block in the CUDA AssocNorm kernels
 // (kernels/coefficients_assoc.cuh: assoc_smem lays it out); the glue checks it against the

@@ -302,3 +302,51 @@ def test_module_gradcheck_float64_cpu_backend():
                                                     "weight", "bias"]
     with normfuse.use_backend("cpu"):
         assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# ---- CUDA kernels (kernels/coefficients_ilm.cuh; skipped without a GPU) --------------------------
+# The shim runs the same kernels on the CPU under TSAN / ASAN (tests/csrc/test_coefficients_shim.py);
+# these check the glue and the real device. The layers do not call them yet (normfuse/_autograd.py,
+# _ILM_OPS): add "cuda" there once these pass on a GPU.
+HAS_GPU = _extension.HAS_CUDA_KERNELS and torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU and the CUDA kernels")
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_cuda_matches_reference(shape):
+    t = make_inputs(*shape, seed=21 + sum(shape))
+    t = {k: v.float().double() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+    cuda = {k: v.float().cuda() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+    got = dict(zip(FORWARD_OUT, OPS.ilm_coefficients(*_args(cuda, torch.float32))))
+    back = OPS.ilm_coefficients_backward(*_args(cuda, torch.float32, backward=True))
+    again = OPS.ilm_coefficients_backward(*_args(cuda, torch.float32, backward=True))
+    got.update(zip(BACKWARD_OUT, back))
+    want = _reference(t)
+    for name, ref in want.items():
+        assert got[name].is_cuda
+        assert_close(got[name].cpu(), ref, 2e-5, f"cuda {name} {shape}")
+    for name, a, b in zip(BACKWARD_OUT, back, again):
+        assert torch.equal(a, b), f"cuda {name}: two calls differ"
+
+
+@needs_gpu
+def test_cuda_opcheck_and_refusals():
+    t = {k: v.float().cuda() if isinstance(v, torch.Tensor) else v
+         for k, v in make_inputs(*SHAPES[0], seed=5).items()}
+    torch.library.opcheck(OPS.ilm_coefficients.default, tuple(_args(t, torch.float32)))
+    torch.library.opcheck(OPS.ilm_coefficients_backward.default,
+                          tuple(_args(t, torch.float32, backward=True)))
+    with pytest.raises(RuntimeError, match="CUDA kernels take float32 statistics"):
+        OPS.ilm_coefficients(*_args(t, F64))
+    big = dict(t, encoder=torch.randn(4096, 12, device="cuda"),
+               decoder_weight=torch.randn(12, 4096, device="cuda"),
+               decoder_bias=torch.randn(12, 4096, device="cuda"))
+    big_g = dict(t, mean=torch.randn(2, 1 << 16, device="cuda"), m2=torch.rand(2, 1 << 16, device="cuda"),
+                 weight=torch.randn(1 << 16, device="cuda"), bias=torch.randn(1 << 16, device="cuda"),
+                 num_groups=1 << 15, encoder=torch.randn(2, 1 << 15, device="cuda"),
+                 decoder_weight=torch.randn(1 << 15, 2, device="cuda"),
+                 decoder_bias=torch.randn(1 << 15, 2, device="cuda"))
+    OPS.ilm_coefficients(*_args(big, torch.float32))  # E = 4096: 34 KB of shared memory, fine
+    with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
+        OPS.ilm_coefficients(*_args(big_g, torch.float32))
