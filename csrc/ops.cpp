@@ -56,6 +56,20 @@ TORCH_LIBRARY(normfuse, m) {
       "Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
       "Tensor grad_encoder, Tensor grad_decoder_mean, Tensor grad_decoder_var, "
       "Tensor grad_weight, Tensor grad_bias)");
+  // ILM-Norm: K = encoder.shape[1] key groups feed the meta network, num_groups groups normalise
+  // (normfuse/coefficients/ilm.py). Kernels: CPU (cpu/coefficients_ilm_impl.h), CUDA
+  // (kernels/coefficients_ilm.cuh; the cuda backend's layers call them once verified on a GPU,
+  // normfuse/_autograd.py _ILM_OPS).
+  m.def(
+      "ilm_coefficients(Tensor mean, Tensor m2, SymInt plane_size, int num_groups, Tensor encoder, "
+      "Tensor decoder_weight, Tensor decoder_bias, Tensor weight, Tensor bias, float eps) "
+      "-> (Tensor scale, Tensor shift)");
+  m.def(
+      "ilm_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
+      "SymInt plane_size, int num_groups, Tensor encoder, Tensor decoder_weight, Tensor decoder_bias, "
+      "Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, Tensor c_x, Tensor c_0, "
+      "Tensor grad_encoder, Tensor grad_decoder_weight, Tensor grad_decoder_bias, "
+      "Tensor grad_weight, Tensor grad_bias)");
 
   // A BIN / IEBN layer's reduction and coefficient step as one op per direction (what the whole-layer
   // ops call): moments then <layer>_coefficients, and backward_sums then

@@ -5,9 +5,10 @@ Backward: ``backward_sums``, the layer's coefficient backward op, ``backward_app
 Only the input and O(N*C) statistics are saved.  The ops come from the backend in use
 (``normfuse.backends``); which layer runs is only which coefficient op is called.
 
-ILM-Norm's coefficient step has no kernel yet on any backend: every backend runs the four
-generic kernels and, between them, the PyTorch-ops reference ``coefficients.ilm`` (forward and
-hand-written backward) on the O(N*C) statistics (docs/architecture.md, "ILM-Norm").
+ILM-Norm's coefficient step is a kernel on the "cpu" backend only
+(``torch.ops.normfuse.ilm_coefficients[_backward]``); the "cuda" and "triton" backends run their
+four generic kernels and, between them, the PyTorch-ops reference ``coefficients.ilm`` (forward
+and hand-written backward) on the O(N*C) statistics (docs/architecture.md, "ILM-Norm").
 
 Two carriers of that pipeline, with the same ops in the same order: ``NormFunction``, one
 ``torch.autograd.Function`` for every layer and backend; and, for BIN, IEBN and AssocNorm on the
@@ -33,6 +34,11 @@ from .coefficients.ilm import ilm_coefficients, ilm_coefficients_backward
 
 # Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
 _BATCH_LAYERS = ("bin", "iebn")
+# The backends whose ILM-Norm coefficient ops the layers call: "torch" (the reference itself) and
+# "cpu" (the C++ kernels). "triton" has no ILM kernel yet and calls the reference directly; so
+# does "cuda" until its kernels (kernels/coefficients_ilm.cuh, tested on the CPU shim only so
+# far) pass tests/csrc/test_ilm_coefficients.py's GPU tests: then add "cuda" here.
+_ILM_OPS = ("torch", "cpu")
 # Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
 _REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),
               "iebn": (iebn_coefficients, iebn_coefficients_backward)}
@@ -76,8 +82,9 @@ def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_va
         op = getattr(ops, f"{layer}_coefficients")
         return op(mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.momentum, config.eps, num_batches_tracked)
-    if layer == "ilm":  # the PyTorch-ops reference on every backend (no kernel yet)
-        return ilm_coefficients(mean, m2, plane, config.num_groups, *params, config.eps)
+    if layer == "ilm":
+        op = ops.ilm_coefficients if config.backend in _ILM_OPS else ilm_coefficients
+        return op(mean, m2, plane, config.num_groups, *params, config.eps)
     return ops.assoc_coefficients(mean, m2, plane, config.num_groups, *params, config.eps)
 
 
@@ -93,8 +100,9 @@ def _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params, running
         return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.eps)
     if layer == "ilm":
-        return ilm_coefficients_backward(g1, g2, mean, m2, plane, config.num_groups, *params,
-                                         config.eps)
+        op = (ops.ilm_coefficients_backward if config.backend in _ILM_OPS
+              else ilm_coefficients_backward)
+        return op(g1, g2, mean, m2, plane, config.num_groups, *params, config.eps)
     return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, config.num_groups, *params,
                                            config.eps)
 
@@ -317,7 +325,7 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                 and not torch.compiler.is_compiling() and _forward_ad._current_level < 0
                 and not _functorch_active()):
             fused = _FUSED if _FUSED is not None else _fused_ops()
-            op = fused.get(layer)  # None for ILM-Norm (no kernel for its coefficient step yet)
+            op = fused.get(layer)  # None for ILM-Norm (no whole-layer op)
         if op is not None:
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)

@@ -26,6 +26,8 @@ OP_NAMES = (
     "iebn_coefficients_backward",
     "assoc_coefficients",
     "assoc_coefficients_backward",
+    "ilm_coefficients",
+    "ilm_coefficients_backward",
     # the BIN / IEBN layer steps the whole-layer ops call (csrc/layer_steps.cpp)
     "bin_moments_coefficients",
     "iebn_moments_coefficients",
@@ -176,6 +178,20 @@ def _assoc_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, e
             _param_grad(decoder_mean, mean), _param_grad(decoder_var, mean), _param_grad(weight, mean),
             _param_grad(bias, mean))
 
+def _ilm_fake(mean, m2, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias, eps):
+    _same_device("ilm_coefficients", {"mean": mean}, m2=m2, encoder=encoder, decoder_weight=decoder_weight,
+                 decoder_bias=decoder_bias, weight=weight, bias=bias)
+    return _stats_like(mean), _stats_like(mean)
+
+def _ilm_backward_fake(sum_dy, sum_dy_xmu, mean, m2, plane_size, num_groups, encoder, decoder_weight, decoder_bias,
+                       weight, bias, eps):
+    _same_device("ilm_coefficients_backward", {"mean": mean}, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, m2=m2,
+                 encoder=encoder, decoder_weight=decoder_weight, decoder_bias=decoder_bias, weight=weight,
+                 bias=bias)
+    return (_stats_like(mean), _stats_like(mean), _stats_like(mean), _param_grad(encoder, mean),
+            _param_grad(decoder_weight, mean), _param_grad(decoder_bias, mean), _param_grad(weight, mean),
+            _param_grad(bias, mean))
+
 def _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps,
                    num_batches_tracked=None, op="bin_moments_coefficients"):
     _same_device(op, {"input": x}, gate=gate, weight=weight, bias=bias,
@@ -237,6 +253,8 @@ FAKES = {
     "iebn_coefficients_backward": _iebn_backward_fake,
     "assoc_coefficients": _assoc_fake,
     "assoc_coefficients_backward": _assoc_backward_fake,
+    "ilm_coefficients": _ilm_fake,
+    "ilm_coefficients_backward": _ilm_backward_fake,
     "bin_moments_coefficients": _bin_step_fake,
     "iebn_moments_coefficients": _iebn_step_fake,
     "bin_sums_coefficients_backward": _bin_step_backward_fake,

@@ -30,7 +30,8 @@ import torch
 from . import torch_backend
 
 NAMESPACES = ("normfuse", "normfuse_triton")
-_OP_NAMES = tuple(torch_backend.__all__)
+# every op any namespace may hold (the ILM ops only the C++ one so far: torch_backend.ILM_OP_NAMES)
+_OP_NAMES = tuple(torch_backend.__all__) + torch_backend.ILM_OP_NAMES
 _CIA = torch._C.DispatchKey.CompositeImplicitAutograd
 
 

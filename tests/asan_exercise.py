@@ -197,6 +197,24 @@ def assoc_case(n, c, g, m, plane, a, seed):
     assert out[3].shape == enc.shape and out[4].shape == dm.shape and out[6].shape == (c,)
 
 
+def ilm_case(n, c, g, k, e, plane, a, seed):
+    """ILM-Norm: G groups and K key groups (need not nest), meta network of E hidden units."""
+    global COUNT
+    ops = torch.ops.normfuse
+    mean, m2, s1, s2 = stats(n, c, a, seed, plane)
+    gen = torch.Generator().manual_seed(seed + 9)
+    enc = torch.randn(e, k, generator=gen, dtype=F64).to(a)
+    dw = torch.randn(k, e, generator=gen, dtype=F64).to(a)
+    db = torch.randn(k, e, generator=gen, dtype=F64).to(a)
+    w, b = vec(c, a, seed + 1, 1.0), vec(c, a, seed + 2)
+    scale, shift = ops.ilm_coefficients(mean, m2, plane, g, enc, dw, db, w, b, 1e-5)
+    out = ops.ilm_coefficients_backward(s1, s2, mean, m2, plane, g, enc, dw, db, w, b, 1e-5)
+    COUNT += 2
+    for t in (scale, shift, *out):
+        assert torch.isfinite(t).all(), f"ilm non-finite n={n} c={c} g={g} k={k} e={e}"
+    assert out[3].shape == enc.shape and out[4].shape == dw.shape and out[6].shape == (c,)
+
+
 def mode_ops():
     seed = 0
     # ranks 2..5, N/C/L of 1, primes, sizes around the vector width (4/8/16), the 512-element
@@ -225,6 +243,13 @@ def mode_ops():
                                   (5, 12, 1, 2, 1), (2, 128, 32, 16, 9), (9000, 2, 1, 1, 2)]:
             seed += 1
             assoc_case(n, c, g, m, plane, a, seed)
+        # ILM: key groups straddling groups, one sample, plane size 1, K > E and E > K, a
+        # channel count past the backward's 256-channel tile, a batch at::parallel_for splits
+        for n, c, g, k, e, plane in [(4, 12, 4, 3, 2, 5), (1, 8, 2, 4, 3, 2), (2, 64, 16, 4, 2, 1),
+                                     (3, 10, 5, 5, 1, 3), (2, 6, 1, 2, 7, 2), (2, 300, 6, 20, 3, 2),
+                                     (2000, 4, 2, 2, 2, 3)]:
+            seed += 1
+            ilm_case(n, c, g, k, e, plane, a, seed)
 
 
 def expect_error(fn, what):
@@ -295,6 +320,15 @@ def mode_rejects():
                                                 w3, b3, 1e-5), "decoder shape")
     expect_error(lambda: ops.assoc_coefficients_backward(st, st, mean, m2, 20, 3, enc, dec, dec,
                                                          torch.ones(2), b3, 1e-5), "weight shape")
+    expect_error(lambda: ops.ilm_coefficients(mean, m2, 20, 3, torch.ones(1, 2), dec[:2], dec[:2],
+                                              w3, b3, 1e-5), "key groups do not divide")
+    expect_error(lambda: ops.ilm_coefficients(mean, m2, 1, 3, enc, dec, dec, w3, b3, 1e-5),
+                 "one value per group")
+    expect_error(lambda: ops.ilm_coefficients(mean, m2, 20, 3, torch.ones(0, 3),
+                                              torch.zeros(3, 0), torch.zeros(3, 0), w3, b3,
+                                              1e-5), "E = 0")
+    expect_error(lambda: ops.ilm_coefficients_backward(st, st, mean, m2, 20, 3, enc, dec, dec,
+                                                       torch.ones(2), b3, 1e-5), "ilm weight shape")
 
 
 def mode_degenerate():
@@ -334,6 +368,12 @@ def mode_degenerate():
             for t in out[3:]:
                 assert torch.equal(t, torch.zeros_like(t)), \
                     f"assoc backward: parameter gradient of an empty batch must be 0 (n={n}, c={c})"
+            if c > 0:  # ILM refuses C = 0 (no value per group); N = 0 returns zero gradients
+                ops.ilm_coefficients(st, st, 4, 1, enc, dec, dec, p, p, 1e-5)
+                out = ops.ilm_coefficients_backward(st, st, st, st, 4, 1, enc, dec, dec, p, p, 1e-5)
+                COUNT += 2
+                for t in out[3:]:
+                    assert torch.equal(t, torch.zeros_like(t)), "ilm: empty batch gradient != 0"
 
 
 def mode_assoc_c0():

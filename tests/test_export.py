@@ -152,7 +152,8 @@ def test_portable_matches_eager(backend, training):
         if backend == "cpu":  # the program holds our ops: the decomposition has work to do
             assert nfx.normfuse_ops(ep) == sorted(
                 f"normfuse::{n}" for n in ("moments", "affine_apply", "bin_coefficients",
-                                           "iebn_coefficients", "assoc_coefficients"))
+                                           "iebn_coefficients", "assoc_coefficients",
+                                           "ilm_coefficients"))
         portable = nfx.portable(ep)
         _assert_portable(portable)
         mutated = {s.target for s in portable.graph_signature.output_specs
@@ -183,10 +184,11 @@ def test_decompositions_are_the_torch_backend():
         assert fn is getattr(torch_backend, name)
         by_namespace.setdefault(op.namespace, set()).add(name)
     expected = set(torch_backend.__all__)
-    if "cpu" in normfuse.available_backends():
-        assert by_namespace["normfuse"] == expected
+    if "cpu" in normfuse.available_backends():  # ILM's ops: so far in the C++ namespace only
+        assert by_namespace["normfuse"] == expected | set(torch_backend.ILM_OP_NAMES)
     if normfuse.backends._triton()[0] is not None:  # normfuse.triton_kernels imports here
-        assert by_namespace["normfuse_triton"] == expected
+        ilm = {n for n in torch_backend.ILM_OP_NAMES if hasattr(torch.ops.normfuse_triton, n)}
+        assert by_namespace["normfuse_triton"] == expected | ilm
 
 
 @pytest.mark.skipif("cpu" not in normfuse.available_backends(),

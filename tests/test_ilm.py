@@ -3,8 +3,10 @@
 re-creation of the authors' layer with their parameter names (``_AuthorsILMgn``).
 
 Every test that takes the ``backend`` fixture runs once per available backend: the generic
-kernels (moments, apply, backward sums, backward apply) are the backend's, the coefficient step
-is the PyTorch-ops reference ``normfuse.coefficients.ilm`` on all of them.
+kernels (moments, apply, backward sums, backward apply) are the backend's; the coefficient step
+is the C++ ops ``torch.ops.normfuse.ilm_coefficients[_backward]`` on the "cpu" backend and the
+PyTorch-ops reference ``normfuse.coefficients.ilm`` on the others
+(tests/csrc/test_ilm_coefficients.py tests the ops themselves).
 """
 from __future__ import annotations
 
@@ -421,8 +423,10 @@ def test_nan_inf_stays_in_its_sample(nf, backend, device, seed, poison):
 
 # -------------------------------------------------------------------------- which kernels run
 def test_generic_kernels_come_from_the_backend(nf, backend, device, seed, monkeypatch):
-    """The four full-size steps are the backend's ops; only the coefficient step is the
-    reference (no ILM coefficient op exists in any backend namespace yet)."""
+    """The four full-size steps are the backend's ops, and so is the coefficient step where the
+    backend's namespace has ILM's ops ("torch": the reference; "cpu": the C++ kernels); on
+    "cuda" and "triton" (no ILM kernel yet) the coefficient step is the reference, called
+    directly."""
     from normfuse import _autograd
 
     used = []
@@ -440,7 +444,11 @@ def test_generic_kernels_come_from_the_backend(nf, backend, device, seed, monkey
     m = prepare(make_ilm(nf, 8, 4, 2), seed, device)
     x = make_input((2, 8, 3, 3), seed, torch.float32, device).requires_grad_()
     m(x).sum().backward()
-    assert used == ["moments", "affine_apply", "backward_sums", "backward_apply"]
+    if backend in ("torch", "cpu"):
+        assert used == ["moments", "ilm_coefficients", "affine_apply", "backward_sums",
+                        "ilm_coefficients_backward", "backward_apply"]
+    else:
+        assert used == ["moments", "affine_apply", "backward_sums", "backward_apply"]
     assert nf.resolve_backend(x) == backend
 
 

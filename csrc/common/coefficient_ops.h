@@ -1,7 +1,7 @@
-// The six coefficient ops' entry points (schemas in csrc/ops.cpp), written once for every device:
+// The coefficient ops' entry points (schemas in csrc/ops.cpp), written once for every device:
 // the argument checks and the params struct (common/coefficients_glue.h) are called here, in one
 // order for every device. A device (cpu/coefficient_ops_cpu.cpp, cuda/coefficients_glue.cpp)
-// supplies five steps:
+// supplies these steps:
 //
 //   dispatch(op, mean, m2, f)             its own checks of the statistics, then f(S{}) with S
 //                                         the C++ type of the params (CPU: float or double; CUDA:
@@ -10,6 +10,8 @@
 //   batch_backward(op, p, mean, iebn)     -> BackwardOutputs
 //   assoc_forward(op, p, mean)            -> ForwardOutputs   p: AssocCoefParams<S>, checked
 //   assoc_backward(op, p, mean)           -> BackwardOutputs
+//   ilm_forward(op, p, mean)              -> ForwardOutputs   p: IlmCoefParams<S>, checked
+//   ilm_backward(op, p, mean)             -> BackwardOutputs  (only devices that call register_ilm)
 //
 // A step gets the params with every argument checked and every input pointer set; it allocates the
 // outputs (forward_outputs / backward_outputs) and runs its kernel. `op` is the op's name, for
@@ -98,6 +100,35 @@ struct CoefficientOps {
     return {o.c_dy, o.c_x, o.c_0, o.grads[0], o.grads[1], o.grads[2], o.grads[3], o.grads[4]};
   }
 
+  static Tensors2 ilm_coefficients(const Tensor& mean, const Tensor& m2, int64_t plane_size, int64_t num_groups,
+                                   const Tensor& encoder, const Tensor& decoder_weight, const Tensor& decoder_bias,
+                                   const Tensor& weight, const Tensor& bias, double eps) {
+    const char* op = "ilm_coefficients";
+    ForwardOutputs o;
+    Device::dispatch(op, mean, m2, [&](auto tag) {
+      auto p = ilm_params<decltype(tag)>(op, mean, m2, plane_size, num_groups, encoder, decoder_weight, decoder_bias,
+                                         weight, bias, eps);
+      o = Device::ilm_forward(op, p, mean);
+    });
+    return {o.scale, o.shift};
+  }
+
+  static Tensors8 ilm_coefficients_backward(const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& mean,
+                                            const Tensor& m2, int64_t plane_size, int64_t num_groups,
+                                            const Tensor& encoder, const Tensor& decoder_weight,
+                                            const Tensor& decoder_bias, const Tensor& weight, const Tensor& bias,
+                                            double eps) {
+    const char* op = "ilm_coefficients_backward";
+    BackwardOutputs o;
+    Device::dispatch(op, mean, m2, [&](auto tag) {
+      auto p = ilm_params<decltype(tag)>(op, mean, m2, plane_size, num_groups, encoder, decoder_weight, decoder_bias,
+                                         weight, bias, eps);
+      set_gradient_sums(p, op, sum_dy, sum_dy_xmu, mean);
+      o = Device::ilm_backward(op, p, mean);
+    });
+    return {o.c_dy, o.c_x, o.c_0, o.grads[0], o.grads[1], o.grads[2], o.grads[3], o.grads[4]};
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("bin_coefficients", &bin_coefficients);
     m.impl("bin_coefficients_backward", &bin_coefficients_backward);
@@ -105,6 +136,13 @@ struct CoefficientOps {
     m.impl("iebn_coefficients_backward", &iebn_coefficients_backward);
     m.impl("assoc_coefficients", &assoc_coefficients);
     m.impl("assoc_coefficients_backward", &assoc_coefficients_backward);
+  }
+
+  // The ILM-Norm ops (CPU and CUDA kernels; apart from register_all so that a device can have
+  // the other layers' kernels without these).
+  static void register_ilm(torch::Library& m) {
+    m.impl("ilm_coefficients", &ilm_coefficients);
+    m.impl("ilm_coefficients_backward", &ilm_coefficients_backward);
   }
 
  private:

@@ -70,7 +70,7 @@ inline void check_plane_size(const char* op, int64_t plane_size) {
 }
 
 // What every layer's params hold first: the checked statistics (mean, m2: (N, C)) and plane size.
-// `P`: BatchCoefParams or AssocCoefParams.
+// `P`: BatchCoefParams, AssocCoefParams or IlmCoefParams.
 template <template <class> class P, class S>
 P<S> stats_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size) {
   const auto [N, C] = check_stats(op, mean, m2);
@@ -142,8 +142,8 @@ void set_batch_counter(nf::BatchCoefParams<S>& p, const char* op, const OptTenso
   p.num_batches_tracked = t.data_ptr<int64_t>();
 }
 
-// Backward addition of every layer: the two gradient sums. `P`: BatchCoefParams<S> or
-// AssocCoefParams<S>.
+// Backward addition of every layer: the two gradient sums. `P`: BatchCoefParams<S>,
+// AssocCoefParams<S> or IlmCoefParams<S>.
 template <class P>
 void set_gradient_sums(P& p, const char* op, const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& mean) {
   using S = std::remove_const_t<std::remove_pointer_t<decltype(p.mean)>>;
@@ -182,6 +182,39 @@ nf::AssocCoefParams<S> assoc_params(const char* op, const Tensor& mean, const Te
   return p;
 }
 
+// ILM-Norm: G groups and K = encoder.shape[1] key groups, both dividing C, and a meta network of
+// E = encoder.shape[0] hidden units. The unbiased variances need more than one value per group
+// and per key group: refused here as normfuse/coefficients/ilm.py refuses them (the kernels
+// would divide by n - 1 = 0).
+template <class S>
+nf::IlmCoefParams<S> ilm_params(const char* op, const Tensor& mean, const Tensor& m2, int64_t plane_size,
+                                int64_t num_groups, const Tensor& encoder, const Tensor& decoder_weight,
+                                const Tensor& decoder_bias, const Tensor& weight, const Tensor& bias, double eps) {
+  auto p = stats_params<nf::IlmCoefParams, S>(op, mean, m2, plane_size);
+  TORCH_CHECK(num_groups >= 1 && p.C % num_groups == 0, "normfuse.", op, ": num_groups (", num_groups,
+              ") must be >= 1 and divide the number of channels (", p.C, ")");
+  TORCH_CHECK(encoder.dim() == 2 && encoder.size(0) >= 1 && encoder.size(1) >= 1 && p.C % encoder.size(1) == 0,
+              "normfuse.", op, ": encoder must be (E, K) with E >= 1 and K (the key-group count) >= 1 dividing ",
+              "the number of channels (", p.C, "), got ", encoder.sizes());
+  p.G = num_groups;
+  p.K = encoder.size(1);
+  p.E = encoder.size(0);
+  // key groups first, as ilm.py checks them
+  const std::pair<const char*, int64_t> counts[] = {{"key group", p.per_key() * plane_size},
+                                                    {"group", p.per_group() * plane_size}};
+  for (const auto& [what, count] : counts)
+    TORCH_CHECK(count > 1, "normfuse.", op, ": the unbiased variance needs more than one value per ", what,
+                ", got ", count, " (C = ", p.C, ", num_groups = ", p.G, ", K = ", p.K, ", plane_size = ", plane_size,
+                ")");
+  p.encoder = param_ptr<S>(op, "encoder", encoder, {p.E, p.K}, mean);
+  p.decoder_weight = param_ptr<S>(op, "decoder_weight", decoder_weight, {p.K, p.E}, mean);
+  p.decoder_bias = param_ptr<S>(op, "decoder_bias", decoder_bias, {p.K, p.E}, mean);
+  p.weight = param_ptr<S>(op, "weight", weight, {p.C}, mean);
+  p.bias = param_ptr<S>(op, "bias", bias, {p.C}, mean);
+  p.eps = eps;
+  return p;
+}
+
 inline Tensor empty_stats(const Tensor& mean) { return nf_glue::empty_dense(mean.sizes(), mean.scalar_type(), mean); }
 
 // Parameter gradients: zeros when there is no sample to sum over (N == 0: nothing runs).
@@ -195,7 +228,7 @@ struct ForwardOutputs {
   Tensor scale, shift;
 };
 
-// `P`: BatchCoefParams<S> or AssocCoefParams<S>.
+// `P`: BatchCoefParams<S>, AssocCoefParams<S> or IlmCoefParams<S>.
 template <class P>
 ForwardOutputs forward_outputs(P& p, const Tensor& mean) {
   using S = std::remove_const_t<std::remove_pointer_t<decltype(p.mean)>>;
@@ -259,6 +292,31 @@ BackwardOutputs backward_outputs(nf::AssocCoefParams<S>& p, const Tensor& mean) 
     const at::IntArrayRef shape(slot.shape.data(), slot.dims);
     o.grads.push_back(nothing_to_sum ? at::zeros(shape, mean.options())
                                      : nf_glue::empty_dense(shape, mean.scalar_type(), mean));
+    *slot.ptr = o.grads.back().template data_ptr<S>();
+  }
+  return o;
+}
+
+// ILM-Norm: encoder (E, K), decoder_weight, decoder_bias (K, E), weight, bias (C,); zeros when
+// there is no sample to sum over.
+template <class S>
+BackwardOutputs backward_outputs(nf::IlmCoefParams<S>& p, const Tensor& mean) {
+  BackwardOutputs o = backward_outputs_common(p, mean);
+  struct Slot {
+    S** ptr;
+    std::array<int64_t, 2> shape;
+    size_t dims;
+  };
+  const Slot slots[] = {{&p.grad_encoder, {p.E, p.K}, 2},
+                        {&p.grad_decoder_weight, {p.K, p.E}, 2},
+                        {&p.grad_decoder_bias, {p.K, p.E}, 2},
+                        {&p.grad_weight, {p.C, 0}, 1},
+                        {&p.grad_bias, {p.C, 0}, 1}};
+  o.grads.reserve(std::size(slots));
+  for (const Slot& slot : slots) {
+    const at::IntArrayRef shape(slot.shape.data(), slot.dims);
+    o.grads.push_back(p.N == 0 ? at::zeros(shape, mean.options())
+                               : nf_glue::empty_dense(shape, mean.scalar_type(), mean));
     *slot.ptr = o.grads.back().template data_ptr<S>();
   }
   return o;

@@ -95,6 +95,56 @@ struct AssocCoefParams {
   NF_COEF_HD int64_t partials_per_sample() const { return 2 * C + 3 * M * G; }
 };
 
+// ILM-Norm: G normalisation groups of C / G channels and K key groups of C / K channels (both of
+// consecutive channels; they need not nest), a meta network with E hidden units
+// (normfuse/coefficients/ilm.py; math in common/coefficients_ilm.h).
+template <class S>
+struct IlmCoefParams {
+  const S* mean = nullptr;            // (N, C)
+  const S* m2 = nullptr;              // (N, C)
+  const S* sum_dy = nullptr;          // backward, (N, C)
+  const S* sum_dy_xmu = nullptr;      // backward, (N, C)
+  const S* encoder = nullptr;         // (E, K) row-major, shared by both paths
+  const S* decoder_weight = nullptr;  // (K, E): the variances' path, drives omega
+  const S* decoder_bias = nullptr;    // (K, E): the means' path, drives beta
+  const S* weight = nullptr;          // (C,)
+  const S* bias = nullptr;            // (C,)
+  S* scale = nullptr;  // forward, (N, C)
+  S* shift = nullptr;
+  S* c_dy = nullptr;  // backward, (N, C)
+  S* c_x = nullptr;
+  S* c_0 = nullptr;
+  S* grad_encoder = nullptr;         // (E, K)
+  S* grad_decoder_weight = nullptr;  // (K, E)
+  S* grad_decoder_bias = nullptr;    // (K, E)
+  S* grad_weight = nullptr;          // (C,)
+  S* grad_bias = nullptr;            // (C,)
+
+  // G = num_groups, K = encoder.shape[1], E = encoder.shape[0]; the glue guarantees that G and
+  // K divide C and that both groupings hold more than one value (C / G * L > 1, C / K * L > 1).
+  int64_t N = 0, C = 0, L = 1, G = 1, K = 1, E = 1;
+  double eps = 1e-5;
+  int threads = 0;
+
+  // CUDA backward only, as AssocCoefParams: N * partials_per_sample() floats of per-sample
+  // parameter-gradient partials, and N arrival counters, zero on entry and left zero
+  // (kernels/coefficients_ilm.cuh).
+  S* workspace = nullptr;
+  int* counters = nullptr;
+
+  NF_COEF_HD int64_t per_group() const { return C / G; }
+  NF_COEF_HD int64_t per_key() const { return C / K; }
+  // Gradient partials of one sample: weight (C), bias (C), encoder (E K), two decoders (K E).
+  NF_COEF_HD int64_t partials_per_sample() const { return 2 * C + 3 * E * K; }
+};
+
+// Shared memory (floats) of one sample's block in the CUDA ILM-Norm kernels
+// (kernels/coefficients_ilm.cuh: ilm_smem lays it out); the glue checks it against the device's
+// limit before launching.
+NF_COEF_HD size_t ilm_smem_floats(int64_t G, int64_t K, int64_t E, bool backward) {
+  return static_cast<size_t>(6 * K + 3 * G + 2 * E + (backward ? 4 * K + 2 * G + 2 * E + 1 : 0));
+}
+
 // Shared memory (floats) of one sample's block in the CUDA AssocNorm kernels
 // (kernels/coefficients_assoc.cuh: assoc_smem lays it out); the glue checks it against the
 // device's limit before launching, for a clear error with large num_groups / embed_dim.

@@ -1,8 +1,9 @@
 // CPU coefficient ops (docs/architecture.md; entry points in common/coefficient_ops.h): checks and
-// outputs from common/coefficients_glue.h, then the kernels (coefficients_{batch,assoc}_impl.h,
-// vectorised over channels, AVX2 or portable build: coefficients_kernels.h). The formulas are
-// those of common/coefficients.h, shared with the CUDA kernels. Arithmetic in the statistics'
-// dtype (float32 or float64).
+// outputs from common/coefficients_glue.h, then the kernels (coefficients_{batch,assoc,ilm}_impl.h;
+// AVX2 or portable build: coefficients_kernels.h). The formulas are those of
+// common/coefficients{,_ilm}.h, shared with the CUDA kernels. BIN, IEBN and AssocNorm: vectorised
+// over channels, arithmetic in the statistics' dtype (float32 or float64); ILM-Norm: scalar loops
+// in double per sample.
 #include <torch/library.h>
 
 #include "common/coefficient_ops.h"
@@ -62,8 +63,26 @@ struct Cpu {
     if (p.N > 0 && p.C > 0) NF_CPU_CALL(assoc_backward, p);
     return o;
   }
+
+  // (C > 0 always: ilm_params refuses groups of fewer than two values)
+  template <class S>
+  static ForwardOutputs ilm_forward(const char*, nf::IlmCoefParams<S>& p, const Tensor& mean) {
+    const ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
+    if (p.N > 0) NF_CPU_CALL(ilm_forward, p);
+    return o;
+  }
+
+  template <class S>
+  static BackwardOutputs ilm_backward(const char*, nf::IlmCoefParams<S>& p, const Tensor& mean) {
+    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean);
+    if (p.N > 0) NF_CPU_CALL(ilm_backward, p);
+    return o;
+  }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normfuse, CPU, m) { nf_coef_glue::CoefficientOps<Cpu>::register_all(m); }
+TORCH_LIBRARY_IMPL(normfuse, CPU, m) {
+  nf_coef_glue::CoefficientOps<Cpu>::register_all(m);
+  nf_coef_glue::CoefficientOps<Cpu>::register_ilm(m);
+}

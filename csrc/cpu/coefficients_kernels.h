@@ -1,4 +1,4 @@
-// Raw-pointer entry points of the CPU coefficient kernels (BIN, IEBN, AssocNorm; forward and
+// Raw-pointer entry points of the CPU coefficient kernels (BIN, IEBN, AssocNorm, ILM-Norm; forward and
 // backward), on the parameter structs of common/coefficients_params.h. Like the generic kernels
 // (generic_kernels.h) they are compiled twice, coefficients_kernels_{avx2,default}.cpp (each
 // through coefficients_kernels_impl.h), and the glue (coefficient_ops_cpu.cpp) picks the build at
@@ -18,7 +18,9 @@ namespace nf_cpu {
   X(iebn_forward, nf::BatchCoefParams<S>, batch_detail::BatchKern<S>::iebn_forward)   \
   X(iebn_backward, nf::BatchCoefParams<S>, batch_detail::BatchKern<S>::iebn_backward) \
   X(assoc_forward, nf::AssocCoefParams<S>, assoc_detail::AssocKern<S>::forward)       \
-  X(assoc_backward, nf::AssocCoefParams<S>, assoc_detail::AssocKern<S>::backward)
+  X(assoc_backward, nf::AssocCoefParams<S>, assoc_detail::AssocKern<S>::backward)     \
+  X(ilm_forward, nf::IlmCoefParams<S>, ilm_detail::IlmKern<S>::forward)               \
+  X(ilm_backward, nf::IlmCoefParams<S>, ilm_detail::IlmKern<S>::backward)
 
 #define NF_CPU_DECLARE_COEF_ONE(name, Params, kernel) void name(const Params& p);
 

@@ -6,6 +6,7 @@
 #include "cpu/coefficients_kernels.h"
 #include "cpu/coefficients_batch_impl.h"
 #include "cpu/coefficients_assoc_impl.h"
+#include "cpu/coefficients_ilm_impl.h"
 
 #define NF_CPU_DEFINE_COEF_ONE(name, Params, kernel) \
   void name(const Params& p) { kernel(p); }

@@ -3,6 +3,7 @@
 // backends keep float32 statistics for every input dtype). Plain CUDA: no torch headers.
 #include "kernels/coefficients_assoc.cuh"
 #include "kernels/coefficients_batch.cuh"
+#include "kernels/coefficients_ilm.cuh"
 #include "kernels/coefficients_launch.cuh"
 
 namespace nf {
@@ -24,6 +25,12 @@ cudaError_t launch_assoc_coefficients(const AssocCoefParams<float>& p, cudaStrea
 }
 cudaError_t launch_assoc_coefficients_backward(const AssocCoefParams<float>& p, cudaStream_t stream) {
   return launch_assoc_coef_backward(p, stream);
+}
+cudaError_t launch_ilm_coefficients(const IlmCoefParams<float>& p, cudaStream_t stream) {
+  return launch_ilm_coef_forward(p, stream);
+}
+cudaError_t launch_ilm_coefficients_backward(const IlmCoefParams<float>& p, cudaStream_t stream) {
+  return launch_ilm_coef_backward(p, stream);
 }
 
 }  // namespace nf

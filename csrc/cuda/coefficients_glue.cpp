@@ -42,6 +42,17 @@ void check_assoc_smem(const char* op, const nf::AssocCoefParams<float>& p, bool 
               "; use fewer groups or a smaller embed_dim, or the torch backend");
 }
 
+// Likewise for one ILM-Norm sample's key-group, group and hidden-unit vectors.
+void check_ilm_smem(const char* op, const nf::IlmCoefParams<float>& p, bool backward, const Tensor& mean) {
+  int limit = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, mean.get_device());
+  TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
+  const size_t bytes = sizeof(float) * nf::ilm_smem_floats(p.G, p.K, p.E, backward);
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "normfuse.", op, ": num_groups = ", p.G, ", K = ", p.K,
+              " key groups and E = ", p.E, " hidden units need ", bytes,
+              " bytes of shared memory per block, more than this GPU's ", limit, "; use the torch backend");
+}
+
 // The steps of common/coefficient_ops.h: float32 statistics only.
 struct Cuda {
   template <class F>
@@ -97,8 +108,32 @@ struct Cuda {
     check_launch(nf::launch_assoc_coefficients_backward(p, c10::cuda::getCurrentCUDAStream()), op);
     return o;
   }
+
+  static ForwardOutputs ilm_forward(const char* op, nf::IlmCoefParams<float>& p, const Tensor& mean) {
+    check_ilm_smem(op, p, false, mean);
+    const c10::cuda::CUDAGuard guard(mean.device());
+    const ForwardOutputs o = nf_coef_glue::forward_outputs(p, mean);
+    check_launch(nf::launch_ilm_coefficients(p, c10::cuda::getCurrentCUDAStream()), op);
+    return o;
+  }
+
+  static BackwardOutputs ilm_backward(const char* op, nf::IlmCoefParams<float>& p, const Tensor& mean) {
+    check_ilm_smem(op, p, true, mean);
+    const c10::cuda::CUDAGuard guard(mean.device());
+    BackwardOutputs o = nf_coef_glue::backward_outputs(p, mean);
+    if (p.N == 0) return o;  // (C > 0: ilm_params refuses groups of fewer than two values)
+    const Tensor ws = at::empty({p.N * p.partials_per_sample()}, mean.options());
+    p.workspace = ws.data_ptr<float>();
+    const Tensor counters = nf_glue::zeroed_counters(mean, p.N);  // as the AssocNorm backward's
+    p.counters = counters.data_ptr<int>();
+    check_launch(nf::launch_ilm_coefficients_backward(p, c10::cuda::getCurrentCUDAStream()), op);
+    return o;
+  }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normfuse, CUDA, m) { nf_coef_glue::CoefficientOps<Cuda>::register_all(m); }
+TORCH_LIBRARY_IMPL(normfuse, CUDA, m) {
+  nf_coef_glue::CoefficientOps<Cuda>::register_all(m);
+  nf_coef_glue::CoefficientOps<Cuda>::register_ilm(m);
+}

@@ -16,5 +16,8 @@ cudaError_t launch_assoc_coefficients(const AssocCoefParams<float>& p, cudaStrea
 // Needs p.workspace (N * p.partials_per_sample() floats, any content) and p.counters (N ints,
 // zero on entry, left zero): see cuda/persistent_counters.h.
 cudaError_t launch_assoc_coefficients_backward(const AssocCoefParams<float>& p, cudaStream_t stream);
+cudaError_t launch_ilm_coefficients(const IlmCoefParams<float>& p, cudaStream_t stream);
+// Needs p.workspace and p.counters as the AssocNorm backward.
+cudaError_t launch_ilm_coefficients_backward(const IlmCoefParams<float>& p, cudaStream_t stream);
 
 }  // namespace nf

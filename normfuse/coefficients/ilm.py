@@ -21,8 +21,10 @@ Unbiased variances need more than one value per group: groups of one value (``C 
 or ``C / K * L == 1``) are refused here; the layers refuse such inputs first, with a message
 naming the layer (the authors' layer returns NaN there).
 
-This coefficient step is not yet a fused kernel on any backend: every backend runs these
-PyTorch ops on its (N, C) statistics (docs/architecture.md, "ILM-Norm").
+These functions are the spec of the ops ``ilm_coefficients[_backward]``: the "torch" backend's
+(normfuse/torch_backend.py), the C++ kernels' of the "cpu" backend
+(csrc/cpu/coefficients_ilm_impl.h), and, until they have ILM kernels, what the "cuda" and
+"triton" backends run on their (N, C) statistics (docs/architecture.md, "ILM-Norm").
 """
 from __future__ import annotations
 

@@ -24,8 +24,13 @@ OUTPUTS = {
     "iebn_backward": ("c_dy", "c_x", "c_0", "grad_gate", "grad_gate_bias", "grad_weight", "grad_bias"),
     "assoc_backward": ("c_dy", "c_x", "c_0", "grad_encoder", "grad_decoder_mean", "grad_decoder_var",
                        "grad_weight", "grad_bias"),
+    "ilm": ("scale", "shift"),
+    "ilm_backward": ("c_dy", "c_x", "c_0", "grad_encoder", "grad_decoder_weight", "grad_decoder_bias",
+                     "grad_weight", "grad_bias"),
 }
-OP_NAMES = {"bin": "bin_coefficients", "iebn": "iebn_coefficients", "assoc": "assoc_coefficients"}
+OP_NAMES = {"bin": "bin_coefficients", "iebn": "iebn_coefficients", "assoc": "assoc_coefficients",
+            "ilm": "ilm_coefficients"}
+GROUP_LAYERS = ("assoc", "ilm")  # no running statistics
 
 
 def op_name(op: str) -> str:
@@ -35,8 +40,9 @@ def op_name(op: str) -> str:
 
 
 def make_inputs(op: str, N: int, C: int, L: int, G: int = 1, M: int = 1, seed: int = 0,
-                offset: float = 0.0, dtype=torch.float32, zero_m2: bool = False) -> dict:
+                offset: float = 0.0, dtype=torch.float32, zero_m2: bool = False, K: int = 1) -> dict:
     """Random inputs of `op` (float64 tensors holding values exactly representable in `dtype`).
+    ILM-Norm: M is the meta network's E, K its key-group count.
 
     Plane means get per-channel and per-sample offsets (so batch != instance statistics) plus
     `offset`; m2 = L * var with var in [0.05, 2] (0 with zero_m2, as for real L = 1 planes)."""
@@ -62,11 +68,15 @@ def make_inputs(op: str, N: int, C: int, L: int, G: int = 1, M: int = 1, seed: i
     elif layer == "iebn":
         d["gate"] = rnd(C, scale=0.6)  # gate_weight
         d["gate_bias"] = rnd(C, scale=0.6)
-    else:
+    elif layer == "assoc":
         d["encoder"] = rnd(M, G, scale=0.5)
         d["decoder_mean"] = rnd(G, M, scale=0.5)
         d["decoder_var"] = rnd(G, M, scale=0.5)
-    if layer != "assoc":
+    else:
+        d["encoder"] = rnd(M, K, scale=0.5)
+        d["decoder_weight"] = rnd(K, M, scale=0.5)
+        d["decoder_bias"] = rnd(K, M, scale=0.5)
+    if layer not in GROUP_LAYERS:
         d["running_mean"] = rnd(C, scale=0.5, shift=offset)
         d["running_var"] = uni(C, lo=0.5, hi=1.5)
     return {k: v.to(dtype).to(F64) for k, v in d.items()}
@@ -81,6 +91,9 @@ def op_args(op: str, t: dict, L: int, G: int = 1, training: bool = True, running
     head = [t["sum_dy"], t["sum_dy_xmu"]] if backward else []
     if layer == "assoc":
         return head + [t["mean"], t["m2"], L, G, t["encoder"], t["decoder_mean"], t["decoder_var"],
+                       t["weight"], t["bias"], eps]
+    if layer == "ilm":
+        return head + [t["mean"], t["m2"], L, G, t["encoder"], t["decoder_weight"], t["decoder_bias"],
                        t["weight"], t["bias"], eps]
     gates = [t["gate"]] + ([t["gate_bias"]] if layer == "iebn" else [])
     affine_args = [t["weight"], t["bias"]] if affine else [None, None]
@@ -97,7 +110,7 @@ def expected(op: str, t: dict, L: int, G: int = 1, training: bool = True, runnin
     fn = getattr(reference, op_name(op))
     out = fn(*op_args(op, t64, L, G, training, running, affine, momentum, eps))
     res = dict(zip(OUTPUTS[op], out))
-    if not op.endswith("backward") and op != "assoc" and running:  # updated, or left alone
+    if not op.endswith("backward") and op not in GROUP_LAYERS and running:  # updated, or left alone
         res["running_mean"] = t64["running_mean"]
         res["running_var"] = t64["running_var"]
     return res

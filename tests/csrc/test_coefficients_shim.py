@@ -1,4 +1,4 @@
-"""The coefficient CUDA kernels (csrc/kernels/coefficients_{batch,assoc}.cuh) run on the CPU
+"""The coefficient CUDA kernels (csrc/kernels/coefficients_{batch,assoc,ilm}.cuh) run on the CPU
 through the shim (tests/cuda_shim), under ThreadSanitizer and AddressSanitizer, against the float64
 reference (normfuse/coefficients/). The driver calls the same templated launchers as the CUDA
 build, so the launch planning (channels x rows per block, segment width, thread counts) is tested.
@@ -55,25 +55,38 @@ ASSOC_SHAPES = [  # N, C, L, G, M, threads
     (2, 12, 9, 3, 1, 32),   # M = 1
     (3, 5, 1, 5, 2, 32),    # one-element groups (C/G * L = 1): r_G = 0
 ]
+ILM_SHAPES = [  # N, C, L, G, K, E, threads
+    (4, 12, 5, 4, 3, 2, 32),    # key groups of 4 straddle groups of 3
+    (1, 8, 6, 2, 4, 3, 32),     # N = 1 (no tree), E > K
+    (5, 48, 7, 8, 3, 2, 64),    # ragged tree over N = 5, neither grouping nests
+    (3, 70, 1, 2, 35, 5, 64),   # L = 1 (groups of 35 and 2 values), C > threads, K > threads / 2
+    (2, 6, 2, 1, 2, 1, 32),     # one group, E = 1
+]
 
 
 def _cases():
+    """(op, N, C, L, G, M, threads, training, running, affine, offset, K): M is ILM's E, K its
+    key-group count (1 elsewhere)."""
     cases = []
     for layer in ("bin", "iebn"):
         for i, (N, C, L, threads) in enumerate(BATCH_SHAPES):
             modes = MODES if N > 1 else [m for m in MODES if not m[0]]  # N = 1: eval / instance
             for training, running, affine in modes:
                 for op in (layer, layer + "_backward"):
-                    cases.append((op, N, C, L, 1, 1, threads, training, running, affine, 0.0))
+                    cases.append((op, N, C, L, 1, 1, threads, training, running, affine, 0.0, 1))
         # large offset: the batch merge works on means relative to the first plane's
         for op in (layer, layer + "_backward"):
-            cases.append((op, 5, 3, 4, 1, 1, 32, True, True, True, 1e3))
+            cases.append((op, 5, 3, 4, 1, 1, 32, True, True, True, 1e3, 1))
         # enough channels for full 32-channel tiles (129 blocks, the last one with 4 channels)
-        cases.append((layer + "_backward", 3, 4100, 2, 1, 1, 64, True, True, True, 0.0))
+        cases.append((layer + "_backward", 3, 4100, 2, 1, 1, 64, True, True, True, 0.0, 1))
     for N, C, L, G, M, threads in ASSOC_SHAPES:
         for op in ("assoc", "assoc_backward"):
-            cases.append((op, N, C, L, G, M, threads, False, False, True, 0.0))
-    cases.append(("assoc_backward", 3, 6, 5, 2, 2, 32, False, False, True, 1e3))
+            cases.append((op, N, C, L, G, M, threads, False, False, True, 0.0, 1))
+    cases.append(("assoc_backward", 3, 6, 5, 2, 2, 32, False, False, True, 1e3, 1))
+    for N, C, L, G, K, E, threads in ILM_SHAPES:
+        for op in ("ilm", "ilm_backward"):
+            cases.append((op, N, C, L, G, E, threads, False, False, True, 0.0, K))
+    cases.append(("ilm_backward", 3, 12, 5, 4, 2, 32, False, False, True, 1e3, 3))
     return cases
 
 
@@ -93,14 +106,16 @@ def case_data(tmp_path_factory):
     """Inputs and expected outputs of every case, written once for both sanitizers."""
     root = tmp_path_factory.mktemp("coef_shim")
     data = []
-    for idx, (op, N, C, L, G, M, threads, training, running, affine, offset) in enumerate(CASES):
+    for idx, (op, N, C, L, G, M, threads, training, running, affine, offset, K) in enumerate(CASES):
         d = root / f"case{idx}"
         d.mkdir()
-        t = make_inputs(op, N, C, L, G, M, seed=1000 + idx, offset=offset)
+        t = make_inputs(op, N, C, L, G, M, seed=1000 + idx, offset=offset, K=K)
         for name, v in t.items():
             _write(v, d / f"{name}.bin")
         want = expected(op, t, L, G, training, running, affine)
         line = f"{op} {N} {C} {L} {G} {M} {threads} {int(training)} {int(running)} {int(affine)} {d}"
+        if op.startswith("ilm"):
+            line += f" {K}"  # the driver reads ILM's key-group count after dir
         data.append((line, d, want))
     return root, data
 
@@ -141,6 +156,13 @@ PLANTED = {
                           "part[2 * C + M * G + t + 1] =", "ERROR: AddressSanitizer"),
     "counter_not_reset": ("address", "coefficients_assoc.cuh", "if (ticket == 1) atomicExch",
                           "if (ticket == 2) atomicExch", "arrival counter not reset"),
+    # ILM backward: step 2 reads the decoder gradients other threads wrote in step 1
+    "ilm_missing_barrier": ("thread", "coefficients_ilm.cuh",
+                            "    sm.gvar[g] = coef::ilm_grad_group_var(o, sm.r[g], bg);\n  }\n  __syncthreads();",
+                            "    sm.gvar[g] = coef::ilm_grad_group_var(o, sm.r[g], bg);\n  }\n",
+                            "WARNING: ThreadSanitizer"),
+    "ilm_counter_not_reset": ("address", "coefficients_ilm.cuh", "if (ticket == 1) atomicExch",
+                              "if (ticket == 2) atomicExch", "arrival counter not reset"),
 }
 
 
@@ -157,7 +179,8 @@ def test_planted_bug_is_caught(name, case_data):
     (inc / "kernels" / header).write_text(planted)
     exe = shim_build.build_driver([DRIVER], sanitizer, extra_flags=["-I", str(inc)], name=f"coefficients_{name}")
     root, data = case_data
-    lines = [line for line, _, _ in data if line.startswith(("bin_backward 9 37", "assoc_backward 5 40"))]
+    lines = [line for line, _, _ in data
+             if line.startswith(("bin_backward 9 37", "assoc_backward 5 40", "ilm_backward 5 48"))]
     cases_file = root / f"planted_{name}.txt"
     cases_file.write_text("\n".join(lines) + "\n")
     res = shim_build.run_driver(exe, [cases_file], sanitizer, expect_clean=False)

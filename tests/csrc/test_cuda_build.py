@@ -3,11 +3,12 @@
 Runs .ci/check_cuda_build.py: compiles csrc/cuda/*.cu for sm_80 and sm_90 as setup.py does
 (cached under build/cuda_check), and checks cubins for both archs (objects and the built
 extension), no spills / local memory in the bandwidth kernels, and 128-bit loads in their
-vectorised instantiations.
+vectorised instantiations; the AssocNorm and ILM-Norm coefficient kernels without spills.
 """
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,15 @@ def test_sm80_sm90_cubins_no_spills_vector_loads():
     assert {r["arch"] for r in sr} == {"80", "90"} and len(sr) == 2 * 2 * 2 * 3 * 2
     assert all(r["registers"] <= 128 and r["spill_stores"] == r["spill_loads"] == r["stack"] == 0 for r in sr)
     assert summary["single_read_kernels_checked"] == len(sr)
+    # the per-sample coefficient kernels (kernels/coefficients_{assoc,ilm}.cuh): forward and
+    # backward on both archs, no spill or stack (their vectors live in shared memory)
+    coef_kernel = re.compile(r"(assoc|ilm)_coef_(forward|backward)_kernel")
+    coef = [(coef_kernel.search(r["kernel"]), r) for r in summary["rows"]]
+    coef = [(m.group(1), m.group(2), r) for m, r in coef if m]
+    assert sorted((layer, d, r["arch"]) for layer, d, r in coef) == sorted(
+        (layer, d, arch) for layer in ("assoc", "ilm") for d in ("forward", "backward") for arch in ("80", "90"))
+    coef = [r for *_, r in coef]
+    assert all(r["spill_stores"] == r["spill_loads"] == r["stack"] == 0 for r in coef), coef
     objects = {k: v for k, v in summary["archs"].items() if k.endswith(".cu")}
     assert "generic_launchers.cu" in objects and "layer_steps_forward.cu" in objects
     assert "single_read_forward.cu" in objects and "single_read_backward.cu" in objects

@@ -210,6 +210,11 @@ def test_fake_impls_of_all_ops():
         assert [t.shape for t in ops.assoc_coefficients(st, st, 35, g, enc, dm, dv, pc, pc, 1e-5)] == [(n, c)] * 2
         r = ops.assoc_coefficients_backward(st, st, st, st, 35, g, enc, dm, dv, pc, pc, 1e-5)
         assert [t.shape for t in r] == [(n, c)] * 3 + [(m, g), (g, m), (g, m), (c,), (c,)]
+        k, e = 2, 5  # ILM: K key groups (encoder (E, K)), decoders (K, E)
+        enc, dw, db = torch.empty(e, k), torch.empty(k, e), torch.empty(k, e)
+        assert [t.shape for t in ops.ilm_coefficients(st, st, 35, g, enc, dw, db, pc, pc, 1e-5)] == [(n, c)] * 2
+        r = ops.ilm_coefficients_backward(st, st, st, st, 35, g, enc, dw, db, pc, pc, 1e-5)
+        assert [t.shape for t in r] == [(n, c)] * 3 + [(e, k), (k, e), (k, e), (c,), (c,)]
 
 
 def test_fake_impls_check_devices():
@@ -232,6 +237,9 @@ def test_fake_impls_check_devices():
         ("encoder is on meta, mean on cpu",
          lambda: ops.assoc_coefficients(st, m2, L, 2, meta(torch.ones(1, 2)), torch.ones(2, 1),
                                         torch.ones(2, 1), pc, pc, 1e-5)),
+        ("decoder_weight is on meta, mean on cpu",
+         lambda: ops.ilm_coefficients(st, m2, L, 2, torch.ones(1, 2), meta(torch.ones(2, 1)),
+                                      torch.ones(2, 1), pc, pc, 1e-5)),
         ("mean is on meta, input on cpu", lambda: ops.affine_apply(x, meta(st), st, st)),
         ("grad_output is on meta, input on cpu", lambda: ops.backward_sums(meta(x), x, st)),
         ("gate is on meta, input on cpu",

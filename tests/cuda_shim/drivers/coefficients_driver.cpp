@@ -1,19 +1,21 @@
-// Shim driver for the coefficient kernels (csrc/kernels/coefficients_{batch,assoc}.cuh): runs the
+// Shim driver for the coefficient kernels (csrc/kernels/coefficients_{batch,assoc,ilm}.cuh): runs the
 // same templated launchers as the CUDA build on the CPU shim, under TSAN / ASAN.
 // Usage: coefficients_driver CASES_FILE
 // Each line: op N C L G M threads training running affine dir
-//   op: bin | bin_backward | iebn | iebn_backward | assoc | assoc_backward
-//   G, M: AssocNorm only (ignored otherwise); training/running/affine: 0/1 (BIN/IEBN only: with
+//   op: bin | bin_backward | iebn | iebn_backward | assoc | assoc_backward | ilm | ilm_backward
+//   G, M: AssocNorm and ILM-Norm only (ignored otherwise; ILM: M = E, and the line ends with K
+//   after dir); training/running/affine: 0/1 (BIN/IEBN only: with
 //   running statistics; with weight and bias, else None).
 //   dir holds the float32 inputs (<name>.bin) and receives the outputs (out_<name>.bin).
 // BIN / IEBN forwards also get a num_batches_tracked counter: it must be incremented once per launch
 // in training (also for empty statistics) and left alone in eval.
-// assoc_backward runs twice on the same counters: the second run must find them zeroed and give
+// assoc_backward and ilm_backward run twice on the same counters: the second run must find them zeroed and give
 // bitwise the same results (the reduction order depends only on N).
 #include "cuda_shim.h"
 #include "driver_io.h"
 #include "kernels/coefficients_assoc.cuh"
 #include "kernels/coefficients_batch.cuh"
+#include "kernels/coefficients_ilm.cuh"
 
 #include <fstream>
 #include <map>
@@ -26,7 +28,7 @@ namespace {
 
 struct Case {
   std::string op, dir;
-  int64_t N, C, L, G, M;
+  int64_t N, C, L, G, M, K = 1;
   int threads, training, running, affine;
 };
 
@@ -141,6 +143,57 @@ void run_batch(const Case& cs, Arrays& a) {
         cs);
 }
 
+// A backward with a tree over samples: run twice on the same counters (zeroed, and left zeroed),
+// both runs bitwise equal.
+template <class P, class Launch>
+void run_twice(const Case& cs, Arrays& a, P& p, const std::vector<Grad>& grads, Launch launch) {
+  Buffer ws(sizeof(float) * cs.N * p.partials_per_sample(), 0);
+  Buffer counters(sizeof(int) * cs.N, 0);  // zeroed
+  p.workspace = ws.as<float>();
+  p.counters = counters.as<int>();
+  for (const char* suffix : {"", "_again"}) {
+    backward_outputs(p, a, grads, suffix);
+    check(launch(p), cs);
+    for (int64_t i = 0; i < cs.N; ++i)
+      if (counters.as<int>()[i] != 0) nf_io::die("arrival counter not reset in " + cs.dir);
+  }
+  std::vector<std::string> names = {"c_dy", "c_x", "c_0"};
+  for (const Grad& g : grads) names.push_back(g.name);
+  for (const std::string& name : names) {
+    const Buffer& x = a.out[name];
+    const Buffer& y = a.out[name + "_again"];
+    if (std::memcmp(x.data(), y.data(), x.bytes) != 0)
+      nf_io::die("second run differs in " + name + " for " + cs.dir);
+  }
+}
+
+void run_ilm(const Case& cs, Arrays& a) {
+  const bool backward = cs.op == "ilm_backward";
+  const int64_t NC = cs.N * cs.C, C = cs.C, EK = cs.M * cs.K;
+  auto p = stats_params<nf::IlmCoefParams<float>>(cs, a, backward);
+  p.G = cs.G;
+  p.K = cs.K;
+  p.E = cs.M;
+  p.encoder = a.input("encoder", EK);
+  p.decoder_weight = a.input("decoder_weight", EK);
+  p.decoder_bias = a.input("decoder_bias", EK);
+  p.weight = a.input("weight", C);
+  p.bias = a.input("bias", C);
+  if (!backward) {
+    p.scale = a.output("scale", NC);
+    p.shift = a.output("shift", NC);
+    check(nf::launch_ilm_coef_forward(p, nullptr), cs);
+    return;
+  }
+  run_twice(cs, a, p,
+            {{"grad_encoder", &p.grad_encoder, EK},
+             {"grad_decoder_weight", &p.grad_decoder_weight, EK},
+             {"grad_decoder_bias", &p.grad_decoder_bias, EK},
+             {"grad_weight", &p.grad_weight, C},
+             {"grad_bias", &p.grad_bias, C}},
+            [](const nf::IlmCoefParams<float>& q) { return nf::launch_ilm_coef_backward(q, nullptr); });
+}
+
 void run_assoc(const Case& cs, Arrays& a) {
   const bool backward = cs.op == "assoc_backward";
   const int64_t NC = cs.N * cs.C, C = cs.C, MG = cs.M * cs.G;
@@ -158,29 +211,13 @@ void run_assoc(const Case& cs, Arrays& a) {
     check(nf::launch_assoc_coef_forward(p, nullptr), cs);
     return;
   }
-  const std::vector<Grad> grads = {{"grad_encoder", &p.grad_encoder, MG},
-                                   {"grad_decoder_mean", &p.grad_decoder_mean, MG},
-                                   {"grad_decoder_var", &p.grad_decoder_var, MG},
-                                   {"grad_weight", &p.grad_weight, C},
-                                   {"grad_bias", &p.grad_bias, C}};
-  Buffer ws(sizeof(float) * cs.N * p.partials_per_sample(), 0);
-  Buffer counters(sizeof(int) * cs.N, 0);  // zeroed
-  p.workspace = ws.as<float>();
-  p.counters = counters.as<int>();
-  for (const char* suffix : {"", "_again"}) {
-    backward_outputs(p, a, grads, suffix);
-    check(nf::launch_assoc_coef_backward(p, nullptr), cs);
-    for (int64_t i = 0; i < cs.N; ++i)
-      if (counters.as<int>()[i] != 0) nf_io::die("arrival counter not reset in " + cs.dir);
-  }
-  std::vector<std::string> names = {"c_dy", "c_x", "c_0"};
-  for (const Grad& g : grads) names.push_back(g.name);
-  for (const std::string& name : names) {
-    const Buffer& x = a.out[name];
-    const Buffer& y = a.out[name + "_again"];
-    if (std::memcmp(x.data(), y.data(), x.bytes) != 0)
-      nf_io::die("second run differs in " + name + " for " + cs.dir);
-  }
+  run_twice(cs, a, p,
+            {{"grad_encoder", &p.grad_encoder, MG},
+             {"grad_decoder_mean", &p.grad_decoder_mean, MG},
+             {"grad_decoder_var", &p.grad_decoder_var, MG},
+             {"grad_weight", &p.grad_weight, C},
+             {"grad_bias", &p.grad_bias, C}},
+            [](const nf::AssocCoefParams<float>& q) { return nf::launch_assoc_coef_backward(q, nullptr); });
 }
 
 }  // namespace
@@ -195,10 +232,13 @@ int main(int argc, char** argv) {
     Case cs;
     ss >> cs.op >> cs.N >> cs.C >> cs.L >> cs.G >> cs.M >> cs.threads >> cs.training >> cs.running >> cs.affine >>
         cs.dir;
+    if (cs.op.rfind("ilm", 0) == 0) ss >> cs.K;
     if (!ss) nf_io::die("bad case line: " + line);
     Arrays a;
     a.dir = cs.dir;
-    if (cs.op.rfind("assoc", 0) == 0)
+    if (cs.op.rfind("ilm", 0) == 0)
+      run_ilm(cs, a);
+    else if (cs.op.rfind("assoc", 0) == 0)
       run_assoc(cs, a);
     else
       run_batch(cs, a);
