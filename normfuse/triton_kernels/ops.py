@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from .coefficient_ops import (assoc_coefficients, assoc_coefficients_backward,
                               bin_coefficients, bin_coefficients_backward, iebn_coefficients,
-                              iebn_coefficients_backward)
+                              iebn_coefficients_backward, ilm_coefficients,
+                              ilm_coefficients_backward)
 from .runtime import NAMESPACE, interpreted, kernels
 from .streaming_ops import affine_apply, backward_apply, backward_sums, moments
 
 __all__ = ["NAMESPACE", "affine_apply", "assoc_coefficients", "assoc_coefficients_backward",
            "backward_apply", "backward_sums", "bin_coefficients", "bin_coefficients_backward",
-           "iebn_coefficients", "iebn_coefficients_backward", "interpreted", "kernels", "moments"]
+           "iebn_coefficients", "iebn_coefficients_backward", "ilm_coefficients",
+           "ilm_coefficients_backward", "interpreted", "kernels", "moments"]
