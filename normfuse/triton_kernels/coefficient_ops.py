@@ -285,7 +285,7 @@ def _ilm_params(mean, plane_size, num_groups, encoder, decoder_weight, decoder_b
     bias = _param(bias, mean, "bias", optional=False)
     cfg = heuristics.ilm_config(num_groups, keys)
     meta = dict(BLOCK_K=cfg.block_k, BLOCK_CK=cfg.block_ck, BLOCK_G=cfg.block_g,
-                BLOCK_CG=cfg.block_cg, num_warps=cfg.num_warps)
+                BLOCK_CG=cfg.block_cg, E_CHUNK=cfg.e_chunk, num_warps=cfg.num_warps)
     return enc, dec_w, dec_b, weight, bias, keys, hidden, meta
 
 

@@ -21,7 +21,9 @@ stores are visible to all its threads after it) instead of a register gather.
 
 The meta network ``D_w = sigmoid(W_w relu(W_e kvar))``, ``D_b = tanh(W_b relu(W_e kmu))``
 (``W_e: (E, K)``, ``W_w, W_b: (K, E)``) walks the hidden units in chunks of ``E_CHUNK``, as the
-AssocNorm kernels do, so ``E`` has no limit and adds no compiled variant.
+AssocNorm kernels do, so ``E`` has no limit and adds no compiled variant: one
+``[E_CHUNK, BLOCK_K]`` tile of each matrix is live at a time (``E_CHUNK`` from the heuristic,
+smaller for a wider key tile, which bounds the backward's registers).
 
 Backward parameter gradients (``weight``, ``bias``, ``encoder``, both decoders) are sums over
 samples: each program writes its sample's contributions as one row of ``ws`` (``[d weight (C) |
@@ -35,11 +37,6 @@ import triton.language as tl
 from .coefficients_assoc import ROWS_PER_GROUP, sum_rows
 from .common import (finite_or_zero, last_arrival, relu, reset_counter, sigmoid, tanh, total,
                      welford_combine)
-
-# Hidden units per step of the meta-network loops (as coefficients_assoc.M_CHUNK): one
-# [E_CHUNK, BLOCK_K] tile of each matrix is live at a time.
-E_CHUNK = tl.constexpr(8)
-
 
 @triton.jit
 def tile(j0, grp, gmask, width, BLOCK_W: tl.constexpr):
@@ -75,24 +72,29 @@ def merge(mean_ptr, m2_ptr, row, grp, gmask, width, L, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def encoder_chunk(enc_ptr, kmu, kvar, e0, k, kmask, K, E):
+def encoder_chunk(enc_ptr, kmu, kvar, e0, k, kmask, K, E, E_CHUNK: tl.constexpr):
     """Hidden units ``e = e0 .. e0 + E_CHUNK``: ``e``, the ``[E_CHUNK, BLOCK_K]`` mask and tile
     of ``W_e`` (zero-padded), and the encoder activations ``W_e kvar``, ``W_e kmu`` before the
-    relu (the weight and the bias branch)."""
+    relu (the weight and the bias branch), 0 past ``E`` (a padded row times an Inf statistic
+    would be NaN, and would leak into every key group through the decoders)."""
     e = e0 + tl.arange(0, E_CHUNK)
-    ek_mask = (e < E)[:, None] & kmask[None, :]
+    emask = e < E
+    ek_mask = emask[:, None] & kmask[None, :]
     w = tl.load(enc_ptr + e[:, None] * K + k[None, :], mask=ek_mask, other=0.0)
-    return e, ek_mask, w, total(w * kvar[None, :], 1), total(w * kmu[None, :], 1)
+    return (e, emask, ek_mask, w, tl.where(emask, total(w * kvar[None, :], 1), 0.0),
+            tl.where(emask, total(w * kmu[None, :], 1), 0.0))
 
 
 @triton.jit
-def decoder_outputs(enc_ptr, dw_ptr, db_ptr, kmu, kvar, k, kmask, K, E):
+def decoder_outputs(enc_ptr, dw_ptr, db_ptr, kmu, kvar, k, kmask, K, E,
+                    E_CHUNK: tl.constexpr):
     """``D_w = sigmoid(W_w relu(W_e kvar))`` and ``D_b = tanh(W_b relu(W_e kmu))`` (length K);
     the decoders ``(K, E)`` are read transposed so every tile shares the encoder's layout."""
     acc_w = tl.zeros_like(kvar)
     acc_b = tl.zeros_like(kmu)
     for e0 in range(0, E, E_CHUNK):
-        e, ek_mask, _, h_w, h_b = encoder_chunk(enc_ptr, kmu, kvar, e0, k, kmask, K, E)
+        e, _, ek_mask, _, h_w, h_b = encoder_chunk(enc_ptr, kmu, kvar, e0, k, kmask, K, E,
+                                                   E_CHUNK)
         dec = k[None, :] * E + e[:, None]  # W[k, e] at tile position [e, k]
         acc_w += total(tl.load(dw_ptr + dec, mask=ek_mask, other=0.0) * relu(h_w)[:, None], 0)
         acc_b += total(tl.load(db_ptr + dec, mask=ek_mask, other=0.0) * relu(h_b)[:, None], 0)
@@ -103,13 +105,14 @@ def decoder_outputs(enc_ptr, dw_ptr, db_ptr, kmu, kvar, k, kmask, K, E):
 def ilm_forward_kernel(mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_ptr, weight_ptr, bias_ptr,
                        scale_ptr, shift_ptr, C, L, G, K, E, Cg, Ck, eps,
                        BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_G: tl.constexpr,
-                       BLOCK_CG: tl.constexpr):
+                       BLOCK_CG: tl.constexpr, E_CHUNK: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     row = tl.program_id(0) * C
     k = tl.arange(0, BLOCK_K)
     kmask = k < K
     kref, koff, kvar, _ = merge(mean_ptr, m2_ptr, row, k, kmask, Ck, L, BLOCK_K, BLOCK_CK, ACC)
-    d_w, d_b = decoder_outputs(enc_ptr, dw_ptr, db_ptr, kref + koff, kvar, k, kmask, K, E)
+    d_w, d_b = decoder_outputs(enc_ptr, dw_ptr, db_ptr, kref + koff, kvar, k, kmask, K, E,
+                               E_CHUNK)
     # omega and beta per channel (key tile), kept in the sample's scale / shift rows
     for j0 in range(0, Ck, BLOCK_CK):
         ch, mask = tile(j0, k, kmask, Ck, BLOCK_CK)
@@ -140,7 +143,7 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
                         denc_ptr, ddw_ptr, ddb_ptr, dweight_ptr, dbias_ptr,
                         N, C, L, G, K, E, Cg, Ck, eps,
                         BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_G: tl.constexpr,
-                        BLOCK_CG: tl.constexpr):
+                        BLOCK_CG: tl.constexpr, E_CHUNK: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     n = tl.program_id(0)
     row = n * C
@@ -151,7 +154,7 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
     kref, koff, kvar, bessel_k = merge(mean_ptr, m2_ptr, row, k, kmask, Ck, L, BLOCK_K, BLOCK_CK,
                                        ACC)
     kmu = kref + koff
-    d_w, d_b = decoder_outputs(enc_ptr, dw_ptr, db_ptr, kmu, kvar, k, kmask, K, E)
+    d_w, d_b = decoder_outputs(enc_ptr, dw_ptr, db_ptr, kmu, kvar, k, kmask, K, E, E_CHUNK)
 
     # pass 1 (key tile): omega into the c_dy row; the key sums of g1 (-> d D_b)
     sum_g1 = tl.full([BLOCK_K], 0.0, ACC)
@@ -202,21 +205,24 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
         sum_go += total(tl.load(wrow + ch, mask=mask, other=0.0), 1)
 
     # meta network backward (decoders, then the shared encoder), E_CHUNK hidden units a step;
-    # relu's mask multiplies (as the spec's ``* (h > 0)``: a NaN gradient stays NaN)
-    z_w = sum_go * d_w * (1.0 - d_w)
-    z_b = sum_g1 * (1.0 - d_b * d_b)
+    # relu's mask multiplies (as the spec's ``* (h > 0)``: a NaN gradient stays NaN).  Padded
+    # key groups and hidden units are 0, not NaN (a non-finite statistic would make them so
+    # through the zero-padded tiles, and they are summed over)
+    z_w = tl.where(kmask, sum_go * d_w * (1.0 - d_w), 0.0)
+    z_b = tl.where(kmask, sum_g1 * (1.0 - d_b * d_b), 0.0)
     grad_kvar = tl.full([BLOCK_K], 0.0, ACC)
     grad_kmu = tl.full([BLOCK_K], 0.0, ACC)
     for e0 in range(0, E, E_CHUNK):
-        e, ek_mask, w, h_w, h_b = encoder_chunk(enc_ptr, kmu, kvar, e0, k, kmask, K, E)
+        e, emask, ek_mask, w, h_w, h_b = encoder_chunk(enc_ptr, kmu, kvar, e0, k, kmask, K,
+                                                       E, E_CHUNK)
         dec = k[None, :] * E + e[:, None]
         tl.store(wrow + 2 * C + K * E + dec, relu(h_w)[:, None] * z_w[None, :], mask=ek_mask)
         tl.store(wrow + 2 * C + 2 * K * E + dec, relu(h_b)[:, None] * z_b[None, :],
                  mask=ek_mask)
         gh_w = total(tl.load(dw_ptr + dec, mask=ek_mask, other=0.0) * z_w[None, :], 1) \
-            * tl.where(h_w > 0, 1.0, 0.0)
+            * tl.where(emask & (h_w > 0), 1.0, 0.0)
         gh_b = total(tl.load(db_ptr + dec, mask=ek_mask, other=0.0) * z_b[None, :], 1) \
-            * tl.where(h_b > 0, 1.0, 0.0)
+            * tl.where(emask & (h_b > 0), 1.0, 0.0)
         tl.store(wrow + 2 * C + e[:, None] * K + k[None, :],
                  gh_w[:, None] * kvar[None, :] + gh_b[:, None] * kmu[None, :], mask=ek_mask)
         grad_kvar += total(w * gh_w[:, None], 0)
