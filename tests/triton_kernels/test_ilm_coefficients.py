@@ -137,6 +137,19 @@ def test_non_finite_statistics_as_the_spec(poison, seed):
         assert torch.isfinite(out[[0, 2]]).all()
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="float64: the interpreter only")
+def test_overflowing_encoder_activation(seed):
+    """Finite statistics whose bias-branch activation overflows (key means ~1e10 times an
+    encoder row of 1e300): tanh saturates, so the spec's c_x, c_0 and encoder gradient stay
+    finite (only ``0 * Inf`` in the decoder_bias gradient is NaN).  The kernels' padded key
+    groups and hidden units must not turn that Inf into NaN for every key group."""
+    t = make(3, 12, 3, 4, 4, 2, seed, F64)
+    t["mean"] = t["mean"] + 1e10
+    t["encoder"][0] = 1e300
+    got, want = check(t, 3, 4, F64)
+    assert torch.isfinite(want[5]).all() and torch.isfinite(want[3]).all()  # what is tested
+
+
 @pytest.mark.parametrize("n", [1, 19])
 def test_backward_is_bitwise_deterministic(n, seed):
     t = make(n, 48, 3, 4, 4, 5, seed)
