@@ -9,9 +9,9 @@ accepted too (statistics float64), so gradcheck-style tests can use this backend
 Split reductions and the AssocNorm and ILM-Norm backwards finish inside their launch with
 "last program" tickets (``common.last_arrival``).  The int32 ticket counters live in a
 zero-initialised buffer cached per (device, stream) (in the CPU interpreter: per device and
-thread) that every kernel leaves zeroed again (the last arriving program resets its ticket), so no memset launch is
-needed; only while tracing (torch.compile) or capturing a CUDA graph is a fresh ``torch.zeros``
-buffer used instead (one extra fill, only where a kernel needs tickets).
+thread) that every kernel leaves zeroed again (the last arriving program resets its ticket), so
+no memset launch is needed; only while tracing (torch.compile) or capturing a CUDA graph is a
+fresh ``torch.zeros`` buffer used instead (one extra fill, only where a kernel needs tickets).
 """
 from __future__ import annotations
 
