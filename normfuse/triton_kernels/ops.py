@@ -1,7 +1,8 @@
-"""``torch.ops.normfuse_triton.*``: the ten ops of docs/architecture.md as ``triton_op``s.
+"""``torch.ops.normfuse_triton.*``: the ten ops of docs/architecture.md as ``triton_op``s, and
+ILM-Norm's two coefficient ops (docs/architecture.md, "ILM-Norm").
 
 Importing this module registers them (no GPU needed): ``streaming_ops.py`` (the four full-size
-passes) and ``coefficient_ops.py`` (the six per-layer coefficient steps), over what they share in
+passes) and ``coefficient_ops.py`` (the eight per-layer coefficient steps), over what they share in
 ``runtime.py`` (lazy kernel import, checks, counters, grids).  The kernel modules are imported at
 the first call, so ``TRITON_INTERPRET`` only has to be set before then.
 
