@@ -38,6 +38,7 @@ from .coefficients_assoc import ROWS_PER_GROUP, sum_rows
 from .common import (finite_or_zero, last_arrival, relu, reset_counter, sigmoid, tanh, total,
                      welford_combine)
 
+
 @triton.jit
 def tile(j0, grp, gmask, width, BLOCK_W: tl.constexpr):
     """Channel index (within the sample) and mask of a ``[len(grp), BLOCK_W]`` tile of groups
