@@ -28,6 +28,7 @@ ALIGNED_INTS = {"C", "L", "num_planes", "num_rows"}
 STREAM_KERNELS = ("moments", "backward_sums", "affine_apply", "backward_apply")
 COEFF_KERNELS = ("bin_forward", "bin_backward", "iebn_forward", "iebn_backward")
 ASSOC_KERNELS = ("assoc_forward", "assoc_backward")
+ILM_KERNELS = ("ilm_forward", "ilm_backward")
 LDG128_REQUIRED = ("affine_apply", "backward_apply")
 # constexpr flags of the fused ReLU (issue 14): both values of each are compiled
 FLAGS = {"affine_apply": "RELU", "backward_sums": "MASK", "backward_apply": "MASK"}
@@ -56,6 +57,12 @@ def specs(quick: bool = False):
     for cfg in h.all_assoc_configs():
         for name in ASSOC_KERNELS:
             out.append((name, None, dict(BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg),
+                        cfg.num_warps))
+    for cfg in h.all_ilm_configs():
+        for name in ILM_KERNELS:
+            out.append((name, None, dict(BLOCK_K=cfg.block_k, BLOCK_CK=cfg.block_ck,
+                                         BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg,
+                                         E_CHUNK=cfg.e_chunk),
                         cfg.num_warps))
     return out
 

@@ -1,5 +1,5 @@
 """The per-layer coefficient steps as ``triton_op``s: ``torch.ops.normfuse_triton.
-{bin,iebn,assoc}_coefficients[_backward]`` (docs/architecture.md), each one launch of its fused
+{bin,iebn,assoc,ilm}_coefficients[_backward]`` (docs/architecture.md), each one launch of its fused
 kernel over O(N*C) statistics.  Schemas are inferred from the annotations (see ops.py)."""
 from __future__ import annotations
 
@@ -256,6 +256,92 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
         d_enc, d_dec_mu, d_dec_var, d_weight, d_bias,
         n, c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
     return (c_dy, c_x, c_0, d_enc, d_dec_mu, d_dec_var, d_weight, d_bias)
+
+
+def _ilm_params(mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight,
+                bias, op):
+    """Checked ILM-Norm parameters: ``(enc, dec_w, dec_b, weight, bias, K, E, meta)``.  K is the
+    encoder's column count (the key groups), E its row count (the hidden units).  Groups of one
+    value are refused, as normfuse.coefficients.ilm does (their unbiased variance is 0 / 0)."""
+    n, c = mean.shape
+    if num_groups <= 0 or c % num_groups:
+        raise RuntimeError(f"normfuse_triton: num_groups ({num_groups}) must be >= 1 and divide "
+                           f"the number of channels ({c})")
+    rt.require_tensor(encoder, "encoder")
+    if encoder.dim() != 2 or min(encoder.shape) < 1 or c % encoder.shape[1]:
+        raise RuntimeError(f"normfuse_triton: encoder must be (E, K) with E >= 1 and K key groups "
+                           f"dividing the number of channels ({c}), got {tuple(encoder.shape)}")
+    hidden, keys = encoder.shape
+    for count, what in ((c // keys * plane_size, "key group"),
+                        (c // num_groups * plane_size, "group")):
+        if count <= 1:
+            raise RuntimeError(f"normfuse_triton: {op}: the unbiased variance needs more than one "
+                               f"value per {what}, got {count}")
+    acc, dev = mean.dtype, mean.device
+    enc = stats_tensor(encoder, (hidden, keys), acc, "encoder", dev)
+    dec_w = stats_tensor(decoder_weight, (keys, hidden), acc, "decoder_weight", dev)
+    dec_b = stats_tensor(decoder_bias, (keys, hidden), acc, "decoder_bias", dev)
+    weight = _param(weight, mean, "weight", optional=False)
+    bias = _param(bias, mean, "bias", optional=False)
+    cfg = heuristics.ilm_config(num_groups, keys)
+    meta = dict(BLOCK_K=cfg.block_k, BLOCK_CK=cfg.block_ck, BLOCK_G=cfg.block_g,
+                BLOCK_CG=cfg.block_cg, E_CHUNK=cfg.e_chunk, num_warps=cfg.num_warps)
+    return enc, dec_w, dec_b, weight, bias, keys, hidden, meta
+
+
+@triton_op(f"{NAMESPACE}::ilm_coefficients", mutates_args=())
+def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
+                     encoder: Tensor, decoder_weight: Tensor, decoder_bias: Tensor,
+                     weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    mean, m2 = _moment_pair(mean, m2, plane_size)
+    n, c = mean.shape
+    enc, dec_w, dec_b, weight, bias, keys, hidden, meta = _ilm_params(
+        mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias,
+        "ilm_coefficients")
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    if n == 0:
+        return scale, shift
+    launcher(kernels().ilm_forward)[(n,)](
+        mean, m2, enc, dec_w, dec_b, weight, bias, scale, shift,
+        c, plane_size, num_groups, keys, hidden, c // num_groups, c // keys, eps, **meta)
+    return scale, shift
+
+
+@triton_op(f"{NAMESPACE}::ilm_coefficients_backward", mutates_args=())
+def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, m2: Tensor,
+                              plane_size: int, num_groups: int, encoder: Tensor,
+                              decoder_weight: Tensor, decoder_bias: Tensor, weight: Tensor,
+                              bias: Tensor, eps: float
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                         Tensor]:
+    """``bias`` is not read (the gradients do not depend on it) but checked, as the assoc op
+    does."""
+    mean, m2 = _moment_pair(mean, m2, plane_size)
+    n, c = mean.shape
+    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
+    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)
+    enc, dec_w, dec_b, weight, bias, keys, hidden, meta = _ilm_params(
+        mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias,
+        "ilm_coefficients_backward")
+    c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
+    d_enc, d_dec_w, d_dec_b = (torch.empty_like(t) for t in (enc, dec_w, dec_b))
+    d_weight, d_bias = mean.new_empty(c), mean.new_empty(c)
+    if n == 0:
+        return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_w.zero_(), d_dec_b.zero_(),
+                d_weight.zero_(), d_bias.zero_())
+    width = 2 * c + 3 * hidden * keys
+    if n * width >= 2**31:  # the kernel's workspace rows are indexed in int32
+        raise RuntimeError(f"normfuse_triton: ilm_coefficients_backward needs N * (2C + 3 * E * "
+                           f"K) < 2**31, got {n} * {width}; use the cuda or torch backend")
+    groups = rt.cdiv(n, kernels().rows_per_group)
+    ws = mean.new_empty(n * width)
+    ws2 = mean.new_empty(groups * width)
+    counter = rt.counters(mean, groups + 1)
+    launcher(kernels().ilm_backward)[(n,)](
+        g1, g2, mean, m2, enc, dec_w, dec_b, weight, c_dy, c_x, c_0, ws, ws2, counter,
+        d_enc, d_dec_w, d_dec_b, d_weight, d_bias,
+        n, c, plane_size, num_groups, keys, hidden, c // num_groups, c // keys, eps, **meta)
+    return (c_dy, c_x, c_0, d_enc, d_dec_w, d_dec_b, d_weight, d_bias)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,14 @@ split count and chunk length are runtime arguments, so they add no compiled vari
 Coefficient kernels: BIN/IEBN use one program per ``block_c`` channels looping over ``N`` in
 ``block_n`` rows (``COEFF_CONFIGS``, picked by ``N``); AssocNorm one program per sample with
 a group tile of 16 or 64 (so ``num_groups`` must be <= 64); the kernels walk the hidden units in
-chunks, so the hidden size adds no compiled variant and has no limit.
+chunks, so the hidden size adds no compiled variant and has no limit.  ILM-Norm: one program
+per sample with two tiles of ``ILM_TILE`` elements, a key tile holding all K key groups
+(``block_k`` of 16, 64 or 256, so K = C / key_group_size must be <= 256) and a group tile of 32
+or 64 groups that the kernels walk over any number of groups; the hidden units in chunks as
+AssocNorm's.
 
-``all_stream_configs``, ``all_coeff_configs`` and ``all_assoc_configs`` enumerate every
-configuration these functions can return; the AOT tests compile each of them.
+``all_stream_configs``, ``all_coeff_configs``, ``all_assoc_configs`` and ``all_ilm_configs``
+enumerate every configuration these functions can return; the AOT tests compile each of them.
 """
 from __future__ import annotations
 
@@ -47,6 +51,11 @@ COEFF_WARPS = 4
 ASSOC_BLOCKS = (16, 64)  # block sizes for the groups
 ASSOC_TILE = 512
 ASSOC_WARPS = 8
+ILM_KEY_BLOCKS = (16, 64, 256)  # block sizes for the key groups (all in one tile)
+ILM_GROUP_BLOCKS = (32, 64)     # block sizes for the groups (walked in blocks)
+ILM_TILE = 512
+ILM_E_CHUNK = 8   # hidden units per step of the meta network, at most: [e_chunk, block_k] tiles
+ILM_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,16 @@ class AssocConfig:
     block_g: int
     block_cg: int
     num_warps: int = ASSOC_WARPS
+
+
+@dataclass(frozen=True)
+class ILMConfig:
+    block_k: int
+    block_ck: int
+    block_g: int
+    block_cg: int
+    e_chunk: int
+    num_warps: int = ILM_WARPS
 
 
 def _pick(extent: int, choices) -> int:
@@ -118,6 +137,26 @@ def assoc_config(num_groups: int) -> AssocConfig:
     return AssocConfig(block_g, ASSOC_TILE // block_g)
 
 
+def ilm_config(num_groups: int, key_groups: int) -> ILMConfig:
+    """ILM-Norm kernels: the smallest key tile holding all ``key_groups`` (the meta network
+    needs every key group's statistics at once), and a group tile of 32 groups up to 32 (the
+    layer's default num_groups), else 64 (more groups are walked 64 at a time); each tile
+    ``ILM_TILE`` elements, and so are the meta network's ``[e_chunk, block_k]`` tiles (up to
+    ``ILM_E_CHUNK`` hidden units a step).  (A group tile of 16 x 32 made ptxas spill two
+    registers in the backward at block_k = 16 on sm_80, Triton 3.8; 32 x 16 does not.)"""
+    if key_groups > ILM_KEY_BLOCKS[-1]:
+        raise RuntimeError(f"normfuse_triton: ILM-Norm kernels support C / key_group_size <= "
+                           f"{ILM_KEY_BLOCKS[-1]} key groups, got {key_groups}")
+    block_k = next(b for b in ILM_KEY_BLOCKS if key_groups <= b)
+    block_g = ILM_GROUP_BLOCKS[0] if num_groups <= ILM_GROUP_BLOCKS[0] else ILM_GROUP_BLOCKS[-1]
+    return _ilm(block_k, block_g)
+
+
+def _ilm(block_k: int, block_g: int) -> ILMConfig:
+    return ILMConfig(block_k, ILM_TILE // block_k, block_g, ILM_TILE // block_g,
+                     max(1, min(ILM_E_CHUNK, ILM_TILE // block_k)))
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -140,3 +179,7 @@ def all_coeff_configs():
 
 def all_assoc_configs():
     return [AssocConfig(g, ASSOC_TILE // g) for g in ASSOC_BLOCKS]
+
+
+def all_ilm_configs():
+    return [_ilm(k, g) for k in ILM_KEY_BLOCKS for g in ILM_GROUP_BLOCKS]

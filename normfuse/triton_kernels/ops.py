@@ -1,7 +1,8 @@
-"""``torch.ops.normfuse_triton.*``: the ten ops of docs/architecture.md as ``triton_op``s.
+"""``torch.ops.normfuse_triton.*``: the ten ops of docs/architecture.md as ``triton_op``s, and
+ILM-Norm's two coefficient ops (docs/architecture.md, "ILM-Norm").
 
 Importing this module registers them (no GPU needed): ``streaming_ops.py`` (the four full-size
-passes) and ``coefficient_ops.py`` (the six per-layer coefficient steps), over what they share in
+passes) and ``coefficient_ops.py`` (the eight per-layer coefficient steps), over what they share in
 ``runtime.py`` (lazy kernel import, checks, counters, grids).  The kernel modules are imported at
 the first call, so ``TRITON_INTERPRET`` only has to be set before then.
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 from .coefficient_ops import (assoc_coefficients, assoc_coefficients_backward,
                               bin_coefficients, bin_coefficients_backward, iebn_coefficients,
-                              iebn_coefficients_backward)
+                              iebn_coefficients_backward, ilm_coefficients,
+                              ilm_coefficients_backward)
 from .runtime import NAMESPACE, interpreted, kernels
 from .streaming_ops import affine_apply, backward_apply, backward_sums, moments
 
 __all__ = ["NAMESPACE", "affine_apply", "assoc_coefficients", "assoc_coefficients_backward",
            "backward_apply", "backward_sums", "bin_coefficients", "bin_coefficients_backward",
-           "iebn_coefficients", "iebn_coefficients_backward", "interpreted", "kernels", "moments"]
+           "iebn_coefficients", "iebn_coefficients_backward", "ilm_coefficients",
+           "ilm_coefficients_backward", "interpreted", "kernels", "moments"]

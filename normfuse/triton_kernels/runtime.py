@@ -6,12 +6,12 @@ rejected on the GPU (use the ``cuda`` or ``torch`` backend); CPU tensors run onl
 kernels are interpreted (``TRITON_INTERPRET=1`` set before the first call), and there float64 is
 accepted too (statistics float64), so gradcheck-style tests can use this backend.
 
-Split reductions and the AssocNorm backward finish inside their launch with "last program"
-tickets (``common.last_arrival``).  The int32 ticket counters live in a zero-initialised buffer
-cached per (device, stream) (in the CPU interpreter: per device and thread) that every kernel
-leaves zeroed again (the last arriving program resets its ticket), so no memset launch is
-needed; only while tracing (torch.compile) or capturing a CUDA graph is a fresh ``torch.zeros``
-buffer used instead (one extra fill, only where a kernel needs tickets).
+Split reductions and the AssocNorm and ILM-Norm backwards finish inside their launch with
+"last program" tickets (``common.last_arrival``).  The int32 ticket counters live in a
+zero-initialised buffer cached per (device, stream) (in the CPU interpreter: per device and
+thread) that every kernel leaves zeroed again (the last arriving program resets its ticket), so
+no memset launch is needed; only while tracing (torch.compile) or capturing a CUDA graph is a
+fresh ``torch.zeros`` buffer used instead (one extra fill, only where a kernel needs tickets).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def kernels() -> SimpleNamespace:
     global _K
     if _K is None:
         from . import (apply, backward, coefficients_assoc, coefficients_bin,  # noqa: PLC0415
-                       coefficients_iebn, moments)
+                       coefficients_iebn, coefficients_ilm, moments)
         _K = SimpleNamespace(
             moments=moments.moments_kernel, backward_sums=backward.backward_sums_kernel,
             affine_apply=apply.affine_apply_kernel, backward_apply=apply.backward_apply_kernel,
@@ -49,6 +49,8 @@ def kernels() -> SimpleNamespace:
             iebn_backward=coefficients_iebn.iebn_backward_kernel,
             assoc_forward=coefficients_assoc.assoc_forward_kernel,
             assoc_backward=coefficients_assoc.assoc_backward_kernel,
+            ilm_forward=coefficients_ilm.ilm_forward_kernel,
+            ilm_backward=coefficients_ilm.ilm_backward_kernel,
             rows_per_group=coefficients_assoc.ROWS_PER_GROUP.value)
     return _K
 

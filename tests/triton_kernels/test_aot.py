@@ -52,7 +52,8 @@ def test_every_configuration_compiles(results):
            for r in results}
     assert got == expected
     kernels = {r["kernel"] for r in results}
-    assert kernels == set(aot.STREAM_KERNELS + aot.COEFF_KERNELS + aot.ASSOC_KERNELS)
+    assert kernels == set(aot.STREAM_KERNELS + aot.COEFF_KERNELS + aot.ASSOC_KERNELS
+                           + aot.ILM_KERNELS)
 
 
 def test_no_spills(results):

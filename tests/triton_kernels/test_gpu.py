@@ -13,7 +13,7 @@ EPS = 1e-5
 OUR_KERNELS = ("moments_kernel", "backward_sums_kernel", "affine_apply_kernel",
                "backward_apply_kernel", "bin_forward_kernel", "bin_backward_kernel",
                "iebn_forward_kernel", "iebn_backward_kernel", "assoc_forward_kernel",
-               "assoc_backward_kernel")
+               "assoc_backward_kernel", "ilm_forward_kernel", "ilm_backward_kernel")
 
 
 def _x(shape, dtype, channels_last, offset=0.0, seed=0):
@@ -77,6 +77,38 @@ def test_launch_counts():
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sorted(names) == sorted(["moments_kernel", "bin_forward_kernel",
                                     "affine_apply_kernel"]), names
+
+
+def test_ilm_ops_gpu():
+    """ILM-Norm's coefficient ops compiled, at the layer's defaults on C = 2048 (128 key groups
+    of 16, 32 groups, E = 8) and 64 samples: the spec's numbers (float64 on the CPU), one CUDA
+    kernel each, a bitwise deterministic backward, and torch.compile(fullgraph=True) traces
+    into them."""
+    from normfuse.coefficients import ilm as spec
+    g = torch.Generator().manual_seed(4)
+    n, c, L, G, K, E = 64, 2048, 49, 32, 128, 8
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    cpu = (r(n, c) + 1, (r(n, c).abs() + 0.1) * L, L, G, r(E, K, scale=0.2), r(K, E, scale=0.3),
+           r(K, E, scale=0.3), r(c) * 0.2 + 1, r(c) * 0.2, EPS)
+    dys = (r(n, c), r(n, c))
+    f32 = [t.float().cuda() if isinstance(t, torch.Tensor) else t for t in dys + cpu]
+    want = (*spec.ilm_coefficients(*cpu), *spec.ilm_coefficients_backward(*dys, *cpu))
+    got = (*ops.ilm_coefficients(*f32[2:]), *ops.ilm_coefficients_backward(*f32))
+    for a, w in zip(got, want):
+        scale = max(1.0, float(w.abs().max()))
+        assert float((a.double().cpu() - w).abs().max()) <= 1e-4 * scale
+    again = ops.ilm_coefficients_backward(*f32)
+    assert all(torch.equal(a, b) for a, b in zip(got[2:], again))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.ilm_coefficients(*f32[2:])
+        ops.ilm_coefficients_backward(*f32)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sorted(names) == ["ilm_backward_kernel", "ilm_forward_kernel"], names
+    compiled = torch.compile(lambda *a: ops.ilm_coefficients(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(*f32[2:]), got[:2])
 
 
 def test_torch_compile_fullgraph():

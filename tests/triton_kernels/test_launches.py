@@ -30,6 +30,12 @@ ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.new_
 FORWARD = ("moments_kernel", "{}_forward_kernel", "affine_apply_kernel")
 BACKWARD = ("backward_sums_kernel", "{}_backward_kernel", "backward_apply_kernel")
 SHAPE = (2, 8, 15, 20)  # L = 300: with force_splits 3 (rows) / 2 (channels-last) splits
+# ILMNorm still runs the PyTorch-ops coefficient step on every backend: the layer routing
+# (normfuse/_autograd.py) calls normfuse_triton::ilm_coefficients[_backward] once both the Triton
+# and the C++ ops have landed.  Strict: this fails once the routing is there, to be removed then.
+ILM_ROUTING = pytest.mark.xfail(strict=True, reason="ILMNorm's layer routing does not call the "
+                                "ILM coefficient ops yet (test_ilm_ops_are_one_launch_each "
+                                "counts the ops)")
 
 
 @dataclass
@@ -118,6 +124,8 @@ def _layer(kind):
         m = normfuse.BatchInstanceNorm2d(c)
     elif kind == "iebn":
         m = normfuse.IEBN2d(c)
+    elif kind == "ilm":
+        m = normfuse.ILMNorm(c, num_groups=2, key_group_size=2)  # 4 key groups straddle
     else:
         m = normfuse.AssocNorm(4, c)
     g = torch.Generator().manual_seed(0)
@@ -148,13 +156,13 @@ def _counter_buffers(launches):
     """The ticket counters of the launches that use them (split reductions, AssocNorm's
     backward)."""
     return [la.args["counter_ptr"] for la in launches
-            if la.kernel == "assoc_backward_kernel"
+            if la.kernel in ("assoc_backward_kernel", "ilm_backward_kernel")
             or la.kernel in ("moments_kernel", "backward_sums_kernel") and la.grid[1] > 1]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc"])
+@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc", pytest.param("ilm", marks=ILM_ROUTING)])
 def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, training,
                                                  channels_last):
     m = _layer(kind).train(training)
@@ -178,7 +186,7 @@ def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, t
     # (training) is done by the coefficient kernel, with the running statistics
     assert f_ops == [], f_ops
     assert b_ops == [], b_ops
-    if kind != "assoc":
+    if kind in ("bin", "iebn"):
         coef = f_launch[1]
         assert coef.args["count"] == int(training)
         if training:
@@ -188,7 +196,7 @@ def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, t
     # ticket counters: one persistent buffer per device (and stream / thread), left zeroed
     used = _counter_buffers(f_launch + b_launch)
     again = _counter_buffers(f_again + b_again)
-    assert len(used) == (3 if kind == "assoc" else 2) == len(again)
+    assert len(used) == (3 if kind in ("assoc", "ilm") else 2) == len(again)
     assert len({t.data_ptr() for t in used + again}) == 1, "counters must be reused"
     assert int(used[0].abs().sum()) == 0, "kernels must leave their counters zeroed"
 
@@ -203,3 +211,36 @@ def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, t
     assert y.stride() == x.stride() and grads[0].stride() == x.stride()
     for a, b in zip(grads, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_ilm_ops_are_one_launch_each(recorder):
+    """The ILM-Norm coefficient ops, called directly (the layer does not route to them yet):
+    one launch each, one program per sample, nothing torch-side but allocations, and the
+    backward's ticket counters the persistent per-device buffer, left zeroed.  19 samples:
+    three row groups of the backward's sum tree (ROWS_PER_GROUP = 8)."""
+    ops = torch.ops.normfuse_triton
+    g = torch.Generator().manual_seed(3)
+    n, c, L, G, K, E = 19, 12, 5, 4, 3, 2
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+    stats = (r(n, c) + 1, r(n, c).abs() * L + 0.1, L, G, r(E, K), r(K, E), r(K, E), r(c), r(c),
+             1e-5)
+    grads = (r(n, c), r(n, c))
+    ops.ilm_coefficients_backward(*grads, *stats)  # first use: kernels, counter buffer
+    counters = []
+    for _ in range(2):
+        recorder.clear()
+        with TorchOps(recorder):
+            ops.ilm_coefficients(*stats)
+        assert [(la.kernel, la.grid) for la in recorder.launches] == [("ilm_forward_kernel", (n,))]
+        assert recorder.torch_ops == [], recorder.torch_ops
+        recorder.clear()
+        with TorchOps(recorder):
+            ops.ilm_coefficients_backward(*grads, *stats)
+        assert [(la.kernel, la.grid) for la in recorder.launches] == [("ilm_backward_kernel",
+                                                                        (n,))]
+        assert recorder.torch_ops == [], recorder.torch_ops
+        counters += _counter_buffers(recorder.launches)
+    assert len({t.data_ptr() for t in counters}) == 1, "counters must be reused"
+    assert int(counters[0].abs().sum()) == 0, "kernels must leave their counters zeroed"

@@ -58,3 +58,18 @@ def test_forwards_with_batch_counter(op, training):
     t = make_inputs(op, 3, 4, 5, seed=11, dtype=torch.float32)
     args = op_args(op, {k: v.float().to(DEVICE) for k, v in t.items()}, 5, 1, training, True, True)
     _opcheck(op_name(op), (*args, torch.tensor(7, device=DEVICE)))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_ilm_coefficient_ops(backward):
+    """ILM-Norm's ops (not in the shared C++ cases yet): key groups straddling groups."""
+    g = torch.Generator().manual_seed(13)
+    n, c, L, G, K, E = 3, 12, 3, 4, 3, 2
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+    args = (r(n, c) + 1, r(n, c).abs() * L + 0.1, L, G, r(E, K), r(K, E), r(K, E), r(c) + 1,
+            r(c), 1e-5)
+    if backward:
+        args = (r(n, c), r(n, c), *args)
+    _opcheck("ilm_coefficients_backward" if backward else "ilm_coefficients", args)
