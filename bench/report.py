@@ -11,10 +11,8 @@ from typing import Dict, Iterable, List, Optional
 
 from .layers import LAYER_LABEL, LAYERS, NATIVE_LABEL
 
-# The layers the issues set targets for (issues 5 and 14).  ILM-Norm is measured and summarised
-# like them but judged on none: its coefficient step is a kernel on the CPU only (~50 PyTorch ops
-# forward, ~100 backward, on the GPU backends: docs/architecture.md, "ILM-Norm"), so a bandwidth
-# or launch target would judge that missing kernel, not the layer.
+# The layers the issues set targets for (issues 5, 13 and 14).  ILM-Norm is measured and
+# summarised like them but judged on none: no issue sets it a target.
 TARGET_LAYERS = ("bin", "iebn", "assoc")
 
 

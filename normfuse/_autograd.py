@@ -5,10 +5,6 @@ Backward: ``backward_sums``, the layer's coefficient backward op, ``backward_app
 Only the input and O(N*C) statistics are saved.  The ops come from the backend in use
 (``normfuse.backends``); which layer runs is only which coefficient op is called.
 
-ILM-Norm's coefficient step is a kernel on the "cpu" backend only
-(``torch.ops.normfuse.ilm_coefficients[_backward]``); the "cuda" and "triton" backends run their
-four generic kernels and, between them, the PyTorch-ops reference ``coefficients.ilm`` (forward
-and hand-written backward) on the O(N*C) statistics (docs/architecture.md, "ILM-Norm").
 
 Two carriers of that pipeline, with the same ops in the same order: ``NormFunction``, one
 ``torch.autograd.Function`` for every layer and backend; and, for BIN, IEBN and AssocNorm on the
@@ -30,15 +26,9 @@ from ._checks import is_channels_last
 from .backends import ops_for, resolve_backend
 from .coefficients import (bin_coefficients, bin_coefficients_backward, iebn_coefficients,
                            iebn_coefficients_backward)
-from .coefficients.ilm import ilm_coefficients, ilm_coefficients_backward
 
 # Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
 _BATCH_LAYERS = ("bin", "iebn")
-# The backends whose ILM-Norm coefficient ops the layers call: "torch" (the reference itself) and
-# "cpu" (the C++ kernels). "triton" has no ILM kernel yet and calls the reference directly; so
-# does "cuda" until its kernels (kernels/coefficients_ilm.cuh, tested on the CPU shim only so
-# far) pass tests/csrc/test_ilm_coefficients.py's GPU tests: then add "cuda" here.
-_ILM_OPS = ("torch", "cpu")
 # Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
 _REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),
               "iebn": (iebn_coefficients, iebn_coefficients_backward)}
@@ -82,10 +72,8 @@ def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_va
         op = getattr(ops, f"{layer}_coefficients")
         return op(mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.momentum, config.eps, num_batches_tracked)
-    if layer == "ilm":
-        op = ops.ilm_coefficients if config.backend in _ILM_OPS else ilm_coefficients
-        return op(mean, m2, plane, config.num_groups, *params, config.eps)
-    return ops.assoc_coefficients(mean, m2, plane, config.num_groups, *params, config.eps)
+    op = ops.ilm_coefficients if layer == "ilm" else ops.assoc_coefficients
+    return op(mean, m2, plane, config.num_groups, *params, config.eps)
 
 
 def _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params, running_mean,
@@ -99,12 +87,8 @@ def _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params, running
         op = getattr(ops, f"{layer}_coefficients_backward")
         return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.eps)
-    if layer == "ilm":
-        op = (ops.ilm_coefficients_backward if config.backend in _ILM_OPS
-              else ilm_coefficients_backward)
-        return op(g1, g2, mean, m2, plane, config.num_groups, *params, config.eps)
-    return ops.assoc_coefficients_backward(g1, g2, mean, m2, plane, config.num_groups, *params,
-                                           config.eps)
+    op = ops.ilm_coefficients_backward if layer == "ilm" else ops.assoc_coefficients_backward
+    return op(g1, g2, mean, m2, plane, config.num_groups, *params, config.eps)
 
 
 def _traced_forward(config, x, running_mean, running_var, num_batches_tracked, params):

@@ -30,8 +30,7 @@ import torch
 from . import torch_backend
 
 NAMESPACES = ("normfuse", "normfuse_triton")
-# every op any namespace may hold (the ILM ops only the C++ one so far: torch_backend.ILM_OP_NAMES)
-_OP_NAMES = tuple(torch_backend.__all__) + torch_backend.ILM_OP_NAMES
+_OP_NAMES = tuple(torch_backend.__all__)  # the ops every namespace holds
 _CIA = torch._C.DispatchKey.CompositeImplicitAutograd
 
 

@@ -94,11 +94,5 @@ __all__ = [
     "moments", "affine_apply", "backward_sums", "backward_apply",
     "bin_coefficients", "bin_coefficients_backward", "iebn_coefficients",
     "iebn_coefficients_backward", "assoc_coefficients", "assoc_coefficients_backward",
+    "ilm_coefficients", "ilm_coefficients_backward",
 ]
-
-# ILM-Norm's coefficient ops, here so that every namespace holding them is called alike
-# (``_autograd._coefficients``) and so that ``export.decompositions`` maps them to the
-# reference. Kept out of ``__all__``, the ops *every* op namespace holds (the Triton namespace's
-# completeness checks compare against it), while only ``torch.ops.normfuse`` has them: move them
-# into ``__all__`` when ``normfuse_triton`` has them too.
-ILM_OP_NAMES = ("ilm_coefficients", "ilm_coefficients_backward")

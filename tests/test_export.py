@@ -184,11 +184,10 @@ def test_decompositions_are_the_torch_backend():
         assert fn is getattr(torch_backend, name)
         by_namespace.setdefault(op.namespace, set()).add(name)
     expected = set(torch_backend.__all__)
-    if "cpu" in normfuse.available_backends():  # ILM's ops: so far in the C++ namespace only
-        assert by_namespace["normfuse"] == expected | set(torch_backend.ILM_OP_NAMES)
+    if "cpu" in normfuse.available_backends():
+        assert by_namespace["normfuse"] == expected
     if normfuse.backends._triton()[0] is not None:  # normfuse.triton_kernels imports here
-        ilm = {n for n in torch_backend.ILM_OP_NAMES if hasattr(torch.ops.normfuse_triton, n)}
-        assert by_namespace["normfuse_triton"] == expected | ilm
+        assert by_namespace["normfuse_triton"] == expected
 
 
 @pytest.mark.skipif("cpu" not in normfuse.available_backends(),

@@ -1,8 +1,6 @@
 """Per-layer coefficient functions ``(mean, m2, params) -> (scale, shift)`` and their backward,
 in PyTorch ops.  They are the "torch" backend's coefficient step and the reference that the C++,
-CUDA and Triton coefficient kernels are tested against (docs/architecture.md).  ILM-Norm's
-(``ilm.py``) has a C++ kernel on the CPU only: the "cuda" and "triton" backends run it as it
-is."""
+CUDA and Triton coefficient kernels are tested against (docs/architecture.md)."""
 from .assoc import assoc_coefficients, assoc_coefficients_backward
 from .bin import bin_coefficients, bin_coefficients_backward
 from .iebn import iebn_coefficients, iebn_coefficients_backward

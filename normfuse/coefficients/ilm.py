@@ -22,9 +22,9 @@ or ``C / K * L == 1``) are refused here; the layers refuse such inputs first, wi
 naming the layer (the authors' layer returns NaN there).
 
 These functions are the spec of the ops ``ilm_coefficients[_backward]``: the "torch" backend's
-(normfuse/torch_backend.py), the C++ kernels' of the "cpu" backend
-(csrc/cpu/coefficients_ilm_impl.h), and, until they have ILM kernels, what the "cuda" and
-"triton" backends run on their (N, C) statistics (docs/architecture.md, "ILM-Norm").
+(normfuse/torch_backend.py), and the one the C++ (csrc/cpu/coefficients_ilm_impl.h), CUDA
+(csrc/kernels/coefficients_ilm.cuh) and Triton (normfuse/triton_kernels/coefficients_ilm.py)
+kernels are tested against (docs/architecture.md, "ILM-Norm").
 """
 from __future__ import annotations
 

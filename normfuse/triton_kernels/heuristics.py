@@ -146,7 +146,8 @@ def ilm_config(num_groups: int, key_groups: int) -> ILMConfig:
     registers in the backward at block_k = 16 on sm_80, Triton 3.8; 32 x 16 does not.)"""
     if key_groups > ILM_KEY_BLOCKS[-1]:
         raise RuntimeError(f"normfuse_triton: ILM-Norm kernels support C / key_group_size <= "
-                           f"{ILM_KEY_BLOCKS[-1]} key groups, got {key_groups}")
+                           f"{ILM_KEY_BLOCKS[-1]} key groups, got {key_groups}; use the cuda "
+                           f"or torch backend")
     block_k = next(b for b in ILM_KEY_BLOCKS if key_groups <= b)
     block_g = ILM_GROUP_BLOCKS[0] if num_groups <= ILM_GROUP_BLOCKS[0] else ILM_GROUP_BLOCKS[-1]
     return _ilm(block_k, block_g)

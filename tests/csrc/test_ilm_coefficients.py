@@ -306,8 +306,7 @@ def test_module_gradcheck_float64_cpu_backend():
 
 # ---- CUDA kernels (kernels/coefficients_ilm.cuh; skipped without a GPU) --------------------------
 # The shim runs the same kernels on the CPU under TSAN / ASAN (tests/csrc/test_coefficients_shim.py);
-# these check the glue and the real device. The layers do not call them yet (normfuse/_autograd.py,
-# _ILM_OPS): add "cuda" there once these pass on a GPU.
+# these check the glue and the real device (the cuda backend's layers call them).
 HAS_GPU = _extension.HAS_CUDA_KERNELS and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU and the CUDA kernels")
 

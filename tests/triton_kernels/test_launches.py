@@ -30,12 +30,6 @@ ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.new_
 FORWARD = ("moments_kernel", "{}_forward_kernel", "affine_apply_kernel")
 BACKWARD = ("backward_sums_kernel", "{}_backward_kernel", "backward_apply_kernel")
 SHAPE = (2, 8, 15, 20)  # L = 300: with force_splits 3 (rows) / 2 (channels-last) splits
-# ILMNorm still runs the PyTorch-ops coefficient step on every backend: the layer routing
-# (normfuse/_autograd.py) calls normfuse_triton::ilm_coefficients[_backward] once both the Triton
-# and the C++ ops have landed.  Strict: this fails once the routing is there, to be removed then.
-ILM_ROUTING = pytest.mark.xfail(strict=True, reason="ILMNorm's layer routing does not call the "
-                                "ILM coefficient ops yet (test_ilm_ops_are_one_launch_each "
-                                "counts the ops)")
 
 
 @dataclass
@@ -162,7 +156,7 @@ def _counter_buffers(launches):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc", pytest.param("ilm", marks=ILM_ROUTING)])
+@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc", "ilm"])
 def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, training,
                                                  channels_last):
     m = _layer(kind).train(training)
@@ -214,8 +208,7 @@ def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, t
 
 
 def test_ilm_ops_are_one_launch_each(recorder):
-    """The ILM-Norm coefficient ops, called directly (the layer does not route to them yet):
-    one launch each, one program per sample, nothing torch-side but allocations, and the
+    """The ILM-Norm coefficient ops, called directly: one launch each, one program per sample, nothing torch-side but allocations, and the
     backward's ticket counters the persistent per-device buffer, left zeroed.  19 samples:
     three row groups of the backward's sum tree (ROWS_PER_GROUP = 8)."""
     ops = torch.ops.normfuse_triton

@@ -24,45 +24,13 @@ def _normalised(schema):
     return args, returns
 
 
-# The ILM-Norm coefficient ops (docs/architecture.md, "ILM-Norm"): the contract both namespaces
-# implement.  The Triton ops and the C++ ones were written on separate branches, so the Triton
-# ones are checked against this text too, and against the C++ build where it has them.
-ILM_CONTRACT = {
-    "ilm_coefficients":
-        "ilm_coefficients(Tensor mean, Tensor m2, SymInt plane_size, int num_groups, "
-        "Tensor encoder, Tensor decoder_weight, Tensor decoder_bias, Tensor weight, "
-        "Tensor bias, float eps) -> (Tensor scale, Tensor shift)",
-    "ilm_coefficients_backward":
-        "ilm_coefficients_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor mean, Tensor m2, "
-        "SymInt plane_size, int num_groups, Tensor encoder, Tensor decoder_weight, "
-        "Tensor decoder_bias, Tensor weight, Tensor bias, float eps) -> (Tensor c_dy, "
-        "Tensor c_x, Tensor c_0, Tensor grad_encoder, Tensor grad_decoder_weight, "
-        "Tensor grad_decoder_bias, Tensor grad_weight, Tensor grad_bias)",
-}
-NAMES = list(OP_NAMES) + [n for n in ILM_CONTRACT if n not in OP_NAMES]
-
-
 @pytest.mark.skipif(not _extension.HAS_CPU_KERNELS, reason="normfuse._C was not built")
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OP_NAMES)
 def test_triton_schema_matches_cpp(name):
     import normfuse.triton_kernels  # noqa: F401  (registers normfuse_triton::*)
-    try:
-        cpp = getattr(torch.ops.normfuse, name).default._schema
-    except (AttributeError, RuntimeError):
-        if name not in ILM_CONTRACT:
-            raise
-        pytest.skip(f"this normfuse._C build has no {name} (test_ilm_schema_is_the_contract "
-                    f"checks the Triton op)")
+    cpp = getattr(torch.ops.normfuse, name).default._schema
     tri = getattr(torch.ops.normfuse_triton, name).default._schema
     assert _normalised(tri) == _normalised(cpp), f"\ntriton: {tri}\nC++:    {cpp}"
-
-
-@pytest.mark.parametrize("name", ILM_CONTRACT)
-def test_ilm_schema_is_the_contract(name):
-    import normfuse.triton_kernels  # noqa: F401  (registers normfuse_triton::*)
-    tri = getattr(torch.ops.normfuse_triton, name).default._schema
-    want = torch._C.parse_schema(f"normfuse_triton::{ILM_CONTRACT[name]}")
-    assert _normalised(tri) == _normalised(want), f"\ntriton:   {tri}\ncontract: {want}"
 
 
 def test_triton_registers():
