@@ -59,7 +59,7 @@ TORCH_LIBRARY(normfuse, m) {
   // ILM-Norm: K = encoder.shape[1] key groups feed the meta network, num_groups groups normalise
   // (normfuse/coefficients/ilm.py). Kernels: CPU (cpu/coefficients_ilm_impl.h), CUDA
   // (kernels/coefficients_ilm.cuh; the cuda backend's layers call them once verified on a GPU,
-  // normfuse/_autograd.py _ILM_OPS).
+  // normfuse/_autograd.py _ILM_KERNELS).
   m.def(
       "ilm_coefficients(Tensor mean, Tensor m2, SymInt plane_size, int num_groups, Tensor encoder, "
       "Tensor decoder_weight, Tensor decoder_bias, Tensor weight, Tensor bias, float eps) "

@@ -29,6 +29,18 @@ from .coefficients import (bin_coefficients, bin_coefficients_backward, iebn_coe
 
 # Layers whose coefficient op takes batch/running statistics arguments (BIN, IEBN) vs. groups.
 _BATCH_LAYERS = ("bin", "iebn")
+# The backends whose ILM-Norm coefficient kernels the layers call. The CUDA and Triton ILM
+# kernels (csrc/kernels/coefficients_ilm.cuh, triton_kernels/coefficients_ilm.py) have run only
+# on the CPU shim and the Triton interpreter: until their GPU tests pass on a GPU
+# (tests/csrc/test_ilm_coefficients.py, tests/triton_kernels/test_coefficients_ilm.py and
+# test_gpu.py), the "cuda" and "triton" layers run this one step with the reference (the torch
+# backend's op); add them here then. A wrong GPU kernel would be silently wrong gradients.
+_ILM_KERNELS = ("torch", "cpu")
+
+
+def _ilm_ops(ops, config):
+    """``ops`` where its ILM kernels are trusted (``_ILM_KERNELS``), else the reference."""
+    return ops if config.backend in _ILM_KERNELS else torch_backend
 # Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
 _REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),
               "iebn": (iebn_coefficients, iebn_coefficients_backward)}
@@ -72,7 +84,7 @@ def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_va
         op = getattr(ops, f"{layer}_coefficients")
         return op(mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.momentum, config.eps, num_batches_tracked)
-    op = ops.ilm_coefficients if layer == "ilm" else ops.assoc_coefficients
+    op = _ilm_ops(ops, config).ilm_coefficients if layer == "ilm" else ops.assoc_coefficients
     return op(mean, m2, plane, config.num_groups, *params, config.eps)
 
 
@@ -87,7 +99,8 @@ def _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params, running
         op = getattr(ops, f"{layer}_coefficients_backward")
         return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.eps)
-    op = ops.ilm_coefficients_backward if layer == "ilm" else ops.assoc_coefficients_backward
+    op = (_ilm_ops(ops, config).ilm_coefficients_backward if layer == "ilm"
+          else ops.assoc_coefficients_backward)
     return op(g1, g2, mean, m2, plane, config.num_groups, *params, config.eps)
 
 

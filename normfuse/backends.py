@@ -28,7 +28,6 @@ import torch
 from . import torch_backend
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-_OP_NAMES = tuple(torch_backend.__all__)
 
 
 def _compiled():
@@ -248,7 +247,7 @@ def compiled_devices() -> int:
 
 
 def ops_for(name: str):
-    """The namespace holding the ten ops of docs/architecture.md for backend ``name``."""
+    """The namespace holding the twelve ops of docs/architecture.md for backend ``name``."""
     if name == "torch":
         return torch_backend
     if name in ("cpu", "cuda"):

@@ -2,7 +2,7 @@
 // device like common/coefficients.h, whose GroupStats, finite_or_zero, sigmoid, relu and
 // assoc_forward it uses). The formulas are normfuse/coefficients/ilm.py's; the CPU loops around
 // them are cpu/coefficients_ilm_impl.h and kernels/coefficients_ilm.cuh. A separate header (not
-// in coefficients.h): that one is long already, and only coefficients.cu includes this.
+// in coefficients.h, which is long already): only the ILM kernels include it.
 //
 // Per sample two groupings of consecutive channels, which need not nest (C = 12, G = 4, K = 3: a
 // key group straddles two groups), so each is merged from the planes, never one from the other:

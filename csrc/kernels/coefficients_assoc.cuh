@@ -169,34 +169,45 @@ __global__ void __launch_bounds__(NF_MAX_THREADS) assoc_coef_forward_kernel(Asso
   }
 }
 
-// Sum the per-sample partials over the samples (tree described at the top); the block that
-// reaches the root writes the five gradients.
-NF_DEVICE void assoc_reduce_partials(const AssocCoefParams<float>& p, const AssocDims& d, int64_t n,
-                                     const AssocSmem& sm) {
+// Sum the per-sample partials (rows of P floats in `workspace`, sample n's at n * P) over the
+// N samples by the tree described at the top; `counters` holds N - 1 used arrival counters, zero
+// on entry and left zero; `flag` is one shared int. Returns true in the one block that reaches
+// the root, whose sums are then workspace[0, P); false (in every thread alike) in the others.
+// Shared by the AssocNorm and ILM-Norm backward kernels.
+NF_DEVICE bool sum_partials_over_samples(float* workspace, int* counters, int64_t N, int P,
+                                         int64_t n, int* flag) {
   const int tid = static_cast<int>(threadIdx.x), T = static_cast<int>(blockDim.x);
-  const int P = static_cast<int>(p.partials_per_sample());
   int64_t own = n;
-  for (int64_t s = 1; s < p.N; s <<= 1) {
+  for (int64_t s = 1; s < N; s <<= 1) {
     const bool right = (own / s) % 2 == 1;
-    if (!right && own + s >= p.N) continue;  // no partner at this level: climb alone
+    if (!right && own + s >= N) continue;  // no partner at this level: climb alone
     const int64_t left = right ? own - s : own;
     __threadfence();  // this block's partial writes are visible before it is counted
     __syncthreads();
     if (tid == 0) {
       // node ids left + s - 1 are unique: s - 1 sets exactly the low log2(s) bits of left.
-      const int ticket = atomicAdd(&p.counters[left + s - 1], 1);
-      if (ticket == 1) atomicExch(&p.counters[left + s - 1], 0);  // leave the counter zeroed
-      *sm.flag = ticket;
+      const int ticket = atomicAdd(&counters[left + s - 1], 1);
+      if (ticket == 1) atomicExch(&counters[left + s - 1], 0);  // leave the counter zeroed
+      *flag = ticket;
       __threadfence();
     }
     __syncthreads();
-    if (*sm.flag == 0) return;  // first to arrive: the partner adds our slot
-    float* dst = p.workspace + left * P;
-    const float* src = p.workspace + (left + s) * P;
+    if (*flag == 0) return false;  // first to arrive: the partner adds our slot
+    float* dst = workspace + left * P;
+    const float* src = workspace + (left + s) * P;
     for (int i = tid; i < P; i += T) dst[i] = __ldcg(dst + i) + __ldcg(src + i);
     own = left;
   }
-  __syncthreads();  // own == 0: the root's sums, written by this block
+  __syncthreads();  // own == 0: the root's sums, complete for every thread of this block
+  return true;
+}
+
+// The block that reaches the root of the samples' tree writes the five gradients.
+NF_DEVICE void assoc_reduce_partials(const AssocCoefParams<float>& p, const AssocDims& d, int64_t n,
+                                     const AssocSmem& sm) {
+  const int tid = static_cast<int>(threadIdx.x), T = static_cast<int>(blockDim.x);
+  const int P = static_cast<int>(p.partials_per_sample());
+  if (!sum_partials_over_samples(p.workspace, p.counters, p.N, P, n, sm.flag)) return;
   const int C = d.C, MG = d.M * d.G;
   const float* tot = p.workspace;
   for (int i = tid; i < P; i += T) {

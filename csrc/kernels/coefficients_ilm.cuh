@@ -137,32 +137,12 @@ __global__ void __launch_bounds__(NF_MAX_THREADS) ilm_coef_forward_kernel(IlmCoe
   }
 }
 
-// Sum the per-sample partials over the samples (the AssocNorm backward's tree); the block that
-// reaches the root writes the five gradients.
+// Sum the per-sample partials over the samples (the AssocNorm backward's tree,
+// sum_partials_over_samples); the block that reaches the root writes the five gradients.
 NF_DEVICE void ilm_reduce_partials(const IlmCoefParams<float>& p, const IlmDims& d, int64_t n, int* flag) {
   const int tid = static_cast<int>(threadIdx.x), T = static_cast<int>(blockDim.x);
   const int P = static_cast<int>(p.partials_per_sample());
-  int64_t own = n;
-  for (int64_t s = 1; s < p.N; s <<= 1) {
-    const bool right = (own / s) % 2 == 1;
-    if (!right && own + s >= p.N) continue;  // no partner at this level: climb alone
-    const int64_t left = right ? own - s : own;
-    __threadfence();  // this block's partial writes are visible before it is counted
-    __syncthreads();
-    if (tid == 0) {
-      const int ticket = atomicAdd(&p.counters[left + s - 1], 1);
-      if (ticket == 1) atomicExch(&p.counters[left + s - 1], 0);  // leave the counter zeroed
-      *flag = ticket;
-      __threadfence();
-    }
-    __syncthreads();
-    if (*flag == 0) return;  // first to arrive: the partner adds our slot
-    float* dst = p.workspace + left * P;
-    const float* src = p.workspace + (left + s) * P;
-    for (int i = tid; i < P; i += T) dst[i] = __ldcg(dst + i) + __ldcg(src + i);
-    own = left;
-  }
-  __syncthreads();  // own == 0: the root's sums, written by this block
+  if (!sum_partials_over_samples(p.workspace, p.counters, p.N, P, n, flag)) return;
   const int C = d.C, EK = d.E * d.K;
   const float* tot = p.workspace;
   for (int i = tid; i < P; i += T) {

@@ -62,8 +62,8 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
                                                          decoder_var)
     omega = d_mu.unsqueeze(2) + weight.reshape(g, -1)
     scale = omega * r.unsqueeze(2)
-    g1 = sum_dy.reshape(n, g, -1)
-    grad_scale = sum_dy_xmu.reshape(n, g, -1) + g1 * dev   # direct + through the shift
+    g1 = sum_dy.reshape(n, g, c // g)
+    grad_scale = sum_dy_xmu.reshape(n, g, c // g) + g1 * dev   # direct + through the shift
     grad_omega = grad_scale * r.unsqueeze(2)
     grad_bias = g1.sum(0).reshape(c)
     grad_weight = grad_omega.sum(0).reshape(c)

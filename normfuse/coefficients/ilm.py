@@ -79,8 +79,8 @@ def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
     g = num_groups
     kmu, kvar, _, mu, var, dev, _, _ = _statistics(mean, m2, plane_size, g, encoder.shape[1])
     *_, d_w, d_b = _meta(kmu, kvar, encoder, decoder_weight, decoder_bias)
-    omega = (_per_channel(d_w, c) + weight).reshape(n, g, -1)
-    beta = (_per_channel(d_b, c) + bias).reshape(n, g, -1)
+    omega = (_per_channel(d_w, c) + weight).reshape(n, g, c // g)
+    beta = (_per_channel(d_b, c) + bias).reshape(n, g, c // g)
     scale = omega * torch.rsqrt(var + eps).unsqueeze(2)
     shift = beta + scale * dev
     return scale.reshape(n, c), shift.reshape(n, c)
@@ -97,17 +97,17 @@ def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
     g, k = num_groups, encoder.shape[1]
     kmu, kvar, kdev, mu, var, dev, bessel_k, bessel_g = _statistics(mean, m2, plane_size, g, k)
     h_w, h_b, e_w, e_b, d_w, d_b = _meta(kmu, kvar, encoder, decoder_weight, decoder_bias)
-    omega = (_per_channel(d_w, c) + weight).reshape(n, g, -1)
+    omega = (_per_channel(d_w, c) + weight).reshape(n, g, c // g)
     r = torch.rsqrt(var + eps)
     scale = omega * r.unsqueeze(2)
-    g1 = sum_dy.reshape(n, g, -1)
-    grad_scale = sum_dy_xmu.reshape(n, g, -1) + g1 * dev   # direct + through the shift
+    g1 = sum_dy.reshape(n, g, c // g)
+    grad_scale = sum_dy_xmu.reshape(n, g, c // g) + g1 * dev   # direct + through the shift
     grad_omega = grad_scale * r.unsqueeze(2)
     grad_weight = grad_omega.sum(0).reshape(c)
     grad_bias = sum_dy.sum(0)
     # meta network, backwards: decoders, then the shared encoder
-    grad_z_w = grad_omega.reshape(n, k, -1).sum(2) * d_w * (1 - d_w)
-    grad_z_b = sum_dy.reshape(n, k, -1).sum(2) * (1 - d_b * d_b)
+    grad_z_w = grad_omega.reshape(n, k, c // k).sum(2) * d_w * (1 - d_w)
+    grad_z_b = sum_dy.reshape(n, k, c // k).sum(2) * (1 - d_b * d_b)
     grad_decoder_weight = grad_z_w.t() @ e_w
     grad_decoder_bias = grad_z_b.t() @ e_b
     grad_h_w = (grad_z_w @ decoder_weight) * (h_w > 0)

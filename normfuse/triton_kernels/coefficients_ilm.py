@@ -146,6 +146,7 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
                         BLOCK_K: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_G: tl.constexpr,
                         BLOCK_CG: tl.constexpr, E_CHUNK: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    l_acc = tl.full([], 0.0, ACC) + L  # counts in ACC: int * float literal would be float32
     n = tl.program_id(0)
     row = n * C
     width = 2 * C + 3 * K * E
@@ -189,14 +190,14 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
             tl.store(wrow + ch, h * r[:, None], mask=mask)
             tl.store(wrow + C + ch, g1, mask=mask)
             tl.store(cdy_ptr + row + ch, omega * r[:, None], mask=mask)
-        d_q = ((sum_hw * (-0.5 * bessel_g) * r * r * r) / ((Cg * 1.0) * L))[:, None]
+        d_q = ((sum_hw * (-0.5 * bessel_g) * r * r * r) / (l_acc * Cg))[:, None]
         d_m = (-(sum_g1w * r) / Cg)[:, None]
         for j0 in range(0, Cg, BLOCK_CG):
             ch, mask = tile(j0, g, gmask, Cg, BLOCK_CG)
             dev = (tl.load(mean_ptr + row + ch, mask=mask, other=0.0) - ref[:, None]) \
                 - off[:, None]
             tl.store(cx_ptr + row + ch, d_q + tl.full([BLOCK_G, BLOCK_CG], 0.0, ACC), mask=mask)
-            tl.store(c0_ptr + row + ch, d_m + (2.0 * L) * d_q * dev, mask=mask)
+            tl.store(c0_ptr + row + ch, d_m + (2.0 * l_acc) * d_q * dev, mask=mask)
     tl.debug_barrier()
 
     # pass 3 (key tile): the key sums of grad_omega (-> d D_w)
@@ -228,7 +229,7 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
                  gh_w[:, None] * kvar[None, :] + gh_b[:, None] * kmu[None, :], mask=ek_mask)
         grad_kvar += total(w * gh_w[:, None], 0)
         grad_kmu += total(w * gh_b[:, None], 0)
-    kd_q = (grad_kvar * bessel_k / ((Ck * 1.0) * L))[:, None]
+    kd_q = (grad_kvar * bessel_k / (l_acc * Ck))[:, None]
     kd_m = (grad_kmu / Ck)[:, None]
 
     # pass 4 (key tile): add the key part to c_x / c_0 (2 dQ, (dm + 2 L dQ dev) / L)
@@ -237,7 +238,7 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
         kdev = (tl.load(mean_ptr + row + ch, mask=mask, other=0.0) - kref[:, None]) \
             - koff[:, None]
         cx = tl.load(cx_ptr + row + ch, mask=mask, other=0.0) + kd_q
-        c0 = tl.load(c0_ptr + row + ch, mask=mask, other=0.0) + (kd_m + (2.0 * L) * kd_q * kdev)
+        c0 = tl.load(c0_ptr + row + ch, mask=mask, other=0.0) + (kd_m + (2.0 * l_acc) * kd_q * kdev)
         tl.store(cx_ptr + row + ch, 2.0 * cx, mask=mask)
         tl.store(c0_ptr + row + ch, c0 / L, mask=mask)
 

@@ -1,4 +1,4 @@
-"""``torch.ops.normfuse_triton.*``: the ten ops of docs/architecture.md as ``triton_op``s, and
+"""``torch.ops.normfuse_triton.*``: the twelve ops of docs/architecture.md as ``triton_op``s, and
 ILM-Norm's two coefficient ops (docs/architecture.md, "ILM-Norm").
 
 Importing this module registers them (no GPU needed): ``streaming_ops.py`` (the four full-size

@@ -135,16 +135,16 @@ def test_non_finite_as_the_reference(poison, where):
 
 
 def test_empty_batch():
-    """N = 0: empty coefficients, zero parameter gradients (a sum over no samples). (The
-    reference cannot run here: its reshape(n, g, -1) of an empty tensor is ambiguous; the layers
-    never call it with N = 0.)"""
+    """N = 0: empty coefficients, zero parameter gradients (a sum over no samples), as the
+    reference gives them."""
     t = make_inputs(0, 12, 5, 4, 4, 2, seed=3)
-    got = _run_both(t, F64)
+    got, want = _run_both(t, F64), _reference(t)
     for name in FORWARD_OUT + BACKWARD_OUT[:3]:
-        assert got[name].shape == (0, 12), name
+        assert got[name].shape == want[name].shape == (0, 12), name
     params = ("encoder", "decoder_weight", "decoder_bias", "weight", "bias")
     for name, param in zip(BACKWARD_OUT[3:], params):
         assert torch.equal(got[name], torch.zeros_like(t[param])), name
+        assert torch.equal(want[name], got[name]), name
 
 
 def test_backward_is_deterministic_and_thread_independent():
@@ -306,7 +306,8 @@ def test_module_gradcheck_float64_cpu_backend():
 
 # ---- CUDA kernels (kernels/coefficients_ilm.cuh; skipped without a GPU) --------------------------
 # The shim runs the same kernels on the CPU under TSAN / ASAN (tests/csrc/test_coefficients_shim.py);
-# these check the glue and the real device (the cuda backend's layers call them).
+# these check the glue and the real device. The cuda backend's layers call them once these have
+# passed on a GPU (normfuse/_autograd.py, _ILM_KERNELS).
 HAS_GPU = _extension.HAS_CUDA_KERNELS and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU and the CUDA kernels")
 

@@ -111,6 +111,18 @@ def test_matches_the_spec(case, dtype, seed):
     assert float(want[6].abs().max()) > 0 and float(want[7].abs().max()) > 0
 
 
+@pytest.mark.skipif(F64 not in ACCS, reason="float64 statistics: not on this device")
+def test_float64_counts_past_float32(seed):
+    """Group sizes C / G * L past 2**24, which float32 cannot hold: a float64 call keeps every
+    count in float64 (a count formed as int * float literal in a kernel is float32, 6e-8 off)."""
+    L = 5592407  # C / G * L = 16777221 > 2**24
+    t = make(2, 6, L, 2, 3, 2, seed, F64)
+    got, want = check(t, L, 2, F64)
+    for name, a, w in zip(OUTPUTS, got, want):  # relative to each output's own size (c_x ~ 1/L)
+        err = float((a.cpu() - w).abs().max() / w.abs().max())
+        assert err < 1e-12, f"{name}: {err:.1e} of its largest value"
+
+
 @pytest.mark.parametrize("dtype", ACCS, ids=str)
 def test_large_offset(dtype, seed):
     """Plane means at 1e4 (the shifted merges keep the variances accurate) and an encoder scaled

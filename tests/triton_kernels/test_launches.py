@@ -154,9 +154,16 @@ def _counter_buffers(launches):
             or la.kernel in ("moments_kernel", "backward_sums_kernel") and la.grid[1] > 1]
 
 
+# ILMNorm's triton layers run the reference coefficient step until the Triton ILM kernels have
+# passed on a GPU (normfuse/_autograd.py, _ILM_KERNELS): strict, so this fails once they call
+# the kernels, and the mark goes then.
+ILM_GATED = pytest.mark.xfail(strict=True, reason="the triton ILM layer runs the reference "
+                              "coefficient step until its kernels pass on a GPU")
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc", "ilm"])
+@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc", pytest.param("ilm", marks=ILM_GATED)])
 def test_layer_step_is_three_plus_three_launches(force_splits, recorder, kind, training,
                                                  channels_last):
     m = _layer(kind).train(training)

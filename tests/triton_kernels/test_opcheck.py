@@ -62,7 +62,8 @@ def test_forwards_with_batch_counter(op, training):
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_ilm_coefficient_ops(backward):
-    """ILM-Norm's ops (not in the shared C++ cases yet): key groups straddling groups."""
+    """ILM-Norm's ops on key groups straddling groups (the shared C++ cases,
+    tests/csrc/test_coefficients_cases.py, build theirs for the C++ ops)."""
     g = torch.Generator().manual_seed(13)
     n, c, L, G, K, E = 3, 12, 3, 4, 3, 2
 
