@@ -55,7 +55,8 @@ def group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G: tl.constexpr,
         bmean = total(dm, 1) / nb
         dev = tl.where(mask, dm - bmean[:, None], 0.0)
         off, dev2, cnt = welford_combine(off, dev2, cnt, bmean, total(dev * dev, 1), nb)
-    return ref, off, (qsum + L * dev2) / ((Cg * 1.0) * L)
+    count = (tl.full([], 0.0, ACC) + Cg) * L  # in ACC: int * float literal would be float32
+    return ref, off, (qsum + L * dev2) / count
 
 
 @triton.jit
@@ -129,6 +130,7 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
                           N, C, L, G, M, Cg, eps,
                           BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    l_acc = tl.full([], 0.0, ACC) + L  # counts in ACC: int * float literal would be float32
     n = tl.program_id(0)
     row = n * C
     g = tl.arange(0, BLOCK_G)
@@ -182,7 +184,7 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
                  gh_mu[:, None] * mu[None, :] + gh_var[:, None] * var[None, :], mask=kg_mask)
         grad_mu += total(w1 * gh_mu[:, None], 0)
         grad_var += total(w1 * gh_var[:, None], 0)
-    d_q = (grad_var / ((Cg * 1.0) * L))[:, None]
+    d_q = (grad_var / (l_acc * Cg))[:, None]
     d_m = (grad_mu / Cg)[:, None]
 
     # pass 2: per-plane backward coefficients
@@ -193,7 +195,7 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
         tl.store(cdy_ptr + row + ch, omega * r[:, None], mask=mask)
         tl.store(cx_ptr + row + ch, 2.0 * d_q + tl.full([BLOCK_G, BLOCK_CG], 0.0, ACC),
                  mask=mask)
-        tl.store(c0_ptr + row + ch, (d_m + 2.0 * L * d_q * dev) / L, mask=mask)
+        tl.store(c0_ptr + row + ch, (d_m + (2.0 * l_acc) * d_q * dev) / L, mask=mask)
 
     # deterministic sum over samples: groups of ROWS_PER_GROUP rows, then the group rows
     grp = n // ROWS_PER_GROUP

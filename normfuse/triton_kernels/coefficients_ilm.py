@@ -34,42 +34,23 @@ AssocNorm backward): deterministic, one launch.
 import triton
 import triton.language as tl
 
-from .coefficients_assoc import ROWS_PER_GROUP, sum_rows
-from .common import (finite_or_zero, last_arrival, relu, reset_counter, sigmoid, tanh, total,
-                     welford_combine)
-
-
-@triton.jit
-def tile(j0, grp, gmask, width, BLOCK_W: tl.constexpr):
-    """Channel index (within the sample) and mask of a ``[len(grp), BLOCK_W]`` tile of groups
-    ``grp`` of ``width`` consecutive channels, at offset ``j0`` within each group."""
-    j = j0 + tl.arange(0, BLOCK_W)
-    return grp[:, None] * width + j[None, :], gmask[:, None] & (j < width)[None, :]
+from .coefficients_assoc import ROWS_PER_GROUP, group_moments, sum_rows
+from .coefficients_assoc import group_tile as tile
+from .common import last_arrival, relu, reset_counter, sigmoid, tanh, total
 
 
 @triton.jit
 def merge(mean_ptr, m2_ptr, row, grp, gmask, width, L, BLOCK: tl.constexpr,
           BLOCK_W: tl.constexpr, ACC: tl.constexpr):
-    """``(ref, off, var, bessel)`` per group of ``width`` channels: mu = ref + off, the unbiased
-    variance ``var = Q / (width L) * bessel``, ``bessel = n / (n - 1)`` with ``n = width L``
-    (the layers refuse ``n = 1``).  Rows past the groups (``gmask`` False) give 0."""
-    ref = finite_or_zero(tl.load(mean_ptr + row + grp * width, mask=gmask, other=0.0))
-    off = tl.full([BLOCK], 0.0, ACC)
-    dev2 = tl.full([BLOCK], 0.0, ACC)
-    cnt = tl.full([BLOCK], 0.0, ACC)
-    qsum = tl.full([BLOCK], 0.0, ACC)
-    for j0 in range(0, width, BLOCK_W):
-        ch, mask = tile(j0, grp, gmask, width, BLOCK_W)
-        dm = tl.where(mask, tl.load(mean_ptr + row + ch, mask=mask, other=0.0) - ref[:, None],
-                      0.0)
-        qsum += total(tl.load(m2_ptr + row + ch, mask=mask, other=0.0), 1)
-        nb = tl.full([BLOCK], 0.0, ACC) + tl.minimum(width - j0, BLOCK_W)
-        bmean = total(dm, 1) / nb
-        dev = tl.where(mask, dm - bmean[:, None], 0.0)
-        off, dev2, cnt = welford_combine(off, dev2, cnt, bmean, total(dev * dev, 1), nb)
+    """``(ref, off, var, bessel)`` per group of ``width`` channels: AssocNorm's group merge
+    (mu = ref + off, ``Q / (width L)``) made unbiased, ``var = Q / (width L) * bessel``,
+    ``bessel = n / (n - 1)`` with ``n = width L`` (the layers refuse ``n = 1``).  Rows past the
+    groups (``gmask`` False) give 0."""
+    ref, off, var = group_moments(mean_ptr, m2_ptr, row, grp, gmask, width, L, BLOCK, BLOCK_W,
+                                  ACC)
     count = (tl.full([], 0.0, ACC) + width) * L  # no int32 product; Bessel in ACC precision
     bessel = count / (count - 1.0)
-    return ref, off, (qsum + L * dev2) / count * bessel, bessel
+    return ref, off, var * bessel, bessel
 
 
 @triton.jit
