@@ -78,6 +78,8 @@ NORMFUSE_AOT_ARCHS=90 "$py" -m pytest -q -p no:cacheprovider -n auto --dist load
   tests/triton_kernels/test_opcheck.py \
   tests/triton_kernels/test_streaming.py \
   tests/triton_kernels/test_coefficients.py \
+  tests/triton_kernels/test_coefficients_ilm.py \
+  "tests/csrc/test_ilm_coefficients.py::test_opcheck" \
   tests/test_info.py \
   tests/test_empty_input.py \
   tests/test_saved_for_backward.py \
