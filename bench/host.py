@@ -9,11 +9,12 @@ the GPU has more queued work than that (issue 13, design section 3: host cost no
 ``nn.BatchNorm2d``'s, ``nn.GroupNorm``'s for AssocNorm).
 
 Contenders, all run interleaved round by round (``timing.measure_many``): ``nn.BatchNorm2d``,
-``nn.GroupNorm`` (4 groups), and ``normfuse[<backend>]`` BIN, IEBN, AssocNorm for each
-requested backend (default: ``cpu``, the compiled ops).  Each repetition times ``STEPS`` steps
-(one step is ~50 us, short for one timer reading) and reports the mean per step; the row is the
-median over repetitions.  ``ratio_native``: time / the native layer's (``nn.BatchNorm2d`` for
-BIN and IEBN, ``nn.GroupNorm`` for AssocNorm); ``ratio_bn``: time / ``nn.BatchNorm2d``'s.
+``nn.GroupNorm`` (4 groups), and ``normfuse[<backend>]`` BIN, IEBN, AssocNorm and ILMNorm
+(no target: it has no whole-layer op, its step is ``NormFunction``'s) for each requested
+backend (default: ``cpu``, the compiled ops).  Each repetition times ``STEPS`` steps (one step
+is ~50 us, short for one timer reading) and reports the mean per step; the row is the median
+over repetitions.  ``ratio_native``: time / the native layer's (``nn.BatchNorm2d`` for BIN and
+IEBN, ``nn.GroupNorm`` for AssocNorm and ILMNorm); ``ratio_bn``: time / ``nn.BatchNorm2d``'s.
 
 Dispatcher calls per step (``count_ops``), from ``torch.profiler`` (CPU activity) around one
 step: ``op_calls`` counts every operator the dispatcher ran, nested calls included
@@ -59,12 +60,15 @@ def contenders(backends: Sequence[str] = ("cpu",)) -> List[dict]:
                 dict(name=f"IEBN normfuse[{b}]", layer="iebn", kind="normfuse", backend=b,
                      build=lambda: nf.InstanceEnhancementBatchNorm2d(c)),
                 dict(name=f"AssocNorm normfuse[{b}]", layer="assoc", kind="normfuse", backend=b,
-                     build=lambda: nf.AssocNorm(g, c))]
+                     build=lambda: nf.AssocNorm(g, c)),
+                # two key groups of 4 channels (the default 16 does not divide C = 8)
+                dict(name=f"ILMNorm normfuse[{b}]", layer="ilm", kind="normfuse", backend=b,
+                     build=lambda: nf.ILMNorm(c, num_groups=g, key_group_size=4))]
     return out
 
 
 def native_of(layer: str) -> str:
-    return "nn.GroupNorm" if layer in ("assoc", "groupnorm") else "nn.BatchNorm2d"
+    return "nn.GroupNorm" if layer in ("assoc", "ilm", "groupnorm") else "nn.BatchNorm2d"
 
 
 def context(spec: dict) -> Callable[[], contextlib.AbstractContextManager]:

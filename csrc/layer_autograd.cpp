@@ -1,4 +1,4 @@
-// Whole layers as one op per direction: bin_layer, iebn_layer, assoc_layer (schemas in ops.cpp).
+// Whole layers as one op per direction: bin_layer, iebn_layer, assoc_layer, ilm_layer (schemas in ops.cpp).
 //
 // Forward: moments -> <layer>_coefficients -> affine_apply; backward: backward_sums ->
 // <layer>_coefficients_backward -> backward_apply. The same ops, in the same order, with the
@@ -57,8 +57,9 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using torch::autograd::variable_list;
 
-enum Layer : int64_t { kBin = 0, kIebn = 1, kAssoc = 2 };
-constexpr int kMaxParams = 5;  // AssocNorm: encoder, decoder_mean, decoder_var, weight, bias
+enum Layer : int64_t { kBin = 0, kIebn = 1, kAssoc = 2, kIlm = 3 };
+// AssocNorm: encoder, decoder_mean, decoder_var, weight, bias (ILM-Norm: its two decoders)
+constexpr int kMaxParams = 5;
 
 using Pair = std::tuple<Tensor, Tensor>;
 using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
@@ -81,6 +82,9 @@ struct Ops {
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
       const Tensor&, const Tensor&, const Tensor&, double)>
       assoc_backward;
+  // ILM-Norm's coefficient ops: AssocNorm's signatures (the decoders are ILM's weight / bias ones).
+  decltype(assoc) ilm;
+  decltype(assoc_backward) ilm_backward;
   // The BIN / IEBN layer directions (layer_steps.cpp): a whole direction as one op.
   c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                 const OptTensor&, bool, double, double, const OptTensor&, bool)>
@@ -122,6 +126,12 @@ const Ops& ops() {
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
           "normfuse::assoc_coefficients_backward"),
+      find<Pair(const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&, const Tensor&,
+                const Tensor&, const Tensor&, double)>("normfuse::ilm_coefficients"),
+      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
+          "normfuse::ilm_coefficients_backward"),
       find<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                 bool, double, double, const OptTensor&, bool)>("normfuse::bin_layer_forward"),
       find<Five(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
@@ -171,7 +181,12 @@ struct Forward {
 };
 
 const char* op_name(Layer layer) {
-  return layer == kBin ? "normfuse::bin_layer" : layer == kIebn ? "normfuse::iebn_layer" : "normfuse::assoc_layer";
+  switch (layer) {
+    case kBin: return "normfuse::bin_layer";
+    case kIebn: return "normfuse::iebn_layer";
+    case kAssoc: return "normfuse::assoc_layer";
+    default: return "normfuse::ilm_layer";
+  }
 }
 
 // moments -> coefficients -> affine_apply (BIN / IEBN: one layer-direction op, layer_steps.cpp).
@@ -194,11 +209,14 @@ Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const C
                               c.momentum, c.eps, b.num_batches_tracked, c.relu);
       break;
     case kAssoc:
+    case kIlm: {
       std::tie(f.mean, f.m2) = o.moments.call(x);
-      std::tie(f.scale, f.shift) = o.assoc.call(f.mean, f.m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]),
-                                                req(p[2]), req(p[3]), req(p[4]), c.eps);
+      const auto& coefficients = c.layer == kAssoc ? o.assoc : o.ilm;
+      std::tie(f.scale, f.shift) = coefficients.call(f.mean, f.m2, plane_size(x), c.num_groups, req(p[0]),
+                                                     req(p[1]), req(p[2]), req(p[3]), req(p[4]), c.eps);
       f.y = o.affine_apply.call(x, f.mean, f.scale, f.shift, c.relu);
       break;
+    }
   }
   return f;
 }
@@ -233,11 +251,13 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
             dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], rm, rv, c.training, c.eps, scale, shift);
       }
       break;
-    case kAssoc: {
+    case kAssoc:
+    case kIlm: {
       auto [g1, g2] = o.backward_sums.call(dy, x, mean, scale, shift);
+      const auto& coefficients = c.layer == kAssoc ? o.assoc_backward : o.ilm_backward;
       std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3], grads[4]) =
-          o.assoc_backward.call(g1, g2, mean, m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]), req(p[2]),
-                                req(p[3]), req(p[4]), c.eps);
+          coefficients.call(g1, g2, mean, m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]), req(p[2]),
+                            req(p[3]), req(p[4]), c.eps);
       if (want_dx) dx = o.backward_apply.call(dy, x, mean, c_dy, c_x, c_0, scale, shift);
       break;
     }
@@ -292,7 +312,7 @@ variable_list layer_backward(const Tensor& grad, const variable_list& s, const C
             .findSchemaOrThrow("normfuse::_layer_backward_graph", "")
             .typed<std::vector<Tensor>(int64_t, const Tensor&, const Tensor&, const c10::List<std::optional<Tensor>>&,
                                        const OptTensor&, const OptTensor&, bool, double, int64_t, bool, int64_t)>();
-    const size_t count = c.layer == kAssoc ? 5 : c.layer == kIebn ? 4 : 3;
+    const size_t count = c.layer == kAssoc || c.layer == kIlm ? 5 : c.layer == kIebn ? 4 : 3;
     c10::List<std::optional<Tensor>> plist;
     int64_t mask = 0;  // bit i: input i (x, then the parameters) wants a gradient
     for (size_t i = 0; i <= count; ++i) {
@@ -346,7 +366,8 @@ struct LayerBackward : public Node {
     switch (c.layer) {
       case kBin: return "NormfuseBinLayerBackward";
       case kIebn: return "NormfuseIebnLayerBackward";
-      default: return "NormfuseAssocLayerBackward";
+      case kAssoc: return "NormfuseAssocLayerBackward";
+      default: return "NormfuseIlmLayerBackward";
     }
   }
 
@@ -520,6 +541,12 @@ Tensor assoc_layer(const Tensor& x, int64_t num_groups, const Tensor& encoder, c
                                   {kAssoc, false, 0.0, eps, num_groups, relu}).y);
 }
 
+Tensor ilm_layer(const Tensor& x, int64_t num_groups, const Tensor& encoder, const Tensor& decoder_weight,
+                 const Tensor& decoder_bias, const Tensor& weight, const Tensor& bias, double eps, bool relu) {
+  return (forward_impl(x, {encoder, decoder_weight, decoder_bias, weight, bias}, {},
+                       {kIlm, false, 0.0, eps, num_groups, relu}).y);
+}
+
 Tensor bin_layer_autograd(const Tensor& x, const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
                           const OptTensor& running_mean, const OptTensor& running_var, bool training,
                           double momentum, double eps, const OptTensor& num_batches_tracked, bool relu) {
@@ -541,16 +568,24 @@ Tensor assoc_layer_autograd(const Tensor& x, int64_t num_groups, const Tensor& e
   return run(x, {encoder, decoder_mean, decoder_var, weight, bias}, {}, {kAssoc, false, 0.0, eps, num_groups, relu});
 }
 
+Tensor ilm_layer_autograd(const Tensor& x, int64_t num_groups, const Tensor& encoder, const Tensor& decoder_weight,
+                          const Tensor& decoder_bias, const Tensor& weight, const Tensor& bias, double eps,
+                          bool relu) {
+  return run(x, {encoder, decoder_weight, decoder_bias, weight, bias}, {}, {kIlm, false, 0.0, eps, num_groups, relu});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(normfuse, CompositeExplicitAutograd, m) {
   m.impl("bin_layer", &bin_layer);
   m.impl("iebn_layer", &iebn_layer);
   m.impl("assoc_layer", &assoc_layer);
+  m.impl("ilm_layer", &ilm_layer);
 }
 
 TORCH_LIBRARY_IMPL(normfuse, Autograd, m) {
   m.impl("bin_layer", &bin_layer_autograd);
   m.impl("iebn_layer", &iebn_layer_autograd);
   m.impl("assoc_layer", &assoc_layer_autograd);
+  m.impl("ilm_layer", &ilm_layer_autograd);
 }

@@ -147,6 +147,9 @@ TORCH_LIBRARY(normfuse, m) {
   m.def(
       "assoc_layer(Tensor input, int num_groups, Tensor encoder, Tensor decoder_mean, "
       "Tensor decoder_var, Tensor weight, Tensor bias, float eps, bool relu=False) -> Tensor");
+  m.def(
+      "ilm_layer(Tensor input, int num_groups, Tensor encoder, Tensor decoder_weight, "
+      "Tensor decoder_bias, Tensor weight, Tensor bias, float eps, bool relu=False) -> Tensor");
 }
 
 // Functions other translation units add to the module: csrc/python_checks.cpp registers

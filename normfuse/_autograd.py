@@ -7,10 +7,12 @@ Only the input and O(N*C) statistics are saved.  The ops come from the backend i
 
 
 Two carriers of that pipeline, with the same ops in the same order: ``NormFunction``, one
-``torch.autograd.Function`` for every layer and backend; and, for BIN, IEBN and AssocNorm on the
-compiled ``cpu`` and ``cuda`` backends, the whole-layer ops ``torch.ops.normfuse.<layer>_layer``
-(``csrc/layer_autograd.cpp``), whose autograd node is C++, so that a layer step costs the host
-one op call instead of a Python autograd.Function (issue 13, "host cost").
+``torch.autograd.Function`` for every layer and backend; and, for BIN, IEBN, AssocNorm and
+ILM-Norm on the compiled ``cpu`` and ``cuda`` backends (ILM-Norm on ``cpu`` only while its CUDA
+coefficient kernels await a GPU run, ``_ILM_KERNELS``), the whole-layer ops
+``torch.ops.normfuse.<layer>_layer`` (``csrc/layer_autograd.cpp``), whose autograd node is C++,
+so that a layer step costs the host one op call instead of a Python autograd.Function (issue 13,
+"host cost").
 """
 from __future__ import annotations
 
@@ -215,7 +217,7 @@ def graph_grads(config, x, dy, params, running_mean, running_var, needs):
 # under functorch transforms (vmap, grad, ...), which refuse NormFunction with their own
 # messages; and wherever normfuse._C was built without these ops.
 _functorch_active = torch._C._are_functorch_transforms_active
-_LAYER_CODES = ("bin", "iebn", "assoc")  # the layer numbers of csrc/layer_autograd.cpp
+_LAYER_CODES = ("bin", "iebn", "assoc", "ilm")  # the layer numbers of csrc/layer_autograd.cpp
 _FUSED = None  # {"bin": op, "iebn": op, "assoc": op} once looked up; {} when _C lacks them
 _GRAPH_LIB = None
 
@@ -322,7 +324,8 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                 and not torch.compiler.is_compiling() and _forward_ad._current_level < 0
                 and not _functorch_active()):
             fused = _FUSED if _FUSED is not None else _fused_ops()
-            op = fused.get(layer)  # None for ILM-Norm (no whole-layer op)
+            # ILM-Norm's whole-layer op calls the backend's ILM kernels: only where trusted
+            op = fused.get(layer) if layer != "ilm" or backend in _ILM_KERNELS else None
         if op is not None:
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)
@@ -357,6 +360,6 @@ def _empty_output(input: Tensor, params, num_batches_tracked) -> Tensor:
 
 def run_fused(op, layer, x, rm, rv, nbt, training, momentum, eps, num_groups, params, relu):
     """One call of the layer's whole-layer op (the coefficient op's arguments, plus ``x``)."""
-    if layer == "assoc":
+    if layer in ("assoc", "ilm"):
         return op(x, num_groups, *params, eps, relu)
     return op(x, *params, rm, rv, training, momentum, eps, nbt, relu)

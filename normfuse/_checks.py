@@ -401,6 +401,24 @@ def batch_layer_ok(input, ranks, channels, use_batch, required, optional, runnin
     return _numbers_ok(momentum, eps)
 
 
+def _meta_network_ok(input, k, encoder, decoders, weight, bias, eps) -> bool:
+    """``_check_meta_network`` (normfuse/functional.py) would pass: ``encoder (E, k)``, each
+    decoder ``(k, E)``, ``weight`` and ``bias (C,)``, eps."""
+    if not isinstance(encoder, Tensor) or encoder.dim() != 2:
+        return False
+    embed = encoder.shape[0]
+    if embed == 0:
+        return False
+    return (_shaped_ok(input, (embed, k), (encoder,), ())
+            and _shaped_ok(input, (k, embed), decoders, ())
+            and _shaped_ok(input, (input.shape[1],), (weight, bias), ()) and _numbers_ok(eps))
+
+
+def _divides(n, c) -> bool:
+    """``n`` is a positive int (not a bool) dividing ``c``."""
+    return type(n) is int and n > 0 and c % n == 0
+
+
 def assoc_layer_ok(input, channels, num_groups, encoder, decoder_mean, decoder_var, weight,
                    bias, eps) -> bool:
     """AssocNorm: the module's checks (``channels`` given: ``num_channels``) and
@@ -408,15 +426,24 @@ def assoc_layer_ok(input, channels, num_groups, encoder, decoder_mean, decoder_v
     if not _input_ok(input, (2, 3, 4, 5)):
         return False
     c = input.shape[1]
-    if channels is not None and c != channels:
+    if channels is not None and c != channels or not _divides(num_groups, c):
         return False
-    if type(num_groups) is not int or num_groups <= 0 or c % num_groups:
+    return _meta_network_ok(input, num_groups, encoder, (decoder_mean, decoder_var), weight,
+                            bias, eps)
+
+
+def ilm_layer_ok(input, channels, num_groups, key_group_size, encoder, decoder_weight,
+                 decoder_bias, weight, bias, eps) -> bool:
+    """ILMNorm: the module's checks (``channels`` given: ``num_channels``) and ``ilm_norm``'s
+    would all pass (``check_ilm``: more than one value per group and per key group too)."""
+    if not _input_ok(input, (2, 3, 4, 5)):
         return False
-    if not isinstance(encoder, Tensor) or encoder.dim() != 2:
+    c = input.shape[1]
+    if (channels is not None and c != channels or not _divides(num_groups, c)
+            or not _divides(key_group_size, c)):
         return False
-    embed = encoder.shape[0]
-    if embed == 0:
+    plane = math.prod(input.shape[2:])
+    if c // num_groups * plane <= 1 or key_group_size * plane <= 1:
         return False
-    return (_shaped_ok(input, (embed, num_groups), (encoder,), ())
-            and _shaped_ok(input, (num_groups, embed), (decoder_mean, decoder_var), ())
-            and _shaped_ok(input, (c,), (weight, bias), ()) and _numbers_ok(eps))
+    return _meta_network_ok(input, c // key_group_size, encoder, (decoder_weight, decoder_bias),
+                            weight, bias, eps)

@@ -15,7 +15,8 @@ from torch.fx import Proxy
 from ._autograd import run_layer
 from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check_batch_values,
                       check_channels, check_group_values, check_input, check_number,
-                      check_running_stats, check_running_writable, check_tensor, relu_flag)
+                      check_running_stats, check_running_writable, check_tensor, ilm_layer_ok,
+                      relu_flag)
 
 _RANKS = (2, 3, 4, 5)
 
@@ -23,9 +24,8 @@ _RANKS = (2, 3, 4, 5)
 def _fx_node(fn, args: tuple, kwargs: dict):
     """Under ``torch.fx.symbolic_trace`` (an argument is a Proxy): ``fn`` as one
     ``call_function`` node, which the GraphModule calls with real tensors; None when no argument
-    is a Proxy.  Tracing into it would fail: its checks and ops need real tensors.  BIN, IEBN
-    and AssocNorm call it only off the common path (a Proxy fails the fast predicates);
-    ``ilm_norm``, which has no fast path, on every call (~0.5 us of a slow layer's step)."""
+    is a Proxy.  Tracing into it would fail: its checks and ops need real tensors.  Every
+    layer calls it only off the common path (a Proxy fails the fast predicates)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, Proxy):
             return value.tracer.create_proxy("call_function", fn, args, kwargs)
@@ -174,12 +174,15 @@ def ilm_norm(input: Tensor, num_groups: int, key_group_size: int, encoder: Tenso
     key_group_size``; ``weight``, ``bias`` ``(C,)`` (the authors' ``weight_bias``,
     ``bias_bias``).  ``activation="relu"``: its ``relu``, fused."""
     relu = relu_flag(activation, "ilm_norm")
-    node = _fx_node(ilm_norm, (input, num_groups, key_group_size, encoder, decoder_weight,
-                               decoder_bias, weight, bias), dict(eps=eps, activation=activation))
-    if node is not None:
-        return node
-    check_ilm(input, num_groups, key_group_size, encoder, decoder_weight, decoder_bias, weight,
-              bias, eps)
+    if not ilm_layer_ok(input, None, num_groups, key_group_size, encoder, decoder_weight,
+                        decoder_bias, weight, bias, eps):
+        node = _fx_node(ilm_norm, (input, num_groups, key_group_size, encoder, decoder_weight,
+                                   decoder_bias, weight, bias),
+                        dict(eps=eps, activation=activation))
+        if node is not None:
+            return node
+        check_ilm(input, num_groups, key_group_size, encoder, decoder_weight, decoder_bias,
+                  weight, bias, eps)
     # The key-group count travels as the encoder's column count.
     return run_layer("ilm", input, None, None, False, 0.0, eps, num_groups,
                      (encoder, decoder_weight, decoder_bias, weight, bias), None, relu)

@@ -11,7 +11,7 @@ from torch.fx import Proxy
 
 from . import functional as F
 from ._autograd import one_call_step, run_layer
-from ._checks import assoc_layer_ok, batch_layer_ok, relu_flag
+from ._checks import assoc_layer_ok, batch_layer_ok, ilm_layer_ok, relu_flag
 from .backends import compiled_devices
 
 
@@ -524,7 +524,9 @@ class ILMNorm(_NotScriptable, _Activation, nn.Module):
             return _fx_leaf(self, input)
         relu = self._relu()
         args = (self.encoder, self.decoder_weight, self.decoder_bias, self.weight, self.bias)
-        F.check_ilm(input, self.num_groups, self.key_group_size, *args, self.eps,
-                    type(self).__name__, self.num_channels)
+        if not ilm_layer_ok(input, self.num_channels, self.num_groups, self.key_group_size,
+                            *args, self.eps):  # the common path skips the checks (_checks.py)
+            F.check_ilm(input, self.num_groups, self.key_group_size, *args, self.eps,
+                        type(self).__name__, self.num_channels)
         return run_layer("ilm", input, None, None, False, 0.0, self.eps, self.num_groups, args,
                          None, relu)

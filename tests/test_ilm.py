@@ -421,10 +421,66 @@ def test_nan_inf_stays_in_its_sample(nf, backend, device, seed, poison):
     assert_close_dtype(y[[0, 2]], oracles.module_step(m, clean).y, torch.float32, "clean")
 
 
+# ------------------------------------------------------------------------ the common path
+def _ilm_call_variants():
+    """(name, input, num_groups, key_group_size, params, eps): a valid call and one variant per
+    check of ``check_ilm``."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 8, 2, 2, generator=g)
+    enc, dec = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    ok = (x, 4, 2, (enc, dec, dec.clone(), w, b), 1e-5)
+
+    def but(**kw):
+        x_, groups, keys, (e, dw, db, w_, b_), eps = ok
+        names = ("enc", "dw", "db", "w", "b")
+        params = [kw.get(n, v) for n, v in zip(names, (e, dw, db, w_, b_))]
+        return (kw.get("x", x_), kw.get("groups", groups), kw.get("keys", keys), tuple(params),
+                kw.get("eps", eps))
+
+    per_key = dict(x=x[:, :, :1, :1], keys=1, enc=torch.randn(2, 8), dw=torch.randn(8, 2),
+                   db=torch.randn(8, 2))
+    return [("valid", ok), ("empty-batch", but(x=x[:0])),
+            ("rank-6", but(x=x.reshape(3, 8, 1, 2, 2, 1))), ("int-input", but(x=x.long())),
+            ("groups-not-dividing", but(groups=3)), ("groups-bool", but(groups=True)),
+            ("keys-not-dividing", but(keys=3)), ("keys-zero", but(keys=0)),
+            ("one-value-per-group", but(x=x[:, :, :1, :1], groups=8)),
+            ("one-value-per-key-group", but(**per_key)),
+            ("encoder-1d", but(enc=enc[0])), ("encoder-no-rows", but(enc=enc[:0])),
+            ("encoder-columns", but(enc=torch.randn(2, 3))),
+            ("decoder-transposed", but(dw=dec.t())), ("weight-shape", but(w=w[:4])),
+            ("bias-float64", but(b=b.double())), ("eps-negative", but(eps=-1.0)),
+            ("eps-bool", but(eps=True))]
+
+
+_VARIANTS = _ilm_call_variants()
+
+
+@pytest.mark.parametrize("name,call", _VARIANTS, ids=[name for name, _ in _VARIANTS])
+def test_common_path_predicate_agrees_with_the_checks(name, call):
+    """``ilm_layer_ok`` (the module's and ``ilm_norm``'s common path, which skips the checks)
+    is True only where ``check_ilm`` passes; where it is False the checks run and decide."""
+    from normfuse._checks import ilm_layer_ok
+    from normfuse.functional import check_ilm
+    x, groups, keys, params, eps = call
+    fast = ilm_layer_ok(x, None, groups, keys, *params, eps)
+    try:
+        check_ilm(x, groups, keys, *params, eps)
+        passes = True
+    except (ValueError, TypeError, RuntimeError):
+        passes = False
+    assert not fast or passes, name
+    if name == "valid":
+        assert fast
+    if name != "empty-batch":  # an empty batch passes the checks, not the predicate (numel 0)
+        assert fast == passes, name
+
+
 # -------------------------------------------------------------------------- which kernels run
 def test_generic_kernels_come_from_the_backend(nf, backend, device, seed, monkeypatch):
     """The four full-size steps are the backend's ops, and so is the coefficient step where
-    its ILM kernels are trusted ("torch": the reference; "cpu": the C++ kernels); "cuda" and
+    its ILM kernels are trusted ("torch": the reference; "cpu": the C++ kernels, called by the
+    whole-layer op ``normfuse::ilm_layer``); "cuda" and
     "triton" run the reference for it until their ILM kernels have passed on a GPU
     (``_autograd._ILM_KERNELS``)."""
     from normfuse import _autograd
@@ -443,6 +499,16 @@ def test_generic_kernels_come_from_the_backend(nf, backend, device, seed, monkey
     monkeypatch.setattr(_autograd, "ops_for", lambda name: Spy(real(name)))
     m = prepare(make_ilm(nf, 8, 4, 2), seed, device)
     x = make_input((2, 8, 3, 3), seed, torch.float32, device).requires_grad_()
+    if backend == "cpu":  # one whole-layer op (csrc/layer_autograd.cpp) calls the C++ ops
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = m(x)
+            y.sum().backward()
+        assert y.grad_fn.name() == "NormfuseIlmLayerBackward" and used == []
+        ran = [e.name for e in prof.events() if e.name.startswith("normfuse::")]
+        assert ran == ["normfuse::ilm_layer", "normfuse::moments", "normfuse::ilm_coefficients",
+                       "normfuse::affine_apply", "normfuse::backward_sums",
+                       "normfuse::ilm_coefficients_backward", "normfuse::backward_apply"], ran
+        return
     m(x).sum().backward()
     if backend in _autograd._ILM_KERNELS:
         assert used == ["moments", "ilm_coefficients", "affine_apply", "backward_sums",

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import normfuse
-from normfuse import _extension
+from normfuse import _autograd, _extension
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_CPU_KERNELS, reason="needs normfuse._C")
 C = 6
@@ -35,6 +35,10 @@ def _device(request):
     global _DEV
     if request.param == "cuda" and not (torch.cuda.is_available() and _extension.HAS_CUDA_KERNELS):
         pytest.skip("needs a GPU and normfuse's CUDA kernels")
+    if (request.node.callspec.params.get("name") == "ilm"
+            and request.param not in _autograd._ILM_KERNELS):
+        pytest.skip("the ILM layers call the whole-layer op where its coefficient kernels are "
+                    "trusted (normfuse/_autograd.py, _ILM_KERNELS)")
     _DEV = request.param
     yield
     _DEV = "cpu"
@@ -49,6 +53,8 @@ LAYERS = [
     ("bin", lambda: normfuse.BatchInstanceNorm2d(C), "NormfuseBinLayerBackward"),
     ("iebn", lambda: normfuse.InstanceEnhancementBatchNorm2d(C), "NormfuseIebnLayerBackward"),
     ("assoc", lambda: normfuse.AssocNorm(3, C), "NormfuseAssocLayerBackward"),
+    ("ilm", lambda: normfuse.ILMNorm(C, num_groups=3, key_group_size=2),
+     "NormfuseIlmLayerBackward"),
 ]
 IDS = [name for name, _, _ in LAYERS]
 
@@ -198,8 +204,8 @@ def _compiled_autograd():
 @pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
 @pytest.mark.parametrize("relu,eval_mode", [(False, False), (True, False), (False, True)])
 def test_compiled_autograd_gets_the_eager_gradients(name, build, node, relu, eval_mode):
-    if eval_mode and name == "assoc":
-        pytest.skip("AssocNorm behaves the same in train and eval")
+    if eval_mode and name in ("assoc", "ilm"):
+        pytest.skip("AssocNorm and ILM-Norm behave the same in train and eval")
     compiled_autograd = _compiled_autograd()
     m = _layer(build, seed=11, relu=relu, eval_mode=eval_mode)
     x, dy = _data(seed=12)
@@ -224,6 +230,9 @@ def _op_call(name, m, x):
     if name == "iebn":
         return ops.iebn_layer(x, m.gate_weight, m.gate_bias, m.weight, m.bias, m.running_mean,
                               m.running_var, True, 0.1, m.eps, m.num_batches_tracked, False)
+    if name == "ilm":
+        return ops.ilm_layer(x, m.num_groups, m.encoder, m.decoder_weight, m.decoder_bias,
+                             m.weight, m.bias, m.eps, False)
     return ops.assoc_layer(x, m.num_groups, m.encoder, m.decoder_mean, m.decoder_var, m.weight,
                            m.bias, m.eps, False)
 
