@@ -206,6 +206,20 @@ def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, 
             _param(bias, mean, "bias", optional=False), hidden, meta)
 
 
+def _sum_tree_workspace(mean, width, op, formula):
+    """The AssocNorm / ILM-Norm backward's workspace for its sum over samples
+    (``coefficients_assoc.sum_rows``): a row of ``width`` parameter-gradient partials per
+    sample, one per row group, and the groups' ticket counters.  ``formula``: ``width`` as the
+    refusal names it (the rows are indexed in int32)."""
+    n = mean.shape[0]
+    if n * width >= 2**31:
+        raise RuntimeError(f"normfuse_triton: {op} needs N * ({formula}) < 2**31, got {n} * "
+                           f"{width}; use the cuda or torch backend")
+    groups = rt.cdiv(n, kernels().rows_per_group)
+    return (mean.new_empty(n * width), mean.new_empty(groups * width),
+            rt.counters(mean, groups + 1))
+
+
 @triton_op(f"{NAMESPACE}::assoc_coefficients", mutates_args=())
 def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                        encoder: Tensor, decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
@@ -242,15 +256,9 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
     if n * c == 0:
         return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_mu.zero_(), d_dec_var.zero_(),
                 d_weight.zero_(), d_bias.zero_())
-    width = 2 * c + 3 * hidden * num_groups
-    if n * width >= 2**31:  # the kernel's workspace rows are indexed in int32
-        raise RuntimeError(f"normfuse_triton: assoc_coefficients_backward needs N * (2C + 3 * "
-                           f"embed_dim * num_groups) < 2**31, got {n} * {width}; use the cuda "
-                           f"or torch backend")
-    groups = rt.cdiv(n, kernels().rows_per_group)
-    ws = mean.new_empty(n * width)
-    ws2 = mean.new_empty(groups * width)
-    counter = rt.counters(mean, groups + 1)
+    ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * num_groups,
+                                           "assoc_coefficients_backward",
+                                           "2C + 3 * embed_dim * num_groups")
     launcher(kernels().assoc_backward)[(n,)](
         g1, g2, mean, m2, enc, dec_mu, dec_var, weight, c_dy, c_x, c_0, ws, ws2, counter,
         d_enc, d_dec_mu, d_dec_var, d_weight, d_bias,
@@ -329,14 +337,8 @@ def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
     if n == 0:
         return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_w.zero_(), d_dec_b.zero_(),
                 d_weight.zero_(), d_bias.zero_())
-    width = 2 * c + 3 * hidden * keys
-    if n * width >= 2**31:  # the kernel's workspace rows are indexed in int32
-        raise RuntimeError(f"normfuse_triton: ilm_coefficients_backward needs N * (2C + 3 * E * "
-                           f"K) < 2**31, got {n} * {width}; use the cuda or torch backend")
-    groups = rt.cdiv(n, kernels().rows_per_group)
-    ws = mean.new_empty(n * width)
-    ws2 = mean.new_empty(groups * width)
-    counter = rt.counters(mean, groups + 1)
+    ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * keys,
+                                           "ilm_coefficients_backward", "2C + 3 * E * K")
     launcher(kernels().ilm_backward)[(n,)](
         g1, g2, mean, m2, enc, dec_w, dec_b, weight, c_dy, c_x, c_0, ws, ws2, counter,
         d_enc, d_dec_w, d_dec_b, d_weight, d_bias,
