@@ -10,7 +10,7 @@ the GPU has more queued work than that (issue 13, design section 3: host cost no
 
 Contenders, all run interleaved round by round (``timing.measure_many``): ``nn.BatchNorm2d``,
 ``nn.GroupNorm`` (4 groups), and ``normfuse[<backend>]`` BIN, IEBN, AssocNorm and ILMNorm
-(no target: it has no whole-layer op, its step is ``NormFunction``'s) for each requested
+(no target in issue 13; its module step is AssocNorm's, one C call) for each requested
 backend (default: ``cpu``, the compiled ops).  Each repetition times ``STEPS`` steps (one step
 is ~50 us, short for one timer reading) and reports the mean per step; the row is the median
 over repetitions.  ``ratio_native``: time / the native layer's (``nn.BatchNorm2d`` for BIN and

@@ -1,6 +1,7 @@
-// normfuse._C.batch_layer_step / assoc_layer_step: a module call's common path as one C call.
+// normfuse._C.batch_layer_step / assoc_layer_step / ilm_layer_step: a module call's common path as
+// one C call.
 //
-// A BIN / IEBN / AssocNorm module call on the compiled backends used to be, in Python: read the
+// A BIN / IEBN / AssocNorm / ILMNorm module call on the compiled backends used to be, in Python: read the
 // parameters and buffers, a predicate over every check (normfuse/_checks.py), the backend choice,
 // dtype and layout handling (normfuse/_autograd.py: run_layer), then the whole-layer op through
 // torch's generic custom-op binding (arguments boxed one by one against the schema). About 8 us
@@ -284,6 +285,67 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+// AssocNorm and ILM-Norm: a GroupNorm whose per-sample weight and bias a meta network predicts
+// (encoder (E, K), two decoders (K, E), weight and bias (C,)). AssocNorm's K is the number of groups
+// G; ILM-Norm's the number of key groups C / key_group_size, and it wants more than one value per
+// group and per key group (its unbiased variances; normfuse/_checks.py: ilm_layer_ok).
+struct MetaLayer {
+  const char* op;                          // the whole-layer op
+  const char* decoders[2];                 // the decoders' parameter names
+  bool keyed;                              // ILM-Norm: key groups of key_group_size channels
+};
+constexpr MetaLayer kAssocLayer{"normfuse::assoc_layer", {"decoder_mean", "decoder_var"}, false};
+constexpr MetaLayer kIlmLayer{"normfuse::ilm_layer", {"decoder_weight", "decoder_bias"}, true};
+
+// args: input, parameters, num_channels, num_groups, [key_group_size,] eps, activation, devices.
+PyObject* meta_layer_step(const MetaLayer& layer, PyObject* const* args) {
+  static PyObject* const all_ranks = Py_BuildValue("(iiii)", 2, 3, 4, 5);
+  if (all_ranks == nullptr) {  // out of memory at the first call: not sure of anything
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const Py_ssize_t k = layer.keyed ? 1 : 0;  // ILM-Norm's extra argument shifts the last three
+  const auto devices = integer(args[6 + k]);
+  const Tensor* xp = devices ? input_ok(args[0], all_ranks, *devices) : nullptr;
+  const auto channels = integer(args[2]);
+  const auto groups = integer(args[3]);
+  const auto key_group_size = layer.keyed ? integer(args[4]) : std::optional<int64_t>(1);
+  const auto eps = number(args[4 + k]);
+  const auto relu = relu_flag(args[5 + k]);
+  if (!xp || !channels || !groups || !key_group_size || !eps || !relu) Py_RETURN_NOTIMPLEMENTED;
+  const Tensor& x = *xp;
+  const int64_t C = x.size(1), G = *groups, S = *key_group_size;
+  if (C != *channels || G <= 0 || C % G != 0 || S <= 0 || C % S != 0) Py_RETURN_NOTIMPLEMENTED;
+  const int64_t K = layer.keyed ? C / S : G;  // the meta network's width
+  if (layer.keyed) {
+    const int64_t plane = x.numel() / (x.size(0) * C);
+    if ((C / G) * plane <= 1 || S * plane <= 1) Py_RETURN_NOTIMPLEMENTED;  // one value per (key) group
+  }
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  PyObject* params = args[1];
+  const Tensor* enc = plain_tensor(entry(params, "encoder"));
+  const Tensor* dec0 = plain_tensor(entry(params, layer.decoders[0]));
+  const Tensor* dec1 = plain_tensor(entry(params, layer.decoders[1]));
+  if (!enc || !dec0 || !dec1 || enc->dim() != 2 || enc->size(0) == 0) Py_RETURN_NOTIMPLEMENTED;
+  const int64_t E = enc->size(0);
+  if (!matrix_ok(*enc, x, acc, E, K) || !matrix_ok(*dec0, x, acc, K, E) || !matrix_ok(*dec1, x, acc, K, E))
+    Py_RETURN_NOTIMPLEMENTED;
+  bool ok = true;
+  const OptTensor weight = parameter(params, "weight", false, x, acc, C, &ok);
+  const OptTensor bias = parameter(params, "bias", false, x, acc, C, &ok);
+  if (!ok) Py_RETURN_NOTIMPLEMENTED;
+  // Both ops share one schema (csrc/ops.cpp); one handle each.
+  static const auto assoc_op = find<AssocOp>(kAssocLayer.op);
+  static const auto ilm_op = find<AssocOp>(kIlmLayer.op);
+  const auto& op = layer.keyed ? ilm_op : assoc_op;
+  Tensor y;
+  {
+    ReleasedGil released;
+    y = op.call(x, G, *enc, *dec0, *dec1, *weight, *bias, *eps, *relu);
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
 // assoc_layer_step(input, parameters, num_channels, num_groups, eps, activation, devices): AssocNorm
 // (encoder (M, G), decoder_mean and decoder_var (G, M), weight and bias (C,)).
 PyObject* assoc_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -293,41 +355,22 @@ PyObject* assoc_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     return nullptr;
   }
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
-  static PyObject* const all_ranks = Py_BuildValue("(iiii)", 2, 3, 4, 5);
-  if (all_ranks == nullptr) {  // out of memory at the first call: not sure of anything
-    PyErr_Clear();
-    Py_RETURN_NOTIMPLEMENTED;
+  return meta_layer_step(kAssocLayer, args);
+  END_HANDLE_TH_ERRORS
+}
+
+// ilm_layer_step(input, parameters, num_channels, num_groups, key_group_size, eps, activation,
+// devices): ILMNorm (encoder (E, K), decoder_weight and decoder_bias (K, E), weight and bias (C,),
+// K = C / key_group_size). `devices` leaves out those whose ILM kernels are not yet trusted
+// (normfuse/_autograd.py: _ILM_KERNELS).
+PyObject* ilm_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "ilm_layer_step takes 8 arguments");
+    return nullptr;
   }
-  const auto devices = integer(args[6]);
-  const Tensor* xp = devices ? input_ok(args[0], all_ranks, *devices) : nullptr;
-  const auto channels = integer(args[2]);
-  const auto groups = integer(args[3]);
-  const auto eps = number(args[4]);
-  const auto relu = relu_flag(args[5]);
-  if (!xp || !channels || !groups || !eps || !relu) Py_RETURN_NOTIMPLEMENTED;
-  const Tensor& x = *xp;
-  const int64_t C = x.size(1), G = *groups;
-  if (C != *channels || G <= 0 || C % G != 0) Py_RETURN_NOTIMPLEMENTED;
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  PyObject* params = args[1];
-  const Tensor* enc = plain_tensor(entry(params, "encoder"));
-  const Tensor* dec_mean = plain_tensor(entry(params, "decoder_mean"));
-  const Tensor* dec_var = plain_tensor(entry(params, "decoder_var"));
-  if (!enc || !dec_mean || !dec_var || enc->dim() != 2 || enc->size(0) == 0) Py_RETURN_NOTIMPLEMENTED;
-  const int64_t M = enc->size(0);
-  if (!matrix_ok(*enc, x, acc, M, G) || !matrix_ok(*dec_mean, x, acc, G, M) || !matrix_ok(*dec_var, x, acc, G, M))
-    Py_RETURN_NOTIMPLEMENTED;
-  bool ok = true;
-  const OptTensor weight = parameter(params, "weight", false, x, acc, C, &ok);
-  const OptTensor bias = parameter(params, "bias", false, x, acc, C, &ok);
-  if (!ok) Py_RETURN_NOTIMPLEMENTED;
-  static const auto op = find<AssocOp>("normfuse::assoc_layer");
-  Tensor y;
-  {
-    ReleasedGil released;
-    y = op.call(x, G, *enc, *dec_mean, *dec_var, *weight, *bias, *eps, *relu);
-  }
-  return THPVariable_Wrap(std::move(y));
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  return meta_layer_step(kIlmLayer, args);
   END_HANDLE_TH_ERRORS
 }
 
@@ -397,6 +440,9 @@ const bool registered = [] {
   nf_module_methods().push_back(
       {"assoc_layer_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(assoc_layer_step)),
        METH_FASTCALL, "AssocNorm module call's common path (csrc/python_layer_step.cpp)."});
+  nf_module_methods().push_back(
+      {"ilm_layer_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(ilm_layer_step)),
+       METH_FASTCALL, "ILMNorm module call's common path (csrc/python_layer_step.cpp)."});
 #ifdef NORMFUSE_WITH_CUDA
   nf_module_methods().push_back(
       {"fused_steps", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fused_steps)), METH_FASTCALL,

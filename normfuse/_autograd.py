@@ -40,6 +40,12 @@ _BATCH_LAYERS = ("bin", "iebn")
 _ILM_KERNELS = ("torch", "cpu")
 
 
+def ilm_devices(devices: int) -> int:
+    """``devices`` (``backends.compiled_devices()``'s bits) less CUDA while its ILM kernels are
+    not trusted: the one-C-call path must not run ILM-Norm's whole-layer op there."""
+    return devices if "cuda" in _ILM_KERNELS else devices & 1
+
+
 def _ilm_ops(ops, config):
     """``ops`` where its ILM kernels are trusted (``_ILM_KERNELS``), else the reference."""
     return ops if config.backend in _ILM_KERNELS else torch_backend
@@ -235,14 +241,15 @@ def _layer_backward_graph(layer, input, grad_output, params, running_mean, runni
     return [g if g is not None else input.new_empty((0,)) for g in grads]
 
 
-_STEPS = None  # (batch_layer_step, assoc_layer_step) of normfuse._C, or (None, None)
+_STEPS = None  # (batch_layer_step, assoc_layer_step, ilm_layer_step) of normfuse._C, or Nones
 _exporting_or_compiling = torch.compiler.is_compiling
 
 
 def one_call_step(kind: int):
-    """``normfuse._C.batch_layer_step`` (``kind`` 0) or ``assoc_layer_step`` (1), from
-    csrc/python_layer_step.cpp: a module call's common path on the compiled backends as one C
-    call, which returns the output or NotImplemented (then the module runs its Python path).
+    """``normfuse._C.batch_layer_step`` (``kind`` 0), ``assoc_layer_step`` (1) or
+    ``ilm_layer_step`` (2), from csrc/python_layer_step.cpp: a module call's common path on the
+    compiled backends as one C call, which returns the output or NotImplemented (then the
+    module runs its Python path).
     None where it must not run, tested as ``run_layer`` tests it before the whole-layer op:
     while torch.compile / torch.export trace (Dynamo cannot trace a C function; they get
     NormFunction), under a forward-mode AD level or a functorch transform; or when the
@@ -253,7 +260,8 @@ def one_call_step(kind: int):
     if _STEPS is None:
         from . import _extension  # noqa: PLC0415
         c = _extension._C if _extension.HAS_CPU_KERNELS and _fused_ops() else None
-        _STEPS = (getattr(c, "batch_layer_step", None), getattr(c, "assoc_layer_step", None))
+        _STEPS = tuple(getattr(c, name, None) for name in (
+            "batch_layer_step", "assoc_layer_step", "ilm_layer_step"))
     return _STEPS[kind]
 
 

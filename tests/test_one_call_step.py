@@ -1,5 +1,5 @@
-"""A module call's common path as one C call (normfuse._C.batch_layer_step / assoc_layer_step,
-csrc/python_layer_step.cpp; issue 13, host cost).
+"""A module call's common path as one C call (normfuse._C.batch_layer_step / assoc_layer_step /
+ilm_layer_step, csrc/python_layer_step.cpp; issue 13, host cost).
 
 * It is taken: on the common path (plain tensors, parameters in the accumulation dtype, the
   compiled backend) the C function returns the output, not NotImplemented, so a predicate that
@@ -41,6 +41,20 @@ def _assoc_args(m, x, devices=1):
     return (x, m._parameters, m.num_channels, m.num_groups, m.eps, m.activation, devices)
 
 
+def _ilm_args(m, x, devices=1):
+    return (x, m._parameters, m.num_channels, m.num_groups, m.key_group_size, m.eps,
+            m.activation, devices)
+
+
+def _step_call(m, x, devices=1):
+    """The module's C step on x: its output, or NotImplemented where it declines."""
+    if isinstance(m, normfuse.AssocNorm):
+        return _c().assoc_layer_step(*_assoc_args(m, x, devices))
+    if isinstance(m, normfuse.ILMNorm):
+        return _c().ilm_layer_step(*_ilm_args(m, x, devices))
+    return _c().batch_layer_step(*_batch_args(m, x, devices))
+
+
 def _input(shape, channels_last, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 1.7 + 0.4
@@ -79,7 +93,12 @@ CASES = [
     (normfuse.BatchInstanceNorm2d, (3, C, 5, 4), {"momentum": 0}),
     (normfuse.AssocNorm, (3, C, 5, 4), {}),
     (normfuse.AssocNorm, (2, C, 11), {}),
+    (normfuse.ILMNorm, (3, C, 5, 4), {}),
+    (normfuse.ILMNorm, (2, C, 11), {}),
 ]
+# Constructor arguments besides **kw: AssocNorm 3 groups; ILMNorm 3 groups and 2 key groups of 3.
+BUILD = {normfuse.AssocNorm: ((3, C), {}),
+         normfuse.ILMNorm: ((C,), {"num_groups": 3, "key_group_size": 3})}
 
 
 @pytest.mark.parametrize("cls,shape,kw", CASES)
@@ -88,9 +107,9 @@ CASES = [
 def test_bitwise_the_python_path(cls, shape, kw, channels_last, relu, monkeypatch):
     if channels_last and len(shape) < 3:
         pytest.skip("(N, C) has one layout")
-    args = (3, C) if cls is normfuse.AssocNorm else (C,)
+    args, extra = BUILD.get(cls, ((C,), {}))
     torch.manual_seed(0)
-    fast = cls(*args, **kw, activation=relu)
+    fast = cls(*args, **kw, **extra, activation=relu)
     _perturb(fast, 1)
     slow = copy.deepcopy(fast)
     for mode, seed in (("train", 2), ("train", 3), ("eval", 4)):
@@ -100,13 +119,10 @@ def test_bitwise_the_python_path(cls, shape, kw, channels_last, relu, monkeypatc
         slow.train(mode == "train")
         # the one-C-call path is taken for this call ...
         with torch.no_grad():
-            probe = (_c().assoc_layer_step(*_assoc_args(copy.deepcopy(fast), x))
-                     if cls is normfuse.AssocNorm
-                     else _c().batch_layer_step(*_batch_args(copy.deepcopy(fast), x)))
-        assert probe is not NotImplemented
+            assert _step_call(copy.deepcopy(fast), x) is not NotImplemented
         with normfuse.use_backend("cpu"):
             y_fast, g_fast = _run(fast, x, dy)
-            monkeypatch.setattr(_autograd, "_STEPS", (None, None))  # ... and not for this one
+            monkeypatch.setattr(_autograd, "_STEPS", (None, None, None))  # ... and not for this one
             y_slow, g_slow = _run(slow, x, dy)
             monkeypatch.undo()
         _same(y_fast, y_slow)
@@ -195,6 +211,50 @@ def test_assoc_declines_when_not_sure():
     wrong = normfuse.AssocNorm(3, C)
     wrong.decoder_var = torch.nn.Parameter(torch.zeros(2, 3))
     assert _c().assoc_layer_step(*_assoc_args(wrong, x)) is NotImplemented
+
+
+def _ilm(**kw):
+    torch.manual_seed(0)
+    return normfuse.ILMNorm(C, **{"num_groups": 3, "key_group_size": 3, **kw})
+
+
+def test_ilm_declines_when_not_sure():
+    x = _input((2, C, 3, 3), False, 0)
+    m = _ilm()
+    assert _step_call(m, x) is not NotImplemented
+    assert _step_call(m, x, devices=0) is NotImplemented
+    assert _step_call(m, x[:, :3].contiguous()) is NotImplemented  # wrong channel count
+    for name, value in (("num_groups", 4), ("key_group_size", 4), ("key_group_size", 2),
+                        ("num_groups", 0)):
+        odd = _ilm()
+        setattr(odd, name, value)  # C % 4: the checked path raises; 2: the encoder's K is 2, not 3
+        assert _step_call(odd, x) is NotImplemented, (name, value)
+    # one value per group (C / G = 1 channel, a 1x1 plane) or per key group: the checked path raises
+    assert _step_call(_ilm(num_groups=C), x[:, :, :1, :1].contiguous()) is NotImplemented
+    assert _step_call(_ilm(num_groups=C), x[:, :, :1, :2].contiguous()) is not NotImplemented
+    wrong = _ilm()
+    wrong.decoder_bias = torch.nn.Parameter(torch.zeros(2, 3))
+    assert _step_call(wrong, x) is NotImplemented
+    empty = _ilm()
+    empty.encoder = torch.nn.Parameter(torch.zeros(0, 2))
+    assert _step_call(empty, x) is NotImplemented
+    assert _step_call(_ilm().double(), x) is NotImplemented  # float64 parameters, float32 input
+
+
+def test_ilm_cuda_waits_for_its_kernels(monkeypatch):
+    """Until the ILM GPU kernels are trusted (_autograd._ILM_KERNELS), the CUDA bit is not
+    handed to the C step, so a CUDA input takes the Python path and the reference coefficients."""
+    gated = "cuda" not in _autograd._ILM_KERNELS
+    assert _autograd.ilm_devices(3) == (1 if gated else 3)
+    monkeypatch.setattr(_autograd, "_ILM_KERNELS", ("torch", "cpu", "cuda", "triton"))
+    assert _autograd.ilm_devices(3) == 3
+
+
+def test_ilm_bad_input_after_declining_raises_the_documented_error():
+    m = _ilm()
+    with pytest.raises(ValueError, match="key_group_size"):
+        m.key_group_size = 4
+        m(_input((2, C, 3, 3), False, 0))
 
 
 def test_backend_setting_is_followed():

@@ -340,7 +340,7 @@ def test_running_statistics_written_in_training_bump_their_versions(name, build,
     from normfuse import _autograd
     if path == "NormFunction":  # the compiled backend's ops one by one (tracing, old builds)
         monkeypatch.setattr(_autograd, "_FUSED", {})
-        monkeypatch.setattr(_autograd, "_STEPS", (None, None))
+        monkeypatch.setattr(_autograd, "_STEPS", (None, None, None))
     m = _layer(build, seed=22, eval_mode=True)
     x, dy = _data(seed=23)
     expected = [t._version for t in _running(m)]
