@@ -349,14 +349,16 @@ NF_COEF_HD void assoc_accumulate(T m, T g1, T g2, const GroupStats<T>& st, T r, 
   s[3] += gs * omega;
 }
 
-// Decoder pre-activation gradients of one group from s0, s1.
+// A decoder pre-activation's gradient from the gradient of its output: through a sigmoid
+// (output s; AssocNorm's d_mu from s0, ILM-Norm's d_w) or a tanh (output t; AssocNorm's d_var
+// from s1, ILM-Norm's d_b).
 template <class T>
-NF_COEF_HD T assoc_grad_z_mean(T s0, T d_mu) {
-  return s0 * d_mu * (T(1) - d_mu);
+NF_COEF_HD T sigmoid_grad(T grad_out, T s) {
+  return grad_out * s * (T(1) - s);
 }
 template <class T>
-NF_COEF_HD T assoc_grad_z_var(T s1, T d_var) {
-  return s1 * (T(1) - d_var * d_var);
+NF_COEF_HD T tanh_grad(T grad_out, T t) {
+  return grad_out * (T(1) - t * t);
 }
 
 // Gradients of the group mean / variance: through the encoder (enc_mu = sum_j gh_mu[j] W1[j, g],

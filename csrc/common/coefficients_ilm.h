@@ -92,15 +92,8 @@ NF_COEF_HD void ilm_accumulate(T m, T g1, T g2, const GroupStats<T>& st, T r, T 
   grp_omega += gs * omega;
 }
 
-// Decoder pre-activation gradients of key group k from its sums.
-template <class T>
-NF_COEF_HD T ilm_grad_z_weight(T key_w, T d_w) {
-  return key_w * d_w * (T(1) - d_w);
-}
-template <class T>
-NF_COEF_HD T ilm_grad_z_bias(T key_b, T d_b) {
-  return key_b * (T(1) - d_b * d_b);
-}
+// (Decoder pre-activation gradients of key group k from its sums: sigmoid_grad / tanh_grad,
+// common/coefficients.h.)
 
 // Column e of the decoders: gh_w[e] = sum_k gz_w[k] W_w[k, e], masked by h_w[e] > 0 (same for the
 // bias path). The mask multiplies, as ilm.py's `* (h > 0)`: a NaN or Inf gradient stays NaN.

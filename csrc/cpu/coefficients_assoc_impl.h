@@ -311,8 +311,8 @@ struct AssocKern {
             t2 += va::hsum(a2);
             t3 += va::hsum(a3);
           }
-          w.s0[g] = static_cast<D>(t0) * d * (D(1) - d);  // decoder pre-activation gradients
-          w.s1[g] = static_cast<D>(t1) * (D(1) - dv * dv);
+          w.s0[g] = nf::coef::sigmoid_grad(static_cast<D>(t0), d);  // decoder pre-activation gradients
+          w.s1[g] = nf::coef::tanh_grad(static_cast<D>(t1), dv);
           w.s2[g] = static_cast<D>(t2);
           w.s3[g] = static_cast<D>(t3);
         }

@@ -134,8 +134,8 @@ struct IlmKern {
       c_dy[c] = static_cast<T>(cdy);
     }
     for (int64_t k = 0; k < K; ++k) {  // decoder pre-activation gradients, in place
-      w.key_w[k] = co::ilm_grad_z_weight(w.key_w[k], w.dw[k]);
-      w.key_b[k] = co::ilm_grad_z_bias(w.key_b[k], w.db[k]);
+      w.key_w[k] = co::sigmoid_grad(w.key_w[k], w.dw[k]);
+      w.key_b[k] = co::tanh_grad(w.key_b[k], w.db[k]);
     }
     for (int64_t e = 0; e < E; ++e)
       co::ilm_grad_h_row(p.decoder_weight, p.decoder_bias, e, K, E, w.key_w, w.key_b, w.hw[e], w.hb[e], w.ghw[e],

@@ -267,8 +267,8 @@ __global__ void __launch_bounds__(NF_MAX_THREADS) assoc_coef_backward_kernel(Ass
   __syncthreads();
   // 2. decoder pre-activation gradients (in place of s0, s1)
   for (int g = tid; g < G; g += T) {
-    sm.s0[g] = coef::assoc_grad_z_mean(sm.s0[g], sm.d[g]);
-    sm.s1[g] = coef::assoc_grad_z_var(sm.s1[g], sm.d[G + g]);
+    sm.s0[g] = coef::sigmoid_grad(sm.s0[g], sm.d[g]);
+    sm.s1[g] = coef::tanh_grad(sm.s1[g], sm.d[G + g]);
   }
   __syncthreads();
   // 3. grad h (through the decoders and the relu) and the decoder partials

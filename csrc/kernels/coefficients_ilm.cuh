@@ -186,8 +186,8 @@ __global__ void __launch_bounds__(NF_MAX_THREADS) ilm_coef_backward_kernel(IlmCo
       part[c] = go;
       part[C + c] = g1[c];
     }
-    sm.gzw[k] = coef::ilm_grad_z_weight(kw, sm.dw[k]);
-    sm.gzb[k] = coef::ilm_grad_z_bias(kb, sm.db[k]);
+    sm.gzw[k] = coef::sigmoid_grad(kw, sm.dw[k]);
+    sm.gzb[k] = coef::tanh_grad(kb, sm.db[k]);
   }
   const float bk = coef::bessel(static_cast<float>(d.cpk) * L), bg = coef::bessel(static_cast<float>(d.cpg) * L);
   for (int g = tid; g < G; g += T) {
