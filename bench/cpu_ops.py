@@ -28,20 +28,18 @@ sets larger than twice the last-level cache (at most 8 sets).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
 import sys
 import time
-from statistics import median
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timing import pool_size
+from .timing import measure_many, pool_size
 
 DEFAULT_SHAPES = ["32x64x16x16", "32x512x4x4", "256x1024", "128x16x32x32", "128x64x8x8",
                   "32x256x14x14", "32x512x7x7"]
@@ -77,28 +75,16 @@ CLOCK = time.thread_time
 
 def measure(fns: Dict[str, Callable[[int], object]], target_s: float, min_reps: int,
             max_reps: int, warmup: int = 3) -> Dict[str, float]:
-    """Median seconds (CLOCK) of each fns[k](i), interleaved round by round.  ``i`` counts
-    every call, so consecutive calls read consecutive pool slots (bench/timing.py: a shared
-    index per round let every contender but the first find its inputs in cache)."""
+    """Median seconds (CLOCK) of each fns[k](i), interleaved round by round: the bench's
+    ``timing.measure_many`` (its index counts every call, so every call finds its inputs as
+    long unused as every other's).  A callable that raises fails the whole measurement."""
     names = list(fns)
-    calls = itertools.count()
-    for _ in range(warmup):
-        for k in names:
-            fns[k](next(calls))
-    # rounds: enough for about target_s for the slowest contender
-    t0 = time.perf_counter()
-    for k in names:
-        fns[k](next(calls))
-    per_round = max(time.perf_counter() - t0, 1e-7)
-    reps = int(max(min_reps, min(max_reps, target_s * len(names) / per_round)))
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    for _ in range(reps):
-        for k in names:
-            i = next(calls)
-            a = CLOCK()
-            fns[k](i)
-            times[k].append(CLOCK() - a)
-    return {k: median(v) for k, v in times.items()}
+    res = measure_many([fns[k] for k in names], torch.device("cpu"), target_s=target_s,
+                       min_reps=min_reps, max_reps=max_reps, warmup=warmup, clock=CLOCK)
+    failed = [f"{k}: {r['error']}" for k, r in zip(names, res) if not r["ok"]]
+    if failed:
+        raise RuntimeError("bench.cpu_ops: " + "; ".join(failed))
+    return {k: r["median_s"] for k, r in zip(names, res)}
 
 
 def parse_shape(s: str):

@@ -73,7 +73,8 @@ def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *
                  contexts: Optional[Sequence[Callable[[], ContextManager]]] = None,
                  pool_bytes: int = 0, flush: Optional[bool] = None, target_s: float = 0.2,
                  min_reps: int = 5, max_reps: int = 200, warmup: int = 3,
-                 on_round: Optional[Callable[[int, int], None]] = None) -> List[dict]:
+                 on_round: Optional[Callable[[int, int], None]] = None,
+                 clock: Callable[[], float] = time.perf_counter) -> List[dict]:
     """Median time of each ``fns[k](i)``, the contenders interleaved: every round runs each
     one once, so a burst of load from other processes hits all of them alike and their ratios
     stay meaningful on a shared machine.  ``contexts[k]()`` is entered around each call, outside
@@ -82,6 +83,8 @@ def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *
     unless ``flush`` says otherwise.  A callable that raises is reported with its error and left
     out of the following rounds.  Rounds: enough for about ``target_s`` per contender;
     ``on_round(r, rounds)`` is called after each (CPU only: on a GPU rounds are queued).
+    ``clock``: the CPU timer (``time.thread_time`` leaves out time this thread was descheduled:
+    bench/cpu_ops.py); a GPU call is timed with events.
     The index a callable gets counts every call made here (warm-up included), not the round:
     consecutive calls, of whichever contenders, read consecutive pool slots, so every call
     finds its inputs as long unused as every other (module docstring)."""
@@ -132,9 +135,9 @@ def measure_many(fns: Sequence[Callable[[int], object]], device: torch.device, *
             end.record()
     else:
         def timed(k, r, i):
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[k](i)
-            results[k]["times"].append(time.perf_counter() - t0)
+            results[k]["times"].append(clock() - t0)
     for r in range(reps):
         for k in live:
             run(k, timed, r)

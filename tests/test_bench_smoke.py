@@ -300,3 +300,35 @@ def test_report_without_matplotlib(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "report.md").is_file() and not list(tmp_path.glob("*.png"))
     assert "no plots" in (tmp_path / "report.md").read_text()
+
+
+def test_cpu_ops_smoke(tmp_path):
+    """``python -m bench.cpu_ops`` (the per-op breakdown the README points to) runs on a tiny
+    shape and reports a positive, finite time for every op and layer row."""
+    out = tmp_path / "cpu_ops.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.cpu_ops", "--shapes", "2x8x3x3",
+                           "--target-s", "0.002", "--min-reps", "3", "--max-reps", "5",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    ops = {r["op"] for r in rows if r["table"] == "ops"}
+    layers = {r["layer"] for r in rows if r["table"] == "layers"}
+    assert {"copy", "moments", "assoc_coef_bwd", "F.group_norm"} <= ops, ops
+    assert {"bin", "iebn", "assoc"} <= layers, layers
+    for r in rows:
+        for key in ("ms", "native_ms"):
+            if key in r:
+                assert math.isfinite(r[key]) and r[key] > 0, r
+
+
+def test_cpu_ops_measure_names_a_failing_callable():
+    from bench import cpu_ops
+
+    def broken(i):
+        raise ValueError("planted")
+
+    with pytest.raises(RuntimeError, match="broken: ValueError: planted"):
+        cpu_ops.measure({"fine": lambda i: i + 1, "broken": broken}, 0.001, 2, 3)
+    t = cpu_ops.measure({"a": lambda i: sum(range(100)), "b": lambda i: i}, 0.001, 2, 3)
+    assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
