@@ -187,6 +187,41 @@ def test_matches_normfuse_reference():
                                                         weight, bias, EPS), acc)
 
 
+@pytest.mark.skipif(torch.float64 not in ACCS, reason="float64 statistics: not on this device")
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+def test_float64_counts_past_float32(layer):
+    """N * L = 50331651 values per channel and L = 2**24 + 1, both odd and past 2**24, which
+    float32 cannot hold: a float64 call keeps the batch count and 2 L in float64 (formed as
+    int * float literal in a kernel they are float32, ~2e-8 and ~6e-8 off), forward (with the
+    running-statistics update) and backward, against normfuse's float64 reference."""
+    coefficients = pytest.importorskip("normfuse.coefficients")
+    acc, n, c, L = torch.float64, 3, 4, 2**24 + 1
+    mean, m2 = _stats(n, c, L, acc, seed=70)
+    gates = [_rand((c,), 71, acc).sigmoid()] + ([_rand((c,), 72, acc)] if layer == "iebn" else [])
+    weight, bias = _rand((c,), 73, acc), _rand((c,), 74, acc)
+    g1, g2 = _rand((n, c), 75, acc), _rand((n, c), 76, acc)
+    run, want_run = ([_rand((c,), 77, acc), _rand((c,), 78, acc, low=0.5)] for _ in range(2))
+    forward = f"{layer}_coefficients"
+    got = (*getattr(ops, forward)(mean, m2, L, *gates, weight, bias, *run, True, MOMENTUM, EPS),
+           *run,
+           *getattr(ops, f"{forward}_backward")(g1, g2, mean, m2, L, *gates, weight, bias, None,
+                                                None, True, EPS))
+    want = (*getattr(coefficients, forward)(mean, m2, L, *gates, weight, bias, *want_run, True,
+                                            MOMENTUM, EPS),
+            *want_run,
+            *getattr(coefficients, f"{forward}_backward")(g1, g2, mean, m2, L, *gates, weight,
+                                                          bias, None, None, True, EPS))
+    names = ("scale", "shift", "running_mean", "running_var", "c_dy", "c_x", "c_0",
+             *(f"grad_{g}" for g in (["gate"] if layer == "bin" else ["gate_weight",
+                                                                     "gate_bias"])),
+             "grad_weight", "grad_bias")
+    # relative to each output's own size (c_0 ~ 1/L)
+    errors = {name: float((a.cpu() - w.cpu()).abs().max() / w.abs().max())
+              for name, a, w in zip(names, got, want, strict=True)}
+    bad = {name: f"{err:.1e}" for name, err in errors.items() if err >= 1e-12}
+    assert not bad, f"off by more than 1e-12 of their largest value: {bad}"
+
+
 def test_assoc_limits():
     mean = torch.zeros(2, 130, device=DEVICE)
     with pytest.raises(RuntimeError, match="<= 64"):
