@@ -303,12 +303,61 @@ def test_statistics_on_another_device_are_refused():
     mean = torch.zeros(2, 3, device=DEVICE)
     stranger = torch.zeros(3, device="meta")
     with pytest.raises(RuntimeError, match="weight is on meta, expected"):
-        coefficient_ops._param(stranger, mean, "weight")
+        coefficient_ops._param(stranger, mean, "weight", "normfuse_triton.bin_coefficients")
     with pytest.raises(RuntimeError, match="running_var is on meta, expected"):
-        coefficient_ops._running(torch.zeros(3, device=DEVICE), stranger, mean)
+        coefficient_ops._running(torch.zeros(3, device=DEVICE), stranger, mean,
+                                 "normfuse_triton.bin_coefficients")
     with pytest.raises(RuntimeError, match="m2 is on meta, expected"):
         runtime.stats_tensor(torch.zeros(2, 3, device="meta"), (2, 3), mean.dtype, "m2",
                              mean.device)
+
+
+def _good_arguments(op, n=2, c=4, L=3):
+    """The arguments of a good call of ``op`` (one of the six BIN / IEBN / AssocNorm ops), by
+    their schema names."""
+    acc = ACCS[-1]
+    mean, m2 = _stats(n, c, L, acc, seed=80)
+    a = dict(mean=mean, m2=m2, plane_size=L)
+    if op.startswith("assoc"):
+        a.update(num_groups=2, encoder=_rand((1, 2), 81, acc), decoder_mean=_rand((2, 1), 82, acc),
+                 decoder_var=_rand((2, 1), 83, acc))
+    elif op.startswith("bin"):
+        a.update(gate=_rand((c,), 84, acc).sigmoid())
+    else:
+        a.update(gate_weight=_rand((c,), 84, acc), gate_bias=_rand((c,), 85, acc))
+    a.update(weight=_rand((c,), 86, acc), bias=_rand((c,), 87, acc))
+    if not op.startswith("assoc"):
+        a.update(running_mean=_rand((c,), 88, acc), running_var=_rand((c,), 89, acc, low=0.5),
+                 training=True, **({} if op.endswith("_backward") else {"momentum": MOMENTUM}))
+    a.update(eps=EPS)
+    if op.endswith("_backward"):
+        a = dict(sum_dy=_rand((n, c), 90, acc), sum_dy_xmu=_rand((n, c), 91, acc), **a)
+    return a
+
+
+def _bad_value(name, n=2, c=4):
+    """A value of argument ``name`` that the ops refuse (for the (2, 4) statistics above)."""
+    def z(*shape):
+        return torch.zeros(*shape, dtype=ACCS[-1], device=DEVICE)
+    return {"plane_size": 0, "mean": z(n, c, 1), "m2": z(n, c + 1), "sum_dy": z(n, c + 1),
+            "weight": z(c, 1), "bias": z(c + 1), "gate": None, "gate_weight": None,
+            "encoder": None, "num_groups": 3,
+            "running_mean": None}[name]  # no running_mean: running_var alone is refused
+
+
+COEFFICIENT_OPS = [f"{layer}_coefficients{direction}" for layer in ("bin", "iebn", "assoc")
+                   for direction in ("", "_backward")]
+BAD_ARGUMENTS = ["plane_size", "mean", "m2", "sum_dy", "weight", "bias", "gate", "gate_weight",
+                 "encoder", "num_groups", "running_mean"]
+
+
+@pytest.mark.parametrize("op,name", [(op, name) for op in COEFFICIENT_OPS
+                                     for name in BAD_ARGUMENTS if name in _good_arguments(op)])
+def test_refusals_name_the_op(op, name):
+    """Every refusal starts with ``normfuse_triton.<op>:``, as the C++ ops' messages start with
+    ``normfuse.<op>:``: which op refused, forward or backward, is in the message."""
+    with pytest.raises(RuntimeError, match=rf"^normfuse_triton\.{op}: "):
+        getattr(ops, op)(**{**_good_arguments(op), name: _bad_value(name)})
 
 
 def test_malformed_arguments_are_refused_before_any_write():
