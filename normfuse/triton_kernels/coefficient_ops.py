@@ -10,7 +10,8 @@ from torch.library import triton_op
 from .._checks import check_op_batch_counter, running_update_conflict
 from . import heuristics
 from . import runtime as rt
-from .runtime import NAMESPACE, OptTensor, check_device, kernels, launcher, stats_tensor
+from .runtime import (NAMESPACE, OptTensor, check_device, check_tensor, kernels, launcher,
+                      stats_tensor)
 
 # Every refusal of these ops starts with ``normfuse_triton.<op>:`` (``who`` below), as the C++
 # ops' messages start with ``normfuse.<op>:``: an error then says which op refused what.
@@ -32,7 +33,22 @@ def _moment_pair(mean: Tensor, m2: Tensor, plane_size: int, who: str):
         raise RuntimeError(f"{who}: mean of shape {tuple(mean.shape)} is past the "
                            f"Triton kernels' 32-bit indexing (N*C < 2**31); use the cuda or "
                            f"torch backend")
-    return mean.contiguous(), stats_tensor(m2, mean.shape, mean.dtype, "m2", mean.device, who)
+    return _require_contiguous(mean, "mean", who), _statistic(m2, mean, "m2", who)
+
+
+def _require_contiguous(t: Tensor, what: str, who: str) -> Tensor:
+    """``t``, (N, C) statistics, refused unless contiguous, as the C++ ops refuse them (the op
+    contract, docs/architecture.md "Tensors"; the layers pass them so), rather than copied."""
+    if not t.is_contiguous():
+        raise RuntimeError(f"{who}: {what} must be contiguous ((N, C) statistics), got strides "
+                           f"{t.stride()} for shape {tuple(t.shape)}")
+    return t
+
+
+def _statistic(t, mean: Tensor, what: str, who: str) -> Tensor:
+    """``m2``, ``sum_dy`` or ``sum_dy_xmu``: the shape, dtype and device of ``mean``, contiguous."""
+    check_tensor(t, mean.shape, mean.dtype, what, mean.device, who)
+    return _require_contiguous(t, what, who)
 
 
 def _param(t, mean: Tensor, what: str, who: str, optional: bool = True):
@@ -135,8 +151,8 @@ def _batch_backward(kernel, op: str, sum_dy, sum_dy_xmu, mean, m2, plane_size, g
     who = _who(op)
     mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device, who)
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device, who)
+    g1 = _statistic(sum_dy, mean, "sum_dy", who)
+    g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
     gates = [_param(t, mean, name, who, optional=False) for name, t in gates]
     weight = _param(weight, mean, "weight", who)
     _param(bias, mean, "bias", who)
@@ -261,8 +277,8 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
     who = _who("assoc_coefficients_backward")
     mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device, who)
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device, who)
+    g1 = _statistic(sum_dy, mean, "sum_dy", who)
+    g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
     enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
         mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias, who)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
@@ -341,8 +357,8 @@ def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
     who = _who("ilm_coefficients_backward")
     mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device, who)
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device, who)
+    g1 = _statistic(sum_dy, mean, "sum_dy", who)
+    g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
     enc, dec_w, dec_b, weight, bias, keys, hidden, meta = _ilm_params(
         mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias, who)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))

@@ -313,20 +313,23 @@ def test_statistics_on_another_device_are_refused():
 
 
 def _good_arguments(op, n=2, c=4, L=3):
-    """The arguments of a good call of ``op`` (one of the six BIN / IEBN / AssocNorm ops), by
-    their schema names."""
+    """The arguments of a good call of ``op`` (one of ``COEFFICIENT_OPS``), by their schema
+    names."""
     acc = ACCS[-1]
     mean, m2 = _stats(n, c, L, acc, seed=80)
     a = dict(mean=mean, m2=m2, plane_size=L)
     if op.startswith("assoc"):
         a.update(num_groups=2, encoder=_rand((1, 2), 81, acc), decoder_mean=_rand((2, 1), 82, acc),
                  decoder_var=_rand((2, 1), 83, acc))
+    elif op.startswith("ilm"):  # 2 groups, 2 key groups (the encoder's columns) of 2 channels
+        a.update(num_groups=2, encoder=_rand((1, 2), 81, acc),
+                 decoder_weight=_rand((2, 1), 82, acc), decoder_bias=_rand((2, 1), 83, acc))
     elif op.startswith("bin"):
         a.update(gate=_rand((c,), 84, acc).sigmoid())
     else:
         a.update(gate_weight=_rand((c,), 84, acc), gate_bias=_rand((c,), 85, acc))
     a.update(weight=_rand((c,), 86, acc), bias=_rand((c,), 87, acc))
-    if not op.startswith("assoc"):
+    if op.startswith(("bin", "iebn")):
         a.update(running_mean=_rand((c,), 88, acc), running_var=_rand((c,), 89, acc, low=0.5),
                  training=True, **({} if op.endswith("_backward") else {"momentum": MOMENTUM}))
     a.update(eps=EPS)
@@ -345,7 +348,7 @@ def _bad_value(name, n=2, c=4):
             "running_mean": None}[name]  # no running_mean: running_var alone is refused
 
 
-COEFFICIENT_OPS = [f"{layer}_coefficients{direction}" for layer in ("bin", "iebn", "assoc")
+COEFFICIENT_OPS = [f"{layer}_coefficients{direction}" for layer in ("bin", "iebn", "assoc", "ilm")
                    for direction in ("", "_backward")]
 BAD_ARGUMENTS = ["plane_size", "mean", "m2", "sum_dy", "weight", "bias", "gate", "gate_weight",
                  "encoder", "num_groups", "running_mean"]
@@ -358,6 +361,23 @@ def test_refusals_name_the_op(op, name):
     ``normfuse.<op>:``: which op refused, forward or backward, is in the message."""
     with pytest.raises(RuntimeError, match=rf"^normfuse_triton\.{op}: "):
         getattr(ops, op)(**{**_good_arguments(op), name: _bad_value(name)})
+
+
+@pytest.mark.parametrize("op,name", [(op, name) for op in COEFFICIENT_OPS
+                                     for name in ("mean", "m2", "sum_dy", "sum_dy_xmu")
+                                     if name in _good_arguments(op)])
+def test_strided_statistics_are_refused(op, name):
+    """(N, C) statistics that are not contiguous (here the same values, transposed in memory)
+    are refused, naming the argument, before anything is written, as the C++ ops refuse them:
+    the op contract (docs/architecture.md, "Tensors") has them contiguous, and the layers pass
+    them so.  (The ops copied them.)"""
+    a = _good_arguments(op)
+    strided = a[name].t().contiguous().t()
+    assert torch.equal(strided, a[name]) and not strided.is_contiguous()
+    written = {k: a[k].clone() for k in ("running_mean", "running_var") if k in a}
+    with pytest.raises(RuntimeError, match=rf"^normfuse_triton\.{op}: {name} must be contiguous"):
+        getattr(ops, op)(**{**a, name: strided})
+    assert all(torch.equal(a[k], v) for k, v in written.items())
 
 
 def test_malformed_arguments_are_refused_before_any_write():
