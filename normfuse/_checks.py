@@ -242,6 +242,61 @@ def check_op_batch_counter(num_batches_tracked, mean: Tensor, op: str,
                            f"int64 tensor on {mean.device} like the statistics, got {got}")
 
 
+def _require_op_tensor(t, name: str, who: str) -> None:
+    if not isinstance(t, Tensor):
+        raise RuntimeError(f"{who}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def check_op_statistics(op: str, mean, m2, plane_size: int, gradients=()) -> None:
+    """The statistics of a coefficient op of the "torch" backend (``normfuse.coefficients``),
+    checked as the C++ ops check them (``check_stats``, ``check_like_stats`` and
+    ``check_plane_size`` in csrc/common/coefficients_glue.h), with their ``RuntimeError`` and
+    ``normfuse.<op>:`` prefix: ``mean`` an ``(N, C)`` float32 or float64 tensor, ``m2`` and the
+    backward's ``gradients`` ((name, tensor) pairs) of its shape, dtype and device, and
+    ``plane_size >= 1``.  Unchecked, a float32 statistic beside a float64 one was promoted or
+    failed inside a matmul, naming nothing.  Strides are not checked: PyTorch ops read any."""
+    who = f"normfuse.{op}"
+    _require_op_tensor(mean, "mean", who)
+    if mean.dim() != 2:
+        raise RuntimeError(f"{who}: mean must be (N, C), got shape {list(mean.shape)}")
+    if mean.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{who}: mean (the statistics) must be float32 or float64, got "
+                           f"{mean.dtype}")
+    for name, t in (("m2", m2), *gradients):
+        _require_op_tensor(t, name, who)
+        if t.shape != mean.shape or t.dtype != mean.dtype or t.device != mean.device:
+            raise RuntimeError(f"{who}: {name} must be a {mean.dtype} tensor of shape "
+                               f"{list(mean.shape)} on {mean.device} like mean, got {t.dtype} "
+                               f"{list(t.shape)} on {t.device}")
+    if plane_size < 1:
+        raise RuntimeError(f"{who}: plane_size must be >= 1, got {plane_size}")
+
+
+def check_op_groups(op: str, num_groups: int, channels: int) -> None:
+    """``num_groups`` of an AssocNorm / ILM-Norm coefficient op (the C++ ops' check)."""
+    if num_groups < 1 or channels % num_groups:
+        raise RuntimeError(f"normfuse.{op}: num_groups ({num_groups}) must be >= 1 and divide "
+                           f"the number of channels ({channels})")
+
+
+def check_op_parameters(op: str, mean: Tensor, params) -> None:
+    """The parameters of a coefficient op of the "torch" backend, ``(name, tensor, shape)``
+    triples, as the C++ ops' ``param_ptr`` checks them (less contiguity): exactly ``shape``
+    (a ``(C, 1)`` weight is not broadcast), the statistics' dtype (a float64 parameter would
+    promote float32 coefficients) and device."""
+    who = f"normfuse.{op}"
+    for name, t, shape in params:
+        _require_op_tensor(t, name, who)
+        if t.shape != shape:
+            raise RuntimeError(f"{who}: {name} must have shape {list(shape)}, got "
+                               f"{list(t.shape)}")
+        if t.dtype != mean.dtype:
+            raise RuntimeError(f"{who}: {name} must be {mean.dtype} like the statistics, got "
+                               f"{t.dtype}")
+        if t.device != mean.device:
+            raise RuntimeError(f"{who}: {name} is on {t.device}, statistics on {mean.device}")
+
+
 def check_group_values(input: Tensor, who: str, channels_per_group: int, group: str,
                        setting: str) -> None:
     """ILM-Norm's unbiased group variances need more than one value per group (the authors'

@@ -623,3 +623,58 @@ def test_backend_consistency(nf, backend, device, case):
         a["decoder_var"] = torch.ones(2, 0, device=device)
         with pytest.raises(ValueError, match="encoder"):
             _fassoc(nf, x, 2, a)
+
+
+# ------------------------------------------ AssocNorm / ILM-Norm coefficient ops, every backend
+F64 = torch.float64
+OP_REFUSALS = {  # form -> (what replaces the good call's arguments, directions, words named)
+    # an empty meta network (E = 0, or AssocNorm's M = 0): the torch backend computed with it
+    "embed-0": (lambda a: {"encoder": a["encoder"][:0], "decoder_1": a["decoder_1"][:, :0],
+                           "decoder_2": a["decoder_2"][:, :0]}, ("", "_backward"), ("encoder",)),
+    # float32 and float64 statistics mixed: the torch backend promoted them or failed in a matmul
+    "m2-float64": (lambda a: {"m2": a["m2"].to(F64)}, ("", "_backward"), ("m2",)),
+    "mean-float64": (lambda a: {"mean": a["mean"].to(F64)}, ("", "_backward"),
+                     ("m2", "mean")),  # m2 unlike mean (on a GPU: float64 mean refused)
+    "sum_dy-float64": (lambda a: {"sum_dy": a["sum_dy"].to(F64)}, ("_backward",), ("sum_dy",)),
+    "sum_dy_xmu-float64": (lambda a: {"sum_dy_xmu": a["sum_dy_xmu"].to(F64)}, ("_backward",),
+                           ("sum_dy_xmu",)),
+}
+
+
+def _op_call(ops, layer, direction, a):
+    """``<layer>_coefficients<direction>`` of ``ops`` with the arguments ``a``."""
+    op = getattr(ops, f"{layer}_coefficients{direction}")
+    args = (a["mean"], a["m2"], 3, 2, a["encoder"], a["decoder_1"], a["decoder_2"], a["weight"],
+            a["bias"], 1e-5)
+    return op(*((a["sum_dy"], a["sum_dy_xmu"]) if direction else ()), *args)
+
+
+@pytest.mark.parametrize("layer", ["assoc", "ilm"])
+@pytest.mark.parametrize("form,direction", [
+    pytest.param(form, d, id=f"{form}-{'backward' if d else 'forward'}")
+    for form, (_, directions, _) in OP_REFUSALS.items() for d in directions])
+def test_coefficient_ops_refuse_alike(backend, device, layer, form, direction):
+    """The AssocNorm / ILM-Norm coefficient ops (``normfuse.backends.ops_for(backend)``: the
+    torch backend's PyTorch functions, the C++ ops, the Triton ops) refuse the same arguments
+    with a message naming the op and the argument; the C++ checks (csrc/common/
+    coefficients_glue.h) are the contract.  (The torch backend accepted an empty meta network
+    and mixed float32 / float64 statistics.)"""
+    from normfuse.backends import ops_for
+    change, _, words = OP_REFUSALS[form]
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    n, c, e = 2, 4, 2  # 2 groups (AssocNorm: the encoder's columns), ILM-Norm 2 key groups
+    a = dict(mean=rnd(n, c), m2=rnd(n, c).abs() + 1, sum_dy=rnd(n, c), sum_dy_xmu=rnd(n, c),
+             encoder=rnd(e, 2), decoder_1=rnd(2, e), decoder_2=rnd(2, e), weight=rnd(c),
+             bias=rnd(c))
+    _op_call(ops_for(backend), layer, direction, a)  # the good call runs
+    op = f"{layer}_coefficients{direction}"
+    with pytest.raises((RuntimeError, ValueError)) as info:
+        _op_call(ops_for(backend), layer, direction, {**a, **change(a)})
+    msg = str(info.value)
+    assert re.search(rf"\.{op}: ", msg), f"message does not name {op}: {msg!r}"
+    assert any(re.search(rf"(?<![\w.]){w}(?!\w)", msg) for w in words), \
+        f"message does not name {words}: {msg!r}"

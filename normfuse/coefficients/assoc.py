@@ -15,8 +15,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_op_groups, check_op_parameters, check_op_statistics
 from ._autocast import autocast_off
 from ._merge import group_merge, group_merge_backward
+
+
+def _check_arguments(op, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var,
+                     weight, bias, gradients=()):
+    """What the C++ and Triton ops refuse, refused here too, with their messages
+    (csrc/common/coefficients_glue.h, ``assoc_params``): PyTorch ops would compute with an empty
+    auto-encoder (M = 0: D_mu = 1/2, D_var = 0) or promote a float32 statistic beside float64
+    ones."""
+    check_op_statistics(op, mean, m2, plane_size, gradients)
+    c = mean.shape[1]
+    check_op_groups(op, num_groups, c)
+    if not (isinstance(encoder, Tensor) and encoder.dim() == 2 and encoder.shape[0] >= 1
+            and encoder.shape[1] == num_groups):
+        got = list(encoder.shape) if isinstance(encoder, Tensor) else type(encoder).__name__
+        raise RuntimeError(f"normfuse.{op}: encoder must be (M, num_groups) = (M, {num_groups}) "
+                           f"with M >= 1, got {got}")
+    m = encoder.shape[0]
+    check_op_parameters(op, mean, (("encoder", encoder, (m, num_groups)),
+                                   ("decoder_mean", decoder_mean, (num_groups, m)),
+                                   ("decoder_var", decoder_var, (num_groups, m)),
+                                   ("weight", weight, (c,)), ("bias", bias, (c,))))
 
 
 def _group_invstd(var: Tensor, count: int, eps: float) -> Tensor:
@@ -37,6 +59,8 @@ def _autoencoder(mu: Tensor, var: Tensor, encoder: Tensor, decoder_mean: Tensor,
 def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                        encoder: Tensor, decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
                        bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_arguments("assoc_coefficients", mean, m2, plane_size, num_groups, encoder,
+                     decoder_mean, decoder_var, weight, bias)
     n, c = mean.shape
     mu, var, dev = group_merge(mean, m2, plane_size, num_groups)
     r = _group_invstd(var, mean.shape[1] // num_groups * plane_size, eps)
@@ -54,6 +78,9 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
                                 bias: Tensor, eps: float):
     """Returns ``(c_dy, c_x, c_0, grad_encoder, grad_decoder_mean, grad_decoder_var,
     grad_weight, grad_bias)``."""
+    _check_arguments("assoc_coefficients_backward", mean, m2, plane_size, num_groups, encoder,
+                     decoder_mean, decoder_var, weight, bias,
+                     (("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu)))
     n, c = mean.shape
     g = num_groups
     mu, var, dev = group_merge(mean, m2, plane_size, g)

@@ -31,8 +31,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_op_groups, check_op_parameters, check_op_statistics
 from ._autocast import autocast_off
 from ._merge import group_merge, group_merge_backward
+
+
+def _check_arguments(op, mean, m2, plane_size, num_groups, encoder, decoder_weight,
+                     decoder_bias, weight, bias, gradients=()):
+    """What the C++ and Triton ops refuse, refused here too, with their messages
+    (csrc/common/coefficients_glue.h, ``ilm_params``): PyTorch ops would compute with an empty
+    meta network (E = 0: D_w = 1/2, D_b = 0) or promote a float32 statistic beside float64
+    ones."""
+    check_op_statistics(op, mean, m2, plane_size, gradients)
+    c = mean.shape[1]
+    check_op_groups(op, num_groups, c)
+    if not (isinstance(encoder, Tensor) and encoder.dim() == 2 and encoder.shape[0] >= 1
+            and encoder.shape[1] >= 1 and c % encoder.shape[1] == 0):
+        got = list(encoder.shape) if isinstance(encoder, Tensor) else type(encoder).__name__
+        raise RuntimeError(f"normfuse.{op}: encoder must be (E, K) with E >= 1 and K (the "
+                           f"key-group count) >= 1 dividing the number of channels ({c}), got "
+                           f"{got}")
+    e, k = encoder.shape
+    check_op_parameters(op, mean, (("encoder", encoder, (e, k)),
+                                   ("decoder_weight", decoder_weight, (k, e)),
+                                   ("decoder_bias", decoder_bias, (k, e)),
+                                   ("weight", weight, (c,)), ("bias", bias, (c,))))
 
 
 def _count(channels: int, groups: int, plane_size: int, what: str) -> int:
@@ -75,6 +98,8 @@ def _per_channel(v: Tensor, channels: int) -> Tensor:
 def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                      encoder: Tensor, decoder_weight: Tensor, decoder_bias: Tensor,
                      weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_arguments("ilm_coefficients", mean, m2, plane_size, num_groups, encoder,
+                     decoder_weight, decoder_bias, weight, bias)
     n, c = mean.shape
     g = num_groups
     kmu, kvar, _, mu, var, dev, _, _ = _statistics(mean, m2, plane_size, g, encoder.shape[1])
@@ -93,6 +118,9 @@ def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
                               bias: Tensor, eps: float):
     """Returns ``(c_dy, c_x, c_0, grad_encoder, grad_decoder_weight, grad_decoder_bias,
     grad_weight, grad_bias)`` (the op contract of docs/architecture.md)."""
+    _check_arguments("ilm_coefficients_backward", mean, m2, plane_size, num_groups, encoder,
+                     decoder_weight, decoder_bias, weight, bias,
+                     (("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu)))
     n, c = mean.shape
     g, k = num_groups, encoder.shape[1]
     kmu, kvar, kdev, mu, var, dev, bessel_k, bessel_g = _statistics(mean, m2, plane_size, g, k)

@@ -10,31 +10,55 @@ from torch.library import triton_op
 from .._checks import check_op_batch_counter, running_update_conflict
 from . import heuristics
 from . import runtime as rt
-from .runtime import NAMESPACE, OptTensor, check_device, kernels, launcher, stats_tensor
+from .runtime import (NAMESPACE, OptTensor, check_device, check_tensor, kernels, launcher,
+                      stats_tensor)
 
-def _moment_pair(mean: Tensor, m2: Tensor, plane_size: int):
-    rt.require_tensor(mean, "mean")
+# Every refusal of these ops starts with ``normfuse_triton.<op>:`` (``who`` below), as the C++
+# ops' messages start with ``normfuse.<op>:``: an error then says which op refused what.
+
+
+def _who(op: str) -> str:
+    return f"{NAMESPACE}.{op}"
+
+
+def _moment_pair(mean: Tensor, m2: Tensor, plane_size: int, who: str):
+    rt.require_tensor(mean, "mean", who)
     if plane_size < 1:  # as the C++ ops: a count of 0 or less gives NaN or garbage, no error
-        raise RuntimeError(f"normfuse_triton: plane_size must be >= 1, got {plane_size}")
+        raise RuntimeError(f"{who}: plane_size must be >= 1, got {plane_size}")
     if mean.dim() != 2 or mean.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"normfuse_triton: mean must be (N, C) float32/float64, got "
+        raise RuntimeError(f"{who}: mean must be (N, C) float32/float64, got "
                            f"{tuple(mean.shape)} {mean.dtype}")
-    check_device(mean, "mean")
+    check_device(mean, "mean", who)
     if not rt.int32_indexable(*mean.shape, plane=1, channels_last=False):  # (n, c) in int32
-        raise RuntimeError(f"normfuse_triton: mean of shape {tuple(mean.shape)} is past the "
+        raise RuntimeError(f"{who}: mean of shape {tuple(mean.shape)} is past the "
                            f"Triton kernels' 32-bit indexing (N*C < 2**31); use the cuda or "
                            f"torch backend")
-    return mean.contiguous(), stats_tensor(m2, mean.shape, mean.dtype, "m2", mean.device)
+    return _require_contiguous(mean, "mean", who), _statistic(m2, mean, "m2", who)
 
 
-def _param(t, mean: Tensor, what: str, optional: bool = True):
+def _require_contiguous(t: Tensor, what: str, who: str) -> Tensor:
+    """``t``, (N, C) statistics, refused unless contiguous, as the C++ ops refuse them (the op
+    contract, docs/architecture.md "Tensors"; the layers pass them so), rather than copied."""
+    if not t.is_contiguous():
+        raise RuntimeError(f"{who}: {what} must be contiguous ((N, C) statistics), got strides "
+                           f"{t.stride()} for shape {tuple(t.shape)}")
+    return t
+
+
+def _statistic(t, mean: Tensor, what: str, who: str) -> Tensor:
+    """``m2``, ``sum_dy`` or ``sum_dy_xmu``: the shape, dtype and device of ``mean``, contiguous."""
+    check_tensor(t, mean.shape, mean.dtype, what, mean.device, who)
+    return _require_contiguous(t, what, who)
+
+
+def _param(t, mean: Tensor, what: str, who: str, optional: bool = True):
     """A parameter: None (where ``optional``), or a (C,) tensor of the statistics' dtype on their
     device (exactly (C,), as the C++ ops: a (2, C/2) or (C, 1) tensor is refused, not
     flattened)."""
     c = mean.shape[1]
     if t is None and optional:
         return None
-    return stats_tensor(t, (c,), mean.dtype, what, mean.device)
+    return stats_tensor(t, (c,), mean.dtype, what, mean.device, who)
 
 
 def _coeff_meta(n: int):
@@ -42,29 +66,30 @@ def _coeff_meta(n: int):
     return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps), cfg
 
 
-def _running(running_mean, running_var, mean: Tensor, written: bool = False, read=()):
+def _running(running_mean, running_var, mean: Tensor, who: str, written: bool = False,
+             read=()):
     """Contiguous running statistics for the kernels (strided ones are copied, see
     ``_write_back``).  ``written`` (a training forward): they are updated in place, so they
     must not overlap themselves (an expanded tensor: the write-back would fail after the
     kernel ran, with the other statistic and the counter already updated), each other, or any
     tensor of ``read`` ((name, tensor) pairs the kernel reads), as the C++ ops check."""
     if (running_mean is None) != (running_var is None):
-        raise RuntimeError("normfuse_triton: give both running_mean and running_var, or neither")
+        raise RuntimeError(f"{who}: give both running_mean and running_var, or neither")
     if running_mean is None:
         return None, None
     c, dtype, device = mean.shape[1], mean.dtype, mean.device
     for t, what in ((running_mean, "running_mean"), (running_var, "running_var")):
-        rt.require_tensor(t, what)
+        rt.require_tensor(t, what, who)
         if tuple(t.shape) != (c,) or t.dtype != dtype:
-            raise RuntimeError(f"normfuse_triton: {what} must be a ({c},) {dtype} tensor, got "
+            raise RuntimeError(f"{who}: {what} must be a ({c},) {dtype} tensor, got "
                                f"{tuple(t.shape)} {t.dtype}")
         if t.device != device:
-            raise RuntimeError(f"normfuse_triton: {what} is on {t.device}, expected {device}")
+            raise RuntimeError(f"{who}: {what} is on {t.device}, expected {device}")
     if written and not rt.tracing(running_mean):  # (fake tensors have no data pointers)
         why = running_update_conflict(running_mean, running_var, read,
                                       share_advice="; pass separate tensors")
         if why is not None:
-            raise RuntimeError(f"normfuse_triton: {why}")
+            raise RuntimeError(f"{who}: {why}")
     return running_mean.contiguous(), running_var.contiguous()
 
 
@@ -93,12 +118,13 @@ def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, r
                    running_var, training, momentum, eps, num_batches_tracked):
     """BIN / IEBN forward; ``gates`` are the layer's per-channel gate parameters as (name,
     tensor) pairs (BIN: gate; IEBN: gate_weight, gate_bias), passed to the kernel in order."""
+    who = _who(op)
     read = [("mean", mean), ("m2", m2), *gates, ("weight", weight), ("bias", bias)]
-    mean, m2 = _moment_pair(mean, m2, plane_size)
+    mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
-    gates = [_param(t, mean, name, optional=False) for name, t in gates]
-    weight, bias = _param(weight, mean, "weight"), _param(bias, mean, "bias")
-    rm, rv = _running(running_mean, running_var, mean, written=bool(training), read=read)
+    gates = [_param(t, mean, name, who, optional=False) for name, t in gates]
+    weight, bias = _param(weight, mean, "weight", who), _param(bias, mean, "bias", who)
+    rm, rv = _running(running_mean, running_var, mean, who, written=bool(training), read=read)
     nbt, count = _batch_counter(num_batches_tracked, mean, training, op)
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
@@ -118,18 +144,19 @@ def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, r
     return scale, shift
 
 
-def _batch_backward(kernel, sum_dy, sum_dy_xmu, mean, m2, plane_size, gates, weight, bias,
-                    running_mean, running_var, training, eps):
+def _batch_backward(kernel, op: str, sum_dy, sum_dy_xmu, mean, m2, plane_size, gates, weight,
+                    bias, running_mean, running_var, training, eps):
     """BIN / IEBN backward: (c_dy, c_x, c_0, one gradient per gate, grad_weight, grad_bias).
     ``bias`` is not read (the gradients do not depend on it) but checked, as the C++ ops do."""
-    mean, m2 = _moment_pair(mean, m2, plane_size)
+    who = _who(op)
+    mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)
-    gates = [_param(t, mean, name, optional=False) for name, t in gates]
-    weight = _param(weight, mean, "weight")
-    _param(bias, mean, "bias")
-    running_mean, running_var = _running(running_mean, running_var, mean)
+    g1 = _statistic(sum_dy, mean, "sum_dy", who)
+    g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
+    gates = [_param(t, mean, name, who, optional=False) for name, t in gates]
+    weight = _param(weight, mean, "weight", who)
+    _param(bias, mean, "bias", who)
+    running_mean, running_var = _running(running_mean, running_var, mean, who)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
     grads = [mean.new_empty(c) for _ in range(len(gates) + 2)]
     if n * c == 0:
@@ -160,8 +187,9 @@ def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
                               plane_size: int, gate: Tensor, weight: OptTensor, bias: OptTensor,
                               running_mean: OptTensor, running_var: OptTensor, training: bool,
                               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _batch_backward(kernels().bin_backward, sum_dy, sum_dy_xmu, mean, m2, plane_size,
-                           [("gate", gate)], weight, bias, running_mean, running_var, training, eps)
+    return _batch_backward(kernels().bin_backward, "bin_coefficients_backward", sum_dy,
+                           sum_dy_xmu, mean, m2, plane_size, [("gate", gate)], weight, bias,
+                           running_mean, running_var, training, eps)
 
 
 @triton_op(f"{NAMESPACE}::iebn_coefficients", mutates_args=_MUTATED)
@@ -181,39 +209,40 @@ def iebn_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor,
                                weight: OptTensor, bias: OptTensor, running_mean: OptTensor,
                                running_var: OptTensor, training: bool, eps: float
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _batch_backward(kernels().iebn_backward, sum_dy, sum_dy_xmu, mean, m2, plane_size,
+    return _batch_backward(kernels().iebn_backward, "iebn_coefficients_backward", sum_dy,
+                           sum_dy_xmu, mean, m2, plane_size,
                            [("gate_weight", gate_weight), ("gate_bias", gate_bias)], weight,
                            bias, running_mean, running_var, training, eps)
 
 
-def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias):
+def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias, who):
     n, c = mean.shape
     if num_groups <= 0 or c % num_groups:
-        raise RuntimeError(f"normfuse_triton: num_groups ({num_groups}) must be >= 1 and divide "
+        raise RuntimeError(f"{who}: num_groups ({num_groups}) must be >= 1 and divide "
                            f"the number of channels ({c})")
-    rt.require_tensor(encoder, "encoder")
+    rt.require_tensor(encoder, "encoder", who)
     if encoder.dim() != 2 or encoder.shape[0] < 1:
-        raise RuntimeError(f"normfuse_triton: encoder must be (M, num_groups) = (M, {num_groups}) "
+        raise RuntimeError(f"{who}: encoder must be (M, num_groups) = (M, {num_groups}) "
                            f"with M >= 1, got {tuple(encoder.shape)}")
     hidden = encoder.shape[0]
     acc, dev = mean.dtype, mean.device
-    enc = stats_tensor(encoder, (hidden, num_groups), acc, "encoder", dev)
-    dec_mu = stats_tensor(decoder_mean, (num_groups, hidden), acc, "decoder_mean", dev)
-    dec_var = stats_tensor(decoder_var, (num_groups, hidden), acc, "decoder_var", dev)
-    cfg = heuristics.assoc_config(num_groups)
+    enc = stats_tensor(encoder, (hidden, num_groups), acc, "encoder", dev, who)
+    dec_mu = stats_tensor(decoder_mean, (num_groups, hidden), acc, "decoder_mean", dev, who)
+    dec_var = stats_tensor(decoder_var, (num_groups, hidden), acc, "decoder_var", dev, who)
+    cfg = heuristics.assoc_config(num_groups, who)
     meta = dict(BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, num_warps=cfg.num_warps)
-    return (enc, dec_mu, dec_var, _param(weight, mean, "weight", optional=False),
-            _param(bias, mean, "bias", optional=False), hidden, meta)
+    return (enc, dec_mu, dec_var, _param(weight, mean, "weight", who, optional=False),
+            _param(bias, mean, "bias", who, optional=False), hidden, meta)
 
 
-def _sum_tree_workspace(mean, width, op, formula):
+def _sum_tree_workspace(mean, width, who, formula):
     """The AssocNorm / ILM-Norm backward's workspace for its sum over samples
     (``coefficients_assoc.sum_rows``): a row of ``width`` parameter-gradient partials per
     sample, one per row group, and the groups' ticket counters.  ``formula``: ``width`` as the
     refusal names it (the rows are indexed in int32)."""
     n = mean.shape[0]
     if n * width >= 2**31:
-        raise RuntimeError(f"normfuse_triton: {op} needs N * ({formula}) < 2**31, got {n} * "
+        raise RuntimeError(f"{who}: the workspace needs N * ({formula}) < 2**31, got {n} * "
                            f"{width}; use the cuda or torch backend")
     groups = rt.cdiv(n, kernels().rows_per_group)
     return (mean.new_empty(n * width), mean.new_empty(groups * width),
@@ -224,10 +253,11 @@ def _sum_tree_workspace(mean, width, op, formula):
 def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                        encoder: Tensor, decoder_mean: Tensor, decoder_var: Tensor, weight: Tensor,
                        bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    mean, m2 = _moment_pair(mean, m2, plane_size)
+    who = _who("assoc_coefficients")
+    mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
     enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
-        mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias)
+        mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias, who)
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
         return scale, shift
@@ -244,20 +274,20 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
                                 bias: Tensor, eps: float
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                            Tensor]:
-    mean, m2 = _moment_pair(mean, m2, plane_size)
+    who = _who("assoc_coefficients_backward")
+    mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)
+    g1 = _statistic(sum_dy, mean, "sum_dy", who)
+    g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
     enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
-        mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias)
+        mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias, who)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
     d_enc, d_dec_mu, d_dec_var = (torch.empty_like(t) for t in (enc, dec_mu, dec_var))
     d_weight, d_bias = mean.new_empty(c), mean.new_empty(c)
     if n * c == 0:
         return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_mu.zero_(), d_dec_var.zero_(),
                 d_weight.zero_(), d_bias.zero_())
-    ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * num_groups,
-                                           "assoc_coefficients_backward",
+    ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * num_groups, who,
                                            "2C + 3 * embed_dim * num_groups")
     launcher(kernels().assoc_backward)[(n,)](
         g1, g2, mean, m2, enc, dec_mu, dec_var, weight, c_dy, c_x, c_0, ws, ws2, counter,
@@ -267,31 +297,31 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
 
 
 def _ilm_params(mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight,
-                bias, op):
+                bias, who):
     """Checked ILM-Norm parameters: ``(enc, dec_w, dec_b, weight, bias, K, E, meta)``.  K is the
     encoder's column count (the key groups), E its row count (the hidden units).  Groups of one
     value are refused, as normfuse.coefficients.ilm does (their unbiased variance is 0 / 0)."""
     n, c = mean.shape
     if num_groups <= 0 or c % num_groups:
-        raise RuntimeError(f"normfuse_triton: num_groups ({num_groups}) must be >= 1 and divide "
+        raise RuntimeError(f"{who}: num_groups ({num_groups}) must be >= 1 and divide "
                            f"the number of channels ({c})")
-    rt.require_tensor(encoder, "encoder")
+    rt.require_tensor(encoder, "encoder", who)
     if encoder.dim() != 2 or min(encoder.shape) < 1 or c % encoder.shape[1]:
-        raise RuntimeError(f"normfuse_triton: encoder must be (E, K) with E >= 1 and K key groups "
+        raise RuntimeError(f"{who}: encoder must be (E, K) with E >= 1 and K key groups "
                            f"dividing the number of channels ({c}), got {tuple(encoder.shape)}")
     hidden, keys = encoder.shape
     for count, what in ((c // keys * plane_size, "key group"),
                         (c // num_groups * plane_size, "group")):
         if count <= 1:
-            raise RuntimeError(f"normfuse_triton: {op}: the unbiased variance needs more than one "
+            raise RuntimeError(f"{who}: the unbiased variance needs more than one "
                                f"value per {what}, got {count}")
     acc, dev = mean.dtype, mean.device
-    enc = stats_tensor(encoder, (hidden, keys), acc, "encoder", dev)
-    dec_w = stats_tensor(decoder_weight, (keys, hidden), acc, "decoder_weight", dev)
-    dec_b = stats_tensor(decoder_bias, (keys, hidden), acc, "decoder_bias", dev)
-    weight = _param(weight, mean, "weight", optional=False)
-    bias = _param(bias, mean, "bias", optional=False)
-    cfg = heuristics.ilm_config(num_groups, keys)
+    enc = stats_tensor(encoder, (hidden, keys), acc, "encoder", dev, who)
+    dec_w = stats_tensor(decoder_weight, (keys, hidden), acc, "decoder_weight", dev, who)
+    dec_b = stats_tensor(decoder_bias, (keys, hidden), acc, "decoder_bias", dev, who)
+    weight = _param(weight, mean, "weight", who, optional=False)
+    bias = _param(bias, mean, "bias", who, optional=False)
+    cfg = heuristics.ilm_config(num_groups, keys, who)
     meta = dict(BLOCK_K=cfg.block_k, BLOCK_CK=cfg.block_ck, BLOCK_G=cfg.block_g,
                 BLOCK_CG=cfg.block_cg, E_CHUNK=cfg.e_chunk, num_warps=cfg.num_warps)
     return enc, dec_w, dec_b, weight, bias, keys, hidden, meta
@@ -301,11 +331,11 @@ def _ilm_params(mean, plane_size, num_groups, encoder, decoder_weight, decoder_b
 def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
                      encoder: Tensor, decoder_weight: Tensor, decoder_bias: Tensor,
                      weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    mean, m2 = _moment_pair(mean, m2, plane_size)
+    who = _who("ilm_coefficients")
+    mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
     enc, dec_w, dec_b, weight, bias, keys, hidden, meta = _ilm_params(
-        mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias,
-        "ilm_coefficients")
+        mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias, who)
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n == 0:
         return scale, shift
@@ -324,21 +354,21 @@ def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
                                          Tensor]:
     """``bias`` is not read (the gradients do not depend on it) but checked, as the assoc op
     does."""
-    mean, m2 = _moment_pair(mean, m2, plane_size)
+    who = _who("ilm_coefficients_backward")
+    mean, m2 = _moment_pair(mean, m2, plane_size, who)
     n, c = mean.shape
-    g1 = stats_tensor(sum_dy, (n, c), mean.dtype, "sum_dy", mean.device)
-    g2 = stats_tensor(sum_dy_xmu, (n, c), mean.dtype, "sum_dy_xmu", mean.device)
+    g1 = _statistic(sum_dy, mean, "sum_dy", who)
+    g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
     enc, dec_w, dec_b, weight, bias, keys, hidden, meta = _ilm_params(
-        mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias,
-        "ilm_coefficients_backward")
+        mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias, who)
     c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
     d_enc, d_dec_w, d_dec_b = (torch.empty_like(t) for t in (enc, dec_w, dec_b))
     d_weight, d_bias = mean.new_empty(c), mean.new_empty(c)
     if n == 0:
         return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_w.zero_(), d_dec_b.zero_(),
                 d_weight.zero_(), d_bias.zero_())
-    ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * keys,
-                                           "ilm_coefficients_backward", "2C + 3 * E * K")
+    ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * keys, who,
+                                           "2C + 3 * E * K")
     launcher(kernels().ilm_backward)[(n,)](
         g1, g2, mean, m2, enc, dec_w, dec_b, weight, c_dy, c_x, c_0, ws, ws2, counter,
         d_enc, d_dec_w, d_dec_b, d_weight, d_bias,

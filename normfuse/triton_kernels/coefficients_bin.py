@@ -57,7 +57,7 @@ def channel_statistics(mean_ptr, m2_ptr, rmean_ptr, rvar_ptr, c, cmask, N, C, L,
     if use_batch != 0:
         ref, off, q_total = batch_moments(mean_ptr, m2_ptr, c, cmask, N, C, L, BLOCK_N,
                                           BLOCK_C, ACC)
-        count = (N * 1.0) * L
+        count = (tl.full([], 0.0, ACC) + N) * L  # in ACC: int * float literal would be float32
         var = q_total / count
         if update_running != 0:
             rm = tl.load(rmean_ptr + c, mask=cmask, other=0.0)
@@ -171,7 +171,8 @@ def bin_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gate_ptr, weight_ptr, 
     tl.store(dgate_ptr + c, gamma * (r_b * sum_h - sum_g2ri), mask=cmask)
     tl.store(dbias_ptr + c, sum_g1, mask=cmask)
 
-    count = (N * 1.0) * L
+    l_acc = tl.full([], 0.0, ACC) + L  # counts in ACC: int * float literal would be float32
+    count = (tl.full([], 0.0, ACC) + N) * L
     batch = use_batch != 0
     d_mu = tl.where(batch, -gamma * rho * r_b * sum_g1 / N, 0.0)[None, :]
     d_q = tl.where(batch, gamma * rho * sum_h * (-0.5) * r_b * r_b * r_b / count, 0.0)[None, :]
@@ -182,7 +183,7 @@ def bin_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gate_ptr, weight_ptr, 
                                                   cmask, N, C, BLOCK_N)
         r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=0.0), L, eps)
         dq = d_q - 0.5 * inst * g2 * r_i * r_i * r_i / L
-        dm = -inst * r_i * g1 + d_mu + 2.0 * L * d_q * dev
+        dm = -inst * r_i * g1 + d_mu + (2.0 * l_acc) * d_q * dev
         tl.store(cdy_ptr + idx, mix + inst * r_i, mask=mask)
         tl.store(cx_ptr + idx, 2.0 * dq, mask=mask)
         tl.store(c0_ptr + idx, dm / L, mask=mask)

@@ -96,14 +96,15 @@ def iebn_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gw_ptr, gb_ptr, weigh
     tl.store(dgb_ptr + c, sum_z, mask=cmask)
     tl.store(dbias_ptr + c, sum_g1, mask=cmask)
 
-    count = (N * 1.0) * L
+    l_acc = tl.full([], 0.0, ACC) + L  # counts in ACC: int * float literal would be float32
+    count = (tl.full([], 0.0, ACC) + N) * L
     batch = use_batch != 0
     d_mu = tl.where(batch, -gamma * r_b * sum_dg1 / N, 0.0)[None, :]
     d_q = tl.where(batch, gamma * sum_hd * (-0.5) * r_b * r_b * r_b / count, 0.0)[None, :]
     for n0 in range(0, N, BLOCK_N):
         idx, mask, _, _, dev, _, delta, z = gate_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, gw, gb,
                                                       gain, n0, c, cmask, N, C, BLOCK_N)
-        dm = z * gw + d_mu + 2.0 * L * d_q * dev
+        dm = z * gw + d_mu + (2.0 * l_acc) * d_q * dev
         tl.store(cdy_ptr + idx, gain * delta, mask=mask)
         tl.store(cx_ptr + idx, 2.0 * d_q + tl.full([BLOCK_N, BLOCK_C], 0.0, ACC), mask=mask)
         tl.store(c0_ptr + idx, dm / L, mask=mask)

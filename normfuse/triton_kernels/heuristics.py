@@ -129,23 +129,25 @@ def coeff_config(batch: int) -> CoeffConfig:
     return CoeffConfig(*COEFF_CONFIGS[-1])
 
 
-def assoc_config(num_groups: int) -> AssocConfig:
+def assoc_config(num_groups: int, who: str = "normfuse_triton") -> AssocConfig:
+    """``who``: the refusal's prefix (the ops pass ``normfuse_triton.<op>``)."""
     if num_groups > ASSOC_BLOCKS[-1]:
-        raise RuntimeError(f"normfuse_triton: AssocNorm kernels support num_groups <= "
+        raise RuntimeError(f"{who}: AssocNorm kernels support num_groups <= "
                            f"{ASSOC_BLOCKS[-1]}, got {num_groups}")
     block_g = next(b for b in ASSOC_BLOCKS if num_groups <= b)
     return AssocConfig(block_g, ASSOC_TILE // block_g)
 
 
-def ilm_config(num_groups: int, key_groups: int) -> ILMConfig:
+def ilm_config(num_groups: int, key_groups: int, who: str = "normfuse_triton") -> ILMConfig:
     """ILM-Norm kernels: the smallest key tile holding all ``key_groups`` (the meta network
     needs every key group's statistics at once), and a group tile of 32 groups up to 32 (the
     layer's default num_groups), else 64 (more groups are walked 64 at a time); each tile
     ``ILM_TILE`` elements, and so are the meta network's ``[e_chunk, block_k]`` tiles (up to
     ``ILM_E_CHUNK`` hidden units a step).  (A group tile of 16 x 32 made ptxas spill two
-    registers in the backward at block_k = 16 on sm_80, Triton 3.8; 32 x 16 does not.)"""
+    registers in the backward at block_k = 16 on sm_80, Triton 3.8; 32 x 16 does not.)
+    ``who``: the refusal's prefix, as ``assoc_config``'s."""
     if key_groups > ILM_KEY_BLOCKS[-1]:
-        raise RuntimeError(f"normfuse_triton: ILM-Norm kernels support C / key_group_size <= "
+        raise RuntimeError(f"{who}: ILM-Norm kernels support C / key_group_size <= "
                            f"{ILM_KEY_BLOCKS[-1]} key groups, got {key_groups}; use the cuda "
                            f"or torch backend")
     block_k = next(b for b in ILM_KEY_BLOCKS if key_groups <= b)

@@ -76,25 +76,26 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def require_tensor(t, what: str) -> None:
+def require_tensor(t, what: str, who: str = NAMESPACE) -> None:
     """A Tensor argument given as something else (None, a list): a clear error, before any
-    attribute access fails with an AttributeError that names nothing."""
+    attribute access fails with an AttributeError that names nothing.  ``who`` starts every
+    message of these checks (the coefficient ops pass ``normfuse_triton.<op>``)."""
     if not isinstance(t, Tensor):
-        raise RuntimeError(f"normfuse_triton: {what} must be a Tensor, got {type(t).__name__}")
+        raise RuntimeError(f"{who}: {what} must be a Tensor, got {type(t).__name__}")
 
 
-def check_device(t: Tensor, what: str) -> None:
+def check_device(t: Tensor, what: str, who: str = NAMESPACE) -> None:
     if t.device.type == "cuda":
         if t.dtype == torch.float64:
-            raise RuntimeError(f"normfuse_triton: {what} is float64; the Triton GPU kernels "
+            raise RuntimeError(f"{who}: {what} is float64; the Triton GPU kernels "
                                f"support float32, float16 and bfloat16 (use the 'cuda' or "
                                f"'torch' backend for float64)")
     elif t.device.type == "cpu":
         if not interpreted():
-            raise RuntimeError("normfuse_triton: CPU tensors need the Triton interpreter "
+            raise RuntimeError(f"{who}: CPU tensors need the Triton interpreter "
                                "(set TRITON_INTERPRET=1 before the first normfuse_triton call)")
     else:
-        raise RuntimeError(f"normfuse_triton: {what} is on unsupported device {t.device}")
+        raise RuntimeError(f"{who}: {what} is on unsupported device {t.device}")
 
 
 def int32_indexable(n: int, c: int, plane: int, channels_last: bool) -> bool:
@@ -142,15 +143,22 @@ def check_pair(dy: Tensor, x: Tensor):
     return layout
 
 
-def stats_tensor(t: Tensor, shape, dtype, what: str, device: torch.device) -> Tensor:
+def check_tensor(t: Tensor, shape, dtype, what: str, device: torch.device,
+                 who: str = NAMESPACE) -> None:
     """``t`` (statistics, coefficients or a parameter) checked to be a ``shape`` ``dtype`` tensor
-    on ``device`` (the input's or the statistics'), contiguous."""
-    require_tensor(t, what)
+    on ``device`` (the input's or the statistics')."""
+    require_tensor(t, what, who)
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-        raise RuntimeError(f"normfuse_triton: {what} must be {tuple(shape)} {dtype}, got "
+        raise RuntimeError(f"{who}: {what} must be {tuple(shape)} {dtype}, got "
                            f"{tuple(t.shape)} {t.dtype}")
     if t.device != device:
-        raise RuntimeError(f"normfuse_triton: {what} is on {t.device}, expected {device}")
+        raise RuntimeError(f"{who}: {what} is on {t.device}, expected {device}")
+
+
+def stats_tensor(t: Tensor, shape, dtype, what: str, device: torch.device,
+                 who: str = NAMESPACE) -> Tensor:
+    """``t`` checked (``check_tensor``), contiguous (a strided one is copied)."""
+    check_tensor(t, shape, dtype, what, device, who)
     return t.contiguous()
 
 

@@ -187,6 +187,41 @@ def test_matches_normfuse_reference():
                                                         weight, bias, EPS), acc)
 
 
+@pytest.mark.skipif(torch.float64 not in ACCS, reason="float64 statistics: not on this device")
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+def test_float64_counts_past_float32(layer):
+    """N * L = 50331651 values per channel and L = 2**24 + 1, both odd and past 2**24, which
+    float32 cannot hold: a float64 call keeps the batch count and 2 L in float64 (formed as
+    int * float literal in a kernel they are float32, ~2e-8 and ~6e-8 off), forward (with the
+    running-statistics update) and backward, against normfuse's float64 reference."""
+    coefficients = pytest.importorskip("normfuse.coefficients")
+    acc, n, c, L = torch.float64, 3, 4, 2**24 + 1
+    mean, m2 = _stats(n, c, L, acc, seed=70)
+    gates = [_rand((c,), 71, acc).sigmoid()] + ([_rand((c,), 72, acc)] if layer == "iebn" else [])
+    weight, bias = _rand((c,), 73, acc), _rand((c,), 74, acc)
+    g1, g2 = _rand((n, c), 75, acc), _rand((n, c), 76, acc)
+    run, want_run = ([_rand((c,), 77, acc), _rand((c,), 78, acc, low=0.5)] for _ in range(2))
+    forward = f"{layer}_coefficients"
+    got = (*getattr(ops, forward)(mean, m2, L, *gates, weight, bias, *run, True, MOMENTUM, EPS),
+           *run,
+           *getattr(ops, f"{forward}_backward")(g1, g2, mean, m2, L, *gates, weight, bias, None,
+                                                None, True, EPS))
+    want = (*getattr(coefficients, forward)(mean, m2, L, *gates, weight, bias, *want_run, True,
+                                            MOMENTUM, EPS),
+            *want_run,
+            *getattr(coefficients, f"{forward}_backward")(g1, g2, mean, m2, L, *gates, weight,
+                                                          bias, None, None, True, EPS))
+    names = ("scale", "shift", "running_mean", "running_var", "c_dy", "c_x", "c_0",
+             *(f"grad_{g}" for g in (["gate"] if layer == "bin" else ["gate_weight",
+                                                                     "gate_bias"])),
+             "grad_weight", "grad_bias")
+    # relative to each output's own size (c_0 ~ 1/L)
+    errors = {name: float((a.cpu() - w.cpu()).abs().max() / w.abs().max())
+              for name, a, w in zip(names, got, want, strict=True)}
+    bad = {name: f"{err:.1e}" for name, err in errors.items() if err >= 1e-12}
+    assert not bad, f"off by more than 1e-12 of their largest value: {bad}"
+
+
 def test_assoc_limits():
     mean = torch.zeros(2, 130, device=DEVICE)
     with pytest.raises(RuntimeError, match="<= 64"):
@@ -268,12 +303,81 @@ def test_statistics_on_another_device_are_refused():
     mean = torch.zeros(2, 3, device=DEVICE)
     stranger = torch.zeros(3, device="meta")
     with pytest.raises(RuntimeError, match="weight is on meta, expected"):
-        coefficient_ops._param(stranger, mean, "weight")
+        coefficient_ops._param(stranger, mean, "weight", "normfuse_triton.bin_coefficients")
     with pytest.raises(RuntimeError, match="running_var is on meta, expected"):
-        coefficient_ops._running(torch.zeros(3, device=DEVICE), stranger, mean)
+        coefficient_ops._running(torch.zeros(3, device=DEVICE), stranger, mean,
+                                 "normfuse_triton.bin_coefficients")
     with pytest.raises(RuntimeError, match="m2 is on meta, expected"):
         runtime.stats_tensor(torch.zeros(2, 3, device="meta"), (2, 3), mean.dtype, "m2",
                              mean.device)
+
+
+def _good_arguments(op, n=2, c=4, L=3):
+    """The arguments of a good call of ``op`` (one of ``COEFFICIENT_OPS``), by their schema
+    names."""
+    acc = ACCS[-1]
+    mean, m2 = _stats(n, c, L, acc, seed=80)
+    a = dict(mean=mean, m2=m2, plane_size=L)
+    if op.startswith("assoc"):
+        a.update(num_groups=2, encoder=_rand((1, 2), 81, acc), decoder_mean=_rand((2, 1), 82, acc),
+                 decoder_var=_rand((2, 1), 83, acc))
+    elif op.startswith("ilm"):  # 2 groups, 2 key groups (the encoder's columns) of 2 channels
+        a.update(num_groups=2, encoder=_rand((1, 2), 81, acc),
+                 decoder_weight=_rand((2, 1), 82, acc), decoder_bias=_rand((2, 1), 83, acc))
+    elif op.startswith("bin"):
+        a.update(gate=_rand((c,), 84, acc).sigmoid())
+    else:
+        a.update(gate_weight=_rand((c,), 84, acc), gate_bias=_rand((c,), 85, acc))
+    a.update(weight=_rand((c,), 86, acc), bias=_rand((c,), 87, acc))
+    if op.startswith(("bin", "iebn")):
+        a.update(running_mean=_rand((c,), 88, acc), running_var=_rand((c,), 89, acc, low=0.5),
+                 training=True, **({} if op.endswith("_backward") else {"momentum": MOMENTUM}))
+    a.update(eps=EPS)
+    if op.endswith("_backward"):
+        a = dict(sum_dy=_rand((n, c), 90, acc), sum_dy_xmu=_rand((n, c), 91, acc), **a)
+    return a
+
+
+def _bad_value(name, n=2, c=4):
+    """A value of argument ``name`` that the ops refuse (for the (2, 4) statistics above)."""
+    def z(*shape):
+        return torch.zeros(*shape, dtype=ACCS[-1], device=DEVICE)
+    return {"plane_size": 0, "mean": z(n, c, 1), "m2": z(n, c + 1), "sum_dy": z(n, c + 1),
+            "weight": z(c, 1), "bias": z(c + 1), "gate": None, "gate_weight": None,
+            "encoder": None, "num_groups": 3,
+            "running_mean": None}[name]  # no running_mean: running_var alone is refused
+
+
+COEFFICIENT_OPS = [f"{layer}_coefficients{direction}" for layer in ("bin", "iebn", "assoc", "ilm")
+                   for direction in ("", "_backward")]
+BAD_ARGUMENTS = ["plane_size", "mean", "m2", "sum_dy", "weight", "bias", "gate", "gate_weight",
+                 "encoder", "num_groups", "running_mean"]
+
+
+@pytest.mark.parametrize("op,name", [(op, name) for op in COEFFICIENT_OPS
+                                     for name in BAD_ARGUMENTS if name in _good_arguments(op)])
+def test_refusals_name_the_op(op, name):
+    """Every refusal starts with ``normfuse_triton.<op>:``, as the C++ ops' messages start with
+    ``normfuse.<op>:``: which op refused, forward or backward, is in the message."""
+    with pytest.raises(RuntimeError, match=rf"^normfuse_triton\.{op}: "):
+        getattr(ops, op)(**{**_good_arguments(op), name: _bad_value(name)})
+
+
+@pytest.mark.parametrize("op,name", [(op, name) for op in COEFFICIENT_OPS
+                                     for name in ("mean", "m2", "sum_dy", "sum_dy_xmu")
+                                     if name in _good_arguments(op)])
+def test_strided_statistics_are_refused(op, name):
+    """(N, C) statistics that are not contiguous (here the same values, transposed in memory)
+    are refused, naming the argument, before anything is written, as the C++ ops refuse them:
+    the op contract (docs/architecture.md, "Tensors") has them contiguous, and the layers pass
+    them so.  (The ops copied them.)"""
+    a = _good_arguments(op)
+    strided = a[name].t().contiguous().t()
+    assert torch.equal(strided, a[name]) and not strided.is_contiguous()
+    written = {k: a[k].clone() for k in ("running_mean", "running_var") if k in a}
+    with pytest.raises(RuntimeError, match=rf"^normfuse_triton\.{op}: {name} must be contiguous"):
+        getattr(ops, op)(**{**a, name: strided})
+    assert all(torch.equal(a[k], v) for k, v in written.items())
 
 
 def test_malformed_arguments_are_refused_before_any_write():

@@ -198,8 +198,7 @@ def _z(*shape, dtype=torch.float32):
     return torch.zeros(*shape, dtype=dtype, device=DEVICE)
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("change,match", [
+REFUSED = [  # (what replaces the good call's arguments, the message)
     ({"L": 0}, "plane_size must be >= 1, got 0"),
     ({"mean": _z(2, 12, 1)}, r"mean must be \(N, C\)"),
     ({"m2": _z(2, 11)}, r"m2 must be \(2, 12\)"),
@@ -215,19 +214,40 @@ def _z(*shape, dtype=torch.float32):
     ({"G": 12, "L": 1}, "needs more than one value per group, got 1"),
     ({"encoder": _z(2, 12), "decoder_weight": _z(12, 2), "decoder_bias": _z(12, 2), "L": 1},
      "needs more than one value per key group, got 1"),
-], ids=str)
+]
+REFUSED_GRADIENTS = [
+    ({"sum_dy": _z(2, 11)}, r"sum_dy must be \(2, 12\)"),
+    ({"sum_dy_xmu": None}, "sum_dy_xmu must be a Tensor"),
+]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("change,match", REFUSED, ids=str)
 def test_bad_arguments_are_refused(change, match, backward):
     _refused(change, match, backward)
 
 
 def test_bad_gradients_are_refused():
-    _refused({"sum_dy": _z(2, 11)}, r"sum_dy must be \(2, 12\)", backward=True)
-    _refused({"sum_dy_xmu": None}, "sum_dy_xmu must be a Tensor", backward=True)
+    for change, match in REFUSED_GRADIENTS:
+        _refused(change, match, backward=True)
+
+
+@pytest.mark.parametrize("op,change", [
+    *(("ilm_coefficients", change) for change, _ in REFUSED),
+    *(("ilm_coefficients_backward", change) for change, _ in REFUSED + REFUSED_GRADIENTS),
+], ids=str)
+def test_refusals_name_the_op(op, change):
+    """Every refusal starts with ``normfuse_triton.<op>:``, as the C++ ops' messages start with
+    ``normfuse.<op>:`` (tests/csrc/test_ilm_coefficients.py): which op refused, forward or
+    backward, is in the message."""
+    _refused(change, rf"^normfuse_triton\.{op}: ", backward=op.endswith("_backward"))
 
 
 def test_more_than_256_key_groups_are_refused():
     c = 514
-    with pytest.raises(RuntimeError, match=r"C / key_group_size <= 256 key groups, got 257"):
+    with pytest.raises(RuntimeError, match=r"^normfuse_triton\.ilm_coefficients: ILM-Norm kernels "
+                                           r"support C / key_group_size <= 256 key groups, "
+                                           r"got 257"):
         ops.ilm_coefficients(_z(1, c), _z(1, c) + 1, 2, 2, _z(2, 257), _z(257, 2), _z(257, 2),
                              _z(c), _z(c), EPS)
 
@@ -238,12 +258,13 @@ def test_workspace_past_32_bit_indexing_is_refused(monkeypatch):
     tensors: nothing allocated; the device check is the only one they would fail)."""
     from normfuse.triton_kernels import coefficient_ops
 
-    monkeypatch.setattr(coefficient_ops, "check_device", lambda t, what: None)
+    monkeypatch.setattr(coefficient_ops, "check_device", lambda t, what, who: None)
     n, c, k, e = 2**14, 1024, 64, 1024   # N*C = 2**24, but N * (2C + 3 E K) > 2**31
 
     def m(*shape):
         return torch.empty(*shape, device="meta")
 
     args = (m(n, c), m(n, c), m(n, c), m(n, c), 4, 32, m(e, k), m(k, e), m(k, e), m(c), m(c), EPS)
-    with pytest.raises(RuntimeError, match=r"N \* \(2C \+ 3 \* E \* K\) < 2\*\*31, got 16384 \* "):
+    with pytest.raises(RuntimeError, match=r"^normfuse_triton\.ilm_coefficients_backward: .*"
+                                           r"N \* \(2C \+ 3 \* E \* K\) < 2\*\*31, got 16384 \* "):
         coefficient_ops.ilm_coefficients_backward._init_fn(*args)
