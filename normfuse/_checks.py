@@ -253,7 +253,7 @@ def check_op_statistics(op: str, mean, m2, plane_size: int, gradients=()) -> Non
     ``check_plane_size`` in csrc/common/coefficients_glue.h), with their ``RuntimeError`` and
     ``normfuse.<op>:`` prefix: ``mean`` an ``(N, C)`` float32 or float64 tensor, ``m2`` and the
     backward's ``gradients`` ((name, tensor) pairs) of its shape, dtype and device, and
-    ``plane_size >= 1``.  Unchecked, a float32 statistic beside a float64 one was promoted or
+    ``plane_size >= 1`` (None: not checked).  Unchecked, a float32 statistic beside a float64 one was promoted or
     failed inside a matmul, naming nothing.  Strides are not checked: PyTorch ops read any."""
     who = f"normfuse.{op}"
     _require_op_tensor(mean, "mean", who)
@@ -268,7 +268,7 @@ def check_op_statistics(op: str, mean, m2, plane_size: int, gradients=()) -> Non
             raise RuntimeError(f"{who}: {name} must be a {mean.dtype} tensor of shape "
                                f"{list(mean.shape)} on {mean.device} like mean, got {t.dtype} "
                                f"{list(t.shape)} on {t.device}")
-    if plane_size < 1:
+    if plane_size is not None and plane_size < 1:
         raise RuntimeError(f"{who}: plane_size must be >= 1, got {plane_size}")
 
 

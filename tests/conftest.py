@@ -96,6 +96,7 @@ TRITON_INTERPRETER_TESTS = {
     "test_error_contract.py::test_rows_raise_without_partial_state_over_a_sequence": None,
     "test_error_contract.py::test_backend_consistency": None,
     "test_error_contract.py::test_coefficient_ops_refuse_alike": None,
+    "test_error_contract.py::test_batch_coefficient_ops_refuse_alike": None,
     "test_bad_input.py::test_functional_bad_parameter": None,
     # numerics: 1e4 offsets, NaN / Inf (nn.BatchNorm's behaviour), constant planes
     # (AssocNorm's statistics are per sample, so its (256, 3) case repeats (64, 5) at 4x the

@@ -678,3 +678,62 @@ def test_coefficient_ops_refuse_alike(backend, device, layer, form, direction):
     assert re.search(rf"\.{op}: ", msg), f"message does not name {op}: {msg!r}"
     assert any(re.search(rf"(?<![\w.]){w}(?!\w)", msg) for w in words), \
         f"message does not name {words}: {msg!r}"
+
+
+BATCH_OP_REFUSALS = {  # form -> (what replaces the good call's arguments, directions, words named)
+    "m2-float64": (lambda a: {"m2": a["m2"].to(F64)}, ("", "_backward"), ("m2",)),
+    "mean-float64": (lambda a: {"mean": a["mean"].to(F64)}, ("", "_backward"), ("m2", "mean")),
+    "sum_dy-float64": (lambda a: {"sum_dy": a["sum_dy"].to(F64)}, ("_backward",), ("sum_dy",)),
+    # a (1,) gate: PyTorch ops broadcast it
+    "gate-broadcast": (lambda a: {"gate": a["gate"][:1]}, ("", "_backward"),
+                       ("gate", "gate_weight")),
+    "weight-float64": (lambda a: {"weight": a["weight"].to(F64)}, ("", "_backward"), ("weight",)),
+    "running_var-missing": (lambda a: {"running_var": None}, ("",), ("running_var",)),
+    "plane-0": (lambda a: {"plane": 0}, ("", "_backward"), ("plane_size",)),
+}
+
+
+def _batch_op_call(ops, layer, direction, a):
+    """``<layer>_coefficients<direction>`` of ``ops`` (BIN / IEBN) with the arguments ``a``, in
+    training (the forward updates the running statistics and counts the batch)."""
+    op = getattr(ops, f"{layer}_coefficients{direction}")
+    gates = (a["gate"],) if layer == "bin" else (a["gate"], a["gate_bias"])
+    head = (a["mean"], a["m2"], a["plane"], *gates, a["weight"], a["bias"], a["running_mean"],
+            a["running_var"], True)
+    if direction:
+        return op(a["sum_dy"], a["sum_dy_xmu"], *head, 1e-5)
+    return op(*head, 0.1, 1e-5, a["num_batches_tracked"])
+
+
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+@pytest.mark.parametrize("form,direction", [
+    pytest.param(form, d, id=f"{form}-{'backward' if d else 'forward'}")
+    for form, (_, directions, _) in BATCH_OP_REFUSALS.items() for d in directions])
+def test_batch_coefficient_ops_refuse_alike(backend, device, layer, form, direction):
+    """The BIN / IEBN coefficient ops refuse the same arguments on every backend, naming the op
+    and the argument, and a refused forward leaves the running statistics and the batch counter
+    as they were.  (The torch backend broadcast a (1,) gate, promoted mixed float32 / float64
+    statistics and returned zeros for plane_size 0.)"""
+    from normfuse.backends import ops_for
+    change, _, words = BATCH_OP_REFUSALS[form]
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    n, c = 3, 4
+    a = dict(mean=rnd(n, c), m2=rnd(n, c).abs() + 1, sum_dy=rnd(n, c), sum_dy_xmu=rnd(n, c),
+             gate=rnd(c).sigmoid(), gate_bias=rnd(c), weight=rnd(c), bias=rnd(c),
+             running_mean=rnd(c), running_var=rnd(c).abs() + 1, plane=5,
+             num_batches_tracked=torch.tensor(7, device=device))
+    _batch_op_call(ops_for(backend), layer, direction, dict(a))  # the good call runs
+    before = {k: a[k].clone() for k in ("running_mean", "running_var", "num_batches_tracked")}
+    op = f"{layer}_coefficients{direction}"
+    with pytest.raises((RuntimeError, ValueError)) as info:
+        _batch_op_call(ops_for(backend), layer, direction, {**a, **change(a)})
+    msg = str(info.value)
+    assert re.search(rf"\.{op}: ", msg), f"message does not name {op}: {msg!r}"
+    assert any(re.search(rf"(?<![\w.]){w}(?!\w)", msg) for w in words), \
+        f"message does not name {words}: {msg!r}"
+    for k, v in before.items():
+        assert torch.equal(a[k], v), f"{k} changed by a refused call"

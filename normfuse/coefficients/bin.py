@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_op_batch_counter
+from .._checks import check_op_batch_counter, check_op_parameters, check_op_statistics
 from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics, batch_statistics_backward,
                      count_batch, recompute_batch_statistics)
 
@@ -25,6 +25,25 @@ def instance_invstd(m2: Tensor, plane_size: int, eps: float) -> Tensor:
     if plane_size == 1:
         return torch.zeros_like(m2)
     return torch.rsqrt(m2 / plane_size + eps)
+
+
+def check_batch_arguments(op, mean, m2, plane_size, gates, weight, bias, running_mean,
+                          running_var, merge, gradients=()) -> None:
+    """What the C++ and Triton ops refuse, refused here too with their messages, before any
+    running statistic is written (csrc/common/coefficients_glue.h, ``batch_params``): ``gates``
+    and the optional weight, bias and running statistics are ``(C,)`` tensors of the
+    statistics' dtype and device, the running statistics both or neither.  PyTorch ops would
+    broadcast a ``(1,)`` parameter, promote a float32 statistic beside float64 ones, or compute
+    zeros for ``plane_size`` 0.  (A synchronized layer's rank with empty planes still joins the
+    exchange of statistics, normfuse/distributed.py: its ``plane_size`` 0 is not refused.)"""
+    check_op_statistics(op, mean, m2, plane_size if merge is LOCAL_BATCH else None, gradients)
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError(f"normfuse.{op}: running_mean and running_var must be given together")
+    c = mean.shape[1]
+    optional = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                ("running_var", running_var))
+    check_op_parameters(op, mean, [(name, t, (c,)) for name, t in (*gates, *optional)
+                                   if t is not None])
 
 
 def _affine(weight, bias, like: Tensor):
@@ -50,6 +69,8 @@ def bin_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate: Tensor, we
                      merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
     """``(scale, shift)``; in training updates the running statistics and adds 1 to
     ``num_batches_tracked`` (each where given)."""
+    check_batch_arguments("bin_coefficients", mean, m2, plane_size, (("gate", gate),), weight,
+                          bias, running_mean, running_var, merge)
     gamma, beta, mu_b, r_b = batch_prologue("bin_coefficients", mean, m2, plane_size, weight,
                                             bias, running_mean, running_var, training,
                                             momentum, eps, num_batches_tracked, merge)
@@ -68,6 +89,9 @@ def bin_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
 
     ``sum_dy_xmu`` is the gradient w.r.t. ``scale``, ``sum_dy`` the one w.r.t. ``shift``.
     """
+    check_batch_arguments("bin_coefficients_backward", mean, m2, plane_size, (("gate", gate),),
+                          weight, bias, running_mean, running_var, merge,
+                          (("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu)))
     gamma, _ = _affine(weight, bias, mean)
     use_batch, mu_b, r_b = recompute_batch_statistics(mean, m2, plane_size, running_mean,
                                                       running_var, training, eps, merge)

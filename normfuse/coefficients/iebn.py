@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._merge import (LOCAL_BATCH, BatchMerge, batch_statistics_backward, count_batch,
                      recompute_batch_statistics)
-from .bin import _affine, batch_prologue
+from .bin import _affine, batch_prologue, check_batch_arguments
 
 
 def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Tensor,
@@ -23,6 +23,9 @@ def iebn_coefficients(mean: Tensor, m2: Tensor, plane_size: int, gate_weight: Te
                       merge: BatchMerge = LOCAL_BATCH) -> tuple[Tensor, Tensor]:
     """``(scale, shift)``; in training updates the running statistics and adds 1 to
     ``num_batches_tracked`` (each where given)."""
+    check_batch_arguments("iebn_coefficients", mean, m2, plane_size,
+                          (("gate_weight", gate_weight), ("gate_bias", gate_bias)), weight, bias,
+                          running_mean, running_var, merge)
     gamma, beta, mu_b, r_b = batch_prologue("iebn_coefficients", mean, m2, plane_size, weight,
                                             bias, running_mean, running_var, training,
                                             momentum, eps, num_batches_tracked, merge)
@@ -37,6 +40,10 @@ def iebn_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor,
                                bias, running_mean, running_var, training: bool, eps: float,
                                merge: BatchMerge = LOCAL_BATCH):
     """Returns ``(c_dy, c_x, c_0, grad_gate_weight, grad_gate_bias, grad_weight, grad_bias)``."""
+    check_batch_arguments("iebn_coefficients_backward", mean, m2, plane_size,
+                          (("gate_weight", gate_weight), ("gate_bias", gate_bias)), weight, bias,
+                          running_mean, running_var, merge,
+                          (("sum_dy", sum_dy), ("sum_dy_xmu", sum_dy_xmu)))
     gamma, _ = _affine(weight, bias, mean)
     use_batch, mu_b, r_b = recompute_batch_statistics(mean, m2, plane_size, running_mean,
                                                       running_var, training, eps, merge)
