@@ -7,9 +7,11 @@ are read from its text.  Under a second each.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,18 @@ def test_setup_packages_every_normfuse_subpackage():
     assert listed == expected, (listed, expected)
     assert not any(p.split(".")[0] in ("tests", "bench", "examples") for p in listed)
 
+
+def test_extension_names_the_installed_copy_a_source_tree_shadows(tmp_path, monkeypatch):
+    """Run from a checkout (or an unpacked sdist) after a non-editable install, ``import
+    normfuse`` finds the source tree's normfuse/ first, which has no _C: the reason given must
+    point at that, not at a missing build."""
+    from normfuse import _extension
+
+    site = tmp_path / "site-packages"
+    (site / "normfuse").mkdir(parents=True)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (site / "normfuse" / f"_C{suffix}").write_bytes(b"")
+    monkeypatch.setattr(sys, "path", [str(ROOT), str(tmp_path / "nothing"), str(site)])
+    assert _extension._shadowed_install(ROOT / "normfuse") == str(site / "normfuse")
+    monkeypatch.setattr(sys, "path", [str(ROOT)])
+    assert _extension._shadowed_install(ROOT / "normfuse") == ""
