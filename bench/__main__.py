@@ -88,6 +88,12 @@ def main(argv=None) -> int:
     backends = layers.backends_for(dev_type, args.backends)
     if layers.normfuse() is None:
         notes.append(f"normfuse not importable ({layers.NORMFUSE_ERROR}): baselines only")
+    else:  # its compiled kernels missing is a run without them, not a footnote-free one
+        nf = layers.normfuse()
+        why = nf.backends._unavailable_reason(dev_type)
+        if why is not None:
+            notes.append(f"normfuse's {dev_type!r} backend is unavailable, not measured "
+                         f"(normfuse from {Path(nf.__file__).parent}): {why}")
     dtypes = [DTYPES[d] for d in (args.dtypes or (
         ["float32"] if dev_type == "cpu" else ["float32", "float16", "bfloat16"]))]
     use_compile = args.compile

@@ -11,7 +11,10 @@ and ``REASON`` say so).
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -61,6 +64,27 @@ def _built_for_other_torch() -> str:
             f"{torch.__version__} is running; rebuild normfuse for this torch "
             "(`pip install --no-build-isolation -e .`, or a wheel built against it)")
 
+def _shadowed_install(here: Path) -> str:
+    """The directory of another normfuse with a compiled ``_C`` further down ``sys.path`` than
+    ``here`` (this package's directory), or ''.
+
+    Run from a checkout or an unpacked sdist after a non-editable install, ``import normfuse``
+    finds the source tree's normfuse/ first (the current directory leads ``sys.path``), which
+    has no ``_C``: the installed one is then the one to point at, not a missing build."""
+    here = here.resolve()
+    for entry in sys.path:
+        pkg = Path(entry or ".") / "normfuse"
+        try:
+            if pkg.resolve() == here:
+                continue
+            if any((pkg / f"_C{suffix}").is_file()
+                   for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+                return str(pkg)
+        except OSError:
+            continue
+    return ""
+
+
 REASON = _built_for_other_torch()
 if REASON:
     _C = None
@@ -77,8 +101,16 @@ else:
         _C = None
         what = (f"is not built ({exc})" if isinstance(exc, ModuleNotFoundError)
                 else f"failed to import ({type(exc).__name__}: {exc})")
-        REASON = (f"normfuse._C {what}; build it with "
-                  "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
+        _shadowed = (_shadowed_install(Path(__file__).parent)
+                     if isinstance(exc, ModuleNotFoundError) else "")
+        if _shadowed:
+            REASON = (f"normfuse._C {what}: this normfuse is {Path(__file__).parent}, a source "
+                      f"tree ahead of the installed {_shadowed} on sys.path (the current "
+                      "directory comes first); run from another directory, or install in place "
+                      "(`pip install --no-build-isolation -e .`)")
+        else:
+            REASON = (f"normfuse._C {what}; build it with "
+                      "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
         CUDA_REASON = REASON
 if _C is not None:
     HAS_CPU_KERNELS = True

@@ -98,7 +98,10 @@ def report(data: dict | None = None) -> str:
     lines = [
         f"normfuse {d['normfuse']}  python {d['python']}  torch {d['torch']} (CUDA {d['torch_cuda']})"
         f"  triton {d['triton'] or 'not installed'}",
-        ("normfuse._C: built against torch " + b["torch"]
+        (("normfuse._C: built against torch " if d["extension"] == "ok" else
+          # the record alone (a source tree a build wrote it into, or _C for another torch)
+          "normfuse._C: not loaded (below); normfuse/_build_info.py says built against torch ")
+         + b["torch"]
          + (f", CUDA kernels for {b['cuda_arch_list'] or 'the build machine GPU (TORCH_CUDA_ARCH_LIST unset)'}"
             if b["with_cuda"] else ", CPU kernels only"))
         if b["built"] else
