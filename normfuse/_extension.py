@@ -64,6 +64,7 @@ def _built_for_other_torch() -> str:
             f"{torch.__version__} is running; rebuild normfuse for this torch "
             "(`pip install --no-build-isolation -e .`, or a wheel built against it)")
 
+
 def _shadowed_install(here: Path) -> str:
     """The directory of another normfuse with a compiled ``_C`` further down ``sys.path`` than
     ``here`` (this package's directory), or ''.
