@@ -66,8 +66,8 @@ def _built_for_other_torch() -> str:
 
 
 def _shadowed_install(here: Path) -> str:
-    """The directory of another normfuse with a compiled ``_C`` further down ``sys.path`` than
-    ``here`` (this package's directory), or ''.
+    """The directory of another normfuse with a compiled ``_C`` on ``sys.path`` (one other than
+    ``here``, this package's directory, which was found first), or ''.
 
     Run from a checkout or an unpacked sdist after a non-editable install, ``import normfuse``
     finds the source tree's normfuse/ first (the current directory leads ``sys.path``), which
