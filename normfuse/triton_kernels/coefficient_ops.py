@@ -237,7 +237,7 @@ def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, 
 
 def _sum_tree_workspace(mean, width, who, formula):
     """The AssocNorm / ILM-Norm backward's workspace for its sum over samples
-    (``coefficients_assoc.sum_rows``): a row of ``width`` parameter-gradient partials per
+    (``coefficients_assoc.sum_over_samples``): a row of ``width`` parameter-gradient partials per
     sample, one per row group, and the groups' ticket counters.  ``formula``: ``width`` as the
     refusal names it (the rows are indexed in int32)."""
     n = mean.shape[0]

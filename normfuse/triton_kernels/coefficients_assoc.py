@@ -124,6 +124,30 @@ def sum_rows(src_ptr, row_stride, row0, nrows, dst_ptr, width):
 
 
 @triton.jit
+def sum_over_samples(ws_ptr, ws2_ptr, counter_ptr, n, N, C, P, dweight_ptr, dbias_ptr, d0_ptr,
+                     d1_ptr, d2_ptr):
+    """The backwards' parameter gradients (AssocNorm's and ILM-Norm's), summed over the samples in
+    a fixed order: sample n's row of ``ws`` (width 2C + 3P: weight, bias, then three P-element
+    matrices) joins its group of ROWS_PER_GROUP rows, whose last arrival sums them into a row of
+    ``ws2``; the last group's last arrival sums those rows into the five gradients."""
+    width = 2 * C + 3 * P
+    grp = n // ROWS_PER_GROUP
+    num_grps = (N + ROWS_PER_GROUP - 1) // ROWS_PER_GROUP
+    rows = tl.minimum(N - grp * ROWS_PER_GROUP, ROWS_PER_GROUP)
+    if last_arrival(counter_ptr + grp, rows):
+        sum_rows(ws_ptr, width, grp * ROWS_PER_GROUP, rows, ws2_ptr + grp.to(tl.int64) * width,
+                 width)
+        reset_counter(counter_ptr + grp)
+        if last_arrival(counter_ptr + num_grps, num_grps):
+            sum_rows(ws2_ptr, width, 0, num_grps, dweight_ptr, C)
+            sum_rows(ws2_ptr + C, width, 0, num_grps, dbias_ptr, C)
+            sum_rows(ws2_ptr + 2 * C, width, 0, num_grps, d0_ptr, P)
+            sum_rows(ws2_ptr + 2 * C + P, width, 0, num_grps, d1_ptr, P)
+            sum_rows(ws2_ptr + 2 * C + 2 * P, width, 0, num_grps, d2_ptr, P)
+            reset_counter(counter_ptr + num_grps)
+
+
+@triton.jit
 def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dvar_ptr,
                           weight_ptr, cdy_ptr, cx_ptr, c0_ptr, ws_ptr, ws2_ptr, counter_ptr,
                           denc_ptr, ddmu_ptr, ddvar_ptr, dweight_ptr, dbias_ptr,
@@ -197,18 +221,5 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
                  mask=mask)
         tl.store(c0_ptr + row + ch, (d_m + (2.0 * l_acc) * d_q * dev) / L, mask=mask)
 
-    # deterministic sum over samples: groups of ROWS_PER_GROUP rows, then the group rows
-    grp = n // ROWS_PER_GROUP
-    num_grps = (N + ROWS_PER_GROUP - 1) // ROWS_PER_GROUP
-    if last_arrival(counter_ptr + grp, tl.minimum(N - grp * ROWS_PER_GROUP, ROWS_PER_GROUP)):
-        sum_rows(ws_ptr, width, grp * ROWS_PER_GROUP, tl.minimum(N - grp * ROWS_PER_GROUP,
-                                                                  ROWS_PER_GROUP),
-                 ws2_ptr + grp.to(tl.int64) * width, width)
-        reset_counter(counter_ptr + grp)
-        if last_arrival(counter_ptr + num_grps, num_grps):
-            sum_rows(ws2_ptr, width, 0, num_grps, dweight_ptr, C)
-            sum_rows(ws2_ptr + C, width, 0, num_grps, dbias_ptr, C)
-            sum_rows(ws2_ptr + 2 * C, width, 0, num_grps, denc_ptr, M * G)
-            sum_rows(ws2_ptr + 2 * C + M * G, width, 0, num_grps, ddmu_ptr, M * G)
-            sum_rows(ws2_ptr + 2 * C + 2 * M * G, width, 0, num_grps, ddvar_ptr, M * G)
-            reset_counter(counter_ptr + num_grps)
+    sum_over_samples(ws_ptr, ws2_ptr, counter_ptr, n, N, C, M * G, dweight_ptr, dbias_ptr,
+                     denc_ptr, ddmu_ptr, ddvar_ptr)

@@ -28,15 +28,15 @@ smaller for a wider key tile, which bounds the backward's registers).
 Backward parameter gradients (``weight``, ``bias``, ``encoder``, both decoders) are sums over
 samples: each program writes its sample's contributions as one row of ``ws`` (``[d weight (C) |
 d bias (C) | d W_e (E K) | d W_w (K E) | d W_b (K E)]``) and the rows are added in a fixed order
-by the last-arriving programs (``coefficients_assoc.sum_rows``, the same two-level tree as the
+by the last-arriving programs (``coefficients_assoc.sum_over_samples``, the two-level tree of the
 AssocNorm backward): deterministic, one launch.
 """
 import triton
 import triton.language as tl
 
-from .coefficients_assoc import ROWS_PER_GROUP, group_moments, sum_rows
+from .coefficients_assoc import group_moments, sum_over_samples
 from .coefficients_assoc import group_tile as tile
-from .common import last_arrival, relu, reset_counter, sigmoid, tanh, total
+from .common import relu, sigmoid, tanh, total
 
 
 @triton.jit
@@ -223,18 +223,5 @@ def ilm_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_pt
         tl.store(cx_ptr + row + ch, 2.0 * cx, mask=mask)
         tl.store(c0_ptr + row + ch, c0 / L, mask=mask)
 
-    # deterministic sum over samples: groups of ROWS_PER_GROUP rows, then the group rows
-    grp = n // ROWS_PER_GROUP
-    num_grps = (N + ROWS_PER_GROUP - 1) // ROWS_PER_GROUP
-    rows = tl.minimum(N - grp * ROWS_PER_GROUP, ROWS_PER_GROUP)
-    if last_arrival(counter_ptr + grp, rows):
-        sum_rows(ws_ptr, width, grp * ROWS_PER_GROUP, rows, ws2_ptr + grp.to(tl.int64) * width,
-                 width)
-        reset_counter(counter_ptr + grp)
-        if last_arrival(counter_ptr + num_grps, num_grps):
-            sum_rows(ws2_ptr, width, 0, num_grps, dweight_ptr, C)
-            sum_rows(ws2_ptr + C, width, 0, num_grps, dbias_ptr, C)
-            sum_rows(ws2_ptr + 2 * C, width, 0, num_grps, denc_ptr, K * E)
-            sum_rows(ws2_ptr + 2 * C + K * E, width, 0, num_grps, ddw_ptr, K * E)
-            sum_rows(ws2_ptr + 2 * C + 2 * K * E, width, 0, num_grps, ddb_ptr, K * E)
-            reset_counter(counter_ptr + num_grps)
+    sum_over_samples(ws_ptr, ws2_ptr, counter_ptr, n, N, C, K * E, dweight_ptr, dbias_ptr,
+                     denc_ptr, ddw_ptr, ddb_ptr)
