@@ -235,6 +235,15 @@ def _assoc_params(mean, num_groups, encoder, decoder_mean, decoder_var, weight, 
             _param(bias, mean, "bias", who, optional=False), hidden, meta)
 
 
+def _meta_backward_outputs(mean, params, empty: bool):
+    """The AssocNorm / ILM-Norm backward's outputs: ``c_dy, c_x, c_0`` like ``mean``, then a
+    gradient like each of ``params`` (the three matrices, weight, bias), zeros when ``empty``
+    (no sample or channel to sum over)."""
+    coefficients = [torch.empty_like(mean) for _ in range(3)]
+    grads = [torch.zeros_like(p) if empty else torch.empty_like(p) for p in params]
+    return (*coefficients, *grads)
+
+
 def _sum_tree_workspace(mean, width, who, formula):
     """The AssocNorm / ILM-Norm backward's workspace for its sum over samples
     (``coefficients_assoc.sum_over_samples``): a row of ``width`` parameter-gradient partials per
@@ -281,19 +290,15 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
     g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
     enc, dec_mu, dec_var, weight, bias, hidden, meta = _assoc_params(
         mean, num_groups, encoder, decoder_mean, decoder_var, weight, bias, who)
-    c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
-    d_enc, d_dec_mu, d_dec_var = (torch.empty_like(t) for t in (enc, dec_mu, dec_var))
-    d_weight, d_bias = mean.new_empty(c), mean.new_empty(c)
+    out = _meta_backward_outputs(mean, (enc, dec_mu, dec_var, weight, bias), n * c == 0)
     if n * c == 0:
-        return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_mu.zero_(), d_dec_var.zero_(),
-                d_weight.zero_(), d_bias.zero_())
+        return out
     ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * num_groups, who,
                                            "2C + 3 * embed_dim * num_groups")
     launcher(kernels().assoc_backward)[(n,)](
-        g1, g2, mean, m2, enc, dec_mu, dec_var, weight, c_dy, c_x, c_0, ws, ws2, counter,
-        d_enc, d_dec_mu, d_dec_var, d_weight, d_bias,
+        g1, g2, mean, m2, enc, dec_mu, dec_var, weight, *out[:3], ws, ws2, counter, *out[3:],
         n, c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
-    return (c_dy, c_x, c_0, d_enc, d_dec_mu, d_dec_var, d_weight, d_bias)
+    return out
 
 
 def _ilm_params(mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight,
@@ -361,19 +366,15 @@ def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
     g2 = _statistic(sum_dy_xmu, mean, "sum_dy_xmu", who)
     enc, dec_w, dec_b, weight, bias, keys, hidden, meta = _ilm_params(
         mean, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias, who)
-    c_dy, c_x, c_0 = (torch.empty_like(mean) for _ in range(3))
-    d_enc, d_dec_w, d_dec_b = (torch.empty_like(t) for t in (enc, dec_w, dec_b))
-    d_weight, d_bias = mean.new_empty(c), mean.new_empty(c)
+    out = _meta_backward_outputs(mean, (enc, dec_w, dec_b, weight, bias), n == 0)
     if n == 0:
-        return (c_dy, c_x, c_0, d_enc.zero_(), d_dec_w.zero_(), d_dec_b.zero_(),
-                d_weight.zero_(), d_bias.zero_())
+        return out
     ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * keys, who,
                                            "2C + 3 * E * K")
     launcher(kernels().ilm_backward)[(n,)](
-        g1, g2, mean, m2, enc, dec_w, dec_b, weight, c_dy, c_x, c_0, ws, ws2, counter,
-        d_enc, d_dec_w, d_dec_b, d_weight, d_bias,
+        g1, g2, mean, m2, enc, dec_w, dec_b, weight, *out[:3], ws, ws2, counter, *out[3:],
         n, c, plane_size, num_groups, keys, hidden, c // num_groups, c // keys, eps, **meta)
-    return (c_dy, c_x, c_0, d_enc, d_dec_w, d_dec_b, d_weight, d_bias)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
