@@ -266,19 +266,25 @@ def test_measure_many_hands_every_call_its_own_index():
     assert all(b - a == 3 for v in timed for a, b in zip(v, v[1:]))  # one round apart
 
 
+def _bin_smoke_run(prelude: str, out) -> subprocess.CompletedProcess:
+    """``python -m bench --smoke`` on the CPU, BIN only, no end-to-end or host rows, writing to
+    ``out``, in a subprocess that first runs ``prelude`` (a patch to test the run against)."""
+    script = (prelude + "import sys\nfrom bench.__main__ import main\n"
+              "sys.exit(main(['--smoke', '--device', 'cpu', '--threads', '1', '--layers', "
+              f"'bin', '--no-e2e', '--no-host', '--out', {str(out)!r}]))\n")
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
 def test_a_contender_computing_another_layer_fails_the_run(tmp_path):
     """A normfuse layer whose output (or input gradient) is off makes the run exit 1, with the
     failed checks in the summary and "check failed" on the targets judged on it."""
-    script = (
-        "import sys, normfuse\n"
+    proc = _bin_smoke_run(
+        "import normfuse\n"
         "orig = normfuse.BatchInstanceNorm2d.forward\n"
         "normfuse.BatchInstanceNorm2d.forward = "
-        "lambda self, x: orig(self, x) + (x - x.detach()) * 0.1\n"  # same output, wrong dx
-        "from bench.__main__ import main\n"
-        f"sys.exit(main(['--smoke', '--device', 'cpu', '--threads', '1', '--layers', 'bin', "
-        f"'--no-e2e', '--no-host', '--out', {str(tmp_path)!r}]))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+        "lambda self, x: orig(self, x) + (x - x.detach()) * 0.1\n",  # same output, wrong dx
+        tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "CHECKS FAILED" in proc.stdout and "check failed" in proc.stdout
     assert "CHECK FAILED: normfuse[cpu] disagrees" in proc.stderr
@@ -289,14 +295,8 @@ def test_a_contender_computing_another_layer_fails_the_run(tmp_path):
 
 def test_report_without_matplotlib(tmp_path):
     """matplotlib is a test extra: without it the run still writes its numbers and report."""
-    script = (
-        "import sys\n"
-        "sys.modules['matplotlib'] = None\n"  # import matplotlib -> ImportError
-        "from bench.__main__ import main\n"
-        f"sys.exit(main(['--smoke', '--device', 'cpu', '--threads', '1', '--layers', 'bin', "
-        f"'--no-e2e', '--no-host', '--out', {str(tmp_path)!r}]))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = _bin_smoke_run("import sys\nsys.modules['matplotlib'] = None\n",  # -> ImportError
+                          tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "report.md").is_file() and not list(tmp_path.glob("*.png"))
     assert "no plots" in (tmp_path / "report.md").read_text()

@@ -641,6 +641,13 @@ OP_REFUSALS = {  # form -> (what replaces the good call's arguments, directions,
 }
 
 
+def _assert_names(msg, op, words):
+    """A refusal's message names the op (``<namespace>.<op>: ``) and one of ``words``."""
+    assert re.search(rf"\.{op}: ", msg), f"message does not name {op}: {msg!r}"
+    assert any(re.search(rf"(?<![\w.]){w}(?!\w)", msg) for w in words), \
+        f"message does not name {words}: {msg!r}"
+
+
 def _op_call(ops, layer, direction, a):
     """``<layer>_coefficients<direction>`` of ``ops`` with the arguments ``a``."""
     op = getattr(ops, f"{layer}_coefficients{direction}")
@@ -674,10 +681,7 @@ def test_coefficient_ops_refuse_alike(backend, device, layer, form, direction):
     op = f"{layer}_coefficients{direction}"
     with pytest.raises((RuntimeError, ValueError)) as info:
         _op_call(ops_for(backend), layer, direction, {**a, **change(a)})
-    msg = str(info.value)
-    assert re.search(rf"\.{op}: ", msg), f"message does not name {op}: {msg!r}"
-    assert any(re.search(rf"(?<![\w.]){w}(?!\w)", msg) for w in words), \
-        f"message does not name {words}: {msg!r}"
+    _assert_names(str(info.value), op, words)
 
 
 BATCH_OP_REFUSALS = {  # form -> (what replaces the good call's arguments, directions, words named)
@@ -731,9 +735,6 @@ def test_batch_coefficient_ops_refuse_alike(backend, device, layer, form, direct
     op = f"{layer}_coefficients{direction}"
     with pytest.raises((RuntimeError, ValueError)) as info:
         _batch_op_call(ops_for(backend), layer, direction, {**a, **change(a)})
-    msg = str(info.value)
-    assert re.search(rf"\.{op}: ", msg), f"message does not name {op}: {msg!r}"
-    assert any(re.search(rf"(?<![\w.]){w}(?!\w)", msg) for w in words), \
-        f"message does not name {words}: {msg!r}"
+    _assert_names(str(info.value), op, words)
     for k, v in before.items():
         assert torch.equal(a[k], v), f"{k} changed by a refused call"
