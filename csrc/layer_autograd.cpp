@@ -2,11 +2,11 @@
 //
 // Forward: moments -> <layer>_coefficients -> affine_apply; backward: backward_sums ->
 // <layer>_coefficients_backward -> backward_apply. The same ops, in the same order, with the
-// same arguments as normfuse/_autograd.py's NormFunction runs them (for BIN and IEBN each
-// direction is one op, <layer>_layer_forward / <layer>_layer_backward, layer_steps.cpp, which a
-// device may run in one launch: on every device without its own kernel they are the composition,
-// whose first two ops are the layer-step op; a backward that wants no dx calls that step op
-// alone, as it needs no backward_apply); here the autograd node is
+// same arguments as normfuse/_autograd.py's NormFunction runs them, each direction called as one
+// op, <layer>_layer_forward / <layer>_layer_backward (common/layer_compositions.h), which a device
+// may run in one launch (CUDA: the BIN / IEBN single-read path) and the CPU runs without inner
+// dispatches; a backward that wants no dx calls the reduction and coefficient step alone (BIN /
+// IEBN: the layer-step op), as it needs no backward_apply. Here the autograd node is
 // C++ (the ops' Autograd kernels build it, as PyTorch's generated kernels build theirs), so a
 // layer step costs the host one op call from Python and no Python autograd.Function (issue 13,
 // host cost).
@@ -64,26 +64,19 @@ constexpr int kMaxParams = 5;
 using Pair = std::tuple<Tensor, Tensor>;
 using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Five = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Six = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The component ops, looked up once (typed handles: a signature mismatch with ops.cpp throws
 // at the first call instead of miscompiling).
 struct Ops {
-  c10::TypedOperatorHandle<Pair(const Tensor&)> moments;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)> affine_apply;
+  // A backward that wants no dx (AssocNorm / ILM-Norm): the reduction and the coefficient op.
   c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>
       backward_sums;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const Tensor&, const OptTensor&, const OptTensor&)>
-      backward_apply;
-  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, const Tensor&, double)>
-      assoc;
   c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
       const Tensor&, const Tensor&, const Tensor&, double)>
       assoc_backward;
-  // ILM-Norm's coefficient ops: AssocNorm's signatures (the decoders are ILM's weight / bias ones).
-  decltype(assoc) ilm;
+  // ILM-Norm's coefficient op: AssocNorm's signature (the decoders are ILM's weight / bias ones).
   decltype(assoc_backward) ilm_backward;
   // The BIN / IEBN layer directions (layer_steps.cpp): a whole direction as one op.
   c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
@@ -110,24 +103,26 @@ struct Ops {
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>
       iebn_step_backward;
+  // The AssocNorm / ILM-Norm layer directions (one signature for both layers).
+  c10::TypedOperatorHandle<Five(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, double, bool)>
+      assoc_forward;
+  decltype(assoc_forward) ilm_forward;
+  c10::TypedOperatorHandle<Six(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&,
+                               const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&,
+                               const OptTensor&)>
+      assoc_layer_backward;
+  decltype(assoc_layer_backward) ilm_layer_backward;
 };
 
 const Ops& ops() {
   static const Ops o{
-      find<Pair(const Tensor&)>("normfuse::moments"),
-      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>("normfuse::affine_apply"),
       find<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>(
           "normfuse::backward_sums"),
-      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                  const OptTensor&, const OptTensor&)>("normfuse::backward_apply"),
-      find<Pair(const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&, const Tensor&,
-                const Tensor&, const Tensor&, double)>("normfuse::assoc_coefficients"),
       find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
           "normfuse::assoc_coefficients_backward"),
-      find<Pair(const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&, const Tensor&,
-                const Tensor&, const Tensor&, double)>("normfuse::ilm_coefficients"),
       find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
@@ -150,6 +145,16 @@ const Ops& ops() {
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
           const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&,
           const OptTensor&)>("normfuse::iebn_sums_coefficients_backward"),
+      find<Five(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                double, bool)>("normfuse::assoc_layer_forward"),
+      find<Five(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                double, bool)>("normfuse::ilm_layer_forward"),
+      find<Six(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
+               const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&, const OptTensor&)>(
+          "normfuse::assoc_layer_backward"),
+      find<Six(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
+               const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&, const OptTensor&)>(
+          "normfuse::ilm_layer_backward"),
   };
   return o;
 }
@@ -189,7 +194,7 @@ const char* op_name(Layer layer) {
   }
 }
 
-// moments -> coefficients -> affine_apply (BIN / IEBN: one layer-direction op, layer_steps.cpp).
+// moments -> coefficients -> affine_apply, as one layer-direction op.
 Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   // (An empty batch, N = 0, gives an empty output, as torch's batch_norm does; an empty plane would
   // reach the coefficient ops as plane_size 0, an argument the caller never passed.)
@@ -210,19 +215,17 @@ Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const C
       break;
     case kAssoc:
     case kIlm: {
-      std::tie(f.mean, f.m2) = o.moments.call(x);
-      const auto& coefficients = c.layer == kAssoc ? o.assoc : o.ilm;
-      std::tie(f.scale, f.shift) = coefficients.call(f.mean, f.m2, plane_size(x), c.num_groups, req(p[0]),
-                                                     req(p[1]), req(p[2]), req(p[3]), req(p[4]), c.eps);
-      f.y = o.affine_apply.call(x, f.mean, f.scale, f.shift, c.relu);
+      const auto& direction = c.layer == kAssoc ? o.assoc_forward : o.ilm_forward;
+      std::tie(f.y, f.mean, f.m2, f.scale, f.shift) = direction.call(
+          x, c.num_groups, req(p[0]), req(p[1]), req(p[2]), req(p[3]), req(p[4]), c.eps, c.relu);
       break;
     }
   }
   return f;
 }
 
-// backward_sums -> coefficients backward -> backward_apply (BIN / IEBN: one layer-direction op, or
-// without dx the layer step alone); (dx or undefined, parameter grads).
+// backward_sums -> coefficients backward -> backward_apply as one layer-direction op, or without dx
+// the first two alone; (dx or undefined, parameter grads).
 std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy, const Tensor& x,
                                                                  const Tensor& mean, const Tensor& m2,
                                                                  const OptTensor& scale, const OptTensor& shift,
@@ -253,12 +256,18 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
       break;
     case kAssoc:
     case kIlm: {
+      if (want_dx) {
+        const auto& direction = c.layer == kAssoc ? o.assoc_layer_backward : o.ilm_layer_backward;
+        std::tie(dx, grads[0], grads[1], grads[2], grads[3], grads[4]) =
+            direction.call(dy, x, mean, m2, c.num_groups, req(p[0]), req(p[1]), req(p[2]), req(p[3]), req(p[4]),
+                           c.eps, scale, shift);
+        break;
+      }
       auto [g1, g2] = o.backward_sums.call(dy, x, mean, scale, shift);
       const auto& coefficients = c.layer == kAssoc ? o.assoc_backward : o.ilm_backward;
       std::tie(c_dy, c_x, c_0, grads[0], grads[1], grads[2], grads[3], grads[4]) =
           coefficients.call(g1, g2, mean, m2, plane_size(x), c.num_groups, req(p[0]), req(p[1]), req(p[2]),
                             req(p[3]), req(p[4]), c.eps);
-      if (want_dx) dx = o.backward_apply.call(dy, x, mean, c_dy, c_x, c_0, scale, shift);
       break;
     }
   }

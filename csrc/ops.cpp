@@ -106,8 +106,8 @@ TORCH_LIBRARY(normfuse, m) {
   // and results (running statistics and num_batches_tracked updated in place in training). One op,
   // so a device can run a whole direction in one launch: on CUDA, when the activation fits on chip,
   // one cooperative launch that reads x (and dy) once (issue 14). Elsewhere the composition
-  // (csrc/layer_steps.cpp). The statistics and coefficients are returned for the backward (scale
-  // and shift: the fused ReLU's mask).
+  // (csrc/layer_steps.cpp; on the CPU without inner dispatches, csrc/cpu/layer_directions_cpu.cpp). The
+  // statistics and coefficients are returned for the backward (scale and shift: the fused ReLU's mask).
   m.def(
       "bin_layer_forward(Tensor input, Tensor gate, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
@@ -129,6 +129,31 @@ TORCH_LIBRARY(normfuse, m) {
       "bool training, float eps, Tensor? scale=None, Tensor? shift=None) "
       "-> (Tensor grad_input, Tensor grad_gate_weight, Tensor grad_gate_bias, Tensor grad_weight, "
       "Tensor grad_bias)");
+
+  // An AssocNorm / ILM-Norm layer's whole direction as one op (what the whole-layer ops call):
+  // moments -> <layer>_coefficients -> affine_apply(input, mean, scale, shift, relu), and
+  // backward_sums -> <layer>_coefficients_backward -> backward_apply, with the same arguments and
+  // results. On the CPU one dispatch instead of three per direction (issue 13, host cost); on
+  // other devices the composition (csrc/common/layer_compositions.h). Statistics and coefficients
+  // returned for the backward as by the BIN / IEBN directions.
+  m.def(
+      "assoc_layer_forward(Tensor input, int num_groups, Tensor encoder, Tensor decoder_mean, "
+      "Tensor decoder_var, Tensor weight, Tensor bias, float eps, bool relu=False) "
+      "-> (Tensor output, Tensor mean, Tensor m2, Tensor scale, Tensor shift)");
+  m.def(
+      "ilm_layer_forward(Tensor input, int num_groups, Tensor encoder, Tensor decoder_weight, "
+      "Tensor decoder_bias, Tensor weight, Tensor bias, float eps, bool relu=False) "
+      "-> (Tensor output, Tensor mean, Tensor m2, Tensor scale, Tensor shift)");
+  m.def(
+      "assoc_layer_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor m2, int num_groups, "
+      "Tensor encoder, Tensor decoder_mean, Tensor decoder_var, Tensor weight, Tensor bias, float eps, "
+      "Tensor? scale=None, Tensor? shift=None) -> (Tensor grad_input, Tensor grad_encoder, "
+      "Tensor grad_decoder_mean, Tensor grad_decoder_var, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "ilm_layer_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor m2, int num_groups, "
+      "Tensor encoder, Tensor decoder_weight, Tensor decoder_bias, Tensor weight, Tensor bias, float eps, "
+      "Tensor? scale=None, Tensor? shift=None) -> (Tensor grad_input, Tensor grad_encoder, "
+      "Tensor grad_decoder_weight, Tensor grad_decoder_bias, Tensor grad_weight, Tensor grad_bias)");
 
   // Whole layers, one op per direction (csrc/layer_autograd.cpp): moments -> coefficients ->
   // affine_apply in one call, and an Autograd kernel whose C++ node runs backward_sums ->

@@ -10,6 +10,7 @@ and ``REASON`` say so).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.machinery
 import sys
@@ -41,6 +42,12 @@ OP_NAMES = (
     "iebn_layer_forward",
     "bin_layer_backward",
     "iebn_layer_backward",
+    # an AssocNorm / ILM-Norm layer's whole direction: moments -> coefficients -> affine_apply and
+    # backward_sums -> coefficients backward -> backward_apply (csrc/common/layer_compositions.h)
+    "assoc_layer_forward",
+    "ilm_layer_forward",
+    "assoc_layer_backward",
+    "ilm_layer_backward",
 )
 
 HAS_CPU_KERNELS = False
@@ -275,6 +282,22 @@ def _iebn_layer_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, b
                                                            running_mean, running_var, training, eps, scale,
                                                            shift, op="iebn_layer_backward")[3:])
 
+# AssocNorm / ILM-Norm directions: the decoders' names differ (messages name them as the schema does).
+_DECODERS = {"assoc": ("decoder_mean", "decoder_var"), "ilm": ("decoder_weight", "decoder_bias")}
+
+def _meta_layer_forward_fake(layer, x, num_groups, encoder, decoder_a, decoder_b, weight, bias, eps, relu=False):
+    a, b = _DECODERS[layer]
+    _same_device(f"{layer}_layer_forward", {"input": x}, encoder=encoder, **{a: decoder_a, b: decoder_b},
+                 weight=weight, bias=bias)
+    return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
+
+def _meta_layer_backward_fake(layer, dy, x, mean, m2, num_groups, encoder, decoder_a, decoder_b, weight, bias, eps,
+                              scale=None, shift=None):
+    a, b = _DECODERS[layer]
+    _same_device(f"{layer}_layer_backward", {"input": x}, grad_output=dy, mean=mean, m2=m2, encoder=encoder,
+                 **{a: decoder_a, b: decoder_b}, weight=weight, bias=bias, scale=scale, shift=shift)
+    return (torch.empty_like(x), *(_param_grad(t, mean) for t in (encoder, decoder_a, decoder_b, weight, bias)))
+
 FAKES = {
     "moments": _moments_fake,
     "affine_apply": _affine_apply_fake,
@@ -296,6 +319,10 @@ FAKES = {
     "iebn_layer_forward": _iebn_layer_forward_fake,
     "bin_layer_backward": _bin_layer_backward_fake,
     "iebn_layer_backward": _iebn_layer_backward_fake,
+    "assoc_layer_forward": functools.partial(_meta_layer_forward_fake, "assoc"),
+    "ilm_layer_forward": functools.partial(_meta_layer_forward_fake, "ilm"),
+    "assoc_layer_backward": functools.partial(_meta_layer_backward_fake, "assoc"),
+    "ilm_layer_backward": functools.partial(_meta_layer_backward_fake, "ilm"),
 }
 assert set(FAKES) == set(OP_NAMES)
 

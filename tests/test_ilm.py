@@ -505,9 +505,9 @@ def test_generic_kernels_come_from_the_backend(nf, backend, device, seed, monkey
             y.sum().backward()
         assert y.grad_fn.name() == "NormfuseIlmLayerBackward" and used == []
         ran = [e.name for e in prof.events() if e.name.startswith("normfuse::")]
-        assert ran == ["normfuse::ilm_layer", "normfuse::moments", "normfuse::ilm_coefficients",
-                       "normfuse::affine_apply", "normfuse::backward_sums",
-                       "normfuse::ilm_coefficients_backward", "normfuse::backward_apply"], ran
+        # each direction one op, whose CPU kernel calls the component kernels without the
+        # dispatcher (csrc/cpu/layer_directions_cpu.cpp)
+        assert ran == ["normfuse::ilm_layer", "normfuse::ilm_layer_forward", "normfuse::ilm_layer_backward"], ran
         return
     m(x).sum().backward()
     if backend in _autograd._ILM_KERNELS:

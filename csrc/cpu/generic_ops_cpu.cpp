@@ -11,6 +11,7 @@
 
 #include "common/torch_glue.h"
 #include "cpu/generic_kernels.h"
+#include "cpu/generic_ops_cpu.h"
 
 // AVX2 kernels where ATen itself would use AVX2 (or AVX-512) kernels: the CPU has AVX2 and FMA
 // and ATEN_CPU_CAPABILITY does not ask for less. F16C comes with every AVX2 CPU; checked anyway.
@@ -65,7 +66,9 @@ void set_mask(nf_cpu::GenericArgs& a, bool masked, const c10::optional<at::Tenso
   a.mask_shift = shift->const_data_ptr();
 }
 
-std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> nf_cpu::moments_cpu(const at::Tensor& x) {
   check_cpu(x, "moments");
   const nf::PlaneShape sh = nf_glue::plane_shape(x, "moments");
   at::Tensor mean = nf_glue::empty_stats(x, sh), m2 = nf_glue::empty_stats(x, sh);
@@ -82,9 +85,10 @@ std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x) {
   return {mean, m2};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                                                     const c10::optional<at::Tensor>& scale,
-                                                     const c10::optional<at::Tensor>& shift) {
+std::tuple<at::Tensor, at::Tensor> nf_cpu::backward_sums_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                             const at::Tensor& mean,
+                                                             const std::optional<at::Tensor>& scale,
+                                                             const std::optional<at::Tensor>& shift) {
   check_cpu(x, "backward_sums");
   const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_sums");
   nf_glue::check_like_input(dy, x, sh, "backward_sums", "grad_output");
@@ -107,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(const at::Tensor& dy, const
   return {g1, g2};
 }
 
-at::Tensor affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-                            const at::Tensor& shift, bool relu) {
+at::Tensor nf_cpu::affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                                    const at::Tensor& shift, bool relu) {
   check_cpu(x, "affine_apply");
   const nf::PlaneShape sh = nf_glue::plane_shape(x, "affine_apply");
   nf_glue::check_stats(mean, x, sh, "affine_apply", "mean");
@@ -126,9 +130,10 @@ at::Tensor affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const a
   return y;
 }
 
-at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& c_dy,
-                              const at::Tensor& c_x, const at::Tensor& c_0, const c10::optional<at::Tensor>& scale,
-                              const c10::optional<at::Tensor>& shift) {
+at::Tensor nf_cpu::backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& c_dy, const at::Tensor& c_x, const at::Tensor& c_0,
+                                      const std::optional<at::Tensor>& scale,
+                                      const std::optional<at::Tensor>& shift) {
   check_cpu(x, "backward_apply");
   const nf::PlaneShape sh = nf_glue::plane_shape(x, "backward_apply");
   nf_glue::check_like_input(dy, x, sh, "backward_apply", "grad_output");
@@ -151,11 +156,9 @@ at::Tensor backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const a
   return dx;
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(normfuse, CPU, m) {
-  m.impl("moments", &moments_cpu);
-  m.impl("affine_apply", &affine_apply_cpu);
-  m.impl("backward_sums", &backward_sums_cpu);
-  m.impl("backward_apply", &backward_apply_cpu);
+  m.impl("moments", &nf_cpu::moments_cpu);
+  m.impl("affine_apply", &nf_cpu::affine_apply_cpu);
+  m.impl("backward_sums", &nf_cpu::backward_sums_cpu);
+  m.impl("backward_apply", &nf_cpu::backward_apply_cpu);
 }

@@ -1,9 +1,11 @@
-"""The four BIN / IEBN layer-direction ops (torch.ops.normfuse.{bin,iebn}_layer_forward,
-{bin,iebn}_layer_backward) against the composition they stand for, called op by op on the same
-inputs: the layer step (<layer>_moments_coefficients / <layer>_sums_coefficients_backward) then the
-full-size op (affine_apply / backward_apply). Outputs, running statistics and num_batches_tracked
-BITWISE equal (the CPU registration is that composition; a device kernel of its own must keep the
-reduction order of the step and apply kernels). torch.library.opcheck on all four.
+"""The layer-direction ops (torch.ops.normfuse.<layer>_layer_forward / <layer>_layer_backward) against
+the composition they stand for, called op by op on the same inputs. BIN / IEBN: the layer step
+(<layer>_moments_coefficients / <layer>_sums_coefficients_backward) then the full-size op
+(affine_apply / backward_apply); AssocNorm / ILM-Norm: moments -> <layer>_coefficients ->
+affine_apply and backward_sums -> <layer>_coefficients_backward -> backward_apply. Outputs, running
+statistics and num_batches_tracked BITWISE equal (csrc/common/layer_compositions.h: on the CPU the
+same kernels called without the dispatcher; a device kernel of its own must keep the reduction order
+of the step and apply kernels), refusals the same. torch.library.opcheck on all eight.
 
 CUDA parts skip without a GPU. test_cuda_forced_paths reruns the CUDA comparisons in child
 processes with the fused layer steps forced on (NORMFUSE_FUSED_STEPS=1) and off (0).
@@ -161,3 +163,116 @@ def test_opcheck(device, layer, shape, layout):
                 args = (t["dy"], t["x"], stats[1], stats[2], *bwd_tail(t, *mode),
                         *((stats[3], stats[4]) if mask else (None, None)))
                 torch.library.opcheck(getattr(ops, f"{layer}_layer_backward").default, args)
+
+
+# ---- AssocNorm / ILM-Norm directions
+
+META_LAYERS = ["assoc", "ilm"]
+META_SHAPES = [(4, 8, (5, 5)), (3, 8, (7,)), (2, 16, (33, 17)), (5, 8, (1, 1)), (1, 8, (3, 3))]
+META_CASES = [(shape, layout) for shape in META_SHAPES
+              for layout in (["contig", "cl"] if len(shape[2]) == 2 else ["contig"])]
+
+
+def meta_inputs(layer, shape, dtype, device, layout, seed):
+    """x, dy and the layer's parameters (random, none zero) as the module has them: AssocNorm with
+    4 groups, ILM-Norm with 2 groups and key groups of 4 channels."""
+    import normfuse
+    N, C, spatial = shape
+    t = make("bin", N, C, spatial, dtype, device, layout, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    m = (normfuse.AssocNorm(4, C) if layer == "assoc"
+         else normfuse.ILMNorm(C, num_groups=2, key_group_size=4))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    names = ["encoder", *(("decoder_mean", "decoder_var") if layer == "assoc" else ("decoder_weight", "decoder_bias")),
+             "weight", "bias"]
+    params = [(0.5 * torch.randn(getattr(m, n).shape, generator=g)).to(device, acc) for n in names]
+    params[3] = params[3] + 1  # weight around 1
+    return t["x"], t["dy"], m.num_groups, params, m.eps
+
+
+def composed_meta_forward(layer, x, groups, params, eps, relu):
+    mean, m2 = ops.moments(x)
+    plane = x[0, 0].numel()
+    scale, shift = getattr(ops, f"{layer}_coefficients")(mean, m2, plane, groups, *params, eps)
+    return ops.affine_apply(x, mean, scale, shift, relu), mean, m2, scale, shift
+
+
+def composed_meta_backward(layer, dy, x, stats, groups, params, eps, mask):
+    _, mean, m2, scale, shift = stats
+    ss = (scale, shift) if mask else (None, None)
+    g1, g2 = ops.backward_sums(dy, x, mean, *ss)
+    c_dy, c_x, c_0, *grads = getattr(ops, f"{layer}_coefficients_backward")(
+        g1, g2, mean, m2, x[0, 0].numel(), groups, *params, eps)
+    return (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, *ss), *grads)
+
+
+def check_meta_direction(layer, shape, dtype, device, layout, relu):
+    x, dy, groups, params, eps = meta_inputs(layer, shape, dtype, device, layout, seed=sum(shape[2]) + shape[1])
+    fd = getattr(ops, f"{layer}_layer_forward")(x, groups, *params, eps, relu)
+    fc = composed_meta_forward(layer, x, groups, params, eps, relu)
+    assert_same(fd, fc, "forward")
+    assert fd[0].stride() == x.stride()
+    for mask in (False, True):
+        ss = (fd[3], fd[4]) if mask else (None, None)
+        bd = getattr(ops, f"{layer}_layer_backward")(dy, x, fd[1], fd[2], groups, *params, eps, *ss)
+        bc = composed_meta_backward(layer, dy, x, fc, groups, params, eps, mask)
+        assert_same(bd, bc, f"backward mask={mask}")
+        assert bd[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("layer", META_LAYERS)
+@pytest.mark.parametrize("shape,layout", META_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_meta_direction_equals_composition_cpu(layer, shape, layout, dtype, relu):
+    check_meta_direction(layer, shape, dtype, "cpu", layout, relu)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("layer", META_LAYERS)
+@pytest.mark.parametrize("shape,layout", META_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_meta_direction_equals_composition_cuda(layer, shape, layout, dtype, relu):
+    check_meta_direction(layer, shape, dtype, "cuda", layout, relu)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+@pytest.mark.parametrize("layer", META_LAYERS)
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+def test_meta_opcheck(device, layer, layout):
+    x, dy, groups, params, eps = meta_inputs(layer, (3, 8, (4, 4)), torch.float32, device, layout, seed=4)
+    for relu in (False, True):
+        torch.library.opcheck(getattr(ops, f"{layer}_layer_forward").default, (x, groups, *params, eps, relu))
+        stats = composed_meta_forward(layer, x, groups, params, eps, relu)
+        for mask in (False, True):
+            ss = (stats[3], stats[4]) if mask else (None, None)
+            torch.library.opcheck(getattr(ops, f"{layer}_layer_backward").default,
+                                  (dy, x, stats[1], stats[2], groups, *params, eps, *ss))
+
+
+def _message(fn):
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        fn()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("layer", META_LAYERS)
+def test_meta_direction_refuses_as_its_components(layer):
+    """A bad argument gets the component op's own message from the direction (the same check runs),
+    in both directions: a meta network matrix of the wrong shape, statistics of the wrong dtype, a
+    gradient of the wrong shape."""
+    x, dy, groups, params, eps = meta_inputs(layer, (3, 8, (4, 4)), torch.float32, "cpu", "contig", seed=5)
+    fwd, bwd = getattr(ops, f"{layer}_layer_forward"), getattr(ops, f"{layer}_layer_backward")
+    coef, coef_bwd = getattr(ops, f"{layer}_coefficients"), getattr(ops, f"{layer}_coefficients_backward")
+    _, mean, m2, _, _ = fwd(x, groups, *params, eps, False)
+    bad = [params[0][:, :-1], *params[1:]]
+    assert _message(lambda: fwd(x, groups, *bad, eps, False)) == _message(
+        lambda: coef(mean, m2, x[0, 0].numel(), groups, *bad, eps))
+    g1, g2 = ops.backward_sums(dy, x, mean)
+    assert _message(lambda: bwd(dy, x, mean, m2, groups, *bad, eps)) == _message(
+        lambda: coef_bwd(g1, g2, mean, m2, x[0, 0].numel(), groups, *bad, eps))
+    assert _message(lambda: bwd(dy, x, mean.double(), m2, groups, *params, eps)) == _message(
+        lambda: ops.backward_sums(dy, x, mean.double()))
+    assert _message(lambda: bwd(dy[:, :, :-1], x, mean, m2, groups, *params, eps)) == _message(
+        lambda: ops.backward_sums(dy[:, :, :-1], x, mean))
