@@ -101,15 +101,21 @@ def _pct(v):
 
 def fused_backend(kernels: List[dict], layer: str, device: str) -> Optional[str]:
     """The backend the targets are judged on: the fastest compiled-kernel backend (not "torch")
-    by fwd+bwd geometric mean; "torch" only when there is no other."""
+    by fwd+bwd geometric mean over the cases every candidate ran; "torch" only when there is no
+    other.  Times are compared on shared cases only: a backend that skipped the large cases would
+    otherwise win on smaller tensors, not on speed.  Without a shared case, each backend's
+    geometric mean of its time / the native layer's decides."""
     backends = sorted({r["backend"] for r in kernels if r["kind"] == "normfuse"
                        and r["layer"] == layer and r["ok"]})
     if not backends:
         return None
     fused = [b for b in backends if b != "torch"] or backends
-    return min(fused, key=lambda b: _geomean(
-        r["median_s"] for r in _select(kernels, layer=layer, backend=b,
-                                       direction="fwd+bwd")) or math.inf)
+    rows = {b: {_case(r): r for r in _select(kernels, layer=layer, backend=b, direction="fwd+bwd")}
+            for b in fused}
+    shared = set.intersection(*(set(by_case) for by_case in rows.values()))
+    if shared:
+        return min(fused, key=lambda b: _geomean(rows[b][c]["median_s"] for c in shared) or math.inf)
+    return min(fused, key=lambda b: _geomean(r["ratio_native"] for r in rows[b].values()) or math.inf)
 
 
 def failed_checks(checks: List[dict]) -> List[dict]:

@@ -332,3 +332,25 @@ def test_cpu_ops_measure_names_a_failing_callable():
         cpu_ops.measure({"fine": lambda i: i + 1, "broken": broken}, 0.001, 2, 3)
     t = cpu_ops.measure({"a": lambda i: sum(range(100)), "b": lambda i: i}, 0.001, 2, 3)
     assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+
+
+def test_fused_backend_compares_backends_on_shared_cases():
+    """The backend targets are judged on is chosen on the cases both backends ran: "cuda" here is
+    faster on every shared case, while "triton" also ran a tiny case that would win it a plain
+    geometric mean over each backend's own rows; without shared cases the ratio to the native
+    layer decides."""
+    from bench import report
+
+    def row(backend, shape, t, ratio):
+        return {"kind": "normfuse", "layer": "bin", "backend": backend, "ok": True, "shape": shape,
+                "dtype": "float32", "format": "contiguous", "direction": "fwd+bwd", "relu": False,
+                "median_s": t, "ratio_native": ratio}
+
+    kernels = [row("cuda", "big", 1.0, 0.9), row("cuda", "mid", 0.1, 0.9),
+               row("triton", "big", 1.2, 1.1), row("triton", "mid", 0.12, 1.1),
+               row("triton", "tiny", 1e-6, 1.1), row("torch", "tiny", 1e-9, 0.1)]
+    assert report.fused_backend(kernels, "bin", "cuda") == "cuda"
+    disjoint = [row("cuda", "big", 1.0, 0.9), row("triton", "tiny", 1e-6, 1.1)]
+    assert report.fused_backend(disjoint, "bin", "cuda") == "cuda"
+    assert report.fused_backend([row("torch", "tiny", 1.0, 2.0)], "bin", "cpu") == "torch"
+    assert report.fused_backend(kernels, "iebn", "cuda") is None
