@@ -78,7 +78,7 @@ struct Ops {
       assoc_backward;
   // ILM-Norm's coefficient op: AssocNorm's signature (the decoders are ILM's weight / bias ones).
   decltype(assoc_backward) ilm_backward;
-  // The BIN / IEBN layer directions (layer_steps.cpp): a whole direction as one op.
+  // The BIN / IEBN layer directions (common/layer_compositions.h): a whole direction as one op.
   c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                 const OptTensor&, bool, double, double, const OptTensor&, bool)>
       bin_forward;
@@ -93,7 +93,7 @@ struct Ops {
                                 const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                 bool, double, const OptTensor&, const OptTensor&)>
       iebn_backward;
-  // The BIN / IEBN backward layer steps (layer_steps.cpp): reduction and coefficient step as one op,
+  // The BIN / IEBN backward layer steps (common/layer_compositions.h): reduction and coefficient step as one op,
   // for a backward that wants no dx.
   c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,

@@ -78,7 +78,8 @@ TORCH_LIBRARY(normfuse, m) {
   // step in the reduction's own launch: on CUDA, for a small layer, the last block of the
   // reduction computes the coefficients (csrc/cuda/layer_steps_cuda.cpp), which takes a kernel
   // launch and its fixed latency off every layer step (issue 13). Elsewhere the composition
-  // (csrc/layer_steps.cpp). plane_size is the input's.
+  // (csrc/common/layer_compositions.h: through the dispatcher, csrc/layer_steps.cpp; on the CPU the
+  // kernels called directly, csrc/cpu/layer_directions_cpu.cpp). plane_size is the input's.
   m.def(
       "bin_moments_coefficients(Tensor input, Tensor gate, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "

@@ -32,12 +32,12 @@ OP_NAMES = (
     "assoc_coefficients_backward",
     "ilm_coefficients",
     "ilm_coefficients_backward",
-    # the BIN / IEBN layer steps the whole-layer ops call (csrc/layer_steps.cpp)
+    # the BIN / IEBN layer steps the whole-layer ops call (csrc/common/layer_compositions.h)
     "bin_moments_coefficients",
     "iebn_moments_coefficients",
     "bin_sums_coefficients_backward",
     "iebn_sums_coefficients_backward",
-    # a BIN / IEBN layer's whole direction: the layer step then the full-size op (csrc/layer_steps.cpp)
+    # a BIN / IEBN layer's whole direction: the layer step then the full-size op (same file)
     "bin_layer_forward",
     "iebn_layer_forward",
     "bin_layer_backward",

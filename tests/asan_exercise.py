@@ -11,11 +11,12 @@ It loads each LIBRARY.so with ``torch.ops.load_library`` and must not import ``n
 registrations of one namespace in a process are an error).  MODE:
 
 * ``ops``:       every op, valid arguments (the fused ReLU's relu=True and masked backward ops
-                 included), results checked against float64 formulas here
+                 included), results checked against float64 formulas here (the layer steps and
+                 directions against the component ops called one by one)
                  (so a kernel that reads the wrong element fails even where ASAN cannot see it);
 * ``rejects``:   invalid arguments the ops must refuse with a RuntimeError (no memory error);
 * ``degenerate``: zero-sized inputs and statistics (N == 0 or C == 0), which only direct op
-                 calls can make; ``assoc-c0``: assoc_coefficients_backward on (N > 0, 0)
+                 calls can make (the layer directions: an empty batch); ``assoc-c0``: assoc_coefficients_backward on (N > 0, 0)
                  statistics (a SEGV until csrc/cpu/coefficients_assoc.cpp guarded C > 0);
 * ``planted``:   ``torch.ops.normfuse_asan_planted.read_past_end`` (tests/test_cpu_asan.py
                  builds it from a planted off-by-one read), to prove the net holds.
@@ -215,6 +216,63 @@ def ilm_case(n, c, g, k, e, plane, a, seed):
     assert out[3].shape == enc.shape and out[4].shape == dw.shape and out[6].shape == (c,)
 
 
+def same(a, b, what):
+    for u, v in zip(a, b, strict=True):
+        assert u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v), what
+
+
+def direction_case(shape, dtype, layout, seed):
+    """The layer steps and layer directions (cpu/layer_directions_cpu.cpp: the component kernels
+    called without the dispatcher) against the component ops called one by one: equal results,
+    with and without the fused ReLU, running statistics written alike."""
+    global COUNT
+    ops = torch.ops.normfuse
+    n, c = shape[:2]
+    plane = math.prod(shape[2:])
+    x, dy = make(shape, dtype, layout, seed, 0.5), make(shape, dtype, layout, seed + 1)
+    a = acc(dtype)
+    gate, gw, gb = vec(c, a, seed + 2, 0.5, 0.3), vec(c, a, seed + 3), vec(c, a, seed + 4)
+    w, b = vec(c, a, seed + 5, 1.0), vec(c, a, seed + 6)
+    for relu in (False, True):
+        for gates, layer, coef in (((gate,), "bin", ops.bin_coefficients),
+                                   ((gw, gb), "iebn", ops.iebn_coefficients)):
+            runs = []
+            for _ in range(2):
+                rm, rv, nbt = vec(c, a, seed + 7), vec(c, a, seed + 8, 1.0, 0.1).abs(), torch.tensor(0)
+                runs.append((rm, rv, nbt))
+            (rm, rv, nbt), (rm2, rv2, nbt2) = runs
+            tail = (w, b)
+            out = getattr(ops, f"{layer}_layer_forward")(x, *gates, *tail, rm, rv, True, 0.1, 1e-5, nbt, relu)
+            mean, m2 = ops.moments(x)
+            scale, shift = coef(mean, m2, plane, *gates, *tail, rm2, rv2, True, 0.1, 1e-5, nbt2)
+            same(out, (ops.affine_apply(x, mean, scale, shift, relu), mean, m2, scale, shift),
+                 f"{layer}_layer_forward")
+            same((rm, rv, nbt), (rm2, rv2, nbt2), f"{layer}_layer_forward running statistics")
+            ss = (scale, shift) if relu else (None, None)
+            back = getattr(ops, f"{layer}_layer_backward")(dy, x, mean, m2, *gates, *tail, rm, rv, True, 1e-5, *ss)
+            g1, g2 = ops.backward_sums(dy, x, mean, *ss)
+            c_dy, c_x, c_0, *grads = getattr(ops, f"{layer}_coefficients_backward")(
+                g1, g2, mean, m2, plane, *gates, *tail, rm, rv, True, 1e-5)
+            same(back, (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, *ss), *grads), f"{layer}_layer_backward")
+            COUNT += 2
+        gen = torch.Generator().manual_seed(seed + 9)
+        for layer, groups, shapes in (("assoc", 4, ((2, 4), (4, 2), (4, 2))),  # M = 2 hidden units
+                                      ("ilm", 2, ((3, 2), (2, 3), (2, 3)))):   # 2 key groups, E = 3
+            meta = [torch.randn(*sh, generator=gen, dtype=F64).to(a) for sh in shapes]
+            out = getattr(ops, f"{layer}_layer_forward")(x, groups, *meta, w, b, 1e-5, relu)
+            mean, m2 = ops.moments(x)
+            scale, shift = getattr(ops, f"{layer}_coefficients")(mean, m2, plane, groups, *meta, w, b, 1e-5)
+            same(out, (ops.affine_apply(x, mean, scale, shift, relu), mean, m2, scale, shift),
+                 f"{layer}_layer_forward")
+            ss = (scale, shift) if relu else (None, None)
+            back = getattr(ops, f"{layer}_layer_backward")(dy, x, mean, m2, groups, *meta, w, b, 1e-5, *ss)
+            g1, g2 = ops.backward_sums(dy, x, mean, *ss)
+            c_dy, c_x, c_0, *grads = getattr(ops, f"{layer}_coefficients_backward")(
+                g1, g2, mean, m2, plane, groups, *meta, w, b, 1e-5)
+            same(back, (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, *ss), *grads), f"{layer}_layer_backward")
+            COUNT += 2
+
+
 def mode_ops():
     seed = 0
     # ranks 2..5, N/C/L of 1, primes, sizes around the vector width (4/8/16), the 512-element
@@ -250,6 +308,12 @@ def mode_ops():
                                      (2000, 4, 2, 2, 2, 3)]:
             seed += 1
             ilm_case(n, c, g, k, e, plane, a, seed)
+    # the layer directions: C = 8 (AssocNorm's 4 groups, ILM-Norm's 2 groups and 2 key groups)
+    for shape in [(2, 8, 3, 3), (3, 8, 7), (2, 8, 1, 1)]:
+        for dtype in DTYPES:
+            for layout in ("contiguous", "cl") if len(shape) == 4 else ("contiguous",):
+                seed += 1
+                direction_case(shape, dtype, layout, seed)
 
 
 def expect_error(fn, what):
@@ -374,6 +438,35 @@ def mode_degenerate():
                 COUNT += 2
                 for t in out[3:]:
                     assert torch.equal(t, torch.zeros_like(t)), "ilm: empty batch gradient != 0"
+    degenerate_directions()
+
+
+def degenerate_directions():
+    """An empty batch (N = 0) through the layer steps and directions: empty results, no read."""
+    global COUNT
+    ops = torch.ops.normfuse
+    for dtype in DTYPES:
+        a = acc(dtype)
+        x = torch.empty(0, 8, 3, dtype=dtype)
+        p = torch.ones(8, dtype=a)
+        nbt = torch.zeros((), dtype=torch.int64)
+        for relu in (False, True):
+            y, mean, m2, scale, shift = ops.bin_layer_forward(x, p, p, p, p.clone(), p.clone(), True, 0.1,
+                                                              1e-5, nbt, relu)
+            ss = (scale, shift) if relu else (None, None)
+            ops.bin_layer_backward(x, x, mean, m2, p, p, p, None, None, True, 1e-5, *ss)
+            ops.iebn_layer_forward(x, p, p, None, None, None, None, True, 0.1, 1e-5, None, relu)
+            ops.iebn_layer_backward(x, x, mean, m2, p, p, p, p, None, None, True, 1e-5, *ss)
+            enc, dec = torch.ones(2, 4, dtype=a), torch.zeros(4, 2, dtype=a)
+            ops.assoc_layer_forward(x, 4, enc, dec, dec, p, p, 1e-5, relu)
+            grads = ops.assoc_layer_backward(x, x, mean, m2, 4, enc, dec, dec, p, p, 1e-5, *ss)
+            enc, dec = torch.ones(3, 2, dtype=a), torch.zeros(2, 3, dtype=a)
+            ops.ilm_layer_forward(x, 2, enc, dec, dec, p, p, 1e-5, relu)
+            grads += ops.ilm_layer_backward(x, x, mean, m2, 2, enc, dec, dec, p, p, 1e-5, *ss)
+            COUNT += 8
+            assert y.shape == x.shape and int(nbt) == 1 + relu
+            for t in grads:
+                assert torch.equal(t, torch.zeros_like(t)), "a gradient of an empty batch != 0"
 
 
 def mode_assoc_c0():

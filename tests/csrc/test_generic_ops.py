@@ -246,6 +246,18 @@ def test_fake_impls_check_devices():
          lambda: ops.bin_layer(x, meta(pc), None, None, rm, rv, True, 0.1, 1e-5, nbt)),
         ("gate is on cpu, input on meta",
          lambda: ops.bin_layer_forward(meta(x), pc, None, None, rm, rv, True, 0.1, 1e-5, nbt)),
+        ("decoder_var is on meta, input on cpu",
+         lambda: ops.assoc_layer_forward(x, 2, torch.ones(1, 2), torch.ones(2, 1), meta(torch.ones(2, 1)),
+                                         pc, pc, 1e-5)),
+        ("encoder is on cpu, input on meta",
+         lambda: ops.ilm_layer_forward(meta(x), 2, torch.ones(1, 2), torch.ones(2, 1), torch.ones(2, 1),
+                                       pc, pc, 1e-5)),
+        ("m2 is on meta, input on cpu",
+         lambda: ops.assoc_layer_backward(x, x, st, meta(m2), 2, torch.ones(1, 2), torch.ones(2, 1),
+                                          torch.ones(2, 1), pc, pc, 1e-5)),
+        ("decoder_bias is on meta, input on cpu",
+         lambda: ops.ilm_layer_backward(x, x, st, m2, 2, torch.ones(1, 2), torch.ones(2, 1),
+                                        meta(torch.ones(2, 1)), pc, pc, 1e-5)),
     ]
     for match, call in calls:
         with pytest.raises(RuntimeError, match=match):
@@ -253,6 +265,12 @@ def test_fake_impls_check_devices():
         assert torch.equal(rm, torch.zeros(c)) and torch.equal(rv, torch.ones(c)) and int(nbt) == 0
     out = ops.bin_layer(meta(x), meta(pc), None, None, meta(rm), meta(rv), True, 0.1, 1e-5, meta(nbt))
     assert out.device.type == "meta" and out.shape == x.shape
+    meta_net = [meta(torch.ones(1, 2)), meta(torch.ones(2, 1)), meta(torch.ones(2, 1)), meta(pc), meta(pc)]
+    for layer in ("assoc", "ilm"):
+        out = getattr(ops, f"{layer}_layer")(meta(x), 2, *meta_net, 1e-5)
+        assert out.device.type == "meta" and out.shape == x.shape
+        grads = getattr(ops, f"{layer}_layer_backward")(meta(x), meta(x), meta(st), meta(m2), 2, *meta_net, 1e-5)
+        assert [t.shape for t in grads] == [x.shape, (1, 2), (2, 1), (2, 1), (c,), (c,)]
 
 
 # ---- CUDA (skipped without a GPU) ---------------------------------------------------------------------

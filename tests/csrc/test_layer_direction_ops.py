@@ -54,6 +54,8 @@ SHAPES = [
 ]
 CASES = [(shape, layout) for shape in SHAPES for layout in (["contig", "cl"] if len(shape[2]) == 2 else ["contig"])]
 CUDA_CASES = CASES + [((6, 64, (4, 4)), layout) for layout in ("contig", "cl")] + [((8, 48, (16, 16)), "cl")]
+# every input dtype the CPU kernels take (statistics and parameters float32, float64 for float64)
+CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (training, affine): training always with running statistics and num_batches_tracked
 MODES = [(True, True), (True, False), (False, True), (False, False)]
 
@@ -120,7 +122,7 @@ def check_direction_equals_composition(layer, shape, dtype, device, layout, relu
 
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 def test_direction_equals_composition_cpu(layer, shape, layout, dtype, relu):
     check_direction_equals_composition(layer, shape, dtype, "cpu", layout, relu)
@@ -222,7 +224,7 @@ def check_meta_direction(layer, shape, dtype, device, layout, relu):
 
 @pytest.mark.parametrize("layer", META_LAYERS)
 @pytest.mark.parametrize("shape,layout", META_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 def test_meta_direction_equals_composition_cpu(layer, shape, layout, dtype, relu):
     check_meta_direction(layer, shape, dtype, "cpu", layout, relu)
