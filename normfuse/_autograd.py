@@ -127,11 +127,14 @@ class NormFunction(torch.autograd.Function):
     """Every layer on every backend: moments -> coefficients -> affine_apply, and back.
 
     Arguments: ``config`` (``LayerConfig``), ``x``, the running statistics and
-    ``num_batches_tracked`` (updated in place, no gradient), then the layer's parameters."""
+    ``num_batches_tracked`` (updated in place, no gradient), then the layer's parameters.
+    Returns ``(y, mean, m2, scale, shift)``; only ``y`` is differentiable (``apply_layer``
+    takes it). Written with ``setup_context`` (the statistics are outputs, not ctx state) so
+    that functorch transforms (``torch.func.grad``, ``vjp``, ``jacrev``) can run it."""
 
     @staticmethod
-    def forward(ctx, config: LayerConfig, x: Tensor, running_mean, running_var,
-                num_batches_tracked, *params):
+    def forward(config: LayerConfig, x: Tensor, running_mean, running_var, num_batches_tracked,
+                *params):
         ops = ops_for(config.backend)
         plane = math.prod(x.shape[2:])
         samples = x.numel() > 0  # False only on a synchronized rank without values
@@ -145,6 +148,13 @@ class NormFunction(torch.autograd.Function):
                                      running_var, num_batches_tracked)
         y = (ops.affine_apply(x, mean, scale, shift, config.relu) if samples
              else torch.empty_like(x))
+        return y, mean, m2, scale, shift
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        config, x, running_mean, running_var, _, *params = inputs
+        _, mean, m2, scale, shift = output
+        ctx.mark_non_differentiable(mean, m2, scale, shift)
         # Running statistics matter to the backward only in eval mode, where they are constants;
         # scale and shift only to the fused ReLU, whose mask they recompute.
         keep_running = not config.training and running_mean is not None
@@ -153,10 +163,9 @@ class NormFunction(torch.autograd.Function):
                               running_var if keep_running else None, scale if relu else None,
                               shift if relu else None, *params)
         ctx.config = config
-        return y
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_statistics):  # (the statistics have no gradient)
         config = ctx.config
         x, mean, m2, running_mean, running_var, scale, shift, *params = ctx.saved_tensors
         _, needs_x, _, _, _, *needs_params = ctx.needs_input_grad  # forward's arguments
@@ -194,23 +203,29 @@ class NormFunction(torch.autograd.Function):
 def graph_grads(config, x, dy, params, running_mean, running_var, needs):
     """First derivatives as a differentiable graph, so that second derivatives are correct.
 
-    Recomputes the layer from ``x`` with the "torch" backend's differentiable ops (running
-    statistics and ``num_batches_tracked`` are never updated here) and differentiates it with
-    ``create_graph=True``.  ``needs[i]``: whether input i (``x``, then ``params``) wants a
-    gradient; returns one gradient (or None) per input.
+    The "torch" backend's backward ops (PyTorch ops, differentiable) on the statistics
+    recomputed from ``x`` with its ``moments``: autograd differentiates that graph again, through
+    the statistics to ``x``.  No nested ``autograd.grad``: a functorch transform
+    (``torch.func.vjp``, ``grad``) runs a backward with grad mode on and differentiates what it
+    returns, which a nested call would cut at the saved tensors.  Running statistics and
+    ``num_batches_tracked`` are never updated here.  ``needs[i]``: whether input i (``x``, then
+    ``params``) wants a gradient; returns one gradient (or None) per input.
     """
-    candidates = [x, *params]
-    wanted = [t for t, need in zip(candidates, needs) if t is not None and need]
     local = config._replace(momentum=0.0, merge=None)
+    plane = math.prod(x.shape[2:])
     with torch.enable_grad():
         mean, m2 = torch_backend.moments(x)
-        scale, shift = _coefficients(torch_backend, local, mean, m2, math.prod(x.shape[2:]),
-                                     params, running_mean, running_var)
-        y = torch_backend.affine_apply(x, mean, scale, shift, config.relu)
-        found = torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True)
-    by_id = {id(t): g for t, g in zip(wanted, found)}
-    return [by_id.get(id(t)) if t is not None and need else None
-            for t, need in zip(candidates, needs)]
+        scale = shift = None
+        if config.relu:  # the mask's coefficients (piecewise constant in everything: no gradient)
+            scale, shift = _coefficients(torch_backend, local, mean, m2, plane, params,
+                                         running_mean, running_var)
+        g1, g2 = torch_backend.backward_sums(dy, x, mean, scale, shift)
+        c_dy, c_x, c_0, *grads = _coefficients_backward(torch_backend, local, g1, g2, mean, m2,
+                                                        plane, params, running_mean, running_var)
+        dx = (torch_backend.backward_apply(dy, x, mean, c_dy, c_x, c_0, scale, shift)
+              if needs[0] else None)
+    return [dx, *(g if p is not None and need else None
+                  for g, p, need in zip(grads, params, needs[1:]))]
 
 
 # ---- the whole layer as one op per direction (csrc/layer_autograd.cpp) -------------------------
@@ -220,8 +235,8 @@ def graph_grads(config, x, dy, params, running_mean, running_var, needs):
 # graph_grads, as NormFunction does).  NormFunction still carries the layer where the C++ node
 # would behave differently: while torch.compile traces (NormFunction's ops have fake
 # implementations and are traced one by one), under forward-mode AD (a dual level is open) and
-# under functorch transforms (vmap, grad, ...), which refuse NormFunction with their own
-# messages; and wherever normfuse._C was built without these ops.
+# under functorch transforms (grad, vjp, jacrev run NormFunction; vmap refuses it, having no
+# rule), which refuse the C++ node; and wherever normfuse._C was built without these ops.
 _functorch_active = torch._C._are_functorch_transforms_active
 _LAYER_CODES = ("bin", "iebn", "assoc", "ilm")  # the layer numbers of csrc/layer_autograd.cpp
 _FUSED = None  # {"bin": op, "iebn": op, "assoc": op} once looked up; {} when _C lacks them
@@ -339,7 +354,7 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                           num_groups, params, relu)
         else:
             config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge)
-            y = NormFunction.apply(config, x, rm, rv, num_batches_tracked, *params)
+            y = NormFunction.apply(config, x, rm, rv, num_batches_tracked, *params)[0]
     if training and running_mean is not None and (rm is not running_mean
                                                   or rv is not running_var):
         with torch.no_grad():  # buffers of another dtype or strided: updated on a copy
