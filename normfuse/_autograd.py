@@ -123,81 +123,118 @@ def _traced_forward(config, x, running_mean, running_var, num_batches_tracked, p
     return torch_backend.affine_apply(x, mean, scale, shift, config.relu)
 
 
+def _forward(config: LayerConfig, x: Tensor, running_mean, running_var, num_batches_tracked,
+             params):
+    """moments -> coefficients -> affine_apply with ``config.backend``'s ops:
+    ``(y, mean, m2, scale, shift)``."""
+    ops = ops_for(config.backend)
+    plane = math.prod(x.shape[2:])
+    samples = x.numel() > 0  # False only on a synchronized rank without values
+    if samples:
+        mean, m2 = ops.moments(x)
+    else:
+        mean = m2 = x.new_zeros((0, x.shape[1]), dtype=torch_backend.acc_dtype(x.dtype))
+    # BIN / IEBN: the coefficient op also updates the running statistics and counts the
+    # batch (num_batches_tracked += 1) in training, in its one launch.
+    scale, shift = _coefficients(ops, config, mean, m2, plane, params, running_mean,
+                                 running_var, num_batches_tracked)
+    y = (ops.affine_apply(x, mean, scale, shift, config.relu) if samples
+         else torch.empty_like(x))
+    return y, mean, m2, scale, shift
+
+
+def _save(ctx, config: LayerConfig, x: Tensor, running_mean, running_var, statistics, params):
+    """What the backward reads. Running statistics matter to it only in eval mode, where they
+    are constants; scale and shift only to the fused ReLU, whose mask they recompute."""
+    mean, m2, scale, shift = statistics
+    keep_running = not config.training and running_mean is not None
+    relu = config.relu
+    ctx.save_for_backward(x, mean, m2, running_mean if keep_running else None,
+                          running_var if keep_running else None, scale if relu else None,
+                          shift if relu else None, *params)
+    ctx.config = config
+
+
+def _backward(ctx, grad_output):
+    """The gradients of ``(config, x, running_mean, running_var, num_batches_tracked,
+    *params)`` from y's gradient (None: zeros)."""
+    config = ctx.config
+    x, mean, m2, running_mean, running_var, scale, shift, *params = ctx.saved_tensors
+    _, needs_x, _, _, _, *needs_params = ctx.needs_input_grad  # forward's arguments
+    no_grads = (None, None, None)  # running_mean, running_var, num_batches_tracked
+    dy = like_layout(grad_output, x) if grad_output is not None else torch.zeros_like(x)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
+        if config.merge is not None:
+            raise RuntimeError("normfuse synchronized layers do not support double backward "
+                               "(create_graph=True); use the plain modules for that")
+        dx, *grads = graph_grads(config, x, dy, params, running_mean, running_var,
+                                 [needs_x, *needs_params])
+        return (None, dx, *no_grads, *grads)
+    ops = ops_for(config.backend)
+    plane = math.prod(x.shape[2:])
+    samples = x.numel() > 0
+    if samples and scale is not None and ops is torch_backend:
+        # The torch backend's ops have no fused mask: each would recompute it (five passes
+        # over x), so mask dy once here and hand both ops the masked gradient.
+        dy, scale, shift = torch_backend.relu_masked(dy, x, mean, scale, shift), None, None
+    if samples:
+        g1, g2 = ops.backward_sums(dy, x, mean, scale, shift)
+    else:
+        g1, g2 = torch.zeros_like(mean), torch.zeros_like(mean)
+    c_dy, c_x, c_0, *grads = _coefficients_backward(ops, config, g1, g2, mean, m2, plane,
+                                                    params, running_mean, running_var)
+    dx = None
+    if needs_x:
+        dx = (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, scale, shift) if samples
+              else torch.zeros_like(x))
+    grads = [g if p is not None and need else None
+             for g, p, need in zip(grads, params, needs_params)]
+    return (None, dx, *no_grads, *grads)
+
+
 class NormFunction(torch.autograd.Function):
     """Every layer on every backend: moments -> coefficients -> affine_apply, and back.
 
     Arguments: ``config`` (``LayerConfig``), ``x``, the running statistics and
     ``num_batches_tracked`` (updated in place, no gradient), then the layer's parameters.
-    Returns ``(y, mean, m2, scale, shift)``; only ``y`` is differentiable (``apply_layer``
-    takes it). Written with ``setup_context`` (the statistics are outputs, not ctx state) so
-    that functorch transforms (``torch.func.grad``, ``vjp``, ``jacrev``) can run it."""
+    Under functorch transforms ``NormFunctionTransforms`` carries the call instead."""
+
+    @staticmethod
+    def forward(ctx, config: LayerConfig, x: Tensor, running_mean, running_var,
+                num_batches_tracked, *params):
+        y, *statistics = _forward(config, x, running_mean, running_var, num_batches_tracked,
+                                  params)
+        _save(ctx, config, x, running_mean, running_var, statistics, params)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _backward(ctx, grad_output)
+
+
+class NormFunctionTransforms(torch.autograd.Function):
+    """``NormFunction`` in the ``setup_context`` form that functorch transforms
+    (``torch.func.grad``, ``vjp``, ``jacrev``) require: the statistics are outputs (marked
+    non-differentiable), so it returns ``(y, mean, m2, scale, shift)``.  Only used under a
+    transform: ``Function.apply`` binds the arguments with ``inspect.signature`` on every call
+    of this form (~60 us of host time a layer step, measured), which NormFunction does not pay."""
 
     @staticmethod
     def forward(config: LayerConfig, x: Tensor, running_mean, running_var, num_batches_tracked,
                 *params):
-        ops = ops_for(config.backend)
-        plane = math.prod(x.shape[2:])
-        samples = x.numel() > 0  # False only on a synchronized rank without values
-        if samples:
-            mean, m2 = ops.moments(x)
-        else:
-            mean = m2 = x.new_zeros((0, x.shape[1]), dtype=torch_backend.acc_dtype(x.dtype))
-        # BIN / IEBN: the coefficient op also updates the running statistics and counts the
-        # batch (num_batches_tracked += 1) in training, in its one launch.
-        scale, shift = _coefficients(ops, config, mean, m2, plane, params, running_mean,
-                                     running_var, num_batches_tracked)
-        y = (ops.affine_apply(x, mean, scale, shift, config.relu) if samples
-             else torch.empty_like(x))
-        return y, mean, m2, scale, shift
+        return _forward(config, x, running_mean, running_var, num_batches_tracked, params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         config, x, running_mean, running_var, _, *params = inputs
-        _, mean, m2, scale, shift = output
-        ctx.mark_non_differentiable(mean, m2, scale, shift)
-        # Running statistics matter to the backward only in eval mode, where they are constants;
-        # scale and shift only to the fused ReLU, whose mask they recompute.
-        keep_running = not config.training and running_mean is not None
-        relu = config.relu
-        ctx.save_for_backward(x, mean, m2, running_mean if keep_running else None,
-                              running_var if keep_running else None, scale if relu else None,
-                              shift if relu else None, *params)
-        ctx.config = config
+        statistics = output[1:]
+        ctx.mark_non_differentiable(*statistics)
+        ctx.set_materialize_grads(False)  # no zeros made for the statistics' unused gradients
+        _save(ctx, config, x, running_mean, running_var, statistics, params)
 
     @staticmethod
     def backward(ctx, grad_output, *_statistics):  # (the statistics have no gradient)
-        config = ctx.config
-        x, mean, m2, running_mean, running_var, scale, shift, *params = ctx.saved_tensors
-        _, needs_x, _, _, _, *needs_params = ctx.needs_input_grad  # forward's arguments
-        no_grads = (None, None, None)  # running_mean, running_var, num_batches_tracked
-        dy = like_layout(grad_output, x)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
-            if config.merge is not None:
-                raise RuntimeError("normfuse synchronized layers do not support double backward "
-                                   "(create_graph=True); use the plain modules for that")
-            dx, *grads = graph_grads(config, x, dy, params, running_mean, running_var,
-                                     [needs_x, *needs_params])
-            return (None, dx, *no_grads, *grads)
-        ops = ops_for(config.backend)
-        plane = math.prod(x.shape[2:])
-        samples = x.numel() > 0
-        if samples and scale is not None and ops is torch_backend:
-            # The torch backend's ops have no fused mask: each would recompute it (five passes
-            # over x), so mask dy once here and hand both ops the masked gradient.
-            dy, scale, shift = torch_backend.relu_masked(dy, x, mean, scale, shift), None, None
-        if samples:
-            g1, g2 = ops.backward_sums(dy, x, mean, scale, shift)
-        else:
-            g1, g2 = torch.zeros_like(mean), torch.zeros_like(mean)
-        c_dy, c_x, c_0, *grads = _coefficients_backward(ops, config, g1, g2, mean, m2, plane,
-                                                        params, running_mean, running_var)
-        dx = None
-        if needs_x:
-            dx = (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, scale, shift) if samples
-                  else torch.zeros_like(x))
-        grads = [g if p is not None and need else None
-                 for g, p, need in zip(grads, params, needs_params)]
-        return (None, dx, *no_grads, *grads)
+        return _backward(ctx, grad_output)
 
 
 def graph_grads(config, x, dy, params, running_mean, running_var, needs):
@@ -354,7 +391,11 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                           num_groups, params, relu)
         else:
             config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge)
-            y = NormFunction.apply(config, x, rm, rv, num_batches_tracked, *params)[0]
+            if _functorch_active():
+                y = NormFunctionTransforms.apply(config, x, rm, rv, num_batches_tracked,
+                                                 *params)[0]
+            else:
+                y = NormFunction.apply(config, x, rm, rv, num_batches_tracked, *params)
     if training and running_mean is not None and (rm is not running_mean
                                                   or rv is not running_var):
         with torch.no_grad():  # buffers of another dtype or strided: updated on a copy
