@@ -155,12 +155,15 @@ def _save(ctx, config: LayerConfig, x: Tensor, running_mean, running_var, statis
     ctx.config = config
 
 
-def _backward(ctx, grad_output):
+def _backward(ctx, grad_output, every_input: bool = False):
     """The gradients of ``(config, x, running_mean, running_var, num_batches_tracked,
-    *params)`` from y's gradient (None: zeros)."""
+    *params)`` from y's gradient (None: zeros).  ``every_input``: compute them for ``x`` and
+    every parameter, whatever ``ctx.needs_input_grad`` says."""
     config = ctx.config
     x, mean, m2, running_mean, running_var, scale, shift, *params = ctx.saved_tensors
     _, needs_x, _, _, _, *needs_params = ctx.needs_input_grad  # forward's arguments
+    if every_input:
+        needs_x, needs_params = True, [True] * len(needs_params)
     no_grads = (None, None, None)  # running_mean, running_var, num_batches_tracked
     dy = like_layout(grad_output, x) if grad_output is not None else torch.zeros_like(x)
     if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
@@ -234,7 +237,11 @@ class NormFunctionTransforms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_statistics):  # (the statistics have no gradient)
-        return _backward(ctx, grad_output)
+        # torch.compile of a transformed function (compile(grad(f))) hands this backward a
+        # needs_input_grad that says False for x (PyTorch's, cf. pytorch/pytorch#159299): x's
+        # gradient came back zero. There, compute them all (a gradient nobody asked for is
+        # dropped by autograd).
+        return _backward(ctx, grad_output, every_input=torch.compiler.is_compiling())
 
 
 def graph_grads(config, x, dy, params, running_mean, running_var, needs):
@@ -359,6 +366,13 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
     fused activation.  ``merge``: the synchronized layers' ``SyncBatchMerge`` (the batch
     statistics then span a process group; ``NormFunction`` carries the call)."""
     backend = resolve_backend(input)  # first: a backend that cannot run raises for any input
+    if merge is not None and _functorch_active():
+        # functorch runs every backward with grad mode on, which the synchronized layers' backward
+        # (its all-reduce) does not support: refused here, not as "double backward" later.
+        who = getattr(merge, "who", "normfuse")
+        raise RuntimeError(f"{who}: the synchronized layers do not support torch.func transforms "
+                           "(grad, vjp, jacrev, ...); use the plain module (no process group) "
+                           "under a transform")
     if merge is None and input.numel() == 0:
         return _empty_output(input, params, num_batches_tracked)
     acc = torch.float64 if input.dtype is torch.float64 else torch.float32
