@@ -221,56 +221,58 @@ def same(a, b, what):
         assert u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v), what
 
 
+def check_direction(layer, x, dy, relu, forward_args, reference_args, backward_args):
+    """``<layer>_layer_forward(x, *forward_args, relu)`` against moments ->
+    ``<layer>_coefficients(mean, m2, plane, *reference_args)`` -> affine_apply, and
+    ``<layer>_layer_backward(dy, x, mean, m2, *backward_args, mask)`` against backward_sums ->
+    ``<layer>_coefficients_backward(g1, g2, mean, m2, plane, *backward_args)`` ->
+    backward_apply: equal results (``reference_args``: the forward's, with their own copies of
+    what the forward writes)."""
+    global COUNT
+    ops = torch.ops.normfuse
+    plane = math.prod(x.shape[2:])
+    out = getattr(ops, f"{layer}_layer_forward")(x, *forward_args, relu)
+    mean, m2 = ops.moments(x)
+    scale, shift = getattr(ops, f"{layer}_coefficients")(mean, m2, plane, *reference_args)
+    same(out, (ops.affine_apply(x, mean, scale, shift, relu), mean, m2, scale, shift),
+         f"{layer}_layer_forward")
+    ss = (scale, shift) if relu else (None, None)
+    back = getattr(ops, f"{layer}_layer_backward")(dy, x, mean, m2, *backward_args, *ss)
+    g1, g2 = ops.backward_sums(dy, x, mean, *ss)
+    c_dy, c_x, c_0, *grads = getattr(ops, f"{layer}_coefficients_backward")(
+        g1, g2, mean, m2, plane, *backward_args)
+    same(back, (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, *ss), *grads),
+         f"{layer}_layer_backward")
+    COUNT += 2
+
+
 def direction_case(shape, dtype, layout, seed):
     """The layer steps and layer directions (cpu/layer_directions_cpu.cpp: the component kernels
     called without the dispatcher) against the component ops called one by one: equal results,
     with and without the fused ReLU, running statistics written alike."""
-    global COUNT
-    ops = torch.ops.normfuse
-    n, c = shape[:2]
-    plane = math.prod(shape[2:])
+    c = shape[1]
     x, dy = make(shape, dtype, layout, seed, 0.5), make(shape, dtype, layout, seed + 1)
     a = acc(dtype)
     gate, gw, gb = vec(c, a, seed + 2, 0.5, 0.3), vec(c, a, seed + 3), vec(c, a, seed + 4)
     w, b = vec(c, a, seed + 5, 1.0), vec(c, a, seed + 6)
+
+    def running():  # running mean, variance and batch counter, the same values at every call
+        return vec(c, a, seed + 7), vec(c, a, seed + 8, 1.0, 0.1).abs(), torch.tensor(0)
+
     for relu in (False, True):
-        for gates, layer, coef in (((gate,), "bin", ops.bin_coefficients),
-                                   ((gw, gb), "iebn", ops.iebn_coefficients)):
-            runs = []
-            for _ in range(2):
-                rm, rv, nbt = vec(c, a, seed + 7), vec(c, a, seed + 8, 1.0, 0.1).abs(), torch.tensor(0)
-                runs.append((rm, rv, nbt))
-            (rm, rv, nbt), (rm2, rv2, nbt2) = runs
-            tail = (w, b)
-            out = getattr(ops, f"{layer}_layer_forward")(x, *gates, *tail, rm, rv, True, 0.1, 1e-5, nbt, relu)
-            mean, m2 = ops.moments(x)
-            scale, shift = coef(mean, m2, plane, *gates, *tail, rm2, rv2, True, 0.1, 1e-5, nbt2)
-            same(out, (ops.affine_apply(x, mean, scale, shift, relu), mean, m2, scale, shift),
-                 f"{layer}_layer_forward")
+        for layer, gates in (("bin", (gate,)), ("iebn", (gw, gb))):
+            (rm, rv, nbt), (rm2, rv2, nbt2) = running(), running()
+            check_direction(layer, x, dy, relu,
+                            (*gates, w, b, rm, rv, True, 0.1, 1e-5, nbt),
+                            (*gates, w, b, rm2, rv2, True, 0.1, 1e-5, nbt2),
+                            (*gates, w, b, rm, rv, True, 1e-5))
             same((rm, rv, nbt), (rm2, rv2, nbt2), f"{layer}_layer_forward running statistics")
-            ss = (scale, shift) if relu else (None, None)
-            back = getattr(ops, f"{layer}_layer_backward")(dy, x, mean, m2, *gates, *tail, rm, rv, True, 1e-5, *ss)
-            g1, g2 = ops.backward_sums(dy, x, mean, *ss)
-            c_dy, c_x, c_0, *grads = getattr(ops, f"{layer}_coefficients_backward")(
-                g1, g2, mean, m2, plane, *gates, *tail, rm, rv, True, 1e-5)
-            same(back, (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, *ss), *grads), f"{layer}_layer_backward")
-            COUNT += 2
         gen = torch.Generator().manual_seed(seed + 9)
         for layer, groups, shapes in (("assoc", 4, ((2, 4), (4, 2), (4, 2))),  # M = 2 hidden units
                                       ("ilm", 2, ((3, 2), (2, 3), (2, 3)))):   # 2 key groups, E = 3
             meta = [torch.randn(*sh, generator=gen, dtype=F64).to(a) for sh in shapes]
-            out = getattr(ops, f"{layer}_layer_forward")(x, groups, *meta, w, b, 1e-5, relu)
-            mean, m2 = ops.moments(x)
-            scale, shift = getattr(ops, f"{layer}_coefficients")(mean, m2, plane, groups, *meta, w, b, 1e-5)
-            same(out, (ops.affine_apply(x, mean, scale, shift, relu), mean, m2, scale, shift),
-                 f"{layer}_layer_forward")
-            ss = (scale, shift) if relu else (None, None)
-            back = getattr(ops, f"{layer}_layer_backward")(dy, x, mean, m2, groups, *meta, w, b, 1e-5, *ss)
-            g1, g2 = ops.backward_sums(dy, x, mean, *ss)
-            c_dy, c_x, c_0, *grads = getattr(ops, f"{layer}_coefficients_backward")(
-                g1, g2, mean, m2, plane, groups, *meta, w, b, 1e-5)
-            same(back, (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, *ss), *grads), f"{layer}_layer_backward")
-            COUNT += 2
+            args = (groups, *meta, w, b, 1e-5)
+            check_direction(layer, x, dy, relu, args, args, args)
 
 
 def mode_ops():
