@@ -84,6 +84,8 @@ NORMFUSE_AOT_ARCHS=90 "$py" -m pytest -q -p no:cacheprovider -n auto --dist load
   tests/test_empty_input.py \
   tests/test_saved_for_backward.py \
   tests/test_fx.py \
+  tests/test_functorch.py \
+  tests/test_checkpointing.py \
   tests/test_export.py \
   tests/test_bench_smoke.py \
   tests/triton_kernels/test_aot.py

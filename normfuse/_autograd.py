@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from . import torch_backend
+from . import _vmap, torch_backend
 from ._checks import is_channels_last
 from .backends import ops_for, resolve_backend
 from .coefficients import (bin_coefficients, bin_coefficients_backward, iebn_coefficients,
@@ -217,8 +217,8 @@ class NormFunction(torch.autograd.Function):
 
 class NormFunctionTransforms(torch.autograd.Function):
     """``NormFunction`` in the ``setup_context`` form that functorch transforms
-    (``torch.func.grad``, ``vjp``, ``jacrev``) require: the statistics are outputs (marked
-    non-differentiable), so it returns ``(y, mean, m2, scale, shift)``.  Only used under a
+    (``torch.func.grad``, ``vjp``, ``jacrev``, ``vmap``) require: the statistics are outputs
+    (marked non-differentiable), so it returns ``(y, mean, m2, scale, shift)``.  Only used under a
     transform: ``Function.apply`` binds the arguments with ``inspect.signature`` on every call
     of this form (~60 us of host time a layer step, measured), which NormFunction does not pay."""
 
@@ -242,6 +242,65 @@ class NormFunctionTransforms(torch.autograd.Function):
         # gradient came back zero. There, compute them all (a gradient nobody asked for is
         # dropped by autograd).
         return _backward(ctx, grad_output, every_input=torch.compiler.is_compiling())
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        """``torch.func.vmap``'s batching rule: normfuse/_vmap.py."""
+        return _vmap.rule(NormFunctionTransforms, info, in_dims, *args)
+
+
+class NormFunctionForwardMode(NormFunctionTransforms):
+    """``NormFunctionTransforms`` with forward mode: only while a forward-mode level is open
+    (``torch.func.jvp``, ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``). A separate
+    class because Dynamo fails to trace ``torch.compile(grad(f))`` through a Function that
+    defines ``jvp`` ("AssertionError: False != True", torch 2.14)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        NormFunctionTransforms.setup_context(ctx, inputs, output)
+        config, x, running_mean, running_var, _, *params = inputs
+        keep_running = not config.training and running_mean is not None  # as _save keeps them
+        ctx.save_for_forward(x, running_mean if keep_running else None,
+                             running_var if keep_running else None, *params)
+
+    @staticmethod
+    def jvp(ctx, _config, x_tangent, _rm, _rv, _nbt, *param_tangents):
+        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``, ``forward_ad``): y's
+        tangent is the ``torch`` backend's forward differentiated in forward mode at the saved
+        point (the statistics, non-differentiable outputs, have none)."""
+        x, running_mean, running_var, *params = ctx.saved_tensors
+        return (forward_tangent(ctx.config, x, running_mean, running_var, params, x_tangent,
+                                param_tangents), None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap.rule(NormFunctionForwardMode, info, in_dims, *args)
+
+
+def forward_tangent(config, x, running_mean, running_var, params, x_tangent, param_tangents):
+    """y's tangent for the inputs' tangents (None: zero): ``torch.func.jvp`` of the "torch"
+    backend's forward, a function of ``x`` and the parameters (running statistics are read in
+    eval mode, never updated)."""
+    local = config._replace(backend="torch", momentum=0.0, merge=None)
+    present = [i for i, p in enumerate(params) if p is not None]
+
+    def forward(x, *given):
+        full = list(params)
+        for i, p in zip(present, given):
+            full[i] = p
+        return _traced_forward(local, x, running_mean, running_var, None, full)
+
+    primals = (x, *(params[i] for i in present))
+    tangents = [x_tangent, *(param_tangents[i] for i in present)]
+    tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
+    if _forward_ad._current_level >= 0 and not _functorch_active():
+        # torch.autograd.forward_ad's dual level is open (and cannot be nested): dual numbers
+        # at that level, forward gradients on again (off while a Function's jvp runs)
+        with _forward_ad._set_fwd_grad_enabled(True):
+            duals = [_forward_ad.make_dual(_forward_ad.unpack_dual(p).primal, t)
+                     for p, t in zip(primals, tangents)]
+            return _forward_ad.unpack_dual(forward(*duals)).tangent
+    return torch.func.jvp(forward, primals, tangents)[1]
 
 
 def graph_grads(config, x, dy, params, running_mean, running_var, needs):
@@ -279,8 +338,8 @@ def graph_grads(config, x, dy, params, running_mean, running_var, needs):
 # graph_grads, as NormFunction does).  NormFunction still carries the layer where the C++ node
 # would behave differently: while torch.compile traces (NormFunction's ops have fake
 # implementations and are traced one by one), under forward-mode AD (a dual level is open) and
-# under functorch transforms (grad, vjp, jacrev run NormFunction; vmap refuses it, having no
-# rule), which refuse the C++ node; and wherever normfuse._C was built without these ops.
+# under functorch transforms (grad, vjp, jacrev and vmap run NormFunctionTransforms; forward
+# mode has no rule), which refuse the C++ node; and wherever normfuse._C was built without these ops.
 _functorch_active = torch._C._are_functorch_transforms_active
 _LAYER_CODES = ("bin", "iebn", "assoc", "ilm")  # the layer numbers of csrc/layer_autograd.cpp
 _FUSED = None  # {"bin": op, "iebn": op, "assoc": op} once looked up; {} when _C lacks them
@@ -405,7 +464,10 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                           num_groups, params, relu)
         else:
             config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge)
-            if _functorch_active():
+            if _forward_ad._current_level >= 0:
+                y = NormFunctionForwardMode.apply(config, x, rm, rv, num_batches_tracked,
+                                                  *params)[0]
+            elif _functorch_active():
                 y = NormFunctionTransforms.apply(config, x, rm, rv, num_batches_tracked,
                                                  *params)[0]
             else:

@@ -1,14 +1,16 @@
 """``torch.func`` transforms over the layers (functional training loops, meta-learning): a module
 called with ``torch.func.functional_call`` computes what it computes with those parameters
 loaded, ``torch.func.grad`` gives autograd's gradients (and ``grad`` of ``grad`` the second
-derivatives), ``jacrev`` runs; as ``nn.GroupNorm``, and unlike ``nn.BatchNorm2d``, whose
+derivatives), ``jacrev`` runs, forward mode (``jvp``, ``jacfwd``, ``hessian``, dual numbers)
+agrees with finite differences; as ``nn.GroupNorm``, and unlike ``nn.BatchNorm2d``, whose
 running-statistics update is refused under ``grad``, a BIN / IEBN layer in training updates its
-running statistics once per call, as in eager mode. ``vmap`` is refused with PyTorch's
-message naming it (the layers' autograd.Function has no vmap rule; BIN / IEBN mix the samples
-of a batch, which a rule would have to keep apart), and so are the synchronized layers (before
-any exchange). ``torch.compile`` of a transformed function gets the eager gradients. Under these
-transforms the modules run ``NormFunctionTransforms`` (``setup_context`` form), not the compiled
-whole-layer op."""
+running statistics once per call, as in eager mode. ``vmap`` gives per-sample gradients
+(``vmap(grad(loss))``, the samples folded into one call where each output is its sample's own)
+and ensembles (``stack_module_state``: each member's own running statistics); it refuses to
+update one set of running statistics from several mapped batches, as nn.BatchNorm2d does. The
+synchronized layers are refused under any transform (before any exchange). ``torch.compile``
+of a transformed function gets the eager gradients. Under these transforms the modules run
+``NormFunctionTransforms`` (``setup_context`` form), not the compiled whole-layer op."""
 from __future__ import annotations
 
 import copy
@@ -58,7 +60,7 @@ def test_functional_call_and_grad_match_autograd(nf, backend, device, layer, rel
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_grad_of_grad_and_jacrev(nf, backend, device, layer):
+def test_grad_of_grad_jacrev_and_hessian(nf, backend, device, layer):
     if backend not in ("cpu", "torch"):
         pytest.skip("float64: the CPU backends")
     m = _layer(nf, layer).double().to(device)
@@ -77,6 +79,9 @@ def test_grad_of_grad_and_jacrev(nf, backend, device, layer):
     jac = jacrev(lambda t: m(t)[0, 1, 2])(x)  # a row of 3 outputs: (3, *x.shape)
     rows = [torch.autograd.grad(m(xr)[0, 1, 2, i], xr)[0] for i in range(3)]
     torch.testing.assert_close(jac, torch.stack(rows))
+    # forward mode: hessian (forward over reverse) and jacfwd against the reverse-mode ones
+    torch.testing.assert_close(torch.func.hessian(f)(x), jacrev(jacrev(f))(x))
+    torch.testing.assert_close(torch.func.jacfwd(m)(x), jacrev(m)(x))
 
 
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
@@ -91,17 +96,16 @@ def test_training_under_grad_updates_running_statistics_once(nf, backend, device
     assert int(m.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_vmap_is_refused_by_name(nf, backend, device, layer):
-    m = _layer(nf, layer).to(device)
-    with pytest.raises(RuntimeError, match="vmap"):
-        vmap(m)(torch.randn(3, 2, C, 3, 3, device=device))
-
-
 @pytest.mark.parametrize("layer", ["bin", "assoc"])
-def test_compiled_transform_gets_the_eager_gradients(nf, backend, device, layer):
+def test_compiled_transform_gets_the_eager_gradients(nf, backend, device, layer, request):
     """torch.compile(grad(f)): x's gradient came back zero (the compiled backward was told x
     needed none); the parameters' were right."""
+    if backend != "torch" and torch.torch_version.TorchVersion(torch.__version__) < (2, 12):
+        # torch 2.11's Dynamo fails on the compiled backends here (an AssertionError in
+        # meta_utils wrapping a functorch tensor of autograd.grad's _make_grads): an error, not
+        # a wrong result; torch 2.14 passes. Strict where seen (cpu); the GPU backends unseen.
+        request.applymarker(pytest.mark.xfail(raises=AssertionError, strict=backend == "cpu",
+                                              reason="torch 2.11 Dynamo, compile(grad(f))"))
     m = _layer(nf, layer).to(device)
     if backend == "torch" and layer == "bin":
         # Dynamo fails tracing the torch backend's in-place running-statistics update inside the
@@ -142,3 +146,159 @@ def test_synchronized_merge_is_refused_under_a_transform(nf, backend, device):
     with pytest.raises(RuntimeError, match="synchronized layers do not support torch.func"):
         grad(f)(gate)
     assert torch.equal(rm, torch.zeros(C, device=device))  # nothing ran
+
+
+# ---- vmap (normfuse/_vmap.py): per-sample gradients and ensembles --------------------------------
+
+def _per_sample_layer(nf, layer, relu):
+    """A layer whose outputs are per sample: AssocNorm / ILM-Norm, BIN / IEBN in eval mode with
+    running statistics away from their initial values."""
+    m = _layer(nf, layer, relu)
+    if layer in ("bin", "iebn"):
+        with torch.no_grad():
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+        m.eval()
+    return m
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_per_sample_gradients_match_a_loop(nf, backend, device, layer, relu, channels_last,
+                                           monkeypatch):
+    """vmap(grad(loss)) over the samples, as Opacus-style per-sample gradients take it: each
+    sample's gradients are grad(loss) of that sample alone, in one call of the layer (the B
+    samples folded into one batch)."""
+    from normfuse import _vmap
+    m = _per_sample_layer(nf, layer, relu).to(device)
+    params = _shifted(m)
+    buffers = dict(m.named_buffers())
+    x = torch.randn(5, C, 4, 3, device=device) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+
+    def loss(p, xi):
+        y = functional_call(m, (p, buffers), (xi.unsqueeze(0),))
+        return (y * y.cos()).sum()
+
+    expected = [grad(loss)(params, x[i]) for i in range(len(x))]
+    monkeypatch.setattr(_vmap, "_instance", None)  # the per-instance path would fail: not taken
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for k in params:
+        torch.testing.assert_close(per_sample[k], torch.stack([e[k] for e in expected]),
+                                   rtol=1e-4, atol=1e-5, msg=k)
+    y = vmap(m)(x.unflatten(0, (5, 1)))
+    torch.testing.assert_close(y.squeeze(1), torch.cat([m(x[i:i + 1]) for i in range(5)]),
+                               rtol=1e-5, atol=1e-5)
+    # grad of vmap: the folded call differentiated as the plain batch is
+    g = grad(lambda p: vmap(loss, in_dims=(None, 0))(p, x).sum())(params)
+    expected = grad(lambda p: sum(loss(p, x[i]) for i in range(len(x))))(params)
+    for k in params:
+        torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+def test_vmap_batch_statistics_are_each_instances_own(nf, backend, device, layer):
+    """BIN / IEBN with batch statistics (training, no running statistics): each mapped instance
+    is a batch of its own, as vmap over nn.BatchNorm2d(track_running_stats=False) computes."""
+    cls = {"bin": nf.BatchInstanceNorm2d, "iebn": nf.IEBN2d}[layer]
+    m = cls(C, track_running_stats=False).to(device)
+    params = _shifted(m)
+    xs = torch.randn(3, 4, C, 3, 5, device=device) + 0.5
+
+    def f(p, x):
+        return functional_call(m, p, (x,))
+
+    torch.testing.assert_close(vmap(f, in_dims=(None, 0))(params, xs),
+                               torch.stack([f(params, x) for x in xs]), rtol=1e-5, atol=1e-5)
+    g = grad(lambda p: vmap(f, in_dims=(None, 0))(p, xs).sin().sum())(params)
+    expected = grad(lambda p: sum(f(p, x).sin().sum() for x in xs))(params)
+    for k in params:
+        torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+def test_vmap_over_input_with_shared_running_statistics_is_refused(nf, backend, device, layer):
+    """Training with running statistics, x mapped, the buffers not: B batches cannot update one
+    running mean (nn.BatchNorm2d refuses too). A clear error, buffers untouched."""
+    m = _layer(nf, layer).to(device)
+    before = {k: v.clone() for k, v in m.named_buffers()}
+    with pytest.raises(RuntimeError, match=r"vmap over the input cannot update the running "
+                                           r"statistics"):
+        vmap(m)(torch.randn(3, 4, C, 3, 3, device=device))
+    for k, v in m.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ensemble_of_stacked_modules(nf, backend, device, layer, training):
+    """torch.func.stack_module_state + vmap over parameters and buffers, one input for all
+    (PyTorch's model-ensembling recipe): each member computes what it computes alone, and in
+    training each member's running statistics are updated as its own call updates them."""
+    members = [_per_sample_layer(nf, layer, False).to(device).train(training) for _ in range(3)]
+    for m in members:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    params, buffers = torch.func.stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = torch.randn(4, C, 3, 5, device=device) + 0.5
+
+    def f(p, b, t):
+        return functional_call(base, (p, b), (t,))
+
+    y = vmap(f, in_dims=(0, 0, None))(params, buffers, x)
+    torch.testing.assert_close(y, torch.stack([m(x) for m in members]), rtol=1e-5, atol=1e-5)
+    for k, stacked in buffers.items():
+        torch.testing.assert_close(stacked, torch.stack([dict(m.named_buffers())[k]
+                                                         for m in members]), msg=k)
+
+
+# ---- forward mode: jvp, jacfwd, hessian, torch.autograd.forward_ad --------------------------------
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_mode_gradcheck(nf, backend, device, layer, relu, training):
+    """Forward-mode derivatives (dual numbers) of the output in x and every parameter against
+    finite differences (gradcheck's check_forward_ad), then torch.func.jvp against them."""
+    if backend not in ("cpu", "torch"):
+        pytest.skip("float64: the CPU backends")
+    m = _layer(nf, layer, relu).double().to(device).train(training)
+    if layer in ("bin", "iebn"):
+        with torch.no_grad():
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    names = [k for k, _ in m.named_parameters()]
+    params = _shifted(m)
+    buffers = dict(m.named_buffers())
+    x = torch.randn(3, C, 2, 3, dtype=torch.float64, device=device) + 0.5
+
+    def f(x, *p):  # (on copies of the buffers: gradcheck calls it many times)
+        return functional_call(m, (dict(zip(names, p)), {k: v.clone() for k, v in
+                                                         buffers.items()}), (x,))
+
+    inputs = (x.requires_grad_(), *(params[k].requires_grad_() for k in names))
+    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True, check_backward_ad=False,
+                                    check_undefined_grad=False, check_batched_grad=False)
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    primals = tuple(t.detach() for t in inputs)
+    _, y_t = torch.func.jvp(f, primals, tangents)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        expected = torch.autograd.forward_ad.unpack_dual(f(*duals)).tangent
+    torch.testing.assert_close(y_t, expected)
+
+
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+def test_forward_mode_updates_running_statistics_once(nf, backend, device, layer):
+    m = _layer(nf, layer).to(device)
+    eager = copy.deepcopy(m)
+    x = torch.randn(4, C, 5, 3, device=device) + 0.5
+    y, _ = torch.func.jvp(m, (x,), (torch.randn_like(x),))
+    torch.testing.assert_close(y, eager(x))
+    for (name, a), b in zip(m.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert int(m.num_batches_tracked) == 1

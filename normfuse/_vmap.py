@@ -1,0 +1,87 @@
+"""``torch.func.vmap`` over the layers: the batching rule of ``NormFunctionTransforms``.
+
+What vmap is used for with normalization layers: per-sample gradients (``vmap(grad(loss))``,
+as Opacus and differential-privacy training do with GroupNorm-style layers) and model ensembles
+(``torch.func.stack_module_state`` + ``vmap`` over the stacked parameters). Two ways to run B
+mapped instances:
+
+* **Folded into the batch** (one call on ``B * N`` samples): where every sample's output
+  depends on that sample alone, which is true of AssocNorm and ILM-Norm (per-sample group
+  statistics) and of BIN / IEBN using running statistics (eval mode), and where only ``x`` is
+  mapped (the parameters and statistics are shared by every instance).
+* **One call per instance** otherwise (mapped parameters or buffers, or BIN / IEBN using batch
+  statistics, whose batch is each instance's own ``N`` samples): correct, and B calls.
+
+Refused: BIN / IEBN updating running statistics that every instance shares (training mode,
+``x`` mapped, the buffers not): B batches cannot update one running mean, as ``nn.BatchNorm2d``
+refuses too. Mapped buffers (an ensemble's own statistics) are updated instance by instance.
+"""
+from __future__ import annotations
+
+import torch
+
+_NAMES = {"bin": "BatchInstanceNorm", "iebn": "InstanceEnhancementBatchNorm"}  # (refusals)
+
+
+def _per_sample(config, running_mean) -> bool:
+    """Whether each sample's output depends on that sample alone (then B instances of N samples
+    are one batch of B * N)."""
+    if config.layer in ("assoc", "ilm"):
+        return True
+    return not config.training and running_mean is not None  # BIN / IEBN in eval mode
+
+
+def _instance(value, dim, i):
+    return value if dim is None or value is None else value.select(dim, i)
+
+
+def _stack(outputs):
+    """The instances' outputs stacked on dim 0 (None stays None: a statistic not computed)."""
+    stacked = []
+    for parts in zip(*outputs):
+        stacked.append(None if parts[0] is None else torch.stack(parts))
+    return tuple(stacked), tuple(None if s is None else 0 for s in stacked)
+
+
+def rule(function, info, in_dims, config, x, running_mean, running_var, num_batches_tracked,
+         *params):
+    """``function``'s vmap staticmethod (``in_dims``: one entry per ``forward`` argument, None
+    where unmapped). Returns the outputs ``(y, mean, m2, scale, shift)`` and their mapped dims."""
+    _, x_dim, rm_dim, rv_dim, nbt_dim, *param_dims = in_dims
+    size = info.batch_size
+    updates = config.training and running_mean is not None and config.layer in ("bin", "iebn")
+    buffers_mapped = rm_dim is not None or rv_dim is not None or nbt_dim is not None
+    if updates and x_dim is not None and not buffers_mapped:
+        raise RuntimeError(
+            f"{_NAMES[config.layer]}: torch.func.vmap over the input cannot update the running "
+            "statistics in training mode (each mapped instance is a batch of its own, and one "
+            "running mean cannot average them), as nn.BatchNorm2d refuses; use eval mode, "
+            "track_running_stats=False, or map the running statistics too (an ensemble's "
+            "torch.func.stack_module_state buffers)")
+    if (x_dim is not None and not buffers_mapped and all(d is None for d in param_dims)
+            and _per_sample(config, running_mean)):
+        xs = x.movedim(x_dim, 0)
+        folded = xs.reshape(size * xs.shape[1], *xs.shape[2:])  # (B * N, C, ...)
+        if not (folded.is_contiguous() or folded.movedim(1, -1).is_contiguous()):
+            folded = folded.contiguous()
+        outputs = function.apply(config, folded, running_mean, running_var,
+                                 num_batches_tracked, *params)
+        return (tuple(None if t is None else t.unflatten(0, (size, -1)) for t in outputs),
+                tuple(None if t is None else 0 for t in outputs))
+    outputs = []
+    for i in range(size):
+        xi = _instance(x, x_dim, i)
+        if not (xi.is_contiguous() or xi.movedim(1, -1).is_contiguous()):
+            xi = xi.contiguous()
+        # An instance's buffers are written in place (training), which the kernels do on dense
+        # vectors only: a strided instance (mapped on a dim other than 0) runs on a copy.
+        buffers = [_instance(b, d, i) for b, d in ((running_mean, rm_dim), (running_var, rv_dim),
+                                                   (num_batches_tracked, nbt_dim))]
+        dense = [b if b is None or b.is_contiguous() else b.contiguous() for b in buffers]
+        outputs.append(function.apply(config, xi, *dense,
+                                      *(_instance(p, d, i) for p, d in zip(params, param_dims))))
+        with torch.no_grad():
+            for b, d in zip(buffers, dense):
+                if d is not b:
+                    b.copy_(d)
+    return _stack(outputs)
