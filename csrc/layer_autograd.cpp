@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/layer_compositions.h"
 #include "common/op_handles.h"
 #include "common/torch_glue.h"
 
@@ -61,100 +62,48 @@ enum Layer : int64_t { kBin = 0, kIebn = 1, kAssoc = 2, kIlm = 3 };
 // AssocNorm: encoder, decoder_mean, decoder_var, weight, bias (ILM-Norm: its two decoders)
 constexpr int kMaxParams = 5;
 
-using Pair = std::tuple<Tensor, Tensor>;
-using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using Five = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Six = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// The component ops, looked up once (typed handles: a signature mismatch with ops.cpp throws
-// at the first call instead of miscompiling).
+// The ops a layer direction calls, looked up once (typed handles: a signature mismatch with
+// ops.cpp throws at the first call instead of miscompiling). Signatures: the components'
+// (common/op_handles.h) and the directions' compositions (common/layer_compositions.h).
+using Signatures = nf_compose::Compositions<struct NoVia>;  // (declarations only: never called)
+template <class Sig>
+using Handle = c10::TypedOperatorHandle<Sig>;
+
 struct Ops {
   // A backward that wants no dx (AssocNorm / ILM-Norm): the reduction and the coefficient op.
-  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>
-      backward_sums;
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
-      const Tensor&, const Tensor&, const Tensor&, double)>
-      assoc_backward;
-  // ILM-Norm's coefficient op: AssocNorm's signature (the decoders are ILM's weight / bias ones).
-  decltype(assoc_backward) ilm_backward;
-  // The BIN / IEBN layer directions (common/layer_compositions.h): a whole direction as one op.
-  c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                const OptTensor&, bool, double, double, const OptTensor&, bool)>
-      bin_forward;
-  c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&, bool)>
-      iebn_forward;
-  c10::TypedOperatorHandle<Quad(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double,
-                                const OptTensor&, const OptTensor&)>
-      bin_backward;
-  c10::TypedOperatorHandle<Five(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                bool, double, const OptTensor&, const OptTensor&)>
-      iebn_backward;
-  // The BIN / IEBN backward layer steps (common/layer_compositions.h): reduction and coefficient step as one op,
-  // for a backward that wants no dx.
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-      const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>
-      bin_step_backward;
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-      const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>
-      iebn_step_backward;
+  Handle<nf_ops::sig::BackwardSums> backward_sums;
+  Handle<nf_ops::sig::MetaCoefficientsBackward> assoc_backward, ilm_backward;
+  // The BIN / IEBN layer directions: a whole direction as one op.
+  Handle<decltype(Signatures::bin_layer_forward)> bin_forward;
+  Handle<decltype(Signatures::iebn_layer_forward)> iebn_forward;
+  Handle<decltype(Signatures::bin_layer_backward)> bin_backward;
+  Handle<decltype(Signatures::iebn_layer_backward)> iebn_backward;
+  // The BIN / IEBN backward layer steps: reduction and coefficient step as one op, for a backward
+  // that wants no dx.
+  Handle<decltype(Signatures::bin_sums_coefficients_backward)> bin_step_backward;
+  Handle<decltype(Signatures::iebn_sums_coefficients_backward)> iebn_step_backward;
   // The AssocNorm / ILM-Norm layer directions (one signature for both layers).
-  c10::TypedOperatorHandle<Five(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, double, bool)>
-      assoc_forward;
-  decltype(assoc_forward) ilm_forward;
-  c10::TypedOperatorHandle<Six(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&,
-                               const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&,
-                               const OptTensor&)>
-      assoc_layer_backward;
-  decltype(assoc_layer_backward) ilm_layer_backward;
+  Handle<decltype(Signatures::assoc_layer_forward)> assoc_forward, ilm_forward;
+  Handle<decltype(Signatures::assoc_layer_backward)> assoc_layer_backward, ilm_layer_backward;
 };
 
 const Ops& ops() {
+  using nf_ops::find_as;
   static const Ops o{
-      find<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>(
-          "normfuse::backward_sums"),
-      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
-          "normfuse::assoc_coefficients_backward"),
-      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&,
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
-          "normfuse::ilm_coefficients_backward"),
-      find<Five(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                bool, double, double, const OptTensor&, bool)>("normfuse::bin_layer_forward"),
-      find<Five(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                const OptTensor&, bool, double, double, const OptTensor&, bool)>("normfuse::iebn_layer_forward"),
-      find<Quad(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&,
-                const OptTensor&)>("normfuse::bin_layer_backward"),
-      find<Five(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&,
-                const OptTensor&)>("normfuse::iebn_layer_backward"),
-      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-          const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&, const OptTensor&)>(
-          "normfuse::bin_sums_coefficients_backward"),
-      find<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-          const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, const OptTensor&,
-          const OptTensor&)>("normfuse::iebn_sums_coefficients_backward"),
-      find<Five(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                double, bool)>("normfuse::assoc_layer_forward"),
-      find<Five(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                double, bool)>("normfuse::ilm_layer_forward"),
-      find<Six(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
-               const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&, const OptTensor&)>(
-          "normfuse::assoc_layer_backward"),
-      find<Six(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
-               const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&, const OptTensor&)>(
-          "normfuse::ilm_layer_backward"),
+      find_as<decltype(Ops::backward_sums)>("normfuse::backward_sums"),
+      find_as<decltype(Ops::assoc_backward)>("normfuse::assoc_coefficients_backward"),
+      find_as<decltype(Ops::ilm_backward)>("normfuse::ilm_coefficients_backward"),
+      find_as<decltype(Ops::bin_forward)>("normfuse::bin_layer_forward"),
+      find_as<decltype(Ops::iebn_forward)>("normfuse::iebn_layer_forward"),
+      find_as<decltype(Ops::bin_backward)>("normfuse::bin_layer_backward"),
+      find_as<decltype(Ops::iebn_backward)>("normfuse::iebn_layer_backward"),
+      find_as<decltype(Ops::bin_step_backward)>("normfuse::bin_sums_coefficients_backward"),
+      find_as<decltype(Ops::iebn_step_backward)>("normfuse::iebn_sums_coefficients_backward"),
+      find_as<decltype(Ops::assoc_forward)>("normfuse::assoc_layer_forward"),
+      find_as<decltype(Ops::ilm_forward)>("normfuse::ilm_layer_forward"),
+      find_as<decltype(Ops::assoc_layer_backward)>("normfuse::assoc_layer_backward"),
+      find_as<decltype(Ops::ilm_layer_backward)>("normfuse::ilm_layer_backward"),
   };
   return o;
 }

@@ -27,33 +27,29 @@ using nf_compose::Six;
 using nf_ops::find;
 using at::Tensor;
 
-// The component ops through the dispatcher (handles typed with the schemas' C++ signatures, looked
-// up once).
+// The component ops through the dispatcher (handles typed with the schemas' C++ signatures, which
+// are these functions' own, looked up once).
 struct Dispatched {
   static Pair moments(const Tensor& x) {
-    static const auto op = find<Pair(const Tensor&)>("normfuse::moments");
+    static const auto op = find<decltype(moments)>("normfuse::moments");
     return op.call(x);
   }
 
   static Tensor affine_apply(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift,
                              bool relu) {
-    static const auto op =
-        find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>("normfuse::affine_apply");
+    static const auto op = find<decltype(affine_apply)>("normfuse::affine_apply");
     return op.call(x, mean, scale, shift, relu);
   }
 
   static Pair backward_sums(const Tensor& dy, const Tensor& x, const Tensor& mean, const OptTensor& scale,
                             const OptTensor& shift) {
-    static const auto op =
-        find<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>(
-            "normfuse::backward_sums");
+    static const auto op = find<decltype(backward_sums)>("normfuse::backward_sums");
     return op.call(dy, x, mean, scale, shift);
   }
 
   static Tensor backward_apply(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& c_dy,
                                const Tensor& c_x, const Tensor& c_0, const OptTensor& scale, const OptTensor& shift) {
-    static const auto op = find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&, const OptTensor&, const OptTensor&)>("normfuse::backward_apply");
+    static const auto op = find<decltype(backward_apply)>("normfuse::backward_apply");
     return op.call(dy, x, mean, c_dy, c_x, c_0, scale, shift);
   }
 
@@ -61,10 +57,7 @@ struct Dispatched {
                                const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                                const OptTensor& running_var, bool training, double momentum, double eps,
                                const OptTensor& num_batches_tracked) {
-    static const auto op =
-        find<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&, const OptTensor&,
-                  const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&)>(
-            "normfuse::bin_coefficients");
+    static const auto op = find<decltype(bin_coefficients)>("normfuse::bin_coefficients");
     return op.call(mean, m2, plane_size, gate, weight, bias, running_mean, running_var, training, momentum, eps,
                    num_batches_tracked);
   }
@@ -73,10 +66,7 @@ struct Dispatched {
                                 const Tensor& gate_bias, const OptTensor& weight, const OptTensor& bias,
                                 const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                 double momentum, double eps, const OptTensor& num_batches_tracked) {
-    static const auto op =
-        find<Pair(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const OptTensor&,
-                  const OptTensor&, const OptTensor&, const OptTensor&, bool, double, double, const OptTensor&)>(
-            "normfuse::iebn_coefficients");
+    static const auto op = find<decltype(iebn_coefficients)>("normfuse::iebn_coefficients");
     return op.call(mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean, running_var, training,
                    momentum, eps, num_batches_tracked);
   }
@@ -85,10 +75,7 @@ struct Dispatched {
                                        int64_t plane_size, const Tensor& gate, const OptTensor& weight,
                                        const OptTensor& bias, const OptTensor& running_mean,
                                        const OptTensor& running_var, bool training, double eps) {
-    static const auto op =
-        find<Six(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const OptTensor&,
-                 const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>(
-            "normfuse::bin_coefficients_backward");
+    static const auto op = find<decltype(bin_coefficients_backward)>("normfuse::bin_coefficients_backward");
     return op.call(g1, g2, mean, m2, plane_size, gate, weight, bias, running_mean, running_var, training, eps);
   }
 
@@ -97,31 +84,22 @@ struct Dispatched {
                                           const OptTensor& weight, const OptTensor& bias,
                                           const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                           double eps) {
-    static const auto op =
-        find<Seven(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
-                   const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>(
-            "normfuse::iebn_coefficients_backward");
+    static const auto op = find<decltype(iebn_coefficients_backward)>("normfuse::iebn_coefficients_backward");
     return op.call(g1, g2, mean, m2, plane_size, gate_weight, gate_bias, weight, bias, running_mean, running_var,
                    training, eps);
   }
 
-  // AssocNorm and ILM-Norm share their coefficient ops' signatures.
-  using MetaForward = Pair(const Tensor&, const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,
-                           const Tensor&, const Tensor&, const Tensor&, double);
-  using MetaBackward = Eight(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double);
-
   static Pair assoc_coefficients(const Tensor& mean, const Tensor& m2, int64_t plane_size, int64_t num_groups,
                                  const Tensor& encoder, const Tensor& decoder_mean, const Tensor& decoder_var,
                                  const Tensor& weight, const Tensor& bias, double eps) {
-    static const auto op = find<MetaForward>("normfuse::assoc_coefficients");
+    static const auto op = find<decltype(assoc_coefficients)>("normfuse::assoc_coefficients");
     return op.call(mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps);
   }
 
   static Pair ilm_coefficients(const Tensor& mean, const Tensor& m2, int64_t plane_size, int64_t num_groups,
                                const Tensor& encoder, const Tensor& decoder_weight, const Tensor& decoder_bias,
                                const Tensor& weight, const Tensor& bias, double eps) {
-    static const auto op = find<MetaForward>("normfuse::ilm_coefficients");
+    static const auto op = find<decltype(ilm_coefficients)>("normfuse::ilm_coefficients");
     return op.call(mean, m2, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias, eps);
   }
 
@@ -129,7 +107,7 @@ struct Dispatched {
                                            int64_t plane_size, int64_t num_groups, const Tensor& encoder,
                                            const Tensor& decoder_mean, const Tensor& decoder_var,
                                            const Tensor& weight, const Tensor& bias, double eps) {
-    static const auto op = find<MetaBackward>("normfuse::assoc_coefficients_backward");
+    static const auto op = find<decltype(assoc_coefficients_backward)>("normfuse::assoc_coefficients_backward");
     return op.call(g1, g2, mean, m2, plane_size, num_groups, encoder, decoder_mean, decoder_var, weight, bias, eps);
   }
 
@@ -137,7 +115,7 @@ struct Dispatched {
                                          int64_t plane_size, int64_t num_groups, const Tensor& encoder,
                                          const Tensor& decoder_weight, const Tensor& decoder_bias,
                                          const Tensor& weight, const Tensor& bias, double eps) {
-    static const auto op = find<MetaBackward>("normfuse::ilm_coefficients_backward");
+    static const auto op = find<decltype(ilm_coefficients_backward)>("normfuse::ilm_coefficients_backward");
     return op.call(g1, g2, mean, m2, plane_size, num_groups, encoder, decoder_weight, decoder_bias, weight, bias,
                    eps);
   }

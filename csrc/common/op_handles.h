@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 
 namespace nf_ops {
 
@@ -14,6 +16,34 @@ template <class Sig>
 c10::TypedOperatorHandle<Sig> find(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
+
+// find<Sig> for a handle type (TypedOperatorHandle<Sig>): a handle held as a struct member is
+// looked up as find_as<decltype(Ops::member)>(name), its signature written once, in the member.
+template <class Handle>
+struct HandleSignature;
+template <class Sig>
+struct HandleSignature<c10::TypedOperatorHandle<Sig>> {
+  using type = Sig;
+};
+template <class Handle>
+Handle find_as(const char* name) {
+  return find<typename HandleSignature<Handle>::type>(name);
+}
+
+// The C++ signatures of component ops' schemas (ops.cpp) that layer_autograd.cpp calls through the
+// dispatcher (layer_steps.cpp types its handles with its own functions' signatures). The layer steps' and directions' signatures are those of their
+// compositions (common/layer_compositions.h: decltype(Compositions<Via>::bin_layer_forward)).
+namespace sig {
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using BackwardSums = std::tuple<Tensor, Tensor>(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                const OptTensor& scale, const OptTensor& shift);
+// AssocNorm's and ILM-Norm's coefficient backward ops (one signature for both).
+using MetaCoefficientsBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor& g1, const Tensor& g2, const Tensor& mean, const Tensor& m2, int64_t plane_size,
+    int64_t num_groups, const Tensor& encoder, const Tensor& decoder_a, const Tensor& decoder_b,
+    const Tensor& weight, const Tensor& bias, double eps);
+}  // namespace sig
 
 // Elements of one (n, c) plane: the product of the spatial sizes (1 for (N, C) inputs).
 inline int64_t plane_size(const at::Tensor& x) {
