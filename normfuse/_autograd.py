@@ -79,6 +79,7 @@ class LayerConfig(NamedTuple):
     num_groups: int = 0    # AssocNorm / ILM-Norm
     relu: bool = False     # fused activation: y = relu(norm(x))
     merge: Any = None      # synchronized BIN / IEBN: the SyncBatchMerge of this call
+    who: str = ""          # the module or function called, for errors raised past the checks
 
 
 def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_var,
@@ -266,8 +267,8 @@ class NormFunctionForwardMode(NormFunctionTransforms):
     @staticmethod
     def jvp(ctx, _config, x_tangent, _rm, _rv, _nbt, *param_tangents):
         """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``, ``forward_ad``): y's
-        tangent is the ``torch`` backend's forward differentiated in forward mode at the saved
-        point (the statistics, non-differentiable outputs, have none)."""
+        tangent is the ``torch`` backend's forward on dual numbers at the saved point (the
+        statistics, non-differentiable outputs, have none)."""
         x, running_mean, running_var, *params = ctx.saved_tensors
         return (forward_tangent(ctx.config, x, running_mean, running_var, params, x_tangent,
                                 param_tangents), None, None, None, None)
@@ -278,29 +279,25 @@ class NormFunctionForwardMode(NormFunctionTransforms):
 
 
 def forward_tangent(config, x, running_mean, running_var, params, x_tangent, param_tangents):
-    """y's tangent for the inputs' tangents (None: zero): ``torch.func.jvp`` of the "torch"
-    backend's forward, a function of ``x`` and the parameters (running statistics are read in
-    eval mode, never updated)."""
+    """y's tangent for the inputs' tangents (None: zero): the "torch" backend's forward, a
+    function of ``x`` and the parameters, on dual numbers at the forward-mode level that is open
+    (running statistics are read in eval mode, never updated). The open level, not a nested
+    ``torch.func.jvp``: forward mode does not nest, and a user's ``forward_ad`` level may be
+    open under ``torch.func.grad``."""
     local = config._replace(backend="torch", momentum=0.0, merge=None)
     present = [i for i, p in enumerate(params) if p is not None]
+    full = list(params)
+    # forward gradients are off while a Function's jvp runs: on again for these ops
+    with _forward_ad._set_fwd_grad_enabled(True):
+        def dual(p, t):  # the saved inputs may carry this level's tangent already
+            primal = _forward_ad.unpack_dual(p).primal
+            return _forward_ad.make_dual(primal, torch.zeros_like(primal) if t is None else t)
 
-    def forward(x, *given):
-        full = list(params)
-        for i, p in zip(present, given):
-            full[i] = p
-        return _traced_forward(local, x, running_mean, running_var, None, full)
-
-    primals = (x, *(params[i] for i in present))
-    tangents = [x_tangent, *(param_tangents[i] for i in present)]
-    tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
-    if _forward_ad._current_level >= 0 and not _functorch_active():
-        # torch.autograd.forward_ad's dual level is open (and cannot be nested): dual numbers
-        # at that level, forward gradients on again (off while a Function's jvp runs)
-        with _forward_ad._set_fwd_grad_enabled(True):
-            duals = [_forward_ad.make_dual(_forward_ad.unpack_dual(p).primal, t)
-                     for p, t in zip(primals, tangents)]
-            return _forward_ad.unpack_dual(forward(*duals)).tangent
-    return torch.func.jvp(forward, primals, tangents)[1]
+        x = dual(x, x_tangent)
+        for i in present:
+            full[i] = dual(params[i], param_tangents[i])
+        y = _traced_forward(local, x, running_mean, running_var, None, full)
+        return _forward_ad.unpack_dual(y).tangent
 
 
 def graph_grads(config, x, dy, params, running_mean, running_var, needs):
@@ -338,8 +335,8 @@ def graph_grads(config, x, dy, params, running_mean, running_var, needs):
 # graph_grads, as NormFunction does).  NormFunction still carries the layer where the C++ node
 # would behave differently: while torch.compile traces (NormFunction's ops have fake
 # implementations and are traced one by one), under forward-mode AD (a dual level is open) and
-# under functorch transforms (grad, vjp, jacrev and vmap run NormFunctionTransforms; forward
-# mode has no rule), which refuse the C++ node; and wherever normfuse._C was built without these ops.
+# under functorch transforms (grad, vjp, jacrev and vmap run NormFunctionTransforms, forward
+# mode NormFunctionForwardMode), which refuse the C++ node; and wherever normfuse._C was built without these ops.
 _functorch_active = torch._C._are_functorch_transforms_active
 _LAYER_CODES = ("bin", "iebn", "assoc", "ilm")  # the layer numbers of csrc/layer_autograd.cpp
 _FUSED = None  # {"bin": op, "iebn": op, "assoc": op} once looked up; {} when _C lacks them
@@ -417,21 +414,25 @@ def _dense(t, dtype):
 
 def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bool,
               momentum: float, eps: float, num_groups: int, params,
-              num_batches_tracked=None, relu: bool = False, merge=None) -> Tensor:
+              num_batches_tracked=None, relu: bool = False, merge=None, who: str = "") -> Tensor:
     """Validated inputs in, output out: picks the backend, layouts and dtypes, then runs.
 
     ``num_batches_tracked`` (BIN / IEBN modules in training): incremented in place by the
     layer's coefficient op, so the module's counter costs no launch of its own.  ``relu``: the
     fused activation.  ``merge``: the synchronized layers' ``SyncBatchMerge`` (the batch
-    statistics then span a process group; ``NormFunction`` carries the call)."""
+    statistics then span a process group; ``NormFunction`` carries the call).  ``who``: the
+    module or function called, named by errors only a transform raises (normfuse/_vmap.py)."""
     backend = resolve_backend(input)  # first: a backend that cannot run raises for any input
-    if merge is not None and _functorch_active():
+    if merge is not None and (_functorch_active() or (
+            _forward_ad._current_level >= 0 and _has_tangent(input, params))):
         # functorch runs every backward with grad mode on, which the synchronized layers' backward
-        # (its all-reduce) does not support: refused here, not as "double backward" later.
+        # (its all-reduce) does not support: refused here, not as "double backward" later; and a
+        # forward-mode tangent would be this rank's alone (the jvp has no all-reduce).
         who = getattr(merge, "who", "normfuse")
         raise RuntimeError(f"{who}: the synchronized layers do not support torch.func transforms "
-                           "(grad, vjp, jacrev, ...); use the plain module (no process group) "
-                           "under a transform")
+                           "(grad, vjp, jacrev, vmap, ...) or forward-mode AD (jvp, "
+                           "torch.autograd.forward_ad); use the plain module (no process group) "
+                           "there")
     if merge is None and input.numel() == 0:
         return _empty_output(input, params, num_batches_tracked)
     acc = torch.float64 if input.dtype is torch.float64 else torch.float32
@@ -447,7 +448,7 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
         # torch.export records an autograd.Function's forward under no_grad and drops its
         # backward: the program would have no gradients.  The "torch" backend's ops are
         # differentiable, so trace them directly (normfuse/export.py).
-        config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu)
+        config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, who=who)
         y = _traced_forward(config, x, rm, rv, num_batches_tracked, params)
     else:
         op = None
@@ -463,7 +464,8 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)
         else:
-            config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge)
+            config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge,
+                                 who)
             if _forward_ad._current_level >= 0:
                 y = NormFunctionForwardMode.apply(config, x, rm, rv, num_batches_tracked,
                                                   *params)[0]
@@ -480,6 +482,12 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
             if rv is not running_var:
                 running_var.copy_(rv)
     return y
+
+
+def _has_tangent(input: Tensor, params) -> bool:
+    """Whether the input or a parameter is a dual tensor of the open forward-mode level."""
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
+               for t in (input, *params))
 
 
 def _empty_output(input: Tensor, params, num_batches_tracked) -> Tensor:

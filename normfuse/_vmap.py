@@ -12,15 +12,16 @@ mapped instances:
 * **One call per instance** otherwise (mapped parameters or buffers, or BIN / IEBN using batch
   statistics, whose batch is each instance's own ``N`` samples): correct, and B calls.
 
-Refused: BIN / IEBN updating running statistics that every instance shares (training mode,
-``x`` mapped, the buffers not): B batches cannot update one running mean, as ``nn.BatchNorm2d``
-refuses too. Mapped buffers (an ensemble's own statistics) are updated instance by instance.
+Refused: BIN / IEBN updating running statistics that the instances share (training mode, a
+running statistic or ``num_batches_tracked`` not mapped): B batches cannot update one running
+mean, as ``nn.BatchNorm2d`` refuses too. Mapped buffers (an ensemble's own statistics, all three
+mapped) are updated instance by instance.
 """
 from __future__ import annotations
 
 import torch
 
-_NAMES = {"bin": "BatchInstanceNorm", "iebn": "InstanceEnhancementBatchNorm"}  # (refusals)
+_NAMES = {"bin": "batch_instance_norm", "iebn": "instance_enhancement_batch_norm"}  # no `who`
 
 
 def _per_sample(config, running_mean) -> bool:
@@ -51,12 +52,14 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
     size = info.batch_size
     updates = config.training and running_mean is not None and config.layer in ("bin", "iebn")
     buffers_mapped = rm_dim is not None or rv_dim is not None or nbt_dim is not None
-    if updates and x_dim is not None and not buffers_mapped:
+    if updates and (rm_dim is None or rv_dim is None
+                    or (num_batches_tracked is not None and nbt_dim is None)):
         raise RuntimeError(
-            f"{_NAMES[config.layer]}: torch.func.vmap over the input cannot update the running "
-            "statistics in training mode (each mapped instance is a batch of its own, and one "
-            "running mean cannot average them), as nn.BatchNorm2d refuses; use eval mode, "
-            "track_running_stats=False, or map the running statistics too (an ensemble's "
+            f"{config.who or _NAMES[config.layer]}: under torch.func.vmap, training mode cannot "
+            "update running statistics that the mapped instances share (each instance is a "
+            "batch of its own, and one running mean cannot average them), as nn.BatchNorm2d "
+            "refuses; use eval mode, track_running_stats=False, or map running_mean, "
+            "running_var and num_batches_tracked all three (an ensemble's "
             "torch.func.stack_module_state buffers)")
     if (x_dim is not None and not buffers_mapped and all(d is None for d in param_dims)
             and _per_sample(config, running_mean)):

@@ -75,7 +75,7 @@ def batch_instance_norm(input: Tensor, running_mean, running_var, weight, bias, 
                           [("gate", gate, False), ("weight", weight, True), ("bias", bias, True)],
                           training, momentum, eps)
     return run_layer("bin", input, running_mean, running_var, training, momentum, eps, 0,
-                     (gate, weight, bias), None, relu)
+                     (gate, weight, bias), None, relu, who=who)
 
 
 def instance_enhancement_batch_norm(input: Tensor, running_mean, running_var, weight, bias,
@@ -100,7 +100,7 @@ def instance_enhancement_batch_norm(input: Tensor, running_mean, running_var, we
                            ("weight", weight, True), ("bias", bias, True)],
                           training, momentum, eps)
     return run_layer("iebn", input, running_mean, running_var, training, momentum, eps, 0,
-                     (gate_weight, gate_bias, weight, bias), None, relu)
+                     (gate_weight, gate_bias, weight, bias), None, relu, who=who)
 
 
 def assoc_norm(input: Tensor, num_groups: int, encoder: Tensor, decoder_mean: Tensor,

@@ -110,7 +110,7 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
         factor = 0.0 if self.momentum is None else self.momentum
         if (self.training and self.track_running_stats and self.momentum is None
                 and self.num_batches_tracked is not None):  # None: factor 0, as nn.BatchNorm
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)  # cumulative average
+            factor = 1.0 / (_counted(self.num_batches_tracked, type(self).__name__) + 1.0)
         use_batch = self.training or self.running_mean is None
         tracked = not self.training or self.track_running_stats
         return (self.running_mean if tracked else None, self.running_var if tracked else None,
@@ -175,7 +175,8 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
                               params[k:], running_mean, running_var, counter, factor,
                               self.eps):
                 return run_layer(self._layer, input, running_mean, running_var, use_batch,
-                                 factor, self.eps, 0, params, counter, relu)
+                                 factor, self.eps, 0, params, counter, relu,
+                                 who=type(self).__name__)
         # Every check (each once, in the documented order), the buffers read through nn.Module.
         running_mean, running_var, use_batch, factor = self._batch_arguments()
         counter = self._counter()
@@ -184,7 +185,8 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
                             self.training, factor, self.eps, counter, self._ranks,
                             self.num_features)
         return run_layer(self._layer, input, running_mean, running_var, use_batch, factor,
-                         self.eps, 0, tuple(t for _, t, _ in named), counter, relu)
+                         self.eps, 0, tuple(t for _, t, _ in named), counter, relu,
+                         who=type(self).__name__)
 
     def _counter(self):
         """The ``num_batches_tracked`` buffer when this call counts a batch (training with
@@ -294,6 +296,19 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
     _required = 2
     _get_params = staticmethod(lambda p: (p["gate_weight"], p["gate_bias"], p["weight"],
                                           p["bias"]))
+
+
+def _counted(num_batches_tracked, who: str) -> float:
+    """``num_batches_tracked`` as a number, for ``momentum=None``'s cumulative average."""
+    try:
+        return float(num_batches_tracked)
+    except RuntimeError as e:  # a mapped counter under torch.func.vmap has no single value
+        if not torch._C._are_functorch_transforms_active():
+            raise
+        raise RuntimeError(
+            f"{who}: momentum=None (a cumulative average) reads num_batches_tracked as one "
+            "number, which torch.func.vmap cannot give for mapped statistics (nn.BatchNorm2d "
+            "fails alike); give a momentum") from e
 
 
 def _with_rank(base, name: str, ranks: tuple, shape: str):

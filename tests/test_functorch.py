@@ -146,6 +146,12 @@ def test_synchronized_merge_is_refused_under_a_transform(nf, backend, device):
     with pytest.raises(RuntimeError, match="synchronized layers do not support torch.func"):
         grad(f)(gate)
     assert torch.equal(rm, torch.zeros(C, device=device))  # nothing ran
+    # forward mode: the tangent would be this rank's alone (its jvp has no all-reduce)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(gate, torch.randn_like(gate))
+        with pytest.raises(RuntimeError, match="or forward-mode AD"):
+            f(dual)
+    assert torch.equal(rm, torch.zeros(C, device=device))
 
 
 # ---- vmap (normfuse/_vmap.py): per-sample gradients and ensembles --------------------------------
@@ -199,35 +205,91 @@ def test_per_sample_gradients_match_a_loop(nf, backend, device, layer, relu, cha
 
 
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
-def test_vmap_batch_statistics_are_each_instances_own(nf, backend, device, layer):
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_vmap_batch_statistics_are_each_instances_own(nf, backend, device, layer, affine):
     """BIN / IEBN with batch statistics (training, no running statistics): each mapped instance
-    is a batch of its own, as vmap over nn.BatchNorm2d(track_running_stats=False) computes."""
+    is a batch of its own, as vmap over nn.BatchNorm2d(track_running_stats=False) computes
+    (mapped on dim 2 here, out on dim 1)."""
     cls = {"bin": nf.BatchInstanceNorm2d, "iebn": nf.IEBN2d}[layer]
-    m = cls(C, track_running_stats=False).to(device)
+    m = cls(C, track_running_stats=False, affine=affine).to(device)
     params = _shifted(m)
     xs = torch.randn(3, 4, C, 3, 5, device=device) + 0.5
 
     def f(p, x):
         return functional_call(m, p, (x,))
 
-    torch.testing.assert_close(vmap(f, in_dims=(None, 0))(params, xs),
-                               torch.stack([f(params, x) for x in xs]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        vmap(f, in_dims=(None, 2), out_dims=1)(params, xs.movedim(0, 2)),
+        torch.stack([f(params, x) for x in xs], 1), rtol=1e-5, atol=1e-5)
     g = grad(lambda p: vmap(f, in_dims=(None, 0))(p, xs).sin().sum())(params)
     expected = grad(lambda p: sum(f(p, x).sin().sum() for x in xs))(params)
     for k in params:
         torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+_SHARED = {  # what is mapped (the rest shared) in a training call that must be refused
+    "input": dict(x=0, params=None, buffers=None),
+    "parameters": dict(x=None, params=0, buffers=None),  # an ensemble with shared statistics
+    "counter-only": dict(x=0, params=None, buffers={"running_mean": None, "running_var": None,
+                                                     "num_batches_tracked": 0}),
+    "mean-only": dict(x=0, params=None, buffers={"running_mean": 0, "running_var": None,
+                                                  "num_batches_tracked": 0}),
+}
+
+
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
-def test_vmap_over_input_with_shared_running_statistics_is_refused(nf, backend, device, layer):
-    """Training with running statistics, x mapped, the buffers not: B batches cannot update one
-    running mean (nn.BatchNorm2d refuses too). A clear error, buffers untouched."""
+@pytest.mark.parametrize("mapped", list(_SHARED))
+def test_vmap_updating_shared_running_statistics_is_refused(nf, backend, device, layer, mapped):
+    """Training with running statistics that the mapped instances share (any of the three not
+    mapped): B batches cannot update one running mean (nn.BatchNorm2d refuses too). A clear
+    error naming the module, the buffers untouched."""
     m = _layer(nf, layer).to(device)
-    before = {k: v.clone() for k, v in m.named_buffers()}
-    with pytest.raises(RuntimeError, match=r"vmap over the input cannot update the running "
-                                           r"statistics"):
-        vmap(m)(torch.randn(3, 4, C, 3, 3, device=device))
+    params = {k: torch.stack([v.detach()] * 3) for k, v in m.named_parameters()}
+    buffers = {k: torch.stack([v] * 3) if k in ("running_mean", "num_batches_tracked") else v
+               for k, v in m.named_buffers()}  # (mapped copies where a test maps them)
+    shared = {k: v.clone() for k, v in m.named_buffers()}
+    dims = _SHARED[mapped]
+    x = torch.randn(3, 4, C, 3, 3, device=device) if dims["x"] == 0 else torch.randn(
+        4, C, 3, 3, device=device)
+    b = shared if dims["buffers"] is None else {k: buffers[k] if d == 0 else shared[k]
+                                               for k, d in dims["buffers"].items()}
+
+    def f(p, b, t):
+        return functional_call(m, (p if dims["params"] == 0 else dict(m.named_parameters()), b),
+                               (t,))
+
+    name = {"bin": "BatchInstanceNorm2d", "iebn": "InstanceEnhancementBatchNorm2d"}[layer]
+    with pytest.raises(RuntimeError, match=rf"^{name}: under torch.func.vmap, training mode "
+                                           r"cannot update running statistics that the mapped"):
+        vmap(f, in_dims=(dims["params"], dims["buffers"], dims["x"]))(params, b, x)
     for k, v in m.named_buffers():
+        assert torch.equal(shared[k], v), k
+    for k in ("running_mean", "num_batches_tracked"):
+        assert torch.equal(buffers[k], torch.stack([getattr(m, k)] * 3)), k
+
+
+def test_vmap_refusal_names_the_function(nf, backend, device):
+    m = _layer(nf, "bin").to(device)
+    with pytest.raises(RuntimeError, match=r"^batch_instance_norm: under torch.func.vmap"):
+        vmap(lambda t: nf.functional.batch_instance_norm(
+            t, m.running_mean, m.running_var, m.weight, m.bias, m.gate, training=True))(
+                torch.randn(3, 4, C, 3, 3, device=device))
+
+
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
+def test_vmap_cumulative_average_with_mapped_counter_is_refused(nf, backend, device, layer):
+    """momentum=None reads num_batches_tracked as one number: a mapped counter has none. Our
+    message, not vmap's ".item()" one; nothing updated."""
+    cls = {"bin": nf.BatchInstanceNorm2d, "iebn": nf.IEBN2d}[layer]
+    members = [cls(C, momentum=None).to(device) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(members)
+    before = {k: v.clone() for k, v in buffers.items()}
+    base = copy.deepcopy(members[0]).to("meta")
+    with pytest.raises(RuntimeError, match=r"momentum=None \(a cumulative average\) reads "
+                                           r"num_batches_tracked as one number"):
+        vmap(lambda p, b, t: functional_call(base, (p, b), (t,)), in_dims=(0, 0, None))(
+            params, buffers, torch.randn(4, C, 3, 3, device=device))
+    for k, v in buffers.items():
         assert torch.equal(v, before[k]), k
 
 
@@ -290,6 +352,31 @@ def test_forward_mode_gradcheck(nf, backend, device, layer, relu, training):
         duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
         expected = torch.autograd.forward_ad.unpack_dual(f(*duals)).tangent
     torch.testing.assert_close(y_t, expected)
+
+
+@pytest.mark.parametrize("layer", ["assoc", "bin"])
+def test_grad_over_a_forward_mode_level(nf, backend, device, layer):
+    """torch.func.grad of a function that opens its own forward_ad level (the tangent's
+    gradient): forward mode does not nest, so the layer's jvp uses the open level."""
+    if backend not in ("cpu", "torch"):
+        pytest.skip("float64: the CPU backends")
+    fw = torch.autograd.forward_ad
+    m = _layer(nf, layer).double().to(device).eval()
+    params = _shifted(m)
+    x = torch.randn(3, C, 2, 2, dtype=torch.float64, device=device)
+    t = torch.randn_like(x)
+
+    def dual_tangent(p):
+        with fw.dual_level():
+            y = functional_call(m, p, (fw.make_dual(x, t),))
+            return fw.unpack_dual(y).tangent.square().sum()
+
+    def jvp_tangent(p):
+        return torch.func.jvp(lambda z: functional_call(m, p, (z,)), (x,), (t,))[1].square().sum()
+
+    g, expected = grad(dual_tangent)(params), grad(jvp_tangent)(params)
+    for k in params:
+        torch.testing.assert_close(g[k], expected[k], msg=k)
 
 
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
