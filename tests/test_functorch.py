@@ -204,6 +204,15 @@ def test_per_sample_gradients_match_a_loop(nf, backend, device, layer, relu, cha
         torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.xfail(strict=True, reason="Dynamo does not carry an autograd.Function's vmap rule "
+                                       "(pytorch/pytorch#129845): when this passes, say so")
+def test_compiled_vmap(nf, backend, device):
+    m = _layer(nf, "assoc").to(device)
+    x = torch.randn(3, 2, C, 3, 3, device=device)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(vmap(m), backend="eager")(x), vmap(m)(x))
+
+
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_vmap_batch_statistics_are_each_instances_own(nf, backend, device, layer, affine):
