@@ -287,6 +287,9 @@ def forward_tangent(config, x, running_mean, running_var, params, x_tangent, par
     local = config._replace(backend="torch", momentum=0.0, merge=None)
     present = [i for i, p in enumerate(params) if p is not None]
     full = list(params)
+    # constants, as in reverse mode (which refuses running statistics that require grad)
+    running_mean, running_var = (None if t is None else _forward_ad.unpack_dual(t).primal
+                                 for t in (running_mean, running_var))
     # forward gradients are off while a Function's jvp runs: on again for these ops
     with _forward_ad._set_fwd_grad_enabled(True):
         def dual(p, t):  # the saved inputs may carry this level's tangent already
@@ -429,6 +432,9 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
         # (its all-reduce) does not support: refused here, not as "double backward" later; and a
         # forward-mode tangent would be this rank's alone (the jvp has no all-reduce).
         who = getattr(merge, "who", "normfuse")
+        abort = getattr(merge, "abort", None)
+        if abort is not None:  # the other ranks wait in the exchange: they raise too
+            abort(input.device)
         raise RuntimeError(f"{who}: the synchronized layers do not support torch.func transforms "
                            "(grad, vjp, jacrev, vmap, ...) or forward-mode AD (jvp, "
                            "torch.autograd.forward_ad); use the plain module (no process group) "

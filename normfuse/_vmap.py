@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-_NAMES = {"bin": "batch_instance_norm", "iebn": "instance_enhancement_batch_norm"}  # no `who`
+# Names for a refusal when run_layer was given no `who` (the module or function called).
+_NAMES = {"bin": "batch_instance_norm", "iebn": "instance_enhancement_batch_norm"}
 
 
 def _per_sample(config, running_mean) -> bool:

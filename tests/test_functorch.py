@@ -8,7 +8,8 @@ running statistics once per call, as in eager mode. ``vmap`` gives per-sample gr
 (``vmap(grad(loss))``, the samples folded into one call where each output is its sample's own)
 and ensembles (``stack_module_state``: each member's own running statistics); it refuses to
 update one set of running statistics from several mapped batches, as nn.BatchNorm2d does. The
-synchronized layers are refused under any transform (before any exchange). ``torch.compile``
+synchronized layers are refused under any transform and in forward mode (before their
+statistics are exchanged; the other ranks are told, and raise too). ``torch.compile``
 of a transformed function gets the eager gradients. Under these transforms the modules run
 ``NormFunctionTransforms`` (``setup_context`` form), not the compiled whole-layer op."""
 from __future__ import annotations

@@ -349,7 +349,19 @@ def check_errors(rank, world):
     y = m(x)
     raises(RuntimeError, "double backward",
            lambda: torch.autograd.grad((y * y).sum(), x, create_graph=True))
-    # 7. a process group this rank is not a member of
+    # 7. forward mode (a dual input) on rank 1 only: refused there before the statistics are
+    #    exchanged, the other ranks told (not left waiting); running statistics untouched
+    before = {n: b.clone() for n, b in m.named_buffers()}
+    x = data((2, 4, 3), 8)
+    if rank == 1:
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+            raises(RuntimeError, "or forward-mode AD", lambda: m(dual))
+    else:
+        raises(RuntimeError, "failed on rank(s) [1]", lambda: m(x))
+    for n, b in m.named_buffers():
+        assert torch.equal(b, before[n]), f"buffer {n} changed by a refused call"
+    # 8. a process group this rank is not a member of
     other = dist.new_group([0])
     if rank != 0:
         m = SyncBatchInstanceNorm(4, process_group=other).to(F64)
