@@ -205,9 +205,15 @@ def test_per_sample_gradients_match_a_loop(nf, backend, device, layer, relu, cha
         torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.xfail(strict=True, reason="Dynamo does not carry an autograd.Function's vmap rule "
-                                       "(pytorch/pytorch#129845): when this passes, say so")
-def test_compiled_vmap(nf, backend, device):
+def test_compiled_vmap(nf, backend, device, request):
+    """torch.compile around vmap of a layer: fails in Dynamo on torch 2.14 (pytorch/pytorch
+    #129845), and on 2.11 for the compiled backends; torch 2.11 runs the torch backend's.
+    Strict where seen (cpu, torch), so that an upgrade that makes it work says so."""
+    old_torch = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
+    if not (old_torch and backend == "torch"):
+        request.applymarker(pytest.mark.xfail(
+            strict=backend in ("cpu", "torch"),
+            reason="Dynamo does not carry an autograd.Function's vmap rule (#129845)"))
     m = _layer(nf, "assoc").to(device)
     x = torch.randn(3, 2, C, 3, 3, device=device)
     torch._dynamo.reset()
