@@ -339,7 +339,8 @@ def graph_grads(config, x, dy, params, running_mean, running_var, needs):
 # would behave differently: while torch.compile traces (NormFunction's ops have fake
 # implementations and are traced one by one), under forward-mode AD (a dual level is open) and
 # under functorch transforms (grad, vjp, jacrev and vmap run NormFunctionTransforms, forward
-# mode NormFunctionForwardMode), which refuse the C++ node; and wherever normfuse._C was built without these ops.
+# mode NormFunctionForwardMode), which refuse the C++ node; and wherever normfuse._C was built
+# without these ops.
 _functorch_active = torch._C._are_functorch_transforms_active
 _LAYER_CODES = ("bin", "iebn", "assoc", "ilm")  # the layer numbers of csrc/layer_autograd.cpp
 _FUSED = None  # {"bin": op, "iebn": op, "assoc": op} once looked up; {} when _C lacks them

@@ -155,7 +155,7 @@ def test_synchronized_merge_is_refused_under_a_transform(nf, backend, device):
     assert torch.equal(rm, torch.zeros(C, device=device))
 
 
-# ---- vmap (normfuse/_vmap.py): per-sample gradients and ensembles --------------------------------
+# ---- vmap (normfuse/_vmap.py): per-sample gradients and ensembles ----------------------------
 
 def _per_sample_layer(nf, layer, relu):
     """A layer whose outputs are per sample: AssocNorm / ILM-Norm, BIN / IEBN in eval mode with
@@ -334,7 +334,7 @@ def test_ensemble_of_stacked_modules(nf, backend, device, layer, training):
                                                          for m in members]), msg=k)
 
 
-# ---- forward mode: jvp, jacfwd, hessian, torch.autograd.forward_ad --------------------------------
+# ---- forward mode: jvp, jacfwd, hessian, torch.autograd.forward_ad ---------------------------
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])

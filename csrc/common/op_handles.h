@@ -30,9 +30,9 @@ Handle find_as(const char* name) {
   return find<typename HandleSignature<Handle>::type>(name);
 }
 
-// The C++ signatures of component ops' schemas (ops.cpp) that layer_autograd.cpp calls through the
-// dispatcher (layer_steps.cpp types its handles with its own functions' signatures). The layer steps' and directions' signatures are those of their
-// compositions (common/layer_compositions.h: decltype(Compositions<Via>::bin_layer_forward)).
+// The C++ signatures of component ops' schemas (ops.cpp) that layer_autograd.cpp calls through
+// the dispatcher. layer_steps.cpp types its handles with its own functions' signatures, and the
+// layer steps' and directions' signatures are their compositions' (common/layer_compositions.h).
 namespace sig {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
