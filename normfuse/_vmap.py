@@ -9,8 +9,13 @@ mapped instances:
   depends on that sample alone, which is true of AssocNorm and ILM-Norm (per-sample group
   statistics) and of BIN / IEBN using running statistics (eval mode), and where only ``x`` is
   mapped (the parameters and statistics are shared by every instance).
-* **One call per instance** otherwise (mapped parameters or buffers, or BIN / IEBN using batch
-  statistics, whose batch is each instance's own ``N`` samples): correct, and B calls.
+* **Folded into the channels** (one call on ``B * C`` channels), BIN / IEBN otherwise: their
+  statistics and coefficients are per channel (batch statistics over the instance's own ``N``
+  samples), so instance b's channel c is channel ``b * C + c`` of one layer, its parameters
+  and running statistics the mapped ones laid end to end (shared ones repeated). Ensembles
+  (mapped parameters and buffers, shared or mapped input) and batch statistics per mapped batch.
+* **One call per instance** otherwise (AssocNorm / ILM-Norm with mapped parameters; buffers
+  mapped on a dimension that cannot be laid end to end in place): correct, and B calls.
 
 Refused: BIN / IEBN updating running statistics that the instances share (training mode, a
 running statistic or ``num_batches_tracked`` not mapped): B batches cannot update one running
@@ -35,6 +40,43 @@ def _per_sample(config, running_mean) -> bool:
 
 def _instance(value, dim, i):
     return value if dim is None or value is None else value.select(dim, i)
+
+
+def _channels(t, dim, size):
+    """A per-channel vector (C,), or its mapped form, as (B * C,): instance b's at b * C."""
+    if dim is None:
+        return t.repeat(size)
+    return t.movedim(dim, 0).reshape(-1)
+
+
+def _channel_fold(function, size, config, x, x_dim, running, running_dims,
+                  num_batches_tracked, nbt_dim, params, param_dims):
+    """BIN / IEBN over B instances as one layer of B * C channels; None where a mapped running
+    statistic that training updates is not laid out end to end (the loop then runs)."""
+    rm, rv = running
+    updates = config.training and rm is not None
+    if updates:  # written in place: the (B, C) views must be one (B * C) vector of the buffer
+        stacked = [t.movedim(d, 0) for t, d in zip(running, running_dims)]
+        if not all(t.is_contiguous() for t in stacked):
+            return None
+        rm, rv = (t.view(-1) for t in stacked)
+    elif rm is not None:  # read only
+        rm, rv = (_channels(t, d, size) for t, d in zip(running, running_dims))
+    if x_dim is None:
+        xs = x.unsqueeze(1).expand(x.shape[0], size, *x.shape[1:])  # (N, B, C, ...)
+    else:
+        xs = x.movedim(x_dim, 1)
+    folded = xs.reshape(xs.shape[0], -1, *xs.shape[3:])  # (N, B * C, ...)
+    if not (folded.is_contiguous() or folded.movedim(1, -1).is_contiguous()):
+        folded = folded.contiguous()  # (a layout the kernels read)
+    params = [None if p is None else _channels(p, d, size) for p, d in zip(params, param_dims)]
+    # num_batches_tracked: mapped (B,) here, counted below (the op takes one 0-dim counter)
+    outputs = function.apply(config, folded, rm, rv, None, *params)
+    if updates and num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+    return (tuple(None if t is None else t.unflatten(1, (size, -1)) for t in outputs),
+            tuple(None if t is None else 1 for t in outputs))
 
 
 def _stack(outputs):
@@ -72,6 +114,12 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
                                  num_batches_tracked, *params)
         return (tuple(None if t is None else t.unflatten(0, (size, -1)) for t in outputs),
                 tuple(None if t is None else 0 for t in outputs))
+    if config.layer in ("bin", "iebn"):
+        folded = _channel_fold(function, size, config, x, x_dim, (running_mean, running_var),
+                               (rm_dim, rv_dim), num_batches_tracked, nbt_dim, params,
+                               param_dims)
+        if folded is not None:
+            return folded
     outputs = []
     for i in range(size):
         xi = _instance(x, x_dim, i)

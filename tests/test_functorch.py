@@ -222,10 +222,13 @@ def test_compiled_vmap(nf, backend, device, request):
 
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-def test_vmap_batch_statistics_are_each_instances_own(nf, backend, device, layer, affine):
+def test_vmap_batch_statistics_are_each_instances_own(nf, backend, device, layer, affine,
+                                                      monkeypatch):
     """BIN / IEBN with batch statistics (training, no running statistics): each mapped instance
     is a batch of its own, as vmap over nn.BatchNorm2d(track_running_stats=False) computes
-    (mapped on dim 2 here, out on dim 1)."""
+    (mapped on dim 2 here, out on dim 1), in one call (channels laid end to end)."""
+    from normfuse import _vmap
+    monkeypatch.setattr(_vmap, "_instance", None)  # the per-instance loop would fail
     cls = {"bin": nf.BatchInstanceNorm2d, "iebn": nf.IEBN2d}[layer]
     m = cls(C, track_running_stats=False, affine=affine).to(device)
     params = _shifted(m)
@@ -311,10 +314,16 @@ def test_vmap_cumulative_average_with_mapped_counter_is_refused(nf, backend, dev
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_ensemble_of_stacked_modules(nf, backend, device, layer, training):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_ensemble_of_stacked_modules(nf, backend, device, layer, training, channels_last,
+                                     monkeypatch):
     """torch.func.stack_module_state + vmap over parameters and buffers, one input for all
     (PyTorch's model-ensembling recipe): each member computes what it computes alone, and in
-    training each member's running statistics are updated as its own call updates them."""
+    training each member's running statistics are updated as its own call updates them. BIN /
+    IEBN members run as one layer of their channels laid end to end (one call, not a loop)."""
+    from normfuse import _vmap
+    if layer in ("bin", "iebn"):
+        monkeypatch.setattr(_vmap, "_instance", None)  # the per-instance loop would fail
     members = [_per_sample_layer(nf, layer, False).to(device).train(training) for _ in range(3)]
     for m in members:
         with torch.no_grad():
@@ -323,6 +332,8 @@ def test_ensemble_of_stacked_modules(nf, backend, device, layer, training):
     params, buffers = torch.func.stack_module_state(members)
     base = copy.deepcopy(members[0]).to("meta")
     x = torch.randn(4, C, 3, 5, device=device) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
 
     def f(p, b, t):
         return functional_call(base, (p, b), (t,))
