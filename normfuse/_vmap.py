@@ -42,6 +42,26 @@ def _instance(value, dim, i):
     return value if dim is None or value is None else value.select(dim, i)
 
 
+class _CountBatch(torch.autograd.Function):
+    """``num_batches_tracked += 1`` below every transform, as the coefficient op counts inside
+    the layer's Function: an in-place add in the vmap rule would run under an outer grad / jvp
+    level, which refuses writes to captured tensors (``grad(vmap(ensemble))`` in training)."""
+
+    @staticmethod
+    def forward(counter):
+        counter.add_(1)
+        return counter.new_zeros(())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, counter):  # a mapped counter: every instance counts the batch
+        counter.add_(1)
+        return counter.new_zeros(()), None
+
+
 def _channels(t, dim, size):
     """A per-channel vector (C,), or its mapped form, as (B * C,): instance b's at b * C."""
     if dim is None:
@@ -73,8 +93,7 @@ def _channel_fold(function, size, config, x, x_dim, running, running_dims,
     # num_batches_tracked: mapped (B,) here, counted below (the op takes one 0-dim counter)
     outputs = function.apply(config, folded, rm, rv, None, *params)
     if updates and num_batches_tracked is not None:
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
+        _CountBatch.apply(num_batches_tracked)
     return (tuple(None if t is None else t.unflatten(1, (size, -1)) for t in outputs),
             tuple(None if t is None else 1 for t in outputs))
 

@@ -257,6 +257,37 @@ _SHARED = {  # what is mapped (the rest shared) in a training call that must be 
 
 
 @pytest.mark.parametrize("layer", ["bin", "iebn"])
+@pytest.mark.parametrize("outer", ["grad", "jvp"])
+def test_transform_over_a_training_ensemble(nf, backend, device, layer, outer):
+    """grad / jvp of a vmapped ensemble in training, its buffers captured (not arguments): the
+    members' counters and running statistics are updated once, as by their own calls, and the
+    gradient is the members' summed."""
+    members = [_layer(nf, layer).to(device) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = torch.randn(5, C, 3, 3, device=device) + 0.5
+
+    def total(p):
+        return vmap(lambda p, b: functional_call(base, (p, b), (x,)).square().sum())(
+            p, buffers).sum()
+
+    if outer == "grad":
+        g = grad(total)(params)
+        expected = {k: torch.stack([grad(lambda q: functional_call(copy.deepcopy(m), q, (x,))
+                                         .square().sum())(dict(m.named_parameters()))[k]
+                                    for m in members]) for k in params}
+        for k in params:
+            torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
+    else:
+        torch.func.jvp(total, (params,), ({k: torch.ones_like(v) for k, v in params.items()},))
+    for m in members:
+        m(x)  # each member's own step
+    for k, stacked in buffers.items():
+        torch.testing.assert_close(stacked, torch.stack([dict(m.named_buffers())[k]
+                                                         for m in members]), msg=k)
+
+
+@pytest.mark.parametrize("layer", ["bin", "iebn"])
 @pytest.mark.parametrize("mapped", list(_SHARED))
 def test_vmap_updating_shared_running_statistics_is_refused(nf, backend, device, layer, mapped):
     """Training with running statistics that the mapped instances share (any of the three not
