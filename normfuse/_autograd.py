@@ -144,15 +144,20 @@ def _forward(config: LayerConfig, x: Tensor, running_mean, running_var, num_batc
     return y, mean, m2, scale, shift
 
 
+def _kept_running(config, running_mean, running_var):
+    """The running statistics a derivative reads: eval mode's (constants there), else None."""
+    if config.training or running_mean is None:
+        return None, None
+    return running_mean, running_var
+
+
 def _save(ctx, config: LayerConfig, x: Tensor, running_mean, running_var, statistics, params):
     """What the backward reads. Running statistics matter to it only in eval mode, where they
     are constants; scale and shift only to the fused ReLU, whose mask they recompute."""
     mean, m2, scale, shift = statistics
-    keep_running = not config.training and running_mean is not None
     relu = config.relu
-    ctx.save_for_backward(x, mean, m2, running_mean if keep_running else None,
-                          running_var if keep_running else None, scale if relu else None,
-                          shift if relu else None, *params)
+    ctx.save_for_backward(x, mean, m2, *_kept_running(config, running_mean, running_var),
+                          scale if relu else None, shift if relu else None, *params)
     ctx.config = config
 
 
@@ -260,9 +265,7 @@ class NormFunctionForwardMode(NormFunctionTransforms):
     def setup_context(ctx, inputs, output):
         NormFunctionTransforms.setup_context(ctx, inputs, output)
         config, x, running_mean, running_var, _, *params = inputs
-        keep_running = not config.training and running_mean is not None  # as _save keeps them
-        ctx.save_for_forward(x, running_mean if keep_running else None,
-                             running_var if keep_running else None, *params)
+        ctx.save_for_forward(x, *_kept_running(config, running_mean, running_var), *params)
 
     @staticmethod
     def jvp(ctx, _config, x_tangent, _rm, _rv, _nbt, *param_tangents):

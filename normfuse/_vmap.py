@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import torch
 
-# Names for a refusal when run_layer was given no `who` (the module or function called).
-_NAMES = {"bin": "batch_instance_norm", "iebn": "instance_enhancement_batch_norm"}
+from . import _autograd  # (kernel_layout; _autograd imports this module first: used at call time)
 
 
 def _per_sample(config, running_mean) -> bool:
@@ -86,16 +85,20 @@ def _channel_fold(function, size, config, x, x_dim, running, running_dims,
         xs = x.unsqueeze(1).expand(x.shape[0], size, *x.shape[1:])  # (N, B, C, ...)
     else:
         xs = x.movedim(x_dim, 1)
-    folded = xs.reshape(xs.shape[0], -1, *xs.shape[3:])  # (N, B * C, ...)
-    if not (folded.is_contiguous() or folded.movedim(1, -1).is_contiguous()):
-        folded = folded.contiguous()  # (a layout the kernels read)
+    folded = _autograd.kernel_layout(xs.reshape(xs.shape[0], -1, *xs.shape[3:]))  # (N, B*C,..)
     params = [None if p is None else _channels(p, d, size) for p, d in zip(params, param_dims)]
     # num_batches_tracked: mapped (B,) here, counted below (the op takes one 0-dim counter)
     outputs = function.apply(config, folded, rm, rv, None, *params)
     if updates and num_batches_tracked is not None:
         _CountBatch.apply(num_batches_tracked)
-    return (tuple(None if t is None else t.unflatten(1, (size, -1)) for t in outputs),
-            tuple(None if t is None else 1 for t in outputs))
+    return _unfold(outputs, 1, size)
+
+
+def _unfold(outputs, dim, size):
+    """A folded call's outputs with the instances' dim split back out at ``dim`` (None stays
+    None: a statistic not computed), and their mapped dims."""
+    return (tuple(None if t is None else t.unflatten(dim, (size, -1)) for t in outputs),
+            tuple(None if t is None else dim for t in outputs))
 
 
 def _stack(outputs):
@@ -117,7 +120,7 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
     if updates and (rm_dim is None or rv_dim is None
                     or (num_batches_tracked is not None and nbt_dim is None)):
         raise RuntimeError(
-            f"{config.who or _NAMES[config.layer]}: under torch.func.vmap, training mode cannot "
+            f"{config.who or 'normfuse'}: under torch.func.vmap, training mode cannot "
             "update running statistics that the mapped instances share (each instance is a "
             "batch of its own, and one running mean cannot average them), as nn.BatchNorm2d "
             "refuses; use eval mode, track_running_stats=False, or map running_mean, "
@@ -126,13 +129,10 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
     if (x_dim is not None and not buffers_mapped and all(d is None for d in param_dims)
             and _per_sample(config, running_mean)):
         xs = x.movedim(x_dim, 0)
-        folded = xs.reshape(size * xs.shape[1], *xs.shape[2:])  # (B * N, C, ...)
-        if not (folded.is_contiguous() or folded.movedim(1, -1).is_contiguous()):
-            folded = folded.contiguous()
+        folded = _autograd.kernel_layout(xs.reshape(size * xs.shape[1], *xs.shape[2:]))
         outputs = function.apply(config, folded, running_mean, running_var,
-                                 num_batches_tracked, *params)
-        return (tuple(None if t is None else t.unflatten(0, (size, -1)) for t in outputs),
-                tuple(None if t is None else 0 for t in outputs))
+                                 num_batches_tracked, *params)  # (B * N, C, ...) in
+        return _unfold(outputs, 0, size)
     if config.layer in ("bin", "iebn"):
         folded = _channel_fold(function, size, config, x, x_dim, (running_mean, running_var),
                                (rm_dim, rv_dim), num_batches_tracked, nbt_dim, params,
@@ -141,9 +141,7 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
             return folded
     outputs = []
     for i in range(size):
-        xi = _instance(x, x_dim, i)
-        if not (xi.is_contiguous() or xi.movedim(1, -1).is_contiguous()):
-            xi = xi.contiguous()
+        xi = _autograd.kernel_layout(_instance(x, x_dim, i))
         # An instance's buffers are written in place (training), which the kernels do on dense
         # vectors only: a strided instance (mapped on a dim other than 0) runs on a copy.
         buffers = [_instance(b, d, i) for b, d in ((running_mean, rm_dim), (running_var, rv_dim),

@@ -22,6 +22,8 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 C = 8
 LAYERS = ["bin", "iebn", "assoc", "ilm"]
+# torch 2.11 (the GPU machines'), whose Dynamo differs under transforms (see the tests using it)
+TORCH_2_11 = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
 
 
 def _layer(nf, layer, relu=False):
@@ -101,7 +103,7 @@ def test_training_under_grad_updates_running_statistics_once(nf, backend, device
 def test_compiled_transform_gets_the_eager_gradients(nf, backend, device, layer, request):
     """torch.compile(grad(f)): x's gradient came back zero (the compiled backward was told x
     needed none); the parameters' were right."""
-    if backend != "torch" and torch.torch_version.TorchVersion(torch.__version__) < (2, 12):
+    if backend != "torch" and TORCH_2_11:
         # torch 2.11's Dynamo fails on the compiled backends here (an AssertionError in
         # meta_utils wrapping a functorch tensor of autograd.grad's _make_grads): an error, not
         # a wrong result; torch 2.14 passes. Strict where seen (cpu); the GPU backends unseen.
@@ -159,7 +161,7 @@ def test_synchronized_merge_is_refused_under_a_transform(nf, backend, device):
 
 def _per_sample_layer(nf, layer, relu):
     """A layer whose outputs are per sample: AssocNorm / ILM-Norm, BIN / IEBN in eval mode with
-    running statistics away from their initial values."""
+    running statistics away from their initial values (set .train() for batch statistics)."""
     m = _layer(nf, layer, relu)
     if layer in ("bin", "iebn"):
         with torch.no_grad():
@@ -209,8 +211,7 @@ def test_compiled_vmap(nf, backend, device, request):
     """torch.compile around vmap of a layer: fails in Dynamo on torch 2.14 (pytorch/pytorch
     #129845), and on 2.11 for the compiled backends; torch 2.11 runs the torch backend's.
     Strict where seen (cpu, torch), so that an upgrade that makes it work says so."""
-    old_torch = torch.torch_version.TorchVersion(torch.__version__) < (2, 12)
-    if not (old_torch and backend == "torch"):
+    if not (TORCH_2_11 and backend == "torch"):
         request.applymarker(pytest.mark.xfail(
             strict=backend in ("cpu", "torch"),
             reason="Dynamo does not carry an autograd.Function's vmap rule (#129845)"))
@@ -386,11 +387,7 @@ def test_forward_mode_gradcheck(nf, backend, device, layer, relu, training):
     finite differences (gradcheck's check_forward_ad), then torch.func.jvp against them."""
     if backend not in ("cpu", "torch"):
         pytest.skip("float64: the CPU backends")
-    m = _layer(nf, layer, relu).double().to(device).train(training)
-    if layer in ("bin", "iebn"):
-        with torch.no_grad():
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    m = _per_sample_layer(nf, layer, relu).double().to(device).train(training)
     names = [k for k, _ in m.named_parameters()]
     params = _shifted(m)
     buffers = dict(m.named_buffers())
