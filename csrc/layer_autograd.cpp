@@ -51,7 +51,6 @@
 
 namespace {
 
-using nf_ops::find;
 using nf_ops::plane_size;
 
 using at::Tensor;
