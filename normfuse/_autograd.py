@@ -16,6 +16,7 @@ so that a layer step costs the host one op call instead of a Python autograd.Fun
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -168,17 +169,79 @@ def _backward(ctx, grad_output, every_input: bool = False):
     config = ctx.config
     x, mean, m2, running_mean, running_var, scale, shift, *params = ctx.saved_tensors
     _, needs_x, _, _, _, *needs_params = ctx.needs_input_grad  # forward's arguments
-    if every_input:
-        needs_x, needs_params = True, [True] * len(needs_params)
+    needs = [True] * (1 + len(params)) if every_input else [needs_x, *needs_params]
     no_grads = (None, None, None)  # running_mean, running_var, num_batches_tracked
     dy = like_layout(grad_output, x) if grad_output is not None else torch.zeros_like(x)
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
-        if config.merge is not None:
-            raise RuntimeError("normfuse synchronized layers do not support double backward "
-                               "(create_graph=True); use the plain modules for that")
-        dx, *grads = graph_grads(config, x, dy, params, running_mean, running_var,
-                                 [needs_x, *needs_params])
-        return (None, dx, *no_grads, *grads)
+    if not torch.is_grad_enabled():
+        grads = kernel_grads(config, x, dy, params, running_mean, running_var, needs,
+                             (mean, m2, scale, shift))
+    elif config.merge is not None:
+        raise RuntimeError("normfuse synchronized layers do not support double backward "
+                           "(create_graph=True); use the plain modules for that")
+    elif _first_derivatives_only(x):
+        grads = NormBackward.apply(config, tuple(needs), None, x, dy, mean, m2, scale, shift,
+                                   running_mean, running_var, *params)
+    else:  # create_graph=True: a differentiable recomputation
+        grads = graph_grads(config, x, dy, params, running_mean, running_var, needs)
+    dx, *param_grads = grads
+    return (None, dx, *no_grads, *param_grads)
+
+
+def _first_derivatives_only(x: Tensor) -> bool:
+    """Whether a backward run with grad mode on is a functorch transform's first derivative,
+    which functorch runs so whether or not anything differentiates it again: then the backend's
+    kernels compute it (``NormBackward``, differentiable still). Not while a forward-mode level
+    is open (``jvp``, ``hessian``: NormBackward has no jvp) or torch.compile traces (Dynamo
+    traces ``graph_grads``), nor where a transform level below will differentiate it."""
+    return (_functorch_active() and _forward_ad._current_level < 0
+            and not torch.compiler.is_compiling() and not _differentiated_again(x))
+
+
+try:
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._C._functorch import maybe_get_level as _level
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _levels
+except ImportError:  # private functorch API (torch 2.11-2.14 have it): then always the graph
+    _level = None
+
+
+def _differentiated_again(x: Tensor) -> bool:
+    """Whether a grad / vjp level below the one running this backward (``x``'s, the saved
+    input's) will differentiate what the backward returns (grad of grad, MAML's inner step, a
+    penalty on per-sample gradients): there ``graph_grads`` costs less than NormBackward's
+    kernels followed by its recomputation. A ``vjp`` whose level has exited (``jacrev``: its
+    vjp_fn runs after; ``x`` a dead wrapper, level -2) counts every grad level that is open.
+    Regular autograd over a transform cannot be seen here: NormBackward's backward serves it."""
+    if _level is None:
+        return True
+    level = _level(x)
+    if level == -2:
+        level = math.inf
+    return any(i.key() == _TransformType.Grad and i.level() < level for i in _levels())
+
+
+# More instances than this (``kernel_grads``): their parameter gradients from the "torch"
+# reference under torch.vmap, flat in B (~0.6-0.9 ms on the CPU), not a coefficient-backward call
+# per instance (~11 us each on the CPU, a launch each on a GPU).
+INSTANCE_CALLS_MAX = 32
+
+
+def _per_instance(parts, per_sample: int):
+    """Instances' results as one: the first ``per_sample`` entries (per-sample tensors)
+    concatenated along the batch, the others (parameter gradients) stacked on a new leading
+    instance dim; None stays None."""
+    return [None if part[0] is None else torch.cat(part) if i < per_sample else torch.stack(part)
+            for i, part in enumerate(zip(*parts))]
+
+
+def kernel_grads(config, x, dy, params, running_mean, running_var, needs, statistics,
+                 instances=None):
+    """``[dx, *parameter gradients]`` (None where ``needs`` says no) with ``config.backend``'s
+    ops, the first derivatives ``graph_grads`` computes, not differentiable. ``statistics``: the
+    forward's ``(mean, m2, scale, shift)``. ``instances``: None, or the number of per-sample
+    instances folded into the batch (``torch.func.vmap``, normfuse/_vmap.py), each instance's
+    parameter gradients its own samples', stacked on a leading dim (of 1 too)."""
+    mean, m2, scale, shift = statistics
     ops = ops_for(config.backend)
     plane = math.prod(x.shape[2:])
     samples = x.numel() > 0
@@ -190,15 +253,82 @@ def _backward(ctx, grad_output, every_input: bool = False):
         g1, g2 = ops.backward_sums(dy, x, mean, scale, shift)
     else:
         g1, g2 = torch.zeros_like(mean), torch.zeros_like(mean)
-    c_dy, c_x, c_0, *grads = _coefficients_backward(ops, config, g1, g2, mean, m2, plane,
-                                                    params, running_mean, running_var)
+
+    def coefficients_backward(ops, g1, g2, mean, m2):
+        return _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params,
+                                      running_mean, running_var)
+
+    if instances is None:
+        c_dy, c_x, c_0, *grads = coefficients_backward(ops, g1, g2, mean, m2)
+    elif instances <= INSTANCE_CALLS_MAX:  # a call per instance: its samples' statistics
+        c_dy, c_x, c_0, *grads = _per_instance(
+            [coefficients_backward(ops, *chunk)
+             for chunk in zip(*(t.chunk(instances) for t in (g1, g2, mean, m2)))], 3)
+    else:  # many instances: the reference (PyTorch ops) batched over them, not a call each
+        c_dy, c_x, c_0, *grads = torch.vmap(functools.partial(coefficients_backward,
+                                                              torch_backend))(
+            *(t.unflatten(0, (instances, -1)) for t in (g1, g2, mean, m2)))
+        c_dy, c_x, c_0 = (t.flatten(0, 1) for t in (c_dy, c_x, c_0))
     dx = None
-    if needs_x:
+    if needs[0]:
         dx = (ops.backward_apply(dy, x, mean, c_dy, c_x, c_0, scale, shift) if samples
               else torch.zeros_like(x))
-    grads = [g if p is not None and need else None
-             for g, p, need in zip(grads, params, needs_params)]
-    return (None, dx, *no_grads, *grads)
+    return [dx, *(g if p is not None and need else None
+                  for g, p, need in zip(grads, params, needs[1:]))]
+
+
+class NormBackward(torch.autograd.Function):
+    """A layer's first derivatives ``(dx, *parameter gradients)`` as a differentiable function
+    of ``(x, dy, *params)``, for functorch transforms. Forward: the backend's kernels
+    (``kernel_grads``). Backward, run only for a second derivative: the vjp of
+    ``graph_grads``, the same derivatives as a graph of PyTorch ops (``torch.func.vjp``, which
+    differentiates to any order). Arguments: ``config``, ``needs`` (x's, then each parameter's),
+    ``instances`` (see ``kernel_grads``), ``x``, ``dy``, the forward's statistics ``mean, m2,
+    scale, shift``, the running statistics a derivative reads (eval mode's), the parameters."""
+
+    @staticmethod
+    def forward(config, needs, instances, x, dy, mean, m2, scale, shift, running_mean,
+                running_var, *params):
+        return tuple(kernel_grads(config, x, dy, params, running_mean, running_var, needs,
+                                  (mean, m2, scale, shift), instances))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        config, needs, instances, x, dy, _, _, _, _, running_mean, running_var, *params = inputs
+        ctx.config, ctx.needs, ctx.instances = config, needs, instances
+        ctx.save_for_backward(x, dy, running_mean, running_var, *params)
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        x, dy, running_mean, running_var, *params = ctx.saved_tensors
+        config, needs, instances = ctx.config, ctx.needs, ctx.instances
+        present = [i for i, p in enumerate(params) if p is not None]
+        returned = [i for i, need in enumerate(needs) if need]  # outputs: dx, then params'
+
+        def derivatives(x, dy, *present_params):
+            full = list(params)
+            for i, p in zip(present, present_params):
+                full[i] = p
+            if instances is None:
+                grads = graph_grads(config, x, dy, full, running_mean, running_var, needs)
+            else:  # per instance, as kernel_grads
+                grads = _per_instance(
+                    [graph_grads(config, xi, dyi, full, running_mean, running_var, needs)
+                     for xi, dyi in zip(x.chunk(instances), dy.chunk(instances))], 1)
+            return tuple(grads[i] for i in returned)
+
+        _, vjp = torch.func.vjp(derivatives, x, dy, *(params[i] for i in present))
+        d_x, d_dy, *d_present = vjp(tuple(cotangents[i] for i in returned))
+        d_params = [None] * len(params)
+        for i, g in zip(present, d_present):
+            d_params[i] = g
+        no_grads = (None,) * 6  # mean, m2, scale, shift, running_mean, running_var
+        return (None, None, None, d_x, d_dy, *no_grads, *d_params)  # (config, needs, instances)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        """``torch.func.vmap``'s batching rule: normfuse/_vmap.py."""
+        return _vmap.backward_rule(NormBackward, info, in_dims, *args)
 
 
 class NormFunction(torch.autograd.Function):

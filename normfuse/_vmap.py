@@ -17,6 +17,13 @@ mapped instances:
 * **One call per instance** otherwise (AssocNorm / ILM-Norm with mapped parameters; buffers
   mapped on a dimension that cannot be laid end to end in place): correct, and B calls.
 
+The backward (``NormBackward``, the first derivatives under ``vmap(grad(...))``: per-sample
+gradients) folds the same way (``backward_rule``): into the batch for AssocNorm / ILM-Norm with
+shared parameters, then each instance's parameter gradients from its own samples (a
+coefficient-backward call per instance, or the reference batched over more than
+``_autograd.INSTANCE_CALLS_MAX`` of them); into the channels for BIN / IEBN, where a
+folded channel's parameter gradient is its instance's; a call per instance otherwise.
+
 Refused: BIN / IEBN updating running statistics that the instances share (training mode, a
 running statistic or ``num_batches_tracked`` not mapped): B batches cannot update one running
 mean, as ``nn.BatchNorm2d`` refuses too. Mapped buffers (an ensemble's own statistics, all three
@@ -153,4 +160,56 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
             for b, d in zip(buffers, dense):
                 if d is not b:
                     b.copy_(d)
+    return _stack(outputs)
+
+
+def _mapped(t, dim, size):
+    """``t`` with the instances on dim 0 (an unmapped one expanded to them)."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def backward_rule(function, info, in_dims, config, needs, instances, x, dy, mean, m2, scale,
+                  shift, running_mean, running_var, *params):
+    """``NormBackward``'s vmap staticmethod: the first derivatives of B mapped instances (the
+    backward of ``vmap(grad(f))``, per-sample gradients) as one call where the forward's rule
+    makes one. Returns ``(dx, *parameter gradients)`` and their mapped dims."""
+    _, _, _, x_dim, dy_dim, *statistics_dims = in_dims[:9]
+    rm_dim, rv_dim, *param_dims = in_dims[9:]
+    size = info.batch_size
+    planes = (x, x_dim), (dy, dy_dim)
+    statistics = tuple(zip((mean, m2, scale, shift), statistics_dims))
+    shared = rm_dim is None and rv_dim is None and all(d is None for d in param_dims)
+    if instances is None and config.layer in ("assoc", "ilm") and shared:
+        # per-sample: the instances laid end to end in the batch, parameter gradients each its
+        # own instance's (an expanded statistic is copied: the kernels read dense ones)
+        x, dy = (_autograd.kernel_layout(_mapped(t, d, size).flatten(0, 1)) for t, d in planes)
+        mean, m2, scale, shift = (None if t is None else
+                                  _mapped(t, d, size).flatten(0, 1).contiguous()
+                                  for t, d in statistics)
+        dx, *grads = function.apply(config, needs, size, x, dy, mean, m2, scale, shift,
+                                    running_mean, running_var, *params)
+        return ((None if dx is None else dx.unflatten(0, (size, -1)), *grads),
+                (None if dx is None else 0, *(None if g is None else 0 for g in grads)))
+    if instances is None and config.layer in ("bin", "iebn"):
+        # instance b's channel c is channel b * C + c (as the forward's channel fold)
+        x, dy = (_autograd.kernel_layout(_mapped(t, d, size).movedim(0, 1).flatten(1, 2))
+                 for t, d in planes)
+        mean, m2, scale, shift = (None if t is None else
+                                  _mapped(t, d, size).movedim(0, 1).flatten(1, 2).contiguous()
+                                  for t, d in statistics)
+        running_mean, running_var, *folded_params = (
+            None if t is None else _channels(t, d, size)
+            for t, d in ((running_mean, rm_dim), (running_var, rv_dim), *zip(params, param_dims)))
+        dx, *grads = function.apply(config, needs, None, x, dy, mean, m2, scale, shift,
+                                    running_mean, running_var, *folded_params)
+        return ((None if dx is None else dx.unflatten(1, (size, -1)),
+                 *(None if g is None else g.unflatten(0, (size, -1)) for g in grads)),
+                (None if dx is None else 1, *(None if g is None else 0 for g in grads)))
+    outputs = []
+    for i in range(size):  # one call per instance, its planes and statistics dense
+        xi, dyi = (_autograd.kernel_layout(_instance(t, d, i)) for t, d in planes)
+        rest = [_instance(t, d, i) for t, d in zip(
+            (mean, m2, scale, shift, running_mean, running_var, *params), in_dims[5:])]
+        outputs.append(function.apply(config, needs, instances, xi, dyi,
+                                      *(None if t is None else t.contiguous() for t in rest)))
     return _stack(outputs)

@@ -11,7 +11,9 @@ update one set of running statistics from several mapped batches, as nn.BatchNor
 synchronized layers are refused under any transform and in forward mode (before their
 statistics are exchanged; the other ranks are told, and raise too). ``torch.compile``
 of a transformed function gets the eager gradients. Under these transforms the modules run
-``NormFunctionTransforms`` (``setup_context`` form), not the compiled whole-layer op."""
+``NormFunctionTransforms`` (``setup_context`` form), not the compiled whole-layer op, and its
+first derivatives the backend's backward ops (``NormBackward``), folded under vmap; second
+derivatives of per-sample gradients are each sample's own."""
 from __future__ import annotations
 
 import copy
@@ -207,6 +209,205 @@ def test_per_sample_gradients_match_a_loop(nf, backend, device, layer, relu, cha
         torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_first_derivatives_under_a_transform_run_the_backend_kernels(nf, backend, device, layer,
+                                                                     monkeypatch):
+    """grad and vmap(grad) compute first derivatives with the backend's backward ops (one pass
+    each for the sums and for dx), not the differentiable recomputation that only a second
+    derivative needs (graph_grads: several passes more per layer, ~3x the time of grad)."""
+    from normfuse import _autograd
+    m = _per_sample_layer(nf, layer, False).to(device)
+    params, buffers = _shifted(m), dict(m.named_buffers())
+    x = torch.randn(4, C, 3, 5, device=device) + 0.5
+
+    def loss(p, t):
+        return functional_call(m, (p, buffers), (t,)).sin().sum()
+
+    expected = grad(loss, argnums=(0, 1))(params, x)
+    expected_per_sample = [grad(loss)(params, x[i:i + 1]) for i in range(len(x))]
+
+    def recomputed(*args):
+        raise AssertionError("a first derivative took the differentiable recomputation")
+
+    monkeypatch.setattr(_autograd, "graph_grads", recomputed)
+    got = grad(loss, argnums=(0, 1))(params, x)
+    torch.testing.assert_close(got, expected)
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for k in params:
+        torch.testing.assert_close(per_sample[k], torch.stack([e[k] for e in expected_per_sample]),
+                                   rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _float64_instances(backend, layer, instance_calls, monkeypatch):
+    """Skips what a float64 test with an ``instance_calls`` parameter does not run; without
+    instance calls, AssocNorm / ILM-Norm batch every instance's parameter gradients."""
+    from normfuse import _autograd
+    if backend not in ("cpu", "torch"):
+        pytest.skip("float64: the CPU backends")
+    if not instance_calls:
+        if layer not in ("assoc", "ilm"):
+            pytest.skip("BIN / IEBN fold into the channels: one call")
+        monkeypatch.setattr(_autograd, "INSTANCE_CALLS_MAX", 1)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("instance_calls", [True, False], ids=["calls", "batched"])
+def test_second_derivatives_of_per_sample_gradients(nf, backend, device, layer, relu,
+                                                    instance_calls, monkeypatch):
+    """Per-sample gradients (the kernels' first derivatives, folded), and a penalty on them
+    differentiated (grad of vmap(grad): the grad level below makes that backward the
+    differentiable recomputation), each as the samples' own, in float64 against a loop over the
+    samples. AssocNorm / ILM-Norm parameter gradients per instance: a coefficient-backward call
+    each ("calls") or, past INSTANCE_CALLS_MAX instances, the reference batched over them
+    ("batched")."""
+    _float64_instances(backend, layer, instance_calls, monkeypatch)
+    m = _per_sample_layer(nf, layer, relu).double().to(device)
+    params = {k: v.double() for k, v in _shifted(m).items()}
+    buffers = dict(m.named_buffers())
+    x = torch.randn(3, C, 3, 4, dtype=torch.float64, device=device) + 0.5
+
+    def loss(p, xi):
+        y = functional_call(m, (p, buffers), (xi.unsqueeze(0),))
+        return (y * y.cos()).sum()
+
+    def penalty(per_sample):
+        return sum((g * g).sum() for g in per_sample.values())
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for k in params:
+        torch.testing.assert_close(per_sample[k], torch.stack([grad(loss)(params, x[i])[k]
+                                                              for i in range(len(x))]), msg=k)
+    got = grad(lambda p: penalty(vmap(grad(loss), in_dims=(None, 0))(p, x)))(params)
+    expected = grad(lambda p: sum(penalty(grad(loss)(p, x[i])) for i in range(len(x))))(params)
+    for k in params:
+        torch.testing.assert_close(got[k], expected[k], msg=k)
+
+
+def _ensemble(nf, layer, training, device):
+    """Three members with parameters of their own, stacked (``stack_module_state``), and a
+    meta-device copy to call them through: ``(members, params, buffers, base)``."""
+    members = [_per_sample_layer(nf, layer, False).to(device).train(training) for _ in range(3)]
+    for m in members:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    params, buffers = torch.func.stack_module_state(members)
+    return members, params, buffers, copy.deepcopy(members[0]).to("meta")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("instance_calls", [True, False], ids=["calls", "batched"])
+def test_autograd_over_a_transform_differentiates_its_first_derivatives(
+        nf, backend, device, layer, relu, instance_calls, monkeypatch):
+    """Regular autograd over torch.func.grad and vmap(grad) (the input requires grad outside
+    any transform): the first derivatives the transforms return (NormBackward's kernels) are
+    differentiated as create_graph=True autograd differentiates them, in float64."""
+    _float64_instances(backend, layer, instance_calls, monkeypatch)
+    m = _per_sample_layer(nf, layer, relu).double().to(device)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, C, 3, 4, dtype=torch.float64, device=device) + 0.5
+
+    def loss(t):
+        y = m(t)
+        return (y * y.cos()).sum()
+
+    def expected_penalty_grad(per_sample):
+        xr = x.clone().requires_grad_()
+        if per_sample:
+            gs = [torch.autograd.grad(loss(xr[i:i + 1]), xr, create_graph=True)[0][i]
+                  for i in range(len(x))]
+            g = torch.stack(gs)
+        else:
+            g, = torch.autograd.grad(loss(xr), xr, create_graph=True)
+        return torch.autograd.grad((g * g.sin()).sum(), xr)[0]
+
+    for per_sample in (False, True):
+        xr = x.clone().requires_grad_()
+        g = (vmap(grad(lambda t: loss(t.unsqueeze(0))))(xr) if per_sample else grad(loss)(xr))
+        (g * g.sin()).sum().backward()
+        torch.testing.assert_close(xr.grad, expected_penalty_grad(per_sample),
+                                   msg=f"per_sample={per_sample}")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ensemble_gradients_are_each_members_own(nf, backend, device, layer, training,
+                                                 monkeypatch):
+    """vmap(grad(loss)) over stacked members' parameters and buffers: each member's gradients
+    are its own call's (BIN / IEBN in one call, the members' channels laid end to end)."""
+    from normfuse import _vmap
+    if layer in ("bin", "iebn"):
+        monkeypatch.setattr(_vmap, "_instance", None)  # the per-instance loop would fail
+    members, params, buffers, base = _ensemble(nf, layer, training, device)
+    x = torch.randn(4, C, 3, 5, device=device) + 0.5
+
+    def loss(p, b, t):
+        return functional_call(base, (p, b), (t,)).sin().sum()
+
+    got = vmap(grad(loss), in_dims=(0, 0, None))(params, buffers, x)
+    for i, m in enumerate(members):
+        m.zero_grad()
+        m(x).sin().sum().backward()
+        for k, v in m.named_parameters():
+            torch.testing.assert_close(got[k][i], v.grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_jacobians_and_small_vmaps_match_autograd(nf, backend, device, layer):
+    """jacrev (a vmap over mapped cotangents with the input unmapped), jacrev of jacrev, vmap
+    over one sample, vmap's chunk_size and per-sample Jacobians, against
+    torch.autograd.functional (plain autograd, no transform) in float64, batches of one sample
+    and of three; BIN / IEBN in training with one channel too."""
+    if backend not in ("cpu", "torch"):
+        pytest.skip("float64: the CPU backends")
+    jacobian, hessian = torch.autograd.functional.jacobian, torch.autograd.functional.hessian
+    m = _per_sample_layer(nf, layer, False).double().to(device)
+    params = {k: v.double() for k, v in _shifted(m).items()}
+    buffers = dict(m.named_buffers())
+
+    def f(t, p=params):
+        return functional_call(m, (p, buffers), (t,))
+
+    def scalar(t):
+        y = f(t)
+        return (y * y.cos()).sum()
+
+    for n in (1, 3):
+        x = torch.randn(n, C, 2, 3, dtype=torch.float64, device=device) + 0.5
+        torch.testing.assert_close(jacrev(f)(x), jacobian(f, x), msg=f"jacrev, N={n}")
+        torch.testing.assert_close(jacrev(jacrev(scalar))(x), hessian(scalar, x),
+                                   msg=f"jacrev(jacrev), N={n}")
+        names = list(params)
+        by_params = jacrev(lambda p: f(x, p)[0, :3, 0, 0])(params)
+        expected = jacobian(lambda *v: f(x, dict(zip(names, v)))[0, :3, 0, 0],
+                            tuple(params.values()))
+        for k, e in zip(names, expected):
+            torch.testing.assert_close(by_params[k], e, msg=f"jacrev over {k}, N={n}")
+    xs = torch.randn(5, C, 2, 3, dtype=torch.float64, device=device) + 0.5
+
+    def loss(p, xi):
+        return (f(xi.unsqueeze(0), p) ** 3).sum()
+
+    expected = [grad(loss)(params, xs[i]) for i in range(5)]
+    for chunk_size, count in ((None, 1), (2, 5)):  # chunks of 2, 2 and 1
+        got = vmap(grad(loss), in_dims=(None, 0), chunk_size=chunk_size)(params, xs[:count])
+        for k in params:
+            torch.testing.assert_close(got[k], torch.stack([e[k] for e in expected[:count]]),
+                                       msg=f"{k}, chunk_size={chunk_size}")
+    per_sample = vmap(jacrev(lambda xi: f(xi.unsqueeze(0))[0, :, 0, 0]))(xs)
+    torch.testing.assert_close(per_sample, torch.stack(
+        [jacobian(lambda xi: f(xi.unsqueeze(0))[0, :, 0, 0], xi) for xi in xs]))
+    if layer in ("bin", "iebn"):  # training, one channel: batch statistics, C = 1 folds
+        one = {"bin": nf.BatchInstanceNorm2d, "iebn": nf.IEBN2d}[layer](1).double().to(device)
+        x = torch.randn(4, 1, 2, 3, dtype=torch.float64, device=device)
+        torch.testing.assert_close(jacrev(lambda t: one(t)[0, 0, 0])(x),
+                                   jacobian(lambda t: one(t)[0, 0, 0], x))
+
+
 def test_compiled_vmap(nf, backend, device, request):
     """torch.compile around vmap of a layer: fails in Dynamo on torch 2.14 (pytorch/pytorch
     #129845), and on 2.11 for the compiled backends; torch 2.11 runs the torch backend's.
@@ -356,13 +557,7 @@ def test_ensemble_of_stacked_modules(nf, backend, device, layer, training, chann
     from normfuse import _vmap
     if layer in ("bin", "iebn"):
         monkeypatch.setattr(_vmap, "_instance", None)  # the per-instance loop would fail
-    members = [_per_sample_layer(nf, layer, False).to(device).train(training) for _ in range(3)]
-    for m in members:
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-    params, buffers = torch.func.stack_module_state(members)
-    base = copy.deepcopy(members[0]).to("meta")
+    members, params, buffers, base = _ensemble(nf, layer, training, device)
     x = torch.randn(4, C, 3, 5, device=device) + 0.5
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
