@@ -24,6 +24,13 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+try:  # private functorch API (torch 2.11-2.14 have it); without it, _differentiated_again is True
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._C._functorch import maybe_get_level as _level
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _levels
+except ImportError:
+    _level = None
+
 from . import _vmap, torch_backend
 from ._checks import is_channels_last
 from .backends import ops_for, resolve_backend
@@ -188,21 +195,13 @@ def _backward(ctx, grad_output, every_input: bool = False):
 
 
 def _first_derivatives_only(x: Tensor) -> bool:
-    """Whether a backward run with grad mode on is a functorch transform's first derivative,
-    which functorch runs so whether or not anything differentiates it again: then the backend's
-    kernels compute it (``NormBackward``, differentiable still). Not while a forward-mode level
-    is open (``jvp``, ``hessian``: NormBackward has no jvp) or torch.compile traces (Dynamo
-    traces ``graph_grads``), nor where a transform level below will differentiate it."""
+    """Whether a backward running with grad mode on takes the backend's kernels
+    (``NormBackward``, differentiable still): under a functorch transform, which turns grad
+    mode on for every backward whether or not anything differentiates the result. Not while a
+    forward-mode level is open (``jvp``, ``hessian``: NormBackward has no jvp) or torch.compile
+    traces (Dynamo traces ``graph_grads``), nor where a level below will differentiate it."""
     return (_functorch_active() and _forward_ad._current_level < 0
             and not torch.compiler.is_compiling() and not _differentiated_again(x))
-
-
-try:
-    from torch._C._functorch import TransformType as _TransformType
-    from torch._C._functorch import maybe_get_level as _level
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _levels
-except ImportError:  # private functorch API (torch 2.11-2.14 have it): then always the graph
-    _level = None
 
 
 def _differentiated_again(x: Tensor) -> bool:
@@ -211,7 +210,8 @@ def _differentiated_again(x: Tensor) -> bool:
     penalty on per-sample gradients): there ``graph_grads`` costs less than NormBackward's
     kernels followed by its recomputation. A ``vjp`` whose level has exited (``jacrev``: its
     vjp_fn runs after; ``x`` a dead wrapper, level -2) counts every grad level that is open.
-    Regular autograd over a transform cannot be seen here: NormBackward's backward serves it."""
+    Regular autograd over a transform cannot be seen here: NormBackward's backward serves it.
+    Without functorch's private API: True (the recomputation, always correct)."""
     if _level is None:
         return True
     level = _level(x)
