@@ -354,3 +354,17 @@ def test_fused_backend_compares_backends_on_shared_cases():
     assert report.fused_backend(disjoint, "bin", "cuda") == "cuda"
     assert report.fused_backend([row("torch", "tiny", 1.0, 2.0)], "bin", "cpu") == "torch"
     assert report.fused_backend(kernels, "iebn", "cuda") is None
+
+
+def test_transforms_rows(capsys):
+    """``python -m bench.transforms`` on a tiny input: every transform times every layer (none
+    fails), each normfuse row with its ratio to the native layer timed in the same run."""
+    from bench import transforms
+
+    assert transforms.main(["--shape", "4", "16", "3", "3", "--target-s", "0.01"]) == 0
+    rows = transforms.run_transforms((4, 16, 3, 3), target_s=0.01, min_reps=2, max_reps=3)
+    assert {r["transform"] for r in rows} == set(transforms.TRANSFORMS)
+    for r in rows:
+        assert r["ok"], r
+        assert r["ms"] > 0 and math.isfinite(r["ratio_native"]), r
+    assert "per-sample" in capsys.readouterr().out
