@@ -26,10 +26,11 @@ from torch import Tensor
 
 try:  # private functorch API (torch 2.11-2.14 have it); without it, _differentiated_again is True
     from torch._C._functorch import TransformType as _TransformType
-    from torch._C._functorch import maybe_get_level as _level
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _levels
+    from torch._C._functorch import maybe_get_level as _functorch_level
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _interpreters
 except ImportError:
-    _level = None
+    _functorch_level = None
+_DEAD_LEVEL = -2  # maybe_get_level of a wrapper whose transform has exited (a vjp's vjp_fn)
 
 from . import _vmap, torch_backend
 from ._checks import is_channels_last
@@ -196,11 +197,14 @@ def _backward(ctx, grad_output, every_input: bool = False):
 
 def _first_derivatives_only(x: Tensor) -> bool:
     """Whether a backward running with grad mode on takes the backend's kernels
-    (``NormBackward``, differentiable still): under a functorch transform, which turns grad
-    mode on for every backward whether or not anything differentiates the result. Not while a
+    (``NormBackward``, differentiable still): a functorch transform's (a level active, or the
+    vjp_fn of a ``torch.func.vjp`` that has returned: ``x`` a dead wrapper), which functorch runs
+    with grad mode on whether or not anything differentiates the result. Not while a
     forward-mode level is open (``jvp``, ``hessian``: NormBackward has no jvp) or torch.compile
     traces (Dynamo traces ``graph_grads``), nor where a level below will differentiate it."""
-    return (_functorch_active() and _forward_ad._current_level < 0
+    functorch = _functorch_active() or (_functorch_level is not None
+                                        and _functorch_level(x) == _DEAD_LEVEL)
+    return (functorch and _forward_ad._current_level < 0
             and not torch.compiler.is_compiling() and not _differentiated_again(x))
 
 
@@ -212,12 +216,12 @@ def _differentiated_again(x: Tensor) -> bool:
     vjp_fn runs after; ``x`` a dead wrapper, level -2) counts every grad level that is open.
     Regular autograd over a transform cannot be seen here: NormBackward's backward serves it.
     Without functorch's private API: True (the recomputation, always correct)."""
-    if _level is None:
+    if _functorch_level is None:
         return True
-    level = _level(x)
-    if level == -2:
+    level = _functorch_level(x)
+    if level == _DEAD_LEVEL:
         level = math.inf
-    return any(i.key() == _TransformType.Grad and i.level() < level for i in _levels())
+    return any(i.key() == _TransformType.Grad and i.level() < level for i in _interpreters())
 
 
 # More instances than this (``kernel_grads``): their parameter gradients from the "torch"
@@ -226,21 +230,22 @@ def _differentiated_again(x: Tensor) -> bool:
 INSTANCE_CALLS_MAX = 32
 
 
-def _per_instance(parts, per_sample: int):
-    """Instances' results as one: the first ``per_sample`` entries (per-sample tensors)
-    concatenated along the batch, the others (parameter gradients) stacked on a new leading
-    instance dim; None stays None."""
-    return [None if part[0] is None else torch.cat(part) if i < per_sample else torch.stack(part)
+def _per_instance(parts, concatenated: int):
+    """The instances' results (one tuple each) as one: the first ``concatenated`` entries
+    (per-sample tensors) concatenated along the batch, the others (parameter gradients) stacked
+    on a new leading instance dim; None stays None."""
+    return [None if part[0] is None else torch.cat(part) if i < concatenated else torch.stack(part)
             for i, part in enumerate(zip(*parts))]
 
 
 def kernel_grads(config, x, dy, params, running_mean, running_var, needs, statistics,
                  instances=None):
     """``[dx, *parameter gradients]`` (None where ``needs`` says no) with ``config.backend``'s
-    ops, the first derivatives ``graph_grads`` computes, not differentiable. ``statistics``: the
-    forward's ``(mean, m2, scale, shift)``. ``instances``: None, or the number of per-sample
-    instances folded into the batch (``torch.func.vmap``, normfuse/_vmap.py), each instance's
-    parameter gradients its own samples', stacked on a leading dim (of 1 too)."""
+    ops: the first derivatives ``graph_grads`` computes, not differentiable. ``statistics``: the
+    forward's ``(mean, m2, scale, shift)``. ``instances``: None, or the number B of instances
+    folded into the batch by ``torch.func.vmap`` (normfuse/_vmap.py); then each parameter
+    gradient sums over one instance's samples only, and the B of them are stacked on a leading
+    dim (also when B is 1)."""
     mean, m2, scale, shift = statistics
     ops = ops_for(config.backend)
     plane = math.prod(x.shape[2:])
@@ -254,19 +259,19 @@ def kernel_grads(config, x, dy, params, running_mean, running_var, needs, statis
     else:
         g1, g2 = torch.zeros_like(mean), torch.zeros_like(mean)
 
-    def coefficients_backward(ops, g1, g2, mean, m2):
-        return _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params,
+    def coefficient_step(with_ops, g1, g2, mean, m2):  # -> (c_dy, c_x, c_0, *param grads)
+        return _coefficients_backward(with_ops, config, g1, g2, mean, m2, plane, params,
                                       running_mean, running_var)
 
     if instances is None:
-        c_dy, c_x, c_0, *grads = coefficients_backward(ops, g1, g2, mean, m2)
+        c_dy, c_x, c_0, *grads = coefficient_step(ops, g1, g2, mean, m2)
     elif instances <= INSTANCE_CALLS_MAX:  # a call per instance: its samples' statistics
         c_dy, c_x, c_0, *grads = _per_instance(
-            [coefficients_backward(ops, *chunk)
-             for chunk in zip(*(t.chunk(instances) for t in (g1, g2, mean, m2)))], 3)
+            [coefficient_step(ops, *chunk)
+             for chunk in zip(*(t.chunk(instances) for t in (g1, g2, mean, m2)))],
+            concatenated=3)
     else:  # many instances: the reference (PyTorch ops) batched over them, not a call each
-        c_dy, c_x, c_0, *grads = torch.vmap(functools.partial(coefficients_backward,
-                                                              torch_backend))(
+        c_dy, c_x, c_0, *grads = torch.vmap(functools.partial(coefficient_step, torch_backend))(
             *(t.unflatten(0, (instances, -1)) for t in (g1, g2, mean, m2)))
         c_dy, c_x, c_0 = (t.flatten(0, 1) for t in (c_dy, c_x, c_0))
     dx = None
@@ -289,6 +294,7 @@ class NormBackward(torch.autograd.Function):
     @staticmethod
     def forward(config, needs, instances, x, dy, mean, m2, scale, shift, running_mean,
                 running_var, *params):
+        dy = like_layout(dy, x)  # (a vmapped cotangent may come in another layout)
         return tuple(kernel_grads(config, x, dy, params, running_mean, running_var, needs,
                                   (mean, m2, scale, shift), instances))
 
@@ -314,7 +320,8 @@ class NormBackward(torch.autograd.Function):
             else:  # per instance, as kernel_grads
                 grads = _per_instance(
                     [graph_grads(config, xi, dyi, full, running_mean, running_var, needs)
-                     for xi, dyi in zip(x.chunk(instances), dy.chunk(instances))], 1)
+                     for xi, dyi in zip(x.chunk(instances), dy.chunk(instances))],
+                    concatenated=1)
             return tuple(grads[i] for i in returned)
 
         _, vjp = torch.func.vjp(derivatives, x, dy, *(params[i] for i in present))

@@ -1,4 +1,5 @@
-"""``torch.func.vmap`` over the layers: the batching rule of ``NormFunctionTransforms``.
+"""``torch.func.vmap`` over the layers: the batching rules of ``NormFunctionTransforms`` (the
+forward, ``rule``) and ``NormBackward`` (first derivatives, ``backward_rule``).
 
 What vmap is used for with normalization layers: per-sample gradients (``vmap(grad(loss))``,
 as Opacus and differential-privacy training do with GroupNorm-style layers) and model ensembles
@@ -170,46 +171,47 @@ def _mapped(t, dim, size):
 
 def backward_rule(function, info, in_dims, config, needs, instances, x, dy, mean, m2, scale,
                   shift, running_mean, running_var, *params):
-    """``NormBackward``'s vmap staticmethod: the first derivatives of B mapped instances (the
-    backward of ``vmap(grad(f))``, per-sample gradients) as one call where the forward's rule
-    makes one. Returns ``(dx, *parameter gradients)`` and their mapped dims."""
-    _, _, _, x_dim, dy_dim, *statistics_dims = in_dims[:9]
-    rm_dim, rv_dim, *param_dims = in_dims[9:]
+    """``NormBackward``'s vmap staticmethod (``function`` is NormBackward): the first
+    derivatives of B mapped instances (the backward of ``vmap(grad(f))``: per-sample gradients;
+    ``jacrev``'s cotangents) as one call where the forward's rule makes one. Returns ``(dx,
+    *parameter gradients)`` and their mapped dims."""
+    (_, _, _, x_dim, dy_dim, mean_dim, m2_dim, scale_dim, shift_dim, rm_dim, rv_dim,
+     *param_dims) = in_dims
     size = info.batch_size
     planes = (x, x_dim), (dy, dy_dim)
-    statistics = tuple(zip((mean, m2, scale, shift), statistics_dims))
+    statistics = (mean, mean_dim), (m2, m2_dim), (scale, scale_dim), (shift, shift_dim)
     shared = rm_dim is None and rv_dim is None and all(d is None for d in param_dims)
     if instances is None and config.layer in ("assoc", "ilm") and shared:
         # per-sample: the instances laid end to end in the batch, parameter gradients each its
         # own instance's (an expanded statistic is copied: the kernels read dense ones)
-        x, dy = (_autograd.kernel_layout(_mapped(t, d, size).flatten(0, 1)) for t, d in planes)
+        x, dy = (_mapped(t, d, size).flatten(0, 1) for t, d in planes)
         mean, m2, scale, shift = (None if t is None else
                                   _mapped(t, d, size).flatten(0, 1).contiguous()
                                   for t, d in statistics)
-        dx, *grads = function.apply(config, needs, size, x, dy, mean, m2, scale, shift,
-                                    running_mean, running_var, *params)
+        dx, *grads = function.apply(config, needs, size, _autograd.kernel_layout(x), dy, mean,
+                                    m2, scale, shift, running_mean, running_var, *params)
         return ((None if dx is None else dx.unflatten(0, (size, -1)), *grads),
                 (None if dx is None else 0, *(None if g is None else 0 for g in grads)))
     if instances is None and config.layer in ("bin", "iebn"):
         # instance b's channel c is channel b * C + c (as the forward's channel fold)
-        x, dy = (_autograd.kernel_layout(_mapped(t, d, size).movedim(0, 1).flatten(1, 2))
-                 for t, d in planes)
+        x, dy = (_mapped(t, d, size).movedim(0, 1).flatten(1, 2) for t, d in planes)
         mean, m2, scale, shift = (None if t is None else
                                   _mapped(t, d, size).movedim(0, 1).flatten(1, 2).contiguous()
                                   for t, d in statistics)
         running_mean, running_var, *folded_params = (
             None if t is None else _channels(t, d, size)
             for t, d in ((running_mean, rm_dim), (running_var, rv_dim), *zip(params, param_dims)))
-        dx, *grads = function.apply(config, needs, None, x, dy, mean, m2, scale, shift,
-                                    running_mean, running_var, *folded_params)
+        dx, *grads = function.apply(config, needs, None, _autograd.kernel_layout(x), dy, mean,
+                                    m2, scale, shift, running_mean, running_var, *folded_params)
         return ((None if dx is None else dx.unflatten(1, (size, -1)),
                  *(None if g is None else g.unflatten(0, (size, -1)) for g in grads)),
                 (None if dx is None else 1, *(None if g is None else 0 for g in grads)))
+    # one call per instance (NormBackward puts dy in x's layout; statistics made dense)
+    rest = (*statistics, (running_mean, rm_dim), (running_var, rv_dim), *zip(params, param_dims))
     outputs = []
-    for i in range(size):  # one call per instance, its planes and statistics dense
-        xi, dyi = (_autograd.kernel_layout(_instance(t, d, i)) for t, d in planes)
-        rest = [_instance(t, d, i) for t, d in zip(
-            (mean, m2, scale, shift, running_mean, running_var, *params), in_dims[5:])]
-        outputs.append(function.apply(config, needs, instances, xi, dyi,
-                                      *(None if t is None else t.contiguous() for t in rest)))
+    for i in range(size):
+        xi, dyi = (_instance(t, d, i) for t, d in planes)
+        dense = (None if t is None else _instance(t, d, i).contiguous() for t, d in rest)
+        outputs.append(function.apply(config, needs, instances, _autograd.kernel_layout(xi), dyi,
+                                      *dense))
     return _stack(outputs)

@@ -11,9 +11,10 @@ update one set of running statistics from several mapped batches, as nn.BatchNor
 synchronized layers are refused under any transform and in forward mode (before their
 statistics are exchanged; the other ranks are told, and raise too). ``torch.compile``
 of a transformed function gets the eager gradients. Under these transforms the modules run
-``NormFunctionTransforms`` (``setup_context`` form), not the compiled whole-layer op, and its
-first derivatives the backend's backward ops (``NormBackward``), folded under vmap; second
-derivatives of per-sample gradients are each sample's own."""
+``NormFunctionTransforms`` (``setup_context`` form), not the compiled whole-layer op. Their first
+derivatives run the backend's backward ops (``NormBackward``; under vmap, folded as the forward
+is), and second derivatives the differentiable recomputation; both are checked against plain
+autograd."""
 from __future__ import annotations
 
 import copy
@@ -209,38 +210,104 @@ def test_per_sample_gradients_match_a_loop(nf, backend, device, layer, relu, cha
         torch.testing.assert_close(g[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _loaded(m, params):
+    """A copy of ``m`` holding ``params``: what plain autograd differentiates."""
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        for k, v in twin.named_parameters():
+            v.copy_(params[k])
+    return twin
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_first_derivatives_under_a_transform_run_the_backend_kernels(nf, backend, device, layer,
                                                                      monkeypatch):
-    """grad and vmap(grad) compute first derivatives with the backend's backward ops (one pass
-    each for the sums and for dx), not the differentiable recomputation that only a second
-    derivative needs (graph_grads: several passes more per layer, ~3x the time of grad)."""
+    """grad, vmap(grad), jacrev and a torch.func.vjp's vjp_fn compute first derivatives with the
+    backend's backward ops (kernel_grads: one pass each for the sums and for dx), not the
+    differentiable recomputation only a second derivative needs (graph_grads: several passes
+    more, ~3x the time of grad), and get plain autograd's gradients."""
     from normfuse import _autograd
     m = _per_sample_layer(nf, layer, False).to(device)
     params, buffers = _shifted(m), dict(m.named_buffers())
+    twin = _loaded(m, params)
     x = torch.randn(4, C, 3, 5, device=device) + 0.5
-
-    def loss(p, t):
-        return functional_call(m, (p, buffers), (t,)).sin().sum()
-
-    expected = grad(loss, argnums=(0, 1))(params, x)
-    expected_per_sample = [grad(loss)(params, x[i:i + 1]) for i in range(len(x))]
+    xr = x.clone().requires_grad_()
+    v = torch.randn_like(x)  # the cotangent of y
+    dx, *dparams = torch.autograd.grad(twin(xr), [xr, *twin.parameters()], v)
+    rows = [torch.autograd.grad(twin(xr)[0, 1, 2, i], xr)[0] for i in range(x.shape[-1])]
+    per_sample = [torch.autograd.grad((twin(x[i:i + 1]) * v[i]).sum(), list(twin.parameters()))
+                  for i in range(len(x))]
 
     def recomputed(*args):
         raise AssertionError("a first derivative took the differentiable recomputation")
 
+    kernel_calls = []
+
+    def counted(*args, **kwargs):
+        kernel_calls.append(1)
+        return kernel_grads(*args, **kwargs)
+
+    kernel_grads = _autograd.kernel_grads
     monkeypatch.setattr(_autograd, "graph_grads", recomputed)
-    got = grad(loss, argnums=(0, 1))(params, x)
-    torch.testing.assert_close(got, expected)
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
-    for k in params:
-        torch.testing.assert_close(per_sample[k], torch.stack([e[k] for e in expected_per_sample]),
+    monkeypatch.setattr(_autograd, "kernel_grads", counted)
+
+    def f(p, t, w):
+        return (functional_call(m, (p, buffers), (t,)) * w).sum()
+
+    got_params, got_x = grad(f, argnums=(0, 1))(params, x, v)
+    torch.testing.assert_close(got_x, dx, rtol=1e-4, atol=1e-5)
+    for k, g in zip(params, dparams):
+        torch.testing.assert_close(got_params[k], g, rtol=1e-4, atol=1e-5, msg=k)
+    got = vmap(grad(f), in_dims=(None, 0, 0))(params, x.unsqueeze(1), v.unsqueeze(1))
+    for j, k in enumerate(params):
+        torch.testing.assert_close(got[k], torch.stack([g[j] for g in per_sample]),
                                    rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(jacrev(lambda t: functional_call(m, (params, buffers), (t,))
+                                      [0, 1, 2])(x), torch.stack(rows), rtol=1e-4, atol=1e-5)
+    _, vjp_fn = torch.func.vjp(lambda t: functional_call(m, (params, buffers), (t,)), x)
+    torch.testing.assert_close(vjp_fn(v)[0], dx, rtol=1e-4, atol=1e-5)
+    assert len(kernel_calls) >= 4
 
 
-def _float64_instances(backend, layer, instance_calls, monkeypatch):
-    """Skips what a float64 test with an ``instance_calls`` parameter does not run; without
-    instance calls, AssocNorm / ILM-Norm batch every instance's parameter gradients."""
+@pytest.mark.parametrize("layer", LAYERS)
+def test_second_derivatives_take_the_recomputation_directly(nf, backend, device, layer,
+                                                            monkeypatch):
+    """Where a grad / vjp level below will differentiate a backward (grad of grad, jacrev of
+    jacrev, a penalty on per-sample gradients, MAML's inner step), the backward is graph_grads
+    itself: NormBackward's kernels and then its own recomputation would cost more. Its backward
+    must not run there (the values are checked by the other tests)."""
+    from normfuse import _autograd
+    if backend not in ("cpu", "torch"):
+        pytest.skip("float64: the CPU backends")
+
+    def differentiated(*args):
+        raise AssertionError("NormBackward differentiated: graph_grads should have been taken")
+
+    monkeypatch.setattr(_autograd.NormBackward, "backward", staticmethod(differentiated))
+    m = _per_sample_layer(nf, layer, False).double().to(device)
+    params, buffers = dict(m.named_parameters()), dict(m.named_buffers())
+    x = torch.randn(3, C, 2, 3, dtype=torch.float64, device=device) + 0.5
+
+    def loss(p, t):
+        y = functional_call(m, (p, buffers), (t,))
+        return (y * y.cos()).sum()
+
+    grad(lambda t: grad(loss, argnums=1)(params, t).square().sum())(x)
+    jacrev(jacrev(lambda t: loss(params, t)))(x)
+    grad(lambda p: sum(g.square().sum() for g in vmap(grad(loss), in_dims=(None, 0))(
+        p, x.unsqueeze(1)).values()))(params)
+
+    def maml(p):
+        inner = grad(loss)(p, x)
+        return loss({k: p[k] - 0.1 * inner[k] for k in p}, x)
+
+    grad(maml)(params)
+
+
+def _skip_or_batch_instances(backend, layer, instance_calls, monkeypatch):
+    """For a float64 test parametrized by ``instance_calls``: skips the GPU backends, and BIN /
+    IEBN without instance calls (they fold into the channels: one call whatever B); AssocNorm /
+    ILM-Norm without them batch every instance's parameter gradients (INSTANCE_CALLS_MAX 1)."""
     from normfuse import _autograd
     if backend not in ("cpu", "torch"):
         pytest.skip("float64: the CPU backends")
@@ -252,7 +319,8 @@ def _float64_instances(backend, layer, instance_calls, monkeypatch):
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("instance_calls", [True, False], ids=["calls", "batched"])
+@pytest.mark.parametrize("instance_calls", [True, False],
+                         ids=["per-instance-calls", "batched-reference"])
 def test_second_derivatives_of_per_sample_gradients(nf, backend, device, layer, relu,
                                                     instance_calls, monkeypatch):
     """Per-sample gradients (the kernels' first derivatives, folded), and a penalty on them
@@ -261,7 +329,7 @@ def test_second_derivatives_of_per_sample_gradients(nf, backend, device, layer, 
     samples. AssocNorm / ILM-Norm parameter gradients per instance: a coefficient-backward call
     each ("calls") or, past INSTANCE_CALLS_MAX instances, the reference batched over them
     ("batched")."""
-    _float64_instances(backend, layer, instance_calls, monkeypatch)
+    _skip_or_batch_instances(backend, layer, instance_calls, monkeypatch)
     m = _per_sample_layer(nf, layer, relu).double().to(device)
     params = {k: v.double() for k, v in _shifted(m).items()}
     buffers = dict(m.named_buffers())
@@ -298,13 +366,14 @@ def _ensemble(nf, layer, training, device):
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("instance_calls", [True, False], ids=["calls", "batched"])
+@pytest.mark.parametrize("instance_calls", [True, False],
+                         ids=["per-instance-calls", "batched-reference"])
 def test_autograd_over_a_transform_differentiates_its_first_derivatives(
         nf, backend, device, layer, relu, instance_calls, monkeypatch):
     """Regular autograd over torch.func.grad and vmap(grad) (the input requires grad outside
     any transform): the first derivatives the transforms return (NormBackward's kernels) are
     differentiated as create_graph=True autograd differentiates them, in float64."""
-    _float64_instances(backend, layer, instance_calls, monkeypatch)
+    _skip_or_batch_instances(backend, layer, instance_calls, monkeypatch)
     m = _per_sample_layer(nf, layer, relu).double().to(device)
     with torch.no_grad():
         for p in m.parameters():
@@ -358,10 +427,10 @@ def test_ensemble_gradients_are_each_members_own(nf, backend, device, layer, tra
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_jacobians_and_small_vmaps_match_autograd(nf, backend, device, layer):
-    """jacrev (a vmap over mapped cotangents with the input unmapped), jacrev of jacrev, vmap
-    over one sample, vmap's chunk_size and per-sample Jacobians, against
-    torch.autograd.functional (plain autograd, no transform) in float64, batches of one sample
-    and of three; BIN / IEBN in training with one channel too."""
+    """In float64: jacrev (a vmap over mapped cotangents, the input unmapped), jacrev of jacrev
+    and per-sample Jacobians against torch.autograd.functional (plain autograd, no transform),
+    on batches of one sample and of three, channels-last too; vmap over one sample and vmap's
+    chunk_size against a grad per sample; BIN / IEBN in training with one channel."""
     if backend not in ("cpu", "torch"):
         pytest.skip("float64: the CPU backends")
     jacobian, hessian = torch.autograd.functional.jacobian, torch.autograd.functional.hessian
@@ -376,8 +445,10 @@ def test_jacobians_and_small_vmaps_match_autograd(nf, backend, device, layer):
         y = f(t)
         return (y * y.cos()).sum()
 
-    for n in (1, 3):
+    for n, channels_last in ((1, False), (3, False), (3, True)):
         x = torch.randn(n, C, 2, 3, dtype=torch.float64, device=device) + 0.5
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
         torch.testing.assert_close(jacrev(f)(x), jacobian(f, x), msg=f"jacrev, N={n}")
         torch.testing.assert_close(jacrev(jacrev(scalar))(x), hessian(scalar, x),
                                    msg=f"jacrev(jacrev), N={n}")
