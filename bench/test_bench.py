@@ -10,10 +10,14 @@ Inputs rotate through a pool, as in ``python -m bench``; on a GPU every call syn
 ``test_host``: the host-cost group (``bench/host.py``) on every machine: one layer step
 (forward + backward) on a tiny (2, 8, 4, 4) float32 CPU input, one thread, for
 ``nn.BatchNorm2d``, ``nn.GroupNorm`` and BIN, IEBN, AssocNorm on the ``cpu`` backend.
+
+``test_transforms``: ``bench/transforms.py`` (``grad``, per-sample gradients, MAML's step under
+``torch.func``) on a (32, 64, 8, 8) float32 CPU input, one thread, a group per transform.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -21,6 +25,7 @@ import pytest
 import torch
 
 from bench import host as H
+from bench import transforms as T
 from bench import layers as L
 from bench import suite, timing
 from bench.shapes import cifar, num_groups_for
@@ -99,5 +104,32 @@ def test_host(benchmark, spec):
         benchmark.extra_info.update(H.count_ops(step, H.context(spec)))
         with H.context(spec)():
             benchmark(step)
+    finally:
+        torch.set_num_threads(previous)
+
+
+TRANSFORM_SHAPE = (32, 64, 8, 8)
+TRANSFORM_CASES = [(t, s) for t in T.TRANSFORMS for s in T.contenders(
+    TRANSFORM_SHAPE[1], ["cpu"] if L.normfuse() is not None
+    and "cpu" in L.normfuse().available_backends() else [])]
+
+
+@pytest.mark.parametrize("transform,spec", TRANSFORM_CASES,
+                         ids=[f"{t}-{s['name']}" for t, s in TRANSFORM_CASES])
+def test_transforms(benchmark, transform, spec):
+    """``bench/transforms.py``'s calls as groups, one per transform: ``grad``, per-sample
+    gradients, MAML's step, each layer against ``nn.BatchNorm2d`` / ``nn.GroupNorm``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(*TRANSFORM_SHAPE) + 0.5
+        call = T.make_call(spec["build"](), transform, x)
+        benchmark.group = (f"torch.func {transform}: {'x'.join(map(str, TRANSFORM_SHAPE))} "
+                           "float32 cpu, 1 thread")
+        ctx = (L.normfuse().use_backend(spec["backend"]) if spec.get("backend")
+               else contextlib.nullcontext())
+        with ctx:
+            benchmark(call, 0)
     finally:
         torch.set_num_threads(previous)
