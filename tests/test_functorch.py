@@ -276,14 +276,14 @@ def test_second_derivatives_take_the_recomputation_directly(nf, backend, device,
     jacrev, a penalty on per-sample gradients, MAML's inner step), the backward is graph_grads
     itself: NormBackward's kernels and then its own recomputation would cost more. Its backward
     must not run there (the values are checked by the other tests)."""
-    from normfuse import _autograd
+    from normfuse import _transforms
     if backend not in ("cpu", "torch"):
         pytest.skip("float64: the CPU backends")
 
     def differentiated(*args):
         raise AssertionError("NormBackward differentiated: graph_grads should have been taken")
 
-    monkeypatch.setattr(_autograd.NormBackward, "backward", staticmethod(differentiated))
+    monkeypatch.setattr(_transforms.NormBackward, "backward", staticmethod(differentiated))
     m = _per_sample_layer(nf, layer, False).double().to(device)
     params, buffers = dict(m.named_parameters()), dict(m.named_buffers())
     x = torch.randn(3, C, 2, 3, dtype=torch.float64, device=device) + 0.5
