@@ -1,5 +1,7 @@
 """The examples run as the README says: ``examples/train_digits.py`` trains its small CNN with
-every normalization it lists past the accuracy the README states (> 95% on the held-out digits).
+every normalization it lists past the accuracy the README states (> 95% on the held-out digits);
+``examples/dp_sgd_digits.py`` checks its per-sample gradients against a loop and trains with
+DP-SGD past 85%.
 
 The run is deterministic for a given machine and torch (fixed seed, CPU, one process), ~7 s.
 """
@@ -34,4 +36,13 @@ def test_train_digits_reaches_the_readme_accuracy(capsys):
         normfuse.set_backend(before)
     out = capsys.readouterr().out
     for variant in example.VARIANTS:  # every variant trained and reported a row
+        assert any(line.startswith(variant) for line in out.splitlines()), out
+
+
+def test_dp_sgd_digits_checks_its_gradients_and_trains(capsys):
+    example = _load("dp_sgd_digits")
+    assert example.main(["--min-accuracy", "0.85"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "per-sample gradients vs a loop" in out
+    for variant in ("GroupNorm", "AssocNorm"):
         assert any(line.startswith(variant) for line in out.splitlines()), out
