@@ -44,9 +44,11 @@ STEPS = 20  # layer steps per timed repetition
 ALLOCATIONS = ("aten::empty", "aten::empty_like", "aten::empty_strided")
 
 
-def contenders(backends: Sequence[str] = ("cpu",)) -> List[dict]:
-    """(name, layer, native baseline, how to build, backend) of every timed module."""
-    c, g = SHAPE[1], GROUPS
+def contenders(backends: Sequence[str] = ("cpu",), channels: int = SHAPE[1],
+               groups: int = GROUPS, key_group_size: int = 4) -> List[dict]:
+    """(name, layer, kind, how to build, backend) of every timed module: the native layers,
+    then BIN, IEBN, AssocNorm and ILMNorm per backend (bench/transforms.py's too)."""
+    c, g = channels, groups
     out = [dict(name="nn.BatchNorm2d", layer="batchnorm", kind="native",
                 build=lambda: nn.BatchNorm2d(c)),
            dict(name="nn.GroupNorm", layer="groupnorm", kind="native",
@@ -61,9 +63,9 @@ def contenders(backends: Sequence[str] = ("cpu",)) -> List[dict]:
                      build=lambda: nf.InstanceEnhancementBatchNorm2d(c)),
                 dict(name=f"AssocNorm normfuse[{b}]", layer="assoc", kind="normfuse", backend=b,
                      build=lambda: nf.AssocNorm(g, c)),
-                # two key groups of 4 channels (the default 16 does not divide C = 8)
+                # here two key groups of 4 channels (the default 16 does not divide C = 8)
                 dict(name=f"ILMNorm normfuse[{b}]", layer="ilm", kind="normfuse", backend=b,
-                     build=lambda: nf.ILMNorm(c, num_groups=g, key_group_size=4))]
+                     build=lambda: nf.ILMNorm(c, num_groups=g, key_group_size=key_group_size))]
     return out
 
 

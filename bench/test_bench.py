@@ -17,7 +17,6 @@ Inputs rotate through a pool, as in ``python -m bench``; on a GPU every call syn
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 
@@ -127,9 +126,7 @@ def test_transforms(benchmark, transform, spec):
         call = T.make_call(spec["build"](), transform, x)
         benchmark.group = (f"torch.func {transform}: {'x'.join(map(str, TRANSFORM_SHAPE))} "
                            "float32 cpu, 1 thread")
-        ctx = (L.normfuse().use_backend(spec["backend"]) if spec.get("backend")
-               else contextlib.nullcontext())
-        with ctx:
+        with H.context(spec)():
             benchmark(call, 0)
     finally:
         torch.set_num_threads(previous)

@@ -17,7 +17,6 @@ Measured on the CPU by default (one thread); on a GPU with ``--device cuda``.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Callable, List, Sequence
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from . import layers as L
+from . import host as H
 from . import timing
 
 SHAPE = (32, 64, 16, 16)
@@ -34,21 +33,9 @@ TRANSFORMS = ("grad", "per-sample", "maml")
 
 
 def contenders(channels: int, backends: Sequence[str]) -> List[dict]:
-    """Native layers first, then every normfuse layer per backend."""
-    c, g = channels, GROUPS
-    out = [dict(name="nn.BatchNorm2d", native="nn.BatchNorm2d", build=lambda: nn.BatchNorm2d(c)),
-           dict(name="nn.GroupNorm", native="nn.GroupNorm", build=lambda: nn.GroupNorm(g, c))]
-    nf = L.normfuse()
-    for b in backends if nf is not None else ():
-        out += [dict(name=f"BIN normfuse[{b}]", native="nn.BatchNorm2d", backend=b,
-                     build=lambda: nf.BatchInstanceNorm2d(c)),
-                dict(name=f"IEBN normfuse[{b}]", native="nn.BatchNorm2d", backend=b,
-                     build=lambda: nf.InstanceEnhancementBatchNorm2d(c)),
-                dict(name=f"AssocNorm normfuse[{b}]", native="nn.GroupNorm", backend=b,
-                     build=lambda: nf.AssocNorm(g, c)),
-                dict(name=f"ILMNorm normfuse[{b}]", native="nn.GroupNorm", backend=b,
-                     build=lambda: nf.ILMNorm(c, num_groups=g, key_group_size=c // g))]
-    return out
+    """``bench/host.py``'s contenders for ``channels``: native layers first, then every normfuse
+    layer per backend (ILM-Norm with one key group per group)."""
+    return H.contenders(backends, channels, GROUPS, key_group_size=channels // GROUPS)
 
 
 def make_call(module: nn.Module, transform: str, x: torch.Tensor) -> Callable[[int], object]:
@@ -88,11 +75,11 @@ def run_transforms(shape: Sequence[int] = SHAPE, backends: Sequence[str] = ("cpu
         for transform in transforms:
             batch, fns, ctxs = [], [], []
             for spec in contenders(shape[1], backends):
-                row = dict(transform=transform, name=spec["name"], native=spec["native"],
-                           backend=spec.get("backend"), shape="x".join(map(str, shape)),
-                           dtype="float32", device=device, threads=threads, ok=True)
-                ctx = (lambda b=spec["backend"]: L.normfuse().use_backend(b)) \
-                    if spec.get("backend") else contextlib.nullcontext
+                row = dict(transform=transform, name=spec["name"],
+                           native=H.native_of(spec["layer"]), backend=spec.get("backend"),
+                           shape="x".join(map(str, shape)), dtype="float32", device=device,
+                           threads=threads, ok=True)
+                ctx = H.context(spec)
                 try:
                     torch.manual_seed(0)
                     x = torch.randn(*shape, device=device) + 0.5  # never all-zero inputs
