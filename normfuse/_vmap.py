@@ -49,6 +49,21 @@ def _instance(value, dim, i):
     return value if dim is None or value is None else value.select(dim, i)
 
 
+def _mapped(t, dim, size):
+    """``t`` with the instances on dim 0 (an unmapped one expanded to them)."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _into_batch(t, dim, size):
+    """``(N, C, ...)`` per instance as ``(B * N, C, ...)``: instance b's samples at b * N."""
+    return _mapped(t, dim, size).flatten(0, 1)
+
+
+def _into_channels(t, dim, size):
+    """``(N, C, ...)`` per instance as ``(N, B * C, ...)``: instance b's channel c at b * C + c."""
+    return _mapped(t, dim, size).movedim(0, 1).flatten(1, 2)
+
+
 class _CountBatch(torch.autograd.Function):
     """``num_batches_tracked += 1`` below every transform, as the coefficient op counts inside
     the layer's Function: an in-place add in the vmap rule would run under an outer grad / jvp
@@ -89,11 +104,7 @@ def _channel_fold(function, size, config, x, x_dim, running, running_dims,
         rm, rv = (t.view(-1) for t in stacked)
     elif rm is not None:  # read only
         rm, rv = (_channels(t, d, size) for t, d in zip(running, running_dims))
-    if x_dim is None:
-        xs = x.unsqueeze(1).expand(x.shape[0], size, *x.shape[1:])  # (N, B, C, ...)
-    else:
-        xs = x.movedim(x_dim, 1)
-    folded = _autograd.kernel_layout(xs.reshape(xs.shape[0], -1, *xs.shape[3:]))  # (N, B*C,..)
+    folded = _autograd.kernel_layout(_into_channels(x, x_dim, size))
     params = [None if p is None else _channels(p, d, size) for p, d in zip(params, param_dims)]
     # num_batches_tracked: mapped (B,) here, counted below (the op takes one 0-dim counter)
     outputs = function.apply(config, folded, rm, rv, None, *params)
@@ -136,8 +147,7 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
             "torch.func.stack_module_state buffers)")
     if (x_dim is not None and not buffers_mapped and all(d is None for d in param_dims)
             and _per_sample(config, running_mean)):
-        xs = x.movedim(x_dim, 0)
-        folded = _autograd.kernel_layout(xs.reshape(size * xs.shape[1], *xs.shape[2:]))
+        folded = _autograd.kernel_layout(_into_batch(x, x_dim, size))
         outputs = function.apply(config, folded, running_mean, running_var,
                                  num_batches_tracked, *params)  # (B * N, C, ...) in
         return _unfold(outputs, 0, size)
@@ -164,11 +174,6 @@ def rule(function, info, in_dims, config, x, running_mean, running_var, num_batc
     return _stack(outputs)
 
 
-def _mapped(t, dim, size):
-    """``t`` with the instances on dim 0 (an unmapped one expanded to them)."""
-    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
-
-
 def backward_rule(function, info, in_dims, config, needs, instances, x, dy, mean, m2, scale,
                   shift, running_mean, running_var, *params):
     """``NormBackward``'s vmap staticmethod (``function`` is NormBackward): the first
@@ -184,9 +189,8 @@ def backward_rule(function, info, in_dims, config, needs, instances, x, dy, mean
     if instances is None and config.layer in ("assoc", "ilm") and shared:
         # per-sample: the instances laid end to end in the batch, parameter gradients each its
         # own instance's (an expanded statistic is copied: the kernels read dense ones)
-        x, dy = (_mapped(t, d, size).flatten(0, 1) for t, d in planes)
-        mean, m2, scale, shift = (None if t is None else
-                                  _mapped(t, d, size).flatten(0, 1).contiguous()
+        x, dy = (_into_batch(t, d, size) for t, d in planes)
+        mean, m2, scale, shift = (None if t is None else _into_batch(t, d, size).contiguous()
                                   for t, d in statistics)
         dx, *grads = function.apply(config, needs, size, _autograd.kernel_layout(x), dy, mean,
                                     m2, scale, shift, running_mean, running_var, *params)
@@ -194,9 +198,8 @@ def backward_rule(function, info, in_dims, config, needs, instances, x, dy, mean
                 (None if dx is None else 0, *(None if g is None else 0 for g in grads)))
     if instances is None and config.layer in ("bin", "iebn"):
         # instance b's channel c is channel b * C + c (as the forward's channel fold)
-        x, dy = (_mapped(t, d, size).movedim(0, 1).flatten(1, 2) for t, d in planes)
-        mean, m2, scale, shift = (None if t is None else
-                                  _mapped(t, d, size).movedim(0, 1).flatten(1, 2).contiguous()
+        x, dy = (_into_channels(t, d, size) for t, d in planes)
+        mean, m2, scale, shift = (None if t is None else _into_channels(t, d, size).contiguous()
                                   for t, d in statistics)
         running_mean, running_var, *folded_params = (
             None if t is None else _channels(t, d, size)
