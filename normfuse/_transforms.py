@@ -35,23 +35,22 @@ def first_derivatives_only(x: Tensor) -> bool:
     with grad mode on whether or not anything differentiates the result. Not while a
     forward-mode level is open (``jvp``, ``hessian``: NormBackward has no jvp) or torch.compile
     traces (Dynamo traces ``graph_grads``), nor where a level below will differentiate it."""
-    functorch = _autograd._functorch_active() or (_functorch_level is not None
-                                                  and _functorch_level(x) == _DEAD_LEVEL)
+    level = None if _functorch_level is None else _functorch_level(x)
+    functorch = _autograd._functorch_active() or level == _DEAD_LEVEL
     return (functorch and _forward_ad._current_level < 0
-            and not torch.compiler.is_compiling() and not _differentiated_again(x))
+            and not torch.compiler.is_compiling() and not _differentiated_again(level))
 
 
-def _differentiated_again(x: Tensor) -> bool:
-    """Whether a grad / vjp level below the one running this backward (``x``'s, the saved
-    input's) will differentiate what the backward returns (grad of grad, MAML's inner step, a
+def _differentiated_again(level) -> bool:
+    """Whether a grad / vjp level below the one running this backward (``level``: the saved
+    input's, None without functorch's private API) will differentiate what the backward returns (grad of grad, MAML's inner step, a
     penalty on per-sample gradients): there ``graph_grads`` costs less than NormBackward's
     kernels followed by its recomputation. A ``vjp`` whose level has exited (``jacrev``: its
     vjp_fn runs after; ``x`` a dead wrapper, level -2) counts every grad level that is open.
     Regular autograd over a transform cannot be seen here: NormBackward's backward serves it.
     Without functorch's private API: True (the recomputation, always correct)."""
-    if _functorch_level is None:
+    if level is None:
         return True
-    level = _functorch_level(x)
     if level == _DEAD_LEVEL:
         level = math.inf
     return any(i.key() == _TransformType.Grad and i.level() < level for i in _interpreters())
