@@ -17,6 +17,9 @@ from .modules import (IEBN1d, IEBN2d, IEBN3d, AssocNorm, BatchInstanceNorm1d,
                       BatchInstanceNorm2d, BatchInstanceNorm3d, ILMNorm,
                       InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
                       InstanceEnhancementBatchNorm3d)
+from .norm_act import (AssocNormAct, BatchInstanceNormAct2d, ILMNormAct,
+                       InstanceEnhancementBatchNormAct2d, SyncBatchInstanceNormAct,
+                       SyncInstanceEnhancementBatchNormAct)
 from .training import attach_gate_clipping, clip_gates_, param_groups, update_bn
 
 __version__ = "0.1.0"
@@ -29,10 +32,12 @@ __version__ = "0.1.0"
 _fused_ops()
 
 __all__ = [
-    "AssocNorm", "BatchInstanceNorm1d", "BatchInstanceNorm2d", "BatchInstanceNorm3d",
-    "IEBN1d", "IEBN2d", "IEBN3d", "ILMNorm", "InstanceEnhancementBatchNorm1d",
-    "InstanceEnhancementBatchNorm2d", "InstanceEnhancementBatchNorm3d",
-    "SyncBatchInstanceNorm", "SyncIEBN", "SyncInstanceEnhancementBatchNorm", "convert_sync",
+    "AssocNorm", "AssocNormAct", "BatchInstanceNorm1d", "BatchInstanceNorm2d",
+    "BatchInstanceNorm3d", "BatchInstanceNormAct2d", "IEBN1d", "IEBN2d", "IEBN3d", "ILMNorm",
+    "ILMNormAct", "InstanceEnhancementBatchNorm1d", "InstanceEnhancementBatchNorm2d",
+    "InstanceEnhancementBatchNorm3d", "InstanceEnhancementBatchNormAct2d",
+    "SyncBatchInstanceNorm", "SyncBatchInstanceNormAct", "SyncIEBN",
+    "SyncInstanceEnhancementBatchNorm", "SyncInstanceEnhancementBatchNormAct", "convert_sync",
     "attach_gate_clipping", "available_backends", "clip_gates_", "convert", "export",
     "functional", "info",
     "get_backend", "param_groups", "resolve_backend", "set_backend", "update_bn", "use_backend",

@@ -13,6 +13,9 @@ from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, Batch
                       ILMNorm, InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
                       InstanceEnhancementBatchNorm3d, _BatchInstanceNorm,
                       _InstanceEnhancementBatchNorm)
+from .norm_act import (AssocNormAct, BatchInstanceNormAct2d, ILMNormAct,
+                       InstanceEnhancementBatchNormAct2d, SyncBatchInstanceNormAct,
+                       SyncInstanceEnhancementBatchNormAct)
 
 _BATCH_NORM_TARGETS = {
     "bin": {nn.BatchNorm1d: BatchInstanceNorm1d, nn.BatchNorm2d: BatchInstanceNorm2d,
@@ -22,6 +25,18 @@ _BATCH_NORM_TARGETS = {
              nn.BatchNorm3d: InstanceEnhancementBatchNorm3d,
              nn.SyncBatchNorm: SyncInstanceEnhancementBatchNorm},
 }
+# timm's norm + activation layers (timm.layers.norm_act: a norm subclass that applies its
+# ``drop`` and ``act`` modules to the output), by class name, recognised without importing timm.
+_TIMM_NORM_ACT_TARGETS = {
+    "bin": {"BatchNormAct2d": BatchInstanceNormAct2d, "SyncBatchNormAct": SyncBatchInstanceNormAct},
+    "iebn": {"BatchNormAct2d": InstanceEnhancementBatchNormAct2d,
+             "SyncBatchNormAct": SyncInstanceEnhancementBatchNormAct},
+    "assoc": {"GroupNormAct": AssocNormAct, "GroupNorm1Act": AssocNormAct},
+    "ilm": {"GroupNormAct": ILMNormAct, "GroupNorm1Act": ILMNormAct},
+}
+# What timm's classes derive from: a class of that name from timm that does not is not taken.
+_TIMM_BASES = {"BatchNormAct2d": nn.BatchNorm2d, "SyncBatchNormAct": nn.SyncBatchNorm,
+               "GroupNormAct": nn.GroupNorm, "GroupNorm1Act": nn.GroupNorm}
 TARGETS = ("bin", "iebn", "assoc", "ilm")
 # The kind of each normfuse layer (subclasses included), for convert's warning about a model
 # already converted to another kind.
@@ -77,8 +92,29 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
     return new
 
 
-def _from_group_norm(gn: nn.GroupNorm) -> AssocNorm:
-    new = AssocNorm(gn.num_groups, gn.num_channels, eps=gn.eps, **_factory(gn))
+def _timm_norm_act(module: nn.Module, to: str):
+    """The normfuse norm + act class that replaces ``module`` if it is one of timm's norm +
+    activation layers (exactly that class of ``timm.layers``), else None."""
+    cls = type(module)
+    name = cls.__name__
+    if (not cls.__module__.startswith("timm.") or name not in _TIMM_BASES
+            or not issubclass(cls, _TIMM_BASES[name])):
+        return None
+    return _TIMM_NORM_ACT_TARGETS[to].get(name)
+
+
+def _take_post(old: nn.Module, new: nn.Module) -> None:
+    """A timm norm + act layer's ``drop`` and ``act`` modules go to its replacement, as they
+    are (timm's own ``convert_sync_batchnorm`` moves them so); a ``SyncBatchNormAct`` made
+    without them has none (identity)."""
+    for name in ("drop", "act"):
+        module = getattr(old, name, None)
+        if isinstance(module, nn.Module):
+            setattr(new, name, module)
+
+
+def _from_group_norm(gn: nn.GroupNorm, cls=AssocNorm) -> AssocNorm:
+    new = cls(gn.num_groups, gn.num_channels, eps=gn.eps, **_factory(gn))
     with torch.no_grad():
         # A fresh AssocNorm's decoder gives omega = 0.5 + B_omega: start from the same function.
         # No weight (affine=False) means 1, no bias (affine=False, or bias=False) means 0.
@@ -89,9 +125,9 @@ def _from_group_norm(gn: nn.GroupNorm) -> AssocNorm:
     return new
 
 
-def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict) -> ILMNorm:
+def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict, cls=ILMNorm) -> ILMNorm:
     try:
-        new = ILMNorm(gn.num_channels, gn.num_groups, eps=gn.eps, **options, **_factory(gn))
+        new = cls(gn.num_channels, gn.num_groups, eps=gn.eps, **options, **_factory(gn))
     except ValueError as exc:
         raise ValueError(f"convert: cannot convert {where} ({gn}) to ILMNorm: {exc}") from None
     with torch.no_grad():
@@ -114,15 +150,24 @@ def _replacement(child: nn.Module, to: str, name: str, options: dict, fallback: 
 
 
 def _replacement_of(child: nn.Module, to: str, name: str, options: dict):
+    timm_cls = _timm_norm_act(child, to)
     if to in ("assoc", "ilm"):
-        if type(child) is not nn.GroupNorm:
+        if type(child) is not nn.GroupNorm and timm_cls is None:
             return None
         if to == "assoc":
-            return _from_group_norm(child)
-        where = f"the GroupNorm at {name!r}" if name else "the GroupNorm"
-        return _ilm_from_group_norm(child, where, options)
-    cls = _BATCH_NORM_TARGETS[to].get(type(child))
-    return None if cls is None else _from_batch_norm(child, cls, to)
+            new = _from_group_norm(child, timm_cls or AssocNorm)
+        else:
+            where = (f"the {type(child).__name__} at {name!r}" if name
+                     else f"the {type(child).__name__}")
+            new = _ilm_from_group_norm(child, where, options, timm_cls or ILMNorm)
+    else:
+        cls = _BATCH_NORM_TARGETS[to].get(type(child)) or timm_cls
+        if cls is None:
+            return None
+        new = _from_batch_norm(child, cls, to)
+    if timm_cls is not None:
+        _take_post(child, new)
+    return new
 
 
 def _left_as_is(module: nn.Module, to: str) -> bool:
@@ -130,11 +175,11 @@ def _left_as_is(module: nn.Module, to: str) -> bool:
     compute something else, which the replacement would silently drop), a lazy norm not
     initialised yet (nothing to carry over), or torchvision's ``FrozenBatchNorm2d`` (a fixed
     affine map by design, as in detection backbones; not an nn.BatchNorm, so named here by its
-    class, without importing torchvision)."""
+    class, without importing torchvision; timm's ``FrozenBatchNormAct2d`` likewise)."""
     if to in ("assoc", "ilm"):
         return isinstance(module, nn.GroupNorm)
     return (isinstance(module, nn.modules.batchnorm._BatchNorm)
-            or type(module).__name__ == "FrozenBatchNorm2d")
+            or type(module).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"))
 
 
 def _other_kinds(module: nn.Module, to: str) -> list:
@@ -240,7 +285,8 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     fallback = _factory(module)
     new = _replacement(module, to, "", options, fallback)
     if new is not None:
-        return new.train(module.training)  # a bare norm layer: no ReLU to fuse
+        new.train(module.training)  # a bare norm layer: only its own act can be fused
+        return _fuse_relu(new) if fuse_relu else new
     skipped = [f"the module itself ({type(module).__name__})"] if _left_as_is(module, to) else []
     for parent, child_name, layer in _replacements(module, to, "", options, [], None, fallback,
                                                    skipped):

@@ -305,15 +305,19 @@ SyncIEBN = SyncInstanceEnhancementBatchNorm
 def _to_sync(module: nn.Module, process_group):
     if isinstance(module, _SyncMixin):
         return None
+    from .norm_act import SYNC_OF  # noqa: PLC0415  (norm_act builds on this module)
+    # A norm + act module (normfuse.norm_act) keeps its drop and act modules.
+    post = ({"drop": module.drop, "act": module.act} if type(module) in SYNC_OF else {})
     if isinstance(module, _BatchInstanceNorm):
-        new = SyncBatchInstanceNorm(module.num_features, module.eps, module.momentum,
-                                    module.affine, module.track_running_stats, process_group,
-                                    device="meta", activation=module.activation)
+        cls = SYNC_OF.get(type(module), SyncBatchInstanceNorm)
+        new = cls(module.num_features, module.eps, module.momentum, module.affine,
+                  module.track_running_stats, process_group, device="meta",
+                  activation=module.activation, **post)
     elif isinstance(module, _InstanceEnhancementBatchNorm):
-        new = SyncInstanceEnhancementBatchNorm(module.num_features, module.eps, module.momentum,
-                                               module.track_running_stats, process_group,
-                                               device="meta", affine=module.affine,
-                                               activation=module.activation)
+        cls = SYNC_OF.get(type(module), SyncInstanceEnhancementBatchNorm)
+        new = cls(module.num_features, module.eps, module.momentum, module.track_running_stats,
+                  process_group, device="meta", affine=module.affine,
+                  activation=module.activation, **post)
     else:
         return None
     # The very same Parameter and buffer objects (optimizers keep working), as
@@ -334,8 +338,10 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
 
     The new layers share the old ones' parameters and buffers (so an optimizer built before
     the conversion keeps working), device, dtype and train/eval mode; ``process_group``
-    (default: the whole world) is what their batch statistics span.  AssocNorm has no batch
-    statistics and is left as it is.
+    (default: the whole world) is what their batch statistics span.  A norm + act module
+    (``BatchInstanceNormAct2d``, ``InstanceEnhancementBatchNormAct2d``: converted timm layers)
+    becomes ``SyncBatchInstanceNormAct`` / ``SyncInstanceEnhancementBatchNormAct`` with the
+    same ``drop`` and ``act``.  AssocNorm has no batch statistics and is left as it is.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_sync: module must be an nn.Module, got "

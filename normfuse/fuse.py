@@ -12,6 +12,10 @@ Modules whose forward cannot be traced (data-dependent control flow, or a forwar
 between train and eval mode, which a graph would freeze) are kept as leaves of the graph around
 them, their children are fused on their own, and they are reported together in one warning.
 
+A norm + act module (``normfuse.norm_act``, what convert makes of timm's ``BatchNormAct2d`` /
+``GroupNormAct``) whose ``act`` is a plain ``nn.ReLU`` takes it in as its ``activation`` first,
+without tracing; one with another ``act`` (or ``drop``) is never fused with a ReLU after it.
+
 Relu is idempotent, so a fused norm followed by a ReLU that still runs (in an original
 ``forward`` that is no longer called, say) computes what it computed before: the input model,
 whose norms are fused in place, still computes the same function; the returned GraphModule
@@ -32,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import _Activation
+from .modules import _Activation, _has_hooks
+from .norm_act import _NormAct
 
 # Every normfuse layer (BIN, IEBN 1d-3d and their Sync forms, AssocNorm, ILMNorm) carries the
 # ``activation`` attribute of _Activation.
@@ -137,11 +142,6 @@ def _trace(module: nn.Module, opaque: dict):
     return graphs[1], constants
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def _relu_input(node: fx.Node, module: nn.Module):
     """The node ``node`` applies a ReLU to, if ``node`` is a ReLU of one input, else None."""
     if node.op == "call_module":
@@ -189,6 +189,8 @@ def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx
     for norm, calls in sites.values():
         if getattr(norm, "activation", None) not in (None, "relu"):
             continue
+        if isinstance(norm, _NormAct) and not norm.post_is_identity():
+            continue  # relu(act(norm(x))): the ReLU comes after its own drop / act
         if any(relu is None for _, relu in calls):
             continue  # a call site whose output has another user, or goes elsewhere
         # Every place the norm sits must be in this graph's reach: under ``path`` and not
@@ -293,9 +295,23 @@ class FusedGraphModule(fx.GraphModule):
         return res
 
 
+def _fuse_own_relu(model: nn.Module) -> None:
+    """Each norm + act module (normfuse.norm_act: converted timm layers) whose ``act`` is a plain
+    ``nn.ReLU`` after an identity ``drop``, neither with hooks: the ReLU goes into the layer
+    (``activation="relu"``, ``act`` an ``nn.Identity``).  No tracing needed: the pair is the
+    module's own forward."""
+    for module in model.modules():
+        if (isinstance(module, _NormAct) and module.activation is None
+                and type(module.act) is nn.ReLU and not _has_hooks(module.act)
+                and type(module.drop) is nn.Identity and not _has_hooks(module.drop)):
+            module.activation = "relu"
+            module.act = nn.Identity()
+
+
 def fuse_relu(model: nn.Module) -> nn.Module:
     """Fuse the norm->ReLU pairs of ``model`` (see the module docstring); warns naming the
     modules that could not be traced."""
+    _fuse_own_relu(model)
     ctx = _Context(model)
     result = _fuse_module(model, "", ctx)
     if ctx.untraced:

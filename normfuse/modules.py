@@ -30,6 +30,13 @@ def _fx_leaf(module: nn.Module, input: Proxy) -> Proxy:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks (module-level), which a fusion that stops
+    calling it would silently drop."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 class _NotScriptable:
     """``torch.jit.script`` cannot compile a normfuse layer (its forward dispatches between
     backends in Python); TorchScript asks ``__prepare_scriptable__`` first, so say so there,

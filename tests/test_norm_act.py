@@ -1,0 +1,287 @@
+"""Norm + activation modules (normfuse/norm_act.py) and the conversion of timm's norm + act layers.
+
+timm's CNNs (EfficientNet, MobileNet, RegNet, DenseNet, CSPNet, ResNetV2/BiT, ...) use
+``BatchNormAct2d`` / ``GroupNormAct``: a norm subclass applying its ``drop`` and ``act`` modules.
+Here against tests/timm_norm_act.py, a copy of timm's classes (timm needs torchvision, which pins
+a torch); tests/test_timm.py runs timm's own models (CI: .ci/timm.sh).  References: the float64
+oracles of tests/oracles.py followed by the activation, and timm's layer itself where the
+converted layer computes the same function (BIN with gates at 1, AssocNorm as converted).
+"""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import oracles
+import timm_norm_act as timm
+from oracles import randn
+
+KINDS = {"bin": timm.BatchNormAct2d, "iebn": timm.BatchNormAct2d,
+         "assoc": timm.GroupNormAct, "ilm": timm.GroupNormAct}
+ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "leaky": nn.LeakyReLU,
+        "none": None}
+
+
+def _timm_layer(to, act, channels=8, **kw):
+    cls = KINDS[to]
+    if cls is timm.GroupNormAct:
+        kw.setdefault("num_groups", 4)
+    layer = cls(channels, act_layer=ACTS[act], apply_act=act != "none", **kw).double()
+    return oracles.randomize_parameters(layer, 11)
+
+
+def _convert(nf, module, to, **kw):
+    options = {"key_group_size": 2, "reduction": 2} if to == "ilm" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be left unconverted
+        return nf.convert(module, to, **options, **kw)
+
+
+def _oracle_with_act(layer, x, act, dy):
+    """float64 ``act(norm(x))`` and its gradients: the oracle of the norm, the activation
+    differentiated on its output."""
+    plain = oracles.module_step(layer, x)
+    pre = plain.y.clone().requires_grad_()
+    out = act(pre.clone())  # a clone: the act may work in place
+    dpre, = torch.autograd.grad(out, pre, dy)
+    return out.detach(), oracles.module_step(layer, x, dpre)
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc", "ilm"])
+@pytest.mark.parametrize("act", ["relu", "silu", "hardswish", "none"])
+@pytest.mark.parametrize("training", [True, False])
+def test_converted_layer_is_the_norm_then_act(nf, backend, to, act, training, seed):
+    """The converted layer computes act(norm(x)), forward and every gradient, vs the float64
+    oracle of the norm followed by the activation; the running statistics as the oracle's."""
+    layer = _convert(nf, _timm_layer(to, act).train(training), to)
+    assert type(layer).__name__.endswith("Act" if to in ("assoc", "ilm") else "Act2d")
+    oracles.randomize_parameters(layer, seed)
+    x = randn((3, 8, 5, 4), seed, torch.float64, scale=1.5, offset=0.3).requires_grad_()
+    dy = randn((3, 8, 5, 4), seed + 1, torch.float64)
+    expected, oracle = _oracle_with_act(layer, x.detach(), layer.act, dy)
+    y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, oracle.grads["input"], rtol=1e-9, atol=1e-9)
+    for name, p in layer.named_parameters(recurse=False):
+        torch.testing.assert_close(p.grad, oracle.grads[name], rtol=1e-9, atol=1e-9, msg=name)
+    if to in ("bin", "iebn") and training:
+        torch.testing.assert_close(layer.running_mean, oracle.running_mean)
+        torch.testing.assert_close(layer.running_var, oracle.running_var)
+
+
+def _net(to, act, inplace=True):
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    if to in ("bin", "iebn"):
+        norm = timm.BatchNormAct2d(8, act_layer=ACTS[act], apply_act=act != "none",
+                                   inplace=inplace)
+    else:
+        norm = timm.GroupNormAct(8, num_groups=4, act_layer=ACTS[act], apply_act=act != "none",
+                                 inplace=inplace)
+    model = nn.Sequential(conv, norm, nn.Conv2d(8, 4, 3)).double()
+    return oracles.randomize_parameters(model, 5)
+
+
+@pytest.mark.parametrize("to", ["bin", "assoc"])
+@pytest.mark.parametrize("act", ["relu", "silu", "leaky"])
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_converted_model_computes_what_timm_did(nf, to, act, inplace, fuse, seed):
+    """BIN (gates at 1) and AssocNorm as converted compute timm's function: outputs, gradients
+    (an in-place activation on the layer's output included) and running statistics, train and
+    eval, with and without fuse_relu."""
+    model = _net(to, act, inplace)
+    converted = _convert(nf, copy.deepcopy(model), to, fuse_relu=fuse)
+    assert isinstance(converted[1], nf.norm_act._NormAct)
+    if fuse and act == "relu":
+        assert converted[1].activation == "relu" and type(converted[1].act) is nn.Identity
+    else:
+        assert converted[1].activation is None and type(converted[1].act) is ACTS[act]
+    for training in (True, False):
+        model.train(training)
+        converted.train(training)
+        x = randn((4, 3, 6, 5), seed + training, torch.float64)
+        outs = []
+        for m in (model, converted):
+            m.zero_grad()
+            y = m(x)
+            y.square().sum().backward()
+            outs.append((y.detach(), {k: p.grad for k, p in m.named_parameters()}))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-10)
+        for name, grad in outs[0][1].items():
+            torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+    timm_state = model.state_dict()
+    state = converted.state_dict()
+    assert set(timm_state) <= set(state)
+    for name, value in timm_state.items():
+        if name.endswith("weight") and to == "assoc" and name.startswith("1."):
+            continue  # AssocNorm's weight is GroupNorm's minus 0.5 (README, "What is computed")
+        torch.testing.assert_close(state[name], value, msg=name)
+
+
+def test_state_dict_keeps_timm_keys_of_act_parameters(nf):
+    """An activation with parameters (PReLU) keeps its key, ``act.weight``, and its value."""
+    layer = timm.BatchNormAct2d(6, act_layer=nn.PReLU)
+    with torch.no_grad():
+        layer.act.weight.fill_(0.3)
+    converted = _convert(nf, nn.Sequential(layer), "bin")
+    assert converted.state_dict()["0.act.weight"].item() == pytest.approx(0.3)
+    assert converted[0].act is layer.act
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn", "assoc", "ilm"])
+def test_fuse_relu_takes_in_a_relu_act_only(nf, to, seed):
+    """fuse_relu: an nn.ReLU act goes into the layer; another act, a drop that is not the
+    identity, or a ReLU with hooks stays a module; no ReLU after a layer with an act is fused
+    into it (relu(silu(x)) is not silu(relu(x)))."""
+    norms = [_timm_layer(to, a).float() for a in ("relu", "silu", "relu", "relu", "silu")]
+    norms[2].drop = nn.Dropout(0.0)
+    norms[3].act.register_forward_hook(lambda *a: None)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norms = nn.ModuleList(norms)
+
+        def forward(self, x):
+            for norm in self.norms[:4]:
+                x = norm(x)
+            return torch.relu(self.norms[4](x))  # silu then relu: not fusable
+
+    model = Net().train()
+    x = randn((2, 8, 4, 4), seed)
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(x)
+    fused = _convert(nf, model, to, fuse_relu=True)
+    assert [n.activation for n in fused.norms] == ["relu", None, None, None, None]
+    assert [type(n.act) for n in fused.norms] == [nn.Identity, nn.SiLU, nn.ReLU, nn.ReLU,
+                                                   nn.SiLU]
+    if to in ("bin", "assoc"):  # the same function as timm's
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), expected)
+
+
+def test_relu_after_a_layer_without_act_is_fused(nf):
+    """A converted layer made with apply_act=False is a plain norm: the ReLU that follows it in
+    the model is fused as for any norm."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), timm.BatchNormAct2d(8, apply_act=False),
+                          nn.ReLU())
+    x = randn((2, 3, 4, 4), 0)
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(x)
+    fused = _convert(nf, model, "bin", fuse_relu=True)  # a GraphModule without the ReLU node
+    assert fused.get_submodule("1").activation == "relu"
+    assert [n.target for n in fused.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected)
+
+
+def test_bare_timm_layer_converts_and_fuses(nf):
+    layer = timm.BatchNormAct2d(4)
+    new = _convert(nf, layer, "bin", fuse_relu=True)
+    assert isinstance(new, nf.BatchInstanceNormAct2d) and new.activation == "relu"
+    assert type(new.act) is nn.Identity
+    assert _convert(nf, timm.BatchNormAct2d(4), "bin").activation is None
+
+
+def test_group_norm_1_act_and_group_size(nf, seed):
+    """GroupNorm1Act (one group) and GroupNormAct(group_size=...) keep their group count."""
+    one = _convert(nf, timm.GroupNorm1Act(6).double(), "assoc")
+    assert isinstance(one, nf.AssocNormAct) and one.num_groups == 1
+    sized = _convert(nf, timm.GroupNormAct(8, group_size=2).double(), "assoc")
+    assert sized.num_groups == 4
+    x = randn((2, 6, 3, 3), seed, torch.float64)
+    torch.testing.assert_close(one(x), timm.GroupNorm1Act(6).double()(x))
+
+
+def test_sync_batch_norm_act(nf, seed):
+    """timm's SyncBatchNormAct (from its convert_sync_batchnorm) becomes the synchronized norm +
+    act, over the same process group; outside a process group it is the plain layer."""
+    sync = timm.SyncBatchNormAct(8, process_group="group")
+    sync.act = nn.SiLU()
+    sync.drop = nn.Identity()
+    new = _convert(nf, nn.Sequential(sync), "bin")[0]
+    assert type(new) is nf.SyncBatchInstanceNormAct and new.process_group == "group"
+    assert type(new.act) is nn.SiLU
+    bare = _convert(nf, nn.Sequential(timm.SyncBatchNormAct(8)), "iebn")[0]  # no drop / act
+    assert type(bare) is nf.SyncInstanceEnhancementBatchNormAct
+    assert type(bare.act) is nn.Identity and type(bare.drop) is nn.Identity
+
+
+@pytest.mark.parametrize("to", ["bin", "iebn"])
+def test_convert_sync_keeps_drop_and_act(nf, to, seed):
+    model = _convert(nf, nn.Sequential(_timm_layer(to, "silu")), to)
+    act = model[0].act
+    params = {k: v for k, v in model.named_parameters()}
+    x = randn((3, 8, 4, 4), seed, torch.float64)
+    expected = copy.deepcopy(model)(x)
+    nf.convert_sync(model)
+    assert type(model[0]) is nf.norm_act.SYNC_OF[nf.norm_act.__dict__[
+        "BatchInstanceNormAct2d" if to == "bin" else "InstanceEnhancementBatchNormAct2d"]]
+    assert model[0].act is act
+    assert all(p is params[k] for k, p in model.named_parameters())
+    torch.testing.assert_close(model(x), expected)  # no process group: the plain layer
+
+
+def test_left_as_is_and_reported(nf):
+    """FrozenBatchNormAct2d (frozen by design) and a class named like timm's that is not timm's
+    are left as they are, each named in the warning."""
+    class BatchNormAct2d(nn.BatchNorm2d):  # not timm's: may compute something else
+        pass
+
+    model = nn.Sequential(timm.FrozenBatchNormAct2d(4), BatchNormAct2d(4))
+    with pytest.warns(UserWarning, match=r"0 \(FrozenBatchNormAct2d\), 1 \(BatchNormAct2d\)"):
+        nf.convert(model, "bin")
+    assert type(model[0]) is timm.FrozenBatchNormAct2d and type(model[1]) is BatchNormAct2d
+
+
+def test_ilm_refusal_names_the_timm_layer(nf):
+    model = nn.Sequential(timm.GroupNormAct(12, num_groups=4))
+    with pytest.raises(ValueError, match=r"the GroupNormAct at '0'"):
+        nf.convert(model, "ilm", key_group_size=5)
+    assert type(model[0]) is timm.GroupNormAct  # untouched
+
+
+@pytest.mark.parametrize("cls", ["BatchInstanceNormAct2d", "AssocNormAct"])
+def test_act_must_be_a_module(nf, cls):
+    args = (8,) if cls.startswith("Batch") else (2, 8)
+    with pytest.raises(TypeError, match=f"{cls}: act must be an nn.Module or None, got str"):
+        getattr(nf, cls)(*args, act="relu")
+    with pytest.raises(TypeError, match=f"{cls}: drop must be an nn.Module or None, got float"):
+        getattr(nf, cls)(*args, drop=0.1)
+
+
+def test_fx_trace_records_the_layer_once(nf, seed):
+    """Under torch.fx the layer, act included, is one call_module node: act runs once."""
+    model = _convert(nf, _net("bin", "silu"), "bin").eval()
+    graph_module = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in graph_module.graph.nodes if n.op == "call_module"]
+    assert targets == ["0", "1", "2"]
+    x = randn((2, 3, 5, 5), seed, torch.float64)
+    torch.testing.assert_close(graph_module(x), model(x))
+
+
+def test_pickle_and_deepcopy(nf, seed):
+    model = _convert(nf, _net("assoc", "silu"), "assoc")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = pickle.loads(pickle.dumps(model))
+    x = randn((2, 3, 5, 5), seed, torch.float64)
+    for other in (loaded, copied, copy.deepcopy(model)):
+        assert type(other[1]) is nf.AssocNormAct
+        torch.testing.assert_close(other(x), model(x))
+
+
+def test_export_of_a_converted_layer(nf, seed):
+    """torch.export sees the layer and its act (a program users deploy)."""
+    model = _convert(nf, _net("bin", "silu", inplace=False).float(), "bin").eval()
+    x = randn((2, 3, 5, 5), seed)
+    program = torch.export.export(model, (x,))
+    torch.testing.assert_close(program.module()(x), model(x))
