@@ -74,6 +74,7 @@ NORMFUSE_AOT_ARCHS=90 "$py" -m pytest -q -p no:cacheprovider -n auto --dist load
   "tests/test_functional.py::test_autocast_leaves_a_float32_layer_in_float32" \
   tests/test_activation.py \
   tests/test_convert_fuse.py \
+  tests/test_norm_act.py \
   tests/triton_kernels/test_relu.py \
   tests/triton_kernels/test_opcheck.py \
   tests/triton_kernels/test_streaming.py \

@@ -1,6 +1,7 @@
 """The README stays true: CI runs the very test command the README gives, and the Quick start
 block runs as written."""
 import re
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +41,23 @@ def test_quick_start_runs_as_written():
     import normfuse
     from bench.resnet import BasicBlock, ResNet
 
+    import timm_norm_act
+
     def resnet(norm_layer=None):
         return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, norm_layer=norm_layer)
 
+    timm_models = []
+
+    def create_model(name):  # a stand-in for timm's: its norm + act layer (tests/timm_norm_act.py)
+        timm_models.append(nn.Sequential(nn.Conv2d(3, 8, 3),
+                                         timm_norm_act.BatchNormAct2d(8, act_layer=nn.SiLU)))
+        return timm_models[-1]
+
     scope = {"torchvision_resnet": resnet(),
-             "gn_model": resnet(lambda c: nn.GroupNorm(32, c))}
+             "gn_model": resnet(lambda c: nn.GroupNorm(32, c)),
+             "timm": types.SimpleNamespace(create_model=create_model)}
     exec(compile(_python_block("## Quick start"), "README.md: Quick start", "exec"), scope)
+    assert type(timm_models[0][1]) is normfuse.BatchInstanceNormAct2d
     model = scope["model"]
     norms = [m for m in model.modules() if isinstance(m, normfuse.SyncBatchInstanceNorm)]
     assert len(norms) == 12  # every BatchNorm of the model, synchronized

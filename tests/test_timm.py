@@ -1,0 +1,126 @@
+"""``normfuse.convert`` on timm's own models (timm 1.0.31).
+
+timm needs torchvision, whose wheels pin a torch, so it is not among the test requirements: CI
+runs this file in a venv that adds torchvision and timm to the main environment
+(``.ci/timm.sh``); without timm it is skipped.  tests/test_norm_act.py tests the same conversion
+against a copy of timm's layers (tests/timm_norm_act.py) everywhere; ``test_copy_matches_timm``
+keeps the copy honest.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import timm_norm_act as copied
+from oracles import randn
+
+timm = pytest.importorskip("timm")
+norm_act = pytest.importorskip("timm.layers.norm_act")
+
+
+def test_recognised_classes_are_timms(nf):
+    """The classes convert recognises by name exist in this timm, in its module, derived from
+    the torch norm that convert expects."""
+    from normfuse.convert import _TIMM_BASES  # noqa: PLC0415
+
+    for name, base in _TIMM_BASES.items():
+        cls = getattr(norm_act, name)
+        assert cls.__module__ == copied.TIMM_MODULE and issubclass(cls, base), name
+    assert norm_act.FrozenBatchNormAct2d.__name__ == "FrozenBatchNormAct2d"
+
+
+@pytest.mark.parametrize("name", ["BatchNormAct2d", "GroupNormAct", "GroupNorm1Act",
+                                  "FrozenBatchNormAct2d"])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
+def test_copy_matches_timm(name, act, seed):
+    """tests/timm_norm_act.py computes what timm's layers compute, with the same state_dict."""
+    kwargs = {"num_groups": 4} if name == "GroupNormAct" else {}
+    theirs = getattr(norm_act, name)(8, act_layer=act, **kwargs).double()
+    ours = getattr(copied, name)(8, act_layer=act, **kwargs).double()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(randn(p.shape, seed, torch.float64))
+    ours.load_state_dict(theirs.state_dict())
+    assert type(ours.act) is type(theirs.act) and type(ours.drop) is type(theirs.drop)
+    for training in (True, False):
+        x = randn((3, 8, 4, 5), seed + training, torch.float64)
+        torch.testing.assert_close(ours.train(training)(x), theirs.train(training)(x))
+        torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+
+
+# (model, target, fuse_relu): the families whose norms are timm's norm + act layers, with ReLU,
+# SiLU, Hardswish and LeakyReLU acts; GroupNormAct in BiT and the GN EfficientNet.
+MODELS = [("densenet121", "bin", True), ("mobilenetv3_small_050", "bin", True),
+          ("regnetx_002", "bin", False), ("efficientnet_b0", "bin", False),
+          ("cspresnet50", "bin", True), ("resnetv2_50x1_bit", "assoc", True),
+          ("efficientnet_b0_gn", "assoc", False), ("mobilenetv3_small_050", "iebn", True),
+          ("efficientnet_b0_gn", "ilm", False)]
+
+
+def _timm_norms(model):
+    return [m for m in model.modules()
+            if type(m).__name__ in ("BatchNormAct2d", "GroupNormAct", "BatchNorm2d", "GroupNorm")]
+
+
+@pytest.mark.parametrize("name,to,fuse", MODELS)
+def test_timm_model_converts_every_norm(nf, name, to, fuse, seed):
+    """Every norm of the model is converted, with no warning; with fuse_relu each ReLU act is
+    fused. BIN (gates at 1) and AssocNorm compute timm's model: outputs and gradients in float64,
+    train and eval; IEBN and ILM-Norm train a step with finite results."""
+    model = timm.create_model(name, pretrained=False).double()
+    count = len(_timm_norms(model))
+    relu_acts = sum(type(getattr(m, "act", None)) is nn.ReLU for m in model.modules())
+    options = {"key_group_size": 4, "reduction": 4} if to == "ilm" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = nf.convert(copy.deepcopy(model), to, fuse_relu=fuse, **options)
+    norms = [m for m in converted.modules() if isinstance(m, nf.fuse.NORM_TYPES)]
+    assert len(norms) == count and not _timm_norms(converted)
+    fused = sum(m.activation == "relu" for m in norms)
+    assert fused == (relu_acts if fuse else 0)
+    for training in (True, False):
+        x = randn((2, 3, 64, 64), seed + training, torch.float64)
+        outputs, grads = [], []
+        for m in (model, converted):
+            m.train(training).zero_grad()
+            y = m(x)
+            y.square().sum().backward()
+            outputs.append(y.detach())
+            grads.append({k: p.grad for k, p in m.named_parameters() if p.grad is not None})
+        if to in ("bin", "assoc"):
+            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-9, atol=1e-9)
+            for key, grad in grads[0].items():
+                torch.testing.assert_close(grads[1][key], grad, rtol=1e-7, atol=1e-9, msg=key)
+        else:
+            assert torch.isfinite(outputs[1]).all()
+            assert all(torch.isfinite(g).all() for g in grads[1].values())
+
+
+def test_timm_sync_conversion_then_convert(nf):
+    """timm's convert_sync_batchnorm (SyncBatchNormAct, act and drop moved over), then
+    normfuse.convert: the synchronized norm + act, its act kept."""
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    model = norm_act.convert_sync_batchnorm(model)
+    acts = [type(m.act) for m in model.modules() if type(m).__name__ == "SyncBatchNormAct"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nf.convert(model, "bin")
+    ours = [m for m in model.modules() if isinstance(m, nf.SyncBatchInstanceNormAct)]
+    assert [type(m.act) for m in ours] == acts and acts
+
+
+def test_timm_model_fx_feature_extractor(nf):
+    """timm's fx feature extraction on a converted model (its tracer keeps normfuse layers as
+    one node each, as it keeps its own norm + act layers)."""
+    from timm.models import create_feature_extractor  # noqa: PLC0415
+
+    model = nf.convert(timm.create_model("regnetx_002", pretrained=False), "bin").eval()
+    nodes = {"s1": "s1", "s4": "s4"}
+    extractor = create_feature_extractor(model, return_nodes=nodes)
+    x = torch.randn(1, 3, 64, 64)
+    features = extractor(x)
+    torch.testing.assert_close(features["s4"], model.forward_features(x))
