@@ -15,7 +15,7 @@ from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, Batch
                       _InstanceEnhancementBatchNorm)
 from .norm_act import (AssocNormAct, BatchInstanceNormAct2d, ILMNormAct,
                        InstanceEnhancementBatchNormAct2d, SyncBatchInstanceNormAct,
-                       SyncInstanceEnhancementBatchNormAct)
+                       SyncInstanceEnhancementBatchNormAct, _NormAct)
 
 _BATCH_NORM_TARGETS = {
     "bin": {nn.BatchNorm1d: BatchInstanceNorm1d, nn.BatchNorm2d: BatchInstanceNorm2d,
@@ -25,18 +25,23 @@ _BATCH_NORM_TARGETS = {
              nn.BatchNorm3d: InstanceEnhancementBatchNorm3d,
              nn.SyncBatchNorm: SyncInstanceEnhancementBatchNorm},
 }
-# timm's norm + activation layers (timm.layers.norm_act: a norm subclass that applies its
-# ``drop`` and ``act`` modules to the output), by class name, recognised without importing timm.
-_TIMM_NORM_ACT_TARGETS = {
-    "bin": {"BatchNormAct2d": BatchInstanceNormAct2d, "SyncBatchNormAct": SyncBatchInstanceNormAct},
-    "iebn": {"BatchNormAct2d": InstanceEnhancementBatchNormAct2d,
-             "SyncBatchNormAct": SyncInstanceEnhancementBatchNormAct},
-    "assoc": {"GroupNormAct": AssocNormAct, "GroupNorm1Act": AssocNormAct},
-    "ilm": {"GroupNormAct": ILMNormAct, "GroupNorm1Act": ILMNormAct},
+# timm's norm layers, by (module, class name) without importing timm (``timm.layers.norm_act``
+# / ``.norm``; ``timm.models.layers`` in timm < 0.9): each is a subclass of the torch norm named
+# here computing that norm, the norm + act layers then applying their ``drop`` and ``act``
+# modules (normfuse.norm_act).  -> (that torch norm, the normfuse layer per target).
+_GROUP_NORM_ACT = (nn.GroupNorm, {"assoc": AssocNormAct, "ilm": ILMNormAct})
+_GROUP_NORM = (nn.GroupNorm, {"assoc": AssocNorm, "ilm": ILMNorm})
+_TIMM_LAYERS = {
+    ("norm_act", "BatchNormAct2d"): (nn.BatchNorm2d, {"bin": BatchInstanceNormAct2d,
+                                                      "iebn": InstanceEnhancementBatchNormAct2d}),
+    ("norm_act", "SyncBatchNormAct"): (nn.SyncBatchNorm,
+                                       {"bin": SyncBatchInstanceNormAct,
+                                        "iebn": SyncInstanceEnhancementBatchNormAct}),
+    ("norm_act", "GroupNormAct"): _GROUP_NORM_ACT,
+    ("norm_act", "GroupNorm1Act"): _GROUP_NORM_ACT,
+    ("norm", "GroupNorm"): _GROUP_NORM,  # resnet50_gn's
+    ("norm", "GroupNorm1"): _GROUP_NORM,  # one group: poolformer's, mobilevitv2's
 }
-# What timm's classes derive from: a class of that name from timm that does not is not taken.
-_TIMM_BASES = {"BatchNormAct2d": nn.BatchNorm2d, "SyncBatchNormAct": nn.SyncBatchNorm,
-               "GroupNormAct": nn.GroupNorm, "GroupNorm1Act": nn.GroupNorm}
 TARGETS = ("bin", "iebn", "assoc", "ilm")
 # The kind of each normfuse layer (subclasses included), for convert's warning about a model
 # already converted to another kind.
@@ -92,15 +97,15 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
     return new
 
 
-def _timm_norm_act(module: nn.Module, to: str):
-    """The normfuse norm + act class that replaces ``module`` if it is one of timm's norm +
-    activation layers (exactly that class of ``timm.layers``), else None."""
+def _timm_layer(module: nn.Module, to: str):
+    """The normfuse class that replaces ``module`` (for target ``to``) if ``module`` is one of
+    timm's norm layers (``_TIMM_LAYERS``), else None."""
     cls = type(module)
-    name = cls.__name__
-    if (not cls.__module__.startswith("timm.") or name not in _TIMM_BASES
-            or not issubclass(cls, _TIMM_BASES[name])):
+    package, _, last = cls.__module__.rpartition(".")
+    entry = _TIMM_LAYERS.get((last, cls.__name__))
+    if entry is None or package.split(".")[0] != "timm" or not issubclass(cls, entry[0]):
         return None
-    return _TIMM_NORM_ACT_TARGETS[to].get(name)
+    return entry[1].get(to)
 
 
 def _take_post(old: nn.Module, new: nn.Module) -> None:
@@ -150,7 +155,7 @@ def _replacement(child: nn.Module, to: str, name: str, options: dict, fallback: 
 
 
 def _replacement_of(child: nn.Module, to: str, name: str, options: dict):
-    timm_cls = _timm_norm_act(child, to)
+    timm_cls = _timm_layer(child, to)
     if to in ("assoc", "ilm"):
         if type(child) is not nn.GroupNorm and timm_cls is None:
             return None
@@ -165,7 +170,7 @@ def _replacement_of(child: nn.Module, to: str, name: str, options: dict):
         if cls is None:
             return None
         new = _from_batch_norm(child, cls, to)
-    if timm_cls is not None:
+    if isinstance(new, _NormAct):
         _take_post(child, new)
     return new
 
@@ -218,9 +223,9 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
         memo[id(child)] = new
         if new is not None:
             out.append((module, child_name, new.train(child.training)))
+        elif _left_as_is(child, to):  # as it is, children included (timm's SplitBatchNorm2d
+            skipped.append(f"{path} ({type(child).__name__})")  # holds BatchNorm2d's of its own)
         else:
-            if _left_as_is(child, to):
-                skipped.append(f"{path} ({type(child).__name__})")
             _replacements(child, to, path, options, out, memo, fallback, skipped)
     return out
 
@@ -245,9 +250,18 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     per group). ``to="ilm"`` takes ``key_group_size`` (default 16) and ``reduction`` (16) as keyword
     options; a GroupNorm whose channel count ``key_group_size`` does not divide is an error naming
     it. A ``module`` that is itself a norm layer is returned converted, like
-    ``nn.SyncBatchNorm.convert_sync_batchnorm``. Norms ``convert`` does not take (subclasses,
-    lazy norms, ``FrozenBatchNorm2d``, normfuse layers of another kind) are left as they are and
-    named in one warning each; a TorchScript module is a ``TypeError`` (convert, then script).
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+    timm's norm layers are taken too (recognised by module and class name, without importing
+    timm): ``BatchNormAct2d``, ``SyncBatchNormAct``, ``GroupNormAct`` and ``GroupNorm1Act``, a
+    norm that then applies its own ``drop`` and ``act`` modules, become the normfuse norm + act
+    layer of the same shape (``normfuse.norm_act``) holding those very modules, so timm's
+    ``state_dict`` keys stay; timm's ``GroupNorm`` and ``GroupNorm1`` become AssocNorm / ILMNorm.
+
+    Norms ``convert`` does not take (other subclasses, lazy norms, ``FrozenBatchNorm2d``, timm's
+    ``FrozenBatchNormAct2d``, normfuse layers of another kind) are left as they are, their
+    children included, and named in one warning each; a TorchScript module is a ``TypeError``
+    (convert, then script).
 
     ``fuse_relu=True`` then fuses each normfuse norm whose output goes only into a ReLU
     (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu``, ``Tensor.relu``/``relu_``, in place or
@@ -255,10 +269,13 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     ``activation="relu"`` and that ReLU call goes.  A norm whose output has another user (a
     residual add, a second consumer), or any call site not followed by a ReLU, stays unfused;
     the ReLU after a residual add stays, and so does an ``nn.ReLU`` module with hooks (they
-    would no longer run).  The result is a ``torch.fx.GraphModule`` (a
+    would no longer run), and a norm with hooks (they would see the ReLU's output).  A norm +
+    act layer whose ``act`` is an ``nn.ReLU`` takes it in without tracing (``activation="relu"``,
+    ``act`` an ``nn.Identity``); one with another ``act`` is never fused with a ReLU after it.
+    Where the graph had a pair to fuse, the result is a ``torch.fx.GraphModule`` (a
     ``normfuse.fuse.FusedGraphModule``: the input model's submodule objects, parameters and
-    buffers, so the same ``state_dict`` keys) that computes what the unfused conversion computes,
-    in train and eval mode: **use the returned module**.  The input model is modified in place
+    buffers, so the same ``state_dict`` keys), otherwise the model itself; either computes what
+    the unfused conversion computes, in train and eval mode: **use the returned module**.  The input model is modified in place
     as well (converted, and its fused norms carry ``activation="relu"``); it still computes the
     same function, since ReLU is idempotent, but runs the now redundant ReLU passes.  A module
     whose forward cannot be traced (data-dependent control flow, or a forward that branches on
@@ -295,8 +312,9 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
         wanted = ("nn.GroupNorm" if to in ("assoc", "ilm")
                   else "nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm")
         warnings.warn(f"convert(..., {to!r}) left {len(skipped)} normalization layer(s) as they "
-                      f"are: {', '.join(skipped)}. Only exact {wanted} are converted: a subclass "
-                      "may compute something else, a lazy norm has no parameters yet (run one "
+                      f"are: {', '.join(skipped)}. convert takes {wanted} (exactly these "
+                      "classes) and timm's norm layers built on them: another subclass may "
+                      "compute something else, a lazy norm has no parameters yet (run one "
                       "forward first), and a FrozenBatchNorm2d is frozen by design.",
                       stacklevel=2)
     others = _other_kinds(module, to)

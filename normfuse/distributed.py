@@ -241,7 +241,8 @@ class _SyncMixin:
         # any rank, as nn.SyncBatchNorm (a nested tensor goes on to the checks, which refuse it)
         if isinstance(input, Tensor) and input.dim() > 5 and not input.is_nested:
             flat = input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))
-            return self.forward(flat).reshape(input.shape)
+            # this forward, not the module's: a norm + act subclass applies its act once, after
+            return _SyncMixin.forward(self, flat).reshape(input.shape)
         group = self._sync_group()
         if group is None:
             return super().forward(input)  # the plain module, unchanged
@@ -306,18 +307,19 @@ def _to_sync(module: nn.Module, process_group):
     if isinstance(module, _SyncMixin):
         return None
     from .norm_act import SYNC_OF  # noqa: PLC0415  (norm_act builds on this module)
-    # A norm + act module (normfuse.norm_act) keeps its drop and act modules.
-    post = ({"drop": module.drop, "act": module.act} if type(module) in SYNC_OF else {})
+    # A norm + act module (normfuse.norm_act, or a subclass) keeps its drop and act modules.
+    act_cls = next((SYNC_OF[c] for c in type(module).__mro__ if c in SYNC_OF), None)
+    post = {} if act_cls is None else {"drop": module.drop, "act": module.act}
     if isinstance(module, _BatchInstanceNorm):
-        cls = SYNC_OF.get(type(module), SyncBatchInstanceNorm)
-        new = cls(module.num_features, module.eps, module.momentum, module.affine,
-                  module.track_running_stats, process_group, device="meta",
-                  activation=module.activation, **post)
+        new = (act_cls or SyncBatchInstanceNorm)(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, process_group, device="meta",
+            activation=module.activation, **post)
     elif isinstance(module, _InstanceEnhancementBatchNorm):
-        cls = SYNC_OF.get(type(module), SyncInstanceEnhancementBatchNorm)
-        new = cls(module.num_features, module.eps, module.momentum, module.track_running_stats,
-                  process_group, device="meta", affine=module.affine,
-                  activation=module.activation, **post)
+        new = (act_cls or SyncInstanceEnhancementBatchNorm)(
+            module.num_features, module.eps, module.momentum, module.track_running_stats,
+            process_group, device="meta", affine=module.affine, activation=module.activation,
+            **post)
     else:
         return None
     # The very same Parameter and buffer objects (optimizers keep working), as

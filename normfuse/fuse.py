@@ -191,6 +191,8 @@ def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx
             continue
         if isinstance(norm, _NormAct) and not norm.post_is_identity():
             continue  # relu(act(norm(x))): the ReLU comes after its own drop / act
+        if _has_hooks(norm):
+            continue  # its hooks would see relu(norm(x)) where they saw norm(x)
         if any(relu is None for _, relu in calls):
             continue  # a call site whose output has another user, or goes elsewhere
         # Every place the norm sits must be in this graph's reach: under ``path`` and not

@@ -285,3 +285,77 @@ def test_export_of_a_converted_layer(nf, seed):
     x = randn((2, 3, 5, 5), seed)
     program = torch.export.export(model, (x,))
     torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_timm_group_norms_become_plain_layers(nf, seed):
+    """timm's GroupNorm (ResNet-50-GN) and GroupNorm1 (one group) have no act: AssocNorm /
+    ILMNorm, computing the GroupNorm's function (AssocNorm as converted)."""
+    model = nn.Sequential(timm.GroupNorm(8, num_groups=4), timm.GroupNorm1(8)).double()
+    oracles.randomize_parameters(model, seed)
+    x = randn((2, 8, 3, 3), seed, torch.float64)
+    expected = model(x)
+    converted = _convert(nf, copy.deepcopy(model), "assoc")
+    assert [type(m) for m in converted] == [nf.AssocNorm, nf.AssocNorm]
+    assert [m.num_groups for m in converted] == [4, 1]
+    torch.testing.assert_close(converted(x), expected)
+    assert [type(m) for m in _convert(nf, model, "ilm")] == [nf.ILMNorm, nf.ILMNorm]
+
+
+def test_sync_layer_applies_act_once_for_any_rank(nf, seed):
+    """A synchronized norm + act flattens an input of rank > 5 and calls the norm on it: the
+    act runs once, after (as timm's SyncBatchNormAct)."""
+    layer = timm.SyncBatchNormAct(4).double()
+    layer.act, layer.drop = nn.SiLU(), nn.Identity()
+    calls = []
+    converted = _convert(nf, copy.deepcopy(layer), "bin")
+    converted.act.register_forward_hook(lambda *a: calls.append(1))
+    for training in (True, False):
+        x = randn((2, 4, 2, 2, 2, 3), seed + training, torch.float64)
+        calls.clear()
+        y = converted.train(training)(x)
+        assert len(calls) == 1
+        torch.testing.assert_close(y, layer.train(training)(x))
+
+
+def test_convert_sync_of_a_subclass_keeps_drop_and_act(nf, seed):
+    class Mine(nf.BatchInstanceNormAct2d):
+        pass
+
+    model = nn.Sequential(Mine(4, act=nn.SiLU())).double()
+    x = randn((2, 4, 3, 3), seed, torch.float64)
+    expected = model(x)
+    nf.convert_sync(model)
+    assert type(model[0]) is nf.SyncBatchInstanceNormAct and type(model[0].act) is nn.SiLU
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_fuse_relu_leaves_a_norm_with_hooks(nf, seed):
+    """A norm with a forward hook keeps the ReLU after it: the hook must see the norm's output,
+    not relu of it."""
+    for norm in (nn.BatchNorm2d(8), timm.BatchNormAct2d(8, apply_act=False)):
+        model = nf.convert(nn.Sequential(nn.Conv2d(3, 8, 1), norm, nn.ReLU()), "bin")
+        model[1].register_forward_hook(lambda m, i, o: o - 1.0)
+        fused = nf.convert(model, "bin", fuse_relu=True)
+        assert fused is model and model[1].activation is None
+        assert float(fused(randn((2, 3, 4, 4), seed)).min()) == 0.0  # the ReLU still runs
+
+
+def test_only_own_relus_returns_the_model_itself(nf):
+    """With every ReLU a layer's own act there is no graph to rewrite: the model comes back."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), timm.BatchNormAct2d(8))
+    assert _convert(nf, model, "bin", fuse_relu=True) is model
+    assert model[1].activation == "relu"
+
+
+def test_a_norm_left_as_is_keeps_its_children(nf):
+    """A norm subclass convert does not take is left whole: timm's SplitBatchNorm2d holds
+    BatchNorm2d's of its own (aux_bn), which must not become BIN under an unconverted parent."""
+    class SplitBatchNorm2d(nn.BatchNorm2d):
+        def __init__(self, num_features):
+            super().__init__(num_features)
+            self.aux_bn = nn.ModuleList([nn.BatchNorm2d(num_features)])
+
+    model = nn.Sequential(SplitBatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"0 \(SplitBatchNorm2d\)"):
+        nf.convert(model, "bin")
+    assert type(model[0].aux_bn[0]) is nn.BatchNorm2d

@@ -22,30 +22,37 @@ norm_act = pytest.importorskip("timm.layers.norm_act")
 
 
 def test_recognised_classes_are_timms(nf):
-    """The classes convert recognises by name exist in this timm, in its module, derived from
-    the torch norm that convert expects."""
-    from normfuse.convert import _TIMM_BASES  # noqa: PLC0415
+    """The classes convert recognises by module and name exist in this timm, there, derived
+    from the torch norm that convert expects; the copies name the same modules."""
+    import importlib  # noqa: PLC0415
 
-    for name, base in _TIMM_BASES.items():
-        cls = getattr(norm_act, name)
-        assert cls.__module__ == copied.TIMM_MODULE and issubclass(cls, base), name
-    assert norm_act.FrozenBatchNormAct2d.__name__ == "FrozenBatchNormAct2d"
+    from normfuse.convert import _TIMM_LAYERS  # noqa: PLC0415
+
+    for (module, name), (base, _) in _TIMM_LAYERS.items():
+        cls = getattr(importlib.import_module(f"timm.layers.{module}"), name)
+        assert cls.__module__ == f"timm.layers.{module}" and issubclass(cls, base), name
+        assert getattr(copied, name).__module__ == cls.__module__, name
+    assert norm_act.FrozenBatchNormAct2d.__module__ == copied.TIMM_MODULE
 
 
 @pytest.mark.parametrize("name", ["BatchNormAct2d", "GroupNormAct", "GroupNorm1Act",
-                                  "FrozenBatchNormAct2d"])
+                                  "FrozenBatchNormAct2d", "GroupNorm", "GroupNorm1"])
 @pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
 def test_copy_matches_timm(name, act, seed):
     """tests/timm_norm_act.py computes what timm's layers compute, with the same state_dict."""
-    kwargs = {"num_groups": 4} if name == "GroupNormAct" else {}
-    theirs = getattr(norm_act, name)(8, act_layer=act, **kwargs).double()
-    ours = getattr(copied, name)(8, act_layer=act, **kwargs).double()
+    kwargs = {"num_groups": 4} if name in ("GroupNormAct", "GroupNorm") else {}
+    if name.endswith("Act") or name.endswith("Act2d"):
+        kwargs["act_layer"] = act
+    module = timm.layers.norm if name.startswith("GroupNorm") and "Act" not in name else norm_act
+    theirs = getattr(module, name)(8, **kwargs).double()
+    ours = getattr(copied, name)(8, **kwargs).double()
     assert list(ours.state_dict()) == list(theirs.state_dict())
     with torch.no_grad():
         for p in theirs.parameters():
             p.copy_(randn(p.shape, seed, torch.float64))
     ours.load_state_dict(theirs.state_dict())
-    assert type(ours.act) is type(theirs.act) and type(ours.drop) is type(theirs.drop)
+    for post in ("act", "drop"):
+        assert type(getattr(ours, post, None)) is type(getattr(theirs, post, None))
     for training in (True, False):
         x = randn((3, 8, 4, 5), seed + training, torch.float64)
         torch.testing.assert_close(ours.train(training)(x), theirs.train(training)(x))
@@ -53,17 +60,14 @@ def test_copy_matches_timm(name, act, seed):
 
 
 # (model, target, fuse_relu): the families whose norms are timm's norm + act layers, with ReLU,
-# SiLU, Hardswish and LeakyReLU acts; GroupNormAct in BiT and the GN EfficientNet.
+# SiLU, Hardswish and LeakyReLU acts; GroupNormAct in BiT and the GN EfficientNet; timm's
+# GroupNorm in ResNet-50-GN, GroupNorm1 in MobileViTv2.
 MODELS = [("densenet121", "bin", True), ("mobilenetv3_small_050", "bin", True),
           ("regnetx_002", "bin", False), ("efficientnet_b0", "bin", False),
           ("cspresnet50", "bin", True), ("resnetv2_50x1_bit", "assoc", True),
-          ("efficientnet_b0_gn", "assoc", False), ("mobilenetv3_small_050", "iebn", True),
+          ("efficientnet_b0_gn", "assoc", False), ("resnet50_gn", "assoc", False),
+          ("mobilevitv2_050", "assoc", False), ("mobilenetv3_small_050", "iebn", True),
           ("efficientnet_b0_gn", "ilm", False)]
-
-
-def _timm_norms(model):
-    return [m for m in model.modules()
-            if type(m).__name__ in ("BatchNormAct2d", "GroupNormAct", "BatchNorm2d", "GroupNorm")]
 
 
 @pytest.mark.parametrize("name,to,fuse", MODELS)
@@ -72,14 +76,15 @@ def test_timm_model_converts_every_norm(nf, name, to, fuse, seed):
     fused. BIN (gates at 1) and AssocNorm compute timm's model: outputs and gradients in float64,
     train and eval; IEBN and ILM-Norm train a step with finite results."""
     model = timm.create_model(name, pretrained=False).double()
-    count = len(_timm_norms(model))
     relu_acts = sum(type(getattr(m, "act", None)) is nn.ReLU for m in model.modules())
     options = {"key_group_size": 4, "reduction": 4} if to == "ilm" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         converted = nf.convert(copy.deepcopy(model), to, fuse_relu=fuse, **options)
     norms = [m for m in converted.modules() if isinstance(m, nf.fuse.NORM_TYPES)]
-    assert len(norms) == count and not _timm_norms(converted)
+    kind = nn.GroupNorm if to in ("assoc", "ilm") else nn.modules.batchnorm._BatchNorm
+    assert len(norms) == sum(isinstance(m, kind) for m in model.modules()) and norms
+    assert not any(isinstance(m, kind) for m in converted.modules())
     fused = sum(m.activation == "relu" for m in norms)
     assert fused == (relu_acts if fuse else 0)
     for training in (True, False):

@@ -1,4 +1,4 @@
-"""timm's norm + activation layers (``timm/layers/norm_act.py``, timm 1.0.31), copied, so that the
+"""timm's norm layers (``timm/layers/norm_act.py`` and ``norm.py``, timm 1.0.31), copied, so that the
 conversion of timm models is tested where timm is not installed (it needs torchvision, whose
 wheels pin a torch; CI runs tests/test_timm.py against timm itself, ``.ci/timm.sh``).
 
@@ -131,5 +131,22 @@ class FrozenBatchNormAct2d(nn.Module):
         return x
 
 
+class GroupNorm(nn.GroupNorm):  # timm/layers/norm.py
+    def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True, **kwargs):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, **kwargs)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GroupNorm1(nn.GroupNorm):  # timm/layers/norm.py
+    def __init__(self, num_channels, **kwargs):
+        super().__init__(1, num_channels, **kwargs)
+
+    forward = GroupNorm.forward
+
+
 for _cls in (BatchNormAct2d, SyncBatchNormAct, GroupNormAct, GroupNorm1Act, FrozenBatchNormAct2d):
     _cls.__module__ = TIMM_MODULE
+for _cls in (GroupNorm, GroupNorm1):
+    _cls.__module__ = "timm.layers.norm"
