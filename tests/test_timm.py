@@ -129,3 +129,20 @@ def test_timm_model_fx_feature_extractor(nf):
     x = torch.randn(1, 3, 64, 64)
     features = extractor(x)
     torch.testing.assert_close(features["s4"], model.forward_features(x))
+
+
+def test_converted_timm_model_exports_to_onnx(nf, seed, tmp_path):
+    """A converted, fused timm model (MobileNetV3: its ReLU acts fused, its Hardswish acts kept)
+    exports to ONNX and onnxruntime computes what the model computes (README, "Export")."""
+    ort = pytest.importorskip("onnxruntime")
+    model = nf.convert(timm.create_model("mobilenetv3_small_050", pretrained=False), "bin",
+                       fuse_relu=True).eval()
+    x = randn((2, 3, 64, 64), seed)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own notices
+        torch.onnx.export(model, (x,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path))
+    y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-5)
