@@ -189,7 +189,7 @@ def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx
     for norm, calls in sites.values():
         if getattr(norm, "activation", None) not in (None, "relu"):
             continue
-        if isinstance(norm, _NormAct) and not norm.post_is_identity():
+        if isinstance(norm, _NormAct) and not norm._post_is_identity():
             continue  # relu(act(norm(x))): the ReLU comes after its own drop / act
         if _has_hooks(norm):
             continue  # its hooks would see relu(norm(x)) where they saw norm(x)

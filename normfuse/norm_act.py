@@ -49,7 +49,7 @@ class _NormAct:
             return _fx_leaf(self, input)
         return self.act(self.drop(super().forward(input)))
 
-    def post_is_identity(self) -> bool:
+    def _post_is_identity(self) -> bool:
         """Whether ``drop`` and ``act`` are both plain ``nn.Identity`` without hooks: only then
         is the layer's output its norm's (``fuse_relu`` may fuse a ReLU that follows it)."""
         return all(type(m) is nn.Identity and not _has_hooks(m) for m in (self.drop, self.act))
