@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,15 +29,21 @@ _BATCH_NORM_TARGETS = {
 # timm's norm layers, by (module, class name) without importing timm (``timm.layers.norm_act``
 # / ``.norm``; ``timm.models.layers`` in timm < 0.9): each is a subclass of the torch norm named
 # here computing that norm, the norm + act layers then applying their ``drop`` and ``act``
-# modules (normfuse.norm_act).  -> (that torch norm, the normfuse layer per target).
-_GROUP_NORM_ACT = (nn.GroupNorm, {"assoc": AssocNormAct, "ilm": ILMNormAct})
-_GROUP_NORM = (nn.GroupNorm, {"assoc": AssocNorm, "ilm": ILMNorm})
+# modules (normfuse.norm_act).
+class _TimmLayer(NamedTuple):
+    base: type  # the torch norm it derives from and computes
+    targets: dict  # convert's target -> the normfuse class that replaces it
+
+
+_GROUP_NORM_ACT = _TimmLayer(nn.GroupNorm, {"assoc": AssocNormAct, "ilm": ILMNormAct})
+_GROUP_NORM = _TimmLayer(nn.GroupNorm, {"assoc": AssocNorm, "ilm": ILMNorm})
 _TIMM_LAYERS = {
-    ("norm_act", "BatchNormAct2d"): (nn.BatchNorm2d, {"bin": BatchInstanceNormAct2d,
-                                                      "iebn": InstanceEnhancementBatchNormAct2d}),
-    ("norm_act", "SyncBatchNormAct"): (nn.SyncBatchNorm,
-                                       {"bin": SyncBatchInstanceNormAct,
-                                        "iebn": SyncInstanceEnhancementBatchNormAct}),
+    ("norm_act", "BatchNormAct2d"): _TimmLayer(nn.BatchNorm2d,
+                                               {"bin": BatchInstanceNormAct2d,
+                                                "iebn": InstanceEnhancementBatchNormAct2d}),
+    ("norm_act", "SyncBatchNormAct"): _TimmLayer(nn.SyncBatchNorm,
+                                                 {"bin": SyncBatchInstanceNormAct,
+                                                  "iebn": SyncInstanceEnhancementBatchNormAct}),
     ("norm_act", "GroupNormAct"): _GROUP_NORM_ACT,
     ("norm_act", "GroupNorm1Act"): _GROUP_NORM_ACT,
     ("norm", "GroupNorm"): _GROUP_NORM,  # resnet50_gn's
@@ -103,9 +110,9 @@ def _timm_layer(module: nn.Module, to: str):
     cls = type(module)
     package, _, last = cls.__module__.rpartition(".")
     entry = _TIMM_LAYERS.get((last, cls.__name__))
-    if entry is None or package.split(".")[0] != "timm" or not issubclass(cls, entry[0]):
+    if entry is None or package.split(".")[0] != "timm" or not issubclass(cls, entry.base):
         return None
-    return entry[1].get(to)
+    return entry.targets.get(to)
 
 
 def _take_post(old: nn.Module, new: nn.Module) -> None:
@@ -118,7 +125,7 @@ def _take_post(old: nn.Module, new: nn.Module) -> None:
             setattr(new, name, module)
 
 
-def _from_group_norm(gn: nn.GroupNorm, cls=AssocNorm) -> AssocNorm:
+def _from_group_norm(gn: nn.GroupNorm, cls=AssocNorm) -> nn.Module:
     new = cls(gn.num_groups, gn.num_channels, eps=gn.eps, **_factory(gn))
     with torch.no_grad():
         # A fresh AssocNorm's decoder gives omega = 0.5 + B_omega: start from the same function.
@@ -130,7 +137,8 @@ def _from_group_norm(gn: nn.GroupNorm, cls=AssocNorm) -> AssocNorm:
     return new
 
 
-def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict, cls=ILMNorm) -> ILMNorm:
+def _ilm_from_group_norm(gn: nn.GroupNorm, where: str, options: dict,
+                         cls=ILMNorm) -> nn.Module:
     try:
         new = cls(gn.num_channels, gn.num_groups, eps=gn.eps, **options, **_factory(gn))
     except ValueError as exc:
@@ -270,14 +278,17 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     residual add, a second consumer), or any call site not followed by a ReLU, stays unfused;
     the ReLU after a residual add stays, and so does an ``nn.ReLU`` module with hooks (they
     would no longer run), and a norm with hooks (they would see the ReLU's output).  A norm +
-    act layer whose ``act`` is an ``nn.ReLU`` takes it in without tracing (``activation="relu"``,
-    ``act`` an ``nn.Identity``); one with another ``act`` is never fused with a ReLU after it.
+    act layer whose ``act`` is an ``nn.ReLU`` (its ``drop`` a plain identity, neither with hooks)
+    takes it in without tracing (``activation="relu"``, ``act`` an ``nn.Identity``); one whose
+    ``drop`` or ``act`` is anything but a plain identity is never fused with a ReLU after it.
     Where the graph had a pair to fuse, the result is a ``torch.fx.GraphModule`` (a
     ``normfuse.fuse.FusedGraphModule``: the input model's submodule objects, parameters and
     buffers, so the same ``state_dict`` keys), otherwise the model itself; either computes what
-    the unfused conversion computes, in train and eval mode: **use the returned module**.  The input model is modified in place
-    as well (converted, and its fused norms carry ``activation="relu"``); it still computes the
-    same function, since ReLU is idempotent, but runs the now redundant ReLU passes.  A module
+    the unfused conversion computes, in train and eval mode: **use the returned module**.  The
+    input model is modified in place as well (converted, its fused norms carry
+    ``activation="relu"``, the ReLU acts taken in are ``nn.Identity``); it still computes the
+    same function, since ReLU is idempotent, but runs the now redundant passes of the ReLUs the
+    graph dropped.  A module
     whose forward cannot be traced (data-dependent control flow, or a forward that branches on
     ``self.training``, which a graph would freeze) is kept as a leaf of the graph around it, its
     children are fused where they trace (each replaced by its GraphModule), and one

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import _Activation, _has_hooks
-from .norm_act import _NormAct
+from .norm_act import _NormAct, plain_identity
 
 # Every normfuse layer (BIN, IEBN 1d-3d and their Sync forms, AssocNorm, ILMNorm) carries the
 # ``activation`` attribute of _Activation.
@@ -305,7 +305,7 @@ def _fuse_own_relu(model: nn.Module) -> None:
     for module in model.modules():
         if (isinstance(module, _NormAct) and module.activation is None
                 and type(module.act) is nn.ReLU and not _has_hooks(module.act)
-                and type(module.drop) is nn.Identity and not _has_hooks(module.drop)):
+                and plain_identity(module.drop)):
             module.activation = "relu"
             module.act = nn.Identity()
 

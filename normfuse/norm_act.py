@@ -24,6 +24,11 @@ from .modules import (AssocNorm, BatchInstanceNorm2d, ILMNorm, InstanceEnhanceme
                       _fx_leaf, _has_hooks)
 
 
+def plain_identity(module: nn.Module) -> bool:
+    """An ``nn.Identity`` (not a subclass) without hooks: calling it or not is the same."""
+    return type(module) is nn.Identity and not _has_hooks(module)
+
+
 def _post_module(name: str, who: str, module) -> nn.Module:
     if module is None:
         return nn.Identity()
@@ -52,7 +57,7 @@ class _NormAct:
     def _post_is_identity(self) -> bool:
         """Whether ``drop`` and ``act`` are both plain ``nn.Identity`` without hooks: only then
         is the layer's output its norm's (``fuse_relu`` may fuse a ReLU that follows it)."""
-        return all(type(m) is nn.Identity and not _has_hooks(m) for m in (self.drop, self.act))
+        return plain_identity(self.drop) and plain_identity(self.act)
 
 
 class BatchInstanceNormAct2d(_NormAct, BatchInstanceNorm2d):

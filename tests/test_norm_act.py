@@ -42,6 +42,18 @@ def _convert(nf, module, to, **kw):
         return nf.convert(module, to, **options, **kw)
 
 
+class AddOne(nn.Module):
+    """A drop layer that is not the identity and does not commute with the acts: the order
+    act(drop(norm(x))) shows (timm's CSPNet passes DropBlock as its norm + act layers' drop)."""
+
+    def forward(self, x):
+        return x + 1.0
+
+
+TARGET_CLASSES = {"bin": "BatchInstanceNormAct2d", "iebn": "InstanceEnhancementBatchNormAct2d",
+                  "assoc": "AssocNormAct", "ilm": "ILMNormAct"}
+
+
 def _oracle_with_act(layer, x, act, dy):
     """float64 ``act(norm(x))`` and its gradients: the oracle of the norm, the activation
     differentiated on its output."""
@@ -56,14 +68,19 @@ def _oracle_with_act(layer, x, act, dy):
 @pytest.mark.parametrize("act", ["relu", "silu", "hardswish", "none"])
 @pytest.mark.parametrize("training", [True, False])
 def test_converted_layer_is_the_norm_then_act(nf, backend, to, act, training, seed):
-    """The converted layer computes act(norm(x)), forward and every gradient, vs the float64
-    oracle of the norm followed by the activation; the running statistics as the oracle's."""
-    layer = _convert(nf, _timm_layer(to, act).train(training), to)
-    assert type(layer).__name__.endswith("Act" if to in ("assoc", "ilm") else "Act2d")
+    """The converted layer (of the target's class) computes act(drop(norm(x))), forward and
+    every gradient, vs the float64 oracle of the norm followed by the timm layer's drop and
+    act; the running statistics as the oracle's."""
+    timm_layer = _timm_layer(to, act).train(training)
+    timm_layer.drop = AddOne()
+    drop, act_module = timm_layer.drop, timm_layer.act
+    layer = _convert(nf, timm_layer, to)
+    assert type(layer) is getattr(nf, TARGET_CLASSES[to])
+    assert layer.drop is drop and layer.act is act_module
     oracles.randomize_parameters(layer, seed)
     x = randn((3, 8, 5, 4), seed, torch.float64, scale=1.5, offset=0.3).requires_grad_()
     dy = randn((3, 8, 5, 4), seed + 1, torch.float64)
-    expected, oracle = _oracle_with_act(layer, x.detach(), layer.act, dy)
+    expected, oracle = _oracle_with_act(layer, x.detach(), lambda t: act_module(t + 1.0), dy)
     y = layer(x)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
     y.backward(dy)
@@ -166,6 +183,25 @@ def test_fuse_relu_takes_in_a_relu_act_only(nf, to, seed):
             torch.testing.assert_close(fused(x), expected)
 
 
+@pytest.mark.parametrize("hooked", ["drop", "act"])
+def test_fuse_relu_respects_hooks_on_identity_drop_and_act(nf, hooked):
+    """An identity drop with a hook keeps the layer's ReLU act a module (the hook must run);
+    a layer whose identity drop or act has a hook keeps the ReLU after it out of the layer (the
+    hook must see the pre-ReLU output)."""
+    calls = []
+    relu_act = timm.BatchNormAct2d(8)  # act: nn.ReLU
+    no_act = timm.BatchNormAct2d(8, apply_act=False)  # act: nn.Identity
+    relu_act.drop.register_forward_hook(lambda *a: calls.append("relu_act"))
+    getattr(no_act, hooked).register_forward_hook(lambda *a: calls.append("no_act"))
+    model = nn.Sequential(relu_act, no_act, nn.ReLU())
+    fused = _convert(nf, model, "bin", fuse_relu=True)
+    assert fused is model  # nothing fused: no graph rewritten
+    assert model[0].activation is None and type(model[0].act) is nn.ReLU
+    assert model[1].activation is None
+    fused(randn((2, 8, 3, 3), 0))
+    assert calls == ["relu_act", "no_act"]
+
+
 def test_relu_after_a_layer_without_act_is_fused(nf):
     """A converted layer made with apply_act=False is a plain norm: the ReLU that follows it in
     the model is fused as for any norm."""
@@ -190,13 +226,15 @@ def test_bare_timm_layer_converts_and_fuses(nf):
 
 
 def test_group_norm_1_act_and_group_size(nf, seed):
-    """GroupNorm1Act (one group) and GroupNormAct(group_size=...) keep their group count."""
-    one = _convert(nf, timm.GroupNorm1Act(6).double(), "assoc")
-    assert isinstance(one, nf.AssocNormAct) and one.num_groups == 1
-    sized = _convert(nf, timm.GroupNormAct(8, group_size=2).double(), "assoc")
-    assert sized.num_groups == 4
-    x = randn((2, 6, 3, 3), seed, torch.float64)
-    torch.testing.assert_close(one(x), timm.GroupNorm1Act(6).double()(x))
+    """GroupNorm1Act (one group) and GroupNormAct(group_size=...) keep their group count, and
+    compute timm's layer (AssocNorm as converted)."""
+    x = randn((2, 8, 3, 3), seed, torch.float64)
+    for layer, groups in ((timm.GroupNorm1Act(8), 1), (timm.GroupNormAct(8, group_size=2), 4)):
+        layer = oracles.randomize_parameters(layer.double(), seed)
+        expected = layer(x)
+        converted = _convert(nf, layer, "assoc")
+        assert type(converted) is nf.AssocNormAct and converted.num_groups == groups
+        torch.testing.assert_close(converted(x), expected)
 
 
 def test_sync_batch_norm_act(nf, seed):
@@ -215,29 +253,41 @@ def test_sync_batch_norm_act(nf, seed):
 
 @pytest.mark.parametrize("to", ["bin", "iebn"])
 def test_convert_sync_keeps_drop_and_act(nf, to, seed):
-    model = _convert(nf, nn.Sequential(_timm_layer(to, "silu")), to)
-    act = model[0].act
+    layer = _timm_layer(to, "silu")
+    layer.drop = AddOne()
+    model = _convert(nf, nn.Sequential(layer), to)
+    act, drop = model[0].act, model[0].drop
     params = {k: v for k, v in model.named_parameters()}
     x = randn((3, 8, 4, 4), seed, torch.float64)
     expected = copy.deepcopy(model)(x)
     nf.convert_sync(model)
-    assert type(model[0]) is nf.norm_act.SYNC_OF[nf.norm_act.__dict__[
-        "BatchInstanceNormAct2d" if to == "bin" else "InstanceEnhancementBatchNormAct2d"]]
-    assert model[0].act is act
+    assert type(model[0]) is {"bin": nf.SyncBatchInstanceNormAct,
+                              "iebn": nf.SyncInstanceEnhancementBatchNormAct}[to]
+    assert model[0].act is act and model[0].drop is drop
     assert all(p is params[k] for k, p in model.named_parameters())
     torch.testing.assert_close(model(x), expected)  # no process group: the plain layer
 
 
 def test_left_as_is_and_reported(nf):
-    """FrozenBatchNormAct2d (frozen by design) and a class named like timm's that is not timm's
-    are left as they are, each named in the warning."""
+    """FrozenBatchNormAct2d (frozen by design) and a class named like timm's in a module named
+    like timm's that is not timm's are left as they are, each named in the warning; a class of
+    timm's name and module on another base is not taken either."""
     class BatchNormAct2d(nn.BatchNorm2d):  # not timm's: may compute something else
         pass
 
+    BatchNormAct2d.__module__ = "mylib.layers.norm_act"
     model = nn.Sequential(timm.FrozenBatchNormAct2d(4), BatchNormAct2d(4))
     with pytest.warns(UserWarning, match=r"0 \(FrozenBatchNormAct2d\), 1 \(BatchNormAct2d\)"):
         nf.convert(model, "bin")
     assert type(model[0]) is timm.FrozenBatchNormAct2d and type(model[1]) is BatchNormAct2d
+
+    class GroupNormAct(nn.BatchNorm2d):  # timm's name and module, not a GroupNorm
+        pass
+
+    GroupNormAct.__module__ = timm.TIMM_MODULE
+    model = nn.Sequential(GroupNormAct(4))
+    nf.convert(model, "assoc")
+    assert type(model[0]) is GroupNormAct
 
 
 def test_ilm_refusal_names_the_timm_layer(nf):

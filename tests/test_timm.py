@@ -8,6 +8,7 @@ keeps the copy honest.
 """
 
 import copy
+import itertools
 import warnings
 
 import pytest
@@ -35,21 +36,32 @@ def test_recognised_classes_are_timms(nf):
     assert norm_act.FrozenBatchNormAct2d.__module__ == copied.TIMM_MODULE
 
 
-@pytest.mark.parametrize("name", ["BatchNormAct2d", "GroupNormAct", "GroupNorm1Act",
-                                  "FrozenBatchNormAct2d", "GroupNorm", "GroupNorm1"])
-@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
-def test_copy_matches_timm(name, act, seed):
-    """tests/timm_norm_act.py computes what timm's layers compute, with the same state_dict."""
-    kwargs = {"num_groups": 4} if name in ("GroupNormAct", "GroupNorm") else {}
-    if name.endswith("Act") or name.endswith("Act2d"):
-        kwargs["act_layer"] = act
-    module = timm.layers.norm if name.startswith("GroupNorm") and "Act" not in name else norm_act
+# (class, its constructor's keyword arguments): each act, with and without apply_act, a group
+# size, and the layers without an act.
+COPIED = [("BatchNormAct2d", {"act_layer": nn.ReLU}), ("BatchNormAct2d", {"act_layer": nn.SiLU}),
+          ("BatchNormAct2d", {"apply_act": False}),
+          ("GroupNormAct", {"num_groups": 4, "act_layer": nn.SiLU}),
+          ("GroupNormAct", {"group_size": 2, "act_layer": nn.ReLU}),
+          ("GroupNorm1Act", {"act_layer": nn.Hardswish}),
+          ("FrozenBatchNormAct2d", {"act_layer": nn.ReLU}),
+          ("GroupNorm", {"num_groups": 4}), ("GroupNorm1", {}), ("SyncBatchNormAct", {})]
+
+
+@pytest.mark.parametrize("name,kwargs", COPIED)
+def test_copy_matches_timm(name, kwargs, seed):
+    """tests/timm_norm_act.py computes what timm's layers compute (random parameters and
+    buffers, train and eval), with the same state_dict and the same drop / act modules."""
+    module = timm.layers.norm if name in ("GroupNorm", "GroupNorm1") else norm_act
     theirs = getattr(module, name)(8, **kwargs).double()
     ours = getattr(copied, name)(8, **kwargs).double()
+    if name == "SyncBatchNormAct":  # as timm's convert_sync_batchnorm leaves it
+        for layer in (theirs, ours):
+            layer.act, layer.drop = nn.SiLU(), nn.Identity()
     assert list(ours.state_dict()) == list(theirs.state_dict())
     with torch.no_grad():
-        for p in theirs.parameters():
-            p.copy_(randn(p.shape, seed, torch.float64))
+        for i, t in enumerate(itertools.chain(theirs.parameters(), theirs.buffers())):
+            if t.is_floating_point():
+                t.copy_(randn(t.shape, seed + i, torch.float64).abs() + 0.5)
     ours.load_state_dict(theirs.state_dict())
     for post in ("act", "drop"):
         assert type(getattr(ours, post, None)) is type(getattr(theirs, post, None))
@@ -63,7 +75,7 @@ def test_copy_matches_timm(name, act, seed):
 # SiLU, Hardswish and LeakyReLU acts; GroupNormAct in BiT and the GN EfficientNet; timm's
 # GroupNorm in ResNet-50-GN, GroupNorm1 in MobileViTv2.
 MODELS = [("densenet121", "bin", True), ("mobilenetv3_small_050", "bin", True),
-          ("regnetx_002", "bin", False), ("efficientnet_b0", "bin", False),
+          ("regnetx_002", "bin", True), ("efficientnet_b0", "bin", False),
           ("cspresnet50", "bin", True), ("resnetv2_50x1_bit", "assoc", True),
           ("efficientnet_b0_gn", "assoc", False), ("resnet50_gn", "assoc", False),
           ("mobilevitv2_050", "assoc", False), ("mobilenetv3_small_050", "iebn", True),
@@ -74,7 +86,7 @@ MODELS = [("densenet121", "bin", True), ("mobilenetv3_small_050", "bin", True),
 def test_timm_model_converts_every_norm(nf, name, to, fuse, seed):
     """Every norm of the model is converted, with no warning; with fuse_relu each ReLU act is
     fused. BIN (gates at 1) and AssocNorm compute timm's model: outputs and gradients in float64,
-    train and eval; IEBN and ILM-Norm train a step with finite results."""
+    train and eval; IEBN and ILM-Norm give finite outputs and gradients."""
     model = timm.create_model(name, pretrained=False).double()
     relu_acts = sum(type(getattr(m, "act", None)) is nn.ReLU for m in model.modules())
     options = {"key_group_size": 4, "reduction": 4} if to == "ilm" else {}

@@ -1,6 +1,7 @@
-"""timm's norm layers (``timm/layers/norm_act.py`` and ``norm.py``, timm 1.0.31), copied, so that the
-conversion of timm models is tested where timm is not installed (it needs torchvision, whose
-wheels pin a torch; CI runs tests/test_timm.py against timm itself, ``.ci/timm.sh``).
+"""timm's norm layers (``timm/layers/norm_act.py`` and ``norm.py``, timm 1.0.31), copied, so
+that the conversion of timm models is tested where timm is not installed (it needs
+torchvision, whose wheels require a torch of their own release; CI runs tests/test_timm.py
+against timm itself, ``.ci/timm.sh``).
 
 The forwards are timm's, verbatim (the ``_fast_norm`` branch, which needs timm's
 ``set_fast_norm()``, left out).  The constructors take the activation as timm's do, simplified
