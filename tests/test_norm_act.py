@@ -19,7 +19,7 @@ from torch import nn
 
 import oracles
 import timm_norm_act as timm
-from oracles import randn
+from oracles import assert_close_dtype, dtype_supported, randn
 
 KINDS = {"bin": timm.BatchNormAct2d, "iebn": timm.BatchNormAct2d,
          "assoc": timm.GroupNormAct, "ilm": timm.GroupNormAct}
@@ -67,29 +67,31 @@ def _oracle_with_act(layer, x, act, dy):
 @pytest.mark.parametrize("to", ["bin", "iebn", "assoc", "ilm"])
 @pytest.mark.parametrize("act", ["relu", "silu", "hardswish", "none"])
 @pytest.mark.parametrize("training", [True, False])
-def test_converted_layer_is_the_norm_then_act(nf, backend, to, act, training, seed):
+def test_converted_layer_is_the_norm_then_act(nf, backend, device, to, act, training, seed):
     """The converted layer (of the target's class) computes act(drop(norm(x))), forward and
     every gradient, vs the float64 oracle of the norm followed by the timm layer's drop and
-    act; the running statistics as the oracle's."""
+    act; the running statistics as the oracle's. float64 where the backend runs it (the CPU
+    ones), else float32."""
+    dtype = torch.float64 if dtype_supported(device, torch.float64) else torch.float32
     timm_layer = _timm_layer(to, act).train(training)
     timm_layer.drop = AddOne()
     drop, act_module = timm_layer.drop, timm_layer.act
     layer = _convert(nf, timm_layer, to)
     assert type(layer) is getattr(nf, TARGET_CLASSES[to])
     assert layer.drop is drop and layer.act is act_module
-    oracles.randomize_parameters(layer, seed)
-    x = randn((3, 8, 5, 4), seed, torch.float64, scale=1.5, offset=0.3).requires_grad_()
+    layer = oracles.randomize_parameters(layer, seed).to(device=device, dtype=dtype)
+    x = randn((3, 8, 5, 4), seed, dtype, device, scale=1.5, offset=0.3).requires_grad_()
     dy = randn((3, 8, 5, 4), seed + 1, torch.float64)
     expected, oracle = _oracle_with_act(layer, x.detach(), lambda t: act_module(t + 1.0), dy)
     y = layer(x)
-    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
-    y.backward(dy)
-    torch.testing.assert_close(x.grad, oracle.grads["input"], rtol=1e-9, atol=1e-9)
+    assert_close_dtype(y, expected, dtype, "output")
+    y.backward(dy.to(device=device, dtype=dtype))
+    assert_close_dtype(x.grad, oracle.grads["input"], dtype, "grad input")
     for name, p in layer.named_parameters(recurse=False):
-        torch.testing.assert_close(p.grad, oracle.grads[name], rtol=1e-9, atol=1e-9, msg=name)
+        assert_close_dtype(p.grad, oracle.grads[name], dtype, f"grad {name}")
     if to in ("bin", "iebn") and training:
-        torch.testing.assert_close(layer.running_mean, oracle.running_mean)
-        torch.testing.assert_close(layer.running_var, oracle.running_var)
+        assert_close_dtype(layer.running_mean, oracle.running_mean, dtype, "running_mean")
+        assert_close_dtype(layer.running_var, oracle.running_var, dtype, "running_var")
 
 
 def _net(to, act, inplace=True):
