@@ -19,12 +19,11 @@ import statistics
 import time
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import normfuse
+from train_digits import accuracy_on, load_data, report  # this script's directory
 
 
 def make_model(assoc: bool) -> nn.Module:
@@ -33,16 +32,6 @@ def make_model(assoc: bool) -> nn.Module:
         nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     return normfuse.convert(model, "assoc") if assoc else model
-
-
-def load_data(seed: int):  # train_digits.py's split (each example runs on its own)
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed,
-                                                        stratify=y)
-    mean, std = x_train.mean(), x_train.std()
-    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
 
 
 def per_sample_gradients(model: nn.Module):
@@ -89,9 +78,7 @@ def train(assoc: bool, data, epochs: int, batch_size: int, lr: float, clip: floa
                     g += noise * clip * torch.randn_like(g)
                     p -= lr * g / batch_size
             step_times.append(time.perf_counter() - t0)
-    with torch.no_grad():
-        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    return accuracy, statistics.median(step_times)
+    return accuracy_on(model, x_test, y_test), statistics.median(step_times)
 
 
 def main(argv=None) -> int:
@@ -113,18 +100,10 @@ def main(argv=None) -> int:
         return 1
     print(f"DP-SGD, {args.epochs} epochs, batch {args.batch_size}, clip {args.clip}, noise "
           f"multiplier {args.noise}; normfuse backend {normfuse.resolve_backend(data[0][:2])!r}")
-    print(f"{'normalization':<12} {'test accuracy':>14} {'ms / step (median)':>19}")
-    failed = []
-    for name, assoc in (("GroupNorm", False), ("AssocNorm", True)):
-        accuracy, step = train(assoc, data, args.epochs, args.batch_size, args.lr, args.clip,
-                               args.noise, args.seed)
-        print(f"{name:<12} {accuracy:>14.2%} {step * 1e3:>19.2f}", flush=True)
-        if accuracy < args.min_accuracy:
-            failed.append(name)
-    if failed:
-        print(f"below {args.min_accuracy:.0%} test accuracy: {', '.join(failed)}")
-        return 1
-    return 0
+    assoc = {"GroupNorm": False, "AssocNorm": True}
+    return report(assoc, lambda name: train(assoc[name], data, args.epochs, args.batch_size,
+                                            args.lr, args.clip, args.noise, args.seed),
+                  args.min_accuracy)
 
 
 if __name__ == "__main__":

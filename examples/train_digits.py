@@ -82,10 +82,30 @@ def train(variant: str, data, epochs: int, batch_size: int, lr: float, seed: int
             optimizer.step()
             scheduler.step()
             step_times.append(time.perf_counter() - t0)
+    # the median: the first steps warm up
+    return accuracy_on(model, x_test, y_test), statistics.median(step_times)
+
+
+def accuracy_on(model: nn.Module, x_test, y_test) -> float:
     model.eval()
     with torch.no_grad():
-        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    return accuracy, statistics.median(step_times)  # median: the first steps warm up
+        return (model(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def report(names, train_one, min_accuracy: float) -> int:
+    """Train each of ``names`` (``train_one(name) -> (test accuracy, median seconds a step)``),
+    a table row each as it finishes; 1 if any stays below ``min_accuracy``, else 0."""
+    print(f"{'normalization':<12} {'test accuracy':>14} {'ms / step (median)':>19}")
+    failed = []
+    for name in names:
+        accuracy, step = train_one(name)
+        print(f"{name:<12} {accuracy:>14.2%} {step * 1e3:>19.2f}", flush=True)
+        if accuracy < min_accuracy:
+            failed.append(name)
+    if failed:
+        print(f"below {min_accuracy:.0%} test accuracy: {', '.join(failed)}")
+        return 1
+    return 0
 
 
 def main(argv=None) -> int:
@@ -102,17 +122,8 @@ def main(argv=None) -> int:
     x_probe = data[0][:2]
     print(f"digits: {len(data[0])} train / {len(data[2])} test images, {args.epochs} epochs; "
           f"normfuse backend {args.backend!r} -> {normfuse.resolve_backend(x_probe)!r}")
-    print(f"{'normalization':<12} {'test accuracy':>14} {'ms / step (median)':>19}")
-    failed = []
-    for variant in VARIANTS:
-        accuracy, step = train(variant, data, args.epochs, args.batch_size, args.lr, args.seed)
-        print(f"{variant:<12} {accuracy:>14.2%} {step * 1e3:>19.2f}", flush=True)
-        if accuracy < args.min_accuracy:
-            failed.append(variant)
-    if failed:
-        print(f"below {args.min_accuracy:.0%} test accuracy: {', '.join(failed)}")
-        return 1
-    return 0
+    return report(VARIANTS, lambda variant: train(variant, data, args.epochs, args.batch_size,
+                                                  args.lr, args.seed), args.min_accuracy)
 
 
 if __name__ == "__main__":

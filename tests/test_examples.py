@@ -19,15 +19,17 @@ pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
+def _load(name: str, monkeypatch):
+    # examples/ on the path, as when run as a script: dp_sgd_digits imports train_digits
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_train_digits_reaches_the_readme_accuracy(capsys):
-    example = _load("train_digits")
+def test_train_digits_reaches_the_readme_accuracy(capsys, monkeypatch):
+    example = _load("train_digits", monkeypatch)
     before = normfuse.get_backend()
     try:  # main() sets the process-wide backend from its --backend
         assert example.main(["--backend", "auto", "--min-accuracy", "0.95"]) == 0, \
@@ -39,8 +41,8 @@ def test_train_digits_reaches_the_readme_accuracy(capsys):
         assert any(line.startswith(variant) for line in out.splitlines()), out
 
 
-def test_dp_sgd_digits_checks_its_gradients_and_trains(capsys):
-    example = _load("dp_sgd_digits")
+def test_dp_sgd_digits_checks_its_gradients_and_trains(capsys, monkeypatch):
+    example = _load("dp_sgd_digits", monkeypatch)
     assert example.main(["--min-accuracy", "0.85"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "per-sample gradients vs a loop" in out
