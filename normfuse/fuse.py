@@ -142,12 +142,17 @@ def _trace(module: nn.Module, opaque: dict):
     return graphs[1], constants
 
 
+def _plain_relu(module: nn.Module) -> bool:
+    """An ``nn.ReLU`` (a subclass may override forward) without hooks (they would no longer
+    run once it is fused)."""
+    return type(module) is nn.ReLU and not _has_hooks(module)
+
+
 def _relu_input(node: fx.Node, module: nn.Module):
     """The node ``node`` applies a ReLU to, if ``node`` is a ReLU of one input, else None."""
     if node.op == "call_module":
-        relu = module.get_submodule(node.target)
-        if type(relu) is not nn.ReLU or _has_hooks(relu):  # a subclass may override forward;
-            return None                                    # hooks would no longer run
+        if not _plain_relu(module.get_submodule(node.target)):
+            return None
     elif node.op == "call_function":
         if node.target not in _RELU_FUNCTIONS:
             return None
@@ -304,8 +309,7 @@ def _fuse_own_relu(model: nn.Module) -> None:
     module's own forward."""
     for module in model.modules():
         if (isinstance(module, _NormAct) and module.activation is None
-                and type(module.act) is nn.ReLU and not _has_hooks(module.act)
-                and plain_identity(module.drop)):
+                and _plain_relu(module.act) and plain_identity(module.drop)):
             module.activation = "relu"
             module.act = nn.Identity()
 
