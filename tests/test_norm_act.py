@@ -95,14 +95,8 @@ def test_converted_layer_is_the_norm_then_act(nf, backend, device, to, act, trai
 
 
 def _net(to, act, inplace=True):
-    conv = nn.Conv2d(3, 8, 3, padding=1)
-    if to in ("bin", "iebn"):
-        norm = timm.BatchNormAct2d(8, act_layer=ACTS[act], apply_act=act != "none",
-                                   inplace=inplace)
-    else:
-        norm = timm.GroupNormAct(8, num_groups=4, act_layer=ACTS[act], apply_act=act != "none",
-                                 inplace=inplace)
-    model = nn.Sequential(conv, norm, nn.Conv2d(8, 4, 3)).double()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _timm_layer(to, act, inplace=inplace),
+                          nn.Conv2d(8, 4, 3)).double()
     return oracles.randomize_parameters(model, 5)
 
 
