@@ -283,7 +283,9 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     ``drop`` or ``act`` is anything but a plain identity is never fused with a ReLU after it.
     Where the graph had a pair to fuse, the result is a ``torch.fx.GraphModule`` (a
     ``normfuse.fuse.FusedGraphModule``: the input model's submodule objects, parameters and
-    buffers, so the same ``state_dict`` keys), otherwise the model itself; either computes what
+    buffers, so the same ``state_dict`` keys, and its plain attributes and hooks; not its
+    class's other methods and properties, which it refuses by name), otherwise the model
+    itself; either computes what
     the unfused conversion computes, in train and eval mode: **use the returned module**.  The
     input model is modified in place as well (converted, its fused norms carry
     ``activation="relu"``, the ReLU acts taken in are ``nn.Identity``); it still computes the

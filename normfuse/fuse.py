@@ -29,6 +29,7 @@ child directly (``self.block.bn(x)``, bypassing ``self.block``); that call would
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import warnings
 
@@ -283,14 +284,17 @@ def _adopt(gm: nn.Module, modules: dict, parameters: dict, buffers: dict, non_pe
 
 
 class FusedGraphModule(fx.GraphModule):
-    """A ``torch.fx.GraphModule`` that keeps the traced module's whole module tree (the same
-    submodule objects, parameters and buffers, so the same ``state_dict`` keys), also through
-    ``copy.deepcopy``."""
+    """A ``torch.fx.GraphModule`` that keeps what the traced module object held besides the
+    graph's code: its whole module tree (the same submodule objects, parameters and buffers, so
+    the same ``state_dict`` keys), its hooks and its plain attributes (``_keep_own``), also
+    through ``copy.deepcopy`` and ``torch.save``.  Its class's other methods and properties it
+    cannot run (a method could change what the graph froze): asking for one says so."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule"):
         super().__init__(root, graph, class_name)
         _adopt(self, root._modules, root._parameters, root._buffers,
                root._non_persistent_buffers_set)
+        _keep_own(self, vars(root), type(root), bound_to=root)
         self.training = root.training
 
     def __deepcopy__(self, memo):
@@ -298,8 +302,106 @@ class FusedGraphModule(fx.GraphModule):
         state = copy.deepcopy(self.__dict__, memo)  # ... which the memo holds: the same copies
         _adopt(res, state["_modules"], state["_parameters"], state["_buffers"],
                state["_non_persistent_buffers_set"])
+        _keep_own(res, state)  # (GraphModule's __deepcopy__ runs GraphModule.__init__)
         res.training = self.training
         return res
+
+    def __reduce__(self):
+        # GraphModule pickles its __dict__ (in the arguments of its rebuild, so a hook bound to
+        # the module itself would recurse: _SelfBound stands for that binding) and its code,
+        # and comes back as a plain GraphModule holding what the code references; _restore
+        # gives it the rest back.
+        rebuild, (body, *rest) = super().__reduce__()
+        for name in _HOOK_DICTS:
+            if isinstance(body.get(name), dict):
+                body[name] = _rebind(body[name], self, _SelfBound)
+        return _restore, (rebuild, (body, *rest))
+
+    def __getattr__(self, name: str):
+        try:
+            return nn.Module.__getattr__(self, name)  # submodules, parameters, buffers
+        except AttributeError:
+            traced = self.__dict__.get(_TRACED_CLASS)
+            if traced is None or name not in traced[1]:
+                raise
+        raise AttributeError(
+            f"{traced[0]}.{name} is not available on the model convert(..., fuse_relu=True) "
+            f"returned: a torch.fx GraphModule that runs {traced[0]}'s traced forward and keeps "
+            "its modules, parameters, buffers, attributes and hooks, not its class's other "
+            f"methods and properties. Use {name} on the model before convert(..., "
+            "fuse_relu=True), or convert without fuse_relu.")
+
+
+# nn.Module's hook dictionaries (forward, backward, state_dict, load_state_dict hooks) and
+# flags (_is_full_backward_hook).
+_HOOK_DICTS = tuple(name for name in vars(nn.Module()) if "hook" in name)
+# Attribute of a FusedGraphModule: (the traced class's name, its attributes the GraphModule
+# lacks), for FusedGraphModule.__getattr__'s message.
+_TRACED_CLASS = "_normfuse_traced_class"
+# How nn.Module keeps a hook that is called with the module (load_state_dict's): a weak
+# reference to the module, which must be the fused model's, not the traced object's.
+_WrappedHook = getattr(torch.nn.modules.module, "_WrappedHook", None)
+
+
+class _SelfBound:
+    """A pickled FusedGraphModule's hook that was bound to the module itself."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+
+def _rebind(hooks: dict, old, new) -> dict:
+    """A copy of ``hooks`` whose hooks bound to ``old`` are bound to ``new`` (a module, or
+    _SelfBound: the binding's placeholder in a pickle)."""
+    out = type(hooks)()
+    for key, hook in hooks.items():
+        if isinstance(hook, _SelfBound):
+            hook = _WrappedHook(hook.hook, new)
+        elif (_WrappedHook is not None and isinstance(hook, _WrappedHook)
+              and getattr(hook, "with_module", False) and hook.module() is old):
+            hook = new(hook.hook) if new is _SelfBound else _WrappedHook(hook.hook, new)
+        out[key] = hook
+    return out
+
+
+def _keep_own(gm: fx.GraphModule, own: dict, cls: type | None = None, bound_to=None) -> None:
+    """Give ``gm`` what the traced module object held that a GraphModule drops, from its
+    ``__dict__`` ``own``: its hooks (copies of its hook dictionaries; hooks called with the
+    module, bound to ``bound_to``, are bound to ``gm``) and its plain attributes (the same
+    objects: timm's ``num_classes`` and ``pretrained_cfg``, which
+    ``timm.data.resolve_data_config`` reads, say) and those of its class ``cls``.  The methods
+    and properties of ``cls`` stay behind, named for ``__getattr__``'s message (a copy of a
+    FusedGraphModule has their names in ``own`` already)."""
+    for name in _HOOK_DICTS:
+        if name in own:
+            value = own[name]
+            gm.__dict__[name] = _rebind(value, bound_to, gm) if isinstance(value, dict) else value
+    gm_class = type(gm)
+    for name, value in own.items():
+        if name not in gm.__dict__ and not hasattr(gm_class, name):
+            gm.__dict__[name] = value
+    if _TRACED_CLASS not in own:
+        missing = [name for name in dir(cls) if not hasattr(gm_class, name)]
+        for name in missing:  # class-level data (torchvision's Bottleneck.expansion, say)
+            value = inspect.getattr_static(cls, name)
+            if not hasattr(value, "__get__"):  # not a method, property or other descriptor
+                gm.__dict__.setdefault(name, value)
+        gm.__dict__[_TRACED_CLASS] = (cls.__name__, frozenset(
+            name for name in missing if name not in gm.__dict__))
+
+
+def _restore(rebuild, args) -> FusedGraphModule:
+    """``torch.load`` of a FusedGraphModule: GraphModule's own rebuild (a plain GraphModule that
+    holds what its code references, and the pickled attributes), given the rest of the pickled
+    ``__dict__`` (the whole tree, the hooks), made a FusedGraphModule again."""
+    loaded = rebuild(*args)
+    body = args[0]
+    _adopt(loaded, body["_modules"], body["_parameters"], body["_buffers"],
+           body["_non_persistent_buffers_set"])
+    for name in _HOOK_DICTS:
+        if name in body:
+            loaded.__dict__[name] = body[name]
+    return FusedGraphModule(loaded, loaded.graph, type(loaded).__name__)
 
 
 def _fuse_own_relu(model: nn.Module) -> None:

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 import normfuse
 from bench.resnet import BasicBlock, conv1x1, resnet18, resnet50
-from normfuse.fuse import NORM_TYPES
+from normfuse.fuse import NORM_TYPES, FusedGraphModule
 
 F64 = torch.float64
 
@@ -424,3 +424,96 @@ def test_bare_norm_and_norm_free_models():
     assert type(bn) is normfuse.BatchInstanceNorm2d
     mlp = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
     assert normfuse.convert(mlp, "bin", fuse_relu=True) is mlp
+
+
+# --------------------------------------------- what the returned GraphModule keeps of the model
+class Classifier(nn.Module):
+    """A model like timm's: plain attributes a training script reads, a property, a method
+    that changes the model, a class-level constant and a module its forward never calls."""
+
+    expansion = 4
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+        self.aux = nn.Linear(4, 2)  # not called by forward: no node of the graph holds it
+        self.num_classes = 3
+        self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "crop_pct": 0.95}
+
+    @property
+    def default_cfg(self):
+        return self.pretrained_cfg
+
+    def reset_classifier(self, num_classes):
+        self.head = nn.Linear(4, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+CALLS = []
+
+
+def _count_call(module, args, output):  # module level: a whole-module torch.save pickles it
+    CALLS.append(type(module).__name__)
+
+
+def _rename_old_keys(module, state_dict, prefix, *args):
+    if prefix + "old_head.weight" in state_dict:
+        for name in ("weight", "bias"):
+            state_dict[f"{prefix}head.{name}"] = state_dict.pop(f"{prefix}old_head.{name}")
+
+
+def test_graph_module_keeps_the_models_attributes_hooks_and_tree(seed):
+    """What a GraphModule would drop (the model object's own attributes, its hooks, modules
+    its forward does not call) the fused model keeps, through deepcopy and torch.save; the
+    class's methods and properties it refuses with a message that says why.  (A plain
+    GraphModule: no num_classes, a hook dropped, ``aux`` gone after torch.save, and "'Classifier'
+    object has no attribute 'reset_classifier'".)"""
+    model = Classifier().double()
+    handle = model.register_forward_hook(_count_call)
+    model.register_load_state_dict_pre_hook(_rename_old_keys)
+    fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert isinstance(fused, fx.GraphModule) and _fused_norms(fused) == ["features.1"]
+    assert fused.num_classes == 3 and fused.pretrained_cfg is model.pretrained_cfg
+    assert fused.expansion == 4
+    for name in ("reset_classifier", "default_cfg"):
+        assert not hasattr(fused, name)
+        with pytest.raises(AttributeError, match=rf"Classifier\.{name} is not available on "
+                           r"the model convert\(\.\.\., fuse_relu=True\) returned"):
+            getattr(fused, name)
+    with pytest.raises(AttributeError) as info:
+        fused.no_such_attribute
+    assert "fuse_relu" not in str(info.value)
+    x = torch.randn(2, 3, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    CALLS.clear()
+    fused(x)
+    assert CALLS == [type(fused).__name__]  # the model's hook, once
+    sd = {k.replace("head.", "old_head.") if k.startswith("head.") else k: v.clone()
+          for k, v in fused.state_dict().items()}
+    fused.load_state_dict(sd)  # the model's load_state_dict pre-hook renames the old keys
+    twin = copy.deepcopy(fused)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert list(other.state_dict()) == list(model.state_dict())  # aux included
+        assert other.num_classes == 3 and other.pretrained_cfg == model.pretrained_cfg
+        CALLS.clear()
+        torch.testing.assert_close(other(x), fused(x), rtol=0, atol=0)
+        assert len(CALLS) == 2, CALLS  # its own copy of the hook, and fused's
+        other.load_state_dict(sd)
+    # Copies of the model's hooks: its handle removes its own, the fused model keeps its copy.
+    handle.remove()
+    CALLS.clear()
+    fused(x)
+    assert CALLS == [type(fused).__name__]
+    # What came back from torch.load is a FusedGraphModule again: its copies keep it all.
+    again = copy.deepcopy(loaded)
+    assert isinstance(again, FusedGraphModule) and again.num_classes == 3
+    assert list(again.state_dict()) == list(model.state_dict())
+    with pytest.raises(AttributeError, match="Classifier.reset_classifier is not available"):
+        again.reset_classifier(2)

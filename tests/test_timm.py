@@ -130,6 +130,27 @@ def test_timm_sync_conversion_then_convert(nf):
     assert [type(m.act) for m in ours] == acts and acts
 
 
+def test_timm_resnet_fused_keeps_what_a_training_script_reads(nf, seed):
+    """timm's ResNet has separate nn.ReLU modules: fuse_relu traces it, and the GraphModule it
+    returns keeps the model's attributes, so that timm's train.py reads the right data config
+    (a plain GraphModule has no pretrained_cfg: timm's defaults, crop_pct 0.875 instead of
+    0.95), and refuses the class's methods by name."""
+    from timm.data import resolve_data_config  # noqa: PLC0415
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=7).double()
+    config = resolve_data_config({}, model=model)
+    fused = nf.convert(copy.deepcopy(model), "bin", fuse_relu=True)
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert resolve_data_config({}, model=fused) == config and config["crop_pct"] != 0.875
+    assert fused.num_classes == 7 and fused.num_features == model.num_features
+    with pytest.raises(AttributeError, match=r"ResNet\.reset_classifier is not available"):
+        fused.reset_classifier(3)
+    x = randn((2, 3, 32, 32), seed, torch.float64)
+    plain = nf.convert(model, "bin")
+    for training in (True, False):
+        torch.testing.assert_close(fused.train(training)(x), plain.train(training)(x))
+
+
 def test_timm_model_fx_feature_extractor(nf):
     """timm's fx feature extraction on a converted model (its tracer keeps normfuse layers as
     one node each, as it keeps its own norm + act layers)."""
