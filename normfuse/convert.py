@@ -281,16 +281,20 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     act layer whose ``act`` is an ``nn.ReLU`` (its ``drop`` a plain identity, neither with hooks)
     takes it in without tracing (``activation="relu"``, ``act`` an ``nn.Identity``); one whose
     ``drop`` or ``act`` is anything but a plain identity is never fused with a ReLU after it.
-    Where the graph had a pair to fuse, the result is a ``torch.fx.GraphModule`` (a
-    ``normfuse.fuse.FusedGraphModule``: the input model's submodule objects, parameters and
-    buffers, so the same ``state_dict`` keys, and its plain attributes and hooks; not its
-    class's other methods and properties, which it refuses by name), otherwise the model
-    itself; either computes what
-    the unfused conversion computes, in train and eval mode: **use the returned module**.  The
-    input model is modified in place as well (converted, its fused norms carry
-    ``activation="relu"``, the ReLU acts taken in are ``nn.Identity``); it still computes the
-    same function, since ReLU is idempotent, but runs the now redundant passes of the ReLUs the
-    graph dropped.  A module
+    A pair whose ReLU is an ``nn.ReLU`` module called only after fused norms (plain
+    ``nn.Identity`` modules may sit in between) is fused in place: that module becomes an
+    ``nn.Identity``.  A pair whose ReLU is a function call, or a module called elsewhere too,
+    is fused by replacing the module whose forward makes the call with a
+    ``torch.fx.GraphModule`` of its traced forward (``normfuse.fuse.FusedGraphModule``: its
+    submodule objects, parameters, buffers, plain attributes, class constants and hooks), where
+    one can stand for it: a class adding only ``__init__``, ``forward`` and constants to
+    ``nn.Module`` (torchvision's blocks); a module with methods or properties of its own (a
+    model class, ``nn.Sequential``) stays itself, its children fused on their own, and such a
+    pair left unfused is named in a ``UserWarning``.  The result computes what the unfused
+    conversion computes, in train and eval mode: **use the returned module**, the input model
+    changed in place unless the model itself became a GraphModule (the input model then still
+    computes the same function, since ReLU is idempotent, but runs the ReLU passes the graph
+    dropped).  A module
     whose forward cannot be traced (data-dependent control flow, or a forward that branches on
     ``self.training``, which a graph would freeze) is kept as a leaf of the graph around it, its
     children are fused where they trace (each replaced by its GraphModule), and one

@@ -2,11 +2,20 @@
 
 The model is traced with ``torch.fx`` (normfuse norms kept as leaves).  In the graph, a norm
 call site whose only user is a ReLU (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu`` with or
-without ``inplace``, ``Tensor.relu``/``relu_``) is a pair; a norm module is fused when every one
-of its call sites is such a pair: its ``activation`` becomes ``"relu"`` and those ReLU nodes go
-(their users take the norm's output).  fx nodes are call sites, so one ``nn.ReLU`` module called
-after several norms and after a residual add (torchvision's blocks) is no obstacle: the fused
-call sites go, the others stay.
+without ``inplace``, ``Tensor.relu``/``relu_``), directly or through plain ``nn.Identity``
+calls, is a pair; a norm module is fused when every one of its call sites is such a pair: its
+``activation`` becomes ``"relu"`` and those ReLU calls go.  How they go:
+
+* An ``nn.ReLU`` module called only at such pairs becomes an ``nn.Identity`` where it sits: the
+  module keeps its class, its own forward and everything else it has.
+* A ReLU that is a function call, or a module also called elsewhere (torchvision's blocks call
+  one ``self.relu`` after ``bn1``, ``bn2`` and the residual add), needs the graph without that
+  node: the module is replaced by a ``FusedGraphModule`` of its traced forward, where one can
+  stand for it (``_graph_replaceable``: a class adding to nn.Module only ``__init__``,
+  ``forward`` and constants).  A module with methods or properties of its own (a model class
+  with ``reset_classifier``, a ``train`` override, nn.Sequential) stays itself: its children
+  are traced and fused on their own, and the pairs only its graph could fuse are left and
+  reported.  fx nodes are call sites, so in a GraphModule only the fused call sites go.
 
 Modules whose forward cannot be traced (data-dependent control flow, or a forward that differs
 between train and eval mode, which a graph would freeze) are kept as leaves of the graph around
@@ -17,9 +26,8 @@ A norm + act module (``normfuse.norm_act``, what convert makes of timm's ``Batch
 without tracing; one with another ``act`` (or ``drop``) is never fused with a ReLU after it.
 
 Relu is idempotent, so a fused norm followed by a ReLU that still runs (in an original
-``forward`` that is no longer called, say) computes what it computed before: the input model,
-whose norms are fused in place, still computes the same function; the returned GraphModule
-runs without the redundant ReLU passes.
+``forward`` that a GraphModule replaced, say) computes what it computed before: a module
+replaced by a GraphModule still computes the same function.
 
 A norm is fused only where every place it sits (a module may be registered under several
 names) is inside the traced graph and outside the modules kept as leaves, whose forward could
@@ -29,7 +37,6 @@ child directly (``self.block.bn(x)``, bypassing ``self.block``); that call would
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import warnings
 
@@ -172,15 +179,39 @@ def _under(path: str, prefix: str) -> bool:
 
 class _Context:
     def __init__(self, root: nn.Module):
+        self.root = root
         # Every path of every module object (a module may sit at several).
         self.paths = {}
         for name, m in root.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(m), []).append(name)
         self.untraced = []  # (path, class name, reason)
+        self.kept = {}  # norm path -> (path, class name) of the module whose pair it is
+        self.done = set()  # ids of the modules fused (and of what replaced them)
+
+    def in_reach(self, m: nn.Module, path: str, opaque_paths) -> bool:
+        """Whether every place ``m`` sits is under ``path`` and outside the modules kept as
+        leaves (whose forward may call it unseen)."""
+        return all(_under(p, path) and not any(_under(p, o) for o in opaque_paths)
+                   for p in self.paths.get(id(m), []))
 
 
-def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx) -> int:
-    """Fuse the pairs in ``graph`` (of ``module``, at ``path`` in the model); the count."""
+def _relu_after(node: fx.Node, module: nn.Module):
+    """The ReLU node that is the only user of ``node``, directly or through plain
+    ``nn.Identity`` calls that are each other's only users (timm's blocks call a ``drop_block``
+    between norm and ReLU, an Identity unless drop-block is on), else None."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if _relu_input(user, module) is node:
+            return user
+        if user.op != "call_module" or not plain_identity(module.get_submodule(user.target)):
+            return None
+        node = user
+    return None
+
+
+def _candidates(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx) -> dict:
+    """The norms of ``graph`` (of ``module``, at ``path`` in the model) that may be fused: every
+    call site a pair (``_relu_after``).  {id(norm): (norm, [(its node, the ReLU node)])}."""
     sites = {}
     for node in graph.nodes:
         if node.op != "call_module":
@@ -188,32 +219,108 @@ def _fuse_graph(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx
         norm = module.get_submodule(node.target)
         if not isinstance(norm, NORM_TYPES):
             continue
-        users = list(node.users)
-        relu = users[0] if len(users) == 1 and _relu_input(users[0], module) is node else None
-        sites.setdefault(id(norm), (norm, []))[1].append((node, relu))
-    fused = 0
-    for norm, calls in sites.values():
-        if getattr(norm, "activation", None) not in (None, "relu"):
-            continue
+        sites.setdefault(id(norm), (norm, []))[1].append((node, _relu_after(node, module)))
+    out = {}
+    for key, (norm, calls) in sites.items():
+        if getattr(norm, "activation", None) is not None:
+            continue  # fused already (a timm norm + act's own ReLU, or another trace's)
         if isinstance(norm, _NormAct) and not norm._post_is_identity():
             continue  # relu(act(norm(x))): the ReLU comes after its own drop / act
         if _has_hooks(norm):
             continue  # its hooks would see relu(norm(x)) where they saw norm(x)
         if any(relu is None for _, relu in calls):
             continue  # a call site whose output has another user, or goes elsewhere
-        # Every place the norm sits must be in this graph's reach: under ``path`` and not
-        # inside a module kept as a leaf, whose forward may call it unseen.
-        norm_paths = ctx.paths.get(id(norm), [])
-        if not all(_under(p, path) and not any(_under(p, o) for o in opaque_paths)
-                   for p in norm_paths):
+        if not ctx.in_reach(norm, path, opaque_paths):
             continue
+        out[key] = (norm, calls)
+    return out
+
+
+def _by_identity(candidates: dict, graph: fx.Graph, module: nn.Module, path: str,
+                 opaque_paths, ctx) -> dict:
+    """The candidates whose every ReLU is an ``nn.ReLU`` module called only after candidates
+    and sitting only in reach: replacing those modules by ``nn.Identity`` fuses the pairs
+    without a graph.  (Removing a norm can take a ReLU module's last excuse away: repeated
+    until nothing changes.)"""
+    calls_of = {}  # id(ReLU module) -> its call nodes in the graph
+    leaves = list(opaque_paths)  # a ReLU inside a leaf (a timm norm + act's act) is called unseen
+    for node in graph.nodes:
+        if node.op == "call_module":
+            leaves.append(f"{path}.{node.target}" if path else node.target)
+            if _plain_relu(module.get_submodule(node.target)):
+                calls_of.setdefault(id(module.get_submodule(node.target)), []).append(node)
+    chosen = dict(candidates)
+    while True:
+        pair_relus = {relu for _, calls in chosen.values() for _, relu in calls}
+        removable = {
+            key for key, nodes in calls_of.items()
+            if all(n in pair_relus for n in nodes)
+            and ctx.in_reach(module.get_submodule(nodes[0].target), path, leaves)}
+        keep = {key: (norm, calls) for key, (norm, calls) in chosen.items()
+                if all(relu.op == "call_module"
+                       and id(module.get_submodule(relu.target)) in removable
+                       for _, relu in calls)}
+        if len(keep) == len(chosen):
+            return keep
+        chosen = keep
+
+
+def _fuse_by_identity(chosen: dict, module: nn.Module, ctx) -> None:
+    """Fuse the pairs of ``chosen`` (from ``_by_identity``): each norm takes the ReLU, each of
+    their ReLU modules becomes an ``nn.Identity`` wherever it sits."""
+    relus = {}
+    for norm, calls in chosen.values():
         norm.activation = "relu"
-        for node, relu in calls:
-            relu.replace_all_uses_with(node)
+        for _, relu in calls:
+            m = module.get_submodule(relu.target)
+            relus[id(m)] = m
+    for key in relus:
+        for p in ctx.paths.pop(key, []):
+            parent, _, name = p.rpartition(".")
+            identity = nn.Identity()
+            setattr(ctx.root.get_submodule(parent), name, identity)
+            ctx.paths.setdefault(id(identity), []).append(p)
+
+
+def _fuse_in_graph(candidates: dict, graph: fx.Graph) -> None:
+    """Fuse every pair of ``candidates`` in ``graph``: the norms take the ReLU, the ReLU nodes
+    go (their users take the norm's output)."""
+    for norm, calls in candidates.values():
+        norm.activation = "relu"
+        for _, relu in calls:
+            relu.replace_all_uses_with(relu.args[0] if relu.args else relu.kwargs["input"])
             graph.erase_node(relu)
-        fused += 1
     graph.lint()
-    return fused
+
+
+# What a class may add to nn.Module and still be stood for by a GraphModule (besides class-level
+# constants): a GraphModule runs the traced forward and carries the object's attributes.
+_GRAPH_REPLACEABLE = {"__init__", "forward", "extra_repr", "__module__", "__qualname__", "__doc__",
+                      "__dict__", "__weakref__", "__annotations__", "__constants__",
+                      "__firstlineno__", "__static_attributes__", "__classcell__",
+                      "__orig_bases__", "__parameters__", "__annotate__", "__annotate_func__",
+                      "__annotations_cache__"}
+_CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
+_MODULE_NAMES = frozenset(dir(nn.Module))
+
+
+def _graph_replaceable(cls: type) -> bool:
+    """Whether a GraphModule may stand for an instance of ``cls``: a class that adds to
+    nn.Module only ``__init__``, ``forward``, ``extra_repr`` and class-level constants
+    (torchvision's BasicBlock and Bottleneck, a user's block).  Methods or properties of its own
+    (timm's ``reset_classifier``, a ``train`` that keeps BatchNorms frozen, nn.Sequential's
+    indexing) a GraphModule would not have, or would have as nn.Module's: such a module stays
+    what it is."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for name, value in vars(klass).items():
+            if name in _GRAPH_REPLACEABLE:
+                continue
+            if (name in _MODULE_NAMES or name.startswith("__")
+                    or not isinstance(value, _CONSTANT_TYPES)):
+                return False
+    return True
 
 
 def _fuse_children(module: nn.Module, path: str, ctx) -> None:
@@ -224,8 +331,21 @@ def _fuse_children(module: nn.Module, path: str, ctx) -> None:
 
 
 def _fuse_module(module: nn.Module, path: str, ctx) -> nn.Module:
-    """``module`` with its pairs fused: a GraphModule when it traces and a pair was fused, else
-    ``module`` (its children fused where they trace)."""
+    """``_fuse_one`` once per module object (a module kept as a leaf is fused before the graph
+    around it, whose children may be visited again)."""
+    if id(module) in ctx.done:
+        return module
+    result = _fuse_one(module, path, ctx)
+    ctx.done.update((id(module), id(result)))
+    return result
+
+
+def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
+    """``module`` with its pairs fused.  Pairs whose ReLU is a module called only there are
+    fused in place (the ReLU module becomes ``nn.Identity``) and ``module`` comes back; where a
+    pair needs the graph (a functional ReLU, a ReLU module also called elsewhere), a
+    GraphModule of ``module`` comes back if one may stand for it (``_graph_replaceable``), else
+    ``module`` with its children fused on their own and the rest left (``ctx.kept``)."""
     if isinstance(module, NORM_TYPES) or not any(isinstance(m, NORM_TYPES)
                                                  for m in module.modules()):
         return module
@@ -259,7 +379,20 @@ def _fuse_module(module: nn.Module, path: str, ctx) -> nn.Module:
         if new is not sub:
             parent, _, name = sub_path.rpartition(".")
             setattr(module.get_submodule(parent), name, new)
-    if not _fuse_graph(graph, module, path, opaque_paths, ctx):
+    candidates = _candidates(graph, module, path, opaque_paths, ctx)
+    if not candidates:
+        return module
+    chosen = _by_identity(candidates, graph, module, path, opaque_paths, ctx)
+    if len(chosen) < len(candidates) and _graph_replaceable(type(module)):
+        _fuse_in_graph(candidates, graph)
+    else:  # the module stays itself; its children may fuse the rest in their own graphs
+        _fuse_by_identity(chosen, module, ctx)
+        if len(chosen) < len(candidates):
+            _fuse_children(module, path, ctx)
+            for key, (norm, _) in candidates.items():
+                if key not in chosen and norm.activation is None:
+                    for p in ctx.paths.get(key, []):
+                        ctx.kept.setdefault(p, (path, type(module).__name__))
         return module
     for name, value in constants.items():  # for the GraphModule to take
         setattr(module, name, value)
@@ -286,9 +419,9 @@ def _adopt(gm: nn.Module, modules: dict, parameters: dict, buffers: dict, non_pe
 class FusedGraphModule(fx.GraphModule):
     """A ``torch.fx.GraphModule`` that keeps what the traced module object held besides the
     graph's code: its whole module tree (the same submodule objects, parameters and buffers, so
-    the same ``state_dict`` keys), its hooks and its plain attributes (``_keep_own``), also
-    through ``copy.deepcopy`` and ``torch.save``.  Its class's other methods and properties it
-    cannot run (a method could change what the graph froze): asking for one says so."""
+    the same ``state_dict`` keys), its hooks, its plain attributes and its class's constants
+    (``_keep_own``), also through ``copy.deepcopy`` and ``torch.save``.  It stands only for
+    modules whose class adds no methods or properties to nn.Module (``_graph_replaceable``)."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule"):
         super().__init__(root, graph, class_name)
@@ -317,27 +450,10 @@ class FusedGraphModule(fx.GraphModule):
                 body[name] = _rebind(body[name], self, _SelfBound)
         return _restore, (rebuild, (body, *rest))
 
-    def __getattr__(self, name: str):
-        try:
-            return nn.Module.__getattr__(self, name)  # submodules, parameters, buffers
-        except AttributeError:
-            traced = self.__dict__.get(_TRACED_CLASS)
-            if traced is None or name not in traced[1]:
-                raise
-        raise AttributeError(
-            f"{traced[0]}.{name} is not available on the model convert(..., fuse_relu=True) "
-            f"returned: a torch.fx GraphModule that runs {traced[0]}'s traced forward and keeps "
-            "its modules, parameters, buffers, attributes and hooks, not its class's other "
-            f"methods and properties. Use {name} on the model before convert(..., "
-            "fuse_relu=True), or convert without fuse_relu.")
-
 
 # nn.Module's hook dictionaries (forward, backward, state_dict, load_state_dict hooks) and
 # flags (_is_full_backward_hook).
 _HOOK_DICTS = tuple(name for name in vars(nn.Module()) if "hook" in name)
-# Attribute of a FusedGraphModule: (the traced class's name, its attributes the GraphModule
-# lacks), for FusedGraphModule.__getattr__'s message.
-_TRACED_CLASS = "_normfuse_traced_class"
 # How nn.Module keeps a hook that is called with the module (load_state_dict's): a weak
 # reference to the module, which must be the fused model's, not the traced object's.
 _WrappedHook = getattr(torch.nn.modules.module, "_WrappedHook", None)
@@ -367,11 +483,9 @@ def _rebind(hooks: dict, old, new) -> dict:
 def _keep_own(gm: fx.GraphModule, own: dict, cls: type | None = None, bound_to=None) -> None:
     """Give ``gm`` what the traced module object held that a GraphModule drops, from its
     ``__dict__`` ``own``: its hooks (copies of its hook dictionaries; hooks called with the
-    module, bound to ``bound_to``, are bound to ``gm``) and its plain attributes (the same
-    objects: timm's ``num_classes`` and ``pretrained_cfg``, which
-    ``timm.data.resolve_data_config`` reads, say) and those of its class ``cls``.  The methods
-    and properties of ``cls`` stay behind, named for ``__getattr__``'s message (a copy of a
-    FusedGraphModule has their names in ``own`` already)."""
+    module, bound to ``bound_to``, are bound to ``gm``), its plain attributes (the same objects:
+    torchvision's ``Bottleneck.stride``, say) and the constants of its class ``cls``
+    (``Bottleneck.expansion``; ``_graph_replaceable`` allows no other class attributes)."""
     for name in _HOOK_DICTS:
         if name in own:
             value = own[name]
@@ -380,14 +494,10 @@ def _keep_own(gm: fx.GraphModule, own: dict, cls: type | None = None, bound_to=N
     for name, value in own.items():
         if name not in gm.__dict__ and not hasattr(gm_class, name):
             gm.__dict__[name] = value
-    if _TRACED_CLASS not in own:
-        missing = [name for name in dir(cls) if not hasattr(gm_class, name)]
-        for name in missing:  # class-level data (torchvision's Bottleneck.expansion, say)
-            value = inspect.getattr_static(cls, name)
-            if not hasattr(value, "__get__"):  # not a method, property or other descriptor
+    for klass in (cls.__mro__ if cls is not None else ()):
+        for name, value in vars(klass).items():
+            if isinstance(value, _CONSTANT_TYPES) and not hasattr(gm_class, name):
                 gm.__dict__.setdefault(name, value)
-        gm.__dict__[_TRACED_CLASS] = (cls.__name__, frozenset(
-            name for name in missing if name not in gm.__dict__))
 
 
 def _restore(rebuild, args) -> FusedGraphModule:
@@ -422,11 +532,20 @@ def fuse_relu(model: nn.Module) -> nn.Module:
     _fuse_own_relu(model)
     ctx = _Context(model)
     result = _fuse_module(model, "", ctx)
+    said = []
     if ctx.untraced:
         names = "; ".join(f"{path!r} ({reason})" if path else f"the model itself, {cls} ({reason})"
                           for path, cls, reason in ctx.untraced)
-        warnings.warn(
-            f"convert(fuse_relu=True): could not trace {names}. Their forward's norm->ReLU "
-            "pairs are left unfused (plain conversions); what is inside them and traces was "
-            "fused.", UserWarning, stacklevel=3)
+        said.append(f"could not trace {names}. Their forward's norm->ReLU pairs are left "
+                    "unfused (plain conversions); what is inside them and traces was fused.")
+    if ctx.kept:
+        names = "; ".join(f"{norm!r} (in the forward of {f'{path!r}, ' if path else ''}{cls})"
+                          for norm, (path, cls) in sorted(ctx.kept.items()))
+        said.append(
+            f"left unfused: {names}. Its ReLU is a function call or a module called elsewhere "
+            "too, which only a torch.fx GraphModule standing for that module could drop, and "
+            "its class has methods or properties of its own (a GraphModule would not have "
+            "them), so it stays as it is.")
+    if said:
+        warnings.warn("convert(fuse_relu=True): " + " ".join(said), UserWarning, stacklevel=3)
     return result

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 import normfuse
 from bench.resnet import BasicBlock, conv1x1, resnet18, resnet50
-from normfuse.fuse import NORM_TYPES, FusedGraphModule
+from normfuse.fuse import NORM_TYPES, FusedGraphModule, _Tracer
 
 F64 = torch.float64
 
@@ -79,11 +79,12 @@ def _fused_norms(model):
                   if isinstance(m, NORM_TYPES) and getattr(m, "activation", None) == "relu")
 
 
-def _relu_calls(gm):
+def _relu_calls(model):
+    """ReLU calls left in ``model``'s forward (traced, the GraphModules in it included)."""
     n = 0
-    for node in gm.graph.nodes:
+    for node in _Tracer().trace(model).nodes:
         if node.op == "call_module":
-            n += type(gm.get_submodule(node.target)) is nn.ReLU
+            n += type(model.get_submodule(node.target)) is nn.ReLU
         elif node.op == "call_function":
             n += node.target in (torch.relu, torch.relu_, F.relu)
         elif node.op == "call_method":
@@ -200,6 +201,30 @@ def test_norm_with_another_user_stays_unfused(seed):
     assert not isinstance(fused, fx.GraphModule), "nothing fused: the model itself comes back"
 
 
+def test_plain_identities_between_norm_and_relu(seed):
+    """timm's blocks call a drop_block (an nn.Identity unless drop-block is on) between norm and
+    ReLU: plain identities in between do not break the pair; one with a hook does."""
+    class Graph(nn.Module):  # the ReLU is functional: fused in a GraphModule
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.drop = nn.Sequential(nn.Identity(), nn.Identity())
+
+        def forward(self, x):
+            return F.relu(self.drop(self.bn(x)))
+
+    hooked = nn.Identity()
+    hooked.register_forward_pre_hook(lambda m, args: None)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Identity(), nn.ReLU(), Graph(),
+                          nn.BatchNorm2d(3), hooked, nn.ReLU())
+    plain, fused = _pair(model, "bin", seed)
+    assert fused is model and _fused_norms(fused) == ["0", "3.bn"]
+    assert type(fused[2]) is nn.Identity and isinstance(fused[3], FusedGraphModule)
+    assert type(fused[6]) is nn.ReLU and _relu_calls(fused) == 1
+    x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    _assert_same_in_train_and_eval(fused, plain, x, seed)
+
+
 def test_relu_module_with_hooks_stays_unfused(seed):
     """Fusing would drop the ReLU call, and with it the hooks registered on it."""
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -252,9 +277,14 @@ def test_resnet18_basic_blocks(seed):
     """Structure only (resnet10 below runs BasicBlocks)."""
     plain, fused = _pair(resnet18(num_classes=10), "bin", seed)
     assert len(_fused_norms(fused)) == 1 + 8 and _relu_calls(fused) == 8
-    # The shared self.relu module stays: its after-the-add call sites still use it.
-    assert type(fused.layer1[0].relu) is nn.ReLU
-    assert "layer1_0_relu" in fused.code
+    # The model stays a ResNet (it has methods of its own); its stem's ReLU, called only after
+    # bn1, became an nn.Identity.  Each block's shared self.relu stays: its after-the-add call
+    # sites still use it, so the block (a class with nothing but __init__ and forward) is a
+    # GraphModule without the fused call sites.
+    assert type(fused).__name__ == "ResNet" and type(fused.relu) is nn.Identity
+    block = fused.layer1[0]
+    assert isinstance(block, FusedGraphModule) and type(block.relu) is nn.ReLU
+    assert block.code.count("self.relu(") == 1 and block.stride == 1 and block.expansion == 1
 
 
 def test_copy_matches_torchvision(seed):
@@ -327,9 +357,9 @@ def test_untraceable_submodule_left_plain_and_reported(fuse_backend, seed):
     assert "'good'" not in msg and "'bad.inner'" not in msg and "model itself" not in msg, msg
     # The rest is fused: the root's bn, good.0, and bad.inner.1 (bad.inner traced on its own).
     assert _fused_norms(fused) == ["bad.inner.1", "bn", "good.0"]
-    assert isinstance(fused, fx.GraphModule)
-    assert not isinstance(fused.bad, fx.GraphModule) and isinstance(fused.bad.inner,
-                                                                     fx.GraphModule)
+    # Every fused pair's ReLU is a module called only there: an nn.Identity now, no graph.
+    assert type(fused) is WithUntraceable and type(fused.bad) is DataDependent
+    assert type(fused.bad.inner[2]) is nn.Identity and type(fused.good[1]) is nn.Identity
     assert type(fused.mode) is ModeDependent and getattr(fused.mode.bn, "activation", None) is None
     x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
     _assert_same_in_train_and_eval(fused, plain, x, seed)
@@ -349,7 +379,7 @@ def test_untraceable_model_returns_itself_with_fused_children(seed):
     model = Root()
     with pytest.warns(UserWarning, match="the model itself, Root"):
         out = normfuse.convert(model, "bin", fuse_relu=True)
-    assert out is model and isinstance(out.stem, fx.GraphModule)
+    assert out is model and type(out.stem[2]) is nn.Identity
     assert _fused_norms(out) == ["stem.1"]
 
 
@@ -401,22 +431,23 @@ def test_state_dict_round_trip_and_copies(fuse_backend, seed):
 
 
 def test_in_place_contract(seed):
-    """The input model is converted and its norms fused in place; the returned GraphModule
-    holds the same submodules (parameters shared), and the input model still computes the
-    same function (ReLU is idempotent), with the extra ReLU passes."""
+    """The input model is converted and fused in place and comes back itself (an nn.Sequential
+    stays one); its BasicBlocks, whose shared ReLU module also follows the residual add, are
+    replaced by GraphModules holding the same submodules (parameters shared)."""
     model = _randomize(small_resnet(), seed).double()
     plain = normfuse.convert(copy.deepcopy(model), "bin")
+    blocks = model[3], model[4]
     fused = normfuse.convert(model, "bin", fuse_relu=True)
-    assert fused is not model
-    assert fused.get_submodule("3.bn1") is model[3].bn1
-    assert fused.get_submodule("4") is model[4]
-    assert list(fused.parameters()) == list(model.parameters())
-    assert model[3].bn1.activation == "relu"
+    assert fused is model and type(fused) is nn.Sequential and type(fused[2]) is nn.Identity
+    for i, block in zip((3, 4), blocks):
+        assert isinstance(fused[i], FusedGraphModule) and fused[i] is not block
+        assert fused[i].bn1 is block.bn1 and block.bn1.activation == "relu"
+        assert list(fused[i].parameters()) == list(block.parameters())
     x = torch.randn(3, 3, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(seed))
     with normfuse.use_backend("torch"):
         for training in (True, False):
-            model.train(training), plain.train(training)
-            _assert_same_step(model, plain, [x], seed, f"input model, training={training}")
+            fused.train(training), plain.train(training)
+            _assert_same_step(fused, plain, [x], seed, f"training={training}")
 
 
 def test_bare_norm_and_norm_free_models():
@@ -426,18 +457,18 @@ def test_bare_norm_and_norm_free_models():
     assert normfuse.convert(mlp, "bin", fuse_relu=True) is mlp
 
 
-# --------------------------------------------- what the returned GraphModule keeps of the model
+# ------------------------------------- models with an API of their own; what a GraphModule keeps
 class Classifier(nn.Module):
-    """A model like timm's: plain attributes a training script reads, a property, a method
-    that changes the model, a class-level constant and a module its forward never calls."""
+    """A model like timm's: plain attributes a training script reads, a property, methods (one
+    that changes the model, one that timm's optimizer factory asks for with hasattr), a ``train``
+    that keeps its BatchNorms frozen (fine-tuning)."""
 
-    expansion = 4
-
-    def __init__(self):
+    def __init__(self, functional=False):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.bn = nn.BatchNorm2d(4)
         self.head = nn.Linear(4, 3)
-        self.aux = nn.Linear(4, 2)  # not called by forward: no node of the graph holds it
+        self.functional = functional
         self.num_classes = 3
         self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "crop_pct": 0.95}
 
@@ -445,12 +476,67 @@ class Classifier(nn.Module):
     def default_cfg(self):
         return self.pretrained_cfg
 
+    def no_weight_decay(self):
+        return {"head.bias"}
+
     def reset_classifier(self, num_classes):
         self.head = nn.Linear(4, num_classes)
         self.num_classes = num_classes
 
+    def train(self, mode=True):
+        super().train(mode)
+        self.features[1].eval()  # frozen statistics
+        return self
+
     def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
+        y = self.features(x)
+        y = F.relu(self.bn(y)) if self.functional else self.bn(y)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_model_with_an_api_of_its_own_stays_itself(functional, seed):
+    """A model whose class has methods and properties of its own comes back itself, with all of
+    them (a GraphModule would lack them, or run nn.Module's train instead of its own): the pair
+    whose ReLU is a module called only there is fused in place (the ReLU an nn.Identity); a pair
+    that needs a graph (here a functional ReLU in its forward) is left, and the warning says so."""
+    model = _randomize(Classifier(functional), seed).double()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    messages = [str(r.message) for r in record]
+    assert fused is model and type(fused) is Classifier
+    assert _fused_norms(fused) == ["features.1"] and type(fused.features[2]) is nn.Identity
+    if functional:
+        assert len(messages) == 1 and "left unfused: 'bn' (in the forward of Classifier)" in \
+            messages[0], messages
+        assert _relu_calls(fused) == 1
+    else:
+        assert messages == []
+    assert fused.no_weight_decay() == {"head.bias"} and fused.default_cfg["crop_pct"] == 0.95
+    fused.train()
+    assert not fused.features[1].training  # its own train()
+    x = torch.randn(2, 3, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    _assert_same_in_train_and_eval(fused, plain, x, seed)
+
+
+class Block(nn.Module):
+    """A block a GraphModule may stand for (only __init__, forward and a class constant), with a
+    ReLU module called after its norm and again after the residual add."""
+
+    expansion = 1
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.aux = nn.Linear(4, 2)  # not called by forward: no node of the graph holds it
+        self.stride = 1
+        self.cfg = {"mean": (0.5, 0.5, 0.5)}
+
+    def forward(self, x):
+        return self.relu(self.relu(self.bn(x)) + x)
 
 
 CALLS = []
@@ -461,59 +547,59 @@ def _count_call(module, args, output):  # module level: a whole-module torch.sav
 
 
 def _rename_old_keys(module, state_dict, prefix, *args):
-    if prefix + "old_head.weight" in state_dict:
+    assert isinstance(module, FusedGraphModule)  # the fused block, also after torch.load
+    if prefix + "old_bn.weight" in state_dict:
         for name in ("weight", "bias"):
-            state_dict[f"{prefix}head.{name}"] = state_dict.pop(f"{prefix}old_head.{name}")
+            state_dict[f"{prefix}bn.{name}"] = state_dict.pop(f"{prefix}old_bn.{name}")
 
 
-def test_graph_module_keeps_the_models_attributes_hooks_and_tree(seed):
-    """What a GraphModule would drop (the model object's own attributes, its hooks, modules
-    its forward does not call) the fused model keeps, through deepcopy and torch.save; the
-    class's methods and properties it refuses with a message that says why.  (A plain
-    GraphModule: no num_classes, a hook dropped, ``aux`` gone after torch.save, and "'Classifier'
-    object has no attribute 'reset_classifier'".)"""
-    model = Classifier().double()
-    handle = model.register_forward_hook(_count_call)
-    model.register_load_state_dict_pre_hook(_rename_old_keys)
-    fused = normfuse.convert(model, "bin", fuse_relu=True)
-    assert isinstance(fused, fx.GraphModule) and _fused_norms(fused) == ["features.1"]
-    assert fused.num_classes == 3 and fused.pretrained_cfg is model.pretrained_cfg
-    assert fused.expansion == 4
-    for name in ("reset_classifier", "default_cfg"):
-        assert not hasattr(fused, name)
-        with pytest.raises(AttributeError, match=rf"Classifier\.{name} is not available on "
-                           r"the model convert\(\.\.\., fuse_relu=True\) returned"):
-            getattr(fused, name)
-    with pytest.raises(AttributeError) as info:
-        fused.no_such_attribute
-    assert "fuse_relu" not in str(info.value)
-    x = torch.randn(2, 3, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+def test_graph_module_keeps_the_blocks_attributes_hooks_and_tree(seed):
+    """What a GraphModule would drop (the object's own attributes, its class's constants, its
+    hooks, modules its forward does not call) the fused block keeps, through deepcopy and
+    torch.save (a plain GraphModule: no stride, a hook dropped, ``aux`` gone after torch.save)."""
+    block = Block().double()
+    handle = block.register_forward_hook(_count_call)
+    block.register_load_state_dict_pre_hook(_rename_old_keys)
+    fused = normfuse.convert(block, "bin", fuse_relu=True)
+    assert isinstance(fused, FusedGraphModule) and _fused_norms(fused) == ["bn"]
+    assert fused.stride == 1 and fused.cfg is block.cfg and fused.expansion == 1
+    assert _relu_calls(fused) == 1
+    x = torch.randn(2, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
     CALLS.clear()
     fused(x)
-    assert CALLS == [type(fused).__name__]  # the model's hook, once
-    sd = {k.replace("head.", "old_head.") if k.startswith("head.") else k: v.clone()
+    assert CALLS == [type(fused).__name__]  # the block's hook, once
+    sd = {k.replace("bn.", "old_bn.") if k in ("bn.weight", "bn.bias") else k: v.clone()
           for k, v in fused.state_dict().items()}
-    fused.load_state_dict(sd)  # the model's load_state_dict pre-hook renames the old keys
+    fused.load_state_dict(sd)  # the block's load_state_dict pre-hook renames the old keys
     twin = copy.deepcopy(fused)
     buf = io.BytesIO()
     torch.save(fused, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    for other in (twin, loaded):
-        assert list(other.state_dict()) == list(model.state_dict())  # aux included
-        assert other.num_classes == 3 and other.pretrained_cfg == model.pretrained_cfg
+    for other in (twin, loaded, copy.deepcopy(loaded)):
+        assert isinstance(other, FusedGraphModule)
+        assert list(other.state_dict()) == list(block.state_dict())  # aux included
+        assert other.stride == 1 and other.cfg == block.cfg and other.expansion == 1
         CALLS.clear()
         torch.testing.assert_close(other(x), fused(x), rtol=0, atol=0)
         assert len(CALLS) == 2, CALLS  # its own copy of the hook, and fused's
-        other.load_state_dict(sd)
-    # Copies of the model's hooks: its handle removes its own, the fused model keeps its copy.
+        other.load_state_dict(sd)  # the pre-hook, called with the module it sits on
+    # Copies of the block's hooks: its handle removes its own, the fused block keeps its copy.
     handle.remove()
     CALLS.clear()
     fused(x)
     assert CALLS == [type(fused).__name__]
-    # What came back from torch.load is a FusedGraphModule again: its copies keep it all.
-    again = copy.deepcopy(loaded)
-    assert isinstance(again, FusedGraphModule) and again.num_classes == 3
-    assert list(again.state_dict()) == list(model.state_dict())
-    with pytest.raises(AttributeError, match="Classifier.reset_classifier is not available"):
-        again.reset_classifier(2)
+
+
+def test_relu_module_also_inside_a_leaf_stays(seed):
+    """One nn.ReLU object after a norm and also the act of a norm + act layer (a leaf of the
+    trace, whose forward calls it unseen): replacing it by an Identity would drop that act."""
+    relu = nn.ReLU()  # (a drop that is not an identity: the layer does not take its act in)
+    act_layer = normfuse.BatchInstanceNormAct2d(3, drop=nn.Dropout(0.0), act=relu)
+    model = _randomize(nn.Sequential(nn.BatchNorm2d(3), relu, act_layer), seed).double()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    with pytest.warns(UserWarning, match=r"left unfused: '0' \(in the forward of Sequential\)"):
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert _fused_norms(fused) == [] and fused[1] is relu and fused[2].act is relu
+    x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    _assert_same_in_train_and_eval(fused, plain, x, seed)

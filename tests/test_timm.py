@@ -130,25 +130,37 @@ def test_timm_sync_conversion_then_convert(nf):
     assert [type(m.act) for m in ours] == acts and acts
 
 
-def test_timm_resnet_fused_keeps_what_a_training_script_reads(nf, seed):
-    """timm's ResNet has separate nn.ReLU modules: fuse_relu traces it, and the GraphModule it
-    returns keeps the model's attributes, so that timm's train.py reads the right data config
-    (a plain GraphModule has no pretrained_cfg: timm's defaults, crop_pct 0.875 instead of
-    0.95), and refuses the class's methods by name."""
+def test_timm_resnet_fused_stays_a_timm_model(nf, seed):
+    """timm's ResNet has separate nn.ReLU modules: fuse_relu traces it, fuses every pair whose
+    ReLU module is called only after its norm (the stem's and each block's first), and hands
+    back timm's ResNet itself, so what timm's train.py reads and calls is there: its data config
+    (a GraphModule would have no pretrained_cfg: timm's defaults, crop_pct 0.875 instead of
+    0.95), reset_classifier, set_grad_checkpointing, the optimizer factory's hasattr checks."""
     from timm.data import resolve_data_config  # noqa: PLC0415
+    from timm.optim import create_optimizer_v2  # noqa: PLC0415
 
     model = timm.create_model("resnet18", pretrained=False, num_classes=7).double()
     config = resolve_data_config({}, model=model)
-    fused = nf.convert(copy.deepcopy(model), "bin", fuse_relu=True)
-    assert isinstance(fused, torch.fx.GraphModule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = nf.convert(copy.deepcopy(model), "bin", fuse_relu=True)
+    assert type(fused) is type(model)
+    assert sum(getattr(m, "activation", None) == "relu" for m in fused.modules()) == 1 + 8
+    assert type(fused.act1) is nn.Identity and type(fused.layer1[0].act2) is nn.ReLU
     assert resolve_data_config({}, model=fused) == config and config["crop_pct"] != 0.875
-    assert fused.num_classes == 7 and fused.num_features == model.num_features
-    with pytest.raises(AttributeError, match=r"ResNet\.reset_classifier is not available"):
-        fused.reset_classifier(3)
     x = randn((2, 3, 32, 32), seed, torch.float64)
     plain = nf.convert(model, "bin")
     for training in (True, False):
         torch.testing.assert_close(fused.train(training)(x), plain.train(training)(x))
+    fused.set_grad_checkpointing(True)
+    plain.set_grad_checkpointing(True)
+    torch.testing.assert_close(fused.train()(x), plain.train()(x))
+    fused.reset_classifier(3)
+    assert fused(x).shape == (2, 3)
+    groups = create_optimizer_v2(fused, "sgd", lr=0.1, weight_decay=1e-4).param_groups
+    assert [len(g["params"]) for g in groups] == \
+        [len(g["params"]) for g in create_optimizer_v2(plain, "sgd", lr=0.1,
+                                                          weight_decay=1e-4).param_groups]
 
 
 def test_timm_model_fx_feature_extractor(nf):
