@@ -439,6 +439,12 @@ class FusedGraphModule(fx.GraphModule):
         res.training = self.training
         return res
 
+    def __copy__(self):  # (GraphModule's: a plain GraphModule of what its code references;
+        # nn.DataParallel's replicas are such copies)
+        res = FusedGraphModule(self, self.graph, type(self).__name__)
+        res.meta = getattr(self, "meta", {})
+        return res
+
     def __reduce__(self):
         # GraphModule pickles its __dict__ (in the arguments of its rebuild, so a hook bound to
         # the module itself would recurse: _SelfBound stands for that binding) and its code,

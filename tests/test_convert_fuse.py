@@ -576,7 +576,7 @@ def test_graph_module_keeps_the_blocks_attributes_hooks_and_tree(seed):
     torch.save(fused, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    for other in (twin, loaded, copy.deepcopy(loaded)):
+    for other in (twin, loaded, copy.deepcopy(loaded), copy.copy(fused)):
         assert isinstance(other, FusedGraphModule)
         assert list(other.state_dict()) == list(block.state_dict())  # aux included
         assert other.stride == 1 and other.cfg == block.cfg and other.expansion == 1
