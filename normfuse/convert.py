@@ -273,35 +273,34 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
 
     ``fuse_relu=True`` then fuses each normfuse norm whose output goes only into a ReLU
     (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu``, ``Tensor.relu``/``relu_``, in place or
-    not): the model is traced with ``torch.fx`` (norms kept as leaves), the norm gets
-    ``activation="relu"`` and that ReLU call goes.  A norm whose output has another user (a
-    residual add, a second consumer), or any call site not followed by a ReLU, stays unfused;
-    the ReLU after a residual add stays, and so does an ``nn.ReLU`` module with hooks (they
-    would no longer run), and a norm with hooks (they would see the ReLU's output).  A norm +
-    act layer whose ``act`` is an ``nn.ReLU`` (its ``drop`` a plain identity, neither with hooks)
+    not) called by the same forward: the model is traced with ``torch.fx`` (norms kept as
+    leaves), the norm gets ``activation="relu"`` and that ReLU call goes.  A norm whose output
+    has another user (a residual add, a second consumer), any call site not followed by a
+    ReLU, or a ReLU in another forward than the norm's (a norm ending a submodule's forward)
+    stays unfused; so does a pair with a hooked ReLU module or a hooked norm.  A norm + act
+    layer whose ``act`` is an ``nn.ReLU`` (its ``drop`` a plain identity, neither with hooks)
     takes it in without tracing (``activation="relu"``, ``act`` an ``nn.Identity``); one whose
     ``drop`` or ``act`` is anything but a plain identity is never fused with a ReLU after it.
     A pair whose ReLU is an ``nn.ReLU`` module called only after fused norms (plain
     ``nn.Identity`` modules may sit in between) is fused in place: that module becomes an
     ``nn.Identity``.  A pair whose ReLU is a function call, or a module called elsewhere too,
-    is fused by replacing the module whose forward makes the call with a
-    ``torch.fx.GraphModule`` of its traced forward (``normfuse.fuse.FusedGraphModule``: its
-    submodule objects, parameters, buffers, plain attributes, class constants and hooks), where
-    one can stand for it: a class adding only ``__init__``, ``forward`` and constants to
-    ``nn.Module`` (torchvision's blocks); a module with methods or properties of its own (a
-    model class, ``nn.Sequential``) stays itself, its children fused on their own, and such a
-    pair left unfused is named in a ``UserWarning``.  The result computes what the unfused
-    conversion computes, in train and eval mode: **use the returned module**, the input model
-    changed in place unless the model itself became a GraphModule (the input model then still
-    computes the same function, since ReLU is idempotent, but runs the ReLU passes the graph
-    dropped).  A module
-    whose forward cannot be traced (data-dependent control flow, or a forward that branches on
-    ``self.training``, which a graph would freeze) is kept as a leaf of the graph around it, its
-    children are fused where they trace (each replaced by its GraphModule), and one
-    ``UserWarning`` names such modules with the tracing error's first line; if the model itself
-    cannot be traced, the input model is returned with fused children.  The graph is fixed at
-    conversion, as ``torch.fx`` graphs are: forward hooks of traced (non-leaf) submodules do
-    not run, and Python-side state the forward reads is frozen.
+    is fused by replacing the module whose forward makes it with a ``torch.fx.GraphModule`` of
+    that forward (``normfuse.fuse.FusedGraphModule``: its submodule objects, parameters,
+    buffers, plain attributes, class constants and hooks), where one can stand for it: a class
+    adding only ``__init__``, ``forward`` and constants to ``nn.Module``, a forward without
+    optional arguments that sets no grad mode (torchvision's blocks); any other module (a model
+    class, ``nn.Sequential``) stays itself, and such a pair is left unfused and named in a
+    ``UserWarning``.  The result computes what the unfused conversion computes, in train and
+    eval mode: **use the returned module**, the input model changed in place unless the model
+    itself became a GraphModule (the input model then still computes the same function, since
+    ReLU is idempotent, but runs the ReLU passes the graph dropped).  A module whose forward
+    cannot be traced (data-dependent control flow, a forward that branches on
+    ``self.training``, which a graph would freeze, or optional arguments where it is traced on
+    its own) is kept as a leaf of the graph around it and fused on its own, and one
+    ``UserWarning`` names such modules with the reason; if the model itself cannot be traced,
+    the input model is returned with fused children.  Fusing changes the modules themselves:
+    other code calling a fused norm directly gets ``relu(norm(x))`` (README, "Converting with
+    the ReLUs fused").
     """
     if to not in TARGETS:
         raise ValueError(f"convert: to must be one of {TARGETS}, got {to!r}")

@@ -1,42 +1,45 @@
 """``convert(..., fuse_relu=True)``: fuse each normfuse norm whose output goes only into a ReLU.
 
-The model is traced with ``torch.fx`` (normfuse norms kept as leaves).  In the graph, a norm
-call site whose only user is a ReLU (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu`` with or
-without ``inplace``, ``Tensor.relu``/``relu_``), directly or through plain ``nn.Identity``
-calls, is a pair; a norm module is fused when every one of its call sites is such a pair: its
-``activation`` becomes ``"relu"`` and those ReLU calls go.  How they go:
+The model is traced with ``torch.fx`` as a whole (normfuse norms kept as leaves), so the graph
+shows every call of every module, and which forward makes it (``_owner``).  A norm call whose
+only user is a ReLU (``nn.ReLU``, ``torch.relu``/``relu_``, ``F.relu`` with or without
+``inplace``, ``Tensor.relu``/``relu_``) made by the same forward, directly or through plain
+``nn.Identity`` modules that forward calls, is a pair; a norm module is fused when every one of
+its call sites is such a pair: its ``activation`` becomes ``"relu"`` and those ReLU calls go.
+(The same forward: a norm that ends a submodule's forward, DenseNet's ``features``, is that
+submodule's output, which other code may take on its own.)  How the ReLU calls go:
 
 * An ``nn.ReLU`` module called only at such pairs becomes an ``nn.Identity`` where it sits: the
   module keeps its class, its own forward and everything else it has.
 * A ReLU that is a function call, or a module also called elsewhere (torchvision's blocks call
-  one ``self.relu`` after ``bn1``, ``bn2`` and the residual add), needs the graph without that
-  node: the module is replaced by a ``FusedGraphModule`` of its traced forward, where one can
-  stand for it (``_graph_replaceable``: a class adding to nn.Module only ``__init__``,
-  ``forward`` and constants).  A module with methods or properties of its own (a model class
-  with ``reset_classifier``, a ``train`` override, nn.Sequential) stays itself: its children
-  are traced and fused on their own, and the pairs only its graph could fuse are left and
-  reported.  fx nodes are call sites, so in a GraphModule only the fused call sites go.
+  one ``self.relu`` after ``bn1``, ``bn2`` and the residual add), needs a graph without that
+  node: the module whose forward makes the pair is replaced by a ``FusedGraphModule`` of its
+  own forward (its children leaves, so their hooks still run), where one can stand for it
+  (``_not_replaceable``: a class adding to nn.Module only ``__init__``, ``forward`` and
+  constants, a forward without optional arguments that sets no grad mode or autocast).  Else
+  that module stays itself and the pair is left, named in the warning.
 
-Modules whose forward cannot be traced (data-dependent control flow, or a forward that differs
-between train and eval mode, which a graph would freeze) are kept as leaves of the graph around
-them, their children are fused on their own, and they are reported together in one warning.
+Modules whose forward cannot be traced (data-dependent control flow, a forward that differs
+between train and eval mode, which a graph would freeze, or one traced on its own that takes
+optional arguments) are kept as leaves of the graph around them, fused on their own, and
+reported together in one warning; containers without a forward (ModuleList) are fused child by
+child, silently.  What a forward outside a leaf calls inside it is neither fused nor replaced in
+the leaf's own fusing (``_Context.pinned``).
 
 A norm + act module (``normfuse.norm_act``, what convert makes of timm's ``BatchNormAct2d`` /
 ``GroupNormAct``) whose ``act`` is a plain ``nn.ReLU`` takes it in as its ``activation`` first,
 without tracing; one with another ``act`` (or ``drop``) is never fused with a ReLU after it.
 
-Relu is idempotent, so a fused norm followed by a ReLU that still runs (in an original
-``forward`` that a GraphModule replaced, say) computes what it computed before: a module
-replaced by a GraphModule still computes the same function.
-
-A norm is fused only where every place it sits (a module may be registered under several
-names) is inside the traced graph and outside the modules kept as leaves, whose forward could
-call it unseen.  Not detected: an untraceable module's forward calling a norm of a traceable
-child directly (``self.block.bn(x)``, bypassing ``self.block``); that call would get the ReLU.
+Fusing changes the modules themselves: code other than the traced forward that calls a fused
+norm (another method of the model) gets relu(norm(x)), and one that calls a ReLU module that
+became an Identity gets its input back.  Not detected either: an untraceable module's forward
+calling into a traceable child (``self.block.bn(x)``, ``self.block.relu(y)``, bypassing
+``self.block``), a ReLU module called through ``.forward``.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import warnings
 
@@ -118,6 +121,8 @@ def _trace(module: nn.Module, opaque: dict):
     from ``module`` again)."""
     modes = [(m, m.training) for m in module.modules()]
     before = set(vars(module))
+    # What a forward sets on a module (``self.last = out``) would stay a Proxy: put back after.
+    attributes = [(m, dict(vars(m))) for m, _ in modes]
 
     def take_constants():  # the attributes a trace set on ``module``, removed from it
         taken = {name: vars(module)[name] for name in set(vars(module)) - before}
@@ -137,9 +142,15 @@ def _trace(module: nn.Module, opaque: dict):
             except Exception as exc:
                 raise _Untraceable(_first_line(exc), [tracer.failed] if tracer.failed else ())
     finally:
+        constants = take_constants()
+        for m, own in attributes:
+            for name in [n for n in vars(m) if n not in own]:
+                del m.__dict__[name]
+            for name, value in own.items():
+                if m.__dict__.get(name, own) is not value:
+                    m.__dict__[name] = value
         for m, training in modes:
             m.training = training
-        constants = take_constants()
     for a, b in itertools.zip_longest(graphs[0].nodes, graphs[1].nodes):
         if a is None or b is None or a.format_node() != b.format_node():
             # The branch is in the forward of the module that created one of the two nodes.
@@ -185,22 +196,39 @@ class _Context:
         for name, m in root.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(m), []).append(name)
         self.untraced = []  # (path, class name, reason)
-        self.kept = {}  # norm path -> (path, class name) of the module whose pair it is
+        self.kept = {}  # norm path -> (path, class, why) of the module whose forward has its pair
         self.done = set()  # ids of the modules fused (and of what replaced them)
+        # ids of modules inside a module kept as a leaf that a forward outside it calls: the
+        # leaf's own trace does not see those calls, so they are neither fused nor replaced.
+        self.pinned = set()
 
-    def in_reach(self, m: nn.Module, path: str, opaque_paths) -> bool:
-        """Whether every place ``m`` sits is under ``path`` and outside the modules kept as
-        leaves (whose forward may call it unseen)."""
-        return all(_under(p, path) and not any(_under(p, o) for o in opaque_paths)
-                   for p in self.paths.get(id(m), []))
+    def in_reach(self, m: nn.Module, path: str, leaf_paths) -> bool:
+        """Whether every place ``m`` sits is under ``path`` and not inside a leaf of the trace
+        (whose forward may call it unseen), and no forward outside the trace calls it."""
+        return id(m) not in self.pinned and all(
+            _under(p, path) and not any(_under(p, o) for o in leaf_paths)
+            for p in self.paths.get(id(m), []))
+
+    def replace(self, old: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` wherever ``old`` sits."""
+        for p in self.paths.pop(id(old), []):
+            parent, _, name = p.rpartition(".")
+            setattr(self.root.get_submodule(parent), name, new)
+            self.paths.setdefault(id(new), []).append(p)
 
 
 def _relu_after(node: fx.Node, module: nn.Module):
-    """The ReLU node that is the only user of ``node``, directly or through plain
-    ``nn.Identity`` calls that are each other's only users (timm's blocks call a ``drop_block``
-    between norm and ReLU, an Identity unless drop-block is on), else None."""
+    """The ReLU node that is the only user of ``node`` (a norm's call), made by the same
+    forward, directly or through plain ``nn.Identity`` modules that forward calls, each the
+    other's only user
+    (timm's blocks call a ``drop_block`` between norm and ReLU, an Identity unless drop-block
+    is on), else None.  The same forward: a norm at the end of a submodule's forward (DenseNet's
+    ``features``) is that submodule's output, which code may also take on its own."""
+    owner = _owner(node)
     while len(node.users) == 1:
         user = next(iter(node.users))
+        if _owner(user) != owner:
+            return None
         if _relu_input(user, module) is node:
             return user
         if user.op != "call_module" or not plain_identity(module.get_submodule(user.target)):
@@ -209,7 +237,7 @@ def _relu_after(node: fx.Node, module: nn.Module):
     return None
 
 
-def _candidates(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx) -> dict:
+def _candidates(graph: fx.Graph, module: nn.Module, path: str, leaf_paths, ctx) -> dict:
     """The norms of ``graph`` (of ``module``, at ``path`` in the model) that may be fused: every
     call site a pair (``_relu_after``).  {id(norm): (norm, [(its node, the ReLU node)])}."""
     sites = {}
@@ -223,39 +251,36 @@ def _candidates(graph: fx.Graph, module: nn.Module, path: str, opaque_paths, ctx
     out = {}
     for key, (norm, calls) in sites.items():
         if getattr(norm, "activation", None) is not None:
-            continue  # fused already (a timm norm + act's own ReLU, or another trace's)
+            continue  # fused already (a timm norm + act's own ReLU)
         if isinstance(norm, _NormAct) and not norm._post_is_identity():
             continue  # relu(act(norm(x))): the ReLU comes after its own drop / act
         if _has_hooks(norm):
             continue  # its hooks would see relu(norm(x)) where they saw norm(x)
         if any(relu is None for _, relu in calls):
             continue  # a call site whose output has another user, or goes elsewhere
-        if not ctx.in_reach(norm, path, opaque_paths):
+        if not ctx.in_reach(norm, path, leaf_paths):
             continue
         out[key] = (norm, calls)
     return out
 
 
 def _by_identity(candidates: dict, graph: fx.Graph, module: nn.Module, path: str,
-                 opaque_paths, ctx) -> dict:
+                 leaf_paths, ctx) -> dict:
     """The candidates whose every ReLU is an ``nn.ReLU`` module called only after candidates
     and sitting only in reach: replacing those modules by ``nn.Identity`` fuses the pairs
     without a graph.  (Removing a norm can take a ReLU module's last excuse away: repeated
     until nothing changes.)"""
     calls_of = {}  # id(ReLU module) -> its call nodes in the graph
-    leaves = list(opaque_paths)  # a ReLU inside a leaf (a timm norm + act's act) is called unseen
     for node in graph.nodes:
-        if node.op == "call_module":
-            leaves.append(f"{path}.{node.target}" if path else node.target)
-            if _plain_relu(module.get_submodule(node.target)):
-                calls_of.setdefault(id(module.get_submodule(node.target)), []).append(node)
+        if node.op == "call_module" and _plain_relu(module.get_submodule(node.target)):
+            calls_of.setdefault(id(module.get_submodule(node.target)), []).append(node)
     chosen = dict(candidates)
     while True:
         pair_relus = {relu for _, calls in chosen.values() for _, relu in calls}
         removable = {
             key for key, nodes in calls_of.items()
             if all(n in pair_relus for n in nodes)
-            and ctx.in_reach(module.get_submodule(nodes[0].target), path, leaves)}
+            and ctx.in_reach(module.get_submodule(nodes[0].target), path, leaf_paths)}
         keep = {key: (norm, calls) for key, (norm, calls) in chosen.items()
                 if all(relu.op == "call_module"
                        and id(module.get_submodule(relu.target)) in removable
@@ -263,34 +288,6 @@ def _by_identity(candidates: dict, graph: fx.Graph, module: nn.Module, path: str
         if len(keep) == len(chosen):
             return keep
         chosen = keep
-
-
-def _fuse_by_identity(chosen: dict, module: nn.Module, ctx) -> None:
-    """Fuse the pairs of ``chosen`` (from ``_by_identity``): each norm takes the ReLU, each of
-    their ReLU modules becomes an ``nn.Identity`` wherever it sits."""
-    relus = {}
-    for norm, calls in chosen.values():
-        norm.activation = "relu"
-        for _, relu in calls:
-            m = module.get_submodule(relu.target)
-            relus[id(m)] = m
-    for key in relus:
-        for p in ctx.paths.pop(key, []):
-            parent, _, name = p.rpartition(".")
-            identity = nn.Identity()
-            setattr(ctx.root.get_submodule(parent), name, identity)
-            ctx.paths.setdefault(id(identity), []).append(p)
-
-
-def _fuse_in_graph(candidates: dict, graph: fx.Graph) -> None:
-    """Fuse every pair of ``candidates`` in ``graph``: the norms take the ReLU, the ReLU nodes
-    go (their users take the norm's output)."""
-    for norm, calls in candidates.values():
-        norm.activation = "relu"
-        for _, relu in calls:
-            relu.replace_all_uses_with(relu.args[0] if relu.args else relu.kwargs["input"])
-            graph.erase_node(relu)
-    graph.lint()
 
 
 # What a class may add to nn.Module and still be stood for by a GraphModule (besides class-level
@@ -302,16 +299,46 @@ _GRAPH_REPLACEABLE = {"__init__", "forward", "extra_repr", "__module__", "__qual
                       "__annotations_cache__"}
 _CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
 _MODULE_NAMES = frozenset(dir(nn.Module))
+# A forward that sets grad mode or autocast: torch.fx does not record it.
+_MODE_SETTERS = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast")
 
 
-def _graph_replaceable(cls: type) -> bool:
-    """Whether a GraphModule may stand for an instance of ``cls``: a class that adds to
-    nn.Module only ``__init__``, ``forward``, ``extra_repr`` and class-level constants
-    (torchvision's BasicBlock and Bottleneck, a user's block).  Methods or properties of its own
-    (timm's ``reset_classifier``, a ``train`` that keeps BatchNorms frozen, nn.Sequential's
-    indexing) a GraphModule would not have, or would have as nn.Module's: such a module stays
-    what it is."""
-    for klass in cls.__mro__:
+def _one_trace_fits(module: nn.Module) -> str | None:
+    """Why one trace of ``module`` on its own cannot show what its forward calls, or None.  A
+    trace gives every argument a Proxy, so a default (``residual=None``) would be fixed to the
+    branch a Proxy takes."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return "its forward's signature is unknown"
+    if any(p.default is not p.empty or p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+           for p in params):
+        return "its forward takes optional or variable arguments, which one trace would fix"
+    return None
+
+
+def _graph_keeps_forward(module: nn.Module) -> str | None:
+    """Why a graph of ``module``'s forward would not compute what the forward does, or None:
+    torch.fx does not record grad mode or autocast set in it, nor what a decorator does."""
+    forward = type(module).forward
+    if hasattr(forward, "__wrapped__"):
+        return "its forward is decorated"
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return "its forward's source is unknown"
+    setters = [name for name in _MODE_SETTERS if name in source]
+    return f"its forward sets {setters[0]}, which a graph would not" if setters else None
+
+
+def _not_replaceable(module: nn.Module) -> str | None:
+    """Why a GraphModule of its forward may not stand for ``module``, or None: a class that adds
+    to nn.Module only ``__init__``, ``forward``, ``extra_repr`` and class-level constants
+    (torchvision's BasicBlock and Bottleneck, a user's block), with a forward one trace fits
+    and a graph keeps, may be replaced.  Methods or properties of its own (timm's
+    ``reset_classifier``, a ``train`` that keeps BatchNorms frozen, nn.Sequential's indexing) a
+    GraphModule would not have, or would have as nn.Module's: such a module stays what it is."""
+    for klass in type(module).__mro__:
         if klass in (nn.Module, object):
             continue
         for name, value in vars(klass).items():
@@ -319,15 +346,45 @@ def _graph_replaceable(cls: type) -> bool:
                 continue
             if (name in _MODULE_NAMES or name.startswith("__")
                     or not isinstance(value, _CONSTANT_TYPES)):
-                return False
-    return True
+                return (f"its class has {name!r} of its own, which a GraphModule standing for "
+                        "it would not have")
+    return _one_trace_fits(module) or _graph_keeps_forward(module)
+
+
+def _shallow_graph(owner: nn.Module, norms: set):
+    """The graph of ``owner``'s own forward (its children leaves) without the ReLU calls after
+    the norms in ``norms`` (ids), and its tensor constants; None if it does not trace."""
+    leaves = {id(c): (c, n) for n, c in owner.named_children()}
+    try:
+        graph, constants = _trace(owner, leaves)
+    except _Untraceable:
+        return None
+    for node in list(graph.nodes):
+        if node.op == "call_module" and id(owner.get_submodule(node.target)) in norms:
+            relu = _relu_after(node, owner)
+            if relu is None:  # (the full trace said otherwise: leave this owner alone)
+                return None
+            relu.replace_all_uses_with(relu.args[0] if relu.args else relu.kwargs["input"])
+            graph.erase_node(relu)
+    graph.lint()
+    return graph, constants
+
+
+def _graph_module(owner: nn.Module, graph: fx.Graph, constants: dict) -> "FusedGraphModule":
+    for name, value in constants.items():  # for the GraphModule to take
+        setattr(owner, name, value)
+    try:
+        return FusedGraphModule(owner, graph, type(owner).__name__)
+    finally:
+        for name in constants:
+            delattr(owner, name)
 
 
 def _fuse_children(module: nn.Module, path: str, ctx) -> None:
     for name, child in list(module.named_children()):
         new = _fuse_module(child, f"{path}.{name}" if path else name, ctx)
         if new is not child:
-            setattr(module, name, new)
+            ctx.replace(child, new)
 
 
 def _fuse_module(module: nn.Module, path: str, ctx) -> nn.Module:
@@ -341,19 +398,27 @@ def _fuse_module(module: nn.Module, path: str, ctx) -> nn.Module:
 
 
 def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
-    """``module`` with its pairs fused.  Pairs whose ReLU is a module called only there are
-    fused in place (the ReLU module becomes ``nn.Identity``) and ``module`` comes back; where a
-    pair needs the graph (a functional ReLU, a ReLU module also called elsewhere), a
-    GraphModule of ``module`` comes back if one may stand for it (``_graph_replaceable``), else
-    ``module`` with its children fused on their own and the rest left (``ctx.kept``)."""
+    """``module`` (at ``path`` in the model) with the pairs of its forward fused, traced as a
+    whole: a pair whose ReLU is a module called only after fused norms in place (the ReLU module
+    an ``nn.Identity``); one that needs the graph by replacing the module whose forward makes it
+    (the pair's owner) with a GraphModule of that forward, where one may stand for it
+    (``_not_replaceable``).  Returns ``module``, or the GraphModule that replaces it."""
     if isinstance(module, NORM_TYPES) or not any(isinstance(m, NORM_TYPES)
                                                  for m in module.modules()):
+        return module
+    if type(module).forward is nn.Module.forward:  # a container (ModuleList, ModuleDict)
+        _fuse_children(module, path, ctx)
+        return module
+    reason = _one_trace_fits(module)
+    if reason is not None:
+        ctx.untraced.append((path, type(module).__name__, reason))
+        _fuse_children(module, path, ctx)
         return module
     opaque = {}  # id -> (submodule, path in module): kept as leaves
     guessed = []  # the ones a train/eval difference pointed at, perhaps wrongly
     while True:
         try:
-            graph, constants = _trace(module, opaque)
+            graph, _ = _trace(module, opaque)
             break
         except _Untraceable as exc:
             fresh = [c for c in exc.candidates if c[0] is not module and id(c[0]) not in opaque]
@@ -367,40 +432,62 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     for key in guessed:  # keep as leaves only the guesses that are needed
         trial = {k: v for k, v in opaque.items() if k != key}
         try:
-            graph, constants = _trace(module, trial)
+            graph, _ = _trace(module, trial)
         except _Untraceable:
             continue
         opaque = trial
-    opaque_paths = []
+    full = lambda rel: f"{path}.{rel}" if path and rel else (path or rel)  # noqa: E731
+    leaf_paths = [full(p) for _, p in opaque.values()]
+    for node in graph.nodes:  # a leaf's insides, called from outside it: pinned
+        if node.op == "call_module" and any(_under(node.target, p) for _, p in opaque.values()):
+            ctx.pinned.add(id(module.get_submodule(node.target)))
     for sub, sub_path in opaque.values():
-        full = f"{path}.{sub_path}" if path else sub_path
-        opaque_paths.append(full)
-        new = _fuse_module(sub, full, ctx)
+        new = _fuse_module(sub, full(sub_path), ctx)
         if new is not sub:
-            parent, _, name = sub_path.rpartition(".")
-            setattr(module.get_submodule(parent), name, new)
-    candidates = _candidates(graph, module, path, opaque_paths, ctx)
-    if not candidates:
-        return module
-    chosen = _by_identity(candidates, graph, module, path, opaque_paths, ctx)
-    if len(chosen) < len(candidates) and _graph_replaceable(type(module)):
-        _fuse_in_graph(candidates, graph)
-    else:  # the module stays itself; its children may fuse the rest in their own graphs
-        _fuse_by_identity(chosen, module, ctx)
-        if len(chosen) < len(candidates):
-            _fuse_children(module, path, ctx)
-            for key, (norm, _) in candidates.items():
-                if key not in chosen and norm.activation is None:
-                    for p in ctx.paths.get(key, []):
-                        ctx.kept.setdefault(p, (path, type(module).__name__))
-        return module
-    for name, value in constants.items():  # for the GraphModule to take
-        setattr(module, name, value)
-    try:
-        return FusedGraphModule(module, graph, type(module).__name__)
-    finally:
-        for name in constants:
-            delattr(module, name)
+            ctx.replace(sub, new)
+    leaf_paths += [full(n.target) for n in graph.nodes if n.op == "call_module"]
+    candidates = _candidates(graph, module, path, leaf_paths, ctx)
+    chosen = _by_identity(candidates, graph, module, path, leaf_paths, ctx)
+    for norm, calls in chosen.values():
+        norm.activation = "relu"
+        for _, relu in calls:
+            relu_module = module.get_submodule(relu.target)
+            if id(relu_module) in ctx.paths:
+                ctx.replace(relu_module, nn.Identity())
+    # The rest need the graph of the forward that makes the pair: its owner's.
+    owners = {}  # owner path (in module) -> ids of its norms
+    rest = {key: value for key, value in candidates.items() if key not in chosen}
+    for key, (norm, calls) in rest.items():
+        for node, _ in calls:
+            owners.setdefault(_owner(node), set()).add(key)
+    graphs, why = {}, {}
+    for rel in sorted(owners, key=lambda p: -p.count(".") - bool(p)):  # deepest first
+        owner = module.get_submodule(rel)
+        why[rel] = _not_replaceable(owner)
+        if why[rel] is None and rel and not ctx.in_reach(owner, path, leaf_paths):
+            why[rel] = "it also sits outside what was traced"
+        if why[rel] is None:
+            graphs[rel] = _shallow_graph(owner, owners[rel])
+            if graphs[rel] is None:
+                why[rel] = "its forward alone does not trace"
+    for key, (norm, calls) in rest.items():  # every call site's owner must take the graph
+        if all(graphs.get(_owner(node)) is not None for node, _ in calls):
+            norm.activation = "relu"
+            continue
+        rel = next(_owner(node) for node, _ in calls if graphs.get(_owner(node)) is None)
+        for p in ctx.paths.get(key, []):
+            ctx.kept.setdefault(p, (full(rel), type(module.get_submodule(rel)).__name__, why[rel]))
+    result = module
+    for rel, built in graphs.items():  # deepest first: a parent's GraphModule adopts its child's
+        if built is None or not any(rest[k][0].activation == "relu" for k in owners[rel]):
+            continue
+        owner = module.get_submodule(rel)
+        gm = _graph_module(owner, *built)
+        if rel:
+            ctx.replace(owner, gm)
+        else:
+            result = gm
+    return result
 
 
 def _adopt(gm: nn.Module, modules: dict, parameters: dict, buffers: dict, non_persistent) -> None:
@@ -421,7 +508,7 @@ class FusedGraphModule(fx.GraphModule):
     graph's code: its whole module tree (the same submodule objects, parameters and buffers, so
     the same ``state_dict`` keys), its hooks, its plain attributes and its class's constants
     (``_keep_own``), also through ``copy.deepcopy`` and ``torch.save``.  It stands only for
-    modules whose class adds no methods or properties to nn.Module (``_graph_replaceable``)."""
+    modules whose class adds no methods or properties to nn.Module (``_not_replaceable``)."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule"):
         super().__init__(root, graph, class_name)
@@ -451,6 +538,7 @@ class FusedGraphModule(fx.GraphModule):
         # and comes back as a plain GraphModule holding what the code references; _restore
         # gives it the rest back.
         rebuild, (body, *rest) = super().__reduce__()
+        body["_graphmodule_cls_name"] = type(self).__name__  # the traced class's name
         for name in _HOOK_DICTS:
             if isinstance(body.get(name), dict):
                 body[name] = _rebind(body[name], self, _SelfBound)
@@ -491,7 +579,7 @@ def _keep_own(gm: fx.GraphModule, own: dict, cls: type | None = None, bound_to=N
     ``__dict__`` ``own``: its hooks (copies of its hook dictionaries; hooks called with the
     module, bound to ``bound_to``, are bound to ``gm``), its plain attributes (the same objects:
     torchvision's ``Bottleneck.stride``, say) and the constants of its class ``cls``
-    (``Bottleneck.expansion``; ``_graph_replaceable`` allows no other class attributes)."""
+    (``Bottleneck.expansion``; ``_not_replaceable`` allows no other class attributes)."""
     for name in _HOOK_DICTS:
         if name in own:
             value = own[name]
@@ -517,7 +605,8 @@ def _restore(rebuild, args) -> FusedGraphModule:
     for name in _HOOK_DICTS:
         if name in body:
             loaded.__dict__[name] = body[name]
-    return FusedGraphModule(loaded, loaded.graph, type(loaded).__name__)
+    return FusedGraphModule(loaded, loaded.graph,
+                            body.get("_graphmodule_cls_name", type(loaded).__name__))
 
 
 def _fuse_own_relu(model: nn.Module) -> None:
@@ -545,13 +634,13 @@ def fuse_relu(model: nn.Module) -> nn.Module:
         said.append(f"could not trace {names}. Their forward's norm->ReLU pairs are left "
                     "unfused (plain conversions); what is inside them and traces was fused.")
     if ctx.kept:
-        names = "; ".join(f"{norm!r} (in the forward of {f'{path!r}, ' if path else ''}{cls})"
-                          for norm, (path, cls) in sorted(ctx.kept.items()))
+        names = "; ".join(
+            f"{norm!r} (in the forward of {f'{path!r}, ' if path else ''}{cls}: {why})"
+            for norm, (path, cls, why) in sorted(ctx.kept.items()))
         said.append(
-            f"left unfused: {names}. Its ReLU is a function call or a module called elsewhere "
-            "too, which only a torch.fx GraphModule standing for that module could drop, and "
-            "its class has methods or properties of its own (a GraphModule would not have "
-            "them), so it stays as it is.")
+            f"left unfused: {names}. Their ReLU is a function call or a module called "
+            "elsewhere too: only a torch.fx GraphModule standing for the module whose forward "
+            "makes the pair could drop it, and that module stays as it is.")
     if said:
         warnings.warn("convert(fuse_relu=True): " + " ".join(said), UserWarning, stacklevel=3)
     return result

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
+import re
 import warnings
 
 import pytest
@@ -208,10 +210,10 @@ def test_plain_identities_between_norm_and_relu(seed):
         def __init__(self):
             super().__init__()
             self.bn = nn.BatchNorm2d(3)
-            self.drop = nn.Sequential(nn.Identity(), nn.Identity())
+            self.drop = nn.Identity()
 
         def forward(self, x):
-            return F.relu(self.drop(self.bn(x)))
+            return F.relu(self.drop(self.drop(self.bn(x))))
 
     hooked = nn.Identity()
     hooked.register_forward_pre_hook(lambda m, args: None)
@@ -509,7 +511,7 @@ def test_model_with_an_api_of_its_own_stays_itself(functional, seed):
     assert fused is model and type(fused) is Classifier
     assert _fused_norms(fused) == ["features.1"] and type(fused.features[2]) is nn.Identity
     if functional:
-        assert len(messages) == 1 and "left unfused: 'bn' (in the forward of Classifier)" in \
+        assert len(messages) == 1 and "left unfused: 'bn' (in the forward of Classifier: its class has" in \
             messages[0], messages
         assert _relu_calls(fused) == 1
     else:
@@ -598,8 +600,172 @@ def test_relu_module_also_inside_a_leaf_stays(seed):
     act_layer = normfuse.BatchInstanceNormAct2d(3, drop=nn.Dropout(0.0), act=relu)
     model = _randomize(nn.Sequential(nn.BatchNorm2d(3), relu, act_layer), seed).double()
     plain = normfuse.convert(copy.deepcopy(model), "bin")
-    with pytest.warns(UserWarning, match=r"left unfused: '0' \(in the forward of Sequential\)"):
+    with pytest.warns(UserWarning, match=r"left unfused: '0' \(in the forward of Sequential: its class has"):
         fused = normfuse.convert(model, "bin", fuse_relu=True)
     assert _fused_norms(fused) == [] and fused[1] is relu and fused[2].act is relu
     x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
     _assert_same_in_train_and_eval(fused, plain, x, seed)
+
+
+# ------------------------------------------------------------ what must not be fused, or replaced
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(x))
+
+
+class CallsChildsRelu(nn.Module):
+    """Calls its child's ReLU module itself, after something else; a method keeps it itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+
+    def features(self, x):
+        return self.block(x)
+
+    def forward(self, x):
+        return self.block.relu(self.block(x) - 1)
+
+
+class OptionalResidual(nn.Module):
+    """A block whose forward takes an optional argument: one trace would fix its branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, residual=None):
+        y = F.relu(self.bn(x))
+        return y if residual is None else y + residual
+
+
+class UsesOptional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = OptionalResidual(), OptionalResidual()
+
+    def forward(self, x):
+        return self.b(self.a(x), x)
+
+
+class NormLast(nn.Module):
+    """DenseNet's shape: the norm ends a child's forward, the ReLU is in the parent's; code
+    that calls the child on its own (DenseNet's ``features``) takes the norm's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        return F.relu(self.features(x))
+
+
+class NoGrad(nn.Module):
+    """A forward that sets grad mode: a graph would not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            shift = x.mean()  # no gradient through it: a graph would give it one
+        return F.relu(self.bn(self.conv(x) - shift))
+
+
+class Remembers(nn.Module):
+    """A forward that keeps its output on the module: tracing it must not leave a Proxy."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.last = None
+
+    def forward(self, x):
+        self.last = F.relu(self.bn(x))
+        return self.last
+
+
+@pytest.mark.parametrize("build,fused_norms,replaced,warns", [
+    (CallsChildsRelu, ["block.bn"], False, None),  # the block a GraphModule, its ReLU kept
+    (UsesOptional, [], False, r"'a\.bn' \(in the forward of 'a', OptionalResidual: its forward "
+                              r"takes optional"),
+    (NormLast, [], False, None),
+    (NoGrad, [], False, r"'bn' \(in the forward of NoGrad: its forward sets no_grad"),
+    (Remembers, ["bn"], True, None),
+])
+def test_what_stays_unfused_or_unreplaced(build, fused_norms, replaced, warns, seed):
+    """Each model computes what its unfused conversion computes; a pair whose ReLU the rest of
+    the model (or another caller of a submodule) may see is not fused; a module a graph cannot
+    stand for is not replaced, and the warning says why."""
+    model = _randomize(build(), seed).double()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    messages = [str(r.message) for r in record]
+    if warns is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and re.search(warns, messages[0]), messages
+    assert _fused_norms(fused) == fused_norms
+    assert isinstance(fused, FusedGraphModule) == replaced
+    assert all(not isinstance(v, fx.Proxy) for m in model.modules() for v in vars(m).values())
+    x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    _assert_same_in_train_and_eval(fused, plain, x, seed)
+    if build is CallsChildsRelu:
+        assert isinstance(fused.block, FusedGraphModule) and type(fused.block.relu) is nn.ReLU
+        torch.testing.assert_close(fused.features(x), plain.features(x))
+    if build is NormLast:
+        torch.testing.assert_close(fused.features(x), plain.features(x))
+    if build is UsesOptional:
+        torch.testing.assert_close(fused.a(x), plain.a(x))
+    if build is Remembers:
+        io.BytesIO().write(pickle.dumps(fused))
+
+
+def test_leaf_insides_called_from_outside_are_not_fused(seed):
+    """A module kept as a leaf (its forward does not trace) is fused on its own; a forward
+    outside it that calls into it (here its ReLU, after something else) keeps that module."""
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = DataDependent()
+
+        def forward(self, x):
+            return self.inner.inner[2](self.inner(x) - 1)
+
+    model = _randomize(Outer(), seed).double()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    with pytest.warns(UserWarning, match="could not trace 'inner'"):
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert _fused_norms(fused) == [] and type(fused.inner.inner[2]) is nn.ReLU
+    x = torch.randn(2, 4, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    _assert_same_in_train_and_eval(fused, plain, x, seed)
+
+
+def test_containers_are_not_reported(seed):
+    """A ModuleList has no forward of its own: its children are fused, nothing is reported."""
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(_Block() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x) if x.sum() > 0 else block(-x)
+            return x
+
+    model = _randomize(Untraceable(), seed).double()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    messages = [str(r.message) for r in record]
+    assert len(messages) == 1 and "'blocks'" not in messages[0], messages
+    assert _fused_norms(fused) == ["blocks.0.bn", "blocks.1.bn"]
