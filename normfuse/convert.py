@@ -288,13 +288,14 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     that forward (``normfuse.fuse.FusedGraphModule``: its submodule objects, parameters,
     buffers, plain attributes, class constants and hooks), where one can stand for it: a class
     adding only ``__init__``, ``forward`` and constants to ``nn.Module``, a forward without
-    optional arguments that sets no grad mode (torchvision's blocks); any other module (a model
-    class, ``nn.Sequential``) stays itself, and such a pair is left unfused and named in a
-    ``UserWarning``.  The result computes what the unfused conversion computes, in train and
-    eval mode: **use the returned module**, the input model changed in place unless the model
-    itself became a GraphModule (the input model then still computes the same function, since
-    ReLU is idempotent, but runs the ReLU passes the graph dropped).  A module whose forward
-    cannot be traced (data-dependent control flow, a forward that branches on
+    optional arguments, called with tensors, that sets no grad mode (torchvision's blocks; the
+    plain attributes it reads are then held by the graph, and setting one raises); any other
+    module (a model class, ``nn.Sequential``) stays itself, and such a pair is left unfused
+    and named in a ``UserWarning``.  The result computes what the unfused conversion computes,
+    in train and eval mode: **use the returned module**, the input model changed in place unless
+    the model itself became a GraphModule (the input model then still computes the same
+    function, since ReLU is idempotent, but runs the ReLU passes the graph dropped).  A module
+    whose forward cannot be traced (data-dependent control flow, a forward that branches on
     ``self.training``, which a graph would freeze, or optional arguments where it is traced on
     its own) is kept as a leaf of the graph around it and fused on its own, and one
     ``UserWarning`` names such modules with the reason; if the model itself cannot be traced,

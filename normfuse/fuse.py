@@ -14,10 +14,13 @@ submodule's output, which other code may take on its own.)  How the ReLU calls g
 * A ReLU that is a function call, or a module also called elsewhere (torchvision's blocks call
   one ``self.relu`` after ``bn1``, ``bn2`` and the residual add), needs a graph without that
   node: the module whose forward makes the pair is replaced by a ``FusedGraphModule`` of its
-  own forward (its children leaves, so their hooks still run), where one can stand for it
+  own forward (every submodule a leaf, so their hooks still run), where one can stand for it
   (``_not_replaceable``: a class adding to nn.Module only ``__init__``, ``forward`` and
-  constants, a forward without optional arguments that sets no grad mode or autocast).  Else
-  that module stays itself and the pair is left, named in the warning.
+  constants; a forward without optional arguments, called with tensors only
+  (``_called_with_tensors``), setting no grad mode or autocast (``_shallow_graph`` sees it in
+  the trace)).  Else that module stays itself and the pair is left, named in the warning.
+  The plain attributes that forward read are values in the graph: setting one on the
+  GraphModule raises (``FusedGraphModule.__setattr__``).
 
 Modules whose forward cannot be traced (data-dependent control flow, a forward that differs
 between train and eval mode, which a graph would freeze, or one traced on its own that takes
@@ -42,6 +45,7 @@ import copy
 import inspect
 import itertools
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +84,13 @@ class _Tracer(fx.Tracer):
         return (isinstance(m, NORM_TYPES) or id(m) in self.opaque
                 or super().is_leaf_module(m, module_qualified_name))
 
+    def create_node(self, *args, **kwargs):
+        # Grad mode and autocast as the forward had them when it made the node: a graph does not
+        # keep them (_graph_keeps_forward compares them with the trace's own).
+        node = super().create_node(*args, **kwargs)
+        node.meta["normfuse_modes"] = _modes()
+        return node
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -90,6 +101,11 @@ class _Tracer(fx.Tracer):
                 except Exception:
                     self.failed = False  # not a submodule: no culprit to keep as a leaf
             raise
+
+
+def _modes() -> tuple:
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -121,8 +137,11 @@ def _trace(module: nn.Module, opaque: dict):
     from ``module`` again)."""
     modes = [(m, m.training) for m in module.modules()]
     before = set(vars(module))
-    # What a forward sets on a module (``self.last = out``) would stay a Proxy: put back after.
-    attributes = [(m, dict(vars(m))) for m, _ in modes]
+    # What a forward sets on a module (``self.last = out``, ``self.taps.append(y)``, a buffer it
+    # registers) would stay, a Proxy: put back after, containers' contents too.
+    attributes = [(m, dict(vars(m)), {k: copy.copy(v) for k, v in vars(m).items()
+                                      if type(v) in (list, dict, set, OrderedDict)})
+                  for m, _ in modes]
 
     def take_constants():  # the attributes a trace set on ``module``, removed from it
         taken = {name: vars(module)[name] for name in set(vars(module)) - before}
@@ -143,12 +162,24 @@ def _trace(module: nn.Module, opaque: dict):
                 raise _Untraceable(_first_line(exc), [tracer.failed] if tracer.failed else ())
     finally:
         constants = take_constants()
-        for m, own in attributes:
+        for m, own, contents in attributes:
             for name in [n for n in vars(m) if n not in own]:
                 del m.__dict__[name]
             for name, value in own.items():
                 if m.__dict__.get(name, own) is not value:
                     m.__dict__[name] = value
+            for name, saved in contents.items():
+                value = own[name]
+                if isinstance(value, dict) and (value.keys() != saved.keys() or any(
+                        value[k] is not saved[k] for k in saved)):
+                    value.clear()
+                    value.update(saved)
+                elif isinstance(value, list) and (len(value) != len(saved) or any(
+                        a is not b for a, b in zip(value, saved))):
+                    value[:] = saved
+                elif isinstance(value, set) and value != saved:
+                    value.clear()
+                    value.update(saved)
         for m, training in modes:
             m.training = training
     for a, b in itertools.zip_longest(graphs[0].nodes, graphs[1].nodes):
@@ -299,8 +330,6 @@ _GRAPH_REPLACEABLE = {"__init__", "forward", "extra_repr", "__module__", "__qual
                       "__annotations_cache__"}
 _CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
 _MODULE_NAMES = frozenset(dir(nn.Module))
-# A forward that sets grad mode or autocast: torch.fx does not record it.
-_MODE_SETTERS = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast")
 
 
 def _one_trace_fits(module: nn.Module) -> str | None:
@@ -318,17 +347,12 @@ def _one_trace_fits(module: nn.Module) -> str | None:
 
 
 def _graph_keeps_forward(module: nn.Module) -> str | None:
-    """Why a graph of ``module``'s forward would not compute what the forward does, or None:
-    torch.fx does not record grad mode or autocast set in it, nor what a decorator does."""
-    forward = type(module).forward
-    if hasattr(forward, "__wrapped__"):
+    """Why a graph of ``module``'s forward could not compute what the forward does, before
+    tracing it, or None: a decorator may do anything around the call.  (Grad mode or autocast
+    set inside, in the forward or a function it calls, shows in the trace: ``_shallow_graph``.)"""
+    if hasattr(type(module).forward, "__wrapped__"):
         return "its forward is decorated"
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return "its forward's source is unknown"
-    setters = [name for name in _MODE_SETTERS if name in source]
-    return f"its forward sets {setters[0]}, which a graph would not" if setters else None
+    return None
 
 
 def _not_replaceable(module: nn.Module) -> str | None:
@@ -352,32 +376,52 @@ def _not_replaceable(module: nn.Module) -> str | None:
 
 
 def _shallow_graph(owner: nn.Module, norms: set):
-    """The graph of ``owner``'s own forward (its children leaves) without the ReLU calls after
-    the norms in ``norms`` (ids), and its tensor constants; None if it does not trace."""
-    leaves = {id(c): (c, n) for n, c in owner.named_children()}
+    """The graph of ``owner``'s own forward (every submodule a leaf: their hooks still run, a
+    replaced child stays a call) without the ReLU calls after the norms in ``norms`` (ids), its
+    tensor constants and the plain attributes of ``owner`` it read (their values are in the
+    graph now); or the reason it cannot stand for the forward."""
+    leaves = {id(m): (m, n) for n, m in owner.named_modules() if m is not owner}
+    read = set()
+    cls = type(owner)
+
+    def recording(self, name):  # which attributes the forward reads
+        read.add(name)
+        return cls.__getattribute__(self, name)
+
+    owner.__class__ = type(cls.__name__, (cls,), {"__getattribute__": recording})
+    before = _modes()
     try:
         graph, constants = _trace(owner, leaves)
-    except _Untraceable:
-        return None
+    except _Untraceable as exc:
+        return f"its forward alone does not trace ({exc.reason})"
+    finally:
+        owner.__class__ = cls
+    if any(node.meta.get("normfuse_modes", before) != before for node in graph.nodes):
+        return "its forward sets grad mode or autocast, which a graph would not keep"
     for node in list(graph.nodes):
         if node.op == "call_module" and id(owner.get_submodule(node.target)) in norms:
             relu = _relu_after(node, owner)
-            if relu is None:  # (the full trace said otherwise: leave this owner alone)
-                return None
+            if relu is None:
+                return "its forward alone makes another graph"
             relu.replace_all_uses_with(relu.args[0] if relu.args else relu.kwargs["input"])
             graph.erase_node(relu)
     graph.lint()
-    return graph, constants
+    frozen = {name: owner.__dict__[name] for name in read
+              if name in owner.__dict__ and name != "training" and not name.startswith("_")}
+    return graph, constants, frozen
 
 
-def _graph_module(owner: nn.Module, graph: fx.Graph, constants: dict) -> "FusedGraphModule":
+def _graph_module(owner: nn.Module, graph: fx.Graph, constants: dict,
+                  frozen: dict) -> "FusedGraphModule":
     for name, value in constants.items():  # for the GraphModule to take
         setattr(owner, name, value)
     try:
-        return FusedGraphModule(owner, graph, type(owner).__name__)
+        gm = FusedGraphModule(owner, graph, type(owner).__name__)
     finally:
         for name in constants:
             delattr(owner, name)
+    gm.__dict__[_FROZEN] = frozen
+    return gm
 
 
 def _fuse_children(module: nn.Module, path: str, ctx) -> None:
@@ -460,34 +504,64 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     for key, (norm, calls) in rest.items():
         for node, _ in calls:
             owners.setdefault(_owner(node), set()).add(key)
-    graphs, why = {}, {}
-    for rel in sorted(owners, key=lambda p: -p.count(".") - bool(p)):  # deepest first
+    why = {}  # owner path -> why no GraphModule may stand for it (None: one may)
+    ordered = sorted(owners, key=lambda p: -p.count(".") - bool(p))  # deepest first
+    for rel in ordered:
         owner = module.get_submodule(rel)
         why[rel] = _not_replaceable(owner)
         if why[rel] is None and rel and not ctx.in_reach(owner, path, leaf_paths):
-            why[rel] = "it also sits outside what was traced"
-        if why[rel] is None:
-            graphs[rel] = _shallow_graph(owner, owners[rel])
-            if graphs[rel] is None:
-                why[rel] = "its forward alone does not trace"
+            why[rel] = "it is also called or registered outside what was traced together"
+    if any(why[rel] is None for rel in owners if rel):
+        checked = [rel for rel in owners if rel and why[rel] is None]
+        why.update(_called_with_tensors(module, opaque, checked))
+    for rel in ordered:
+        if why[rel] is None:  # a trial: does its own forward give the graph the full trace did?
+            built = _shallow_graph(module.get_submodule(rel), owners[rel])
+            why[rel] = built if isinstance(built, str) else None
     for key, (norm, calls) in rest.items():  # every call site's owner must take the graph
-        if all(graphs.get(_owner(node)) is not None for node, _ in calls):
+        blocking = [_owner(node) for node, _ in calls if why[_owner(node)] is not None]
+        if not blocking:
             norm.activation = "relu"
             continue
-        rel = next(_owner(node) for node, _ in calls if graphs.get(_owner(node)) is None)
         for p in ctx.paths.get(key, []):
+            rel = blocking[0]
             ctx.kept.setdefault(p, (full(rel), type(module.get_submodule(rel)).__name__, why[rel]))
     result = module
-    for rel, built in graphs.items():  # deepest first: a parent's GraphModule adopts its child's
-        if built is None or not any(rest[k][0].activation == "relu" for k in owners[rel]):
+    for rel in ordered:  # deepest first: a parent's GraphModule adopts its child's
+        fused = {k for k in owners[rel] if rest[k][0].activation == "relu"}
+        if why[rel] is not None or not fused:
             continue
         owner = module.get_submodule(rel)
+        built = _shallow_graph(owner, fused)  # without the ReLUs of the fused norms alone
+        if isinstance(built, str):  # (traced the same a moment ago)
+            raise RuntimeError(f"convert(fuse_relu=True): {full(rel)!r}: {built}")
         gm = _graph_module(owner, *built)
         if rel:
             ctx.replace(owner, gm)
         else:
             result = gm
     return result
+
+
+def _called_with_tensors(module: nn.Module, opaque: dict, owners: list) -> dict:
+    """For the owners (paths in ``module``) whose calls pass anything but tensors (``None``,
+    a list: their own forward, traced with a Proxy for each argument, would take another
+    branch), why they may not be replaced: traced once more with the owners as leaves."""
+    leaves = dict(opaque)
+    leaves.update({id(module.get_submodule(rel)): (module.get_submodule(rel), rel)
+                   for rel in owners})
+    try:
+        graph, _ = _trace(module, leaves)
+    except _Untraceable:
+        return {rel: "its calls could not be traced" for rel in owners}
+    out = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in owners:
+            args = list(node.args) + list(node.kwargs.values())
+            if not all(isinstance(a, fx.Node) for a in args):
+                out[node.target] = ("it is called with arguments that are not tensors, which "
+                                    "one graph of its forward would fix")
+    return out
 
 
 def _adopt(gm: nn.Module, modules: dict, parameters: dict, buffers: dict, non_persistent) -> None:
@@ -532,6 +606,15 @@ class FusedGraphModule(fx.GraphModule):
         res.meta = getattr(self, "meta", {})
         return res
 
+    def __setattr__(self, name, value):
+        frozen = self.__dict__.get(_FROZEN, {})
+        if name in frozen and value is not frozen[name]:
+            raise AttributeError(
+                f"{type(self).__name__}.{name}: the fused graph of this module's forward "
+                f"(convert(..., fuse_relu=True)) holds the value it had then ({frozen[name]!r}); "
+                "setting it would change nothing. Set it before converting, or convert again.")
+        super().__setattr__(name, value)
+
     def __reduce__(self):
         # GraphModule pickles its __dict__ (in the arguments of its rebuild, so a hook bound to
         # the module itself would recurse: _SelfBound stands for that binding) and its code,
@@ -545,6 +628,9 @@ class FusedGraphModule(fx.GraphModule):
         return _restore, (rebuild, (body, *rest))
 
 
+# Attribute of a FusedGraphModule: the plain attributes its forward read when it was traced,
+# whose values its graph holds (setting one raises: it would change nothing).
+_FROZEN = "_normfuse_frozen"
 # nn.Module's hook dictionaries (forward, backward, state_dict, load_state_dict hooks) and
 # flags (_is_full_backward_hook).
 _HOOK_DICTS = tuple(name for name in vars(nn.Module()) if "hook" in name)
@@ -631,8 +717,8 @@ def fuse_relu(model: nn.Module) -> nn.Module:
     if ctx.untraced:
         names = "; ".join(f"{path!r} ({reason})" if path else f"the model itself, {cls} ({reason})"
                           for path, cls, reason in ctx.untraced)
-        said.append(f"could not trace {names}. Their forward's norm->ReLU pairs are left "
-                    "unfused (plain conversions); what is inside them and traces was fused.")
+        said.append(f"could not trace {names}. The norm->ReLU pairs their own forward makes (if "
+                    "any) are left unfused; what is inside them and traces was fused.")
     if ctx.kept:
         names = "; ".join(
             f"{norm!r} (in the forward of {f'{path!r}, ' if path else ''}{cls}: {why})"

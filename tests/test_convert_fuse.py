@@ -511,8 +511,8 @@ def test_model_with_an_api_of_its_own_stays_itself(functional, seed):
     assert fused is model and type(fused) is Classifier
     assert _fused_norms(fused) == ["features.1"] and type(fused.features[2]) is nn.Identity
     if functional:
-        assert len(messages) == 1 and "left unfused: 'bn' (in the forward of Classifier: its class has" in \
-            messages[0], messages
+        expected = "left unfused: 'bn' (in the forward of Classifier: its class has"
+        assert len(messages) == 1 and expected in messages[0], messages
         assert _relu_calls(fused) == 1
     else:
         assert messages == []
@@ -600,7 +600,8 @@ def test_relu_module_also_inside_a_leaf_stays(seed):
     act_layer = normfuse.BatchInstanceNormAct2d(3, drop=nn.Dropout(0.0), act=relu)
     model = _randomize(nn.Sequential(nn.BatchNorm2d(3), relu, act_layer), seed).double()
     plain = normfuse.convert(copy.deepcopy(model), "bin")
-    with pytest.warns(UserWarning, match=r"left unfused: '0' \(in the forward of Sequential: its class has"):
+    with pytest.warns(UserWarning,
+                      match=r"left unfused: '0' \(in the forward of Sequential: its class has"):
         fused = normfuse.convert(model, "bin", fuse_relu=True)
     assert _fused_norms(fused) == [] and fused[1] is relu and fused[2].act is relu
     x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
@@ -692,13 +693,108 @@ class Remembers(nn.Module):
         return self.last
 
 
+class _WithMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.relu(self.bn(x))
+
+    def extra(self):
+        return 1
+
+
+class TwoOwners(nn.Module):
+    """y.bn's pairs are in y's forward (y has a method: not replaced) and in this forward (a
+    graph may stand for it, and takes bn2's pair): y.bn stays unfused, so this graph must keep
+    the ReLU after its own call of y.bn."""
+
+    def __init__(self):
+        super().__init__()
+        self.y = _WithMethod()
+        self.bn2 = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.y(x) + F.relu(self.y.bn(x - 1)) + F.relu(self.bn2(x))
+
+
+class Up(nn.Module):
+    """A UNet decoder block: its forward checks an argument that its callers pass as None."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, skip):
+        if skip is not None:
+            x = x + skip
+        return F.relu(self.bn(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up1, self.up2 = Up(), Up()
+
+    def forward(self, x):
+        return self.up2(self.up1(x, x * 2), None)
+
+
+class Taps(nn.Module):
+    """A forward that appends to a list it holds and fills a dict: tracing must not leave
+    Proxies in them."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.taps, self.stats = [], {}
+
+    def forward(self, x):
+        y = F.relu(self.bn(x))
+        self.taps.append(y)
+        self.stats["last"] = y
+        return y
+
+
+class _Lin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            shift = x.mean()  # no gradient through it: an inlined graph would give it one
+        return self.conv(x) - shift
+
+
+class ListOfBlocks(nn.Module):
+    """Blocks in a ModuleList, one setting grad mode in its forward: a graph of this forward
+    keeps them as calls (their hooks run, their grad mode holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Lin(), _Lin()])
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return F.relu(self.bn(x))
+
+
 @pytest.mark.parametrize("build,fused_norms,replaced,warns", [
     (CallsChildsRelu, ["block.bn"], False, None),  # the block a GraphModule, its ReLU kept
     (UsesOptional, [], False, r"'a\.bn' \(in the forward of 'a', OptionalResidual: its forward "
                               r"takes optional"),
     (NormLast, [], False, None),
-    (NoGrad, [], False, r"'bn' \(in the forward of NoGrad: its forward sets no_grad"),
+    (NoGrad, [], False, r"'bn' \(in the forward of NoGrad: its forward sets grad mode"),
     (Remembers, ["bn"], True, None),
+    (TwoOwners, ["bn2"], True, r"'y\.bn' \(in the forward of 'y', _WithMethod: its class has"),
+    (Decoder, ["up1.bn"], False, r"'up2\.bn' \(in the forward of 'up2', Up: it is called "
+                                 r"with arguments that are not tensors"),
+    (Taps, ["bn"], True, None),
+    (ListOfBlocks, ["bn"], True, None),
 ])
 def test_what_stays_unfused_or_unreplaced(build, fused_norms, replaced, warns, seed):
     """Each model computes what its unfused conversion computes; a pair whose ReLU the rest of
@@ -726,8 +822,37 @@ def test_what_stays_unfused_or_unreplaced(build, fused_norms, replaced, warns, s
         torch.testing.assert_close(fused.features(x), plain.features(x))
     if build is UsesOptional:
         torch.testing.assert_close(fused.a(x), plain.a(x))
-    if build is Remembers:
+    if build in (Remembers, Taps):
         io.BytesIO().write(pickle.dumps(fused))
+    if build is ListOfBlocks:
+        calls = []
+        fused.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+        fused(x)
+        assert calls == [1] and type(fused.blocks[0]) is _Lin
+
+
+def test_attributes_a_graph_holds_cannot_be_set():
+    """A replaced module's forward read ``scale``: its graph holds the value, so setting it
+    raises instead of changing nothing (an attribute the forward does not read can be set)."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.scale = 2.0
+            self.note = "free"
+
+        def forward(self, x):
+            return F.relu(self.bn(x)) * self.scale
+
+    fused = normfuse.convert(Scaled(), "bin", fuse_relu=True)
+    assert isinstance(fused, FusedGraphModule) and "* 2.0" in fused.code
+    with pytest.raises(AttributeError, match=r"Scaled\.scale: the fused graph .* holds the value "
+                       r"it had then \(2\.0\)"):
+        fused.scale = 0.5
+    fused.scale = 2.0  # the same object: nothing changes
+    fused.note = "set"
+    assert fused.scale == 2.0 and fused.note == "set"
+    assert copy.deepcopy(fused).scale == 2.0
 
 
 def test_leaf_insides_called_from_outside_are_not_fused(seed):
