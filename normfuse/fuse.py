@@ -17,10 +17,11 @@ submodule's output, which other code may take on its own.)  How the ReLU calls g
   own forward (every submodule a leaf, so their hooks still run), where one can stand for it
   (``_not_replaceable``: a class adding to nn.Module only ``__init__``, ``forward`` and
   constants; a forward without optional arguments, called with tensors only
-  (``_called_with_tensors``), setting no grad mode or autocast (``_shallow_graph`` sees it in
-  the trace)).  Else that module stays itself and the pair is left, named in the warning.
-  The plain attributes that forward read are values in the graph: setting one on the
-  GraphModule raises (``FusedGraphModule.__setattr__``).
+  (``_Tracer.call_module`` sees every call), setting no grad mode or autocast, changing no
+  attributes and reading no mutable ones (``_shallow_graph``)).  Else that module stays
+  itself and the pair is left, named in the warning.  The plain values that forward reads
+  (attributes, class constants) are in the graph: setting one on the GraphModule raises
+  (``FusedGraphModule.__setattr__``).
 
 Modules whose forward cannot be traced (data-dependent control flow, a forward that differs
 between train and eval mode, which a graph would freeze, or one traced on its own that takes
@@ -41,11 +42,13 @@ calling into a traceable child (``self.block.bn(x)``, ``self.block.relu(y)``, by
 """
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 import itertools
+import types
+import collections.abc
 import warnings
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,13 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.opaque = opaque
         self.failed = None
+        self.non_tensor_calls = set()  # ids of modules called with anything but tensors
+        self.constants = set()  # names of the constants it set on the root
+
+    def get_fresh_qualname(self, prefix: str) -> str:
+        name = super().get_fresh_qualname(prefix)
+        self.constants.add(name)
+        return name
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (isinstance(m, NORM_TYPES) or id(m) in self.opaque
@@ -92,6 +102,10 @@ class _Tracer(fx.Tracer):
         return node
 
     def call_module(self, m, forward, args, kwargs):
+        # (None, a list, a number: a graph of m's own forward, traced with a Proxy for each
+        # argument, would take another branch than this call does)
+        if not all(isinstance(a, fx.Proxy) for a in itertools.chain(args, kwargs.values())):
+            self.non_tensor_calls.add(id(m))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -133,23 +147,27 @@ def _common_path(a: str, b: str) -> str:
 def _trace(module: nn.Module, opaque: dict):
     """``module``'s graph, traced in train and in eval mode (which must agree: a graph freezes
     the branches a forward takes on ``self.training``); raises ``_Untraceable``.  Returns the
-    graph and the tensor constants it reads (attributes of ``module`` the trace set; removed
-    from ``module`` again)."""
+    graph, the tensor constants it reads (attributes of ``module`` the tracer set; removed from
+    ``module`` again), the ids of the modules called with anything but tensors, and whether the
+    forward changed any module's attributes (undone: they would hold Proxies)."""
     modes = [(m, m.training) for m in module.modules()]
-    before = set(vars(module))
     # What a forward sets on a module (``self.last = out``, ``self.taps.append(y)``, a buffer it
-    # registers) would stay, a Proxy: put back after, containers' contents too.
+    # registers) would stay, a Proxy: put back after, containers' contents too (one level).
     attributes = [(m, dict(vars(m)), {k: copy.copy(v) for k, v in vars(m).items()
-                                      if type(v) in (list, dict, set, OrderedDict)})
+                                      if isinstance(v, _CONTAINERS)})
                   for m, _ in modes]
 
-    def take_constants():  # the attributes a trace set on ``module``, removed from it
-        taken = {name: vars(module)[name] for name in set(vars(module)) - before}
+    tracer = None
+
+    def take_constants():  # the constants the tracer set on ``module``, removed from it
+        names = tracer.constants if tracer is not None else ()
+        taken = {name: vars(module)[name] for name in names
+                 if name in vars(module) and name not in attributes[0][1]}
         for name in taken:
             delattr(module, name)
         return taken
 
-    graphs = []
+    graphs, non_tensor_calls, changed = [], set(), False
     try:
         for training in (True, False):
             for m, _ in modes:
@@ -160,28 +178,13 @@ def _trace(module: nn.Module, opaque: dict):
                 graphs.append(tracer.trace(module))
             except Exception as exc:
                 raise _Untraceable(_first_line(exc), [tracer.failed] if tracer.failed else ())
+            non_tensor_calls |= tracer.non_tensor_calls
     finally:
         constants = take_constants()
-        for m, own, contents in attributes:
-            for name in [n for n in vars(m) if n not in own]:
-                del m.__dict__[name]
-            for name, value in own.items():
-                if m.__dict__.get(name, own) is not value:
-                    m.__dict__[name] = value
-            for name, saved in contents.items():
-                value = own[name]
-                if isinstance(value, dict) and (value.keys() != saved.keys() or any(
-                        value[k] is not saved[k] for k in saved)):
-                    value.clear()
-                    value.update(saved)
-                elif isinstance(value, list) and (len(value) != len(saved) or any(
-                        a is not b for a, b in zip(value, saved))):
-                    value[:] = saved
-                elif isinstance(value, set) and value != saved:
-                    value.clear()
-                    value.update(saved)
         for m, training in modes:
             m.training = training
+        for m, own, contents in attributes:
+            changed |= _put_back(m, own, contents)
     for a, b in itertools.zip_longest(graphs[0].nodes, graphs[1].nodes):
         if a is None or b is None or a.format_node() != b.format_node():
             # The branch is in the forward of the module that created one of the two nodes.
@@ -189,7 +192,41 @@ def _trace(module: nn.Module, opaque: dict):
             raise _Untraceable("its forward depends on train/eval mode (self.training)",
                                [(module.get_submodule(p), p) for p in paths if p],
                                certain=False)
-    return graphs[1], constants
+    return graphs[1], constants, non_tensor_calls, changed
+
+
+_CONTAINERS = (collections.abc.MutableMapping, collections.abc.MutableSequence,
+               collections.abc.MutableSet)
+
+
+def _put_back(m: nn.Module, own: dict, contents: dict) -> bool:
+    """Put ``m``'s attributes back as they were (``own``: its ``__dict__``; ``contents``: shallow
+    copies of its containers); whether anything had changed."""
+    changed = False
+    for name in [n for n in vars(m) if n not in own]:
+        del m.__dict__[name]
+        changed = True
+    for name, value in own.items():
+        if m.__dict__.get(name, own) is not value:
+            m.__dict__[name] = value
+            changed = True
+    for name, saved in contents.items():
+        value = own[name]
+        if isinstance(value, collections.abc.MutableMapping):
+            if value.keys() != saved.keys() or any(value[k] is not saved[k] for k in saved):
+                value.clear()
+                value.update(saved)
+                changed = True
+        elif isinstance(value, collections.abc.MutableSequence):
+            if len(value) != len(saved) or any(a is not b for a, b in zip(value, saved)):
+                value.clear()
+                value.extend(saved)
+                changed = True
+        elif value != saved:
+            value.clear()
+            value.update(saved)
+            changed = True
+    return changed
 
 
 def _plain_relu(module: nn.Module) -> bool:
@@ -330,6 +367,10 @@ _GRAPH_REPLACEABLE = {"__init__", "forward", "extra_repr", "__module__", "__qual
                       "__annotations_cache__"}
 _CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
 _MODULE_NAMES = frozenset(dir(nn.Module))
+# What a GraphModule has that an nn.Module has not (``meta``, ``code``, ``graph``, ...).
+_GRAPH_MODULE_NAMES = frozenset(
+    (set(dir(fx.GraphModule)) | set(vars(fx.GraphModule(nn.Module(), fx.Graph()))))
+    - _MODULE_NAMES - set(vars(nn.Module())))
 
 
 def _one_trace_fits(module: nn.Module) -> str | None:
@@ -372,32 +413,58 @@ def _not_replaceable(module: nn.Module) -> str | None:
                     or not isinstance(value, _CONSTANT_TYPES)):
                 return (f"its class has {name!r} of its own, which a GraphModule standing for "
                         "it would not have")
+    taken = sorted(set(vars(module)) & _GRAPH_MODULE_NAMES)
+    if taken:
+        return f"its attribute {taken[0]!r} is a name torch.fx's GraphModule uses"
     return _one_trace_fits(module) or _graph_keeps_forward(module)
+
+
+_MISSING = object()
+
+
+def _names_read(function) -> set:
+    """The names ``function``'s code (and the code nested in it) looks up: its attributes among
+    them.  A class a GraphModule may stand for has no other methods (``_not_replaceable``)."""
+    names, codes = set(), [function.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return names
 
 
 def _shallow_graph(owner: nn.Module, norms: set):
     """The graph of ``owner``'s own forward (every submodule a leaf: their hooks still run, a
     replaced child stays a call) without the ReLU calls after the norms in ``norms`` (ids), its
-    tensor constants and the plain attributes of ``owner`` it read (their values are in the
-    graph now); or the reason it cannot stand for the forward."""
+    constants and the plain attributes of ``owner`` it reads (their values are in the graph
+    now); or the reason it cannot stand for the forward: grad mode or autocast set in it (traced
+    with both on and off, every node records them), attributes it changes, a mutable plain
+    attribute it reads (later changes would not reach the graph)."""
     leaves = {id(m): (m, n) for n, m in owner.named_modules() if m is not owner}
-    read = set()
-    cls = type(owner)
-
-    def recording(self, name):  # which attributes the forward reads
-        read.add(name)
-        return cls.__getattribute__(self, name)
-
-    owner.__class__ = type(cls.__name__, (cls,), {"__getattribute__": recording})
-    before = _modes()
-    try:
-        graph, constants = _trace(owner, leaves)
-    except _Untraceable as exc:
-        return f"its forward alone does not trace ({exc.reason})"
-    finally:
-        owner.__class__ = cls
-    if any(node.meta.get("normfuse_modes", before) != before for node in graph.nodes):
-        return "its forward sets grad mode or autocast, which a graph would not keep"
+    for outer in ((torch.enable_grad, lambda: torch.autocast("cpu", enabled=False)),
+                  (torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+        with outer[0](), outer[1]():
+            before = _modes()
+            try:
+                graph, constants, _, changed = _trace(owner, leaves)
+            except _Untraceable as exc:
+                return f"its forward alone does not trace ({exc.reason})"
+        if any(node.meta.get("normfuse_modes", before) != before for node in graph.nodes):
+            return "its forward sets grad mode or autocast, which a graph would not keep"
+        if changed:
+            return "its forward changes attributes of modules, which a graph would not"
+    frozen = {}
+    for name in _names_read(type(owner).forward):
+        value = owner.__dict__.get(name, inspect.getattr_static(type(owner), name, _MISSING))
+        if name.startswith("_") or name == "training" or value is _MISSING or (
+                name not in owner.__dict__ and not isinstance(value, _CONSTANT_TYPES)):
+            continue
+        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+            continue  # read at run time (get_attr, call_module), not held
+        if isinstance(value, _CONTAINERS):
+            return (f"its forward reads {name!r}, whose later changes would not reach a "
+                    "graph")
+        frozen[name] = value
     for node in list(graph.nodes):
         if node.op == "call_module" and id(owner.get_submodule(node.target)) in norms:
             relu = _relu_after(node, owner)
@@ -406,8 +473,6 @@ def _shallow_graph(owner: nn.Module, norms: set):
             relu.replace_all_uses_with(relu.args[0] if relu.args else relu.kwargs["input"])
             graph.erase_node(relu)
     graph.lint()
-    frozen = {name: owner.__dict__[name] for name in read
-              if name in owner.__dict__ and name != "training" and not name.startswith("_")}
     return graph, constants, frozen
 
 
@@ -462,7 +527,7 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     guessed = []  # the ones a train/eval difference pointed at, perhaps wrongly
     while True:
         try:
-            graph, _ = _trace(module, opaque)
+            graph, _, non_tensor_calls, _ = _trace(module, opaque)
             break
         except _Untraceable as exc:
             fresh = [c for c in exc.candidates if c[0] is not module and id(c[0]) not in opaque]
@@ -476,7 +541,7 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     for key in guessed:  # keep as leaves only the guesses that are needed
         trial = {k: v for k, v in opaque.items() if k != key}
         try:
-            graph, _ = _trace(module, trial)
+            graph, _, non_tensor_calls, _ = _trace(module, trial)
         except _Untraceable:
             continue
         opaque = trial
@@ -511,9 +576,9 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
         why[rel] = _not_replaceable(owner)
         if why[rel] is None and rel and not ctx.in_reach(owner, path, leaf_paths):
             why[rel] = "it is also called or registered outside what was traced together"
-    if any(why[rel] is None for rel in owners if rel):
-        checked = [rel for rel in owners if rel and why[rel] is None]
-        why.update(_called_with_tensors(module, opaque, checked))
+        if why[rel] is None and id(owner) in non_tensor_calls:
+            why[rel] = ("it is called with arguments that are not tensors, which one graph of "
+                        "its forward would fix")
     for rel in ordered:
         if why[rel] is None:  # a trial: does its own forward give the graph the full trace did?
             built = _shallow_graph(module.get_submodule(rel), owners[rel])
@@ -541,27 +606,6 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
         else:
             result = gm
     return result
-
-
-def _called_with_tensors(module: nn.Module, opaque: dict, owners: list) -> dict:
-    """For the owners (paths in ``module``) whose calls pass anything but tensors (``None``,
-    a list: their own forward, traced with a Proxy for each argument, would take another
-    branch), why they may not be replaced: traced once more with the owners as leaves."""
-    leaves = dict(opaque)
-    leaves.update({id(module.get_submodule(rel)): (module.get_submodule(rel), rel)
-                   for rel in owners})
-    try:
-        graph, _ = _trace(module, leaves)
-    except _Untraceable:
-        return {rel: "its calls could not be traced" for rel in owners}
-    out = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in owners:
-            args = list(node.args) + list(node.kwargs.values())
-            if not all(isinstance(a, fx.Node) for a in args):
-                out[node.target] = ("it is called with arguments that are not tensors, which "
-                                    "one graph of its forward would fix")
-    return out
 
 
 def _adopt(gm: nn.Module, modules: dict, parameters: dict, buffers: dict, non_persistent) -> None:
@@ -608,7 +652,8 @@ class FusedGraphModule(fx.GraphModule):
 
     def __setattr__(self, name, value):
         frozen = self.__dict__.get(_FROZEN, {})
-        if name in frozen and value is not frozen[name]:
+        if name in frozen and value is not frozen[name] and not (
+                type(value) is type(frozen[name]) and value == frozen[name]):
             raise AttributeError(
                 f"{type(self).__name__}.{name}: the fused graph of this module's forward "
                 f"(convert(..., fuse_relu=True)) holds the value it had then ({frozen[name]!r}); "

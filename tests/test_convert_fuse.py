@@ -783,17 +783,88 @@ class ListOfBlocks(nn.Module):
         return F.relu(self.bn(x))
 
 
+class Stage(nn.Module):
+    """Calls a block with None from inside its own forward (which a graph may stand for)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = Up()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.up(x, None)))
+
+
+class Cat(nn.Module):
+    """DenseNet's layers take a list of tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if isinstance(x, (list, tuple)):
+            x = torch.stack(x).sum(0)
+        return F.relu(self.bn(x))
+
+
+class ListNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cat = Cat()
+
+    def forward(self, x):
+        return self.cat([x, x + 1]) + 0
+
+
+class EnableGrad(nn.Module):
+    """enable_grad changes nothing when converting with grad on, and does under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            return F.relu(self.bn(x))
+
+
+class Meta(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.meta = {"gain": 2.0}
+
+    def forward(self, x):
+        return F.relu(self.bn(x))
+
+
+class ReadsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.cfg = {"shift": 1.0}
+
+    def forward(self, x):
+        return F.relu(self.bn(x)) + self.cfg["shift"]
+
+
 @pytest.mark.parametrize("build,fused_norms,replaced,warns", [
     (CallsChildsRelu, ["block.bn"], False, None),  # the block a GraphModule, its ReLU kept
     (UsesOptional, [], False, r"'a\.bn' \(in the forward of 'a', OptionalResidual: its forward "
                               r"takes optional"),
     (NormLast, [], False, None),
     (NoGrad, [], False, r"'bn' \(in the forward of NoGrad: its forward sets grad mode"),
-    (Remembers, ["bn"], True, None),
+    (Remembers, [], False, r"'bn' \(in the forward of Remembers: its forward changes "),
     (TwoOwners, ["bn2"], True, r"'y\.bn' \(in the forward of 'y', _WithMethod: its class has"),
     (Decoder, ["up1.bn"], False, r"'up2\.bn' \(in the forward of 'up2', Up: it is called "
                                  r"with arguments that are not tensors"),
-    (Taps, ["bn"], True, None),
+    (Taps, [], False, r"'bn' \(in the forward of Taps: its forward changes attributes"),
+    (Stage, ["bn"], True, r"'up\.bn' \(in the forward of 'up', Up: it is called with"),
+    (ListNet, [], False, r"'cat\.bn' \(in the forward of 'cat', Cat: it is called with"),
+    (EnableGrad, [], False, r"its forward sets grad mode"),
+    (Meta, [], False, r"its attribute 'meta' is a name torch\.fx's GraphModule uses"),
+    (ReadsDict, [], False, r"its forward reads 'cfg', whose later changes"),
     (ListOfBlocks, ["bn"], True, None),
 ])
 def test_what_stays_unfused_or_unreplaced(build, fused_norms, replaced, warns, seed):
@@ -835,24 +906,63 @@ def test_attributes_a_graph_holds_cannot_be_set():
     """A replaced module's forward read ``scale``: its graph holds the value, so setting it
     raises instead of changing nothing (an attribute the forward does not read can be set)."""
     class Scaled(nn.Module):
+        k = 3.0
+
         def __init__(self):
             super().__init__()
             self.bn = nn.BatchNorm2d(3)
             self.scale = 2.0
             self.note = "free"
+            self.bias = torch.zeros(3)
 
         def forward(self, x):
-            return F.relu(self.bn(x)) * self.scale
+            return F.relu(self.bn(x)) * self.scale * self.k + self.bias[:, None, None]
 
     fused = normfuse.convert(Scaled(), "bin", fuse_relu=True)
-    assert isinstance(fused, FusedGraphModule) and "* 2.0" in fused.code
+    assert isinstance(fused, FusedGraphModule) and "* 2.0" in fused.code and "* 3.0" in fused.code
     with pytest.raises(AttributeError, match=r"Scaled\.scale: the fused graph .* holds the value "
                        r"it had then \(2\.0\)"):
         fused.scale = 0.5
-    fused.scale = 2.0  # the same object: nothing changes
+    with pytest.raises(AttributeError, match=r"Scaled\.k: "):
+        fused.k = 1.0  # a class constant it read
+    fused.scale = float("2.0")  # an equal value: nothing changes
     fused.note = "set"
+    fused.bias = torch.ones(3)  # a tensor it reads at run time (get_attr): settable
     assert fused.scale == 2.0 and fused.note == "set"
     assert copy.deepcopy(fused).scale == 2.0
+
+
+def test_convert_under_no_grad_or_autocast_sees_the_forwards_modes():
+    """Grad mode and autocast set inside a forward show whatever mode convert runs in."""
+    for context in (torch.no_grad, torch.enable_grad,
+                    lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        for build in (NoGrad, EnableGrad):
+            with context(), warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                fused = normfuse.convert(build(), "bin", fuse_relu=True)
+            assert not isinstance(fused, FusedGraphModule), (context, build)
+            assert any("sets grad mode" in str(r.message) for r in record)
+
+
+def test_tracing_leaves_no_proxy_in_containers():
+    from collections import defaultdict, deque
+
+    class Fills(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.by_key, self.recent = defaultdict(list), deque(maxlen=2)
+
+        def forward(self, x):
+            y = F.relu(self.bn(x))
+            self.by_key["y"].append(y)
+            self.recent.append(y)
+            return y
+
+    model = Fills()
+    with pytest.warns(UserWarning, match="its forward changes attributes"):
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert dict(fused.by_key) == {} and list(fused.recent) == []
 
 
 def test_leaf_insides_called_from_outside_are_not_fused(seed):
