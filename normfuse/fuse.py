@@ -28,7 +28,10 @@ between train and eval mode, which a graph would freeze, or one traced on its ow
 optional arguments) are kept as leaves of the graph around them, fused on their own, and
 reported together in one warning; containers without a forward (ModuleList) are fused child by
 child, silently.  What a forward outside a leaf calls inside it is neither fused nor replaced in
-the leaf's own fusing (``_Context.pinned``).
+the leaf's own fusing (``_Context.pinned``), nor is anything in a module given a Proxy that may
+stand for something else than a tensor (``_Tracer.not_tensors``: a recurrent layer's tuple, an
+untraceable module's output unless annotated ``-> torch.Tensor``): its forward may branch on
+the type.
 
 A norm + act module (``normfuse.norm_act``, what convert makes of timm's ``BatchNormAct2d`` /
 ``GroupNormAct``) whose ``act`` is a plain ``nn.ReLU`` takes it in as its ``activation`` first,
@@ -84,6 +87,11 @@ class _Tracer(fx.Tracer):
         self.failed = None
         self.non_tensor_calls = set()  # ids of modules called with anything but tensors
         self.constants = set()  # names of the constants it set on the root
+        # Nodes standing for what is not a tensor (an LSTM's tuple) though a Proxy: a forward
+        # given one may branch on its type (isinstance) and take another branch than at run
+        # time, so the ids of such forwards' modules (``unreliable``) are not fused.
+        self.not_tensors = set()
+        self.unreliable = set()
 
     def get_fresh_qualname(self, prefix: str) -> str:
         name = super().get_fresh_qualname(prefix)
@@ -104,10 +112,25 @@ class _Tracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         # (None, a list, a number: a graph of m's own forward, traced with a Proxy for each
         # argument, would take another branch than this call does)
-        if not all(isinstance(a, fx.Proxy) for a in itertools.chain(args, kwargs.values())):
+        values = list(itertools.chain(args, kwargs.values()))
+        if not all(isinstance(a, fx.Proxy) for a in values):
+            self.non_tensor_calls.add(id(m))
+        given = any(isinstance(a, fx.Proxy) and a.node in self.not_tensors
+                    for a in _flatten(values))
+        try:
+            leaf = self.is_leaf_module(m, self.path_of_module(m))
+        except Exception:
+            leaf = True
+        if given and not leaf:
+            self.unreliable.add(id(m))
             self.non_tensor_calls.add(id(m))
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            if leaf and isinstance(out, fx.Proxy) and (
+                    given or _returns_non_tensor(m)
+                    or id(m) in self.opaque and not _annotated_tensor(m)):
+                self.not_tensors.add(out.node)
+            return out
         except Exception:
             if self.failed is None:  # the innermost call catches it first
                 try:
@@ -115,6 +138,33 @@ class _Tracer(fx.Tracer):
                 except Exception:
                     self.failed = False  # not a submodule: no culprit to keep as a leaf
             raise
+
+
+def _flatten(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _flatten(v)
+        elif isinstance(v, dict):
+            yield from _flatten(list(v.values()))
+        else:
+            yield v
+
+
+def _returns_non_tensor(m: nn.Module) -> bool:
+    """torch.nn modules (leaves of a trace) that return tuples: recurrent layers, attention,
+    pooling with ``return_indices``."""
+    return (isinstance(m, (nn.RNNBase, nn.MultiheadAttention))
+            or bool(getattr(m, "return_indices", False)))
+
+
+def _annotated_tensor(m: nn.Module) -> bool:
+    """Whether ``m``'s forward says it returns a tensor (a module kept as a leaf because it
+    does not trace may return anything else)."""
+    try:
+        annotation = inspect.signature(type(m).forward).return_annotation
+    except (TypeError, ValueError):
+        return False
+    return annotation in (torch.Tensor, "Tensor", "torch.Tensor")
 
 
 def _modes() -> tuple:
@@ -167,7 +217,7 @@ def _trace(module: nn.Module, opaque: dict):
             delattr(module, name)
         return taken
 
-    graphs, non_tensor_calls, changed = [], set(), False
+    graphs, non_tensor_calls, unreliable, changed = [], set(), set(), False
     try:
         for training in (True, False):
             for m, _ in modes:
@@ -179,6 +229,7 @@ def _trace(module: nn.Module, opaque: dict):
             except Exception as exc:
                 raise _Untraceable(_first_line(exc), [tracer.failed] if tracer.failed else ())
             non_tensor_calls |= tracer.non_tensor_calls
+            unreliable |= tracer.unreliable
     finally:
         constants = take_constants()
         for m, training in modes:
@@ -192,6 +243,7 @@ def _trace(module: nn.Module, opaque: dict):
             raise _Untraceable("its forward depends on train/eval mode (self.training)",
                                [(module.get_submodule(p), p) for p in paths if p],
                                certain=False)
+    graphs[1].normfuse_unreliable = unreliable
     return graphs[1], constants, non_tensor_calls, changed
 
 
@@ -224,7 +276,8 @@ def _put_back(m: nn.Module, own: dict, contents: dict) -> bool:
                 changed = True
         elif value != saved:
             value.clear()
-            value.update(saved)
+            for item in saved:
+                value.add(item)
             changed = True
     return changed
 
@@ -266,6 +319,7 @@ class _Context:
         self.untraced = []  # (path, class name, reason)
         self.kept = {}  # norm path -> (path, class, why) of the module whose forward has its pair
         self.done = set()  # ids of the modules fused (and of what replaced them)
+        self.unsure = {}  # path -> class of modules left alone: given what may not be a tensor
         # ids of modules inside a module kept as a leaf that a forward outside it calls: the
         # leaf's own trace does not see those calls, so they are neither fused nor replaced.
         self.pinned = set()
@@ -367,6 +421,7 @@ _GRAPH_REPLACEABLE = {"__init__", "forward", "extra_repr", "__module__", "__qual
                       "__annotations_cache__"}
 _CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
 _MODULE_NAMES = frozenset(dir(nn.Module))
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
 # What a GraphModule has that an nn.Module has not (``meta``, ``code``, ``graph``, ...).
 _GRAPH_MODULE_NAMES = frozenset(
     (set(dir(fx.GraphModule)) | set(vars(fx.GraphModule(nn.Module(), fx.Graph()))))
@@ -393,6 +448,11 @@ def _graph_keeps_forward(module: nn.Module) -> str | None:
     set inside, in the forward or a function it calls, shows in the trace: ``_shallow_graph``.)"""
     if hasattr(type(module).forward, "__wrapped__"):
         return "its forward is decorated"
+    try:  # (an autocast for a device this machine lacks turns itself off while tracing)
+        if "autocast" in inspect.getsource(type(module).forward):
+            return "its forward sets autocast, which a graph would not keep"
+    except (OSError, TypeError):
+        return "its forward's source is unknown"
     return None
 
 
@@ -413,7 +473,8 @@ def _not_replaceable(module: nn.Module) -> str | None:
                     or not isinstance(value, _CONSTANT_TYPES)):
                 return (f"its class has {name!r} of its own, which a GraphModule standing for "
                         "it would not have")
-    taken = sorted(set(vars(module)) & _GRAPH_MODULE_NAMES)
+    names = set(vars(module)).union(*(vars(k) for k in type(module).__mro__[:-2]))
+    taken = sorted(names & _GRAPH_MODULE_NAMES)
     if taken:
         return f"its attribute {taken[0]!r} is a name torch.fx's GraphModule uses"
     return _one_trace_fits(module) or _graph_keeps_forward(module)
@@ -441,6 +502,7 @@ def _shallow_graph(owner: nn.Module, norms: set):
     with both on and off, every node records them), attributes it changes, a mutable plain
     attribute it reads (later changes would not reach the graph)."""
     leaves = {id(m): (m, n) for n, m in owner.named_modules() if m is not owner}
+    kept = None
     for outer in ((torch.enable_grad, lambda: torch.autocast("cpu", enabled=False)),
                   (torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
         with outer[0](), outer[1]():
@@ -453,15 +515,20 @@ def _shallow_graph(owner: nn.Module, norms: set):
             return "its forward sets grad mode or autocast, which a graph would not keep"
         if changed:
             return "its forward changes attributes of modules, which a graph would not"
+        if constants:  # (from buffers, or made in the forward: a graph would hold them stale)
+            return "its forward computes tensors a graph would hold as constants"
+        kept = kept or graph  # the graph traced with grad on and autocast off
+    graph = kept
     frozen = {}
     for name in _names_read(type(owner).forward):
         value = owner.__dict__.get(name, inspect.getattr_static(type(owner), name, _MISSING))
-        if name.startswith("_") or name == "training" or value is _MISSING or (
+        if name in _MODULE_NAMES or name in _MODULE_ATTRIBUTES or value is _MISSING or (
                 name not in owner.__dict__ and not isinstance(value, _CONSTANT_TYPES)):
-            continue
-        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+            continue  # nn.Module's own, a global, or a method of another object
+        if isinstance(value, (nn.Module, torch.Tensor)):
             continue  # read at run time (get_attr, call_module), not held
-        if isinstance(value, _CONTAINERS):
+        if not isinstance(value, _CONSTANT_TYPES) and not isinstance(
+                value, (types.FunctionType, types.BuiltinFunctionType)):
             return (f"its forward reads {name!r}, whose later changes would not reach a "
                     "graph")
         frozen[name] = value
@@ -547,6 +614,11 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
         opaque = trial
     full = lambda rel: f"{path}.{rel}" if path and rel else (path or rel)  # noqa: E731
     leaf_paths = [full(p) for _, p in opaque.values()]
+    for name, m in module.named_modules():  # a forward given a Proxy for what may not be a
+        if id(m) in graph.normfuse_unreliable:  # tensor: its trace may not be its run
+            ctx.pinned.update(id(sub) for sub in m.modules())
+            if any(isinstance(sub, NORM_TYPES) for sub in m.modules()):
+                ctx.unsure.setdefault(full(name), type(m).__name__)
     for node in graph.nodes:  # a leaf's insides, called from outside it: pinned
         if node.op == "call_module" and any(_under(node.target, p) for _, p in opaque.values()):
             ctx.pinned.add(id(module.get_submodule(node.target)))
@@ -772,6 +844,13 @@ def fuse_relu(model: nn.Module) -> nn.Module:
             f"left unfused: {names}. Their ReLU is a function call or a module called "
             "elsewhere too: only a torch.fx GraphModule standing for the module whose forward "
             "makes the pair could drop it, and that module stays as it is.")
+    if ctx.unsure:
+        names = "; ".join(f"{p!r} ({cls})" for p, cls in ctx.unsure.items())
+        said.append(
+            f"left unfused: {names}, given the output of a module that may not return a "
+            "tensor (a recurrent layer's tuple, or a module that does not trace), on whose "
+            "type its forward could branch unseen by a trace; annotate such a module's forward "
+            "'-> torch.Tensor' if it returns one.")
     if said:
         warnings.warn("convert(fuse_relu=True): " + " ".join(said), UserWarning, stacklevel=3)
     return result

@@ -313,7 +313,7 @@ class DataDependent(nn.Module):
         self.bn = nn.BatchNorm2d(4)
         self.inner = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
 
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         y = F.relu(self.bn(x))
         if y.sum() > 0:
             y = y * 2
@@ -327,7 +327,7 @@ class ModeDependent(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(4)
 
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         y = torch.relu(self.bn(x))
         return y * 0.5 if self.training else y
 
@@ -849,6 +849,85 @@ class ReadsDict(nn.Module):
         return F.relu(self.bn(x)) + self.cfg["shift"]
 
 
+class Gained(nn.Module):
+    """A gain computed from a buffer outside the graph's flow: a graph would hold it stale."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("log_gain", torch.zeros(3))
+
+    def forward(self, x):
+        return F.relu(self.bn(x)) * self.log_gain.exp().view(1, 3, 1, 1)
+
+
+class _Config:
+    scale = 2.0
+
+
+class ReadsConfig(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.config = _Config()
+
+    def forward(self, x):
+        return F.relu(self.bn(x)) * self.config.scale
+
+
+class _Split(nn.Module):
+    """Does not trace (data-dependent) and returns a list: a Proxy would stand for it."""
+
+    def forward(self, x):
+        return [x, x.flip(1)] if x.sum() > 0 else [x, -x]
+
+
+class _TakesList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if isinstance(x, list):
+            y = self.bn(x[0] + x[1])
+            return self.relu(y) + y
+        return self.relu(self.bn(x))
+
+    def extra(self):
+        return 0
+
+
+class AfterSplit(nn.Sequential):
+    def __init__(self):
+        super().__init__(_Split(), _TakesList())
+
+
+class _TakesTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if isinstance(x, tuple):  # an LSTM's (output, state)
+            y = self.bn(x[0].transpose(1, 2))
+            return self.relu(y) + y
+        return self.relu(self.bn(x))
+
+    def extra(self):
+        return 0
+
+
+class AfterLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.LSTM(3, 3, batch_first=True), _TakesTuple())
+
+    def forward(self, x):
+        return self.seq(x.flatten(2).transpose(1, 2))
+
+
 @pytest.mark.parametrize("build,fused_norms,replaced,warns", [
     (CallsChildsRelu, ["block.bn"], False, None),  # the block a GraphModule, its ReLU kept
     (UsesOptional, [], False, r"'a\.bn' \(in the forward of 'a', OptionalResidual: its forward "
@@ -865,6 +944,11 @@ class ReadsDict(nn.Module):
     (EnableGrad, [], False, r"its forward sets grad mode"),
     (Meta, [], False, r"its attribute 'meta' is a name torch\.fx's GraphModule uses"),
     (ReadsDict, [], False, r"its forward reads 'cfg', whose later changes"),
+    (Gained, [], False, r"its forward computes tensors a graph would hold as constants"),
+    (ReadsConfig, [], False, r"its forward reads 'config', whose later changes"),
+    (AfterSplit, [], False, r"left unfused: '1' \(_TakesList\), given the output of a module "
+                            r"that may not return a tensor"),
+    (AfterLSTM, [], False, r"left unfused: 'seq\.1' \(_TakesTuple\), given the output"),
     (ListOfBlocks, ["bn"], True, None),
 ])
 def test_what_stays_unfused_or_unreplaced(build, fused_norms, replaced, warns, seed):
@@ -913,10 +997,10 @@ def test_attributes_a_graph_holds_cannot_be_set():
             self.bn = nn.BatchNorm2d(3)
             self.scale = 2.0
             self.note = "free"
-            self.bias = torch.zeros(3)
+            self.bias = torch.zeros(3, 1, 1)  # used as it is: a get_attr, read at run time
 
         def forward(self, x):
-            return F.relu(self.bn(x)) * self.scale * self.k + self.bias[:, None, None]
+            return F.relu(self.bn(x)) * self.scale * self.k + self.bias
 
     fused = normfuse.convert(Scaled(), "bin", fuse_relu=True)
     assert isinstance(fused, FusedGraphModule) and "* 2.0" in fused.code and "* 3.0" in fused.code
@@ -927,7 +1011,8 @@ def test_attributes_a_graph_holds_cannot_be_set():
         fused.k = 1.0  # a class constant it read
     fused.scale = float("2.0")  # an equal value: nothing changes
     fused.note = "set"
-    fused.bias = torch.ones(3)  # a tensor it reads at run time (get_attr): settable
+    fused.bias = torch.ones(3, 1, 1)  # a tensor it reads at run time (get_attr): settable
+    torch.testing.assert_close(fused(torch.zeros(1, 3, 2, 2)), torch.full((1, 3, 2, 2), 1.0))
     assert fused.scale == 2.0 and fused.note == "set"
     assert copy.deepcopy(fused).scale == 2.0
 
