@@ -13,12 +13,13 @@ submodule's output, which other code may take on its own.)  How the ReLU calls g
   module keeps its class, its own forward and everything else it has.
 * A ReLU that is a function call, or a module also called elsewhere (torchvision's blocks call
   one ``self.relu`` after ``bn1``, ``bn2`` and the residual add), needs a graph without that
-  node: the module whose forward makes the pair is replaced by a ``FusedGraphModule`` of its
-  own forward (every submodule a leaf, so their hooks still run), where one can stand for it
+  node: the module whose forward makes the pair is replaced by a ``FusedGraphModule`` of its own
+  forward (every submodule a leaf, so their hooks still run), where one can stand for it
   (``_not_replaceable``: a class adding to nn.Module only ``__init__``, ``forward`` and
   constants; a forward without optional arguments, called with tensors only
   (``_Tracer.call_module`` sees every call), setting no grad mode or autocast, changing no
-  attributes and reading no mutable ones (``_shallow_graph``)).  Else that module stays
+  attributes and reading no mutable ones (``_shallow_graph``), checking no types, checkpointing
+  nothing and reading no plain globals (``_graph_keeps_forward``)).  Else that module stays
   itself and the pair is left, named in the warning.  The plain values that forward reads
   (attributes, class constants) are in the graph: setting one on the GraphModule raises
   (``FusedGraphModule.__setattr__``).
@@ -449,10 +450,19 @@ def _graph_keeps_forward(module: nn.Module) -> str | None:
     if hasattr(type(module).forward, "__wrapped__"):
         return "its forward is decorated"
     try:  # (an autocast for a device this machine lacks turns itself off while tracing)
-        if "autocast" in inspect.getsource(type(module).forward):
-            return "its forward sets autocast, which a graph would not keep"
+        source = inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return "its forward's source is unknown"
+    for word, what in (("autocast", "sets autocast"), ("checkpoint", "checkpoints")):
+        if word in source:
+            return f"its forward {what}, which a graph would not keep"
+    names = _names_read(type(module).forward)
+    if "isinstance" in names or "type" in names:
+        return "its forward checks types, which a Proxy standing for a tensor fails"
+    globals_ = getattr(type(module).forward, "__globals__", {})
+    plain = sorted(n for n in names if n in globals_ and isinstance(globals_[n], _CONSTANT_TYPES))
+    if plain:
+        return f"its forward reads the global {plain[0]!r}, which a graph would hold as it is"
     return None
 
 
@@ -463,6 +473,9 @@ def _not_replaceable(module: nn.Module) -> str | None:
     and a graph keeps, may be replaced.  Methods or properties of its own (timm's
     ``reset_classifier``, a ``train`` that keeps BatchNorms frozen, nn.Sequential's indexing) a
     GraphModule would not have, or would have as nn.Module's: such a module stays what it is."""
+    if isinstance(module, fx.GraphModule):
+        return ("it is a graph already (convert(..., fuse_relu=True) made it?): convert the "
+                "original model")
     for klass in type(module).__mro__:
         if klass in (nn.Module, object):
             continue
@@ -517,6 +530,9 @@ def _shallow_graph(owner: nn.Module, norms: set):
             return "its forward changes attributes of modules, which a graph would not"
         if constants:  # (from buffers, or made in the forward: a graph would hold them stale)
             return "its forward computes tensors a graph would hold as constants"
+        if kept is not None and [n.format_node() for n in kept.nodes] != [
+                n.format_node() for n in graph.nodes]:
+            return "its forward depends on grad mode or autocast, which a graph would fix"
         kept = kept or graph  # the graph traced with grad on and autocast off
     graph = kept
     frozen = {}

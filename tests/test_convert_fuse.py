@@ -23,6 +23,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -928,6 +929,42 @@ class AfterLSTM(nn.Module):
         return self.seq(x.flatten(2).transpose(1, 2))
 
 
+class GradBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(x))
+        return y if torch.is_grad_enabled() else y * 3
+
+
+class Checkpointed(nn.Module):
+    """A non-reentrant checkpoint traces through: a graph would drop it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = torch.utils.checkpoint.checkpoint(self.conv, x, use_reentrant=False)
+        return F.relu(self.bn(y))
+
+
+USE_SCALE = True
+
+
+class ReadsGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(x))
+        return y * 2 if USE_SCALE else y
+
+
 @pytest.mark.parametrize("build,fused_norms,replaced,warns", [
     (CallsChildsRelu, ["block.bn"], False, None),  # the block a GraphModule, its ReLU kept
     (UsesOptional, [], False, r"'a\.bn' \(in the forward of 'a', OptionalResidual: its forward "
@@ -940,7 +977,10 @@ class AfterLSTM(nn.Module):
                                  r"with arguments that are not tensors"),
     (Taps, [], False, r"'bn' \(in the forward of Taps: its forward changes attributes"),
     (Stage, ["bn"], True, r"'up\.bn' \(in the forward of 'up', Up: it is called with"),
-    (ListNet, [], False, r"'cat\.bn' \(in the forward of 'cat', Cat: it is called with"),
+    (ListNet, [], False, r"'cat\.bn' \(in the forward of 'cat', Cat: its forward checks types"),
+    (GradBranch, [], False, r"its forward depends on grad mode or autocast"),
+    (Checkpointed, [], False, r"its forward checkpoints"),
+    (ReadsGlobal, [], False, r"its forward reads the global 'USE_SCALE'"),
     (EnableGrad, [], False, r"its forward sets grad mode"),
     (Meta, [], False, r"its attribute 'meta' is a name torch\.fx's GraphModule uses"),
     (ReadsDict, [], False, r"its forward reads 'cfg', whose later changes"),
@@ -1089,3 +1129,20 @@ def test_containers_are_not_reported(seed):
     messages = [str(r.message) for r in record]
     assert len(messages) == 1 and "'blocks'" not in messages[0], messages
     assert _fused_norms(fused) == ["blocks.0.bn", "blocks.1.bn"]
+
+
+def test_converting_a_graph_again_names_it(seed):
+    class BG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.gn = nn.GroupNorm(2, 4)
+
+        def forward(self, x):
+            return F.relu(self.gn(F.relu(self.bn(x))))
+
+    fused = normfuse.convert(BG(), "bin", fuse_relu=True)
+    assert isinstance(fused, FusedGraphModule)
+    with pytest.warns(UserWarning, match=r"'gn' \(in the forward of BG: it is a graph already"):
+        again = normfuse.convert(fused, "assoc", fuse_relu=True)
+    assert again is fused and again.gn.activation is None
