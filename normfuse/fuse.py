@@ -53,6 +53,7 @@ import itertools
 import types
 import collections.abc
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -186,21 +187,18 @@ def _owner(node: fx.Node) -> str:
     return stack[-1] if stack else ""
 
 
-def _common_path(a: str, b: str) -> str:
-    common = []
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        common.append(x)
-    return ".".join(common)
+class _Traced(NamedTuple):
+    graph: fx.Graph  # the eval-mode trace (the train-mode one is the same)
+    constants: dict  # what the tracer set on the module (removed from it again)
+    non_tensor_calls: set  # ids of the modules called with anything but tensors
+    unreliable: set  # ids of the modules given a Proxy that may stand for a non-tensor
+    changed: bool  # whether the forward changed module attributes (undone: Proxies)
 
 
-def _trace(module: nn.Module, opaque: dict):
+def _trace(module: nn.Module, opaque: dict) -> _Traced:
     """``module``'s graph, traced in train and in eval mode (which must agree: a graph freezes
-    the branches a forward takes on ``self.training``); raises ``_Untraceable``.  Returns the
-    graph, the tensor constants it reads (attributes of ``module`` the tracer set; removed from
-    ``module`` again), the ids of the modules called with anything but tensors, and whether the
-    forward changed any module's attributes (undone: they would hold Proxies)."""
+    the branches a forward takes on ``self.training``), and what the tracing saw
+    (``_Traced``); raises ``_Untraceable``."""
     modes = [(m, m.training) for m in module.modules()]
     # What a forward sets on a module (``self.last = out``, ``self.taps.append(y)``, a buffer it
     # registers) would stay, a Proxy: put back after, containers' contents too (one level).
@@ -244,8 +242,7 @@ def _trace(module: nn.Module, opaque: dict):
             raise _Untraceable("its forward depends on train/eval mode (self.training)",
                                [(module.get_submodule(p), p) for p in paths if p],
                                certain=False)
-    graphs[1].normfuse_unreliable = unreliable
-    return graphs[1], constants, non_tensor_calls, changed
+    return _Traced(graphs[1], constants, non_tensor_calls, unreliable, changed)
 
 
 _CONTAINERS = (collections.abc.MutableMapping, collections.abc.MutableSequence,
@@ -426,7 +423,7 @@ _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
 # What a GraphModule has that an nn.Module has not (``meta``, ``code``, ``graph``, ...).
 _GRAPH_MODULE_NAMES = frozenset(
     (set(dir(fx.GraphModule)) | set(vars(fx.GraphModule(nn.Module(), fx.Graph()))))
-    - _MODULE_NAMES - set(vars(nn.Module())))
+    - _MODULE_NAMES - _MODULE_ATTRIBUTES)
 
 
 def _one_trace_fits(module: nn.Module) -> str | None:
@@ -521,12 +518,13 @@ def _shallow_graph(owner: nn.Module, norms: set):
         with outer[0](), outer[1]():
             before = _modes()
             try:
-                graph, constants, _, changed = _trace(owner, leaves)
+                traced = _trace(owner, leaves)
             except _Untraceable as exc:
                 return f"its forward alone does not trace ({exc.reason})"
+        graph, constants = traced.graph, traced.constants
         if any(node.meta.get("normfuse_modes", before) != before for node in graph.nodes):
             return "its forward sets grad mode or autocast, which a graph would not keep"
-        if changed:
+        if traced.changed:
             return "its forward changes attributes of modules, which a graph would not"
         if constants:  # (from buffers, or made in the forward: a graph would hold them stale)
             return "its forward computes tensors a graph would hold as constants"
@@ -610,7 +608,7 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     guessed = []  # the ones a train/eval difference pointed at, perhaps wrongly
     while True:
         try:
-            graph, _, non_tensor_calls, _ = _trace(module, opaque)
+            traced = _trace(module, opaque)
             break
         except _Untraceable as exc:
             fresh = [c for c in exc.candidates if c[0] is not module and id(c[0]) not in opaque]
@@ -624,14 +622,15 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     for key in guessed:  # keep as leaves only the guesses that are needed
         trial = {k: v for k, v in opaque.items() if k != key}
         try:
-            graph, _, non_tensor_calls, _ = _trace(module, trial)
+            traced = _trace(module, trial)
         except _Untraceable:
             continue
         opaque = trial
+    graph = traced.graph
     full = lambda rel: f"{path}.{rel}" if path and rel else (path or rel)  # noqa: E731
     leaf_paths = [full(p) for _, p in opaque.values()]
     for name, m in module.named_modules():  # a forward given a Proxy for what may not be a
-        if id(m) in graph.normfuse_unreliable:  # tensor: its trace may not be its run
+        if id(m) in traced.unreliable:  # tensor: its trace may not be its run
             ctx.pinned.update(id(sub) for sub in m.modules())
             if any(isinstance(sub, NORM_TYPES) for sub in m.modules()):
                 ctx.unsure.setdefault(full(name), type(m).__name__)
@@ -664,7 +663,7 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
         why[rel] = _not_replaceable(owner)
         if why[rel] is None and rel and not ctx.in_reach(owner, path, leaf_paths):
             why[rel] = "it is also called or registered outside what was traced together"
-        if why[rel] is None and id(owner) in non_tensor_calls:
+        if why[rel] is None and id(owner) in traced.non_tensor_calls:
             why[rel] = ("it is called with arguments that are not tensors, which one graph of "
                         "its forward would fix")
     for rel in ordered:
