@@ -506,11 +506,12 @@ def _names_read(function) -> set:
 
 def _shallow_graph(owner: nn.Module, norms: set):
     """The graph of ``owner``'s own forward (every submodule a leaf: their hooks still run, a
-    replaced child stays a call) without the ReLU calls after the norms in ``norms`` (ids), its
-    constants and the plain attributes of ``owner`` it reads (their values are in the graph
-    now); or the reason it cannot stand for the forward: grad mode or autocast set in it (traced
-    with both on and off, every node records them), attributes it changes, a mutable plain
-    attribute it reads (later changes would not reach the graph)."""
+    replaced child stays a call), in which every call of the norms in ``norms`` (ids) is a pair
+    (``_drop_relus`` takes the ReLUs out), its constants and the plain attributes of ``owner``
+    it reads (their values are in the graph now); or the reason it cannot stand for the
+    forward: grad mode or autocast set in it (traced with both on and off, every node records
+    them), attributes it changes, a mutable plain attribute it reads (later changes would not
+    reach the graph)."""
     leaves = {id(m): (m, n) for n, m in owner.named_modules() if m is not owner}
     kept = None
     for outer in ((torch.enable_grad, lambda: torch.autocast("cpu", enabled=False)),
@@ -546,15 +547,24 @@ def _shallow_graph(owner: nn.Module, norms: set):
             return (f"its forward reads {name!r}, whose later changes would not reach a "
                     "graph")
         frozen[name] = value
-    for node in list(graph.nodes):
-        if node.op == "call_module" and id(owner.get_submodule(node.target)) in norms:
-            relu = _relu_after(node, owner)
-            if relu is None:
-                return "its forward alone makes another graph"
-            relu.replace_all_uses_with(relu.args[0] if relu.args else relu.kwargs["input"])
-            graph.erase_node(relu)
-    graph.lint()
+    if any(_relu_after(node, owner) is None for node in _norm_calls(graph, owner, norms)):
+        return "its forward alone makes another graph"
     return graph, constants, frozen
+
+
+def _norm_calls(graph: fx.Graph, module: nn.Module, norms: set) -> list:
+    return [node for node in graph.nodes
+            if node.op == "call_module" and id(module.get_submodule(node.target)) in norms]
+
+
+def _drop_relus(graph: fx.Graph, owner: nn.Module, norms: set) -> None:
+    """Take the ReLU call after each call of the norms in ``norms`` (ids) out of ``graph``
+    (``_shallow_graph`` checked there is one): its users take its input."""
+    for node in _norm_calls(graph, owner, norms):
+        relu = _relu_after(node, owner)
+        relu.replace_all_uses_with(_relu_input(relu, owner))
+        graph.erase_node(relu)
+    graph.lint()
 
 
 def _graph_module(owner: nn.Module, graph: fx.Graph, constants: dict,
@@ -666,10 +676,14 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
         if why[rel] is None and id(owner) in traced.non_tensor_calls:
             why[rel] = ("it is called with arguments that are not tensors, which one graph of "
                         "its forward would fix")
+    built = {}  # owner path -> its own forward's graph, constants, frozen values
     for rel in ordered:
-        if why[rel] is None:  # a trial: does its own forward give the graph the full trace did?
-            built = _shallow_graph(module.get_submodule(rel), owners[rel])
-            why[rel] = built if isinstance(built, str) else None
+        if why[rel] is None:  # does its own forward give the graph the full trace did?
+            shallow = _shallow_graph(module.get_submodule(rel), owners[rel])
+            if isinstance(shallow, str):
+                why[rel] = shallow
+            else:
+                built[rel] = shallow
     for key, (norm, calls) in rest.items():  # every call site's owner must take the graph
         blocking = [_owner(node) for node, _ in calls if why[_owner(node)] is not None]
         if not blocking:
@@ -684,10 +698,9 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
         if why[rel] is not None or not fused:
             continue
         owner = module.get_submodule(rel)
-        built = _shallow_graph(owner, fused)  # without the ReLUs of the fused norms alone
-        if isinstance(built, str):  # (traced the same a moment ago)
-            raise RuntimeError(f"convert(fuse_relu=True): {full(rel)!r}: {built}")
-        gm = _graph_module(owner, *built)
+        own_graph, constants, frozen = built[rel]
+        _drop_relus(own_graph, owner, fused)  # the ReLUs of the fused norms alone
+        gm = _graph_module(owner, own_graph, constants, frozen)
         if rel:
             ctx.replace(owner, gm)
         else:
