@@ -708,15 +708,14 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     return result
 
 
-def _adopt(gm: nn.Module, modules: dict, parameters: dict, buffers: dict, non_persistent) -> None:
-    """Give ``gm`` the traced module's whole tree, parameters and buffers (GraphModule keeps
-    only what its graph references, under placeholder parents): same state_dict keys, in the
-    same order, and the same submodule objects as the input model."""
-    constants = {k: v for k, v in gm._buffers.items() if k not in buffers}
-    gm.__dict__["_modules"] = dict(modules)
-    gm.__dict__["_parameters"] = dict(parameters)
-    gm.__dict__["_buffers"] = dict(buffers)
-    gm.__dict__["_non_persistent_buffers_set"] = set(non_persistent)
+def _adopt(gm: nn.Module, own: dict) -> None:
+    """Give ``gm`` the whole tree, parameters and buffers of the module whose ``__dict__`` is
+    ``own`` (GraphModule keeps only what its graph references, under placeholder parents): same
+    state_dict keys, in the same order, and the same submodule objects as the input model."""
+    constants = {k: v for k, v in gm._buffers.items() if k not in own["_buffers"]}
+    for name in ("_modules", "_parameters", "_buffers"):
+        gm.__dict__[name] = dict(own[name])
+    gm.__dict__["_non_persistent_buffers_set"] = set(own["_non_persistent_buffers_set"])
     for name, value in constants.items():  # tensor constants of the trace: plain attributes
         setattr(gm, name, value)
 
@@ -730,16 +729,14 @@ class FusedGraphModule(fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule"):
         super().__init__(root, graph, class_name)
-        _adopt(self, root._modules, root._parameters, root._buffers,
-               root._non_persistent_buffers_set)
+        _adopt(self, vars(root))
         _keep_own(self, vars(root), type(root), bound_to=root)
         self.training = root.training
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)  # rebuilt from a deep copy of self.__dict__ ...
         state = copy.deepcopy(self.__dict__, memo)  # ... which the memo holds: the same copies
-        _adopt(res, state["_modules"], state["_parameters"], state["_buffers"],
-               state["_non_persistent_buffers_set"])
+        _adopt(res, state)
         _keep_own(res, state)  # (GraphModule's __deepcopy__ runs GraphModule.__init__)
         res.training = self.training
         return res
@@ -831,8 +828,7 @@ def _restore(rebuild, args) -> FusedGraphModule:
     ``__dict__`` (the whole tree, the hooks), made a FusedGraphModule again."""
     loaded = rebuild(*args)
     body = args[0]
-    _adopt(loaded, body["_modules"], body["_parameters"], body["_buffers"],
-           body["_non_persistent_buffers_set"])
+    _adopt(loaded, body)
     for name in _HOOK_DICTS:
         if name in body:
             loaded.__dict__[name] = body[name]
