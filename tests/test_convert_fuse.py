@@ -594,6 +594,22 @@ def test_graph_module_keeps_the_blocks_attributes_hooks_and_tree(seed):
     assert CALLS == [type(fused).__name__]
 
 
+def test_a_pickle_naming_the_old_module_still_loads(seed):
+    """FusedGraphModule's rebuild and the tracer a GraphModule records lived in normfuse.fuse
+    until they moved to _fused_graph.py / _fuse_trace.py: a model pickled then names them there.
+    (Protocol 0 writes module names as plain lines, so the old names can be put back.)"""
+    fused = normfuse.convert(Block().double(), "bin", fuse_relu=True)
+    data = pickle.dumps(fused, protocol=0)
+    moved = (b"normfuse._fused_graph\n", b"normfuse._fuse_trace\n")
+    assert all(name in data for name in moved)  # (else this test no longer tests anything)
+    for name in moved:
+        data = data.replace(name, b"normfuse.fuse\n")
+    old = pickle.loads(data)
+    assert isinstance(old, FusedGraphModule) and list(old.state_dict()) == list(fused.state_dict())
+    x = torch.randn(2, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(old(x), fused(x), rtol=0, atol=0)
+
+
 def test_relu_module_also_inside_a_leaf_stays(seed):
     """One nn.ReLU object after a norm and also the act of a norm + act layer (a leaf of the
     trace, whose forward calls it unseen): replacing it by an Identity would drop that act."""
