@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from . import host as H
+from . import layers
 from . import timing
 
 SHAPE = (32, 64, 16, 16)
@@ -123,14 +124,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.transforms",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--shape", type=int, nargs=4, default=list(SHAPE))
-    p.add_argument("--backends", nargs="+", default=["cpu"])
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="default: every compiled backend available for --device "
+                        "(cpu; cuda and triton)")
     p.add_argument("--transforms", nargs="+", default=list(TRANSFORMS), choices=TRANSFORMS)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--target-s", type=float, default=1.0, help="timing per contender")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
-    rows = run_transforms(args.shape, args.backends, args.transforms, args.device,
+    # (a fixed default of "cpu" made every normfuse row of --device cuda fail)
+    backends = layers.backends_for(args.device, args.backends)
+    if args.backends is None:
+        backends = [b for b in backends if b != "torch"] or backends
+    rows = run_transforms(args.shape, backends, args.transforms, args.device,
                           args.threads, args.target_s)
     print(markdown(rows))
     if args.json:

@@ -368,3 +368,19 @@ def test_transforms_rows(capsys):
         assert r["ok"], r
         assert r["ms"] > 0 and math.isfinite(r["ratio_native"]), r
     assert "per-sample" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, expected", [("cpu", ["cpu"]), ("cuda", ["cuda", "triton"])])
+def test_transforms_default_backends_follow_the_device(monkeypatch, device, expected):
+    """``python -m bench.transforms --device cuda`` without ``--backends`` times the GPU
+    backends (its default was "cpu" whatever the device: every normfuse row failed on a GPU)."""
+    from bench import layers, transforms
+
+    nf = layers.normfuse()
+    monkeypatch.setattr(nf, "available_backends", lambda: ["cuda", "triton", "cpu", "torch"])
+    seen = []
+    monkeypatch.setattr(transforms, "run_transforms",
+                        lambda shape, backends, *rest: seen.append(list(backends)) or [])
+    monkeypatch.setattr(transforms, "markdown", lambda rows: "")
+    assert transforms.main(["--device", device]) == 0
+    assert seen == [expected]
