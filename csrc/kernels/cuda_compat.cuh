@@ -15,6 +15,10 @@
 #define NF_LAUNCH_COOPERATIVE(kernel, grid, block, smem_bytes, stream, ...) \
   ((void)(stream), ::nf_shim::launch_cooperative(kernel, grid, block, smem_bytes, __VA_ARGS__), cudaSuccess)
 #define NF_GRID_SYNC() ::nf_shim::grid_sync(__FILE__, __LINE__)
+// A bulk element access (the tensors' streams: numerics.cuh's load_floats / store_floats, the
+// single read's load_raw), recorded when a shim driver traces its launches (traffic and
+// coalescing checks, tests/csrc/test_cuda_shim_traffic.py). Nothing under nvcc.
+#define NF_TRACE_ACCESS(ptr, bytes, store) ::nf_shim::trace_access(ptr, bytes, store)
 #else
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -46,6 +50,7 @@ cudaError_t launch_cooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, 
 #define NF_LAUNCH_COOPERATIVE(kernel, grid, block, smem_bytes, stream, ...) \
   ::nf_detail::launch_cooperative(kernel, grid, block, smem_bytes, stream, __VA_ARGS__)
 #define NF_GRID_SYNC() ::cooperative_groups::this_grid().sync()
+#define NF_TRACE_ACCESS(ptr, bytes, store) ((void)0)
 #endif
 
 #define NF_DEVICE __device__ __forceinline__

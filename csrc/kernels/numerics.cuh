@@ -32,6 +32,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 template <typename T, int VEC>
 NF_DEVICE void load_floats(const T* p, float (&out)[VEC]) {
+  NF_TRACE_ACCESS(p, sizeof(T) * VEC, false);
   if constexpr (VEC == 1) {
     out[0] = to_float(p[0]);
   } else {
@@ -43,6 +44,7 @@ NF_DEVICE void load_floats(const T* p, float (&out)[VEC]) {
 
 template <typename T, int VEC>
 NF_DEVICE void store_floats(T* p, const float (&in)[VEC]) {
+  NF_TRACE_ACCESS(p, sizeof(T) * VEC, true);
   if constexpr (VEC == 1) {
     p[0] = from_float<T>(in[0]);
   } else {
@@ -73,6 +75,7 @@ NF_DEVICE void load_floats_cg(const T* p, float (&out)[VEC]) {
   if constexpr (VEC == 1) {
     load_floats<T, VEC>(p, out);
   } else {
+    NF_TRACE_ACCESS(p, sizeof(uint4), false);
     unpack<T, VEC>(__ldcg(reinterpret_cast<const uint4*>(p)), out);
   }
 }

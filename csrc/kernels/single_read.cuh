@@ -75,6 +75,7 @@ inline size_t single_read_partial_floats(const ClPlan& pl, int state_floats) {
 template <typename T, int VEC>
 NF_DEVICE uint4 load_raw(const T* p) {
   static_assert(sizeof(T) * VEC == sizeof(uint4), "16-byte vectors only");
+  NF_TRACE_ACCESS(p, sizeof(uint4), false);
   return *reinterpret_cast<const uint4*>(p);
 }
 

@@ -9,6 +9,9 @@
 // shared memory is one exactly-sized heap buffer (so ASAN sees overruns; it is refilled with 0xCD
 // between blocks so stale data is not silently reused).
 //
+// The kernels' bulk accesses (NF_TRACE_ACCESS) can be traced: bytes moved and 32-byte sectors per
+// warp-wide request (trace_begin / trace_end, below).
+//
 // Include this first, then the kernel headers (they see NF_CUDA_SHIM). Test-only code.
 #pragma once
 #define NF_CUDA_SHIM 1
@@ -22,8 +25,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -252,6 +258,98 @@ inline void grid_sync(const char* file, int line) {
   }
   if (grid_sync_dropped(file, line)) return;
   tl_grid->arrive_and_wait();
+}
+
+// ---- access trace: what the kernels' bulk accesses (NF_TRACE_ACCESS) move, and how they coalesce
+// Off unless a driver turns it on (trace_begin). Then every traced access is recorded with its
+// block, thread, size and the thread's running number among its accesses of that size in that
+// block, and trace_end() sums up the launches in between: bytes loaded and stored, and the
+// 32-byte sectors they cost. On a GPU the 32 lanes of a warp issue an access together, so one
+// warp-wide request is the n-th traced access of a size of each lane of a warp; it costs the
+// distinct sectors its lanes' bytes touch (what ncu counts as sectors per request), against
+// ceil(its bytes / 32) when perfectly coalesced. That pairing assumes the lanes run the same
+// accesses in the same order, as these kernels' loops do (a lane with fewer iterations only
+// drops out of the later requests); numbering each size apart keeps the 16-byte vector accesses
+// paired when lanes take different numbers of scalar ones (a contiguous plane's unaligned head
+// and tail, whose length differs from plane to plane).
+struct Access {
+  int64_t block;
+  int32_t thread, seq;
+  uintptr_t addr;
+  uint32_t bytes;
+  bool store;
+};
+
+struct TraceSummary {
+  uint64_t load_bytes = 0, store_bytes = 0;
+  uint64_t requests = 0;       // warp-wide requests
+  uint64_t sectors = 0;        // 32-byte sectors they touch
+  uint64_t ideal_sectors = 0;  // sum of ceil(request bytes / 32): every request fully coalesced
+  // the same of the 16-byte (vector) accesses alone
+  uint64_t vector_bytes = 0, vector_requests = 0, vector_sectors = 0, vector_ideal = 0;
+};
+
+inline std::atomic<bool> trace_on{false};
+inline std::mutex trace_mutex;
+inline std::vector<Access> trace_log;
+inline thread_local int64_t tl_trace_block = -1;
+inline thread_local int32_t tl_trace_seq[17] = {};  // by access size, 1 to 16 bytes
+
+inline void trace_access(const void* p, size_t bytes, bool store) {
+  if (!trace_on.load(std::memory_order_relaxed)) return;
+  const int64_t b = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z);
+  const int32_t t = static_cast<int32_t>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+  if (b != tl_trace_block) {  // this std::thread runs the same CUDA thread of the next block
+    tl_trace_block = b;
+    std::fill(std::begin(tl_trace_seq), std::end(tl_trace_seq), 0);
+  }
+  if (bytes == 0 || bytes > 16) {
+    std::fprintf(stderr, "nf_shim: traced access of %zu bytes (1 to 16 expected)\n", bytes);
+    std::abort();
+  }
+  const Access a{b, t, tl_trace_seq[bytes]++, reinterpret_cast<uintptr_t>(p), static_cast<uint32_t>(bytes), store};
+  std::lock_guard<std::mutex> lock(trace_mutex);
+  trace_log.push_back(a);
+}
+
+inline void trace_begin() {
+  std::lock_guard<std::mutex> lock(trace_mutex);
+  trace_log.clear();
+  trace_on = true;
+}
+
+inline TraceSummary trace_end() {
+  trace_on = false;
+  std::lock_guard<std::mutex> lock(trace_mutex);
+  std::vector<Access>& log = trace_log;
+  auto key = [](const Access& a) { return std::make_tuple(a.block, a.thread / 32, a.bytes, a.seq); };
+  std::sort(log.begin(), log.end(), [&](const Access& a, const Access& b) { return key(a) < key(b); });
+  TraceSummary s;
+  std::vector<uintptr_t> sectors;
+  for (size_t i = 0; i < log.size();) {
+    size_t j = i;
+    uint64_t bytes = 0;
+    sectors.clear();
+    for (; j < log.size() && key(log[j]) == key(log[i]); ++j) {
+      bytes += log[j].bytes;
+      (log[j].store ? s.store_bytes : s.load_bytes) += log[j].bytes;
+      for (uintptr_t q = log[j].addr / 32; q <= (log[j].addr + log[j].bytes - 1) / 32; ++q) sectors.push_back(q);
+    }
+    std::sort(sectors.begin(), sectors.end());
+    const uint64_t touched = static_cast<uint64_t>(std::unique(sectors.begin(), sectors.end()) - sectors.begin());
+    s.sectors += touched;
+    s.ideal_sectors += (bytes + 31) / 32;
+    s.requests += 1;
+    if (log[i].bytes == 16) {
+      s.vector_bytes += bytes;
+      s.vector_sectors += touched;
+      s.vector_ideal += (bytes + 31) / 32;
+      s.vector_requests += 1;
+    }
+    i = j;
+  }
+  log.clear();
+  return s;
 }
 
 }  // namespace nf_shim

@@ -1,0 +1,122 @@
+"""What the four generic CUDA kernels move, counted on the CPU: the shim traces every bulk
+access (``NF_TRACE_ACCESS`` in csrc/kernels/numerics.cuh; tests/cuda_shim/cuda_shim.h sums them
+up), so the traffic model (docs/architecture.md: 3 passes forward, 5 backward) and the access
+pattern a GPU will see are checked on every CI run, without a GPU.
+
+* **Traffic**: each kernel reads each of its full-size inputs exactly once and writes its output
+  once (moments 1 read, affine_apply 1 + 1, backward_sums 2, backward_apply 2 + 1; the fused
+  ReLU's mask adds nothing: it is recomputed from the x already read). An extra pass, or a bulk
+  access the trace misses, changes the byte counts.
+* **Coalescing**: a warp-wide request's bytes over the 32-byte sectors it touches (ncu's sectors
+  per request): near 1 where planes (contiguous) or rows (channels-last) are whole sectors.
+
+The shapes are ResNet's planes with a small batch (the access pattern of a plane or a row does
+not depend on N) and two awkward ones. ``python tests/csrc/test_cuda_shim_traffic.py`` prints
+every case.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_shim"))
+shim_build = pytest.importorskip("shim_build")
+from test_cuda_shim_generic import CaseData  # noqa: E402  (the same inputs and case files)
+
+pytestmark = [
+    pytest.mark.skipif(not shim_build.compiler_available(), reason="no C++ compiler for the shim"),
+    pytest.mark.xdist_group("test_cuda_shim_traffic"),
+]
+
+# (N, C, L): ResNet-50's 56x56, 14x14 and 7x7 planes, CIFAR's 32x32; C = 37 and L = 81 as the
+# awkward case (channels-last: C not a multiple of the vector, so scalar; contiguous: odd L)
+SHAPES = [(2, 64, 3136), (2, 256, 196), (2, 512, 49), (4, 16, 1024), (2, 37, 81)]
+DTYPES = {"f32": 4, "bf16": 2}
+OPS = ("moments", "backward_sums", "affine_apply", "backward_apply")
+RELU_OPS = ("affine_apply_relu", "backward_sums_relu", "backward_apply_relu")
+# full-size (inputs read, outputs written) of each op
+PASSES = {"moments": (1, 0), "backward_sums": (2, 0), "affine_apply": (1, 1), "backward_apply": (2, 1)}
+THREADS = 256  # the launchers' default block (plane_plan.cuh kDefaultThreads)
+
+
+def _cases():
+    for shape in SHAPES:
+        for dt in DTYPES:
+            for layout in ("contig", "cl"):
+                for op in OPS + (RELU_OPS if shape[2] in (196, 49) else ()):
+                    yield op, dt, layout, shape
+
+
+def _trace(tmp: Path) -> list:
+    """[(case, {field: int})] of every case, from one run of the driver (no sanitizer: the
+    kernels' correctness under TSAN / ASAN is test_cuda_shim_generic.py's)."""
+    exe = shim_build.build_driver([shim_build.DRIVERS / "generic_driver.cpp"], "none")
+    gen = torch.Generator().manual_seed(0)
+    cases = [CaseData(i, op, dt, layout, (*shape, THREADS, 0), tmp, gen)
+             for i, (op, dt, layout, shape) in enumerate(_cases())]
+    (tmp / "cases.txt").write_text("".join(c.line() for c in cases))
+    res = subprocess.run([str(exe), str(tmp / "cases.txt")], capture_output=True, text=True,
+                         env=dict(os.environ, NF_SHIM_TRACE="1"), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("trace ")]
+    assert len(lines) == len(cases), res.stdout[-2000:]
+    out = []
+    for case, words in zip(cases, lines):
+        assert words[1].split("_relu")[0] == case.op.split("_relu")[0], (words, case.op)
+        out.append((case, {k: int(v) for k, v in (w.split("=") for w in words[4:])}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    return _trace(tmp_path_factory.mktemp("traffic"))
+
+
+def _row(case, t) -> dict:
+    size = case.N * case.C * case.L * DTYPES[case.dt]
+    moved = t["load"] + t["store"]
+    return {"op": case.op, "dtype": case.dt, "layout": case.layout,
+            "shape": f"{case.N}x{case.C}x{case.L}", "reads": t["load"] / size,
+            "writes": t["store"] / size, "bytes_per_request": moved / t["requests"],
+            "vector_share": t["vector_bytes"] / moved, "coalescing": t["ideal"] / t["sectors"]}
+
+
+def test_each_kernel_moves_its_passes_exactly(traced):
+    for case, t in traced:
+        reads, writes = PASSES[case.op.split("_relu")[0]]
+        size = case.N * case.C * case.L * DTYPES[case.dt]
+        assert (t["load"], t["store"]) == (reads * size, writes * size), _row(case, t)
+
+
+def test_requests_coalesce(traced):
+    """Bytes a request asks for over the sectors it touches: at least 0.9 where every plane
+    (contiguous) or row (channels-last) is a whole number of 32-byte sectors; elsewhere at least
+    0.3 (requests straddle sector lines), where an access across planes or channels (a stride of
+    L or C between the lanes) would give 1/8 to 1/16."""
+    for case, t in traced:
+        row = _row(case, t)
+        inner = (case.L if case.layout == "contig" else case.C) * DTYPES[case.dt]
+        assert row["coalescing"] >= (0.9 if inner % 32 == 0 else 0.3), row
+
+
+def main() -> None:
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [_row(case, t) for case, t in _trace(Path(tmp))]
+    print("| op | dtype | layout | N x C x L | reads | writes | bytes / request | in vectors | "
+          "coalescing |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['op']} | {r['dtype']} | {r['layout']} | {r['shape']} | {r['reads']:.2f} | "
+              f"{r['writes']:.2f} | {r['bytes_per_request']:.0f} | {r['vector_share']:.0%} | "
+              f"{r['coalescing']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
