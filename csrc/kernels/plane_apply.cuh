@@ -69,9 +69,14 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
   const T* p1 = Op::kInputs == 2 ? in1 + base : nullptr;
   T* q = out + base;
   const int begin = split * pl.seg;
-  const int end = min(pl.L, begin + pl.seg);
+  const ContigRuns r = contig_runs<VEC>(base, begin, min(pl.L, begin + pl.seg));
+  for (int j = lane; j < r.edges(); j += pl.group) {  // the unaligned head and tail
+    const int e = r.edge(j);
+    apply_vec<T, 1>(op, c, p0 + e, Op::kInputs == 2 ? p1 + e : nullptr, q + e);
+  }
+  const int end = r.body_end;
   const int step = pl.group * VEC;
-  int i = begin + lane * VEC;
+  int i = r.head_end + lane * VEC;
   for (; i + step < end; i += 2 * step) {
     apply_vec<T, VEC>(op, c, p0 + i, Op::kInputs == 2 ? p1 + i : nullptr, q + i);
     apply_vec<T, VEC>(op, c, p0 + i + step, Op::kInputs == 2 ? p1 + i + step : nullptr, q + i + step);

@@ -35,13 +35,18 @@ inline bool resolve_threads(int requested, int* threads) {
 
 inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// 16-byte vectors are used when every plane (contiguous) / every row (channels-last) starts on a
-// 16-byte boundary: the innermost extent is a multiple of the vector and all pointers are aligned.
+// 16-byte vectors are used when every pointer is 16-byte aligned and, channels-last, every row
+// starts on a 16-byte boundary (C a multiple of the vector: a thread's channels are one vector).
+// Contiguous planes need not start on one: the kernels read the unaligned head and tail of a
+// plane as scalars and the rest as vectors (ContigRuns). Requiring L to be a multiple of the
+// vector, as this did until 2026-12-07, left ResNet's 7x7 planes (and 14x14 in 16-bit types) to
+// scalar loads: 49-98 bytes a warp-wide request instead of up to 512, a third to half of each
+// 32-byte sector unused (tests/csrc/test_cuda_shim_traffic.py measures both).
 inline int choose_vec(const PlaneShape& s, int elem_bytes, const void* a, const void* b = nullptr,
                       const void* c = nullptr) {
   const int v = 16 / elem_bytes;
-  const int64_t inner = s.layout == Layout::Contiguous ? s.L : s.C;
-  return (inner % v == 0 && aligned16(a) && aligned16(b) && aligned16(c)) ? v : 1;
+  const bool rows_aligned = s.layout == Layout::Contiguous || s.C % v == 0;
+  return (rows_aligned && aligned16(a) && aligned16(b) && aligned16(c)) ? v : 1;
 }
 
 // ---- contiguous: P = N*C planes of L contiguous elements ----------------------------------------
@@ -58,6 +63,27 @@ struct ContigPlan {
   int32_t seg = 0;  // elements per split, a multiple of vec
   int64_t blocks = 0;
 };
+
+// The elements [begin, end) of a contiguous plane (plane-relative indices; `base`: the plane's
+// first element's index in the tensor, whose start is 16-byte aligned) as a scalar head up to the
+// first element on a VEC boundary, VEC-vectors [head_end, body_end), and a scalar tail. Head and
+// tail (at most VEC - 1 elements each) are taken together, one element a lane: edge(j), j <
+// edges(). With VEC == 1, or a plane segment that starts and ends on a boundary, they are empty.
+struct ContigRuns {
+  int begin, head_end, body_end, end;
+  NF_HOST_DEVICE int edges() const { return (head_end - begin) + (end - body_end); }
+  NF_HOST_DEVICE int edge(int j) const {
+    return j < head_end - begin ? begin + j : body_end + (j - (head_end - begin));
+  }
+};
+
+template <int VEC>
+NF_HOST_DEVICE ContigRuns contig_runs(int64_t base, int begin, int end) {
+  const int mis = static_cast<int>((base + begin) % VEC);
+  const int aligned = begin + (mis != 0 ? VEC - mis : 0);
+  const int head_end = aligned < end ? aligned : end;
+  return ContigRuns{begin, head_end, head_end + (end - head_end) / VEC * VEC, end};
+}
 
 inline ContigPlan plan_contig(int64_t P, int64_t L, int vec, int threads) {
   ContigPlan pl;

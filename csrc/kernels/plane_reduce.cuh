@@ -236,10 +236,24 @@ NF_DEVICE void contig_reduce_block(const Op& op, const ContigPlan& pl, const T* 
     const T* p1 = Op::kInputs == 2 ? in1 + plane * pl.L : nullptr;
     ctx = op.context(p0, plane);
     const int begin = split * pl.seg;
-    const int end = min(pl.L, begin + pl.seg);
+    const ContigRuns r = contig_runs<VEC>(plane * pl.L, begin, min(pl.L, begin + pl.seg));
+    // The unaligned head and tail, one element a lane, two loads in flight as below.
+    for (int j = lane; j < r.edges(); j += 2 * pl.group) {
+      const bool second = j + pl.group < r.edges();
+      float a[1], b[1], a1[1], b1[1];
+      load_floats<T, 1>(p0 + r.edge(j), a);
+      if (second) load_floats<T, 1>(p0 + r.edge(j + pl.group), a1);
+      if constexpr (Op::kInputs == 2) {
+        load_floats<T, 1>(p1 + r.edge(j), b);
+        if (second) load_floats<T, 1>(p1 + r.edge(j + pl.group), b1);
+      }
+      Op::template accumulate_run<1>(st, ctx, a, b);
+      if (second) Op::template accumulate_run<1>(st, ctx, a1, b1);
+    }
+    const int end = r.body_end;
     const int step = pl.group * VEC;
     float a0[VEC], b0[VEC], a1[VEC], b1[VEC];
-    int i = begin + lane * VEC;
+    int i = r.head_end + lane * VEC;
     // Two independent loads in flight per iteration before the dependent arithmetic.
     for (; i + step < end; i += 2 * step) {
       load_floats<T, VEC>(p0 + i, a0);

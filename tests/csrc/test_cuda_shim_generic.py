@@ -29,16 +29,17 @@ OPS = ("moments", "backward_sums", "affine_apply", "backward_apply")
 # (N, C, L, threads, misalign): each line targets a path of plane_plan.cuh
 SHAPES = [
     (2, 3, 1, 32, 0),      # L = 1: one element per plane, group of 1 lane
-    (2, 3, 17, 64, 0),     # odd L, sub-warp groups, scalar loads
-    (1, 1, 4099, 32, 0),   # N = C = 1, odd long plane: block mode, 32 splits, scalar loads
+    (2, 3, 17, 64, 0),     # odd L, sub-warp groups: vectors between each plane's scalar head and tail
+    (1, 1, 4099, 32, 0),   # N = C = 1, odd long plane: block mode, 32 splits, a scalar tail
     (1, 2, 2400, 32, 0),   # few planes, long L: split planes with 16-byte vectors (contig)
+    (1, 3, 2402, 32, 0),   # the same, planes not starting on a vector: each split's scalar head and tail
     (3, 37, 9, 64, 0),     # C = 37: not a multiple of the vector (channels-last scalar)
     (2, 64, 84, 64, 0),    # channels-last 16-byte vectors over C, split rows (odd and even rows per thread)
     (2, 8, 64, 32, 1),     # misaligned base pointers: scalar fallback
 ]
 # TSAN is ~10x slower: races are structural, so it runs f32 on every shape and f16 on the paths
 # where the vector width differs; ASAN runs every dtype on those.
-REDUCED_SHAPES = [SHAPES[1], SHAPES[3], SHAPES[5]]
+REDUCED_SHAPES = [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[6]]
 TSAN_DTYPES = ("f32", "f16")
 
 
@@ -191,7 +192,7 @@ def test_generic_kernels_under_sanitizer(tmp_path, sanitizer):
 # mask fails every check), and dy is 0 where |v| is so small that float32 and float64 may
 # disagree on its sign (those elements do not matter either way).
 RELU_OPS = ("affine_apply_relu", "backward_sums_relu", "backward_apply_relu")
-RELU_TSAN_SHAPES = REDUCED_SHAPES + [SHAPES[2]]  # + the scalar block-mode split plane
+RELU_TSAN_SHAPES = REDUCED_SHAPES + [SHAPES[2]]  # + the block-mode split plane and its scalar tail
 
 
 def _relu_cases(sanitizer):
