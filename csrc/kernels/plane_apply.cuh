@@ -70,9 +70,16 @@ __global__ void __launch_bounds__(NF_MAX_THREADS)
   T* q = out + base;
   const int begin = split * pl.seg;
   const ContigRuns r = contig_runs<VEC>(base, begin, min(pl.L, begin + pl.seg));
-  for (int j = lane; j < r.edges(); j += pl.group) {  // the unaligned head and tail
-    const int e = r.edge(j);
-    apply_vec<T, 1>(op, c, p0 + e, Op::kInputs == 2 ? p1 + e : nullptr, q + e);
+  // The unaligned head and tail, one element a lane; two per iteration, as below (a plane's edges
+  // are up to 2 x (VEC - 1) elements for a group of as few as 2 lanes: one at a time, their round
+  // trips would outlast the vectors').
+  for (int j = lane; j < r.edges(); j += 2 * pl.group) {
+    const int e0 = r.edge(j);
+    apply_vec<T, 1>(op, c, p0 + e0, Op::kInputs == 2 ? p1 + e0 : nullptr, q + e0);
+    if (j + pl.group < r.edges()) {
+      const int e1 = r.edge(j + pl.group);
+      apply_vec<T, 1>(op, c, p0 + e1, Op::kInputs == 2 ? p1 + e1 : nullptr, q + e1);
+    }
   }
   const int end = r.body_end;
   const int step = pl.group * VEC;

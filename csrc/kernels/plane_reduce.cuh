@@ -240,15 +240,15 @@ NF_DEVICE void contig_reduce_block(const Op& op, const ContigPlan& pl, const T* 
     // The unaligned head and tail, one element a lane, two loads in flight as below.
     for (int j = lane; j < r.edges(); j += 2 * pl.group) {
       const bool second = j + pl.group < r.edges();
-      float a[1], b[1], a1[1], b1[1];
-      load_floats<T, 1>(p0 + r.edge(j), a);
-      if (second) load_floats<T, 1>(p0 + r.edge(j + pl.group), a1);
+      float u0[1], v0[1], u1[1], v1[1];
+      load_floats<T, 1>(p0 + r.edge(j), u0);
+      if (second) load_floats<T, 1>(p0 + r.edge(j + pl.group), u1);
       if constexpr (Op::kInputs == 2) {
-        load_floats<T, 1>(p1 + r.edge(j), b);
-        if (second) load_floats<T, 1>(p1 + r.edge(j + pl.group), b1);
+        load_floats<T, 1>(p1 + r.edge(j), v0);
+        if (second) load_floats<T, 1>(p1 + r.edge(j + pl.group), v1);
       }
-      Op::template accumulate_run<1>(st, ctx, a, b);
-      if (second) Op::template accumulate_run<1>(st, ctx, a1, b1);
+      Op::template accumulate_run<1>(st, ctx, u0, v0);
+      if (second) Op::template accumulate_run<1>(st, ctx, u1, v1);
     }
     const int end = r.body_end;
     const int step = pl.group * VEC;
