@@ -13,6 +13,7 @@ pattern a GPU will see are checked on every CI run, without a GPU.
   16-bit types) was read and written with scalar accesses of 2 or 4 bytes.
 * **Coalescing**: a warp-wide request's bytes over the 32-byte sectors it touches (ncu's sectors
   per request): near 1 where planes (contiguous) or rows (channels-last) are whole sectors.
+* **Single read** (issue 14): its directions read each tensor once (2 + 3 passes).
 
 The shapes are ResNet's planes with a small batch (the access pattern of a plane or a row does
 not depend on N) and two awkward ones. ``python tests/csrc/test_cuda_shim_traffic.py`` prints
@@ -126,6 +127,34 @@ def test_requests_coalesce(traced):
         row = _row(case, t)
         inner = (case.L if case.layout == "contig" else case.C) * DTYPES[case.dt]
         assert row["coalescing"] >= (0.9 if inner % 32 == 0 else 0.3), row
+
+
+# The single-read directions (issue 14, kernels/single_read.cuh): cases of
+# tests/csrc/test_single_read_shim.py's driver (layer dtype layout N C L threads training running
+# affine masked misalign): split planes, the GPU's block size, a fused ReLU, 16-bit types.
+SINGLE_READ_CASES = ["bin f32 cl 4 40 300 32 1 1 1 1 0", "iebn f16 cl 3 24 130 32 1 1 1 1 0",
+                     "bin bf16 cl 2 64 200 256 1 1 1 1 0"]
+
+
+def test_single_read_reads_each_tensor_once(tmp_path):
+    """The single read's claim, counted: forward reads x once and writes y (2 passes, where the
+    generic launches make 3), backward reads dy and x once and writes dx (3, against 5); and
+    all of it in 16-byte vectors."""
+    exe = shim_build.build_driver([shim_build.DRIVERS / "single_read_driver.cpp"], "none")
+    (tmp_path / "cases.txt").write_text("\n".join(SINGLE_READ_CASES) + "\n")
+    res = subprocess.run([str(exe), str(tmp_path / "cases.txt")], capture_output=True, text=True,
+                         env=dict(os.environ, NF_SHIM_TRACE="1"), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("trace ")]
+    assert [w[1] for w in lines] == ["single_read_forward", "single_read_backward"] * len(
+        SINGLE_READ_CASES), res.stdout[-2000:]
+    for i, case in enumerate(SINGLE_READ_CASES):
+        _, dt, _, n, c, length = case.split()[:6]
+        size = int(n) * int(c) * int(length) * {"f32": 4, "f16": 2, "bf16": 2}[dt]
+        for words, (reads, writes) in zip(lines[2 * i:2 * i + 2], [(1, 1), (2, 1)]):
+            t = {k: int(v) for k, v in (w.split("=") for w in words[4:])}
+            assert (t["load"], t["store"]) == (reads * size, writes * size), (case, words)
+            assert t["vector_bytes"] == t["load"] + t["store"], (case, words)
 
 
 def main() -> None:

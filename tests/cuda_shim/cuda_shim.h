@@ -352,6 +352,28 @@ inline TraceSummary trace_end() {
   return s;
 }
 
+// Runs `launch` (a callable returning cudaError_t), traced when the driver runs with
+// NF_SHIM_TRACE=1, and then prints one line for the test to read:
+//   trace WHAT load=BYTES store=BYTES requests=N sectors=N ideal=N vector_bytes=BYTES
+//         vector_requests=N vector_sectors=N vector_ideal=N
+template <class F>
+cudaError_t traced(const char* what, F&& launch) {
+  static const bool on = [] {
+    const char* v = std::getenv("NF_SHIM_TRACE");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  if (!on) return launch();
+  trace_begin();
+  const cudaError_t err = launch();
+  const TraceSummary t = trace_end();
+  auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
+  std::printf("trace %s load=%llu store=%llu requests=%llu sectors=%llu ideal=%llu vector_bytes=%llu "
+              "vector_requests=%llu vector_sectors=%llu vector_ideal=%llu\n",
+              what, u(t.load_bytes), u(t.store_bytes), u(t.requests), u(t.sectors), u(t.ideal_sectors),
+              u(t.vector_bytes), u(t.vector_requests), u(t.vector_sectors), u(t.vector_ideal));
+  return err;
+}
+
 }  // namespace nf_shim
 
 inline void __syncthreads() { nf_shim::tl_block->bar.arrive_and_wait(); }

@@ -8,16 +8,13 @@
 //   inputs x.bin, dy.bin (raw dtype bits) and mean/scale/shift/c_dy/c_x/c_0.bin (float32) are and
 //   the outputs (out0.bin, out1.bin) go.
 // The same templated launchers as the real build run here (planning, vector width, splits).
-// With NF_SHIM_TRACE=1 in the environment, each case's launch is traced and one more line printed:
-//   trace OP DTYPE LAYOUT load=BYTES store=BYTES requests=N sectors=N ideal=N vector_bytes=BYTES
-//         vector_requests=N vector_sectors=N vector_ideal=N
-// (the bulk bytes it moved and the 32-byte sectors of its warp-wide requests: cuda_shim.h).
+// With NF_SHIM_TRACE=1 in the environment, each case's launch is traced: one more line,
+// "trace OP DTYPE LAYOUT load=BYTES store=BYTES ..." (nf_shim::traced in cuda_shim.h).
 #include "cuda_shim.h"
 #include "driver_io.h"
 #include "kernels/plane_apply.cuh"
 #include "kernels/plane_reduce.cuh"
 
-#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -25,26 +22,6 @@
 using nf_io::Buffer;
 
 namespace {
-
-const bool kTrace = [] {
-  const char* v = std::getenv("NF_SHIM_TRACE");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}();
-
-// Runs `launch` (returning its cudaError_t), traced when kTrace: prints the case's trace line.
-template <class F>
-cudaError_t traced(const std::string& what, F&& launch) {
-  if (!kTrace) return launch();
-  nf_shim::trace_begin();
-  const cudaError_t err = launch();
-  const nf_shim::TraceSummary t = nf_shim::trace_end();
-  auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
-  std::printf("trace %s load=%llu store=%llu requests=%llu sectors=%llu ideal=%llu vector_bytes=%llu "
-              "vector_requests=%llu vector_sectors=%llu vector_ideal=%llu\n",
-              what.c_str(), u(t.load_bytes), u(t.store_bytes), u(t.requests), u(t.sectors), u(t.ideal_sectors),
-              u(t.vector_bytes), u(t.vector_requests), u(t.vector_sectors), u(t.vector_ideal));
-  return err;
-}
 
 struct Case {
   std::string op, dtype, layout, dir;
@@ -141,7 +118,7 @@ void run_case(const Case& cs) {
         nf_io::die("backward_sums with mask_shift only was not refused in " + cs.dir);
       pb.mask_scale = msc;
     }
-    err = traced(what, [&] { return launch(0xff); });
+    err = nf_shim::traced(what.c_str(), [&] { return launch(0xff); });
     // The kernels promise to leave the arrival counters zeroed (the glue reuses them, unzeroed,
     // for the next launch on the stream).
     if (!counters_zero()) nf_io::die("arrival counter not reset in " + cs.dir);
@@ -175,7 +152,7 @@ void run_case(const Case& cs) {
       p.relu = cs.relu;
       p.shape = s;
       p.threads = cs.threads;
-      err = traced(what, [&] { return nf::launch_affine_apply<T>(p, nullptr); });
+      err = nf_shim::traced(what.c_str(), [&] { return nf::launch_affine_apply<T>(p, nullptr); });
     } else {
       Buffer dy = in("dy.bin", numel * sizeof(T), off);
       Buffer cdy = in("c_dy.bin", stats * sizeof(float), 0), cx = in("c_x.bin", stats * sizeof(float), 0),
@@ -196,7 +173,7 @@ void run_case(const Case& cs) {
           nf_io::die("backward_apply with mask_scale only was not refused in " + cs.dir);
         p.mask_shift = msh;
       }
-      err = traced(what, [&] { return nf::launch_backward_apply<T>(p, nullptr); });
+      err = nf_shim::traced(what.c_str(), [&] { return nf::launch_backward_apply<T>(p, nullptr); });
     }
     out("out0.bin", y);
     std::printf("%s %s %s\n", cs.op.c_str(), cs.dtype.c_str(), cs.layout.c_str());

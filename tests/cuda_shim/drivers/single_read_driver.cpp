@@ -11,7 +11,9 @@
 // Usage: single_read_driver CASES_FILE
 // Each line: a case of batch_case.h. Layouts or alignments the kernels do not take must be refused by the
 //   planner: those lines print "refused <line>" (and the test says which must be).
-// Prints "ok <line> fwd_grid=<blocks> fwd_splits=<s> bwd_grid=<blocks> bwd_splits=<s> tiles=<t>".
+// Prints "ok <line> fwd_grid=<blocks> fwd_splits=<s> bwd_grid=<blocks> bwd_splits=<s> tiles=<t>";
+// with NF_SHIM_TRACE=1 also a "trace single_read_{forward,backward} DTYPE LAYOUT ..." line for each
+// single-read launch (nf_shim::traced in cuda_shim.h: the bytes it moved).
 #include "cuda_shim.h"
 #include "batch_case.h"
 #include "driver_io.h"
@@ -156,7 +158,10 @@ void run_case(const Case& cs) {
     Buffer partials(Lf.partial_floats * 4, 0);
     std::memset(partials.data(), 0xff, partials.bytes);
     ps.partials = Lf.partial_floats ? partials.as<float>() : nullptr;
-    require(nf::launch_single_read_forward<T, Math>(Lf, ps, fs.y.data(), cs.masked != 0, cf, nullptr) == cudaSuccess,
+    const std::string what = "single_read_forward " + cs.dtype + " " + cs.layout;
+    require(nf_shim::traced(what.c_str(), [&] {
+              return nf::launch_single_read_forward<T, Math>(Lf, ps, fs.y.data(), cs.masked != 0, cf, nullptr);
+            }) == cudaSuccess,
             cs, "single-read forward launch");
   }
   require_close(fs.mean, fg.mean, kStatRtol, cs, "mean");
@@ -231,8 +236,11 @@ void run_case(const Case& cs) {
     Buffer partials(Lb.partial_floats * 4, 0);
     std::memset(partials.data(), 0xff, partials.bytes);
     p.partials = Lb.partial_floats ? partials.as<float>() : nullptr;
-    require(nf::launch_single_read_backward<T, Math>(Lb, p, bs.dx.data(), c, nullptr) == cudaSuccess, cs,
-            "single-read backward launch");
+    const std::string what = "single_read_backward " + cs.dtype + " " + cs.layout;
+    require(nf_shim::traced(what.c_str(),
+                            [&] { return nf::launch_single_read_backward<T, Math>(Lb, p, bs.dx.data(), c, nullptr); }) ==
+                cudaSuccess,
+            cs, "single-read backward launch");
   }
   require_close(bs.g1, bg.g1, kStatRtol, cs, "sum_dy");
   require_close(bs.g2, bg.g2, kStatRtol, cs, "sum_dy_xmu");
