@@ -13,7 +13,8 @@ pattern a GPU will see are checked on every CI run, without a GPU.
   16-bit types) was read and written with scalar accesses of 2 or 4 bytes.
 * **Coalescing**: a warp-wide request's bytes over the 32-byte sectors it touches (ncu's sectors
   per request): near 1 where planes (contiguous) or rows (channels-last) are whole sectors.
-* **Single read** (issue 14): its directions read each tensor once (2 + 3 passes).
+* **Single read** (issue 14): its directions read each tensor once (2 + 3 passes); the fused
+  layer steps (issue 13) read what their reduction reads.
 
 The shapes are ResNet's planes with a small batch (the access pattern of a plane or a row does
 not depend on N) and two awkward ones. ``python tests/csrc/test_cuda_shim_traffic.py`` prints
@@ -155,6 +156,32 @@ def test_single_read_reads_each_tensor_once(tmp_path):
             t = {k: int(v) for k, v in (w.split("=") for w in words[4:])}
             assert (t["load"], t["store"]) == (reads * size, writes * size), (case, words)
             assert t["vector_bytes"] == t["load"] + t["store"], (case, words)
+
+
+# The fused layer steps (kernels/layer_steps.cuh: the reduction and the coefficients in one
+# launch), cases of tests/csrc/test_layer_steps_shim.py's driver: both layouts, splits, a mask.
+LAYER_STEP_CASES = ["bin f32 contig 9 37 3 64 1 1 1 0 0", "iebn f16 contig 2 3 4096 64 1 1 0 1 0",
+                    "bin f16 cl 4 16 300 64 1 1 1 1 0", "bin bf16 cl 3 40 64 64 0 0 1 0 0"]
+
+
+def test_layer_steps_read_like_their_reduction(tmp_path):
+    """A fused layer step reads what its reduction alone reads: the forward x once, the
+    backward dy and x once (its coefficient epilogue touches only per-plane values), and writes
+    nothing full-size."""
+    exe = shim_build.build_driver([shim_build.DRIVERS / "layer_steps_driver.cpp"], "none")
+    (tmp_path / "cases.txt").write_text("\n".join(LAYER_STEP_CASES) + "\n")
+    res = subprocess.run([str(exe), str(tmp_path / "cases.txt")], capture_output=True, text=True,
+                         env=dict(os.environ, NF_SHIM_TRACE="1"), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("trace ")]
+    assert [w[1] for w in lines] == ["moments_step", "sums_step"] * len(LAYER_STEP_CASES), (
+        res.stdout[-2000:])
+    for i, case in enumerate(LAYER_STEP_CASES):
+        _, dt, _, n, c, length = case.split()[:6]
+        size = int(n) * int(c) * int(length) * {"f32": 4, "f16": 2, "bf16": 2}[dt]
+        for words, reads in zip(lines[2 * i:2 * i + 2], (1, 2)):
+            t = {k: int(v) for k, v in (w.split("=") for w in words[4:])}
+            assert (t["load"], t["store"]) == (reads * size, 0), (case, words)
 
 
 def main() -> None:

@@ -7,7 +7,9 @@
 // (the second must find them zeroed). Inputs are generated here (a fixed LCG per case).
 // Usage: layer_steps_driver CASES_FILE
 // Each line: a case of batch_case.h (misaligned inputs run the scalar kernels).
-// Prints one line per case: "ok <line> grid=<blocks> splits=<per item> tiles=<coefficient tiles>".
+// Prints one line per case: "ok <line> grid=<blocks> splits=<per item> tiles=<coefficient tiles>";
+// with NF_SHIM_TRACE=1 also "trace {moments,sums}_step DTYPE LAYOUT ..." for the first fused
+// launch of each direction (nf_shim::traced in cuda_shim.h: the bytes it moved).
 #include "cuda_shim.h"
 #include "batch_case.h"
 #include "driver_io.h"
@@ -100,7 +102,9 @@ void run_case(const Case& cs) {
     c.num_batches_tracked = &nbt_f;
     c.scale = scale_f.as<float>();
     c.shift = shift_f.as<float>();
-    require(nf::launch_moments_step<T, Math>(pf, c, nullptr) == cudaSuccess, cs, "fused forward launch");
+    auto fused = [&] { return nf::launch_moments_step<T, Math>(pf, c, nullptr); };
+    const std::string what = "moments_step " + cs.dtype + " " + cs.layout;
+    require((run == 0 ? nf_shim::traced(what.c_str(), fused) : fused()) == cudaSuccess, cs, "fused forward launch");
     require(all_zero(counters_f), cs, "fused forward left a counter set");
     require(same_bits(mean_f, mean_u) && same_bits(m2_f, m2_u), cs, "fused moments differ");
     require(same_bits(scale_f, scale_u) && same_bits(shift_f, shift_u), cs, "fused scale/shift differ");
@@ -160,7 +164,9 @@ void run_case(const Case& cs) {
     c.sum_dy = bf.sum_dy;
     c.sum_dy_xmu = bf.sum_dy_xmu;
     grads(c, out_f);
-    require(nf::launch_sums_step<T, Math>(bf, c, nullptr) == cudaSuccess, cs, "fused backward launch");
+    auto fused = [&] { return nf::launch_sums_step<T, Math>(bf, c, nullptr); };
+    const std::string what = "sums_step " + cs.dtype + " " + cs.layout;
+    require((run == 0 ? nf_shim::traced(what.c_str(), fused) : fused()) == cudaSuccess, cs, "fused backward launch");
     require(all_zero(counters_b), cs, "fused backward left a counter set");
     require(same_bits(g1_f, g1_u) && same_bits(g2_f, g2_u), cs, "fused gradient sums differ");
     for (int k = 0; k < (iebn ? 7 : 6); ++k)
