@@ -19,6 +19,14 @@ struct PlaneShape {
   Layout layout = Layout::Contiguous;
 };
 
+// The CUDA kernels index within a plane (channels-last: within a sample's rows) and walk its
+// splits in 32-bit ints: a split's end, begin + seg, stays below 2^31 when L <= 2^30 (a billion
+// elements per (n, c) plane). The torch glue (cuda_plane_shape) and every launcher refuse more:
+// with L up to INT32_MAX, the last split's end wrapped negative and the contiguous kernels read
+// and wrote past the plane (found by review, 2026-12-07; no torch input could reach it).
+constexpr int64_t kMaxPlaneLength = int64_t(1) << 30;
+inline bool extents_ok(const PlaneShape& s) { return s.L <= kMaxPlaneLength && s.C <= INT32_MAX; }
+
 // Scratch of a split reduction (CUDA only; kernels/plane_reduce.cuh), as two buffers so that the
 // glue can keep the counters zeroed across calls and take the partials from the caching allocator
 // without a memset launch (see cuda/persistent_counters.h):

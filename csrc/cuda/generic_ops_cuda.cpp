@@ -28,10 +28,10 @@ void check_cuda_input(const at::Tensor& x, const char* op) {
 }
 
 // The kernels index within a plane (and walk its splits) in 32-bit ints: begin + seg and the
-// loop steps stay below 2^31 when L <= 2^30 (a billion elements per (n, c) plane).
+// loop steps stay below 2^31 when L <= 2^30 (nf::kMaxPlaneLength; the launchers refuse more too).
 nf::PlaneShape cuda_plane_shape(const at::Tensor& x, const char* op) {
   const nf::PlaneShape sh = nf_glue::plane_shape(x, op);
-  TORCH_CHECK(sh.L <= (int64_t(1) << 30), "normfuse.", op, ": the CUDA kernels support planes of at most 2^30 ",
+  TORCH_CHECK(sh.L <= nf::kMaxPlaneLength, "normfuse.", op, ": the CUDA kernels support planes of at most 2^30 ",
               "elements (prod of the spatial sizes), got ", sh.L);
   TORCH_CHECK(sh.C <= std::numeric_limits<int32_t>::max(), "normfuse.", op, ": at most 2^31 - 1 channels, got ",
               sh.C);

@@ -133,7 +133,7 @@ cudaError_t launch_step(const Op& op, const BatchCoefParams<float>& c, const Pla
   int threads;
   if (!resolve_threads(threads_req, &threads) || s.N * s.C * s.L == 0 || counters == nullptr)
     return cudaErrorInvalidValue;
-  if (s.L > INT32_MAX || s.C > INT32_MAX || c.N != s.N || c.C != s.C) return cudaErrorInvalidValue;
+  if (!extents_ok(s) || c.N != s.N || c.C != s.C) return cudaErrorInvalidValue;
   BatchCoefPlan cp;
   if (!plan_step_coef<Math>(c, threads, &cp) || cp.threads() > threads) return cudaErrorInvalidValue;
   const CoefEpilogue<Math, kBackward> epi{c, cp.cx, cp.ny, cp.blocks};

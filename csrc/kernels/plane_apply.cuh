@@ -149,7 +149,7 @@ cudaError_t launch_apply(const Op& op, const PlaneShape& s, int threads_req, con
   int threads;
   if (!resolve_threads(threads_req, &threads)) return cudaErrorInvalidValue;
   if (s.N * s.C * s.L == 0) return cudaSuccess;
-  if (s.L > INT32_MAX || s.C > INT32_MAX) return cudaErrorInvalidValue;
+  if (!extents_ok(s)) return cudaErrorInvalidValue;
   constexpr int V = kVec16<T>;
   const int vec = choose_vec(s, sizeof(T), in0, in1, out);
   if (s.layout == Layout::Contiguous) {

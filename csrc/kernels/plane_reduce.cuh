@@ -413,7 +413,7 @@ cudaError_t launch_reduce(const Op& op, const PlaneShape& s, int threads_req, co
   int threads;
   if (!resolve_threads(threads_req, &threads)) return cudaErrorInvalidValue;
   if (s.N * s.C * s.L == 0) return cudaSuccess;
-  if (s.L > INT32_MAX || s.C > INT32_MAX) return cudaErrorInvalidValue;
+  if (!extents_ok(s)) return cudaErrorInvalidValue;
   constexpr int K = Op::kStateFloats;
   constexpr int V = kVec16<T>;
   // The channels-last kernel's dynamic shared memory (below) launches without an opt-in.

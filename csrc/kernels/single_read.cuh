@@ -274,7 +274,7 @@ struct SingleReadLaunch {
 template <typename T, class Math, class Op>
 inline bool plan_single_read_launch(const PlaneShape& s, int threads_req, int R, const BatchCoefParams<float>& c,
                                     const void* in0, const void* in1, const void* out, SingleReadLaunch* L) {
-  if (s.layout != Layout::ChannelsLast || s.N * s.C * s.L == 0 || s.L > INT32_MAX || s.C > INT32_MAX) return false;
+  if (s.layout != Layout::ChannelsLast || s.N * s.C * s.L == 0 || !extents_ok(s)) return false;
   if (c.N != s.N || c.C != s.C || !resolve_threads(threads_req, &L->threads)) return false;
   constexpr int V = kVec16<T>;
   if (choose_vec(s, sizeof(T), in0, in1, out) != V) return false;

@@ -265,3 +265,15 @@ def test_fused_relu_kernels_under_sanitizer(tmp_path, sanitizer):
     shim_build.run_driver(exe, [case_file], sanitizer, timeout=600)
     for c in cases:
         c.check()
+
+
+def test_launchers_refuse_planes_their_indices_cannot_walk():
+    """Every launcher (the four generic ones, the fused layer steps, the single read's planner)
+    refuses a plane longer than 2^30 elements before touching memory, and up to 2^30 every split
+    ends below 2^31 (the kernels walk a plane in 32-bit ints). With the old limit of 2^31 - 1 the
+    last split's end wrapped negative and the contiguous kernels went past the plane (no torch
+    input could reach it: the glue capped L at 2^30 already); here a launcher that went ahead
+    reads far past a 64-float buffer, which ASAN reports."""
+    exe = shim_build.build_driver([shim_build.DRIVERS / "limits_driver.cpp"], "address")
+    res = shim_build.run_driver(exe, [], "address")
+    assert res.stdout.strip() == "ok", res.stdout + res.stderr
