@@ -18,7 +18,7 @@ pattern a GPU will see are checked on every CI run, without a GPU.
 
 The shapes are ResNet's planes with a small batch (the access pattern of a plane or a row does
 not depend on N) and two awkward ones. ``python tests/csrc/test_cuda_shim_traffic.py`` prints
-the table of docs/performance.md.
+every case (docs/performance.md quotes some, before and after the contiguous vector change).
 """
 from __future__ import annotations
 
