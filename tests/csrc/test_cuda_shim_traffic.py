@@ -59,24 +59,29 @@ def _cases():
                     yield op, dt, layout, shape
 
 
-def _trace(tmp: Path) -> list:
-    """[(case, {field: int})] of every case, from one run of the driver (no sanitizer: the
-    kernels' correctness under TSAN / ASAN is test_cuda_shim_generic.py's)."""
-    exe = shim_build.build_driver([shim_build.DRIVERS / "generic_driver.cpp"], "none")
-    gen = torch.Generator().manual_seed(0)
-    cases = [CaseData(i, op, dt, layout, (*shape, THREADS, 0), tmp, gen)
-             for i, (op, dt, layout, shape) in enumerate(_cases())]
-    (tmp / "cases.txt").write_text("".join(c.line() for c in cases))
+def _run_traced(driver: str, lines: list, tmp: Path) -> list:
+    """Run a shim driver (no sanitizer: the kernels' correctness under TSAN / ASAN is the other
+    shim tests') on the case ``lines`` with tracing on: [(launch name, {field: int})] of its
+    ``trace`` lines, in order."""
+    exe = shim_build.build_driver([shim_build.DRIVERS / driver], "none")
+    (tmp / "cases.txt").write_text("".join(line + "\n" for line in lines))
     res = subprocess.run([str(exe), str(tmp / "cases.txt")], capture_output=True, text=True,
                          env=dict(os.environ, NF_SHIM_TRACE="1"), timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("trace ")]
-    assert len(lines) == len(cases), res.stdout[-2000:]
-    out = []
-    for case, words in zip(cases, lines):
-        assert words[1].split("_relu")[0] == case.op.split("_relu")[0], (words, case.op)
-        out.append((case, {k: int(v) for k, v in (w.split("=") for w in words[4:])}))
-    return out
+    # "trace WHAT DTYPE LAYOUT key=value ..."
+    return [(words[1], {k: int(v) for k, v in (w.split("=") for w in words[4:])})
+            for words in (line.split() for line in res.stdout.splitlines()
+                          if line.startswith("trace "))]
+
+
+def _trace(tmp: Path) -> list:
+    """[(case, {field: int})] of every case, from one run of the generic driver."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [CaseData(i, op, dt, layout, (*shape, THREADS, 0), tmp, gen)
+             for i, (op, dt, layout, shape) in enumerate(_cases())]
+    traces = _run_traced("generic_driver.cpp", [c.line().rstrip("\n") for c in cases], tmp)
+    assert [name for name, _ in traces] == [c.op for c in cases], traces
+    return [(case, fields) for case, (_, fields) in zip(cases, traces)]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +135,12 @@ def test_requests_coalesce(traced):
         assert row["coalescing"] >= (0.9 if inner % 32 == 0 else 0.3), row
 
 
+def _batch_case_bytes(line: str) -> int:
+    """Bytes of x in a batch_case.h line ("layer dtype layout N C L ...")."""
+    _, dt, _, n, c, length = line.split()[:6]
+    return int(n) * int(c) * int(length) * {"f32": 4, "f16": 2, "bf16": 2}[dt]
+
+
 # The single-read directions (issue 14, kernels/single_read.cuh): cases of
 # tests/csrc/test_single_read_shim.py's driver (layer dtype layout N C L threads training running
 # affine masked misalign): split planes, the GPU's block size, a fused ReLU, 16-bit types.
@@ -141,21 +152,14 @@ def test_single_read_reads_each_tensor_once(tmp_path):
     """The single read's claim, counted: forward reads x once and writes y (2 passes, where the
     generic launches make 3), backward reads dy and x once and writes dx (3, against 5); and
     all of it in 16-byte vectors."""
-    exe = shim_build.build_driver([shim_build.DRIVERS / "single_read_driver.cpp"], "none")
-    (tmp_path / "cases.txt").write_text("\n".join(SINGLE_READ_CASES) + "\n")
-    res = subprocess.run([str(exe), str(tmp_path / "cases.txt")], capture_output=True, text=True,
-                         env=dict(os.environ, NF_SHIM_TRACE="1"), timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("trace ")]
-    assert [w[1] for w in lines] == ["single_read_forward", "single_read_backward"] * len(
-        SINGLE_READ_CASES), res.stdout[-2000:]
+    traces = _run_traced("single_read_driver.cpp", SINGLE_READ_CASES, tmp_path)
+    assert [name for name, _ in traces] == ["single_read_forward", "single_read_backward"] * len(
+        SINGLE_READ_CASES), traces
     for i, case in enumerate(SINGLE_READ_CASES):
-        _, dt, _, n, c, length = case.split()[:6]
-        size = int(n) * int(c) * int(length) * {"f32": 4, "f16": 2, "bf16": 2}[dt]
-        for words, (reads, writes) in zip(lines[2 * i:2 * i + 2], [(1, 1), (2, 1)]):
-            t = {k: int(v) for k, v in (w.split("=") for w in words[4:])}
-            assert (t["load"], t["store"]) == (reads * size, writes * size), (case, words)
-            assert t["vector_bytes"] == t["load"] + t["store"], (case, words)
+        size = _batch_case_bytes(case)
+        for (_, t), (reads, writes) in zip(traces[2 * i:2 * i + 2], [(1, 1), (2, 1)]):
+            assert (t["load"], t["store"]) == (reads * size, writes * size), (case, t)
+            assert t["vector_bytes"] == t["load"] + t["store"], (case, t)
 
 
 # The fused layer steps (kernels/layer_steps.cuh: the reduction and the coefficients in one
@@ -168,20 +172,13 @@ def test_layer_steps_read_like_their_reduction(tmp_path):
     """A fused layer step reads what its reduction alone reads: the forward x once, the
     backward dy and x once (its coefficient epilogue touches only per-plane values), and writes
     nothing full-size."""
-    exe = shim_build.build_driver([shim_build.DRIVERS / "layer_steps_driver.cpp"], "none")
-    (tmp_path / "cases.txt").write_text("\n".join(LAYER_STEP_CASES) + "\n")
-    res = subprocess.run([str(exe), str(tmp_path / "cases.txt")], capture_output=True, text=True,
-                         env=dict(os.environ, NF_SHIM_TRACE="1"), timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("trace ")]
-    assert [w[1] for w in lines] == ["moments_step", "sums_step"] * len(LAYER_STEP_CASES), (
-        res.stdout[-2000:])
+    traces = _run_traced("layer_steps_driver.cpp", LAYER_STEP_CASES, tmp_path)
+    assert [name for name, _ in traces] == ["moments_step", "sums_step"] * len(LAYER_STEP_CASES), (
+        traces)
     for i, case in enumerate(LAYER_STEP_CASES):
-        _, dt, _, n, c, length = case.split()[:6]
-        size = int(n) * int(c) * int(length) * {"f32": 4, "f16": 2, "bf16": 2}[dt]
-        for words, reads in zip(lines[2 * i:2 * i + 2], (1, 2)):
-            t = {k: int(v) for k, v in (w.split("=") for w in words[4:])}
-            assert (t["load"], t["store"]) == (reads * size, 0), (case, words)
+        size = _batch_case_bytes(case)
+        for (_, t), reads in zip(traces[2 * i:2 * i + 2], (1, 2)):
+            assert (t["load"], t["store"]) == (reads * size, 0), (case, t)
 
 
 def main() -> None:

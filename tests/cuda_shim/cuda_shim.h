@@ -337,13 +337,14 @@ inline TraceSummary trace_end() {
     }
     std::sort(sectors.begin(), sectors.end());
     const uint64_t touched = static_cast<uint64_t>(std::unique(sectors.begin(), sectors.end()) - sectors.begin());
+    const uint64_t ideal = (bytes + 31) / 32;
     s.sectors += touched;
-    s.ideal_sectors += (bytes + 31) / 32;
+    s.ideal_sectors += ideal;
     s.requests += 1;
     if (log[i].bytes == 16) {
       s.vector_bytes += bytes;
       s.vector_sectors += touched;
-      s.vector_ideal += (bytes + 31) / 32;
+      s.vector_ideal += ideal;
       s.vector_requests += 1;
     }
     i = j;

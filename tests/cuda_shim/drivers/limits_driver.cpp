@@ -4,7 +4,6 @@
 // No memory of that size is allocated: a refused launch never reads its pointers, and the split
 // arithmetic is checked on the plans themselves. Usage: limits_driver (no arguments). Prints "ok".
 #include "cuda_shim.h"
-#include "batch_case.h"
 #include "kernels/layer_steps.cuh"
 #include "kernels/plane_apply.cuh"
 #include "kernels/plane_reduce.cuh"
@@ -88,16 +87,17 @@ int main() {
     require(all_refuse(max_l + 1, layout), "a launcher took a plane of 2^30 + 1 elements");
     require(all_refuse(int64_t(INT32_MAX), layout), "a launcher took a plane of 2^31 - 1 elements");
   }
-  // Up to 2^30: every split of every plan ends below 2^31 (begin + seg, computed in int32 by the
-  // kernels), for every block size, vector width and a few plane counts.
+  // Up to 2^30: every split of every plan ends below 2^31 (the last split's begin + seg, computed
+  // in int32 by the kernels, is splits * seg), for every block size, vector width and a few plane
+  // counts.
   for (int64_t L : {max_l, max_l - 1, max_l - 4095, int64_t(1) << 29}) {
     for (int threads = 32; threads <= NF_MAX_THREADS; threads *= 2) {
       for (int vec : {1, 4, 8}) {
         for (int64_t planes : {1, 2, 3, 1000}) {
           const nf::ContigPlan pl = nf::plan_contig(planes, L, vec, threads);
-          require(static_cast<int64_t>(pl.splits - 1) * pl.seg + pl.seg <= INT32_MAX, "contiguous split end overflows");
+          require(int64_t(pl.splits) * pl.seg <= INT32_MAX, "contiguous split end overflows");
           const nf::ClPlan cl = nf::plan_cl(planes, 64, L, vec, threads);
-          require(static_cast<int64_t>(cl.splits - 1) * cl.seg + cl.seg <= INT32_MAX, "channels-last split end overflows");
+          require(int64_t(cl.splits) * cl.seg <= INT32_MAX, "channels-last split end overflows");
         }
       }
     }
