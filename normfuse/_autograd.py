@@ -65,7 +65,7 @@ def kernel_layout(x: Tensor) -> Tensor:
 def like_layout(t: Tensor, x: Tensor) -> Tensor:
     """``t`` (same shape as ``x``) in ``x``'s layout."""
     if is_channels_last(x):
-        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+        return t if is_channels_last(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
     return t.contiguous()
 
 

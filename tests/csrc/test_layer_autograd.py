@@ -144,6 +144,29 @@ def test_input_gradient_computed_only_when_asked_for(name, build, node):
 
 
 @pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
+def test_incoming_gradient_in_any_layout(name, build, node):
+    """A channels-last layer's incoming gradient: channels-last (the usual case) is read as it is,
+    with no copy and no view op; contiguous, strided or expanded ones are copied into x's layout
+    first. All give the same gradients."""
+    m = _layer(build, seed=21)
+    x, dy = _data(seed=22)
+    x = x.detach().movedim(1, -1).contiguous().movedim(-1, 1).requires_grad_(True)
+    wrt = [x] + list(m.parameters())
+    dy_cl = dy.movedim(1, -1).contiguous().movedim(-1, 1)
+    full = _grads(m, x, dy_cl)
+    torch.testing.assert_close(full, _grads(m, x, dy.contiguous()), rtol=0, atol=0)
+    column = dy[:, :, :, :1]
+    for other in (dy.contiguous(), dy.transpose(2, 3).contiguous().transpose(2, 3),
+                  column.expand_as(dy)):
+        want = _grads(m, x, other.movedim(1, -1).contiguous().movedim(-1, 1))
+        for a, b in zip(_grads(m, x, other), want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert full[0].movedim(1, -1).is_contiguous()  # dx in x's layout
+    copies = {"aten::contiguous", "aten::clone", "aten::copy_", "aten::movedim"}
+    assert not copies & _ops_run(m, x, dy_cl, wrt)
+
+
+@pytest.mark.parametrize("name,build,node", LAYERS, ids=IDS)
 def test_second_backward_needs_retain_graph(name, build, node):
     m = _layer(build, seed=5)
     x, dy = _data(seed=6)
