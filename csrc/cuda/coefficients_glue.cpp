@@ -6,8 +6,8 @@
 // Every op checks all its arguments first, then takes the device guard, allocates and launches:
 // nothing is allocated, guarded or launched for a call that raises. (On the first GPU run, the
 // error paths that raised with a guard alive crashed the process; those that raised before it did
-// not. The order is right regardless; scripts/run_gpu_suite.sh's crash probe re-runs them with
-// C++ stack traces on fatal signals, should anything there still crash.)
+// not. The order is right regardless; tests/csrc/test_cuda_errors.py runs those error paths on a
+// GPU, each in a process of its own, so a crash there fails one test and names it.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
