@@ -150,6 +150,7 @@ class _Traced(NamedTuple):
     non_tensor_calls: set  # ids of the modules called with anything but tensors
     unreliable: set  # ids of the modules given a Proxy that may stand for a non-tensor
     changed: bool  # whether the forward changed module attributes (undone: Proxies)
+    updated: bool  # whether it updated a buffer or tensor attribute in place (undone too)
 
 
 def _trace(module: nn.Module, opaque: dict) -> _Traced:
@@ -162,6 +163,10 @@ def _trace(module: nn.Module, opaque: dict) -> _Traced:
     attributes = [(m, dict(vars(m)), {k: copy.copy(v) for k, v in vars(m).items()
                                       if isinstance(v, _CONTAINERS)})
                   for m, _ in modes]
+    # What it updates in place (``self.step += 1``, an EMA's ``mul_``): torch.fx proxies
+    # parameters, not buffers or tensor attributes, so those updates really run, once a trace,
+    # and the graph does not record them. Copies taken here put them back.
+    tensors = _tensor_state(m for m, _ in modes)
 
     tracer = None
 
@@ -192,6 +197,7 @@ def _trace(module: nn.Module, opaque: dict) -> _Traced:
             m.training = training
         for m, own, contents in attributes:
             changed |= _put_back(m, own, contents)
+        updated = _restore_updated(tensors)
     for a, b in itertools.zip_longest(graphs[0].nodes, graphs[1].nodes):
         if a is None or b is None or a.format_node() != b.format_node():
             # The branch is in the forward of the module that created one of the two nodes.
@@ -199,7 +205,35 @@ def _trace(module: nn.Module, opaque: dict) -> _Traced:
             raise _Untraceable("its forward depends on train/eval mode (self.training)",
                                [(module.get_submodule(p), p) for p in paths if p],
                                certain=False)
-    return _Traced(graphs[1], constants, non_tensor_calls, unreliable, changed)
+    return _Traced(graphs[1], constants, non_tensor_calls, unreliable, changed, updated)
+
+
+def _tensor_state(modules) -> list:
+    """(tensor, version counter, copy) of every buffer and tensor attribute of ``modules``
+    (inference tensors have no version counter, and outside inference mode no in-place update
+    either: left out)."""
+    seen, state = set(), []
+    for m in modules:
+        for t in (*m._buffers.values(), *vars(m).values()):
+            if not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter) or id(t) in seen:
+                continue
+            seen.add(id(t))
+            if t.is_inference():
+                continue
+            state.append((t, t._version, t.detach().clone()))
+    return state
+
+
+def _restore_updated(state) -> bool:
+    """Put back the values of the tensors of ``state`` whose version counter moved (an in-place
+    update); whether any had."""
+    updated = False
+    with torch.no_grad():
+        for t, version, saved in state:
+            if t._version != version:
+                t.copy_(saved)
+                updated = True
+    return updated
 
 
 _CONTAINERS = (collections.abc.MutableMapping, collections.abc.MutableSequence,

@@ -117,8 +117,8 @@ def _shallow_graph(owner: nn.Module, norms: set):
     (``_drop_relus`` takes the ReLUs out), its constants and the plain attributes of ``owner``
     it reads (their values are in the graph now); or the reason it cannot stand for the
     forward: grad mode or autocast set in it (traced with both on and off, every node records
-    them), attributes it changes, a mutable plain attribute it reads (later changes would not
-    reach the graph)."""
+    them), attributes it changes, buffers it updates in place, a mutable plain attribute it
+    reads (later changes would not reach the graph)."""
     leaves = {id(m): (m, n) for n, m in owner.named_modules() if m is not owner}
     kept = None
     for outer in ((torch.enable_grad, lambda: torch.autocast("cpu", enabled=False)),
@@ -134,6 +134,9 @@ def _shallow_graph(owner: nn.Module, norms: set):
             return "its forward sets grad mode or autocast, which a graph would not keep"
         if traced.changed:
             return "its forward changes attributes of modules, which a graph would not"
+        if traced.updated:
+            return ("its forward updates buffers or tensor attributes in place, which a graph "
+                    "would not record")
         if constants:  # (from buffers, or made in the forward: a graph would hold them stale)
             return "its forward computes tensors a graph would hold as constants"
         if kept is not None and [n.format_node() for n in kept.nodes] != [

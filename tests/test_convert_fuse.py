@@ -1042,6 +1042,98 @@ def test_what_stays_unfused_or_unreplaced(build, fused_norms, replaced, warns, s
         assert calls == [1] and type(fused.blocks[0]) is _Lin
 
 
+class _Counts(nn.Module):
+    """A step counter buffer, updated in place by the forward (as a warm-up schedule keeps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x):
+        self.step += 1
+        return F.relu(self.bn(self.conv(x))) * self.step
+
+
+class _Averages(nn.Module):
+    """An exponential average buffer: its decay does not involve the input (it would run, not
+    be recorded, while tracing), its increment does (it would be recorded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("ema", torch.ones(3))
+
+    def forward(self, x):
+        y = F.relu(self.bn(x))
+        self.ema.mul_(0.9).add_(y.detach().mean((0, 2, 3)), alpha=0.1)
+        return y + self.ema.view(1, 3, 1, 1)
+
+
+class _CountsAttribute(nn.Module):
+    """A tensor attribute (not a buffer) updated in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.calls = torch.zeros(())
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return F.relu(self.bn(x)) + self.calls
+
+
+class _CountsReluModule(nn.Module):
+    """The pair fused by identity (its ReLU a module: no graph needed), the counter kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.seen += 1
+        return self.relu(self.bn(x))
+
+
+@pytest.mark.parametrize("build,fused_norms", [(_Counts, []), (_Averages, []),
+                                               (_CountsAttribute, []), (_CountsReluModule, ["bn"])])
+def test_forward_updating_tensors_in_place(build, fused_norms, seed):
+    """torch.fx proxies parameters, not buffers or tensor attributes: tracing runs a forward's
+    in-place updates of those for real, once a trace, and the graph would not record them.
+    convert puts their values back and replaces no module whose forward updates them; the
+    model computes what the unfused conversion computes, counters included."""
+    model = _randomize(build(), seed).double()
+
+    def tensors(m):
+        return {n: t.clone() for n, t in [*m.named_buffers(), *(
+            (k, v) for k, v in vars(m).items() if isinstance(v, torch.Tensor))]}
+
+    before = tensors(model)
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    after = tensors(fused)
+    assert list(after) == list(before)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} changed by convert"
+    messages = [str(r.message) for r in record]
+    if fused_norms:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and "updates buffers or tensor attributes in place" in \
+            messages[0], messages
+    assert _fused_norms(fused) == fused_norms and not isinstance(fused, FusedGraphModule)
+    x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    _assert_same_in_train_and_eval(fused, plain, x, seed)
+    after, want = tensors(fused), tensors(plain)
+    for name, value in want.items():
+        assert torch.equal(after[name], value), name
+
+
 def test_attributes_a_graph_holds_cannot_be_set():
     """A replaced module's forward read ``scale``: its graph holds the value, so setting it
     raises instead of changing nothing (an attribute the forward does not read can be set)."""
