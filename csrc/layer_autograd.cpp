@@ -441,6 +441,18 @@ Tensor run(const Tensor& x, const Params& p, const Buffers& b, const Config& c) 
       functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function: not under functorch
     }
   }
+  // Inference tensors (torch.inference_mode) here, outside inference mode: x cannot be saved, and
+  // torch refuses in-place updates of the statistics; say so before anything is written (the
+  // layers' Python checks say it first, by argument name).
+  TORCH_CHECK(!(differentiable && x.is_inference()), op_name(c.layer),
+              ": input is an inference tensor, which autograd cannot save for the backward");
+  if (c.training) {
+    for (const OptTensor* t : {&b.running_mean, &b.running_var, &b.num_batches_tracked}) {
+      TORCH_CHECK(!(t->has_value() && (*t)->defined() && (*t)->is_inference()), op_name(c.layer),
+                  ": a running statistic or num_batches_tracked is an inference tensor, which may be "
+                  "updated in place only inside inference mode");
+    }
+  }
   Forward f;
   {
     at::AutoDispatchBelowADInplaceOrView below;

@@ -21,6 +21,7 @@
 // Nothing is mutated before the op runs, and the op checks again what it relies on.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -107,11 +108,17 @@ std::optional<bool> relu_flag(PyObject* o) {
   return std::nullopt;
 }
 
+// An inference tensor (torch.inference_mode) outside inference mode: autograd cannot save it and
+// torch refuses to update it in place there; the checked path says which (normfuse/_checks.py).
+bool inference_outside(const Tensor& t) {
+  return t.is_inference() && !c10::InferenceMode::is_enabled();
+}
+
 // The input: a plain floating tensor of one of `ranks` (a tuple of ints), not empty, contiguous or
 // channels-last (C innermost), on a device the compiled backend runs under the current setting.
 const Tensor* input_ok(PyObject* o, PyObject* ranks, int64_t devices) {
   const Tensor* x = plain_tensor(o);
-  if (x == nullptr) return nullptr;
+  if (x == nullptr || inference_outside(*x)) return nullptr;
   const at::ScalarType dt = x->scalar_type();
   if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return nullptr;
   if (x->is_cpu()) {
@@ -237,8 +244,10 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     const Tensor* m = plain_tensor(rm_obj);
     const Tensor* v = plain_tensor(rv_obj);
     // (one requiring grad with grad mode on: the checked path refuses it, as nn.BatchNorm does)
+    // (updated in training: sharing memory with each other or the input, or inference tensors)
     if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C) ||
-        (*training && nf_glue::shares_memory(*m, *v)) ||
+        (*training && (nf_glue::shares_memory(*m, *v) || nf_glue::shares_memory(*m, x) ||
+                       nf_glue::shares_memory(*v, x) || inference_outside(*m) || inference_outside(*v))) ||
         ((m->requires_grad() || v->requires_grad()) && c10::GradMode::is_enabled()))
       Py_RETURN_NOTIMPLEMENTED;
     rm = *m;
@@ -250,7 +259,7 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   if (*training && *track) {
     const Tensor* n = plain_tensor(nbt_obj);
     if (n == nullptr || n->scalar_type() != at::kLong || n->dim() > 1 || n->numel() != 1 ||
-        n->device() != x.device())
+        n->device() != x.device() || inference_outside(*n))
       Py_RETURN_NOTIMPLEMENTED;
     nbt = *n;
   }

@@ -7,7 +7,9 @@ expected.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -166,21 +168,69 @@ def running_update_conflict(running_mean: Tensor, running_var: Tensor, read,
     return None
 
 
-def check_running_writable(running_mean, running_var, named_params, who: str) -> None:
+def check_running_writable(running_mean, running_var, named_params, who: str,
+                           input: Tensor | None = None) -> None:
     """Running statistics that a training call updates in place (checked after
-    ``check_running_stats``): ``running_update_conflict`` against each other and the
-    parameters, as a ValueError."""
-    if running_mean is None or _dynamo_compiling() or _addressless(running_mean) \
-            or _addressless(running_var):
+    ``check_running_stats``): ``running_update_conflict`` against each other, the parameters
+    and the input (a view of it would change the input under the call), as a ValueError."""
+    if running_mean is None:
+        return
+    check_writable_outside_inference(
+        (("running_mean", running_mean), ("running_var", running_var)), who)
+    if _dynamo_compiling() or _addressless(running_mean) or _addressless(running_var):
         return
     try:  # fake (export) or functorch-wrapped tensors have no data pointers: nothing to check
         running_mean.untyped_storage().data_ptr()
         running_var.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return
-    why = running_update_conflict(running_mean, running_var, [(n, p) for n, p, _ in named_params])
+    read = [(n, p) for n, p, _ in named_params]
+    if input is not None:
+        read.append(("input", input))
+    why = running_update_conflict(running_mean, running_var, read)
     if why is not None:
         raise ValueError(f"{who}: {why}")
+
+
+_INFERENCE = "an inference tensor (made under torch.inference_mode"
+
+
+def check_writable_outside_inference(written, who: str) -> None:
+    """Tensors a training call updates in place ((name, tensor) pairs: running statistics, the
+    batch counter) must not be inference tensors outside inference mode: torch refuses their
+    in-place update there (``nn.BatchNorm2d`` too), and it would come after the other tensors
+    were updated (the compiled ops would write them regardless)."""
+    if _dynamo_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, t in written:
+        if isinstance(t, Tensor) and t.is_inference():
+            raise ValueError(
+                f"{who}: {name} is {_INFERENCE}, e.g. by a module built or loaded there), which "
+                f"only inference mode may update in place, and a training call updates it; "
+                f"replace it by a clone made outside inference mode")
+
+
+def check_input_not_saved_inference(input: Tensor, tensors, who: str) -> None:
+    """An input made under torch.inference_mode, outside it, in a call that records autograd
+    (grad mode on and a parameter requiring grad): autograd cannot save it for the backward, and
+    would say so only after the call (and its running-statistics update) ran."""
+    if _dynamo_compiling() or not input.is_inference() or torch.is_inference_mode_enabled() \
+            or not torch.is_grad_enabled():
+        return
+    if any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
+        raise ValueError(
+            f"{who}: input is {_INFERENCE}), which autograd cannot save for the backward of "
+            f"this call (its parameters require grad); call the layer under torch.no_grad() or "
+            f"torch.inference_mode(), or pass input.clone() made outside inference mode")
+
+
+def _no_inference(*tensors) -> bool:
+    """None of ``tensors`` (None allowed) is an inference tensor, or inference mode is on: the
+    predicates' cheap test; the checks above decide the rest."""
+    for t in tensors:
+        if t is not None and t.is_inference():
+            return torch.is_inference_mode_enabled()
+    return True
 
 
 def check_batch_values(input: Tensor, who: str, training: bool = True) -> None:
@@ -194,9 +244,13 @@ def check_batch_values(input: Tensor, who: str, training: bool = True) -> None:
 
 
 def check_number(value, name: str, who: str, low: float = 0.0, allow_none: bool = False):
+    """A finite real number: a Python int or float, or a NumPy scalar (``nn.BatchNorm`` takes
+    ``np.float32`` hyperparameters, and ``convert`` copies them; ``run_layer`` makes them
+    floats); not a bool, a tensor or a string."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
         raise ValueError(f"{who}: {name} must be a finite number, got {value!r}")
     if value < low:
         raise ValueError(f"{who}: {name} must be >= {low}, got {value!r}")
@@ -214,6 +268,7 @@ def check_batch_counter(t, input: Tensor, who: str) -> None:
     if t.device != input.device:
         raise ValueError(f"{who}: num_batches_tracked must be on the input's device "
                          f"{input.device}, got {t.device}")
+    check_writable_outside_inference((("num_batches_tracked", t),), who)
 
 
 def relu_flag(activation, who: str) -> bool:
@@ -396,10 +451,11 @@ def _numbers_ok(*values) -> bool:
     return True
 
 
-def _running_separate(running_mean, running_var, c, required, optional) -> bool:
+def _running_separate(running_mean, running_var, c, required, optional, input) -> bool:
     """``check_running_writable`` would pass for these (C,) running statistics: dense, and
-    overlapping neither each other nor a parameter (dense (C,) vectors: byte ranges from one data
-    pointer each, no storage objects; a parameter that is not dense: the checks decide)."""
+    overlapping neither each other, nor a parameter, nor the input (dense (C,) vectors: byte
+    ranges from one data pointer each, no storage objects; a parameter that is not dense: the
+    checks decide; the input is contiguous or channels-last, a dense block)."""
     if not (running_mean.is_contiguous() and running_var.is_contiguous()):
         return False
     if _dynamo_compiling():
@@ -421,6 +477,10 @@ def _running_separate(running_mean, running_var, c, required, optional) -> bool:
             q1 = q + c * p.element_size()
             if q < m1 and m < q1 or q < v1 and v < q1:
                 return False
+        q = input.data_ptr()
+        q1 = q + input.numel() * input.element_size()
+        if q < m1 and m < q1 or q < v1 and v < q1:
+            return False
     except RuntimeError:  # functorch-wrapped tensors have no data pointer
         return True
     return True
@@ -446,13 +506,15 @@ def batch_layer_ok(input, ranks, channels, use_batch, required, optional, runnin
             and torch.is_grad_enabled():
         return False
     if running_mean is not None and use_batch and not _running_separate(
-            running_mean, running_var, c, required, optional):
+            running_mean, running_var, c, required, optional, input):
         return False  # updated in place: the checks look for overlaps (check_running_writable)
     t = num_batches_tracked
     if t is not None and not (isinstance(t, Tensor) and t.dtype is torch.int64
                               and t.dim() <= 1 and t.numel() == 1
                               and (t.is_cpu if input.is_cpu else t.device == input.device)):
         return False
+    if not _dynamo_compiling() and not _no_inference(input, running_mean, running_var, t):
+        return False  # (an inference tensor outside inference mode: the checks decide)
     return _numbers_ok(momentum, eps)
 
 
@@ -483,6 +545,8 @@ def assoc_layer_ok(input, channels, num_groups, encoder, decoder_mean, decoder_v
     c = input.shape[1]
     if channels is not None and c != channels or not _divides(num_groups, c):
         return False
+    if not _dynamo_compiling() and not _no_inference(input):
+        return False  # (the checks decide)
     return _meta_network_ok(input, num_groups, encoder, (decoder_mean, decoder_var), weight,
                             bias, eps)
 
@@ -500,5 +564,7 @@ def ilm_layer_ok(input, channels, num_groups, key_group_size, encoder, decoder_w
     plane = math.prod(input.shape[2:])
     if c // num_groups * plane <= 1 or key_group_size * plane <= 1:
         return False
+    if not _dynamo_compiling() and not _no_inference(input):
+        return False  # (the checks decide)
     return _meta_network_ok(input, c // key_group_size, encoder, (decoder_weight, decoder_bias),
                             weight, bias, eps)

@@ -137,7 +137,7 @@ def use_backend(name: str):
     ``set_backend``'s choice until it ends.  Blocks entered from several threads at once: the
     newest applies, and each removes only its own setting when it ends, so once all have ended
     the setting is what ``set_backend`` made it."""
-    checked = _check_name(name, "set_backend")
+    checked = _check_name(name, "use_backend")
     token = object()
     with _blocks_lock:
         _block_tokens.append(token)

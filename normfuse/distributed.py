@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from torch.fx import Proxy
 
 from ._autograd import run_layer
-from ._checks import check_channels, check_input, check_number, check_running_stats, check_tensor
+from ._checks import (check_batch_counter, check_channels, check_input,
+                      check_input_not_saved_inference, check_number, check_running_stats,
+                      check_running_writable, check_tensor)
 from .backends import resolve_backend
 from .coefficients._merge import BatchMerge
 from .modules import _BatchInstanceNorm, _fx_leaf, _InstanceEnhancementBatchNorm
@@ -223,16 +225,21 @@ class _SyncMixin:
                 f"build the same model (same num_features) and call its layers in the same order")
         self.__dict__["_sync_checked"] = key
 
-    def _check_sync_input(self, input, running_mean, running_var, factor) -> None:
-        """The plain layers' checks (a rank's input may be empty, as the plain layers' and
-        nn.SyncBatchNorm's: no samples, or samples without values, contribute nothing)."""
+    def _check_sync_input(self, input, running_mean, running_var, momentum) -> None:
+        """The plain layers' training checks (``functional.check_batch_layer``'s, but that a
+        rank's input may be empty, as the plain layers' and nn.SyncBatchNorm's: no samples, or
+        samples without values, contribute nothing)."""
         who = type(self).__name__
         check_input(input, who, self._ranks, empty="any")
         check_channels(input, self.num_features, who)
-        for name, tensor, optional in self._named_params():
+        named = self._named_params()
+        for name, tensor, optional in named:
             check_tensor(tensor, name, (self.num_features,), input, who, optional=optional)
         check_running_stats(running_mean, running_var, self.num_features, input, who)
-        check_number(factor, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
+        check_running_writable(running_mean, running_var, named, who, input)
+        check_batch_counter(self._counter(), input, who)
+        check_input_not_saved_inference(input, (t for _, t, _ in named), who)
+        check_number(momentum, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
         check_number(self.eps, "eps", who)
 
     def forward(self, input):
@@ -249,9 +256,10 @@ class _SyncMixin:
         device = next(self.parameters()).device
         self._handshake(group, device)
         merge = SyncBatchMerge(group, self.num_features, type(self).__name__)
-        running_mean, running_var, _, factor = self._batch_arguments()
+        running_mean, running_var, _, momentum = self._batch_arguments()
         try:
-            self._check_sync_input(input, running_mean, running_var, factor)
+            self._check_sync_input(input, running_mean, running_var, momentum)
+            factor = self._factor()  # (momentum=None reads the counter: after its check)
             resolve_backend(input)  # a requested backend that cannot run raises here, on time
         except Exception:
             merge.abort(device)

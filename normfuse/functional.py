@@ -8,15 +8,17 @@ the batch statistics are used in either mode, as in ``nn.BatchNorm`` with
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 from torch import Tensor
 from torch.fx import Proxy
 
 from ._autograd import run_layer
 from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check_batch_values,
-                      check_channels, check_group_values, check_input, check_number,
-                      check_running_stats, check_running_writable, check_tensor, ilm_layer_ok,
-                      relu_flag)
+                      check_channels, check_group_values, check_input,
+                      check_input_not_saved_inference, check_number, check_running_stats,
+                      check_running_writable, check_tensor, ilm_layer_ok, relu_flag)
 
 _RANKS = (2, 3, 4, 5)
 
@@ -45,8 +47,9 @@ def check_batch_layer(who, input, running_mean, running_var, named_params, train
         check_tensor(tensor, name, (channels,), input, who, optional=optional)
     check_running_stats(running_mean, running_var, channels, input, who)
     if training:
-        check_running_writable(running_mean, running_var, named_params, who)
+        check_running_writable(running_mean, running_var, named_params, who, input)
     check_batch_counter(num_batches_tracked, input, who)
+    check_input_not_saved_inference(input, (t for _, t, _ in named_params), who)
     check_number(momentum, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
     check_number(eps, "eps", who)
     if training or running_mean is None:
@@ -129,8 +132,7 @@ def check_assoc(input, num_groups, encoder, decoder_mean, decoder_var, weight, b
     if channels is not None:
         check_channels(input, channels, who, "num_channels")
     channels = input.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"{who}: num_groups must be a positive int, got {num_groups!r}")
+    _check_positive_int(num_groups, "num_groups", who)
     if channels % num_groups:
         raise ValueError(f"{who}: the input's channel count ({channels}) must be divisible by "
                          f"num_groups ({num_groups})")
@@ -156,11 +158,15 @@ def _check_meta_network(who, input, encoder, embed_name, columns, decoders, weig
     channels = input.shape[1]
     check_tensor(weight, "weight", (channels,), input, who)
     check_tensor(bias, "bias", (channels,), input, who)
+    check_input_not_saved_inference(input, (encoder, *(d for _, d in decoders), weight, bias),
+                                    who)
     check_number(eps, "eps", who)
 
 
 def _check_positive_int(value, name: str, who: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """A positive int: a Python int or a NumPy integer (as the modules take), not a bool."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value <= 0:
         raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
 
 

@@ -79,6 +79,7 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
                  activation: str | None = None):
         super().__init__()
         self._set_activation(activation)
+        num_features = _index("num_features", num_features)  # an int, or a numpy integer
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         factory = {"device": device, "dtype": dtype}
@@ -110,18 +111,26 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
             self.num_batches_tracked.zero_()
 
     def _batch_arguments(self):
-        """``(running_mean, running_var, use_batch_stats, factor)`` as ``nn.BatchNorm`` forms
-        them, without touching ``num_batches_tracked`` (the layer's coefficient op counts the
-        batch, after every check: see ``_counter``).
-        """
-        factor = 0.0 if self.momentum is None else self.momentum
-        if (self.training and self.track_running_stats and self.momentum is None
-                and self.num_batches_tracked is not None):  # None: factor 0, as nn.BatchNorm
-            factor = 1.0 / (_counted(self.num_batches_tracked, type(self).__name__) + 1.0)
+        """``(running_mean, running_var, use_batch_stats, checked_momentum)`` as
+        ``nn.BatchNorm`` forms them, without touching ``num_batches_tracked`` (the layer's
+        coefficient op counts the batch, after every check: see ``_counter``).
+        ``checked_momentum`` is what the checks see (0 for ``momentum=None``); the update
+        factor itself is ``_factor()``, read after the checks."""
         use_batch = self.training or self.running_mean is None
         tracked = not self.training or self.track_running_stats
         return (self.running_mean if tracked else None, self.running_var if tracked else None,
-                use_batch, factor)
+                use_batch, 0.0 if self.momentum is None else self.momentum)
+
+    def _factor(self) -> float:
+        """The running statistics' update factor: ``momentum``, or with ``momentum=None`` the
+        cumulative average's ``1 / (batches + 1)``, which reads ``num_batches_tracked`` on the
+        host: called after the checks (a counter of the wrong kind gets their message)."""
+        if self.momentum is not None:
+            return self.momentum
+        if (self.training and self.track_running_stats
+                and self.num_batches_tracked is not None):  # None: factor 0, as nn.BatchNorm
+            return 1.0 / (_counted(self.num_batches_tracked, type(self).__name__) + 1.0)
+        return 0.0
 
     def _fast_arguments(self):
         """``(running_mean, running_var, use_batch, factor, counter)`` as ``_batch_arguments``
@@ -185,12 +194,13 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
                                  factor, self.eps, 0, params, counter, relu,
                                  who=type(self).__name__)
         # Every check (each once, in the documented order), the buffers read through nn.Module.
-        running_mean, running_var, use_batch, factor = self._batch_arguments()
+        running_mean, running_var, use_batch, momentum = self._batch_arguments()
         counter = self._counter()
         named = self._named_params()
         F.check_batch_layer(type(self).__name__, input, running_mean, running_var, named,
-                            self.training, factor, self.eps, counter, self._ranks,
+                            self.training, momentum, self.eps, counter, self._ranks,
                             self.num_features)
+        factor = self._factor()
         return run_layer(self._layer, input, running_mean, running_var, use_batch, factor,
                          self.eps, 0, tuple(t for _, t, _ in named), counter, relu,
                          who=type(self).__name__)

@@ -15,6 +15,7 @@ and tested by ``test_backend_consistency`` below.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -254,6 +255,26 @@ def _row_running_grad(nf, device):
     return _fbin_with(nf, device, running_mean=torch.zeros(C, device=device).requires_grad_())
 
 
+def _row_running_alias_input(nf, device):
+    x = _x(device)
+    a = {**_fargs(device), "running_mean": x.view(-1)[:C]}  # updating it would change x
+    return (lambda: _fbin(nf, x, a)), a
+
+
+def _row_inference_input(nf, device):
+    m = _bin(nf, device)
+    with torch.inference_mode():
+        x = _x(device)
+    return (lambda: m(x)), m  # autograd would have to save x (m's parameters require grad)
+
+
+def _row_inference_running(nf, device):
+    m = _bin(nf, device)
+    with torch.inference_mode():  # e.g. a module built or loaded under inference mode
+        m.running_var = torch.full((C,), 1.5, device=device)
+    return (lambda: m(_x(device))), m
+
+
 def _row_counter_dtype(nf, device):
     m = _bin(nf, device)
     m.num_batches_tracked = torch.tensor(2.0, device=device)  # the op increments it in place
@@ -395,7 +416,13 @@ ROWS = {
     "running-overlap": (_row_running_expanded, ValueError, ["running_mean", "overlapping"]),
     "running-alias": (_row_running_alias, ValueError, ["running_mean", "running_var",
                                                        "share memory"]),
+    "running-alias-input": (_row_running_alias_input, ValueError, ["running_mean", "input",
+                                                                   "share memory"]),
     "running-grad": (_row_running_grad, ValueError, ["running_mean", "require grad"]),
+    "inference-input": (_row_inference_input, ValueError, ["input", "inference tensor",
+                                                           "torch.no_grad()"]),
+    "inference-running": (_row_inference_running, ValueError, ["running_var", "inference tensor",
+                                                               "clone"]),
     "counter-dtype": (_row_counter_dtype, ValueError, ["num_batches_tracked", "0-dim int64",
                                                        "float32"]),
     "single-value": (_row_single_value, ValueError, ["input", "more than 1 value per channel"]),
@@ -535,6 +562,43 @@ def test_error_contract_row(nf, backend, device, rid, no_kernel_calls):
     assert len(no_kernel_calls) == before_calls, f"{rid}: kernels ran before the error"
     _assert_unchanged(holder, snap, rid)
     assert nf.get_backend() == setting, f"{rid}: the backend setting changed"
+
+
+@pytest.mark.parametrize("counter", ["meta", "pair", "float"])
+def test_momentum_none_checks_the_counter_before_reading_it(nf, backend, device, counter):
+    """momentum=None (a cumulative average) reads num_batches_tracked on the host: only after
+    the checks, so a counter of the wrong kind gets the counter-dtype row's kind of message,
+    not a torch error from reading it."""
+    m = _bin(nf, device, momentum=None)
+    m.num_batches_tracked = {"meta": lambda: torch.tensor(1, device="meta"),
+                             "pair": lambda: torch.tensor([1, 2], device=device),
+                             "float": lambda: torch.tensor(2.0, device=device)}[counter]()
+    snap = _snapshot(_state(m))
+    with pytest.raises(ValueError, match="BatchInstanceNorm2d: num_batches_tracked must be"):
+        m(_x(device))
+    _assert_unchanged(m, snap, counter)
+
+
+@pytest.mark.parametrize("layer", ["bin", "assoc"])
+def test_inference_input_is_accepted_where_nothing_saves_it(nf, backend, device, layer):
+    """The inference-input row refuses only what autograd would record: without grad mode, with
+    frozen parameters, or inside inference mode, an input made under inference mode gives the
+    output a normal tensor gives (and a training call inside inference mode updates normal
+    running statistics, as nn.BatchNorm2d's does)."""
+    m = _bin(nf, device) if layer == "bin" else _assoc(nf, device)
+    with torch.inference_mode():
+        x = _x(device)
+    want = m(x.clone())
+    ref = copy.deepcopy(m)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        m.load_state_dict(ref.state_dict())
+        with ctx():
+            torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+    m.load_state_dict(ref.state_dict())
+    m.requires_grad_(False)
+    torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+    if layer == "bin":  # the running statistics were updated on every call
+        assert int(m.num_batches_tracked) == int(ref.num_batches_tracked) + 1
 
 
 def test_rows_raise_without_partial_state_over_a_sequence(nf, backend, device):

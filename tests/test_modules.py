@@ -213,6 +213,40 @@ def test_ilm_counts_take_numpy_integers_as_assoc_does(nf):
             nf.ILMNorm(32, 8, 16, bad)
 
 
+def test_batch_layer_feature_count_is_an_int(nf):
+    """num_features as nn.BatchNorm2d takes it (numpy integers too, stored as int); a float or a
+    string is refused naming it (was: torch.zeros' TypeError, or a comparison error)."""
+    m = nf.BatchInstanceNorm2d(np.int64(4))
+    assert m.num_features == 4 and type(m.num_features) is int
+    for bad in (2.5, "4", True):
+        with pytest.raises(ValueError, match=r"^num_features must be a positive int, got "):
+            nf.InstanceEnhancementBatchNorm2d(bad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_numpy_hyperparameters_as_torch_norms_take_them(nf, backend, device, kind):
+    """momentum and eps as NumPy scalars (read from a config array; nn.BatchNorm2d and
+    nn.GroupNorm run with them, and convert copies them over) compute what the same values
+    as Python floats compute; the functional forms take NumPy integer group counts."""
+    momentum, eps = np.float32(0.3), np.float32(1e-3)
+    shape = (3, 4, 5, 2)
+    x = make_input(shape, 3, torch.float32, device)
+    kw = dict(eps=eps) if kind == "assoc" else dict(momentum=momentum, eps=eps)
+    plain = dict(eps=float(eps)) if kind == "assoc" else dict(momentum=float(momentum),
+                                                              eps=float(eps))
+    a = randomize_parameters(make_layer(nf, kind, shape, **kw), 5).to(device)
+    b = randomize_parameters(make_layer(nf, kind, shape, **plain), 5).to(device)
+    for _ in range(2):
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    for (n, u), (_, v) in zip(a.named_buffers(), b.named_buffers()):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, msg=n)
+    if kind == "assoc":
+        g = a.num_groups
+        args = (a.encoder, a.decoder_mean, a.decoder_var, a.weight, a.bias)
+        torch.testing.assert_close(nf.functional.assoc_norm(x, np.int64(g), *args, eps=eps),
+                                   a(x), rtol=0, atol=0)
+
+
 def test_assoc_defaults(nf):
     m = nf.AssocNorm(4, 12, embed_dim=5)
     assert m.encoder.shape == (5, 4)

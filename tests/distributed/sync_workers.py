@@ -361,7 +361,32 @@ def check_errors(rank, world):
         raises(RuntimeError, "failed on rank(s) [1]", lambda: m(x))
     for n, b in m.named_buffers():
         assert torch.equal(b, before[n]), f"buffer {n} changed by a refused call"
-    # 8. a process group this rank is not a member of
+    # 8. a batch counter of the wrong dtype on rank 1 only: the plain layers' check refuses it
+    #    there before the exchange, the other ranks are told (not left waiting)
+    x = data((2, 4, 3), 9)
+    counter = m.num_batches_tracked
+    if rank == 1:
+        m.num_batches_tracked = torch.tensor(2.0, dtype=F64)
+        raises(ValueError, "num_batches_tracked must be a 0-dim int64", lambda: m(x))
+        m.num_batches_tracked = counter
+    else:
+        raises(RuntimeError, "failed on rank(s) [1]", lambda: m(x))
+    # 9. running statistics the update would overwrite something through (a parameter, each
+    #    other, the input), on every rank: refused as by the plain layers, nothing written
+    weight = m.weight.detach().clone()
+    running_mean, running_var = m.running_mean, m.running_var
+    for alias, word in ((lambda: m.weight.detach(), "weight"), (lambda: m.running_var, "running_var"),
+                        (lambda: x.view(-1)[:4], "input")):
+        m.running_mean = alias()
+        raises(ValueError, f"must not share memory with {word}", lambda: m(x))
+        m.running_mean = running_mean
+    m.running_var = torch.zeros(1, dtype=F64).expand(4)
+    raises(ValueError, "running_var must not have overlapping elements", lambda: m(x))
+    m.running_var = running_var
+    assert torch.equal(m.weight.detach(), weight), "the weight changed by a refused call"
+    for n, b in m.named_buffers():
+        assert torch.equal(b, before[n]), f"buffer {n} changed by a refused call"
+    # 10. a process group this rank is not a member of
     other = dist.new_group([0])
     if rank != 0:
         m = SyncBatchInstanceNorm(4, process_group=other).to(F64)
