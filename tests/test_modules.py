@@ -672,7 +672,7 @@ def test_iebn_loads_readjust_only_checkpoint(nf):
     """weight/bias of shape (C,) with weight_readjust/bias_readjust of shape (1, C, 1, 1)."""
     c = 3
     sd = nf.IEBN2d(c).state_dict()
-    gw, gb = sd.pop("gate_weight"), sd.pop("gate_bias")
+    del sd["gate_weight"], sd["gate_bias"]  # the checkpoint has the readjust pair instead
     sd["weight_readjust"] = torch.arange(c, dtype=torch.float32).reshape(1, c, 1, 1)
     sd["bias_readjust"] = -torch.arange(c, dtype=torch.float32).reshape(1, c, 1, 1)
     m = nf.IEBN2d(c)
