@@ -477,6 +477,8 @@ def _running_separate(running_mean, running_var, c, required, optional, input) -
             q1 = q + c * p.element_size()
             if q < m1 and m < q1 or q < v1 and v < q1:
                 return False
+        if not (input.is_contiguous() or is_channels_last(input)):
+            return False  # (a strided view: the checks decide)
         q = input.data_ptr()
         q1 = q + input.numel() * input.element_size()
         if q < m1 and m < q1 or q < v1 and v < q1:

@@ -153,20 +153,17 @@ class _Traced(NamedTuple):
     updated: bool  # whether it updated a buffer or tensor attribute in place (undone too)
 
 
-def _trace(module: nn.Module, opaque: dict) -> _Traced:
+def _trace(module: nn.Module, opaque: dict, guard: "TensorGuard") -> _Traced:
     """``module``'s graph, traced in train and in eval mode (which must agree: a graph freezes
     the branches a forward takes on ``self.training``), and what the tracing saw
-    (``_Traced``); raises ``_Untraceable``."""
+    (``_Traced``); raises ``_Untraceable``.  ``guard``: the model's tensor values before
+    any trace, put back after this one where it updated them."""
     modes = [(m, m.training) for m in module.modules()]
     # What a forward sets on a module (``self.last = out``, ``self.taps.append(y)``, a buffer it
     # registers) would stay, a Proxy: put back after, containers' contents too (one level).
     attributes = [(m, dict(vars(m)), {k: copy.copy(v) for k, v in vars(m).items()
                                       if isinstance(v, _CONTAINERS)})
                   for m, _ in modes]
-    # What it updates in place (``self.step += 1``, an EMA's ``mul_``): torch.fx proxies
-    # parameters, not buffers or tensor attributes, so those updates really run, once a trace,
-    # and the graph does not record them. Copies taken here put them back.
-    tensors = _tensor_state(m for m, _ in modes)
 
     tracer = None
 
@@ -197,7 +194,7 @@ def _trace(module: nn.Module, opaque: dict) -> _Traced:
             m.training = training
         for m, own, contents in attributes:
             changed |= _put_back(m, own, contents)
-        updated = _restore_updated(tensors)
+        updated = guard.restore(m for m, _ in modes)
     for a, b in itertools.zip_longest(graphs[0].nodes, graphs[1].nodes):
         if a is None or b is None or a.format_node() != b.format_node():
             # The branch is in the forward of the module that created one of the two nodes.
@@ -208,32 +205,50 @@ def _trace(module: nn.Module, opaque: dict) -> _Traced:
     return _Traced(graphs[1], constants, non_tensor_calls, unreliable, changed, updated)
 
 
-def _tensor_state(modules) -> list:
-    """(tensor, version counter, copy) of every buffer and tensor attribute of ``modules``
-    (inference tensors have no version counter, and outside inference mode no in-place update
-    either: left out)."""
-    seen, state = set(), []
-    for m in modules:
-        for t in (*m._buffers.values(), *vars(m).values()):
-            if not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter) or id(t) in seen:
-                continue
-            seen.add(id(t))
-            if t.is_inference():
-                continue
-            state.append((t, t._version, t.detach().clone()))
-    return state
+def _tensors_of(m: nn.Module):
+    """The buffers and tensor attributes of ``m`` (not parameters: torch.fx proxies those)."""
+    for t in (*m._buffers.values(), *vars(m).values()):
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+            yield t
 
 
-def _restore_updated(state) -> bool:
-    """Put back the values of the tensors of ``state`` whose version counter moved (an in-place
-    update); whether any had."""
-    updated = False
-    with torch.no_grad():
-        for t, version, saved in state:
-            if t._version != version:
-                t.copy_(saved)
-                updated = True
-    return updated
+class TensorGuard:
+    """What a forward updates in place while it is traced (``self.step += 1``, an EMA's
+    ``mul_``): torch.fx proxies parameters, not buffers or tensor attributes, so such updates
+    really run, once a trace, and a graph does not record them.  Taken once before the first
+    trace: a host copy of every buffer and tensor attribute of the model (not per trace, and
+    not in device memory: a model's buffers may be large); ``restore`` after each trace puts
+    back what moved (by version counter; inference tensors, which have none, by value) and says
+    whether anything had.  Meta and uninitialized (lazy) tensors hold no values: left out."""
+
+    def __init__(self, model: nn.Module):
+        self._saved = {}  # id -> [tensor, version or None (inference tensor), host copy]
+        for m in model.modules():
+            for t in _tensors_of(m):
+                if id(t) in self._saved or t.is_meta or nn.parameter.is_lazy(t):
+                    continue
+                version = None if t.is_inference() else t._version
+                self._saved[id(t)] = [t, version, t.detach().to("cpu", copy=True)]
+
+    @staticmethod
+    def _moved(t: torch.Tensor, version, saved: torch.Tensor) -> bool:
+        if version is not None:
+            return t._version != version
+        now = t.detach().cpu().reshape(-1)  # bitwise: NaNs equal, -0.0 differs from 0.0
+        return not torch.equal(now.view(torch.uint8), saved.reshape(-1).view(torch.uint8))
+
+    def restore(self, modules) -> bool:
+        updated = False
+        with torch.no_grad():
+            for m in modules:
+                for t in _tensors_of(m):
+                    entry = self._saved.get(id(t))
+                    if entry is None or not self._moved(*entry):
+                        continue
+                    t.copy_(entry[2])
+                    entry[1] = None if entry[1] is None else t._version
+                    updated = True
+        return updated
 
 
 _CONTAINERS = (collections.abc.MutableMapping, collections.abc.MutableSequence,

@@ -111,14 +111,14 @@ def _names_read(function) -> set:
     return names
 
 
-def _shallow_graph(owner: nn.Module, norms: set):
+def _shallow_graph(owner: nn.Module, norms: set, guard):
     """The graph of ``owner``'s own forward (every submodule a leaf: their hooks still run, a
     replaced child stays a call), in which every call of the norms in ``norms`` (ids) is a pair
     (``_drop_relus`` takes the ReLUs out), its constants and the plain attributes of ``owner``
     it reads (their values are in the graph now); or the reason it cannot stand for the
     forward: grad mode or autocast set in it (traced with both on and off, every node records
     them), attributes it changes, buffers it updates in place, a mutable plain attribute it
-    reads (later changes would not reach the graph)."""
+    reads (later changes would not reach the graph).  ``guard``: the model's ``TensorGuard``."""
     leaves = {id(m): (m, n) for n, m in owner.named_modules() if m is not owner}
     kept = None
     for outer in ((torch.enable_grad, lambda: torch.autocast("cpu", enabled=False)),
@@ -126,7 +126,7 @@ def _shallow_graph(owner: nn.Module, norms: set):
         with outer[0](), outer[1]():
             before = _modes()
             try:
-                traced = _trace(owner, leaves)
+                traced = _trace(owner, leaves, guard)
             except _Untraceable as exc:
                 return f"its forward alone does not trace ({exc.reason})"
         graph, constants = traced.graph, traced.constants

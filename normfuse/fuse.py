@@ -50,8 +50,8 @@ import warnings
 
 from torch import fx, nn
 
-from ._fuse_trace import (NORM_TYPES, _owner, _plain_relu, _relu_after, _trace, _Tracer,
-                          _Untraceable)
+from ._fuse_trace import (NORM_TYPES, TensorGuard, _owner, _plain_relu, _relu_after, _trace,
+                          _Tracer, _Untraceable)
 from ._fused_graph import (FusedGraphModule, _drop_relus, _graph_module, _not_replaceable,
                            _one_trace_fits, _restore, _shallow_graph)
 from .modules import _has_hooks
@@ -70,6 +70,7 @@ def _under(path: str, prefix: str) -> bool:
 class _Context:
     def __init__(self, root: nn.Module):
         self.root = root
+        self.guard = TensorGuard(root)  # puts back what a forward updates while traced
         # Every path of every module object (a module may sit at several).
         self.paths = {}
         for name, m in root.named_modules(remove_duplicate=False):
@@ -188,7 +189,7 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     guessed = []  # the ones a train/eval difference pointed at, perhaps wrongly
     while True:
         try:
-            traced = _trace(module, opaque)
+            traced = _trace(module, opaque, ctx.guard)
             break
         except _Untraceable as exc:
             fresh = [c for c in exc.candidates if c[0] is not module and id(c[0]) not in opaque]
@@ -202,7 +203,7 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     for key in guessed:  # keep as leaves only the guesses that are needed
         trial = {k: v for k, v in opaque.items() if k != key}
         try:
-            traced = _trace(module, trial)
+            traced = _trace(module, trial, ctx.guard)
         except _Untraceable:
             continue
         opaque = trial
@@ -249,7 +250,7 @@ def _fuse_one(module: nn.Module, path: str, ctx) -> nn.Module:
     built = {}  # owner path -> its own forward's graph, constants, frozen values
     for rel in ordered:
         if why[rel] is None:  # does its own forward give the graph the full trace did?
-            shallow = _shallow_graph(module.get_submodule(rel), owners[rel])
+            shallow = _shallow_graph(module.get_submodule(rel), owners[rel], ctx.guard)
             if isinstance(shallow, str):
                 why[rel] = shallow
             else:

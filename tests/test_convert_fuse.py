@@ -1134,6 +1134,33 @@ def test_forward_updating_tensors_in_place(build, fused_norms, seed):
         assert torch.equal(after[name], value), name
 
 
+def test_forward_updating_tensors_in_place_under_inference_mode(seed):
+    """Inside inference mode a model built there updates its inference buffers in place for
+    real while traced, and they have no version counter: convert compares their values."""
+    with torch.inference_mode():
+        model = _randomize(_Counts(), seed).double()
+        plain = normfuse.convert(copy.deepcopy(model), "bin")
+        with pytest.warns(UserWarning, match="updates buffers or tensor attributes in place"):
+            fused = normfuse.convert(model, "bin", fuse_relu=True)
+        assert float(fused.step) == 0 and not isinstance(fused, FusedGraphModule)
+        x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(seed))
+        for _ in range(2):
+            torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+        assert float(fused.step) == float(plain.step) == 2
+
+
+def test_lazy_and_meta_tensors_are_no_obstacle():
+    """Buffers without values (a lazy module's uninitialized ones, meta tensors) are left out
+    of what convert copies while it traces."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.LazyBatchNorm2d())
+    fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert _fused_norms(fused) == ["1"]
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    assert _fused_norms(normfuse.convert(meta, "bin", fuse_relu=True)) == ["1"]
+
+
 def test_attributes_a_graph_holds_cannot_be_set():
     """A replaced module's forward read ``scale``: its graph holds the value, so setting it
     raises instead of changing nothing (an attribute the forward does not read can be set)."""

@@ -579,6 +579,40 @@ def test_momentum_none_checks_the_counter_before_reading_it(nf, backend, device,
     _assert_unchanged(m, snap, counter)
 
 
+@pytest.mark.parametrize("layer", ["iebn", "assoc", "ilm", "functional-assoc"])
+def test_inference_input_is_refused_by_every_layer(nf, backend, device, layer,
+                                                   no_kernel_calls):
+    """The inference-input row for the other layers and the functional forms: the same
+    message with their name, before any kernel (AssocNorm and ILMNorm have no state to spoil,
+    but would raise torch's error only after computing)."""
+    m = {"iebn": _iebn, "assoc": _assoc, "ilm": _ilm,
+         "functional-assoc": _assoc}[layer](nf, device)
+    with torch.inference_mode():
+        x = _x(device)
+    call = (lambda: m(x)) if layer != "functional-assoc" else (lambda: nf.functional.assoc_norm(
+        x, 2, m.encoder, m.decoder_mean, m.decoder_var, m.weight, m.bias))
+    who = {"iebn": "InstanceEnhancementBatchNorm2d", "assoc": "AssocNorm", "ilm": "ILMNorm",
+           "functional-assoc": "assoc_norm"}[layer]
+    snap = _snapshot(_state(m))
+    with pytest.raises(ValueError, match=rf"^{who}: input is an inference tensor"):
+        call()
+    assert no_kernel_calls == []
+    _assert_unchanged(m, snap, layer)
+
+
+def test_strided_input_aliased_by_a_running_statistic_is_refused(nf, backend, device):
+    """running-alias-input for an input that is a strided view (the common-path predicate
+    reads a dense input's extent from its data pointer; a view is left to the checks)."""
+    big = make_input((2, C, 5, 10), 7, torch.float32, device)
+    x = big[..., :5]
+    m = _bin(nf, device)
+    m.running_mean = big.view(-1)[300:304]  # inside x's elements, not its first block
+    before = big.clone()
+    with pytest.raises(ValueError, match="running_mean must not share memory with input"):
+        m(x)
+    assert torch.equal(big, before)
+
+
 @pytest.mark.parametrize("layer", ["bin", "assoc"])
 def test_inference_input_is_accepted_where_nothing_saves_it(nf, backend, device, layer):
     """The inference-input row refuses only what autograd would record: without grad mode, with
