@@ -414,10 +414,19 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
     rm, rv = _dense(running_mean, acc), _dense(running_var, acc)
     training, momentum, eps, num_groups = bool(training), float(momentum), float(eps), \
         int(num_groups)
-    if backend == "torch" and torch.compiler.is_exporting():
+    tracing = torch.jit.is_tracing()
+    if tracing and backend == "triton" and training and (
+            running_mean is not None or num_batches_tracked is not None):
+        raise RuntimeError(
+            f"{who or 'normfuse'}: torch.jit.trace of a training-mode layer that updates running "
+            "statistics cannot run on the 'triton' backend (the trace would record the "
+            "update twice: inside the layer's autograd.Function and again as its own ops); "
+            "use backend 'cpu', 'cuda' or 'torch', eval mode, or torch.export")
+    if backend == "torch" and (tracing or torch.compiler.is_exporting()):
         # torch.export records an autograd.Function's forward under no_grad and drops its
-        # backward: the program would have no gradients.  The "torch" backend's ops are
-        # differentiable, so trace them directly (normfuse/export.py).
+        # backward: the program would have no gradients; torch.jit.trace records both the
+        # Function and the running-statistics update inside it (applied twice when run).  The
+        # "torch" backend's ops are differentiable, so trace them directly (normfuse/export.py).
         config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, who=who)
         y = _traced_forward(config, x, rm, rv, num_batches_tracked, params)
     else:
@@ -446,11 +455,12 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                 y = NormFunction.apply(config, x, rm, rv, num_batches_tracked, *params)
     if training and running_mean is not None and (rm is not running_mean
                                                   or rv is not running_var):
-        with torch.no_grad():  # buffers of another dtype or strided: updated on a copy
-            if rm is not running_mean:
-                running_mean.copy_(rm)
-            if rv is not running_var:
-                running_var.copy_(rv)
+        # buffers of another dtype or strided: updated on a copy (detached, not under no_grad:
+        # see coefficients/_merge.update_running_stats)
+        if rm is not running_mean:
+            running_mean.copy_(rm.detach())
+        if rv is not running_var:
+            running_var.copy_(rv.detach())
     return y
 
 
@@ -467,8 +477,7 @@ def _empty_output(input: Tensor, params, num_batches_tracked) -> Tensor:
     None: DistributedDataParallel expects one for every parameter).  The running statistics
     are left alone, and a counting module counts the batch, as ``nn.BatchNorm`` does."""
     if num_batches_tracked is not None:
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
+        num_batches_tracked.add_(1)  # (an integer tensor: no graph, no no_grad needed)
     y = input.clone()
     for p in params:
         if p is not None:

@@ -365,6 +365,49 @@ def test_saved_programs_load_in_a_fresh_process_after_import_normfuse(tmp_path):
     assert res.returncode == 0 and "LOADED" in res.stdout, res.stderr[-3000:]
 
 
+@pytest.mark.parametrize("cls", [normfuse.BatchInstanceNorm2d, normfuse.IEBN2d])
+def test_training_program_of_the_torch_backend_saves_and_loads(cls, tmp_path):
+    """The README's export example in training mode on the default backend (the "torch" ops,
+    traced): the saved program loads (a no_grad block around the running-statistics update
+    was recorded as a node without outputs, which torch.export.load refused) and updates the
+    running statistics as the module does."""
+    torch.manual_seed(0)
+    m = cls(4).train()
+    x = _input(40, shape=(3, 4, 5, 2)).detach()
+    ep = torch.export.export(copy.deepcopy(m), (x,))
+    torch.export.save(ep, str(tmp_path / "train.pt2"))
+    loaded = torch.export.load(str(tmp_path / "train.pt2")).module()
+    want = m(x)
+    torch.testing.assert_close(loaded(x), want)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(loaded, name), getattr(m, name), msg=name)
+
+
+@pytest.mark.parametrize("cls", [normfuse.BatchInstanceNorm2d, normfuse.IEBN2d])
+def test_jit_trace_in_training_updates_running_statistics_once(cls, tmp_path):
+    """torch.jit.trace on the "torch" backend records the layer's PyTorch ops (the
+    autograd.Function's update was recorded twice: inside it and as its own ops, so each
+    traced call moved the running statistics twice), and the trace saves and loads; the
+    "triton" backend, whose layer is that Function, refuses such a trace by name."""
+    torch.manual_seed(0)
+    m = cls(4).train()
+    x = _input(41, shape=(3, 4, 5, 2)).detach()
+    with normfuse.use_backend("torch"):
+        traced = torch.jit.trace(copy.deepcopy(m), x, check_trace=False)
+    traced.save(str(tmp_path / "traced.pt"))
+    traced = torch.jit.load(str(tmp_path / "traced.pt"))
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    traced.load_state_dict(start)
+    for _ in range(2):
+        torch.testing.assert_close(traced(x), m(x))
+    for name, value in m.state_dict().items():
+        torch.testing.assert_close(traced.state_dict()[name], value, msg=name)
+    if "triton" in normfuse.available_backends():
+        with normfuse.use_backend("triton"), pytest.raises(
+                RuntimeError, match=rf"{cls.__name__}: torch.jit.trace of a training-mode layer"):
+            torch.jit.trace(copy.deepcopy(m), x, check_trace=False)
+
+
 def test_torchscript_script_is_refused_with_a_clear_error():
     """torch.jit.script cannot compile the layers' Python dispatch; TorchScript asks
     __prepare_scriptable__ first, which names the layer and the alternatives."""

@@ -89,18 +89,20 @@ def group_merge_backward(grad_mu: Tensor, grad_var: Tensor, dev: Tensor, plane_s
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mu: Tensor, q_total: Tensor,
                          count: int, plane_size: int, momentum: float) -> None:
-    """``nn.BatchNorm``'s exponential average, with the unbiased batch variance."""
-    with torch.no_grad():
-        unbiased = q_total / (count * plane_size - 1)
-        running_mean.mul_(1 - momentum).add_(mu.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    """``nn.BatchNorm``'s exponential average, with the unbiased batch variance.  The batch
+    statistics are detached rather than the update run under ``no_grad``: torch.export records
+    a ``no_grad`` block as a ``wrap_with_set_grad_enabled`` node without outputs, which its
+    loader refuses (a training-mode program would save and not load)."""
+    unbiased = q_total.detach() / (count * plane_size - 1)
+    running_mean.mul_(1 - momentum).add_(mu.detach().to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
 def count_batch(num_batches_tracked, training: bool) -> None:
     """``nn.BatchNorm``'s ``num_batches_tracked += 1``, done by the coefficient forward."""
     if training and num_batches_tracked is not None:
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
+        num_batches_tracked.add_(1)  # an integer tensor: nothing to differentiate (no no_grad:
+        # see update_running_stats)
 
 
 def batch_statistics(mean: Tensor, m2: Tensor, plane_size: int, running_mean, running_var,
