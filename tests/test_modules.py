@@ -288,6 +288,20 @@ EVAL_ONLY = [(1, 5), (1, 4, 1), (1, 3, 1, 1), (1, 2, 1, 1, 1)]  # one value per 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (3, 6, 7)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eps_zero_on_ordinary_planes(nf, backend, device, seed, kind, shape, training):
+    """eps = 0 is accepted (docs/errors.md): on planes with spread every output and gradient is
+    finite and matches the oracle. (The Triton coefficient kernels' padding lanes, a masked
+    sample or group whose m2 read as 0, gave rsqrt(0) = Inf, and Inf * 0 a NaN in their sums:
+    NaN parameter gradients for BIN, NaN dx for AssocNorm.)"""
+    m = prepare(make_layer(nf, kind, shape, eps=0.0), seed, device, training)
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, f"{kind}{shape} eps=0")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_forward_backward_float32(nf, backend, device, seed, kind, shape, training):

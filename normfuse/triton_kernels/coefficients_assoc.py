@@ -97,7 +97,9 @@ def assoc_forward_kernel(mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dvar_ptr, weight_pt
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     ref, off, var = group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G, BLOCK_CG, ACC)
-    r = tl.where(Cg * L == 1, 0.0, tl.rsqrt(var + eps))[:, None]  # 0: one-element groups
+    # 0: one-element groups, and the padding groups g >= G (var 0 there: with eps = 0 their
+    # rsqrt would be Inf, and Inf * 0 a NaN in the sums over groups)
+    r = tl.where((Cg * L == 1) | ~gmask, 0.0, tl.rsqrt(var + eps))[:, None]
     d_mu, d_var = decoder_outputs(enc_ptr, dmu_ptr, dvar_ptr, ref + off, var, g, gmask, G, M)
     for j0 in range(0, Cg, BLOCK_CG):
         ch, mask = group_tile(j0, g, gmask, Cg, BLOCK_CG)
@@ -160,7 +162,8 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     ref, off, var = group_moments(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G, BLOCK_CG, ACC)
-    r = tl.where(Cg * L == 1, 0.0, tl.rsqrt(var + eps))  # 0 for one-element groups (as BIN's r_I)
+    # 0 for one-element groups (as BIN's r_I) and the padding groups (see the forward)
+    r = tl.where((Cg * L == 1) | ~gmask, 0.0, tl.rsqrt(var + eps))
     mu = ref + off
     d_mu, d_var = decoder_outputs(enc_ptr, dmu_ptr, dvar_ptr, mu, var, g, gmask, G, M)
     width = 2 * C + 3 * M * G

@@ -84,7 +84,9 @@ def count_batch(nbt_ptr, count):
 def instance_invstd(m2, L, eps):
     """``r_I``, but 0 for one-element planes (as normfuse.coefficients.bin): there ``x - m`` is
     exactly 0, and a zero factor keeps 1/sqrt(eps) out of c_dy and c_0, where it would only
-    cancel (and amplify float32 rounding in dx ~300 times)."""
+    cancel (and amplify float32 rounding in dx ~300 times).  Callers load ``m2`` with
+    ``other=1.0``: a masked lane's 0 would give Inf with eps = 0, and Inf * 0 a NaN in the
+    sums over samples."""
     return tl.where(L == 1, 0.0, tl.rsqrt(m2 / L + eps))
 
 
@@ -128,7 +130,7 @@ def bin_forward_kernel(mean_ptr, m2_ptr, gate_ptr, weight_ptr, bias_ptr, rmean_p
     for n0 in range(0, N, BLOCK_N):
         idx, mask = channel_tile(n0, c, cmask, N, C, BLOCK_N)
         m = tl.load(mean_ptr + idx, mask=mask, other=0.0)
-        r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=0.0), L, eps)
+        r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=1.0), L, eps)
         dev = (m - ref[None, :]) - off[None, :]
         tl.store(scale_ptr + idx, batch_gain + gamma * (1.0 - rho) * r_i, mask=mask)
         tl.store(shift_ptr + idx, beta[None, :] + batch_gain * dev, mask=mask)
@@ -163,7 +165,7 @@ def bin_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gate_ptr, weight_ptr, 
     for n0 in range(0, N, BLOCK_N):
         idx, mask, g1, g2, _, dev = gradient_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, n0, c,
                                                   cmask, N, C, BLOCK_N)
-        r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=0.0), L, eps)
+        r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=1.0), L, eps)
         sum_h += total(g2 + g1 * dev, 0)
         sum_g2ri += total(g2 * r_i, 0)
         sum_g1 += total(g1, 0)
@@ -181,7 +183,7 @@ def bin_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, gate_ptr, weight_ptr, 
     for n0 in range(0, N, BLOCK_N):
         idx, mask, g1, g2, _, dev = gradient_tile(g1_ptr, g2_ptr, mean_ptr, ref, off, n0, c,
                                                   cmask, N, C, BLOCK_N)
-        r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=0.0), L, eps)
+        r_i = instance_invstd(tl.load(m2_ptr + idx, mask=mask, other=1.0), L, eps)
         dq = d_q - 0.5 * inst * g2 * r_i * r_i * r_i / L
         dm = -inst * r_i * g1 + d_mu + (2.0 * l_acc) * d_q * dev
         tl.store(cdy_ptr + idx, mix + inst * r_i, mask=mask)

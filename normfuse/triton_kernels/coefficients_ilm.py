@@ -108,7 +108,7 @@ def ilm_forward_kernel(mean_ptr, m2_ptr, enc_ptr, dw_ptr, db_ptr, weight_ptr, bi
         g = g0 + tl.arange(0, BLOCK_G)
         gmask = g < G
         ref, off, var, _ = merge(mean_ptr, m2_ptr, row, g, gmask, Cg, L, BLOCK_G, BLOCK_CG, ACC)
-        r = tl.rsqrt(var + eps)[:, None]
+        r = tl.where(gmask, tl.rsqrt(var + eps), 0.0)[:, None]  # (padding groups: see assoc)
         for j0 in range(0, Cg, BLOCK_CG):
             ch, mask = tile(j0, g, gmask, Cg, BLOCK_CG)
             m = tl.load(mean_ptr + row + ch, mask=mask, other=0.0)
