@@ -63,7 +63,8 @@ def parse(argv):
     p.add_argument("--no-step50", action="store_true",
                    help="skip the ResNet-50 training step (run by default on a GPU)")
     p.add_argument("--step50", action="store_true",
-                   help="run the ResNet-50 training step on the CPU too (smoke size)")
+                   help="run the ResNet-50 training step on the CPU too (smoke size; "
+                        "--smoke runs it anyway)")
     p.add_argument("--no-host", action="store_true",
                    help="skip the host-cost rows (a layer step on a tiny CPU input)")
     p.add_argument("--threads", type=int, default=None,
@@ -149,21 +150,26 @@ def main(argv=None) -> int:
     results = {k: [] for k in ("kernels", "copy", "memory", "checks", "host", "e2e", "step50")}
     main_thread = threading.current_thread() is threading.main_thread()
     previous_term = signal.signal(signal.SIGTERM, _stop) if main_thread else None
+    part = "layer rows"
     try:
         suite.run_kernels(cfg, progress, out=results)
         if not args.no_host:
+            part = "host-cost rows"
             results["host"] = host.run_host(host_backends, *HOST_PRESETS[preset], threads=1,
                                             progress=progress)
         if not args.no_e2e:
+            part = "ResNet-20 step (its variants are timed interleaved: no rows until all are)"
             results["e2e"] = e2e.run_e2e(device, backends, conf["batch"], *conf["e2e"],
                                          progress, blocks=conf.get("blocks", 3),
                                          layers=args.layers)
         if step50_conf is not None:
+            part = "ResNet-50 step"
             step50.run_step50(device, step50_backends, *step50_conf[:3], *step50_conf[3],
                               progress, out=results["step50"])
     except _Stopped:
-        notes.append(f"stopped by SIGTERM after {progress.done} of {progress.total} steps: "
-                     "the results hold what was measured before")
+        notes.append(f"stopped by SIGTERM in the {part}, after {progress.done} of "
+                     f"{progress.total} progress steps: the results hold what was measured "
+                     "before; that part and the ones after it are incomplete or empty")
         print(f"note: {notes[-1]}", file=sys.stderr, flush=True)
     finally:
         if main_thread:

@@ -84,6 +84,8 @@ def step_breakdown(out_dir: str, e2e: List[dict]) -> List[str]:
         share = r.get("norm_share")
         if share is not None:
             ax.text(total[k], k, f" {100 * share:.0f}%", va="center", fontsize=8)
+        elif r.get("layer") != "identity":  # faster than the no-norm step: noise (e2e.py)
+            ax.text(total[k], k, " n/a (noise)", va="center", fontsize=8)
     ax.set_yticks(list(y))
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()

@@ -336,6 +336,8 @@ def write_csv(path: str, rows: List[dict]) -> None:
     for r in rows:
         cols += [k for k in r if k not in cols]
     with open(path, "w", newline="") as f:
+        if not cols:  # no rows (a part skipped): an empty file, not a blank line
+            return
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
@@ -346,6 +348,11 @@ def write_csv(path: str, rows: List[dict]) -> None:
 def write_all(out_dir: str, data: dict, summary_md: str) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
+    plots = None
+    try:  # matplotlib is a test extra, not a dependency: the numbers do not need it
+        from . import plots  # noqa: PLC0415
+    except ImportError as exc:  # (noted before results.json is written, so it has the note)
+        data["notes"].append(f"no plots: {exc} (pip install matplotlib)")
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
@@ -356,11 +363,6 @@ def write_all(out_dir: str, data: dict, summary_md: str) -> List[str]:
         path = os.path.join(out_dir, f"{name}.csv")
         write_csv(path, data[name])
         paths.append(path)
-    plots = None
-    try:  # matplotlib is a test extra, not a dependency: the numbers do not need it
-        from . import plots  # noqa: PLC0415
-    except ImportError as exc:
-        data["notes"].append(f"no plots: {exc} (pip install matplotlib)")
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write(full_markdown(data, summary_md))

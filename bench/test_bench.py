@@ -9,7 +9,7 @@ Inputs rotate through a pool, as in ``python -m bench``; on a GPU every call syn
 
 ``test_host``: the host-cost group (``bench/host.py``) on every machine: one layer step
 (forward + backward) on a tiny (2, 8, 4, 4) float32 CPU input, one thread, for
-``nn.BatchNorm2d``, ``nn.GroupNorm`` and BIN, IEBN, AssocNorm on the ``cpu`` backend.
+``nn.BatchNorm2d``, ``nn.GroupNorm`` and BIN, IEBN, AssocNorm, ILMNorm on the ``cpu`` backend.
 
 ``test_transforms``: ``bench/transforms.py`` (``grad``, per-sample gradients, MAML's step under
 ``torch.func``) on a (32, 64, 8, 8) float32 CPU input, one thread, a group per transform.

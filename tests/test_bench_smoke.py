@@ -300,6 +300,8 @@ def test_report_without_matplotlib(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "report.md").is_file() and not list(tmp_path.glob("*.png"))
     assert "no plots" in (tmp_path / "report.md").read_text()
+    notes = json.loads((tmp_path / "results.json").read_text())["notes"]
+    assert any("no plots" in n for n in notes)  # (the JSON was written before the note)
 
 
 def test_cpu_ops_smoke(tmp_path):
@@ -384,3 +386,19 @@ def test_transforms_default_backends_follow_the_device(monkeypatch, device, expe
     monkeypatch.setattr(transforms, "markdown", lambda rows: "")
     assert transforms.main(["--device", device]) == 0
     assert seen == [expected]
+
+
+def test_normalization_share_of_a_step_faster_than_the_no_norm_step_is_na(capsys):
+    """A busy machine can time a normalized step below the no-norm network's: that is noise,
+    reported n/a (it read 0% before), not a share of zero."""
+    from bench import e2e, report
+
+    rows = [dict(name="identity (no norm)", layer="identity", ok=True, median_s=0.10),
+            dict(name="nn.BatchNorm2d", layer="batchnorm", ok=True, median_s=0.125),
+            dict(name="BIN normfuse[cpu]", layer="bin", ok=True, median_s=0.09),
+            dict(name="broken", layer="iebn", ok=False, median_s=None)]
+    e2e.norm_shares(rows)
+    assert rows[1]["norm_share"] == pytest.approx(0.2) and rows[1]["norm_s"] == pytest.approx(0.025)
+    assert "norm_share" not in rows[2] and "faster than the no-norm step" in capsys.readouterr().err
+    shares = [r["normalization share"] for r in report.e2e_rows(rows)]
+    assert shares == ["n/a", "20%", "n/a", "n/a"]
