@@ -347,10 +347,15 @@ PyObject* meta_layer_step(const MetaLayer& layer, PyObject* const* args) {
   static const auto assoc_op = find<AssocOp>(kAssocLayer.op);
   static const auto ilm_op = find<AssocOp>(kIlmLayer.op);
   const auto& op = layer.keyed ? ilm_op : assoc_op;
+  // Owning copies (reference counts, not data) before the GIL goes: the pointers above borrow
+  // from the module's _parameters dict, which another thread may change meanwhile (m.encoder =
+  // ..., load_state_dict(assign=True)) and so free the tensor the op reads. (x is the caller's
+  // argument: alive for the call.)
+  const Tensor encoder = *enc, decoder0 = *dec0, decoder1 = *dec1;
   Tensor y;
   {
     ReleasedGil released;
-    y = op.call(x, G, *enc, *dec0, *dec1, *weight, *bias, *eps, *relu);
+    y = op.call(x, G, encoder, decoder0, decoder1, *weight, *bias, *eps, *relu);
   }
   return THPVariable_Wrap(std::move(y));
 }

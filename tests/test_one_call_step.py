@@ -327,3 +327,56 @@ def test_invalid_env_backend_does_not_preempt_the_input_checks():
     assert len(lines) == 2, res.stdout + res.stderr[-2000:]
     assert "expected input with 3 channels" in lines[0], lines[0]
     assert lines[1].startswith("ERR TypeError"), lines[1]
+
+
+@pytest.mark.parametrize("layer", ["assoc", "ilm"])
+def test_parameters_replaced_by_another_thread_during_the_call(layer):
+    """The C call releases the GIL around the op: the tensors it passes must be its own
+    references, not pointers into the module's _parameters dict, which another thread may
+    change meanwhile (m.encoder = ..., load_state_dict(assign=True)). It read the encoder
+    after a swap freed it (a shape of [0] in the op's check, or garbage)."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    m = (normfuse.AssocNorm(8, 64) if layer == "assoc"
+         else normfuse.ILMNorm(64, num_groups=8, key_group_size=4)).eval()
+    _perturb(m, 1)
+    first = m.encoder.detach().clone()
+    second = first * -1.7 + 0.3
+    x = _input((16, 64, 48, 48), False, 2)  # an op call of some milliseconds: the window
+    with torch.no_grad():
+        m.encoder = torch.nn.Parameter(first.clone())
+        want = [m(x)]
+        m.encoder = torch.nn.Parameter(second.clone())
+        want.append(m(x))
+    errors, stop = [], threading.Event()
+
+    held = []  # tensors that take the freed memory over until the next swap
+
+    def swap():
+        i = 0
+        while not stop.is_set():
+            m.encoder = torch.nn.Parameter((first if i % 2 else second).clone())
+            held[:] = [torch.full_like(first, float("nan")) for _ in range(4)]
+            i += 1
+            time.sleep(0.0005)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            with torch.no_grad(), normfuse.use_backend("cpu"):
+                try:
+                    y = m(x)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+                    break
+            if not any(torch.equal(y, w) for w in want):
+                errors.append("an output of neither encoder")
+                break
+    finally:
+        stop.set()
+        swapper.join()
+    assert errors == []
