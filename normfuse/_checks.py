@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -249,8 +248,8 @@ def check_number(value, name: str, who: str, low: float = 0.0, allow_none: bool 
     floats); not a bool, a tensor or a string."""
     if value is None and allow_none:
         return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):  # (np.bool_ is no numbers.Real)
         raise ValueError(f"{who}: {name} must be a finite number, got {value!r}")
     if value < low:
         raise ValueError(f"{who}: {name} must be >= {low}, got {value!r}")

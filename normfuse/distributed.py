@@ -28,9 +28,7 @@ from torch import Tensor, nn
 from torch.fx import Proxy
 
 from ._autograd import run_layer
-from ._checks import (check_batch_counter, check_channels, check_input,
-                      check_input_not_saved_inference, check_number, check_running_stats,
-                      check_running_writable, check_tensor)
+from . import functional as F
 from .backends import resolve_backend
 from .coefficients._merge import BatchMerge
 from .modules import _BatchInstanceNorm, _fx_leaf, _InstanceEnhancementBatchNorm
@@ -226,21 +224,12 @@ class _SyncMixin:
         self.__dict__["_sync_checked"] = key
 
     def _check_sync_input(self, input, running_mean, running_var, momentum) -> None:
-        """The plain layers' training checks (``functional.check_batch_layer``'s, but that a
-        rank's input may be empty, as the plain layers' and nn.SyncBatchNorm's: no samples, or
-        samples without values, contribute nothing)."""
-        who = type(self).__name__
-        check_input(input, who, self._ranks, empty="any")
-        check_channels(input, self.num_features, who)
-        named = self._named_params()
-        for name, tensor, optional in named:
-            check_tensor(tensor, name, (self.num_features,), input, who, optional=optional)
-        check_running_stats(running_mean, running_var, self.num_features, input, who)
-        check_running_writable(running_mean, running_var, named, who, input)
-        check_batch_counter(self._counter(), input, who)
-        check_input_not_saved_inference(input, (t for _, t, _ in named), who)
-        check_number(momentum, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
-        check_number(self.eps, "eps", who)
+        """The plain layers' training checks but the one-value-per-channel one (a rank's input
+        may be empty or hold one value, as the plain layers' and nn.SyncBatchNorm's: the
+        exchanged statistics are what must have more)."""
+        F.check_batch_layer(type(self).__name__, input, running_mean, running_var,
+                            self._named_params(), True, momentum, self.eps, self._counter(),
+                            self._ranks, self.num_features, values=False)
 
     def forward(self, input):
         if isinstance(input, Proxy):  # torch.fx tracing: a leaf, with or without a process group

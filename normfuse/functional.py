@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
 from torch import Tensor
 from torch.fx import Proxy
 
@@ -35,10 +34,13 @@ def _fx_node(fn, args: tuple, kwargs: dict):
 
 
 def check_batch_layer(who, input, running_mean, running_var, named_params, training,
-                      momentum, eps, num_batches_tracked=None, ranks=_RANKS, channels=None):
+                      momentum, eps, num_batches_tracked=None, ranks=_RANKS, channels=None,
+                      values=True):
     """Every check of a BIN / IEBN call, in the documented order (one pass: modules call it
     with their ``ranks`` and ``channels`` instead of checking the input first themselves).
-    An empty input passes, as in ``nn.BatchNorm``: ``run_layer`` gives it an empty output."""
+    An empty input passes, as in ``nn.BatchNorm``: ``run_layer`` gives it an empty output.
+    ``values=False``: a synchronized layer's rank, whose batch statistics span the group (one
+    value per channel here is no error; the merge checks the whole batch)."""
     check_input(input, who, ranks, empty="any")
     if channels is not None:
         check_channels(input, channels, who)
@@ -52,7 +54,7 @@ def check_batch_layer(who, input, running_mean, running_var, named_params, train
     check_input_not_saved_inference(input, (t for _, t, _ in named_params), who)
     check_number(momentum, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
     check_number(eps, "eps", who)
-    if training or running_mean is None:
+    if values and (training or running_mean is None):
         check_batch_values(input, who, training)
 
 
@@ -165,8 +167,8 @@ def _check_meta_network(who, input, encoder, embed_name, columns, decoders, weig
 
 def _check_positive_int(value, name: str, who: str) -> None:
     """A positive int: a Python int or a NumPy integer (as the modules take), not a bool."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-            or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        # (np.bool_ is no numbers.Integral)
         raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
 
 
