@@ -57,9 +57,11 @@ def _registered_ops():
 
 
 def decompositions() -> dict[torch._ops.OpOverload, Callable]:
-    """``{op: implementation}`` for every normfuse op (``torch.ops.normfuse.*`` and
-    ``torch.ops.normfuse_triton.*``, those registered here), each mapped to the ``"torch"``
-    backend's function of the same name and signature.
+    """``{op: implementation}`` for every normfuse component op (the ops of ``torch_backend``
+    in ``torch.ops.normfuse`` and ``torch.ops.normfuse_triton``, those registered here), each
+    mapped to the ``"torch"`` backend's function of the same name and signature.  They are the
+    ops an exported program holds: under ``torch.export`` the layers call them, never the
+    whole-layer, direction or step ops.
 
     Use it with ``portable``, which also decomposes the two ops that mutate their arguments;
     merged into a table by hand, ``ep.run_decompositions(table)`` decomposes only the others.

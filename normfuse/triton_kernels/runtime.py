@@ -2,7 +2,7 @@
 ticket counters of split reductions and the launch grids (streaming_ops.py, coefficient_ops.py).
 
 Devices and dtypes: CUDA tensors in float32/float16/bfloat16 (statistics float32).  float64 is
-rejected on the GPU (use the ``cuda`` or ``torch`` backend); CPU tensors run only when the
+rejected on the GPU (use the ``torch`` backend: the ``cuda`` kernels refuse it too); CPU tensors run only when the
 kernels are interpreted (``TRITON_INTERPRET=1`` set before the first call), and there float64 is
 accepted too (statistics float64), so gradcheck-style tests can use this backend.
 
@@ -88,8 +88,8 @@ def check_device(t: Tensor, what: str, who: str = NAMESPACE) -> None:
     if t.device.type == "cuda":
         if t.dtype == torch.float64:
             raise RuntimeError(f"{who}: {what} is float64; the Triton GPU kernels "
-                               f"support float32, float16 and bfloat16 (use the 'cuda' or "
-                               f"'torch' backend for float64)")
+                               f"support float32, float16 and bfloat16 (use the 'torch' "
+                               f"backend for float64)")
     elif t.device.type == "cpu":
         if not interpreted():
             raise RuntimeError(f"{who}: CPU tensors need the Triton interpreter "
