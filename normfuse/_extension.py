@@ -155,6 +155,11 @@ def _param_grad(param, mean):
         return mean.new_empty((mean.shape[1],))
     return mean.new_empty(param.shape)
 
+def _like_input(x):
+    """The full-size output of an op: the input's strides exactly, as the C++ ops allocate it
+    (``empty_like`` would recompute the strides of size-1 dimensions)."""
+    return x.new_empty_strided(x.shape, x.stride())
+
 def _moments_fake(x):
     n, c = x.shape[0], x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -162,7 +167,7 @@ def _moments_fake(x):
 
 def _affine_apply_fake(x, mean, scale, shift, relu=False):
     _same_device("affine_apply", {"input": x}, mean=mean, scale=scale, shift=shift)
-    return torch.empty_like(x)
+    return _like_input(x)
 
 def _backward_sums_fake(dy, x, mean, scale=None, shift=None):
     _same_device("backward_sums", {"input": x}, grad_output=dy, mean=mean, scale=scale, shift=shift)
@@ -171,7 +176,7 @@ def _backward_sums_fake(dy, x, mean, scale=None, shift=None):
 def _backward_apply_fake(dy, x, mean, c_dy, c_x, c_0, scale=None, shift=None):
     _same_device("backward_apply", {"input": x}, grad_output=dy, mean=mean, c_dy=c_dy, c_x=c_x, c_0=c_0,
                  scale=scale, shift=shift)
-    return torch.empty_like(x)
+    return _like_input(x)
 
 # The forwards mutate running_mean / running_var / num_batches_tracked in place (declared in the
 # schemas): nothing to do for fake tensors.
@@ -261,24 +266,24 @@ def _bin_layer_forward_fake(x, gate, weight, bias, running_mean, running_var, tr
                             num_batches_tracked=None, relu=False):
     _bin_step_fake(x, gate, weight, bias, running_mean, running_var, training, momentum, eps, num_batches_tracked,
                    op="bin_layer_forward")
-    return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
+    return (_like_input(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
 
 def _iebn_layer_forward_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum,
                              eps, num_batches_tracked=None, relu=False):
     _iebn_step_fake(x, gate_weight, gate_bias, weight, bias, running_mean, running_var, training, momentum, eps,
                     num_batches_tracked, op="iebn_layer_forward")
-    return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
+    return (_like_input(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
 
 def _bin_layer_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean, running_var, training, eps,
                              scale=None, shift=None):
     # grad_input, then the step's parameter gradients (its c_dy, c_x, c_0 stay inside the op)
-    return (torch.empty_like(x), *_bin_step_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean,
+    return (_like_input(x), *_bin_step_backward_fake(dy, x, mean, m2, gate, weight, bias, running_mean,
                                                           running_var, training, eps, scale, shift,
                                                           op="bin_layer_backward")[3:])
 
 def _iebn_layer_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias, running_mean, running_var,
                               training, eps, scale=None, shift=None):
-    return (torch.empty_like(x), *_iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias,
+    return (_like_input(x), *_iebn_step_backward_fake(dy, x, mean, m2, gate_weight, gate_bias, weight, bias,
                                                            running_mean, running_var, training, eps, scale,
                                                            shift, op="iebn_layer_backward")[3:])
 
@@ -289,14 +294,14 @@ def _meta_layer_forward_fake(layer, x, num_groups, encoder, decoder_a, decoder_b
     a, b = _DECODERS[layer]
     _same_device(f"{layer}_layer_forward", {"input": x}, encoder=encoder, **{a: decoder_a, b: decoder_b},
                  weight=weight, bias=bias)
-    return (torch.empty_like(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
+    return (_like_input(x), *_moments_fake(x), *_moments_fake(x))  # output, mean, m2, scale, shift
 
 def _meta_layer_backward_fake(layer, dy, x, mean, m2, num_groups, encoder, decoder_a, decoder_b, weight, bias, eps,
                               scale=None, shift=None):
     a, b = _DECODERS[layer]
     _same_device(f"{layer}_layer_backward", {"input": x}, grad_output=dy, mean=mean, m2=m2, encoder=encoder,
                  **{a: decoder_a, b: decoder_b}, weight=weight, bias=bias, scale=scale, shift=shift)
-    return (torch.empty_like(x), *(_param_grad(t, mean) for t in (encoder, decoder_a, decoder_b, weight, bias)))
+    return (_like_input(x), *(_param_grad(t, mean) for t in (encoder, decoder_a, decoder_b, weight, bias)))
 
 FAKES = {
     "moments": _moments_fake,
