@@ -83,16 +83,17 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
     # them in training only when track_running_stats says so; the flag is often changed after
     # construction (True with the buffers set to None, or False with trained buffers kept), so
     # the buffers are carried as they are and the flag set afterwards.
+    # nn.BatchNorm2d(bias=False) (torch >= 2.12) has a weight and no bias: so does the new layer.
     kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=True,
-                  **_factory(bn))
+                  bias=bn.bias is not None or not bn.affine, **_factory(bn))
     if isinstance(bn, nn.SyncBatchNorm):  # -> the synchronized layer, over the same group
         kwargs["process_group"] = bn.process_group
     new = cls(bn.num_features, **kwargs)
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight)
-            # BatchNorm(bias=False) has no bias: 0 (as for GroupNorm(bias=False) below).
-            new.bias.copy_(0.0 if bn.bias is None else bn.bias)
+            if bn.bias is not None:
+                new.bias.copy_(bn.bias)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             theirs = getattr(bn, name)
             if theirs is None:
@@ -209,6 +210,15 @@ def _other_kinds(module: nn.Module, to: str) -> list:
     return found
 
 
+def _scripted_norms(module: nn.Module, to: str) -> list[str]:
+    """Names of the norms of the kind ``to`` replaces inside a TorchScript module (compiled:
+    none of them can be replaced), by their classes' original names."""
+    wanted = (("GroupNorm",) if to in ("assoc", "ilm")
+              else ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"))
+    return [sub_name or "itself" for sub_name, sub in module.named_modules()
+            if getattr(sub, "original_name", None) in wanted]
+
+
 def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
                   memo: dict | None = None, fallback: dict | None = None,
                   skipped: list | None = None):
@@ -227,6 +237,10 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
             if memo[id(child)] is not None:
                 out.append((module, child_name, memo[id(child)]))
             continue
+        if isinstance(child, torch.jit.ScriptModule) and _scripted_norms(child, to):
+            raise TypeError(f"convert: {path} is a TorchScript module holding norms convert would "
+                            f"replace ({', '.join(_scripted_norms(child, to)[:3])}); convert the "
+                            f"eager model, then script or export it")
         new = _replacement(child, to, path, options, fallback)
         memo[id(child)] = new
         if new is not None:

@@ -272,9 +272,9 @@ class SyncBatchInstanceNorm(_SyncMixin, _BatchInstanceNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None,
-                 *, activation: str | None = None):
+                 *, bias: bool = True, activation: str | None = None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         activation=activation)
+                         bias=bias, activation=activation)
         self.process_group = process_group
 
 
@@ -291,9 +291,9 @@ class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None,
-                 *, affine: bool = True, activation: str | None = None):
+                 *, affine: bool = True, bias: bool = True, activation: str | None = None):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
-                         affine=affine, activation=activation)
+                         affine=affine, bias=bias, activation=activation)
         self.process_group = process_group
 
 
@@ -311,11 +311,13 @@ def _to_sync(module: nn.Module, process_group):
         new = (act_cls or SyncBatchInstanceNorm)(
             module.num_features, module.eps, module.momentum, module.affine,
             module.track_running_stats, process_group, device="meta",
-            activation=module.activation, **post)
+            bias=module.bias is not None or not module.affine, activation=module.activation,
+            **post)
     elif isinstance(module, _InstanceEnhancementBatchNorm):
         new = (act_cls or SyncInstanceEnhancementBatchNorm)(
             module.num_features, module.eps, module.momentum, module.track_running_stats,
-            process_group, device="meta", affine=module.affine, activation=module.activation,
+            process_group, device="meta", affine=module.affine,
+            bias=module.bias is not None or not module.affine, activation=module.activation,
             **post)
     else:
         return None

@@ -97,12 +97,25 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
 
-    def _affine_parameters(self, affine: bool, factory: dict) -> None:
-        """``weight`` and ``bias`` as ``nn.BatchNorm`` has them: (C,) parameters, or None."""
+    def _affine_parameters(self, affine: bool, bias: bool, factory: dict) -> None:
+        """``weight`` and ``bias`` as ``nn.BatchNorm`` has them: (C,) parameters, or None
+        (both with ``affine=False``; the bias alone with ``bias=False``, torch >= 2.12's
+        ``nn.BatchNorm2d(bias=False)``)."""
         self.affine = affine
-        for name in ("weight", "bias"):
-            param = nn.Parameter(torch.empty(self.num_features, **factory)) if affine else None
+        for name, wanted in (("weight", affine), ("bias", affine and bias)):
+            param = nn.Parameter(torch.empty(self.num_features, **factory)) if wanted else None
             self.register_parameter(name, param)
+
+    def _reset_affine(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _affine_repr(self) -> str:
+        if not self.affine:
+            return ", affine=False"
+        return "" if self.bias is not None else ", bias=False"
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -232,28 +245,28 @@ class _BatchInstanceNorm(_BatchStatsNorm):
 
     ``y = (gate * xhat_batch + (1 - gate) * xhat_instance) * weight + bias``; ``gate`` (rho)
     starts at 1 (plain batch norm) and should be kept in [0, 1] during training
-    (``normfuse.attach_gate_clipping``).  With ``affine=False`` the gate stays learnable.
+    (``normfuse.attach_gate_clipping``).  With ``affine=False`` the gate stays learnable;
+    ``bias=False`` (keyword only, as ``nn.BatchNorm2d``'s) leaves out the bias alone.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *,
-                 activation: str | None = None):
+                 bias: bool = True, activation: str | None = None):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
                          activation=activation)
         factory = {"device": device, "dtype": dtype}
-        self._affine_parameters(affine, factory)
+        self._affine_parameters(affine, bias, factory)
         self.gate = nn.Parameter(torch.empty(num_features, **factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
         nn.init.ones_(self.gate)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", affine={self.affine}"
+        return (super().extra_repr() + f", affine={self.affine}"
+                + ("" if self.bias is not None or not self.affine else ", bias=False"))
 
     _layer = "bin"
     _layer_code = 0
@@ -270,32 +283,31 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
     authors' code (``weight_readjust``/``bias_readjust`` of shape ``(1, C, 1, 1)``) load.
     ``affine`` (keyword only: the positional order, without it, is the public signature): with
     ``affine=False`` there is no weight/bias (1 and 0), but the gates stay learnable (they are
-    what makes the layer IEBN).
+    what makes the layer IEBN); ``bias=False`` (keyword only, as ``nn.BatchNorm2d``'s) leaves
+    out the bias alone.
     """
 
     affine = True  # also the value of modules pickled before the argument existed
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1,
                  track_running_stats: bool = True, device=None, dtype=None, *,
-                 affine: bool = True, activation: str | None = None):
+                 affine: bool = True, bias: bool = True, activation: str | None = None):
         super().__init__(num_features, eps, momentum, track_running_stats, device, dtype,
                          activation=activation)
         factory = {"device": device, "dtype": dtype}
-        self._affine_parameters(affine, factory)
+        self._affine_parameters(affine, bias, factory)
         self.gate_weight = nn.Parameter(torch.empty(num_features, **factory))
         self.gate_bias = nn.Parameter(torch.empty(num_features, **factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
         nn.init.zeros_(self.gate_weight)
         nn.init.constant_(self.gate_bias, -1.0)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.affine else ", affine=False")
+        return super().extra_repr() + self._affine_repr()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The authors store every per-channel parameter as (1, C, 1, 1).

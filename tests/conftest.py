@@ -81,6 +81,7 @@ TRITON_INTERPRETER_TESTS = {
     "test_modules.py::test_eval_one_value_per_channel": None,
     "test_modules.py::test_instance_and_group_paths_allow_n1": None,
     "test_modules.py::test_bin_1d_one_element_per_plane": None,
+    "test_modules.py::test_bias_false": None,
     "test_modules.py::test_bin_one_value_per_plane_dx_accuracy": None,
     # float64 (the interpreter only), float16, bfloat16 inputs
     "test_modules.py::test_dtypes": None,

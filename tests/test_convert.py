@@ -1,6 +1,7 @@
 """normfuse.convert(module, to): replaces BatchNorm (bin, iebn) / GroupNorm (assoc) layers."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -165,8 +166,9 @@ def test_convert_tensorless_norm_takes_model_device_and_dtype(nf, to, device):
 
 @pytest.mark.parametrize("to", ["bin", "iebn"])
 def test_convert_batchnorm_without_bias(nf, to):
-    """nn.BatchNorm2d(bias=False) (weight, no bias) converts with bias 0; it used to fail in
-    convert with copy_() of None."""
+    """nn.BatchNorm2d(bias=False) (weight, no bias) converts to a layer with a weight and no
+    bias (bias=False): the parameters the model trains are the original's.  It used to fail
+    in convert with copy_() of None, then got a trainable bias the original never had."""
     try:
         bn = nn.BatchNorm2d(4, bias=False)
     except TypeError:
@@ -176,7 +178,8 @@ def test_convert_batchnorm_without_bias(nf, to):
     ref = copy.deepcopy(bn)
     new = nf.convert(nn.Sequential(bn), to)[0]
     assert torch.equal(new.weight.detach(), ref.weight.detach())
-    assert torch.all(new.bias == 0)
+    assert new.bias is None and "bias" not in new.state_dict()
+    assert [n for n, _ in new.named_parameters() if not n.startswith("gate")] == ["weight"]
     if to == "bin":
         x = randn((3, 4, 2, 2), 1)
         torch.testing.assert_close(new(x), ref(x))
@@ -368,7 +371,6 @@ def test_norms_convert_does_not_take_are_reported(nf):
     with pytest.warns(UserWarning, match=r"the module itself \(MyGN\).*convert takes nn\.GroupNorm "
                                          r"\(exactly"):
         nf.convert(MyGN(2, 4), "assoc")
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nf.convert(nn.Sequential(nn.BatchNorm2d(3), nn.GroupNorm(1, 3)), "iebn")  # GN: not its kind
@@ -393,7 +395,6 @@ def test_layers_of_another_kind_are_reported(nf):
     """Converting a converted model to another kind replaces nothing (convert takes torch's norms
     only) and says so, naming the layers; converting to the same kind again (e.g. to fuse the ReLUs
     afterwards) is silent."""
-    import warnings
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.GroupNorm(2, 4))
     nf.convert(model, "bin")
     with pytest.warns(UserWarning, match=r"left 1 normfuse layer\(s\) of another kind as they are: "
@@ -417,5 +418,18 @@ def test_convert_refuses_what_it_cannot_convert(nf):
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
     with pytest.raises(TypeError, match="TorchScript module; convert the eager model"):
         nf.convert(scripted, "bin")
+    # a scripted child holding a norm: refused by its path, the model untouched; one without
+    # a norm of the target's kind is left as it is
+    eager_bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(eager_bn, scripted)
+    with pytest.raises(TypeError, match=r"convert: 1 is a TorchScript module holding norms "
+                                        r"convert would replace \(1\)"):
+        nf.convert(model, "bin")
+    assert model[0] is eager_bn
+    model = nn.Sequential(nn.BatchNorm2d(4), torch.jit.script(nn.Conv2d(4, 4, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(nf.convert(model, "bin")[0], nf.BatchInstanceNorm2d)
+    assert isinstance(nf.convert(nn.Sequential(scripted), "assoc")[0], torch.jit.ScriptModule)
     with pytest.raises(TypeError, match="fuse_relu must be True or False, got 'yes'"):
         nf.convert(nn.BatchNorm2d(3), "bin", fuse_relu="yes")

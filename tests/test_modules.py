@@ -598,6 +598,25 @@ def test_bin_affine_false(nf, backend, device, seed, d, training):
     run_and_check(m, x, dy, torch.float32, "bin affine=False")
 
 
+@pytest.mark.parametrize("kind", ["bin", "iebn"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bias_false(nf, backend, device, seed, kind, training):
+    """``bias=False`` (keyword only, as ``nn.BatchNorm2d``'s since torch 2.12): a weight and
+    no bias, the layer with bias 0, against the float64 oracle; the synchronized layers and
+    ``convert_sync`` keep it."""
+    shape = (3, 4, 3, 2)
+    m = make_layer(nf, kind, shape, bias=False)
+    assert m.bias is None and isinstance(m.weight, torch.nn.Parameter)
+    assert "bias" not in m.state_dict() and "bias=False" in repr(m)
+    m = prepare(m, seed, device, training)
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, f"{kind} bias=False")
+    sync = nf.convert_sync(torch.nn.Sequential(m))[0]
+    assert type(sync).__name__.startswith("Sync") and sync.bias is None
+    assert sync.weight is m.weight
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bin_1d_one_element_per_plane(nf, backend, device, seed, training):
     """(N, C) input: the instance part has a zero numerator, so gate 0 gives exactly bias."""
