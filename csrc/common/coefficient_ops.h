@@ -155,7 +155,7 @@ struct CoefficientOps {
     Device::dispatch(op, mean, m2, [&](auto tag) {
       auto p = batch_params<decltype(tag)>(op, mean, m2, plane_size, gate, gate_bias, weight, bias, running_mean,
                                            running_var, training, momentum, eps);
-      set_batch_counter(p, op, num_batches_tracked, mean);
+      set_batch_counter(p, op, num_batches_tracked, mean, running_mean, running_var);
       o = Device::batch_forward(op, p, mean, gate_bias != nullptr);
     });
     return {o.scale, o.shift};

@@ -52,7 +52,7 @@ template <class S>
 S* param_ptr(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape, const Tensor& mean) {
   TORCH_CHECK(t.sizes() == shape, "normfuse.", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == mean.scalar_type(), "normfuse.", op, ": ", name, " must be ", mean.scalar_type(),
-              " like the statistics, got ", t.scalar_type());
+              " like the statistics (float32, float64 for a float64 input), got ", t.scalar_type());
   TORCH_CHECK(t.device() == mean.device(), "normfuse.", op, ": ", name, " is on ", t.device(), ", statistics on ",
               mean.device());
   TORCH_CHECK(t.is_contiguous(), "normfuse.", op, ": ", name, " must be contiguous");
@@ -127,18 +127,33 @@ nf::BatchCoefParams<S> batch_params(const char* op, const Tensor& mean, const Te
   return p;
 }
 
+// A layer step reads the input and, in training, writes the running statistics; the layer
+// direction then reads the input again (the apply): sharing memory would change both.
+inline void check_running_not_input(const char* op, const Tensor& input, const OptTensor& running_mean,
+                                    const OptTensor& running_var, bool training) {
+  if (!training) return;
+  if (running_mean.has_value()) check_no_overlap(op, "running_mean", *running_mean, "input", input);
+  if (running_var.has_value()) check_no_overlap(op, "running_var", *running_var, "input", input);
+}
+
 // Forward addition: the batch counter (a module's num_batches_tracked), checked before anything
 // is computed or mutated. It is incremented (by the kernel on CUDA, by the op on the CPU) when
-// training, so it is left alone in eval mode even when given.
+// training, so it is left alone in eval mode even when given; then it must not share memory
+// with the running statistics updated beside it.
 template <class S>
 void set_batch_counter(nf::BatchCoefParams<S>& p, const char* op, const OptTensor& num_batches_tracked,
-                       const Tensor& mean) {
+                       const Tensor& mean, const OptTensor& running_mean, const OptTensor& running_var) {
   if (!num_batches_tracked.has_value()) return;
   const Tensor& t = *num_batches_tracked;
   TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.dim() <= 1 && t.device() == mean.device(),
               "normfuse.", op, ": num_batches_tracked must be a 0-dim (or 1-element) int64 tensor on ",
               mean.device(), " like the statistics, got a ", t.scalar_type(), " tensor of shape ", t.sizes(),
               " on ", t.device());
+  if (p.training) {
+    if (running_mean.has_value())
+      check_no_overlap(op, "num_batches_tracked", t, "running_mean", *running_mean);
+    if (running_var.has_value()) check_no_overlap(op, "num_batches_tracked", t, "running_var", *running_var);
+  }
   p.num_batches_tracked = t.data_ptr<int64_t>();
 }
 

@@ -25,6 +25,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/coefficients_glue.h"  // check_running_not_input
 #include "common/op_handles.h"
 
 namespace nf_compose {
@@ -46,6 +47,7 @@ struct Compositions {
                                        const OptTensor& bias, const OptTensor& running_mean,
                                        const OptTensor& running_var, bool training, double momentum, double eps,
                                        const OptTensor& num_batches_tracked) {
+    nf_coef_glue::check_running_not_input("bin_coefficients", x, running_mean, running_var, training);
     auto [mean, m2] = Via::moments(x);
     auto [scale, shift] = Via::bin_coefficients(mean, m2, nf_ops::plane_size(x), gate, weight, bias, running_mean,
                                                 running_var, training, momentum, eps, num_batches_tracked);
@@ -56,6 +58,7 @@ struct Compositions {
                                         const OptTensor& weight, const OptTensor& bias,
                                         const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                         double momentum, double eps, const OptTensor& num_batches_tracked) {
+    nf_coef_glue::check_running_not_input("iebn_coefficients", x, running_mean, running_var, training);
     auto [mean, m2] = Via::moments(x);
     auto [scale, shift] =
         Via::iebn_coefficients(mean, m2, nf_ops::plane_size(x), gate_weight, gate_bias, weight, bias, running_mean,

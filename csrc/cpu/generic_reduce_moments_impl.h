@@ -310,7 +310,7 @@ struct MomentsKern : KernTypes<S> {
             const double nb = static_cast<double>(rows), wb = nb / (count + nb), f = count * wb;
             for (int64_t k = 0; k < C; ++k) {
               const double delta = static_cast<double>(cm[k]) - md[k];
-              md[k] += delta * wb;
+              md[k] = nf::coef::merged_mean(md[k], static_cast<double>(cm[k]), delta, wb);  // Inf-safe
               qd[k] += static_cast<double>(q[k]) + delta * delta * f;
             }
           }

@@ -93,7 +93,8 @@ ForwardStep check_forward_step(const char* coef_op, const Tensor& x, const Tenso
   s.m2 = nf_glue::empty_stats(x, s.sh);
   s.p = nf_coef_glue::batch_params<float>(coef_op, s.mean, s.m2, s.sh.L, gate, gate_bias, weight, bias, running_mean,
                                           running_var, training, momentum, eps);
-  nf_coef_glue::set_batch_counter(s.p, coef_op, num_batches_tracked, s.mean);
+  nf_coef_glue::set_batch_counter(s.p, coef_op, num_batches_tracked, s.mean, running_mean, running_var);
+  nf_coef_glue::check_running_not_input(coef_op, x, running_mean, running_var, training);
   s.iebn = gate_bias != nullptr;
   return s;
 }

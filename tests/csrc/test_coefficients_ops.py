@@ -246,6 +246,51 @@ def test_running_statistics_must_not_share_memory():
     OPS.bin_coefficients(b["mean"], b["m2"], 3, b["gate"], None, None, rv, rv, False, 0.1, 1e-5)  # eval: read only
 
 
+def test_layer_ops_refuse_running_statistics_sharing_the_input():
+    """Found by fuzzing: the step, direction and whole-layer ops read the input, update the
+    running statistics in place, and (directions) read the input again for the apply, so a
+    running statistic that is a view of the input gave a wrong output and changed the input.
+    Refused before anything is written (the functional API refused it already); eval mode only
+    reads them."""
+    gate = torch.rand(3)
+    for name in ("bin_moments_coefficients", "bin_layer_forward", "bin_layer",
+                 "iebn_moments_coefficients", "iebn_layer_forward", "iebn_layer"):
+        iebn = name.startswith("iebn")
+        for which in ("running_mean", "running_var"):
+            buf = torch.randn(6, 3)
+            buf[5] = 1.0
+            x = buf[:4]  # (N, C) = (4, 3), L = 1
+            stats = {"running_mean": buf[4], "running_var": buf[5]}
+            stats[which] = buf[1]
+            before = buf.clone()
+            nbt = torch.tensor(2)
+            args = ((x, gate, torch.zeros(3)) if iebn else (x, gate)) + (
+                None, None, stats["running_mean"], stats["running_var"], True, 0.1, 1e-5, nbt)
+            if not name.endswith("coefficients"):
+                args += (False,)
+            op = "iebn_coefficients" if iebn else "bin_coefficients"
+            with pytest.raises(RuntimeError, match=f"normfuse.{op}: {which} must not share memory with input"):
+                getattr(OPS, name)(*args)
+            assert torch.equal(buf, before) and int(nbt) == 2, name
+    x = torch.randn(4, 3)
+    OPS.bin_layer_forward(x, gate, None, None, x[0], x[1].abs(), False, 0.1, 1e-5, None, False)  # eval: read only
+
+
+def test_num_batches_tracked_must_not_share_memory_with_running_statistics():
+    """Found by fuzzing: a counter that is a view of a running statistic was incremented in it."""
+    b = {k: v.float() for k, v in make_inputs("bin", 2, 6, 3).items()}
+    rm = torch.zeros(6, dtype=torch.float64)
+    nbt = rm.view(torch.int64)[0]
+    st = {k: b[k].double() for k in ("mean", "m2", "gate")}
+    with pytest.raises(RuntimeError, match="normfuse.bin_coefficients: num_batches_tracked must not share memory "
+                                           "with running_mean"):
+        OPS.bin_coefficients(st["mean"], st["m2"], 3, st["gate"], None, None, rm, torch.ones(6, dtype=torch.float64),
+                             True, 0.0, 1e-5, nbt)
+    assert torch.all(rm == 0)
+    OPS.bin_coefficients(st["mean"], st["m2"], 3, st["gate"], None, None, rm, torch.ones(6, dtype=torch.float64),
+                         False, 0.0, 1e-5, nbt)  # eval: the counter is left alone
+
+
 def test_empty_batch_gives_zero_parameter_gradients():
     t = {k: v.float() for k, v in make_inputs("bin_backward", 3, 4, 2).items()}
     e = {k: (v[:0] if v.dim() == 2 else v) for k, v in t.items()}

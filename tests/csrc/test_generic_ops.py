@@ -125,6 +125,31 @@ def test_cpu_moments_large_offset_keeps_float32_accuracy(layout):
     assert ((m2.double() - rq) / rq).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("shape", [(2, 4, 300), (2, 4, 17, 19), (2, 3, 40000)])
+def test_cpu_moments_non_finite_planes(shape, layout):
+    """A plane holding +-Inf or NaN anywhere has the mean a plain sum gives (Inf, NaN for
+    Inf - Inf or NaN), as nn.BatchNorm: planes longer than one chunk of rows / one segment are
+    merged, and a merge's ``ma + (mb - ma) * w`` would turn Inf into NaN (it did in the
+    channels-last chunk merge); the other planes stay exact."""
+    x, _, _ = make(shape, torch.float32, "contig", seed=11)
+    L = x[0, 0].numel()
+    flat = x.view(x.shape[0], x.shape[1], L)
+    flat[0, 0, 0] = float("inf")             # first element (the plane's shift)
+    flat[0, 1, L - 1] = float("-inf")        # last element, another chunk
+    flat[0, 2, L // 2] = float("inf")        # middle
+    flat[1, 0, 0] = float("inf")             # Inf - Inf: NaN
+    flat[1, 0, L - 1] = float("-inf")
+    flat[1, 1, L // 3] = float("nan")
+    mean, _ = ops.moments(to_layout(x, layout))
+    want = planes(x).sum(-1) / L
+    assert torch.equal(torch.isnan(mean), torch.isnan(want)), (mean, want)
+    assert torch.equal(mean.isinf(), want.isinf()) and torch.equal(mean[want.isinf()],
+                                                                  want[want.isinf()].float())
+    finite = want.isfinite()
+    torch.testing.assert_close(mean[finite].double(), want[finite], rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_results_do_not_depend_on_thread_count():
     x, dy, (mean, *_) = make((2, 3, 70001), torch.float32, "contig", seed=7)
     old = torch.get_num_threads()
@@ -215,6 +240,30 @@ def test_fake_impls_of_all_ops():
         assert [t.shape for t in ops.ilm_coefficients(st, st, 35, g, enc, dw, db, pc, pc, 1e-5)] == [(n, c)] * 2
         r = ops.ilm_coefficients_backward(st, st, st, st, 35, g, enc, dw, db, pc, pc, 1e-5)
         assert [t.shape for t in r] == [(n, c)] * 3 + [(e, k), (k, e), (k, e), (c,), (c,)]
+
+
+def test_fake_outputs_have_the_real_strides():
+    """The full-size outputs have the input's strides exactly, size-1 dimensions included (a
+    slice of a channels-last tensor): the fakes used empty_like, which recomputes those, so
+    torch.compile saw other strides than eager produced."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last)[:1, :, :1, :]
+    st, gate = torch.randn(1, 4), torch.rand(4)
+    calls = {
+        "affine_apply": lambda x, st, g: ops.affine_apply(x, st, st, st),
+        "backward_apply": lambda x, st, g: ops.backward_apply(x, x, st, st, st, st),
+        "bin_layer_forward": lambda x, st, g: ops.bin_layer_forward(x, g, None, None, None, None, True, 0.1, 1e-5,
+                                                                    None, False)[0],
+        "assoc_layer_forward": lambda x, st, g: ops.assoc_layer_forward(
+            x, 2, x.new_ones(1, 2), x.new_zeros(2, 1), x.new_zeros(2, 1), g, g, 1e-5, False)[0],
+    }
+    for name, call in calls.items():
+        real = call(x, st, gate)
+        assert real.stride() == x.stride(), name
+        with FakeTensorMode() as mode:
+            fake = call(mode.from_tensor(x), mode.from_tensor(st), mode.from_tensor(gate))
+        assert fake.stride() == real.stride(), name
 
 
 def test_fake_impls_check_devices():
