@@ -345,8 +345,8 @@ def check_op_parameters(op: str, mean: Tensor, params) -> None:
             raise RuntimeError(f"{who}: {name} must have shape {list(shape)}, got "
                                f"{list(t.shape)}")
         if t.dtype != mean.dtype:
-            raise RuntimeError(f"{who}: {name} must be {mean.dtype} like the statistics, got "
-                               f"{t.dtype}")
+            raise RuntimeError(f"{who}: {name} must be {mean.dtype} like the statistics "
+                               f"(float32, float64 for a float64 input), got {t.dtype}")
         if t.device != mean.device:
             raise RuntimeError(f"{who}: {name} is on {t.device}, statistics on {mean.device}")
 

@@ -336,16 +336,17 @@ def test_saved_programs_load_in_a_fresh_process_after_import_normfuse(tmp_path):
     """README: a program holding normfuse ops "runs forward where normfuse is installed".  A
     fresh process that imports normfuse (and calls nothing of it) loads a saved program
     (torch.export.load) and a TorchScript trace (torch.jit.load) and gets the same outputs:
-    the ops register at import, not at the first layer call."""
+    the ops register at import, not at the first layer call.  ILMNorm on the cpu backend is
+    one ``normfuse::ilm_layer`` op too, so the trace holds every layer."""
     model = _model(seed=30).eval()
-    traceable = model[:5]  # ILMNorm's trace records a Python autograd.Function (not saved)
+    traceable = model
     x = _input(31).detach()
     with normfuse.use_backend("cpu"), torch.no_grad():
         ep = torch.export.export(model, (x,))
         traced = torch.jit.trace(traceable, x)
         want, want_traced = model(x), traceable(x)
     assert nfx.normfuse_ops(ep)
-    assert "normfuse::" in str(traced.inlined_graph)
+    assert "normfuse::ilm_layer" in str(traced.inlined_graph)
     torch.export.save(ep, str(tmp_path / "program.pt2"))
     traced.save(str(tmp_path / "traced.pt"))
     torch.save({"x": x, "want": want, "want_traced": want_traced}, str(tmp_path / "ref.pt"))
@@ -363,6 +364,26 @@ def test_saved_programs_load_in_a_fresh_process_after_import_normfuse(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                          text=True, env=env, timeout=300)
     assert res.returncode == 0 and "LOADED" in res.stdout, res.stderr[-3000:]
+
+
+def test_ilm_trace_of_the_torch_backend_keeps_float64():
+    """Under torch.jit.trace ILM-Norm's group sizes come from aten::size as int64 tensors and
+    the Bessel factor n / (n - 1) was a float32 division: a float64 trace was ~1e-7 off
+    (outputs and gradients).  Now computed in the statistics' dtype."""
+    model = _model(torch.float64, seed=40)[5:]
+    x = _input(41, torch.float64, shape=(3, 6, 5, 4)).detach()
+    with normfuse.use_backend("torch"):
+        traced = torch.jit.trace(model, x, check_trace=False)
+        for seed in (42, 43):
+            x = _input(seed, torch.float64, shape=(3, 6, 5, 4))
+            y = traced(x)
+            want = model(x)
+            torch.testing.assert_close(y, want, rtol=0, atol=1e-13)
+            dy = torch.randn_like(y)
+            got = torch.autograd.grad(y, [x, *model.parameters()], dy)
+            exp = torch.autograd.grad(want, [x, *model.parameters()], dy)
+            for a, b in zip(got, exp):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("cls", [normfuse.BatchInstanceNorm2d, normfuse.IEBN2d])

@@ -66,6 +66,15 @@ def _count(channels: int, groups: int, plane_size: int, what: str) -> int:
     return count
 
 
+def _bessel(n, like: Tensor):
+    """``n / (n - 1)``: a Python float, or under ``torch.jit.trace`` (where ``n`` comes from
+    ``aten::size`` as an int64 tensor, whose true division is float32) a tensor of the
+    statistics' dtype, so a float64 trace keeps float64 accuracy."""
+    if isinstance(n, Tensor):
+        n = n.to(like.dtype)
+    return n / (n - 1)
+
+
 def _statistics(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int, key_groups: int):
     """Key-group and normalisation-group means and unbiased variances, with the deviations of
     the plane means from them (``(N, K, C / K)`` and ``(N, G, C / G)``), and the two Bessel
@@ -73,7 +82,7 @@ def _statistics(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int, key_
     c = mean.shape[1]
     n_k = _count(c, key_groups, plane_size, "key group")
     n_g = _count(c, num_groups, plane_size, "group")
-    bessel_k, bessel_g = n_k / (n_k - 1), n_g / (n_g - 1)
+    bessel_k, bessel_g = _bessel(n_k, mean), _bessel(n_g, mean)
     kmu, kvar, kdev = group_merge(mean, m2, plane_size, key_groups)
     mu, var, dev = group_merge(mean, m2, plane_size, num_groups)
     return kmu, kvar * bessel_k, kdev, mu, var * bessel_g, dev, bessel_k, bessel_g
