@@ -90,10 +90,12 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
         kwargs["process_group"] = bn.process_group
     new = cls(bn.num_features, **kwargs)
     with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight)
-            if bn.bias is not None:
-                new.bias.copy_(bn.bias)
+        for name in ("weight", "bias") if bn.affine else ():
+            theirs = getattr(bn, name)
+            if theirs is None:  # nn.BatchNorm2d(bias=False), or a weight removed by hand
+                new.register_parameter(name, None)
+            else:
+                getattr(new, name).copy_(theirs)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             theirs = getattr(bn, name)
             if theirs is None:

@@ -185,6 +185,20 @@ def test_convert_batchnorm_without_bias(nf, to):
         torch.testing.assert_close(new(x), ref(x))
 
 
+def test_convert_batchnorm_without_weight(nf):
+    """A BatchNorm whose weight was removed by hand (torch runs it as weight 1) converts to a
+    layer without a weight, not a copy_() of None."""
+    bn = nn.BatchNorm2d(4)
+    bn.register_parameter("weight", None)
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
+    ref = copy.deepcopy(bn)
+    new = nf.convert(nn.Sequential(bn), "bin")[0]
+    assert new.weight is None and torch.equal(new.bias.detach(), ref.bias.detach())
+    x = randn((3, 4, 2, 2), 2)
+    torch.testing.assert_close(new(x), ref(x))
+
+
 def test_convert_track_running_stats_false(nf):
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
     out = nf.convert(model, "bin")
