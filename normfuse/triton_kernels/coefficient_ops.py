@@ -134,10 +134,12 @@ def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, r
     meta, cfg = _coeff_meta(n)
     use_batch = training or rm is None
     update = training and rm is not None
-    launcher(kernel)[(rt.cdiv(c, cfg.block_c),)](  # absent tensors: any pointer, never read
-        mean, m2, *gates, gates[0] if weight is None else weight,
-        gates[0] if bias is None else bias,
-        scale if rm is None else rm, shift if rv is None else rv, scale, shift, nbt,
+    traced = rt.tracing(mean)
+    launcher(kernel, mean)[(rt.cdiv(c, cfg.block_c),)](  # absent tensors: never read or written
+        mean, m2, *gates, rt.absent(gates[0], traced) if weight is None else weight,
+        rt.absent(gates[0], traced) if bias is None else bias,
+        rt.absent(scale, traced) if rm is None else rm,
+        rt.absent(shift, traced) if rv is None else rv, scale, shift, nbt,
         n, c, plane_size, momentum, eps, int(weight is not None), int(bias is not None),
         int(use_batch), int(update), count, **meta)
     _write_back(update, ((running_mean, rm), (running_var, rv)))
@@ -163,10 +165,11 @@ def _batch_backward(kernel, op: str, sum_dy, sum_dy_xmu, mean, m2, plane_size, g
         return (c_dy, c_x, c_0, *(g.zero_() for g in grads))
     meta, cfg = _coeff_meta(n)
     use_batch = training or running_mean is None
-    launcher(kernel)[(rt.cdiv(c, cfg.block_c),)](
-        g1, g2, mean, m2, *gates, gates[0] if weight is None else weight,
-        mean if running_mean is None else running_mean,
-        m2 if running_var is None else running_var,
+    traced = rt.tracing(mean)
+    launcher(kernel, mean)[(rt.cdiv(c, cfg.block_c),)](
+        g1, g2, mean, m2, *gates, rt.absent(gates[0], traced) if weight is None else weight,
+        rt.absent(mean, traced) if running_mean is None else running_mean,
+        rt.absent(m2, traced) if running_var is None else running_var,
         c_dy, c_x, c_0, *grads, n, c, plane_size, eps, int(weight is not None), int(use_batch),
         **meta)
     return (c_dy, c_x, c_0, *grads)
@@ -270,7 +273,7 @@ def assoc_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: in
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
         return scale, shift
-    launcher(kernels().assoc_forward)[(n,)](
+    launcher(kernels().assoc_forward, mean)[(n,)](
         mean, m2, enc, dec_mu, dec_var, weight, bias, scale, shift,
         c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
     return scale, shift
@@ -295,7 +298,7 @@ def assoc_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor
         return out
     ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * num_groups, who,
                                            "2C + 3 * embed_dim * num_groups")
-    launcher(kernels().assoc_backward)[(n,)](
+    launcher(kernels().assoc_backward, mean)[(n,)](
         g1, g2, mean, m2, enc, dec_mu, dec_var, weight, *out[:3], ws, ws2, counter, *out[3:],
         n, c, plane_size, num_groups, hidden, c // num_groups, eps, **meta)
     return out
@@ -344,7 +347,7 @@ def ilm_coefficients(mean: Tensor, m2: Tensor, plane_size: int, num_groups: int,
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n == 0:
         return scale, shift
-    launcher(kernels().ilm_forward)[(n,)](
+    launcher(kernels().ilm_forward, mean)[(n,)](
         mean, m2, enc, dec_w, dec_b, weight, bias, scale, shift,
         c, plane_size, num_groups, keys, hidden, c // num_groups, c // keys, eps, **meta)
     return scale, shift
@@ -371,7 +374,7 @@ def ilm_coefficients_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, mean: Tensor, 
         return out
     ws, ws2, counter = _sum_tree_workspace(mean, 2 * c + 3 * hidden * keys, who,
                                            "2C + 3 * E * K")
-    launcher(kernels().ilm_backward)[(n,)](
+    launcher(kernels().ilm_backward, mean)[(n,)](
         g1, g2, mean, m2, enc, dec_w, dec_b, weight, *out[:3], ws, ws2, counter, *out[3:],
         n, c, plane_size, num_groups, keys, hidden, c // num_groups, c // keys, eps, **meta)
     return out

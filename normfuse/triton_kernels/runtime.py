@@ -61,11 +61,48 @@ def interpreted() -> bool:
     return isinstance(kernels().moments, InterpretedFunction)
 
 
-def launcher(kernel):
+def launcher(kernel, like: Tensor):
     """``wrap_triton(kernel)`` (so torch.compile traces into it), or the kernel itself when it is
     interpreted: torch 2.11's ``wrap_triton`` refuses the interpreter's ``InterpretedFunction``
-    (newer torch passes it through unchanged), and nothing traces an interpreted kernel."""
-    return kernel if interpreted() else wrap_triton(kernel)
+    (newer torch passes it through unchanged), and nothing traces an interpreted kernel.
+
+    Triton launches on the *current* device and its current stream, not the tensors': for
+    tensors (``like``) on another CUDA device (a model on cuda:1 without
+    ``torch.cuda.set_device``) the launch is made with that device current (``_OnDevice``)."""
+    if interpreted():
+        return kernel
+    wrapped = wrap_triton(kernel)
+    device = like.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return _OnDevice(wrapped, device)
+    return wrapped
+
+
+class _OnDevice:
+    """``kernel[grid](...)`` run with ``device`` current (see ``launcher``)."""
+
+    __slots__ = ("kernel", "device")
+
+    def __init__(self, kernel, device: torch.device):
+        self.kernel, self.device = kernel, device
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            with torch.cuda.device(self.device):
+                return run(*args, **kwargs)
+        return call
+
+
+def absent(like: Tensor, traced: bool) -> Tensor:
+    """The pointer argument of an absent tensor, which the kernel never reads or writes (a flag
+    or the plan says so): ``like`` itself in eager mode (no allocation); while tracing, a
+    1-element tensor of its own.  torch.compile's functionalization of a Triton kernel copies
+    every pointer argument the kernel may write and replaces the tensor with the last copy, so
+    two arguments that are one tensor returned memory the kernel never wrote (an unsplit
+    reduction's partials passed as its output: a garbage mean under torch.compile)."""
+    return like.new_empty(1) if traced else like
 
 
 def cdiv(a: int, b: int) -> int:
@@ -207,9 +244,9 @@ def reduction_plan(n: int, c: int, plane: int, channels_last: bool, device):
 def split_reduction(x: Tensor, n: int, c: int, plane: int, channels_last: bool, out: Tensor):
     """The launch plan of a reduction over the planes of ``x`` (moments, backward sums) and its
     workspace: ``(cfg, c_blocks, keep, splits, chunk, partials, counters)``.  Split planes get
-    two partials per plane and split in ``out``'s dtype; unsplit ones pass ``out`` (unused)."""
+    two partials per plane and split in ``out``'s dtype; unsplit ones pass ``absent(out)``."""
     cfg, c_blocks, keep, splits, chunk = reduction_plan(n, c, plane, channels_last, x.device)
-    part = out.new_empty(2 * splits * n * c) if splits > 1 else out
+    part = out.new_empty(2 * splits * n * c) if splits > 1 else absent(out, tracing(x))
     return cfg, c_blocks, keep, splits, chunk, part, counters(x, keep, splits > 1)
 
 

@@ -19,13 +19,14 @@ def _relu_coefficients(op: str, scale: OptTensor, shift: OptTensor, input: Tenso
                        mean: Tensor) -> tuple[bool, Tensor, Tensor]:
     """``(mask, scale, shift)`` of a backward op: the fused ReLU's mask is on when the forward's
     coefficients are given (both or neither, ``(N, C)`` in the acc dtype, on the input's device);
-    else ``mean`` stands in for the two unused kernel pointers."""
+    else ``mean`` stands in for the two unused kernel pointers (``runtime.absent``)."""
     if (scale is None) != (shift is None):
         raise RuntimeError(f"normfuse_triton.{op}: scale and shift (the forward's coefficients, "
                            f"for the fused ReLU's mask) must both be given or both be None, got "
                            f"{'scale' if shift is None else 'shift'} only")
     if scale is None:
-        return False, mean, mean
+        traced = rt.tracing(input)
+        return False, rt.absent(mean, traced), rt.absent(mean, traced)
     for t, name in ((scale, "scale"), (shift, "shift")):
         if t.device != input.device:
             raise RuntimeError(f"normfuse_triton.{op}: {name} is on {t.device}, input on "
@@ -44,7 +45,7 @@ def moments(input: Tensor) -> tuple[Tensor, Tensor]:
         return mean.fill_(float("nan")), m2.zero_()
     cfg, c_blocks, keep, splits, chunk, part, counter = rt.split_reduction(input, n, c, plane, cl,
                                                                            mean)
-    launcher(kernels().moments)[(keep, splits)](
+    launcher(kernels().moments, input)[(keep, splits)](
         input, mean, m2, part, counter, c, plane, n * c, c_blocks, chunk // cfg.block_l, splits,
         **rt.stream_meta(cfg))
     return mean, m2
@@ -62,7 +63,7 @@ def affine_apply(input: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
         return out
     cfg = heuristics.stream_config(c, plane, cl)
     rows, l_blocks, grid = rt.stream_grid(n, c, plane, cfg)
-    launcher(kernels().affine_apply)[grid](
+    launcher(kernels().affine_apply, input)[grid](
         input, out, mean, scale, shift, c, plane, n * c, rows, l_blocks, RELU=relu,
         **rt.stream_meta(cfg))
     return out
@@ -82,7 +83,7 @@ def backward_sums(grad_output: Tensor, input: Tensor, mean: Tensor, scale: OptTe
         return g1.zero_(), g2.zero_()
     cfg, c_blocks, keep, splits, chunk, part, counter = rt.split_reduction(input, n, c, plane, cl,
                                                                            g1)
-    launcher(kernels().backward_sums)[(keep, splits)](
+    launcher(kernels().backward_sums, input)[(keep, splits)](
         grad_output, input, mean, scale, shift, g1, g2, part, counter, c, plane, n * c, c_blocks,
         chunk // cfg.block_l, splits, MASK=mask, **rt.stream_meta(cfg))
     return g1, g2
@@ -103,7 +104,7 @@ def backward_apply(grad_output: Tensor, input: Tensor, mean: Tensor, c_dy: Tenso
         return out
     cfg = heuristics.stream_config(c, plane, cl)
     rows, l_blocks, grid = rt.stream_grid(n, c, plane, cfg)
-    launcher(kernels().backward_apply)[grid](
+    launcher(kernels().backward_apply, input)[grid](
         grad_output, input, out, mean, c_dy, c_x, c_0, scale, shift, c, plane, n * c, rows,
         l_blocks, MASK=mask, **rt.stream_meta(cfg))
     return out

@@ -244,3 +244,72 @@ def test_ilm_ops_are_one_launch_each(recorder):
         counters += _counter_buffers(recorder.launches)
     assert len({t.data_ptr() for t in counters}) == 1, "counters must be reused"
     assert int(counters[0].abs().sum()) == 0, "kernels must leave their counters zeroed"
+
+
+@pytest.mark.parametrize("kind", ["bin", "iebn", "assoc", "ilm"])
+@pytest.mark.parametrize("variant", ["plain", "no-running-stats-relu", "no-affine"])
+def test_no_pointer_argument_is_another_while_tracing(recorder, monkeypatch, kind, variant):
+    """While torch.compile traces a kernel launch, its functionalization copies every pointer
+    argument the kernel may write and puts the last copy in the tensor's place: two arguments
+    that are one tensor returned memory the kernel never wrote (an unsplit reduction passed its
+    output as its partials: a garbage mean and sum_dy under torch.compile, found by review).
+    So while tracing (``runtime.tracing``, forced here), every tensor argument of every launch
+    is its own tensor; eager launches may reuse one for an absent pointer."""
+    monkeypatch.setattr(tk.runtime, "tracing", lambda t: True)
+    m = _layer(kind)
+    if variant != "plain" and kind in ("bin", "iebn"):
+        layer = type(m)(SHAPE[1], track_running_stats=variant != "no-running-stats-relu",
+                        affine=variant != "no-affine",
+                        activation="relu" if variant == "no-running-stats-relu" else None)
+        m = layer.to(DEVICE)
+    elif variant == "no-running-stats-relu":
+        m.activation = "relu"
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(SHAPE, generator=g) * 2 + 0.5).to(DEVICE)
+    dy = torch.randn(SHAPE, generator=g).to(DEVICE)
+    with normfuse.use_backend("triton"):
+        _, _, (f_launch, _), (b_launch, _) = _step(m, x, dy, recorder, mode=False)
+    assert any(la.grid[1] == 1 for la in f_launch if la.kernel == "moments_kernel")
+    for la in f_launch + b_launch:
+        tensors = [(name, t) for name, t in la.args.items() if isinstance(t, torch.Tensor)]
+        seen = {}
+        for name, t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            assert ptr not in seen, f"{la.kernel}: {name} is {seen[ptr]}"
+            seen[ptr] = name
+
+
+def test_launch_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device's current stream: tensors on another device
+    (a model on cuda:1 without torch.cuda.set_device) are launched with their device current,
+    as the C++ glue's device guards do; tensors on the current device take no guard.  Emulated
+    (no GPU here): the compiled-kernel path with the CUDA device calls recorded."""
+    import types
+
+    rt = tk.runtime
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+
+    monkeypatch.setattr(rt, "interpreted", lambda: False)
+    monkeypatch.setattr(rt, "wrap_triton", lambda k: k)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append((grid, args, list(entered)))
+
+    for index, guarded in ((1, True), (0, False)):
+        entered.clear()
+        calls.clear()
+        like = types.SimpleNamespace(device=torch.device("cuda", index))
+        rt.launcher(Kernel(), like)[(3,)]("x", "y")
+        assert calls == [((3,), ("x", "y"), [torch.device("cuda", 1)] if guarded else [])]
+    like = types.SimpleNamespace(device=torch.device("cpu"))
+    rt.launcher(Kernel(), like)[(1,)]()
+    assert entered == []
