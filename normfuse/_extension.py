@@ -69,7 +69,9 @@ def _built_for_other_torch() -> str:
         return ""
     return (f"normfuse._C was built against torch {_build_info.TORCH_VERSION} but torch "
             f"{torch.__version__} is running; rebuild normfuse for this torch "
-            "(`pip install --no-build-isolation -e .`, or a wheel built against it)")
+            "(`pip install --no-build-isolation -e .` in a checkout, else `pip install "
+            "--no-build-isolation --no-cache-dir --force-reinstall normfuse`, or a wheel built "
+            "against it)")
 
 
 def _shadowed_install(here: Path) -> str:

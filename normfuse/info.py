@@ -109,7 +109,8 @@ def report(data: dict | None = None) -> str:
          "setup.py; the extension was copied without it?): the torch and CUDA architectures it "
          "was built for are unknown")
         if d["extension"] == "ok" else
-        "normfuse._C: not built (python setup.py build_ext --inplace, or pip install -e .)",
+        "normfuse._C: not built (python setup.py build_ext --inplace, or pip install "
+        "--no-build-isolation -e .)",
         f"  extension: {d['extension']}",
         f"  CUDA kernels: {d['cuda_kernels']}",
         "GPUs: " + ("; ".join(f"{g['index']}: {g['error']}" if "error" in g else

@@ -106,6 +106,28 @@ def test_sdist_leaves_out_the_generated_build_record():
     assert "normfuse/_build_info.py" not in sdist_files()
 
 
+def test_only_a_build_writes_the_build_record(tmp_path):
+    """setup.py run without building (an sdist, ``setup.py --version``) leaves
+    normfuse/_build_info.py alone: it used to rewrite it with the torch and flags that run saw,
+    so an in-place _C was then refused under its own torch, or loaded under another (found by
+    a packaging review). The build_ext command writes it, beside the _C it built."""
+    import shutil
+
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "normfuse", tmp_path / "normfuse",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__", "_build_info.py"))
+    record = tmp_path / "normfuse" / "_build_info.py"
+    record.write_text("TORCH_VERSION = 'the build that made _C'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path,
+                         env=env | {"NORMFUSE_CPU_ONLY": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert record.read_text() == "TORCH_VERSION = 'the build that made _C'\n"
+    assert "class BuildExtensionWithRecord" in SETUP and '"build_ext": BuildExtensionWithRecord' in SETUP
+
+
 def test_setup_packages_every_normfuse_subpackage():
     """setup.py's package list is what the wheel holds: every directory of normfuse/ with Python
     files is a package (an __init__.py, or find_packages skips it) and is listed."""
