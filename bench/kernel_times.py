@@ -38,6 +38,7 @@ from torch import nn
 
 from .layers import randomize_
 from .shapes import Shape, resnet50
+from .timing import until_sigterm
 
 GROUPS = 32  # the GroupNorm ResNet-50 of the step (bench/step50.py)
 TOP = 3
@@ -157,18 +158,21 @@ def add_ratios(rows: List[dict]) -> None:
 
 
 def run(device: torch.device, shapes: List[Shape], precisions=("bf16-cl",), reps: int = 20,
-        progress=print) -> Tuple[List[dict], List[dict]]:
+        progress=print, rows=None, breakdown=None) -> Tuple[List[dict], List[dict]]:
+    """``(rows, breakdown)``, appended to the caller's lists when given (they keep what was
+    measured when a SIGTERM ends the run; ``add_ratios`` then is the caller's)."""
     import normfuse
     # cuda on a GPU (raises, naming the reason, when the CUDA kernels are missing); auto elsewhere
     backend = normfuse.use_backend("cuda") if device.type == "cuda" else contextlib.nullcontext()
+    rows = [] if rows is None else rows
+    breakdown = [] if breakdown is None else breakdown
     with backend:
-        rows, breakdown = _run_cases(device, shapes, precisions, reps, progress)
+        _run_cases(device, shapes, precisions, reps, progress, rows, breakdown)
     add_ratios([r for r in rows if "error" not in r])
     return rows, breakdown
 
 
-def _run_cases(device, shapes, precisions, reps, progress):
-    rows, breakdown = [], []
+def _run_cases(device, shapes, precisions, reps, progress, rows, breakdown):
     for precision in precisions:
         for shape in shapes:
             for layer in LAYERS:
@@ -180,7 +184,7 @@ def _run_cases(device, shapes, precisions, reps, progress):
                                error=f"{type(exc).__name__}: {exc}"[:300])
                     kernels = []
                 rows.append(row)
-                breakdown += kernels
+                breakdown.extend(kernels)
                 if "error" in row:
                     progress(f"kernel_times {precision} {shape} {layer}: {row['error']}")
                 else:
@@ -188,7 +192,6 @@ def _run_cases(device, shapes, precisions, reps, progress):
                              f"{row['step_us']:8.1f} us  host {row['host_us'] or 0:7.1f}  "
                              f"kernels {row['kernels_us']:8.1f} ({row['launches']:.0f})  "
                              f"busy {row['busy']:.2f}  {row['top']}")
-    return rows, breakdown
 
 
 def write(rows: List[dict], breakdown: List[dict], out: str) -> None:
@@ -207,14 +210,18 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU: the code path only")
     args = p.parse_args(argv)
     precisions = ("bf16-cl", "float32") if args.float32 else ("bf16-cl",)
-    if args.smoke:
-        rows, breakdown = run(torch.device("cpu"), [Shape("tiny", (2, 64, 4, 4))], precisions,
-                              reps=2)
-    elif not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("bench.kernel_times: needs a GPU (use --smoke to check the code path on the CPU)")
         return 2
-    else:
-        rows, breakdown = run(torch.device("cuda"), resnet50(64), precisions, reps=args.reps)
+    rows, breakdown = [], []
+    with until_sigterm("bench.kernel_times"):
+        if args.smoke:
+            run(torch.device("cpu"), [Shape("tiny", (2, 64, 4, 4))], precisions, reps=2,
+                rows=rows, breakdown=breakdown)
+        else:
+            run(torch.device("cuda"), resnet50(64), precisions, reps=args.reps, rows=rows,
+                breakdown=breakdown)
+    add_ratios([r for r in rows if "error" not in r])
     if args.out:
         write(rows, breakdown, args.out)
     return 0 if all("error" not in r for r in rows) else 1

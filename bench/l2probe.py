@@ -41,6 +41,8 @@ from typing import Callable, List
 
 import torch
 
+from .timing import until_sigterm
+
 SIZES_MB = (4, 8, 16, 24, 32, 48, 64, 96, 160)
 CASES = (("float32", torch.float32, False), ("bfloat16-cl", torch.bfloat16, True))
 
@@ -128,7 +130,8 @@ def probe_case(ops, name, dtype, channels_last, mb, device, reps, flush_bytes) -
     return rows
 
 
-def run(device: torch.device, sizes=SIZES_MB, reps: int = 15, progress=print) -> List[dict]:
+def run(device: torch.device, sizes=SIZES_MB, reps: int = 15, progress=print,
+        rows=None) -> List[dict]:
     from normfuse import _extension  # loads normfuse._C, whose ops are probed
     if not _extension.HAS_CPU_KERNELS:
         raise RuntimeError(f"bench.l2probe: normfuse._C is not usable: {_extension.REASON}")
@@ -136,7 +139,7 @@ def run(device: torch.device, sizes=SIZES_MB, reps: int = 15, progress=print) ->
     # the CPU (the smoke run: the code path only) flushes 1 MB, not its caches: seconds saved
     l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
           if device.type == "cuda" else 1 << 19)
-    rows = []
+    rows = [] if rows is None else rows  # the caller's list: rows survive a SIGTERM
     for name, dtype, cl in CASES:
         for mb in sizes:
             for row in probe_case(ops, name, dtype, cl, mb, device, reps, 2 * l2):
@@ -160,13 +163,15 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the code path only")
     args = p.parse_args(argv)
-    if args.smoke:
-        rows = run(torch.device("cpu"), sizes=(1,), reps=2)
-    elif not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("bench.l2probe: needs a GPU (use --smoke to check the code path on the CPU)")
         return 2
-    else:
-        rows = run(torch.device("cuda"), reps=args.reps)
+    rows = []
+    with until_sigterm("bench.l2probe"):
+        if args.smoke:
+            run(torch.device("cpu"), sizes=(1,), reps=2, rows=rows)
+        else:
+            run(torch.device("cuda"), reps=args.reps, rows=rows)
     if args.out:
         write(rows, args.out)
     return 0

@@ -101,13 +101,13 @@ def _layer_step(n, ch, side, dtype, channels_last, device, activation=None):
 
 
 def run(device: torch.device, channels=CHANNELS, batches=BATCHES, sides=SIDES,
-        step_layers=STEP_LAYERS, target_s=0.05, progress=print) -> List[dict]:
+        step_layers=STEP_LAYERS, target_s=0.05, progress=print, rows=None) -> List[dict]:
     import normfuse
     c = _switches("fused_steps")
     backend = "cuda" if device.type == "cuda" else "cpu"
     grid = [(n, ch, side) for n in batches for ch in channels for side in sides]
     cases = [("grid", s) for s in grid] + [("rn50", s) for s in step_layers if s not in grid]
-    rows = []
+    rows = [] if rows is None else rows  # the caller's list: rows survive a SIGTERM
     for name, dtype, cl in DTYPES:
         for group, (n, ch, side) in cases:
             step, _ = _layer_step(n, ch, side, dtype, cl, device)
@@ -152,11 +152,11 @@ def _copy_gbs(nbytes: int, device: torch.device) -> float:
 
 
 def run_single_read(device: torch.device, shapes=SINGLE_READ_SHAPES, dtypes=SINGLE_READ_DTYPES, target_s=0.05,
-                    progress=print) -> List[dict]:
+                    progress=print, rows=None) -> List[dict]:
     import normfuse
     c = _switches("single_read")
     backend = "cuda" if device.type == "cuda" else "cpu"
-    rows = []
+    rows = [] if rows is None else rows  # the caller's list: rows survive a SIGTERM
     for name, dtype in dtypes:
         for n, ch, side in shapes:
             step, x = _layer_step(n, ch, side, dtype, True, device, activation="relu")
@@ -210,13 +210,15 @@ def main(argv=None) -> int:
     else:
         probe, name, smoke = run, "steps_probe.csv", dict(channels=(8,), batches=(2,), sides=(3,),
                                                   step_layers=((2, 16, 2),))
-    if args.smoke:
-        rows = probe(torch.device("cpu"), target_s=0.01, **smoke)
-    elif not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("bench.steps_probe: needs a GPU (use --smoke to check the code path on the CPU)")
         return 2
-    else:
-        rows = probe(torch.device("cuda"))
+    rows = []
+    with timing.until_sigterm("bench.steps_probe"):
+        if args.smoke:
+            probe(torch.device("cpu"), target_s=0.01, rows=rows, **smoke)
+        else:
+            probe(torch.device("cuda"), rows=rows)
     if args.out:
         write(rows, args.out, name)
     return 0

@@ -25,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import signal
+import sys
+import threading
 import time
 from statistics import median
 from typing import Callable, ContextManager, Dict, List, Optional, Sequence
@@ -196,3 +199,30 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device) - base)
 
+
+
+class Stopped(BaseException):
+    """Raised by SIGTERM inside ``until_sigterm``; a BaseException, so that a measuring loop's
+    ``except Exception`` (a case that fails) does not take it for a failed case."""
+
+
+@contextlib.contextmanager
+def until_sigterm(name: str):
+    """Run the block until SIGTERM (the GPU script's per-step time limit): the signal ends the
+    block, not the process, so that the caller still writes the rows measured before it (a
+    probe that wrote its CSV only at the end lost everything to its limit).  Main thread only;
+    elsewhere a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except Stopped:
+        print(f"note: {name} stopped by SIGTERM: writing the rows measured before",
+              file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

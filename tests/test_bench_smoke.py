@@ -217,6 +217,34 @@ def test_steps_probe_smoke(tmp_path):
         assert float(r["unfused_us"]) > 0 and float(r["fused_us"]) > 0, r
 
 
+def test_a_probe_stopped_by_sigterm_writes_what_it_measured(tmp_path, monkeypatch):
+    """The GPU script ends a step at its time limit with SIGTERM: a probe then writes the rows
+    it measured before (they wrote their CSV only at the end, and lost everything), and puts
+    the previous SIGTERM handler back."""
+    import os
+    import signal
+
+    from normfuse import _extension
+    if _extension._C is None or not hasattr(_extension._C, "fused_steps"):
+        pytest.skip("normfuse._C built without CUDA: no fused_steps switch")
+    from bench import steps_probe
+    real, calls = steps_probe._layer_step, []
+
+    def layer_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the first row
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps_probe, "_layer_step", layer_step)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert steps_probe.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with open(tmp_path / "steps_probe.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["unfused_us"]) > 0
+
+
 def test_single_read_probe_smoke(tmp_path):
     """bench/steps_probe.py --single-read (issue 14: one cooperative launch per direction vs the
     generic launches) runs its code path on the CPU, where both modes are the composition and the
