@@ -280,11 +280,13 @@ def relu_flag(activation, who: str) -> bool:
 
 
 def check_op_batch_counter(num_batches_tracked, mean: Tensor, op: str,
-                           namespace: str = "normfuse") -> None:
+                           namespace: str = "normfuse", running=(), training: bool = False) -> None:
     """The coefficient ops' ``num_batches_tracked`` (the op-side twin of
     ``check_batch_counter``): None, or a 0-dim (or 1-element) int64 tensor on the statistics'
-    device.  The C++ ops' check, with the same message (the Triton ops call it with their
-    namespace); runs before anything is computed or mutated."""
+    device; in training (when it is incremented) not sharing memory with the running statistics
+    updated beside it (``running``: ``(name, tensor or None)`` pairs).  The C++ ops' check, with
+    the same messages (the Triton ops call it with their namespace); runs before anything is
+    computed or mutated."""
     t = num_batches_tracked
     if t is None:
         return
@@ -294,6 +296,11 @@ def check_op_batch_counter(num_batches_tracked, mean: Tensor, op: str,
                if isinstance(t, Tensor) else f"{type(t).__name__}")
         raise RuntimeError(f"{namespace}.{op}: num_batches_tracked must be a 0-dim (or 1-element) "
                            f"int64 tensor on {mean.device} like the statistics, got {got}")
+    for name, r in running if training else ():
+        if isinstance(r, Tensor) and shares_memory(t, r):
+            raise RuntimeError(f"{namespace}.{op}: num_batches_tracked must not share memory with "
+                               f"{name} (num_batches_tracked is updated in place); pass separate "
+                               f"tensors")
 
 
 def _require_op_tensor(t, name: str, who: str) -> None:

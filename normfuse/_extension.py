@@ -70,8 +70,8 @@ def _built_for_other_torch() -> str:
     return (f"normfuse._C was built against torch {_build_info.TORCH_VERSION} but torch "
             f"{torch.__version__} is running; rebuild normfuse for this torch "
             "(`pip install --no-build-isolation -e .` in a checkout, else `pip install "
-            "--no-build-isolation --no-cache-dir --force-reinstall normfuse`, or a wheel built "
-            "against it)")
+            "--no-build-isolation --no-cache-dir --force-reinstall --no-deps normfuse`, or a "
+            "wheel built against it)")
 
 
 def _shadowed_install(here: Path) -> str:

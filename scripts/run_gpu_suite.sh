@@ -73,7 +73,7 @@ pack() {  # the results folder as RESULTS_TAR (written aside, then renamed: neve
 step() {  # step NAME LIMIT_S LOGFILE CMD...: run with a time limit, tee the log, remember a failure
     # (STEP_SIGNAL: what the limit sends, TERM unless set; pytest wants INT to write its summary)
     local name=$1 limit=$2 log=$3 sig=${STEP_SIGNAL:-TERM}; shift 3
-    local left=$((BUDGET_S - SECONDS - 15))  # 15 s kept for the kill grace and the last pack
+    local left=$((BUDGET_S - SECONDS - 30))  # 30 s kept for the kill grace (20 s) and the last pack
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 20 ]; then
         echo "=== $name: not run, ${left}s of the ${BUDGET_S}s budget left" | tee "$log"

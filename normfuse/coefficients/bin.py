@@ -56,7 +56,8 @@ def batch_prologue(op, mean, m2, plane_size, weight, bias, running_mean, running
     """What the BIN and IEBN forwards share: the counter's check, the affine parameters
     ``(gamma, beta)`` and the batch statistics ``(mu_b, r_b)`` (running statistics updated in
     training); the caller counts the batch after its own step."""
-    check_op_batch_counter(num_batches_tracked, mean, op)
+    check_op_batch_counter(num_batches_tracked, mean, op, running=(
+        ("running_mean", running_mean), ("running_var", running_var)), training=training)
     gamma, beta = _affine(weight, bias, mean)
     _, mu_b, r_b = batch_statistics(mean, m2, plane_size, running_mean, running_var, training,
                                     momentum, eps, merge)

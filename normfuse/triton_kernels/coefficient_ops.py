@@ -93,14 +93,14 @@ def _running(running_mean, running_var, mean: Tensor, who: str, written: bool = 
     return running_mean.contiguous(), running_var.contiguous()
 
 
-def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str):
+def _batch_counter(num_batches_tracked, mean: Tensor, training: bool, op: str, running):
     """``(pointer tensor, count)`` for the forward kernels' ``nbt_ptr`` / ``count``: the given
     ``num_batches_tracked`` (a 0-dim or 1-element int64 tensor on the statistics' device,
     checked before anything runs), or an unused int64 scalar (an allocation, not a launch) so
     that the kernel is compiled for one pointer type."""
     if num_batches_tracked is None:
         return torch.empty((), dtype=torch.int64, device=mean.device), 0
-    check_op_batch_counter(num_batches_tracked, mean, op, NAMESPACE)
+    check_op_batch_counter(num_batches_tracked, mean, op, NAMESPACE, running, bool(training))
     return num_batches_tracked, int(bool(training))
 
 
@@ -125,7 +125,8 @@ def _batch_forward(kernel, op: str, mean, m2, plane_size, gates, weight, bias, r
     gates = [_param(t, mean, name, who, optional=False) for name, t in gates]
     weight, bias = _param(weight, mean, "weight", who), _param(bias, mean, "bias", who)
     rm, rv = _running(running_mean, running_var, mean, who, written=bool(training), read=read)
-    nbt, count = _batch_counter(num_batches_tracked, mean, training, op)
+    nbt, count = _batch_counter(num_batches_tracked, mean, training, op,
+                                (("running_mean", running_mean), ("running_var", running_var)))
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     if n * c == 0:
         if count:  # no kernel to count in (only direct op calls get here; layers refuse)
