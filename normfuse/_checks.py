@@ -296,7 +296,8 @@ def check_op_batch_counter(num_batches_tracked, mean: Tensor, op: str,
                if isinstance(t, Tensor) else f"{type(t).__name__}")
         raise RuntimeError(f"{namespace}.{op}: num_batches_tracked must be a 0-dim (or 1-element) "
                            f"int64 tensor on {mean.device} like the statistics, got {got}")
-    for name, r in running if training else ():
+    # (not while Dynamo traces: its tensors have no data pointers; docs/errors.md)
+    for name, r in running if training and not torch.compiler.is_compiling() else ():
         if isinstance(r, Tensor) and shares_memory(t, r):
             raise RuntimeError(f"{namespace}.{op}: num_batches_tracked must not share memory with "
                                f"{name} (num_batches_tracked is updated in place); pass separate "
