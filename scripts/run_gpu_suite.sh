@@ -26,6 +26,7 @@
 #
 #   scripts/run_gpu_suite.sh                 # everything: build tests bench probes ncu, in order
 #   PARTS="probes ncu" ...                   # only those parts (normfuse._C already built)
+#   PARTS="build bench tests" ...            # the parts after the build run in PARTS's order
 #   SKIP_BUILD=1 scripts/run_gpu_suite.sh    # everything but the build
 #   BENCH_ARGS="" scripts/run_gpu_suite.sh   # the full benchmark instead of --quick (longer;
 #                                            # the default leaves out the ResNet-20 step: --no-e2e)
@@ -126,7 +127,7 @@ XDIST=()
 # the test and starts another worker, and the run goes on instead of losing the whole step.
 TIMEOUT=()
 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 200 -o timeout_method=thread)
-if want tests; then
+run_tests() {
     # ~4400 tests (the first run's 1075, 60 s, before the Triton backend registered there: its
     # kernels JIT-compile now); the limit leaves the benchmark its time
     STEP_SIGNAL=INT step tests 240 "$OUT/tests.log" "$PYTHON" -m pytest tests -q -rfEs \
@@ -136,22 +137,22 @@ if want tests; then
         echo "=== tests: a pytest worker crashed or a test timed out (see tests.log)" | tee -a "$OUT/tests.log"
         status=1
     fi
-fi
+}
 
-# The benchmark next: its ResNet-50 training step (step50.csv) is the figure issues 13 and 14 are
+# The benchmark: its ResNet-50 training step (step50.csv) is the figure issues 13 and 14 are
 # judged by, its layer rows (kernels.csv) the per-layer targets. Stopped at its limit, it writes
 # what it measured so far. Without torch.compile by default: its 27 cold Inductor compiles (3
 # shapes x 3 dtypes x 3 layers, forward and backward) take minutes, which the budget does not hold.
 # ILM-Norm's rows (the fourth layer since 2026-12-06, never timed on a GPU) are left out by
 # default: they come before the ResNet-50 step, which runs last, in a step the budget stops at
 # 300 s (BENCH_ARGS="--quick --no-compile" includes them).
-if want bench; then
+run_bench() {
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
     step bench 300 "$OUT/bench.log" "$PYTHON" -m bench --device cuda --out "$OUT" ${BENCH_ARGS---quick --no-compile --no-e2e --layers bin iebn assoc}
-fi
+}
 
 # The probes: the thresholds and decisions the next change waits for (their CSVs), ~2 min.
-if want probes; then
+run_probes() {
     # The two decisions first. Issue 13's fused layer steps: where computing the coefficients in
     # the reduction's launch pays.
     step steps_probe 120 "$OUT/steps_probe.log" "$PYTHON" -m bench.steps_probe --out "$OUT"
@@ -164,24 +165,30 @@ if want probes; then
     # prediction of docs/performance.md), and issue 14's single-read question (how much of a
     # layer's second pass L2 already serves).
     step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
-fi
+}
 # Issue 13's reductions at copy speed: why a pass runs below a copy (DRAM share of peak,
 # occupancy, warp stall reasons) for the four generic kernels and BIN's coefficient kernels, one
 # launch each (ncu.csv).
 NCU=${NCU:-$(command -v ncu || echo "$CUDA_HOME/bin/ncu")}
-if ! want ncu; then
-    :
-elif [ -x "$NCU" ]; then
-    step ncu 150 "$OUT/ncu.log" "$NCU" --clock-control none \
-        --kernel-name regex:'(cl|contig)_(reduce|apply)_kernel|batch_coef_' --section SpeedOfLight \
-        --section Occupancy --section WarpStateStats --print-units base --export "$OUT/ncu" \
-        --force-overwrite "$PYTHON" -m bench.ncu_target
-    # the report as CSV (a profile that exports prints no metrics of its own)
-    step ncu_csv 30 "$OUT/ncu_csv.log" bash -c '"$0" --import "$1" --csv --page details \
-        --print-units base > "$2"' "$NCU" "$OUT/ncu.ncu-rep" "$OUT/ncu.csv"
-else
-    echo "ncu not found ($NCU): no kernel profile" | tee "$OUT/ncu.log"
-fi
+run_ncu() {
+    if [ -x "$NCU" ]; then
+        step ncu 150 "$OUT/ncu.log" "$NCU" --clock-control none \
+            --kernel-name regex:'(cl|contig)_(reduce|apply)_kernel|batch_coef_' --section SpeedOfLight \
+            --section Occupancy --section WarpStateStats --print-units base --export "$OUT/ncu" \
+            --force-overwrite "$PYTHON" -m bench.ncu_target
+        # the report as CSV (a profile that exports prints no metrics of its own)
+        step ncu_csv 30 "$OUT/ncu_csv.log" bash -c '"$0" --import "$1" --csv --page details \
+            --print-units base > "$2"' "$NCU" "$OUT/ncu.ncu-rep" "$OUT/ncu.csv"
+    else
+        echo "ncu not found ($NCU): no kernel profile" | tee "$OUT/ncu.log"
+    fi
+}
+# The parts after the build, in the order PARTS names them (default: tests bench probes ncu).
+for part in $PARTS; do
+    case $part in
+        tests) run_tests;; bench) run_bench;; probes) run_probes;; ncu) run_ncu;;
+    esac
+done
 echo "status $status" >> "$OUT/steps.txt"
 pack
 echo "results in $OUT (status $status)"
