@@ -6,15 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from . import e2e, host, layers, machine, report, shapes, step50, suite
+from . import e2e, host, layers, machine, report, shapes, step50, suite, timing
 
 SMOKE = dict(timing=(0.002, 2, 3, 1), batch=4, e2e=(0.01, 1, 1), blocks=1,
              step50=(2, 32, ("fp32",), (0.01, 1, 1)))
@@ -148,32 +146,28 @@ def main(argv=None) -> int:
     # SIGTERM (the GPU script's per-step time limit) ends the measuring, not the run: what was
     # measured so far is still derived and written, with a note, before the limit's SIGKILL.
     results = {k: [] for k in ("kernels", "copy", "memory", "checks", "host", "e2e", "step50")}
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous_term = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     part = "layer rows"
     try:
-        suite.run_kernels(cfg, progress, out=results)
-        if not args.no_host:
-            part = "host-cost rows"
-            results["host"] = host.run_host(host_backends, *HOST_PRESETS[preset], threads=1,
-                                            progress=progress)
-        if not args.no_e2e:
-            part = "ResNet-20 step (its variants are timed interleaved: no rows until all are)"
-            results["e2e"] = e2e.run_e2e(device, backends, conf["batch"], *conf["e2e"],
-                                         progress, blocks=conf.get("blocks", 3),
-                                         layers=args.layers)
-        if step50_conf is not None:
-            part = "ResNet-50 step"
-            step50.run_step50(device, step50_backends, *step50_conf[:3], *step50_conf[3],
-                              progress, out=results["step50"])
-    except _Stopped:
+        with timing.sigterm_raises():
+            suite.run_kernels(cfg, progress, out=results)
+            if not args.no_host:
+                part = "host-cost rows"
+                results["host"] = host.run_host(host_backends, *HOST_PRESETS[preset], threads=1,
+                                                progress=progress)
+            if not args.no_e2e:
+                part = "ResNet-20 step (its variants are timed interleaved: no rows until all are)"
+                results["e2e"] = e2e.run_e2e(device, backends, conf["batch"], *conf["e2e"],
+                                             progress, blocks=conf.get("blocks", 3),
+                                             layers=args.layers)
+            if step50_conf is not None:
+                part = "ResNet-50 step"
+                step50.run_step50(device, step50_backends, *step50_conf[:3], *step50_conf[3],
+                                  progress, out=results["step50"])
+    except timing.Stopped:
         notes.append(f"stopped by SIGTERM in the {part}, after {progress.done} of "
                      f"{progress.total} progress steps: the results hold what was measured "
                      "before; that part and the ones after it are incomplete or empty")
         print(f"note: {notes[-1]}", file=sys.stderr, flush=True)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
     report.derive(results["kernels"])
     summary = report.summary_rows(results["kernels"], results["memory"])
     tg = (report.targets(results["kernels"], dev_type, results["checks"], results["host"])
@@ -199,15 +193,6 @@ def main(argv=None) -> int:
     print(f"\nWritten to {out_dir}: " + ", ".join(os.path.basename(p) for p in paths))
     # A contender that computes something else makes the run a failure, not a footnote.
     return 1 if report.failed_checks(results["checks"]) else 0
-
-
-class _Stopped(BaseException):
-    """Raised by SIGTERM; a BaseException, so that the measuring's ``except Exception``
-    (a contender that fails) does not take it for a failed contender."""
-
-
-def _stop(signum, frame):
-    raise _Stopped()
 
 
 def _check_warnings(checks):

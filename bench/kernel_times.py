@@ -159,8 +159,9 @@ def add_ratios(rows: List[dict]) -> None:
 
 def run(device: torch.device, shapes: List[Shape], precisions=("bf16-cl",), reps: int = 20,
         progress=print, rows=None, breakdown=None) -> Tuple[List[dict], List[dict]]:
-    """``(rows, breakdown)``, appended to the caller's lists when given (they keep what was
-    measured when a SIGTERM ends the run; ``add_ratios`` then is the caller's)."""
+    """``(rows, breakdown)`` of every case, appended to the caller's lists when given (they keep
+    what was measured when a SIGTERM ends the run); ``add_ratios`` adds the ratios to the
+    native layers."""
     import normfuse
     # cuda on a GPU (raises, naming the reason, when the CUDA kernels are missing); auto elsewhere
     backend = normfuse.use_backend("cuda") if device.type == "cuda" else contextlib.nullcontext()
@@ -168,7 +169,6 @@ def run(device: torch.device, shapes: List[Shape], precisions=("bf16-cl",), reps
     breakdown = [] if breakdown is None else breakdown
     with backend:
         _run_cases(device, shapes, precisions, reps, progress, rows, breakdown)
-    add_ratios([r for r in rows if "error" not in r])
     return rows, breakdown
 
 

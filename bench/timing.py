@@ -207,11 +207,11 @@ class Stopped(BaseException):
 
 
 @contextlib.contextmanager
-def until_sigterm(name: str):
-    """Run the block until SIGTERM (the GPU script's per-step time limit): the signal ends the
-    block, not the process, so that the caller still writes the rows measured before it (a
-    probe that wrote its CSV only at the end lost everything to its limit).  Main thread only;
-    elsewhere a plain block."""
+def sigterm_raises():
+    """Within the block, SIGTERM (the GPU script's per-step time limit) raises ``Stopped``
+    instead of ending the process, so that the caller can still write what it measured; the
+    previous handler is put back after it.  Main thread only (where Python runs signal
+    handlers); elsewhere a plain block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -221,8 +221,18 @@ def until_sigterm(name: str):
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def until_sigterm(name: str):
+    """Run the block until SIGTERM: the signal ends the block, not the process, so that a probe
+    still writes the rows measured before it (one that wrote its CSV only at the end lost
+    everything to its limit)."""
+    try:
+        with sigterm_raises():
+            yield
     except Stopped:
         print(f"note: {name} stopped by SIGTERM: writing the rows measured before",
               file=sys.stderr, flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
