@@ -83,16 +83,15 @@ def _from_batch_norm(bn: nn.modules.batchnorm._BatchNorm, cls, to: str) -> nn.Mo
     # them in training only when track_running_stats says so; the flag is often changed after
     # construction (True with the buffers set to None, or False with trained buffers kept), so
     # the buffers are carried as they are and the flag set afterwards.
-    # nn.BatchNorm2d(bias=False) (torch >= 2.12) has a weight and no bias: so does the new layer.
     kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=True,
-                  bias=bn.bias is not None or not bn.affine, **_factory(bn))
+                  **_factory(bn))
     if isinstance(bn, nn.SyncBatchNorm):  # -> the synchronized layer, over the same group
         kwargs["process_group"] = bn.process_group
     new = cls(bn.num_features, **kwargs)
     with torch.no_grad():
         for name in ("weight", "bias") if bn.affine else ():
             theirs = getattr(bn, name)
-            if theirs is None:  # nn.BatchNorm2d(bias=False), or a weight removed by hand
+            if theirs is None:  # nn.BatchNorm2d(bias=False) (torch >= 2.12), or removed by hand
                 new.register_parameter(name, None)
             else:
                 getattr(new, name).copy_(theirs)

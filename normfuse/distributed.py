@@ -311,13 +311,11 @@ def _to_sync(module: nn.Module, process_group):
         new = (act_cls or SyncBatchInstanceNorm)(
             module.num_features, module.eps, module.momentum, module.affine,
             module.track_running_stats, process_group, device="meta",
-            bias=module.bias is not None or not module.affine, activation=module.activation,
-            **post)
+            activation=module.activation, **post)
     elif isinstance(module, _InstanceEnhancementBatchNorm):
         new = (act_cls or SyncInstanceEnhancementBatchNorm)(
             module.num_features, module.eps, module.momentum, module.track_running_stats,
-            process_group, device="meta", affine=module.affine,
-            bias=module.bias is not None or not module.affine, activation=module.activation,
+            process_group, device="meta", affine=module.affine, activation=module.activation,
             **post)
     else:
         return None

@@ -112,10 +112,8 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _affine_repr(self) -> str:
-        if not self.affine:
-            return ", affine=False"
-        return "" if self.bias is not None else ", bias=False"
+    def _bias_repr(self) -> str:
+        return ", bias=False" if self.affine and self.bias is None else ""
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -265,8 +263,7 @@ class _BatchInstanceNorm(_BatchStatsNorm):
         nn.init.ones_(self.gate)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", affine={self.affine}"
-                + ("" if self.bias is not None or not self.affine else ", bias=False"))
+        return super().extra_repr() + f", affine={self.affine}" + self._bias_repr()
 
     _layer = "bin"
     _layer_code = 0
@@ -307,7 +304,7 @@ class _InstanceEnhancementBatchNorm(_BatchStatsNorm):
         nn.init.constant_(self.gate_bias, -1.0)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._affine_repr()
+        return super().extra_repr() + ("" if self.affine else ", affine=False") + self._bias_repr()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The authors store every per-channel parameter as (1, C, 1, 1).
