@@ -295,6 +295,13 @@ def test_nan_inf_input_returns(nf, backend, device, seed, kind, poison, dtype, l
     if missing.any():
         raise FiniteWhereOracleIsNot(
             f"finite output where the oracle's is NaN/Inf, at {missing.nonzero()[:8].tolist()}")
+    # the gradients too: an optimizer must not take a finite step the formula does not give
+    for name, got in {"input": dx, **pgrads}.items():
+        missing = ~torch.isfinite(exp.grads[name]) & torch.isfinite(got.cpu())
+        if missing.any():
+            raise FiniteWhereOracleIsNot(
+                f"finite {name} gradient where the oracle's is NaN/Inf, at "
+                f"{missing.nonzero()[:8].tolist()}")
     if kind != "assoc" and training:
         # running statistics: non-finite exactly for the poisoned channels, as nn.BatchNorm
         for name, want in (("running_mean", exp.running_mean), ("running_var", exp.running_var)):

@@ -316,12 +316,13 @@ struct AssocKern {
           w.s2[g] = static_cast<D>(t2);
           w.s3[g] = static_cast<D>(t3);
         }
-        // grad h: through the decoders (rows of W2 / W3 in order) and the relu
+        // grad h: through the decoders (rows of W2 / W3 in order) and the relu. The mask
+        // multiplies (as assoc.py's `* (h > 0)`): a NaN gradient stays NaN where h <= 0.
         matvec2(wt.w2, wt.w3, Mp, G, w.s0, w.s1, w.ghmu, w.ghvar, [](D v) { return v; });
         for (int64_t j = 0; j < Mp; j += WD) {
-          const VD zero(D(0));
-          VD::blendv(zero, VD::loadu(w.ghmu + j), VD::loadu(w.hmu + j) > zero).store(w.ghmu + j);
-          VD::blendv(zero, VD::loadu(w.ghvar + j), VD::loadu(w.hvar + j) > zero).store(w.ghvar + j);
+          const VD zero(D(0)), one(D(1));
+          (VD::loadu(w.ghmu + j) * VD::blendv(zero, one, VD::loadu(w.hmu + j) > zero)).store(w.ghmu + j);
+          (VD::loadu(w.ghvar + j) * VD::blendv(zero, one, VD::loadu(w.hvar + j) > zero)).store(w.ghvar + j);
         }
         // gradients of mu_G, var_G: the direct terms, then the encoder terms (rows of W1 in order)
         for (int64_t g = 0; g < Gp; g += WD) {

@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(NF_MAX_THREADS) assoc_coef_backward_kernel(Ass
     const float* gz = of_var ? sm.s1 : sm.s0;
     float acc = 0.f;
     for (int g = 0; g < G; ++g) acc += gz[g] * w[g * M + j];
-    sm.gh[t] = sm.h[t] > 0.f ? acc : 0.f;
+    sm.gh[t] = acc * (sm.h[t] > 0.f ? 1.f : 0.f);  // multiplied: a NaN gradient stays NaN
   }
   for (int t = tid; t < 2 * G * M; t += T) {
     const bool of_var = t >= G * M;

@@ -203,10 +203,11 @@ def assoc_backward_kernel(g1_ptr, g2_ptr, mean_ptr, m2_ptr, enc_ptr, dmu_ptr, dv
                  mask=gk_mask)
         tl.store(wrow + 2 * C + 2 * M * G + dec, z_var[:, None] * relu(h_var)[None, :],
                  mask=gk_mask)
-        gh_mu = tl.where(h_mu > 0, total(tl.load(dmu_ptr + dec, mask=gk_mask, other=0.0)
-                                         * z_mu[:, None], 0), 0.0)
-        gh_var = tl.where(h_var > 0, total(tl.load(dvar_ptr + dec, mask=gk_mask, other=0.0)
-                                           * z_var[:, None], 0), 0.0)
+        # the relu mask multiplies (as assoc.py's): a NaN gradient stays NaN where h <= 0
+        gh_mu = total(tl.load(dmu_ptr + dec, mask=gk_mask, other=0.0) * z_mu[:, None], 0) \
+            * tl.where(h_mu > 0, 1.0, 0.0)
+        gh_var = total(tl.load(dvar_ptr + dec, mask=gk_mask, other=0.0) * z_var[:, None], 0) \
+            * tl.where(h_var > 0, 1.0, 0.0)
         tl.store(wrow + 2 * C + k[:, None] * G + g[None, :],
                  gh_mu[:, None] * mu[None, :] + gh_var[:, None] * var[None, :], mask=kg_mask)
         grad_mu += total(w1 * gh_mu[:, None], 0)

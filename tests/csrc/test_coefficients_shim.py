@@ -235,3 +235,20 @@ def test_batch_merge_keeps_inf(op, tmp_path):
     assert torch.isinf(want["running_mean"][[1, 3]]).all() and torch.isnan(want["running_mean"][4])
     for name, ref in want.items():
         _same_non_finite(got[name], ref, f"{op} {name}")
+
+
+def test_assoc_backward_keeps_nan_gradient(tmp_path):
+    """A NaN in one sample's gradient sums reaches every meta-network gradient it feeds, as in the
+    float64 reference, also through the auto-encoder's relu where h <= 0: the relu mask multiplies
+    (a select gave 0 there, and an optimizer a finite step the formula does not give)."""
+    N, C, L, G, M, threads = 3, 8, 5, 4, 3, 32
+    t = make_inputs("assoc_backward", N, C, L, G, M, seed=5)
+    t["sum_dy"][0, 2] = float("nan")
+    # sample 0's h_mu[0] and h_var[0] < 0 (positive group means, negative encoder row): the relu
+    # masks both paths of its column 0, so only a multiplied mask keeps grad_encoder[0] NaN
+    t["mean"][0] = (t["mean"][0].abs() + 0.25).float().double()
+    t["encoder"][0] = -0.5
+    got, want = _run_one("assoc_backward", t, N, C, L, G, M, threads, False, False, tmp_path)
+    assert torch.isnan(want["grad_encoder"]).all()
+    for name, ref in want.items():
+        _same_non_finite(got[name], ref, f"assoc_backward {name}")
