@@ -233,7 +233,11 @@ class _BatchStatsNorm(_NotScriptable, _Activation, nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)  # as nn.BatchNorm does
+            # a checkpoint without the counter keeps the module's own (a 0 would restart
+            # momentum=None's cumulative average over the loaded statistics), as nn.BatchNorm does
+            own = self.num_batches_tracked
+            state_dict[key] = (own if isinstance(own, torch.Tensor) and own.device.type != "meta"
+                               else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

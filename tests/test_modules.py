@@ -161,6 +161,25 @@ def test_batch_norm_arguments_drop_in(nf, name):
             assert m.state_dict()[key].dtype == value.dtype, key
 
 
+@pytest.mark.parametrize("name", ["BatchInstanceNorm2d", "IEBN2d"])
+@pytest.mark.parametrize("metadata", ["version-1", "none"])
+def test_old_checkpoint_without_counter_keeps_the_modules_as_batchnorm(nf, name, metadata):
+    """A state_dict of version < 2 (or without metadata) lacks num_batches_tracked: the module
+    keeps its own counter, as nn.BatchNorm2d does (a 0 would restart momentum=None's cumulative
+    average, and the next step would overwrite the loaded statistics)."""
+    for make in (torch.nn.BatchNorm2d, getattr(nf, name)):
+        m = make(4, momentum=None)
+        m.num_batches_tracked.fill_(5)
+        sd = make(4).state_dict()
+        del sd["num_batches_tracked"]
+        if metadata == "none":
+            sd = dict(sd)
+        else:
+            sd._metadata[""]["version"] = 1
+        m.load_state_dict(sd)
+        assert int(m.num_batches_tracked) == 5, make.__name__
+
+
 def test_iebn_affine_false_is_weight_one_bias_zero(nf, backend, device):
     """IEBN(affine=False): no weight/bias parameters, the layer with weight 1 and bias 0; the
     gates stay learnable; train and eval."""
