@@ -172,8 +172,8 @@ OptTensor parameter(PyObject* params, const char* name, bool optional, const Ten
   }
   if (o == Py_None) return std::nullopt;
   const Tensor* t = plain_tensor(o);
-  if (t == nullptr || !vector_ok(*t, x, acc, size)) {
-    *ok = false;
+  if (t == nullptr || !vector_ok(*t, x, acc, size) || inference_outside(*t)) {
+    *ok = false;  // (an inference tensor: autograd may not save it; the checked path says so)
     return std::nullopt;
   }
   return *t;
@@ -244,10 +244,12 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     const Tensor* m = plain_tensor(rm_obj);
     const Tensor* v = plain_tensor(rv_obj);
     // (one requiring grad with grad mode on: the checked path refuses it, as nn.BatchNorm does)
-    // (updated in training: sharing memory with each other or the input, or inference tensors)
+    // (updated in training: sharing memory with each other or the input; inference tensors,
+    // which training may not update and eval may not save for the backward)
     if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C) ||
+        inference_outside(*m) || inference_outside(*v) ||
         (*training && (nf_glue::shares_memory(*m, *v) || nf_glue::shares_memory(*m, x) ||
-                       nf_glue::shares_memory(*v, x) || inference_outside(*m) || inference_outside(*v))) ||
+                       nf_glue::shares_memory(*v, x))) ||
         ((m->requires_grad() || v->requires_grad()) && c10::GradMode::is_enabled()))
       Py_RETURN_NOTIMPLEMENTED;
     rm = *m;
@@ -337,8 +339,9 @@ PyObject* meta_layer_step(const MetaLayer& layer, PyObject* const* args) {
   const Tensor* dec1 = plain_tensor(entry(params, layer.decoders[1]));
   if (!enc || !dec0 || !dec1 || enc->dim() != 2 || enc->size(0) == 0) Py_RETURN_NOTIMPLEMENTED;
   const int64_t E = enc->size(0);
-  if (!matrix_ok(*enc, x, acc, E, K) || !matrix_ok(*dec0, x, acc, K, E) || !matrix_ok(*dec1, x, acc, K, E))
-    Py_RETURN_NOTIMPLEMENTED;
+  if (!matrix_ok(*enc, x, acc, E, K) || !matrix_ok(*dec0, x, acc, K, E) || !matrix_ok(*dec1, x, acc, K, E) ||
+      inference_outside(*enc) || inference_outside(*dec0) || inference_outside(*dec1))
+    Py_RETURN_NOTIMPLEMENTED;  // (an inference tensor: the checked path says so)
   bool ok = true;
   const OptTensor weight = parameter(params, "weight", false, x, acc, C, &ok);
   const OptTensor bias = parameter(params, "bias", false, x, acc, C, &ok);

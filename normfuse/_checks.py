@@ -209,18 +209,27 @@ def check_writable_outside_inference(written, who: str) -> None:
                 f"replace it by a clone made outside inference mode")
 
 
-def check_input_not_saved_inference(input: Tensor, tensors, who: str) -> None:
-    """An input made under torch.inference_mode, outside it, in a call that records autograd
-    (grad mode on and a parameter requiring grad): autograd cannot save it for the backward, and
-    would say so only after the call (and its running-statistics update) ran."""
-    if _dynamo_compiling() or not input.is_inference() or torch.is_inference_mode_enabled() \
-            or not torch.is_grad_enabled():
+def check_not_saved_inference(saved, recording, who: str) -> None:
+    """Tensors a call saves for its backward ((name, tensor) pairs: the input, every parameter,
+    the running statistics it reads) made under torch.inference_mode, outside it, in a call that
+    records autograd (grad mode on and a tensor of ``recording`` requiring grad): autograd
+    cannot save them, and would say so only after the call (and its running-statistics update)
+    ran."""
+    if _dynamo_compiling() or torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         return
-    if any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
+    bad = [(name, t) for name, t in saved if isinstance(t, Tensor) and t.is_inference()]
+    if not bad or not any(isinstance(t, Tensor) and t.requires_grad for t in recording):
+        return
+    name = bad[0][0]
+    if name == "input":
         raise ValueError(
             f"{who}: input is {_INFERENCE}), which autograd cannot save for the backward of "
             f"this call (its parameters require grad); call the layer under torch.no_grad() or "
             f"torch.inference_mode(), or pass input.clone() made outside inference mode")
+    raise ValueError(
+        f"{who}: {name} is {_INFERENCE}, e.g. loaded there), which autograd cannot save for the "
+        f"backward of this call (it records gradients); replace it by a clone made outside "
+        f"inference mode, or call the layer under torch.no_grad() or torch.inference_mode()")
 
 
 def _no_inference(*tensors) -> bool:
@@ -522,7 +531,8 @@ def batch_layer_ok(input, ranks, channels, use_batch, required, optional, runnin
                               and t.dim() <= 1 and t.numel() == 1
                               and (t.is_cpu if input.is_cpu else t.device == input.device)):
         return False
-    if not _dynamo_compiling() and not _no_inference(input, running_mean, running_var, t):
+    if not _dynamo_compiling() and not _no_inference(input, running_mean, running_var, t,
+                                                     *required, *optional):
         return False  # (an inference tensor outside inference mode: the checks decide)
     return _numbers_ok(momentum, eps)
 
@@ -554,7 +564,8 @@ def assoc_layer_ok(input, channels, num_groups, encoder, decoder_mean, decoder_v
     c = input.shape[1]
     if channels is not None and c != channels or not _divides(num_groups, c):
         return False
-    if not _dynamo_compiling() and not _no_inference(input):
+    if not _dynamo_compiling() and not _no_inference(input, encoder, decoder_mean, decoder_var,
+                                                     weight, bias):
         return False  # (the checks decide)
     return _meta_network_ok(input, num_groups, encoder, (decoder_mean, decoder_var), weight,
                             bias, eps)
@@ -573,7 +584,8 @@ def ilm_layer_ok(input, channels, num_groups, key_group_size, encoder, decoder_w
     plane = math.prod(input.shape[2:])
     if c // num_groups * plane <= 1 or key_group_size * plane <= 1:
         return False
-    if not _dynamo_compiling() and not _no_inference(input):
+    if not _dynamo_compiling() and not _no_inference(input, encoder, decoder_weight,
+                                                     decoder_bias, weight, bias):
         return False  # (the checks decide)
     return _meta_network_ok(input, c // key_group_size, encoder, (decoder_weight, decoder_bias),
                             weight, bias, eps)

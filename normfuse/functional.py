@@ -16,7 +16,7 @@ from torch.fx import Proxy
 from ._autograd import run_layer
 from ._checks import (assoc_layer_ok, batch_layer_ok, check_batch_counter, check_batch_values,
                       check_channels, check_group_values, check_input,
-                      check_input_not_saved_inference, check_number, check_running_stats,
+                      check_not_saved_inference, check_number, check_running_stats,
                       check_running_writable, check_tensor, ilm_layer_ok, relu_flag)
 
 _RANKS = (2, 3, 4, 5)
@@ -51,7 +51,10 @@ def check_batch_layer(who, input, running_mean, running_var, named_params, train
     if training:
         check_running_writable(running_mean, running_var, named_params, who, input)
     check_batch_counter(num_batches_tracked, input, who)
-    check_input_not_saved_inference(input, (t for _, t, _ in named_params), who)
+    params = [(name, t) for name, t, _ in named_params]
+    check_not_saved_inference(
+        [("input", input), *params, ("running_mean", running_mean), ("running_var", running_var)],
+        [input, *(t for _, t in params)], who)
     check_number(momentum, "momentum", who, low=-math.inf)  # any finite one, as nn.BatchNorm
     check_number(eps, "eps", who)
     if values and (training or running_mean is None):
@@ -160,8 +163,9 @@ def _check_meta_network(who, input, encoder, embed_name, columns, decoders, weig
     channels = input.shape[1]
     check_tensor(weight, "weight", (channels,), input, who)
     check_tensor(bias, "bias", (channels,), input, who)
-    check_input_not_saved_inference(input, (encoder, *(d for _, d in decoders), weight, bias),
-                                    who)
+    params = [("encoder", encoder), *decoders, ("weight", weight), ("bias", bias)]
+    check_not_saved_inference([("input", input), *params], [input, *(t for _, t in params)],
+                              who)
     check_number(eps, "eps", who)
 
 

@@ -600,6 +600,39 @@ def test_inference_input_is_refused_by_every_layer(nf, backend, device, layer,
     _assert_unchanged(m, snap, layer)
 
 
+_SAVED_BY_EVERY_LAYER = [("bin", n) for n in ("weight", "bias", "gate")] + [
+    ("iebn", n) for n in ("gate_weight", "gate_bias")] + [
+    ("assoc", n) for n in ("encoder", "decoder_var", "weight")] + [
+    ("ilm", n) for n in ("decoder_weight", "bias")] + [
+    ("bin-eval", "running_var"), ("iebn-eval", "running_mean")]
+
+
+@pytest.mark.parametrize("layer,name", _SAVED_BY_EVERY_LAYER, ids=str)
+def test_inference_tensor_saved_for_backward_is_refused(nf, backend, device, layer, name,
+                                                       no_kernel_calls):
+    """A frozen parameter (or, in eval mode, a running statistic) made under inference mode,
+    e.g. loaded there, in a call whose input requires grad: autograd would refuse to save it,
+    but only after the call updated the running statistics. Refused first, naming it, and
+    accepted where nothing records the call (torch.no_grad)."""
+    kind, _, mode = layer.partition("-")
+    m = {"bin": _bin, "iebn": _iebn, "assoc": _assoc, "ilm": _ilm}[kind](nf, device)
+    m.train(mode != "eval")
+    with torch.inference_mode():
+        frozen = getattr(m, name).detach().clone()
+    if name.startswith("running"):
+        setattr(m, name, frozen)
+    else:
+        setattr(m, name, torch.nn.Parameter(frozen, requires_grad=False))
+    x = _x(device).requires_grad_()
+    snap = _snapshot(_state(m))
+    with pytest.raises(ValueError, match=rf"^{type(m).__name__}: {name} is an inference tensor"):
+        m(x)
+    assert no_kernel_calls == []
+    _assert_unchanged(m, snap, layer)
+    with torch.no_grad():
+        assert torch.isfinite(m(x)).all()
+
+
 def test_strided_input_aliased_by_a_running_statistic_is_refused(nf, backend, device):
     """running-alias-input for an input that is a strided view (the common-path predicate
     reads a dense input's extent from its data pointer; a view is left to the checks)."""
