@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,10 @@ from ._autograd import run_layer
 from . import functional as F
 from .backends import resolve_backend
 from .coefficients._merge import BatchMerge
-from .modules import _BatchInstanceNorm, _fx_leaf, _InstanceEnhancementBatchNorm
+from .modules import (BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
+                      InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
+                      InstanceEnhancementBatchNorm3d, _BatchInstanceNorm, _fx_leaf,
+                      _InstanceEnhancementBatchNorm)
 
 try:
     import torch.distributed as dist
@@ -156,9 +160,12 @@ class SyncBatchMerge(BatchMerge):
 
     # -- backward -----------------------------------------------------------------------
     def reduce(self, per_channel: Tensor) -> Tensor:
-        summed = per_channel.contiguous().clone()
+        # float64 on every rank, as the forward exchange: ranks whose inputs differ in dtype
+        # (a float64 batch on one, float32 on another) work in different dtypes, and an
+        # all_reduce of unequal sizes aborts the process (gloo) or mixes bytes (NCCL)
+        summed = per_channel.to(torch.float64, copy=True).contiguous()
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
-        return summed
+        return summed.to(per_channel.dtype)
 
     def backward(self, grad_mu: Tensor, grad_var: Tensor, dev: Tensor, count,
                  plane_size: int) -> tuple[Tensor, Tensor]:
@@ -242,6 +249,14 @@ class _SyncMixin:
         group = self._sync_group()
         if group is None:
             return super().forward(input)  # the plain module, unchanged
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            # a trace / export records ops, not the collectives' meaning: it would hold the
+            # local batch statistics (checked before any collective: no rank waits on this one)
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.jit.trace / torch.export of a layer that "
+                f"synchronizes (training in a process group) would record local batch "
+                f"statistics; trace or export it in eval mode, or the plain layer "
+                f"(convert_sync's inverse: normfuse.convert(model, ...) of the original model)")
         device = next(self.parameters()).device
         self._handshake(group, device)
         merge = SyncBatchMerge(group, self.num_features, type(self).__name__)
@@ -298,15 +313,28 @@ class SyncInstanceEnhancementBatchNorm(_SyncMixin, _InstanceEnhancementBatchNorm
 
 
 SyncIEBN = SyncInstanceEnhancementBatchNorm
+# The classes convert_sync replaces (their norm + act layers too: normfuse.norm_act.SYNC_OF).
+_PLAIN_LAYERS = (BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
+                 InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
+                 InstanceEnhancementBatchNorm3d)
 
 
-def _to_sync(module: nn.Module, process_group):
+def _to_sync(module: nn.Module, process_group, skipped: list, path: str):
+    """The synchronized replacement of ``module``, or None (not a layer convert_sync takes:
+    an already synchronized one gets ``process_group``, as nn.SyncBatchNorm's conversion gives
+    its own; a subclass of a plain layer, which may compute something else, goes to
+    ``skipped``)."""
     if isinstance(module, _SyncMixin):
+        module.process_group = process_group  # (its handshake is per group: it runs again)
         return None
     from .norm_act import SYNC_OF  # noqa: PLC0415  (norm_act builds on this module)
     # A norm + act module (normfuse.norm_act, or a subclass) keeps its drop and act modules.
     act_cls = next((SYNC_OF[c] for c in type(module).__mro__ if c in SYNC_OF), None)
     post = {} if act_cls is None else {"drop": module.drop, "act": module.act}
+    if (act_cls is None and type(module) not in _PLAIN_LAYERS
+            and isinstance(module, (_BatchInstanceNorm, _InstanceEnhancementBatchNorm))):
+        skipped.append(f"{path or 'the module itself'} ({type(module).__name__})")
+        return None
     if isinstance(module, _BatchInstanceNorm):
         new = (act_cls or SyncBatchInstanceNorm)(
             module.num_features, module.eps, module.momentum, module.affine,
@@ -345,23 +373,31 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_sync: module must be an nn.Module, got "
                         f"{type(module).__name__}")
-    new = _to_sync(module, process_group)
-    if new is not None:
-        return new
-    _convert_children_sync(module, process_group, {})
-    return module
+    skipped = []
+    new = _to_sync(module, process_group, skipped, "")
+    if new is None:
+        _convert_children_sync(module, process_group, {}, skipped, "")
+    if skipped:
+        warnings.warn(f"convert_sync left {len(skipped)} normalization layer(s) as they are: "
+                      f"{', '.join(skipped)}. convert_sync takes normfuse's BIN and IEBN "
+                      "classes (exactly these) and their norm + act layers: a subclass may "
+                      "compute something else, which the synchronized layer would silently "
+                      "drop.", stacklevel=2)
+    return module if new is None else new
 
 
-def _convert_children_sync(module: nn.Module, process_group, memo: dict) -> None:
+def _convert_children_sync(module: nn.Module, process_group, memo: dict, skipped: list,
+                           prefix: str) -> None:
     # ``_modules``, not ``named_children()`` (which skips a module's second name within one
     # parent); ``memo`` (id -> replacement or None) gives a layer registered at several places
     # one synchronized replacement, installed at each, so it stays one module.
     for name, child in list(module._modules.items()):
         if child is None:
             continue
+        path = f"{prefix}.{name}" if prefix else name
         if id(child) not in memo:
-            memo[id(child)] = _to_sync(child, process_group)
+            memo[id(child)] = _to_sync(child, process_group, skipped, path)
             if memo[id(child)] is None:
-                _convert_children_sync(child, process_group, memo)
+                _convert_children_sync(child, process_group, memo, skipped, path)
         if memo[id(child)] is not None:
             setattr(module, name, memo[id(child)])

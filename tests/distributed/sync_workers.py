@@ -315,6 +315,26 @@ def check_eval_is_local(rank, world):
         assert torch.equal(sync(x), ref(x))
 
 
+def check_mixed_input_dtypes(rank, world):
+    """Ranks feeding different floating dtypes (float32 on rank 1, float64 elsewhere) to one
+    float64 model: both exchanges are float64, so the backward's all_reduce lines up (it
+    aborted the process under gloo when each rank reduced in its own dtype)."""
+    ref = randomize(BatchInstanceNorm1d(3), 4).to(F64)
+    sync = convert_sync(copy.deepcopy(ref))
+    splits = [2, 3, 1][:world]
+    full, w = data((sum(splits), 3, 4), 1), data((sum(splits), 3, 4), 2)
+    lo, n = offsets(splits)[rank], splits[rank]
+    dtype = torch.float32 if rank == 1 else F64
+    x = full[lo:lo + n].to(dtype).requires_grad_()
+    (sync(x) * w[lo:lo + n].to(dtype)).sum().backward()
+    xr = full.clone().requires_grad_()
+    with reference():
+        (ref(xr) * w).sum().backward()
+    close(x.grad, xr.grad[lo:lo + n], "mixed-dtype dx", 1e-5)
+    for (name, p), (_, pr) in zip(sync.named_parameters(), ref.named_parameters()):
+        close(all_sum(p.grad), pr.grad, f"mixed-dtype summed {name} grad", 1e-5)
+
+
 def check_errors(rank, world):
     # 1. a different number of channels on one rank: every rank raises, nothing hangs
     c = 5 if rank == 1 else 4
@@ -433,6 +453,7 @@ def build_checks(world):
         checks.append(("ddp", lambda r, w: check_ddp(r, w, [(3, 5), (2, 0)])))
     checks += [
         ("eval_is_local", check_eval_is_local),
+        ("mixed_input_dtypes", check_mixed_input_dtypes),
         ("errors", check_errors),
         ("subgroup", check_subgroup),
     ]

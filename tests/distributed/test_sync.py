@@ -234,6 +234,55 @@ def test_convert_sync_shared_layer_stays_one_module():
     assert model[2] is model[0] and model[3][0] is model[0]
 
 
+def test_convert_sync_regroups_synchronized_layers():
+    """Layers that already synchronize get the new process_group, as
+    nn.SyncBatchNorm.convert_sync_batchnorm gives its own (the docs' flow: SyncBatchNorm,
+    convert, then convert_sync(model, process_group=g))."""
+    g1, g2 = object(), object()
+    model = nn.Sequential(SyncBatchInstanceNorm(3, process_group=g1),
+                          SyncInstanceEnhancementBatchNorm(3))
+    layers = list(model)
+    assert convert_sync(model, process_group=g2) is model
+    assert [m.process_group for m in model] == [g2, g2]
+    assert list(model) == layers  # the same modules, regrouped
+
+
+def test_convert_sync_leaves_subclasses_with_a_warning():
+    """A user subclass of a plain layer may compute something else: left as it is and named,
+    as normfuse.convert does (it was replaced by the bare synchronized layer)."""
+    class Scaled(normfuse.BatchInstanceNorm2d):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    model = nn.Sequential(Scaled(3), nn.Sequential(normfuse.IEBN2d(3)))
+    with pytest.warns(UserWarning, match=r"left 1 normalization layer.*0 \(Scaled\)"):
+        convert_sync(model)
+    assert type(model[0]) is Scaled
+    assert type(model[1][0]) is SyncInstanceEnhancementBatchNorm
+    with pytest.warns(UserWarning, match="the module itself"):
+        single = Scaled(3)
+        assert convert_sync(single) is single
+
+
+@pytest.mark.parametrize("how", ["jit.trace", "export"])
+def test_trace_and_export_refused_while_synchronizing(how, monkeypatch):
+    """A trace records ops, not the collectives' meaning: it would hold local batch
+    statistics. Refused before any collective (here a faked group: no exchange may start)."""
+    m = SyncBatchInstanceNorm(3).to(torch.float64)
+    monkeypatch.setattr(SyncBatchInstanceNorm, "_sync_group", lambda self: object())
+    monkeypatch.setattr(SyncBatchInstanceNorm, "_handshake",
+                        lambda *a: pytest.fail("a collective started"))
+    x = sync_workers.data((2, 3, 4), 1)
+    before = {n: b.clone() for n, b in m.named_buffers()}
+    with pytest.raises(RuntimeError, match="synchronizes"):
+        if how == "jit.trace":
+            torch.jit.trace(m, (x,), check_trace=False)
+        else:
+            torch.export.export(m, (x,))
+    for n, b in m.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
 @pytest.mark.parametrize("to,sync_cls", [("bin", SyncBatchInstanceNorm),
                                          ("iebn", SyncInstanceEnhancementBatchNorm)])
 def test_convert_syncbatchnorm(to, sync_cls):
