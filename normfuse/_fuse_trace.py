@@ -7,9 +7,11 @@ graph: which forward made a node (``_owner``) and which ReLU, if any, is a norm 
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import copy
 import inspect
 import itertools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -36,6 +38,44 @@ class _Untraceable(Exception):
         self.reason, self.candidates, self.certain = reason, list(candidates), certain
 
 
+# Reading a real tensor's value (a buffer or tensor attribute: torch.fx proxies only parameters
+# and arguments) while tracing: the trace would freeze the branch or number it gives, and a
+# loaded checkpoint or a later update would not reach the graph.
+_VALUE_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+_tracing_threads: set = set()
+_value_reads_lock = threading.Lock()
+
+
+def _refused(name: str, original):
+    def read(tensor, *args, **kwargs):
+        if threading.get_ident() in _tracing_threads:  # other threads: as always
+            raise fx.proxy.TraceError(
+                f"its forward reads a tensor's value (Tensor.{name}), which a graph would "
+                "hold as traced")
+        return original(tensor, *args, **kwargs)
+    return read
+
+
+@contextlib.contextmanager
+def _tensor_values_unreadable():
+    """While this thread traces, reading a real tensor's value raises TraceError (the module
+    is then untraceable, and reported); torch.Tensor's methods are wrapped while any thread
+    traces, and put back after the last."""
+    with _value_reads_lock:
+        if not _tracing_threads:
+            for name in _VALUE_READS:
+                setattr(torch.Tensor, name, _refused(name, getattr(torch.Tensor, name)))
+        _tracing_threads.add(threading.get_ident())
+    try:
+        yield
+    finally:
+        with _value_reads_lock:
+            _tracing_threads.discard(threading.get_ident())
+            if not _tracing_threads:
+                for name in _VALUE_READS:
+                    delattr(torch.Tensor, name)  # torch.Tensor inherits them from TensorBase
+
+
 class _Tracer(fx.Tracer):
     """Keeps normfuse norms (and the modules in ``opaque``, by id) as leaves; remembers the
     innermost module whose forward raised."""
@@ -51,6 +91,10 @@ class _Tracer(fx.Tracer):
         # time, so the ids of such forwards' modules (``unreliable``) are not fused.
         self.not_tensors = set()
         self.unreliable = set()
+
+    def trace(self, root, concrete_args=None):
+        with _tensor_values_unreadable():
+            return super().trace(root, concrete_args)
 
     def get_fresh_qualname(self, prefix: str) -> str:
         name = super().get_fresh_qualname(prefix)
@@ -84,7 +128,10 @@ class _Tracer(fx.Tracer):
             self.unreliable.add(id(m))
             self.non_tensor_calls.add(id(m))
         try:
-            out = super().call_module(m, forward, args, kwargs)
+            # m.forward, not m(...): the hooks stay on the modules and run at run time (a graph
+            # keeps submodules as calls); run here they would get Proxies (a hook keeping its
+            # module's output would keep a Proxy) and their checks could fail the trace
+            out = super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
             if leaf and isinstance(out, fx.Proxy) and (
                     given or _returns_non_tensor(m)
                     or id(m) in self.opaque and not _annotated_tensor(m)):

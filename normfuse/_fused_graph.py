@@ -8,6 +8,7 @@ and pickles."""
 from __future__ import annotations
 
 import copy
+import dis
 import inspect
 import types
 
@@ -63,11 +64,95 @@ def _graph_keeps_forward(module: nn.Module) -> str | None:
     names = _names_read(type(module).forward)
     if "isinstance" in names or "type" in names:
         return "its forward checks types, which a Proxy standing for a tensor fails"
-    globals_ = getattr(type(module).forward, "__globals__", {})
-    plain = sorted(n for n in names if n in globals_ and isinstance(globals_[n], _CONSTANT_TYPES))
-    if plain:
-        return f"its forward reads the global {plain[0]!r}, which a graph would hold as it is"
+    return _global_reason(type(module).forward, "its forward", set())
+
+
+# Modules whose functions compute from their arguments only: a forward may call them (torch's
+# ops are recorded; math and the like on plain values give what the graph then holds, the same
+# at every call).  Any other module (``random``, ``numpy.random``, a config module) is refused.
+_STATELESS_MODULES = frozenset(("torch", "math", "operator", "functools", "itertools", "typing",
+                                "numbers", "warnings", "collections"))
+
+
+def _global_reason(function, who: str, seen: set) -> str | None:
+    """Why a graph could not follow the globals ``function`` reads (and the functions it calls
+    read, but torch's own), or None: a plain value (held as it is), an object (a config
+    ``Namespace`` or dict: its later changes would not reach the graph), or a module whose
+    results may change from call to call (``random``).  Classes and builtins are fine."""
+    if id(function) in seen:
+        return None
+    seen.add(id(function))
+    globals_ = getattr(function, "__globals__", {})
+    for name in sorted(_names_read(function) & globals_.keys()):
+        value = globals_[name]
+        if isinstance(value, types.ModuleType):
+            if value.__name__.partition(".")[0] in _STATELESS_MODULES:
+                continue
+            return (f"{who} uses the module {name!r}, whose results a graph would hold as "
+                    "traced")
+        if isinstance(value, _CONSTANT_TYPES):
+            return f"{who} reads the global {name!r}, which a graph would hold as it is"
+        if isinstance(value, types.FunctionType):
+            if (value.__module__ or "").partition(".")[0] == "torch":
+                continue
+            why = _global_reason(value, f"{who} calls {name!r}, which", seen)
+            if why is not None:
+                return why
+            continue
+        if isinstance(value, (type, types.BuiltinFunctionType)):
+            continue
+        return (f"{who} reads the global {name!r} ({type(value).__name__}), whose later "
+                "changes a graph would not see")
     return None
+
+
+def _submodule_value_read(owner: nn.Module) -> str | None:
+    """Why a graph of ``owner``'s forward would hold a plain value of a submodule it reads
+    (``self.head.temperature``: the graph holds the traced value, and setting it later changes
+    nothing), or None.  Read from the bytecode: chains of attribute loads that start at the
+    forward's ``self``; a chain the bytecode does not show plainly is not seen."""
+    forward = type(owner).forward
+    code = forward.__code__
+    if not code.co_varnames:
+        return None
+    me = code.co_varnames[0]
+    codes = [code]
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        chain = None
+        for ins in dis.get_instructions(code):
+            value = ins.argval
+            if ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) and (
+                    value == me or isinstance(value, tuple) and value and value[-1] == me):
+                chain = []
+                continue
+            if chain is not None and ins.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+                chain.append(value)
+                why = _plain_value_at(owner, chain)
+                if why is not None:
+                    return why
+                continue
+            chain = None
+    return None
+
+
+def _plain_value_at(owner: nn.Module, chain: list) -> str | None:
+    obj, path = owner, []
+    for name in chain[:-1]:
+        child = obj._modules.get(name) if isinstance(obj, nn.Module) else None
+        if child is None:
+            return None
+        obj, path = child, [*path, name]
+    name = chain[-1]
+    if not path or name in _MODULE_ATTRIBUTES or name not in vars(obj):
+        return None  # owner's own (``_shallow_graph``), nn.Module's, or not a plain attribute
+    value = vars(obj)[name]
+    if isinstance(value, (nn.Module, torch.Tensor, types.FunctionType,
+                          types.BuiltinFunctionType, types.MethodType)):
+        return None
+    return (f"its forward reads {'.'.join(path)}.{name} of a submodule, whose later changes a "
+            "graph would not see")
 
 
 def _not_replaceable(module: nn.Module) -> str | None:
@@ -157,6 +242,9 @@ def _shallow_graph(owner: nn.Module, norms: set, guard):
             return (f"its forward reads {name!r}, whose later changes would not reach a "
                     "graph")
         frozen[name] = value
+    why = _submodule_value_read(owner)
+    if why is not None:
+        return why
     if any(_relu_after(node, owner) is None for node in _norm_calls(graph, owner, norms)):
         return "its forward alone makes another graph"
     return graph, constants, frozen

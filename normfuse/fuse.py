@@ -18,12 +18,17 @@ submodule's output, which other code may take on its own.)  How the ReLU calls g
   (``_not_replaceable``: a class adding to nn.Module only ``__init__``, ``forward`` and
   constants; a forward without optional arguments, called with tensors only
   (``_Tracer.call_module`` sees every call), setting no grad mode or autocast, changing no
-  attributes and reading no mutable ones (``_shallow_graph``), checking no types, checkpointing
-  nothing and reading no plain globals (``_graph_keeps_forward``)).  Else that module stays
+  attributes and reading no mutable ones nor a submodule's plain attributes
+  (``_shallow_graph``), checking no types, checkpointing nothing and reading no globals but
+  classes, functions and stateless modules, also in the functions it calls
+  (``_graph_keeps_forward``)).  Else that module stays
   itself and the pair is left, named in the warning.  The plain values that forward reads
   (attributes, class constants) are in the graph: setting one on the GraphModule raises
   (``FusedGraphModule.__setattr__``).
 
+Forwards are traced without their modules' hooks (``_Tracer.call_module``: a hook given a Proxy
+could keep it or fail), and reading a real tensor's value (``bool``, ``item``) while tracing
+fails the trace (``_tensor_values_unreadable``: the branch or number would be frozen).
 Modules whose forward cannot be traced (data-dependent control flow, a forward that differs
 between train and eval mode, which a graph would freeze, or one traced on its own that takes
 optional arguments) are kept as leaves of the graph around them, fused on their own, and

@@ -15,9 +15,11 @@ the compiled kernels).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import io
 import pickle
+import random
 import re
 import warnings
 
@@ -1281,3 +1283,175 @@ def test_converting_a_graph_again_names_it(seed):
     with pytest.warns(UserWarning, match=r"'gn' \(in the forward of BG: it is a graph already"):
         again = normfuse.convert(fused, "assoc", fuse_relu=True)
     assert again is fused and again.gn.activation is None
+
+
+# ------------------------------------- values a graph would freeze: refused, the block stays
+_CONFIG = argparse.Namespace(mult=1.0)
+_SCALE = 1.0
+
+
+def _scaled(y):
+    return y * _SCALE
+
+
+class _ReadsGlobalObject(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.relu(self.bn(x)) * _CONFIG.mult
+
+
+class _CallsHelperReadingGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return _scaled(F.relu(self.bn(x)))
+
+
+class _Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = 1.0
+
+    def forward(self, x):
+        return x / self.t
+
+
+class _ReadsChildAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.head = _Temperature()
+
+    def forward(self, x):
+        return F.relu(self.bn(x)) / self.head.t
+
+
+class _RandomDepth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if self.training and random.random() < 0.2:
+            return x
+        return x + F.relu(self.bn(x))
+
+
+class _BufferFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("use_skip", torch.tensor(True))
+
+    def forward(self, x):
+        y = F.relu(self.bn(x))
+        if self.use_skip:
+            y = y + x
+        return y
+
+
+class _BufferFlagNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+        self.register_buffer("act", torch.tensor(True))
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.relu(y) if self.act else y
+
+    def describe(self):  # a method of its own: the model stays itself (the in-place path)
+        return "stays itself"
+
+
+def _change_config(plain, fused):
+    _CONFIG.mult = 0.5
+
+
+def _change_global(plain, fused):
+    global _SCALE
+    _SCALE = 3.0
+
+
+def _change_child(plain, fused):
+    plain[0].head.t = fused[0].head.t = 4.0
+
+
+@pytest.mark.parametrize("build,change", [(_ReadsGlobalObject, _change_config),
+                                          (_CallsHelperReadingGlobal, _change_global),
+                                          (_ReadsChildAttribute, _change_child)],
+                         ids=["global-object", "global-via-helper", "submodule-attribute"])
+def test_values_read_outside_the_block_are_not_frozen(seed, build, change):
+    """A block whose forward reads a global object, a global through a helper, or a plain
+    attribute of a submodule is not replaced by a graph (which would hold the traced value):
+    later changes reach the fused model as they reach the unfused one."""
+    global _SCALE
+    _CONFIG.mult, _SCALE = 1.0, 1.0
+    try:
+        model = nn.Sequential(build()).eval()
+        plain = normfuse.convert(copy.deepcopy(model), "bin")
+        with pytest.warns(UserWarning):  # the pair left, named
+            fused = normfuse.convert(model, "bin", fuse_relu=True)
+        assert not isinstance(fused[0], FusedGraphModule)
+        change(plain, fused)
+        x = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+    finally:
+        _CONFIG.mult, _SCALE = 1.0, 1.0
+
+
+def test_python_random_in_a_forward_is_not_frozen():
+    """Stochastic depth drawn with Python's random: a graph would keep the branch of the trace
+    (never dropping); the block stays itself and keeps drawing."""
+    random.seed(1)  # the traces draw >= 0.2
+    with pytest.warns(UserWarning):
+        fused = normfuse.convert(nn.Sequential(_RandomDepth()), "bin", fuse_relu=True)
+    x = torch.randn(2, 3, 4, 4)
+    random.seed(0)
+    assert any(torch.equal(fused(x), x) for _ in range(100))  # ~20 drops expected
+
+
+@pytest.mark.parametrize("build", [lambda: nn.Sequential(_BufferFlag()), _BufferFlagNet],
+                         ids=["replaced-block", "model-itself"])
+def test_branch_on_a_buffer_value_follows_a_loaded_checkpoint(build):
+    """A forward branching on a buffer's value: tracing reads it for real (torch.fx proxies
+    parameters and arguments only), so a trace would freeze the branch; reading a tensor's
+    value while tracing makes the module untraceable instead (reported), and a checkpoint that
+    flips the flag reaches the fused model. Other threads read tensor values as always, and
+    torch.Tensor is as it was after convert."""
+    model = build()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    with pytest.warns(UserWarning, match="reads a tensor's value"):
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert not any(n in vars(torch.Tensor) for n in ("__bool__", "item", "tolist"))
+    state = plain.state_dict()
+    for k in state:
+        if k.endswith(("use_skip", "act")):
+            state[k] = torch.tensor(False)
+    plain.load_state_dict(state)
+    fused.load_state_dict(state)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+
+
+def test_user_hooks_do_not_run_while_tracing():
+    """convert traces forwards without running the modules' hooks (a graph keeps submodules as
+    calls, so they run at run time): a hook keeping outputs got Proxies, and a hook's check
+    failed the trace, leaving the next block unfused under a misleading warning."""
+    model = resnet18().eval()
+    seen = []
+    model.layer1[0].register_forward_hook(
+        lambda mod, i, o: seen.append(type(o).__name__) if o.shape[0] > 0 else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert seen == []
+    assert fused.layer1[1].bn1.activation == "relu"
+    fused(torch.randn(1, 3, 32, 32))
+    assert seen == ["Tensor"]  # and at run time it runs
