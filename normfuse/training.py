@@ -26,17 +26,21 @@ def attach_gate_clipping(optimizer: torch.optim.Optimizer, module: nn.Module):
     return optimizer.register_step_post_hook(lambda *_: clip_gates_(module))
 
 
-def param_groups(module: nn.Module, lr: float, weight_decay: float = 0.0,
+def param_groups(module: nn.Module, lr: float, weight_decay: float | None = None,
                  gate_lr_scale: float = 10.0) -> list[dict]:
     """Optimizer parameter groups: BIN gates at ``lr * gate_lr_scale`` with no weight decay,
-    every other parameter at ``lr`` with ``weight_decay``.  Each parameter appears once."""
+    every other parameter at ``lr`` with ``weight_decay`` (None: the optimizer's own, e.g.
+    AdamW's default 1e-2 or its ``weight_decay=`` argument).  Each parameter appears once."""
     gate_ids = {id(g) for g in _gates(module)}
     gates, others = [], []
     for p in module.parameters():  # parameters() yields each shared tensor once
         (gates if id(p) in gate_ids else others).append(p)
     groups = []
     if others:
-        groups.append({"params": others, "lr": lr, "weight_decay": weight_decay})
+        group = {"params": others, "lr": lr}
+        if weight_decay is not None:  # (a group's own value overrides the optimizer's)
+            group["weight_decay"] = weight_decay
+        groups.append(group)
     if gates:
         groups.append({"params": gates, "lr": lr * gate_lr_scale, "weight_decay": 0.0})
     return groups
@@ -51,8 +55,9 @@ def update_bn(loader, model: nn.Module, device=None) -> None:
     ``nn.modules.batchnorm._BatchNorm``, which normfuse's layers are not (so that
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` and BatchNorm-only code leave them alone): it
     would leave their statistics as they were, silently.  Batches as torch's: a tensor, or a
-    list / tuple whose first element is the input; moved to ``device`` when given.  The model's
-    train / eval mode and every layer's momentum are restored."""
+    list / tuple whose first element is the input; moved to ``device`` when given.  The
+    train / eval mode of every module (a frozen layer, a Dropout left in eval) and every
+    layer's momentum are restored (torch's restores the root's mode, on every module)."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from .modules import _BatchStatsNorm
@@ -63,7 +68,7 @@ def update_bn(loader, model: nn.Module, device=None) -> None:
             momenta[module] = module.momentum
     if not momenta:
         return
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.train()
     try:
         for module in momenta:
@@ -77,4 +82,5 @@ def update_bn(loader, model: nn.Module, device=None) -> None:
     finally:
         for module, momentum in momenta.items():
             module.momentum = momentum
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

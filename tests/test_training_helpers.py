@@ -133,9 +133,23 @@ def test_param_groups_scale_and_defaults(nf):
                 assert g["weight_decay"] == 0.0
             else:
                 assert g["lr"] == pytest.approx(0.2)
-                assert g.get("weight_decay", 0.0) == 0.0
+                assert "weight_decay" not in g  # the optimizer's own
     opt = torch.optim.Adam(groups)
     assert len(opt.param_groups) == len(groups)
+
+
+def test_param_groups_leave_weight_decay_to_the_optimizer_when_not_given(nf):
+    """Without weight_decay the non-gate group has none of its own: the optimizer's applies
+    (it used to be 0, silently switching off AdamW's decay); gates never decay; a given value
+    wins over the optimizer's."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nf.BatchInstanceNorm2d(4))
+    opt = torch.optim.AdamW(nf.param_groups(model, lr=1e-3), weight_decay=0.05)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(model[0].weight)]["weight_decay"] == 0.05
+    assert by_param[id(model[1].gate)]["weight_decay"] == 0.0
+    opt = torch.optim.AdamW(nf.param_groups(model, lr=1e-3, weight_decay=0.0),
+                            weight_decay=0.05)
+    assert by_param is not None and opt.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_param_groups_without_bin(nf):
@@ -189,6 +203,17 @@ def test_update_bn_on_a_converted_model_matches_torchs_on_the_original(nf):
         torch.testing.assert_close(converted[i].running_mean, original[i].running_mean)
         torch.testing.assert_close(converted[i].running_var, original[i].running_var)
         assert int(converted[i].num_batches_tracked) == 2
+
+
+def test_update_bn_restores_every_modules_mode(nf):
+    """A layer frozen in eval mode and a Dropout left in eval inside a training model come back
+    in eval (restoring the root's mode on every module switched them to training)."""
+    m = nn.Sequential(nf.BatchInstanceNorm2d(3), nn.Dropout(0.5), nn.BatchNorm2d(3)).train()
+    m[0].eval()
+    m[1].eval()
+    before = [c.training for c in m.modules()]
+    nf.update_bn([torch.randn(4, 3, 5, 5)], m)
+    assert [c.training for c in m.modules()] == before
 
 
 def test_update_bn_without_batch_statistics_is_a_no_op(nf):
