@@ -199,8 +199,8 @@ def _check_warnings(checks):
     for c in report.failed_checks(checks):
         print(f"CHECK FAILED: {c['impl']} disagrees with the composition on {c['layer']} "
               f"{c['shape']} {c['dtype']} {c['format']} ({c['check']}): "
-              f"{c.get('max_abs_diff') if c.get('error') is None else c['error']} "
-              f"(tol {c['tol']:.3g})", file=sys.stderr)
+              f"{c.get('max_abs_diff') if c.get('error') is None else c['error']}"
+              + ("" if c.get("tol") is None else f" (tol {c['tol']:.3g})"), file=sys.stderr)
 
 
 if __name__ == "__main__":

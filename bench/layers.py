@@ -147,8 +147,8 @@ def build(impl: Impl, layer: str, c: int, g: int, source: nn.Module,
                 if value is None:
                     value = getattr(source, f"{name}_bias")
                 getattr(mod, name).copy_(value.reshape(-1))
-        if impl.relu:
-            mod = nn.Sequential(mod, nn.ReLU())
+        if impl.relu:  # the pair a ResNet has (torchvision's ReLUs are in place)
+            mod = nn.Sequential(mod, nn.ReLU(inplace=True))
     else:
         embed = source.encoder.shape[0] if layer == "assoc" else None
         mod = comp.load_params_from(_composition(layer, c, g, embed), source)

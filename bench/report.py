@@ -254,8 +254,9 @@ def checks_markdown(checks: List[dict]) -> str:
     loudly (their timings are of a different function)."""
     bad = failed_checks(checks)
     if not bad:
-        return (f"\nAgreement with the composition: all {len(checks)} checks pass (forward in "
-                "every dtype and layout, input gradient in float32; checks.csv).\n")
+        return (f"\nAgreement with the composition: all {len(checks)} checks pass (forward and "
+                "input gradient in every dtype and layout, float16 / bfloat16 against the "
+                "composition in float32; parameter gradients in float32; checks.csv).\n")
     cols = ["layer", "shape", "dtype", "format", "impl", "check", "max_abs_diff", "tol",
             "error"]
     return (f"\n**CHECKS FAILED: {len(bad)} of {len(checks)}** agreement checks with the "
