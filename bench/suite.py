@@ -281,7 +281,6 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
         names = ([n for n, p in mod.named_parameters() if p.requires_grad]
                  if impl.kind == "normfuse" and not low else [])
         expected = torch.relu(ref) if impl.relu else ref
-        checks = []
         try:
             with impl.context(), torch.set_grad_enabled(leaf.requires_grad):
                 y = mod(leaf)
