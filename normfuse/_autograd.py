@@ -50,6 +50,19 @@ def ilm_devices(devices: int) -> int:
 def _ilm_ops(ops, config):
     """``ops`` where its ILM kernels are trusted (``_ILM_KERNELS``), else the reference."""
     return ops if config.backend in _ILM_KERNELS else torch_backend
+# The Triton AssocNorm coefficient kernels hold a sample's groups in one tile of at most this
+# many (triton_kernels/heuristics.py, ASSOC_BLOCKS): a layer with more groups runs that one
+# O(N * C) step with the reference (PyTorch ops), its full-size passes still Triton's.
+TRITON_ASSOC_MAX_GROUPS = 64
+
+
+def _assoc_ops(ops, config):
+    """``ops``, or the reference where the Triton AssocNorm kernels do not reach."""
+    if config.backend == "triton" and config.num_groups > TRITON_ASSOC_MAX_GROUPS:
+        return torch_backend
+    return ops
+
+
 # Their PyTorch-ops coefficient steps, which take a ``merge`` (the synchronized layers').
 _REFERENCE = {"bin": (bin_coefficients, bin_coefficients_backward),
               "iebn": (iebn_coefficients, iebn_coefficients_backward)}
@@ -94,7 +107,8 @@ def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_va
         op = getattr(ops, f"{layer}_coefficients")
         return op(mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.momentum, config.eps, num_batches_tracked)
-    op = _ilm_ops(ops, config).ilm_coefficients if layer == "ilm" else ops.assoc_coefficients
+    op = (_ilm_ops(ops, config).ilm_coefficients if layer == "ilm"
+          else _assoc_ops(ops, config).assoc_coefficients)
     return op(mean, m2, plane, config.num_groups, *params, config.eps)
 
 
@@ -110,7 +124,7 @@ def _coefficients_backward(ops, config, g1, g2, mean, m2, plane, params, running
         return op(g1, g2, mean, m2, plane, *params, running_mean, running_var, config.training,
                   config.eps)
     op = (_ilm_ops(ops, config).ilm_coefficients_backward if layer == "ilm"
-          else ops.assoc_coefficients_backward)
+          else _assoc_ops(ops, config).assoc_coefficients_backward)
     return op(g1, g2, mean, m2, plane, config.num_groups, *params, config.eps)
 
 

@@ -1,6 +1,7 @@
 """AssocNorm's limits on the Triton backend, through the public module: ``num_groups`` up to 64
-runs (the group tile of heuristics.ASSOC_BLOCKS), more is refused with a clear error naming the
-size (docs/architecture.md, "Triton backend"); the hidden size (``embed_dim``) has no limit (the
+runs in the coefficient kernels (the group tile of heuristics.ASSOC_BLOCKS), more runs the
+reference coefficient step (the op refuses it, naming the size; docs/architecture.md, "Triton
+backend"); the hidden size (``embed_dim``) has no limit (the
 kernels walk it in chunks of ``M_CHUNK``), checked past one chunk and not a multiple of it."""
 from __future__ import annotations
 
@@ -31,9 +32,36 @@ def test_assoc_supported_sizes(groups, channels, embed_dim):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-def test_assoc_more_than_64_groups_are_refused():
+@pytest.mark.parametrize("setting", ["triton", "auto"])
+def test_assoc_more_than_64_groups_run_the_reference_coefficient_step(monkeypatch, setting):
+    """More groups than the coefficient kernels' tile: the layer runs that O(N * C) step with
+    the reference (the streaming passes stay Triton's) instead of raising, also where "auto"
+    picks Triton (a GPU without the compiled CUDA ops); the op itself still refuses them."""
+    from normfuse import _autograd
+    from normfuse.triton_kernels import heuristics
+    assert _autograd.TRITON_ASSOC_MAX_GROUPS == heuristics.ASSOC_BLOCKS[-1]
+    m = normfuse.AssocNorm(65, 130, embed_dim=8).to(DEVICE)
+    with torch.no_grad():
+        for p in (m.decoder_mean, m.decoder_var):  # (zero at first: exercise the meta network)
+            p.copy_(0.3 * torch.randn(p.shape, device=DEVICE))
+    x = torch.randn(2, 130, 3, device=DEVICE, requires_grad=True)
+    if setting == "auto":
+        monkeypatch.setattr(normfuse.backends, "_auto", lambda x: "triton")
+    with normfuse.use_backend(setting):
+        assert normfuse.resolve_backend(x) == "triton"
+        y = m(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+    with normfuse.use_backend("torch"):
+        y_ref = m(x)
+        g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *m.parameters()])
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    mean = torch.randn(2, 130, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"num_groups <= 64, got 65"):
-        _run(65, 130, 8)
+        torch.ops.normfuse_triton.assoc_coefficients(
+            mean, mean.abs(), 3, 65, m.encoder.detach(), m.decoder_mean.detach(),
+            m.decoder_var.detach(), m.weight.detach(), m.bias.detach(), 1e-5)
 
 
 @pytest.mark.parametrize("shape,channels_last", [
