@@ -62,7 +62,9 @@ def pre_activation(x, mean, scale, shift):
 
 @triton.jit
 def relu_mask(dy, v):
-    """``dy`` where ``v > 0``, else 0 (ReLU's derivative, 0 at 0 and for NaN, as torch's)."""
+    """``dy`` where ``v > 0``, else 0 (ReLU's derivative, 0 at 0 as torch's; 0 for a NaN ``v``
+    too, where torch passes ``dy``: a NaN pre-activation comes from a non-finite plane mean,
+    whose plane's gradient is NaN either way)."""
     return tl.where(v > 0, dy, 0.0)
 
 
