@@ -35,11 +35,14 @@ FLAGS = {"affine_apply": "RELU", "backward_sums": "MASK", "backward_apply": "MAS
 
 
 def specs(quick: bool = False):
-    """Every ``(kernel, dtype, constexprs, num_warps)`` to compile (dtype None: statistics only,
-    float32).  Every configuration includes both values of the kernel's fused-ReLU flag
-    (``FLAGS``).  ``quick``: every kernel in every configuration, but the streaming kernels with
-    float32 data only, except the two apply kernels (all dtypes: their 128-bit accesses are
-    checked per dtype)."""
+    """Every ``(kernel, dtype, constexprs, num_warps, aligned)`` to compile (dtype None:
+    statistics only, float32).  Every configuration includes both values of the kernel's
+    fused-ReLU flag (``FLAGS``).  The streaming kernels also compile unaligned (``aligned``
+    False: no size is a multiple of 16, as Triton specializes a call where L or C is not, e.g.
+    7x7 and 14x14 planes, or channels-last C = 24), in float32: the variant with the most
+    registers, which must not spill either.  ``quick``: every kernel in every configuration,
+    but the streaming kernels with float32 data only, except the two apply kernels (all dtypes:
+    their 128-bit accesses are checked per dtype)."""
     from . import heuristics as h  # noqa: PLC0415
     out = []
     for cfg in h.all_stream_configs():
@@ -50,20 +53,23 @@ def specs(quick: bool = False):
                 if quick and dtype != "float32" and name not in LDG128_REQUIRED:
                     continue
                 for flag in flags:
-                    out.append((name, dtype, {**flag, **meta}, cfg.num_warps))
+                    out.append((name, dtype, {**flag, **meta}, cfg.num_warps, True))
+                    if dtype == "float32":
+                        out.append((name, dtype, {**flag, **meta}, cfg.num_warps, False))
     for cfg in h.all_coeff_configs():
         for name in COEFF_KERNELS:
-            out.append((name, None, dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c), cfg.num_warps))
+            out.append((name, None, dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c),
+                        cfg.num_warps, True))
     for cfg in h.all_assoc_configs():
         for name in ASSOC_KERNELS:
             out.append((name, None, dict(BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg),
-                        cfg.num_warps))
+                        cfg.num_warps, True))
     for cfg in h.all_ilm_configs():
         for name in ILM_KERNELS:
             out.append((name, None, dict(BLOCK_K=cfg.block_k, BLOCK_CK=cfg.block_ck,
                                          BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg,
                                          E_CHUNK=cfg.e_chunk),
-                        cfg.num_warps))
+                        cfg.num_warps, True))
     return out
 
 
@@ -72,7 +78,8 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_one(name: str, dtype, constexprs: dict, num_warps: int, arch: int) -> dict:
+def compile_one(name: str, dtype, constexprs: dict, num_warps: int, aligned: bool,
+                arch: int) -> dict:
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
@@ -92,7 +99,7 @@ def compile_one(name: str, dtype, constexprs: dict, num_warps: int, arch: int) -
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg in ALIGNED_INTS:
+            if arg in ALIGNED_INTS and aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -108,7 +115,7 @@ def compile_one(name: str, dtype, constexprs: dict, num_warps: int, arch: int) -
     finally:
         os.unlink(path)
     res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    return dict(kernel=name, dtype=dtype, arch=arch, num_warps=num_warps,
+    return dict(kernel=name, dtype=dtype, arch=arch, num_warps=num_warps, aligned=aligned,
                 constexprs={k: v for k, v in constexprs.items()},
                 regs=int(res["REG"]), stack=int(res["STACK"]), local=int(res["LOCAL"]),
                 shared=int(res["SHARED"]), ldg128=sass.count("LDG.E.128"),
