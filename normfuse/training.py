@@ -26,11 +26,15 @@ def attach_gate_clipping(optimizer: torch.optim.Optimizer, module: nn.Module):
     return optimizer.register_step_post_hook(lambda *_: clip_gates_(module))
 
 
-def param_groups(module: nn.Module, lr: float, weight_decay: float | None = None,
+def param_groups(module: nn.Module, lr: float, weight_decay: float | None = 0.0,
                  gate_lr_scale: float = 10.0) -> list[dict]:
     """Optimizer parameter groups: BIN gates at ``lr * gate_lr_scale`` with no weight decay,
-    every other parameter at ``lr`` with ``weight_decay`` (None: the optimizer's own, e.g.
-    AdamW's default 1e-2 or its ``weight_decay=`` argument).  Each parameter appears once."""
+    every other parameter at ``lr`` with ``weight_decay``.  Each parameter appears once.
+
+    The groups carry their own weight decay, which overrides the optimizer's: pass the decay
+    here (``param_groups(model, lr, weight_decay=0.05)``), not to the optimizer (the default
+    0.0, issue 2's signature, would silently switch off AdamW's); ``weight_decay=None`` leaves
+    the other parameters' group without one, so the optimizer's own applies."""
     gate_ids = {id(g) for g in _gates(module)}
     gates, others = [], []
     for p in module.parameters():  # parameters() yields each shared tensor once

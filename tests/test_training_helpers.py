@@ -133,23 +133,22 @@ def test_param_groups_scale_and_defaults(nf):
                 assert g["weight_decay"] == 0.0
             else:
                 assert g["lr"] == pytest.approx(0.2)
-                assert "weight_decay" not in g  # the optimizer's own
+                assert g["weight_decay"] == 0.0
     opt = torch.optim.Adam(groups)
     assert len(opt.param_groups) == len(groups)
 
 
-def test_param_groups_leave_weight_decay_to_the_optimizer_when_not_given(nf):
-    """Without weight_decay the non-gate group has none of its own: the optimizer's applies
-    (it used to be 0, silently switching off AdamW's decay); gates never decay; a given value
-    wins over the optimizer's."""
+def test_param_groups_weight_decay_none_leaves_it_to_the_optimizer(nf):
+    """weight_decay=None: the non-gate group has none of its own, so the optimizer's applies;
+    gates never decay; a given value (the default 0.0 too) wins over the optimizer's."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nf.BatchInstanceNorm2d(4))
-    opt = torch.optim.AdamW(nf.param_groups(model, lr=1e-3), weight_decay=0.05)
+    opt = torch.optim.AdamW(nf.param_groups(model, lr=1e-3, weight_decay=None),
+                            weight_decay=0.05)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     assert by_param[id(model[0].weight)]["weight_decay"] == 0.05
     assert by_param[id(model[1].gate)]["weight_decay"] == 0.0
-    opt = torch.optim.AdamW(nf.param_groups(model, lr=1e-3, weight_decay=0.0),
-                            weight_decay=0.05)
-    assert by_param is not None and opt.param_groups[0]["weight_decay"] == 0.0
+    opt = torch.optim.AdamW(nf.param_groups(model, lr=1e-3), weight_decay=0.05)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_param_groups_without_bin(nf):
