@@ -245,6 +245,10 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
     ``max_abs_diff`` is then the largest difference relative to the element's magnitude, at
     least 1, and ``tol`` that many eps).  A contender that does not agree does not compute the
     same layer, and the report says so next to its timings (``report.failed_checks``).
+    A ``compiled`` contender (the composition through torch.compile: it computes in the low
+    dtype too, rounding its intermediates) is checked, forward only, against the eager
+    composition in its dtype, within ``LOW_PRECISION_GLOBAL_UNITS`` eps of the output's
+    largest magnitude (at least 1).
 
     A fused-ReLU contender's gradient is checked against the composition's backward for ``dy``
     masked where the contender's own output is 0: which side of 0 a pre-activation within
@@ -275,7 +279,11 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
         return (got - want).abs().max().item()
 
     eps = torch.finfo(x.dtype).eps
+    if low and "composition" in mods:
+        res += _check_compiled_low(key, [i for i in ours if i.kind == "compiled"], mods, x, eps)
     for impl in ours:
+        if low and impl.kind == "compiled":
+            continue
         mod = mods[impl.name]
         leaf = x.detach().requires_grad_(impl.kind == "normfuse")
         names = ([n for n, p in mod.named_parameters() if p.requires_grad]
@@ -302,6 +310,28 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
                                 agrees=bool(err <= tol)))
         except Exception as exc:
             res.append(dict(key, impl=impl.name, check="fwd+bwd", max_abs_diff=None, tol=None,
+                            agrees=False, error=_err(exc)))
+    return res
+
+
+LOW_PRECISION_GLOBAL_UNITS = 8.0
+
+
+def _check_compiled_low(key, compiled, mods, x, eps) -> List[dict]:
+    """``_check``'s float16 / bfloat16 forward check of the compiled compositions."""
+    res = []
+    with torch.no_grad():
+        ref = mods["composition"](x).float()
+    tol = LOW_PRECISION_GLOBAL_UNITS * eps * max(1.0, ref.abs().max().item())
+    for impl in compiled:
+        try:
+            with impl.context(), torch.no_grad():
+                want = torch.relu(ref) if impl.relu else ref
+                err = (mods[impl.name](x).float() - want).abs().max().item()
+            res.append(dict(key, impl=impl.name, check="fwd", max_abs_diff=err, tol=tol,
+                            agrees=bool(err <= tol)))
+        except Exception as exc:
+            res.append(dict(key, impl=impl.name, check="fwd", max_abs_diff=None, tol=None,
                             agrees=False, error=_err(exc)))
     return res
 
