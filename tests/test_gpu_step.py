@@ -12,6 +12,10 @@
 * ``test_cuda_graph_replay_matches_eager``: one layer forward + backward captured in a CUDA
   graph, replayed on a new input, gives bitwise what the same step gives eagerly: output, input
   and parameter gradients, running statistics and ``num_batches_tracked``.
+* ``test_reduce_overhead_compile_with_a_growing_batch_matches_eager``: cudagraph trees
+  (``torch.compile(mode="reduce-overhead")``) around AssocNorm steps whose batch grows, with the
+  trees' slow-path asserts on: the persistent counters must not live in the graph pool
+  unaccounted for (a review finding, unverified until a GPU runs it).
 
 Without a CUDA device every test here is skipped.  Warm-up steps (first kernel launches,
 Triton compilation, the allocator's first blocks, the persistent zeroed counters) run outside
@@ -188,3 +192,40 @@ def test_cuda_graph_replay_matches_eager(backend, lid, factory, channels_last, t
         assert torch.equal(g, r), f"{lid}: gradient {k} differs from eager"
     for (name, b), (_, r) in zip(m.named_buffers(), ref.named_buffers()):
         assert torch.equal(b, r), f"{lid}: buffer {name} differs from eager"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_reduce_overhead_compile_with_a_growing_batch_matches_eager(backend):
+    """torch.compile(mode="reduce-overhead") (cudagraph trees) of AssocNorm training steps, the
+    batch growing from 8 to 128: the trees warm up eagerly on their own stream with its
+    allocations routed to the graph pool, where the persistent zeroed counters
+    (csrc/cuda/persistent_counters.cpp, keyed by device and stream; the AssocNorm backward uses
+    one per sample) would then be allocated, and grown, unaccounted for: the trees' pool
+    checkpoints could hand their memory to graph tensors, leaving the counters non-zero and
+    the split reductions silently wrong (a review finding, unverified on a GPU). The trees'
+    slow-path asserts report such allocations; the results must match eager."""
+    import torch._inductor.config as inductor_config
+    m = _module(lambda: normfuse.AssocNorm(4, 16))
+    ref = copy.deepcopy(m)
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+
+    def step(module, ps, x, dy):
+        x = x.detach().requires_grad_(True)
+        y = module(x)
+        return (y,) + torch.autograd.grad(y, [x] + ps, dy)
+
+    with normfuse.use_backend(backend), \
+            inductor_config.patch({"triton.slow_path_cudagraph_asserts": True}):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, mode="reduce-overhead")
+        for batch in (8, 8, 8, 128, 128, 128, 8):
+            g = torch.Generator(device="cpu").manual_seed(batch)
+            x = (torch.randn(batch, 16, 6, 5, generator=g) + 0.5).cuda()
+            dy = torch.randn(x.shape, generator=g).cuda()
+            got = [t.clone() for t in step(compiled, params, x, dy)]
+            want = step(ref, ref_params, x, dy)
+            for k, (a, b) in enumerate(zip(got, want)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
+                                           msg=f"batch {batch}, output {k}")
+    torch._dynamo.reset()
