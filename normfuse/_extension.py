@@ -332,7 +332,32 @@ FAKES = {
     "ilm_layer_backward": functools.partial(_meta_layer_backward_fake, "ilm"),
 }
 assert set(FAKES) == set(OP_NAMES)
+# The ops whose first argument is (N, C) statistics; the others' is the input (or its gradient).
+_STATISTICS_FIRST = frozenset(
+    name for name in FAKES if name.endswith(("_coefficients", "_coefficients_backward"))
+    and not name.startswith(("bin_moments", "iebn_moments", "bin_sums", "iebn_sums")))
+
+
+def _with_cuda_dtypes(name, fake):
+    """``fake`` that also refuses the dtypes the CUDA kernels refuse (float64 inputs, statistics
+    other than float32), as the CUDA ops do: a direct op call under torch.compile then fails
+    while tracing, with the op's message, instead of at run time."""
+    statistics = name in _STATISTICS_FIRST
+
+    @functools.wraps(fake)
+    def checked(first, *args, **kwargs):
+        if first.device.type == "cuda":
+            if statistics and first.dtype != torch.float32:
+                raise RuntimeError(f"normfuse.{name}: the CUDA kernels take float32 statistics, "
+                                   f"got {first.dtype} (float64 runs on the CPU backend)")
+            if not statistics and first.dtype == torch.float64:
+                raise RuntimeError(f"normfuse.{name}: float64 is not supported by the CUDA "
+                                   "kernels (use float32, float16 or bfloat16 on the GPU, or "
+                                   "the CPU backend for float64)")
+        return fake(first, *args, **kwargs)
+    return checked
+
 
 if HAS_CPU_KERNELS:
     for _name, _fn in FAKES.items():
-        torch.library.register_fake(f"normfuse::{_name}", _fn)
+        torch.library.register_fake(f"normfuse::{_name}", _with_cuda_dtypes(_name, _fn))

@@ -266,6 +266,26 @@ def test_fake_outputs_have_the_real_strides():
         assert fake.stride() == real.stride(), name
 
 
+def test_fake_impls_refuse_what_the_cuda_kernels_refuse():
+    """On CUDA tensors the fakes refuse float64 inputs and statistics other than float32, with
+    the CUDA ops' messages: a direct op call under torch.compile fails while tracing, not at run
+    time (FakeTensorMode makes CUDA tensors without a GPU). CPU float64 and CUDA float32 trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x64 = torch.empty(2, 3, 4, device="cuda", dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="moments: float64 is not supported by the CUDA"):
+            ops.moments(x64)
+        with pytest.raises(RuntimeError, match="bin_layer_forward: float64 is not supported"):
+            ops.bin_layer_forward(x64, *[torch.empty(3, device="cuda")] * 3, None, None, True,
+                                  0.1, 1e-5, None)
+        st = torch.empty(2, 3, device="cuda", dtype=torch.float64)
+        net = [torch.empty(1, 1, device="cuda")] * 3 + [torch.empty(3, device="cuda")] * 2
+        with pytest.raises(RuntimeError, match="assoc_coefficients: the CUDA kernels take float32"):
+            ops.assoc_coefficients(st, st, 4, 1, *net, 1e-5)
+        for x in (torch.empty(2, 3, 4, device="cuda"), torch.empty(2, 3, 4, dtype=torch.float64)):
+            assert [t.dtype for t in ops.moments(x)] == [x.dtype] * 2
+
+
 def test_fake_impls_check_devices():
     """One meta tensor among CPU tensors dispatches the whole call to the fake (Meta outranks
     CPU). Found by fuzzing: the fakes returned uninitialised CPU tensors there, with the running
