@@ -432,11 +432,15 @@ def _views(rank, c, seed, device):
         out.append(("chan_step", (4, 2 * c, 5), lambda b: b[:, ::2]))
         out.append(("transposed_sliced", (4, 7, c), lambda b: b.transpose(1, 2)[:, :, 1:]))
         out.append(("last_step", (4, c, 9), lambda b: b[..., ::2]))
+        out.append(("nlc_channel_slice", (4, 5, 2 * c), lambda b: b.transpose(1, 2)[:, 1:c + 1]))
     elif rank == 4:
         out.append(("chan_step", (3, 2 * c, 4, 3), lambda b: b[:, ::2]))
         out.append(("transposed_sliced", (3, 4, c, 5), lambda b: b.transpose(1, 2)[..., 1:]))
         out.append(("spatial_step", (3, c, 4, 7), lambda b: b[:, :, 1:, ::2]))
         out.append(("batch_step", (6, c, 3, 3), lambda b: b[::2]))
+        # a channel slice of an NHWC tensor (ShuffleNet's split in channels-last): C innermost
+        out.append(("nhwc_channel_slice", (3, 4, 3, 2 * c),
+                    lambda b: b.permute(0, 3, 1, 2)[:, c:]))
     else:
         out.append(("chan_step", (2, 2 * c, 3, 2, 3), lambda b: b[:, ::2]))
         out.append(("transposed_sliced", (2, 3, c, 4, 2),
@@ -444,7 +448,7 @@ def _views(rank, c, seed, device):
     return out
 
 
-VIEW_CASES = [(rank, i) for rank, n in [(2, 2), (3, 3), (4, 4), (5, 2)] for i in range(n)]
+VIEW_CASES = [(rank, i) for rank, n in [(2, 2), (3, 4), (4, 5), (5, 2)] for i in range(n)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -469,6 +473,22 @@ def test_strided_views(nf, backend, device, seed, kind, rank, view_index, traini
 
     run_and_check(m, x, dy, torch.float32, f"{kind} {name}", grad_wrt=(leaf, xin),
                   expected_dx=expected_dx)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_channel_slice_of_channels_last_stays_channels_last(nf, backend, device, seed, kind):
+    """A channel slice of an NHWC tensor (C innermost, not dense) is copied in channels-last,
+    not transposed to NCHW: output and input gradient channels-last, as nn.BatchNorm2d's output
+    is there (a channels-last model keeps its layout)."""
+    base = make_input((3, 4, 5, 12), seed, torch.float32, device).permute(0, 3, 1, 2)
+    x = base[:, 6:].detach().requires_grad_()
+    m = prepare(make_layer(nf, kind, tuple(x.shape)), seed, device, True)
+    y = m(x)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    for what, t in (("output", y), ("input gradient", dx)):
+        assert t.is_contiguous(memory_format=torch.channels_last), (what, t.stride())
+    cl = torch.nn.BatchNorm2d(6).to(device)(x)
+    assert cl.is_contiguous(memory_format=torch.channels_last)  # torch's own choice there
 
 
 # ----------------------------------------------------------------------- running statistics
