@@ -304,6 +304,8 @@ class FusedGraphModule(fx.GraphModule):
         _adopt(res, state)
         _keep_own(res, state)  # (GraphModule's __deepcopy__ runs GraphModule.__init__)
         res.training = self.training
+        # ... which names its per-instance class "GraphModule": the traced class's name again
+        type(res).__name__ = type(self).__name__
         return res
 
     def __copy__(self):  # (GraphModule's: a plain GraphModule of what its code references;

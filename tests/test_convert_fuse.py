@@ -417,6 +417,7 @@ def test_state_dict_round_trip_and_copies(fuse_backend, seed):
     # deepcopy: the whole tree, the same keys and numbers, independent state.
     twin = copy.deepcopy(fused)
     assert type(twin) is not type(fused) and isinstance(twin, fx.GraphModule)
+    assert type(twin).__name__ == type(fused).__name__ != "GraphModule"  # (a name to select by)
     assert _fused_norms(twin) == FUSED_IN_PATTERNS
     _assert_same_state(twin, fused, "deepcopy")
     assert twin.bns[0].weight is not fused.bns[0].weight
