@@ -65,6 +65,8 @@ NORMFUSE_AOT_ARCHS=90 "$py" -m pytest -q -p no:cacheprovider -n auto --dist load
   tests/test_ilm.py \
   tests/test_error_contract.py \
   "tests/csrc/test_generic_ops.py::test_opcheck" \
+  "tests/csrc/test_layer_direction_ops.py::test_opcheck" \
+  "tests/csrc/test_layer_direction_ops.py::test_meta_opcheck" \
   "tests/csrc/test_coefficients_ops.py::test_opcheck" \
   "tests/csrc/test_coefficients_ops.py::test_opcheck_with_counter" \
   "tests/csrc/test_coefficients_ops.py::test_batch_counter_cpu" \

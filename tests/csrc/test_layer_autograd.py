@@ -411,3 +411,37 @@ def test_empty_plane_is_refused_by_the_layer_op_by_name(name, build, node):
         _op_call(name, m, torch.randn(3, C, 0, device=_DEV))
     if counter is not None:
         assert torch.equal(m.num_batches_tracked, counter)
+
+
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_whole_layer_ops_opcheck(layout, relu):
+    """torch.library.opcheck of the whole-layer ops the one-call module path runs (schema,
+    fake / meta, autograd registration, AOT dispatch), on the device of the test; also run on
+    the lowest supported torch (.ci/lowest_torch.sh)."""
+    ops = torch.ops.normfuse
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 8, 4, 5, generator=g) + 0.5).to(_DEV)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def vec(scale=0.3, shift=1.0):
+        return (torch.randn(8, generator=g) * scale + shift).to(_DEV).requires_grad_()
+
+    for training in (True, False):
+        stats = ((torch.randn(8, generator=g) * 0.1).to(_DEV),
+                 (torch.rand(8, generator=g) + 0.5).to(_DEV))
+        nbt = torch.tensor(2, device=_DEV)
+        torch.library.opcheck(ops.bin_layer.default, (
+            x, vec(0.2, 0.5), vec(), vec(0.3, 0.0), *stats, training, 0.1, 1e-5, nbt, relu))
+        torch.library.opcheck(ops.iebn_layer.default, (
+            x, vec(0.5, 0.0), vec(0.5, 0.0), vec(), vec(0.3, 0.0), *stats, training, 0.1,
+            1e-5, nbt, relu))
+    net = [(torch.randn(*shape, generator=g) * 0.4).to(_DEV).requires_grad_()
+           for shape in ((2, 4), (4, 2), (4, 2))]
+    torch.library.opcheck(ops.assoc_layer.default, (x, 4, *net, vec(), vec(0.3, 0.0), 1e-5, relu))
+    ilm_net = [(torch.randn(*shape, generator=g) * 0.4).to(_DEV).requires_grad_()
+               for shape in ((2, 2), (2, 2), (2, 2))]  # key groups of 4 channels: K = 2
+    torch.library.opcheck(ops.ilm_layer.default, (x, 4, *ilm_net, vec(), vec(0.3, 0.0), 1e-5,
+                                                  relu))
