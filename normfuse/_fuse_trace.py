@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .modules import _Activation, _has_hooks
@@ -42,17 +43,20 @@ class _Untraceable(Exception):
 # and arguments) while tracing: the trace would freeze the branch or number it gives, and a
 # loaded checkpoint or a later update would not reach the graph.
 _VALUE_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
-_tracing_threads: set = set()
+_tracing_depth: dict = {}  # thread id -> how many traces it is inside
 _value_reads_lock = threading.Lock()
+_saved_reads: dict = {}  # name -> what torch.Tensor's own __dict__ held (_MISSING: nothing)
+_MISSING = object()
 
 
 def _refused(name: str, original):
     def read(tensor, *args, **kwargs):
-        if threading.get_ident() in _tracing_threads:  # other threads: as always
+        if _tracing_depth.get(threading.get_ident()):  # other threads: as always
             raise fx.proxy.TraceError(
                 f"its forward reads a tensor's value (Tensor.{name}), which a graph would "
                 "hold as traced")
         return original(tensor, *args, **kwargs)
+    read.normfuse_wrapper = True
     return read
 
 
@@ -60,20 +64,37 @@ def _refused(name: str, original):
 def _tensor_values_unreadable():
     """While this thread traces, reading a real tensor's value raises TraceError (the module
     is then untraceable, and reported); torch.Tensor's methods are wrapped while any thread
-    traces, and put back after the last."""
+    traces (nested traces counted per thread), and what was there before is put back after the
+    last (unless someone replaced the wrapper meanwhile: then theirs stays)."""
+    me = threading.get_ident()
     with _value_reads_lock:
-        if not _tracing_threads:
+        if not any(_tracing_depth.values()):
             for name in _VALUE_READS:
+                _saved_reads[name] = vars(torch.Tensor).get(name, _MISSING)
                 setattr(torch.Tensor, name, _refused(name, getattr(torch.Tensor, name)))
-        _tracing_threads.add(threading.get_ident())
+        _tracing_depth[me] = _tracing_depth.get(me, 0) + 1
     try:
         yield
     finally:
         with _value_reads_lock:
-            _tracing_threads.discard(threading.get_ident())
-            if not _tracing_threads:
+            _tracing_depth[me] -= 1
+            if not _tracing_depth[me]:
+                del _tracing_depth[me]
+            if not _tracing_depth:
                 for name in _VALUE_READS:
-                    delattr(torch.Tensor, name)  # torch.Tensor inherits them from TensorBase
+                    if getattr(vars(torch.Tensor).get(name), "normfuse_wrapper", False):
+                        saved = _saved_reads.pop(name, _MISSING)
+                        if saved is _MISSING:
+                            delattr(torch.Tensor, name)  # inherited from TensorBase
+                        else:
+                            setattr(torch.Tensor, name, saved)
+
+
+def _hooked_output(value):
+    """Marks, in a trace, the output of a module with hooks traced through (never run: the
+    graphs that run keep such a module as a call): a hook may change what its module returns,
+    so no norm -> ReLU pair may pass through it."""
+    return value
 
 
 class _Tracer(fx.Tracer):
@@ -132,6 +153,10 @@ class _Tracer(fx.Tracer):
             # keeps submodules as calls); run here they would get Proxies (a hook keeping its
             # module's output would keep a Proxy) and their checks could fail the trace
             out = super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
+            if not leaf and _has_hooks(m):  # (a pass-through module adds no node of its own)
+                out = pytree.tree_map(
+                    lambda v: self.create_proxy("call_function", _hooked_output, (v,), {})
+                    if isinstance(v, fx.Proxy) else v, out)
             if leaf and isinstance(out, fx.Proxy) and (
                     given or _returns_non_tensor(m)
                     or id(m) in self.opaque and not _annotated_tensor(m)):

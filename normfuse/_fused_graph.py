@@ -69,37 +69,68 @@ def _graph_keeps_forward(module: nn.Module) -> str | None:
 
 # Modules whose functions compute from their arguments only: a forward may call them (torch's
 # ops are recorded; math and the like on plain values give what the graph then holds, the same
-# at every call).  Any other module (``random``, ``numpy.random``, a config module) is refused.
+# at every call).  Any other module (``random``, a config module) is refused, and numpy's
+# ``random`` too.
 _STATELESS_MODULES = frozenset(("torch", "math", "operator", "functools", "itertools", "typing",
-                                "numbers", "warnings", "collections"))
+                                "numbers", "warnings", "collections", "numpy", "builtins"))
+
+
+def _globals_loaded(function) -> set:
+    """The global names ``function``'s code (and the code nested in it) loads as globals."""
+    names, codes = set(), [function.__code__]
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        names.update(ins.argval for ins in dis.get_instructions(code)
+                     if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str))
+    return names
+
+
+def _root(module_name) -> str:
+    return (module_name or "").partition(".")[0]
+
+
+def _stateless_callable(value) -> bool:
+    """A builtin, ufunc or method bound to nothing, to a class or to a stateless module
+    (``math.sqrt``, ``torch.relu``, ``numpy.sqrt``); not one bound to an object holding state
+    (``from random import random``: a method of the hidden ``Random`` instance)."""
+    if not callable(value):
+        return False
+    owner = getattr(value, "__self__", None)
+    if owner is None or isinstance(owner, type):
+        return _root(getattr(value, "__module__", None)) in _STATELESS_MODULES or isinstance(
+            value, types.BuiltinFunctionType)
+    return isinstance(owner, types.ModuleType) and _root(owner.__name__) in _STATELESS_MODULES
 
 
 def _global_reason(function, who: str, seen: set) -> str | None:
-    """Why a graph could not follow the globals ``function`` reads (and the functions it calls
-    read, but torch's own), or None: a plain value (held as it is), an object (a config
-    ``Namespace`` or dict: its later changes would not reach the graph), or a module whose
-    results may change from call to call (``random``).  Classes and builtins are fine."""
+    """Why a graph could not follow the globals ``function`` loads (and the functions it calls
+    load, but torch's own), or None: a plain value (held as it is), an object (a config
+    ``Namespace`` or dict: its later changes would not reach the graph), or a module or
+    function whose results may change from call to call (``random``, ``numpy.random``).
+    Classes and stateless functions are fine."""
     if id(function) in seen:
         return None
     seen.add(id(function))
     globals_ = getattr(function, "__globals__", {})
-    for name in sorted(_names_read(function) & globals_.keys()):
+    for name in sorted(_globals_loaded(function) & globals_.keys()):
         value = globals_[name]
         if isinstance(value, types.ModuleType):
-            if value.__name__.partition(".")[0] in _STATELESS_MODULES:
+            if _root(value.__name__) in _STATELESS_MODULES and not (
+                    _root(value.__name__) == "numpy" and "random" in _names_read(function)):
                 continue
             return (f"{who} uses the module {name!r}, whose results a graph would hold as "
                     "traced")
         if isinstance(value, _CONSTANT_TYPES):
             return f"{who} reads the global {name!r}, which a graph would hold as it is"
         if isinstance(value, types.FunctionType):
-            if (value.__module__ or "").partition(".")[0] == "torch":
+            if _root(value.__module__) in _STATELESS_MODULES:  # (torch.nn.functional's, numpy's)
                 continue
             why = _global_reason(value, f"{who} calls {name!r}, which", seen)
             if why is not None:
                 return why
             continue
-        if isinstance(value, (type, types.BuiltinFunctionType)):
+        if isinstance(value, type) or _stateless_callable(value):
             continue
         return (f"{who} reads the global {name!r} ({type(value).__name__}), whose later "
                 "changes a graph would not see")
@@ -123,7 +154,9 @@ def _submodule_value_read(owner: nn.Module) -> str | None:
         chain = None
         for ins in dis.get_instructions(code):
             value = ins.argval
-            if ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) and (
+            # (LOAD_FAST, LOAD_FAST_CHECK / _BORROW, LOAD_DEREF, and 3.13's LOAD_FAST_LOAD_FAST /
+            # STORE_FAST_LOAD_FAST, whose argval pairs end with the name loaded)
+            if ("LOAD_FAST" in ins.opname or ins.opname.startswith("LOAD_DEREF")) and (
                     value == me or isinstance(value, tuple) and value and value[-1] == me):
                 chain = []
                 continue

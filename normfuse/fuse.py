@@ -27,7 +27,8 @@ submodule's output, which other code may take on its own.)  How the ReLU calls g
   (``FusedGraphModule.__setattr__``).
 
 Forwards are traced without their modules' hooks (``_Tracer.call_module``: a hook given a Proxy
-could keep it or fail), and reading a real tensor's value (``bool``, ``item``) while tracing
+could keep it or fail; the output of a module with hooks traced through gets a marker node,
+``_hooked_output``, so no pair passes through what a hook may change), and reading a real tensor's value (``bool``, ``item``) while tracing
 fails the trace (``_tensor_values_unreadable``: the branch or number would be frozen).
 Modules whose forward cannot be traced (data-dependent control flow, a forward that differs
 between train and eval mode, which a graph would freeze, or one traced on its own that takes

@@ -1456,3 +1456,81 @@ def test_user_hooks_do_not_run_while_tracing():
     assert fused.layer1[1].bn1.activation == "relu"
     fused(torch.randn(1, 3, 32, 32))
     assert seen == ["Tensor"]  # and at run time it runs
+
+
+class _PassThrough(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class _HookedBetween(nn.Module):
+    """bn -> a pass-through module whose forward hook changes its output -> ReLU module."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.p = _PassThrough()
+        self.p.register_forward_hook(lambda m, i, o: o - 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.p(self.bn(x)))
+
+
+def test_a_hooked_module_between_norm_and_relu_is_no_pair(seed):
+    """Forwards are traced without their hooks: a module with hooks traced through (a
+    pass-through adds no node) gets a marker node on its output, so the norm -> ReLU path
+    through it is no pair (fused, the model computed hook(relu(bn(x))), not relu(hook(bn(x))))."""
+    model = nn.Sequential(_HookedBetween()).eval()
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    fused = normfuse.convert(model, "bin", fuse_relu=True)
+    assert fused[0].bn.activation is None and isinstance(fused[0].relu, nn.ReLU)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+
+
+def test_tensor_value_reads_are_put_back_as_they_were():
+    """The wrapping of torch.Tensor's value reads during a trace puts back what was there (an
+    override of someone else's stays, called during the trace), and nested traces in one
+    thread keep refusing until the outermost ends."""
+    from normfuse import _fuse_trace
+    original = torch.Tensor.item
+    calls = []
+
+    def override(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    torch.Tensor.item = override
+    try:
+        with _fuse_trace._tensor_values_unreadable():
+            with _fuse_trace._tensor_values_unreadable():
+                pass
+            with pytest.raises(fx.proxy.TraceError, match="Tensor.item"):
+                torch.ones(()).item()
+        assert vars(torch.Tensor)["item"] is override
+        assert torch.ones(()).item() == 1.0 and calls == [1]
+        assert not any(n in vars(torch.Tensor) for n in ("__bool__", "tolist", "__float__"))
+    finally:
+        del torch.Tensor.item
+
+
+class _ImportedRandom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if self.training and _random_draw() < 0.2:
+            return x
+        return x + F.relu(self.bn(x))
+
+
+_random_draw = random.random  # as `from random import random`: a method of a hidden Random
+
+
+def test_a_function_bound_to_a_random_state_is_not_frozen():
+    random.seed(1)
+    with pytest.warns(UserWarning, match="_random_draw"):
+        fused = normfuse.convert(nn.Sequential(_ImportedRandom()), "bin", fuse_relu=True)
+    assert not isinstance(fused[0], FusedGraphModule)
