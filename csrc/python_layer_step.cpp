@@ -114,6 +114,12 @@ bool inference_outside(const Tensor& t) {
   return t.is_inference() && !c10::InferenceMode::is_enabled();
 }
 
+// An inference tensor a call may save for its backward (grad mode on: whether anything requires
+// grad is the checked path's question); under no_grad nothing is saved.
+bool saved_inference(const Tensor& t) {
+  return inference_outside(t) && c10::GradMode::is_enabled();
+}
+
 // The input: a plain floating tensor of one of `ranks` (a tuple of ints), not empty, contiguous or
 // channels-last (C innermost), on a device the compiled backend runs under the current setting.
 const Tensor* input_ok(PyObject* o, PyObject* ranks, int64_t devices) {
@@ -172,8 +178,8 @@ OptTensor parameter(PyObject* params, const char* name, bool optional, const Ten
   }
   if (o == Py_None) return std::nullopt;
   const Tensor* t = plain_tensor(o);
-  if (t == nullptr || !vector_ok(*t, x, acc, size) || inference_outside(*t)) {
-    *ok = false;  // (an inference tensor: autograd may not save it; the checked path says so)
+  if (t == nullptr || !vector_ok(*t, x, acc, size) || saved_inference(*t)) {
+    *ok = false;  // (an inference tensor autograd may have to save: the checked path decides)
     return std::nullopt;
   }
   return *t;
@@ -247,7 +253,8 @@ PyObject* batch_layer_step(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     // (updated in training: sharing memory with each other or the input; inference tensors,
     // which training may not update and eval may not save for the backward)
     if (m == nullptr || v == nullptr || !vector_ok(*m, x, acc, C) || !vector_ok(*v, x, acc, C) ||
-        inference_outside(*m) || inference_outside(*v) ||
+        (*training ? inference_outside(*m) || inference_outside(*v)
+                   : saved_inference(*m) || saved_inference(*v)) ||
         (*training && (nf_glue::shares_memory(*m, *v) || nf_glue::shares_memory(*m, x) ||
                        nf_glue::shares_memory(*v, x))) ||
         ((m->requires_grad() || v->requires_grad()) && c10::GradMode::is_enabled()))
@@ -340,8 +347,8 @@ PyObject* meta_layer_step(const MetaLayer& layer, PyObject* const* args) {
   if (!enc || !dec0 || !dec1 || enc->dim() != 2 || enc->size(0) == 0) Py_RETURN_NOTIMPLEMENTED;
   const int64_t E = enc->size(0);
   if (!matrix_ok(*enc, x, acc, E, K) || !matrix_ok(*dec0, x, acc, K, E) || !matrix_ok(*dec1, x, acc, K, E) ||
-      inference_outside(*enc) || inference_outside(*dec0) || inference_outside(*dec1))
-    Py_RETURN_NOTIMPLEMENTED;  // (an inference tensor: the checked path says so)
+      saved_inference(*enc) || saved_inference(*dec0) || saved_inference(*dec1))
+    Py_RETURN_NOTIMPLEMENTED;  // (an inference tensor autograd may have to save: the checks decide)
   bool ok = true;
   const OptTensor weight = parameter(params, "weight", false, x, acc, C, &ok);
   const OptTensor bias = parameter(params, "bias", false, x, acc, C, &ok);

@@ -175,6 +175,15 @@ def test_declines_when_not_sure():
             with torch.no_grad():
                 assert not _declines(graded, x), (stat, training)  # accepted, as nn.BatchNorm
     assert _declines(m, x[0])  # rank 3 for a 2d layer
+    frozen = _bin()  # parameters and statistics made under inference_mode (a model loaded there)
+    with torch.inference_mode():
+        frozen.weight = torch.nn.Parameter(torch.ones(C), requires_grad=False)
+        frozen.running_var = torch.ones(C)
+    assert _declines(frozen, x)  # training updates the statistics: the checks refuse it
+    frozen.eval()
+    assert _declines(frozen, x)  # grad mode: autograd may save them, the checks decide
+    with torch.no_grad():
+        assert not _declines(frozen, x)  # nothing is saved: taken
     shared = _bin()
     shared.weight = torch.nn.Parameter(torch.ones(C + 1))
     assert _declines(shared, x)
