@@ -33,6 +33,10 @@ void check_launch(cudaError_t err, const char* op) {
 // One AssocNorm sample's statistics and auto-encoder live in shared memory: refuse, with the
 // sizes named, what the device cannot hold (else the launch fails with "invalid argument").
 void check_assoc_smem(const char* op, const nf::AssocCoefParams<float>& p, bool backward, const Tensor& mean) {
+  // (plan_assoc_coef's 32-bit limits, said here, before any allocation, not as a failed launch)
+  TORCH_CHECK(p.C <= (1 << 28) && p.M * p.G <= (1 << 28), "normfuse.", op, ": ", p.C, " channels, ", p.G,
+              " groups and embed_dim ", p.M, " exceed the CUDA kernels' 32-bit indexing (at most 2^28 channels "
+              "and 2^28 encoder entries); use the torch backend");
   int limit = 0;
   const cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, mean.get_device());
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
@@ -44,6 +48,10 @@ void check_assoc_smem(const char* op, const nf::AssocCoefParams<float>& p, bool 
 
 // Likewise for one ILM-Norm sample's key-group, group and hidden-unit vectors.
 void check_ilm_smem(const char* op, const nf::IlmCoefParams<float>& p, bool backward, const Tensor& mean) {
+  // (plan_ilm_coef's 32-bit limits, said here, before any allocation, not as a failed launch)
+  TORCH_CHECK(p.C <= (1 << 28) && p.E * p.K <= (1 << 27), "normfuse.", op, ": ", p.C, " channels, K = ", p.K,
+              " key groups and E = ", p.E, " hidden units exceed the CUDA kernels' 32-bit indexing (at most 2^28 "
+              "channels and 2^27 meta-network entries); use the torch backend");
   int limit = 0;
   const cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, mean.get_device());
   TORCH_CHECK(err == cudaSuccess, "normfuse.", op, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));

@@ -60,6 +60,11 @@ CASES = {
     "assoc_backward-smem": ("ops.assoc_coefficients_backward(*[torch.randn(2, 16384, device=d)] * 4, 1,"
                             " 16384, torch.randn(1, 16384, device=d), *[torch.randn(16384, 1, device=d)] * 2,"
                             " *[torch.randn(16384, device=d)] * 2, 1e-5)", "shared memory"),
+    # 2^28 + 64 channels (1 GiB per (1, C) tensor): past the kernels' 32-bit sample indexing,
+    # said before any allocation (it surfaced as "CUDA launch failed: invalid argument")
+    "assoc-channels-32bit": ("ops.assoc_coefficients(*[torch.empty(1, 2**28 + 64, device=d)] * 2, 1, 1,"
+                             " *[torch.ones(1, 1, device=d)] * 3, *[torch.empty(2**28 + 64, device=d)] * 2,"
+                             " 1e-5)", "32-bit indexing"),
     "assoc-groups": ("ops.assoc_coefficients(st, m2, 15, 3, torch.randn(2, 3, device=d),"
                      " torch.randn(3, 2, device=d), torch.randn(3, 2, device=d), pc, pc, 1e-5)", "num_groups"),
 }
