@@ -68,7 +68,7 @@ def _tensor_values_unreadable():
     last (unless someone replaced the wrapper meanwhile: then theirs stays)."""
     me = threading.get_ident()
     with _value_reads_lock:
-        if not any(_tracing_depth.values()):
+        if not _tracing_depth:  # (a thread's entry goes when its depth is back to 0)
             for name in _VALUE_READS:
                 _saved_reads[name] = vars(torch.Tensor).get(name, _MISSING)
                 setattr(torch.Tensor, name, _refused(name, getattr(torch.Tensor, name)))

@@ -75,15 +75,19 @@ _STATELESS_MODULES = frozenset(("torch", "math", "operator", "functools", "itert
                                 "numbers", "warnings", "collections", "numpy", "builtins"))
 
 
-def _globals_loaded(function) -> set:
-    """The global names ``function``'s code (and the code nested in it) loads as globals."""
-    names, codes = set(), [function.__code__]
+def _code_objects(function):
+    """``function``'s code and the code nested in it (lambdas, comprehensions, inner functions)."""
+    codes = [function.__code__]
     while codes:
         code = codes.pop()
         codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        names.update(ins.argval for ins in dis.get_instructions(code)
-                     if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str))
-    return names
+        yield code
+
+
+def _globals_loaded(function) -> set:
+    """The global names ``function``'s code (and the code nested in it) loads as globals."""
+    return {ins.argval for code in _code_objects(function) for ins in dis.get_instructions(code)
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str)}
 
 
 def _root(module_name) -> str:
@@ -143,14 +147,10 @@ def _submodule_value_read(owner: nn.Module) -> str | None:
     nothing), or None.  Read from the bytecode: chains of attribute loads that start at the
     forward's ``self``; a chain the bytecode does not show plainly is not seen."""
     forward = type(owner).forward
-    code = forward.__code__
-    if not code.co_varnames:
+    if not forward.__code__.co_varnames:
         return None
-    me = code.co_varnames[0]
-    codes = [code]
-    while codes:
-        code = codes.pop()
-        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    me = forward.__code__.co_varnames[0]
+    for code in _code_objects(forward):
         chain = None
         for ins in dis.get_instructions(code):
             value = ins.argval
@@ -221,12 +221,7 @@ _MISSING = object()
 def _names_read(function) -> set:
     """The names ``function``'s code (and the code nested in it) looks up: its attributes among
     them.  A class a GraphModule may stand for has no other methods (``_not_replaceable``)."""
-    names, codes = set(), [function.__code__]
-    while codes:
-        code = codes.pop()
-        names.update(code.co_names)
-        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return names
+    return {name for code in _code_objects(function) for name in code.co_names}
 
 
 def _shallow_graph(owner: nn.Module, norms: set, guard):
