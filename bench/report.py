@@ -317,9 +317,9 @@ def full_markdown(data: dict, summary_md: str) -> str:
         md_table(data["e2e"], e2e_cols),
         "\n## Memory saved for backward (unique storages packed by autograd)\n",
         md_table(data["memory"], mem_cols, {"saved_bytes": "{:.0f}", "peak_bytes": "{:.0f}"}),
-        "\n## Agreement with the composition (same parameters; forward in every dtype and "
-        "layout, input gradient in float32 / float64; tol: the largest difference allowed, "
-        "bench/suite.py check_tolerance)\n",
+        "\n## Agreement with the composition (same parameters; forward and input gradient in "
+        "every dtype and layout, parameter gradients in float32 / float64; tol: the largest "
+        "difference allowed, bench/suite.py check_tolerance and LOW_PRECISION_UNITS)\n",
         md_table(data["checks"], check_cols),
         "\n## Copy bandwidth (x.copy_ into a preallocated tensor of the same size)\n",
         md_table(data["copy"]),

@@ -202,7 +202,7 @@ def _time_all(impls, mods, direction, xs, dys, copy, dev, pool_bytes, kw):
     return out, res[-1]
 
 
-def check_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+def check_tolerance(ref: torch.Tensor) -> float:
     """The largest difference from the composition a contender computing the same layer may
     show in float32 / float64: 1e-3, or 1e-5 of the largest value where that is more (a
     parameter gradient sums N * H * W terms: large, and summed in another order).  In
@@ -304,7 +304,7 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
                     for n, g, w in zip(names, grads[1:], wanted[1:]):
                         got[f"bwd {n}"], want[f"bwd {n}"] = g.float(), w.reshape(g.shape)
             for what in got:
-                tol = LOW_PRECISION_UNITS * eps if low else check_tolerance(x.dtype, want[what])
+                tol = LOW_PRECISION_UNITS * eps if low else check_tolerance(want[what])
                 err = difference(got[what], want[what])
                 res.append(dict(key, impl=impl.name, check=what, max_abs_diff=err, tol=tol,
                                 agrees=bool(err <= tol)))
