@@ -4,11 +4,13 @@
 // Formulas: common/coefficients.h (GroupStats, assoc_*), on at::vec vectors: the per-channel
 // work in the statistics' type (whole vectors, then single channels for what is left of a group),
 // the per-group and auto-encoder work (O(G M) per sample) in double, except that for float32
-// statistics the sigmoid / tanh of the decoders run in float. Per sample (one at::parallel_for
-// item each): the group merge (two passes per group, means relative to the group's first
-// channel), the auto-encoder as vectorised mat-vecs (the small weight matrices are copied once
-// per call, transposed and padded, so that every product runs down contiguous rows with each
-// output summed in the order of the scalar formulas), then the per-channel coefficients. The
+// statistics the sigmoid / tanh of the decoders run in float. Passes, each one at::parallel_for:
+// the group merge per sample (two passes per group, means relative to the group's first
+// channel); the auto-encoder's products batched over the samples (the weight matrices are copied
+// once per call, transposed and padded, so that every product runs down contiguous rows with
+// each output summed in the order of the scalar formulas, and a strip of a matrix serves every
+// sample while it is in cache: with G = C = 1024 per-sample mat-vecs read 4 MB matrices once per
+// sample, 6x the paper's float32 composition); then the per-channel coefficients per sample. The
 // backward keeps per-sample vectors and the per-(n, c) grad_omega, and sums the parameter
 // gradients over n = 0..N-1 in order in two more parallel passes (over channel tiles, and over
 // auto-encoder rows): results do not depend on the number of threads.
@@ -18,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/coefficients.h"
@@ -66,28 +69,53 @@ struct AssocKern {
       sacc += x;
   }
 
-  // The weights, copied once per call (zero padding to whole vectors): rows of length Mp / Gp.
+  // The weights, copied once per call into double rows padded with zeros to whole vectors (Mp /
+  // Gp), in the layouts the batched mat-vecs read: the forward's w1t (G, Mp), w2t, w3t (M, Gp)
+  // (transposes), and for the backward also w2, w3 (G, Mp) and w1 (M, Gp).
   struct Weights {
     int64_t G, M, Gp, Mp;
-    std::vector<D> storage;  // the six matrices below in one allocation (a step makes two Weights)
-    D *w1t, *w2, *w3, *w1, *w2t, *w3t;  // (G,Mp) (G,Mp) (G,Mp) (M,Gp) (M,Gp) (M,Gp)
-    explicit Weights(const P& p) : G(p.G), M(p.M), Gp(pad(p.G)), Mp(pad(p.M)) {
-      storage.assign(3 * G * Mp + 3 * M * Gp, D(0));
-      w1t = storage.data();
-      w2 = w1t + G * Mp;
-      w3 = w2 + G * Mp;
-      w1 = w3 + G * Mp;
-      w2t = w1 + M * Gp;
-      w3t = w2t + M * Gp;
-      for (int64_t j = 0; j < M; ++j)
-        for (int64_t g = 0; g < G; ++g) {
-          w1t[g * Mp + j] = w1[j * Gp + g] = p.encoder[j * G + g];
-          w2[g * Mp + j] = w2t[j * Gp + g] = p.decoder_mean[g * M + j];
-          w3[g * Mp + j] = w3t[j * Gp + g] = p.decoder_var[g * M + j];
-        }
+    std::unique_ptr<D[]> storage;  // the matrices below in one allocation (padding zeroed by the copies)
+    D *w1t, *w2t, *w3t, *w2 = nullptr, *w3 = nullptr, *w1 = nullptr;
+    Weights(const P& p, bool backward) : G(p.G), M(p.M), Gp(pad(p.G)), Mp(pad(p.M)) {
+      const int64_t gm = G * Mp, mg = M * Gp;
+      storage.reset(new D[backward ? 3 * (gm + mg) : gm + 2 * mg]);
+      w1t = storage.get();
+      w2t = w1t + gm;
+      w3t = w2t + mg;
+      transpose_into(p.encoder, M, G, w1t, Mp);
+      transpose_into(p.decoder_mean, G, M, w2t, Gp);
+      transpose_into(p.decoder_var, G, M, w3t, Gp);
+      if (backward) {
+        w2 = w3t + mg;
+        w3 = w2 + gm;
+        w1 = w3 + gm;
+        copy_into(p.decoder_mean, G, M, w2, Mp);
+        copy_into(p.decoder_var, G, M, w3, Mp);
+        copy_into(p.encoder, M, G, w1, Gp);
+      }
     }
     Weights(const Weights&) = delete;  // the pointers point into storage
     Weights& operator=(const Weights&) = delete;
+
+    // dst (cols, ld) = src (rows, cols) transposed, zeros in lanes rows..ld-1. Eight source rows
+    // at a time, so that each destination write fills one 64-byte line: with power-of-two row
+    // lengths a column walk through larger tiles maps every line to the same L1 set (a 32 x 32
+    // tiling took longer than all of a G = 1024 step's mat-vecs).
+    static void transpose_into(const T* src, int64_t rows, int64_t cols, D* dst, int64_t ld) {
+      for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+        const int64_t nr = std::min<int64_t>(8, rows - r0);
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t r = 0; r < nr; ++r) dst[c * ld + r0 + r] = static_cast<D>(src[(r0 + r) * cols + c]);
+      }
+      for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0));
+    }
+    // dst (rows, ld) = src (rows, cols), zeros in lanes cols..ld-1
+    static void copy_into(const T* src, int64_t rows, int64_t cols, D* dst, int64_t ld) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = static_cast<D>(src[r * cols + c]);
+        std::fill(dst + r * ld + cols, dst + (r + 1) * ld, D(0));
+      }
+    }
   };
 
   // Per-sample vectors: over groups (Gp) shift, mean (relative to shift), var, r, d_mu, d_var;
@@ -111,9 +139,9 @@ struct AssocKern {
     }
   };
 
-  // Group statistics, auto-encoder, r_G of sample n.
-  static void sample_forward(const P& p, const Weights& wt, int64_t n, const Sample& w) {
-    const int64_t C = p.C, G = p.G, cpg = C / G, Gp = wt.Gp, Mp = wt.Mp;
+  // Group statistics and r_G of sample n (padding lanes 0).
+  static void group_stats(const P& p, int64_t Gp, int64_t n, const Sample& w) {
+    const int64_t C = p.C, G = p.G, cpg = C / G;
     const D L = static_cast<D>(p.L), eps = p.eps, inv_cl = D(1) / (static_cast<D>(cpg) * L);
     const T inv_count = T(1) / static_cast<T>(cpg);  // multiplications, not a division per group
     const T *m = p.mean + n * C, *q = p.m2 + n * C;
@@ -151,19 +179,17 @@ struct AssocKern {
       const VD r = VD(D(1)) / (VD::loadu(w.var + g) + VD(eps)).sqrt();
       (one ? VD(D(0)) : r).store(w.r + g);
     }
-    // encoder: h[j] = sum_g W1[j, g] x[g], vectorised over j (g in order for every j)
-    matvec2(wt.w1t, wt.w1t, Mp, G, w.mu, w.var, w.hmu, w.hvar, [](D v) { return v; });
-    // decoders: z[g] = sum_j W[g, j] relu(h[j]), vectorised over g (rows of the transposes)
-    D* zm = w.dmu;  // z, then d in place
-    D* zv = w.dvar;
-    matvec2(wt.w2t, wt.w3t, Gp, wt.M, w.hmu, w.hvar, zm, zv, [](D v) { return nf::coef::relu(v); });
+  }
+
+  // d_mu = sigmoid(z_mu), d_var = tanh(z_var) in place (z: the decoders' outputs)
+  static void activations(int64_t Gp, const Sample& w) {
     if constexpr (std::is_same_v<T, float>) {  // float statistics: the transcendentals in float
       for (int64_t g = 0; g < Gp; g += W) {
         const int64_t n = std::min(W, Gp - g);
         float a[W] = {}, b[W] = {};
         for (int64_t k = 0; k < n; ++k) {
-          a[k] = static_cast<float>(zm[g + k]);
-          b[k] = static_cast<float>(zv[g + k]);
+          a[k] = static_cast<float>(w.dmu[g + k]);
+          b[k] = static_cast<float>(w.dvar[g + k]);
         }
         (V(1.f) / (V(1.f) + V::loadu(a).neg().exp())).store(a);
         V::loadu(b).tanh().store(b);
@@ -174,65 +200,93 @@ struct AssocKern {
       }
     } else {
       for (int64_t g = 0; g < Gp; g += WD) {
-        sigmoid(VD::loadu(zm + g)).store(w.dmu + g);
-        VD::loadu(zv + g).tanh().store(w.dvar + g);
+        sigmoid(VD::loadu(w.dmu + g)).store(w.dmu + g);
+        VD::loadu(w.dvar + g).tanh().store(w.dvar + g);
       }
     }
   }
 
-  // y1[0, len) = sum_k A1[k, :] f(x1[k]) and y2 = sum_k A2[k, :] f(x2[k]), k = 0..K-1 in order
-  // for every element (rows of `len`, a multiple of WD); up to 4 + 4 vectors of y at a time, so
-  // that the chains of additions are independent.
-  template <int NV, class Fn>
-  static inline void matvec2_block(const D* A1, const D* A2, int64_t len, int64_t K, const D* x1, const D* x2,
-                                   D* y1, D* y2, Fn f) {
-    VD a[NV], b[NV];
-    for (int v = 0; v < NV; ++v) a[v] = b[v] = VD(D(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const VD u(f(x1[k])), z(f(x2[k]));
-      for (int v = 0; v < NV; ++v) {
-        a[v] += VD::loadu(A1 + k * len + v * WD) * u;
-        b[v] += VD::loadu(A2 + k * len + v * WD) * z;
+  // The auto-encoder's products, batched over the samples: y_i[0, len) (=, or += with kAccumulate)
+  // sum_k A[k, :] f(x_i[k]), k = 0..K-1 in order for every element, for vectors i = 0..count-1 (x
+  // and y: pointers, count of them, padded to whole blocks of kNI with a zero x and no y). Each
+  // task takes a strip of 2 vectors of columns and runs every input through it, so that a large
+  // A is read from memory once per call (not once per sample, as per-sample mat-vecs did) and its
+  // strip of K rows stays in cache; kNI inputs at a time keep the chains of additions independent.
+  static constexpr int64_t kNI = 4;
+  struct Batch {
+    std::vector<const D*> x;
+    std::vector<D*> y;
+    std::vector<D> zeros;
+    int64_t count = 0;
+    explicit Batch(int64_t K) : zeros(K, D(0)) {}
+    void add(const D* xi, D* yi) {
+      x.push_back(xi);
+      y.push_back(yi);
+      ++count;
+    }
+    void close() {  // pad to whole blocks
+      while (x.size() % kNI) {
+        x.push_back(zeros.data());
+        y.push_back(nullptr);
       }
     }
-    for (int v = 0; v < NV; ++v) {
-      a[v].store(y1 + v * WD);
-      b[v].store(y2 + v * WD);
+  };
+  template <bool kAccumulate, int NV, class Fn>
+  static inline void batch_block(const D* A, int64_t len, int64_t K, const D* const* x, D* const* y, int64_t ni,
+                                 Fn f) {
+    VD acc[kNI][NV];
+    for (int64_t i = 0; i < kNI; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = kAccumulate && i < ni ? VD::loadu(y[i] + v * WD) : VD(D(0));
+    for (int64_t k = 0; k < K; ++k) {
+      VD a[NV];
+      for (int v = 0; v < NV; ++v) a[v] = VD::loadu(A + k * len + v * WD);
+      for (int64_t i = 0; i < kNI; ++i) {
+        const VD u(f(x[i][k]));
+        for (int v = 0; v < NV; ++v) acc[i][v] += a[v] * u;
+      }
     }
+    for (int64_t i = 0; i < ni; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v].store(y[i] + v * WD);
   }
-  template <class Fn>
-  static void matvec2(const D* A1, const D* A2, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2,
-                      Fn f) {
-    int64_t j0 = 0;
-    for (; j0 + 4 * WD <= len; j0 += 4 * WD) matvec2_block<4>(A1 + j0, A2 + j0, len, K, x1, x2, y1 + j0, y2 + j0, f);
-    for (; j0 < len; j0 += WD) matvec2_block<1>(A1 + j0, A2 + j0, len, K, x1, x2, y1 + j0, y2 + j0, f);
+  template <bool kAccumulate = false, class Fn>
+  static void batched_matvec(const D* A, int64_t len, int64_t K, Batch& b, Fn f) {
+    b.close();
+    const int64_t strips = at::divup(len, 2 * WD), blocks = static_cast<int64_t>(b.x.size()) / kNI;
+    const int64_t work = std::max<int64_t>(1, K * blocks * kNI * 2 * WD);
+    at::parallel_for(0, strips, std::max<int64_t>(1, 32768 / work), [&](int64_t s0, int64_t s1) {
+      D* y[kNI];
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t j = s * 2 * WD;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t i0 = blk * kNI, ni = std::min(kNI, b.count - i0);
+          for (int64_t i = 0; i < ni; ++i) y[i] = b.y[i0 + i] + j;
+          if (j + 2 * WD <= len)
+            batch_block<kAccumulate, 2>(A + j, len, K, b.x.data() + i0, y, ni, f);
+          else
+            batch_block<kAccumulate, 1>(A + j, len, K, b.x.data() + i0, y, ni, f);
+        }
+      }
+    });
   }
 
-  // y1[0, len) += sum_k x1[k] A[k, :], y2 likewise with x2 (same A), k in order.
-  template <int NV>
-  static inline void accumulate_block(const D* A, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2) {
-    VD a[NV], b[NV];
-    for (int v = 0; v < NV; ++v) {
-      a[v] = VD::loadu(y1 + v * WD);
-      b[v] = VD::loadu(y2 + v * WD);
+  // The auto-encoder of all samples: h = W1 mu, W1 var; z_mu = W2 relu(h_mu), z_var = W3 relu(h_var)
+  // into dmu / dvar, then the activations. The per-sample vectors of sample n start at ws + n S.
+  static void auto_encoder(const P& p, const Weights& wt, D* ws, int64_t S) {
+    const int64_t N = p.N, G = p.G, M = p.M, Gp = wt.Gp, Mp = wt.Mp;
+    Batch enc(G), dm(M), dv(M);
+    for (int64_t n = 0; n < N; ++n) {
+      const Sample w(ws + n * S, Gp, Mp);
+      enc.add(w.mu, w.hmu);
+      enc.add(w.var, w.hvar);
+      dm.add(w.hmu, w.dmu);
+      dv.add(w.hvar, w.dvar);
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const VD u(x1[k]), z(x2[k]);
-      for (int v = 0; v < NV; ++v) {
-        const VD wv = VD::loadu(A + k * len + v * WD);
-        a[v] += u * wv;
-        b[v] += z * wv;
-      }
-    }
-    for (int v = 0; v < NV; ++v) {
-      a[v].store(y1 + v * WD);
-      b[v].store(y2 + v * WD);
-    }
-  }
-  static void accumulate_rows(const D* A, int64_t len, int64_t K, const D* x1, const D* x2, D* y1, D* y2) {
-    int64_t j0 = 0;
-    for (; j0 + 4 * WD <= len; j0 += 4 * WD) accumulate_block<4>(A + j0, len, K, x1, x2, y1 + j0, y2 + j0);
-    for (; j0 < len; j0 += WD) accumulate_block<1>(A + j0, len, K, x1, x2, y1 + j0, y2 + j0);
+    batched_matvec(wt.w1t, Mp, G, enc, [](D v) { return v; });
+    batched_matvec(wt.w2t, Gp, M, dm, [](D v) { return nf::coef::relu(v); });
+    batched_matvec(wt.w3t, Gp, M, dv, [](D v) { return nf::coef::relu(v); });
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / (Gp + 1)), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) activations(Gp, Sample(ws + n * S, Gp, Mp));
+    });
   }
 
   // the first n lanes of a double vector into T
@@ -242,16 +296,26 @@ struct AssocKern {
     for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(t[k]);
   }
 
-  static int64_t grain(const P& p) { return std::max<int64_t>(1, 8192 / (2 * p.C + 4 * p.M * p.G + 1)); }
+  static int64_t grain(const P& p) { return std::max<int64_t>(1, 8192 / (2 * p.C + 1)); }
+
+  // Group statistics of every sample (one parallel pass), then the auto-encoder.
+  static void sample_vectors(const P& p, const Weights& wt, D* ws, int64_t S) {
+    at::parallel_for(0, p.N, grain(p), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) group_stats(p, wt.Gp, n, Sample(ws + n * S, wt.Gp, wt.Mp));
+    });
+    auto_encoder(p, wt, ws, S);
+  }
 
   static void forward(const P& p) {
-    const Weights wt(p);
+    const Weights wt(p, false);
+    const int64_t S = Sample::size(wt.Gp, wt.Mp);
+    const Scratch<D> keep(p.N * S);
+    D* ws = keep.data();
+    sample_vectors(p, wt, ws, S);
     at::parallel_for(0, p.N, grain(p), [&](int64_t n0, int64_t n1) {
       const int64_t C = p.C, cpg = C / p.G;
-      const Scratch<D> buf(Sample::size(wt.Gp, wt.Mp));
-      const Sample w(buf.data(), wt.Gp, wt.Mp);
       for (int64_t n = n0; n < n1; ++n) {
-        sample_forward(p, wt, n, w);
+        const Sample w(ws + n * S, wt.Gp, wt.Mp);
         const T *m = p.mean + n * C, *weight = p.weight, *bias = p.bias;
         T *scale = p.scale + n * C, *shift = p.shift + n * C;
         for (int64_t g = 0; g < p.G; ++g) {
@@ -269,7 +333,7 @@ struct AssocKern {
   }
 
   static void backward(const P& p) {
-    const Weights wt(p);
+    const Weights wt(p, true);
     const int64_t N = p.N, C = p.C, G = p.G, M = p.M, cpg = C / G, Gp = wt.Gp, Mp = wt.Mp;
     const int64_t S = Sample::size(Gp, Mp);
     const D L = static_cast<D>(p.L), inv_count = D(1) / static_cast<D>(cpg), inv_cl = inv_count / L;
@@ -278,10 +342,10 @@ struct AssocKern {
     const Scratch<T> keep_go(N * C);
     D* ws = keep.data();
     T* gomega = keep_go.data();
+    sample_vectors(p, wt, ws, S);
     at::parallel_for(0, N, grain(p), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const Sample w(ws + n * S, Gp, Mp);
-        sample_forward(p, wt, n, w);
         const T *m = p.mean + n * C, *g1p = p.sum_dy + n * C, *g2p = p.sum_dy_xmu + n * C, *weight = p.weight;
         T *c_dy = p.c_dy + n * C, *go = gomega + n * C;
         std::fill(w.s0, w.s0 + 4 * Gp, D(0));
@@ -316,22 +380,46 @@ struct AssocKern {
           w.s2[g] = static_cast<D>(t2);
           w.s3[g] = static_cast<D>(t3);
         }
-        // grad h: through the decoders (rows of W2 / W3 in order) and the relu. The mask
-        // multiplies (as assoc.py's `* (h > 0)`): a NaN gradient stays NaN where h <= 0.
-        matvec2(wt.w2, wt.w3, Mp, G, w.s0, w.s1, w.ghmu, w.ghvar, [](D v) { return v; });
-        for (int64_t j = 0; j < Mp; j += WD) {
-          const VD zero(D(0)), one(D(1));
-          (VD::loadu(w.ghmu + j) * VD::blendv(zero, one, VD::loadu(w.hmu + j) > zero)).store(w.ghmu + j);
-          (VD::loadu(w.ghvar + j) * VD::blendv(zero, one, VD::loadu(w.hvar + j) > zero)).store(w.ghvar + j);
-        }
-        // gradients of mu_G, var_G: the direct terms, then the encoder terms (rows of W1 in order)
+        // the direct terms of the gradients of mu_G, var_G (the encoder's are added below)
         for (int64_t g = 0; g < Gp; g += WD) {
           const VD r = VD::loadu(w.r + g);
           (VD(D(0)) - VD::loadu(w.s2 + g)).store(w.s2 + g);
           (VD(D(0)) + VD::loadu(w.s3 + g) * VD(D(-0.5)) * r * r * r).store(w.s3 + g);
         }
-        accumulate_rows(wt.w1, Gp, M, w.ghmu, w.ghvar, w.s2, w.s3);
-        // group-merge backward: c_x = 2 grad_q, c_0 = (grad_mu / cpg + 2 L grad_q dev) / L
+      }
+    });
+    // grad h: through the decoders (rows of W2 / W3 in order) and the relu. The mask multiplies
+    // (as assoc.py's `* (h > 0)`): a NaN gradient stays NaN where h <= 0. h is replaced by relu(h)
+    // there, all the decoder gradients below read of it.
+    Batch dec_mu(G), dec_var(G), enc(M);
+    for (int64_t n = 0; n < N; ++n) {
+      const Sample w(ws + n * S, Gp, Mp);
+      dec_mu.add(w.s0, w.ghmu);
+      dec_var.add(w.s1, w.ghvar);
+      enc.add(w.ghmu, w.s2);
+      enc.add(w.ghvar, w.s3);
+    }
+    batched_matvec(wt.w2, Mp, G, dec_mu, [](D v) { return v; });
+    batched_matvec(wt.w3, Mp, G, dec_var, [](D v) { return v; });
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / (Mp + 1)), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const Sample w(ws + n * S, Gp, Mp);
+        for (int64_t j = 0; j < Mp; j += WD) {
+          const VD zero(D(0)), one(D(1)), hm = VD::loadu(w.hmu + j), hv = VD::loadu(w.hvar + j);
+          (VD::loadu(w.ghmu + j) * VD::blendv(zero, one, hm > zero)).store(w.ghmu + j);
+          (VD::loadu(w.ghvar + j) * VD::blendv(zero, one, hv > zero)).store(w.ghvar + j);
+          relu(hm).store(w.hmu + j);
+          relu(hv).store(w.hvar + j);
+        }
+      }
+    });
+    // the encoder terms (rows of W1 in order)
+    batched_matvec<true>(wt.w1, Gp, M, enc, [](D v) { return v; });
+    // group-merge backward: c_x = 2 grad_q, c_0 = (grad_mu / cpg + 2 L grad_q dev) / L
+    at::parallel_for(0, N, grain(p), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const Sample w(ws + n * S, Gp, Mp);
+        const T* m = p.mean + n * C;
         T *c_x = p.c_x + n * C, *c_0 = p.c_0 + n * C;
         for (int64_t g = 0; g < G; ++g) {
           const D grad_q = w.s3[g] * inv_cl;
@@ -385,8 +473,8 @@ struct AssocKern {
             for (int64_t n = 0; n < N; ++n) {
               const VD a(w0.s0[n * S + g]), b(w0.s1[n * S + g]);
               for (int v = 0; v < NV; ++v) {
-                dm[v] += a * relu(VD::loadu(w0.hmu + n * S + j0 + v * WD));
-                dv[v] += b * relu(VD::loadu(w0.hvar + n * S + j0 + v * WD));
+                dm[v] += a * VD::loadu(w0.hmu + n * S + j0 + v * WD);  // relu(h) by now
+                dv[v] += b * VD::loadu(w0.hvar + n * S + j0 + v * WD);
               }
             }
             for (int v = 0; v < NV; ++v) {
