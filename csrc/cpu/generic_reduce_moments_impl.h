@@ -327,16 +327,29 @@ struct MomentsKern : KernTypes<S> {
       }
     });
     if (S_ == 1) return;
+    // the segments of a sample in order, each into all channels: chan_merge's arithmetic with its
+    // counts and weight (one division) shared by the channels (channel by channel it divided once
+    // per channel and segment, and read the segments across memory: ~15-20% of a (32, 2048, 7, 7)
+    // channels-last call)
     at::parallel_for(0, N, std::max<int64_t>(1, 1024 / C), [&](int64_t b, int64_t e) {
+      std::vector<double> acc(2 * C);
+      double *md = acc.data(), *qd = md + C;
       for (int64_t n = b; n < e; ++n) {
-        for (int64_t k = 0; k < C; ++k) {
-          Mom m;
-          for (int64_t s = 0; s < S_; ++s) {
-            const double* ps = part.data() + (n * S_ + s) * 2 * C;
-            chan_merge(m, Mom{static_cast<double>(std::min(L, (s + 1) * SR) - s * SR), ps[k], ps[C + k]});
+        std::fill(acc.begin(), acc.end(), 0.0);
+        double na = 0;
+        for (int64_t s = 0; s < S_; ++s) {
+          const double* ps = part.data() + (n * S_ + s) * 2 * C;
+          const double nb = static_cast<double>(std::min(L, (s + 1) * SR) - s * SR), wb = nb / (na + nb);
+          for (int64_t k = 0; k < C; ++k) {
+            const double delta = ps[k] - md[k];
+            md[k] = nf::coef::merged_mean(md[k], ps[k], delta, wb);
+            qd[k] += ps[C + k] + delta * delta * na * wb;
           }
-          mean[n * C + k] = static_cast<acc_t>(static_cast<double>(plane_shift(x + n * L * C + k)) + m.mean);
-          m2[n * C + k] = static_cast<acc_t>(m.m2);
+          na += nb;
+        }
+        for (int64_t k = 0; k < C; ++k) {
+          mean[n * C + k] = static_cast<acc_t>(static_cast<double>(plane_shift(x + n * L * C + k)) + md[k]);
+          m2[n * C + k] = static_cast<acc_t>(qd[k]);
         }
       }
     });
