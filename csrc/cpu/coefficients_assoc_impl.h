@@ -4,16 +4,19 @@
 // Formulas: common/coefficients.h (GroupStats, assoc_*), on at::vec vectors: the per-channel
 // work in the statistics' type (whole vectors, then single channels for what is left of a group),
 // the per-group and auto-encoder work (O(G M) per sample) in double, except that for float32
-// statistics the sigmoid / tanh of the decoders run in float. Passes, each one at::parallel_for:
+// statistics the sigmoid / tanh of the decoders run in float. Forward, in at::parallel_for passes:
 // the group merge per sample (two passes per group, means relative to the group's first
-// channel); the auto-encoder's products batched over the samples (the weight matrices are copied
-// once per call, transposed and padded, so that every product runs down contiguous rows with
-// each output summed in the order of the scalar formulas, and a strip of a matrix serves every
-// sample while it is in cache: with G = C = 1024 per-sample mat-vecs read 4 MB matrices once per
-// sample, 6x the paper's float32 composition); then the per-channel coefficients per sample. The
-// backward keeps per-sample vectors and the per-(n, c) grad_omega, and sums the parameter
-// gradients over n = 0..N-1 in order in two more parallel passes (over channel tiles, and over
-// auto-encoder rows): results do not depend on the number of threads.
+// channel); the auto-encoder's products, each batched over the samples (the weight matrices are
+// copied once per call, transposed and padded, so that every product runs down contiguous rows
+// with each output summed in the order of the scalar formulas, and a strip of a matrix serves
+// every sample while it is in cache: with G = C = 1024 per-sample mat-vecs read 4 MB matrices
+// once per sample, 6x the paper's float32 composition); the activations and the per-channel
+// coefficients per sample. The backward recomputes that, then alternates per-sample passes (the
+// per-channel sums, the relu mask, the group-merge backward) with the batched products back
+// through the decoders and the encoder; it keeps per-sample vectors and the per-(n, c)
+// grad_omega, and sums the parameter gradients over n = 0..N-1 in order in two more parallel
+// passes (over channel tiles, and over auto-encoder rows): results do not depend on the number
+// of threads.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -98,7 +101,7 @@ struct AssocKern {
     Weights& operator=(const Weights&) = delete;
 
     // dst (cols, ld) = src (rows, cols) transposed, zeros in lanes rows..ld-1. Eight source rows
-    // at a time, so that each destination write fills one 64-byte line: with power-of-two row
+    // at a time, so that each destination write is eight consecutive doubles: with power-of-two row
     // lengths a column walk through larger tiles maps every line to the same L1 set (a 32 x 32
     // tiling took longer than all of a G = 1024 step's mat-vecs).
     static void transpose_into(const T* src, int64_t rows, int64_t cols, D* dst, int64_t ld) {
@@ -139,7 +142,8 @@ struct AssocKern {
     }
   };
 
-  // Group statistics and r_G of sample n (padding lanes 0).
+  // Group statistics and r_G of sample n (padding lanes of shift, mean, var, mu: 0; of r: what
+  // var = 0 gives, read only into padding lanes).
   static void group_stats(const P& p, int64_t Gp, int64_t n, const Sample& w) {
     const int64_t C = p.C, G = p.G, cpg = C / G;
     const D L = static_cast<D>(p.L), eps = p.eps, inv_cl = D(1) / (static_cast<D>(cpg) * L);
@@ -390,7 +394,7 @@ struct AssocKern {
     });
     // grad h: through the decoders (rows of W2 / W3 in order) and the relu. The mask multiplies
     // (as assoc.py's `* (h > 0)`): a NaN gradient stays NaN where h <= 0. h is replaced by relu(h)
-    // there, all the decoder gradients below read of it.
+    // there: the decoder weight gradients below read that.
     Batch dec_mu(G), dec_var(G), enc(M);
     for (int64_t n = 0; n < N; ++n) {
       const Sample w(ws + n * S, Gp, Mp);
