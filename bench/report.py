@@ -256,7 +256,8 @@ def checks_markdown(checks: List[dict]) -> str:
     if not bad:
         return (f"\nAgreement with the composition: all {len(checks)} checks pass (forward and "
                 "input gradient in every dtype and layout, float16 / bfloat16 against the "
-                "composition in float32; parameter gradients in float32; checks.csv).\n")
+                "composition in float32, float32 against it in float64; parameter gradients "
+                "in float32; checks.csv).\n")
     cols = ["layer", "shape", "dtype", "format", "impl", "check", "max_abs_diff", "tol",
             "error"]
     return (f"\n**CHECKS FAILED: {len(bad)} of {len(checks)}** agreement checks with the "
@@ -318,7 +319,8 @@ def full_markdown(data: dict, summary_md: str) -> str:
         "\n## Memory saved for backward (unique storages packed by autograd)\n",
         md_table(data["memory"], mem_cols, {"saved_bytes": "{:.0f}", "peak_bytes": "{:.0f}"}),
         "\n## Agreement with the composition (same parameters; forward and input gradient in "
-        "every dtype and layout, parameter gradients in float32 / float64; tol: the largest "
+        "every dtype and layout, parameter gradients in float32 / float64; the reference "
+        "runs in float64 for a float32 case, float32 for float16 / bfloat16; tol: the largest "
         "difference allowed, bench/suite.py check_tolerance and LOW_PRECISION_UNITS)\n",
         md_table(data["checks"], check_cols),
         "\n## Copy bandwidth (x.copy_ into a preallocated tensor of the same size)\n",

@@ -143,8 +143,8 @@ def run_kernels(cfg: Config, progress: Progress, out=None) -> Dict[str, list]:
                             notes[impl.name] = _err(exc)
                     out["checks"] += _failed_builds(key, impls, mods, notes)
                     out["checks"] += _check(key, impls, mods, xs[0], dys[0],
-                                            _float32_reference(impls, layer, c, g, source,
-                                                               dev, dtype))
+                                            _wider_reference(impls, layer, c, g, source,
+                                                             dev, dtype))
                     if fmt == cfg.formats[0] and dtype == cfg.dtypes[0]:
                         out["memory"] += _memory(key, impls, mods, xs[0], dys[0], dev)
                     for direction in DIRECTIONS:
@@ -220,12 +220,18 @@ def check_tolerance(ref: torch.Tensor) -> float:
 LOW_PRECISION_UNITS = 4.0
 
 
-def _float32_reference(impls, layer, c, g, source, device, dtype):
-    """The composition in float32 (the reference of a float16 / bfloat16 case), or None."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return None
+def _wider_reference(impls, layer, c, g, source, device, dtype):
+    """The reference of a case: the composition in float32 for a float16 / bfloat16 case, in
+    float64 for a float32 one; None for float64 (the case's own composition is the reference).
+    A float32 composition is no oracle for parameter gradients: BIN's gate gradient, a sum of
+    N * H * W terms that cancel, came out 1-2e-3 from float64 at (32, 16, 32, 32) where
+    normfuse's was 2-4e-5 off, and failed correct contenders."""
+    wider = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+             torch.float32: torch.float64}.get(dtype)
     impl = next((i for i in impls if i.name == "composition"), None)
-    return None if impl is None else L.build(impl, layer, c, g, source, device)
+    if wider is None or impl is None:
+        return None
+    return L.build(impl, layer, c, g, source, device).to(wider)
 
 
 def _failed_builds(key, impls, mods, notes) -> List[dict]:
@@ -236,15 +242,17 @@ def _failed_builds(key, impls, mods, notes) -> List[dict]:
             for impl in impls if impl.kind == "normfuse" and impl.name not in mods]
 
 
-def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
+def _check(key, impls, mods, x, dy, ref_wide=None) -> List[dict]:
     """Every contender against the composition (same parameter values), in every dtype and
     layout measured: the forward output and the input gradient for ``dy``, and in float32 /
     float64 every parameter gradient of a normfuse contender (``agrees``: within
-    ``check_tolerance``).  In float16 / bfloat16 the reference is ``ref32``, the composition in
-    float32 on the upcast input and dy, compared element by element (``LOW_PRECISION_UNITS``;
-    ``max_abs_diff`` is then the largest difference relative to the element's magnitude, at
-    least 1, and ``tol`` that many eps).  A contender that does not agree does not compute the
-    same layer, and the report says so next to its timings (``report.failed_checks``).
+    ``check_tolerance``), against the composition run in float64 on the same input and dy
+    (``ref_wide``; a float64 case's own composition).  In float16 / bfloat16 the reference is
+    ``ref_wide``, the composition in float32 on the upcast input and dy, compared element by
+    element (``LOW_PRECISION_UNITS``; ``max_abs_diff`` is then the largest difference relative
+    to the element's magnitude, at least 1, and ``tol`` that many eps).  A contender that does
+    not agree does not compute the same layer, and the report says so next to its timings
+    (``report.failed_checks``).
     A ``compiled`` contender (the composition through torch.compile: it computes in the low
     dtype too, rounding its intermediates) is checked, forward only, against the eager
     composition in its dtype, within ``LOW_PRECISION_GLOBAL_UNITS`` eps of the output's
@@ -255,23 +263,24 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
     rounding of 0 falls is not the layer's to agree on (two correct layers differ there by a
     whole ``dy`` term), and its forward, checked first, already says that its output agrees."""
     low = x.dtype in (torch.float16, torch.bfloat16)
-    ref_mod = ref32 if low else mods.get("composition")
+    ref_mod = ref_wide if ref_wide is not None else (None if low else mods.get("composition"))
     if ref_mod is None:
         return []
     ours = [impl for impl in impls if impl.kind in ("normfuse", "compiled") and impl.name in mods]
     res = []
-    ref_x = x.detach().float().requires_grad_() if low else x.detach().requires_grad_()
-    ref_dy = dy.float() if low else dy
+    ref_dtype = next(ref_mod.parameters()).dtype
+    ref_x = x.detach().to(ref_dtype).requires_grad_()
+    ref_dy = dy.to(ref_dtype)
     ref_params = dict(ref_mod.named_parameters(remove_duplicate=False))
     renames = getattr(ref_mod, "RENAMES", L.comp._RENAMES)
     with torch.enable_grad():
         ref_out = ref_mod(ref_x)
-    ref = ref_out.detach().float()
+    ref = ref_out.detach()
 
     def ref_grads(grad, names):
         wanted = [ref_x] + [ref_params[renames.get(n, n)] for n in names]
         got = torch.autograd.grad(ref_out, wanted, grad, retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(w) if g is None else g.float() for w, g in zip(wanted, got)]
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, got)]
 
     def difference(got, want):
         if low:
@@ -292,7 +301,7 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
         try:
             with impl.context(), torch.set_grad_enabled(leaf.requires_grad):
                 y = mod(leaf)
-                got = {"fwd": y.detach().float()}
+                got = {"fwd": y.detach().to(ref_dtype)}
                 want = {"fwd": expected}
                 if leaf.requires_grad:
                     params = dict(mod.named_parameters())
@@ -300,9 +309,9 @@ def _check(key, impls, mods, x, dy, ref32=None) -> List[dict]:
                     mask = ref_dy if not impl.relu else torch.where(
                         y.detach() > 0, ref_dy, torch.zeros_like(ref_dy))
                     wanted = ref_grads(mask, names)
-                    got["bwd dx"], want["bwd dx"] = grads[0].float(), wanted[0]
+                    got["bwd dx"], want["bwd dx"] = grads[0].to(ref_dtype), wanted[0]
                     for n, g, w in zip(names, grads[1:], wanted[1:]):
-                        got[f"bwd {n}"], want[f"bwd {n}"] = g.float(), w.reshape(g.shape)
+                        got[f"bwd {n}"], want[f"bwd {n}"] = g.to(ref_dtype), w.reshape(g.shape)
             for what in got:
                 tol = LOW_PRECISION_UNITS * eps if low else check_tolerance(want[what])
                 err = difference(got[what], want[what])
