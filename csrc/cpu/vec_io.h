@@ -133,18 +133,23 @@ struct IO {
   using V = Vectorized<acc_t>;
   static constexpr int64_t W = V::size();
   static acc_t get(const S* p) { return static_cast<acc_t>(*p); }
+#if defined(CPU_CAPABILITY_AVX2)
+  // W 16-bit elements (half or bfloat16) as floats
+  static V widen(__m128i raw) {
+    __m256 o;
+    if constexpr (std::is_same_v<S, c10::Half>)
+      at::vec::cvtfp16_fp32(raw, o);
+    else
+      at::vec::cvtbf16_fp32(raw, o);
+    return o;
+  }
+#endif
   static V load(const S* p) {
     if constexpr (std::is_same_v<S, acc_t>) {
       return V::loadu(p);
     } else {
 #if defined(CPU_CAPABILITY_AVX2)
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      __m256 o;
-      if constexpr (std::is_same_v<S, c10::Half>)
-        at::vec::cvtfp16_fp32(raw, o);
-      else
-        at::vec::cvtbf16_fp32(raw, o);
-      return o;
+      return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
       float t[W];
       for (int64_t j = 0; j < W; ++j) t[j] = static_cast<float>(p[j]);
@@ -168,12 +173,7 @@ struct IO {
         const __m128i lane = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kLane16 + 8 - n));
         raw = _mm_blendv_epi8(raw, _mm_set1_epi16(static_cast<short>(p[n - 1].x)), lane);
       }
-      __m256 o;
-      if constexpr (std::is_same_v<S, c10::Half>)
-        at::vec::cvtfp16_fp32(raw, o);
-      else
-        at::vec::cvtbf16_fp32(raw, o);
-      return o;
+      return widen(raw);
 #else
       S t[W];
       std::memset(static_cast<void*>(t), 0, sizeof(t));  // 0 bits are +0 for half and bfloat16
