@@ -70,6 +70,9 @@ template <class Sig>
 using Handle = c10::TypedOperatorHandle<Sig>;
 
 struct Ops {
+  // BIN's eval step with one value per plane (bin_one_sample_forward): coefficients and map alone.
+  Handle<nf_ops::sig::BinCoefficients> bin_coefficients;
+  Handle<nf_ops::sig::AffineApply> affine_apply;
   // A backward that wants no dx (AssocNorm / ILM-Norm): the reduction and the coefficient op.
   Handle<nf_ops::sig::BackwardSums> backward_sums;
   Handle<nf_ops::sig::MetaCoefficientsBackward> assoc_backward, ilm_backward;
@@ -90,6 +93,8 @@ struct Ops {
 const Ops& ops() {
   using nf_ops::find_as;
   static const Ops o{
+      find_as<decltype(Ops::bin_coefficients)>("normfuse::bin_coefficients"),
+      find_as<decltype(Ops::affine_apply)>("normfuse::affine_apply"),
       find_as<decltype(Ops::backward_sums)>("normfuse::backward_sums"),
       find_as<decltype(Ops::assoc_backward)>("normfuse::assoc_coefficients_backward"),
       find_as<decltype(Ops::ilm_backward)>("normfuse::ilm_coefficients_backward"),
@@ -142,6 +147,70 @@ const char* op_name(Layer layer) {
   }
 }
 
+// BIN with one value per plane (a 2-d (N, C) input: the classifier and projection heads that
+// `convert` makes of nn.BatchNorm1d). There the instance half is exactly 0 (a plane of one value
+// normalises to 0, as its rho gradient's term), so the layer is batch norm with weight gamma * rho:
+// it runs as BIN of one sample whose plane is the batch, x viewed as (1, C, N) with C innermost
+// (channels-last: the same memory, no copy), gate 1 and weight gamma * rho. Each per-(n, c) tensor
+// of the general path (the statistics, the coefficients, the backward's sums: nine a step, each as
+// large as x at L = 1) is then a (1, C) one, and the passes over x are batch norm's
+// (docs/performance.md). Only for well-formed arguments: anything else takes the general path and
+// its refusals (so a wrong gate is refused by name, not by a broadcasting error of the product);
+// one value per channel in training too (refused there as before).
+bool bin_as_one_sample(const Tensor& x, const Params& p, const Config& c) {
+  if (c.layer != kBin || x.dim() != 2 || !x.is_contiguous() || x.size(0) < 1 || (c.training && x.size(0) < 2)) {
+    return false;
+  }
+  const Tensor& gate = *p[0];
+  auto vector = [&](const Tensor& t) {
+    return t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == nf_glue::acc_dtype(x.scalar_type()) &&
+           t.device() == x.device();
+  };
+  return vector(gate) && (!p[1].has_value() || !p[1]->defined() || vector(*p[1]));
+}
+
+// (N, C) contiguous as (1, C, N) with C innermost, and such a tensor (the ops' outputs come in their
+// input's layout) back: one view op each way.
+Tensor as_one_sample(const Tensor& t) { return t.as_strided({1, t.size(1), t.size(0)}, {t.numel(), 1, t.size(1)}); }
+Tensor from_one_sample(const Tensor& t) {
+  TORCH_INTERNAL_ASSERT((t.stride(1) == 1 || t.size(1) == 1) && (t.stride(2) == t.size(1) || t.size(2) == 1));
+  return t.as_strided({t.size(2), t.size(1)}, {t.size(1), 1});
+}
+
+// The one-sample call's (gate, weight, bias): 1, gamma * rho (rho without an affine weight), beta.
+Params one_sample_params(const Params& p) {
+  const Tensor& gate = *p[0];
+  Tensor weight = p[1].has_value() && p[1]->defined() ? p[1]->mul(gate) : gate;
+  return {at::ones_like(gate), std::move(weight), p[2], std::nullopt, std::nullopt};
+}
+
+// The forward of bin_as_one_sample's call. In eval mode with running statistics the sample's
+// moments would go unused (the batch statistics are the running ones, the instance half is 0), so
+// no pass computes them: the running mean stands in as the sample's mean and m2 is 0, which gives
+// y = (x - running_mean) * scale + beta, batch norm's own eval arithmetic (the backward's sums
+// centre on it too).
+Forward bin_one_sample_forward(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
+  const Ops& o = ops();
+  const Params q = one_sample_params(p);
+  const Tensor& rm = b.running_mean.has_value() ? *b.running_mean : Tensor();
+  Forward f;
+  if (!c.training && rm.defined() && rm.is_contiguous() && rm.numel() == x.size(1) &&
+      rm.scalar_type() == q[0]->scalar_type() && rm.device() == x.device()) {
+    f.mean = rm.view({1, x.size(1)});
+    f.m2 = at::zeros_like(f.mean);
+    std::tie(f.scale, f.shift) = o.bin_coefficients.call(f.mean, f.m2, x.size(0), req(q[0]), q[1], q[2], rm,
+                                                         b.running_var, false, c.momentum, c.eps,
+                                                         b.num_batches_tracked);
+    f.y = o.affine_apply.call(as_one_sample(x), f.mean, f.scale, f.shift, c.relu);
+  } else {
+    std::tie(f.y, f.mean, f.m2, f.scale, f.shift) =
+        o.bin_forward.call(as_one_sample(x), req(q[0]), q[1], q[2], b.running_mean, b.running_var, c.training,
+                           c.momentum, c.eps, b.num_batches_tracked, c.relu);
+  }
+  f.y = from_one_sample(f.y);
+  return f;
+}
+
 // moments -> coefficients -> affine_apply, as one layer-direction op.
 Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   // (An empty batch, N = 0, gives an empty output, as torch's batch_norm does; an empty plane would
@@ -152,6 +221,10 @@ Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const C
   Forward f;
   switch (c.layer) {
     case kBin:
+      if (bin_as_one_sample(x, p, c)) {
+        f = bin_one_sample_forward(x, p, b, c);
+        break;
+      }
       std::tie(f.y, f.mean, f.m2, f.scale, f.shift) =
           o.bin_forward.call(x, req(p[0]), p[1], p[2], b.running_mean, b.running_var, c.training, c.momentum,
                              c.eps, b.num_batches_tracked, c.relu);
@@ -172,6 +245,32 @@ Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const C
   return f;
 }
 
+// The backward of bin_as_one_sample's call: the one-sample op's gradients, and the chain rule of
+// weight' = gamma * rho for the layer's gate and weight (its own gate, 1, gets none).
+std::pair<Tensor, std::array<Tensor, kMaxParams>> bin_one_sample_backward(
+    const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& m2, const OptTensor& scale,
+    const OptTensor& shift, const Params& p, const OptTensor& rm, const OptTensor& rv, const Config& c,
+    bool want_dx) {
+  const Ops& o = ops();
+  const Params q = one_sample_params(p);
+  Tensor dx, c_dy, c_x, c_0, unused_gate, grad_product;
+  std::array<Tensor, kMaxParams> grads;
+  if (want_dx) {
+    std::tie(dx, unused_gate, grad_product, grads[2]) =
+        o.bin_backward.call(as_one_sample(dy), as_one_sample(x), mean, m2, req(q[0]), q[1], q[2], rm, rv,
+                            c.training, c.eps, scale, shift);
+    dx = from_one_sample(dx);
+  } else {
+    std::tie(c_dy, c_x, c_0, unused_gate, grad_product, grads[2]) =
+        o.bin_step_backward.call(as_one_sample(dy), as_one_sample(x), mean, m2, req(q[0]), q[1], q[2], rm, rv,
+                                 c.training, c.eps, scale, shift);
+  }
+  const bool affine = p[1].has_value() && p[1]->defined();
+  grads[0] = affine ? grad_product.mul(*p[1]) : grad_product;  // d(gamma * rho) / d rho = gamma
+  if (affine) grads[1] = grad_product.mul(*p[0]);                // d(gamma * rho) / d gamma = rho
+  return {std::move(dx), std::move(grads)};
+}
+
 // backward_sums -> coefficients backward -> backward_apply as one layer-direction op, or without dx
 // the first two alone; (dx or undefined, parameter grads).
 std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy, const Tensor& x,
@@ -185,6 +284,10 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
   std::array<Tensor, kMaxParams> grads;
   switch (c.layer) {
     case kBin:
+      if (bin_as_one_sample(x, p, c)) {  // (the forward's view: same x, parameters and config)
+        std::tie(dx, grads) = bin_one_sample_backward(dy, x, mean, m2, scale, shift, p, rm, rv, c, want_dx);
+        break;
+      }
       if (want_dx) {
         std::tie(dx, grads[0], grads[1], grads[2]) = o.bin_backward.call(
             dy, x, mean, m2, req(p[0]), p[1], p[2], rm, rv, c.training, c.eps, scale, shift);

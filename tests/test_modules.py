@@ -769,6 +769,45 @@ def test_bin_one_value_per_plane_dx_accuracy(nf, backend, device, seed, shape, t
     assert err <= 1e-5 * max(1.0, float(ref.abs().max())), f"dx max error {err:.2e}"
 
 
+@pytest.mark.parametrize("activation", [None, "relu"], ids=["plain", "relu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bin_one_value_per_plane_parameter_gradients_alone(nf, backend, device, seed, activation,
+                                                           affine, training):
+    """(N, C) input with only the parameters' gradients asked for (a trained head on a frozen
+    trunk): the backward that computes no dx, where the whole-layer op runs BIN as batch norm
+    with weight gamma * rho and takes the gate's and weight's gradients by the chain rule
+    (csrc/layer_autograd.cpp, bin_as_one_sample), against the float64 oracle; the running
+    statistics too."""
+    shape = (37, 5)
+    m = prepare(nf.BatchInstanceNorm1d(5, affine=affine, activation=activation), seed, device,
+                training)
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    exp = oracles.module_step(m, x, dy)
+    names = [n for n, _ in m.named_parameters()]
+    grads = torch.autograd.grad(m(x), [p for _, p in m.named_parameters()], dy)
+    for name, g in zip(names, grads):
+        assert_close_dtype(g, exp.grads[name], torch.float32, f"grad {name}")
+    if training:
+        assert_close_dtype(m.running_mean, exp.running_mean, torch.float32, "running_mean")
+        assert_close_dtype(m.running_var, exp.running_var, torch.float32, "running_var")
+
+
+def test_bin_one_value_per_plane_eval_far_from_zero(nf, backend, device, seed):
+    """Eval mode on (N, C) values far from 0 (their running mean ~1e4, spread ~1): the one-sample
+    path centres the map and the backward's sums on the running mean, as batch norm's eval
+    does, so float32 keeps the oracle's accuracy (centred on 0 instead, sum(dy * x) -
+    running_mean * sum(dy) would lose ~4 digits to cancellation)."""
+    shape = (300, 4)
+    m = prepare(nf.BatchInstanceNorm1d(4), seed, device, False)
+    with torch.no_grad():
+        m.running_mean.copy_(1e4 + randn((4,), seed + 3, device=device))
+    x = (1e4 + make_input(shape, seed, torch.float32, device)).requires_grad_()
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x.detach(), dy, torch.float32, "bin eval far from 0")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_two_forwards_then_backward(nf, backend, device, seed, kind, training):

@@ -64,6 +64,33 @@ def test_only_the_input_and_statistics_are_saved(nf, backend, device, layer, mod
     assert x.grad is not None and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("mode", ["train", "eval", "relu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_bin_on_one_value_per_plane_saves_channel_statistics(nf, backend, device, mode, affine):
+    """A 2-d (N, C) input (the heads `convert` makes of nn.BatchNorm1d): each plane holds one
+    value, so BIN's instance half is 0 and the whole-layer op runs it as batch norm with weight
+    gamma * rho on x viewed as one sample (csrc/layer_autograd.cpp, bin_as_one_sample): besides
+    x it saves (1, C) statistics and the parameters, as batch norm does, not (N, C) ones (each as
+    large as x here)."""
+    if backend not in ("cpu", "cuda"):
+        pytest.skip("the Python autograd.Function (torch, triton backends) runs the general "
+                    "path, whose (N, C) statistics are input-sized at L = 1 (docs/performance.md)")
+    n, c = 64, 6
+    m = nf.BatchInstanceNorm1d(c, affine=affine, activation="relu" if mode == "relu" else None)
+    m = m.to(device).train(mode != "eval")
+    x = torch.randn(n, c, device=device, requires_grad=True)
+    y, saved = _saved_by(m, x)
+    rest = [t for t in saved if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+    assert len(rest) == len(saved) - 1, "x itself is saved once"
+    params = sum(p.numel() for p in m.parameters())
+    # mean and m2 (and with the fused ReLU scale and shift): 4 (1, C) tensors at most, the
+    # parameters, in eval mode the running statistics
+    small = sum(t.numel() for t in rest)
+    assert small <= 4 * c + params + 2 * c, f"{[tuple(t.shape) for t in rest]} saved"
+    y.backward(torch.randn_like(y))
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_the_check_sees_a_composition_save_more():
     """The control: the authors' way (batch norm and instance norm as separate ops, mixed)
     keeps several full-size tensors, which the same hook counts."""

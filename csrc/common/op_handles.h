@@ -38,6 +38,12 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using BackwardSums = std::tuple<Tensor, Tensor>(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                                 const OptTensor& scale, const OptTensor& shift);
+using AffineApply = Tensor(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift, bool relu);
+using BinCoefficients = std::tuple<Tensor, Tensor>(const Tensor& mean, const Tensor& m2, int64_t plane_size,
+                                                   const Tensor& gate, const OptTensor& weight, const OptTensor& bias,
+                                                   const OptTensor& running_mean, const OptTensor& running_var,
+                                                   bool training, double momentum, double eps,
+                                                   const OptTensor& num_batches_tracked);
 // AssocNorm's and ILM-Norm's coefficient backward ops (one signature for both).
 using MetaCoefficientsBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor& g1, const Tensor& g2, const Tensor& mean, const Tensor& m2, int64_t plane_size,
