@@ -462,6 +462,10 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)
         else:
+            one_sample = (layer == "bin" and merge is None and backend != "torch"
+                          and x.dim() == 2 and x.shape[0] >= (2 if training else 1))
+            if one_sample:
+                x, params = _bin_as_one_sample(x, params)
             config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge,
                                  who)
             if _forward_ad._current_level >= 0:
@@ -472,6 +476,8 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
                                                              num_batches_tracked, *params)[0]
             else:
                 y = NormFunction.apply(config, x, rm, rv, num_batches_tracked, *params)
+            if one_sample:
+                y = y.squeeze(0).t()
     if training and running_mean is not None and (rm is not running_mean
                                                   or rv is not running_var):
         # buffers of another dtype or strided: updated on a copy (detached, not under no_grad:
@@ -481,6 +487,19 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
         if rv is not running_var:
             running_var.copy_(rv.detach())
     return y
+
+
+def _bin_as_one_sample(x: Tensor, params):
+    """BIN on a 2-d (N, C) input (one value per plane) as batch norm with weight gamma * rho:
+    BIN of one sample whose plane is the batch, ``x`` viewed as (1, C, N) with C innermost
+    (channels-last, no copy), gate 1, weight ``gamma * rho`` (autograd takes the gate's and
+    weight's gradients through the product).  Exact: at L = 1 the instance half is 0.  No
+    intermediate is then input-sized.  The whole-layer op does the same in C++
+    (csrc/layer_autograd.cpp, ``bin_as_one_sample``); this serves ``NormFunction``'s callers
+    (torch.compile, the triton backend, transforms).  Returns ``(x, params)`` of that call."""
+    gate, weight, bias = params
+    return x.t().unsqueeze(0), [torch.ones_like(gate), gate if weight is None else weight * gate,
+                                bias]
 
 
 def _has_tangent(input: Tensor, params) -> bool:

@@ -62,6 +62,44 @@ def test_compile_fullgraph_matches_eager(backend, dtype):
         torch.testing.assert_close(b, b_ref, rtol=rtol, atol=atol)
 
 
+def _head():
+    return nn.Sequential(nn.Linear(6, 16), normfuse.BatchInstanceNorm1d(16, activation="relu"),
+                         nn.Linear(16, 3), normfuse.BatchInstanceNorm1d(3, affine=False))
+
+
+@pytest.mark.parametrize("backend,dtype", CASES, ids=str)
+def test_compile_bin_head_on_2d_inputs_matches_eager(backend, dtype):
+    """BIN on (N, C) inputs (a head `convert` made of nn.BatchNorm1d) runs as batch norm of one
+    sample, x viewed channels-last with weight gamma * rho (normfuse/_autograd.py,
+    _bin_as_one_sample, traced here; eager's whole-layer op does the same in C++, and in eval
+    mode skips the moments): no graph break, and compiled equals eager in a training step and
+    an eval step (outputs, gradients, running statistics)."""
+    torch.manual_seed(0)
+    eager = _head().to(dtype)
+    with torch.no_grad():
+        eager[1].gate.uniform_(0, 1)
+        eager[3].gate.uniform_(0, 1)
+    compiled_model = _head().to(dtype)
+    compiled_model.load_state_dict(eager.state_dict())
+    x = torch.randn(37, 6, dtype=dtype)
+    torch._dynamo.reset()
+    tol = TOL[dtype]
+    with normfuse.use_backend(backend):
+        compiled = torch.compile(compiled_model, fullgraph=True)
+        for training in (True, False):
+            eager.train(training), compiled_model.train(training)
+            y_ref = eager(x)
+            y_ref.square().sum().backward()
+            y = compiled(x)
+            y.square().sum().backward()
+            torch.testing.assert_close(y, y_ref, rtol=tol["out"][0], atol=tol["out"][1])
+            for (name, p), p_ref in zip(compiled_model.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, p_ref.grad, rtol=tol["grad"][0],
+                                           atol=tol["grad"][1], msg=f"{name} ({training=})")
+            for b, b_ref in zip(compiled_model.buffers(), eager.buffers()):
+                torch.testing.assert_close(b, b_ref, rtol=tol["buf"][0], atol=tol["buf"][1])
+
+
 COLD_SCRIPT = """
 import torch, normfuse
 from test_compile import _model

@@ -710,3 +710,49 @@ def test_forward_mode_updates_running_statistics_once(nf, backend, device, layer
     for (name, a), b in zip(m.named_buffers(), eager.buffers()):
         torch.testing.assert_close(a, b, msg=name)
     assert int(m.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bin_on_2d_inputs_under_transforms(nf, backend, device, training):
+    """BIN on (N, C) inputs runs as batch norm of one sample (x viewed channels-last, weight
+    gamma * rho: normfuse/_autograd.py, _bin_as_one_sample) under the transforms too: grad equals
+    autograd, vmap over inputs and vmap(grad) equal a loop, and jvp and grad of grad equal the
+    torch backend's general path (float64)."""
+    if backend not in ("cpu", "torch"):
+        pytest.skip("float64: the CPU backends")
+    from torch.func import jvp
+    m = nf.BatchInstanceNorm1d(5, track_running_stats=not training).double().to(device)
+    with torch.no_grad():
+        m.gate.uniform_(0, 1), m.weight.normal_(), m.bias.normal_()
+        if not training:
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+    m.train(training)
+    params = {k: v.detach().clone() for k, v in m.named_parameters()}
+    x = torch.randn(7, 5, dtype=torch.float64, device=device)
+
+    def loss(p, x):
+        return functional_call(m, p, (x,)).sin().sum()
+
+    g = grad(loss)(params, x)
+    loss(dict(m.named_parameters()), x).backward()
+    for k, v in m.named_parameters():
+        torch.testing.assert_close(g[k], v.grad, msg=k)
+    xs = torch.randn(3, 7, 5, dtype=torch.float64, device=device)
+    torch.testing.assert_close(vmap(lambda x: functional_call(m, params, (x,)))(xs),
+                               torch.stack([functional_call(m, params, (x,)) for x in xs]))
+    per_input = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i, x_i in enumerate(xs):
+        for k, v in grad(loss)(params, x_i).items():
+            torch.testing.assert_close(per_input[k][i], v, msg=k)
+    t = torch.randn_like(x)
+
+    def tangent_and_second(x):
+        _, tangent = jvp(lambda x: functional_call(m, params, (x,)), (x,), (t,))
+        second = grad(lambda x: grad(lambda x: functional_call(m, params, (x,)).sin().sum())(x)
+                      .square().sum())(x)
+        return tangent, second
+
+    got = tangent_and_second(x)
+    with nf.use_backend("torch"):
+        expected = tangent_and_second(x)
+    torch.testing.assert_close(got, expected)

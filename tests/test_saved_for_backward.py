@@ -68,13 +68,12 @@ def test_only_the_input_and_statistics_are_saved(nf, backend, device, layer, mod
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_bin_on_one_value_per_plane_saves_channel_statistics(nf, backend, device, mode, affine):
     """A 2-d (N, C) input (the heads `convert` makes of nn.BatchNorm1d): each plane holds one
-    value, so BIN's instance half is 0 and the whole-layer op runs it as batch norm with weight
-    gamma * rho on x viewed as one sample (csrc/layer_autograd.cpp, bin_as_one_sample): besides
-    x it saves (1, C) statistics and the parameters, as batch norm does, not (N, C) ones (each as
-    large as x here)."""
-    if backend not in ("cpu", "cuda"):
-        pytest.skip("the Python autograd.Function (torch, triton backends) runs the general "
-                    "path, whose (N, C) statistics are input-sized at L = 1 (docs/performance.md)")
+    value, so BIN's instance half is 0 and it runs as batch norm with weight gamma * rho on x
+    viewed as one sample (the whole-layer op: csrc/layer_autograd.cpp, bin_as_one_sample;
+    NormFunction's callers: normfuse/_autograd.py, _bin_as_one_sample): besides x it saves (1, C)
+    statistics and the parameters, as batch norm does, not (N, C) ones (as large as x here)."""
+    if backend == "torch":
+        pytest.skip("the torch backend, the reference composition, runs the general path")
     n, c = 64, 6
     m = nf.BatchInstanceNorm1d(c, affine=affine, activation="relu" if mode == "relu" else None)
     m = m.to(device).train(mode != "eval")
