@@ -80,10 +80,21 @@ def kernel_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def like_layout(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` (same shape as ``x``) in ``x``'s layout."""
-    if is_channels_last(x):
-        return t if is_channels_last(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
+def like_layout(t: Tensor, x: Tensor, channels_last: bool | None = None) -> Tensor:
+    """``t`` (same shape as ``x``) in ``x``'s layout (``channels_last``: whether that is
+    channels-last, when the caller knows).  While Dynamo traces a backward, no tensor's layout
+    may be asked (a stride or ``is_contiguous`` query there makes Dynamo retrace the backward
+    with every incoming gradient made contiguous: for a channels-last layer two input-sized
+    copies in each compiled backward, the gradient made contiguous and then channels-last
+    again), so ``NormFunction`` passes the layout its forward saw, and ``t`` is converted
+    unconditionally: the conversion ops are no-ops on a tensor already in the layout, which the
+    traced graph sees."""
+    if channels_last is None:
+        channels_last = is_channels_last(x)
+    if channels_last:
+        if not torch.compiler.is_compiling() and is_channels_last(t):
+            return t
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
     return t.contiguous()
 
 
@@ -179,6 +190,7 @@ def _save(ctx, config: LayerConfig, x: Tensor, running_mean, running_var, statis
     ctx.save_for_backward(x, mean, m2, *_kept_running(config, running_mean, running_var),
                           scale if relu else None, shift if relu else None, *params)
     ctx.config = config
+    ctx.channels_last = is_channels_last(x)  # (the backward may not ask: see like_layout)
 
 
 def _backward(ctx, grad_output, every_input: bool = False):
@@ -190,7 +202,8 @@ def _backward(ctx, grad_output, every_input: bool = False):
     _, needs_x, _, _, _, *needs_params = ctx.needs_input_grad  # forward's arguments
     needs = [True] * (1 + len(params)) if every_input else [needs_x, *needs_params]
     no_grads = (None, None, None)  # running_mean, running_var, num_batches_tracked
-    dy = like_layout(grad_output, x) if grad_output is not None else torch.zeros_like(x)
+    dy = (like_layout(grad_output, x, ctx.channels_last) if grad_output is not None
+          else torch.zeros_like(x))
     if not torch.is_grad_enabled():
         grads = kernel_grads(config, x, dy, params, running_mean, running_var, needs,
                              (mean, m2, scale, shift))

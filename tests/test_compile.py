@@ -100,6 +100,39 @@ def test_compile_bin_head_on_2d_inputs_matches_eager(backend, dtype):
                 torch.testing.assert_close(b, b_ref, rtol=tol["buf"][0], atol=tol["buf"][1])
 
 
+@pytest.mark.parametrize("layer", ["bin", "iebn", "assoc", "ilm", "bin-2d"])
+def test_compiled_backward_copies_no_gradient(layer):
+    """A compiled channels-last layer's backward graph hands the incoming gradient to the
+    backward ops as it comes: no clone. (A stride query on a tensor in a traced backward makes
+    Dynamo retrace it with every gradient made contiguous; the layer then made it channels-last
+    again, two input-sized copies a layer step: normfuse/_autograd.py, like_layout.) BIN on a
+    2-d input takes its (1, C, N) channels-last view, which must not cost a copy either."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_graphs = []
+
+    def keep_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return gm
+
+    backend = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=keep_backward)
+    c = 8
+    m = {"bin": normfuse.BatchInstanceNorm2d(c), "iebn": normfuse.IEBN2d(c),
+         "assoc": normfuse.AssocNorm(4, c), "bin-2d": normfuse.BatchInstanceNorm1d(c),
+         "ilm": normfuse.ILMNorm(c, num_groups=4, key_group_size=2, reduction=2)}[layer]
+    x = torch.randn(6, c) if layer == "bin-2d" else \
+        torch.randn(2, c, 5, 3).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    torch._dynamo.reset()
+    with normfuse.use_backend("cpu"):
+        y = torch.compile(m, backend=backend, fullgraph=True)(x)
+        y.backward(torch.randn_like(y))
+    assert backward_graphs, "no backward graph was compiled"
+    copies = [n for n in backward_graphs[-1].graph.nodes
+              if n.op == "call_function" and "clone" in str(n.target)]
+    assert not copies, f"the compiled backward copies: {[str(n.target) for n in copies]}"
+
+
 COLD_SCRIPT = """
 import torch, normfuse
 from test_compile import _model
