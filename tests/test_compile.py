@@ -100,8 +100,14 @@ def test_compile_bin_head_on_2d_inputs_matches_eager(backend, dtype):
                 torch.testing.assert_close(b, b_ref, rtol=tol["buf"][0], atol=tol["buf"][1])
 
 
+# The compiled-kernel backends this machine runs natively (the interpreter would only add time).
+COPY_BACKENDS = [b for b in ("cpu", "cuda", "triton") if b in normfuse.available_backends()
+                 and (b == "cpu" or torch.cuda.is_available())]
+
+
+@pytest.mark.parametrize("backend", COPY_BACKENDS)
 @pytest.mark.parametrize("layer", ["bin", "iebn", "assoc", "ilm", "bin-2d"])
-def test_compiled_backward_copies_no_gradient(layer):
+def test_compiled_backward_copies_no_gradient(backend, layer):
     """A compiled channels-last layer's backward graph hands the incoming gradient to the
     backward ops as it comes: no clone. (A stride query on a tensor in a traced backward makes
     Dynamo retrace it with every gradient made contiguous; the layer then made it channels-last
@@ -115,17 +121,19 @@ def test_compiled_backward_copies_no_gradient(layer):
         backward_graphs.append(gm)
         return gm
 
-    backend = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=keep_backward)
+    recording = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=keep_backward)
     c = 8
     m = {"bin": normfuse.BatchInstanceNorm2d(c), "iebn": normfuse.IEBN2d(c),
          "assoc": normfuse.AssocNorm(4, c), "bin-2d": normfuse.BatchInstanceNorm1d(c),
          "ilm": normfuse.ILMNorm(c, num_groups=4, key_group_size=2, reduction=2)}[layer]
-    x = torch.randn(6, c) if layer == "bin-2d" else \
-        torch.randn(2, c, 5, 3).to(memory_format=torch.channels_last)
+    device = "cpu" if backend == "cpu" else "cuda"
+    m = m.to(device)
+    x = torch.randn(6, c, device=device) if layer == "bin-2d" else \
+        torch.randn(2, c, 5, 3, device=device).to(memory_format=torch.channels_last)
     x.requires_grad_()
     torch._dynamo.reset()
-    with normfuse.use_backend("cpu"):
-        y = torch.compile(m, backend=backend, fullgraph=True)(x)
+    with normfuse.use_backend(backend):
+        y = torch.compile(m, backend=recording, fullgraph=True)(x)
         y.backward(torch.randn_like(y))
     assert backward_graphs, "no backward graph was compiled"
     copies = [n for n in backward_graphs[-1].graph.nodes
