@@ -13,6 +13,9 @@ Inputs rotate through a pool, as in ``python -m bench``; on a GPU every call syn
 
 ``test_transforms``: ``bench/transforms.py`` (``grad``, per-sample gradients, MAML's step under
 ``torch.func``) on a (32, 64, 8, 8) float32 CPU input, one thread, a group per transform.
+
+``test_heads``: ``bench/heads.py`` (BIN and IEBN on a 2-d (1024, 256) float32 CPU input against
+``nn.BatchNorm1d``), one thread, a group per mode (training step, eval forward).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import pytest
 import torch
 
+from bench import heads as HD
 from bench import host as H
 from bench import transforms as T
 from bench import layers as L
@@ -126,6 +130,29 @@ def test_transforms(benchmark, transform, spec):
         call = T.make_call(spec["build"](), transform, x)
         benchmark.group = (f"torch.func {transform}: {'x'.join(map(str, TRANSFORM_SHAPE))} "
                            "float32 cpu, 1 thread")
+        with H.context(spec)():
+            benchmark(call, 0)
+    finally:
+        torch.set_num_threads(previous)
+
+
+HEAD_SHAPE = (1024, 256)
+HEAD_CASES = [(m, s) for m in HD.MODES for s in HD.contenders(
+    HEAD_SHAPE[1], ["cpu"] if L.normfuse() is not None
+    and "cpu" in L.normfuse().available_backends() else [])]
+
+
+@pytest.mark.parametrize("mode,spec", HEAD_CASES, ids=[f"{m}-{s['name']}" for m, s in HEAD_CASES])
+def test_heads(benchmark, mode, spec):
+    """``bench/heads.py``'s calls as groups, one per mode: BIN and IEBN on a 2-d head input
+    against ``nn.BatchNorm1d``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x = (torch.randn(*HEAD_SHAPE) + 0.5).requires_grad_()
+        call = HD.make_call(spec["build"](), mode, x, compiled=False)
+        benchmark.group = f"2-d heads {mode}: {'x'.join(map(str, HEAD_SHAPE))} float32 cpu, 1 thread"
         with H.context(spec)():
             benchmark(call, 0)
     finally:

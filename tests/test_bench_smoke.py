@@ -415,6 +415,22 @@ def test_transforms_rows(capsys):
     assert "per-sample" in capsys.readouterr().out
 
 
+def test_heads_rows(capsys):
+    """``python -m bench.heads`` on a tiny head: BIN and IEBN in training and eval mode against
+    nn.BatchNorm1d timed in the same run (no row fails), one row per (shape, mode, contender)."""
+    from bench import heads
+
+    assert heads.main(["--shapes", "6x8", "--target-s", "0.01"]) == 0
+    rows = heads.run_heads(((6, 8), (5, 3)), target_s=0.01, min_reps=2, max_reps=3)
+    assert {(r["shape"], r["mode"]) for r in rows} == {
+        (s, m) for s in ("6x8", "5x3") for m in heads.MODES}
+    assert len(rows) == 2 * len(heads.MODES) * 3  # nn.BatchNorm1d, BIN[cpu], IEBN[cpu]
+    for r in rows:
+        assert r["ok"], r
+        assert r["ms"] > 0 and math.isfinite(r["ratio_native"]), r
+    assert "BIN normfuse[cpu]" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("device, expected", [("cpu", ["cpu"]), ("cuda", ["cuda", "triton"])])
 def test_transforms_default_backends_follow_the_device(monkeypatch, device, expected):
     """``python -m bench.transforms --device cuda`` without ``--backends`` times the GPU
