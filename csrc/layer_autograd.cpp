@@ -147,6 +147,12 @@ const char* op_name(Layer layer) {
   }
 }
 
+// A (C,) tensor of the statistics' dtype on x's device, dense: what the ops take for a parameter.
+bool is_vector_like(const Tensor& t, const Tensor& x) {
+  return t.defined() && t.dim() == 1 && t.size(0) == x.size(1) && t.is_contiguous() &&
+         t.scalar_type() == nf_glue::acc_dtype(x.scalar_type()) && t.device() == x.device();
+}
+
 // BIN with one value per plane (a 2-d (N, C) input: the classifier and projection heads that
 // `convert` makes of nn.BatchNorm1d). There the instance half is exactly 0 (a plane of one value
 // normalises to 0, as its rho gradient's term), so the layer is batch norm with weight gamma * rho:
@@ -156,17 +162,29 @@ const char* op_name(Layer layer) {
 // large as x at L = 1) is then a (1, C) one, and the passes over x are batch norm's
 // (docs/performance.md). Only for well-formed arguments: anything else takes the general path and
 // its refusals (so a wrong gate is refused by name, not by a broadcasting error of the product);
-// one value per channel in training too (refused there as before).
+// one value per channel in training too (refused there as before). The forward adds
+// one_sample_refused's test; the backward needs none (a call it sends elsewhere raised).
 bool bin_as_one_sample(const Tensor& x, const Params& p, const Config& c) {
-  if (c.layer != kBin || x.dim() != 2 || !x.is_contiguous() || x.size(0) < 1 || (c.training && x.size(0) < 2)) {
+  if (c.layer != kBin || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() || x.size(0) < 1 ||
+      (c.training && x.size(0) < 2)) {
     return false;
   }
-  const Tensor& gate = *p[0];
-  auto vector = [&](const Tensor& t) {
-    return t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == nf_glue::acc_dtype(x.scalar_type()) &&
-           t.device() == x.device();
-  };
-  return vector(gate) && (!p[1].has_value() || !p[1]->defined() || vector(*p[1]));
+  auto vector = [&](const Tensor& t) { return is_vector_like(t, x); };
+  return vector(*p[0]) && (!p[1].has_value() || !p[1]->defined() || vector(*p[1]));
+}
+
+// A training call whose running statistics share memory with the gate or the weight: the op
+// refuses it (they are written while those are read), but the one-sample call would hand it its
+// own gate (1) and weight (gamma * rho), so such a call takes the general path and its refusal.
+bool one_sample_refused(const Params& p, const Buffers& b, const Config& c) {
+  if (!c.training) return false;
+  for (const OptTensor* rs : {&b.running_mean, &b.running_var}) {
+    if (!rs->has_value() || !(*rs)->defined()) continue;
+    for (const OptTensor* read : {&p[0], &p[1]}) {
+      if (read->has_value() && (*read)->defined() && nf_glue::shares_memory(**rs, **read)) return true;
+    }
+  }
+  return false;
 }
 
 // (N, C) contiguous as (1, C, N) with C innermost, and such a tensor (the ops' outputs come in their
@@ -186,21 +204,28 @@ Params one_sample_params(const Params& p) {
 
 // The forward of bin_as_one_sample's call. In eval mode with running statistics the sample's
 // moments would go unused (the batch statistics are the running ones, the instance half is 0), so
-// no pass computes them: the running mean stands in as the sample's mean and m2 is 0, which gives
+// no pass computes them: the running mean stands in as the sample's mean, which gives
 // y = (x - running_mean) * scale + beta, batch norm's own eval arithmetic (the backward's sums
-// centre on it too).
+// centre on it too), and m2 as N, a unit variance: any finite one serves the instance half, whose
+// weight 1 - gate is 0, where m2 = 0 would give it 0 * rsqrt(0 + eps) = NaN at eps = 0. Only when
+// every argument the coefficient op reads is well formed: it would name the running mean ("mean")
+// in a refusal meant for the input, so a malformed call takes the direction op and its messages.
 Forward bin_one_sample_forward(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   const Ops& o = ops();
   const Params q = one_sample_params(p);
-  const Tensor& rm = b.running_mean.has_value() ? *b.running_mean : Tensor();
+  const Tensor rm = b.running_mean.has_value() ? *b.running_mean : Tensor();
+  const Tensor rv = b.running_var.has_value() ? *b.running_var : Tensor();
+  const OptTensor& nbt = b.num_batches_tracked;
+  const bool counter_ok = !nbt.has_value() || !nbt->defined() ||
+                          (nbt->scalar_type() == at::kLong && nbt->numel() == 1 && nbt->dim() <= 1 &&
+                           nbt->device() == x.device());
   Forward f;
-  if (!c.training && rm.defined() && rm.is_contiguous() && rm.numel() == x.size(1) &&
-      rm.scalar_type() == q[0]->scalar_type() && rm.device() == x.device()) {
+  if (!c.training && is_vector_like(rm, x) && is_vector_like(rv, x) && counter_ok &&
+      (!p[2].has_value() || !p[2]->defined() || is_vector_like(*p[2], x))) {
     f.mean = rm.view({1, x.size(1)});
-    f.m2 = at::zeros_like(f.mean);
-    std::tie(f.scale, f.shift) = o.bin_coefficients.call(f.mean, f.m2, x.size(0), req(q[0]), q[1], q[2], rm,
-                                                         b.running_var, false, c.momentum, c.eps,
-                                                         b.num_batches_tracked);
+    f.m2 = at::full_like(f.mean, static_cast<double>(x.size(0)));
+    std::tie(f.scale, f.shift) = o.bin_coefficients.call(f.mean, f.m2, x.size(0), req(q[0]), q[1], q[2], rm, rv,
+                                                         false, c.momentum, c.eps, nbt);
     f.y = o.affine_apply.call(as_one_sample(x), f.mean, f.scale, f.shift, c.relu);
   } else {
     std::tie(f.y, f.mean, f.m2, f.scale, f.shift) =
@@ -221,7 +246,7 @@ Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const C
   Forward f;
   switch (c.layer) {
     case kBin:
-      if (bin_as_one_sample(x, p, c)) {
+      if (bin_as_one_sample(x, p, c) && !one_sample_refused(p, b, c)) {
         f = bin_one_sample_forward(x, p, b, c);
         break;
       }

@@ -808,6 +808,57 @@ def test_bin_one_value_per_plane_eval_far_from_zero(nf, backend, device, seed):
     run_and_check(m, x.detach(), dy, torch.float32, "bin eval far from 0")
 
 
+def test_bin_one_value_per_plane_eval_eps_zero(nf, backend, device, seed):
+    """eps = 0 in eval mode on (N, C) values, one column constant across the batch: the running
+    statistics normalise it and a one-value plane's instance half is exactly 0 (docs/errors.md),
+    so BIN is batch norm's eval with weight gamma * rho, finite, on every backend and path
+    (float64 reference: that formula; the papers' formula itself reads 0 / 0 there). The
+    one-sample view's instance half has weight 0, but 0 * rsqrt(0 + eps) would be NaN: the eager
+    path gives it a unit m2, the Python path (under torch.func here) keeps the general path."""
+    m = prepare(nf.BatchInstanceNorm1d(4, eps=0.0), seed, device, False)
+    x = make_input((9, 4), seed, torch.float32, device)
+    x[:, 0] = 0.75
+    dy = randn((9, 4), seed + 7, torch.float32, device)
+    names = ("gate", "weight", "bias")
+    ref = {n: getattr(m, n).detach().double().requires_grad_() for n in names}
+    x64 = x.double().requires_grad_()
+    y64 = ((x64 - m.running_mean.double()) / m.running_var.double().sqrt()
+           * ref["weight"] * ref["gate"] + ref["bias"])
+    expected = torch.autograd.grad(y64, [x64, *ref.values()], dy.double())
+    xin = x.clone().requires_grad_()
+    y = m(xin)
+    got = torch.autograd.grad(y, [xin, *(getattr(m, n) for n in names)], dy)
+    assert_close_dtype(y, y64, torch.float32, "output")
+    for name, g, e in zip(("input",) + names, got, expected):
+        assert_close_dtype(g, e, torch.float32, f"grad {name}")
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).mul(dy).sum())(params)
+    for name in names:
+        assert_close_dtype(grads[name], expected[1 + names.index(name)], torch.float32,
+                           f"torch.func grad {name}")
+
+
+def test_bin_one_value_per_plane_op_refuses_running_stats_sharing_parameters(nf, backend, device):
+    """The whole-layer op called directly in training on (N, C) input: running statistics that
+    share memory with the gate or the weight are refused, as for any other input, and nothing
+    is written (the one-sample call hands the op a gate and a weight of its own, whose overlap
+    check would not see the caller's)."""
+    if backend not in ("cpu", "cuda"):
+        pytest.skip("the whole-layer op serves the cpu and cuda backends")
+    x = make_input((8, 4), 3, torch.float32, device)
+    for shared in ("gate", "weight"):
+        for stat in ("running_mean", "running_var"):
+            gate, weight = torch.rand(4, device=device), torch.rand(4, device=device)
+            stats = {"running_mean": torch.zeros(4, device=device),
+                     "running_var": torch.ones(4, device=device)}
+            stats[stat] = gate if shared == "gate" else weight
+            before = (gate.clone(), weight.clone())
+            with pytest.raises(RuntimeError, match=f"{stat} must not share memory with {shared}"):
+                torch.ops.normfuse.bin_layer(x, gate, weight, None, stats["running_mean"],
+                                             stats["running_var"], True, 0.1, 1e-5, None, False)
+            assert torch.equal(gate, before[0]) and torch.equal(weight, before[1])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_two_forwards_then_backward(nf, backend, device, seed, kind, training):
