@@ -110,6 +110,10 @@ class LayerConfig(NamedTuple):
     relu: bool = False     # fused activation: y = relu(norm(x))
     merge: Any = None      # synchronized BIN / IEBN: the SyncBatchMerge of this call
     who: str = ""          # the module or function called, for errors raised past the checks
+    # BIN's one-sample view (_bin_as_one_sample) in eval mode with running statistics: no
+    # moments pass; the running mean stands in as each sample's mean and m2 is the plane size
+    # (a unit variance for the instance half, whose weight 1 - gate is 0), as in C++
+    running_centre: bool = False
 
 
 def _coefficients(ops, config, mean, m2, plane, params, running_mean, running_var,
@@ -162,7 +166,10 @@ def _forward(config: LayerConfig, x: Tensor, running_mean, running_var, num_batc
     ops = ops_for(config.backend)
     plane = math.prod(x.shape[2:])
     samples = x.numel() > 0  # False only on a synchronized rank without values
-    if samples:
+    if samples and config.running_centre:  # (see LayerConfig)
+        mean = running_mean.unsqueeze(0).expand(x.shape[0], -1).contiguous()
+        m2 = torch.full_like(mean, plane)
+    elif samples:
         mean, m2 = ops.moments(x)
     else:
         mean = m2 = x.new_zeros((0, x.shape[1]), dtype=torch_backend.acc_dtype(x.dtype))
@@ -475,16 +482,12 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)
         else:
-            # (eval with running statistics and eps = 0: the view's instance half would be
-            # 0 * rsqrt(m2 / N) on a column constant across the batch, NaN; the general path's
-            # one-value planes are exactly 0 there)
             one_sample = (layer == "bin" and merge is None and backend != "torch"
-                          and x.dim() == 2 and x.shape[0] >= (2 if training else 1)
-                          and (training or rm is None or eps > 0))
+                          and x.dim() == 2 and x.shape[0] >= (2 if training else 1))
             if one_sample:
                 x, params = _bin_as_one_sample(x, params)
             config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge,
-                                 who)
+                                 who, running_centre=one_sample and not training and rm is not None)
             if _forward_ad._current_level >= 0:
                 y = _transforms.NormFunctionForwardMode.apply(config, x, rm, rv,
                                                               num_batches_tracked, *params)[0]
@@ -513,7 +516,9 @@ def _bin_as_one_sample(x: Tensor, params):
     weight's gradients through the product).  Exact: at L = 1 the instance half is 0.  No
     intermediate is then input-sized.  The whole-layer op does the same in C++
     (csrc/layer_autograd.cpp, ``bin_as_one_sample``); this serves ``NormFunction``'s callers
-    (torch.compile, the triton backend, transforms).  Returns ``(x, params)`` of that call."""
+    (torch.compile, the triton backend, transforms); in eval mode with running statistics
+    with ``LayerConfig.running_centre`` (no moments pass).  Returns ``(x, params)`` of that
+    call."""
     gate, weight, bias = params
     return x.t().unsqueeze(0), [torch.ones_like(gate), gate if weight is None else weight * gate,
                                 bias]

@@ -813,8 +813,8 @@ def test_bin_one_value_per_plane_eval_eps_zero(nf, backend, device, seed):
     statistics normalise it and a one-value plane's instance half is exactly 0 (docs/errors.md),
     so BIN is batch norm's eval with weight gamma * rho, finite, on every backend and path
     (float64 reference: that formula; the papers' formula itself reads 0 / 0 there). The
-    one-sample view's instance half has weight 0, but 0 * rsqrt(0 + eps) would be NaN: the eager
-    path gives it a unit m2, the Python path (under torch.func here) keeps the general path."""
+    one-sample view's instance half has weight 0, but 0 * rsqrt(0 + eps) would be NaN: both the
+    eager path and the Python one (under torch.func here) give it a unit m2."""
     m = prepare(nf.BatchInstanceNorm1d(4, eps=0.0), seed, device, False)
     x = make_input((9, 4), seed, torch.float32, device)
     x[:, 0] = 0.75
