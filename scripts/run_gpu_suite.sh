@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build normfuse for the visible GPU with every core, run the GPU-relevant tests
 # in parallel, the benchmark (its ResNet-50 step is the figure issues 13 and 14 are judged by),
-# the GPU probes (l2probe, kernel_times, steps_probe, single read) and an ncu profile of the four generic
+# the GPU probes (l2probe, kernel_times, steps_probe, single read; bench.heads if time is left) and an ncu profile of the four generic
 # kernels; everything lands in bench/results/<gpu name>/ (report.md, CSV/JSON, plots, logs,
 # steps.txt). Budget: the whole script stays within SUITE_BUDGET_S seconds (default 540: a device
 # call may run 600 s, and the 15-minute device session also pays the machine's start). Each step
@@ -165,6 +165,11 @@ run_probes() {
     # prediction of docs/performance.md), and issue 14's single-read question (how much of a
     # layer's second pass L2 already serves).
     step l2probe 120 "$OUT/l2probe.log" "$PYTHON" -m bench.l2probe --out "$OUT"
+    # BIN / IEBN on 2-d heads (the one-sample view of BIN, never timed on a GPU), eager, ~20 s:
+    # only with a minute of the budget left (optional: not running it is no failure).
+    if [ $((BUDGET_S - SECONDS - 30)) -ge 60 ]; then
+        step heads 60 "$OUT/heads.log" "$PYTHON" -m bench.heads --device cuda --json "$OUT/heads.json"
+    fi
 }
 # Issue 13's reductions at copy speed: why a pass runs below a copy (DRAM share of peak,
 # occupancy, warp stall reasons) for the four generic kernels and BIN's coefficient kernels, one
