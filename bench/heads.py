@@ -88,17 +88,8 @@ def run_heads(shapes: Sequence[Tuple[int, int]] = SHAPES, backends: Sequence[str
                     except Exception as exc:  # a failed row; the others still run
                         row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
                     batch.append(row)
-                live = [r for r in batch if r["ok"]]
-                res = timing.measure_many(fns, torch.device(device), contexts=ctxs,
-                                          target_s=target_s, min_reps=min_reps,
-                                          max_reps=max_reps)
-                for row, r in zip(live, res):
-                    row["ok"] = r["ok"]
-                    if r["ok"]:
-                        row.update(ms=r["median_s"] * 1e3, min_ms=r["min_s"] * 1e3,
-                                   reps=r["reps"])
-                    else:
-                        row["error"] = r.get("error")
+                timing.time_rows(batch, fns, torch.device(device), contexts=ctxs,
+                                 target_s=target_s, min_reps=min_reps, max_reps=max_reps)
                 base = next((r for r in batch if r["name"] == "nn.BatchNorm1d" and r["ok"]),
                             None)
                 for row in batch:

@@ -176,6 +176,19 @@ def measure(fn: Callable[[int], object], device: torch.device, **kw) -> dict:
     return res
 
 
+def time_rows(rows: List[dict], fns: Sequence[Callable[[int], object]], device: torch.device,
+              **kw) -> None:
+    """``measure_many(fns, device, **kw)`` for the rows still ``ok`` (one callable each, in
+    order), written into them: ``ms``, ``min_ms`` and ``reps``, or ``ok`` False and ``error``."""
+    live = [r for r in rows if r["ok"]]
+    for row, r in zip(live, measure_many(fns, device, **kw)):
+        row["ok"] = r["ok"]
+        if r["ok"]:
+            row.update(ms=r["median_s"] * 1e3, min_ms=r["min_s"] * 1e3, reps=r["reps"])
+        else:
+            row["error"] = r.get("error")
+
+
 def saved_bytes(fn: Callable[[], object]) -> Dict[str, int]:
     """Unique storages (count, bytes) autograd saves for backward while ``fn()`` runs."""
     storages: Dict[int, int] = {}
