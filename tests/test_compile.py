@@ -106,26 +106,30 @@ COPY_BACKENDS = [b for b in ("cpu", "cuda", "triton") if b in normfuse.available
 
 
 @pytest.mark.parametrize("backend", COPY_BACKENDS)
-@pytest.mark.parametrize("layer", ["bin", "iebn", "assoc", "ilm", "bin-2d"])
+@pytest.mark.parametrize("layer", ["bin", "iebn", "assoc", "ilm", "bin-2d", "iebn-relu"])
 def test_compiled_backward_copies_no_gradient(backend, layer):
     """A compiled channels-last layer's backward graph hands the incoming gradient to the
     backward ops as it comes: no clone. (A stride query on a tensor in a traced backward makes
     Dynamo retrace it with every gradient made contiguous; the layer then made it channels-last
     again, two input-sized copies a layer step: normfuse/_autograd.py, like_layout.) BIN on a
-    2-d input takes its (1, C, N) channels-last view, which must not cost a copy either."""
+    2-d input takes its (1, C, N) channels-last view, which must not cost a copy either; nor
+    the fused ReLU's backward (its mask recomputed from the saved scale and shift)."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     backward_graphs = []
 
     def keep_backward(gm, example_inputs):
         backward_graphs.append(gm)
-        return gm
+        return make_boxed_func(gm)
 
-    recording = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=keep_backward)
+    recording = aot_autograd(fw_compiler=lambda gm, example_inputs: make_boxed_func(gm),
+                             bw_compiler=keep_backward)
     c = 8
     m = {"bin": normfuse.BatchInstanceNorm2d(c), "iebn": normfuse.IEBN2d(c),
          "assoc": normfuse.AssocNorm(4, c), "bin-2d": normfuse.BatchInstanceNorm1d(c),
-         "ilm": normfuse.ILMNorm(c, num_groups=4, key_group_size=2, reduction=2)}[layer]
+         "ilm": normfuse.ILMNorm(c, num_groups=4, key_group_size=2, reduction=2),
+         "iebn-relu": normfuse.IEBN2d(c, activation="relu")}[layer]
     device = "cpu" if backend == "cpu" else "cuda"
     m = m.to(device)
     x = torch.randn(6, c, device=device) if layer == "bin-2d" else \
