@@ -482,8 +482,12 @@ def run_layer(layer: str, input: Tensor, running_mean, running_var, training: bo
             y = run_fused(op, layer, x, rm, rv, num_batches_tracked, training, momentum, eps,
                           num_groups, params, relu)
         else:
+            # (eval with running statistics and eps = 0 keeps the general path: forward mode and
+            # second derivatives recompute the view's moments with the torch backend, and a
+            # column constant across the batch would meet 0 * rsqrt(0 + eps) = NaN there)
             one_sample = (layer == "bin" and merge is None and backend != "torch"
-                          and x.dim() == 2 and x.shape[0] >= (2 if training else 1))
+                          and x.dim() == 2 and x.shape[0] >= (2 if training else 1)
+                          and (training or rm is None or eps > 0))
             if one_sample:
                 x, params = _bin_as_one_sample(x, params)
             config = LayerConfig(layer, backend, training, momentum, eps, num_groups, relu, merge,

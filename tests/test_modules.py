@@ -813,8 +813,9 @@ def test_bin_one_value_per_plane_eval_eps_zero(nf, backend, device, seed):
     statistics normalise it and a one-value plane's instance half is exactly 0 (docs/errors.md),
     so BIN is batch norm's eval with weight gamma * rho, finite, on every backend and path
     (float64 reference: that formula; the papers' formula itself reads 0 / 0 there). The
-    one-sample view's instance half has weight 0, but 0 * rsqrt(0 + eps) would be NaN: both the
-    eager path and the Python one (under torch.func here) give it a unit m2."""
+    one-sample view's instance half has weight 0, but 0 * rsqrt(0 + eps) would be NaN: the
+    eager path gives it a unit m2; the Python path (under torch.func here: grad, jvp, grad of
+    grad, which recompute the moments) keeps the general path at eps = 0 in eval."""
     m = prepare(nf.BatchInstanceNorm1d(4, eps=0.0), seed, device, False)
     x = make_input((9, 4), seed, torch.float32, device)
     x[:, 0] = 0.75
@@ -836,6 +837,13 @@ def test_bin_one_value_per_plane_eval_eps_zero(nf, backend, device, seed):
     for name in names:
         assert_close_dtype(grads[name], expected[1 + names.index(name)], torch.float32,
                            f"torch.func grad {name}")
+    # forward mode and a second derivative (of a loss whose Hessian in x is not 0)
+    scale = (m.weight * m.gate / m.running_var.sqrt()).detach().double()
+    _, tangent = torch.func.jvp(m, (x,), (dy,))
+    assert_close_dtype(tangent, dy.double() * scale, torch.float32, "jvp")
+    second = torch.func.grad(lambda t: torch.func.grad(lambda u: m(u).square().sum())(t)
+                             .mul(dy).sum())(x)
+    assert_close_dtype(second, 2 * dy.double() * scale ** 2, torch.float32, "grad of grad")
 
 
 def test_bin_one_value_per_plane_op_refuses_running_stats_sharing_parameters(nf, backend, device):
