@@ -147,6 +147,8 @@ const char* op_name(Layer layer) {
   }
 }
 
+Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
 // A (C,) tensor of the statistics' dtype on x's device, dense: what the ops take for a parameter.
 bool is_vector_like(const Tensor& t, const Tensor& x) {
   return t.defined() && t.dim() == 1 && t.size(0) == x.size(1) && t.is_contiguous() &&
@@ -169,8 +171,7 @@ bool bin_as_one_sample(const Tensor& x, const Params& p, const Config& c) {
       (c.training && x.size(0) < 2)) {
     return false;
   }
-  auto vector = [&](const Tensor& t) { return is_vector_like(t, x); };
-  return vector(*p[0]) && (!p[1].has_value() || !p[1]->defined() || vector(*p[1]));
+  return is_vector_like(*p[0], x) && (!opt(p[1]).defined() || is_vector_like(*p[1], x));
 }
 
 // A training call whose running statistics share memory with the gate or the weight: the op
@@ -179,9 +180,9 @@ bool bin_as_one_sample(const Tensor& x, const Params& p, const Config& c) {
 bool one_sample_refused(const Params& p, const Buffers& b, const Config& c) {
   if (!c.training) return false;
   for (const OptTensor* rs : {&b.running_mean, &b.running_var}) {
-    if (!rs->has_value() || !(*rs)->defined()) continue;
+    if (!opt(*rs).defined()) continue;
     for (const OptTensor* read : {&p[0], &p[1]}) {
-      if (read->has_value() && (*read)->defined() && nf_glue::shares_memory(**rs, **read)) return true;
+      if (opt(*read).defined() && nf_glue::shares_memory(**rs, **read)) return true;
     }
   }
   return false;
@@ -198,7 +199,7 @@ Tensor from_one_sample(const Tensor& t) {
 // The one-sample call's (gate, weight, bias): 1, gamma * rho (rho without an affine weight), beta.
 Params one_sample_params(const Params& p) {
   const Tensor& gate = *p[0];
-  Tensor weight = p[1].has_value() && p[1]->defined() ? p[1]->mul(gate) : gate;
+  Tensor weight = opt(p[1]).defined() ? p[1]->mul(gate) : gate;
   return {at::ones_like(gate), std::move(weight), p[2], std::nullopt, std::nullopt};
 }
 
@@ -213,15 +214,12 @@ Params one_sample_params(const Params& p) {
 Forward bin_one_sample_forward(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   const Ops& o = ops();
   const Params q = one_sample_params(p);
-  const Tensor rm = b.running_mean.has_value() ? *b.running_mean : Tensor();
-  const Tensor rv = b.running_var.has_value() ? *b.running_var : Tensor();
+  const Tensor rm = opt(b.running_mean), rv = opt(b.running_var), counter = opt(b.num_batches_tracked);
   const OptTensor& nbt = b.num_batches_tracked;
-  const bool counter_ok = !nbt.has_value() || !nbt->defined() ||
-                          (nbt->scalar_type() == at::kLong && nbt->numel() == 1 && nbt->dim() <= 1 &&
-                           nbt->device() == x.device());
   Forward f;
-  if (!c.training && is_vector_like(rm, x) && is_vector_like(rv, x) && counter_ok &&
-      (!p[2].has_value() || !p[2]->defined() || is_vector_like(*p[2], x))) {
+  if (!c.training && is_vector_like(rm, x) && is_vector_like(rv, x) &&
+      (!counter.defined() || nf_coef_glue::is_batch_counter(counter, x.device())) &&
+      (!opt(p[2]).defined() || is_vector_like(*p[2], x))) {
     f.mean = rm.view({1, x.size(1)});
     f.m2 = at::full_like(f.mean, static_cast<double>(x.size(0)));
     std::tie(f.scale, f.shift) = o.bin_coefficients.call(f.mean, f.m2, x.size(0), req(q[0]), q[1], q[2], rm, rv,
@@ -290,7 +288,7 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> bin_one_sample_backward(
         o.bin_step_backward.call(as_one_sample(dy), as_one_sample(x), mean, m2, req(q[0]), q[1], q[2], rm, rv,
                                  c.training, c.eps, scale, shift);
   }
-  const bool affine = p[1].has_value() && p[1]->defined();
+  const bool affine = opt(p[1]).defined();
   grads[0] = affine ? grad_product.mul(*p[1]) : grad_product;  // d(gamma * rho) / d rho = gamma
   if (affine) grads[1] = grad_product.mul(*p[0]);                // d(gamma * rho) / d gamma = rho
   return {std::move(dx), std::move(grads)};
@@ -362,8 +360,6 @@ Tensor like_layout(const Tensor& t, const Tensor& x) {
   if (nf_glue::is_channels_last_dense(t)) return t;
   return t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
-
-Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
 // The backward node, written as PyTorch's generated nodes are (torch/csrc/autograd/generated/
 // Functions.h): saved tensors and the config as plain members. torch::autograd::Function's CppNode

@@ -140,12 +140,18 @@ inline void check_running_not_input(const char* op, const Tensor& input, const O
 // is computed or mutated. It is incremented (by the kernel on CUDA, by the op on the CPU) when
 // training, so it is left alone in eval mode even when given; then it must not share memory
 // with the running statistics updated beside it.
+// What set_batch_counter takes for num_batches_tracked: a 0-dim (or 1-element) int64 tensor on
+// the statistics' device.
+inline bool is_batch_counter(const Tensor& t, const c10::Device& device) {
+  return t.scalar_type() == at::kLong && t.numel() == 1 && t.dim() <= 1 && t.device() == device;
+}
+
 template <class S>
 void set_batch_counter(nf::BatchCoefParams<S>& p, const char* op, const OptTensor& num_batches_tracked,
                        const Tensor& mean, const OptTensor& running_mean, const OptTensor& running_var) {
   if (!num_batches_tracked.has_value()) return;
   const Tensor& t = *num_batches_tracked;
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.dim() <= 1 && t.device() == mean.device(),
+  TORCH_CHECK(is_batch_counter(t, mean.device()),
               "normfuse.", op, ": num_batches_tracked must be a 0-dim (or 1-element) int64 tensor on ",
               mean.device(), " like the statistics, got a ", t.scalar_type(), " tensor of shape ", t.sizes(),
               " on ", t.device());
