@@ -71,31 +71,19 @@ def run_heads(shapes: Sequence[Tuple[int, int]] = SHAPES, backends: Sequence[str
     try:
         for shape in shapes:
             for mode in MODES:
-                batch, fns, ctxs = [], [], []
+                cases = []
                 for spec in contenders(shape[1], backends):
-                    row = dict(name=spec["name"], backend=spec["backend"], mode=mode,
-                               compiled=compiled, shape="x".join(map(str, shape)),
-                               dtype="float32", device=device, threads=threads, ok=True)
-                    ctx = H.context(spec)
-                    try:
-                        torch.manual_seed(0)
+                    row = dict(name=spec["name"], native="nn.BatchNorm1d",
+                               backend=spec["backend"], mode=mode, compiled=compiled,
+                               shape="x".join(map(str, shape)), dtype="float32",
+                               device=device, threads=threads)
+
+                    def make(spec=spec, shape=shape, mode=mode):
                         x = (torch.randn(*shape, device=device) + 0.5).requires_grad_()
-                        call = make_call(spec["build"]().to(device), mode, x, compiled)
-                        with ctx():
-                            call(0)
-                        fns.append(call)
-                        ctxs.append(ctx)
-                    except Exception as exc:  # a failed row; the others still run
-                        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
-                    batch.append(row)
-                timing.time_rows(batch, fns, torch.device(device), contexts=ctxs,
-                                 target_s=target_s, min_reps=min_reps, max_reps=max_reps)
-                base = next((r for r in batch if r["name"] == "nn.BatchNorm1d" and r["ok"]),
-                            None)
-                for row in batch:
-                    row["ratio_native"] = (row["ms"] / base["ms"] if row["ok"] and base
-                                           else None)
-                rows += batch
+                        return make_call(spec["build"]().to(device), mode, x, compiled)
+                    cases.append((row, H.context(spec), make))
+                rows += timing.time_contenders(cases, torch.device(device), target_s=target_s,
+                                               min_reps=min_reps, max_reps=max_reps)
         return rows
     finally:
         torch.set_num_threads(previous)

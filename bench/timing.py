@@ -176,17 +176,37 @@ def measure(fn: Callable[[int], object], device: torch.device, **kw) -> dict:
     return res
 
 
-def time_rows(rows: List[dict], fns: Sequence[Callable[[int], object]], device: torch.device,
-              **kw) -> None:
-    """``measure_many(fns, device, **kw)`` for the rows still ``ok`` (one callable each, in
-    order), written into them: ``ms``, ``min_ms`` and ``reps``, or ``ok`` False and ``error``."""
+def time_contenders(cases: Sequence[tuple], device: torch.device, **kw) -> List[dict]:
+    """The rows of ``cases``, each ``(row, context, make)``, measured: ``make()`` builds the
+    row's callable (seeded 0), run once inside ``context()``; a row whose build or first call
+    raises keeps ``ok`` False and its ``error``, the others are timed interleaved
+    (``measure_many(..., **kw)``) into ``ms``, ``min_ms`` and ``reps``, and every row gets
+    ``ratio_native``: its ``ms`` over that of the row named by its ``native``."""
+    rows, fns, contexts = [], [], []
+    for row, context, make in cases:
+        row = dict(row, ok=True)
+        try:
+            torch.manual_seed(0)
+            call = make()
+            with context():
+                call(0)
+            fns.append(call)
+            contexts.append(context)
+        except Exception as exc:  # a failed row; the others still run
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
+        rows.append(row)
     live = [r for r in rows if r["ok"]]
-    for row, r in zip(live, measure_many(fns, device, **kw)):
+    for row, r in zip(live, measure_many(fns, device, contexts=contexts, **kw)):
         row["ok"] = r["ok"]
         if r["ok"]:
             row.update(ms=r["median_s"] * 1e3, min_ms=r["min_s"] * 1e3, reps=r["reps"])
         else:
             row["error"] = r.get("error")
+    by_name = {r["name"]: r for r in rows if r["ok"]}
+    for row in rows:
+        base = by_name.get(row["native"])
+        row["ratio_native"] = row["ms"] / base["ms"] if row["ok"] and base else None
+    return rows
 
 
 def saved_bytes(fn: Callable[[], object]) -> Dict[str, int]:

@@ -74,31 +74,19 @@ def run_transforms(shape: Sequence[int] = SHAPE, backends: Sequence[str] = ("cpu
     rows = []
     try:
         for transform in transforms:
-            batch, fns, ctxs = [], [], []
+            cases = []
             for spec in contenders(shape[1], backends):
                 row = dict(transform=transform, name=spec["name"],
                            native=H.native_of(spec["layer"]), backend=spec.get("backend"),
                            shape="x".join(map(str, shape)), dtype="float32", device=device,
-                           threads=threads, ok=True)
-                ctx = H.context(spec)
-                try:
-                    torch.manual_seed(0)
+                           threads=threads)
+
+                def make(spec=spec, transform=transform):
                     x = torch.randn(*shape, device=device) + 0.5  # never all-zero inputs
-                    call = make_call(spec["build"]().to(device), transform, x)
-                    with ctx():
-                        call(0)
-                    fns.append(call)
-                    ctxs.append(ctx)
-                except Exception as exc:  # a failed row; the others still run
-                    row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
-                batch.append(row)
-            timing.time_rows(batch, fns, torch.device(device), contexts=ctxs,
-                             target_s=target_s, min_reps=min_reps, max_reps=max_reps)
-            by_name = {r["name"]: r for r in batch if r["ok"]}
-            for row in batch:
-                base = by_name.get(row["native"])
-                row["ratio_native"] = row["ms"] / base["ms"] if row["ok"] and base else None
-            rows += batch
+                    return make_call(spec["build"]().to(device), transform, x)
+                cases.append((row, H.context(spec), make))
+            rows += timing.time_contenders(cases, torch.device(device), target_s=target_s,
+                                           min_reps=min_reps, max_reps=max_reps)
         return rows
     finally:
         torch.set_num_threads(previous)
