@@ -88,6 +88,11 @@ struct Ops {
   // The AssocNorm / ILM-Norm layer directions (one signature for both layers).
   Handle<decltype(Signatures::assoc_layer_forward)> assoc_forward, ilm_forward;
   Handle<decltype(Signatures::assoc_layer_backward)> assoc_layer_backward, ilm_layer_backward;
+  // IEBN with one value per plane on the CPU (iebn_pointwise): the batch statistics as the
+  // layer step of x viewed as one sample, then the elementwise directions.
+  Handle<decltype(Signatures::iebn_moments_coefficients)> iebn_step;
+  Handle<nf_ops::sig::IebnPointwiseApply> iebn_pointwise_apply;
+  Handle<nf_ops::sig::IebnPointwiseBackward> iebn_pointwise_backward;
 };
 
 const Ops& ops() {
@@ -108,6 +113,9 @@ const Ops& ops() {
       find_as<decltype(Ops::ilm_forward)>("normfuse::ilm_layer_forward"),
       find_as<decltype(Ops::assoc_layer_backward)>("normfuse::assoc_layer_backward"),
       find_as<decltype(Ops::ilm_layer_backward)>("normfuse::ilm_layer_backward"),
+      find_as<decltype(Ops::iebn_step)>("normfuse::iebn_moments_coefficients"),
+      find_as<decltype(Ops::iebn_pointwise_apply)>("normfuse::iebn_pointwise_apply"),
+      find_as<decltype(Ops::iebn_pointwise_backward)>("normfuse::iebn_pointwise_backward"),
   };
   return o;
 }
@@ -234,6 +242,49 @@ Forward bin_one_sample_forward(const Tensor& x, const Params& p, const Buffers& 
   return f;
 }
 
+// IEBN with one value per plane (a 2-d (N, C) input on the CPU). Its gate
+// sigmoid(m * gate_weight + gate_bias) reads each value itself at L = 1, so unlike BIN's no batch
+// norm view serves it, and the general path's per-(n, c) tensors would each be as large as x:
+// iebn_pointwise_apply / _backward (csrc/cpu/iebn_pointwise_kernels.h) compute the layer
+// elementwise from per-channel statistics instead, with batch norm's passes over x. The batch's
+// statistics come from the layer step of x viewed as one sample (as BIN's view: its running
+// statistics update and batch counter are the layer's); in eval mode the running ones, and no
+// pass computes moments. The mean and rstd (C,) travel in the moments' slots. Only for well-formed
+// arguments (as bin_as_one_sample): anything else takes the general path and its refusals.
+bool batch_statistics(const OptTensor& running_mean, const Config& c) {
+  return c.training || !opt(running_mean).defined();
+}
+
+bool iebn_pointwise(const Tensor& x, const Params& p, const OptTensor& rm, const OptTensor& rv, const Config& c) {
+  if (c.layer != kIebn || !x.device().is_cpu() || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() ||
+      x.size(0) < 1 || x.size(1) < 1 || (c.training && x.size(0) < 2)) {
+    return false;
+  }
+  for (size_t i = 0; i < 4; ++i) {
+    if ((i < 2 || opt(p[i]).defined()) && !is_vector_like(opt(p[i]), x)) return false;
+  }
+  return batch_statistics(rm, c) || (is_vector_like(*rm, x) && is_vector_like(opt(rv), x));
+}
+
+Forward iebn_pointwise_forward(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
+  const Ops& o = ops();
+  const int64_t C = x.size(1);
+  Forward f;
+  if (batch_statistics(b.running_mean, c)) {
+    Tensor m2, unused_scale, unused_shift;
+    std::tie(f.mean, m2, unused_scale, unused_shift) =
+        o.iebn_step.call(as_one_sample(x), req(p[0]), req(p[1]), p[2], p[3], b.running_mean, b.running_var,
+                         c.training, c.momentum, c.eps, b.num_batches_tracked);
+    f.mean = f.mean.view({C});
+    f.m2 = m2.view({C}).div(static_cast<double>(x.size(0))).add_(c.eps).rsqrt_();  // rstd of the biased variance
+  } else {
+    f.mean = *b.running_mean;
+    f.m2 = b.running_var->add(c.eps).rsqrt_();
+  }
+  f.y = o.iebn_pointwise_apply.call(x, f.mean, f.m2, req(p[0]), req(p[1]), p[2], p[3], c.relu);
+  return f;
+}
+
 // moments -> coefficients -> affine_apply, as one layer-direction op.
 Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   // (An empty batch, N = 0, gives an empty output, as torch's batch_norm does; an empty plane would
@@ -253,6 +304,10 @@ Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const C
                              c.eps, b.num_batches_tracked, c.relu);
       break;
     case kIebn:
+      if (iebn_pointwise(x, p, b.running_mean, b.running_var, c)) {
+        f = iebn_pointwise_forward(x, p, b, c);
+        break;
+      }
       std::tie(f.y, f.mean, f.m2, f.scale, f.shift) =
           o.iebn_forward.call(x, req(p[0]), req(p[1]), p[2], p[3], b.running_mean, b.running_var, c.training,
                               c.momentum, c.eps, b.num_batches_tracked, c.relu);
@@ -320,6 +375,13 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
       }
       break;
     case kIebn:
+      if (iebn_pointwise(x, p, rm, rv, c)) {  // (the forward's path: mean and m2 hold its mean and rstd)
+        // dx comes with the parameters' gradients (one map pass; a backward without dx is rare here)
+        std::tie(dx, grads[0], grads[1], grads[2], grads[3]) = o.iebn_pointwise_backward.call(
+            dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], batch_statistics(rm, c), c.relu);
+        if (!want_dx) dx = Tensor();
+        break;
+      }
       if (want_dx) {
         std::tie(dx, grads[0], grads[1], grads[2], grads[3]) = o.iebn_backward.call(
             dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], rm, rv, c.training, c.eps, scale, shift);

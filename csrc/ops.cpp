@@ -131,6 +131,21 @@ TORCH_LIBRARY(normfuse, m) {
       "-> (Tensor grad_input, Tensor grad_gate_weight, Tensor grad_gate_bias, Tensor grad_weight, "
       "Tensor grad_bias)");
 
+  // IEBN with one value per plane (a 2-d (N, C) input), CPU only (csrc/cpu/iebn_pointwise_*): the
+  // gate reads each value itself there, so the layer is computed elementwise from per-channel
+  // statistics, mean and rstd (C,): the batch's (the moments of x viewed as one sample) or the running
+  // ones. What iebn_layer runs for such an input on the CPU. The backward returns every parameter's
+  // gradient (weight's also without a weight: that of a weight of 1); batch_stats: mean and rstd
+  // are x's own, and their gradient flows into grad_input.
+  m.def(
+      "iebn_pointwise_apply(Tensor input, Tensor mean, Tensor rstd, Tensor gate_weight, Tensor gate_bias, "
+      "Tensor? weight, Tensor? bias, bool relu=False) -> Tensor");
+  m.def(
+      "iebn_pointwise_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, "
+      "Tensor gate_weight, Tensor gate_bias, Tensor? weight, Tensor? bias, bool batch_stats, "
+      "bool relu=False) -> (Tensor grad_input, Tensor grad_gate_weight, Tensor grad_gate_bias, "
+      "Tensor grad_weight, Tensor grad_bias)");
+
   // An AssocNorm / ILM-Norm layer's whole direction as one op (what the whole-layer ops call):
   // moments -> <layer>_coefficients -> affine_apply(input, mean, scale, shift, relu), and
   // backward_sums -> <layer>_coefficients_backward -> backward_apply, with the same arguments and

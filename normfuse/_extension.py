@@ -48,6 +48,10 @@ OP_NAMES = (
     "ilm_layer_forward",
     "assoc_layer_backward",
     "ilm_layer_backward",
+    # IEBN with one value per plane, CPU only (csrc/cpu/iebn_pointwise_cpu.cpp): what iebn_layer
+    # runs for a 2-d input on the CPU
+    "iebn_pointwise_apply",
+    "iebn_pointwise_backward",
 )
 
 HAS_CPU_KERNELS = False
@@ -305,6 +309,16 @@ def _meta_layer_backward_fake(layer, dy, x, mean, m2, num_groups, encoder, decod
                  **{a: decoder_a, b: decoder_b}, weight=weight, bias=bias, scale=scale, shift=shift)
     return (_like_input(x), *(_param_grad(t, mean) for t in (encoder, decoder_a, decoder_b, weight, bias)))
 
+def _iebn_pointwise_apply_fake(x, mean, rstd, gate_weight, gate_bias, weight, bias, relu=False):
+    _same_device("iebn_pointwise_apply", {"input": x}, mean=mean, rstd=rstd, gate_weight=gate_weight,
+                 gate_bias=gate_bias, weight=weight, bias=bias)
+    return _like_input(x)
+
+def _iebn_pointwise_backward_fake(dy, x, mean, rstd, gate_weight, gate_bias, weight, bias, batch_stats, relu=False):
+    _same_device("iebn_pointwise_backward", {"input": x}, grad_output=dy, mean=mean, rstd=rstd,
+                 gate_weight=gate_weight, gate_bias=gate_bias, weight=weight, bias=bias)
+    return (_like_input(x), *(mean.new_empty(mean.shape) for _ in range(4)))
+
 FAKES = {
     "moments": _moments_fake,
     "affine_apply": _affine_apply_fake,
@@ -330,6 +344,8 @@ FAKES = {
     "ilm_layer_forward": functools.partial(_meta_layer_forward_fake, "ilm"),
     "assoc_layer_backward": functools.partial(_meta_layer_backward_fake, "assoc"),
     "ilm_layer_backward": functools.partial(_meta_layer_backward_fake, "ilm"),
+    "iebn_pointwise_apply": _iebn_pointwise_apply_fake,
+    "iebn_pointwise_backward": _iebn_pointwise_backward_fake,
 }
 assert set(FAKES) == set(OP_NAMES)
 # The ops whose first argument is (N, C) statistics; the others' is the input (or its gradient).

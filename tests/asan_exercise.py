@@ -275,6 +275,27 @@ def direction_case(shape, dtype, layout, seed):
             check_direction(layer, x, dy, relu, args, args, args)
 
 
+def iebn_pointwise_case(n, c, dtype, relu, seed):
+    """iebn_pointwise_apply / _backward (IEBN with one value per plane) against their formulas."""
+    global COUNT
+    ops = torch.ops.normfuse
+    a = acc(dtype)
+    x = make((n, c), dtype, "contiguous", seed)
+    dy = make((n, c), dtype, "contiguous", seed + 1)
+    mean, rstd = vec(c, a, seed + 2), vec(c, a, seed + 3, base=1.0, scale=0.25)
+    gw, gb, w, b = (vec(c, a, seed + k) for k in (4, 5, 6, 7))
+    y = ops.iebn_pointwise_apply(x, mean, rstd, gw, gb, w, b, relu)
+    xd = x.to(F64).requires_grad_()
+    v = torch.sigmoid(xd * gw.to(F64) + gb.to(F64)) * (xd - mean.to(F64)) * rstd.to(F64) * w.to(F64) + b.to(F64)
+    ref = v.relu() if relu else v
+    close(y, ref, f"iebn_pointwise_apply {n}x{c} {dtype}", TOL[dtype])
+    dx = ops.iebn_pointwise_backward(dy, x, mean, rstd, gw, gb, w, b, False, relu)[0]
+    (want,) = torch.autograd.grad(ref, xd, dy.to(F64))
+    close(dx, want, f"iebn_pointwise_backward {n}x{c} {dtype}", TOL[dtype])
+    ops.iebn_pointwise_backward(dy, x, mean, rstd, gw, gb, None, None, True, relu)
+    COUNT += 3
+
+
 def mode_ops():
     seed = 0
     # ranks 2..5, N/C/L of 1, primes, sizes around the vector width (4/8/16), the 512-element
@@ -310,6 +331,13 @@ def mode_ops():
                                      (2000, 4, 2, 2, 2, 3)]:
             seed += 1
             ilm_case(n, c, g, k, e, plane, a, seed)
+    # IEBN with one value per plane: C below, at and past the vector width and the reduction's
+    # 64-channel block, rows past its 64-row chunk
+    for n, c in [(1, 1), (2, 3), (5, 8), (3, 9), (70, 65), (130, 17), (2, 300)]:
+        for dtype in DTYPES:
+            for relu in (False, True):
+                seed += 1
+                iebn_pointwise_case(n, c, dtype, relu, seed)
     # the layer directions: C = 8 (AssocNorm's 4 groups, ILM-Norm's 2 groups and 2 key groups)
     for shape in [(2, 8, 3, 3), (3, 8, 7), (2, 8, 1, 1)]:
         for dtype in DTYPES:
@@ -440,6 +468,15 @@ def mode_degenerate():
                 COUNT += 2
                 for t in out[3:]:
                     assert torch.equal(t, torch.zeros_like(t)), "ilm: empty batch gradient != 0"
+    for dtype in DTYPES:  # IEBN with one value per plane: an empty batch, no channels
+        for n, c in [(0, 3), (3, 0), (0, 0)]:
+            x = torch.empty(n, c, dtype=dtype)
+            p = torch.ones(c, dtype=acc(dtype))
+            y = ops.iebn_pointwise_apply(x, p, p, p, p, p, p, True)
+            dx, *grads = ops.iebn_pointwise_backward(x, x, p, p, p, p, p, p, True, True)
+            COUNT += 2
+            assert y.shape == x.shape and dx.shape == x.shape
+            assert all(torch.equal(g, torch.zeros_like(g)) for g in grads), "empty batch gradient != 0"
     degenerate_directions()
 
 

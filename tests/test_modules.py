@@ -867,6 +867,48 @@ def test_bin_one_value_per_plane_op_refuses_running_stats_sharing_parameters(nf,
             assert torch.equal(gate, before[0]) and torch.equal(weight, before[1])
 
 
+# (N, C): a W-lane tail and C < W; more rows than the reduction's chunk (64); more channels than
+# its column block (64); several blocks with a tail.
+IEBN_HEADS = [(2, 1), (9, 7), (130, 67), (5, 300)]
+
+
+@pytest.mark.parametrize("shape", IEBN_HEADS, ids=str)
+@pytest.mark.parametrize("activation", [None, "relu"], ids=["plain", "relu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("mode", ["train", "eval", "untracked"])
+def test_iebn_one_value_per_plane(nf, backend, device, seed, shape, activation, affine, mode):
+    """IEBN on (N, C) input, where the gate sigmoid(x * gate_weight + gate_bias) reads each value
+    itself: on the cpu backend the whole-layer op computes it elementwise from per-channel
+    statistics (csrc/layer_autograd.cpp, iebn_pointwise); output, every gradient and the running
+    statistics against the float64 oracle, in training, eval and without running statistics."""
+    m = nf.InstanceEnhancementBatchNorm1d(shape[1], affine=affine, activation=activation,
+                                          track_running_stats=mode != "untracked")
+    m = prepare(m, seed, device, mode == "train")
+    x = make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, f"iebn{shape} {mode}")
+    m.train(mode == "train")
+    exp = oracles.module_step(m, x, dy)  # the parameters' gradients alone (no dx asked for)
+    grads = torch.autograd.grad(m(x), list(m.parameters()), dy)
+    for (name, _), g in zip(m.named_parameters(), grads):
+        assert_close_dtype(g, exp.grads[name], torch.float32, f"grad {name} without dx")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_iebn_one_value_per_plane_far_from_zero(nf, backend, device, seed, training):
+    """(N, C) values ~1e4 with a spread of ~1 (and running mean there in eval): the elementwise
+    path centres on the float32 batch (or running) mean, as batch norm does, so float32 keeps the
+    oracle's accuracy, gate_weight's gradient (a sum of terms times x) included."""
+    shape = (300, 12)
+    m = prepare(nf.InstanceEnhancementBatchNorm1d(12), seed, device, training)
+    with torch.no_grad():
+        m.running_mean.copy_(1e4 + randn((12,), seed + 3, device=device))
+        m.gate_weight.mul_(1e-4)  # the gate's argument ~1, not ~1e4 (a saturated sigmoid)
+    x = 1e4 + make_input(shape, seed, torch.float32, device)
+    dy = randn(shape, seed + 7, torch.float32, device)
+    run_and_check(m, x, dy, torch.float32, "iebn far from 0")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_two_forwards_then_backward(nf, backend, device, seed, kind, training):

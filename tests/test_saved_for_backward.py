@@ -90,6 +90,26 @@ def test_bin_on_one_value_per_plane_saves_channel_statistics(nf, backend, device
     assert x.grad is not None and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("mode", ["train", "eval", "relu"])
+def test_iebn_on_one_value_per_plane_saves_channel_statistics(nf, backend, device, mode):
+    """IEBN on a 2-d (N, C) input on the cpu backend (csrc/layer_autograd.cpp, iebn_pointwise):
+    computed elementwise from per-channel statistics, it saves x, the mean and rstd (C,) and the
+    parameters, not the general path's (N, C) statistics (as large as x here); with the fused ReLU
+    no mask (the backward recomputes it)."""
+    if backend != "cpu" or device != "cpu":
+        pytest.skip("the elementwise path is the cpu backend's whole-layer op")
+    n, c = 64, 6
+    m = nf.InstanceEnhancementBatchNorm1d(c, activation="relu" if mode == "relu" else None)
+    m = m.to(device).train(mode != "eval")
+    x = torch.randn(n, c, device=device, requires_grad=True)
+    y, saved = _saved_by(m, x)
+    rest = [t for t in saved if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+    assert len(rest) == len(saved) - 1, "x itself is saved once"
+    assert all(t.numel() <= c for t in rest), f"{[tuple(t.shape) for t in rest]} saved"
+    y.backward(torch.randn_like(y))
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_the_check_sees_a_composition_save_more():
     """The control: the authors' way (batch norm and instance norm as separate ops, mixed)
     keeps several full-size tensors, which the same hook counts."""

@@ -49,6 +49,12 @@ using MetaCoefficientsBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tens
     const Tensor& g1, const Tensor& g2, const Tensor& mean, const Tensor& m2, int64_t plane_size,
     int64_t num_groups, const Tensor& encoder, const Tensor& decoder_a, const Tensor& decoder_b,
     const Tensor& weight, const Tensor& bias, double eps);
+// IEBN with one value per plane, CPU (csrc/cpu/iebn_pointwise_cpu.cpp).
+using IebnPointwiseApply = Tensor(const Tensor& x, const Tensor& mean, const Tensor& rstd, const Tensor& gate_weight,
+                                  const Tensor& gate_bias, const OptTensor& weight, const OptTensor& bias, bool relu);
+using IebnPointwiseBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd, const Tensor& gate_weight,
+    const Tensor& gate_bias, const OptTensor& weight, const OptTensor& bias, bool batch_stats, bool relu);
 }  // namespace sig
 
 // Elements of one (n, c) plane: the product of the spatial sizes (1 for (N, C) inputs).

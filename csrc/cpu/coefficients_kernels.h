@@ -35,11 +35,4 @@ NF_CPU_DECLARE_COEF(portable)
 NF_CPU_DECLARE_COEF(avx2)
 #endif
 
-// Calls ns::fn(p) with ns = avx2 where use_avx2(), else portable.
-#if defined(NF_CPU_HAVE_AVX2_KERNELS)
-#define NF_CPU_CALL(fn, p) (::nf_cpu::use_avx2() ? ::nf_cpu::avx2::fn(p) : ::nf_cpu::portable::fn(p))
-#else
-#define NF_CPU_CALL(fn, p) (::nf_cpu::portable::fn(p))
-#endif
-
 }  // namespace nf_cpu

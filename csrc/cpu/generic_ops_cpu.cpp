@@ -30,21 +30,6 @@ bool nf_cpu::use_avx2() {
 
 namespace {
 
-using Kernel = void (*)(const nf_cpu::GenericArgs&);
-
-void run(Kernel portable, [[maybe_unused]] Kernel avx2, const nf_cpu::GenericArgs& a) {
-#if defined(NF_CPU_HAVE_AVX2_KERNELS)
-  if (nf_cpu::use_avx2()) return avx2(a);
-#endif
-  portable(a);
-}
-
-#if defined(NF_CPU_HAVE_AVX2_KERNELS)
-#define NF_KERNELS(name) &nf_cpu::portable::name, &nf_cpu::avx2::name
-#else
-#define NF_KERNELS(name) &nf_cpu::portable::name, nullptr
-#endif
-
 void check_cpu(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "normfuse.", op, " (CPU kernel): input is on ", x.device());
 }
@@ -81,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> nf_cpu::moments_cpu(const at::Tensor& x) {
   nf_cpu::GenericArgs a = args_for(x, sh);
   a.mean_out = mean.mutable_data_ptr();
   a.m2_out = m2.mutable_data_ptr();
-  run(NF_KERNELS(moments), a);
+  NF_CPU_CALL(moments, a);
   return {mean, m2};
 }
 
@@ -107,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> nf_cpu::backward_sums_cpu(const at::Tensor& d
   a.sum_dy = g1.mutable_data_ptr();
   a.sum_dy_xmu = g2.mutable_data_ptr();
   set_mask(a, masked, scale, shift);
-  run(NF_KERNELS(backward_sums), a);
+  NF_CPU_CALL(backward_sums, a);
   return {g1, g2};
 }
 
@@ -126,7 +111,7 @@ at::Tensor nf_cpu::affine_apply_cpu(const at::Tensor& x, const at::Tensor& mean,
   a.shift = shift.const_data_ptr();
   a.relu = relu;
   a.out = y.mutable_data_ptr();
-  run(NF_KERNELS(affine_apply), a);
+  NF_CPU_CALL(affine_apply, a);
   return y;
 }
 
@@ -152,7 +137,7 @@ at::Tensor nf_cpu::backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x,
   a.c_0 = c_0.const_data_ptr();
   a.out = dx.mutable_data_ptr();
   set_mask(a, masked, scale, shift);
-  run(NF_KERNELS(backward_apply), a);
+  NF_CPU_CALL(backward_apply, a);
   return dx;
 }
 
