@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends, layers=args.layers))
     step50_conf = None if args.no_step50 else (
         conf["step50"] or (SMOKE["step50"] if args.step50 else None))
-    step50_backends = [b for b in backends if b != "torch"] or backends
+    step50_backends = layers.kernel_backends(backends)
     step50_vars = 0 if step50_conf is None else len(step50_conf[2]) * len(
         step50.variants(step50_backends))
     if step50_conf is None and not args.no_step50:

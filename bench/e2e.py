@@ -80,8 +80,7 @@ def variants(backends: List[str], blocks: int = 3, layers=L.LAYERS) -> List[dict
         # the fused-ReLU layer rows): its coefficient step is the same PyTorch ops on every
         # backend, and the other layers' rows show what the reference backend costs a step;
         # two ResNet-20 steps fewer a round.
-        for b in (backends if layer != "ilm" else
-                  [b for b in backends if b != "torch"] or backends):
+        for b in backends if layer != "ilm" else L.kernel_backends(backends):
             out.append(dict(name=f"{L.LAYER_LABEL[layer]} normfuse[{b}]", layer=layer,
                             backend=b, build=lambda lay=layer: _converted(lay, blocks)))
             # The norm->ReLU pairs fused (convert(..., fuse_relu=True)): the stem's norm and

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     backends = layers.backends_for(args.device, args.backends)
     if args.backends is None:
-        backends = [b for b in backends if b != "torch"] or backends
+        backends = layers.kernel_backends(backends)
     rows = run_heads(args.shapes, backends, args.device, args.threads, args.compile,
                      args.target_s)
     print(markdown(rows))

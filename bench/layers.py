@@ -50,6 +50,13 @@ def normfuse():
     return _NORMFUSE
 
 
+def kernel_backends(backends: List[str]) -> List[str]:
+    """``backends`` without the "torch" reference (or all of them when it is the only one): the
+    rows timed on the compiled-kernel backends alone (the fused ReLU, ILM-Norm, the ResNet-50
+    step, the heads and transforms by default, the report's best backend)."""
+    return [b for b in backends if b != "torch"] or backends
+
+
 def backends_for(device: str, requested: Optional[List[str]] = None) -> List[str]:
     """normfuse backends to measure: the requested ones, or every available one that targets
     ``device`` ("triton" only on CUDA: on the CPU it would run in the slow interpreter)."""
@@ -85,7 +92,7 @@ def impls_for(backends: List[str], layer: str, with_compile: bool) -> List[Impl]
     out.append(Impl("composition", "composition"))
     if with_compile:
         out.append(Impl("compiled", "compiled"))
-    fused = [b for b in backends if b != "torch"] or backends
+    fused = kernel_backends(backends)
     out += [Impl(f"normfuse[{b}]+ReLU", "normfuse", b, relu=True) for b in fused]
     out.append(Impl(f"{NATIVE_LABEL[layer]}+ReLU", "native_relu", relu=True))
     return out

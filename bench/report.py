@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
-from .layers import LAYER_LABEL, LAYERS, NATIVE_LABEL
+from .layers import LAYER_LABEL, LAYERS, NATIVE_LABEL, kernel_backends
 
 # The layers the issues set targets for (issues 5, 13 and 14).  ILM-Norm is measured and
 # summarised like them but judged on none: no issue sets it a target.
@@ -109,7 +109,7 @@ def fused_backend(kernels: List[dict], layer: str, device: str) -> Optional[str]
                        and r["layer"] == layer and r["ok"]})
     if not backends:
         return None
-    fused = [b for b in backends if b != "torch"] or backends
+    fused = kernel_backends(backends)
     rows = {b: {_case(r): r for r in _select(kernels, layer=layer, backend=b, direction="fwd+bwd")}
             for b in fused}
     shared = set.intersection(*(set(by_case) for by_case in rows.values()))

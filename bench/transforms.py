@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     # (a fixed default of "cpu" made every normfuse row of --device cuda fail)
     backends = layers.backends_for(args.device, args.backends)
     if args.backends is None:
-        backends = [b for b in backends if b != "torch"] or backends
+        backends = layers.kernel_backends(backends)
     rows = run_transforms(args.shape, backends, args.transforms, args.device,
                           args.threads, args.target_s)
     print(markdown(rows))
