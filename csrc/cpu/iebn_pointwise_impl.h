@@ -38,7 +38,7 @@ struct PointwiseKern : KernTypes<S> {
   enum Table { kMean, kRstd, kScale, kShift, kGateW, kGateB, kDx1, kDx2, kDx3, kDx4, kTables };
 
   // exp_u20: at::vec's faster exp (20 ulp, ~2e-6 relative; float64: the exact one), the one ATen's own
-  // softmax kernels take; Sleef's 1-ulp exp made the maps ~3x a copy.
+  // softmax kernels take; with Sleef's 1-ulp exp the apply map took 1.7x as long.
   static V sigmoid(const V& t) { return V(1) / (V(1) + t.neg().exp_u20()); }
 
   // v (the value before the ReLU) and the g, xm it is made of: one function for the forward and the
@@ -66,24 +66,28 @@ struct PointwiseKern : KernTypes<S> {
     return t;
   }
 
-  static void load_tables(V* k, const acc_t* t, int64_t C, int64_t c, int count) {
-    for (int j = 0; j < count; ++j) k[j] = V::loadu(t + j * C + c);
+  // (kCount a constant: a loop of run-time length kept the tables in a stack array, reloaded per
+  // vector, ~25% of the apply map's time)
+  template <int kCount>
+  static void load_tables(V* k, const acc_t* t, int64_t C, int64_t c) {
+    for (int j = 0; j < kCount; ++j) k[j] = V::loadu(t + j * C + c);
   }
-  static void load_tables_n(V* k, const acc_t* t, int64_t C, int64_t c, int count, int64_t n) {
-    for (int j = 0; j < count; ++j) k[j] = va::load_n(t + j * C + c, n);
+  template <int kCount>
+  static void load_tables_n(V* k, const acc_t* t, int64_t C, int64_t c, int64_t n) {
+    for (int j = 0; j < kCount; ++j) k[j] = va::load_n(t + j * C + c, n);
   }
 
-  // out[n, :] = f(x[n, :], dy[n, :], tables at the columns) for every row, `count` tables read.
-  template <class F>
-  static void map_rows(const PointwiseArgs& a, const acc_t* t, int count, F f) {
+  // out[n, :] = f(x[n, :], dy[n, :], tables at the columns) for every row, kCount tables read.
+  template <int kCount, class F>
+  static void map_rows(const PointwiseArgs& a, const acc_t* t, F f) {
     const int64_t N = a.N, C = a.C;
     at::parallel_for(0, N, std::max<int64_t>(1, kTask / C), [&](int64_t r0, int64_t r1) {
       const S* x = static_cast<const S*>(a.x);
       const S* dy = static_cast<const S*>(a.dy);
       S* out = static_cast<S*>(a.out);
-      V k[kTables];
+      V k[kCount];
       auto full = [&](int64_t base, int64_t c) {
-        load_tables(k, t, C, c, count);
+        load_tables<kCount>(k, t, C, c);
         io::store(out + base + c, f(io::load(x + base + c), dy ? io::load(dy + base + c) : V(0), k));
       };
       for (int64_t r = r0; r < r1; ++r) {
@@ -95,7 +99,7 @@ struct PointwiseKern : KernTypes<S> {
           full(base, C - W);
         } else {
           const int64_t n = C - c;
-          load_tables_n(k, t, C, c, count, n);
+          load_tables_n<kCount>(k, t, C, c, n);
           io::store_n(out + base + c, f(io::load_n(x + base + c, n), dy ? io::load_n(dy + base + c, n) : V(0), k), n);
         }
       }
@@ -105,12 +109,12 @@ struct PointwiseKern : KernTypes<S> {
   static void apply(const PointwiseArgs& a) {
     const std::vector<acc_t> t = tables(a);
     if (a.relu) {
-      map_rows(a, t.data(), kGateB + 1, [](const V& xv, const V&, const V* k) {
+      map_rows<kGateB + 1>(a, t.data(), [](const V& xv, const V&, const V* k) {
         V g, xm;
         return relu(pre(xv, k, g, xm));
       });
     } else {
-      map_rows(a, t.data(), kGateB + 1, [](const V& xv, const V&, const V* k) {
+      map_rows<kGateB + 1>(a, t.data(), [](const V& xv, const V&, const V* k) {
         V g, xm;
         return pre(xv, k, g, xm);
       });
@@ -137,9 +141,9 @@ struct PointwiseKern : KernTypes<S> {
             const int64_t n = std::min<int64_t>(W, c1 - c);  // n < W: zeros beyond, whose terms are 0
             V k[kGateB + 1];
             if (n == W)
-              load_tables(k, t, C, c, kGateB + 1);
+              load_tables<kGateB + 1>(k, t, C, c);
             else
-              load_tables_n(k, t, C, c, kGateB + 1, n);
+              load_tables_n<kGateB + 1>(k, t, C, c, n);
             V acc[kSums];
             for (auto& v : acc) v = V(0);
             for (int64_t r = r0; r < r1; ++r) {
@@ -186,7 +190,7 @@ struct PointwiseKern : KernTypes<S> {
       t[kDx4 * C + c] = a.batch_stats ? static_cast<acc_t>(rstd * s[kDgXh * C + c] / N) : acc_t(0);
     }
     if (!a.out) return;
-    map_rows(a, t.data(), kTables, [](const V& xv, const V& dv, const V* k) {
+    map_rows<kTables>(a, t.data(), [](const V& xv, const V& dv, const V* k) {
       V g, xm;
       const V v = pre(xv, k, g, xm);
       const V dg = (kRelu ? gate(dv, v) : dv) * g;
