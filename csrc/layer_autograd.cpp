@@ -157,6 +157,11 @@ const char* op_name(Layer layer) {
 
 Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
+// Fake tensors of a dynamic-shape trace (torch.compile(dynamic=True) or opcheck of a direct op
+// call): the 2-d views below ask for concrete sizes, so such a call takes the general path (the
+// backward sees the same tensor, so it decides alike).
+bool has_symbolic_sizes(const Tensor& x) { return x.unsafeGetTensorImpl()->has_symbolic_sizes_strides(); }
+
 // A (C,) tensor of the statistics' dtype on x's device, dense: what the ops take for a parameter.
 bool is_vector_like(const Tensor& t, const Tensor& x) {
   return t.defined() && t.dim() == 1 && t.size(0) == x.size(1) && t.is_contiguous() &&
@@ -175,7 +180,7 @@ bool is_vector_like(const Tensor& t, const Tensor& x) {
 // one value per channel in training too (refused there as before). The forward adds
 // one_sample_refused's test; the backward needs none (a call it sends elsewhere raised).
 bool bin_as_one_sample(const Tensor& x, const Params& p, const Config& c) {
-  if (c.layer != kBin || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() || x.size(0) < 1 ||
+  if (c.layer != kBin || has_symbolic_sizes(x) || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() || x.size(0) < 1 ||
       (c.training && x.size(0) < 2)) {
     return false;
   }
@@ -255,15 +260,21 @@ bool batch_statistics(const OptTensor& running_mean, const Config& c) {
   return c.training || !opt(running_mean).defined();
 }
 
-bool iebn_pointwise(const Tensor& x, const Params& p, const OptTensor& rm, const OptTensor& rv, const Config& c) {
-  if (c.layer != kIebn || !x.device().is_cpu() || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() ||
+bool iebn_pointwise(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
+  const OptTensor &rm = b.running_mean, &rv = b.running_var;
+  if (c.layer != kIebn || !x.device().is_cpu() || has_symbolic_sizes(x) || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() ||
       x.size(0) < 1 || x.size(1) < 1 || (c.training && x.size(0) < 2)) {
     return false;
   }
   for (size_t i = 0; i < 4; ++i) {
     if ((i < 2 || opt(p[i]).defined()) && !is_vector_like(opt(p[i]), x)) return false;
   }
-  return batch_statistics(rm, c) || (is_vector_like(*rm, x) && is_vector_like(opt(rv), x));
+  // eval: the running statistics read directly, so only well-formed ones (and a well-formed batch
+  // counter, which the general path checks though eval mode leaves it alone)
+  const Tensor counter = opt(b.num_batches_tracked);
+  return batch_statistics(rm, c) ||
+         (is_vector_like(*rm, x) && is_vector_like(opt(rv), x) &&
+          (!counter.defined() || nf_coef_glue::is_batch_counter(counter, x.device())));
 }
 
 Forward iebn_pointwise_forward(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
@@ -304,7 +315,7 @@ Forward forward_impl(const Tensor& x, const Params& p, const Buffers& b, const C
                              c.eps, b.num_batches_tracked, c.relu);
       break;
     case kIebn:
-      if (iebn_pointwise(x, p, b.running_mean, b.running_var, c)) {
+      if (iebn_pointwise(x, p, b, c)) {
         f = iebn_pointwise_forward(x, p, b, c);
         break;
       }
@@ -375,7 +386,9 @@ std::pair<Tensor, std::array<Tensor, kMaxParams>> backward_impl(const Tensor& dy
       }
       break;
     case kIebn:
-      if (iebn_pointwise(x, p, rm, rv, c)) {  // (the forward's path: mean and m2 hold its mean and rstd)
+      // (the forward's path, decided alike: the counter it checked was well formed, or it raised;
+      // mean and m2 hold its mean and rstd)
+      if (iebn_pointwise(x, p, {rm, rv, std::nullopt}, c)) {
         // dx comes with the parameters' gradients (one map pass; a backward without dx is rare here)
         std::tie(dx, grads[0], grads[1], grads[2], grads[3]) = o.iebn_pointwise_backward.call(
             dy, x, mean, m2, req(p[0]), req(p[1]), p[2], p[3], batch_statistics(rm, c), c.relu);

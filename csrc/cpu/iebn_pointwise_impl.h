@@ -38,8 +38,10 @@ struct PointwiseKern : KernTypes<S> {
   enum Table { kMean, kRstd, kScale, kShift, kGateW, kGateB, kDx1, kDx2, kDx3, kDx4, kTables };
 
   // exp_u20: at::vec's faster exp (20 ulp, ~2e-6 relative; float64: the exact one), the one ATen's own
-  // softmax kernels take; with Sleef's 1-ulp exp the apply map took 1.7x as long.
-  static V sigmoid(const V& t) { return V(1) / (V(1) + t.neg().exp_u20()); }
+  // softmax kernels take; with Sleef's 1-ulp exp the apply map took 1.7x as long. Its AVX2 float
+  // build clamps the argument with min / max, which turn a NaN into a bound (a gate of 0: a diverged
+  // gate parameter would give y = bias and zero gradients, silently): NaN lanes are put back.
+  static V sigmoid(const V& t) { return V::blendv(V(1) / (V(1) + t.neg().exp_u20()), t, t != t); }
 
   // v (the value before the ReLU) and the g, xm it is made of: one function for the forward and the
   // backward's mask, so the two agree on v's sign bit for bit.

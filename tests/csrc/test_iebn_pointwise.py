@@ -107,6 +107,35 @@ def test_relu_backward_mask_matches_forward():
     assert (dx[y > 0] != 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_gate_parameters_give_nan_not_a_closed_gate(dtype):
+    """A NaN gate_weight / gate_bias (a diverged parameter) gives NaN outputs and gradients in its
+    channel, as the general path and the papers' formula do, not a silent gate of 0 (at::vec's
+    fast exp clamps its argument with min / max, which turn NaN into a bound)."""
+    x, mean, rstd, p = _inputs(20, 11, dtype, seed=8)
+    p["gate_bias"][0] = float("nan")
+    p["gate_weight"][9] = float("nan")
+    y = ops.iebn_pointwise_apply(x, mean, rstd, p["gate_weight"], p["gate_bias"], p["weight"], p["bias"], False)
+    grads = ops.iebn_pointwise_backward(torch.ones_like(x), x, mean, rstd, p["gate_weight"], p["gate_bias"],
+                                        p["weight"], p["bias"], True, False)
+    for c in (0, 9):
+        assert y[:, c].isnan().all(), f"output of channel {c}"
+        assert grads[0][:, c].isnan().all(), f"grad input of channel {c}"
+        for name, g in zip(("gate_weight", "gate_bias", "weight"), grads[1:4]):
+            assert g[c].isnan(), f"grad {name} of channel {c}"
+    assert not y[:, 1:9].isnan().any() and not grads[0][:, 1:9].isnan().any()
+
+
+def test_eval_layer_refuses_a_malformed_batch_counter():
+    """iebn_layer in eval mode on (N, C) input reads the running statistics directly, but a
+    malformed num_batches_tracked is refused as on any other input (by the general path)."""
+    args = (torch.zeros(5), torch.zeros(5) - 1, None, None, torch.zeros(5), torch.ones(5), False, 0.1, 1e-5)
+    for counter in (torch.tensor(0.5), torch.zeros(2, dtype=torch.int64), torch.tensor(1, dtype=torch.int32)):
+        for x in (torch.randn(6, 5, 1), torch.randn(6, 5)):
+            with pytest.raises(RuntimeError, match="num_batches_tracked must be"):
+                ops.iebn_layer(x, *args, counter)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     x, mean, rstd, p = _inputs(300, 200, torch.float32, seed=11)
     dy = torch.randn_like(x)

@@ -413,6 +413,36 @@ def test_empty_plane_is_refused_by_the_layer_op_by_name(name, build, node):
         assert torch.equal(m.num_batches_tracked, counter)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_whole_layer_ops_opcheck_on_2d_input(relu):
+    """BIN / IEBN on (N, C) input take views of x (BIN: one sample; IEBN on the CPU: its
+    elementwise ops) that ask for concrete sizes: under a dynamic-shape trace (opcheck's
+    test_aot_dispatch_dynamic, torch.compile(dynamic=True) of a direct op call) they must give way
+    to the general path, not fail ("Cannot call numel() on tensor with symbolic sizes")."""
+    ops = torch.ops.normfuse
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(7, 5, generator=g) + 0.5).to(_DEV).requires_grad_()
+
+    def vec(scale=0.3, shift=1.0):
+        return (torch.randn(5, generator=g) * scale + shift).to(_DEV).requires_grad_()
+
+    for training in (True, False):
+        stats = ((torch.randn(5, generator=g) * 0.1).to(_DEV), (torch.rand(5, generator=g) + 0.5).to(_DEV))
+        nbt = torch.tensor(2, device=_DEV)
+        torch.library.opcheck(ops.bin_layer.default, (
+            x, vec(0.2, 0.5), vec(), vec(0.3, 0.0), *stats, training, 0.1, 1e-5, nbt, relu))
+        torch.library.opcheck(ops.iebn_layer.default, (
+            x, vec(0.5, 0.0), vec(0.5, 0.0), vec(), vec(0.3, 0.0), *stats, training, 0.1, 1e-5, nbt, relu))
+    ps = [vec() for _ in range(4)]
+
+    def f(x):
+        return ops.iebn_layer(x, *ps, torch.zeros(5, device=_DEV), torch.ones(5, device=_DEV), True, 0.1,
+                              1e-5, None, relu)
+    eager = f(x)
+    compiled = torch.compile(f, dynamic=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+
+
 @pytest.mark.parametrize("layout", ["contig", "cl"])
 @pytest.mark.parametrize("relu", [False, True])
 def test_whole_layer_ops_opcheck(layout, relu):
