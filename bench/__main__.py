@@ -58,6 +58,9 @@ def parse(argv):
                    help="also time torch.compile of the compositions")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-e2e", action="store_true", help="skip the ResNet-20 training step")
+    p.add_argument("--compiled-steps", action="store_true",
+                   help="also time the ResNet-20 step under torch.compile (the baselines and the "
+                        "compiled-kernel backends; each variant compiles for ~10-20 s on a CPU)")
     p.add_argument("--no-step50", action="store_true",
                    help="skip the ResNet-50 training step (run by default on a GPU)")
     p.add_argument("--step50", action="store_true",
@@ -122,7 +125,8 @@ def main(argv=None) -> int:
     out_dir = args.out or str(Path(__file__).resolve().parent / "results" / (
         machine.slug(("cpu " if dev_type == "cpu" else "") + info["device_name"])))
 
-    e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends, layers=args.layers))
+    e2e_vars = 0 if args.no_e2e else len(e2e.variants(backends, layers=args.layers,
+                                                      compiled=args.compiled_steps))
     step50_conf = None if args.no_step50 else (
         conf["step50"] or (SMOKE["step50"] if args.step50 else None))
     step50_backends = layers.kernel_backends(backends)
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
                 part = "ResNet-20 step (its variants are timed interleaved: no rows until all are)"
                 results["e2e"] = e2e.run_e2e(device, backends, conf["batch"], *conf["e2e"],
                                              progress, blocks=conf.get("blocks", 3),
-                                             layers=args.layers)
+                                             layers=args.layers, compiled=args.compiled_steps)
             if step50_conf is not None:
                 part = "ResNet-50 step"
                 step50.run_step50(device, step50_backends, *step50_conf[:3], *step50_conf[3],

@@ -63,9 +63,12 @@ def _group_norm(c):
     return nn.GroupNorm(num_groups_for(c), c)
 
 
-def variants(backends: List[str], blocks: int = 3, layers=L.LAYERS) -> List[dict]:
+def variants(backends: List[str], blocks: int = 3, layers=L.LAYERS,
+             compiled: bool = False) -> List[dict]:
     """(name, layer, how the model is built, normfuse backend) for every step measured: the
-    baselines, and each of ``layers`` (``python -m bench --layers``)."""
+    baselines, and each of ``layers`` (``python -m bench --layers``). ``compiled``
+    (``--compiled-steps``): also the model under ``torch.compile`` (the baselines and the
+    compiled-kernel backends' rows, unfused and fused; not the compositions), as users run it."""
     def net(norm):
         return lambda: ResNet20(norm, blocks=blocks)
 
@@ -88,6 +91,12 @@ def variants(backends: List[str], blocks: int = 3, layers=L.LAYERS) -> List[dict
             out.append(dict(name=f"{L.LAYER_LABEL[layer]} + ReLU fused normfuse[{b}]",
                             layer=layer, backend=b, fused_relu=True,
                             build=lambda lay=layer: _converted(lay, blocks, fuse_relu=True)))
+    if compiled:
+        kernels = L.kernel_backends(backends)
+        out += [dict(var, name=f"{var['name']} (compiled)", compiled=True,
+                     build=lambda b=var["build"]: torch.compile(b()))
+                for var in list(out)
+                if var["layer"] in ("batchnorm", "groupnorm", "identity") or var.get("backend") in kernels]
     return out
 
 
@@ -102,16 +111,17 @@ def _converted(layer: str, blocks: int = 3, fuse_relu: bool = False) -> nn.Modul
 
 def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: float,
             min_reps: int, max_reps: int, progress, blocks: int = 3,
-            layers=L.LAYERS) -> List[dict]:
+            layers=L.LAYERS, compiled: bool = False) -> List[dict]:
     """Median step time of every variant, all variants interleaved round by round (so the
-    identity subtraction is not at the mercy of load changing between variants)."""
+    identity subtraction is not at the mercy of load changing between variants). A compiled
+    variant compiles in its warm-up steps (not timed)."""
     torch.manual_seed(0)
     xs = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(4)]
     ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(4)]
     results, steps, contexts = [], [], []
-    for var in variants(backends, blocks, layers):
+    for var in variants(backends, blocks, layers, compiled):
         rec = dict(name=var["name"], layer=var["layer"], backend=var.get("backend"),
-                   fused_relu=var.get("fused_relu", False),
+                   fused_relu=var.get("fused_relu", False), compiled=var.get("compiled", False),
                    batch=batch, depth=6 * blocks + 2, ok=True, median_s=None)
         try:
             steps.append(training_step(var["build"]().to(device).train(), xs, ys))
@@ -137,12 +147,17 @@ def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: flo
 
 
 def norm_shares(results: List[dict]) -> None:
-    """Each timed variant's ``norm_s`` (step time - the no-norm step's) and ``norm_share``
-    (that / step time). A step below the no-norm step's time is noise (a busy machine, too few
-    rounds), not a share of 0: left out (n/a in the report), and said so."""
-    ident = next((r["median_s"] for r in results if r["layer"] == "identity" and r["ok"]), None)
+    """Each timed variant's ``norm_s`` (step time - the no-norm step's, compiled or not as the
+    variant is) and ``norm_share`` (that / step time). A step below the no-norm step's time is
+    noise (a busy machine, too few rounds), not a share of 0: left out (n/a in the report), and
+    said so."""
+    identities = {r.get("compiled", False): r["median_s"] for r in reversed(results)
+                  if r["layer"] == "identity" and r["ok"]}
     for r in results:
-        if not r["ok"] or ident is None or r["layer"] == "identity":
+        if not r["ok"] or r["layer"] == "identity":
+            continue
+        ident = identities.get(r.get("compiled", False))
+        if ident is None:
             continue
         if r["median_s"] >= ident:
             r["norm_s"] = r["median_s"] - ident

@@ -447,6 +447,31 @@ def test_transforms_default_backends_follow_the_device(monkeypatch, device, expe
     assert seen == [expected]
 
 
+def test_compiled_step_rows():
+    """--compiled-steps: the ResNet step under torch.compile, for the baselines and the
+    compiled-kernel backends (unfused and fused ReLU), each timed against the compiled
+    BatchNorm step and sharing the compiled no-norm step; the eager rows are unchanged."""
+    from bench import e2e, report
+    from normfuse import _extension
+    if not _extension.HAS_CPU_KERNELS:
+        pytest.skip("normfuse._C not built: no cpu backend")
+
+    rows = e2e.run_e2e(torch.device("cpu"), ["torch", "cpu"], batch=2, target_s=0.01, min_reps=1,
+                       max_reps=2, progress=lambda *_: None, blocks=1, layers=["bin"],
+                       compiled=True)
+    compiled = [r for r in rows if r["compiled"]]
+    assert {r["name"] for r in compiled} == {
+        "nn.BatchNorm2d (compiled)", "nn.GroupNorm (compiled)", "identity (no norm) (compiled)",
+        "BIN normfuse[cpu] (compiled)", "BIN + ReLU fused normfuse[cpu] (compiled)"}
+    assert all(r["ok"] and _positive(r["median_s"]) for r in rows), rows
+    eager = [r for r in rows if not r["compiled"]]
+    assert len(eager) == len(e2e.variants(["torch", "cpu"], blocks=1, layers=["bin"]))
+    table = {r["training step"]: r for r in report.e2e_rows(rows)}
+    bn = next(r["median_s"] for r in compiled if r["layer"] == "batchnorm")
+    assert table["BIN normfuse[cpu] (compiled)"]["step / BatchNorm step"] == pytest.approx(
+        next(r["median_s"] for r in compiled if r["name"] == "BIN normfuse[cpu] (compiled)") / bn)
+
+
 def test_normalization_share_of_a_step_faster_than_the_no_norm_step_is_na(capsys):
     """A busy machine can time a normalized step below the no-norm network's: that is noise,
     reported n/a (it read 0% before), not a share of zero."""
