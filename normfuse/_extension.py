@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from . import _inductor_layouts
+
 OP_NAMES = (
     "moments",
     "affine_apply",
@@ -359,9 +361,14 @@ def _with_cuda_dtypes(name, fake):
     other than float32), as the CUDA ops do: a direct op call under torch.compile then fails
     while tracing, with the op's message, instead of at run time."""
     statistics = name in _STATISTICS_FIRST
+    # the generic ops' layout constraints for Inductor, registered while a compile traces them
+    # (normfuse/_inductor_layouts.py)
+    layouts = _inductor_layouts.ensure if name in _inductor_layouts._OPS else None
 
     @functools.wraps(fake)
     def checked(first, *args, **kwargs):
+        if layouts is not None:
+            layouts()
         if first.device.type == "cuda":
             if statistics and first.dtype != torch.float32:
                 raise RuntimeError(f"normfuse.{name}: the CUDA kernels take float32 statistics, "
