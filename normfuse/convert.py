@@ -12,7 +12,7 @@ from .distributed import SyncBatchInstanceNorm, SyncInstanceEnhancementBatchNorm
 from .fuse import fuse_relu as _fuse_relu
 from .modules import (AssocNorm, BatchInstanceNorm1d, BatchInstanceNorm2d, BatchInstanceNorm3d,
                       ILMNorm, InstanceEnhancementBatchNorm1d, InstanceEnhancementBatchNorm2d,
-                      InstanceEnhancementBatchNorm3d, _BatchInstanceNorm,
+                      InstanceEnhancementBatchNorm3d, _BatchInstanceNorm, _has_hooks,
                       _InstanceEnhancementBatchNorm)
 from .norm_act import (AssocNormAct, BatchInstanceNormAct2d, ILMNormAct,
                        InstanceEnhancementBatchNormAct2d, SyncBatchInstanceNormAct,
@@ -337,9 +337,17 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
         new.train(module.training)  # a bare norm layer: only its own act can be fused
         return _fuse_relu(new) if fuse_relu else new
     skipped = [f"the module itself ({type(module).__name__})"] if _left_as_is(module, to) else []
-    for parent, child_name, layer in _replacements(module, to, "", options, [], None, fallback,
-                                                   skipped):
+    replacements = _replacements(module, to, "", options, [], None, fallback, skipped)
+    hooked = sorted({f"{_path(module, parent, child_name)} ({type(getattr(parent, child_name)).__name__})"
+                     for parent, child_name, _ in replacements
+                     if _has_hooks(getattr(parent, child_name))})
+    for parent, child_name, layer in replacements:
         setattr(parent, child_name, layer)
+    if hooked:
+        warnings.warn(f"convert(..., {to!r}): the forward / backward hooks of {', '.join(hooked)} "
+                      "stay on the replaced module, not on its normfuse layer (as "
+                      "nn.SyncBatchNorm.convert_sync_batchnorm does); register them again on "
+                      "the converted model.", stacklevel=2)
     if skipped:
         wanted = ("nn.GroupNorm" if to in ("assoc", "ilm")
                   else "nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm")
@@ -355,6 +363,35 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
                       f"as they are: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}. "
                       "convert replaces torch's norms only: convert the original model instead.",
                       stacklevel=2)
+    if not replacements and not skipped and not others and not _has_kind(module, to):
+        _warn_nothing_replaced(module, to)
     if fuse_relu:
         return _fuse_relu(module)
     return module
+
+
+def _path(root: nn.Module, parent: nn.Module, child_name: str) -> str:
+    """The path of ``parent``'s child ``child_name`` in ``root``, for messages."""
+    prefix = next((p for p, m in root.named_modules() if m is parent), "")
+    return f"{prefix}.{child_name}" if prefix else child_name
+
+
+def _has_kind(module: nn.Module, to: str) -> bool:
+    """Whether ``module`` already holds normfuse layers of the kind ``to`` (converted before: a
+    second call, e.g. to fuse the ReLUs, finds nothing left to replace and says nothing)."""
+    return any(k == to for sub in module.modules() for cls, k in _KIND_OF if isinstance(sub, cls))
+
+
+def _warn_nothing_replaced(module: nn.Module, to: str) -> None:
+    """convert found no norm of the kind ``to`` replaces: say so, and name the targets that take
+    the norms the model does have (a model of GroupNorms converted to "bin" stays as it was)."""
+    group = to in ("assoc", "ilm")
+    other = [path or "the module itself" for path, sub in module.named_modules()
+             if (isinstance(sub, nn.modules.batchnorm._BatchNorm) if group
+                 else isinstance(sub, nn.GroupNorm))]
+    kind, targets = ("batch norm", '"bin" and "iebn"') if group else ("nn.GroupNorm", '"assoc" and "ilm"')
+    listed = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+    hint = f" It has {len(other)} {kind} layer(s) ({listed}), which {targets} replace." if other else ""
+    warnings.warn(f"convert(..., {to!r}) replaced nothing: the model has no "
+                  f"{'nn.GroupNorm' if group else 'nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm'}."
+                  + hint, stacklevel=3)

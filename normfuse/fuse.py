@@ -85,6 +85,7 @@ class _Context:
         self.kept = {}  # norm path -> (path, class, why) of the module whose forward has its pair
         self.done = set()  # ids of the modules fused (and of what replaced them)
         self.unsure = {}  # path -> class of modules left alone: given what may not be a tensor
+        self.hooked = {}  # norm path -> "the norm" / "its ReLU": a pair left unfused for hooks
         # ids of modules inside a module kept as a leaf that a forward outside it calls: the
         # leaf's own trace does not see those calls, so they are neither fused nor replaced.
         self.pinned = set()
@@ -121,14 +122,32 @@ def _candidates(graph: fx.Graph, module: nn.Module, path: str, leaf_paths, ctx) 
             continue  # fused already (a timm norm + act's own ReLU)
         if isinstance(norm, _NormAct) and not norm._post_is_identity():
             continue  # relu(act(norm(x))): the ReLU comes after its own drop / act
-        if _has_hooks(norm):
-            continue  # its hooks would see relu(norm(x)) where they saw norm(x)
+        if _has_hooks(norm):  # its hooks would see relu(norm(x)) where they saw norm(x)
+            if all(relu is not None for _, relu in calls):
+                ctx.hooked[_path_of(norm, ctx, path)] = "the norm"
+            continue
         if any(relu is None for _, relu in calls):
+            if any(_hooked_relu(node, module) for node, _ in calls):  # (they would no longer run)
+                ctx.hooked[_path_of(norm, ctx, path)] = "its ReLU"
             continue  # a call site whose output has another user, or goes elsewhere
         if not ctx.in_reach(norm, path, leaf_paths):
             continue
         out[key] = (norm, calls)
     return out
+
+
+def _path_of(m: nn.Module, ctx: _Context, path: str) -> str:
+    """A path of ``m`` in the model, for messages."""
+    return (ctx.paths.get(id(m)) or [path or "the model itself"])[0]
+
+
+def _hooked_relu(node: fx.Node, module: nn.Module) -> bool:
+    """Whether the one user of ``node`` is an ``nn.ReLU`` module with hooks."""
+    if len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return (user.op == "call_module" and type(module.get_submodule(user.target)) is nn.ReLU
+            and _has_hooks(module.get_submodule(user.target)))
 
 
 def _by_identity(candidates: dict, graph: fx.Graph, module: nn.Module, path: str,
@@ -324,6 +343,10 @@ def fuse_relu(model: nn.Module) -> nn.Module:
             "tensor (a recurrent layer's tuple, or a module that does not trace), on whose "
             "type its forward could branch unseen by a trace; annotate such a module's forward "
             "'-> torch.Tensor' if it returns one.")
+    if ctx.hooked:
+        names = "; ".join(f"{p!r} ({who} has hooks)" for p, who in sorted(ctx.hooked.items()))
+        said.append(f"left unfused: {names}. Fused, a norm's hooks would see relu(norm(x)) and a "
+                    "ReLU's would no longer run.")
     if said:
         warnings.warn("convert(fuse_relu=True): " + " ".join(said), UserWarning, stacklevel=3)
     return result

@@ -426,6 +426,48 @@ def test_layers_of_another_kind_are_reported(nf):
         nf.convert(model, "ilm")
 
 
+def test_nothing_replaced_is_reported(nf):
+    """A target that replaces none of the model's norms ("bin" on a GroupNorm model, "assoc" on
+    a BatchNorm one) leaves the model as it was: convert says so and names the targets that
+    would take the norms it has; a model converted before (a second call, to fuse the ReLUs)
+    stays silent."""
+    gn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"convert\(\.\.\., 'bin'\) replaced nothing: .* It has 1 "
+                                         r"nn\.GroupNorm layer\(s\) \(1\), which \"assoc\" and \"ilm\""):
+        nf.convert(gn, "bin")
+    assert type(gn[1]) is nn.GroupNorm
+    bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"'assoc'\) replaced nothing: the model has no nn\.GroupNorm\. "
+                                         r"It has 1 batch norm layer\(s\) \(1\), which \"bin\""):
+        nf.convert(bn, "assoc")
+    with pytest.warns(UserWarning, match=r"replaced nothing: the model has no nn\.BatchNorm"):
+        nf.convert(nn.Linear(3, 3), "iebn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = nf.convert(bn, "bin")
+        nf.convert(model, "bin", fuse_relu=True)
+
+
+def test_hooks_of_a_replaced_norm_are_reported(nf):
+    """A norm's forward / backward hooks stay on the module convert replaces (as with
+    nn.SyncBatchNorm.convert_sync_batchnorm): convert names it; a hooked ReLU keeps its pair
+    unfused with fuse_relu=True, and says so too."""
+    ran = []
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    model[1].register_forward_hook(lambda *args: ran.append(1))
+    with pytest.warns(UserWarning, match=r"hooks of 1 \(BatchNorm2d\) stay on the replaced module"):
+        nf.convert(model, "bin")
+    model(torch.randn(2, 3, 5, 5))
+    assert not ran
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    model[2].register_forward_hook(lambda *args: ran.append(1))
+    with pytest.warns(UserWarning, match=r"left unfused: '1' \(its ReLU has hooks\)"):
+        model = nf.convert(model, "bin", fuse_relu=True)
+    assert model[1].activation is None
+    model(torch.randn(2, 3, 5, 5))
+    assert ran
+
+
 def test_convert_refuses_what_it_cannot_convert(nf):
     """A TorchScript module (its submodules are compiled, none could be replaced) and a non-bool
     fuse_relu are clear errors, not silent no-ops."""

@@ -231,12 +231,16 @@ def test_plain_identities_between_norm_and_relu(seed):
 
 
 def test_relu_module_with_hooks_stays_unfused(seed):
-    """Fusing would drop the ReLU call, and with it the hooks registered on it."""
+    """Fusing would drop the ReLU call, and with it the hooks registered on it: that pair stays
+    unfused, and convert says so."""
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
     calls = []
     model[2].register_forward_hook(lambda m, i, o: calls.append(1))
-    plain, fused = _pair(model, "bin", seed)
+    model = _randomize(model, seed).to(F64)
+    plain = normfuse.convert(copy.deepcopy(model), "bin")
+    with pytest.warns(UserWarning, match=r"left unfused: '1' \(its ReLU has hooks\)"):
+        fused = normfuse.convert(model, "bin", fuse_relu=True)
     assert _fused_norms(fused) == ["4"]
     x = torch.randn(2, 3, 4, 4, dtype=F64)
     calls.clear()
