@@ -194,9 +194,14 @@ def _layout_model(c=8):
         nn.Conv2d(c, c, 1), normfuse.AssocNorm(4, c))
 
 
-@pytest.mark.skipif("cpu" not in normfuse.available_backends(), reason="needs the cpu backend")
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_inductor_hands_the_convolution_output_to_the_layer(dynamic):
+# (backend, dynamic): on a GPU the cuda backend too, static shapes only (Inductor's GPU compiles
+# cost the GPU run's time)
+LAYOUT_CASES = [(b, d) for b, d in (("cpu", False), ("cpu", True), ("cuda", False))
+                if b in normfuse.available_backends() and (b == "cpu" or torch.cuda.is_available())]
+
+
+@pytest.mark.parametrize("backend,dynamic", LAYOUT_CASES, ids=str)
+def test_inductor_hands_the_convolution_output_to_the_layer(backend, dynamic):
     """Inductor lays convolutions out channels-last even in a contiguous model; the generic ops'
     layout constraint (normfuse/_inductor_layouts.py) takes the convolution's output as it is,
     where the default one (the traced, contiguous strides) converted every layer's input back,
@@ -208,12 +213,13 @@ def test_inductor_hands_the_convolution_output_to_the_layer(dynamic):
     from normfuse import _inductor_layouts
 
     torch.manual_seed(0)
-    eager, model = _layout_model(), _layout_model()
+    device = "cuda" if backend == "cuda" else "cpu"
+    eager, model = _layout_model().to(device), _layout_model().to(device)
     model.load_state_dict(eager.state_dict())
-    x = torch.randn(4, 3, 12, 10)
+    x = torch.randn(4, 3, 12, 10, device=device)
     torch._dynamo.reset()
     # (no FX graph cache: a graph cached by a process without the constraint would be reused)
-    with normfuse.use_backend("cpu"), torch._inductor.config.patch(force_disable_caches=True):
+    with normfuse.use_backend(backend), torch._inductor.config.patch(force_disable_caches=True):
         compiled = torch.compile(model, dynamic=dynamic)
 
         def step():
