@@ -180,8 +180,8 @@ bool is_vector_like(const Tensor& t, const Tensor& x) {
 // one value per channel in training too (refused there as before). The forward adds
 // one_sample_refused's test; the backward needs none (a call it sends elsewhere raised).
 bool bin_as_one_sample(const Tensor& x, const Params& p, const Config& c) {
-  if (c.layer != kBin || has_symbolic_sizes(x) || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() || x.size(0) < 1 ||
-      (c.training && x.size(0) < 2)) {
+  if (c.layer != kBin || has_symbolic_sizes(x) || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() ||
+      x.size(0) < 1 || (c.training && x.size(0) < 2)) {
     return false;
   }
   return is_vector_like(*p[0], x) && (!opt(p[1]).defined() || is_vector_like(*p[1], x));
@@ -262,8 +262,8 @@ bool batch_statistics(const OptTensor& running_mean, const Config& c) {
 
 bool iebn_pointwise(const Tensor& x, const Params& p, const Buffers& b, const Config& c) {
   const OptTensor &rm = b.running_mean, &rv = b.running_var;
-  if (c.layer != kIebn || !x.device().is_cpu() || has_symbolic_sizes(x) || x.dim() != 2 || !x.is_floating_point() || !x.is_contiguous() ||
-      x.size(0) < 1 || x.size(1) < 1 || (c.training && x.size(0) < 2)) {
+  if (c.layer != kIebn || !x.device().is_cpu() || has_symbolic_sizes(x) || x.dim() != 2 || !x.is_floating_point() ||
+      !x.is_contiguous() || x.size(0) < 1 || x.size(1) < 1 || (c.training && x.size(0) < 2)) {
     return false;
   }
   for (size_t i = 0; i < 4; ++i) {

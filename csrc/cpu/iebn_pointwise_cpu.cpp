@@ -27,10 +27,11 @@ nf_cpu::PointwiseArgs checked_args(const char* op, const Tensor& x, const Tensor
   TORCH_CHECK(x.is_contiguous(), "normfuse.", op, ": input must be contiguous");
   nf_glue::plane_shape(x, op);  // the dtype check and its message
   const int64_t C = x.size(1);
-  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && mean.scalar_type() == nf_glue::acc_dtype(x.scalar_type()) &&
-                  mean.device() == x.device() && mean.is_contiguous(),
-              "normfuse.", op, ": mean must be a contiguous ", nf_glue::acc_dtype(x.scalar_type()), " tensor of shape (",
-              C, ",) on ", x.device(), ", got ", mean.scalar_type(), " ", mean.sizes(), " on ", mean.device());
+  const at::ScalarType acc = nf_glue::acc_dtype(x.scalar_type());
+  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == C && mean.scalar_type() == acc && mean.device() == x.device() &&
+                  mean.is_contiguous(),
+              "normfuse.", op, ": mean must be a contiguous ", acc, " tensor of shape (", C, ",) on ", x.device(),
+              ", got ", mean.scalar_type(), " ", mean.sizes(), " on ", mean.device());
   using nf_coef_glue::param_ptr;
   nf_cpu::PointwiseArgs a;
   a.N = x.size(0);
