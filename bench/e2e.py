@@ -146,13 +146,22 @@ def run_e2e(device: torch.device, backends: List[str], batch: int, target_s: flo
     return results
 
 
+def baseline_steps(results: List[dict], layer: str) -> dict:
+    """``{compiled: median_s}`` of the first timed ``layer`` step (``"identity"``, ``"batchnorm"``)
+    among ``results``, eager and compiled apart: the step each variant is measured against."""
+    out = {}
+    for r in results:
+        if r["layer"] == layer and r.get("ok"):
+            out.setdefault(r.get("compiled", False), r["median_s"])
+    return out
+
+
 def norm_shares(results: List[dict]) -> None:
     """Each timed variant's ``norm_s`` (step time - the no-norm step's, compiled or not as the
     variant is) and ``norm_share`` (that / step time). A step below the no-norm step's time is
     noise (a busy machine, too few rounds), not a share of 0: left out (n/a in the report), and
     said so."""
-    identities = {r.get("compiled", False): r["median_s"] for r in reversed(results)
-                  if r["layer"] == "identity" and r["ok"]}
+    identities = baseline_steps(results, "identity")
     for r in results:
         if not r["ok"] or r["layer"] == "identity":
             continue

@@ -231,8 +231,8 @@ def targets_table(tg: List[dict]) -> str:
 def e2e_rows(e2e: List[dict]) -> List[dict]:
     """The report's rows of the ResNet-20 step; a compiled variant's ratio is to the compiled
     BatchNorm step."""
-    bns = {r.get("compiled", False): r["median_s"] for r in reversed(e2e)
-           if r["layer"] == "batchnorm" and r.get("ok")}
+    from .e2e import baseline_steps  # noqa: PLC0415  (torch only where a report has e2e rows)
+    bns = baseline_steps(e2e, "batchnorm")
     rows = []
     for r in e2e:
         ok = r.get("ok")

@@ -363,7 +363,7 @@ def _with_cuda_dtypes(name, fake):
     statistics = name in _STATISTICS_FIRST
     # the generic ops' layout constraints for Inductor, registered while a compile traces them
     # (normfuse/_inductor_layouts.py)
-    layouts = _inductor_layouts.ensure if name in _inductor_layouts._OPS else None
+    layouts = _inductor_layouts.ensure if name in _inductor_layouts.OPS else None
 
     @functools.wraps(fake)
     def checked(first, *args, **kwargs):

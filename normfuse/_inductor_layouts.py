@@ -26,7 +26,7 @@ import torch
 
 # op name -> index of its input (the tensor whose layout decides); the backward ops' grad_output
 # is argument 0
-_OPS = {"moments": 0, "affine_apply": 0, "backward_sums": 1, "backward_apply": 1}
+OPS = {"moments": 0, "affine_apply": 0, "backward_sums": 1, "backward_apply": 1}
 _state = {"done": False, "error": None}
 
 
@@ -78,17 +78,13 @@ def _register() -> None:
 
     def constraint(input_index):
         def constrain(fx_node, *args, **kwargs):
-            args = list(args)
             x = dense_input(args[input_index])
-            rest_args = [contiguous(a) if i > input_index and isinstance(a, ir.IRNode) else a
-                         for i, a in enumerate(args)]
-            rest_kwargs = pytree.tree_map_only(ir.IRNode, contiguous, kwargs)
-            rest_args[input_index] = x
-            if input_index == 1:  # grad_output: the input's strides exactly
-                rest_args[0] = ir.ExternKernel.require_exact_strides(args[0], x.get_stride())
-            return tuple(rest_args), rest_kwargs
+            # grad_output (the backward ops' argument 0): the input's strides exactly
+            head = [ir.ExternKernel.require_exact_strides(args[0], x.get_stride())] if input_index else []
+            rest = [contiguous(a) if isinstance(a, ir.IRNode) else a for a in args[input_index + 1:]]
+            return (*head, x, *rest), pytree.tree_map_only(ir.IRNode, contiguous, kwargs)
         return constrain
 
-    for name, input_index in _OPS.items():
+    for name, input_index in OPS.items():
         lowering.make_fallback(getattr(torch.ops.normfuse, name).default,
                                layout_constraint=constraint(input_index), warn=False)

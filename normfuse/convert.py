@@ -223,7 +223,7 @@ def _scripted_norms(module: nn.Module, to: str) -> list[str]:
 def _replacements(module: nn.Module, to: str, name: str, options: dict, out: list,
                   memo: dict | None = None, fallback: dict | None = None,
                   skipped: list | None = None):
-    """Every (parent, attribute, new layer) below ``module``, built before any is installed, so
+    """Every (parent, attribute, new layer, path) below ``module``, built before any is installed, so
     that a layer that cannot be converted leaves the model untouched.  A norm registered at
     several places (one module object used twice) gets one replacement, installed at each of
     them, so it stays shared; ``_modules`` rather than ``named_children()``, which skips a
@@ -236,7 +236,7 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
         path = f"{name}.{child_name}" if name else child_name
         if id(child) in memo:
             if memo[id(child)] is not None:
-                out.append((module, child_name, memo[id(child)]))
+                out.append((module, child_name, memo[id(child)], path))
             continue
         if isinstance(child, torch.jit.ScriptModule) and _scripted_norms(child, to):
             raise TypeError(f"convert: {path} is a TorchScript module holding norms convert would "
@@ -245,7 +245,7 @@ def _replacements(module: nn.Module, to: str, name: str, options: dict, out: lis
         new = _replacement(child, to, path, options, fallback)
         memo[id(child)] = new
         if new is not None:
-            out.append((module, child_name, new.train(child.training)))
+            out.append((module, child_name, new.train(child.training), path))
         elif _left_as_is(child, to):  # as it is, children included (timm's SplitBatchNorm2d
             skipped.append(f"{path} ({type(child).__name__})")  # holds BatchNorm2d's of its own)
         else:
@@ -338,10 +338,10 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
         return _fuse_relu(new) if fuse_relu else new
     skipped = [f"the module itself ({type(module).__name__})"] if _left_as_is(module, to) else []
     replacements = _replacements(module, to, "", options, [], None, fallback, skipped)
-    hooked = sorted({f"{_path(module, parent, child_name)} ({type(getattr(parent, child_name)).__name__})"
-                     for parent, child_name, _ in replacements
+    hooked = sorted({f"{path} ({type(getattr(parent, child_name)).__name__})"
+                     for parent, child_name, _, path in replacements
                      if _has_hooks(getattr(parent, child_name))})
-    for parent, child_name, layer in replacements:
+    for parent, child_name, layer, _ in replacements:
         setattr(parent, child_name, layer)
     if hooked:
         warnings.warn(f"convert(..., {to!r}): the forward / backward hooks of {', '.join(hooked)} "
@@ -368,12 +368,6 @@ def convert(module: nn.Module, to: str, *, fuse_relu: bool = False, **options) -
     if fuse_relu:
         return _fuse_relu(module)
     return module
-
-
-def _path(root: nn.Module, parent: nn.Module, child_name: str) -> str:
-    """The path of ``parent``'s child ``child_name`` in ``root``, for messages."""
-    prefix = next((p for p, m in root.named_modules() if m is parent), "")
-    return f"{prefix}.{child_name}" if prefix else child_name
 
 
 def _has_kind(module: nn.Module, to: str) -> bool:

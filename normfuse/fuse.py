@@ -146,8 +146,10 @@ def _hooked_relu(node: fx.Node, module: nn.Module) -> bool:
     if len(node.users) != 1:
         return False
     (user,) = node.users
-    return (user.op == "call_module" and type(module.get_submodule(user.target)) is nn.ReLU
-            and _has_hooks(module.get_submodule(user.target)))
+    if user.op != "call_module":
+        return False
+    relu = module.get_submodule(user.target)
+    return type(relu) is nn.ReLU and _has_hooks(relu)
 
 
 def _by_identity(candidates: dict, graph: fx.Graph, module: nn.Module, path: str,

@@ -34,7 +34,7 @@ template <class S>
 struct PointwiseKern : KernTypes<S> {
   NF_CPU_KERN_TYPES(S);
 
-  // Per-channel tables, one row of C each (a task's pointers copied to locals, as MapKern does).
+  // Per-channel tables, one row of C each: the forward reads the first six, the backward all.
   enum Table { kMean, kRstd, kScale, kShift, kGateW, kGateB, kDx1, kDx2, kDx3, kDx4, kTables };
 
   // exp_u20: at::vec's faster exp (20 ulp, ~2e-6 relative; float64: the exact one), the one ATen's own
@@ -108,19 +108,14 @@ struct PointwiseKern : KernTypes<S> {
     });
   }
 
+  template <bool kRelu>
   static void apply(const PointwiseArgs& a) {
     const std::vector<acc_t> t = tables(a);
-    if (a.relu) {
-      map_rows<kGateB + 1>(a, t.data(), [](const V& xv, const V&, const V* k) {
-        V g, xm;
-        return relu(pre(xv, k, g, xm));
-      });
-    } else {
-      map_rows<kGateB + 1>(a, t.data(), [](const V& xv, const V&, const V* k) {
-        V g, xm;
-        return pre(xv, k, g, xm);
-      });
-    }
+    map_rows<kGateB + 1>(a, t.data(), [](const V& xv, const V&, const V* k) {
+      V g, xm;
+      const V v = pre(xv, k, g, xm);
+      return kRelu ? relu(v) : v;
+    });
   }
 
   enum Sum { kD, kDgXh, kDg, kSum, kSumX, kSums };
@@ -205,7 +200,12 @@ struct PointwiseKern : KernTypes<S> {
 }  // namespace
 
 void iebn_pointwise_apply(const PointwiseArgs& a) {
-  dispatch(a.dtype, [&](auto tag) { PointwiseKern<decltype(tag)>::apply(a); });
+  dispatch(a.dtype, [&](auto tag) {
+    if (a.relu)
+      PointwiseKern<decltype(tag)>::template apply<true>(a);
+    else
+      PointwiseKern<decltype(tag)>::template apply<false>(a);
+  });
 }
 
 void iebn_pointwise_backward(const PointwiseArgs& a) {
