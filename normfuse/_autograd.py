@@ -519,7 +519,7 @@ def _bin_as_one_sample(x: Tensor, params):
     (channels-last, no copy), gate 1, weight ``gamma * rho`` (autograd takes the gate's and
     weight's gradients through the product).  Exact: at L = 1 the instance half is 0.  No
     intermediate is then input-sized.  The whole-layer op does the same in C++
-    (csrc/layer_autograd.cpp, ``bin_as_one_sample``); this serves ``NormFunction``'s callers
+    (csrc/layer_directions.cpp, ``bin_as_one_sample``); this serves ``NormFunction``'s callers
     (torch.compile, the triton backend, transforms); in eval mode with running statistics
     with ``LayerConfig.running_centre`` (no moments pass).  Returns ``(x, params)`` of that
     call."""

@@ -777,7 +777,7 @@ def test_bin_one_value_per_plane_parameter_gradients_alone(nf, backend, device, 
     """(N, C) input with only the parameters' gradients asked for (a trained head on a frozen
     trunk): the backward that computes no dx, where the whole-layer op runs BIN as batch norm
     with weight gamma * rho and takes the gate's and weight's gradients by the chain rule
-    (csrc/layer_autograd.cpp, bin_as_one_sample), against the float64 oracle; the running
+    (csrc/layer_directions.cpp, bin_as_one_sample), against the float64 oracle; the running
     statistics too."""
     shape = (37, 5)
     m = prepare(nf.BatchInstanceNorm1d(5, affine=affine, activation=activation), seed, device,
@@ -879,7 +879,7 @@ IEBN_HEADS = [(2, 1), (9, 7), (130, 67), (5, 300)]
 def test_iebn_one_value_per_plane(nf, backend, device, seed, shape, activation, affine, mode):
     """IEBN on (N, C) input, where the gate sigmoid(x * gate_weight + gate_bias) reads each value
     itself: on the cpu backend the whole-layer op computes it elementwise from per-channel
-    statistics (csrc/layer_autograd.cpp, iebn_pointwise); output, every gradient and the running
+    statistics (csrc/layer_directions.cpp, iebn_pointwise); output, every gradient and the running
     statistics against the float64 oracle, in training, eval and without running statistics."""
     m = nf.InstanceEnhancementBatchNorm1d(shape[1], affine=affine, activation=activation,
                                           track_running_stats=mode != "untracked")

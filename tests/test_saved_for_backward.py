@@ -69,7 +69,7 @@ def test_only_the_input_and_statistics_are_saved(nf, backend, device, layer, mod
 def test_bin_on_one_value_per_plane_saves_channel_statistics(nf, backend, device, mode, affine):
     """A 2-d (N, C) input (the heads `convert` makes of nn.BatchNorm1d): each plane holds one
     value, so BIN's instance half is 0 and it runs as batch norm with weight gamma * rho on x
-    viewed as one sample (the whole-layer op: csrc/layer_autograd.cpp, bin_as_one_sample;
+    viewed as one sample (the whole-layer op: csrc/layer_directions.cpp, bin_as_one_sample;
     NormFunction's callers: normfuse/_autograd.py, _bin_as_one_sample): besides x it saves (1, C)
     statistics and the parameters, as batch norm does, not (N, C) ones (as large as x here)."""
     if backend == "torch":
@@ -92,7 +92,7 @@ def test_bin_on_one_value_per_plane_saves_channel_statistics(nf, backend, device
 
 @pytest.mark.parametrize("mode", ["train", "eval", "relu"])
 def test_iebn_on_one_value_per_plane_saves_channel_statistics(nf, backend, device, mode):
-    """IEBN on a 2-d (N, C) input on the cpu backend (csrc/layer_autograd.cpp, iebn_pointwise):
+    """IEBN on a 2-d (N, C) input on the cpu backend (csrc/layer_directions.cpp, iebn_pointwise):
     computed elementwise from per-channel statistics, it saves x, the mean and rstd (C,) and the
     parameters, not the general path's (N, C) statistics (as large as x here); with the fused ReLU
     no mask (the backward recomputes it)."""

@@ -1,4 +1,4 @@
-// What the C++ that calls normfuse ops through the dispatcher shares (layer_autograd.cpp,
+// What the C++ that calls normfuse ops through the dispatcher shares (layer_directions.cpp,
 // layer_steps.cpp, python_layer_step.cpp): typed op handles and the plane size of an input.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -30,7 +30,7 @@ Handle find_as(const char* name) {
   return find<typename HandleSignature<Handle>::type>(name);
 }
 
-// The C++ signatures of component ops' schemas (ops.cpp) that layer_autograd.cpp calls through
+// The C++ signatures of component ops' schemas (ops.cpp) that layer_directions.cpp calls through
 // the dispatcher. layer_steps.cpp types its handles with its own functions' signatures, and the
 // layer steps' and directions' signatures are their compositions' (common/layer_compositions.h).
 namespace sig {

@@ -1,6 +1,6 @@
 // CPU ops of IEBN with one value per plane (iebn_pointwise_kernels.h): argument checks, outputs and
 // the choice between the AVX2 and the portable build. Called by the whole-layer op
-// (csrc/layer_autograd.cpp) for a 2-d input on the CPU; registered as ops so that they are
+// (csrc/layer_directions.cpp) for a 2-d input on the CPU; registered as ops so that they are
 // testable and traceable on their own (schemas in ops.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

@@ -5,7 +5,7 @@
 // per-channel tables instead, with batch norm's passes over x (docs/performance.md):
 //   forward   y = g (x - mean) (weight rstd) + bias,  g = sigmoid(gate_weight x + gate_bias)
 //             (mean, rstd: the batch's, or the running statistics' in eval mode; computed by the
-//             caller: the moments of x viewed as one sample, csrc/layer_autograd.cpp)
+//             caller: the moments of x viewed as one sample, csrc/layer_directions.cpp)
 //   backward  one reduction (five sums per channel) and one map (dx).
 // Compiled twice like the generic kernels (generic_kernels.h): iebn_pointwise_kernels_avx2.cpp and
 // iebn_pointwise_kernels_default.cpp; the glue (iebn_pointwise_cpu.cpp) picks one (NF_CPU_CALL).
