@@ -51,10 +51,11 @@ struct PointwiseKern : KernTypes<S> {
     return affine(g * xm, k[kScale], k[kShift]);
   }
 
-  // The tables every direction reads: mean, rstd, scale = weight rstd, shift = bias, the gate.
-  static std::vector<acc_t> tables(const PointwiseArgs& a) {
+  // The tables every direction reads: mean, rstd, scale = weight rstd, shift = bias, the gate; `rows`
+  // of C in all (the backward's dx rows follow, filled from its sums).
+  static std::vector<acc_t> tables(const PointwiseArgs& a, int rows) {
     const int64_t C = a.C;
-    std::vector<acc_t> t(kTables * C);
+    std::vector<acc_t> t(rows * C);
     auto in = [](const void* p) { return static_cast<const acc_t*>(p); };
     for (int64_t c = 0; c < C; ++c) {
       const acc_t w = a.weight ? in(a.weight)[c] : acc_t(1);
@@ -110,7 +111,7 @@ struct PointwiseKern : KernTypes<S> {
 
   template <bool kRelu>
   static void apply(const PointwiseArgs& a) {
-    const std::vector<acc_t> t = tables(a);
+    const std::vector<acc_t> t = tables(a, kGateB + 1);
     map_rows<kGateB + 1>(a, t.data(), [](const V& xv, const V&, const V* k) {
       V g, xm;
       const V v = pre(xv, k, g, xm);
@@ -171,7 +172,7 @@ struct PointwiseKern : KernTypes<S> {
   template <bool kRelu>
   static void backward(const PointwiseArgs& a) {
     const int64_t N = a.N, C = a.C;
-    std::vector<acc_t> t = tables(a);
+    std::vector<acc_t> t = tables(a, kTables);
     const std::vector<double> s = sums<kRelu>(a, t.data());
     auto out = [](void* p) { return static_cast<acc_t*>(p); };
     for (int64_t c = 0; c < C; ++c) {
