@@ -235,12 +235,18 @@ def test_inductor_hands_the_convolution_output_to_the_layer(backend, dynamic):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-4, msg=name)
     for b, b_ref in zip(model.buffers(), eager.buffers()):
         torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
-    if dynamic:
-        return  # (symbolic strides: the constraint may choose contiguous; correctness is the point)
+    # The generated code, with dynamic shapes too (symbolic strides the constraint must still
+    # recognise as the convolution's channels-last ones): the forward's moments read each
+    # convolution's buffer, and the backward's two passes the saved convolution output itself.
     import re
-    forward = codes[0]
+    forward, backward = codes[0], codes[1]
     convolutions = set(re.findall(r"(buf\d+) = extern_kernels\.convolution\(", forward))
     moments_inputs = re.findall(r"torch\.ops\.normfuse\.moments\.default\((buf\d+)\)", forward)
     assert len(convolutions) == 3 and len(moments_inputs) == 3, forward[-3000:]
     assert set(moments_inputs) <= convolutions, \
         f"moments reads {moments_inputs}, not the convolutions' outputs {convolutions}: a layout copy"
+    backward_inputs = re.findall(
+        r"torch\.ops\.normfuse\.backward_(?:sums|apply)\.default\(\w+, (\w+)", backward)
+    assert len(backward_inputs) == 6, backward[-3000:]
+    assert all(re.fullmatch(r"convolution(_\d+)?", name) for name in backward_inputs), \
+        f"the backward passes read {backward_inputs}, not the saved convolution outputs: a layout copy"
