@@ -127,43 +127,54 @@ def _failed_impls(checks: List[dict]) -> set:
     return {(c["layer"], c["impl"]) for c in failed_checks(checks)}
 
 
+# Issues 13 and 14 set their per-layer GPU targets on the tensors of at least this many bytes
+# ("for tensors of 25 MB or more"): below that, launches and host time dominate.
+BIG_BYTES = 25e6
+
+
 def targets(kernels: List[dict], device: str, checks: Optional[List[dict]] = None,
             host: Optional[List[dict]] = None) -> List[dict]:
     """The targets of issues 5, 13 and 14, measured on this run (reported, never asserted).
-    A ratio target is judged on the geometric mean over shapes, dtypes and layouts; the worst
-    case and how many cases meet the limit on their own are shown next to it.  A target whose
+    A ratio target is judged on the geometric mean over shapes, dtypes and layouts (issue 5's),
+    or, where the issue asks it of every case ("on every bench shape, dtype and layout": issues
+    13 and 14's, their names say "every"), on the worst case; the geometric mean, the worst case
+    and how many cases meet the limit on their own are shown either way.  A target whose
     contender failed an agreement check (``checks``) reads "check failed": its timings are of
     a layer that computes something else.  ``host``: the host-cost rows (issue 13: a layer
     step's host cost no more than the native layer's)."""
     out = []
     failed = _failed_impls(checks or [])
 
-    def add(name, layer, values, limit, higher_is_better, fmt, relu=False):
+    def add(name, layer, values, limit, higher_is_better, fmt, relu=False, every=False):
         b = fused_backend(kernels, layer, device)
         vals = [v for v in values(b) if v is not None] if b else []
         g = _geomean(vals)
         worst = (min(vals) if higher_is_better else max(vals)) if vals else None
-        met = None if g is None else (g >= limit if higher_is_better else g <= limit)
+        judged = worst if every else g
+        met = None if judged is None else (judged >= limit if higher_is_better else judged <= limit)
         meeting = sum(1 for v in vals if (v >= limit if higher_is_better else v <= limit))
         if b and (layer, f"normfuse[{b}]" + ("+ReLU" if relu else "")) in failed:
             met = "check failed"
         out.append({"target": name, "backend": b, "measured": g, "worst": worst,
-                    "cases": len(vals), "cases_met": meeting, "met": met, "fmt": fmt})
+                    "cases": len(vals), "cases_met": meeting, "met": met, "fmt": fmt,
+                    "judged_on": "worst case" if every else "geomean"})
 
     def sel(layer, d, key, **match):
         return lambda b: [r[key] for r in _select(kernels, layer=layer, backend=b, direction=d,
                                                   **match)]
 
-    def add_relu(limit, min_bytes=0):
+    def add_relu(limit, min_bytes=0, every=False):
         # Issue 14: the layer with its ReLU fused against the native layer + nn.ReLU (shapes
         # of at least ``min_bytes`` per tensor: below that, launches and host time dominate).
         for layer in TARGET_LAYERS:
-            big = (f", tensors >= {min_bytes / 1e6:.0f} MB" if min_bytes else "")
+            big = (f", {'every tensor' if every else 'tensors'} >= {min_bytes / 1e6:.0f} MB"
+                   if min_bytes else "")
             add(f"{LAYER_LABEL[layer]} + ReLU fwd+bwd at most {limit}x {NATIVE_LABEL[layer]} "
                 f"+ nn.ReLU{big}", layer,
                 lambda b, lay=layer: [r["ratio_native"] for r in _select(
                     kernels, layer=lay, backend=b, direction="fwd+bwd", relu=True)
-                    if r["bytes_tensor"] >= min_bytes], limit, False, "{:.2f}x", relu=True)
+                    if r["bytes_tensor"] >= min_bytes], limit, False, "{:.2f}x", relu=True,
+                every=every)
 
     if device == "cpu":
         for layer in TARGET_LAYERS:
@@ -183,7 +194,17 @@ def targets(kernels: List[dict], device: str, checks: Optional[List[dict]] = Non
         for layer in ("bin", "iebn"):
             add(f"{LAYER_LABEL[layer]} fwd+bwd within 1.15x of cuDNN batch norm", layer,
                 sel(layer, "fwd+bwd", "ratio_native"), 1.15, False, "{:.2f}x")
-        add_relu(0.75, 25e6)
+        # Issue 13, "every layer": each case, not their mean, and AssocNorm against GroupNorm
+        for layer in TARGET_LAYERS:
+            add(f"{LAYER_LABEL[layer]} fwd+bwd at most 1.15x {NATIVE_LABEL[layer]} on every "
+                "shape, dtype and layout", layer, sel(layer, "fwd+bwd", "ratio_native"), 1.15,
+                False, "{:.2f}x", every=True)
+            add(f"{LAYER_LABEL[layer]} fwd+bwd >= 85% of copy bandwidth (3+5-pass model) on "
+                f"every tensor >= {BIG_BYTES / 1e6:.0f} MB", layer, lambda b, lay=layer: [
+                    r["model_frac_copy"] * 100 for r in
+                    _select(kernels, layer=lay, backend=b, direction="fwd+bwd")
+                    if r["bytes_tensor"] >= BIG_BYTES], 85.0, True, "{:.0f}%", every=True)
+        add_relu(0.75, BIG_BYTES, every=True)
     for row in host or []:  # issue 13: measured on every machine, on a CPU input
         if row.get("kind") != "normfuse" or row.get("layer") not in TARGET_LAYERS:
             continue
@@ -223,9 +244,31 @@ def targets_table(tg: List[dict]) -> str:
              if t["measured"] is not None else "n/a",
              "worst case": t["fmt"].format(t["worst"]) if t["worst"] is not None else "n/a",
              "cases": t["cases"], "cases met": t.get("cases_met", "n/a"),
+             "verdict from": t.get("judged_on", "geomean") if t["cases"] != 1 else "the case",
              "met": {True: "met", False: "NOT met", None: "n/a"}.get(t["met"], t["met"])}
             for t in tg]
     return md_table(rows)
+
+
+def e2e_targets(e2e: List[dict]) -> List[dict]:
+    """Issue 14 (on the CPU): the ResNet-20 training step with BIN and its ReLUs fused
+    (``convert(..., fuse_relu=True)``) below the nn.BatchNorm2d step timed in the same run, per
+    compiled-kernel backend, eager (a compiled row is against the compiled BatchNorm step, which
+    the issue does not ask of it)."""
+    from .e2e import baseline_steps  # noqa: PLC0415  (torch only where a report has e2e rows)
+    bn = baseline_steps(e2e, "batchnorm").get(False)
+    out = []
+    for r in e2e:
+        if (r["layer"] != "bin" or not r.get("fused_relu") or r.get("compiled")
+                or r.get("backend") in (None, "", "torch")):
+            continue
+        ratio = r["median_s"] / bn if r.get("ok") and bn else None
+        out.append({"target": f"ResNet-20 step: {r['name']} below the nn.BatchNorm2d step",
+                    "backend": r["backend"], "measured": ratio, "worst": ratio,
+                    "cases": int(ratio is not None),
+                    "cases_met": int(ratio is not None and ratio < 1.0),
+                    "met": None if ratio is None else ratio < 1.0, "fmt": "{:.2f}x"})
+    return out
 
 
 def e2e_rows(e2e: List[dict]) -> List[dict]:
@@ -279,7 +322,8 @@ def summary_markdown(summary: List[dict], tg: List[dict], e2e: List[dict],
             "share of the copy bandwidth measured at the same size.\n\n"
             + md_table(summary) + (checks_markdown(checks) if checks is not None else "")
             + "\nTargets (reported, not asserted; `cases met`: cases within the limit on their "
-            "own):\n\n" + targets_table(tg))
+            "own; `verdict from`: the geometric mean, or the worst case where the target asks "
+            "it of every case):\n\n" + targets_table(tg))
     if e2e:
         depth, batch = e2e[0].get("depth", 20), e2e[0].get("batch")
         text += (f"\nOne training step of a CIFAR ResNet-{depth} (batch {batch}); "
