@@ -151,6 +151,26 @@ def run(device: torch.device, sizes=SIZES_MB, reps: int = 15, progress=print,
     return rows
 
 
+# Issue 13, "reductions at copy speed": the reduction passes (moments, backward_sums) of 16-bit
+# channels-last tensors of at least 25 MB at no less than 80% of a copy's bandwidth.
+REDUCTION_TARGET = 0.8
+REDUCTION_MIN_BYTES = 25e6
+
+
+def reduction_verdict(rows: List[dict]) -> str:
+    """One line: issue 13's reductions-at-copy-speed target on these rows (the first pass of each
+    direction, bfloat16 channels-last, tensors of 25 MB or more), judged on every such case."""
+    cases = [r for r in rows if r["case"] == "bfloat16-cl" and r["mb"] * 2**20 >= REDUCTION_MIN_BYTES]
+    if not cases:
+        return "reductions at copy speed (issue 13): n/a (no bfloat16 channels-last case of 25 MB or more)"
+    worst = min(cases, key=lambda r: r["first_frac_copy"])
+    met = sum(r["first_frac_copy"] >= REDUCTION_TARGET for r in cases)
+    return (f"reductions at copy speed (issue 13, bfloat16 channels-last >= 25 MB, at least "
+            f"{REDUCTION_TARGET:.0%} of a copy): {met} of {len(cases)} cases, worst "
+            f"{worst['first_frac_copy']:.0%} ({worst['direction']}, {worst['mb']} MB): "
+            + ("met" if met == len(cases) else "NOT met"))
+
+
 def write(rows: List[dict], out: str) -> None:
     from .report import write_csv
     os.makedirs(out, exist_ok=True)
@@ -174,6 +194,7 @@ def main(argv=None) -> int:
             run(torch.device("cuda"), reps=args.reps, rows=rows)
     if args.out:
         write(rows, args.out)
+    print(reduction_verdict(rows))
     return 0
 
 

@@ -165,6 +165,23 @@ def test_csv_matches_json(run):
     assert all(float(r["median_s"]) > 0 for r in rows if r["ok"] == "True")
 
 
+def test_l2probe_reduction_verdict():
+    """Issue 13's reductions-at-copy-speed verdict: every bfloat16 channels-last first pass of
+    25 MB or more at 80% of a copy; smaller and float32 cases do not count."""
+    from bench import l2probe
+
+    def row(case, mb, frac, direction="forward"):
+        return {"case": case, "mb": mb, "direction": direction, "first_frac_copy": frac}
+
+    rows = [row("bfloat16-cl", 32, 0.9), row("bfloat16-cl", 64, 0.85, "backward"),
+            row("bfloat16-cl", 16, 0.2), row("float32", 64, 0.1)]
+    assert l2probe.reduction_verdict(rows).endswith(": met")
+    rows.append(row("bfloat16-cl", 96, 0.6, "backward"))
+    line = l2probe.reduction_verdict(rows)
+    assert line.endswith("NOT met") and "2 of 3 cases" in line and "60%" in line
+    assert "n/a" in l2probe.reduction_verdict(rows[2:4])
+
+
 def test_l2probe_smoke(tmp_path):
     """bench/l2probe.py (a GPU probe for the single-read decision, issue 14) runs its code path
     on the CPU and writes one finite row per case and direction."""
