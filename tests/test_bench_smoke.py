@@ -182,6 +182,22 @@ def test_l2probe_reduction_verdict():
     assert "n/a" in l2probe.reduction_verdict(rows[2:4])
 
 
+def test_single_read_verdict():
+    """Issue 14's single-read verdict: floor / time at least 0.8 wherever the path ran both
+    directions; a case it did not take does not count."""
+    from bench import steps_probe
+
+    def row(shape, vs_floor, taken=2):
+        return {"case": "bfloat16", "shape": shape, "taken": taken, "single_vs_floor": vs_floor}
+
+    rows = [row("a", 1.1), row("b", 1.2), row("c", 3.0, taken=0)]
+    assert steps_probe.single_read_verdict(rows).endswith(": met")
+    rows.append(row("d", 2.0))
+    line = steps_probe.single_read_verdict(rows)
+    assert line.endswith("NOT met") and "2 of 3 cases" in line and "50%" in line and "d" in line
+    assert "n/a" in steps_probe.single_read_verdict([row("c", 3.0, taken=1)])
+
+
 def test_l2probe_smoke(tmp_path):
     """bench/l2probe.py (a GPU probe for the single-read decision, issue 14) runs its code path
     on the CPU and writes one finite row per case and direction."""
