@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     report.derive(results["kernels"])
     summary = report.summary_rows(results["kernels"], results["memory"])
     tg = (report.targets(results["kernels"], dev_type, results["checks"], results["host"])
-          + step50.targets(results["step50"]) + report.e2e_targets(results["e2e"]))
+          + step50.targets(results["step50"]) + report.e2e_targets(results["e2e"], dev_type))
     summary_md = report.summary_markdown(summary, tg, results["e2e"], results["host"],
                                          results["step50"], results["checks"])
     runtime = time.perf_counter() - t_start

@@ -200,10 +200,10 @@ def single_read_verdict(rows: List[dict]) -> str:
     case where the path was taken in both directions (floor / time at least 0.8)."""
     cases = [r for r in rows if r["taken"] == 2]
     if not cases:
-        return "single read at its floor (issue 14): n/a (the path was taken in no case)"
+        return "single read at its floor (issue 14): n/a (no case took it in both directions)"
     worst = max(cases, key=lambda r: r["single_vs_floor"])
     met = sum(1 / r["single_vs_floor"] >= SINGLE_READ_TARGET for r in cases)
-    return (f"single read at its floor (issue 14, at least {SINGLE_READ_TARGET:.0%} of the 2 + 3-pass "
+    return (f"single read at its floor (issue 14, BIN + ReLU, at least {SINGLE_READ_TARGET:.0%} of the 2 + 3-pass "
             f"floor where taken): {met} of {len(cases)} cases, worst {1 / worst['single_vs_floor']:.0%} "
             f"({worst['case']} {worst['shape']}): " + ("met" if met == len(cases) else "NOT met"))
 

@@ -344,7 +344,7 @@ def graph_grads(config, x, dy, params, running_mean, running_var, needs):
 # mode NormFunctionForwardMode: normfuse/_transforms.py), which refuse the C++ node; and wherever
 # normfuse._C was built without these ops.
 _functorch_active = torch._C._are_functorch_transforms_active
-_LAYER_CODES = ("bin", "iebn", "assoc", "ilm")  # the layer numbers of csrc/layer_autograd.cpp
+_LAYER_CODES = ("bin", "iebn", "assoc", "ilm")  # the layer numbers of csrc/layer_directions.h
 _FUSED = None  # {"bin": op, "iebn": op, "assoc": op} once looked up; {} when _C lacks them
 _GRAPH_LIB = None
 

@@ -171,10 +171,11 @@ def test_l2probe_reduction_verdict():
     from bench import l2probe
 
     def row(case, mb, frac, direction="forward"):
-        return {"case": case, "mb": mb, "direction": direction, "first_frac_copy": frac}
+        return {"case": case, "bytes": mb * 2**20, "direction": direction, "first_frac_copy": frac}
 
     rows = [row("bfloat16-cl", 32, 0.9), row("bfloat16-cl", 64, 0.85, "backward"),
-            row("bfloat16-cl", 16, 0.2), row("float32", 64, 0.1)]
+            row("bfloat16-cl", 16, 0.2), row("float32", 64, 0.1),
+            row("bfloat16-cl", 23.8, 0.1)]  # 24.96e6 bytes: below 25 MB
     assert l2probe.reduction_verdict(rows).endswith(": met")
     rows.append(row("bfloat16-cl", 96, 0.6, "backward"))
     line = l2probe.reduction_verdict(rows)
@@ -484,10 +485,16 @@ def test_gpu_targets_judge_every_case_where_the_issue_asks_it():
             "fused_relu": True, "ok": True, "median_s": 0.020},
            {"name": "BIN normfuse[cpu]", "layer": "bin", "backend": "cpu", "fused_relu": False,
             "ok": True, "median_s": 0.011}]
-    (step,) = report.e2e_targets(e2e)
+    (step,) = report.e2e_targets(e2e, "cpu")
     assert step["backend"] == "cpu" and step["met"] is True and abs(step["measured"] - 0.9) < 1e-9
     e2e[1]["median_s"] = 0.0105
-    assert report.e2e_targets(e2e)[0]["met"] is False
+    assert report.e2e_targets(e2e, "cpu")[0]["met"] is False
+    assert report.e2e_targets(e2e, "cuda") == []  # the issue sets it on the CPU only
+    e2e[1]["ok"] = False
+    assert report.e2e_targets(e2e, "cpu")[0]["met"] == "step failed"
+    (missing,) = report.e2e_targets([e2e[0], e2e[3]], "cpu")
+    assert missing["met"] is None and missing["cases"] == 0
+    assert "| n/a | n/a |" in report.targets_table([missing])
 
 
 def test_transforms_rows(capsys):
