@@ -8,7 +8,9 @@
 // that uses them resets each counter it touched to 0 before it exits. One buffer per
 // (device, stream), shared by all ops on that stream: launches on one stream run in order, so a
 // kernel always finds the counters zero, whichever op ran before it. Launches on different
-// streams get different buffers. The non-counter scratch (partials) needs no zeroing: take it
+// streams get different buffers. (Keyed by the raw stream handle: a user's external stream
+// destroyed while its kernels still run, and its handle reused by a new stream at once, would
+// share a buffer with them; PyTorch's own pool streams are never destroyed.) The non-counter scratch (partials) needs no zeroing: take it
 // from at::empty (the caching allocator, no launch).
 #pragma once
 #include <ATen/core/Tensor.h>
